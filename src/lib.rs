@@ -1,0 +1,3 @@
+//! provider-budgets (work in progress)
+#[cfg(feature = "redis")]
+mod replicate;

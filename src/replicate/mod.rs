@@ -1,0 +1,2 @@
+//! Redis G-counter replication.
+mod wire;

@@ -1,0 +1,1 @@
+//! Redis wire protocol for one sync round.
