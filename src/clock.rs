@@ -1,0 +1,77 @@
+//! Where "now" comes from.
+//!
+//! All window math takes its instants from a [`Clock`], so tests (and the CLI's `--now`) can fix
+//! or advance time instead of sleeping. The request path reads the clock once per call.
+
+use std::fmt;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+
+use jiff::{SignedDuration, Timestamp};
+
+/// A source of the current UTC instant.
+pub trait Clock: Send + Sync + fmt::Debug + 'static {
+    /// The current instant.
+    fn now(&self) -> Timestamp;
+}
+
+/// The system's wall clock. Windows are aligned to UTC, so this is a wall clock on purpose, not
+/// a monotonic one: every instance of a fleet must compute the same window from its own clock.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Timestamp {
+        Timestamp::now()
+    }
+}
+
+/// A clock that only moves when told to. Clones share the same time, so a test keeps one and
+/// hands the other to the limiter.
+#[derive(Debug, Clone)]
+pub struct FakeClock {
+    // Nanoseconds since the Unix epoch; i64 covers the years 1678..2262.
+    nanos: Arc<AtomicI64>,
+}
+
+impl FakeClock {
+    /// A clock stopped at `at`.
+    pub fn new(at: Timestamp) -> FakeClock {
+        FakeClock {
+            nanos: Arc::new(AtomicI64::new(to_nanos(at))),
+        }
+    }
+
+    /// Moves the clock forward (or backward, for a negative duration).
+    pub fn advance(&self, by: SignedDuration) {
+        let by = i64::try_from(by.as_nanos()).unwrap_or(i64::MAX);
+        self.nanos.fetch_add(by, Ordering::SeqCst);
+    }
+
+    /// Sets the clock to `at`.
+    pub fn set(&self, at: Timestamp) {
+        self.nanos.store(to_nanos(at), Ordering::SeqCst);
+    }
+}
+
+impl Clock for FakeClock {
+    fn now(&self) -> Timestamp {
+        Timestamp::from_nanosecond(i128::from(self.nanos.load(Ordering::SeqCst)))
+            .unwrap_or(Timestamp::UNIX_EPOCH)
+    }
+}
+
+fn to_nanos(at: Timestamp) -> i64 {
+    i64::try_from(at.as_nanosecond()).unwrap_or(if at.as_second() < 0 { i64::MIN } else { i64::MAX })
+}
+
+/// Whole seconds since the epoch, rounded toward minus infinity (jiff truncates toward zero),
+/// so that instants before a boundary never land in the window after it.
+pub(crate) fn floor_secs(at: Timestamp) -> i64 {
+    let s = at.as_second();
+    if at.subsec_nanosecond() < 0 {
+        s - 1
+    } else {
+        s
+    }
+}
