@@ -1,0 +1,297 @@
+//! Lock-free in-memory totals: what `filter` reads and `record` bumps.
+//!
+//! Per budget, the view holds one [`Cell`] per live window: this node's own spend and the last
+//! known spend of every other node, as two atomics. The list of cells is swapped as a whole
+//! (`ArcSwap`) when a window appears or expires, which happens once per window; every other
+//! access is a load of that list plus atomic operations on a cell. Cells are shared between
+//! successive lists, so an increment racing with a swap still lands in its window's cell.
+//!
+//! The view is a cache of the durable state: on open it is filled from the store, afterwards the
+//! journal and the replicator keep the store in step. It is never the only copy of spend that
+//! was acknowledged as durable.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+
+use crate::money::Money;
+use crate::window::{Schedule, Window};
+
+/// Spend of one budget in one window.
+#[derive(Debug)]
+pub(crate) struct Cell {
+    window: Window,
+    /// This node's own spend, nanos. Only `record` (and loading) increase it.
+    own: AtomicU64,
+    /// Sum of the other nodes' last known spend, nanos. Only the replicator sets it.
+    others: AtomicU64,
+}
+
+impl Cell {
+    fn new(window: Window) -> Cell {
+        Cell {
+            window,
+            own: AtomicU64::new(0),
+            others: AtomicU64::new(0),
+        }
+    }
+
+    #[inline]
+    fn total(&self) -> u64 {
+        self.own
+            .load(Ordering::Relaxed)
+            .saturating_add(self.others.load(Ordering::Relaxed))
+    }
+}
+
+/// The in-memory totals of one budget.
+#[derive(Debug)]
+struct BudgetView {
+    schedule: Schedule,
+    limit: u64,
+    /// Live windows, newest first: the current window is at or near the front, so the request
+    /// path finds it in one or two steps even when many older windows are kept for `status`.
+    cells: ArcSwap<Vec<Arc<Cell>>>,
+    /// Serialises the (rare) list swaps so that two threads opening the same window cannot
+    /// install two cells for it.
+    swap: Mutex<()>,
+}
+
+/// A snapshot of one window's totals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct WindowTotals {
+    pub window: Window,
+    pub own: Money,
+    pub others: Money,
+}
+
+impl WindowTotals {
+    pub fn total(&self) -> Money {
+        self.own.saturating_add(self.others)
+    }
+}
+
+/// In-memory totals of every budget, indexed like `Config::budgets`.
+#[derive(Debug)]
+pub(crate) struct View {
+    budgets: Box<[BudgetView]>,
+}
+
+impl View {
+    pub fn new(budgets: impl IntoIterator<Item = (Schedule, Money)>) -> View {
+        View {
+            budgets: budgets
+                .into_iter()
+                .map(|(schedule, limit)| BudgetView {
+                    schedule,
+                    limit: limit.as_nanos(),
+                    cells: ArcSwap::from_pointee(Vec::new()),
+                    swap: Mutex::new(()),
+                })
+                .collect(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.budgets.len()
+    }
+
+    pub fn schedule(&self, budget: u32) -> Schedule {
+        self.budgets[budget as usize].schedule
+    }
+
+    pub fn limit(&self, budget: u32) -> Money {
+        Money::from_nanos(self.budgets[budget as usize].limit)
+    }
+
+    /// Adds to this node's own spend in the window containing `at_secs` and returns that window.
+    #[inline]
+    pub fn add_own(&self, budget: u32, at_secs: i64, amount: Money) -> Window {
+        let cell = self.cell_at(budget, at_secs);
+        saturating_add(&cell.own, amount.as_nanos());
+        cell.window
+    }
+
+    /// Whether the budget is spent at the instant: `spend >= limit`, as in the reference.
+    #[inline]
+    pub fn exhausted(&self, budget: u32, now_secs: i64) -> bool {
+        let b = &self.budgets[budget as usize];
+        let cells = b.cells.load();
+        let spend = cells
+            .iter()
+            .find(|c| c.window.contains_secs(now_secs))
+            .map_or(0, |c| c.total());
+        spend >= b.limit
+    }
+
+    /// Totals of the window containing the instant (zero when nothing was spent in it).
+    pub fn totals_at(&self, budget: u32, at_secs: i64) -> WindowTotals {
+        let b = &self.budgets[budget as usize];
+        let cells = b.cells.load();
+        match cells.iter().find(|c| c.window.contains_secs(at_secs)) {
+            Some(c) => snapshot(c),
+            None => WindowTotals {
+                window: b.schedule.window_at_secs(at_secs),
+                own: Money::ZERO,
+                others: Money::ZERO,
+            },
+        }
+    }
+
+    /// Every live window of the budget, newest first.
+    pub fn windows(&self, budget: u32) -> Vec<WindowTotals> {
+        self.budgets[budget as usize]
+            .cells
+            .load()
+            .iter()
+            .map(|c| snapshot(c))
+            .collect()
+    }
+
+    /// Raises this node's own total of a window to at least `own` (loading from the store).
+    pub fn raise_own(&self, budget: u32, window: Window, own: Money) {
+        self.cell_for(budget, window)
+            .own
+            .fetch_max(own.as_nanos(), Ordering::Relaxed);
+    }
+
+    /// Sets the other nodes' total of a window (replication). It only grows: the replicator
+    /// merges with `max` per node, so a smaller value would be a stale read.
+    pub fn raise_others(&self, budget: u32, window: Window, others: Money) {
+        self.cell_for(budget, window)
+            .others
+            .fetch_max(others.as_nanos(), Ordering::Relaxed);
+    }
+
+    /// Drops every window that ended at or before `cutoff_secs`.
+    pub fn prune(&self, cutoff_secs: i64) {
+        for b in self.budgets.iter() {
+            if !b.cells.load().iter().any(|c| c.window.end_secs() <= cutoff_secs) {
+                continue;
+            }
+            let _guard = b.swap.lock().unwrap_or_else(|p| p.into_inner());
+            let kept: Vec<Arc<Cell>> = b
+                .cells
+                .load()
+                .iter()
+                .filter(|c| c.window.end_secs() > cutoff_secs)
+                .cloned()
+                .collect();
+            b.cells.store(Arc::new(kept));
+        }
+    }
+
+    /// The cell of the window containing `at_secs`, created on first use.
+    #[inline]
+    fn cell_at(&self, budget: u32, at_secs: i64) -> Arc<Cell> {
+        let b = &self.budgets[budget as usize];
+        if let Some(c) = b.cells.load().iter().find(|c| c.window.contains_secs(at_secs)) {
+            return Arc::clone(c);
+        }
+        self.cell_for(budget, b.schedule.window_at_secs(at_secs))
+    }
+
+    /// The cell of `window`, created if missing (slow path: once per window).
+    fn cell_for(&self, budget: u32, window: Window) -> Arc<Cell> {
+        let b = &self.budgets[budget as usize];
+        if let Some(c) = b.cells.load().iter().find(|c| c.window == window) {
+            return Arc::clone(c);
+        }
+        let _guard = b.swap.lock().unwrap_or_else(|p| p.into_inner());
+        let current = b.cells.load_full();
+        if let Some(c) = current.iter().find(|c| c.window == window) {
+            return Arc::clone(c);
+        }
+        let cell = Arc::new(Cell::new(window));
+        let mut next = Vec::with_capacity(current.len() + 1);
+        next.extend(current.iter().cloned());
+        let pos = next
+            .iter()
+            .position(|c| c.window.start_secs() < window.start_secs())
+            .unwrap_or(next.len());
+        next.insert(pos, Arc::clone(&cell));
+        b.cells.store(Arc::new(next));
+        cell
+    }
+}
+
+fn snapshot(c: &Cell) -> WindowTotals {
+    WindowTotals {
+        window: c.window,
+        own: Money::from_nanos(c.own.load(Ordering::Relaxed)),
+        others: Money::from_nanos(c.others.load(Ordering::Relaxed)),
+    }
+}
+
+/// `fetch_add` that stops at `u64::MAX` instead of wrapping.
+#[inline]
+fn saturating_add(a: &AtomicU64, v: u64) {
+    // The closure always returns Some, so fetch_update cannot fail.
+    let _ = a.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |x| {
+        Some(x.saturating_add(v))
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jiff::Timestamp;
+
+    fn view() -> View {
+        let s = Schedule::new("10s".parse().unwrap(), Timestamp::UNIX_EPOCH);
+        View::new([(s, Money::from_nanos(100))])
+    }
+
+    #[test]
+    fn spend_lands_in_its_window_and_resets_at_the_boundary() {
+        let v = view();
+        assert_eq!(v.add_own(0, 15, Money::from_nanos(60)), Window::from_secs(10, 20));
+        v.add_own(0, 19, Money::from_nanos(40));
+        assert!(v.exhausted(0, 10));
+        assert!(v.exhausted(0, 19));
+        assert!(!v.exhausted(0, 20));
+        assert!(!v.exhausted(0, 9));
+        // A record for an older window does not disturb the current one.
+        v.add_own(0, 3, Money::from_nanos(7));
+        assert_eq!(v.totals_at(0, 5).own, Money::from_nanos(7));
+        assert_eq!(v.totals_at(0, 12).own, Money::from_nanos(100));
+        let starts: Vec<i64> = v.windows(0).iter().map(|w| w.window.start_secs()).collect();
+        assert_eq!(starts, vec![10, 0]);
+        v.prune(10);
+        assert_eq!(v.windows(0).len(), 1);
+    }
+
+    #[test]
+    fn others_count_toward_the_limit_and_only_grow() {
+        let v = view();
+        let w = Window::from_secs(0, 10);
+        v.raise_others(0, w, Money::from_nanos(90));
+        v.raise_others(0, w, Money::from_nanos(50));
+        assert_eq!(v.totals_at(0, 1).others, Money::from_nanos(90));
+        assert!(!v.exhausted(0, 1));
+        v.add_own(0, 1, Money::from_nanos(10));
+        assert!(v.exhausted(0, 1));
+    }
+
+    #[test]
+    fn concurrent_adds_into_new_windows_are_all_counted() {
+        let v = Arc::new(view());
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let v = Arc::clone(&v);
+                std::thread::spawn(move || {
+                    for i in 0..1000i64 {
+                        v.add_own(0, (i * 7 + t) % 50, Money::from_nanos(1));
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let sum: u64 = v.windows(0).iter().map(|w| w.own.as_nanos()).sum();
+        assert_eq!(sum, 4000);
+        assert_eq!(v.windows(0).len(), 5);
+    }
+}
