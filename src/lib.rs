@@ -1,8 +1,62 @@
-//! provider-budgets (work in progress)
+//! Spend budgets per LLM provider over time windows, for LLM routers: exact, durable, shared
+//! across a fleet through Redis, and nearly free on the request path.
+//!
+//! ```
+//! use provider_budgets::{Config, Limiter, Money};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let dir = tempfile::tempdir()?;
+//! let config = Config::from_yaml_str(
+//!     "provider_budget_config:\n  openai: {budget_limit: 1, time_period: 1d}\n",
+//! )?
+//! .data_dir(dir.path());
+//! let limiter = Limiter::open(config)?;
+//!
+//! let deployments = ["gpt-4o", "azure/gpt-4o", "claude-3-5-sonnet"];
+//! assert_eq!(limiter.filter(&deployments)?.len(), 3);
+//!
+//! for _ in 0..10 {
+//!     limiter.record("openai", "0.1".parse::<Money>()?)?; // exactly $1.00 after ten
+//! }
+//! let left: Vec<&&str> = limiter.filter(&deployments)?;
+//! assert_eq!(left, [&"azure/gpt-4o", &"claude-3-5-sonnet"]); // no budget: they pass
+//!
+//! drop(limiter); // flushes what is queued and releases the data dir
+//! let limiter = Limiter::open(Config::from_yaml_str(
+//!     "provider_budget_config:\n  openai: {budget_limit: 1, time_period: 1d}\n",
+//! )?.data_dir(dir.path()))?;
+//! assert_eq!(limiter.status()[0].spend, Money::from_nanos(1_000_000_000));
+//! # Ok(()) }
+//! ```
+//!
+//! # How one record travels
+//!
+//! * [`Limiter::record`] (module `limiter`, the facade) resolves the provider's budget, adds
+//!   the cost to the in-memory **view** (`view`: per budget, the live windows with an atomic
+//!   own total and an atomic total of the other nodes) and queues an event for the journal.
+//! * The **journal** (`journal`) is one thread fed by a bounded crossbeam channel. It drains a
+//!   batch, coalesces it per window into this node's absolute totals, writes them in one sled
+//!   batch and flushes once (group commit), then acknowledges [`Limiter::record_durable`]
+//!   callers and publishes the durable totals for replication.
+//! * The **store** (`store`) is the sled layout: tree `own` (this node's totals per
+//!   provider/period/window), tree `peers` (last known totals of the other nodes), tree
+//!   `meta` (node id). Values carry a version byte and decode with bounds.
+//! * With Redis configured, the **replicator** (`replicate`) ships the durable own totals
+//!   each `sync_interval` in one round trip that merges them with `max` per node and returns
+//!   the others' totals, which raise the view and are kept in `peers`.
+//! * [`Limiter::filter`] reads the clock once, resolves each deployment (`provider`) and
+//!   compares the view's total of the current window with the limit (`filter`).
+//!
+//! Windows (`window`) are aligned to an anchor, so every node computes the same window from
+//! its clock alone ([`Clock`], faked in tests). Money (`money`) is integer nano-dollars.
+//! Configuration (`config`) reads litellm's `provider_budget_config` as it is.
+
 mod clock;
 mod config;
 mod error;
+mod filter;
 mod journal;
+mod limiter;
 mod money;
 mod provider;
 #[cfg(feature = "redis")]
@@ -13,10 +67,14 @@ mod view;
 mod window;
 
 pub use clock::{Clock, FakeClock, SystemClock};
-pub use config::*;
-pub use error::*;
+pub use config::{
+    parse_duration, BudgetConfig, Config, ConfigError, RedisConfig, StorageConfig, UnknownProvider,
+};
+pub use error::{Error, RecordError};
+pub use filter::{Exceeded, NoDeployments};
+pub use limiter::{Limiter, Prepared};
 pub use money::{Money, MoneyError};
-pub use provider::*;
-pub use status::*;
-pub use store::*;
+pub use provider::{Deployment, Target, BUILTIN_PREFIXES};
+pub use status::{BudgetStatus, ReplicationStatus};
+pub use store::{fuzz_decode_value, StoreError};
 pub use window::{Period, PeriodError, Schedule, Window};
