@@ -51,6 +51,9 @@
 //! its clock alone ([`Clock`], faked in tests). Money (`money`) is integer nano-dollars.
 //! Configuration (`config`) reads litellm's `provider_budget_config` as it is.
 
+#[cfg(feature = "cli")]
+#[doc(hidden)]
+pub mod cli;
 mod clock;
 mod config;
 mod error;

