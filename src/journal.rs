@@ -64,6 +64,14 @@ pub(crate) enum Event {
         amount: u64,
         ack: Option<Ack>,
     },
+    /// Raise this node's total of a window to at least `total`: the replicator found a larger
+    /// own field in Redis (this node's data dir was wiped), so the durable total adopts it.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    Adopt {
+        budget: u32,
+        window: Window,
+        total: u64,
+    },
     /// Acknowledge once everything queued before is durable.
     Flush(Ack),
     /// Commit what is queued, acknowledge, and stop.
@@ -151,6 +159,12 @@ impl Journal {
     #[inline]
     pub fn send(&self, event: Event) -> Result<(), Event> {
         self.tx.send(event).map_err(|e| e.0)
+    }
+
+    /// Another sender for the same thread (the replicator's, for [`Event::Adopt`]).
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub fn sender(&self) -> Sender<Event> {
+        self.tx.clone()
     }
 
     /// Commits everything queued, then stops the thread and waits for it.
@@ -253,6 +267,18 @@ impl Worker {
                     entry.1 = entry.1.saturating_add(amount);
                     self.dirty.insert(key);
                     acks.extend(ack);
+                }
+                Event::Adopt {
+                    budget,
+                    window,
+                    total,
+                } => {
+                    let key = (budget, window.start_secs());
+                    let entry = self.own.entry(key).or_insert((window, 0));
+                    if total > entry.1 {
+                        entry.1 = total;
+                        self.dirty.insert(key);
+                    }
                 }
                 Event::Flush(ack) | Event::Stop(ack) => acks.push(ack),
             }

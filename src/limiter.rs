@@ -33,19 +33,34 @@ struct Inner {
     /// Shared with the journal (which prunes it) and the replicator (which raises others).
     view: Arc<View>,
     journal: Journal,
-    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
-    store: Arc<Store>,
-    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
-    durable: Arc<DurableTotals>,
     node_id: String,
+    /// Fleet replication, when Redis is configured.
+    #[cfg(feature = "redis")]
+    replicator: Option<crate::replicate::Replicator>,
     /// Set by `shutdown`: later records are refused instead of queued to a stopped journal.
     closed: AtomicBool,
 }
 
+impl Inner {
+    /// Stops the background work in dependency order: make everything durable, ship it in a
+    /// last sync round, then stop the journal. Idempotent.
+    fn stop(&self) -> Result<(), StoreError> {
+        #[cfg(feature = "redis")]
+        if let Some(r) = &self.replicator {
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            if self.journal.send(Event::Flush(Ack::Blocking(tx))).is_ok() {
+                let _ = rx.recv();
+            }
+            r.stop();
+        }
+        self.journal.stop()
+    }
+}
+
 impl Drop for Inner {
     fn drop(&mut self) {
-        // Drop guard: commit whatever is queued, then let the thread end.
-        if let Err(e) = self.journal.stop() {
+        // Drop guard: nothing recorded is left in memory when the last handle goes.
+        if let Err(e) = self.stop() {
             tracing::error!(error = %e, "final journal commit failed");
         }
     }
@@ -78,6 +93,12 @@ impl Limiter {
                 .map(|i| i as u32)
         };
         // Totals of budgets no longer configured stay stored until their retention ends.
+        #[cfg(not(feature = "redis"))]
+        if config.redis.is_some() {
+            return Err(Error::Replication(
+                "Redis is configured but this build has no `redis` feature".into(),
+            ));
+        }
         let mut loaded = Vec::new();
         for (key, value) in store.load_own()? {
             if let Some(b) = budget_of(&key.provider, &key.period) {
@@ -86,14 +107,15 @@ impl Limiter {
                 loaded.push((b, window, value.total));
             }
         }
-        for (key, value) in store.load_peers()? {
+        let peers = store.load_peers()?;
+        for (key, value) in &peers {
             if let Some(b) = budget_of(&key.provider, &key.period) {
                 let others = value
                     .nodes
                     .iter()
                     .filter(|(n, _)| *n != node_id)
                     .fold(0u64, |s, (_, t)| s.saturating_add(*t));
-                view.raise_others(b, window_of(&key, value.end), Money::from_nanos(others));
+                view.raise_others(b, window_of(key, value.end), Money::from_nanos(others));
             }
         }
         let durable = Arc::new(DurableTotals::default());
@@ -102,7 +124,7 @@ impl Limiter {
             Arc::clone(&view),
             Arc::clone(&durable),
             JournalSettings {
-                keys,
+                keys: keys.clone(),
                 max_delay: config.storage.max_delay,
                 retention: config.storage.retention,
                 clock: Arc::clone(&clock),
@@ -113,15 +135,45 @@ impl Limiter {
             what: "journal",
             source,
         })?;
+        #[cfg(feature = "redis")]
+        let replicator = match &config.redis {
+            Some(redis) => {
+                let r = crate::replicate::Replicator::start(crate::replicate::ReplicatorParts {
+                    redis: redis.clone(),
+                    node_id: node_id.clone(),
+                    keys,
+                    clock: Arc::clone(&clock),
+                    view: Arc::clone(&view),
+                    store: Arc::clone(&store),
+                    durable: Arc::clone(&durable),
+                    journal: journal.sender(),
+                    peers,
+                })
+                .map_err(|source| Error::Thread {
+                    what: "replicator",
+                    source,
+                })?;
+                // First round before any record: own = max(disk, own field in Redis), so a node
+                // whose disk was wiped does not count its spend twice. Redis being down is not
+                // an error here (status reports it); the round is bounded by the timeouts.
+                if let Err(e) = r.sync() {
+                    tracing::warn!(error = %e, "initial redis sync failed; starting from local data");
+                }
+                Some(r)
+            }
+            None => None,
+        };
+        #[cfg(not(feature = "redis"))]
+        drop((keys, peers));
         Ok(Limiter {
             inner: Arc::new(Inner {
+                #[cfg(feature = "redis")]
+                replicator,
                 resolver: Resolver::new(&config),
                 config,
                 clock,
                 view,
                 journal,
-                store,
-                durable,
                 node_id,
                 closed: AtomicBool::new(false),
             }),
@@ -385,22 +437,38 @@ impl Limiter {
     }
 
     fn replication_status(&self) -> ReplicationStatus {
-        ReplicationStatus {
-            enabled: self.inner.config.redis.is_some(),
-            ..ReplicationStatus::default()
+        #[cfg(feature = "redis")]
+        if let (Some(r), Some(redis)) = (&self.inner.replicator, &self.inner.config.redis) {
+            let h = r.health();
+            // Stale: no successful round within three intervals (or none yet).
+            let limit = redis.sync_interval.saturating_mul(3);
+            let stale = h.last_sync.is_none_or(|t| {
+                self.now().duration_since(t).unsigned_abs() > limit
+            });
+            return ReplicationStatus {
+                enabled: true,
+                last_sync: h.last_sync,
+                stale,
+                last_error: h.last_error,
+                rounds: h.rounds,
+                round_trips: h.round_trips,
+            };
         }
+        ReplicationStatus::default()
     }
 
     /// One replication round now: ships this node's durable totals to Redis and reads the
     /// others' (the CLI's `sync`). Fails when no Redis is configured or it cannot be reached.
     pub fn sync(&self) -> Result<(), Error> {
-        if self.inner.config.redis.is_none() {
-            return Err(Error::Replication(
-                "no Redis configured (pass --redis URL or set provider_budgets.redis.url)".into(),
-            ));
+        #[cfg(feature = "redis")]
+        if let Some(r) = &self.inner.replicator {
+            // Only durable totals are shipped: make everything recorded so far durable first.
+            self.flush()?;
+            return r.sync().map_err(Error::Replication);
         }
-        self.flush()?;
-        Err(Error::Replication("replication is not implemented yet".into()))
+        Err(Error::Replication(
+            "no Redis configured (pass --redis URL or set provider_budgets.redis.url)".into(),
+        ))
     }
 
     /// Returns once everything recorded before is durable on disk.
@@ -416,7 +484,7 @@ impl Limiter {
     /// return [`RecordError::Closed`]; filter and status keep answering from memory.
     pub fn shutdown(&self) -> Result<(), Error> {
         self.inner.closed.store(true, Ordering::Release);
-        self.inner.journal.stop()?;
+        self.inner.stop()?;
         Ok(())
     }
 }

@@ -41,4 +41,8 @@ pub struct ReplicationStatus {
     pub stale: bool,
     /// The last sync error, if the last round failed.
     pub last_error: Option<String>,
+    /// Successful sync rounds since open.
+    pub rounds: u64,
+    /// Redis round trips since open (one per round; two when Redis lost the script).
+    pub round_trips: u64,
 }

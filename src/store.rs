@@ -239,6 +239,7 @@ impl Store {
     }
 
     /// Writes peers entries in one atomic batch (not yet flushed).
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub fn write_peers<'a>(
         &self,
         items: impl IntoIterator<Item = (&'a WindowKey, &'a PeersValue)>,

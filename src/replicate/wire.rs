@@ -187,6 +187,7 @@ impl Wire {
     }
 
     /// The SHA1 under which Redis caches [`SCRIPT`].
+    #[cfg(test)]
     pub(crate) fn script_sha(&self) -> &str {
         self.script.get_hash()
     }
