@@ -169,11 +169,7 @@ impl Journal {
 
     /// Commits everything queued, then stops the thread and waits for it.
     pub fn stop(&self) -> AckResult {
-        let handle = self
-            .thread
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        let handle = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
         let Some(handle) = handle else {
             return Ok(());
         };
@@ -304,7 +300,17 @@ impl Worker {
         let items: Vec<(WindowKey, OwnValue)> = self
             .dirty
             .iter()
-            .filter_map(|k| self.own.get(k).map(|&(w, t)| (self.key(k.0, w), OwnValue { end: w.end_secs(), total: t })))
+            .filter_map(|k| {
+                self.own.get(k).map(|&(w, t)| {
+                    (
+                        self.key(k.0, w),
+                        OwnValue {
+                            end: w.end_secs(),
+                            total: t,
+                        },
+                    )
+                })
+            })
             .collect();
         self.store.write_own(items.iter().map(|(k, v)| (k, *v)))?;
         self.store.flush()?;
@@ -372,4 +378,3 @@ impl Worker {
 fn is_urgent(ev: &Event) -> bool {
     !matches!(ev, Event::Add { ack: None, .. })
 }
-

@@ -79,9 +79,10 @@ impl Limiter {
         let dir = config.storage.dir.clone().ok_or(ConfigError::NoDataDir)?;
         let store = Arc::new(Store::open(&dir)?);
         let node_id = store.node_id(config.node_id.as_deref(), &generate_node_id())?;
-        let view = Arc::new(View::new(config.budgets.iter().map(|b| {
-            (Schedule::new(b.period, config.window_anchor), b.limit)
-        })));
+        let view =
+            Arc::new(View::new(config.budgets.iter().map(|b| {
+                (Schedule::new(b.period, config.window_anchor), b.limit)
+            })));
         let keys: Vec<(String, String)> = config
             .budgets
             .iter()
@@ -230,7 +231,11 @@ impl Limiter {
     }
 
     /// [`Limiter::record_durable`] for async code: awaits the fsync without blocking a worker.
-    pub async fn record_durable_async(&self, provider: &str, cost: Money) -> Result<(), RecordError> {
+    pub async fn record_durable_async(
+        &self,
+        provider: &str,
+        cost: Money,
+    ) -> Result<(), RecordError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.add(provider, cost, self.inner.clock.now(), Some(Ack::Async(tx)))?;
         rx.await.map_err(|_| RecordError::Closed)??;
@@ -238,14 +243,21 @@ impl Limiter {
     }
 
     #[inline]
-    fn add(&self, provider: &str, cost: Money, at: Timestamp, ack: Option<Ack>) -> Result<(), RecordError> {
+    fn add(
+        &self,
+        provider: &str,
+        cost: Money,
+        at: Timestamp,
+        ack: Option<Ack>,
+    ) -> Result<(), RecordError> {
         let inner = &*self.inner;
-        let budget = inner
-            .resolver
-            .budget_of_provider(provider)
-            .ok_or_else(|| RecordError::NoBudget {
-                provider: provider.to_owned(),
-            })?;
+        let budget =
+            inner
+                .resolver
+                .budget_of_provider(provider)
+                .ok_or_else(|| RecordError::NoBudget {
+                    provider: provider.to_owned(),
+                })?;
         if inner.closed.load(Ordering::Acquire) {
             return Err(RecordError::Closed);
         }
@@ -279,7 +291,10 @@ impl Limiter {
     /// The deployments whose provider may still spend, in their order. Providers without a
     /// budget pass; unresolvable ones follow `unknown_provider`. An empty input gives an empty
     /// result; a non-empty input with nothing left gives [`NoDeployments`].
-    pub fn filter<'a, D: Deployment>(&self, deployments: &'a [D]) -> Result<Vec<&'a D>, NoDeployments> {
+    pub fn filter<'a, D: Deployment>(
+        &self,
+        deployments: &'a [D],
+    ) -> Result<Vec<&'a D>, NoDeployments> {
         let now = floor_secs(self.inner.clock.now());
         let mut memo = Memo::default();
         let mut out = Vec::with_capacity(deployments.len());
@@ -289,14 +304,19 @@ impl Limiter {
             }
         }
         if out.is_empty() && !deployments.is_empty() {
-            return Err(self.no_deployments(deployments.iter().map(|d| (self.slot(d), d.model())), now));
+            return Err(
+                self.no_deployments(deployments.iter().map(|d| (self.slot(d), d.model())), now)
+            );
         }
         Ok(out)
     }
 
     /// [`Limiter::filter`] that removes the dropped deployments from `deployments` (no
     /// allocation). On [`NoDeployments`] the vector is left unchanged.
-    pub fn filter_in_place<D: Deployment>(&self, deployments: &mut Vec<D>) -> Result<(), NoDeployments> {
+    pub fn filter_in_place<D: Deployment>(
+        &self,
+        deployments: &mut Vec<D>,
+    ) -> Result<(), NoDeployments> {
         let now = floor_secs(self.inner.clock.now());
         let mut memo = Memo::default();
         let any = deployments
@@ -306,7 +326,9 @@ impl Limiter {
             if deployments.is_empty() {
                 return Ok(());
             }
-            return Err(self.no_deployments(deployments.iter().map(|d| (self.slot(d), d.model())), now));
+            return Err(
+                self.no_deployments(deployments.iter().map(|d| (self.slot(d), d.model())), now)
+            );
         }
         deployments.retain(|d| self.passes(self.slot(d), now, &mut memo));
         Ok(())
@@ -356,7 +378,11 @@ impl Limiter {
     }
 
     /// The error for an empty result (cold path).
-    fn no_deployments<'a>(&self, slots: impl Iterator<Item = (Slot, &'a str)>, now: i64) -> NoDeployments {
+    fn no_deployments<'a>(
+        &self,
+        slots: impl Iterator<Item = (Slot, &'a str)>,
+        now: i64,
+    ) -> NoDeployments {
         let mut err = NoDeployments {
             exceeded: Vec::new(),
             unknown: Vec::new(),
@@ -442,9 +468,9 @@ impl Limiter {
             let h = r.health();
             // Stale: no successful round within three intervals (or none yet).
             let limit = redis.sync_interval.saturating_mul(3);
-            let stale = h.last_sync.is_none_or(|t| {
-                self.now().duration_since(t).unsigned_abs() > limit
-            });
+            let stale = h
+                .last_sync
+                .is_none_or(|t| self.now().duration_since(t).unsigned_abs() > limit);
             return ReplicationStatus {
                 enabled: true,
                 last_sync: h.last_sync,
@@ -474,7 +500,12 @@ impl Limiter {
     /// Returns once everything recorded before is durable on disk.
     pub fn flush(&self) -> Result<(), StoreError> {
         let (tx, rx) = crossbeam_channel::bounded(1);
-        if self.inner.journal.send(Event::Flush(Ack::Blocking(tx))).is_err() {
+        if self
+            .inner
+            .journal
+            .send(Event::Flush(Ack::Blocking(tx)))
+            .is_err()
+        {
             return Ok(()); // stopped: the final commit already ran
         }
         rx.recv().unwrap_or(Ok(()))
@@ -522,7 +553,9 @@ impl Prepared {
         }
         if out.is_empty() && !self.slots.is_empty() {
             let models = self.models.iter().map(String::as_str);
-            return Err(self.limiter.no_deployments(self.slots.iter().copied().zip(models), now));
+            return Err(self
+                .limiter
+                .no_deployments(self.slots.iter().copied().zip(models), now));
         }
         Ok(())
     }

@@ -115,7 +115,10 @@ impl Replicator {
     }
 
     pub fn health(&self) -> Health {
-        self.health.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.health
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Runs a last round (best effort, bounded) and stops the thread.
@@ -181,7 +184,11 @@ impl Worker {
         }
     }
 
-    async fn run(mut self, mut requests: mpsc::UnboundedReceiver<Reply>, cancel: CancellationToken) {
+    async fn run(
+        mut self,
+        mut requests: mpsc::UnboundedReceiver<Reply>,
+        cancel: CancellationToken,
+    ) {
         let mut tick = tokio::time::interval(self.parts.redis.sync_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -252,37 +259,63 @@ impl Worker {
         self.peers
             .retain(|_, (w, _)| w.end_secs().saturating_add(grace) > now);
         let groups = self.groups(now, grace);
+        // A connection kept from an earlier round may have died meanwhile (Redis restarted, a
+        // link reset): then one fresh connection gets a second chance within the same round.
+        let mut attempts = if self.conn.is_some() { 2 } else { 1 };
+        let replies = loop {
+            attempts -= 1;
+            match self.send(&groups).await {
+                Ok(replies) => break replies,
+                Err((e, dead)) if dead && attempts > 0 => {
+                    tracing::debug!(error = %e, "redis connection lost; reconnecting");
+                }
+                Err((e, _)) => return Err(e),
+            }
+        };
+        self.apply(&groups, replies)
+    }
+
+    /// One exchange on the current (or a new) connection. On failure, says whether the
+    /// connection is dead (and drops it).
+    async fn send(
+        &mut self,
+        groups: &Groups,
+    ) -> Result<Vec<Vec<wire::NodeTotals>>, (String, bool)> {
         let conn = match self.conn.as_mut() {
             Some(c) => c,
             None => {
-                let c = self.connect().await?;
+                let c = self.connect().await.map_err(|e| (e, false))?;
                 self.conn.insert(c)
             }
         };
         let timeout = self.parts.redis.command_timeout;
         let sent = tokio::time::timeout(
             timeout,
-            self.wire.sync_round(conn, &self.parts.node_id, &groups.items),
+            self.wire
+                .sync_round(conn, &self.parts.node_id, &groups.items),
         )
         .await;
-        let replies = match sent {
-            Ok(Ok(replies)) => replies,
+        match sent {
+            Ok(Ok(replies)) => Ok(replies),
             Ok(Err(e)) => {
-                if e.is_connection_error() {
+                let dead = e.is_connection_error();
+                if dead {
                     self.conn = None;
                 }
-                return Err(e.to_string());
+                Err((e.to_string(), dead))
             }
             Err(_) => {
                 self.conn = None;
-                return Err(format!(
-                    "redis: no answer within {} ({})",
-                    humantime::format_duration(timeout),
-                    self.parts.redis.url
-                ));
+                Err((
+                    format!(
+                        "redis: no answer within {} ({})",
+                        humantime::format_duration(timeout),
+                        self.parts.redis.url
+                    ),
+                    false,
+                ))
             }
-        };
-        self.apply(&groups, replies)
+        }
     }
 
     async fn connect(&self) -> Result<MultiplexedConnection, String> {
@@ -294,9 +327,17 @@ impl Worker {
             .set_response_timeout(Some(self.parts.redis.command_timeout));
         // The outer timeout also bounds DNS resolution, which the connection timeout may not.
         let bound = self.parts.redis.connect_timeout + Duration::from_millis(100);
-        match tokio::time::timeout(bound, client.get_multiplexed_async_connection_with_config(&config)).await {
+        match tokio::time::timeout(
+            bound,
+            client.get_multiplexed_async_connection_with_config(&config),
+        )
+        .await
+        {
             Ok(Ok(c)) => Ok(c),
-            Ok(Err(e)) => Err(format!("redis: cannot connect to {url}: {}", one_line(&e.to_string()))),
+            Ok(Err(e)) => Err(format!(
+                "redis: cannot connect to {url}: {}",
+                one_line(&e.to_string())
+            )),
             Err(_) => Err(format!(
                 "redis: cannot connect to {url}: no answer within {}",
                 humantime::format_duration(self.parts.redis.connect_timeout)
@@ -343,7 +384,11 @@ impl Worker {
     }
 
     /// Merges a round's replies into the peers, the view, the store and (adoption) the journal.
-    fn apply(&mut self, groups: &Groups, replies: Vec<Vec<wire::NodeTotals>>) -> Result<(), String> {
+    fn apply(
+        &mut self,
+        groups: &Groups,
+        replies: Vec<Vec<wire::NodeTotals>>,
+    ) -> Result<(), String> {
         let mut changed = Vec::new();
         let mut adopt = Vec::new();
         for (b, (windows, replies)) in groups.windows.iter().zip(replies).enumerate() {
@@ -368,7 +413,9 @@ impl Worker {
                     }
                 }
                 let others = entry.1.values().fold(0u64, |s, t| s.saturating_add(*t));
-                self.parts.view.raise_others(b, window, Money::from_nanos(others));
+                self.parts
+                    .view
+                    .raise_others(b, window, Money::from_nanos(others));
                 if grew {
                     changed.push((b, window.start_secs()));
                 }
@@ -389,7 +436,9 @@ impl Worker {
             total,
             "redis holds more own spend than the data dir; adopting it"
         );
-        self.parts.view.raise_own(budget, window, Money::from_nanos(total));
+        self.parts
+            .view
+            .raise_own(budget, window, Money::from_nanos(total));
         // A full channel only delays this to the next round, which sees the same difference.
         let _ = self.parts.journal.try_send(Event::Adopt {
             budget,
@@ -408,7 +457,8 @@ impl Worker {
             .filter_map(|k| self.peers.get(k).map(|(w, nodes)| (k.0, *w, nodes)))
             .map(|(b, w, nodes)| {
                 let (provider, period) = &self.parts.keys[b as usize];
-                let mut nodes: Vec<(String, u64)> = nodes.iter().map(|(n, t)| (n.clone(), *t)).collect();
+                let mut nodes: Vec<(String, u64)> =
+                    nodes.iter().map(|(n, t)| (n.clone(), *t)).collect();
                 nodes.sort();
                 (
                     WindowKey {

@@ -19,7 +19,7 @@
 
 use std::fmt;
 use std::fs::File;
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -199,7 +199,7 @@ impl RedisServer {
         self.child = Some(child);
 
         let deadline = Instant::now() + START_TIMEOUT;
-        let mut last = String::from("not polled yet");
+        let mut last;
         loop {
             if let Some(child) = self.child.as_mut() {
                 match child.try_wait() {
