@@ -62,7 +62,11 @@ impl Clock for FakeClock {
 }
 
 fn to_nanos(at: Timestamp) -> i64 {
-    i64::try_from(at.as_nanosecond()).unwrap_or(if at.as_second() < 0 { i64::MIN } else { i64::MAX })
+    i64::try_from(at.as_nanosecond()).unwrap_or(if at.as_second() < 0 {
+        i64::MIN
+    } else {
+        i64::MAX
+    })
 }
 
 /// Whole seconds since the epoch, rounded toward minus infinity (jiff truncates toward zero),

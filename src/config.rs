@@ -178,7 +178,9 @@ pub enum ConfigError {
         source: PeriodError,
     },
     /// A provider name cannot be stored (empty, or contains NUL or a `:`/`{`/`}`).
-    #[error("config: provider name {0:?} is not allowed (empty, or contains NUL, ':', '{{' or '}}')")]
+    #[error(
+        "config: provider name {0:?} is not allowed (empty, or contains NUL, ':', '{{' or '}}')"
+    )]
     ProviderName(String),
     /// The same provider has two budgets.
     #[error("config: provider {0:?} has more than one budget")]
@@ -344,7 +346,11 @@ impl Config {
             node_id: own.node_id,
             window_anchor: own.window_anchor.unwrap_or(Timestamp::UNIX_EPOCH),
             unknown_provider: own.unknown_provider.unwrap_or_default(),
-            model_providers: own.model_providers.unwrap_or_default().into_iter().collect(),
+            model_providers: own
+                .model_providers
+                .unwrap_or_default()
+                .into_iter()
+                .collect(),
         };
         config.budgets.sort_by(|a, b| a.provider.cmp(&b.provider));
         config.validate()?;
@@ -376,7 +382,11 @@ fn check_node_id(id: &str) -> Result<(), ConfigError> {
 fn syntax<E: std::fmt::Display>(e: serde_path_to_error::Error<E>) -> ConfigError {
     let path = e.path().to_string();
     ConfigError::Syntax {
-        path: if path == "." { "(document)".into() } else { path },
+        path: if path == "." {
+            "(document)".into()
+        } else {
+            path
+        },
         message: one_line(&e.inner().to_string()),
     }
 }
@@ -385,7 +395,9 @@ fn syntax<E: std::fmt::Display>(e: serde_path_to_error::Error<E>) -> ConfigError
 fn one_line(s: &str) -> String {
     s.split('\n')
         .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('|') && !l.chars().all(|c| c == '^' || c == ' '))
+        .filter(|l| {
+            !l.is_empty() && !l.starts_with('|') && !l.chars().all(|c| c == '^' || c == ' ')
+        })
         .collect::<Vec<_>>()
         .join("; ")
 }
@@ -499,7 +511,9 @@ struct HumanDuration(Duration);
 impl<'de> Deserialize<'de> for HumanDuration {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<HumanDuration, D::Error> {
         let s = String::deserialize(d)?;
-        parse_duration(&s).map(HumanDuration).map_err(serde::de::Error::custom)
+        parse_duration(&s)
+            .map(HumanDuration)
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -524,7 +538,10 @@ mod tests {
         let c = Config::from_yaml_str(nested).expect("parses");
         assert_eq!(c.budgets[0].period.to_string(), "30s");
         let both = format!("{top}{nested}");
-        assert_eq!(Config::from_yaml_str(&both), Err(ConfigError::TwoBudgetBlocks));
+        assert_eq!(
+            Config::from_yaml_str(&both),
+            Err(ConfigError::TwoBudgetBlocks)
+        );
     }
 
     #[test]
@@ -532,19 +549,32 @@ mod tests {
         let e = Config::from_yaml_str("provider_budgets:\n  storage:\n    max_dely: 2ms\n")
             .expect_err("typo");
         let msg = e.to_string();
-        assert!(msg.contains("provider_budgets.storage") && msg.contains("max_dely"), "{msg}");
+        assert!(
+            msg.contains("provider_budgets.storage") && msg.contains("max_dely"),
+            "{msg}"
+        );
         let e = Config::from_yaml_str("provider_budgets:\n  storage:\n    max_delay: soon\n")
             .expect_err("bad duration");
         let msg = e.to_string();
-        assert!(msg.contains("provider_budgets.storage.max_delay") && msg.contains("soon"), "{msg}");
-        let e = Config::from_yaml_str("provider_budget_config:\n  openai: {budget_limit: -3, time_period: 1d}\n")
-            .expect_err("negative");
+        assert!(
+            msg.contains("provider_budgets.storage.max_delay") && msg.contains("soon"),
+            "{msg}"
+        );
+        let e = Config::from_yaml_str(
+            "provider_budget_config:\n  openai: {budget_limit: -3, time_period: 1d}\n",
+        )
+        .expect_err("negative");
         let msg = e.to_string();
         assert!(msg.contains("openai") && msg.contains("-3"), "{msg}");
-        let e = Config::from_toml_str("[provider_budget_config.openai]\nbudget_limit = 3\ntime_period = \"1fortnight\"\n")
-            .expect_err("bad period");
+        let e = Config::from_toml_str(
+            "[provider_budget_config.openai]\nbudget_limit = 3\ntime_period = \"1fortnight\"\n",
+        )
+        .expect_err("bad period");
         let msg = e.to_string();
-        assert!(msg.contains("openai") && msg.contains("1fortnight"), "{msg}");
+        assert!(
+            msg.contains("openai") && msg.contains("1fortnight"),
+            "{msg}"
+        );
         assert!(!msg.contains('\n'));
     }
 
@@ -577,19 +607,27 @@ sync_interval = "250ms"
         let r = c.redis.expect("redis");
         assert_eq!(r.sync_interval, Duration::from_millis(250));
         assert_eq!(r.prefix, "provider_budgets");
-        assert_eq!(c.model_providers, vec![("llama-".to_owned(), "together".to_owned())]);
+        assert_eq!(
+            c.model_providers,
+            vec![("llama-".to_owned(), "together".to_owned())]
+        );
     }
 
     #[test]
     fn rejects_bad_names_and_node_ids() {
         assert!(matches!(
-            Config::from_yaml_str("provider_budget_config:\n  \"a:b\": {budget_limit: 1, time_period: 1d}\n"),
+            Config::from_yaml_str(
+                "provider_budget_config:\n  \"a:b\": {budget_limit: 1, time_period: 1d}\n"
+            ),
             Err(ConfigError::ProviderName(_))
         ));
         assert!(matches!(
             Config::from_yaml_str("provider_budgets:\n  node_id: \"a b\"\n"),
             Err(ConfigError::NodeId(_))
         ));
-        assert!(matches!(Config::from_yaml_str("[1, 2"), Err(ConfigError::Syntax { .. })));
+        assert!(matches!(
+            Config::from_yaml_str("[1, 2"),
+            Err(ConfigError::Syntax { .. })
+        ));
     }
 }

@@ -41,11 +41,18 @@ impl fmt::Display for NoDeployments {
         f.write_str("No deployments available - crossed budget:")?;
         let mut sep = " ";
         for e in &self.exceeded {
-            write!(f, "{sep}Exceeded budget for provider {}: {} >= {}", e.provider, e.spend, e.limit)?;
+            write!(
+                f,
+                "{sep}Exceeded budget for provider {}: {} >= {}",
+                e.provider, e.spend, e.limit
+            )?;
             sep = ", ";
         }
         for m in &self.unknown {
-            write!(f, "{sep}Unknown provider for deployment {m:?} (unknown_provider: deny)")?;
+            write!(
+                f,
+                "{sep}Unknown provider for deployment {m:?} (unknown_provider: deny)"
+            )?;
             sep = ", ";
         }
         Ok(())

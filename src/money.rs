@@ -201,7 +201,9 @@ mod tests {
 
     #[test]
     fn rejects_bad_amounts() {
-        for bad in ["nan", "NaN", "inf", "-inf", "-1", "-0.5", "abc", "", ".", "1.2.3", "1e400"] {
+        for bad in [
+            "nan", "NaN", "inf", "-inf", "-1", "-0.5", "abc", "", ".", "1.2.3", "1e400",
+        ] {
             assert!(bad.parse::<Money>().is_err(), "{bad:?} accepted");
         }
         assert!(matches!(
@@ -248,6 +250,9 @@ mod tests {
     #[test]
     fn sums_saturate() {
         assert_eq!(Money::MAX.saturating_add(Money::from_nanos(1)), Money::MAX);
-        assert_eq!(Money::ZERO.saturating_sub(Money::from_nanos(1)), Money::ZERO);
+        assert_eq!(
+            Money::ZERO.saturating_sub(Money::from_nanos(1)),
+            Money::ZERO
+        );
     }
 }

@@ -166,7 +166,10 @@ impl Resolver {
                 return Some(provider);
             }
         }
-        if let Some((_, p)) = BUILTIN_PREFIXES.iter().find(|(pre, _)| model.starts_with(pre)) {
+        if let Some((_, p)) = BUILTIN_PREFIXES
+            .iter()
+            .find(|(pre, _)| model.starts_with(pre))
+        {
             return Some(p);
         }
         self.overrides
@@ -221,7 +224,10 @@ mod tests {
             .budget("openai", Money::from_nanos(1), p)
             .budget("azure", Money::from_nanos(1), p)
             .budget("together", Money::from_nanos(1), p);
-        c.model_providers = vec![("llama-".into(), "together".into()), ("llama-3-special".into(), "groq".into())];
+        c.model_providers = vec![
+            ("llama-".into(), "together".into()),
+            ("llama-3-special".into(), "groq".into()),
+        ];
         Resolver::new(&c)
     }
 
@@ -230,7 +236,10 @@ mod tests {
         let r = resolver();
         assert_eq!(r.resolve("gpt-4o"), Resolution::Budget(0));
         assert_eq!(r.resolve("azure/gpt-4o"), Resolution::Budget(1));
-        assert_eq!(r.resolve(&Target::new("gpt-4o", "azure")), Resolution::Budget(1));
+        assert_eq!(
+            r.resolve(&Target::new("gpt-4o", "azure")),
+            Resolution::Budget(1)
+        );
         assert_eq!(r.resolve("claude-3-5-sonnet"), Resolution::NoBudget);
         assert_eq!(r.resolve("llama-3-70b"), Resolution::Budget(2));
         assert_eq!(r.resolve("llama-3-special-1"), Resolution::NoBudget);

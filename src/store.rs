@@ -27,6 +27,8 @@ use crate::window::Window;
 const VERSION: u8 = 1;
 /// No value we write comes near this; anything bigger is garbage.
 const MAX_VALUE_BYTES: usize = 64 * 1024;
+/// How long `Store::open` waits for a lock that a just-dropped database still holds.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Storage failures: the data dir is unusable or its content damaged. Distinct from bad input.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -93,7 +95,8 @@ impl WindowKey {
         Ok(WindowKey {
             provider: String::from_utf8(provider.to_vec())
                 .map_err(|_| corrupt("provider is not UTF-8"))?,
-            period: String::from_utf8(period.to_vec()).map_err(|_| corrupt("period is not UTF-8"))?,
+            period: String::from_utf8(period.to_vec())
+                .map_err(|_| corrupt("period is not UTF-8"))?,
             start: (u64::from_be_bytes(start) ^ (1 << 63)) as i64,
         })
     }
@@ -139,8 +142,8 @@ fn decode<T: serde::de::DeserializeOwned>(raw: &[u8]) -> Result<T, String> {
         return Err(format!("value of {} bytes is too large", raw.len()));
     }
     let config = bincode::config::standard().with_limit::<MAX_VALUE_BYTES>();
-    let (v, used) =
-        bincode::serde::decode_from_slice(body, config).map_err(|e| format!("undecodable value: {e}"))?;
+    let (v, used) = bincode::serde::decode_from_slice(body, config)
+        .map_err(|e| format!("undecodable value: {e}"))?;
     if used != body.len() {
         return Err(format!("{} trailing bytes", body.len() - used));
     }
@@ -150,7 +153,8 @@ fn decode<T: serde::de::DeserializeOwned>(raw: &[u8]) -> Result<T, String> {
 /// Decodes an `own` value; exposed (hidden) for the fuzz targets.
 #[doc(hidden)]
 pub fn fuzz_decode_value(raw: &[u8]) -> bool {
-    decode::<OwnValue>(raw).is_ok() | decode::<PeersValue>(raw).is_ok()
+    decode::<OwnValue>(raw).is_ok()
+        | decode::<PeersValue>(raw).is_ok()
         | WindowKey::decode("own", raw).is_ok()
 }
 
@@ -172,12 +176,24 @@ impl Store {
             dir: dir.to_path_buf(),
             message: format!("cannot create the data dir: {e}"),
         })?;
-        let db = sled::Config::new()
-            .path(dir)
-            // The journal flushes after every batch; sled's own timer would only add fsyncs.
-            .flush_every_ms(None)
-            .open()
-            .map_err(io)?;
+        // sled releases its file lock only once its background threads let go of the
+        // database, a few milliseconds after the last handle is dropped (sled#1289): an open
+        // right after a drop in this process (a restart, a reload) waits that out, boundedly.
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        let db = loop {
+            let opened = sled::Config::new()
+                .path(dir)
+                // The journal flushes after every batch; sled's own timer would only add fsyncs.
+                .flush_every_ms(None)
+                .open()
+                .map_err(io);
+            match opened {
+                Err(StoreError::Locked { .. }) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(2));
+                }
+                other => break other?,
+            }
+        };
         Ok(Store {
             own: db.open_tree("own").map_err(io)?,
             peers: db.open_tree("peers").map_err(io)?,
@@ -196,11 +212,15 @@ impl Store {
     pub fn node_id(&self, configured: Option<&str>, proposed: &str) -> Result<String, StoreError> {
         let stored = self.meta.get(b"node_id").map_err(|e| self.io(e))?;
         let stored = match stored {
-            Some(raw) => Some(String::from_utf8(raw.to_vec()).map_err(|_| StoreError::Corrupt {
-                tree: "meta",
-                key: "node_id".into(),
-                reason: "not UTF-8".into(),
-            })?),
+            Some(raw) => {
+                Some(
+                    String::from_utf8(raw.to_vec()).map_err(|_| StoreError::Corrupt {
+                        tree: "meta",
+                        key: "node_id".into(),
+                        reason: "not UTF-8".into(),
+                    })?,
+                )
+            }
             None => None,
         };
         let id = match (configured, stored) {
@@ -342,13 +362,37 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let (a, b) = (key(-86_400), key(86_400));
         store
-            .write_own([(&b, OwnValue { end: 172_800, total: 5 }), (&a, OwnValue { end: 0, total: u64::MAX })])
+            .write_own([
+                (
+                    &b,
+                    OwnValue {
+                        end: 172_800,
+                        total: 5,
+                    },
+                ),
+                (
+                    &a,
+                    OwnValue {
+                        end: 0,
+                        total: u64::MAX,
+                    },
+                ),
+            ])
             .unwrap();
         store.flush().unwrap();
         drop(store);
         let store = Store::open(dir.path()).unwrap();
         let all = store.load_own().unwrap();
-        assert_eq!(all[0], (a, OwnValue { end: 0, total: u64::MAX }));
+        assert_eq!(
+            all[0],
+            (
+                a,
+                OwnValue {
+                    end: 0,
+                    total: u64::MAX
+                }
+            )
+        );
         assert_eq!(all[1].0, b);
         assert_eq!(store.remove_ended(0).unwrap(), 1);
         assert_eq!(store.load_own().unwrap().len(), 1);
@@ -367,7 +411,14 @@ mod tests {
     fn garbage_is_an_error_naming_the_key() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        for raw in [&b""[..], &[1], &[2, 0, 0], &[1, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]] {
+        for raw in [
+            &b""[..],
+            &[1],
+            &[2, 0, 0],
+            &[
+                1, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+            ],
+        ] {
             store.put_raw_own(&key(0), raw);
             let err = store.load_own().unwrap_err();
             assert!(err.to_string().contains("openai/1d/0"), "{err}");

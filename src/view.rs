@@ -168,7 +168,12 @@ impl View {
     /// Drops every window that ended at or before `cutoff_secs`.
     pub fn prune(&self, cutoff_secs: i64) {
         for b in self.budgets.iter() {
-            if !b.cells.load().iter().any(|c| c.window.end_secs() <= cutoff_secs) {
+            if !b
+                .cells
+                .load()
+                .iter()
+                .any(|c| c.window.end_secs() <= cutoff_secs)
+            {
                 continue;
             }
             let _guard = b.swap.lock().unwrap_or_else(|p| p.into_inner());
@@ -187,7 +192,12 @@ impl View {
     #[inline]
     fn cell_at(&self, budget: u32, at_secs: i64) -> Arc<Cell> {
         let b = &self.budgets[budget as usize];
-        if let Some(c) = b.cells.load().iter().find(|c| c.window.contains_secs(at_secs)) {
+        if let Some(c) = b
+            .cells
+            .load()
+            .iter()
+            .find(|c| c.window.contains_secs(at_secs))
+        {
             return Arc::clone(c);
         }
         self.cell_for(budget, b.schedule.window_at_secs(at_secs))
@@ -247,7 +257,10 @@ mod tests {
     #[test]
     fn spend_lands_in_its_window_and_resets_at_the_boundary() {
         let v = view();
-        assert_eq!(v.add_own(0, 15, Money::from_nanos(60)), Window::from_secs(10, 20));
+        assert_eq!(
+            v.add_own(0, 15, Money::from_nanos(60)),
+            Window::from_secs(10, 20)
+        );
         v.add_own(0, 19, Money::from_nanos(40));
         assert!(v.exhausted(0, 10));
         assert!(v.exhausted(0, 19));

@@ -64,7 +64,9 @@ impl Unit {
 
 /// Why a period was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid period {text:?}: {reason} (expected a count and a unit: 30s, 15m, 1h, 1d, 1w, 1mo)")]
+#[error(
+    "invalid period {text:?}: {reason} (expected a count and a unit: 30s, 15m, 1h, 1d, 1w, 1mo)"
+)]
 pub struct PeriodError {
     text: String,
     reason: &'static str,
@@ -274,13 +276,31 @@ mod tests {
 
     #[test]
     fn parses_litellm_durations() {
-        for (text, secs) in [("30s", 30), ("15m", 900), ("1h", 3600), ("1d", 86_400), ("7d", 604_800), ("2w", 1_209_600)] {
+        for (text, secs) in [
+            ("30s", 30),
+            ("15m", 900),
+            ("1h", 3600),
+            ("1d", 86_400),
+            ("7d", 604_800),
+            ("2w", 1_209_600),
+        ] {
             let p: Period = text.parse().unwrap();
             assert_eq!(p.kind, PeriodKind::Seconds(secs));
             assert_eq!(p.to_string(), text);
         }
         assert_eq!("1mo".parse::<Period>().unwrap().kind, PeriodKind::Months(1));
-        for bad in ["", "d", "0d", "1", "1y", "-1d", "1.5h", "99999999999d", "1 d", "5000mo"] {
+        for bad in [
+            "",
+            "d",
+            "0d",
+            "1",
+            "1y",
+            "-1d",
+            "1.5h",
+            "99999999999d",
+            "1 d",
+            "5000mo",
+        ] {
             assert!(bad.parse::<Period>().is_err(), "{bad:?} accepted");
         }
     }
@@ -319,6 +339,9 @@ mod tests {
         let w = s.window_at(ts("2024-03-31T08:59:59Z"));
         assert_eq!(w.start(), ts("2024-02-29T09:00:00Z"));
         let s = Schedule::new("3mo".parse().unwrap(), Timestamp::UNIX_EPOCH);
-        assert_eq!(s.window_at(ts("2024-05-10T00:00:00Z")).start(), ts("2024-04-01T00:00:00Z"));
+        assert_eq!(
+            s.window_at(ts("2024-05-10T00:00:00Z")).start(),
+            ts("2024-04-01T00:00:00Z")
+        );
     }
 }
