@@ -171,6 +171,14 @@ fn clap_exit(e: &clap::Error) -> ExitCode {
         let _ = e.print();
         return ExitCode::SUCCESS;
     }
+    if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+        // No arguments at all: clap would print the whole help on stderr.
+        eprintln!(
+            "error: missing arguments; usage: provider-budgets --config FILE --data-dir DIR \
+             [--redis URL] [--node-id ID] [--now TIME] CMD (see --help)"
+        );
+        return ExitCode::from(2);
+    }
     let rendered = e.render().to_string();
     // The first paragraph holds the message and, for missing arguments, the indented list of
     // what is missing; the rest is the usage block.
@@ -278,8 +286,12 @@ fn open(cli: &Cli, config: Config) -> Result<Limiter, Failure> {
         None => Limiter::open(config),
     };
     limiter.map_err(|e| match e {
-        // Validation after the overrides: say it was the command line or the file.
-        Error::Config(c) => config_failure(&cli.config, c),
+        // The file passed validation when it was read, so this comes from an override.
+        Error::Config(c) => {
+            let msg = c.to_string();
+            let rest = msg.strip_prefix("config: ").unwrap_or(&msg);
+            Failure::runtime(format!("command line: {rest}"))
+        }
         e => e.into(),
     })
 }
@@ -329,7 +341,11 @@ fn record(
         limiter.sync()?;
     }
     let mut out = io::stdout().lock();
-    match limiter.status_at(at).into_iter().find(|s| s.provider == provider) {
+    match limiter
+        .status_at(at)
+        .into_iter()
+        .find(|s| s.provider == provider)
+    {
         Some(s) => writeln!(
             out,
             "recorded {cost} USD for {provider} in window {} .. {}: spend {} of {} USD",
@@ -346,7 +362,10 @@ fn record(
 /// One sync round before answering from local data; a failure only warns.
 fn sync_or_warn(limiter: &Limiter) {
     if let Err(e) = limiter.sync() {
-        eprintln!("warning: {} (answering from local data)", one_line(&e.to_string()));
+        eprintln!(
+            "warning: {} (answering from local data)",
+            one_line(&e.to_string())
+        );
     }
 }
 
@@ -506,7 +525,8 @@ fn ingest(limiter: &Limiter, durable: bool) -> Outcome {
         line_no += 1;
         let t = text.trim();
         if !(t.is_empty() || t.starts_with('#')) {
-            let line = parse_line(t).map_err(|e| Failure::runtime(format!("stdin line {line_no}: {e}")))?;
+            let line = parse_line(t)
+                .map_err(|e| Failure::runtime(format!("stdin line {line_no}: {e}")))?;
             let at = line.at.unwrap_or_else(|| limiter.now());
             let recorded = if durable {
                 limiter.record_durable_at(line.provider, line.cost, at)
