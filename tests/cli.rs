@@ -370,7 +370,7 @@ fn corrupt_stored_value_is_reported_by_key_and_the_rest_survives() {
         .assert_ok();
     // Key layout (src/store.rs): provider 0 period 0 start (big-endian, sign bit flipped).
     let mut key = b"openai\x001d\x00".to_vec();
-    key.extend_from_slice(&(0u64 ^ (1 << 63)).to_be_bytes());
+    key.extend_from_slice(&(1u64 << 63).to_be_bytes()); // window start 0, sign bit flipped
     let damage = |value: Option<&[u8]>| {
         let db = sled::open(&cli.data).unwrap();
         let own = db.open_tree("own").unwrap();

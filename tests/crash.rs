@@ -147,7 +147,11 @@ impl Trial {
     }
 
     fn ack(&mut self, line: &str) {
-        assert_eq!(line.trim_end(), format!("ok {}", self.acked + 1), "acks are in order");
+        assert_eq!(
+            line.trim_end(),
+            format!("ok {}", self.acked + 1),
+            "acks are in order"
+        );
         self.acked += 1;
     }
 
@@ -211,7 +215,10 @@ fn sigkill_keeps_every_acknowledged_record_exactly_once() {
         let high = sums(&sent);
         for (p, provider) in PROVIDERS.iter().enumerate() {
             let spend = Money::from_nanos(cli.spend_nanos(NOW, provider));
-            let (min, max) = (base[p].saturating_add(low[p]), base[p].saturating_add(high[p]));
+            let (min, max) = (
+                base[p].saturating_add(low[p]),
+                base[p].saturating_add(high[p]),
+            );
             assert!(
                 min <= spend && spend <= max,
                 "trial {trial} ({point:?}, {acked} of {} acked): {provider} spend {spend} not in [{min}, {max}]",
