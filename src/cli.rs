@@ -11,7 +11,7 @@
 //!   cost, `--now`, `--at`), `3` `filter` found no deployment left.
 //! * Every error is exactly one line on stderr starting with `error: ` and naming the culprit
 //!   (file, provider, value, key, line number). Panics print one `error: internal error: ...`
-//!   line (no backtrace). Logs go to stderr through `tracing` (`RUST_LOG`, default `warn`).
+//!   line (no backtrace). Logs go to stderr through `tracing` (`RUST_LOG`, default `error`).
 //! * `--data-dir` may be left out when the config sets `provider_budgets.storage.dir`.
 //! * Every command makes what it recorded durable before the process exits.
 //! * With `--redis`, `record`, `filter` and `status` run one sync round before answering
@@ -210,10 +210,11 @@ fn install_panic_hook() {
     }));
 }
 
-/// `RUST_LOG` to stderr, `warn` by default so that normal runs print nothing extra.
+/// `RUST_LOG` to stderr, `error` by default: the CLI reports what went wrong itself, in one
+/// line, so the library's warnings (e.g. "redis unreachable") would only repeat it.
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(io::stderr)

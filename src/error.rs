@@ -51,6 +51,6 @@ pub enum Error {
         source: std::io::Error,
     },
     /// Replication with Redis failed.
-    #[error("redis: {0}")]
+    #[error("{0}")]
     Replication(String),
 }

@@ -445,13 +445,15 @@ fn overrides_and_an_unreachable_redis() {
     let doc: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
     assert_eq!(doc["node_id"], "edge-7");
 
-    // Port 1 on loopback refuses at once. Library logs are silenced so that only the
-    // CLI's own lines are checked.
+    // Port 1 on loopback refuses at once. With the default log level, the CLI's own line is
+    // the only one on stderr.
     let redis = ["--redis", "redis://127.0.0.1:1/", "--now", NOW];
     let quiet = |args: &[&str]| {
         let mut all = redis.to_vec();
         all.extend_from_slice(args);
-        Run::of(cli.cmd(&all).env("RUST_LOG", "off").output().unwrap())
+        let run = Run::of(cli.cmd(&all).env_remove("RUST_LOG").output().unwrap());
+        assert!(!run.stderr.contains("redis: redis:"), "{run:?}");
+        run
     };
     let run = quiet(&["record", "openai", "0.5"]);
     run.assert_error(1, &["redis"]);

@@ -19,10 +19,16 @@ use jiff::{SignedDuration, Timestamp};
 use provider_budgets::{Clock, Config, FakeClock, Limiter, Money, RedisConfig};
 use redis_server::RedisServer;
 
-const T0: &str = "2026-11-25T10:00:30Z";
+/// The tests' start time: 30 s into the current minute of the real clock. Fake, so that
+/// windows are under the test's control, but near real time, because Redis expires keys by
+/// its own clock (`EXPIREAT` window end + grace).
+fn t0() -> Timestamp {
+    let now = Timestamp::now().as_second();
+    Timestamp::from_second(now - now.rem_euclid(60) + 30).unwrap()
+}
 
 fn clock() -> Arc<FakeClock> {
-    Arc::new(FakeClock::new(T0.parse().unwrap()))
+    Arc::new(FakeClock::new(t0()))
 }
 
 fn config(dir: &Path, url: &str, node: &str, prefix: &str) -> Config {
@@ -267,9 +273,9 @@ fn two_nodes_crossing_a_window_boundary_at_once_lose_nothing() {
     let Some(server) = RedisServer::start() else {
         return;
     };
-    // The 1m window of T0 ends at 10:01:00; records land on both sides of it, concurrently.
+    // The 1m window of t0 ends 30 s later; records land on both sides of it, concurrently.
     let clock = clock();
-    let boundary: Timestamp = "2026-11-25T10:01:00Z".parse().unwrap();
+    let boundary = clock.now() + SignedDuration::from_secs(30);
     let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let a = open(da.path(), &server.url(), "a", "boundary", &clock);
     let b = open(db.path(), &server.url(), "b", "boundary", &clock);

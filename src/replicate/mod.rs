@@ -109,9 +109,9 @@ impl Replicator {
         let (tx, rx) = crossbeam_channel::bounded(1);
         self.requests
             .send(tx)
-            .map_err(|_| "the replicator is stopped".to_string())?;
+            .map_err(|_| "replication is stopped".to_string())?;
         rx.recv()
-            .unwrap_or_else(|_| Err("the replicator is stopped".to_string()))
+            .unwrap_or_else(|_| Err("replication is stopped".to_string()))
     }
 
     pub fn health(&self) -> Health {
@@ -210,7 +210,7 @@ impl Worker {
             let _ = self.round().await;
         }
         while let Ok(reply) = requests.try_recv() {
-            let _ = reply.send(Err("the replicator is stopped".into()));
+            let _ = reply.send(Err("replication is stopped".into()));
         }
     }
 
