@@ -116,7 +116,14 @@ impl FromStr for Money {
         }
         if lower.contains('e') {
             return match t.parse::<f64>() {
-                Ok(v) => Money::from_usd(v),
+                // The error names the value as written (`1e30`), not the float's rendering;
+                // NaN and infinities were refused above, so an infinite `v` overflowed (`1e400`).
+                Ok(v) => Money::from_usd(v).map_err(|e| match e {
+                    MoneyError::NotFinite(_) => MoneyError::TooLarge(t.to_string()),
+                    MoneyError::Negative(_) => MoneyError::Negative(t.to_string()),
+                    MoneyError::TooLarge(_) => MoneyError::TooLarge(t.to_string()),
+                    MoneyError::Malformed(_) => MoneyError::Malformed(t.to_string()),
+                }),
                 Err(_) => Err(MoneyError::Malformed(t.to_string())),
             };
         }
