@@ -107,9 +107,9 @@ impl FromStr for Money {
         if lower.contains("nan") || lower.contains("inf") {
             return Err(MoneyError::NotFinite(t.to_string()));
         }
-        if t.starts_with('-') {
+        if let Some(rest) = t.strip_prefix('-') {
             // "-0" and "-0.000" are zero, anything else negative is rejected.
-            if t[1..].chars().all(|c| c == '0' || c == '.') && t.len() > 1 {
+            if rest.chars().all(|c| c == '0' || c == '.') && !rest.is_empty() {
                 return Ok(Money::ZERO);
             }
             return Err(MoneyError::Negative(t.to_string()));

@@ -123,9 +123,12 @@ fn recording_for_a_provider_without_budget_is_refused_and_counts_nothing() {
     assert_eq!(l.status(), before, "nothing was stored either");
 }
 
+/// A value and a check of the error kind it must give.
+type MoneyCase = (&'static str, fn(&MoneyError) -> bool);
+
 #[test]
 fn money_parse_errors_name_the_value() {
-    let cases: [(&str, fn(&MoneyError) -> bool); 8] = [
+    let cases: [MoneyCase; 8] = [
         ("-1", |e| matches!(e, MoneyError::Negative(_))),
         ("-0.5", |e| matches!(e, MoneyError::Negative(_))),
         ("NaN", |e| matches!(e, MoneyError::NotFinite(_))),

@@ -374,7 +374,7 @@ impl Harness {
                 .filter(|((bb, _), _)| *bb == b)
                 .map(|(&(_, s), &(e, t))| (s, e, t))
                 .collect();
-            expected.sort_by(|x, y| y.0.cmp(&x.0));
+            expected.sort_by_key(|w| std::cmp::Reverse(w.0));
             let got: Vec<(i64, i64, u64)> = l
                 .windows(mb.provider)
                 .into_iter()
