@@ -224,10 +224,7 @@ impl Worker {
             while batch.len() < MAX_BATCH {
                 let next = match rx.try_recv() {
                     Ok(ev) => Some(ev),
-                    Err(TryRecvError::Empty) if !urgent => match rx.recv_deadline(deadline) {
-                        Ok(ev) => Some(ev),
-                        Err(_) => None,
-                    },
+                    Err(TryRecvError::Empty) if !urgent => rx.recv_deadline(deadline).ok(),
                     Err(_) => None,
                 };
                 let Some(ev) = next else { break };

@@ -51,6 +51,9 @@
 //! its clock alone ([`Clock`], faked in tests). Money (`money`) is integer nano-dollars.
 //! Configuration (`config`) reads litellm's `provider_budget_config` as it is.
 
+// Unit tests may unwrap: a panic there is a test failure with a message.
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 #[cfg(feature = "cli")]
 #[doc(hidden)]
 pub mod cli;

@@ -138,7 +138,7 @@ impl Resolver {
             .map(|(i, b)| (b.provider.clone(), i as u32))
             .collect();
         let mut overrides = config.model_providers.clone();
-        overrides.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        overrides.sort_by_key(|o| std::cmp::Reverse(o.0.len()));
         Resolver {
             budgets,
             overrides,
