@@ -103,12 +103,13 @@ impl Limiter {
         let mut loaded = Vec::new();
         for (key, value) in store.load_own()? {
             if let Some(b) = budget_of(&key.provider, &key.period) {
-                let window = window_of(&key, value.end);
-                view.raise_own(b, window, Money::from_nanos(value.total));
-                loaded.push((b, window, value.total));
+                loaded.push((b, window_of(&key, value.end), value.total));
             }
         }
+        // In bulk: one view list swap per budget, not one per window (linear in windows).
+        view.raise_own_many(loaded.iter().map(|&(b, w, t)| (b, w, Money::from_nanos(t))));
         let peers = store.load_peers()?;
+        let mut others_loaded = Vec::new();
         for (key, value) in &peers {
             if let Some(b) = budget_of(&key.provider, &key.period) {
                 let others = value
@@ -116,9 +117,10 @@ impl Limiter {
                     .iter()
                     .filter(|(n, _)| *n != node_id)
                     .fold(0u64, |s, (_, t)| s.saturating_add(*t));
-                view.raise_others(b, window_of(key, value.end), Money::from_nanos(others));
+                others_loaded.push((b, window_of(key, value.end), Money::from_nanos(others)));
             }
         }
+        view.raise_others_many(others_loaded);
         let durable = Arc::new(DurableTotals::default());
         let journal = Journal::start(
             Arc::clone(&store),

@@ -10,6 +10,7 @@
 //! journal and the replicator keep the store in step. It is never the only copy of spend that
 //! was acknowledged as durable.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -165,6 +166,48 @@ impl View {
             .fetch_max(others.as_nanos(), Ordering::Relaxed);
     }
 
+    /// Bulk [`View::raise_own`] for loading at open: one list swap per budget instead of one
+    /// copy-on-write insert per window (quadratic: 10 000 stored windows took ~0.5 s).
+    pub fn raise_own_many(&self, items: impl IntoIterator<Item = (u32, Window, Money)>) {
+        self.raise_many(items, |c| &c.own);
+    }
+
+    /// Bulk [`View::raise_others`] for loading at open.
+    pub fn raise_others_many(&self, items: impl IntoIterator<Item = (u32, Window, Money)>) {
+        self.raise_many(items, |c| &c.others);
+    }
+
+    fn raise_many(
+        &self,
+        items: impl IntoIterator<Item = (u32, Window, Money)>,
+        field: fn(&Cell) -> &AtomicU64,
+    ) {
+        let mut by_budget: Vec<Vec<(Window, u64)>> = vec![Vec::new(); self.budgets.len()];
+        for (budget, window, amount) in items {
+            by_budget[budget as usize].push((window, amount.as_nanos()));
+        }
+        for (b, items) in self.budgets.iter().zip(by_budget) {
+            if items.is_empty() {
+                continue;
+            }
+            let _guard = b.swap.lock().unwrap_or_else(|p| p.into_inner());
+            let mut cells: BTreeMap<(i64, i64), Arc<Cell>> = b
+                .cells
+                .load()
+                .iter()
+                .map(|c| ((c.window.start_secs(), c.window.end_secs()), Arc::clone(c)))
+                .collect();
+            for (window, amount) in items {
+                let cell = cells
+                    .entry((window.start_secs(), window.end_secs()))
+                    .or_insert_with(|| Arc::new(Cell::new(window)));
+                field(cell).fetch_max(amount, Ordering::Relaxed);
+            }
+            // Newest first, like `cell_for` keeps it.
+            b.cells.store(Arc::new(cells.into_values().rev().collect()));
+        }
+    }
+
     /// Drops every window that ended at or before `cutoff_secs`.
     pub fn prune(&self, cutoff_secs: i64) {
         for b in self.budgets.iter() {
@@ -286,6 +329,39 @@ mod tests {
         assert!(!v.exhausted(0, 1));
         v.add_own(0, 1, Money::from_nanos(10));
         assert!(v.exhausted(0, 1));
+    }
+
+    #[test]
+    fn bulk_raise_matches_one_by_one() {
+        let (a, b) = (view(), view());
+        a.add_own(0, 25, Money::from_nanos(5));
+        b.add_own(0, 25, Money::from_nanos(5));
+        let items = [(40, 7), (0, 3), (20, 9), (40, 2), (10, 4)];
+        for (start, n) in items {
+            a.raise_own(
+                0,
+                Window::from_secs(start, start + 10),
+                Money::from_nanos(n),
+            );
+            a.raise_others(
+                0,
+                Window::from_secs(start, start + 10),
+                Money::from_nanos(n + 1),
+            );
+        }
+        let w = |(start, n): (i64, u64), d: u64| {
+            (
+                0,
+                Window::from_secs(start, start + 10),
+                Money::from_nanos(n + d),
+            )
+        };
+        b.raise_own_many(items.iter().map(|&i| w(i, 0)));
+        b.raise_others_many(items.iter().map(|&i| w(i, 1)));
+        assert_eq!(a.windows(0), b.windows(0));
+        let starts: Vec<i64> = b.windows(0).iter().map(|t| t.window.start_secs()).collect();
+        assert_eq!(starts, vec![40, 20, 10, 0]);
+        assert_eq!(b.totals_at(0, 25).own, Money::from_nanos(9));
     }
 
     #[test]
