@@ -1,0 +1,99 @@
+//! `filter`: the request path. 2, 10 and 50 deployments over five budgeted providers and one
+//! without budget, plain `Limiter::filter(&[&str])` (resolves each model through the cache,
+//! allocates the result) and prepared `Prepared::filter_into(&mut Vec<usize>)`. Budgets are not
+//! exhausted (the common case), plus one variant where `openai` is exhausted.
+
+use std::hint::black_box;
+
+use criterion::{BenchmarkId, Criterion};
+use provider_budgets::{Limiter, Money};
+
+use crate::common;
+
+/// Model name patterns, cycled: five budgeted providers and `groq` without budget.
+const PATTERNS: &[&str] = &[
+    "gpt-4o",
+    "azure/gpt-4o",
+    "claude-3-5-sonnet",
+    "gemini-1.5-pro",
+    "mistral-large",
+    "groq/llama-3-70b",
+];
+
+/// `n` distinct deployment names (a router's list: the same models in several regions).
+pub fn deployments(n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            let base = PATTERNS[i % PATTERNS.len()];
+            if i < PATTERNS.len() {
+                base.to_owned()
+            } else {
+                format!("{base}-r{}", i / PATTERNS.len())
+            }
+        })
+        .collect()
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    limiter: Limiter,
+    names: Vec<String>,
+}
+
+impl Fixture {
+    fn new(n: usize, openai_exhausted: bool) -> Fixture {
+        let dir = common::tempdir();
+        let limiter = Limiter::open(common::config(dir.path(), "1000000", "1d")).expect("open");
+        if openai_exhausted {
+            limiter
+                .record("openai", "1000000".parse::<Money>().expect("money"))
+                .expect("record");
+        }
+        let names = deployments(n);
+        Fixture {
+            _dir: dir,
+            limiter,
+            names,
+        }
+    }
+}
+
+pub fn bench(c: &mut Criterion) {
+    let mut g = c.benchmark_group("filter");
+    let cases = [(2, false), (10, false), (50, false), (10, true)];
+    for (n, exhausted) in cases {
+        let suffix = if exhausted { "/openai_exhausted" } else { "" };
+
+        let mut fx: Option<Fixture> = None;
+        let mut sampled = false;
+        g.bench_function(BenchmarkId::new(format!("plain{suffix}"), n), |b| {
+            let fx = fx.get_or_insert_with(|| Fixture::new(n, exhausted));
+            let names: Vec<&str> = fx.names.iter().map(String::as_str).collect();
+            assert_eq!(
+                fx.limiter.filter(&names).expect("filter").len(),
+                n - usize::from(exhausted) * n.div_ceil(common::PROVIDERS.len() + 1),
+            );
+            common::once(&mut sampled, || {
+                common::latency(&format!("filter/plain{suffix}/{n}"), 200_000, || {
+                    fx.limiter.filter(black_box(&names)).map(|v| v.len())
+                })
+            });
+            b.iter(|| fx.limiter.filter(black_box(&names)).map(|v| v.len()));
+        });
+
+        let mut fx: Option<Fixture> = None;
+        let mut sampled = false;
+        g.bench_function(BenchmarkId::new(format!("prepared{suffix}"), n), |b| {
+            let fx = fx.get_or_insert_with(|| Fixture::new(n, exhausted));
+            let prepared = fx.limiter.prepare(&fx.names);
+            let mut out = Vec::with_capacity(n);
+            common::once(&mut sampled, || {
+                common::latency(&format!("filter/prepared{suffix}/{n}"), 200_000, || {
+                    prepared.filter_into(black_box(&mut out)).is_ok()
+                })
+            });
+            b.iter(|| prepared.filter_into(black_box(&mut out)).is_ok());
+        });
+    }
+    g.finish();
+}
