@@ -21,6 +21,17 @@ pub enum RecordError {
         /// The provider as given.
         provider: String,
     },
+    /// The record's window ended longer ago than `storage.retention`: it is no longer kept,
+    /// so the spend could not be enforced nor stored. Nothing was counted.
+    #[error("record for provider {provider:?} at {at} is in a window that ended more than the retention ({retention}) ago; not counted")]
+    Expired {
+        /// The provider as given.
+        provider: String,
+        /// The record's timestamp.
+        at: jiff::Timestamp,
+        /// The configured retention, human readable.
+        retention: String,
+    },
     /// The limiter was shut down.
     #[error("the limiter is shut down")]
     Closed,

@@ -208,7 +208,10 @@ impl Limiter {
     }
 
     /// Counts `cost` in the window of `at` (e.g. the time the request was made).
+    /// Fails with [`RecordError::Expired`] when that window ended more than
+    /// `storage.retention` ago.
     pub fn record_at(&self, provider: &str, cost: Money, at: Timestamp) -> Result<(), RecordError> {
+        self.check_age(provider, at)?;
         self.add(provider, cost, at, None)
     }
 
@@ -226,6 +229,7 @@ impl Limiter {
         cost: Money,
         at: Timestamp,
     ) -> Result<(), RecordError> {
+        self.check_age(provider, at)?;
         let (tx, rx) = crossbeam_channel::bounded(1);
         self.add(provider, cost, at, Some(Ack::Blocking(tx)))?;
         rx.recv().map_err(|_| RecordError::Closed)??;
@@ -242,6 +246,29 @@ impl Limiter {
         self.add(provider, cost, self.inner.clock.now(), Some(Ack::Async(tx)))?;
         rx.await.map_err(|_| RecordError::Closed)??;
         Ok(())
+    }
+
+    /// Refuses a timestamp whose window is already past retention: the journal would delete
+    /// it at its next pass, so counting it would only pretend.
+    fn check_age(&self, provider: &str, at: Timestamp) -> Result<(), RecordError> {
+        let retention = &self.inner.config.storage.retention;
+        let secs = floor_secs(at);
+        let cutoff = floor_secs(self.now())
+            .saturating_sub(i64::try_from(retention.as_secs()).unwrap_or(i64::MAX));
+        if secs >= cutoff {
+            return Ok(());
+        }
+        let Some(b) = self.inner.resolver.budget_of_provider(provider) else {
+            return Ok(()); // `add` reports the missing budget
+        };
+        if self.inner.view.schedule(b).window_at_secs(secs).end_secs() > cutoff {
+            return Ok(());
+        }
+        Err(RecordError::Expired {
+            provider: provider.to_owned(),
+            at,
+            retention: humantime::format_duration(*retention).to_string(),
+        })
     }
 
     #[inline]

@@ -98,7 +98,6 @@ impl View {
         self.budgets.len()
     }
 
-    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub fn schedule(&self, budget: u32) -> Schedule {
         self.budgets[budget as usize].schedule
     }

@@ -561,3 +561,48 @@ fn filter_in_place_and_prepared_answer_like_filter() {
         );
     }
 }
+
+/// A record whose window ended more than `storage.retention` ago would be deleted by the next
+/// expiry pass: it is refused with `RecordError::Expired` (naming provider and time) instead of
+/// being counted for a moment and then silently dropped.
+#[test]
+fn records_older_than_the_retention_are_refused_not_silently_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = clock(); // 2024-06-01T12:00:00Z, default retention 1 h
+    let l = open(dir.path(), &clock);
+    // azure has 1h windows: 10:00-11:00 ended exactly one hour ago, 09:00-10:00 two.
+    let err = l
+        .record_at("azure", usd("1"), ts("2024-06-01T09:30:00Z"))
+        .unwrap_err();
+    assert!(matches!(err, RecordError::Expired { .. }), "{err:?}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("azure") && msg.contains("2024-06-01T09:30:00Z"),
+        "{msg}"
+    );
+    let err = l
+        .record_durable_at("azure", usd("1"), ts("2024-06-01T10:59:59Z"))
+        .unwrap_err();
+    assert!(matches!(err, RecordError::Expired { .. }), "{err:?}");
+    assert_eq!(
+        l.status_at(ts("2024-06-01T09:30:00Z"))
+            .iter()
+            .find(|s| s.provider == "azure")
+            .unwrap()
+            .spend,
+        Money::ZERO
+    );
+    // Within the retention: the previous window still takes late records.
+    l.record_at("azure", usd("0.5"), ts("2024-06-01T11:15:00Z"))
+        .unwrap();
+    // The 1d window of openai is current: any time of the day is fine.
+    l.record_at("openai", usd("2"), ts("2024-06-01T00:00:01Z"))
+        .unwrap();
+    assert_eq!(spend(&l, "openai"), 2_000_000_000);
+    let previous = l
+        .status_at(ts("2024-06-01T11:15:00Z"))
+        .into_iter()
+        .find(|s| s.provider == "azure")
+        .unwrap();
+    assert_eq!(previous.spend, usd("0.5"));
+}
