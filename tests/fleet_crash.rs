@@ -44,15 +44,14 @@ fn library_node(dir: &std::path::Path, url: &str, node: &str, now: Timestamp) ->
 fn redis_total(server: &RedisServer, now: Timestamp, node: &str) -> u64 {
     let window = now.as_second() - now.as_second().rem_euclid(86_400);
     let key = format!("provider_budgets:{{openai:1d}}:{window}");
-    server
-        .command(&["HGET", &key, node])
-        .parse()
-        .unwrap_or(0)
+    server.command(&["HGET", &key, node]).parse().unwrap_or(0)
 }
 
 #[test]
 fn a_killed_node_neither_loses_nor_recounts_its_spend() {
-    let Some(server) = RedisServer::start() else { return };
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
     let url = server.url();
     let now = now();
     let now_text = now.to_string();
@@ -62,7 +61,16 @@ fn a_killed_node_neither_loses_nor_recounts_its_spend() {
     let (mut acked_total, mut sent_total, mut b_total) = (0u64, 0u64, 0u64);
     for trial in 0..6u64 {
         let mut child = a
-            .cmd(&["--redis", &url, "--node-id", "a", "--now", &now_text, "ingest", "--durable"])
+            .cmd(&[
+                "--redis",
+                &url,
+                "--node-id",
+                "a",
+                "--now",
+                &now_text,
+                "ingest",
+                "--durable",
+            ])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -102,15 +110,31 @@ fn a_killed_node_neither_loses_nor_recounts_its_spend() {
             restarted.sync().unwrap();
             b.sync().unwrap();
         }
-        let own_a = restarted.budget_status("openai").unwrap().own_spend.as_nanos();
+        let own_a = restarted
+            .budget_status("openai")
+            .unwrap()
+            .own_spend
+            .as_nanos();
         assert!(
             (acked_total..=sent_total).contains(&own_a),
             "trial {trial}: own {own_a} not in {acked_total}..={sent_total}"
         );
-        assert_eq!(redis_total(&server, now, "a"), own_a, "trial {trial}: redis field of A");
+        assert_eq!(
+            redis_total(&server, now, "a"),
+            own_a,
+            "trial {trial}: redis field of A"
+        );
         let fleet = Money::from_nanos(own_a + b_total);
-        assert_eq!(restarted.budget_status("openai").unwrap().spend, fleet, "trial {trial}: A");
-        assert_eq!(b.budget_status("openai").unwrap().spend, fleet, "trial {trial}: B");
+        assert_eq!(
+            restarted.budget_status("openai").unwrap().spend,
+            fleet,
+            "trial {trial}: A"
+        );
+        assert_eq!(
+            b.budget_status("openai").unwrap().spend,
+            fleet,
+            "trial {trial}: B"
+        );
         // The next trial continues from what survived.
         acked_total = own_a;
         sent_total = own_a;
