@@ -12,7 +12,7 @@ use crate::error::{Error, RecordError};
 use crate::filter::{Exceeded, Memo, NoDeployments, Slot};
 use crate::journal::{Ack, DurableTotals, Event, Journal, JournalSettings};
 use crate::money::Money;
-use crate::provider::{Deployment, Resolution, Resolver};
+use crate::provider::{CacheMap, Deployment, Resolution, Resolver};
 use crate::status::{BudgetStatus, ReplicationStatus};
 use crate::store::{window_of, Store, StoreError};
 use crate::view::View;
@@ -327,8 +327,9 @@ impl Limiter {
         let now = floor_secs(self.inner.clock.now());
         let mut memo = Memo::default();
         let mut out = Vec::with_capacity(deployments.len());
+        let cache = self.inner.resolver.cache();
         for d in deployments {
-            if self.passes(self.slot(d), now, &mut memo) {
+            if self.passes(self.slot_in(&cache, d), now, &mut memo) {
                 out.push(d);
             }
         }
@@ -348,9 +349,10 @@ impl Limiter {
     ) -> Result<(), NoDeployments> {
         let now = floor_secs(self.inner.clock.now());
         let mut memo = Memo::default();
+        let cache = self.inner.resolver.cache();
         let any = deployments
             .iter()
-            .any(|d| self.passes(self.slot(d), now, &mut memo));
+            .any(|d| self.passes(self.slot_in(&cache, d), now, &mut memo));
         if !any {
             if deployments.is_empty() {
                 return Ok(());
@@ -359,7 +361,7 @@ impl Limiter {
                 self.no_deployments(deployments.iter().map(|d| (self.slot(d), d.model())), now)
             );
         }
-        deployments.retain(|d| self.passes(self.slot(d), now, &mut memo));
+        deployments.retain(|d| self.passes(self.slot_in(&cache, d), now, &mut memo));
         Ok(())
     }
 
@@ -376,6 +378,12 @@ impl Limiter {
     #[inline]
     fn slot<D: Deployment + ?Sized>(&self, d: &D) -> Slot {
         self.to_slot(self.inner.resolver.resolve_cached(d))
+    }
+
+    /// [`Limiter::slot`] with the model cache loaded once per call.
+    #[inline]
+    fn slot_in<D: Deployment + ?Sized>(&self, cache: &CacheMap, d: &D) -> Slot {
+        self.to_slot(self.inner.resolver.resolve_in(cache, d))
     }
 
     fn slot_uncached<D: Deployment + ?Sized>(&self, d: &D) -> Slot {
