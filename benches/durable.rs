@@ -72,10 +72,15 @@ pub fn bench(c: &mut Criterion) {
         let cost = cost();
         common::once(&mut sampled, || {
             common::latency("record_durable/threads/1", 300, || {
-                fx.limiter.record_durable("openai", black_box(cost)).expect("durable")
+                fx.limiter
+                    .record_durable("openai", black_box(cost))
+                    .expect("durable")
             })
         });
-        b.iter(|| fx.limiter.record_durable(black_box("openai"), black_box(cost)));
+        b.iter(|| {
+            fx.limiter
+                .record_durable(black_box("openai"), black_box(cost))
+        });
     });
 
     let mut pool: Option<(Fixture, Pool)> = None;
@@ -87,7 +92,9 @@ pub fn bench(c: &mut Criterion) {
             let pool = Pool::new(CONCURRENCY, move |t, n| {
                 let provider = PROVIDERS[t % PROVIDERS.len()];
                 for _ in 0..n {
-                    limiter.record_durable(provider, cost()).expect("record_durable");
+                    limiter
+                        .record_durable(provider, cost())
+                        .expect("record_durable");
                 }
             });
             (fx, pool)
@@ -131,10 +138,16 @@ fn percentiles_threads(limiter: &Limiter) {
                 })
             })
             .collect();
-        hs.into_iter().flat_map(|h| h.join().expect("thread")).collect()
+        hs.into_iter()
+            .flat_map(|h| h.join().expect("thread"))
+            .collect()
     });
     let rate = common::fmt_rate(samples.len() as u64, start.elapsed());
-    common::add(&format!("record_durable/threads/{CONCURRENCY}"), samples, rate);
+    common::add(
+        &format!("record_durable/threads/{CONCURRENCY}"),
+        samples,
+        rate,
+    );
 }
 
 /// Per-call latency of 64 tasks each doing 25 durable records at once.
@@ -149,7 +162,10 @@ fn percentiles_async(limiter: &Limiter, rt: &tokio::runtime::Runtime) {
                 let mut v = Vec::with_capacity(PASS_PER_CALLER);
                 for _ in 0..PASS_PER_CALLER {
                     let t = Instant::now();
-                    limiter.record_durable_async(provider, cost()).await.expect("durable");
+                    limiter
+                        .record_durable_async(provider, cost())
+                        .await
+                        .expect("durable");
                     v.push(t.elapsed().as_nanos() as u64);
                 }
                 v
@@ -162,5 +178,9 @@ fn percentiles_async(limiter: &Limiter, rt: &tokio::runtime::Runtime) {
         all
     });
     let rate = common::fmt_rate(samples.len() as u64, start.elapsed());
-    common::add(&format!("record_durable/async_tasks/{CONCURRENCY}"), samples, rate);
+    common::add(
+        &format!("record_durable/async_tasks/{CONCURRENCY}"),
+        samples,
+        rate,
+    );
 }

@@ -55,7 +55,8 @@ pub fn bench(c: &mut Criterion) {
             let cost = cost();
             let pool = Pool::new(2, move |_, n| {
                 for _ in 0..n {
-                    black_box(limiter.record(black_box("openai"), black_box(cost))).expect("record");
+                    black_box(limiter.record(black_box("openai"), black_box(cost)))
+                        .expect("record");
                 }
             });
             (fx, pool)
@@ -80,14 +81,17 @@ fn percentiles_2_threads(limiter: &Limiter) {
                     let mut v = Vec::with_capacity(PER_THREAD);
                     for _ in 0..PER_THREAD {
                         let t = Instant::now();
-                        black_box(limiter.record(black_box("openai"), black_box(cost))).expect("record");
+                        black_box(limiter.record(black_box("openai"), black_box(cost)))
+                            .expect("record");
                         v.push(t.elapsed().as_nanos() as u64);
                     }
                     v
                 })
             })
             .collect();
-        hs.into_iter().flat_map(|h| h.join().expect("thread")).collect()
+        hs.into_iter()
+            .flat_map(|h| h.join().expect("thread"))
+            .collect()
     });
     let elapsed = start.elapsed();
     let rate = common::fmt_rate(samples.len() as u64, elapsed);

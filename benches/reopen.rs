@@ -39,7 +39,11 @@ impl Fixture {
         limiter.flush().expect("flush");
         drop(limiter);
         let limiter = Limiter::open_with_clock(config.clone(), Arc::clone(&clock)).expect("reopen");
-        assert_eq!(limiter.windows("openai").len(), WINDOWS as usize, "every window is loaded");
+        assert_eq!(
+            limiter.windows("openai").len(),
+            WINDOWS as usize,
+            "every window is loaded"
+        );
         drop(limiter);
         Fixture {
             _dir: dir,
@@ -49,7 +53,8 @@ impl Fixture {
     }
 
     fn open_and_drop(&self) {
-        let limiter = Limiter::open_with_clock(self.config.clone(), Arc::clone(&self.clock)).expect("reopen");
+        let limiter =
+            Limiter::open_with_clock(self.config.clone(), Arc::clone(&self.clock)).expect("reopen");
         drop(limiter);
     }
 }
@@ -62,7 +67,9 @@ pub fn bench(c: &mut Criterion) {
     g.bench_function(BenchmarkId::new("windows", WINDOWS), |b| {
         let fx = fx.get_or_insert_with(Fixture::new);
         common::once(&mut sampled, || {
-            common::latency(&format!("reopen/windows/{WINDOWS}"), 15, || fx.open_and_drop())
+            common::latency(&format!("reopen/windows/{WINDOWS}"), 15, || {
+                fx.open_and_drop()
+            })
         });
         b.iter(|| fx.open_and_drop());
     });
