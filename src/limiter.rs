@@ -204,7 +204,8 @@ impl Limiter {
     /// durable within `storage.max_delay`.
     #[inline]
     pub fn record(&self, provider: &str, cost: Money) -> Result<(), RecordError> {
-        self.record_at(provider, cost, self.inner.clock.now())
+        // "Now" is never past retention: skip `record_at`'s age check (a second clock read).
+        self.add(provider, cost, self.inner.clock.now(), None)
     }
 
     /// Counts `cost` in the window of `at` (e.g. the time the request was made).
