@@ -21,6 +21,9 @@ pub fn criterion() -> Criterion {
         .warm_up_time(Duration::from_millis(800))
         .measurement_time(Duration::from_secs(2))
         .sample_size(30)
+        // Fewer bootstrap resamples than the default 100 000: the analysis was a large part of
+        // a `--quick` run on 2 cores, and the confidence intervals barely change.
+        .nresamples(20_000)
 }
 
 /// Budgeted providers of the fixtures; deployments of `groq` have no budget.
