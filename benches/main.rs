@@ -21,6 +21,7 @@ mod durable;
 mod filter;
 mod record;
 mod reopen;
+mod replication;
 
 use criterion::{criterion_group, criterion_main};
 
@@ -32,6 +33,7 @@ criterion_group! {
         record::bench,
         durable::bench,
         reopen::bench,
+        replication::bench,
 }
 criterion_group!(summary, common::print_summary);
 criterion_main!(benches, summary);
