@@ -160,7 +160,7 @@ pub enum ConfigError {
         message: String,
     },
     /// A budget's limit is not a usable amount.
-    #[error("config: provider {provider:?}: budget_limit {value}: {source}")]
+    #[error("config: provider {provider:?}: budget_limit {value:?}: {source}")]
     Limit {
         /// The provider.
         provider: String,
@@ -380,7 +380,8 @@ fn check_node_id(id: &str) -> Result<(), ConfigError> {
 }
 
 fn syntax<E: std::fmt::Display>(e: serde_path_to_error::Error<E>) -> ConfigError {
-    let path = e.path().to_string();
+    // A key may contain line breaks: escape them, errors are one line.
+    let path = e.path().to_string().escape_debug().to_string();
     ConfigError::Syntax {
         path: if path == "." {
             "(document)".into()

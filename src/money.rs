@@ -21,13 +21,13 @@ pub struct Money(u64);
 #[non_exhaustive]
 pub enum MoneyError {
     /// NaN or an infinity.
-    #[error("amount {0} is not a finite number")]
+    #[error("amount {0:?} is not a finite number")]
     NotFinite(String),
     /// Spend and limits cannot be negative.
-    #[error("amount {0} is negative")]
+    #[error("amount {0:?} is negative")]
     Negative(String),
     /// More than `u64::MAX` nano-dollars.
-    #[error("amount {0} is too large (at most 18446744073.709551615 USD)")]
+    #[error("amount {0:?} is too large (at most 18446744073.709551615 USD)")]
     TooLarge(String),
     /// Not a number at all.
     #[error("amount {0:?} is not a number")]
@@ -251,6 +251,14 @@ mod tests {
     fn display_round_trips() {
         for s in ["0", "12.5", "0.000000001", "3", "18446744073.709551615"] {
             assert_eq!(s.parse::<Money>().unwrap().to_string(), s);
+        }
+    }
+
+    #[test]
+    fn errors_are_one_line_whatever_the_input() {
+        for bad in ["-3\nx", "1\n2", "nan\n", "99999999999999999999\n9"] {
+            let msg = bad.parse::<Money>().unwrap_err().to_string();
+            assert!(!msg.contains('\n'), "{msg}");
         }
     }
 

@@ -151,6 +151,7 @@ impl View {
     }
 
     /// Raises this node's own total of a window to at least `own` (loading from the store).
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub fn raise_own(&self, budget: u32, window: Window, own: Money) {
         self.cell_for(budget, window)
             .own
@@ -159,6 +160,7 @@ impl View {
 
     /// Sets the other nodes' total of a window (replication). It only grows: the replicator
     /// merges with `max` per node, so a smaller value would be a stale read.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub fn raise_others(&self, budget: u32, window: Window, others: Money) {
         self.cell_for(budget, window)
             .others

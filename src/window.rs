@@ -206,8 +206,10 @@ impl Schedule {
         self.window_at_secs(floor_secs(at))
     }
 
-    /// The window containing the instant given in Unix seconds.
+    /// The window containing the instant given in Unix seconds. Instants outside jiff's range
+    /// (years -9999..=9999) are clamped into it, which keeps the arithmetic from overflowing.
     pub fn window_at_secs(&self, secs: i64) -> Window {
+        let secs = secs.clamp(Timestamp::MIN.as_second(), Timestamp::MAX.as_second());
         match self.period.kind {
             PeriodKind::Seconds(p) => {
                 let k = (secs - self.anchor).div_euclid(p);
@@ -343,5 +345,22 @@ mod tests {
             s.window_at(ts("2024-05-10T00:00:00Z")).start(),
             ts("2024-04-01T00:00:00Z")
         );
+    }
+
+    #[test]
+    fn extreme_instants_do_not_overflow() {
+        for period in ["7s", "1mo", "5w"] {
+            let s = Schedule::new(period.parse().unwrap(), ts("2024-01-31T09:00:00Z"));
+            for secs in [
+                i64::MIN,
+                i64::MAX,
+                Timestamp::MIN.as_second(),
+                Timestamp::MAX.as_second(),
+            ] {
+                let w = s.window_at_secs(secs);
+                let clamped = secs.clamp(Timestamp::MIN.as_second(), Timestamp::MAX.as_second());
+                assert!(w.contains_secs(clamped), "{period} {secs}: {w:?}");
+            }
+        }
     }
 }
