@@ -39,6 +39,26 @@ fn config(
     c
 }
 
+/// A node with `budgets` budgets, each with some spend, synced once (script loaded), with
+/// background rounds out of the way.
+fn synced_node(server: &RedisServer, budgets: usize) -> (tempfile::TempDir, Limiter) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = Limiter::open(config(
+        dir.path(),
+        &server.url(),
+        "a",
+        budgets,
+        Duration::from_secs(3600),
+    ))
+    .expect("open");
+    for i in 0..budgets {
+        node.record(&format!("p{i}"), Money::from_nanos(1))
+            .expect("record");
+    }
+    node.sync().expect("sync");
+    (dir, node)
+}
+
 /// The criterion part: sync latency per budget count, records/s with replication on.
 pub fn bench(c: &mut Criterion) {
     let Some(server) = RedisServer::start() else {
@@ -48,20 +68,7 @@ pub fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("replication");
     group.sample_size(20);
     for budgets in [10usize, 100, 1000] {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let node = Limiter::open(config(
-            dir.path(),
-            &server.url(),
-            "a",
-            budgets,
-            Duration::from_secs(3600),
-        ))
-        .expect("open");
-        for i in 0..budgets {
-            node.record(&format!("p{i}"), Money::from_nanos(1))
-                .expect("record");
-        }
-        node.sync().expect("sync");
+        let (_dir, node) = synced_node(&server, budgets);
         group.bench_with_input(BenchmarkId::new("sync", budgets), &budgets, |b, _| {
             b.iter(|| node.sync().expect("sync"))
         });
@@ -93,20 +100,7 @@ fn report() {
         return;
     };
     for budgets in [10usize, 100, 1000] {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let node = Limiter::open(config(
-            dir.path(),
-            &server.url(),
-            "a",
-            budgets,
-            Duration::from_secs(3600),
-        ))
-        .expect("open");
-        for i in 0..budgets {
-            node.record(&format!("p{i}"), Money::from_nanos(1))
-                .expect("record");
-        }
-        node.sync().expect("sync");
+        let (_dir, node) = synced_node(&server, budgets);
         let before = node.status()[0].replication.round_trips;
         let rounds = 200;
         let mut times: Vec<Duration> = (0..rounds)
