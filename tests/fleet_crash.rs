@@ -6,6 +6,8 @@
 //! A's data dir and syncs both: A's own spend is between what it acknowledged and what it was
 //! sent, Redis holds exactly that for A's field, and both nodes see A's own plus B's own,
 //! exactly — the reference would lose A's queued increments (flaw 3).
+//!
+//! Also: two CLI invocations with `--redis` on two data dirs see each other's spend.
 
 #![allow(clippy::unwrap_used)]
 
@@ -139,4 +141,47 @@ fn a_killed_node_neither_loses_nor_recounts_its_spend() {
         acked_total = own_a;
         sent_total = own_a;
     }
+}
+
+/// Two CLI invocations on two data dirs see each other's spend through `--redis`: `record`
+/// syncs after its record is durable, `status` and `filter` sync before answering.
+#[test]
+fn two_cli_invocations_on_two_data_dirs_share_spend() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let url = server.url();
+    let now = now().to_string();
+    let config = "provider_budget_config:\n  openai: {budget_limit: 1, time_period: 1d}\n";
+    let (a, b) = (Cli::new(config), Cli::new(config));
+    let common = ["--redis", url.as_str(), "--now", now.as_str()];
+    let with = |extra: &[&'static str]| -> Vec<String> {
+        common.iter().chain(extra).map(|s| s.to_string()).collect()
+    };
+    let go = |c: &Cli, args: &[String]| c.run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    go(&a, &with(&["--node-id", "a", "record", "openai", "0.6"])).assert_ok();
+    go(&b, &with(&["--node-id", "b", "record", "openai", "0.3"])).assert_ok();
+    let run = go(&a, &with(&["--node-id", "a", "status", "--json"]));
+    run.assert_ok();
+    let doc: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    let openai = cli::budget(&doc, "openai");
+    assert_eq!(openai["spend_nanos"], 900_000_000, "{doc}");
+    assert_eq!(openai["own_spend_nanos"], 600_000_000, "{doc}");
+    assert_eq!(openai["replication"]["enabled"], true);
+    assert_eq!(run.stderr, "", "no warning: the sync succeeded");
+    // B's next record exhausts the fleet's budget: A's filter drops openai.
+    go(&b, &with(&["--node-id", "b", "record", "openai", "0.1"])).assert_ok();
+    let run = go(
+        &a,
+        &with(&["--node-id", "a", "filter", "gpt-4o", "claude-3-haiku"]),
+    );
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert_eq!(run.stdout, "claude-3-haiku\n");
+    let run = go(&a, &with(&["--node-id", "a", "filter", "gpt-4o"]));
+    assert_eq!(run.code, Some(3), "{run:?}");
+    assert!(
+        run.stderr
+            .contains("Exceeded budget for provider openai: 1 >= 1"),
+        "{run:?}"
+    );
 }

@@ -481,3 +481,32 @@ mod fleet_model {
         }
     }
 }
+
+#[test]
+fn a_redis_that_accepts_but_never_answers_is_a_bounded_error_not_a_hang() {
+    // A listener nobody accepts from: the TCP handshake completes (kernel backlog), then
+    // silence — what a hung server or a black-holing middlebox looks like.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("redis://{}/", silent.local_addr().unwrap());
+    let clock = clock();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path(), &url, "x", "silent");
+    if let Some(r) = config.redis.as_mut() {
+        r.connect_timeout = Duration::from_millis(300);
+        r.command_timeout = Duration::from_millis(300);
+    }
+    let started = Instant::now();
+    let node = Limiter::open_with_clock(config, clock.clone()).unwrap();
+    node.record("openai", nanos(3)).unwrap();
+    let err = node.sync().unwrap_err().to_string();
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(err.contains(&url) && !err.contains('\n'), "{err}");
+    assert_eq!(spend(&node, "openai"), nanos(3));
+    let started = Instant::now();
+    drop(node);
+    assert!(started.elapsed() < Duration::from_secs(2), "shutdown hung");
+}
