@@ -13,7 +13,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use criterion::Criterion;
-use provider_budgets::{Config, Money, Period};
+use provider_budgets::{Config, Limiter, Money, Period};
 
 /// Criterion settings for this suite (command-line flags such as `--quick` still apply).
 pub fn criterion() -> Criterion {
@@ -240,4 +240,23 @@ impl Drop for Pool {
             let _ = h.join();
         }
     }
+}
+
+/// A limiter on a fresh data dir with generous 1d budgets (the dir lives as long as it).
+pub struct Fixture {
+    _dir: tempfile::TempDir,
+    pub limiter: Limiter,
+}
+
+impl Fixture {
+    pub fn new() -> Fixture {
+        let dir = tempdir();
+        let limiter = Limiter::open(config(dir.path(), "1000000", "1d")).expect("open");
+        Fixture { _dir: dir, limiter }
+    }
+}
+
+/// The cost every record bench records.
+pub fn cost() -> Money {
+    "0.0125".parse().expect("money")
 }

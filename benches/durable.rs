@@ -8,28 +8,11 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use criterion::{BenchmarkId, Criterion, Throughput};
-use provider_budgets::{Limiter, Money};
+use provider_budgets::Limiter;
 
-use crate::common::{self, Pool, PROVIDERS};
+use crate::common::{self, Fixture, Pool, PROVIDERS};
 
 const CONCURRENCY: usize = 64;
-
-struct Fixture {
-    _dir: tempfile::TempDir,
-    limiter: Limiter,
-}
-
-impl Fixture {
-    fn new() -> Fixture {
-        let dir = common::tempdir();
-        let limiter = Limiter::open(common::config(dir.path(), "1000000", "1d")).expect("open");
-        Fixture { _dir: dir, limiter }
-    }
-}
-
-fn cost() -> Money {
-    "0.0125".parse().expect("money")
-}
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -50,7 +33,7 @@ async fn async_round(limiter: &Limiter, total: u64) {
             let provider = PROVIDERS[i as usize % PROVIDERS.len()];
             for _ in 0..share {
                 limiter
-                    .record_durable_async(provider, cost())
+                    .record_durable_async(provider, common::cost())
                     .await
                     .expect("record_durable_async");
             }
@@ -69,7 +52,7 @@ pub fn bench(c: &mut Criterion) {
     let mut sampled = false;
     g.bench_function(BenchmarkId::new("threads", 1), |b| {
         let fx = fx.get_or_insert_with(Fixture::new);
-        let cost = cost();
+        let cost = common::cost();
         common::once(&mut sampled, || {
             common::latency("record_durable/threads/1", 300, || {
                 fx.limiter
@@ -93,7 +76,7 @@ pub fn bench(c: &mut Criterion) {
                 let provider = PROVIDERS[t % PROVIDERS.len()];
                 for _ in 0..n {
                     limiter
-                        .record_durable(provider, cost())
+                        .record_durable(provider, common::cost())
                         .expect("record_durable");
                 }
             });
@@ -131,7 +114,9 @@ fn percentiles_threads(limiter: &Limiter) {
                     (0..PASS_PER_CALLER)
                         .map(|_| {
                             let t = Instant::now();
-                            limiter.record_durable(provider, cost()).expect("durable");
+                            limiter
+                                .record_durable(provider, common::cost())
+                                .expect("durable");
                             t.elapsed().as_nanos() as u64
                         })
                         .collect::<Vec<_>>()
@@ -163,7 +148,7 @@ fn percentiles_async(limiter: &Limiter, rt: &tokio::runtime::Runtime) {
                 for _ in 0..PASS_PER_CALLER {
                     let t = Instant::now();
                     limiter
-                        .record_durable_async(provider, cost())
+                        .record_durable_async(provider, common::cost())
                         .await
                         .expect("durable");
                     v.push(t.elapsed().as_nanos() as u64);

@@ -7,26 +7,9 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use criterion::{BenchmarkId, Criterion, Throughput};
-use provider_budgets::{Limiter, Money};
+use provider_budgets::Limiter;
 
-use crate::common::{self, Pool};
-
-struct Fixture {
-    _dir: tempfile::TempDir,
-    limiter: Limiter,
-}
-
-impl Fixture {
-    fn new() -> Fixture {
-        let dir = common::tempdir();
-        let limiter = Limiter::open(common::config(dir.path(), "1000000", "1d")).expect("open");
-        Fixture { _dir: dir, limiter }
-    }
-}
-
-fn cost() -> Money {
-    "0.0125".parse().expect("money")
-}
+use crate::common::{self, Fixture, Pool};
 
 pub fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("record");
@@ -36,7 +19,7 @@ pub fn bench(c: &mut Criterion) {
     let mut sampled = false;
     g.bench_function(BenchmarkId::new("buffered/threads", 1), |b| {
         let fx = fx.get_or_insert_with(Fixture::new);
-        let cost = cost();
+        let cost = common::cost();
         common::once(&mut sampled, || {
             common::latency("record/buffered/threads/1", 200_000, || {
                 fx.limiter.record("openai", black_box(cost))
@@ -52,7 +35,7 @@ pub fn bench(c: &mut Criterion) {
         let (fx, pool) = pool.get_or_insert_with(|| {
             let fx = Fixture::new();
             let limiter = fx.limiter.clone();
-            let cost = cost();
+            let cost = common::cost();
             let pool = Pool::new(2, move |_, n| {
                 for _ in 0..n {
                     black_box(limiter.record(black_box("openai"), black_box(cost)))
@@ -71,7 +54,7 @@ pub fn bench(c: &mut Criterion) {
 /// Per-call latencies of 2 threads recording at once (100 000 records each).
 fn percentiles_2_threads(limiter: &Limiter) {
     const PER_THREAD: usize = 100_000;
-    let cost = cost();
+    let cost = common::cost();
     let start = Instant::now();
     let samples: Vec<u64> = std::thread::scope(|s| {
         let hs: Vec<_> = (0..2)

@@ -39,18 +39,22 @@ fn config(
     c
 }
 
+/// Node "a" with `budgets` budgets on a fresh data dir.
+fn open_node(
+    server: &RedisServer,
+    budgets: usize,
+    interval: Duration,
+) -> (tempfile::TempDir, Limiter) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node =
+        Limiter::open(config(dir.path(), &server.url(), "a", budgets, interval)).expect("open");
+    (dir, node)
+}
+
 /// A node with `budgets` budgets, each with some spend, synced once (script loaded), with
 /// background rounds out of the way.
 fn synced_node(server: &RedisServer, budgets: usize) -> (tempfile::TempDir, Limiter) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let node = Limiter::open(config(
-        dir.path(),
-        &server.url(),
-        "a",
-        budgets,
-        Duration::from_secs(3600),
-    ))
-    .expect("open");
+    let (dir, node) = open_node(server, budgets, Duration::from_secs(3600));
     for i in 0..budgets {
         node.record(&format!("p{i}"), Money::from_nanos(1))
             .expect("record");
@@ -73,15 +77,7 @@ pub fn bench(c: &mut Criterion) {
             b.iter(|| node.sync().expect("sync"))
         });
     }
-    let dir = tempfile::tempdir().expect("tempdir");
-    let node = Limiter::open(config(
-        dir.path(),
-        &server.url(),
-        "a",
-        10,
-        Duration::from_millis(100),
-    ))
-    .expect("open");
+    let (_dir, node) = open_node(&server, 10, Duration::from_millis(100));
     group.throughput(Throughput::Elements(1));
     group.bench_function("record_with_replication", |b| {
         b.iter(|| {
@@ -121,15 +117,7 @@ fn report() {
     }
 
     // Records per second through the whole pipeline, replication on (100 ms rounds).
-    let dir = tempfile::tempdir().expect("tempdir");
-    let node = Limiter::open(config(
-        dir.path(),
-        &server.url(),
-        "a",
-        10,
-        Duration::from_millis(100),
-    ))
-    .expect("open");
+    let (_dir, node) = open_node(&server, 10, Duration::from_millis(100));
     let n = 1_000_000u64;
     let t = Instant::now();
     for i in 0..n {
