@@ -102,6 +102,14 @@ enum Cmd {
         #[arg(long)]
         durable: bool,
     },
+    /// Repair a data dir that lost acknowledged spend (it fails to open with "lost
+    /// acknowledged spend"): restore what the disk and Redis still know; exit 1 while spend
+    /// is still missing, unless --accept-loss.
+    Repair {
+        /// Accept that the spend still missing is lost, so the data dir opens again.
+        #[arg(long)]
+        accept_loss: bool,
+    },
 }
 
 /// A failure of one invocation: the message (one line) and the exit code.
@@ -214,7 +222,9 @@ fn install_panic_hook() {
 /// line, so the library's warnings (e.g. "redis unreachable") would only repeat it.
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error"));
+        // sled logs its own I/O errors (as Debug text) before ours: the CLI reports them in
+        // its one `error:` line, so sled stays quiet unless RUST_LOG asks for it.
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error,sled=off"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(io::stderr)
@@ -301,6 +311,9 @@ fn open(cli: &Cli, config: Config) -> Result<Limiter, Failure> {
 
 fn execute(cli: Cli) -> Outcome {
     let config = load_config(&cli)?;
+    if let Cmd::Repair { accept_loss } = cli.cmd {
+        return repair(&cli, config, accept_loss);
+    }
     let limiter = open(&cli, config)?;
     let replicate = cli.redis.is_some();
     let result = match cli.cmd {
@@ -314,6 +327,7 @@ fn execute(cli: Cli) -> Outcome {
         Cmd::Status { json } => status(&limiter, json, replicate),
         Cmd::Sync => sync(&limiter),
         Cmd::Ingest { durable } => ingest(&limiter, durable),
+        Cmd::Repair { .. } => Ok(()), // handled above, before the data dir is opened
     };
     // Whatever happened, commit what was recorded before the process exits. The command's
     // own error is the more useful one to report when both fail.
@@ -396,8 +410,13 @@ fn status(limiter: &Limiter, json: bool, replicate: bool) -> Outcome {
     let budgets = limiter.status();
     let mut out = io::stdout().lock();
     if json {
+        let health = limiter.health();
         let doc = serde_json::json!({
             "node_id": limiter.node_id(),
+            "storage": {
+                "ok": health.storage_ok(),
+                "fault": health.storage_fault,
+            },
             "budgets": budgets.iter().map(status_json).collect::<Vec<_>>(),
         });
         writeln!(out, "{doc}")?;
@@ -475,6 +494,50 @@ fn write_table(out: &mut impl Write, budgets: &[BudgetStatus]) -> io::Result<()>
         writeln!(out, "{}", cells.join("  ").trim_end())?;
     }
     Ok(())
+}
+
+/// `repair`: see [`Limiter::repair`]. Prints what was acknowledged, found and restored.
+fn repair(cli: &Cli, config: Config, accept_loss: bool) -> Outcome {
+    let report = match cli.now {
+        Some(now) => Limiter::repair_with_clock(config, Arc::new(FakeClock::new(now)), accept_loss),
+        None => Limiter::repair(config, accept_loss),
+    }?;
+    let mut out = io::stdout().lock();
+    if report.record_unreadable {
+        writeln!(
+            out,
+            "the high-water record was unreadable; it is rewritten from what is stored"
+        )?;
+    }
+    if let Some(Err(e)) = &report.redis {
+        writeln!(
+            out,
+            "warning: redis round failed, nothing taken back from it: {}",
+            one_line(e)
+        )?;
+    }
+    writeln!(
+        out,
+        "acknowledged {} USD, found {} USD on disk, restored {} USD, missing {} USD",
+        report.acknowledged, report.found, report.restored, report.missing
+    )?;
+    if report.missing == Money::ZERO {
+        writeln!(out, "repaired: nothing acknowledged is missing")?;
+        Ok(())
+    } else if report.accepted_loss {
+        writeln!(
+            out,
+            "repaired: accepted the loss of {} USD of acknowledged spend",
+            report.missing
+        )?;
+        Ok(())
+    } else {
+        Err(Failure::runtime(format!(
+            "repair: {} USD of acknowledged spend is still missing (not on disk, not in Redis); \
+             run `provider-budgets repair --accept-loss` to accept the loss",
+            report.missing
+        )))
+    }
 }
 
 fn sync(limiter: &Limiter) -> Outcome {

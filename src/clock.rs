@@ -4,8 +4,9 @@
 //! or advance time instead of sleeping. The request path reads the clock once per call.
 
 use std::fmt;
-use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use jiff::{SignedDuration, Timestamp};
 
@@ -13,6 +14,14 @@ use jiff::{SignedDuration, Timestamp};
 pub trait Clock: Send + Sync + fmt::Debug + 'static {
     /// The current instant.
     fn now(&self) -> Timestamp;
+
+    /// Time elapsed on a monotonic clock since an arbitrary origin. Unlike [`Clock::now`], it
+    /// never jumps: the journal compares the two so that a wall clock that steps (NTP, a VM
+    /// resumed from a snapshot, a bad RTC) never makes it delete current spend.
+    fn monotonic(&self) -> Duration {
+        static ORIGIN: OnceLock<Instant> = OnceLock::new();
+        ORIGIN.get_or_init(Instant::now).elapsed()
+    }
 }
 
 /// The system's wall clock. Windows are aligned to UTC, so this is a wall clock on purpose, not
@@ -28,10 +37,16 @@ impl Clock for SystemClock {
 
 /// A clock that only moves when told to. Clones share the same time, so a test keeps one and
 /// hands the other to the limiter.
+///
+/// [`FakeClock::advance`] by a positive amount is time passing: the wall clock and the
+/// monotonic clock both move. [`FakeClock::set`], [`FakeClock::step`] and a negative `advance`
+/// are clock *steps*: only the wall clock moves, as when NTP corrects a clock.
 #[derive(Debug, Clone)]
 pub struct FakeClock {
     // Nanoseconds since the Unix epoch; i64 covers the years 1678..2262.
     nanos: Arc<AtomicI64>,
+    // Monotonic nanoseconds since the clock was made.
+    mono: Arc<AtomicU64>,
 }
 
 impl FakeClock {
@@ -39,16 +54,28 @@ impl FakeClock {
     pub fn new(at: Timestamp) -> FakeClock {
         FakeClock {
             nanos: Arc::new(AtomicI64::new(to_nanos(at))),
+            mono: Arc::new(AtomicU64::new(0)),
         }
     }
 
-    /// Moves the clock forward (or backward, for a negative duration).
+    /// Lets `by` pass: wall and monotonic time move forward. A negative duration is a
+    /// backward step of the wall clock only (monotonic time never goes back).
     pub fn advance(&self, by: SignedDuration) {
+        let by = i64::try_from(by.as_nanos()).unwrap_or(i64::MAX);
+        self.nanos.fetch_add(by, Ordering::SeqCst);
+        if by > 0 {
+            self.mono.fetch_add(by.unsigned_abs(), Ordering::SeqCst);
+        }
+    }
+
+    /// Steps the wall clock by `by` (either way) without time passing: an NTP step, a VM
+    /// resumed from a snapshot.
+    pub fn step(&self, by: SignedDuration) {
         let by = i64::try_from(by.as_nanos()).unwrap_or(i64::MAX);
         self.nanos.fetch_add(by, Ordering::SeqCst);
     }
 
-    /// Sets the clock to `at`.
+    /// Sets the wall clock to `at` (a step: monotonic time does not move).
     pub fn set(&self, at: Timestamp) {
         self.nanos.store(to_nanos(at), Ordering::SeqCst);
     }
@@ -58,6 +85,10 @@ impl Clock for FakeClock {
     fn now(&self) -> Timestamp {
         Timestamp::from_nanosecond(i128::from(self.nanos.load(Ordering::SeqCst)))
             .unwrap_or(Timestamp::UNIX_EPOCH)
+    }
+
+    fn monotonic(&self) -> Duration {
+        Duration::from_nanos(self.mono.load(Ordering::SeqCst))
     }
 }
 

@@ -7,14 +7,27 @@
 //! commit: one fsync serves every waiter of the batch), then acknowledges the waiters and
 //! publishes the new durable totals for the replicator.
 //!
-//! Failure handling: when sled refuses a write or a flush, the waiters get the error, the totals
-//! stay marked dirty and are written again at the next batch or retry tick — recorded spend is
-//! never dropped. Because totals are absolute, writing one twice is harmless.
+//! After sled's flush it writes the high-water record ([`crate::highwater`]) and only then
+//! acknowledges: a data dir that later loses acknowledged batches is detected at open.
+//!
+//! Failure handling (a full disk, an I/O error): the waiters get the error, the totals stay in
+//! memory and marked dirty, and the fault is visible in [`StorageHealth`] (status, healthz, the
+//! `provider_budgets_storage_fault` gauge). sled's first I/O error is sticky (every later
+//! flush of that handle fails even once space is back), so recovery reopens the database and
+//! rewrites *every* total held in memory, with a backoff between attempts. Recorded spend is
+//! never dropped; because totals are absolute, writing one twice is harmless.
+//!
+//! Retention: windows are deleted (memory and disk) only by a *sane* clock. The cutoff is
+//! `min(wall now, wall at start + monotonic time since) - retention`, so a wall clock that
+//! steps forward deletes nothing, and a window that received a record (or was loaded at open)
+//! within `retention` of monotonic time is never deleted. A one-shot process (the CLI, whatever
+//! its `--now`) therefore never deletes anything it loaded.
 //!
 //! The channel is bounded so that a stalled disk slows `record` down (backpressure) instead of
 //! growing memory without limit; with its capacity of 65 536 events that only happens when the
 //! disk cannot keep up for a long time.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -23,7 +36,8 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::clock::{floor_secs, Clock};
-use crate::store::{OwnValue, Store, StoreError, WindowKey};
+use crate::highwater::Mark;
+use crate::store::{summarize, OwnValue, Store, StoreError, WindowKey};
 use crate::view::View;
 use crate::window::Window;
 
@@ -33,6 +47,10 @@ const CHANNEL_CAPACITY: usize = 1 << 16;
 const MAX_BATCH: usize = 1 << 16;
 /// How often the thread wakes up when idle: retries failed writes, expires old windows.
 const TICK: Duration = Duration::from_millis(250);
+/// First and longest wait between two attempts to reopen a faulted store.
+const REOPEN_BACKOFF: (Duration, Duration) = (Duration::from_millis(50), Duration::from_secs(2));
+/// How often the store is swept for ended peers entries.
+const SWEEP: Duration = Duration::from_secs(60);
 
 /// Result sent to a durability waiter.
 pub(crate) type AckResult = Result<(), StoreError>;
@@ -76,6 +94,11 @@ pub(crate) enum Event {
     Flush(Ack),
     /// Commit what is queued, acknowledge, and stop.
     Stop(Ack),
+    /// Run the periodic work (retries, retention) now, then acknowledge: lets tests observe
+    /// retention deterministically instead of sleeping through ticks.
+    Maintain(Ack),
+    /// Fault injection for tests: the thread panics, as a bug would make it.
+    Panic,
 }
 
 /// This node's own totals that are durable in sled: what the replicator may ship.
@@ -92,9 +115,11 @@ impl DurableTotals {
         }
     }
 
-    fn expire(&self, cutoff: i64) {
+    fn remove(&self, keys: &[(u32, i64)]) {
         let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        map.retain(|_, (w, _)| w.end_secs() > cutoff);
+        for k in keys {
+            map.remove(k);
+        }
     }
 
     /// A copy of every durable own total: (budget, window, nanos).
@@ -102,6 +127,57 @@ impl DurableTotals {
     pub fn snapshot(&self) -> Vec<(u32, Window, u64)> {
         let map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         map.iter().map(|(&(b, _), &(w, t))| (b, w, t)).collect()
+    }
+}
+
+/// The journal's health, shared with the limiter (status, healthz) without locks on the
+/// request path.
+#[derive(Debug, Default)]
+pub(crate) struct StorageHealth {
+    faulted: AtomicBool,
+    fault: Mutex<Option<String>>,
+    /// Set when the thread is gone: the reason (a panic, or a normal stop).
+    stopped: Mutex<Option<StopReason>>,
+}
+
+/// Why the journal thread is no longer running.
+#[derive(Debug, Clone)]
+pub(crate) enum StopReason {
+    /// `stop` ran; the result of the final commit.
+    Stopped(AckResult),
+    /// The thread panicked.
+    Died(String),
+}
+
+impl StorageHealth {
+    /// The current storage fault (a full disk, an I/O error), if any.
+    pub fn fault(&self) -> Option<String> {
+        if !self.faulted.load(Ordering::Acquire) {
+            return None;
+        }
+        self.fault.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Why the journal thread stopped, if it did.
+    pub fn stopped(&self) -> Option<StopReason> {
+        self.stopped
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn set_fault(&self, fault: Option<String>) {
+        metrics::gauge!("provider_budgets_storage_fault").set(if fault.is_some() {
+            1.0
+        } else {
+            0.0
+        });
+        self.faulted.store(fault.is_some(), Ordering::Release);
+        *self.fault.lock().unwrap_or_else(|p| p.into_inner()) = fault;
+    }
+
+    fn set_stopped(&self, reason: StopReason) {
+        *self.stopped.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
     }
 }
 
@@ -115,47 +191,80 @@ pub(crate) struct JournalSettings {
     pub clock: Arc<dyn Clock>,
 }
 
+/// What the journal starts from: the restore step's result.
+#[derive(Debug, Default)]
+pub(crate) struct JournalStart {
+    /// Own totals of configured budgets.
+    pub loaded: Vec<(u32, Window, u64)>,
+    /// Own totals stored for budgets no longer configured: kept (and counted in the
+    /// high-water record) until their retention ends.
+    pub orphans: Vec<(WindowKey, OwnValue)>,
+    /// The batch sequence reached so far.
+    pub seq: u64,
+    /// While repairing: the acknowledged record. The marks written never claim less than it,
+    /// so an interrupted repair cannot accept a loss that the operator did not accept.
+    pub floor: Option<Mark>,
+}
+
 /// The handle the limiter keeps: the sending side and the thread.
 #[derive(Debug)]
 pub(crate) struct Journal {
     tx: Sender<Event>,
     thread: Mutex<Option<JoinHandle<()>>>,
+    health: Arc<StorageHealth>,
+    dir: std::path::PathBuf,
 }
 
 impl Journal {
-    /// Starts the thread. `loaded` are the own totals read from the store at open.
+    /// Starts the thread from what the restore step loaded.
     pub fn start(
         store: Arc<Store>,
         view: Arc<View>,
         durable: Arc<DurableTotals>,
         settings: JournalSettings,
-        loaded: Vec<(u32, Window, u64)>,
+        start: JournalStart,
     ) -> std::io::Result<Journal> {
         let (tx, rx) = crossbeam_channel::bounded(CHANNEL_CAPACITY);
-        durable.publish(loaded.iter().copied());
+        durable.publish(start.loaded.iter().copied());
+        let health = Arc::new(StorageHealth::default());
+        let mono = settings.clock.monotonic();
         let worker = Worker {
-            own: loaded
+            own: start
+                .loaded
                 .into_iter()
-                .map(|(b, w, t)| ((b, w.start_secs()), (w, t)))
+                .map(|(b, w, t)| ((b, w.start_secs()), Entry::loaded(w, t, mono)))
                 .collect(),
+            orphans: start.orphans.into_iter().collect(),
             dirty: FxHashSet::default(),
+            seq: start.seq,
+            floor: start.floor,
+            wall_start: floor_secs(settings.clock.now()),
+            mono_start: mono,
+            dir: store.dir().to_path_buf(),
             store,
             view,
             durable,
+            health: Arc::clone(&health),
+            faulted: false,
+            reopen_at: Instant::now(),
+            backoff: REOPEN_BACKOFF.0,
             settings,
             last_expiry: Instant::now(),
             last_sweep: Instant::now(),
         };
+        let dir = worker.dir.clone();
         let thread = std::thread::Builder::new()
             .name("provider-budgets-journal".into())
             .spawn(move || worker.run(rx))?;
         Ok(Journal {
             tx,
             thread: Mutex::new(Some(thread)),
+            health,
+            dir,
         })
     }
 
-    /// Queues an event. Fails only after `stop`.
+    /// Queues an event. Fails once the thread is gone.
     #[inline]
     pub fn send(&self, event: Event) -> Result<(), Event> {
         self.tx.send(event).map_err(|e| e.0)
@@ -167,19 +276,107 @@ impl Journal {
         self.tx.clone()
     }
 
-    /// Commits everything queued, then stops the thread and waits for it.
+    pub fn health(&self) -> &StorageHealth {
+        &self.health
+    }
+
+    /// The error for a journal that is gone (stopped or dead), or `None` if it runs.
+    pub fn gone(&self) -> Option<StoreError> {
+        match self.health.stopped()? {
+            StopReason::Died(reason) => Some(StoreError::JournalStopped {
+                dir: self.dir.clone(),
+                reason,
+            }),
+            StopReason::Stopped(_) => Some(StoreError::JournalStopped {
+                dir: self.dir.clone(),
+                reason: "the limiter was shut down".into(),
+            }),
+        }
+    }
+
+    /// Waits until everything queued before is durable. Errors when it is not, including when
+    /// the thread is gone; after a normal stop, returns the final commit's result.
+    pub fn flush(&self) -> AckResult {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        if self.tx.send(Event::Flush(Ack::Blocking(tx))).is_ok() {
+            if let Ok(result) = rx.recv() {
+                return result;
+            }
+        }
+        match self.health.stopped() {
+            Some(StopReason::Stopped(result)) => result,
+            Some(StopReason::Died(reason)) => Err(StoreError::JournalStopped {
+                dir: self.dir.clone(),
+                reason,
+            }),
+            None => Err(StoreError::JournalStopped {
+                dir: self.dir.clone(),
+                reason: "the journal thread exited".into(),
+            }),
+        }
+    }
+
+    /// Commits everything queued, then stops the thread and waits for it. Returns the final
+    /// commit's result, or why the thread died.
     pub fn stop(&self) -> AckResult {
         let handle = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
         let Some(handle) = handle else {
-            return Ok(());
+            return self.flush();
         };
         let (tx, rx) = crossbeam_channel::bounded(1);
         let result = match self.tx.send(Event::Stop(Ack::Blocking(tx))) {
-            Ok(()) => rx.recv().unwrap_or(Ok(())),
-            Err(_) => Ok(()),
+            Ok(()) => rx.recv().ok(),
+            Err(_) => None,
         };
         let _ = handle.join();
-        result
+        match (result, self.health.stopped()) {
+            (Some(result), _) => {
+                self.health.set_stopped(StopReason::Stopped(result.clone()));
+                result
+            }
+            (None, Some(StopReason::Died(reason))) => Err(StoreError::JournalStopped {
+                dir: self.dir.clone(),
+                reason,
+            }),
+            (None, _) => Err(StoreError::JournalStopped {
+                dir: self.dir.clone(),
+                reason: "the journal thread exited".into(),
+            }),
+        }
+    }
+}
+
+/// Marks the journal dead when its thread unwinds.
+struct DeathGuard(Arc<StorageHealth>);
+
+impl Drop for DeathGuard {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            tracing::error!("the journal thread panicked; records are refused from now on");
+            metrics::gauge!("provider_budgets_storage_fault").set(1.0);
+            self.0
+                .set_stopped(StopReason::Died("the journal thread panicked".into()));
+        }
+    }
+}
+
+/// One own window in the journal's memory.
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    window: Window,
+    total: u64,
+    /// Monotonic time of the last record (or of the load at open): retention never deletes a
+    /// window touched within `retention` of monotonic time.
+    touched: Duration,
+}
+
+impl Entry {
+    fn loaded(window: Window, total: u64, now: Duration) -> Entry {
+        Entry {
+            window,
+            total,
+            touched: now,
+        }
     }
 }
 
@@ -187,22 +384,36 @@ struct Worker {
     store: Arc<Store>,
     view: Arc<View>,
     durable: Arc<DurableTotals>,
+    health: Arc<StorageHealth>,
     settings: JournalSettings,
+    dir: std::path::PathBuf,
     /// This node's absolute total per (budget, window start): the truth that gets written.
-    own: FxHashMap<(u32, i64), (Window, u64)>,
+    own: FxHashMap<(u32, i64), Entry>,
+    /// Stored own totals of budgets no longer configured (see [`JournalStart::orphans`]).
+    orphans: std::collections::BTreeMap<WindowKey, OwnValue>,
     /// Totals changed since their last successful flush.
     dirty: FxHashSet<(u32, i64)>,
+    /// Sequence of the last durable batch.
+    seq: u64,
+    /// See [`JournalStart::floor`].
+    floor: Option<Mark>,
+    /// Wall and monotonic time at start: the sane clock for retention.
+    wall_start: i64,
+    mono_start: Duration,
+    /// Whether the store failed and must be reopened before the next write.
+    faulted: bool,
+    reopen_at: Instant,
+    backoff: Duration,
     last_expiry: Instant,
-    /// Last full sweep of the store for ended windows (also those of budgets no longer
-    /// configured, which the in-memory map does not know).
+    /// Last sweep of the peers tree for ended windows.
     last_sweep: Instant,
 }
 
-/// How often the store is swept for ended windows even when the in-memory map saw none.
-const SWEEP: Duration = Duration::from_secs(60);
-
 impl Worker {
     fn run(mut self, rx: Receiver<Event>) {
+        // A local is dropped before the parameters when the thread unwinds: the reason is set
+        // before `rx` goes and senders see the channel disconnected.
+        let _guard = DeathGuard(Arc::clone(&self.health));
         let mut batch: Vec<Event> = Vec::new();
         loop {
             let first = match rx.recv_timeout(TICK) {
@@ -245,7 +456,9 @@ impl Worker {
     /// Applies a batch: coalesce, one sled batch, one flush, then the acks.
     fn commit(&mut self, batch: Vec<Event>) {
         let mut acks = Vec::new();
+        let mut maintain = false;
         let mut records: u64 = 0;
+        let mono = self.settings.clock.monotonic();
         for ev in batch {
             match ev {
                 Event::Add {
@@ -256,8 +469,12 @@ impl Worker {
                 } => {
                     records += 1;
                     let key = (budget, window.start_secs());
-                    let entry = self.own.entry(key).or_insert((window, 0));
-                    entry.1 = entry.1.saturating_add(amount);
+                    let entry = self
+                        .own
+                        .entry(key)
+                        .or_insert_with(|| Entry::loaded(window, 0, mono));
+                    entry.total = entry.total.saturating_add(amount);
+                    entry.touched = mono;
                     self.dirty.insert(key);
                     acks.extend(ack);
                 }
@@ -267,19 +484,30 @@ impl Worker {
                     total,
                 } => {
                     let key = (budget, window.start_secs());
-                    let entry = self.own.entry(key).or_insert((window, 0));
-                    if total > entry.1 {
-                        entry.1 = total;
+                    let entry = self
+                        .own
+                        .entry(key)
+                        .or_insert_with(|| Entry::loaded(window, 0, mono));
+                    entry.touched = mono;
+                    if total > entry.total {
+                        entry.total = total;
                         self.dirty.insert(key);
                     }
                 }
                 Event::Flush(ack) | Event::Stop(ack) => acks.push(ack),
+                Event::Maintain(ack) => {
+                    maintain = true;
+                    acks.push(ack);
+                }
+                Event::Panic => panic!("journal fault injection"),
             }
         }
-        let result = self.write_dirty();
-        if let Err(e) = &result {
-            tracing::error!(error = %e, "journal write failed; will retry");
-            metrics::counter!("provider_budgets_journal_errors_total").increment(1);
+        let mut result = self.write(&[], &[]);
+        if maintain {
+            self.idle();
+            if result.is_ok() {
+                result = self.write(&[], &[]);
+            }
         }
         for ack in acks {
             ack.send(result.clone());
@@ -289,44 +517,131 @@ impl Worker {
         }
     }
 
-    /// Writes and flushes every dirty total; on success they become durable and published.
-    fn write_dirty(&mut self) -> AckResult {
-        if self.dirty.is_empty() {
-            return Ok(());
+    /// Writes every dirty total and the given removals in one batch, flushes, writes the
+    /// high-water mark; on success the totals become durable and published. On failure the
+    /// store is marked faulted (reopened before the next attempt) and nothing is lost: the
+    /// totals stay dirty in memory.
+    fn write(&mut self, removed: &[(u32, i64)], removed_orphans: &[WindowKey]) -> AckResult {
+        if self.dirty.is_empty() && removed.is_empty() && removed_orphans.is_empty() {
+            return match (self.faulted, self.health.fault()) {
+                (true, Some(f)) => Err(self.fault_error(f)),
+                _ => Ok(()),
+            };
         }
+        let result = self.try_write(removed, removed_orphans);
+        match &result {
+            Ok(()) => {
+                if self.faulted {
+                    tracing::info!(dir = %self.dir.display(), "storage works again; every counted total is durable");
+                    self.health.set_fault(None);
+                }
+                self.faulted = false;
+                self.backoff = REOPEN_BACKOFF.0;
+            }
+            Err(e) => {
+                metrics::counter!("provider_budgets_journal_errors_total").increment(1);
+                if !self.faulted {
+                    tracing::error!(error = %e, "storage fault: spend keeps being counted in memory and is written once the disk works again");
+                }
+                self.health.set_fault(Some(e.to_string()));
+                self.faulted = true;
+            }
+        }
+        result
+    }
+
+    fn fault_error(&self, message: String) -> StoreError {
+        StoreError::Io {
+            dir: self.dir.clone(),
+            message: message
+                .strip_prefix(&format!("storage error in {}: ", self.dir.display()))
+                .unwrap_or(&message)
+                .to_owned(),
+        }
+    }
+
+    fn try_write(&mut self, removed: &[(u32, i64)], removed_orphans: &[WindowKey]) -> AckResult {
+        if self.faulted {
+            if Instant::now() < self.reopen_at {
+                let fault = self.health.fault().unwrap_or_default();
+                return Err(self.fault_error(fault));
+            }
+            self.reopen_at = Instant::now() + self.backoff;
+            self.backoff = (self.backoff * 2).min(REOPEN_BACKOFF.1);
+            // sled's I/O errors are sticky: a fresh handle, then every total again (what the
+            // failed flushes may or may not have left on disk does not matter: absolute
+            // totals).
+            self.store.reopen()?;
+            self.seq = self.seq.max(self.store.seq()?);
+            self.dirty.extend(self.own.keys().copied());
+        }
+        let started = Instant::now();
+        let seq = self.seq + 1;
         let items: Vec<(WindowKey, OwnValue)> = self
             .dirty
             .iter()
             .filter_map(|k| {
-                self.own.get(k).map(|&(w, t)| {
+                self.own.get(k).map(|e| {
                     (
-                        self.key(k.0, w),
+                        self.key(k.0, k.1),
                         OwnValue {
-                            end: w.end_secs(),
-                            total: t,
+                            end: e.window.end_secs(),
+                            total: e.total,
                         },
                     )
                 })
             })
             .collect();
-        self.store.write_own(items.iter().map(|(k, v)| (k, *v)))?;
+        let removed_keys: Vec<WindowKey> = removed
+            .iter()
+            .map(|k| self.key(k.0, k.1))
+            .chain(removed_orphans.iter().cloned())
+            .collect();
+        self.store
+            .write_own(seq, items.iter().map(|(k, v)| (k, *v)), removed_keys.iter())?;
         self.store.flush()?;
+        let mut mark = summarize(
+            seq,
+            self.own
+                .iter()
+                .filter(|(k, _)| !removed.contains(k))
+                .map(|(_, e)| e.total)
+                .chain(
+                    self.orphans
+                        .iter()
+                        .filter(|(k, _)| !removed_orphans.contains(k))
+                        .map(|(_, v)| v.total),
+                ),
+        );
+        if let Some(floor) = self.floor.filter(|f| f.sum > mark.sum) {
+            (mark.entries, mark.sum) = (floor.entries, floor.sum);
+        }
+        self.store.mark(&mark)?;
+        metrics::histogram!("provider_budgets_journal_flush_seconds")
+            .record(started.elapsed().as_secs_f64());
+        self.seq = seq;
+        for k in removed {
+            self.own.remove(k);
+        }
+        for k in removed_orphans {
+            self.orphans.remove(k);
+        }
         let published: Vec<(u32, Window, u64)> = self
             .dirty
             .drain()
-            .filter_map(|k| self.own.get(&k).map(|&(w, t)| (k.0, w, t)))
+            .filter_map(|k| self.own.get(&k).map(|e| (k.0, e.window, e.total)))
             .collect();
         self.update_gauges(published.iter().map(|p| p.0));
         self.durable.publish(published);
         Ok(())
     }
 
-    fn key(&self, budget: u32, window: Window) -> WindowKey {
+    fn key(&self, budget: u32, start: i64) -> WindowKey {
         let (provider, period) = &self.settings.keys[budget as usize];
         WindowKey {
             provider: provider.clone(),
             period: period.clone(),
-            start: window.start_secs(),
+            start,
         }
     }
 
@@ -334,26 +649,64 @@ impl Worker {
     fn idle(&mut self) {
         self.last_expiry = Instant::now();
         if !self.dirty.is_empty() {
-            if let Err(e) = self.write_dirty() {
-                tracing::warn!(error = %e, "journal retry failed");
+            if let Err(e) = self.write(&[], &[]) {
+                tracing::debug!(error = %e, "journal retry failed");
             }
         }
-        let now = floor_secs(self.settings.clock.now());
-        let retention = i64::try_from(self.settings.retention.as_secs()).unwrap_or(i64::MAX);
-        let cutoff = now.saturating_sub(retention);
-        let dirty = &self.dirty;
-        let before = self.own.len();
-        self.own
-            .retain(|k, (w, _)| w.end_secs() > cutoff || dirty.contains(k));
-        if self.own.len() != before || self.last_sweep.elapsed() >= SWEEP {
-            self.last_sweep = Instant::now();
-            self.durable.expire(cutoff);
-            self.view.prune(cutoff);
-            if let Err(e) = self.store.remove_ended(cutoff) {
-                tracing::warn!(error = %e, "could not remove expired windows");
-            }
+        if !self.faulted {
+            self.expire();
         }
         self.update_gauges(0..self.view.len() as u32);
+    }
+
+    /// Deletes the windows past retention by the sane clock (see the module doc).
+    fn expire(&mut self) {
+        let retention = self.settings.retention;
+        let retention_secs = i64::try_from(retention.as_secs()).unwrap_or(i64::MAX);
+        let wall = floor_secs(self.settings.clock.now());
+        let mono = self.settings.clock.monotonic();
+        let up = mono.saturating_sub(self.mono_start);
+        let steady = self
+            .wall_start
+            .saturating_add(i64::try_from(up.as_secs()).unwrap_or(i64::MAX));
+        let mut cutoff = wall.min(steady).saturating_sub(retention_secs);
+        // A window touched within retention (monotonic) is never deleted, whatever the clock
+        // says: lower the cutoff below it, for the view and the peers as well.
+        for e in self.own.values() {
+            if mono.saturating_sub(e.touched) < retention && e.window.end_secs() <= cutoff {
+                cutoff = e.window.end_secs() - 1;
+            }
+        }
+        let removed: Vec<(u32, i64)> = self
+            .own
+            .iter()
+            .filter(|(k, e)| e.window.end_secs() <= cutoff && !self.dirty.contains(k))
+            .map(|(k, _)| *k)
+            .collect();
+        // Orphans were loaded at open: never deleted before `retention` of uptime.
+        let removed_orphans: Vec<WindowKey> = if up >= retention {
+            self.orphans
+                .iter()
+                .filter(|(_, v)| v.end <= cutoff)
+                .map(|(k, _)| k.clone())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        if !removed.is_empty() || !removed_orphans.is_empty() {
+            if let Err(e) = self.write(&removed, &removed_orphans) {
+                tracing::warn!(error = %e, "could not remove expired windows");
+                return;
+            }
+            self.durable.remove(&removed);
+        }
+        self.view.prune(cutoff);
+        if self.last_sweep.elapsed() >= SWEEP && up >= retention {
+            self.last_sweep = Instant::now();
+            if let Err(e) = self.store.remove_peers_ended(cutoff) {
+                tracing::warn!(error = %e, "could not remove expired peers entries");
+            }
+        }
     }
 
     fn update_gauges(&self, budgets: impl IntoIterator<Item = u32>) {

@@ -61,12 +61,15 @@ mod clock;
 mod config;
 mod error;
 mod filter;
+mod health;
+mod highwater;
 mod journal;
 mod limiter;
 mod money;
 mod provider;
 #[cfg(feature = "redis")]
 mod replicate;
+mod restore;
 mod status;
 mod store;
 mod view;
@@ -78,9 +81,11 @@ pub use config::{
 };
 pub use error::{Error, RecordError};
 pub use filter::{Exceeded, NoDeployments};
+pub use health::Health;
 pub use limiter::{Limiter, Prepared};
 pub use money::{Money, MoneyError};
 pub use provider::{Deployment, Target, BUILTIN_PREFIXES};
+pub use restore::RepairReport;
 pub use status::{BudgetStatus, ReplicationStatus};
 pub use store::{fuzz_decode_value, StoreError};
 pub use window::{Period, PeriodError, Schedule, Window};

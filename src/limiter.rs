@@ -10,13 +10,15 @@ use crate::clock::{floor_secs, Clock, SystemClock};
 use crate::config::{Config, ConfigError, UnknownProvider};
 use crate::error::{Error, RecordError};
 use crate::filter::{Exceeded, Memo, NoDeployments, Slot};
-use crate::journal::{Ack, DurableTotals, Event, Journal, JournalSettings};
+use crate::health::Health;
+use crate::journal::{Ack, DurableTotals, Event, Journal, JournalSettings, StopReason};
 use crate::money::Money;
 use crate::provider::{CacheMap, Deployment, Resolution, Resolver};
+use crate::restore::{restore, RepairReport, Restored, Verify};
 use crate::status::{BudgetStatus, ReplicationStatus};
-use crate::store::{window_of, Store, StoreError};
+use crate::store::{Store, StoreError};
 use crate::view::View;
-use crate::window::{Schedule, Window};
+use crate::window::Window;
 
 /// Enforces the configured budgets. Cheap to clone (one `Arc`); share it across threads and
 /// tasks. The background threads stop when the last clone is dropped or on [`Limiter::shutdown`].
@@ -74,65 +76,51 @@ impl Limiter {
     }
 
     /// [`Limiter::open`] with another clock (tests use [`FakeClock`](crate::FakeClock)).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] for an invalid config (or no data dir), [`Error::Storage`] when the
+    /// data dir is locked, unreadable, belongs to another node id, or lost acknowledged spend
+    /// ([`StoreError::Lost`]: run `provider-budgets repair`), [`Error::Thread`] when a thread
+    /// cannot start.
     pub fn open_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<Limiter, Error> {
+        Limiter::open_verified(config, clock, Verify::Strict)
+    }
+
+    fn open_verified(
+        config: Config,
+        clock: Arc<dyn Clock>,
+        verify: Verify,
+    ) -> Result<Limiter, Error> {
         config.validate()?;
-        let dir = config.storage.dir.clone().ok_or(ConfigError::NoDataDir)?;
-        let store = Arc::new(Store::open(&dir)?);
-        let node_id = store.node_id(config.node_id.as_deref(), &generate_node_id())?;
-        let view =
-            Arc::new(View::new(config.budgets.iter().map(|b| {
-                (Schedule::new(b.period, config.window_anchor), b.limit)
-            })));
-        let keys: Vec<(String, String)> = config
-            .budgets
-            .iter()
-            .map(|b| (b.provider.clone(), b.period.to_string()))
-            .collect();
-        let budget_of = |provider: &str, period: &str| {
-            keys.iter()
-                .position(|(p, q)| p == provider && q == period)
-                .map(|i| i as u32)
-        };
-        // Totals of budgets no longer configured stay stored until their retention ends.
         #[cfg(not(feature = "redis"))]
         if config.redis.is_some() {
             return Err(Error::Replication(
                 "Redis is configured but this build has no `redis` feature".into(),
             ));
         }
-        let mut loaded = Vec::new();
-        for (key, value) in store.load_own()? {
-            if let Some(b) = budget_of(&key.provider, &key.period) {
-                loaded.push((b, window_of(&key, value.end), value.total));
-            }
-        }
-        // In bulk: one view list swap per budget, not one per window (linear in windows).
-        view.raise_own_many(loaded.iter().map(|&(b, w, t)| (b, w, Money::from_nanos(t))));
-        let peers = store.load_peers()?;
-        let mut others_loaded = Vec::new();
-        for (key, value) in &peers {
-            if let Some(b) = budget_of(&key.provider, &key.period) {
-                let others = value
-                    .nodes
-                    .iter()
-                    .filter(|(n, _)| *n != node_id)
-                    .fold(0u64, |s, (_, t)| s.saturating_add(*t));
-                others_loaded.push((b, window_of(key, value.end), Money::from_nanos(others)));
-            }
-        }
-        view.raise_others_many(others_loaded);
+        let dir = config.storage.dir.clone().ok_or(ConfigError::NoDataDir)?;
+        let store = Arc::new(Store::open(&dir)?);
+        let restored = restore(&store, &config, &generate_node_id(), verify)?;
+        let Restored {
+            node_id,
+            keys,
+            view,
+            journal: start,
+            peers,
+        } = restored;
         let durable = Arc::new(DurableTotals::default());
         let journal = Journal::start(
             Arc::clone(&store),
             Arc::clone(&view),
             Arc::clone(&durable),
             JournalSettings {
-                keys: keys.clone(),
+                keys: keys.to_vec(),
                 max_delay: config.storage.max_delay,
                 retention: config.storage.retention,
                 clock: Arc::clone(&clock),
             },
-            loaded,
+            start,
         )
         .map_err(|source| Error::Thread {
             what: "journal",
@@ -144,7 +132,7 @@ impl Limiter {
                 let r = crate::replicate::Replicator::start(crate::replicate::ReplicatorParts {
                     redis: redis.clone(),
                     node_id: node_id.clone(),
-                    keys,
+                    keys: keys.to_vec(),
                     clock: Arc::clone(&clock),
                     view: Arc::clone(&view),
                     store: Arc::clone(&store),
@@ -180,6 +168,45 @@ impl Limiter {
                 node_id,
                 closed: AtomicBool::new(false),
             }),
+        })
+    }
+
+    /// Repairs a data dir that fails to open with [`StoreError::Lost`]: opens what sled still
+    /// holds, takes back from Redis (when configured) this node's own totals that are larger
+    /// (one replication round), and compares the result with the high-water record. When
+    /// nothing acknowledged is missing any more, the record is brought up to date and the
+    /// data dir opens again. When spend is still missing, the record keeps claiming it (the
+    /// data dir keeps failing to open) unless `accept_loss` is set, which accepts the loss.
+    ///
+    /// # Errors
+    ///
+    /// Those of [`Limiter::open`] (except [`StoreError::Lost`]).
+    pub fn repair(config: Config, accept_loss: bool) -> Result<RepairReport, Error> {
+        Limiter::repair_with_clock(config, Arc::new(SystemClock), accept_loss)
+    }
+
+    /// [`Limiter::repair`] with another clock.
+    ///
+    /// # Errors
+    ///
+    /// Those of [`Limiter::open`] (except [`StoreError::Lost`]).
+    pub fn repair_with_clock(
+        config: Config,
+        clock: Arc<dyn Clock>,
+        accept_loss: bool,
+    ) -> Result<RepairReport, Error> {
+        crate::restore::repair(config, clock, accept_loss, |config, clock| {
+            let limiter = Limiter::open_verified(config, clock, Verify::Repair)?;
+            #[cfg(feature = "redis")]
+            let synced = limiter
+                .inner
+                .replicator
+                .as_ref()
+                .map(|r| r.sync().map_err(|e| e.to_string()));
+            #[cfg(not(feature = "redis"))]
+            let synced = None;
+            limiter.shutdown()?;
+            Ok(synced)
         })
     }
 
@@ -233,7 +260,7 @@ impl Limiter {
         self.check_age(provider, at)?;
         let (tx, rx) = crossbeam_channel::bounded(1);
         self.add(provider, cost, at, Some(Ack::Blocking(tx)))?;
-        rx.recv().map_err(|_| RecordError::Closed)??;
+        rx.recv().map_err(|_| self.gone())??;
         Ok(())
     }
 
@@ -245,7 +272,7 @@ impl Limiter {
     ) -> Result<(), RecordError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.add(provider, cost, self.inner.clock.now(), Some(Ack::Async(tx)))?;
-        rx.await.map_err(|_| RecordError::Closed)??;
+        rx.await.map_err(|_| self.gone())??;
         Ok(())
     }
 
@@ -299,7 +326,7 @@ impl Limiter {
                     return inner
                         .journal
                         .send(Event::Flush(ack))
-                        .map_err(|_| RecordError::Closed)
+                        .map_err(|_| self.gone())
                 }
             }
         } else {
@@ -313,7 +340,7 @@ impl Limiter {
                 amount: cost.as_nanos(),
                 ack,
             })
-            .map_err(|_| RecordError::Closed)
+            .map_err(|_| self.gone())
     }
 
     // ---- filter ------------------------------------------------------------------------------
@@ -536,25 +563,83 @@ impl Limiter {
     }
 
     /// Returns once everything recorded before is durable on disk.
+    ///
+    /// # Errors
+    ///
+    /// The storage fault that keeps it from being durable (a full disk: it is retried and
+    /// becomes durable once the disk works, without a restart), or
+    /// [`StoreError::JournalStopped`] when the journal thread died. After
+    /// [`Limiter::shutdown`], the result of the final commit.
     pub fn flush(&self) -> Result<(), StoreError> {
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        if self
-            .inner
-            .journal
-            .send(Event::Flush(Ack::Blocking(tx)))
-            .is_err()
-        {
-            return Ok(()); // stopped: the final commit already ran
-        }
-        rx.recv().unwrap_or(Ok(()))
+        self.inner.journal.flush()
     }
 
     /// Makes everything recorded durable and stops the background threads. Later records
     /// return [`RecordError::Closed`]; filter and status keep answering from memory.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Storage`] when the final commit failed (a full disk: the spend is lost with the
+    /// process, say so loudly) or the journal thread had died.
     pub fn shutdown(&self) -> Result<(), Error> {
         self.inner.closed.store(true, Ordering::Release);
         self.inner.stop()?;
         Ok(())
+    }
+
+    /// Health of storage and replication, for health checks and status pages.
+    pub fn health(&self) -> Health {
+        let journal = &self.inner.journal;
+        let stopped = journal.gone();
+        Health {
+            storage_fault: journal
+                .health()
+                .fault()
+                .or_else(|| match journal.health().stopped() {
+                    Some(StopReason::Died(reason)) => Some(reason),
+                    _ => None,
+                }),
+            journal_running: stopped.is_none(),
+            replication: self.replication_status(),
+        }
+    }
+
+    /// Runs the journal's periodic work (failed-write retries, retention) now and waits for
+    /// it. It also runs on its own every 250 ms; tests call this instead of sleeping.
+    ///
+    /// # Errors
+    ///
+    /// As [`Limiter::flush`].
+    #[doc(hidden)]
+    pub fn maintain(&self) -> Result<(), StoreError> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        if self
+            .inner
+            .journal
+            .send(Event::Maintain(Ack::Blocking(tx)))
+            .is_err()
+        {
+            return self.flush();
+        }
+        rx.recv().unwrap_or_else(|_| self.flush())
+    }
+
+    /// Fault injection for tests: makes the journal thread panic, as a bug would.
+    #[doc(hidden)]
+    pub fn inject_journal_panic(&self) {
+        let _ = self.inner.journal.send(Event::Panic);
+    }
+
+    /// The error for a record that could not be queued.
+    #[cold]
+    fn gone(&self) -> RecordError {
+        if self.inner.closed.load(Ordering::Acquire) {
+            return RecordError::Closed;
+        }
+        match self.inner.journal.gone() {
+            Some(e @ StoreError::JournalStopped { .. }) => RecordError::Storage(e),
+            _ => RecordError::Closed,
+        }
     }
 }
 

@@ -18,9 +18,11 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::RwLock;
 
 use serde::{Deserialize, Serialize};
 
+use crate::highwater::{self, Found, HighWater, Mark};
 use crate::window::Window;
 
 /// Format of every value written by this version.
@@ -40,12 +42,12 @@ pub enum StoreError {
         /// The data dir.
         dir: PathBuf,
     },
-    /// sled reported an I/O or internal error.
+    /// An I/O error (a full disk, a read-only file system, ...), or sled failed internally.
     #[error("storage error in {dir}: {message}")]
     Io {
         /// The data dir.
         dir: PathBuf,
-        /// sled's description.
+        /// What failed, one line.
         message: String,
     },
     /// A stored key or value cannot be decoded.
@@ -56,6 +58,34 @@ pub enum StoreError {
         /// The key, rendered readably.
         key: String,
         /// What is wrong with it.
+        reason: String,
+    },
+    /// Spend that was acknowledged as durable is missing from the data dir (the high-water
+    /// record is ahead of what sled returned), or the record itself is unreadable. Run
+    /// `provider-budgets repair`.
+    #[error("data dir {dir} lost acknowledged spend: {detail}; run `provider-budgets repair` (see the README's failure model)")]
+    Lost {
+        /// The data dir.
+        dir: PathBuf,
+        /// What is missing.
+        detail: String,
+    },
+    /// The data dir belongs to another node id than the one configured.
+    #[error("data dir {dir} belongs to node id {stored:?}, but node id {configured:?} is configured; a data dir keeps its node id (use a fresh data dir for a new id, or configure {stored:?})")]
+    NodeIdChanged {
+        /// The data dir.
+        dir: PathBuf,
+        /// The id kept in the data dir.
+        stored: String,
+        /// The id in the config or on the command line.
+        configured: String,
+    },
+    /// The journal thread is gone: nothing more can be made durable.
+    #[error("the journal of {dir} stopped: {reason}")]
+    JournalStopped {
+        /// The data dir.
+        dir: PathBuf,
+        /// Why (a panic message, or "shut down").
         reason: String,
     },
 }
@@ -156,61 +186,90 @@ pub fn fuzz_decode_value(raw: &[u8]) -> bool {
     decode::<OwnValue>(raw).is_ok()
         | decode::<PeersValue>(raw).is_ok()
         | WindowKey::decode("own", raw).is_ok()
+        | matches!(highwater::decode_file(raw), Found::Mark(_))
 }
 
-/// The data dir's database.
+/// Key of the journal's batch sequence in the `own` tree. A provider name is UTF-8, which never
+/// starts with `0xff`, so no window key can take it.
+const SEQ_KEY: &[u8] = b"\xffseq";
+
+/// The sled handles, replaced as a whole when the database is reopened after an I/O fault.
 #[derive(Debug)]
-pub(crate) struct Store {
-    dir: PathBuf,
+struct Handles {
     db: sled::Db,
     own: sled::Tree,
     peers: sled::Tree,
     meta: sled::Tree,
 }
 
+/// The data dir's database.
+///
+/// sled's first I/O error is sticky: once a flush failed (a full disk), every later flush of
+/// that handle fails too, even after space returns. So the handles sit behind a lock and
+/// [`Store::reopen`] replaces them; the journal then rewrites every total it holds.
+#[derive(Debug)]
+pub(crate) struct Store {
+    dir: PathBuf,
+    handles: RwLock<Option<Handles>>,
+    /// The high-water record; only the journal writes it.
+    high_water: HighWater,
+}
+
 impl Store {
     /// Opens (creating if needed) the database in `dir`.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
-        let io = |e: sled::Error| io_error(dir, e);
         std::fs::create_dir_all(dir).map_err(|e| StoreError::Io {
             dir: dir.to_path_buf(),
             message: format!("cannot create the data dir: {e}"),
         })?;
-        // sled releases its file lock only once its background threads let go of the
-        // database, a few milliseconds after the last handle is dropped (sled#1289): an open
-        // right after a drop in this process (a restart, a reload) waits that out, boundedly.
-        let deadline = std::time::Instant::now() + LOCK_WAIT;
-        let db = loop {
-            let opened = sled::Config::new()
-                .path(dir)
-                // The journal flushes after every batch; sled's own timer would only add fsyncs.
-                .flush_every_ms(None)
-                .open()
-                .map_err(io);
-            match opened {
-                Err(StoreError::Locked { .. }) if std::time::Instant::now() < deadline => {
-                    std::thread::sleep(std::time::Duration::from_millis(2));
-                }
-                other => break other?,
-            }
-        };
-        Ok(Store {
-            own: db.open_tree("own").map_err(io)?,
-            peers: db.open_tree("peers").map_err(io)?,
-            meta: db.open_tree("meta").map_err(io)?,
+        let handles = open_handles(dir)?;
+        let high_water = HighWater::open(dir).map_err(|e| StoreError::Io {
             dir: dir.to_path_buf(),
-            db,
+            message: format!("cannot open {}: {e}", highwater::FILE_NAME),
+        })?;
+        Ok(Store {
+            handles: RwLock::new(Some(handles)),
+            dir: dir.to_path_buf(),
+            high_water,
         })
+    }
+
+    /// The data dir.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Drops the sled handles and opens the database again (after an I/O fault). On failure
+    /// the store stays closed: every operation fails until a later reopen succeeds.
+    pub fn reopen(&self) -> Result<(), StoreError> {
+        let mut guard = self.handles.write().unwrap_or_else(|p| p.into_inner());
+        // Drop first: sled holds a file lock per open database.
+        drop(guard.take());
+        *guard = Some(open_handles(&self.dir)?);
+        Ok(())
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&Handles) -> Result<T, sled::Error>) -> Result<T, StoreError> {
+        let guard = self.handles.read().unwrap_or_else(|p| p.into_inner());
+        match guard.as_ref() {
+            Some(h) => f(h).map_err(|e| self.io(e)),
+            None => Err(StoreError::Io {
+                dir: self.dir.clone(),
+                message: "the database is closed after an I/O fault (reopening)".into(),
+            }),
+        }
     }
 
     fn io(&self, e: sled::Error) -> StoreError {
         io_error(&self.dir, e)
     }
 
-    /// The node id kept in the data dir; stores `proposed` when there is none yet.
-    /// A configured id that differs from the stored one replaces it: the operator said so.
+    /// The node id kept in the data dir; stores `configured` (or else `proposed`) when there
+    /// is none yet. A data dir keeps its node id: a different configured id is an error
+    /// ([`StoreError::NodeIdChanged`]), because running the dir's spend under a second id
+    /// would count it twice in the fleet (the old id's field stays in Redis).
     pub fn node_id(&self, configured: Option<&str>, proposed: &str) -> Result<String, StoreError> {
-        let stored = self.meta.get(b"node_id").map_err(|e| self.io(e))?;
+        let stored = self.with(|h| h.meta.get(b"node_id"))?;
         let stored = match stored {
             Some(raw) => {
                 Some(
@@ -225,37 +284,76 @@ impl Store {
         };
         let id = match (configured, stored) {
             (Some(c), Some(s)) if c == s => return Ok(s),
-            (Some(c), _) => c.to_string(),
+            (Some(c), Some(s)) => {
+                return Err(StoreError::NodeIdChanged {
+                    dir: self.dir.clone(),
+                    stored: s,
+                    configured: c.to_owned(),
+                })
+            }
             (None, Some(s)) => return Ok(s),
+            (Some(c), None) => c.to_string(),
             (None, None) => proposed.to_string(),
         };
-        self.meta
-            .insert(b"node_id", id.as_bytes())
-            .map_err(|e| self.io(e))?;
+        self.with(|h| h.meta.insert(b"node_id", id.as_bytes()))?;
         self.flush()?;
         Ok(id)
     }
 
     /// Every own total stored.
     pub fn load_own(&self) -> Result<Vec<(WindowKey, OwnValue)>, StoreError> {
-        load(&self.own, "own", |e| self.io(e))
+        let guard = self.handles.read().unwrap_or_else(|p| p.into_inner());
+        let h = guard.as_ref().ok_or_else(|| self.closed())?;
+        load(&h.own, "own", |e| self.io(e))
     }
 
     /// Every peers entry stored.
     pub fn load_peers(&self) -> Result<Vec<(WindowKey, PeersValue)>, StoreError> {
-        load(&self.peers, "peers", |e| self.io(e))
+        let guard = self.handles.read().unwrap_or_else(|p| p.into_inner());
+        let h = guard.as_ref().ok_or_else(|| self.closed())?;
+        load(&h.peers, "peers", |e| self.io(e))
     }
 
-    /// Writes own totals in one atomic batch (not yet flushed).
+    fn closed(&self) -> StoreError {
+        StoreError::Io {
+            dir: self.dir.clone(),
+            message: "the database is closed after an I/O fault (reopening)".into(),
+        }
+    }
+
+    /// The journal batch sequence stored with the totals (0 for a new or pre-sequence dir).
+    pub fn seq(&self) -> Result<u64, StoreError> {
+        let raw = self.with(|h| h.own.get(SEQ_KEY))?;
+        match raw {
+            None => Ok(0),
+            Some(raw) => {
+                let bytes: [u8; 8] = raw.as_ref().try_into().map_err(|_| StoreError::Corrupt {
+                    tree: "own",
+                    key: "(batch sequence)".into(),
+                    reason: format!("{} bytes, expected 8", raw.len()),
+                })?;
+                Ok(u64::from_be_bytes(bytes))
+            }
+        }
+    }
+
+    /// Writes own totals and removes ended windows in one atomic batch stamped with `seq`
+    /// (not yet flushed).
     pub fn write_own<'a>(
         &self,
+        seq: u64,
         items: impl IntoIterator<Item = (&'a WindowKey, OwnValue)>,
+        removed: impl IntoIterator<Item = &'a WindowKey>,
     ) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
         for (k, v) in items {
             batch.insert(k.encode(), encode(&v));
         }
-        self.own.apply_batch(batch).map_err(|e| self.io(e))
+        for k in removed {
+            batch.remove(k.encode());
+        }
+        batch.insert(SEQ_KEY, &seq.to_be_bytes());
+        self.with(|h| h.own.apply_batch(batch))
     }
 
     /// Writes peers entries in one atomic batch (not yet flushed).
@@ -268,42 +366,95 @@ impl Store {
         for (k, v) in items {
             batch.insert(k.encode(), encode(v));
         }
-        self.peers.apply_batch(batch).map_err(|e| self.io(e))
+        self.with(|h| h.peers.apply_batch(batch))
     }
 
-    /// Removes the windows that ended at or before `cutoff` (Unix seconds) from both trees.
-    pub fn remove_ended(&self, cutoff: i64) -> Result<usize, StoreError> {
-        let mut removed = 0;
-        for (tree, name) in [(&self.own, "own"), (&self.peers, "peers")] {
+    /// Removes peers entries that ended at or before `cutoff`. Peers are a cache: not counted
+    /// in the high-water record.
+    pub fn remove_peers_ended(&self, cutoff: i64) -> Result<usize, StoreError> {
+        self.with(|h| {
             let mut batch = sled::Batch::default();
-            for entry in tree.iter() {
-                let (k, v) = entry.map_err(|e| self.io(e))?;
-                // `end` leads both value types; a value we cannot read is kept for the
-                // operator to inspect rather than silently deleted.
-                let end = match name {
-                    "own" => decode::<OwnValue>(&v).map(|v| v.end),
-                    _ => decode::<PeersValue>(&v).map(|v| v.end),
-                };
-                if matches!(end, Ok(end) if end <= cutoff) {
+            let mut removed = 0;
+            for entry in h.peers.iter() {
+                let (k, v) = entry?;
+                if matches!(decode::<PeersValue>(&v), Ok(p) if p.end <= cutoff) {
                     batch.remove(k);
                     removed += 1;
                 }
             }
-            tree.apply_batch(batch).map_err(|e| self.io(e))?;
-        }
-        Ok(removed)
+            h.peers.apply_batch(batch)?;
+            Ok(removed)
+        })
     }
 
     /// Makes everything written so far durable (fsync).
     pub fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush().map(drop).map_err(|e| self.io(e))
+        self.with(|h| h.db.flush().map(drop))
+    }
+
+    /// Records durably (fsync) what the journal made durable, after sled's flush.
+    pub fn mark(&self, mark: &Mark) -> Result<(), StoreError> {
+        self.high_water.write(mark).map_err(|e| StoreError::Io {
+            dir: self.dir.clone(),
+            message: format!("cannot write {}: {e}", self.high_water.path().display()),
+        })
+    }
+
+    /// The high-water record as found at open (see [`crate::highwater`]).
+    pub fn read_mark(&self) -> Result<Found, StoreError> {
+        HighWater::read(&self.dir).map_err(|e| StoreError::Io {
+            dir: self.dir.clone(),
+            message: format!("cannot read {}: {e}", highwater::FILE_NAME),
+        })
     }
 
     /// Overwrites a raw value; only for tests that damage the store on purpose.
     #[cfg(test)]
     pub fn put_raw_own(&self, key: &WindowKey, raw: &[u8]) {
-        let _ = self.own.insert(key.encode(), raw);
+        let _ = self.with(|h| h.own.insert(key.encode(), raw));
     }
+}
+
+/// What the `own` tree holds, summed: compared with the high-water record.
+pub(crate) fn summarize(seq: u64, totals: impl IntoIterator<Item = u64>) -> Mark {
+    let mut mark = Mark {
+        seq,
+        entries: 0,
+        sum: 0,
+    };
+    for t in totals {
+        mark.entries += 1;
+        mark.sum += u128::from(t);
+    }
+    mark
+}
+
+fn open_handles(dir: &Path) -> Result<Handles, StoreError> {
+    let io = |e: sled::Error| io_error(dir, e);
+    // sled releases its file lock only once its background threads let go of the
+    // database, a few milliseconds after the last handle is dropped (sled#1289): an open
+    // right after a drop in this process (a restart, a reload) waits that out, boundedly.
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    let db = loop {
+        let opened = sled::Config::new()
+            .path(dir)
+            // The journal flushes after every batch; sled's own timer would only add fsyncs.
+            .flush_every_ms(None)
+            .open()
+            .map_err(io);
+        match opened {
+            Err(StoreError::Locked { .. }) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            other => break other?,
+        }
+    };
+    Ok(Handles {
+        own: db.open_tree("own").map_err(io)?,
+        peers: db.open_tree("peers").map_err(io)?,
+        meta: db.open_tree("meta").map_err(io)?,
+        db,
+    })
 }
 
 fn load<V: serde::de::DeserializeOwned>(
@@ -314,6 +465,9 @@ fn load<V: serde::de::DeserializeOwned>(
     let mut out = Vec::new();
     for entry in tree.iter() {
         let (k, v) = entry.map_err(&io)?;
+        if k.first() == Some(&0xff) {
+            continue; // reserved keys (the batch sequence)
+        }
         let key = WindowKey::decode(name, &k)?;
         let value = decode(&v).map_err(|reason| StoreError::Corrupt {
             tree: name,
@@ -325,8 +479,24 @@ fn load<V: serde::de::DeserializeOwned>(
     Ok(out)
 }
 
+/// sled's errors as one readable line (its `Corruption` renders as Debug text with a
+/// backtrace placeholder).
 fn io_error(dir: &Path, e: sled::Error) -> StoreError {
-    let message = e.to_string();
+    let message = match &e {
+        sled::Error::Io(io) if io.raw_os_error() == Some(28) => {
+            "no space left on device (ENOSPC)".to_string()
+        }
+        sled::Error::Io(io) => format!("I/O error: {io}"),
+        sled::Error::Corruption { at, .. } => match at {
+            Some(at) => {
+                format!("sled found corrupted data at {at:?} (run `provider-budgets repair`)")
+            }
+            None => "sled found corrupted data (run `provider-budgets repair`)".to_string(),
+        },
+        sled::Error::ReportableBug(m) => format!("sled internal error: {m}"),
+        sled::Error::Unsupported(m) => format!("unsupported: {m}"),
+        sled::Error::CollectionNotFound(_) => "missing tree".to_string(),
+    };
     if message.contains("could not acquire lock") {
         StoreError::Locked {
             dir: dir.to_path_buf(),
@@ -334,7 +504,7 @@ fn io_error(dir: &Path, e: sled::Error) -> StoreError {
     } else {
         StoreError::Io {
             dir: dir.to_path_buf(),
-            message,
+            message: message.split_whitespace().collect::<Vec<_>>().join(" "),
         }
     }
 }
@@ -362,22 +532,26 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let (a, b) = (key(-86_400), key(86_400));
         store
-            .write_own([
-                (
-                    &b,
-                    OwnValue {
-                        end: 172_800,
-                        total: 5,
-                    },
-                ),
-                (
-                    &a,
-                    OwnValue {
-                        end: 0,
-                        total: u64::MAX,
-                    },
-                ),
-            ])
+            .write_own(
+                1,
+                [
+                    (
+                        &b,
+                        OwnValue {
+                            end: 172_800,
+                            total: 5,
+                        },
+                    ),
+                    (
+                        &a,
+                        OwnValue {
+                            end: 0,
+                            total: u64::MAX,
+                        },
+                    ),
+                ],
+                [],
+            )
             .unwrap();
         store.flush().unwrap();
         drop(store);
@@ -386,7 +560,7 @@ mod tests {
         assert_eq!(
             all[0],
             (
-                a,
+                a.clone(),
                 OwnValue {
                     end: 0,
                     total: u64::MAX
@@ -394,8 +568,10 @@ mod tests {
             )
         );
         assert_eq!(all[1].0, b);
-        assert_eq!(store.remove_ended(0).unwrap(), 1);
+        assert_eq!(store.seq().unwrap(), 1);
+        store.write_own(2, [], [&a]).unwrap();
         assert_eq!(store.load_own().unwrap().len(), 1);
+        assert_eq!(store.seq().unwrap(), 2);
     }
 
     #[test]
@@ -431,7 +607,18 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(store.node_id(None, "n-1").unwrap(), "n-1");
         assert_eq!(store.node_id(None, "n-2").unwrap(), "n-1");
-        assert_eq!(store.node_id(Some("edge"), "n-3").unwrap(), "edge");
-        assert_eq!(store.node_id(None, "n-4").unwrap(), "edge");
+        // A data dir keeps its id: another configured id is refused, naming both.
+        let err = store.node_id(Some("edge"), "n-3").unwrap_err();
+        assert!(matches!(err, StoreError::NodeIdChanged { .. }), "{err}");
+        let text = err.to_string();
+        assert!(
+            text.contains("\"n-1\"") && text.contains("\"edge\""),
+            "{text}"
+        );
+        assert_eq!(store.node_id(Some("n-1"), "n-4").unwrap(), "n-1");
+        let other = tempfile::tempdir().unwrap();
+        let store = Store::open(other.path()).unwrap();
+        assert_eq!(store.node_id(Some("edge"), "n-5").unwrap(), "edge");
+        assert_eq!(store.node_id(None, "n-6").unwrap(), "edge");
     }
 }

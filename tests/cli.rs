@@ -440,10 +440,14 @@ fn overrides_and_an_unreachable_redis() {
         generated.as_str(),
         "node id is kept"
     );
+    // A data dir keeps its node id: another id on the command line is refused, naming both
+    // (running its spend under a second id would count it twice in the fleet).
     let run = cli.run(&["--node-id", "edge-7", "--now", NOW, "status", "--json"]);
+    run.assert_error(1, &["edge-7", &generated, "keeps its node id"]);
+    let run = cli.run(&["--node-id", &generated, "--now", NOW, "status", "--json"]);
     run.assert_ok();
     let doc: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
-    assert_eq!(doc["node_id"], "edge-7");
+    assert_eq!(doc["node_id"], generated.as_str());
 
     // Port 1 on loopback refuses at once. With the default log level, the CLI's own line is
     // the only one on stderr.
