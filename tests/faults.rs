@@ -7,6 +7,8 @@
 
 #[path = "support/cli.rs"]
 mod cli;
+#[path = "support/redis_server.rs"]
+mod redis_server;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -15,8 +17,6 @@ use std::time::{Duration, Instant};
 
 use jiff::{SignedDuration, Timestamp};
 use provider_budgets::{Clock, Config, Error, FakeClock, Limiter, Money, RecordError, StoreError};
-#[allow(unused_imports)]
-use SignedDuration as _;
 
 const YAML: &str = "\
 provider_budget_config:
@@ -260,4 +260,446 @@ fn copy_dir(from: &Path, to: &Path) {
             std::fs::copy(entry.path(), target).unwrap();
         }
     }
+}
+
+// ---- clock steps ----------------------------------------------------------------------------
+
+fn one_hour_retention(dir: &Path) -> Config {
+    let mut c = config(dir);
+    c.storage.retention = Duration::from_secs(3600);
+    c
+}
+
+/// The bug: a wall clock that stepped forward (NTP, a resumed VM) for one journal tick made
+/// retention delete the current spend from memory *and disk*; with the clock right again the
+/// spend was 0. Now a step deletes nothing, forward or back, and retention still works when
+/// time really passes.
+#[test]
+fn clock_steps_delete_nothing_and_real_time_still_expires() {
+    let dir = tempfile::tempdir().unwrap();
+    let t0 = ts("2024-06-01T12:00:00Z");
+    let clock = FakeClock::new(t0);
+    let limiter =
+        Limiter::open_with_clock(one_hour_retention(dir.path()), Arc::new(clock.clone())).unwrap();
+    let five = Money::from_nanos(5_000_000_000);
+    limiter.record_durable("openai", five).unwrap();
+    limiter.record_durable("azure", five).unwrap();
+
+    // Forward step of 30 days, several maintenance passes (what the 250 ms tick does).
+    clock.step(SignedDuration::from_hours(24 * 30));
+    for _ in 0..3 {
+        limiter.maintain().unwrap();
+    }
+    // Spend recorded on the jumped clock lands in its (wrong) window; nothing else moves.
+    limiter.record_durable("openai", five).unwrap();
+    limiter.maintain().unwrap();
+    clock.set(t0); // the clock is right again
+    limiter.maintain().unwrap();
+    assert_eq!(spend_at(&limiter, "openai", t0), 5_000_000_000);
+    assert_eq!(spend_at(&limiter, "azure", t0), 5_000_000_000);
+
+    // Backward step: nothing lost either, and records land where the clock says.
+    clock.step(SignedDuration::from_hours(-24 * 30));
+    limiter.record_durable("azure", five).unwrap();
+    limiter.maintain().unwrap();
+    clock.set(t0);
+    limiter.maintain().unwrap();
+    drop(limiter);
+    let limiter = reopen_with(one_hour_retention(dir.path()), &clock);
+    assert_eq!(spend_at(&limiter, "openai", t0), 5_000_000_000);
+    assert_eq!(spend_at(&limiter, "azure", t0), 5_000_000_000);
+    assert_eq!(
+        spend_at(&limiter, "azure", t0 - SignedDuration::from_hours(24 * 30)),
+        5_000_000_000
+    );
+
+    // Time that really passes (wall and monotonic) still expires ended windows: the azure
+    // window of t0 (1h) ends at 13:00, plus 1 h retention, and no record touched it since.
+    clock.advance(SignedDuration::from_hours(3));
+    limiter.maintain().unwrap();
+    let azure_windows: Vec<i64> = limiter
+        .windows("azure")
+        .iter()
+        .map(|(w, _)| w.start().as_second())
+        .collect();
+    assert!(
+        !azure_windows.contains(&t0.as_second()),
+        "the ended window was not expired: {azure_windows:?}"
+    );
+    // The current 1d openai window is kept, and its spend with it.
+    assert_eq!(spend_at(&limiter, "openai", t0), 5_000_000_000);
+    drop(limiter);
+    let limiter = reopen_with(one_hour_retention(dir.path()), &clock);
+    assert_eq!(spend_at(&limiter, "azure", t0), 0, "expired on disk too");
+    assert_eq!(spend_at(&limiter, "openai", t0), 5_000_000_000);
+}
+
+/// A window that received a record within the retention (monotonic time) is never deleted,
+/// even when the wall clock says it ended long ago (a backward step then a record into the
+/// then-current window, then the clock right again).
+#[test]
+fn a_window_touched_within_retention_is_kept_whatever_the_wall_clock() {
+    let dir = tempfile::tempdir().unwrap();
+    let t0 = ts("2024-06-01T12:00:00Z");
+    let clock = FakeClock::new(t0);
+    let limiter =
+        Limiter::open_with_clock(one_hour_retention(dir.path()), Arc::new(clock.clone())).unwrap();
+    clock.step(SignedDuration::from_hours(-48));
+    let two = Money::from_nanos(2_000_000_000);
+    limiter.record_durable("azure", two).unwrap();
+    clock.set(t0);
+    // Only 30 real minutes pass: the window (ended ~47 h ago by the wall) stays.
+    clock.advance(SignedDuration::from_mins(30));
+    limiter.maintain().unwrap();
+    let past = t0 - SignedDuration::from_hours(48);
+    assert_eq!(spend_at(&limiter, "azure", past), 2_000_000_000);
+    // Once the retention has passed in real time too, it goes.
+    clock.advance(SignedDuration::from_mins(31));
+    limiter.maintain().unwrap();
+    assert_eq!(spend_at(&limiter, "azure", past), 0);
+}
+
+/// The CLI with a wrong `--now` (a one-shot process on a jumped clock) deletes nothing: the
+/// spend is there when the clock is right again.
+#[test]
+fn cli_now_far_ahead_deletes_nothing() {
+    let cli = cli::Cli::new(YAML);
+    let now = "2024-06-01T12:00:00Z";
+    cli.run(&["--now", now, "record", "openai", "3.25", "--durable"])
+        .assert_ok();
+    for ahead in ["2024-07-15T00:00:00Z", "2031-01-01T00:00:00Z"] {
+        cli.run(&["--now", ahead, "status", "--json"]).assert_ok();
+        cli.run(&["--now", ahead, "record", "azure", "1"])
+            .assert_ok();
+    }
+    cli.run(&["--now", "2020-01-01T00:00:00Z", "record", "azure", "1"])
+        .assert_ok();
+    assert_eq!(cli.spend_nanos(now, "openai"), 3_250_000_000);
+}
+
+fn reopen_with(config: Config, clock: &FakeClock) -> Limiter {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match Limiter::open_with_clock(config.clone(), Arc::new(clock.clone())) {
+            Ok(l) => return l,
+            Err(Error::Storage(StoreError::Locked { .. })) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            Err(e) => panic!("reopen: {e}"),
+        }
+    }
+}
+
+// ---- node id, journal death -----------------------------------------------------------------
+
+/// The bug: reopening a data dir under another node id double-counted its spend in the fleet
+/// (the old field stayed in Redis, the new one repeated it). Now it is an error naming both.
+#[test]
+fn a_data_dir_keeps_its_node_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = FakeClock::new(ts("2024-06-01T12:00:00Z"));
+    let mut c = config(dir.path());
+    c.node_id = Some("edge-1".into());
+    let l = Limiter::open_with_clock(c.clone(), Arc::new(clock.clone())).unwrap();
+    l.record_durable("openai", Money::from_nanos(7)).unwrap();
+    drop(l);
+    let mut renamed = c.clone();
+    renamed.node_id = Some("edge-2".into());
+    let err = loop {
+        match Limiter::open_with_clock(renamed.clone(), Arc::new(clock.clone())) {
+            Err(Error::Storage(StoreError::Locked { .. })) => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            other => break other.unwrap_err(),
+        }
+    };
+    assert!(
+        matches!(err, Error::Storage(StoreError::NodeIdChanged { .. })),
+        "{err}"
+    );
+    let text = err.to_string();
+    assert!(text.contains("edge-1") && text.contains("edge-2"), "{text}");
+    // Without an id, or with the same one, it opens with its id.
+    let l = reopen_with(config(dir.path()), &clock);
+    assert_eq!(l.node_id(), "edge-1");
+}
+
+/// The bug: `flush()` and `shutdown()` answered `Ok` when the journal thread had died, so a
+/// caller believed unflushed spend was durable. Now both fail, records are refused with the
+/// reason, and health shows it.
+#[test]
+fn a_dead_journal_is_reported_not_hidden() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = FakeClock::new(ts("2024-06-01T12:00:00Z"));
+    let limiter = open(dir.path(), &clock);
+    limiter
+        .record_durable("openai", Money::from_nanos(1))
+        .unwrap();
+    limiter.inject_journal_panic();
+    wait_for(10, "the journal to die", || {
+        !limiter.health().journal_running
+    });
+    let err = limiter.flush().unwrap_err();
+    assert!(matches!(err, StoreError::JournalStopped { .. }), "{err}");
+    assert!(err.to_string().contains("panicked"), "{err}");
+    let err = limiter.record("openai", Money::from_nanos(1)).unwrap_err();
+    assert!(
+        matches!(err, RecordError::Storage(StoreError::JournalStopped { .. })),
+        "{err}"
+    );
+    assert!(limiter
+        .record_durable("openai", Money::from_nanos(1))
+        .is_err());
+    assert!(!limiter.health().storage_ok());
+    assert!(
+        limiter.shutdown().is_err(),
+        "shutdown must report the dead journal"
+    );
+}
+
+// ---- media corruption ------------------------------------------------------------------------
+
+/// How an open of a damaged copy ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Outcome {
+    /// Opened with every acknowledged total.
+    Exact,
+    /// Refused: acknowledged spend is missing (the high-water check).
+    Lost,
+    /// Refused by sled or a decoding check, with a one-line error.
+    Refused,
+}
+
+/// Makes a data dir whose sled log holds many acknowledged batches (one process, `ingest
+/// --durable`: one batch and fsync per line); returns the config file and the totals.
+fn many_batches(cli: &cli::Cli) -> (u64, u64) {
+    let mut lines = String::new();
+    let (mut openai, mut azure) = (0, 0);
+    for i in 0..300u64 {
+        let nanos = 1_000_000 + i;
+        let cost = Money::from_nanos(nanos);
+        if i % 3 == 0 {
+            lines.push_str(&format!("azure {cost}\n"));
+            azure += nanos;
+        } else {
+            lines.push_str(&format!("openai {cost}\n"));
+            openai += nanos;
+        }
+    }
+    let mut child = cli
+        .cmd(&["--now", NOW, "ingest", "--durable"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(lines.as_bytes()).unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ok 300"));
+    (openai, azure)
+}
+
+const NOW: &str = "2024-06-01T12:00:00Z";
+
+fn sled_log(dir: &Path) -> PathBuf {
+    // sled 0.34 keeps its log segments in the file `db`.
+    let path = dir.join("db");
+    assert!(path.exists(), "no sled log at {}", path.display());
+    path
+}
+
+fn open_damaged(dir: &Path, clock: &FakeClock, want: (u64, u64)) -> Outcome {
+    match Limiter::open_with_clock(config(dir), Arc::new(clock.clone())) {
+        Ok(l) => {
+            let got = (
+                spend_at(&l, "openai", clock.now()),
+                spend_at(&l, "azure", clock.now()),
+            );
+            assert_eq!(
+                got, want,
+                "BUG: a damaged data dir opened with acknowledged spend missing"
+            );
+            Outcome::Exact
+        }
+        Err(e) => {
+            let text = e.to_string();
+            assert!(!text.contains('\n'), "{text}");
+            assert!(!text.contains("backtrace"), "{text}");
+            match e {
+                Error::Storage(StoreError::Lost { .. }) => {
+                    assert!(text.contains(&dir.display().to_string()), "{text}");
+                    assert!(text.contains("repair"), "{text}");
+                    Outcome::Lost
+                }
+                Error::Storage(_) => Outcome::Refused,
+                other => panic!("unexpected error {other}"),
+            }
+        }
+    }
+}
+
+/// The bug: one flipped byte in the middle of sled's log opened with exit 0 and part of the
+/// acknowledged spend gone (sled truncates its log at the first bad message). Now every
+/// damaged copy either opens with every acknowledged total or is refused, loudly; `repair`
+/// is the way out.
+#[test]
+fn a_flipped_byte_in_sleds_log_never_loses_spend_silently() {
+    let cli = cli::Cli::new(YAML);
+    let clock = FakeClock::new(ts(NOW));
+    let want = many_batches(&cli);
+    let len = std::fs::metadata(sled_log(&cli.data)).unwrap().len();
+    let mut outcomes = Vec::new();
+    let mut damaged = None;
+    for tenth in 1..10u64 {
+        let copy = tempfile::tempdir().unwrap();
+        copy_dir(&cli.data, copy.path());
+        let log = sled_log(copy.path());
+        let mut bytes = std::fs::read(&log).unwrap();
+        let at = (len * tenth / 10) as usize;
+        bytes[at] ^= 0x5a;
+        std::fs::write(&log, &bytes).unwrap();
+        let outcome = open_damaged(copy.path(), &clock, want);
+        if outcome == Outcome::Lost && damaged.is_none() {
+            damaged = Some(copy);
+        }
+        outcomes.push((tenth, outcome));
+    }
+    let damaged =
+        damaged.unwrap_or_else(|| panic!("no trial exercised the high-water check: {outcomes:?}"));
+
+    // The CLI says the same in one line, and `repair` is the way out.
+    let run = |args: &[&str]| {
+        let mut c = cli::bare_cmd();
+        c.arg("--config")
+            .arg(&cli.config)
+            .arg("--data-dir")
+            .arg(damaged.path());
+        c.args(args);
+        cli::Run::of(c.output().unwrap())
+    };
+    run(&["--now", NOW, "status"]).assert_error(1, &["lost acknowledged spend", "repair"]);
+    // Without Redis nothing can bring the spend back: repair says what is missing, exit 1,
+    // and the data dir still refuses to open.
+    run(&["--now", NOW, "repair"]).assert_error(1, &["still missing", "--accept-loss"]);
+    run(&["--now", NOW, "status"]).assert_error(1, &["lost acknowledged spend"]);
+    let accepted = run(&["--now", NOW, "repair", "--accept-loss"]);
+    accepted.assert_ok();
+    assert!(
+        accepted.stdout.contains("accepted the loss"),
+        "{accepted:?}"
+    );
+    let after = run(&["--now", NOW, "status", "--json"]);
+    after.assert_ok();
+    // It records again, and a reopen after that is clean.
+    run(&["--now", NOW, "record", "openai", "1", "--durable"]).assert_ok();
+    run(&["--now", NOW, "status"]).assert_ok();
+}
+
+/// An unreadable high-water record (both slots damaged) is refused at open, and `repair`
+/// rewrites it from what is stored when nothing is missing.
+#[test]
+fn a_damaged_high_water_record_is_refused_then_repaired() {
+    let cli = cli::Cli::new(YAML);
+    cli.run(&["--now", NOW, "record", "openai", "2.5", "--durable"])
+        .assert_ok();
+    let hw = cli.data.join("provider-budgets.hw");
+    let mut bytes = std::fs::read(&hw).unwrap();
+    for b in bytes.iter_mut() {
+        *b ^= 0xff;
+    }
+    std::fs::write(&hw, &bytes).unwrap();
+    cli.run(&["--now", NOW, "status"])
+        .assert_error(1, &["high-water record", "unreadable"]);
+    let r = cli.run(&["--now", NOW, "repair"]);
+    r.assert_ok();
+    assert!(r.stdout.contains("unreadable"), "{r:?}");
+    assert_eq!(cli.spend_nanos(NOW, "openai"), 2_500_000_000);
+}
+
+/// With Redis, `repair` takes this node's own totals back from its fields and the data dir is
+/// whole again: nothing acknowledged and replicated is lost to a damaged disk.
+#[test]
+fn repair_takes_back_from_redis_what_the_disk_lost() {
+    let Some(server) = redis_server::RedisServer::start() else {
+        return;
+    };
+    // Near-real time: Redis expires keys by its own clock.
+    let now = Timestamp::now().as_second().to_string();
+    let cli = cli::Cli::new(YAML);
+    let url = server.url();
+    let lines: String = (0..200u64)
+        .map(|i| format!("openai {}\n", Money::from_nanos((i % 10 + 1) * 10_000_000)))
+        .collect();
+    let want: u64 = (0..200u64).map(|i| (i % 10 + 1) * 10_000_000).sum();
+    let mut child = cli
+        .cmd(&["--redis", &url, "--now", &now, "ingest", "--durable"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(lines.as_bytes())
+            .unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    // Copies as the crash left them (an open rewrites sled's snapshot, after which most of
+    // the log is superseded pages).
+    let copies: Vec<tempfile::TempDir> = (0..9)
+        .map(|_| {
+            let copy = tempfile::tempdir().unwrap();
+            copy_dir(&cli.data, copy.path());
+            copy
+        })
+        .collect();
+    // The last round at exit shipped the whole total.
+    assert_eq!(cli.spend_nanos(&now, "openai"), want);
+
+    // Flip one byte at tenths of the log until a copy loses acknowledged spend (a flip in a
+    // page that a later write superseded is harmless, and opens exact).
+    let damaged = copies
+        .into_iter()
+        .zip(1..10u64)
+        .find_map(|(copy, tenth)| {
+            let log = sled_log(copy.path());
+            let mut bytes = std::fs::read(&log).unwrap();
+            let at = bytes.len() * tenth as usize / 10;
+            bytes[at] ^= 0x5a;
+            std::fs::write(&log, &bytes).unwrap();
+            let mut c = cli::bare_cmd();
+            c.arg("--config")
+                .arg(&cli.config)
+                .arg("--data-dir")
+                .arg(copy.path());
+            c.args(["--now", &now, "status"]);
+            let r = cli::Run::of(c.output().unwrap());
+            if r.code == Some(0) {
+                assert!(r.stdout.contains("openai"), "{r:?}");
+                return None;
+            }
+            r.assert_error(1, &["lost acknowledged spend"]);
+            Some(copy)
+        })
+        .expect("no flipped byte made the data dir lose spend");
+    let cli = cli::Cli {
+        tmp: tempfile::tempdir().unwrap(),
+        config: cli.config.clone(),
+        data: damaged.path().to_path_buf(),
+    };
+    let r = cli.run(&["--redis", &url, "--now", &now, "repair"]);
+    r.assert_ok();
+    assert!(
+        r.stdout.contains("nothing acknowledged is missing"),
+        "{r:?}"
+    );
+    assert_eq!(cli.spend_nanos(&now, "openai"), want);
 }
