@@ -71,6 +71,10 @@ impl Drop for Inner {
 impl Limiter {
     /// Opens the data dir of `config.storage.dir`, restores the stored totals and starts the
     /// journal (and the replicator when Redis is configured).
+    ///
+    /// # Errors
+    ///
+    /// As [`Limiter::open_with_clock`].
     pub fn open(config: Config) -> Result<Limiter, Error> {
         Limiter::open_with_clock(config, Arc::new(SystemClock))
     }
@@ -230,6 +234,11 @@ impl Limiter {
     /// Counts `cost` against `provider`'s budget now. Returns at once: the journal makes it
     /// durable within `storage.max_delay`.
     #[inline]
+    ///
+    /// # Errors
+    ///
+    /// [`RecordError::NoBudget`] when the provider has no budget (nothing counted),
+    /// [`RecordError::Closed`] after shutdown, [`RecordError::Storage`] when the journal died.
     pub fn record(&self, provider: &str, cost: Money) -> Result<(), RecordError> {
         // "Now" is never past retention: skip `record_at`'s age check (a second clock read).
         self.add(provider, cost, self.inner.clock.now(), None)
@@ -238,6 +247,11 @@ impl Limiter {
     /// Counts `cost` in the window of `at` (e.g. the time the request was made).
     /// Fails with [`RecordError::Expired`] when that window ended more than
     /// `storage.retention` ago.
+    ///
+    /// # Errors
+    ///
+    /// As [`Limiter::record`], and [`RecordError::Expired`] when the window of `at` ended
+    /// more than `storage.retention` ago.
     pub fn record_at(&self, provider: &str, cost: Money, at: Timestamp) -> Result<(), RecordError> {
         self.check_age(provider, at)?;
         self.add(provider, cost, at, None)
@@ -246,11 +260,20 @@ impl Limiter {
     /// Counts `cost` now and returns once it is durable on disk (group commit: concurrent
     /// callers share one fsync). Blocks the thread; from async code use
     /// [`Limiter::record_durable_async`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Limiter::record`], and [`RecordError::Storage`] when the record is counted but
+    /// its fsync failed (a full disk): it stays counted in memory and is retried.
     pub fn record_durable(&self, provider: &str, cost: Money) -> Result<(), RecordError> {
         self.record_durable_at(provider, cost, self.inner.clock.now())
     }
 
     /// [`Limiter::record_durable`] in the window of `at`.
+    ///
+    /// # Errors
+    ///
+    /// As [`Limiter::record_durable`] and [`Limiter::record_at`].
     pub fn record_durable_at(
         &self,
         provider: &str,
@@ -265,6 +288,10 @@ impl Limiter {
     }
 
     /// [`Limiter::record_durable`] for async code: awaits the fsync without blocking a worker.
+    ///
+    /// # Errors
+    ///
+    /// As [`Limiter::record_durable`].
     pub async fn record_durable_async(
         &self,
         provider: &str,
@@ -348,6 +375,11 @@ impl Limiter {
     /// The deployments whose provider may still spend, in their order. Providers without a
     /// budget pass; unresolvable ones follow `unknown_provider`. An empty input gives an empty
     /// result; a non-empty input with nothing left gives [`NoDeployments`].
+    ///
+    /// # Errors
+    ///
+    /// [`NoDeployments`] when the input is not empty and no deployment is left (each
+    /// exceeded budget and unresolvable deployment listed).
     pub fn filter<'a, D: Deployment>(
         &self,
         deployments: &'a [D],
@@ -371,6 +403,10 @@ impl Limiter {
 
     /// [`Limiter::filter`] that removes the dropped deployments from `deployments` (no
     /// allocation). On [`NoDeployments`] the vector is left unchanged.
+    ///
+    /// # Errors
+    ///
+    /// As [`Limiter::filter`].
     pub fn filter_in_place<D: Deployment>(
         &self,
         deployments: &mut Vec<D>,
@@ -550,6 +586,11 @@ impl Limiter {
 
     /// One replication round now: ships this node's durable totals to Redis and reads the
     /// others' (the CLI's `sync`). Fails when no Redis is configured or it cannot be reached.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Replication`] when no Redis is configured or the round failed;
+    /// [`Error::Storage`] when the flush before it failed.
     pub fn sync(&self) -> Result<(), Error> {
         #[cfg(feature = "redis")]
         if let Some(r) = &self.inner.replicator {
@@ -665,6 +706,10 @@ impl Prepared {
     /// Writes the indices of the usable deployments into `out` (cleared first; reuse it to
     /// avoid allocating).
     #[inline]
+    ///
+    /// # Errors
+    ///
+    /// [`NoDeployments`] when no deployment is left (`out` is then empty).
     pub fn filter_into(&self, out: &mut Vec<usize>) -> Result<(), NoDeployments> {
         out.clear();
         let now = floor_secs(self.limiter.inner.clock.now());
@@ -684,6 +729,10 @@ impl Prepared {
     }
 
     /// The indices of the usable deployments.
+    ///
+    /// # Errors
+    ///
+    /// As [`Prepared::filter_into`].
     pub fn filter(&self) -> Result<Vec<usize>, NoDeployments> {
         let mut out = Vec::with_capacity(self.slots.len());
         self.filter_into(&mut out)?;

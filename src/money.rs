@@ -53,6 +53,10 @@ impl Money {
     /// Converts a cost in US dollars, rounding to the nearest nano-dollar.
     ///
     /// Rejects NaN, infinities, negatives and amounts too large to represent. `-0.0` is zero.
+    ///
+    /// # Errors
+    ///
+    /// [`MoneyError`] for NaN, infinity, a negative value or one too large to represent.
     pub fn from_usd(usd: f64) -> Result<Money, MoneyError> {
         if !usd.is_finite() {
             return Err(MoneyError::NotFinite(usd.to_string()));
@@ -71,6 +75,10 @@ impl Money {
     /// Converts a budget limit in US dollars: like [`Money::from_usd`], except that a positive
     /// limit smaller than one nano-dollar becomes one nano-dollar instead of zero (a zero limit
     /// would mean "always exhausted", which a tiny positive limit does not).
+    ///
+    /// # Errors
+    ///
+    /// As [`Money::from_usd`].
     pub fn limit_from_usd(usd: f64) -> Result<Money, MoneyError> {
         let m = Money::from_usd(usd)?;
         if m.0 == 0 && usd > 0.0 {
