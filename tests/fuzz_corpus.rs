@@ -1,6 +1,7 @@
-//! Replays the committed fuzz corpus (`fuzz/corpus/<target>/`) through the very checks the
-//! cargo-fuzz targets run (`fuzz/src/lib.rs`, included below), so that plain `cargo test` on
-//! the stable toolchain guards:
+//! Replays the committed fuzz corpus (`tests/corpus/<target>/`) through the very checks the
+//! cargo-fuzz targets run (`tests/support/fuzz_checks.rs`, which is also the fuzz crate's
+//! library), so that plain `cargo test` on the stable toolchain guards (both live in the main
+//! package, so the published crate's tests build and pass too):
 //!
 //! * the parsers fuzzed by `fuzz/` — `parse_duration`, `Period` and `Money` from text,
 //!   `Config::from_yaml_str` / `from_toml_str`, and the stored-value decoding behind
@@ -15,7 +16,7 @@
 //! It does not replace fuzzing (`cargo fuzz run -s none <target>`, see `.ci/run`); it makes
 //! the corpus a regression test.
 
-#[path = "../fuzz/src/lib.rs"]
+#[path = "support/fuzz_checks.rs"]
 mod checks;
 
 use std::path::{Path, PathBuf};
@@ -27,7 +28,7 @@ use provider_budgets::{fuzz_decode_value, Config, FakeClock, Limiter, Money};
 
 fn corpus_dir(target: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fuzz/corpus")
+        .join("tests/corpus")
         .join(target)
 }
 
