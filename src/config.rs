@@ -24,6 +24,22 @@
 //!
 //! Durations are humantime strings (`2ms`, `1s`, `1h 30m`). Budget periods use litellm's
 //! notation, see [`Period`].
+//!
+//! Decisions that keep a file from silently meaning something else:
+//!
+//! * A key given twice in `provider_budget_config` (at either place) or in
+//!   `provider_budgets.model_providers` is an error naming the key (YAML parsers keep the last
+//!   one; TOML refuses duplicates itself). A field given twice is an error too.
+//! * A value written exactly as `os.environ/NAME` is replaced by the environment variable `NAME`,
+//!   as litellm's proxy does, in every value we read (not in keys, and not in the litellm keys we
+//!   ignore). A variable that is unset or empty is an error naming the key path and the variable;
+//!   errors about such a value quote `os.environ/NAME`, never the variable's content (it may be a
+//!   secret, e.g. a Redis URL with a password).
+//! * `provider_budgets.redis.url` may be left out of the file when the URL comes from elsewhere
+//!   (the CLI's `--redis`); the parsed [`RedisConfig::url`] is then empty and
+//!   [`Limiter::open`](crate::Limiter::open) refuses it with [`ConfigError::NoRedisUrl`].
+//! * Every error is one line naming the key path once; URLs in it have their password replaced
+//!   by `***`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -71,7 +87,9 @@ impl Default for StorageConfig {
 /// Fleet replication through Redis (used by the `redis` feature).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RedisConfig {
-    /// `redis://host:port/db` (or `rediss://`).
+    /// `redis://host:port/db` (or `rediss://`). Empty when a file's `redis` section leaves the
+    /// URL to the command line: opening a limiter with an empty URL is
+    /// [`ConfigError::NoRedisUrl`].
     pub url: String,
     /// Prefix of every key, so several fleets can share one Redis. Default `provider_budgets`.
     pub prefix: String,
@@ -177,10 +195,9 @@ pub enum ConfigError {
         /// Why it is refused (names the value).
         source: PeriodError,
     },
-    /// A provider name cannot be stored (empty, or contains NUL or a `:`/`{`/`}`).
-    #[error(
-        "config: provider name {0:?} is not allowed (empty, or contains NUL, ':', '{{' or '}}')"
-    )]
+    /// A provider name cannot be stored or can never match a deployment: empty, or containing
+    /// `/`, `:`, `{`, `}`, whitespace or a control character (NUL included).
+    #[error("config: provider name {0:?} is not allowed: {problem}", problem = provider_name_problem(.0))]
     ProviderName(String),
     /// The same provider has two budgets.
     #[error("config: provider {0:?} has more than one budget")]
@@ -199,6 +216,9 @@ pub enum ConfigError {
         /// What is wrong.
         message: String,
     },
+    /// A `redis` section without a URL, and none given otherwise (the CLI's `--redis`).
+    #[error("config: provider_budgets.redis.url is not set (set it in the config file or pass --redis URL)")]
+    NoRedisUrl,
     /// No storage dir: the limiter is durable and needs one.
     #[error("config: no data dir (set provider_budgets.storage.dir or pass --data-dir)")]
     NoDataDir,
@@ -253,27 +273,51 @@ impl Config {
         }
     }
 
-    /// Parses YAML (a litellm proxy config works as it is).
+    /// Parses YAML (a litellm proxy config works as it is). `os.environ/NAME` values are read
+    /// from this process's environment.
     pub fn from_yaml_str(text: &str) -> Result<Config, ConfigError> {
+        Config::from_yaml_str_with_env(text, env_var)
+    }
+
+    /// [`Config::from_yaml_str`] with `os.environ/NAME` values looked up by `env` instead of in
+    /// the process environment (tests, or a caller with its own secret store).
+    pub fn from_yaml_str_with_env(
+        text: &str,
+        env: impl Fn(&str) -> Option<String> + 'static,
+    ) -> Result<Config, ConfigError> {
         if text.trim().is_empty() {
             return Config::from_raw(RawDocument::default());
         }
-        let de = serde_yaml_ng::Deserializer::from_str(text);
-        let raw: RawDocument = serde_path_to_error::deserialize(de).map_err(syntax)?;
+        let raw: RawDocument = with_env(env, || {
+            let de = serde_yaml_ng::Deserializer::from_str(text);
+            serde_path_to_error::deserialize(de).map_err(syntax)
+        })?;
         Config::from_raw(raw)
     }
 
-    /// Parses TOML.
+    /// Parses TOML. `os.environ/NAME` values are read from this process's environment.
     pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml_str_with_env(text, env_var)
+    }
+
+    /// [`Config::from_toml_str`] with `os.environ/NAME` values looked up by `env`.
+    pub fn from_toml_str_with_env(
+        text: &str,
+        env: impl Fn(&str) -> Option<String> + 'static,
+    ) -> Result<Config, ConfigError> {
         let de = toml::Deserializer::parse(text).map_err(|e| ConfigError::Syntax {
             path: "(document)".into(),
-            message: one_line(&e.to_string()),
+            message: redact_urls(&one_line(&e.to_string())),
         })?;
-        let raw: RawDocument = serde_path_to_error::deserialize(de).map_err(syntax)?;
+        let raw: RawDocument =
+            with_env(env, || serde_path_to_error::deserialize(de).map_err(syntax))?;
         Config::from_raw(raw)
     }
 
     /// Checks what the type system cannot: provider names, duplicates, node id, ranges.
+    ///
+    /// An empty Redis URL passes here (a file may leave it to the command line); opening a
+    /// limiter with it is [`ConfigError::NoRedisUrl`].
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut seen = std::collections::HashSet::new();
         for b in &self.budgets {
@@ -292,7 +336,15 @@ impl Config {
                     message: format!("empty prefix for provider {provider:?}"),
                 });
             }
-            check_provider_name(provider)?;
+            if check_provider_name(provider).is_err() {
+                return Err(ConfigError::Invalid {
+                    key: "provider_budgets.model_providers",
+                    message: format!(
+                        "prefix {prefix:?}: provider name {provider:?} is not allowed: {}",
+                        provider_name_problem(provider)
+                    ),
+                });
+            }
         }
         if let Some(r) = &self.redis {
             if r.sync_interval.is_zero() {
@@ -316,7 +368,7 @@ impl Config {
         let nested = raw.router_settings.and_then(|r| r.provider_budget_config);
         let block = match (raw.provider_budget_config, nested) {
             (Some(_), Some(_)) => return Err(ConfigError::TwoBudgetBlocks),
-            (Some(b), None) | (None, Some(b)) => b,
+            (Some(b), None) | (None, Some(b)) => b.0,
             (None, None) => BTreeMap::new(),
         };
         let mut budgets = Vec::with_capacity(block.len());
@@ -328,14 +380,14 @@ impl Config {
         let mut config = Config {
             budgets,
             storage: StorageConfig {
-                dir: storage.dir,
+                dir: storage.dir.map(|d| PathBuf::from(d.value)),
                 max_delay: storage.max_delay.map_or(defaults.max_delay, |d| d.0),
                 retention: storage.retention.map_or(defaults.retention, |d| d.0),
             },
             redis: own.redis.map(|r| {
-                let d = RedisConfig::new(r.url);
+                let d = RedisConfig::new(r.url.map(|u| u.value).unwrap_or_default());
                 RedisConfig {
-                    prefix: r.prefix.unwrap_or(d.prefix),
+                    prefix: r.prefix.map_or(d.prefix, |p| p.value),
                     sync_interval: r.sync_interval.map_or(d.sync_interval, |x| x.0),
                     grace: r.grace.map_or(d.grace, |x| x.0),
                     connect_timeout: r.connect_timeout.map_or(d.connect_timeout, |x| x.0),
@@ -343,13 +395,15 @@ impl Config {
                     url: d.url,
                 }
             }),
-            node_id: own.node_id,
-            window_anchor: own.window_anchor.unwrap_or(Timestamp::UNIX_EPOCH),
-            unknown_provider: own.unknown_provider.unwrap_or_default(),
+            node_id: own.node_id.map(|n| n.value),
+            window_anchor: own.window_anchor.map_or(Timestamp::UNIX_EPOCH, |a| a.0),
+            unknown_provider: own.unknown_provider.map(|u| u.0).unwrap_or_default(),
             model_providers: own
                 .model_providers
+                .map(|m| m.0)
                 .unwrap_or_default()
                 .into_iter()
+                .map(|(prefix, provider)| (prefix, provider.value))
                 .collect(),
         };
         config.budgets.sort_by(|a, b| a.provider.cmp(&b.provider));
@@ -358,12 +412,36 @@ impl Config {
     }
 }
 
-/// Provider names become storage and Redis key parts: keep them unambiguous there.
+/// Provider names become storage and Redis key parts, and are matched against deployment
+/// names (`provider/model`) and `ingest` fields (split at whitespace): keep them unambiguous
+/// there and able to match at all.
 pub(crate) fn check_provider_name(name: &str) -> Result<(), ConfigError> {
-    if name.is_empty() || name.contains(['\0', ':', '{', '}']) {
+    if provider_name_fault(name).is_some() {
         return Err(ConfigError::ProviderName(name.to_owned()));
     }
     Ok(())
+}
+
+/// What is wrong with a provider name, if anything.
+fn provider_name_fault(name: &str) -> Option<String> {
+    if name.is_empty() {
+        return Some("it is empty".into());
+    }
+    let bad = name
+        .chars()
+        .find(|&c| matches!(c, '/' | ':' | '{' | '}') || c.is_whitespace() || c.is_control())?;
+    let what = match bad {
+        '/' => "'/' (it separates provider and model in a deployment name)".to_owned(),
+        ':' | '{' | '}' => format!("{bad:?} (it is a storage and Redis key separator)"),
+        c if c.is_whitespace() => format!("whitespace {c:?}"),
+        c => format!("control character {c:?}"),
+    };
+    Some(format!("it contains {what}"))
+}
+
+/// The reason [`ConfigError::ProviderName`] gives.
+fn provider_name_problem(name: &str) -> String {
+    provider_name_fault(name).unwrap_or_else(|| "reserved".into())
 }
 
 fn check_node_id(id: &str) -> Result<(), ConfigError> {
@@ -382,14 +460,36 @@ fn check_node_id(id: &str) -> Result<(), ConfigError> {
 fn syntax<E: std::fmt::Display>(e: serde_path_to_error::Error<E>) -> ConfigError {
     // A key may contain line breaks: escape them, errors are one line.
     let path = e.path().to_string().escape_debug().to_string();
+    let path = if path == "." {
+        "(document)".into()
+    } else {
+        path
+    };
+    let message = one_line(&e.inner().to_string());
     ConfigError::Syntax {
-        path: if path == "." {
-            "(document)".into()
-        } else {
-            path
-        },
-        message: one_line(&e.inner().to_string()),
+        message: redact_urls(&parser_message(&path, &message)),
+        path,
     }
+}
+
+/// A parser's message without what the path already says: serde_yaml_ng starts its messages
+/// with its own path of the failing node (`provider_budgets.redis: missing field ...`), which
+/// is our path or a prefix of it. Serde's Rust vocabulary is translated for YAML readers.
+fn parser_message(path: &str, message: &str) -> String {
+    let message = match message.split_once(": ") {
+        Some((head, rest))
+            if !head.is_empty()
+                && !head.contains(' ')
+                && path.starts_with(head)
+                && matches!(path.as_bytes().get(head.len()), None | Some(b'.' | b'[')) =>
+        {
+            rest
+        }
+        _ => message,
+    };
+    message
+        .replace("invalid type: unit value", "invalid type: null")
+        .replace("invalid type: Option value", "invalid type: null")
 }
 
 /// Parser messages may span lines (TOML draws the offending line); errors here are one line.
@@ -403,35 +503,305 @@ fn one_line(s: &str) -> String {
         .join("; ")
 }
 
+/// Replaces the password of every `scheme://user:password@host` in `text` with `***`
+/// (`redis://:***@host`); a userinfo without `:` is all password for Redis, so it becomes
+/// `***` too. Config errors may quote a value (a parser's "invalid type: string ..."), or a
+/// TOML line: a Redis URL in them must not leak its password.
+pub(crate) fn redact_urls(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("://") {
+        let (head, tail) = rest.split_at(at + 3);
+        out.push_str(head);
+        // The authority ends at the first '/', '?', '#', quote or whitespace.
+        let end = tail
+            .find(|c: char| matches!(c, '/' | '?' | '#' | '"' | '\'' | '`') || c.is_whitespace())
+            .unwrap_or(tail.len());
+        let authority = &tail[..end];
+        match authority.rfind('@') {
+            Some(userinfo_end) => {
+                let userinfo = &authority[..userinfo_end];
+                match userinfo.split_once(':') {
+                    Some((user, _)) => {
+                        out.push_str(user);
+                        out.push_str(":***");
+                    }
+                    None => out.push_str("***"),
+                }
+                out.push_str(&authority[userinfo_end..]);
+            }
+            None => out.push_str(authority),
+        }
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+// ---- os.environ/NAME --------------------------------------------------------------------------
+
+/// The marker litellm uses for a value taken from the environment.
+const ENV_MARKER: &str = "os.environ/";
+
+type EnvLookup = std::rc::Rc<dyn Fn(&str) -> Option<String>>;
+
+thread_local! {
+    /// The lookup of the parse running on this thread (`Deserialize` impls take no context).
+    static ENV: std::cell::RefCell<Option<EnvLookup>> = const { std::cell::RefCell::new(None) };
+}
+
+/// The process environment; a value that is not UTF-8 is taken lossily (it fails its parse).
+fn env_var(name: &str) -> Option<String> {
+    std::env::var_os(name).map(|v| v.to_string_lossy().into_owned())
+}
+
+/// Runs `parse` with `env` as the lookup of `os.environ/NAME` values on this thread.
+fn with_env<T>(env: impl Fn(&str) -> Option<String> + 'static, parse: impl FnOnce() -> T) -> T {
+    struct Reset(Option<EnvLookup>);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            let previous = self.0.take();
+            ENV.with(|e| *e.borrow_mut() = previous);
+        }
+    }
+    let previous = ENV.with(|e| e.borrow_mut().replace(std::rc::Rc::new(env)));
+    let _reset = Reset(previous);
+    parse()
+}
+
+/// Expands `os.environ/NAME` like litellm: a value that starts with the marker is replaced by
+/// the variable; anything else is kept. Unset or empty is an error naming the variable (the
+/// caller's path names the key); the variable's content never appears in an error.
+fn expand_env(written: &str) -> Result<Option<String>, String> {
+    let Some(name) = written.strip_prefix(ENV_MARKER) else {
+        return Ok(None);
+    };
+    if name.is_empty() {
+        return Err(format!("{written:?} names no environment variable"));
+    }
+    let lookup = ENV.with(|e| e.borrow().clone());
+    let value = match lookup {
+        Some(f) => f(name),
+        None => env_var(name),
+    };
+    match value {
+        Some(v) if !v.is_empty() => Ok(Some(v)),
+        Some(_) => Err(format!("{written}: environment variable {name} is empty")),
+        None => Err(format!("{written}: environment variable {name} is not set")),
+    }
+}
+
 // ---- the file's shape ------------------------------------------------------------------------
 
 /// The top level of a file. Unknown keys are ignored here: it may be a whole litellm config.
 #[derive(Debug, Default, Deserialize)]
+#[serde(expecting = "a map (a litellm config or our own)")]
 struct RawDocument {
-    provider_budget_config: Option<BTreeMap<String, RawBudget>>,
+    provider_budget_config: Option<UniqueMap<RawBudget>>,
     router_settings: Option<RawRouterSettings>,
     provider_budgets: Option<RawOwn>,
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(expecting = "a map")]
 struct RawRouterSettings {
-    provider_budget_config: Option<BTreeMap<String, RawBudget>>,
+    provider_budget_config: Option<UniqueMap<RawBudget>>,
+}
+
+/// A map whose keys must be unique: YAML parsers keep the last of two equal keys, which would
+/// silently drop a budget or a prefix. Sorted by key.
+#[derive(Debug)]
+struct UniqueMap<V>(BTreeMap<String, V>);
+
+impl<'de, V: Deserialize<'de>> Deserialize<'de> for UniqueMap<V> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<UniqueMap<V>, D::Error> {
+        struct Visit<V>(std::marker::PhantomData<V>);
+        impl<'de, V: Deserialize<'de>> serde::de::Visitor<'de> for Visit<V> {
+            type Value = UniqueMap<V>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a map")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<UniqueMap<V>, A::Error> {
+                let mut out = BTreeMap::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    if out.contains_key(&key) {
+                        return Err(serde::de::Error::custom(format!(
+                            "key {key:?} is given more than once"
+                        )));
+                    }
+                    let value = map.next_value::<V>()?;
+                    out.insert(key, value);
+                }
+                Ok(UniqueMap(out))
+            }
+        }
+        d.deserialize_map(Visit(std::marker::PhantomData))
+    }
 }
 
 /// One entry of litellm's block. Extra keys litellm may add are tolerated.
 #[derive(Debug, Deserialize)]
+#[serde(expecting = "a map with budget_limit and time_period")]
 struct RawBudget {
     budget_limit: RawAmount,
-    time_period: String,
+    time_period: Text,
 }
 
 /// A limit may be written as a number or a string (`"0.1"`); strings parse exactly.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug)]
 enum RawAmount {
     Int(u64),
     Float(f64),
-    Text(String),
+    Text(Text),
+}
+
+/// What a wrongly shaped value is, in YAML/TOML words, for "got ..." messages.
+fn shape(u: serde::de::Unexpected<'_>) -> String {
+    use serde::de::Unexpected;
+    match u {
+        Unexpected::Unit | Unexpected::Option => "null".into(),
+        Unexpected::Bool(b) => b.to_string(),
+        Unexpected::Seq => "a list".into(),
+        Unexpected::Map => "a map".into(),
+        other => other.to_string(),
+    }
+}
+
+impl<'de> Deserialize<'de> for RawAmount {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<RawAmount, D::Error> {
+        use serde::de::{Error, Unexpected};
+        struct Visit;
+        impl Visit {
+            fn refuse<E: Error>(u: Unexpected<'_>) -> E {
+                E::custom(format!(
+                    "must be a number or a decimal string, got {}",
+                    shape(u)
+                ))
+            }
+        }
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = RawAmount;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a number or a decimal string")
+            }
+            fn visit_u64<E: Error>(self, v: u64) -> Result<RawAmount, E> {
+                Ok(RawAmount::Int(v))
+            }
+            fn visit_i64<E: Error>(self, v: i64) -> Result<RawAmount, E> {
+                // Negative: kept as written, so that the limit's error quotes it.
+                Ok(match u64::try_from(v) {
+                    Ok(n) => RawAmount::Int(n),
+                    Err(_) => RawAmount::Text(Text::plain(v.to_string())),
+                })
+            }
+            fn visit_f64<E: Error>(self, v: f64) -> Result<RawAmount, E> {
+                Ok(RawAmount::Float(v))
+            }
+            fn visit_str<E: Error>(self, v: &str) -> Result<RawAmount, E> {
+                Text::from_written(v).map(RawAmount::Text)
+            }
+            fn visit_bool<E: Error>(self, v: bool) -> Result<RawAmount, E> {
+                Err(Visit::refuse(Unexpected::Bool(v)))
+            }
+            fn visit_unit<E: Error>(self) -> Result<RawAmount, E> {
+                Err(Visit::refuse(Unexpected::Unit))
+            }
+            fn visit_none<E: Error>(self) -> Result<RawAmount, E> {
+                Err(Visit::refuse(Unexpected::Unit))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, _: A) -> Result<RawAmount, A::Error> {
+                Err(Visit::refuse(Unexpected::Seq))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, _: A) -> Result<RawAmount, A::Error> {
+                Err(Visit::refuse(Unexpected::Map))
+            }
+        }
+        d.deserialize_any(Visit)
+    }
+}
+
+/// A string value after `os.environ/NAME` expansion. `written` is what the file says, and what
+/// errors quote (so a secret from the environment is never printed).
+#[derive(Debug)]
+struct Text {
+    value: String,
+    written: String,
+}
+
+impl Text {
+    fn plain(value: String) -> Text {
+        Text {
+            written: value.clone(),
+            value,
+        }
+    }
+
+    fn from_written<E: serde::de::Error>(written: &str) -> Result<Text, E> {
+        match expand_env(written).map_err(E::custom)? {
+            Some(value) => Ok(Text {
+                value,
+                written: written.to_owned(),
+            }),
+            None => Ok(Text::plain(written.to_owned())),
+        }
+    }
+
+    /// How an error quotes the value: as written, or `from os.environ/NAME` when expanded.
+    fn quoted(&self) -> String {
+        if self.value == self.written {
+            format!("{:?}", self.value)
+        } else {
+            format!("from {}", self.written)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Text {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Text, D::Error> {
+        use serde::de::{Error, Unexpected};
+        struct Visit;
+        fn refuse<E: Error>(u: Unexpected<'_>) -> E {
+            E::custom(format!("must be a string, got {}", shape(u)))
+        }
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Text;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_str<E: Error>(self, v: &str) -> Result<Text, E> {
+                Text::from_written(v)
+            }
+            // TOML numbers, as YAML's plain scalars arrive as text anyway.
+            fn visit_u64<E: Error>(self, v: u64) -> Result<Text, E> {
+                Ok(Text::plain(v.to_string()))
+            }
+            fn visit_i64<E: Error>(self, v: i64) -> Result<Text, E> {
+                Ok(Text::plain(v.to_string()))
+            }
+            fn visit_f64<E: Error>(self, v: f64) -> Result<Text, E> {
+                Ok(Text::plain(v.to_string()))
+            }
+            fn visit_bool<E: Error>(self, v: bool) -> Result<Text, E> {
+                Err(refuse(Unexpected::Bool(v)))
+            }
+            fn visit_unit<E: Error>(self) -> Result<Text, E> {
+                Err(refuse(Unexpected::Unit))
+            }
+            fn visit_none<E: Error>(self) -> Result<Text, E> {
+                Err(refuse(Unexpected::Unit))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, _: A) -> Result<Text, A::Error> {
+                Err(refuse(Unexpected::Seq))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, _: A) -> Result<Text, A::Error> {
+                Err(refuse(Unexpected::Map))
+            }
+        }
+        d.deserialize_str(Visit)
+    }
 }
 
 impl RawBudget {
@@ -441,9 +811,9 @@ impl RawBudget {
             RawAmount::Int(n) => (n.to_string(), n.to_string().parse::<Money>()),
             // Display of f64 is the shortest exact round trip (`0.1`), parsed as a decimal.
             RawAmount::Float(f) => (f.to_string(), f.to_string().parse::<Money>()),
-            RawAmount::Text(s) => {
-                let p = s.trim().parse::<Money>();
-                (s, p)
+            RawAmount::Text(t) => {
+                let p = t.value.trim().parse::<Money>();
+                (t.written, p)
             }
         };
         let limit = match parsed {
@@ -460,13 +830,14 @@ impl RawBudget {
                 })
             }
         };
-        let period = self
-            .time_period
-            .parse::<Period>()
-            .map_err(|source| ConfigError::Period {
-                provider: provider.clone(),
-                source,
-            })?;
+        let period =
+            self.time_period
+                .value
+                .parse::<Period>()
+                .map_err(|source| ConfigError::Period {
+                    provider: provider.clone(),
+                    source,
+                })?;
         Ok(BudgetConfig {
             provider,
             limit,
@@ -476,33 +847,63 @@ impl RawBudget {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a map")]
 struct RawOwn {
     storage: Option<RawStorage>,
     redis: Option<RawRedis>,
-    node_id: Option<String>,
-    window_anchor: Option<Timestamp>,
-    unknown_provider: Option<UnknownProvider>,
-    model_providers: Option<BTreeMap<String, String>>,
+    node_id: Option<Text>,
+    window_anchor: Option<Parsed<Timestamp>>,
+    unknown_provider: Option<Parsed<UnknownProvider>>,
+    model_providers: Option<UniqueMap<Text>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a map")]
 struct RawStorage {
-    dir: Option<PathBuf>,
+    dir: Option<Text>,
     max_delay: Option<HumanDuration>,
     retention: Option<HumanDuration>,
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a map")]
 struct RawRedis {
-    url: String,
-    prefix: Option<String>,
+    url: Option<Text>,
+    prefix: Option<Text>,
     sync_interval: Option<HumanDuration>,
     grace: Option<HumanDuration>,
     connect_timeout: Option<HumanDuration>,
     command_timeout: Option<HumanDuration>,
+}
+
+/// A string value parsed with `FromStr`; the error quotes the value as written.
+#[derive(Debug)]
+struct Parsed<T>(T);
+
+impl<'de, T> Deserialize<'de> for Parsed<T>
+where
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Parsed<T>, D::Error> {
+        let text = Text::deserialize(d)?;
+        text.value
+            .trim()
+            .parse::<T>()
+            .map(Parsed)
+            .map_err(|e| serde::de::Error::custom(format!("invalid value {}: {e}", text.quoted())))
+    }
+}
+
+impl std::str::FromStr for UnknownProvider {
+    type Err = String;
+    fn from_str(s: &str) -> Result<UnknownProvider, String> {
+        match s {
+            "allow" => Ok(UnknownProvider::Allow),
+            "deny" => Ok(UnknownProvider::Deny),
+            _ => Err("expected `allow` or `deny`".into()),
+        }
+    }
 }
 
 /// A humantime duration string (`2ms`, `1h 30m`).
@@ -511,10 +912,12 @@ struct HumanDuration(Duration);
 
 impl<'de> Deserialize<'de> for HumanDuration {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<HumanDuration, D::Error> {
-        let s = String::deserialize(d)?;
-        parse_duration(&s)
+        let text = Text::deserialize(d)?;
+        humantime::parse_duration(text.value.trim())
             .map(HumanDuration)
-            .map_err(serde::de::Error::custom)
+            .map_err(|e| {
+                serde::de::Error::custom(format!("invalid duration {}: {e}", text.quoted()))
+            })
     }
 }
 

@@ -77,6 +77,9 @@ impl Limiter {
     pub fn open_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<Limiter, Error> {
         config.validate()?;
         let dir = config.storage.dir.clone().ok_or(ConfigError::NoDataDir)?;
+        if config.redis.as_ref().is_some_and(|r| r.url.is_empty()) {
+            return Err(ConfigError::NoRedisUrl.into());
+        }
         let store = Arc::new(Store::open(&dir)?);
         let node_id = store.node_id(config.node_id.as_deref(), &generate_node_id())?;
         let view =
