@@ -1034,4 +1034,303 @@ sync_interval = "250ms"
             Err(ConfigError::Syntax { .. })
         ));
     }
+
+    fn env(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> + 'static {
+        let vars: Vec<(String, String)> = vars
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        move |name| vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+    }
+
+    fn yaml_err(text: &str) -> String {
+        let e = Config::from_yaml_str_with_env(text, env(&[])).expect_err(text);
+        let msg = e.to_string();
+        assert!(!msg.contains('\n'), "{msg}");
+        msg
+    }
+
+    #[test]
+    fn duplicate_keys_are_errors_naming_the_key() {
+        let msg = yaml_err(
+            "provider_budget_config:\n  openai: {budget_limit: 1, time_period: 1d}\n  openai: {budget_limit: 2, time_period: 1d}\n",
+        );
+        assert!(
+            msg.contains("provider_budget_config") && msg.contains("\"openai\""),
+            "{msg}"
+        );
+        let msg = yaml_err(
+            "router_settings:\n  provider_budget_config:\n    a: {budget_limit: 1, time_period: 1d}\n    a: {budget_limit: 1, time_period: 1d}\n",
+        );
+        assert!(
+            msg.contains("router_settings.provider_budget_config") && msg.contains("\"a\""),
+            "{msg}"
+        );
+        let msg = yaml_err("provider_budgets:\n  model_providers: {\"x-\": a, \"x-\": b}\n");
+        assert!(
+            msg.contains("provider_budgets.model_providers") && msg.contains("\"x-\""),
+            "{msg}"
+        );
+        // Equal after YAML's own parsing (quoted and plain) is still a duplicate.
+        let msg = yaml_err(
+            "provider_budget_config:\n  openai: {budget_limit: 1, time_period: 1d}\n  \"openai\": {budget_limit: 2, time_period: 1d}\n",
+        );
+        assert!(msg.contains("more than once"), "{msg}");
+        let e = Config::from_toml_str(
+            "[provider_budget_config]\nopenai = { budget_limit = 1, time_period = \"1d\" }\nopenai = { budget_limit = 2, time_period = \"1d\" }\n",
+        )
+        .expect_err("toml duplicate");
+        assert!(e.to_string().contains("duplicate"), "{e}");
+        // Distinct keys still parse, sorted.
+        let c =
+            Config::from_yaml_str("provider_budgets:\n  model_providers: {\"x-\": a, \"w-\": b}\n")
+                .expect("parses");
+        assert_eq!(
+            c.model_providers,
+            vec![("w-".into(), "b".into()), ("x-".into(), "a".into())]
+        );
+    }
+
+    #[test]
+    fn provider_names_that_cannot_match_are_refused() {
+        for bad in [
+            "", "a/b", "a b", "a\tb", "a\nb", "a\u{7}", "a\u{85}b", "a:b", "{a}", "a\0",
+        ] {
+            assert_eq!(
+                check_provider_name(bad),
+                Err(ConfigError::ProviderName(bad.into())),
+                "{bad:?}"
+            );
+            let msg = ConfigError::ProviderName(bad.into()).to_string();
+            assert!(
+                !msg.contains('\n') && msg.contains("is not allowed: it "),
+                "{msg}"
+            );
+        }
+        for good in ["openai", "azure_ai", "vertex-ai", "Bedrock.eu", "ünïcode"] {
+            assert_eq!(check_provider_name(good), Ok(()), "{good:?}");
+        }
+        let msg = yaml_err("provider_budgets:\n  model_providers: {\"llama-\": \"meta/llama\"}\n");
+        assert!(
+            msg.contains("provider_budgets.model_providers")
+                && msg.contains("\"llama-\"")
+                && msg.contains("\"meta/llama\""),
+            "{msg}"
+        );
+        let c = Config::new().budget("a b", Money::from_nanos(1), "1d".parse().expect("period"));
+        assert_eq!(c.validate(), Err(ConfigError::ProviderName("a b".into())));
+    }
+
+    #[test]
+    fn wrong_shapes_read_as_plain_words_with_the_path_once() {
+        let cases = [
+            ("budget_limit: null", "got null"),
+            ("budget_limit: ~", "got null"),
+            ("budget_limit: [1]", "got a list"),
+            ("budget_limit: {a: 1}", "got a map"),
+            ("budget_limit: false", "got false"),
+        ];
+        for (limit, words) in cases {
+            let msg = yaml_err(&format!(
+                "provider_budget_config:\n  openai: {{{limit}, time_period: 1d}}\n"
+            ));
+            assert!(
+                msg.contains("provider_budget_config.openai.budget_limit: must be a number or a decimal string")
+                    && msg.contains(words),
+                "{msg}"
+            );
+            assert_eq!(msg.matches("provider_budget_config").count(), 1, "{msg}");
+        }
+        for (text, path) in [
+            (
+                "provider_budgets:\n  redis: {prefix: [x]}\n",
+                "provider_budgets.redis.prefix",
+            ),
+            ("provider_budgets:\n  redis: 5\n", "provider_budgets.redis"),
+            (
+                "provider_budgets:\n  node_id: {a: b}\n",
+                "provider_budgets.node_id",
+            ),
+            (
+                "provider_budget_config:\n  openai: ~\n",
+                "provider_budget_config.openai",
+            ),
+        ] {
+            let msg = yaml_err(text);
+            assert_eq!(msg.matches(path).count(), 1, "{msg}");
+            for internal in ["Raw", "struct", "unit value", "untagged"] {
+                assert!(!msg.contains(internal), "{msg}");
+            }
+        }
+        // TOML numbers where text is expected are text, as YAML's plain scalars are.
+        let c = Config::from_toml_str("[provider_budgets]\nnode_id = 7\n").expect("parses");
+        assert_eq!(c.node_id.as_deref(), Some("7"));
+        let e = Config::from_toml_str("[provider_budgets]\nnode_id = true\n").expect_err("bool");
+        assert!(e.to_string().contains("got true"), "{e}");
+    }
+
+    #[test]
+    fn parser_message_drops_only_the_repeated_path() {
+        assert_eq!(
+            parser_message(
+                "provider_budgets.redis",
+                "provider_budgets.redis: missing field `url`"
+            ),
+            "missing field `url`"
+        );
+        assert_eq!(
+            parser_message(
+                "provider_budgets.redis.prefx",
+                "provider_budgets.redis: unknown field"
+            ),
+            "unknown field"
+        );
+        // Not a prefix at a key boundary, or a sentence: kept.
+        assert_eq!(
+            parser_message("provider_budgets.redisx", "provider_budgets.redis: x"),
+            "provider_budgets.redis: x"
+        );
+        assert_eq!(parser_message("a", "invalid value: x"), "invalid value: x");
+        assert_eq!(
+            parser_message("(document)", "invalid type: unit value, expected a map"),
+            "invalid type: null, expected a map"
+        );
+    }
+
+    #[test]
+    fn os_environ_values_expand_like_litellm() {
+        let text = "model_list:\n  - litellm_params: {api_key: os.environ/UNSET_AND_NOT_OURS}\nprovider_budget_config:\n  openai: {budget_limit: os.environ/LIMIT, time_period: os.environ/PERIOD}\nprovider_budgets:\n  node_id: os.environ/NODE\n  window_anchor: os.environ/ANCHOR\n  unknown_provider: os.environ/POLICY\n  storage: {dir: os.environ/DIR, max_delay: os.environ/DELAY}\n  redis: {url: os.environ/URL, prefix: os.environ/PREFIX}\n  model_providers: {\"llama-\": os.environ/LLAMA}\n";
+        let all = [
+            ("LIMIT", "0.5"),
+            ("PERIOD", "1w"),
+            ("NODE", "edge-9"),
+            ("ANCHOR", "2024-01-01T00:00:00Z"),
+            ("POLICY", "deny"),
+            ("DIR", "/var/lib/budgets"),
+            ("DELAY", "5ms"),
+            ("URL", "redis://:pw@10.0.0.1/"),
+            ("PREFIX", "fleet"),
+            ("LLAMA", "together"),
+        ];
+        let c = Config::from_yaml_str_with_env(text, env(&all)).expect("parses");
+        assert_eq!(c.budgets[0].limit, Money::from_nanos(500_000_000));
+        assert_eq!(c.budgets[0].period.to_string(), "1w");
+        assert_eq!(c.node_id.as_deref(), Some("edge-9"));
+        assert_eq!(c.window_anchor.to_string(), "2024-01-01T00:00:00Z");
+        assert_eq!(c.unknown_provider, UnknownProvider::Deny);
+        assert_eq!(
+            c.storage.dir.as_deref(),
+            Some(Path::new("/var/lib/budgets"))
+        );
+        assert_eq!(c.storage.max_delay, Duration::from_millis(5));
+        let r = c.redis.as_ref().expect("redis");
+        assert_eq!(
+            (r.url.as_str(), r.prefix.as_str()),
+            ("redis://:pw@10.0.0.1/", "fleet")
+        );
+        assert_eq!(
+            c.model_providers,
+            vec![("llama-".into(), "together".into())]
+        );
+
+        // Each missing or empty variable: the key path and the variable, never a value.
+        for (i, (name, _)) in all.iter().enumerate() {
+            let mut some = all.to_vec();
+            some.remove(i);
+            let msg = Config::from_yaml_str_with_env(text, env(&some))
+                .expect_err(name)
+                .to_string();
+            assert!(
+                msg.contains(&format!(
+                    "os.environ/{name}: environment variable {name} is not set"
+                )),
+                "{msg}"
+            );
+            assert!(!msg.contains("pw@"), "{msg}");
+            some.insert(i, (name, ""));
+            let msg = Config::from_yaml_str_with_env(text, env(&some))
+                .expect_err(name)
+                .to_string();
+            assert!(
+                msg.contains(&format!("environment variable {name} is empty")),
+                "{msg}"
+            );
+        }
+        let msg = yaml_err("provider_budgets:\n  redis: {url: os.environ/}\n");
+        assert!(
+            msg.contains("provider_budgets.redis.url")
+                && msg.contains("names no environment variable"),
+            "{msg}"
+        );
+
+        // Only a whole value starting with the marker; keys are never expanded.
+        let c = Config::from_yaml_str_with_env(
+            "provider_budgets:\n  node_id: \"x\"\n  storage: {dir: \"./os.environ/DIR\"}\n",
+            env(&all),
+        )
+        .expect("parses");
+        assert_eq!(
+            c.storage.dir.as_deref(),
+            Some(Path::new("./os.environ/DIR"))
+        );
+        let msg = Config::from_yaml_str_with_env(
+            "provider_budget_config:\n  os.environ/NODE: {budget_limit: 1, time_period: 1d}\n",
+            env(&all),
+        )
+        .expect_err("a key is a name")
+        .to_string();
+        assert!(msg.contains("\"os.environ/NODE\""), "{msg}");
+
+        // A refused value from the environment is quoted by its variable, not its content.
+        let msg = Config::from_yaml_str_with_env(
+            "provider_budgets:\n  storage: {retention: os.environ/SECRET}\n",
+            env(&[("SECRET", "hunter2")]),
+        )
+        .expect_err("not a duration")
+        .to_string();
+        assert!(
+            msg.contains("from os.environ/SECRET") && !msg.contains("hunter2"),
+            "{msg}"
+        );
+
+        // TOML too; the lookup is only in effect during its parse.
+        let c = Config::from_toml_str_with_env(
+            "[provider_budget_config.openai]\nbudget_limit = \"os.environ/LIMIT\"\ntime_period = \"1d\"\n",
+            env(&all),
+        )
+        .expect("toml");
+        assert_eq!(c.budgets[0].limit, Money::from_nanos(500_000_000));
+        assert!(ENV.with(|e| e.borrow().is_none()));
+    }
+
+    #[test]
+    fn redis_url_may_be_left_out_of_the_file() {
+        let c =
+            Config::from_yaml_str("provider_budgets:\n  redis: {prefix: fleet}\n").expect("parses");
+        let r = c.redis.as_ref().expect("redis section");
+        assert_eq!((r.url.as_str(), r.prefix.as_str()), ("", "fleet"));
+        assert_eq!(c.validate(), Ok(()));
+        assert_eq!(
+            ConfigError::NoRedisUrl.to_string(),
+            "config: provider_budgets.redis.url is not set (set it in the config file or pass --redis URL)"
+        );
+    }
+
+    #[test]
+    fn urls_in_messages_lose_their_password() {
+        for (text, want) in [
+            ("redis://:hunter2@h:6379/0", "redis://:***@h:6379/0"),
+            ("redis://admin:hunter2@h", "redis://admin:***@h"),
+            ("rediss://hunter2@h/", "rediss://***@h/"),
+            ("x \"redis://u:p@ss@h\" y", "x \"redis://u:***@h\" y"),
+            (
+                "a redis://h:1/ b redis://:p@k c",
+                "a redis://h:1/ b redis://:***@k c",
+            ),
+            ("no url: a@b", "no url: a@b"),
+            ("redis://h/path@x", "redis://h/path@x"),
+        ] {
+            assert_eq!(redact_urls(text), want, "{text}");
+        }
+    }
 }

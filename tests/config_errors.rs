@@ -564,3 +564,23 @@ fn ingest_with_redis_ships_its_spend_and_reports_a_dead_server() {
     r.assert_ok();
     assert_eq!(status(&b), 3_750_000_000);
 }
+
+#[test]
+fn a_library_limiter_refuses_a_redis_section_without_url() {
+    use provider_budgets::{Config, ConfigError, Error, Limiter};
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config::from_yaml_str(&format!(
+        "{ONE_DOLLAR_A_DAY}provider_budgets:\n  redis: {{prefix: fleet}}\n"
+    ))
+    .unwrap()
+    .data_dir(dir.path().join("data"));
+    let err = Limiter::open(config).expect_err("no URL");
+    assert!(
+        matches!(err, Error::Config(ConfigError::NoRedisUrl)),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("provider_budgets.redis.url"),
+        "{err}"
+    );
+}
