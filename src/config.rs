@@ -336,6 +336,12 @@ impl Config {
                     message: format!("empty prefix for provider {provider:?}"),
                 });
             }
+            if let Some(why) = unreachable_prefix(prefix) {
+                return Err(ConfigError::Invalid {
+                    key: "provider_budgets.model_providers",
+                    message: format!("prefix {prefix:?} can never match: {why}"),
+                });
+            }
             if check_provider_name(provider).is_err() {
                 return Err(ConfigError::Invalid {
                     key: "provider_budgets.model_providers",
@@ -410,6 +416,27 @@ impl Config {
         config.validate()?;
         Ok(config)
     }
+}
+
+/// Why a `model_providers` prefix can never take effect, if so: resolution tries a
+/// `provider/model` split and the built-in table first ([`crate::provider`]), so a prefix with
+/// a `/` after its first character, or one that extends a built-in prefix, would be ignored
+/// without a word.
+fn unreachable_prefix(prefix: &str) -> Option<String> {
+    if let Some((before, _)) = prefix.split_once('/').filter(|(b, _)| !b.is_empty()) {
+        return Some(format!(
+            "a model name with '/' resolves to the provider before it ({before:?})"
+        ));
+    }
+    crate::provider::BUILTIN_PREFIXES
+        .iter()
+        .find(|(builtin, _)| prefix.starts_with(builtin))
+        .map(|(builtin, owner)| {
+            format!(
+                "the built-in prefix {builtin:?} ({owner}) is checked first; name such \
+                 deployments PROVIDER/MODEL instead"
+            )
+        })
 }
 
 /// Provider names become storage and Redis key parts, and are matched against deployment
@@ -696,6 +723,13 @@ impl<'de> Deserialize<'de> for RawAmount {
                     Ok(n) => RawAmount::Int(n),
                     Err(_) => RawAmount::Text(Text::plain(v.to_string())),
                 })
+            }
+            // Beyond 64 bits: kept as written; the limit's error says "too large"/"negative".
+            fn visit_u128<E: Error>(self, v: u128) -> Result<RawAmount, E> {
+                Ok(RawAmount::Text(Text::plain(v.to_string())))
+            }
+            fn visit_i128<E: Error>(self, v: i128) -> Result<RawAmount, E> {
+                Ok(RawAmount::Text(Text::plain(v.to_string())))
             }
             fn visit_f64<E: Error>(self, v: f64) -> Result<RawAmount, E> {
                 Ok(RawAmount::Float(v))
@@ -1117,6 +1151,30 @@ sync_interval = "250ms"
                 && msg.contains("\"meta/llama\""),
             "{msg}"
         );
+        // Prefixes that resolution would never reach.
+        for (prefix, words) in [
+            ("gpt-4o-mini", "built-in prefix \"gpt-\" (openai)"),
+            ("claude-3", "built-in prefix \"claude-\" (anthropic)"),
+            (
+                "meta/llama",
+                "resolves to the provider before it (\"meta\")",
+            ),
+        ] {
+            let msg = yaml_err(&format!(
+                "provider_budgets:\n  model_providers: {{{prefix:?}: together}}\n"
+            ));
+            assert!(
+                msg.contains("provider_budgets.model_providers")
+                    && msg.contains(&format!("{prefix:?} can never match"))
+                    && msg.contains(words),
+                "{msg}"
+            );
+        }
+        // Shorter than a built-in, or a leading '/', can still match.
+        for prefix in ["gp", "/local-"] {
+            let text = format!("provider_budgets:\n  model_providers: {{{prefix:?}: together}}\n");
+            Config::from_yaml_str(&text).expect(prefix);
+        }
         let c = Config::new().budget("a b", Money::from_nanos(1), "1d".parse().expect("period"));
         assert_eq!(c.validate(), Err(ConfigError::ProviderName("a b".into())));
     }
@@ -1140,6 +1198,19 @@ sync_interval = "250ms"
                 "{msg}"
             );
             assert_eq!(msg.matches("provider_budget_config").count(), 1, "{msg}");
+        }
+        // Beyond 64 bits, YAML's integers are refused as amounts, not as a type.
+        for (limit, words) in [
+            ("99999999999999999999", "too large"),
+            ("-99999999999999999999", "negative"),
+        ] {
+            let msg = yaml_err(&format!(
+                "provider_budget_config:\n  openai: {{budget_limit: {limit}, time_period: 1d}}\n"
+            ));
+            assert!(
+                msg.contains("\"openai\"") && msg.contains(limit) && msg.contains(words),
+                "{msg}"
+            );
         }
         for (text, path) in [
             (

@@ -163,6 +163,23 @@ fn provider_names_that_can_never_match_are_refused() {
             "'/'",
         ],
     );
+    // A prefix the built-in table or the `provider/` split always answers first never applies.
+    refused(
+        &cli,
+        "shadowed.yaml",
+        "provider_budgets:\n  model_providers:\n    \"gpt-4o-mini\": azure\n",
+        &[
+            "provider_budgets.model_providers",
+            "\"gpt-4o-mini\" can never match",
+            "\"gpt-\"",
+        ],
+    );
+    refused(
+        &cli,
+        "slashed.yaml",
+        "provider_budgets:\n  model_providers:\n    \"meta/llama\": together\n",
+        &["\"meta/llama\" can never match"],
+    );
 }
 
 #[test]
