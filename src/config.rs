@@ -620,19 +620,148 @@ fn expand_env(written: &str) -> Result<Option<String>, String> {
 
 // ---- the file's shape ------------------------------------------------------------------------
 
-/// The top level of a file. Unknown keys are ignored here: it may be a whole litellm config.
-#[derive(Debug, Default, Deserialize)]
-#[serde(expecting = "a map (a litellm config or our own)")]
+/// The top level of a file. Other keys are ignored: it may be a whole litellm config. But a
+/// key that is nearly one of ours (`provider_budget_confg`, `provider-budgets`) is an error:
+/// ignored, it would silently leave every provider without a budget.
+#[derive(Debug, Default)]
 struct RawDocument {
     provider_budget_config: Option<UniqueMap<RawBudget>>,
     router_settings: Option<RawRouterSettings>,
     provider_budgets: Option<RawOwn>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(expecting = "a map")]
+/// litellm's `router_settings`: only its `provider_budget_config` is ours.
+#[derive(Debug, Default)]
 struct RawRouterSettings {
     provider_budget_config: Option<UniqueMap<RawBudget>>,
+}
+
+/// The key of ours that `key` is probably a misspelling of: equal once case and `-`/`_`/space
+/// are ignored, or at most two edits away.
+fn near_miss<'k>(key: &str, ours: &[&'k str]) -> Option<&'k str> {
+    let norm = |s: &str| -> Vec<char> {
+        s.chars()
+            .map(|c| match c {
+                '-' | ' ' => '_',
+                c => c.to_ascii_lowercase(),
+            })
+            .collect()
+    };
+    let k = norm(key);
+    ours.iter()
+        .copied()
+        .find(|o| key != *o && edit_distance(&k, &norm(o)) <= 2)
+}
+
+/// Levenshtein distance (keys are short).
+fn edit_distance(a: &[char], b: &[char]) -> usize {
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.iter().enumerate() {
+        let mut diag = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let next = (diag + usize::from(ca != cb))
+                .min(row[j] + 1)
+                .min(row[j + 1] + 1);
+            diag = row[j + 1];
+            row[j + 1] = next;
+        }
+    }
+    row[b.len()]
+}
+
+/// Reads the keys of a litellm-level map: `read` takes ours (and returns false for others),
+/// other keys are skipped unless they nearly spell one of `ours`; ours may appear once.
+fn visit_litellm_map<'de, A: serde::de::MapAccess<'de>>(
+    mut map: A,
+    ours: &[&str],
+    mut read: impl FnMut(&str, &mut A) -> Result<bool, A::Error>,
+) -> Result<(), A::Error> {
+    use serde::de::Error;
+    let mut seen: Vec<String> = Vec::new();
+    while let Some(key) = map.next_key::<String>()? {
+        if ours.contains(&key.as_str()) {
+            if seen.contains(&key) {
+                return Err(A::Error::custom(format!(
+                    "key {key:?} is given more than once"
+                )));
+            }
+            seen.push(key.clone());
+        }
+        if read(&key, &mut map)? {
+            continue;
+        }
+        if let Some(meant) = near_miss(&key, ours) {
+            return Err(A::Error::custom(format!(
+                "unknown key {key:?}: did you mean {meant:?}? (other keys are ignored as litellm's)"
+            )));
+        }
+        map.next_value::<serde::de::IgnoredAny>()?;
+    }
+    Ok(())
+}
+
+impl<'de> Deserialize<'de> for RawDocument {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<RawDocument, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = RawDocument;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a map (a litellm config or our own)")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<RawDocument, A::Error> {
+                let mut doc = RawDocument::default();
+                let ours = [
+                    "provider_budget_config",
+                    "router_settings",
+                    "provider_budgets",
+                ];
+                visit_litellm_map(map, &ours, |key, map| {
+                    match key {
+                        "provider_budget_config" => {
+                            doc.provider_budget_config = map.next_value()?
+                        }
+                        "router_settings" => doc.router_settings = map.next_value()?,
+                        "provider_budgets" => doc.provider_budgets = map.next_value()?,
+                        _ => return Ok(false),
+                    }
+                    Ok(true)
+                })?;
+                Ok(doc)
+            }
+        }
+        d.deserialize_map(Visit)
+    }
+}
+
+impl<'de> Deserialize<'de> for RawRouterSettings {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<RawRouterSettings, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = RawRouterSettings;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a map")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<RawRouterSettings, A::Error> {
+                let mut out = RawRouterSettings::default();
+                visit_litellm_map(map, &["provider_budget_config"], |key, map| {
+                    if key != "provider_budget_config" {
+                        return Ok(false);
+                    }
+                    out.provider_budget_config = map.next_value()?;
+                    Ok(true)
+                })?;
+                Ok(out)
+            }
+        }
+        d.deserialize_map(Visit)
+    }
 }
 
 /// A map whose keys must be unique: YAML parsers keep the last of two equal keys, which would
@@ -1123,6 +1252,53 @@ sync_interval = "250ms"
             c.model_providers,
             vec![("w-".into(), "b".into()), ("x-".into(), "a".into())]
         );
+    }
+
+    #[test]
+    fn near_misses_of_our_keys_are_refused_other_keys_ignored() {
+        for (text, key, meant) in [
+            (
+                "provider_budget_confg: {}\n",
+                "provider_budget_confg",
+                "provider_budget_config",
+            ),
+            (
+                "Provider-Budget-Config: {}\n",
+                "Provider-Budget-Config",
+                "provider_budget_config",
+            ),
+            (
+                "provider_budget: {}\n",
+                "provider_budget",
+                "provider_budgets",
+            ),
+            ("router_setings: {}\n", "router_setings", "router_settings"),
+            (
+                "router_settings:\n  provider_budgets_config: {}\n",
+                "provider_budgets_config",
+                "provider_budget_config",
+            ),
+        ] {
+            let msg = yaml_err(text);
+            assert!(
+                msg.contains(&format!("unknown key {key:?}: did you mean {meant:?}?")),
+                "{msg}"
+            );
+        }
+        // A whole litellm config: its own keys, even with os.environ values unset, are ignored.
+        let c = Config::from_yaml_str_with_env(
+            "model_list: [{model_name: x, litellm_params: {api_key: os.environ/K}}]\nlitellm_settings: {drop_params: true}\ngeneral_settings: {master_key: os.environ/M}\nrouter_settings: {routing_strategy: simple-shuffle, redis_password: os.environ/P, provider_budget_config: {openai: {budget_limit: 1, time_period: 1d}}}\nenvironment_variables: {A: b}\n",
+            env(&[]),
+        )
+        .expect("litellm config");
+        assert_eq!(c.budgets.len(), 1);
+        let msg = yaml_err("provider_budgets: {}\nprovider_budgets: {}\n");
+        assert!(
+            msg.contains("\"provider_budgets\" is given more than once"),
+            "{msg}"
+        );
+        assert_eq!(edit_distance(&['a', 'b'], &['b', 'a']), 2);
+        assert_eq!(edit_distance(&[], &['x']), 1);
     }
 
     #[test]

@@ -96,6 +96,25 @@ fn duplicate_keys_are_refused_naming_the_key() {
         "provider_budget_config:\n  openai: {budget_limit: 1, budget_limit: 7, time_period: 1d}\n",
         &["provider_budget_config.openai", "budget_limit"],
     );
+    // A misspelt top-level key would be ignored as litellm's: no budget at all, silently.
+    refused(
+        &cli,
+        "typo.yaml",
+        "provider_budget_confg:\n  openai: {budget_limit: 1, time_period: 1d}\n",
+        &[
+            "\"provider_budget_confg\"",
+            "did you mean \"provider_budget_config\"",
+        ],
+    );
+    refused(
+        &cli,
+        "typo.toml",
+        "[router_settings.provider-budget-config.openai]\nbudget_limit = 1\ntime_period = \"1d\"\n",
+        &[
+            "\"provider-budget-config\"",
+            "did you mean \"provider_budget_config\"",
+        ],
+    );
     // TOML refuses duplicate tables and keys itself; the line still names the table.
     refused(
         &cli,
