@@ -38,8 +38,15 @@
 //! * `provider_budgets.redis.url` may be left out of the file when the URL comes from elsewhere
 //!   (the CLI's `--redis`); the parsed [`RedisConfig::url`] is then empty and
 //!   [`Limiter::open`](crate::Limiter::open) refuses it with [`ConfigError::NoRedisUrl`].
-//! * Every error is one line naming the key path once; URLs in it have their password replaced
-//!   by `***`.
+//! * Keys outside ours are ignored (a litellm config passes as it is), except one that nearly
+//!   spells ours (`provider_budget_confg`, `Provider-Budgets`): that would leave every provider
+//!   without a budget, so it is an error naming the key meant.
+//! * A `model_providers` prefix that resolution can never reach (it extends a built-in prefix,
+//!   or has a `/` after its first character) is an error.
+//! * Provider names may not contain `/`, whitespace or control characters (they could never
+//!   match a deployment or be fed through `ingest`), nor `:`, `{`, `}` (key separators).
+//! * Every error is one line naming the key path once; URLs in it (and in `RedisConfig`'s
+//!   `Debug`) have their password replaced by `***`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -84,8 +91,9 @@ impl Default for StorageConfig {
     }
 }
 
-/// Fleet replication through Redis (used by the `redis` feature).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Fleet replication through Redis (used by the `redis` feature). Its `Debug` masks the URL's
+/// password, so a logged or panicking config never shows it.
+#[derive(Clone, PartialEq, Eq)]
 pub struct RedisConfig {
     /// `redis://host:port/db` (or `rediss://`). Empty when a file's `redis` section leaves the
     /// URL to the command line: opening a limiter with an empty URL is
@@ -101,6 +109,19 @@ pub struct RedisConfig {
     pub connect_timeout: Duration,
     /// Bound on one sync round trip. Default 2 s.
     pub command_timeout: Duration,
+}
+
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &redact_urls(&self.url))
+            .field("prefix", &self.prefix)
+            .field("sync_interval", &self.sync_interval)
+            .field("grace", &self.grace)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("command_timeout", &self.command_timeout)
+            .finish()
+    }
 }
 
 impl RedisConfig {
@@ -1561,6 +1582,20 @@ sync_interval = "250ms"
             ConfigError::NoRedisUrl.to_string(),
             "config: provider_budgets.redis.url is not set (set it in the config file or pass --redis URL)"
         );
+    }
+
+    #[test]
+    fn redis_config_debug_masks_the_password() {
+        let shown = format!("{:?}", RedisConfig::new("redis://:hunter2@10.0.0.1:6379/"));
+        assert!(
+            shown.contains("redis://:***@10.0.0.1:6379/") && !shown.contains("hunter2"),
+            "{shown}"
+        );
+        let c = Config {
+            redis: Some(RedisConfig::new("redis://u:hunter2@h/")),
+            ..Config::default()
+        };
+        assert!(!format!("{c:?}").contains("hunter2"));
     }
 
     #[test]
