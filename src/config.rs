@@ -30,11 +30,12 @@
 //! * A key given twice in `provider_budget_config` (at either place) or in
 //!   `provider_budgets.model_providers` is an error naming the key (YAML parsers keep the last
 //!   one; TOML refuses duplicates itself). A field given twice is an error too.
-//! * A value written exactly as `os.environ/NAME` is replaced by the environment variable `NAME`,
-//!   as litellm's proxy does, in every value we read (not in keys, and not in the litellm keys we
-//!   ignore). A variable that is unset or empty is an error naming the key path and the variable;
-//!   errors about such a value quote `os.environ/NAME`, never the variable's content (it may be a
-//!   secret, e.g. a Redis URL with a password).
+//! * A value starting with `os.environ/` is replaced by the environment variable it names, as
+//!   litellm's proxy does, in every value we read (not in keys, and not in the litellm keys we
+//!   ignore). A variable that is unset or empty is an error naming the key path and the variable
+//!   (litellm would silently read nothing). Errors about such a value name `os.environ/NAME`;
+//!   only a refused budget limit or period also shows what was read (an amount is no secret),
+//!   and a Redis URL's password never appears.
 //! * `provider_budgets.redis.url` may be left out of the file when the URL comes from elsewhere
 //!   (the CLI's `--redis`); the parsed [`RedisConfig::url`] is then empty and
 //!   [`Limiter::open`](crate::Limiter::open) refuses it with [`ConfigError::NoRedisUrl`].
@@ -199,7 +200,7 @@ pub enum ConfigError {
         message: String,
     },
     /// A budget's limit is not a usable amount.
-    #[error("config: provider {provider:?}: budget_limit {value:?}: {source}")]
+    #[error("config: provider {provider:?}: budget_limit{}: {source}", written_as(.value))]
     Limit {
         /// The provider.
         provider: String,
@@ -485,6 +486,16 @@ fn provider_name_fault(name: &str) -> Option<String> {
         c => format!("control character {c:?}"),
     };
     Some(format!("it contains {what}"))
+}
+
+/// ` (os.environ/NAME)` when a limit came from the environment; nothing otherwise (the
+/// amount's own error quotes the value).
+fn written_as(value: &str) -> String {
+    if value.starts_with(ENV_MARKER) {
+        format!(" ({value})")
+    } else {
+        String::new()
+    }
 }
 
 /// The reason [`ConfigError::ProviderName`] gives.
