@@ -77,6 +77,17 @@ struct Cli {
     now: Option<Timestamp>,
     #[command(subcommand)]
     cmd: Cmd,
+    /// Which overrides came from a `PROVIDER_BUDGETS_*` variable, so that an error names the
+    /// variable rather than a flag the operator never typed.
+    #[arg(skip)]
+    from_env: FromEnv,
+}
+
+/// Global flags whose value came from the environment.
+#[derive(Debug, Default)]
+struct FromEnv {
+    node_id: bool,
+    redis: bool,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -187,7 +198,14 @@ fn parse_args() -> Result<Cli, clap::Error> {
         }
         _ => arg,
     });
-    Cli::from_arg_matches(&cmd.try_get_matches()?)
+    let matches = cmd.try_get_matches()?;
+    let mut cli = Cli::from_arg_matches(&matches)?;
+    let env = |id: &str| matches.value_source(id) == Some(clap::parser::ValueSource::EnvVariable);
+    cli.from_env = FromEnv {
+        node_id: env("node_id"),
+        redis: env("redis"),
+    };
+    Ok(cli)
 }
 
 /// `--help` and `--version` print as clap renders them; usage errors become one line, because
@@ -296,6 +314,30 @@ fn load_config(cli: &Cli) -> Result<Config, Failure> {
     // The file may leave the URL to `--redis`; with neither, say which key is missing.
     if config.redis.as_ref().is_some_and(|r| r.url.is_empty()) {
         return Err(config_failure(&cli.config, ConfigError::NoRedisUrl));
+    }
+    // The file passed validation: what fails now comes from an override. Name it as given.
+    if let Err(e) = config.validate() {
+        let flag = |from_env: bool, flag: &'static str, var: &'static str| {
+            if from_env {
+                var
+            } else {
+                flag
+            }
+        };
+        let source = match e {
+            ConfigError::NodeId(_) => flag(
+                cli.from_env.node_id,
+                "--node-id",
+                "PROVIDER_BUDGETS_NODE_ID",
+            ),
+            _ if cli.redis.is_some() => {
+                flag(cli.from_env.redis, "--redis", "PROVIDER_BUDGETS_REDIS")
+            }
+            _ => "command line",
+        };
+        let msg = crate::config::redact_urls(&e.to_string());
+        let rest = msg.strip_prefix("config: ").unwrap_or(&msg);
+        return Err(Failure::runtime(format!("{source}: {rest}")));
     }
     Ok(config)
 }

@@ -393,6 +393,13 @@ fn global_flags_come_from_the_environment_and_flags_win() {
     let r = run(env_cmd(&["--config", missing.to_str().unwrap(), "status"]));
     r.assert_error(1, &["missing.yaml"]);
 
+    // A bad value names where it came from: the variable, or the flag.
+    let mut c = env_cmd(&["--now", NOW, "status"]);
+    c.env("PROVIDER_BUDGETS_NODE_ID", "edge 7");
+    run(c).assert_error(1, &["PROVIDER_BUDGETS_NODE_ID", "\"edge 7\""]);
+    run(env_cmd(&["--node-id", "edge 8", "--now", NOW, "status"]))
+        .assert_error(1, &["--node-id", "\"edge 8\""]);
+
     // An empty variable counts as unset: no replication, no empty URL.
     let mut c = env_cmd(&["--now", NOW, "status", "--json"]);
     c.env("PROVIDER_BUDGETS_REDIS", "");
