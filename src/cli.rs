@@ -220,7 +220,8 @@ fn clap_exit(e: &clap::Error) -> ExitCode {
         // No arguments at all: clap would print the whole help on stderr.
         eprintln!(
             "error: missing arguments; usage: provider-budgets --config FILE --data-dir DIR \
-             [--redis URL] [--node-id ID] [--now TIME] CMD (see --help)"
+             [--redis URL] [--node-id ID] [--now TIME] CMD; the flags may also come from \
+             PROVIDER_BUDGETS_* variables (see --help)"
         );
         return ExitCode::from(2);
     }
