@@ -13,6 +13,12 @@
 //!   (file, provider, value, key, line number). Panics print one `error: internal error: ...`
 //!   line (no backtrace). Logs go to stderr through `tracing` (`RUST_LOG`, default `error`).
 //! * `--data-dir` may be left out when the config sets `provider_budgets.storage.dir`.
+//! * Every global flag but `--now` may come from the environment instead:
+//!   `PROVIDER_BUDGETS_CONFIG`, `PROVIDER_BUDGETS_DATA_DIR`, `PROVIDER_BUDGETS_REDIS`,
+//!   `PROVIDER_BUDGETS_NODE_ID`; a flag wins over its variable, an empty variable counts as
+//!   unset. `--help` never shows the Redis variable's value (it may hold a password).
+//! * `--redis` (or its variable) supplies `provider_budgets.redis.url`, which the file may then
+//!   leave out; a `redis` section without either is an error naming the key.
 //! * Every command makes what it recorded durable before the process exits.
 //! * With `--redis`, `record`, `filter` and `status` run one sync round before answering
 //!   (`record` after its spend is durable). When it fails, `record` and `sync` exit 1 (the
@@ -22,13 +28,14 @@
 //!   `ingest` without `--durable` records as it reads and makes the records durable whenever
 //!   it has consumed everything stdin has delivered so far (and at end of input), then prints
 //!   one `ok N` for the last record of that batch: a pipe of many lines costs few fsyncs.
+//!   With `--redis`, `ingest` runs one sync round once all input is durable; when it fails,
+//!   `ingest` exits 1 like `record` (everything acknowledged stays recorded locally).
 
 use std::io::{self, BufRead, BufReader, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::Parser;
 use jiff::Timestamp;
 
 use crate::{
@@ -40,7 +47,7 @@ use crate::{
 const EXIT_NO_DEPLOYMENTS: u8 = 3;
 
 /// Command line arguments.
-#[derive(Debug, Parser)]
+#[derive(Debug, clap::Parser)]
 #[command(
     name = "provider-budgets",
     version,
@@ -48,22 +55,39 @@ const EXIT_NO_DEPLOYMENTS: u8 = 3;
 )]
 struct Cli {
     /// Config file: YAML (a litellm proxy config works as it is) or TOML (`.toml`).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", env = "PROVIDER_BUDGETS_CONFIG")]
     config: PathBuf,
     /// Data dir (sled); overrides `provider_budgets.storage.dir`.
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", env = "PROVIDER_BUDGETS_DATA_DIR")]
     data_dir: Option<PathBuf>,
     /// Redis URL for fleet replication; overrides `provider_budgets.redis.url`.
-    #[arg(long, value_name = "URL")]
+    // The value may carry a password: `--help` shows the variable's name, never its value.
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "PROVIDER_BUDGETS_REDIS",
+        hide_env_values = true
+    )]
     redis: Option<String>,
     /// This node's id; overrides `provider_budgets.node_id`.
-    #[arg(long, value_name = "ID")]
+    #[arg(long, value_name = "ID", env = "PROVIDER_BUDGETS_NODE_ID")]
     node_id: Option<String>,
     /// Fix the clock for this invocation (RFC 3339 or Unix seconds).
     #[arg(long, value_name = "TIME", value_parser = parse_time)]
     now: Option<Timestamp>,
     #[command(subcommand)]
     cmd: Cmd,
+    /// Which overrides came from a `PROVIDER_BUDGETS_*` variable, so that an error names the
+    /// variable rather than a flag the operator never typed.
+    #[arg(skip)]
+    from_env: FromEnv,
+}
+
+/// Global flags whose value came from the environment.
+#[derive(Debug, Default)]
+struct FromEnv {
+    node_id: bool,
+    redis: bool,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -158,7 +182,7 @@ type Outcome = Result<(), Failure>;
 pub fn run() -> ExitCode {
     install_panic_hook();
     init_logging();
-    let cli = match Cli::try_parse() {
+    let cli = match parse_args() {
         Ok(cli) => cli,
         Err(e) => return clap_exit(&e),
     };
@@ -169,6 +193,27 @@ pub fn run() -> ExitCode {
             ExitCode::from(f.code)
         }
     }
+}
+
+/// The command line, with the global flags' environment variables (`PROVIDER_BUDGETS_*`)
+/// where a flag is absent. An empty variable counts as unset (clap would take it as an empty
+/// value), so `PROVIDER_BUDGETS_REDIS=` turns replication off rather than failing.
+fn parse_args() -> Result<Cli, clap::Error> {
+    use clap::{CommandFactory, FromArgMatches};
+    let cmd = Cli::command().mut_args(|arg| match arg.get_env() {
+        Some(var) if std::env::var_os(var).is_some_and(|v| v.is_empty()) => {
+            arg.env(None::<&'static str>)
+        }
+        _ => arg,
+    });
+    let matches = cmd.try_get_matches()?;
+    let mut cli = Cli::from_arg_matches(&matches)?;
+    let env = |id: &str| matches.value_source(id) == Some(clap::parser::ValueSource::EnvVariable);
+    cli.from_env = FromEnv {
+        node_id: env("node_id"),
+        redis: env("redis"),
+    };
+    Ok(cli)
 }
 
 /// `--help` and `--version` print as clap renders them; usage errors become one line, because
@@ -183,7 +228,8 @@ fn clap_exit(e: &clap::Error) -> ExitCode {
         // No arguments at all: clap would print the whole help on stderr.
         eprintln!(
             "error: missing arguments; usage: provider-budgets --config FILE --data-dir DIR \
-             [--redis URL] [--node-id ID] [--now TIME] CMD (see --help)"
+             [--redis URL] [--node-id ID] [--now TIME] CMD; the flags may also come from \
+             PROVIDER_BUDGETS_* variables (see --help)"
         );
         return ExitCode::from(2);
     }
@@ -276,13 +322,43 @@ fn load_config(cli: &Cli) -> Result<Config, Failure> {
             None => config.redis = Some(RedisConfig::new(url.clone())),
         }
     }
+    // The file may leave the URL to `--redis`; with neither, say which key is missing.
+    if config.redis.as_ref().is_some_and(|r| r.url.is_empty()) {
+        return Err(config_failure(&cli.config, ConfigError::NoRedisUrl));
+    }
+    // The file passed validation: what fails now comes from an override. Name it as given.
+    if let Err(e) = config.validate() {
+        let flag = |from_env: bool, flag: &'static str, var: &'static str| {
+            if from_env {
+                var
+            } else {
+                flag
+            }
+        };
+        let source = match e {
+            ConfigError::NodeId(_) => flag(
+                cli.from_env.node_id,
+                "--node-id",
+                "PROVIDER_BUDGETS_NODE_ID",
+            ),
+            _ if cli.redis.is_some() => {
+                flag(cli.from_env.redis, "--redis", "PROVIDER_BUDGETS_REDIS")
+            }
+            _ => "command line",
+        };
+        let msg = crate::config::redact_urls(&e.to_string());
+        let rest = msg.strip_prefix("config: ").unwrap_or(&msg);
+        return Err(Failure::runtime(format!("{source}: {rest}")));
+    }
     Ok(config)
 }
 
-/// Config errors name the key and value; add the file unless the message already has it.
+/// Config errors name the key path and value; the line names the file once: `config FILE:
+/// KEY: MESSAGE`. A URL's password in the message is masked.
 fn config_failure(path: &Path, e: ConfigError) -> Failure {
-    let msg = e.to_string();
+    let msg = crate::config::redact_urls(&e.to_string());
     match e {
+        // "config: cannot read FILE: ..." names the file already.
         ConfigError::Io { .. } => Failure::runtime(msg),
         _ => {
             let rest = msg.strip_prefix("config: ").unwrap_or(&msg);
@@ -326,7 +402,7 @@ fn execute(cli: Cli) -> Outcome {
         Cmd::Filter { models } => filter(&limiter, &models, replicate),
         Cmd::Status { json } => status(&limiter, json, replicate),
         Cmd::Sync => sync(&limiter),
-        Cmd::Ingest { durable } => ingest(&limiter, durable),
+        Cmd::Ingest { durable } => ingest(&limiter, durable, replicate),
         Cmd::Repair { .. } => Ok(()), // handled above, before the data dir is opened
     };
     // Whatever happened, commit what was recorded before the process exits. The command's
@@ -571,8 +647,10 @@ fn parse_line(text: &str) -> Result<Line<'_>, String> {
 }
 
 /// Reads stdin to its end. On a bad line, what came before is made durable (by `execute`'s
-/// shutdown) and the error names the line.
-fn ingest(limiter: &Limiter, durable: bool) -> Outcome {
+/// shutdown) and the error names the line. With `replicate`, one sync round runs at the end
+/// of input, after everything is durable: its failure is the command's (exit 1), as for
+/// `record`, so a fleet that never heard of this spend does not go unnoticed.
+fn ingest(limiter: &Limiter, durable: bool, replicate: bool) -> Outcome {
     // Our own reader, because its `buffer()` tells whether more input is already waiting.
     let mut input = BufReader::with_capacity(64 * 1024, io::stdin().lock());
     let mut out = io::stdout().lock();
@@ -610,6 +688,10 @@ fn ingest(limiter: &Limiter, durable: bool) -> Outcome {
             out.flush()?;
             acked = count;
         }
+    }
+    if replicate {
+        // `sync` flushes first: only durable spend is shipped.
+        limiter.sync()?;
     }
     Ok(())
 }

@@ -24,6 +24,30 @@
 //!
 //! Durations are humantime strings (`2ms`, `1s`, `1h 30m`). Budget periods use litellm's
 //! notation, see [`Period`].
+//!
+//! Decisions that keep a file from silently meaning something else:
+//!
+//! * A key given twice in `provider_budget_config` (at either place) or in
+//!   `provider_budgets.model_providers` is an error naming the key (YAML parsers keep the last
+//!   one; TOML refuses duplicates itself). A field given twice is an error too.
+//! * A value starting with `os.environ/` is replaced by the environment variable it names, as
+//!   litellm's proxy does, in every value we read (not in keys, and not in the litellm keys we
+//!   ignore). A variable that is unset or empty is an error naming the key path and the variable
+//!   (litellm would silently read nothing). Errors about such a value name `os.environ/NAME`;
+//!   only a refused budget limit or period also shows what was read (an amount is no secret),
+//!   and a Redis URL's password never appears.
+//! * `provider_budgets.redis.url` may be left out of the file when the URL comes from elsewhere
+//!   (the CLI's `--redis`); the parsed [`RedisConfig::url`] is then empty and
+//!   [`Limiter::open`](crate::Limiter::open) refuses it with [`ConfigError::NoRedisUrl`].
+//! * Keys outside ours are ignored (a litellm config passes as it is), except one that nearly
+//!   spells ours (`provider_budget_confg`, `Provider-Budgets`): that would leave every provider
+//!   without a budget, so it is an error naming the key meant.
+//! * A `model_providers` prefix that resolution can never reach (it extends a built-in prefix,
+//!   or has a `/` after its first character) is an error.
+//! * Provider names may not contain `/`, whitespace or control characters (they could never
+//!   match a deployment or be fed through `ingest`), nor `:`, `{`, `}` (key separators).
+//! * Every error is one line naming the key path once; URLs in it (and in `RedisConfig`'s
+//!   `Debug`) have their password replaced by `***`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -68,10 +92,13 @@ impl Default for StorageConfig {
     }
 }
 
-/// Fleet replication through Redis (used by the `redis` feature).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Fleet replication through Redis (used by the `redis` feature). Its `Debug` masks the URL's
+/// password, so a logged or panicking config never shows it.
+#[derive(Clone, PartialEq, Eq)]
 pub struct RedisConfig {
-    /// `redis://host:port/db` (or `rediss://`).
+    /// `redis://host:port/db` (or `rediss://`). Empty when a file's `redis` section leaves the
+    /// URL to the command line: opening a limiter with an empty URL is
+    /// [`ConfigError::NoRedisUrl`].
     pub url: String,
     /// Prefix of every key, so several fleets can share one Redis. Default `provider_budgets`.
     pub prefix: String,
@@ -83,6 +110,19 @@ pub struct RedisConfig {
     pub connect_timeout: Duration,
     /// Bound on one sync round trip. Default 2 s.
     pub command_timeout: Duration,
+}
+
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &redact_urls(&self.url))
+            .field("prefix", &self.prefix)
+            .field("sync_interval", &self.sync_interval)
+            .field("grace", &self.grace)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("command_timeout", &self.command_timeout)
+            .finish()
+    }
 }
 
 impl RedisConfig {
@@ -160,7 +200,7 @@ pub enum ConfigError {
         message: String,
     },
     /// A budget's limit is not a usable amount.
-    #[error("config: provider {provider:?}: budget_limit {value:?}: {source}")]
+    #[error("config: provider {provider:?}: budget_limit{}: {source}", written_as(.value))]
     Limit {
         /// The provider.
         provider: String,
@@ -177,10 +217,9 @@ pub enum ConfigError {
         /// Why it is refused (names the value).
         source: PeriodError,
     },
-    /// A provider name cannot be stored (empty, or contains NUL or a `:`/`{`/`}`).
-    #[error(
-        "config: provider name {0:?} is not allowed (empty, or contains NUL, ':', '{{' or '}}')"
-    )]
+    /// A provider name cannot be stored or can never match a deployment: empty, or containing
+    /// `/`, `:`, `{`, `}`, whitespace or a control character (NUL included).
+    #[error("config: provider name {0:?} is not allowed: {problem}", problem = provider_name_problem(.0))]
     ProviderName(String),
     /// The same provider has two budgets.
     #[error("config: provider {0:?} has more than one budget")]
@@ -199,6 +238,9 @@ pub enum ConfigError {
         /// What is wrong.
         message: String,
     },
+    /// A `redis` section without a URL, and none given otherwise (the CLI's `--redis`).
+    #[error("config: provider_budgets.redis.url is not set (set it in the config file or pass --redis URL)")]
+    NoRedisUrl,
     /// No storage dir: the limiter is durable and needs one.
     #[error("config: no data dir (set provider_budgets.storage.dir or pass --data-dir)")]
     NoDataDir,
@@ -253,27 +295,51 @@ impl Config {
         }
     }
 
-    /// Parses YAML (a litellm proxy config works as it is).
+    /// Parses YAML (a litellm proxy config works as it is). `os.environ/NAME` values are read
+    /// from this process's environment.
     pub fn from_yaml_str(text: &str) -> Result<Config, ConfigError> {
+        Config::from_yaml_str_with_env(text, env_var)
+    }
+
+    /// [`Config::from_yaml_str`] with `os.environ/NAME` values looked up by `env` instead of in
+    /// the process environment (tests, or a caller with its own secret store).
+    pub fn from_yaml_str_with_env(
+        text: &str,
+        env: impl Fn(&str) -> Option<String> + 'static,
+    ) -> Result<Config, ConfigError> {
         if text.trim().is_empty() {
             return Config::from_raw(RawDocument::default());
         }
-        let de = serde_yaml_ng::Deserializer::from_str(text);
-        let raw: RawDocument = serde_path_to_error::deserialize(de).map_err(syntax)?;
+        let raw: RawDocument = with_env(env, || {
+            let de = serde_yaml_ng::Deserializer::from_str(text);
+            serde_path_to_error::deserialize(de).map_err(syntax)
+        })?;
         Config::from_raw(raw)
     }
 
-    /// Parses TOML.
+    /// Parses TOML. `os.environ/NAME` values are read from this process's environment.
     pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml_str_with_env(text, env_var)
+    }
+
+    /// [`Config::from_toml_str`] with `os.environ/NAME` values looked up by `env`.
+    pub fn from_toml_str_with_env(
+        text: &str,
+        env: impl Fn(&str) -> Option<String> + 'static,
+    ) -> Result<Config, ConfigError> {
         let de = toml::Deserializer::parse(text).map_err(|e| ConfigError::Syntax {
             path: "(document)".into(),
-            message: one_line(&e.to_string()),
+            message: redact_urls(&one_line(&e.to_string())),
         })?;
-        let raw: RawDocument = serde_path_to_error::deserialize(de).map_err(syntax)?;
+        let raw: RawDocument =
+            with_env(env, || serde_path_to_error::deserialize(de).map_err(syntax))?;
         Config::from_raw(raw)
     }
 
     /// Checks what the type system cannot: provider names, duplicates, node id, ranges.
+    ///
+    /// An empty Redis URL passes here (a file may leave it to the command line); opening a
+    /// limiter with it is [`ConfigError::NoRedisUrl`].
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut seen = std::collections::HashSet::new();
         for b in &self.budgets {
@@ -292,7 +358,21 @@ impl Config {
                     message: format!("empty prefix for provider {provider:?}"),
                 });
             }
-            check_provider_name(provider)?;
+            if let Some(why) = unreachable_prefix(prefix) {
+                return Err(ConfigError::Invalid {
+                    key: "provider_budgets.model_providers",
+                    message: format!("prefix {prefix:?} can never match: {why}"),
+                });
+            }
+            if check_provider_name(provider).is_err() {
+                return Err(ConfigError::Invalid {
+                    key: "provider_budgets.model_providers",
+                    message: format!(
+                        "prefix {prefix:?}: provider name {provider:?} is not allowed: {}",
+                        provider_name_problem(provider)
+                    ),
+                });
+            }
         }
         if let Some(r) = &self.redis {
             if r.sync_interval.is_zero() {
@@ -316,7 +396,7 @@ impl Config {
         let nested = raw.router_settings.and_then(|r| r.provider_budget_config);
         let block = match (raw.provider_budget_config, nested) {
             (Some(_), Some(_)) => return Err(ConfigError::TwoBudgetBlocks),
-            (Some(b), None) | (None, Some(b)) => b,
+            (Some(b), None) | (None, Some(b)) => b.0,
             (None, None) => BTreeMap::new(),
         };
         let mut budgets = Vec::with_capacity(block.len());
@@ -328,14 +408,14 @@ impl Config {
         let mut config = Config {
             budgets,
             storage: StorageConfig {
-                dir: storage.dir,
+                dir: storage.dir.map(|d| PathBuf::from(d.value)),
                 max_delay: storage.max_delay.map_or(defaults.max_delay, |d| d.0),
                 retention: storage.retention.map_or(defaults.retention, |d| d.0),
             },
             redis: own.redis.map(|r| {
-                let d = RedisConfig::new(r.url);
+                let d = RedisConfig::new(r.url.map(|u| u.value).unwrap_or_default());
                 RedisConfig {
-                    prefix: r.prefix.unwrap_or(d.prefix),
+                    prefix: r.prefix.map_or(d.prefix, |p| p.value),
                     sync_interval: r.sync_interval.map_or(d.sync_interval, |x| x.0),
                     grace: r.grace.map_or(d.grace, |x| x.0),
                     connect_timeout: r.connect_timeout.map_or(d.connect_timeout, |x| x.0),
@@ -343,13 +423,15 @@ impl Config {
                     url: d.url,
                 }
             }),
-            node_id: own.node_id,
-            window_anchor: own.window_anchor.unwrap_or(Timestamp::UNIX_EPOCH),
-            unknown_provider: own.unknown_provider.unwrap_or_default(),
+            node_id: own.node_id.map(|n| n.value),
+            window_anchor: own.window_anchor.map_or(Timestamp::UNIX_EPOCH, |a| a.0),
+            unknown_provider: own.unknown_provider.map(|u| u.0).unwrap_or_default(),
             model_providers: own
                 .model_providers
+                .map(|m| m.0)
                 .unwrap_or_default()
                 .into_iter()
+                .map(|(prefix, provider)| (prefix, provider.value))
                 .collect(),
         };
         config.budgets.sort_by(|a, b| a.provider.cmp(&b.provider));
@@ -358,12 +440,67 @@ impl Config {
     }
 }
 
-/// Provider names become storage and Redis key parts: keep them unambiguous there.
+/// Why a `model_providers` prefix can never take effect, if so: resolution tries a
+/// `provider/model` split and the built-in table first ([`crate::provider`]), so a prefix with
+/// a `/` after its first character, or one that extends a built-in prefix, would be ignored
+/// without a word.
+fn unreachable_prefix(prefix: &str) -> Option<String> {
+    if let Some((before, _)) = prefix.split_once('/').filter(|(b, _)| !b.is_empty()) {
+        return Some(format!(
+            "a model name with '/' resolves to the provider before it ({before:?})"
+        ));
+    }
+    crate::provider::BUILTIN_PREFIXES
+        .iter()
+        .find(|(builtin, _)| prefix.starts_with(builtin))
+        .map(|(builtin, owner)| {
+            format!(
+                "the built-in prefix {builtin:?} ({owner}) is checked first; name such \
+                 deployments PROVIDER/MODEL instead"
+            )
+        })
+}
+
+/// Provider names become storage and Redis key parts, and are matched against deployment
+/// names (`provider/model`) and `ingest` fields (split at whitespace): keep them unambiguous
+/// there and able to match at all.
 pub(crate) fn check_provider_name(name: &str) -> Result<(), ConfigError> {
-    if name.is_empty() || name.contains(['\0', ':', '{', '}']) {
+    if provider_name_fault(name).is_some() {
         return Err(ConfigError::ProviderName(name.to_owned()));
     }
     Ok(())
+}
+
+/// What is wrong with a provider name, if anything.
+fn provider_name_fault(name: &str) -> Option<String> {
+    if name.is_empty() {
+        return Some("it is empty".into());
+    }
+    let bad = name
+        .chars()
+        .find(|&c| matches!(c, '/' | ':' | '{' | '}') || c.is_whitespace() || c.is_control())?;
+    let what = match bad {
+        '/' => "'/' (it separates provider and model in a deployment name)".to_owned(),
+        ':' | '{' | '}' => format!("{bad:?} (it is a storage and Redis key separator)"),
+        c if c.is_whitespace() => format!("whitespace {c:?}"),
+        c => format!("control character {c:?}"),
+    };
+    Some(format!("it contains {what}"))
+}
+
+/// ` (os.environ/NAME)` when a limit came from the environment; nothing otherwise (the
+/// amount's own error quotes the value).
+fn written_as(value: &str) -> String {
+    if value.starts_with(ENV_MARKER) {
+        format!(" ({value})")
+    } else {
+        String::new()
+    }
+}
+
+/// The reason [`ConfigError::ProviderName`] gives.
+fn provider_name_problem(name: &str) -> String {
+    provider_name_fault(name).unwrap_or_else(|| "reserved".into())
 }
 
 fn check_node_id(id: &str) -> Result<(), ConfigError> {
@@ -382,14 +519,36 @@ fn check_node_id(id: &str) -> Result<(), ConfigError> {
 fn syntax<E: std::fmt::Display>(e: serde_path_to_error::Error<E>) -> ConfigError {
     // A key may contain line breaks: escape them, errors are one line.
     let path = e.path().to_string().escape_debug().to_string();
+    let path = if path == "." {
+        "(document)".into()
+    } else {
+        path
+    };
+    let message = one_line(&e.inner().to_string());
     ConfigError::Syntax {
-        path: if path == "." {
-            "(document)".into()
-        } else {
-            path
-        },
-        message: one_line(&e.inner().to_string()),
+        message: redact_urls(&parser_message(&path, &message)),
+        path,
     }
+}
+
+/// A parser's message without what the path already says: serde_yaml_ng starts its messages
+/// with its own path of the failing node (`provider_budgets.redis: missing field ...`), which
+/// is our path or a prefix of it. Serde's Rust vocabulary is translated for YAML readers.
+fn parser_message(path: &str, message: &str) -> String {
+    let message = match message.split_once(": ") {
+        Some((head, rest))
+            if !head.is_empty()
+                && !head.contains(' ')
+                && path.starts_with(head)
+                && matches!(path.as_bytes().get(head.len()), None | Some(b'.' | b'[')) =>
+        {
+            rest
+        }
+        _ => message,
+    };
+    message
+        .replace("invalid type: unit value", "invalid type: null")
+        .replace("invalid type: Option value", "invalid type: null")
 }
 
 /// Parser messages may span lines (TOML draws the offending line); errors here are one line.
@@ -403,35 +562,441 @@ fn one_line(s: &str) -> String {
         .join("; ")
 }
 
+/// Replaces the password of every `scheme://user:password@host` in `text` with `***`
+/// (`redis://:***@host`); a userinfo without `:` is all password for Redis, so it becomes
+/// `***` too. Config errors may quote a value (a parser's "invalid type: string ..."), or a
+/// TOML line: a Redis URL in them must not leak its password.
+pub(crate) fn redact_urls(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("://") {
+        let (head, tail) = rest.split_at(at + 3);
+        out.push_str(head);
+        // The authority ends at the first '/', '?', '#', quote or whitespace.
+        let end = tail
+            .find(|c: char| matches!(c, '/' | '?' | '#' | '"' | '\'' | '`') || c.is_whitespace())
+            .unwrap_or(tail.len());
+        let authority = &tail[..end];
+        match authority.rfind('@') {
+            Some(userinfo_end) => {
+                let userinfo = &authority[..userinfo_end];
+                match userinfo.split_once(':') {
+                    Some((user, _)) => {
+                        out.push_str(user);
+                        out.push_str(":***");
+                    }
+                    None => out.push_str("***"),
+                }
+                out.push_str(&authority[userinfo_end..]);
+            }
+            None => out.push_str(authority),
+        }
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+// ---- os.environ/NAME --------------------------------------------------------------------------
+
+/// The marker litellm uses for a value taken from the environment.
+const ENV_MARKER: &str = "os.environ/";
+
+type EnvLookup = std::rc::Rc<dyn Fn(&str) -> Option<String>>;
+
+thread_local! {
+    /// The lookup of the parse running on this thread (`Deserialize` impls take no context).
+    static ENV: std::cell::RefCell<Option<EnvLookup>> = const { std::cell::RefCell::new(None) };
+}
+
+/// The process environment; a value that is not UTF-8 is taken lossily (it fails its parse).
+fn env_var(name: &str) -> Option<String> {
+    std::env::var_os(name).map(|v| v.to_string_lossy().into_owned())
+}
+
+/// Runs `parse` with `env` as the lookup of `os.environ/NAME` values on this thread.
+fn with_env<T>(env: impl Fn(&str) -> Option<String> + 'static, parse: impl FnOnce() -> T) -> T {
+    struct Reset(Option<EnvLookup>);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            let previous = self.0.take();
+            ENV.with(|e| *e.borrow_mut() = previous);
+        }
+    }
+    let previous = ENV.with(|e| e.borrow_mut().replace(std::rc::Rc::new(env)));
+    let _reset = Reset(previous);
+    parse()
+}
+
+/// Expands `os.environ/NAME` like litellm: a value that starts with the marker is replaced by
+/// the variable; anything else is kept. Unset or empty is an error naming the variable (the
+/// caller's path names the key); the variable's content never appears in an error.
+fn expand_env(written: &str) -> Result<Option<String>, String> {
+    let Some(name) = written.strip_prefix(ENV_MARKER) else {
+        return Ok(None);
+    };
+    if name.is_empty() {
+        return Err(format!("{written:?} names no environment variable"));
+    }
+    let lookup = ENV.with(|e| e.borrow().clone());
+    let value = match lookup {
+        Some(f) => f(name),
+        None => env_var(name),
+    };
+    match value {
+        Some(v) if !v.is_empty() => Ok(Some(v)),
+        Some(_) => Err(format!("{written}: environment variable {name} is empty")),
+        None => Err(format!("{written}: environment variable {name} is not set")),
+    }
+}
+
 // ---- the file's shape ------------------------------------------------------------------------
 
-/// The top level of a file. Unknown keys are ignored here: it may be a whole litellm config.
-#[derive(Debug, Default, Deserialize)]
+/// The top level of a file. Other keys are ignored: it may be a whole litellm config. But a
+/// key that is nearly one of ours (`provider_budget_confg`, `provider-budgets`) is an error:
+/// ignored, it would silently leave every provider without a budget.
+#[derive(Debug, Default)]
 struct RawDocument {
-    provider_budget_config: Option<BTreeMap<String, RawBudget>>,
+    provider_budget_config: Option<UniqueMap<RawBudget>>,
     router_settings: Option<RawRouterSettings>,
     provider_budgets: Option<RawOwn>,
 }
 
-#[derive(Debug, Deserialize)]
+/// litellm's `router_settings`: only its `provider_budget_config` is ours.
+#[derive(Debug, Default)]
 struct RawRouterSettings {
-    provider_budget_config: Option<BTreeMap<String, RawBudget>>,
+    provider_budget_config: Option<UniqueMap<RawBudget>>,
+}
+
+/// The key of ours that `key` is probably a misspelling of: equal once case and `-`/`_`/space
+/// are ignored, or at most two edits away.
+fn near_miss<'k>(key: &str, ours: &[&'k str]) -> Option<&'k str> {
+    let norm = |s: &str| -> Vec<char> {
+        s.chars()
+            .map(|c| match c {
+                '-' | ' ' => '_',
+                c => c.to_ascii_lowercase(),
+            })
+            .collect()
+    };
+    let k = norm(key);
+    ours.iter()
+        .copied()
+        .find(|o| key != *o && edit_distance(&k, &norm(o)) <= 2)
+}
+
+/// Levenshtein distance (keys are short).
+fn edit_distance(a: &[char], b: &[char]) -> usize {
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.iter().enumerate() {
+        let mut diag = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let next = (diag + usize::from(ca != cb))
+                .min(row[j] + 1)
+                .min(row[j + 1] + 1);
+            diag = row[j + 1];
+            row[j + 1] = next;
+        }
+    }
+    row[b.len()]
+}
+
+/// Reads the keys of a litellm-level map: `read` takes ours (and returns false for others),
+/// other keys are skipped unless they nearly spell one of `ours`; ours may appear once.
+fn visit_litellm_map<'de, A: serde::de::MapAccess<'de>>(
+    mut map: A,
+    ours: &[&str],
+    mut read: impl FnMut(&str, &mut A) -> Result<bool, A::Error>,
+) -> Result<(), A::Error> {
+    use serde::de::Error;
+    let mut seen: Vec<String> = Vec::new();
+    while let Some(key) = map.next_key::<String>()? {
+        if ours.contains(&key.as_str()) {
+            if seen.contains(&key) {
+                return Err(A::Error::custom(format!(
+                    "key {key:?} is given more than once"
+                )));
+            }
+            seen.push(key.clone());
+        }
+        if read(&key, &mut map)? {
+            continue;
+        }
+        if let Some(meant) = near_miss(&key, ours) {
+            return Err(A::Error::custom(format!(
+                "unknown key {key:?}: did you mean {meant:?}? (other keys are ignored as litellm's)"
+            )));
+        }
+        map.next_value::<serde::de::IgnoredAny>()?;
+    }
+    Ok(())
+}
+
+impl<'de> Deserialize<'de> for RawDocument {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<RawDocument, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = RawDocument;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a map (a litellm config or our own)")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<RawDocument, A::Error> {
+                let mut doc = RawDocument::default();
+                let ours = [
+                    "provider_budget_config",
+                    "router_settings",
+                    "provider_budgets",
+                ];
+                visit_litellm_map(map, &ours, |key, map| {
+                    match key {
+                        "provider_budget_config" => {
+                            doc.provider_budget_config = map.next_value()?
+                        }
+                        "router_settings" => doc.router_settings = map.next_value()?,
+                        "provider_budgets" => doc.provider_budgets = map.next_value()?,
+                        _ => return Ok(false),
+                    }
+                    Ok(true)
+                })?;
+                Ok(doc)
+            }
+        }
+        d.deserialize_map(Visit)
+    }
+}
+
+impl<'de> Deserialize<'de> for RawRouterSettings {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<RawRouterSettings, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = RawRouterSettings;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a map")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<RawRouterSettings, A::Error> {
+                let mut out = RawRouterSettings::default();
+                visit_litellm_map(map, &["provider_budget_config"], |key, map| {
+                    if key != "provider_budget_config" {
+                        return Ok(false);
+                    }
+                    out.provider_budget_config = map.next_value()?;
+                    Ok(true)
+                })?;
+                Ok(out)
+            }
+        }
+        d.deserialize_map(Visit)
+    }
+}
+
+/// A map whose keys must be unique: YAML parsers keep the last of two equal keys, which would
+/// silently drop a budget or a prefix. Sorted by key.
+#[derive(Debug)]
+struct UniqueMap<V>(BTreeMap<String, V>);
+
+impl<'de, V: Deserialize<'de>> Deserialize<'de> for UniqueMap<V> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<UniqueMap<V>, D::Error> {
+        struct Visit<V>(std::marker::PhantomData<V>);
+        impl<'de, V: Deserialize<'de>> serde::de::Visitor<'de> for Visit<V> {
+            type Value = UniqueMap<V>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a map")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<UniqueMap<V>, A::Error> {
+                let mut out = BTreeMap::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    if out.contains_key(&key) {
+                        return Err(serde::de::Error::custom(format!(
+                            "key {key:?} is given more than once"
+                        )));
+                    }
+                    let value = map.next_value::<V>()?;
+                    out.insert(key, value);
+                }
+                Ok(UniqueMap(out))
+            }
+        }
+        d.deserialize_map(Visit(std::marker::PhantomData))
+    }
 }
 
 /// One entry of litellm's block. Extra keys litellm may add are tolerated.
 #[derive(Debug, Deserialize)]
+#[serde(expecting = "a map with budget_limit and time_period")]
 struct RawBudget {
     budget_limit: RawAmount,
-    time_period: String,
+    time_period: Text,
 }
 
 /// A limit may be written as a number or a string (`"0.1"`); strings parse exactly.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug)]
 enum RawAmount {
     Int(u64),
     Float(f64),
-    Text(String),
+    Text(Text),
+}
+
+/// What a wrongly shaped value is, in YAML/TOML words, for "got ..." messages.
+fn shape(u: serde::de::Unexpected<'_>) -> String {
+    use serde::de::Unexpected;
+    match u {
+        Unexpected::Unit | Unexpected::Option => "null".into(),
+        Unexpected::Bool(b) => b.to_string(),
+        Unexpected::Seq => "a list".into(),
+        Unexpected::Map => "a map".into(),
+        other => other.to_string(),
+    }
+}
+
+impl<'de> Deserialize<'de> for RawAmount {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<RawAmount, D::Error> {
+        use serde::de::{Error, Unexpected};
+        struct Visit;
+        impl Visit {
+            fn refuse<E: Error>(u: Unexpected<'_>) -> E {
+                E::custom(format!(
+                    "must be a number or a decimal string, got {}",
+                    shape(u)
+                ))
+            }
+        }
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = RawAmount;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a number or a decimal string")
+            }
+            fn visit_u64<E: Error>(self, v: u64) -> Result<RawAmount, E> {
+                Ok(RawAmount::Int(v))
+            }
+            fn visit_i64<E: Error>(self, v: i64) -> Result<RawAmount, E> {
+                // Negative: kept as written, so that the limit's error quotes it.
+                Ok(match u64::try_from(v) {
+                    Ok(n) => RawAmount::Int(n),
+                    Err(_) => RawAmount::Text(Text::plain(v.to_string())),
+                })
+            }
+            // Beyond 64 bits: kept as written; the limit's error says "too large"/"negative".
+            fn visit_u128<E: Error>(self, v: u128) -> Result<RawAmount, E> {
+                Ok(RawAmount::Text(Text::plain(v.to_string())))
+            }
+            fn visit_i128<E: Error>(self, v: i128) -> Result<RawAmount, E> {
+                Ok(RawAmount::Text(Text::plain(v.to_string())))
+            }
+            fn visit_f64<E: Error>(self, v: f64) -> Result<RawAmount, E> {
+                Ok(RawAmount::Float(v))
+            }
+            fn visit_str<E: Error>(self, v: &str) -> Result<RawAmount, E> {
+                Text::from_written(v).map(RawAmount::Text)
+            }
+            fn visit_bool<E: Error>(self, v: bool) -> Result<RawAmount, E> {
+                Err(Visit::refuse(Unexpected::Bool(v)))
+            }
+            fn visit_unit<E: Error>(self) -> Result<RawAmount, E> {
+                Err(Visit::refuse(Unexpected::Unit))
+            }
+            fn visit_none<E: Error>(self) -> Result<RawAmount, E> {
+                Err(Visit::refuse(Unexpected::Unit))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, _: A) -> Result<RawAmount, A::Error> {
+                Err(Visit::refuse(Unexpected::Seq))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, _: A) -> Result<RawAmount, A::Error> {
+                Err(Visit::refuse(Unexpected::Map))
+            }
+        }
+        d.deserialize_any(Visit)
+    }
+}
+
+/// A string value after `os.environ/NAME` expansion. `written` is what the file says, and what
+/// errors quote (so a secret from the environment is never printed).
+#[derive(Debug)]
+struct Text {
+    value: String,
+    written: String,
+}
+
+impl Text {
+    fn plain(value: String) -> Text {
+        Text {
+            written: value.clone(),
+            value,
+        }
+    }
+
+    fn from_written<E: serde::de::Error>(written: &str) -> Result<Text, E> {
+        match expand_env(written).map_err(E::custom)? {
+            Some(value) => Ok(Text {
+                value,
+                written: written.to_owned(),
+            }),
+            None => Ok(Text::plain(written.to_owned())),
+        }
+    }
+
+    /// How an error quotes the value: as written, or `from os.environ/NAME` when expanded.
+    fn quoted(&self) -> String {
+        if self.value == self.written {
+            format!("{:?}", self.value)
+        } else {
+            format!("from {}", self.written)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Text {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Text, D::Error> {
+        use serde::de::{Error, Unexpected};
+        struct Visit;
+        fn refuse<E: Error>(u: Unexpected<'_>) -> E {
+            E::custom(format!("must be a string, got {}", shape(u)))
+        }
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Text;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_str<E: Error>(self, v: &str) -> Result<Text, E> {
+                Text::from_written(v)
+            }
+            // TOML numbers, as YAML's plain scalars arrive as text anyway.
+            fn visit_u64<E: Error>(self, v: u64) -> Result<Text, E> {
+                Ok(Text::plain(v.to_string()))
+            }
+            fn visit_i64<E: Error>(self, v: i64) -> Result<Text, E> {
+                Ok(Text::plain(v.to_string()))
+            }
+            fn visit_f64<E: Error>(self, v: f64) -> Result<Text, E> {
+                Ok(Text::plain(v.to_string()))
+            }
+            fn visit_bool<E: Error>(self, v: bool) -> Result<Text, E> {
+                Err(refuse(Unexpected::Bool(v)))
+            }
+            fn visit_unit<E: Error>(self) -> Result<Text, E> {
+                Err(refuse(Unexpected::Unit))
+            }
+            fn visit_none<E: Error>(self) -> Result<Text, E> {
+                Err(refuse(Unexpected::Unit))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, _: A) -> Result<Text, A::Error> {
+                Err(refuse(Unexpected::Seq))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, _: A) -> Result<Text, A::Error> {
+                Err(refuse(Unexpected::Map))
+            }
+        }
+        d.deserialize_str(Visit)
+    }
 }
 
 impl RawBudget {
@@ -441,9 +1006,9 @@ impl RawBudget {
             RawAmount::Int(n) => (n.to_string(), n.to_string().parse::<Money>()),
             // Display of f64 is the shortest exact round trip (`0.1`), parsed as a decimal.
             RawAmount::Float(f) => (f.to_string(), f.to_string().parse::<Money>()),
-            RawAmount::Text(s) => {
-                let p = s.trim().parse::<Money>();
-                (s, p)
+            RawAmount::Text(t) => {
+                let p = t.value.trim().parse::<Money>();
+                (t.written, p)
             }
         };
         let limit = match parsed {
@@ -460,13 +1025,14 @@ impl RawBudget {
                 })
             }
         };
-        let period = self
-            .time_period
-            .parse::<Period>()
-            .map_err(|source| ConfigError::Period {
-                provider: provider.clone(),
-                source,
-            })?;
+        let period =
+            self.time_period
+                .value
+                .parse::<Period>()
+                .map_err(|source| ConfigError::Period {
+                    provider: provider.clone(),
+                    source,
+                })?;
         Ok(BudgetConfig {
             provider,
             limit,
@@ -476,33 +1042,63 @@ impl RawBudget {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a map")]
 struct RawOwn {
     storage: Option<RawStorage>,
     redis: Option<RawRedis>,
-    node_id: Option<String>,
-    window_anchor: Option<Timestamp>,
-    unknown_provider: Option<UnknownProvider>,
-    model_providers: Option<BTreeMap<String, String>>,
+    node_id: Option<Text>,
+    window_anchor: Option<Parsed<Timestamp>>,
+    unknown_provider: Option<Parsed<UnknownProvider>>,
+    model_providers: Option<UniqueMap<Text>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a map")]
 struct RawStorage {
-    dir: Option<PathBuf>,
+    dir: Option<Text>,
     max_delay: Option<HumanDuration>,
     retention: Option<HumanDuration>,
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a map")]
 struct RawRedis {
-    url: String,
-    prefix: Option<String>,
+    url: Option<Text>,
+    prefix: Option<Text>,
     sync_interval: Option<HumanDuration>,
     grace: Option<HumanDuration>,
     connect_timeout: Option<HumanDuration>,
     command_timeout: Option<HumanDuration>,
+}
+
+/// A string value parsed with `FromStr`; the error quotes the value as written.
+#[derive(Debug)]
+struct Parsed<T>(T);
+
+impl<'de, T> Deserialize<'de> for Parsed<T>
+where
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Parsed<T>, D::Error> {
+        let text = Text::deserialize(d)?;
+        text.value
+            .trim()
+            .parse::<T>()
+            .map(Parsed)
+            .map_err(|e| serde::de::Error::custom(format!("invalid value {}: {e}", text.quoted())))
+    }
+}
+
+impl std::str::FromStr for UnknownProvider {
+    type Err = String;
+    fn from_str(s: &str) -> Result<UnknownProvider, String> {
+        match s {
+            "allow" => Ok(UnknownProvider::Allow),
+            "deny" => Ok(UnknownProvider::Deny),
+            _ => Err("expected `allow` or `deny`".into()),
+        }
+    }
 }
 
 /// A humantime duration string (`2ms`, `1h 30m`).
@@ -511,10 +1107,12 @@ struct HumanDuration(Duration);
 
 impl<'de> Deserialize<'de> for HumanDuration {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<HumanDuration, D::Error> {
-        let s = String::deserialize(d)?;
-        parse_duration(&s)
+        let text = Text::deserialize(d)?;
+        humantime::parse_duration(text.value.trim())
             .map(HumanDuration)
-            .map_err(serde::de::Error::custom)
+            .map_err(|e| {
+                serde::de::Error::custom(format!("invalid duration {}: {e}", text.quoted()))
+            })
     }
 }
 
@@ -630,5 +1228,402 @@ sync_interval = "250ms"
             Config::from_yaml_str("[1, 2"),
             Err(ConfigError::Syntax { .. })
         ));
+    }
+
+    fn env(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> + 'static {
+        let vars: Vec<(String, String)> = vars
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        move |name| vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+    }
+
+    fn yaml_err(text: &str) -> String {
+        let e = Config::from_yaml_str_with_env(text, env(&[])).expect_err(text);
+        let msg = e.to_string();
+        assert!(!msg.contains('\n'), "{msg}");
+        msg
+    }
+
+    #[test]
+    fn duplicate_keys_are_errors_naming_the_key() {
+        let msg = yaml_err(
+            "provider_budget_config:\n  openai: {budget_limit: 1, time_period: 1d}\n  openai: {budget_limit: 2, time_period: 1d}\n",
+        );
+        assert!(
+            msg.contains("provider_budget_config") && msg.contains("\"openai\""),
+            "{msg}"
+        );
+        let msg = yaml_err(
+            "router_settings:\n  provider_budget_config:\n    a: {budget_limit: 1, time_period: 1d}\n    a: {budget_limit: 1, time_period: 1d}\n",
+        );
+        assert!(
+            msg.contains("router_settings.provider_budget_config") && msg.contains("\"a\""),
+            "{msg}"
+        );
+        let msg = yaml_err("provider_budgets:\n  model_providers: {\"x-\": a, \"x-\": b}\n");
+        assert!(
+            msg.contains("provider_budgets.model_providers") && msg.contains("\"x-\""),
+            "{msg}"
+        );
+        // Equal after YAML's own parsing (quoted and plain) is still a duplicate.
+        let msg = yaml_err(
+            "provider_budget_config:\n  openai: {budget_limit: 1, time_period: 1d}\n  \"openai\": {budget_limit: 2, time_period: 1d}\n",
+        );
+        assert!(msg.contains("more than once"), "{msg}");
+        let e = Config::from_toml_str(
+            "[provider_budget_config]\nopenai = { budget_limit = 1, time_period = \"1d\" }\nopenai = { budget_limit = 2, time_period = \"1d\" }\n",
+        )
+        .expect_err("toml duplicate");
+        assert!(e.to_string().contains("duplicate"), "{e}");
+        // Distinct keys still parse, sorted.
+        let c =
+            Config::from_yaml_str("provider_budgets:\n  model_providers: {\"x-\": a, \"w-\": b}\n")
+                .expect("parses");
+        assert_eq!(
+            c.model_providers,
+            vec![("w-".into(), "b".into()), ("x-".into(), "a".into())]
+        );
+    }
+
+    #[test]
+    fn near_misses_of_our_keys_are_refused_other_keys_ignored() {
+        for (text, key, meant) in [
+            (
+                "provider_budget_confg: {}\n",
+                "provider_budget_confg",
+                "provider_budget_config",
+            ),
+            (
+                "Provider-Budget-Config: {}\n",
+                "Provider-Budget-Config",
+                "provider_budget_config",
+            ),
+            (
+                "provider_budget: {}\n",
+                "provider_budget",
+                "provider_budgets",
+            ),
+            ("router_setings: {}\n", "router_setings", "router_settings"),
+            (
+                "router_settings:\n  provider_budgets_config: {}\n",
+                "provider_budgets_config",
+                "provider_budget_config",
+            ),
+        ] {
+            let msg = yaml_err(text);
+            assert!(
+                msg.contains(&format!("unknown key {key:?}: did you mean {meant:?}?")),
+                "{msg}"
+            );
+        }
+        // A whole litellm config: its own keys, even with os.environ values unset, are ignored.
+        let c = Config::from_yaml_str_with_env(
+            "model_list: [{model_name: x, litellm_params: {api_key: os.environ/K}}]\nlitellm_settings: {drop_params: true}\ngeneral_settings: {master_key: os.environ/M}\nrouter_settings: {routing_strategy: simple-shuffle, redis_password: os.environ/P, provider_budget_config: {openai: {budget_limit: 1, time_period: 1d}}}\nenvironment_variables: {A: b}\n",
+            env(&[]),
+        )
+        .expect("litellm config");
+        assert_eq!(c.budgets.len(), 1);
+        let msg = yaml_err("provider_budgets: {}\nprovider_budgets: {}\n");
+        assert!(
+            msg.contains("\"provider_budgets\" is given more than once"),
+            "{msg}"
+        );
+        assert_eq!(edit_distance(&['a', 'b'], &['b', 'a']), 2);
+        assert_eq!(edit_distance(&[], &['x']), 1);
+    }
+
+    #[test]
+    fn provider_names_that_cannot_match_are_refused() {
+        for bad in [
+            "", "a/b", "a b", "a\tb", "a\nb", "a\u{7}", "a\u{85}b", "a:b", "{a}", "a\0",
+        ] {
+            assert_eq!(
+                check_provider_name(bad),
+                Err(ConfigError::ProviderName(bad.into())),
+                "{bad:?}"
+            );
+            let msg = ConfigError::ProviderName(bad.into()).to_string();
+            assert!(
+                !msg.contains('\n') && msg.contains("is not allowed: it "),
+                "{msg}"
+            );
+        }
+        for good in ["openai", "azure_ai", "vertex-ai", "Bedrock.eu", "ünïcode"] {
+            assert_eq!(check_provider_name(good), Ok(()), "{good:?}");
+        }
+        let msg = yaml_err("provider_budgets:\n  model_providers: {\"llama-\": \"meta/llama\"}\n");
+        assert!(
+            msg.contains("provider_budgets.model_providers")
+                && msg.contains("\"llama-\"")
+                && msg.contains("\"meta/llama\""),
+            "{msg}"
+        );
+        // Prefixes that resolution would never reach.
+        for (prefix, words) in [
+            ("gpt-4o-mini", "built-in prefix \"gpt-\" (openai)"),
+            ("claude-3", "built-in prefix \"claude-\" (anthropic)"),
+            (
+                "meta/llama",
+                "resolves to the provider before it (\"meta\")",
+            ),
+        ] {
+            let msg = yaml_err(&format!(
+                "provider_budgets:\n  model_providers: {{{prefix:?}: together}}\n"
+            ));
+            assert!(
+                msg.contains("provider_budgets.model_providers")
+                    && msg.contains(&format!("{prefix:?} can never match"))
+                    && msg.contains(words),
+                "{msg}"
+            );
+        }
+        // Shorter than a built-in, or a leading '/', can still match.
+        for prefix in ["gp", "/local-"] {
+            let text = format!("provider_budgets:\n  model_providers: {{{prefix:?}: together}}\n");
+            Config::from_yaml_str(&text).expect(prefix);
+        }
+        let c = Config::new().budget("a b", Money::from_nanos(1), "1d".parse().expect("period"));
+        assert_eq!(c.validate(), Err(ConfigError::ProviderName("a b".into())));
+    }
+
+    #[test]
+    fn wrong_shapes_read_as_plain_words_with_the_path_once() {
+        let cases = [
+            ("budget_limit: null", "got null"),
+            ("budget_limit: ~", "got null"),
+            ("budget_limit: [1]", "got a list"),
+            ("budget_limit: {a: 1}", "got a map"),
+            ("budget_limit: false", "got false"),
+        ];
+        for (limit, words) in cases {
+            let msg = yaml_err(&format!(
+                "provider_budget_config:\n  openai: {{{limit}, time_period: 1d}}\n"
+            ));
+            assert!(
+                msg.contains("provider_budget_config.openai.budget_limit: must be a number or a decimal string")
+                    && msg.contains(words),
+                "{msg}"
+            );
+            assert_eq!(msg.matches("provider_budget_config").count(), 1, "{msg}");
+        }
+        // Beyond 64 bits, YAML's integers are refused as amounts, not as a type.
+        for (limit, words) in [
+            ("99999999999999999999", "too large"),
+            ("-99999999999999999999", "negative"),
+        ] {
+            let msg = yaml_err(&format!(
+                "provider_budget_config:\n  openai: {{budget_limit: {limit}, time_period: 1d}}\n"
+            ));
+            assert!(
+                msg.contains("\"openai\"") && msg.contains(limit) && msg.contains(words),
+                "{msg}"
+            );
+        }
+        for (text, path) in [
+            (
+                "provider_budgets:\n  redis: {prefix: [x]}\n",
+                "provider_budgets.redis.prefix",
+            ),
+            ("provider_budgets:\n  redis: 5\n", "provider_budgets.redis"),
+            (
+                "provider_budgets:\n  node_id: {a: b}\n",
+                "provider_budgets.node_id",
+            ),
+            (
+                "provider_budget_config:\n  openai: ~\n",
+                "provider_budget_config.openai",
+            ),
+        ] {
+            let msg = yaml_err(text);
+            assert_eq!(msg.matches(path).count(), 1, "{msg}");
+            for internal in ["Raw", "struct", "unit value", "untagged"] {
+                assert!(!msg.contains(internal), "{msg}");
+            }
+        }
+        // TOML numbers where text is expected are text, as YAML's plain scalars are.
+        let c = Config::from_toml_str("[provider_budgets]\nnode_id = 7\n").expect("parses");
+        assert_eq!(c.node_id.as_deref(), Some("7"));
+        let e = Config::from_toml_str("[provider_budgets]\nnode_id = true\n").expect_err("bool");
+        assert!(e.to_string().contains("got true"), "{e}");
+    }
+
+    #[test]
+    fn parser_message_drops_only_the_repeated_path() {
+        assert_eq!(
+            parser_message(
+                "provider_budgets.redis",
+                "provider_budgets.redis: missing field `url`"
+            ),
+            "missing field `url`"
+        );
+        assert_eq!(
+            parser_message(
+                "provider_budgets.redis.prefx",
+                "provider_budgets.redis: unknown field"
+            ),
+            "unknown field"
+        );
+        // Not a prefix at a key boundary, or a sentence: kept.
+        assert_eq!(
+            parser_message("provider_budgets.redisx", "provider_budgets.redis: x"),
+            "provider_budgets.redis: x"
+        );
+        assert_eq!(parser_message("a", "invalid value: x"), "invalid value: x");
+        assert_eq!(
+            parser_message("(document)", "invalid type: unit value, expected a map"),
+            "invalid type: null, expected a map"
+        );
+    }
+
+    #[test]
+    fn os_environ_values_expand_like_litellm() {
+        let text = "model_list:\n  - litellm_params: {api_key: os.environ/UNSET_AND_NOT_OURS}\nprovider_budget_config:\n  openai: {budget_limit: os.environ/LIMIT, time_period: os.environ/PERIOD}\nprovider_budgets:\n  node_id: os.environ/NODE\n  window_anchor: os.environ/ANCHOR\n  unknown_provider: os.environ/POLICY\n  storage: {dir: os.environ/DIR, max_delay: os.environ/DELAY}\n  redis: {url: os.environ/URL, prefix: os.environ/PREFIX}\n  model_providers: {\"llama-\": os.environ/LLAMA}\n";
+        let all = [
+            ("LIMIT", "0.5"),
+            ("PERIOD", "1w"),
+            ("NODE", "edge-9"),
+            ("ANCHOR", "2024-01-01T00:00:00Z"),
+            ("POLICY", "deny"),
+            ("DIR", "/var/lib/budgets"),
+            ("DELAY", "5ms"),
+            ("URL", "redis://:pw@10.0.0.1/"),
+            ("PREFIX", "fleet"),
+            ("LLAMA", "together"),
+        ];
+        let c = Config::from_yaml_str_with_env(text, env(&all)).expect("parses");
+        assert_eq!(c.budgets[0].limit, Money::from_nanos(500_000_000));
+        assert_eq!(c.budgets[0].period.to_string(), "1w");
+        assert_eq!(c.node_id.as_deref(), Some("edge-9"));
+        assert_eq!(c.window_anchor.to_string(), "2024-01-01T00:00:00Z");
+        assert_eq!(c.unknown_provider, UnknownProvider::Deny);
+        assert_eq!(
+            c.storage.dir.as_deref(),
+            Some(Path::new("/var/lib/budgets"))
+        );
+        assert_eq!(c.storage.max_delay, Duration::from_millis(5));
+        let r = c.redis.as_ref().expect("redis");
+        assert_eq!(
+            (r.url.as_str(), r.prefix.as_str()),
+            ("redis://:pw@10.0.0.1/", "fleet")
+        );
+        assert_eq!(
+            c.model_providers,
+            vec![("llama-".into(), "together".into())]
+        );
+
+        // Each missing or empty variable: the key path and the variable, never a value.
+        for (i, (name, _)) in all.iter().enumerate() {
+            let mut some = all.to_vec();
+            some.remove(i);
+            let msg = Config::from_yaml_str_with_env(text, env(&some))
+                .expect_err(name)
+                .to_string();
+            assert!(
+                msg.contains(&format!(
+                    "os.environ/{name}: environment variable {name} is not set"
+                )),
+                "{msg}"
+            );
+            assert!(!msg.contains("pw@"), "{msg}");
+            some.insert(i, (name, ""));
+            let msg = Config::from_yaml_str_with_env(text, env(&some))
+                .expect_err(name)
+                .to_string();
+            assert!(
+                msg.contains(&format!("environment variable {name} is empty")),
+                "{msg}"
+            );
+        }
+        let msg = yaml_err("provider_budgets:\n  redis: {url: os.environ/}\n");
+        assert!(
+            msg.contains("provider_budgets.redis.url")
+                && msg.contains("names no environment variable"),
+            "{msg}"
+        );
+
+        // Only a whole value starting with the marker; keys are never expanded.
+        let c = Config::from_yaml_str_with_env(
+            "provider_budgets:\n  node_id: \"x\"\n  storage: {dir: \"./os.environ/DIR\"}\n",
+            env(&all),
+        )
+        .expect("parses");
+        assert_eq!(
+            c.storage.dir.as_deref(),
+            Some(Path::new("./os.environ/DIR"))
+        );
+        let msg = Config::from_yaml_str_with_env(
+            "provider_budget_config:\n  os.environ/NODE: {budget_limit: 1, time_period: 1d}\n",
+            env(&all),
+        )
+        .expect_err("a key is a name")
+        .to_string();
+        assert!(msg.contains("\"os.environ/NODE\""), "{msg}");
+
+        // A refused value from the environment is quoted by its variable, not its content.
+        let msg = Config::from_yaml_str_with_env(
+            "provider_budgets:\n  storage: {retention: os.environ/SECRET}\n",
+            env(&[("SECRET", "hunter2")]),
+        )
+        .expect_err("not a duration")
+        .to_string();
+        assert!(
+            msg.contains("from os.environ/SECRET") && !msg.contains("hunter2"),
+            "{msg}"
+        );
+
+        // TOML too; the lookup is only in effect during its parse.
+        let c = Config::from_toml_str_with_env(
+            "[provider_budget_config.openai]\nbudget_limit = \"os.environ/LIMIT\"\ntime_period = \"1d\"\n",
+            env(&all),
+        )
+        .expect("toml");
+        assert_eq!(c.budgets[0].limit, Money::from_nanos(500_000_000));
+        assert!(ENV.with(|e| e.borrow().is_none()));
+    }
+
+    #[test]
+    fn redis_url_may_be_left_out_of_the_file() {
+        let c =
+            Config::from_yaml_str("provider_budgets:\n  redis: {prefix: fleet}\n").expect("parses");
+        let r = c.redis.as_ref().expect("redis section");
+        assert_eq!((r.url.as_str(), r.prefix.as_str()), ("", "fleet"));
+        assert_eq!(c.validate(), Ok(()));
+        assert_eq!(
+            ConfigError::NoRedisUrl.to_string(),
+            "config: provider_budgets.redis.url is not set (set it in the config file or pass --redis URL)"
+        );
+    }
+
+    #[test]
+    fn redis_config_debug_masks_the_password() {
+        let shown = format!("{:?}", RedisConfig::new("redis://:hunter2@10.0.0.1:6379/"));
+        assert!(
+            shown.contains("redis://:***@10.0.0.1:6379/") && !shown.contains("hunter2"),
+            "{shown}"
+        );
+        let c = Config {
+            redis: Some(RedisConfig::new("redis://u:hunter2@h/")),
+            ..Config::default()
+        };
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn urls_in_messages_lose_their_password() {
+        for (text, want) in [
+            ("redis://:hunter2@h:6379/0", "redis://:***@h:6379/0"),
+            ("redis://admin:hunter2@h", "redis://admin:***@h"),
+            ("rediss://hunter2@h/", "rediss://***@h/"),
+            ("x \"redis://u:p@ss@h\" y", "x \"redis://u:***@h\" y"),
+            (
+                "a redis://h:1/ b redis://:p@k c",
+                "a redis://h:1/ b redis://:***@k c",
+            ),
+            ("no url: a@b", "no url: a@b"),
+            ("redis://h/path@x", "redis://h/path@x"),
+        ] {
+            assert_eq!(redact_urls(text), want, "{text}");
+        }
     }
 }

@@ -104,6 +104,9 @@ impl Limiter {
             ));
         }
         let dir = config.storage.dir.clone().ok_or(ConfigError::NoDataDir)?;
+        if config.redis.as_ref().is_some_and(|r| r.url.is_empty()) {
+            return Err(ConfigError::NoRedisUrl.into());
+        }
         let store = Arc::new(Store::open(&dir)?);
         let restored = restore(&store, &config, &generate_node_id(), verify)?;
         let Restored {

@@ -187,6 +187,27 @@ fn config_corpus_replays() {
     assert!(e.to_string().contains("max_dely"), "{e}");
     let e = parse("bad-period.toml").expect_err("bad period is refused");
     assert!(e.to_string().contains("1fortnight"), "{e}");
+
+    // Configs that used to mean something else silently (issue 8, item 9).
+    for (seed, culprit) in [
+        ("duplicate-provider.yaml", "\"openai\""),
+        ("duplicate-prefix.yaml", "\"llama-\""),
+        ("duplicate-table.toml", "duplicate"),
+        ("null-limit.yaml", "got null"),
+        ("slash-provider.yaml", "\"azure/gpt-4o\""),
+        ("os-environ-unset.yaml", "PROVIDER_BUDGETS_FUZZ_UNSET"),
+    ] {
+        let e = parse(seed).expect_err(seed);
+        assert!(e.to_string().contains(culprit), "{seed}: {e}");
+    }
+    let c = parse("os-environ-path.yaml").expect("PATH is set, the URL may come from --redis");
+    assert_eq!(
+        c.storage.dir.as_deref(),
+        std::env::var_os("PATH")
+            .as_deref()
+            .map(std::path::Path::new)
+    );
+    assert_eq!(c.redis.map(|r| r.url), Some(String::new()));
 }
 
 #[test]

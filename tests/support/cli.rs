@@ -84,10 +84,19 @@ impl Cli {
     }
 }
 
-/// The binary with a controlled environment and no arguments.
+/// The binary with a controlled environment and no arguments: none of the
+/// `PROVIDER_BUDGETS_*` variables the binary reads for its global flags is inherited.
 pub fn bare_cmd() -> Command {
     let mut c = Command::new(BIN);
     c.env_remove("RUST_LOG").env("RUST_BACKTRACE", "1");
+    for var in [
+        "PROVIDER_BUDGETS_CONFIG",
+        "PROVIDER_BUDGETS_DATA_DIR",
+        "PROVIDER_BUDGETS_REDIS",
+        "PROVIDER_BUDGETS_NODE_ID",
+    ] {
+        c.env_remove(var);
+    }
     c
 }
 
