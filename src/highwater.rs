@@ -10,7 +10,7 @@
 //! totals), flushes, then writes here `(seq, entries, sum of own totals)` and fsyncs, and only
 //! then acknowledges its waiters. On open, sled must be at or ahead of this record: a lower
 //! sequence, or the same sequence with other totals, means acknowledged batches are missing
-//! ([`StoreError::Lost`](crate::StoreError::Lost)), and `provider-budgets repair` is the way out.
+//! ([`StoreError::Corrupt`](crate::StoreError::Corrupt) of tree `high-water`), and `provider-budgets repair` is the way out.
 //!
 //! The file `provider-budgets.hw` in the data dir holds two fixed 64-byte slots written
 //! alternately (by sequence parity), each with a CRC-32, so a torn write of the record itself

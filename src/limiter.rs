@@ -85,7 +85,7 @@ impl Limiter {
     ///
     /// [`Error::Config`] for an invalid config (or no data dir), [`Error::Storage`] when the
     /// data dir is locked, unreadable, belongs to another node id, or lost acknowledged spend
-    /// ([`StoreError::Lost`]: run `provider-budgets repair`), [`Error::Thread`] when a thread
+    /// ([`StoreError::Corrupt`] of tree `high-water`: run `provider-budgets repair`), [`Error::Thread`] when a thread
     /// cannot start.
     pub fn open_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<Limiter, Error> {
         Limiter::open_verified(config, clock, Verify::Strict)
@@ -178,7 +178,7 @@ impl Limiter {
         })
     }
 
-    /// Repairs a data dir that fails to open with [`StoreError::Lost`]: opens what sled still
+    /// Repairs a data dir that fails to open because it lost acknowledged spend ([`StoreError::Corrupt`] of tree `high-water`): opens what sled still
     /// holds, takes back from Redis (when configured) this node's own totals that are larger
     /// (one replication round), and compares the result with the high-water record. When
     /// nothing acknowledged is missing any more, the record is brought up to date and the
@@ -187,7 +187,7 @@ impl Limiter {
     ///
     /// # Errors
     ///
-    /// Those of [`Limiter::open`] (except [`StoreError::Lost`]).
+    /// Those of [`Limiter::open`] (except the high-water mismatch).
     pub fn repair(config: Config, accept_loss: bool) -> Result<RepairReport, Error> {
         Limiter::repair_with_clock(config, Arc::new(SystemClock), accept_loss)
     }
@@ -196,7 +196,7 @@ impl Limiter {
     ///
     /// # Errors
     ///
-    /// Those of [`Limiter::open`] (except [`StoreError::Lost`]).
+    /// Those of [`Limiter::open`] (except the high-water mismatch).
     pub fn repair_with_clock(
         config: Config,
         clock: Arc<dyn Clock>,

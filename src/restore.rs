@@ -7,7 +7,7 @@
 //! 2. this node's own totals; those of budgets still configured fill the view, the others
 //!    ("orphans") stay stored until their retention ends;
 //! 3. the high-water check ([`crate::highwater`]): sled must hold at least what the journal
-//!    acknowledged, else [`StoreError::Lost`] (unless repairing);
+//!    acknowledged, else [`StoreError::Corrupt`] of tree `high-water` (unless repairing);
 //! 4. the other nodes' last known totals (the `peers` cache) raise the view.
 //!
 //! The budget table built here ([`BudgetKeys`]) is the one place that maps a budget index to its
@@ -28,7 +28,7 @@ use crate::window::Schedule;
 /// Whether the high-water check may fail the open.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Verify {
-    /// A mismatch is [`StoreError::Lost`].
+    /// A mismatch is [`StoreError::Corrupt`] (tree `high-water`).
     Strict,
     /// `repair`: open whatever is there; the journal keeps the acknowledged mark as a floor.
     Repair,
@@ -148,9 +148,15 @@ fn check_high_water(
     found: &Mark,
     verify: Verify,
 ) -> Result<Option<Mark>, StoreError> {
-    let lost = |detail: String| StoreError::Lost {
-        dir: store.dir().to_path_buf(),
-        detail,
+    let lost = |detail: String| {
+        StoreError::Corrupt {
+        tree: "high-water",
+        key: crate::highwater::FILE_NAME.to_owned(),
+        reason: format!(
+            "data dir {} lost acknowledged spend: {detail}; run `provider-budgets repair` (see the README's failure model)",
+            store.dir().display()
+        ),
+    }
     };
     match store.read_mark()? {
         Found::Absent => {

@@ -50,7 +50,10 @@ pub enum StoreError {
         /// What failed, one line.
         message: String,
     },
-    /// A stored key or value cannot be decoded.
+    /// A stored key or value cannot be decoded, or the data dir lost spend that was
+    /// acknowledged as durable (`tree` is then `high-water`: sled holds less than the
+    /// high-water record says was made durable; `reason` names what is missing). Run
+    /// `provider-budgets repair`.
     #[error("corrupt {tree} entry {key}: {reason}")]
     Corrupt {
         /// Which tree (`own`, `peers`, `meta`).
@@ -59,16 +62,6 @@ pub enum StoreError {
         key: String,
         /// What is wrong with it.
         reason: String,
-    },
-    /// Spend that was acknowledged as durable is missing from the data dir (the high-water
-    /// record is ahead of what sled returned), or the record itself is unreadable. Run
-    /// `provider-budgets repair`.
-    #[error("data dir {dir} lost acknowledged spend: {detail}; run `provider-budgets repair` (see the README's failure model)")]
-    Lost {
-        /// The data dir.
-        dir: PathBuf,
-        /// What is missing.
-        detail: String,
     },
     /// The data dir belongs to another node id than the one configured.
     #[error("data dir {dir} belongs to node id {stored:?}, but node id {configured:?} is configured; a data dir keeps its node id (use a fresh data dir for a new id, or configure {stored:?})")]

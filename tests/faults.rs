@@ -530,7 +530,9 @@ fn open_damaged(dir: &Path, clock: &FakeClock, want: (u64, u64)) -> Outcome {
             assert!(!text.contains('\n'), "{text}");
             assert!(!text.contains("backtrace"), "{text}");
             match e {
-                Error::Storage(StoreError::Lost { .. }) => {
+                Error::Storage(StoreError::Corrupt {
+                    tree: "high-water", ..
+                }) => {
                     assert!(text.contains(&dir.display().to_string()), "{text}");
                     assert!(text.contains("repair"), "{text}");
                     Outcome::Lost
