@@ -520,6 +520,7 @@ fn status_json(s: &BudgetStatus) -> serde_json::Value {
         "remaining_nanos": s.remaining.as_nanos(),
         "own_spend_nanos": s.own_spend.as_nanos(),
         "exhausted": s.exhausted,
+        "storage_fault": s.storage_fault,
         "replication": {
             "enabled": r.enabled,
             "last_sync": r.last_sync.map(|t| t.to_string()),

@@ -38,15 +38,18 @@ impl Clock for SystemClock {
 /// A clock that only moves when told to. Clones share the same time, so a test keeps one and
 /// hands the other to the limiter.
 ///
-/// [`FakeClock::advance`] by a positive amount is time passing: the wall clock and the
-/// monotonic clock both move. [`FakeClock::set`], [`FakeClock::step`] and a negative `advance`
-/// are clock *steps*: only the wall clock moves, as when NTP corrects a clock.
+/// Its wall clock ([`Clock::now`]) moves only by [`FakeClock::advance`], [`FakeClock::step`] and
+/// [`FakeClock::set`]: to the limiter these are clock *steps* (an NTP correction, a VM resumed
+/// from a snapshot), as far as retention is concerned. Its monotonic clock is real elapsed time
+/// plus whatever [`FakeClock::pass`] added: `pass` is time really passing (both move), the way
+/// to test that retention still deletes ended windows.
 #[derive(Debug, Clone)]
 pub struct FakeClock {
     // Nanoseconds since the Unix epoch; i64 covers the years 1678..2262.
     nanos: Arc<AtomicI64>,
-    // Monotonic nanoseconds since the clock was made.
-    mono: Arc<AtomicU64>,
+    // Monotonic time: real time since creation plus what `pass` added.
+    origin: Instant,
+    passed: Arc<AtomicU64>,
 }
 
 impl FakeClock {
@@ -54,25 +57,30 @@ impl FakeClock {
     pub fn new(at: Timestamp) -> FakeClock {
         FakeClock {
             nanos: Arc::new(AtomicI64::new(to_nanos(at))),
-            mono: Arc::new(AtomicU64::new(0)),
+            origin: Instant::now(),
+            passed: Arc::new(AtomicU64::new(0)),
         }
     }
 
-    /// Lets `by` pass: wall and monotonic time move forward. A negative duration is a
-    /// backward step of the wall clock only (monotonic time never goes back).
+    /// Moves the wall clock forward (or backward, for a negative duration). Monotonic time
+    /// does not follow: to the limiter this is a clock step (use [`FakeClock::pass`] for time
+    /// that really passes).
     pub fn advance(&self, by: SignedDuration) {
         let by = i64::try_from(by.as_nanos()).unwrap_or(i64::MAX);
         self.nanos.fetch_add(by, Ordering::SeqCst);
-        if by > 0 {
-            self.mono.fetch_add(by.unsigned_abs(), Ordering::SeqCst);
-        }
     }
 
-    /// Steps the wall clock by `by` (either way) without time passing: an NTP step, a VM
-    /// resumed from a snapshot.
+    /// Same as [`FakeClock::advance`]: steps the wall clock by `by` either way.
     pub fn step(&self, by: SignedDuration) {
-        let by = i64::try_from(by.as_nanos()).unwrap_or(i64::MAX);
-        self.nanos.fetch_add(by, Ordering::SeqCst);
+        self.advance(by);
+    }
+
+    /// Lets `by` pass: the wall clock and the monotonic clock both move forward.
+    pub fn pass(&self, by: std::time::Duration) {
+        let nanos = u64::try_from(by.as_nanos()).unwrap_or(u64::MAX);
+        self.nanos
+            .fetch_add(i64::try_from(nanos).unwrap_or(i64::MAX), Ordering::SeqCst);
+        self.passed.fetch_add(nanos, Ordering::SeqCst);
     }
 
     /// Sets the wall clock to `at` (a step: monotonic time does not move).
@@ -88,7 +96,7 @@ impl Clock for FakeClock {
     }
 
     fn monotonic(&self) -> Duration {
-        Duration::from_nanos(self.mono.load(Ordering::SeqCst))
+        self.origin.elapsed() + Duration::from_nanos(self.passed.load(Ordering::SeqCst))
     }
 }
 

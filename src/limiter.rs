@@ -522,6 +522,7 @@ impl Limiter {
     pub fn status_at(&self, at: Timestamp) -> Vec<BudgetStatus> {
         let secs = floor_secs(at);
         let replication = self.replication_status();
+        let storage_fault = self.health().storage_fault;
         self.inner
             .config
             .budgets
@@ -540,6 +541,7 @@ impl Limiter {
                     remaining: b.limit.saturating_sub(spend),
                     exhausted: spend >= b.limit,
                     replication: replication.clone(),
+                    storage_fault: storage_fault.clone(),
                 }
             })
             .collect()

@@ -27,6 +27,9 @@ pub struct BudgetStatus {
     pub exhausted: bool,
     /// Replication state (the same for every budget of a limiter).
     pub replication: ReplicationStatus,
+    /// The storage fault (a full disk, a dead journal) while spend is counted in memory but
+    /// cannot be made durable; the same for every budget of a limiter. `None` when healthy.
+    pub storage_fault: Option<String>,
 }
 
 /// Replication state of a limiter.

@@ -181,6 +181,7 @@ fn a_full_disk_then_freed_space_loses_nothing_and_needs_no_restart() {
         .storage_fault
         .expect("health shows the storage fault");
     assert!(fault.contains(&data.display().to_string()), "{fault}");
+    assert!(limiter.status().iter().all(|b| b.storage_fault.is_some()));
     assert!(
         limiter.flush().is_err(),
         "flush cannot succeed on a full disk"
@@ -193,6 +194,7 @@ fn a_full_disk_then_freed_space_loses_nothing_and_needs_no_restart() {
     // Space returns: without a restart, everything counted becomes durable.
     std::fs::remove_file(filler).unwrap();
     wait_for(30, "storage to recover", || limiter.health().storage_ok());
+    assert!(limiter.status().iter().all(|b| b.storage_fault.is_none()));
     limiter.flush().unwrap();
     limiter.record_durable("openai", cent).unwrap();
     counted += cent.as_nanos();
@@ -285,8 +287,10 @@ fn clock_steps_delete_nothing_and_real_time_still_expires() {
     limiter.record_durable("openai", five).unwrap();
     limiter.record_durable("azure", five).unwrap();
 
-    // Forward step of 30 days, several maintenance passes (what the 250 ms tick does).
-    clock.step(SignedDuration::from_hours(24 * 30));
+    // Forward step of 30 days, several maintenance passes (what the 250 ms tick does). Both
+    // ways of stepping a FakeClock are steps to the limiter.
+    clock.advance(SignedDuration::from_hours(24 * 10));
+    clock.step(SignedDuration::from_hours(24 * 20));
     for _ in 0..3 {
         limiter.maintain().unwrap();
     }
@@ -315,7 +319,7 @@ fn clock_steps_delete_nothing_and_real_time_still_expires() {
 
     // Time that really passes (wall and monotonic) still expires ended windows: the azure
     // window of t0 (1h) ends at 13:00, plus 1 h retention, and no record touched it since.
-    clock.advance(SignedDuration::from_hours(3));
+    clock.pass(Duration::from_secs(3 * 3600));
     limiter.maintain().unwrap();
     let azure_windows: Vec<i64> = limiter
         .windows("azure")
@@ -349,12 +353,12 @@ fn a_window_touched_within_retention_is_kept_whatever_the_wall_clock() {
     limiter.record_durable("azure", two).unwrap();
     clock.set(t0);
     // Only 30 real minutes pass: the window (ended ~47 h ago by the wall) stays.
-    clock.advance(SignedDuration::from_mins(30));
+    clock.pass(Duration::from_secs(30 * 60));
     limiter.maintain().unwrap();
     let past = t0 - SignedDuration::from_hours(48);
     assert_eq!(spend_at(&limiter, "azure", past), 2_000_000_000);
     // Once the retention has passed in real time too, it goes.
-    clock.advance(SignedDuration::from_mins(31));
+    clock.pass(Duration::from_secs(31 * 60));
     limiter.maintain().unwrap();
     assert_eq!(spend_at(&limiter, "azure", past), 0);
 }
