@@ -511,6 +511,9 @@ fn status_json(s: &BudgetStatus) -> serde_json::Value {
         "period": s.period.to_string(),
         "window_start": s.window.start().to_string(),
         "resets_at": s.window.end().to_string(),
+        "time_zone": s.time_zone,
+        "window_start_local": local(s.window.start(), &s.time_zone),
+        "resets_at_local": local(s.window.end(), &s.time_zone),
         "spend": s.spend.as_usd(),
         "limit": s.limit.as_usd(),
         "remaining": s.remaining.as_usd(),
@@ -528,6 +531,14 @@ fn status_json(s: &BudgetStatus) -> serde_json::Value {
             "last_error": r.last_error,
         },
     })
+}
+
+/// An instant in a time zone, RFC 3339 with the offset and the zone name.
+fn local(at: Timestamp, zone: &str) -> String {
+    match jiff::tz::TimeZone::get(zone) {
+        Ok(tz) => at.to_zoned_datetime(tz).to_string(),
+        Err(_) => at.to_string(),
+    }
 }
 
 /// A plain aligned table, one row per budget; money printed exactly.

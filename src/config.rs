@@ -57,7 +57,7 @@ use jiff::Timestamp;
 use serde::Deserialize;
 
 use crate::money::{Money, MoneyError};
-use crate::window::{Period, PeriodError};
+use crate::window::{Period, PeriodError, Schedule};
 
 /// One budget: a provider may spend `limit` per window of `period`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -166,6 +166,9 @@ pub struct Config {
     pub node_id: Option<String>,
     /// Windows are aligned to this instant (default the Unix epoch).
     pub window_anchor: Timestamp,
+    /// IANA time zone of `d`, `w` and `mo` windows (they start at local midnight there,
+    /// DST-correct); `None` (the default) keeps UTC arithmetic from the anchor.
+    pub time_zone: Option<String>,
     /// Policy for deployments whose provider cannot be resolved.
     pub unknown_provider: UnknownProvider,
     /// Extra bare-model prefixes → provider, consulted after the built-in table. The longest
@@ -181,6 +184,7 @@ impl Default for Config {
             redis: None,
             node_id: None,
             window_anchor: Timestamp::UNIX_EPOCH,
+            time_zone: None,
             unknown_provider: UnknownProvider::Allow,
             model_providers: Vec::new(),
         }
@@ -336,6 +340,30 @@ impl Config {
         Config::from_raw(raw)
     }
 
+    /// The window schedule of a budget period: aligned to `window_anchor`, in `time_zone`.
+    pub fn schedule(&self, period: Period) -> Schedule {
+        let schedule = Schedule::new(period, self.window_anchor);
+        match self.zone() {
+            Ok(Some(tz)) => schedule.in_zone(tz),
+            _ => schedule,
+        }
+    }
+
+    /// `time_zone` resolved in the bundled time zone database.
+    fn zone(&self) -> Result<Option<jiff::tz::TimeZone>, ConfigError> {
+        match &self.time_zone {
+            None => Ok(None),
+            Some(name) => jiff::tz::TimeZone::get(name)
+                .map(Some)
+                .map_err(|_| ConfigError::Invalid {
+                    key: "provider_budgets.time_zone",
+                    message: format!(
+                        "unknown time zone {name:?} (an IANA name such as America/New_York or Europe/Berlin)"
+                    ),
+                }),
+        }
+    }
+
     /// Checks what the type system cannot: provider names, duplicates, node id, ranges.
     ///
     /// An empty Redis URL passes here (a file may leave it to the command line); opening a
@@ -351,6 +379,7 @@ impl Config {
         if let Some(id) = &self.node_id {
             check_node_id(id)?;
         }
+        self.zone()?;
         for (prefix, provider) in &self.model_providers {
             if prefix.is_empty() {
                 return Err(ConfigError::Invalid {
@@ -425,6 +454,7 @@ impl Config {
             }),
             node_id: own.node_id.map(|n| n.value),
             window_anchor: own.window_anchor.map_or(Timestamp::UNIX_EPOCH, |a| a.0),
+            time_zone: own.time_zone.map(|z| z.value),
             unknown_provider: own.unknown_provider.map(|u| u.0).unwrap_or_default(),
             model_providers: own
                 .model_providers
@@ -1048,6 +1078,7 @@ struct RawOwn {
     redis: Option<RawRedis>,
     node_id: Option<Text>,
     window_anchor: Option<Parsed<Timestamp>>,
+    time_zone: Option<Text>,
     unknown_provider: Option<Parsed<UnknownProvider>>,
     model_providers: Option<UniqueMap<Text>>,
 }

@@ -523,6 +523,12 @@ impl Limiter {
         let secs = floor_secs(at);
         let replication = self.replication_status();
         let storage_fault = self.health().storage_fault;
+        let zone = self
+            .inner
+            .config
+            .time_zone
+            .clone()
+            .unwrap_or_else(|| "UTC".to_owned());
         self.inner
             .config
             .budgets
@@ -534,6 +540,7 @@ impl Limiter {
                 BudgetStatus {
                     provider: b.provider.clone(),
                     period: b.period,
+                    time_zone: zone.clone(),
                     window: t.window,
                     spend,
                     own_spend: t.own,

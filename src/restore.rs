@@ -23,7 +23,6 @@ use crate::journal::JournalStart;
 use crate::money::Money;
 use crate::store::{summarize, window_of, PeersValue, Store, StoreError, WindowKey};
 use crate::view::View;
-use crate::window::Schedule;
 
 /// Whether the high-water check may fail the open.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,10 +89,12 @@ pub(crate) fn restore(
 ) -> Result<Restored, StoreError> {
     let node_id = store.node_id(config.node_id.as_deref(), proposed_node_id)?;
     let keys = BudgetKeys::new(config);
-    let view =
-        Arc::new(View::new(config.budgets.iter().map(|b| {
-            (Schedule::new(b.period, config.window_anchor), b.limit)
-        })));
+    let view = Arc::new(View::new(
+        config
+            .budgets
+            .iter()
+            .map(|b| (config.schedule(b.period), b.limit)),
+    ));
 
     let seq = store.seq()?;
     let own = store.load_own()?;

@@ -13,6 +13,9 @@ pub struct BudgetStatus {
     pub provider: String,
     /// The budget's period.
     pub period: Period,
+    /// IANA time zone of its local windows (`d`, `w`, `mo` start at local midnight there);
+    /// `UTC` when none is configured.
+    pub time_zone: String,
     /// The current window: `window.start()` and `window.end()` (when it resets).
     pub window: Window,
     /// Spend of the whole fleet in the window, as known here: own + others.

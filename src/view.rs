@@ -98,8 +98,8 @@ impl View {
         self.budgets.len()
     }
 
-    pub fn schedule(&self, budget: u32) -> Schedule {
-        self.budgets[budget as usize].schedule
+    pub fn schedule(&self, budget: u32) -> &Schedule {
+        &self.budgets[budget as usize].schedule
     }
 
     pub fn limit(&self, budget: u32) -> Money {

@@ -8,13 +8,22 @@
 //!
 //! Instants are whole Unix seconds here (floored); periods and anchors are whole seconds, so a
 //! sub-second part can never move an instant across a boundary.
+//!
+//! **Time zones**: a schedule may carry an IANA time zone ([`Schedule::in_zone`]). Then `d`,
+//! `w` and `mo` windows start at local midnight in that zone, DST-correct (a local day lasts 23,
+//! 24 or 25 hours; where midnight does not exist, the day starts at its first instant), days
+//! and weeks counted from the anchor's local date (weeks start on the anchor's weekday) and
+//! months on the anchor's day of month (clamped to short months). `s`, `m` and `h` windows stay
+//! fixed-length from the anchor. A window is identified by its UTC start, whatever the zone.
+//! Without a zone (the default), windows are exactly those of UTC arithmetic from the anchor,
+//! so data written before zones existed keeps its windows.
 
 use std::fmt;
 use std::str::FromStr;
 
 use jiff::civil::{Date, DateTime};
-use jiff::tz::Offset;
-use jiff::Timestamp;
+use jiff::tz::{Offset, TimeZone};
+use jiff::{Span, Timestamp};
 
 use crate::clock::floor_secs;
 
@@ -174,18 +183,27 @@ impl Window {
     }
 }
 
-/// A period plus the anchor its windows are aligned to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// A period plus the anchor its windows are aligned to (and, optionally, a time zone).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Schedule {
     period: Period,
     /// Start of window 0, Unix seconds.
     anchor: i64,
     /// The anchor as a UTC civil date-time, precomputed for month arithmetic.
     anchor_civil: DateTime,
+    /// Local calendar windows (`d`, `w`, `mo`) in this zone; `None`: UTC arithmetic.
+    zone: Option<Zone>,
+}
+
+/// A time zone and the anchor's local date in it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Zone {
+    tz: TimeZone,
+    anchor_date: Date,
 }
 
 impl Schedule {
-    /// Windows of `period` aligned to `anchor` (its sub-second part is dropped).
+    /// Windows of `period` aligned to `anchor` (its sub-second part is dropped), in UTC.
     pub fn new(period: Period, anchor: Timestamp) -> Schedule {
         let anchor = floor_secs(anchor);
         let anchor_civil = civil_of(anchor);
@@ -193,7 +211,22 @@ impl Schedule {
             period,
             anchor,
             anchor_civil,
+            zone: None,
         }
+    }
+
+    /// The same schedule with `d`, `w` and `mo` windows at local midnight in `tz` (see the
+    /// module doc).
+    pub fn in_zone(mut self, tz: TimeZone) -> Schedule {
+        let anchor_ts = Timestamp::from_second(self.anchor).unwrap_or(Timestamp::UNIX_EPOCH);
+        let anchor_date = tz.to_datetime(anchor_ts).date();
+        self.zone = Some(Zone { tz, anchor_date });
+        self
+    }
+
+    /// The time zone of local windows, if any.
+    pub fn time_zone(&self) -> Option<&TimeZone> {
+        self.zone.as_ref().map(|z| &z.tz)
     }
 
     /// The period.
@@ -210,6 +243,11 @@ impl Schedule {
     /// (years -9999..=9999) are clamped into it, which keeps the arithmetic from overflowing.
     pub fn window_at_secs(&self, secs: i64) -> Window {
         let secs = secs.clamp(Timestamp::MIN.as_second(), Timestamp::MAX.as_second());
+        if let Some(zone) = &self.zone {
+            if let Some(w) = self.local_window(zone, secs) {
+                return w;
+            }
+        }
         match self.period.kind {
             PeriodKind::Seconds(p) => {
                 let k = (secs - self.anchor).div_euclid(p);
@@ -253,6 +291,62 @@ impl Schedule {
                 t.as_second()
             })
     }
+}
+
+impl Schedule {
+    /// The local calendar window containing `secs`, for `d`/`w`/`mo` periods in a zone; `None`
+    /// for fixed-length units (or out of jiff's range, where UTC arithmetic takes over).
+    fn local_window(&self, zone: &Zone, secs: i64) -> Option<Window> {
+        let at = Timestamp::from_second(secs).ok()?;
+        let local = zone.tz.to_datetime(at).date();
+        match (self.period.unit, self.period.kind) {
+            (Unit::Day | Unit::Week, PeriodKind::Seconds(p)) => {
+                let n = p / 86_400;
+                let days = i64::from(zone.anchor_date.until(local).ok()?.get_days());
+                let k = days.div_euclid(n);
+                let start = zone.anchor_date.checked_add(Span::new().days(k * n)).ok()?;
+                let end = start.checked_add(Span::new().days(n)).ok()?;
+                Some(Window::from_secs(
+                    local_midnight(&zone.tz, start)?,
+                    local_midnight(&zone.tz, end)?,
+                ))
+            }
+            (Unit::Month, PeriodKind::Months(n)) => {
+                let months = (i64::from(local.year()) * 12 + i64::from(local.month()))
+                    - (i64::from(zone.anchor_date.year()) * 12
+                        + i64::from(zone.anchor_date.month()));
+                let mut k = months.div_euclid(n);
+                if self.local_month_start(zone, k)? > secs {
+                    k -= 1;
+                }
+                Some(Window::from_secs(
+                    self.local_month_start(zone, k)?,
+                    self.local_month_start(zone, k + 1)?,
+                ))
+            }
+            _ => None,
+        }
+    }
+
+    /// Start of local month-window `k`: the anchor's day (clamped) at local midnight.
+    fn local_month_start(&self, zone: &Zone, k: i64) -> Option<i64> {
+        let PeriodKind::Months(n) = self.period.kind else {
+            return None;
+        };
+        let a = zone.anchor_date;
+        let idx = i64::from(a.year()) * 12 + i64::from(a.month()) - 1 + k * n;
+        let year = i16::try_from(idx.div_euclid(12)).ok()?;
+        let month = (idx.rem_euclid(12) + 1) as i8;
+        let last_day = Date::new(year, month, 1).ok()?.days_in_month();
+        let date = Date::new(year, month, a.day().min(last_day)).ok()?;
+        local_midnight(&zone.tz, date)
+    }
+}
+
+/// The first instant of `date` in `tz` (midnight, or the end of a gap that swallows it).
+fn local_midnight(tz: &TimeZone, date: Date) -> Option<i64> {
+    let zdt = date.to_zoned_datetime(tz.clone()).ok()?;
+    Some(zdt.timestamp().as_second())
 }
 
 fn civil_of(secs: i64) -> DateTime {
