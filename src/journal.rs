@@ -310,7 +310,10 @@ impl Worker {
             })
             .collect();
         self.store.write_own(items.iter().map(|(k, v)| (k, *v)))?;
+        let flush_started = Instant::now();
         self.store.flush()?;
+        metrics::histogram!("provider_budgets_journal_flush_seconds")
+            .record(flush_started.elapsed().as_secs_f64());
         let published: Vec<(u32, Window, u64)> = self
             .dirty
             .drain()
@@ -366,6 +369,10 @@ impl Worker {
             let spend = self.view.totals_at(b, now).total();
             let remaining = self.view.limit(b).saturating_sub(spend);
             let provider = self.settings.keys[b as usize].0.clone();
+            metrics::gauge!("provider_budgets_spend_usd", "provider" => provider.clone())
+                .set(spend.as_usd());
+            metrics::gauge!("provider_budgets_limit_usd", "provider" => provider.clone())
+                .set(self.view.limit(b).as_usd());
             metrics::gauge!("provider_budgets_remaining_usd", "provider" => provider)
                 .set(remaining.as_usd());
         }

@@ -61,12 +61,17 @@ mod clock;
 mod config;
 mod error;
 mod filter;
+mod health;
 mod journal;
 mod limiter;
 mod money;
 mod provider;
+mod reload;
 #[cfg(feature = "redis")]
 mod replicate;
+#[cfg(feature = "serve")]
+#[doc(hidden)]
+pub mod serve;
 mod status;
 mod store;
 mod view;
@@ -78,6 +83,7 @@ pub use config::{
 };
 pub use error::{Error, RecordError};
 pub use filter::{Exceeded, NoDeployments};
+pub use health::Health;
 pub use limiter::{Limiter, Prepared};
 pub use money::{Money, MoneyError};
 pub use provider::{Deployment, Target, BUILTIN_PREFIXES};

@@ -249,6 +249,21 @@ impl Limiter {
         Ok(())
     }
 
+    /// [`Limiter::record_durable_async`] in the window of `at` (checked like
+    /// [`Limiter::record_at`]).
+    pub async fn record_durable_at_async(
+        &self,
+        provider: &str,
+        cost: Money,
+        at: Timestamp,
+    ) -> Result<(), RecordError> {
+        self.check_age(provider, at)?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.add(provider, cost, at, Some(Ack::Async(tx)))?;
+        rx.await.map_err(|_| RecordError::Closed)??;
+        Ok(())
+    }
+
     /// Refuses a timestamp whose window is already past retention: the journal would delete
     /// it at its next pass, so counting it would only pretend.
     fn check_age(&self, provider: &str, at: Timestamp) -> Result<(), RecordError> {

@@ -46,3 +46,41 @@ pub struct ReplicationStatus {
     /// Redis round trips since open (one per round; two when Redis lost the script).
     pub round_trips: u64,
 }
+
+/// The JSON document of `status --json` and the sidecar's `GET /v1/budgets`:
+/// `{"node_id": …, "budgets": [one object per budget]}`.
+#[cfg(feature = "cli")]
+pub(crate) fn status_document(node_id: &str, budgets: &[BudgetStatus]) -> serde_json::Value {
+    serde_json::json!({
+        "node_id": node_id,
+        "budgets": budgets.iter().map(status_json).collect::<Vec<_>>(),
+    })
+}
+
+/// One budget in the JSON contract. Money is USD as JSON numbers; the `*_nanos` fields carry
+/// the exact integer nano-dollars for consumers that must not round.
+#[cfg(feature = "cli")]
+fn status_json(s: &BudgetStatus) -> serde_json::Value {
+    let r = &s.replication;
+    serde_json::json!({
+        "provider": s.provider,
+        "period": s.period.to_string(),
+        "window_start": s.window.start().to_string(),
+        "resets_at": s.window.end().to_string(),
+        "spend": s.spend.as_usd(),
+        "limit": s.limit.as_usd(),
+        "remaining": s.remaining.as_usd(),
+        "own_spend": s.own_spend.as_usd(),
+        "spend_nanos": s.spend.as_nanos(),
+        "limit_nanos": s.limit.as_nanos(),
+        "remaining_nanos": s.remaining.as_nanos(),
+        "own_spend_nanos": s.own_spend.as_nanos(),
+        "exhausted": s.exhausted,
+        "replication": {
+            "enabled": r.enabled,
+            "last_sync": r.last_sync.map(|t| t.to_string()),
+            "stale": r.stale,
+            "last_error": r.last_error,
+        },
+    })
+}

@@ -1,0 +1,3 @@
+//! Load benchmark of the HTTP sidecar (see below).
+
+fn main() {}

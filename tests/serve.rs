@@ -1,0 +1,1 @@
+//! HTTP sidecar tests (filled in below).
