@@ -13,7 +13,7 @@ from typing import Dict, List, Tuple
 
 import litellm
 import pytest
-from conftest import ANTHROPIC, OPENAI, PROMPT, deployments, nanos, usd
+from conftest import ANTHROPIC, OPENAI, PROMPT, deployments, nanos, unavailable, usd
 from litellm import Router
 from litellm.integrations.custom_logger import CustomLogger
 from litellm.router_strategy.budget_limiter import RouterBudgetLimiting
@@ -417,8 +417,8 @@ def test_proxy_config_name_resolves_to_an_instance(monkeypatch):
     """`litellm_settings: {callbacks: ["provider_budgets_litellm.proxy_handler_instance"]}`."""
     try:
         from litellm.proxy.types_utils.utils import get_instance_fn
-    except ImportError as e:  # the proxy extras are not installed: resolve as it does
-        pytest.skip(f"litellm proxy extras missing: {e}")
+    except ImportError as e:
+        unavailable(f"litellm's proxy loader cannot be imported: {e}")
     monkeypatch.setenv("PROVIDER_BUDGETS_URL", "http://127.0.0.1:9")
     monkeypatch.setenv("PROVIDER_BUDGETS_FAIL_OPEN", "false")
     monkeypatch.setattr(provider_budgets_litellm, "_proxy_handler_instance", None)
