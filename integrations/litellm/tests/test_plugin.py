@@ -404,6 +404,8 @@ def test_an_answer_that_is_not_json_follows_fail_open(sidecars):
             closed = ProviderBudgets(url=url, fail_open=False)
             with pytest.raises(NoDeploymentsAvailable, match="malformed"):
                 await closed.async_filter_deployments("m", deps, PROMPT)
+            await opened.aclose()
+            await closed.aclose()
 
         asyncio.run(main())
     finally:

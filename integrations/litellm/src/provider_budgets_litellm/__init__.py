@@ -32,8 +32,10 @@ Decisions:
   stays bounded during a long outage). ``await plugin.flush()`` waits for the pending posts.
 * Only the async paths are hooked (``Router.acompletion`` & co, the litellm proxy), like
   litellm's own provider budget filter.
-* The HTTP client ignores proxy environment variables (``trust_env=False``): the sidecar is a
-  local process.
+* HTTP goes through aiohttp (a dependency of litellm), not httpx: on the 2-core machine this was
+  measured on, one loopback round trip to the sidecar costs ~90 µs with aiohttp and ~470 µs with
+  httpx, on a litellm request of ~3.5 ms. One session per event loop, keep-alive, at most 64
+  connections, proxy environment variables ignored (the sidecar is a local process).
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ from datetime import datetime, timezone
 from decimal import Decimal, InvalidOperation
 from typing import Any, Dict, List, Optional, Tuple
 
-import httpx
+import aiohttp
 import litellm
 from litellm.integrations.custom_logger import CustomLogger
 
@@ -195,8 +197,8 @@ class ProviderBudgets(CustomLogger):
         self._filter_url = self.url + "/v1/filter"
         self._spend_url = self.url + "/v1/spend"
         self._down = False
-        # One client per event loop (an httpx.AsyncClient is bound to the loop it first ran on).
-        self._clients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient]" = (
+        # One session per event loop (an aiohttp session is bound to the loop it was made on).
+        self._sessions: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aiohttp.ClientSession]" = (
             weakref.WeakKeyDictionary()
         )
         self._pending: "set[asyncio.Task[None]]" = set()
@@ -207,17 +209,22 @@ class ProviderBudgets(CustomLogger):
 
     # ---- plumbing --------------------------------------------------------------------------
 
-    def _client(self) -> httpx.AsyncClient:
+    async def _post(self, url: str, body: bytes) -> Tuple[int, bytes]:
+        """One POST: (status, body). Transport failures raise ``_Unusable``."""
         loop = asyncio.get_running_loop()
-        client = self._clients.get(loop)
-        if client is None or client.is_closed:
-            client = httpx.AsyncClient(
-                timeout=self.timeout,
+        session = self._sessions.get(loop)
+        if session is None or session.closed:
+            session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self.timeout),
+                connector=aiohttp.TCPConnector(limit=64),
                 trust_env=False,
-                limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
             )
-            self._clients[loop] = client
-        return client
+            self._sessions[loop] = session
+        try:
+            async with session.post(url, data=body, headers=_JSON) as resp:
+                return resp.status, await resp.read()
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+            raise _Unusable(f"{type(e).__name__}: {e}".rstrip(": ")) from e
 
     def _unreachable(self, what: str, err: object) -> None:
         if not self._down:
@@ -279,19 +286,16 @@ class ProviderBudgets(CustomLogger):
             wire.append(item)
         body = json.dumps({"deployments": wire}, separators=(",", ":")).encode()
         try:
-            try:
-                resp = await self._client().post(self._filter_url, content=body, headers=_JSON)
-            except httpx.HTTPError as e:
-                raise _Unusable(f"{type(e).__name__}: {e}") from e
-            if resp.status_code == 429:
+            status, answer = await self._post(self._filter_url, body)
+            if status == 429:
                 self._reachable()
-                raise NoDeploymentsAvailable(f"{CROSSED_BUDGET}: {_exceeded_info(resp)}")
-            if resp.status_code != 200:
-                raise _Unusable(f"HTTP {resp.status_code}: {resp.text[:200]}")
+                raise NoDeploymentsAvailable(f"{CROSSED_BUDGET}: {_exceeded_info(answer)}")
+            if status != 200:
+                raise _Unusable(f"HTTP {status}: {_clip(answer)}")
             try:
-                allowed = [healthy_deployments[int(d["id"])] for d in resp.json()["deployments"]]
+                allowed = [healthy_deployments[int(d["id"])] for d in json.loads(answer)["deployments"]]
             except (ValueError, KeyError, IndexError, TypeError) as e:
-                raise _Unusable(f"malformed /v1/filter answer ({e!r}): {resp.text[:200]}") from e
+                raise _Unusable(f"malformed /v1/filter answer ({e!r}): {_clip(answer)}") from e
         except _Unusable as e:
             self._unreachable("filter", e)
             if self.fail_open:
@@ -354,17 +358,16 @@ class ProviderBudgets(CustomLogger):
             if attempt > 1:
                 self.stats.retries += 1
             try:
-                resp = await self._client().post(self._spend_url, content=body, headers=_JSON)
-            except httpx.HTTPError as e:
-                last = f"{type(e).__name__}: {e}"
+                status, answer = await self._post(self._spend_url, body)
+            except _Unusable as e:
+                last = e
             else:
-                status = resp.status_code
                 if status == 200:
                     self._reachable()
                     self.stats.posted += 1
                     return
                 if status in (408, 429) or status >= 500:
-                    last = f"HTTP {status}: {resp.text[:200]}"
+                    last = f"HTTP {status}: {_clip(answer)}"
                 else:
                     self._reachable()
                     self.stats.rejected += 1
@@ -373,7 +376,7 @@ class ProviderBudgets(CustomLogger):
                         payload["cost"],
                         payload["provider"],
                         status,
-                        resp.text[:200],
+                        _clip(answer),
                     )
                     return
             self._unreachable("spend", last)
@@ -399,11 +402,11 @@ class ProviderBudgets(CustomLogger):
         return not not_done
 
     async def aclose(self, timeout: Optional[float] = None) -> None:
-        """Flush the pending spend posts, then close this loop's HTTP client."""
+        """Flush the pending spend posts, then close this loop's HTTP session."""
         await self.flush(timeout)
-        client = self._clients.pop(asyncio.get_running_loop(), None)
-        if client is not None:
-            await client.aclose()
+        session = self._sessions.pop(asyncio.get_running_loop(), None)
+        if session is not None:
+            await session.close()
 
 
 def _usd(entry: Dict[str, Any], field: str) -> Any:
@@ -415,13 +418,17 @@ def _usd(entry: Dict[str, Any], field: str) -> Any:
     return entry.get(field)
 
 
-def _exceeded_info(resp: httpx.Response) -> str:
+def _clip(answer: bytes, n: int = 200) -> str:
+    return answer[:n].decode("utf-8", "replace")
+
+
+def _exceeded_info(answer: bytes) -> str:
     """The budgets a 429 lists, in litellm's words: one line per exceeded budget
     (``Exceeded budget for provider openai: 10.5 >= 10``), each ending with a newline."""
     try:
-        data = resp.json()
+        data = json.loads(answer)
     except ValueError:
-        return resp.text[:500]
+        return _clip(answer, 500)
     if not isinstance(data, dict) or not isinstance(data.get("exceeded"), list):
         return json.dumps(data)[:500]
     lines = [
