@@ -8,13 +8,17 @@ same process and run, interleaved round by round so that drift hits them alike:
 * `none`     -- no budget filter;
 * `litellm`  -- litellm's own provider budget filter (`provider_budget_config`, in-memory:
                `RouterBudgetLimiting` without Redis);
-* `plugin`   -- `ProviderBudgets` against a real `provider-budgets serve` started here.
+* `plugin`   -- `ProviderBudgets` against a real `provider-budgets serve` started here;
+* `nullfilt` -- a `CustomLogger` whose `async_filter_deployments` returns its input: what
+               litellm itself spends on running any routing-filter callback.
 
 Budgets are large: nothing is ever filtered out, each request runs the filter, the pick, the
 mock call and the success hooks (which record the spend: in memory for litellm, a background
 POST /v1/spend for the plugin). Requests are sequential; each one's wall time includes the
-background work of the previous ones that runs meanwhile. Printed: median and p99 per request
-and the difference to `none`, plus the filter hook alone (`async_filter_deployments`).
+background work of the previous ones that runs meanwhile. Printed: median and p99 wall time per
+request and the difference to `none`; this Python process's CPU time per request (background
+work included; the sidecar's own CPU is not), which a loaded machine disturbs much less than
+wall time; and the filter hook alone (`async_filter_deployments`).
 
 The sidecar binary: `$PROVIDER_BUDGETS_BIN`, else `target/release/provider-budgets`, else
 `target/debug/provider-budgets` (the figures of a debug build are not representative).
@@ -40,6 +44,7 @@ sys.path.insert(0, str(HERE / "tests"))
 
 import litellm  # noqa: E402
 from litellm import Router  # noqa: E402
+from litellm.integrations.custom_logger import CustomLogger  # noqa: E402
 from litellm.router_strategy.budget_limiter import RouterBudgetLimiting  # noqa: E402
 
 import conftest  # noqa: E402  (the tests' Sidecar helper)
@@ -47,6 +52,11 @@ from provider_budgets_litellm import ProviderBudgets  # noqa: E402
 
 MODELS = ["openai/gpt-4o", "anthropic/claude-haiku-4-5", "openai/gpt-4o-mini", "anthropic/claude-sonnet-4-5"]
 MESSAGES = [{"role": "user", "content": "hello"}]
+
+
+class NullFilter(CustomLogger):
+    async def async_filter_deployments(self, model, healthy_deployments, messages, request_kwargs=None, parent_otel_span=None):
+        return healthy_deployments
 
 
 def pick_binary() -> str:
@@ -96,9 +106,11 @@ async def run(args, side, providers, binary) -> None:
     limiter = next(cb for cb in litellm.callbacks if isinstance(cb, RouterBudgetLimiting))
     litellm.logging_callback_manager._reset_all_callbacks()
     routers["plugin"] = Router(model_list=deps, num_retries=0)
-    callbacks = {"none": [], "litellm": [limiter], "plugin": [plugin]}
+    routers["nullfilt"] = Router(model_list=deps, num_retries=0)
+    callbacks = {"none": [], "litellm": [limiter], "plugin": [plugin], "nullfilt": [NullFilter()]}
 
     samples = {name: [] for name in routers}
+    cpu = {name: 0 for name in routers}  # this process's CPU time, background work included
     filter_samples = {"litellm": [], "plugin": []}
     hooks = {"litellm": limiter, "plugin": plugin}
     per_round = max(1, args.requests // args.rounds)
@@ -107,6 +119,7 @@ async def run(args, side, providers, binary) -> None:
             litellm.logging_callback_manager._reset_all_callbacks()
             litellm.callbacks = list(callbacks[name])
             out = samples[name]
+            cpu0 = time.process_time_ns()
             for _ in range(per_round if rnd else 50):
                 t0 = time.perf_counter_ns()
                 await router.acompletion(model="m", messages=MESSAGES)
@@ -114,6 +127,8 @@ async def run(args, side, providers, binary) -> None:
                 if rnd:
                     out.append(dt)
             await plugin.flush(30)
+            if rnd:
+                cpu[name] += time.process_time_ns() - cpu0
             if name in hooks:
                 hook = hooks[name]
                 for _ in range(per_round if rnd else 50):
@@ -136,10 +151,15 @@ async def run(args, side, providers, binary) -> None:
         f"{sum(spend.values()) / 1e9:.6f} USD, posts {plugin.stats.posted}, dropped {plugin.stats.dropped}"
     )
     base = statistics.median(samples["none"])
-    print(f"{'config':<10} {'median µs':>10} {'p99 µs':>10} {'added (median) µs':>18}")
+    base_cpu = cpu["none"] / len(samples["none"])
+    print(f"{'config':<10} {'median µs':>10} {'p99 µs':>10} {'added (median) µs':>18} {'CPU/req µs':>11} {'added CPU µs':>13}")
     for name, s in samples.items():
         med = statistics.median(s)
-        print(f"{name:<10} {med / 1e3:>10.1f} {pct(s, 0.99) / 1e3:>10.1f} {(med - base) / 1e3:>18.1f}")
+        c = cpu[name] / len(s)
+        print(
+            f"{name:<10} {med / 1e3:>10.1f} {pct(s, 0.99) / 1e3:>10.1f} {(med - base) / 1e3:>18.1f}"
+            f" {c / 1e3:>11.1f} {(c - base_cpu) / 1e3:>13.1f}"
+        )
     print(f"{'filter hook alone':<20} {'median µs':>10} {'p99 µs':>10}")
     for name, s in filter_samples.items():
         print(f"{name:<20} {statistics.median(s) / 1e3:>10.1f} {pct(s, 0.99) / 1e3:>10.1f}")

@@ -412,6 +412,58 @@ def test_an_answer_that_is_not_json_follows_fail_open(sidecars):
         server.shutdown()
 
 
+def test_a_hung_sidecar_costs_at_most_the_timeout(sidecars):
+    """A port that accepts connections and never answers: the filter gives up after `timeout`."""
+    import socket
+
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    try:
+
+        async def main():
+            deps = deployments(OPENAI, ANTHROPIC)
+            opened = ProviderBudgets(url=url, fail_open=True, timeout=0.3)
+            closed = ProviderBudgets(url=url, fail_open=False, timeout=0.3)
+            t0 = time.monotonic()
+            assert await opened.async_filter_deployments("m", deps, PROMPT) == deps
+            with pytest.raises(NoDeploymentsAvailable, match="TimeoutError|timeout"):
+                await closed.async_filter_deployments("m", deps, PROMPT)
+            elapsed = time.monotonic() - t0
+            assert 0.55 <= elapsed < 2.0, elapsed
+            await opened.aclose()
+            await closed.aclose()
+
+        asyncio.run(main())
+    finally:
+        listener.close()
+
+
+def test_a_refused_spend_is_logged_once_and_not_retried(sidecars, caplog):
+    """`at` older than the sidecar's retention: 422, a permanent refusal (no retry loop)."""
+    side = sidecars({"openai": "10"})
+
+    async def main():
+        plugin = ProviderBudgets(url=side.url, retry_backoff=0.01)
+        kwargs = success_kwargs("openai", 0.5, "call-old")
+        kwargs["standard_logging_object"]["endTime"] = time.time() - 30 * 86400
+        plugin.post_spend_in_background(kwargs)
+        assert await plugin.flush(10)
+        # Without a budget: acknowledged (`counted: false`), not an error.
+        plugin.post_spend_in_background(success_kwargs("mistral", 0.5, "call-nobudget"))
+        assert await plugin.flush(10)
+        await plugin.aclose()
+        return plugin
+
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        plugin = asyncio.run(main())
+    assert (plugin.stats.rejected, plugin.stats.retries, plugin.stats.posted) == (1, 0, 1)
+    errors = [r.getMessage() for r in caplog.records if r.name == LOGGER and r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "rejected spend 0.5 for provider openai (HTTP 422" in errors[0], errors
+    assert side.spend_nanos() == {"openai": 0}
+
+
 # ---- packaging -------------------------------------------------------------------------------
 
 
