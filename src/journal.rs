@@ -108,8 +108,8 @@ impl DurableTotals {
 /// Settings the journal thread needs.
 #[derive(Debug)]
 pub(crate) struct JournalSettings {
-    /// Storage key parts (provider, period) per budget index.
-    pub keys: Vec<(String, String)>,
+    /// Storage key parts (provider, period) per budget index (grows on reload).
+    pub keys: Arc<crate::reload::SlotKeys>,
     pub max_delay: Duration,
     pub retention: Duration,
     pub clock: Arc<dyn Clock>,
@@ -325,10 +325,10 @@ impl Worker {
     }
 
     fn key(&self, budget: u32, window: Window) -> WindowKey {
-        let (provider, period) = &self.settings.keys[budget as usize];
+        let (provider, period) = self.settings.keys.get(budget);
         WindowKey {
-            provider: provider.clone(),
-            period: period.clone(),
+            provider,
+            period,
             start: window.start_secs(),
         }
     }
@@ -368,7 +368,7 @@ impl Worker {
             }
             let spend = self.view.totals_at(b, now).total();
             let remaining = self.view.limit(b).saturating_sub(spend);
-            let provider = self.settings.keys[b as usize].0.clone();
+            let provider = self.settings.keys.get(b).0;
             metrics::gauge!("provider_budgets_spend_usd", "provider" => provider.clone())
                 .set(spend.as_usd());
             metrics::gauge!("provider_budgets_limit_usd", "provider" => provider.clone())

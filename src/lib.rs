@@ -87,6 +87,7 @@ pub use health::Health;
 pub use limiter::{Limiter, Prepared};
 pub use money::{Money, MoneyError};
 pub use provider::{Deployment, Target, BUILTIN_PREFIXES};
+pub use reload::ReloadSummary;
 pub use status::{BudgetStatus, ReplicationStatus};
 pub use store::{fuzz_decode_value, StoreError};
 pub use window::{Period, PeriodError, Schedule, Window};

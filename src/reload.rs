@@ -1,17 +1,199 @@
-//! [`Limiter::reload`]: a new configuration for a running limiter.
+//! [`Limiter::reload`]: a new configuration for a running limiter, without a restart.
+//!
+//! Budgets live in **slots**: an index into the view, the journal's and the replicator's key
+//! table. Slots are only ever added while the limiter runs, never removed or renumbered, so an
+//! index held by a racing `record` or `filter` stays valid. A reload:
+//!
+//! * keeps the slot of every budget whose (provider, period) is unchanged and stores its new
+//!   limit in place (an atomic): the next `filter` sees it;
+//! * adds a slot for a new budget, or for a changed period (the period is part of the storage
+//!   and Redis keys, so it is a new series starting at its stored total, zero when new), or
+//!   takes back the slot of a budget that was removed earlier (its spend is still there);
+//! * swaps the provider → slot table: a removed budget's provider resolves to "no budget" and
+//!   passes; its slot keeps its spend (journaled, replicated, stored until retention ends);
+//! * validates everything first: an invalid config, or a change of what only a restart can
+//!   apply (storage, Redis, node id, window anchor), is refused and the old config keeps
+//!   running.
+//!
+//! Records that race with a reload land in the slot their provider resolved to when they were
+//! made: spend is never dropped. `Prepared` lists notice a reload (a generation counter) and
+//! resolve again on their next call.
+
+use std::sync::{Mutex, PoisonError, RwLock};
+
+use arc_swap::ArcSwap;
 
 use crate::config::Config;
 use crate::error::Error;
 use crate::limiter::Limiter;
+use crate::view::View;
+use crate::window::Schedule;
+
+/// The limiter state a reload changes (lent by `Limiter::reload_parts`).
+#[derive(Debug)]
+pub(crate) struct Parts<'a> {
+    pub lock: &'a Mutex<()>,
+    pub config: &'a ArcSwap<Config>,
+    pub keys: &'a SlotKeys,
+    pub view: &'a View,
+}
+
+/// (provider, period) per budget slot: the storage and Redis key parts. Append-only.
+#[derive(Debug, Default)]
+pub(crate) struct SlotKeys {
+    keys: RwLock<Vec<(String, String)>>,
+}
+
+impl SlotKeys {
+    pub fn new(keys: Vec<(String, String)>) -> SlotKeys {
+        SlotKeys {
+            keys: RwLock::new(keys),
+        }
+    }
+
+    /// The key parts of a slot.
+    pub fn get(&self, slot: u32) -> (String, String) {
+        self.keys.read().unwrap_or_else(PoisonError::into_inner)[slot as usize].clone()
+    }
+
+    /// The slot of (provider, period), if it has one.
+    pub fn position(&self, provider: &str, period: &str) -> Option<u32> {
+        self.keys
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .position(|(p, q)| p == provider && q == period)
+            .and_then(|i| u32::try_from(i).ok())
+    }
+
+    /// Every slot's key parts.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub fn snapshot(&self) -> Vec<(String, String)> {
+        self.keys
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn push(&self, provider: String, period: String) {
+        self.keys
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push((provider, period));
+    }
+}
+
+/// What a reload changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ReloadSummary {
+    /// Budgets in force after the reload.
+    pub budgets: usize,
+    /// Providers whose budget is new (or has a new period).
+    pub added: Vec<String>,
+    /// Providers whose limit changed (same period).
+    pub changed: Vec<String>,
+    /// Providers whose budget was removed (or replaced by one with a new period).
+    pub removed: Vec<String>,
+}
 
 impl Limiter {
-    /// Applies a new configuration (placeholder: not implemented yet on this branch).
+    /// Applies a new configuration to the running limiter: changed limits apply at once, new
+    /// budgets (and budgets with a changed period: a new series) start from what is stored
+    /// for them (zero when new), removed budgets stop filtering, and recorded spend is never
+    /// lost. `unknown_provider` and `model_providers` change too. Reloads are serialised.
     ///
     /// # Errors
     ///
-    /// Always, for now.
-    pub fn reload(&self, config: Config) -> Result<(), Error> {
-        drop(config);
-        Err(Error::Replication("reload is not implemented yet".into()))
+    /// [`Error::Config`] when `config` is invalid, and [`Error::Reload`] when it changes what
+    /// only a restart can apply (`storage`, `redis`, `node_id`, `window_anchor`; `storage.dir`
+    /// may be left out, then the running one is kept) or needs more new budget slots than are
+    /// left (256 per process). Nothing changes on error.
+    pub fn reload(&self, mut config: Config) -> Result<ReloadSummary, Error> {
+        config.validate()?;
+        let parts = self.reload_parts();
+        let _serial = parts.lock.lock().unwrap_or_else(PoisonError::into_inner);
+        let old = parts.config.load_full();
+        if config.storage.dir.is_none() {
+            config.storage.dir.clone_from(&old.storage.dir);
+        }
+        let fixed = [
+            ("storage", config.storage != old.storage),
+            ("redis", config.redis != old.redis),
+            ("node_id", config.node_id != old.node_id),
+            ("window_anchor", config.window_anchor != old.window_anchor),
+        ];
+        if let Some((what, _)) = fixed.iter().find(|(_, changed)| *changed) {
+            return Err(Error::Reload(format!(
+                "`{what}` changed; it applies only at a restart (nothing was changed)"
+            )));
+        }
+        // Plan: the slot of each budget, existing or new.
+        let mut slots = Vec::with_capacity(config.budgets.len());
+        let mut new_slots = 0;
+        for b in &config.budgets {
+            let slot = parts.keys.position(&b.provider, &b.period.to_string());
+            new_slots += usize::from(slot.is_none());
+            slots.push(slot);
+        }
+        if parts.view.len() + new_slots > parts.view.capacity() {
+            return Err(Error::Reload(format!(
+                "{new_slots} new budget series would exceed the {} that one process can add; restart to apply",
+                crate::view::RELOAD_SLOTS
+            )));
+        }
+        // Apply: new slots first (view, then keys), then limits, then the provider table.
+        let mut summary = ReloadSummary {
+            budgets: config.budgets.len(),
+            ..ReloadSummary::default()
+        };
+        for (b, slot) in config.budgets.iter().zip(slots.iter_mut()) {
+            let s = match *slot {
+                Some(s) => s,
+                None => {
+                    let schedule = Schedule::new(b.period, config.window_anchor);
+                    let s = parts
+                        .view
+                        .push(schedule, b.limit)
+                        .ok_or_else(|| Error::Reload("no budget slot left".into()))?;
+                    parts.keys.push(b.provider.clone(), b.period.to_string());
+                    *slot = Some(s);
+                    s
+                }
+            };
+            match old.budgets.iter().find(|o| o.provider == b.provider) {
+                Some(o) if o.period == b.period => {
+                    if o.limit != b.limit {
+                        summary.changed.push(b.provider.clone());
+                    }
+                }
+                _ => summary.added.push(b.provider.clone()),
+            }
+            parts.view.set_limit(s, b.limit);
+        }
+        for o in &old.budgets {
+            if !config
+                .budgets
+                .iter()
+                .any(|b| b.provider == o.provider && b.period == o.period)
+            {
+                summary.removed.push(o.provider.clone());
+            }
+        }
+        let table: Vec<(String, u32)> = config
+            .budgets
+            .iter()
+            .zip(&slots)
+            .filter_map(|(b, s)| s.map(|s| (b.provider.clone(), s)))
+            .collect();
+        self.install(config, table);
+        tracing::info!(
+            budgets = summary.budgets,
+            added = ?summary.added,
+            changed = ?summary.changed,
+            removed = ?summary.removed,
+            "config reloaded"
+        );
+        Ok(summary)
     }
 }

@@ -783,3 +783,95 @@ fn sigterm_under_load_exits_0_and_every_acknowledged_durable_spend_is_on_disk() 
     assert!(on_disk <= sent * 1_000_000, "{on_disk} > {sent} sent");
     assert_eq!(on_disk % 1_000_000, 0);
 }
+
+// ---- reload -----------------------------------------------------------------------------------
+
+#[test]
+fn reload_under_load_switches_limits_and_loses_no_spend() {
+    let s = Server::start(
+        "provider_budget_config:\n  openai: {budget_limit: 1000, time_period: 1d}\n",
+        &[],
+    );
+    let base = s.base.clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(AtomicU64::new(0));
+    let clients: Vec<_> = (0..4)
+        .map(|t| {
+            let (base, stop, acked) = (base.clone(), Arc::clone(&stop), Arc::clone(&acked));
+            thread::spawn(move || {
+                let a = agent();
+                let body =
+                    json!({"provider": "openai", "cost": "0.001", "durable": t == 0}).to_string();
+                while !stop.load(Ordering::Relaxed) {
+                    let r = a.post(format!("{base}/v1/spend")).send(body.as_str());
+                    assert_eq!(r.unwrap().status().as_u16(), 200);
+                    acked.fetch_add(1, Ordering::SeqCst);
+                }
+            })
+        })
+        .collect();
+    let deadline = Instant::now() + DEADLINE;
+    while acked.load(Ordering::SeqCst) < 100 {
+        assert!(Instant::now() < deadline, "no load");
+        thread::sleep(Duration::from_millis(2));
+    }
+    // Lower openai's limit below its spend and add anthropic, through the endpoint.
+    std::fs::write(
+        &s.cli.config,
+        "provider_budget_config:\n  openai: {budget_limit: 0.05, time_period: 1d}\n  \
+         anthropic: {budget_limit: 2, time_period: 1d}\n",
+    )
+    .unwrap();
+    let r = s.post("/v1/reload", "");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(
+        r.json(),
+        json!({"reloaded": true, "budgets": 2, "added": ["anthropic"],
+               "changed": ["openai"], "removed": []})
+    );
+    // The new limit applies at once, under load.
+    let f = s.filter(json!([{"model": "gpt-4o"}]));
+    assert_eq!(f.status, 429, "{f:?}");
+    assert_eq!(
+        s.spend(json!({"provider": "anthropic", "cost": 2})).status,
+        200
+    );
+    let f = s.filter(json!([{"model": "claude-3-5-sonnet"}, {"model": "groq/llama"}]));
+    assert_eq!(f.json()["deployments"], json!([{"model": "groq/llama"}]));
+
+    // A broken file is refused (422) and the old config keeps running.
+    std::fs::write(
+        &s.cli.config,
+        "provider_budget_config:\n  openai: {budget_limit: -1}\n",
+    )
+    .unwrap();
+    s.post("/v1/reload", "")
+        .assert_error(422, "config reload refused");
+    assert_eq!(s.filter(json!([{"model": "gpt-4o"}])).status, 429);
+
+    // SIGHUP reloads too: openai back to a high limit.
+    std::fs::write(
+        &s.cli.config,
+        "provider_budget_config:\n  openai: {budget_limit: 1000, time_period: 1d}\n  \
+         anthropic: {budget_limit: 2, time_period: 1d}\n",
+    )
+    .unwrap();
+    s.signal("HUP");
+    let deadline = Instant::now() + DEADLINE;
+    while s.filter(json!([{"model": "gpt-4o"}])).status != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "SIGHUP did not reload: {}",
+            s.stderr()
+        );
+        thread::sleep(Duration::from_millis(5));
+    }
+
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.join().unwrap();
+    }
+    let acked = acked.load(Ordering::SeqCst);
+    assert_eq!(s.spend_nanos("openai"), acked * 1_000_000, "no spend lost");
+    assert_eq!(s.spend_nanos("anthropic"), 2 * NANOS);
+}

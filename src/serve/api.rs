@@ -488,9 +488,15 @@ async fn reload(Extract(state): Extract<Shared>) -> Response {
         return error(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
     }
     match rx.await {
-        Ok(Ok(budgets)) => json(
+        Ok(Ok(r)) => json(
             StatusCode::OK,
-            &serde_json::json!({ "reloaded": true, "budgets": budgets }),
+            &serde_json::json!({
+                "reloaded": true,
+                "budgets": r.budgets,
+                "added": r.added,
+                "changed": r.changed,
+                "removed": r.removed,
+            }),
         ),
         Ok(Err(e)) => error(StatusCode::UNPROCESSABLE_ENTITY, &e),
         Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "shutting down"),

@@ -80,7 +80,7 @@ pub enum ServeError {
 pub type Loader<'a> = &'a (dyn Fn() -> Result<Config, String> + Sync);
 
 /// A reload request from `POST /v1/reload`, answered by the main loop.
-type ReloadRequest = oneshot::Sender<Result<usize, String>>;
+type ReloadRequest = oneshot::Sender<Result<crate::ReloadSummary, String>>;
 
 /// What every handler shares.
 #[derive(Debug)]
@@ -155,7 +155,7 @@ async fn serve(
                 }
                 Signal::Reload => {
                     match reload(limiter, loader) {
-                        Ok(n) => tracing::info!(budgets = n, "config reloaded (SIGHUP)"),
+                        Ok(r) => tracing::info!(budgets = r.budgets, "config reloaded (SIGHUP)"),
                         Err(e) => tracing::error!(error = %e, "config reload refused (SIGHUP); the old config stays"),
                     }
                 }
@@ -186,13 +186,13 @@ async fn serve(
     Ok(())
 }
 
-/// Reads the config and applies it; the number of budgets now in force.
-fn reload(limiter: &Limiter, loader: Loader<'_>) -> Result<usize, String> {
-    let config = loader()?;
-    limiter
-        .reload(config)
-        .map_err(|e| format!("config reload refused: {e}"))?;
-    Ok(limiter.config().budgets.len())
+/// Reads the config and applies it.
+fn reload(limiter: &Limiter, loader: Loader<'_>) -> Result<crate::ReloadSummary, String> {
+    let refused = |e: &dyn std::fmt::Display| {
+        format!("config reload refused, the running config is unchanged: {e}")
+    };
+    let config = loader().map_err(|e| refused(&e))?;
+    limiter.reload(config).map_err(|e| refused(&e))
 }
 
 enum Signal {
