@@ -6,12 +6,18 @@
 
 #![allow(clippy::unwrap_used)]
 
+#[path = "support/redis_server.rs"]
+mod redis_server;
+
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
 
-use provider_budgets::{Config, Error, FakeClock, Limiter, Money, RecordError, Target};
+use provider_budgets::{
+    Config, Error, FakeClock, Limiter, Money, RecordError, RedisConfig, Target,
+};
+use redis_server::RedisServer;
 
 const NOW: &str = "2024-06-01T12:00:00Z";
 
@@ -289,4 +295,37 @@ fn more_new_series_than_spare_slots_is_refused_whole() {
     assert!(e.to_string().contains("restart"), "{e}");
     assert_eq!(l.status().len(), 1, "nothing changed");
     assert_eq!(l.config().budgets.len(), 1);
+}
+
+/// A budget added by a reload is replicated like the others: node A gets it by reload, node B
+/// has it from the start, and each sees the other's spend after two rounds.
+#[test]
+fn a_budget_added_by_reload_is_replicated() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let now = jiff::Timestamp::now();
+    let with_redis = |dir: &Path, node: &str, budgets: &str| {
+        let mut c = config(dir, budgets);
+        c.node_id = Some(node.to_owned());
+        let mut r = RedisConfig::new(server.url());
+        r.prefix = "reload".into();
+        r.sync_interval = std::time::Duration::from_secs(3600);
+        c.redis = Some(r);
+        c
+    };
+    let both = "  openai: {budget_limit: 10, time_period: 1d}\n  anthropic: {budget_limit: 10, time_period: 1d}\n";
+    let clock = || Arc::new(FakeClock::new(now));
+    let a = Limiter::open_with_clock(with_redis(da.path(), "a", OPENAI_1), clock()).unwrap();
+    let b = Limiter::open_with_clock(with_redis(db.path(), "b", both), clock()).unwrap();
+    a.reload(with_redis(da.path(), "a", both)).unwrap();
+    a.record("anthropic", usd("1.5")).unwrap();
+    b.record("anthropic", usd("0.25")).unwrap();
+    for _ in 0..2 {
+        a.sync().unwrap();
+        b.sync().unwrap();
+    }
+    assert_eq!(spend(&a, "anthropic"), Some(1_750_000_000));
+    assert_eq!(spend(&b, "anthropic"), Some(1_750_000_000));
 }
