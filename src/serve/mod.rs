@@ -142,10 +142,13 @@ async fn serve(
     let mut server = tokio::spawn(std::future::IntoFuture::into_future(server));
     let mut signals = Signals::new().map_err(ServeError::Runtime)?;
     tracing::info!(%local, "listening");
-    // The ready line: tests and supervisors read the bound address (useful with port 0).
-    println!("listening on {local}");
-    use std::io::Write as _;
-    let _ = std::io::stdout().flush();
+    // The ready line: tests and supervisors read the bound address (useful with port 0). A
+    // closed stdout is not an error: the server runs the same.
+    {
+        use std::io::Write as _;
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "listening on {local}").and_then(|()| out.flush());
+    }
     loop {
         tokio::select! {
             signal = signals.next() => match signal {
