@@ -586,7 +586,7 @@ fn requests_beyond_max_in_flight_get_503_at_once() {
     slow.flush().unwrap();
     let deadline = Instant::now() + DEADLINE;
     let r = loop {
-        let r = s.get("/healthz");
+        let r = s.get("/v1/budgets");
         if r.status == 503 || Instant::now() > deadline {
             break r;
         }
@@ -594,9 +594,15 @@ fn requests_beyond_max_in_flight_get_503_at_once() {
     };
     r.assert_error(503, "too many requests in flight");
     assert_eq!(r.headers.get("retry-after").map(String::as_str), Some("1"));
+    let f = s.filter(json!([{"model": "gpt-4o"}]));
+    f.assert_error(503, "too many requests in flight");
+    // Probes are not queued behind the API: health and metrics still answer.
+    assert_eq!(s.get("/healthz").status, 200);
+    let m = Prometheus::parse(&s.get("/metrics").body);
+    assert!(m.value("provider_budgets_http_overloaded_total", "") >= 2.0);
     drop(slow);
     let deadline = Instant::now() + DEADLINE;
-    while s.get("/healthz").status != 200 {
+    while s.get("/v1/budgets").status != 200 {
         assert!(Instant::now() < deadline, "permit not released");
         thread::sleep(Duration::from_millis(5));
     }

@@ -23,17 +23,21 @@ use crate::{Deployment, Money, NoDeployments, RecordError};
 
 type Shared = Arc<State>;
 
+/// The API routes are admitted through the in-flight bound; `/healthz` and `/metrics` are
+/// not, so that a probe or a scrape of an overloaded sidecar still gets its answer.
 pub(crate) fn router(state: Shared) -> Router {
-    Router::new()
+    let api = Router::new()
         .route("/v1/filter", post(filter))
         .route("/v1/spend", post(spend))
         .route("/v1/budgets", get(budgets))
         .route("/v1/reload", post(reload))
+        .route_layer(middleware::from_fn_with_state(Arc::clone(&state), admit));
+    let probes = Router::new()
         .route("/metrics", get(metrics))
-        .route("/healthz", get(healthz))
+        .route("/healthz", get(healthz));
+    api.merge(probes)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(middleware::from_fn_with_state(Arc::clone(&state), admit))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(state)
 }
