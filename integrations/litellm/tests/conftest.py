@@ -14,8 +14,8 @@ os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
 os.environ.setdefault("LITELLM_LOG", "ERROR")
 
 import json
+import re
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -57,12 +57,6 @@ def wait_until(cond: Callable[[], bool], what: str, timeout: float = 10.0, inter
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 _BIN: Optional[str] = None
@@ -109,8 +103,10 @@ class Sidecar:
         for provider, limit in budgets.items():
             lines.append(f'  {provider}: {{ budget_limit: "{limit}", time_period: {period} }}')
         self.config.write_text("\n".join(lines) + "\n")
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        # First start on port 0 (the sidecar picks a free port and prints `listening on ADDR`);
+        # a restart reuses that port, so that clients see the same URL come back.
+        self.port = 0
+        self.url = ""
         self.proc: Optional[subprocess.Popen] = None
         self.log = self.dir / "sidecar.log"
 
@@ -118,6 +114,7 @@ class Sidecar:
         binary = sidecar_binary()
         env = {k: v for k, v in os.environ.items() if not k.startswith("PROVIDER_BUDGETS_")}
         env.setdefault("RUST_LOG", "warn")
+        log_start = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [
@@ -139,6 +136,13 @@ class Sidecar:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 unavailable(f"sidecar exited with {self.proc.returncode} at start:\n{self.log.read_text()[-3000:]}")
+            if self.port == 0:
+                match = re.search(r"listening on 127\.0\.0\.1:(\d+)", self.log.read_text()[log_start:])
+                if match is None:
+                    time.sleep(0.01)
+                    continue
+                self.port = int(match.group(1))
+                self.url = f"http://127.0.0.1:{self.port}"
             try:
                 with urllib.request.urlopen(self.url + "/healthz", timeout=1) as r:
                     if r.status == 200:

@@ -262,6 +262,71 @@ class DroppingProxy:
         await self.server.wait_closed()
 
 
+class IdleCloser:
+    """A loopback TCP relay in front of the sidecar that closes each connection when a second
+    request arrives on it, unanswered: a keep-alive connection the server closed just as the
+    client reused it."""
+
+    def __init__(self, upstream_port: int):
+        self.upstream_port = upstream_port
+        self.closed = 0
+        self.server = None
+        self.port = 0
+
+    async def start(self):
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def _handle(self, reader, writer):
+        up_r, up_w = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        seen = 0
+
+        async def to_server():
+            nonlocal seen
+            while data := await reader.read(65536):
+                seen += data.count(b"POST ")
+                if seen >= 2:
+                    self.closed += 1
+                    writer.transport.abort()
+                    up_w.close()
+                    return
+                up_w.write(data)
+                await up_w.drain()
+            up_w.close()
+
+        async def to_client():
+            while data := await up_r.read(65536):
+                writer.write(data)
+                await writer.drain()
+            writer.close()
+
+        await asyncio.gather(to_server(), to_client(), return_exceptions=True)
+
+    async def close(self):
+        self.server.close()
+        await self.server.wait_closed()
+
+
+def test_a_keep_alive_connection_closed_under_the_request_is_not_an_outage(sidecars, caplog):
+    side = sidecars({"openai": "10"})
+
+    async def main():
+        relay = await IdleCloser(side.port).start()
+        plugin = ProviderBudgets(url=f"http://127.0.0.1:{relay.port}", fail_open=False)
+        deps = deployments(OPENAI, ANTHROPIC)
+        for _ in range(4):
+            assert await plugin.async_filter_deployments("m", deps, PROMPT) == deps
+        await plugin.aclose()
+        await relay.close()
+        return relay
+
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        relay = asyncio.run(main())
+    assert relay.closed >= 3, relay.closed
+    assert not [r for r in caplog.records if r.name == LOGGER], [r.getMessage() for r in caplog.records]
+
+
 def success_kwargs(provider: str, cost: float, call_id: str) -> dict:
     """The parts of litellm's success-event kwargs the plugin reads."""
     return {
@@ -364,6 +429,7 @@ def test_fail_open_false_raises_litellms_no_deployments_error(sidecars):
         litellm.callbacks = [plugin]
         router = Router(num_retries=0, model_list=deployments(OPENAI, ANTHROPIC))
         await call(router)
+        await await_condition(lambda: plugin.stats.posted == 1, "the first call's spend")
         side.stop()
         for _ in range(2):
             with pytest.raises(ValueError) as info:
@@ -373,6 +439,7 @@ def test_fail_open_false_raises_litellms_no_deployments_error(sidecars):
         await plugin.flush(10)
         side.start()
         await call(router)  # back to normal
+        await await_condition(lambda: plugin.stats.posted == 2, "the spend of both answered calls")
         await plugin.aclose()
 
     asyncio.run(main())

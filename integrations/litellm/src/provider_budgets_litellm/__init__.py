@@ -220,11 +220,18 @@ class ProviderBudgets(CustomLogger):
                 trust_env=False,
             )
             self._sessions[loop] = session
-        try:
-            async with session.post(url, data=body, headers=_JSON) as resp:
-                return resp.status, await resp.read()
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
-            raise _Unusable(f"{type(e).__name__}: {e}".rstrip(": ")) from e
+        # A pooled keep-alive connection the sidecar closed (restart, idle close) fails at once
+        # with ServerDisconnectedError: one immediate second try, on a fresh connection.
+        for attempt in (1, 2):
+            try:
+                async with session.post(url, data=body, headers=_JSON) as resp:
+                    return resp.status, await resp.read()
+            except aiohttp.ServerDisconnectedError as e:
+                if attempt == 2:
+                    raise _Unusable(f"{type(e).__name__}: {e}".rstrip(": ")) from e
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+                raise _Unusable(f"{type(e).__name__}: {e}".rstrip(": ")) from e
+        raise AssertionError("unreachable")
 
     def _unreachable(self, what: str, err: object) -> None:
         if not self._down:
