@@ -200,34 +200,25 @@ fn main() {
     let addr = server.addr.clone();
     let spend = r#"{"provider":"openai","cost":0.000123}"#;
     let durable = r#"{"provider":"anthropic","cost":"0.000123","durable":true}"#;
-    let results = [
-        run(
-            &addr,
-            "POST /v1/filter (10 deployments)",
-            "/v1/filter",
-            DEPLOYMENTS,
-            1,
-            secs,
-        ),
-        run(
-            &addr,
-            "POST /v1/filter (10 deployments)",
-            "/v1/filter",
-            DEPLOYMENTS,
-            4,
-            secs,
-        ),
-        run(&addr, "POST /v1/spend", "/v1/spend", spend, 1, secs),
-        run(&addr, "POST /v1/spend", "/v1/spend", spend, 4, secs),
-        run(
-            &addr,
-            "POST /v1/spend durable",
-            "/v1/spend",
-            durable,
-            4,
-            secs,
-        ),
+    let filter = (
+        "POST /v1/filter (10 deployments)",
+        "/v1/filter",
+        DEPLOYMENTS,
+    );
+    let buffered = ("POST /v1/spend", "/v1/spend", spend);
+    let synced = ("POST /v1/spend durable", "/v1/spend", durable);
+    let scenarios = [
+        (filter, 1),
+        (filter, 2),
+        (filter, 4),
+        (buffered, 1),
+        (buffered, 4),
+        (synced, 4),
     ];
+    let results: Vec<Result> = scenarios
+        .iter()
+        .map(|&((name, path, body), conns)| run(&addr, name, path, body, conns, secs))
+        .collect();
     println!(
         "\n{:<44} {:>10} {:>12} {:>10} {:>10}",
         "scenario", "requests", "req/s", "p50 µs", "p99 µs"

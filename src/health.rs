@@ -13,8 +13,17 @@ use crate::status::ReplicationStatus;
 pub struct Health {
     /// Why the store cannot take writes (disk full, journal dead), `None` while it can.
     pub storage_fault: Option<String>,
+    /// Whether the journal thread runs (false after shutdown or when it died).
+    pub journal_running: bool,
     /// Replication state.
     pub replication: ReplicationStatus,
+}
+
+impl Health {
+    /// Storage works and the journal runs.
+    pub fn storage_ok(&self) -> bool {
+        self.storage_fault.is_none() && self.journal_running
+    }
 }
 
 impl Limiter {
@@ -22,6 +31,7 @@ impl Limiter {
     pub fn health(&self) -> Health {
         Health {
             storage_fault: None,
+            journal_running: true,
             replication: self
                 .status()
                 .into_iter()

@@ -465,16 +465,20 @@ async fn healthz(Extract(state): Extract<Shared>) -> Response {
         "stale": r.stale,
         "last_error": r.last_error,
     });
-    match h.storage_fault {
-        None => json(
+    if h.storage_ok() {
+        json(
             StatusCode::OK,
             &serde_json::json!({
                 "status": "ok",
                 "node_id": state.limiter.node_id(),
                 "replication": replication,
             }),
-        ),
-        Some(fault) => json(
+        )
+    } else {
+        let fault = h
+            .storage_fault
+            .unwrap_or_else(|| "the journal is not running".to_owned());
+        json(
             StatusCode::SERVICE_UNAVAILABLE,
             &serde_json::json!({
                 "status": "faulted",
@@ -482,7 +486,7 @@ async fn healthz(Extract(state): Extract<Shared>) -> Response {
                 "node_id": state.limiter.node_id(),
                 "replication": replication,
             }),
-        ),
+        )
     }
 }
 

@@ -47,11 +47,8 @@ impl Exporter {
                 .set(s.remaining.as_usd());
         }
         let health = limiter.health();
-        metrics::gauge!("provider_budgets_storage_fault").set(if health.storage_fault.is_some() {
-            1.0
-        } else {
-            0.0
-        });
+        let fault = if health.storage_ok() { 0.0 } else { 1.0 };
+        metrics::gauge!("provider_budgets_storage_fault").set(fault);
         let r = &health.replication;
         metrics::gauge!("provider_budgets_sync_stale").set(if r.enabled && r.stale {
             1.0
