@@ -55,7 +55,9 @@ MESSAGES = [{"role": "user", "content": "hello"}]
 
 
 class NullFilter(CustomLogger):
-    async def async_filter_deployments(self, model, healthy_deployments, messages, request_kwargs=None, parent_otel_span=None):
+    async def async_filter_deployments(
+        self, model, healthy_deployments, messages, request_kwargs=None, parent_otel_span=None
+    ):
         return healthy_deployments
 
 
@@ -141,10 +143,7 @@ async def run(args, side, providers, binary) -> None:
     litellm.logging_callback_manager._reset_all_callbacks()
 
     spend = side.spend_nanos()
-    print(
-        f"# litellm {litellm_version()}, python {platform.python_version()}, {os.cpu_count()} cpus, "
-        f"sidecar {binary}"
-    )
+    print(f"# litellm {litellm_version()}, python {platform.python_version()}, {os.cpu_count()} cpus, sidecar {binary}")
     print(
         f"# {args.deployments} deployments, {per_round * args.rounds} requests per config "
         f"({args.rounds} interleaved rounds), sidecar spend recorded: "
@@ -152,7 +151,9 @@ async def run(args, side, providers, binary) -> None:
     )
     base = statistics.median(samples["none"])
     base_cpu = cpu["none"] / len(samples["none"])
-    print(f"{'config':<10} {'median µs':>10} {'p99 µs':>10} {'added (median) µs':>18} {'CPU/req µs':>11} {'added CPU µs':>13}")
+    print(
+        f"{'config':<10} {'median µs':>10} {'p99 µs':>10} {'added (median) µs':>18} {'CPU/req µs':>11} {'added CPU µs':>13}"
+    )
     for name, s in samples.items():
         med = statistics.median(s)
         c = cpu[name] / len(s)

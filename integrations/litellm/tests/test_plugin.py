@@ -89,8 +89,11 @@ def test_routes_away_from_a_provider_exactly_when_its_budget_is_spent(sidecars, 
                 await call(router)
             msg = str(info.value)
             assert msg.startswith(f"{CROSSED}: "), msg
-            assert f"Exceeded budget for provider openai: " in msg, msg
-            assert f"Exceeded budget for provider anthropic: " in msg, msg
+            # litellm's wording, one line per exhausted provider, with the sidecar's exact amounts.
+            assert sorted(msg.split(": ", 1)[1].splitlines()) == [
+                f"Exceeded budget for provider anthropic: {usd(2 * c_a)} >= {usd(2 * c_a)}",
+                f"Exceeded budget for provider openai: {usd(3 * c_o)} >= {usd(3 * c_o)}",
+            ], msg
         assert side.spend_nanos() == {"openai": 3 * c_o, "anthropic": 2 * c_a}
         await plugin.aclose()
 
@@ -353,7 +356,11 @@ def test_a_spend_post_retried_after_a_lost_answer_counts_once(sidecars):
     assert proxy.cut == 1, "the first answer must have been cut"
     bodies = [json.loads(r.split(b"\r\n\r\n", 1)[1]) for r in proxy.requests if b"/v1/spend" in r]
     assert len(bodies) == 2, proxy.requests
-    assert bodies[0] == bodies[1] == {"provider": "openai", "cost": "0.30000000000000004", "idempotency_key": "litellm:call-1"}
+    assert (
+        bodies[0]
+        == bodies[1]
+        == {"provider": "openai", "cost": "0.30000000000000004", "idempotency_key": "litellm:call-1"}
+    )
     # Counted by the first attempt; the retry with the same key is not counted again.
     assert side.spend_nanos() == {"openai": 300_000_000}
 

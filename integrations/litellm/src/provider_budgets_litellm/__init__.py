@@ -328,7 +328,9 @@ class ProviderBudgets(CustomLogger):
         if not provider or cost is None or cost == "0":
             self.stats.skipped += 1
             if raw_cost not in (None, 0, 0.0) and cost is None:
-                logger.error("provider-budgets: unusable response_cost %r for provider %r: not recorded", raw_cost, provider)
+                logger.error(
+                    "provider-budgets: unusable response_cost %r for provider %r: not recorded", raw_cost, provider
+                )
             return None
         if cost.startswith("-"):
             self.stats.rejected += 1
