@@ -95,14 +95,18 @@ def sidecar_binary() -> str:
 class Sidecar:
     """One `provider-budgets serve` process on a loopback port, with its own data dir."""
 
-    def __init__(self, budgets: Dict[str, str], period: str = "1d"):
+    def __init__(self, budgets: Dict[str, str], period: str = "1d", config_text: Optional[str] = None):
+        """`config_text`, when given, is the whole config file (e.g. a litellm proxy config);
+        otherwise a `provider_budget_config` block is written from `budgets`."""
         self.dir = Path(tempfile.mkdtemp(prefix="pb-litellm-"))
         self.data_dir = self.dir / "data"
         self.config = self.dir / "config.yaml"
-        lines = ["provider_budget_config:"]
-        for provider, limit in budgets.items():
-            lines.append(f'  {provider}: {{ budget_limit: "{limit}", time_period: {period} }}')
-        self.config.write_text("\n".join(lines) + "\n")
+        if config_text is None:
+            lines = ["provider_budget_config:"]
+            for provider, limit in budgets.items():
+                lines.append(f'  {provider}: {{ budget_limit: "{limit}", time_period: {period} }}')
+            config_text = "\n".join(lines) + "\n"
+        self.config.write_text(config_text)
         # First start on port 0 (the sidecar picks a free port and prints `listening on ADDR`);
         # a restart reuses that port, so that clients see the same URL come back.
         self.port = 0
@@ -189,8 +193,8 @@ def sidecars():
     """Factory: `sidecars({"openai": "0.001"})` starts a sidecar; all are stopped at teardown."""
     started = []
 
-    def make(budgets: Dict[str, str], period: str = "1d") -> Sidecar:
-        s = Sidecar(budgets, period)
+    def make(budgets: Dict[str, str], period: str = "1d", config_text: Optional[str] = None) -> Sidecar:
+        s = Sidecar(budgets, period, config_text)
         started.append(s)
         return s.start()
 

@@ -556,6 +556,48 @@ def test_proxy_config_name_resolves_to_an_instance(monkeypatch):
     assert get_instance_fn("provider_budgets_litellm.proxy_handler_instance") is instance
 
 
+PROXY_CONFIG = """
+model_list:
+  - model_name: m
+    litellm_params: { model: openai/gpt-4o, mock_response: hi }
+  - model_name: m
+    litellm_params: { model: anthropic/claude-haiku-4-5, mock_response: hi }
+litellm_settings:
+  callbacks: ["provider_budgets_litellm.proxy_handler_instance"]
+  drop_params: true
+router_settings:
+  routing_strategy: simple-shuffle
+  provider_budget_config:
+    openai: { budget_limit: 0, time_period: 1d }
+    anthropic: { budget_limit: 100, time_period: 1d }
+general_settings:
+  master_key: sk-1234
+"""
+
+
+def test_the_sidecar_runs_on_the_litellm_proxy_config_as_it_is(sidecars, monkeypatch):
+    """One file for both: the proxy's config (callback registered, budgets under router_settings)."""
+    import yaml
+    from litellm.proxy.types_utils.utils import get_instance_fn
+
+    side = sidecars({}, config_text=PROXY_CONFIG)
+    config = yaml.safe_load(PROXY_CONFIG)
+    monkeypatch.setenv("PROVIDER_BUDGETS_URL", side.url)
+    monkeypatch.setattr(provider_budgets_litellm, "_proxy_handler_instance", None)
+    (name,) = config["litellm_settings"]["callbacks"]
+
+    async def main():
+        plugin = get_instance_fn(name)
+        litellm.callbacks = [plugin]
+        router = Router(num_retries=0, model_list=config["model_list"])  # budgets left to the sidecar
+        for _ in range(4):
+            assert provider_of(await call(router)) == "anthropic"  # openai's limit is 0
+        assert sorted(side.spend_nanos()) == ["anthropic", "openai"]
+        await plugin.aclose()
+
+    asyncio.run(main())
+
+
 def test_url_defaults(monkeypatch):
     monkeypatch.delenv("PROVIDER_BUDGETS_URL", raising=False)
     assert ProviderBudgets().url == "http://127.0.0.1:8787"
