@@ -404,7 +404,7 @@ fn status(limiter: &Limiter, json: bool, replicate: bool) -> Outcome {
     let budgets = limiter.status();
     let mut out = io::stdout().lock();
     if json {
-        let doc = crate::status::status_document(limiter.node_id(), &budgets);
+        let doc = crate::status::status_document(limiter, &budgets);
         writeln!(out, "{doc}")?;
     } else {
         write_table(&mut out, &budgets)?;

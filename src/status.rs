@@ -47,12 +47,15 @@ pub struct ReplicationStatus {
     pub round_trips: u64,
 }
 
-/// The JSON document of `status --json` and the sidecar's `GET /v1/budgets`:
-/// `{"node_id": …, "budgets": [one object per budget]}`.
+/// The JSON document of `status --json` and the sidecar's `GET /v1/budgets` (one builder, so
+/// both stay the same): `{"node_id": …, "budgets": [one object per budget]}`.
 #[cfg(feature = "cli")]
-pub(crate) fn status_document(node_id: &str, budgets: &[BudgetStatus]) -> serde_json::Value {
+pub(crate) fn status_document(
+    limiter: &crate::Limiter,
+    budgets: &[BudgetStatus],
+) -> serde_json::Value {
     serde_json::json!({
-        "node_id": node_id,
+        "node_id": limiter.node_id(),
         "budgets": budgets.iter().map(status_json).collect::<Vec<_>>(),
     })
 }

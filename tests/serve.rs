@@ -584,14 +584,18 @@ fn requests_beyond_max_in_flight_get_503_at_once() {
     )
     .unwrap();
     slow.flush().unwrap();
+    // Wait (through /metrics, which is not bounded) until it is admitted and holds it.
     let deadline = Instant::now() + DEADLINE;
-    let r = loop {
-        let r = s.get("/v1/budgets");
-        if r.status == 503 || Instant::now() > deadline {
-            break r;
-        }
-        thread::sleep(Duration::from_millis(5));
-    };
+    while Prometheus::parse(&s.get("/metrics").body).value("provider_budgets_http_in_flight", "")
+        < 1.0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the slow request was not admitted"
+        );
+        thread::sleep(Duration::from_millis(2));
+    }
+    let r = s.get("/v1/budgets");
     r.assert_error(503, "too many requests in flight");
     assert_eq!(r.headers.get("retry-after").map(String::as_str), Some("1"));
     let f = s.filter(json!([{"model": "gpt-4o"}]));

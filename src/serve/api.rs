@@ -441,12 +441,14 @@ fn spend_response(status: StatusCode, outcome: &Outcome, duplicate: bool) -> Res
 // ---- the rest ---------------------------------------------------------------------------------
 
 async fn budgets(Extract(state): Extract<Shared>) -> Response {
-    let doc = crate::status::status_document(state.limiter.node_id(), &state.limiter.status());
+    let doc = crate::status::status_document(&state.limiter, &state.limiter.status());
     json(StatusCode::OK, &doc)
 }
 
 async fn metrics(Extract(state): Extract<Shared>) -> Response {
     metrics::gauge!("provider_budgets_idempotency_keys").set(state.keys.len() as f64);
+    let in_flight = state.max_in_flight - state.permits.available_permits();
+    metrics::gauge!("provider_budgets_http_in_flight").set(in_flight as f64);
     let text = state.metrics.render(&state.limiter);
     let mut r = (StatusCode::OK, text).into_response();
     r.headers_mut().insert(

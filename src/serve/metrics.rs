@@ -124,6 +124,10 @@ fn describe() {
         "provider_budgets_idempotency_keys",
         "Idempotency keys of spend requests remembered by the sidecar"
     );
+    describe_gauge!(
+        "provider_budgets_http_in_flight",
+        "API requests being handled (bounded by --max-in-flight)"
+    );
     describe_counter!(
         "provider_budgets_http_overloaded_total",
         "Requests refused with 503 because --max-in-flight requests were in flight"

@@ -89,6 +89,7 @@ pub(crate) struct State {
     pub keys: idempotency::Keys,
     pub metrics: metrics::Exporter,
     pub permits: Arc<Semaphore>,
+    pub max_in_flight: usize,
     pub reload: mpsc::Sender<ReloadRequest>,
 }
 
@@ -132,6 +133,7 @@ async fn serve(
         keys: idempotency::Keys::default(),
         metrics: exporter,
         permits: Arc::new(Semaphore::new(args.max_in_flight as usize)),
+        max_in_flight: args.max_in_flight as usize,
         reload: reload_tx,
     });
     let app = api::router(state);
