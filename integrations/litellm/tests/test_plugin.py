@@ -393,6 +393,26 @@ def test_spend_posts_survive_an_outage_without_blocking_the_response(sidecars, c
     asyncio.run(main())
 
 
+def test_durable_spend_posts_survive_a_sidecar_crash(sidecars):
+    side = sidecars({"openai": "10"})
+    costs = [0.1 + 0.2, 1e-05, 0.0042]
+
+    async def main():
+        plugin = ProviderBudgets(url=side.url, durable=True)
+        for i, cost in enumerate(costs):
+            plugin.post_spend_in_background(success_kwargs("openai", cost, f"call-{i}"))
+        assert await plugin.flush(10)
+        assert (plugin.stats.posted, plugin.stats.rejected) == (len(costs), 0)
+        await plugin.aclose()
+
+    asyncio.run(main())
+    side.proc.kill()  # SIGKILL: only what was fsynced survives
+    side.proc.wait()
+    side.proc = None
+    side.start()
+    assert side.spend_nanos() == {"openai": sum(nanos(c) for c in costs)}
+
+
 # ---- sidecar unreachable ---------------------------------------------------------------------
 
 
