@@ -40,6 +40,8 @@ struct Inner {
     reload_lock: Mutex<()>,
     /// Bumped by each reload: `Prepared` lists resolve again.
     generation: AtomicU64,
+    /// The store, for a reload to read what a new budget already has stored.
+    store: Arc<Store>,
     /// Shared with the journal (which prunes it) and the replicator (which raises others).
     view: Arc<View>,
     journal: Journal,
@@ -188,6 +190,7 @@ impl Limiter {
                 keys: slot_keys,
                 reload_lock: Mutex::new(()),
                 generation: AtomicU64::new(0),
+                store,
                 clock,
                 view,
                 journal,
@@ -214,6 +217,9 @@ impl Limiter {
             config: &self.inner.config,
             keys: &self.inner.keys,
             view: &self.inner.view,
+            store: &self.inner.store,
+            journal: &self.inner.journal,
+            node_id: &self.inner.node_id,
         }
     }
 

@@ -23,11 +23,14 @@ use std::sync::{Mutex, PoisonError, RwLock};
 
 use arc_swap::ArcSwap;
 
-use crate::config::Config;
+use crate::config::{BudgetConfig, Config};
 use crate::error::Error;
+use crate::journal::{Event, Journal};
 use crate::limiter::Limiter;
+use crate::money::Money;
+use crate::store::{window_of, Store};
 use crate::view::View;
-use crate::window::Schedule;
+use crate::window::{Schedule, Window};
 
 /// The limiter state a reload changes (lent by `Limiter::reload_parts`).
 #[derive(Debug)]
@@ -36,6 +39,44 @@ pub(crate) struct Parts<'a> {
     pub config: &'a ArcSwap<Config>,
     pub keys: &'a SlotKeys,
     pub view: &'a View,
+    pub store: &'a Store,
+    pub journal: &'a Journal,
+    pub node_id: &'a str,
+}
+
+/// What the store holds for a budget series that gets a new slot: (window, own, others).
+type Stored = Vec<(Window, u64, u64)>;
+
+impl Parts<'_> {
+    /// The stored totals of each series in `series` (a budget removed before this process
+    /// started, or a period used before, still has its spend on disk: a new slot resumes it).
+    fn stored(&self, series: &[&BudgetConfig]) -> Result<Vec<Stored>, Error> {
+        let mut out: Vec<Stored> = vec![Vec::new(); series.len()];
+        if series.is_empty() {
+            return Ok(out);
+        }
+        let index = |provider: &str, period: &str| {
+            series
+                .iter()
+                .position(|b| b.provider == provider && b.period.to_string() == period)
+        };
+        for (key, value) in self.store.load_own()? {
+            if let Some(i) = index(&key.provider, &key.period) {
+                out[i].push((window_of(&key, value.end), value.total, 0));
+            }
+        }
+        for (key, value) in self.store.load_peers()? {
+            if let Some(i) = index(&key.provider, &key.period) {
+                let others = value
+                    .nodes
+                    .iter()
+                    .filter(|(n, _)| n != self.node_id)
+                    .fold(0u64, |s, (_, t)| s.saturating_add(*t));
+                out[i].push((window_of(&key, value.end), 0, others));
+            }
+        }
+        Ok(out)
+    }
 }
 
 /// (provider, period) per budget slot: the storage and Redis key parts. Append-only.
@@ -142,7 +183,17 @@ impl Limiter {
                 crate::view::RELOAD_SLOTS
             )));
         }
-        // Apply: new slots first (view, then keys), then limits, then the provider table.
+        // Read what the new series already have on disk before changing anything.
+        let new_series: Vec<&BudgetConfig> = config
+            .budgets
+            .iter()
+            .zip(&slots)
+            .filter(|(_, s)| s.is_none())
+            .map(|(b, _)| b)
+            .collect();
+        let mut stored = parts.stored(&new_series)?.into_iter();
+        // Apply: new slots first (view with their stored totals, journal, keys), then limits,
+        // then the provider table, so that no record reaches a slot before its totals.
         let mut summary = ReloadSummary {
             budgets: config.budgets.len(),
             ..ReloadSummary::default()
@@ -157,6 +208,27 @@ impl Limiter {
                         .push(schedule, b.limit)
                         .ok_or_else(|| Error::Reload("no budget slot left".into()))?;
                     parts.keys.push(b.provider.clone(), b.period.to_string());
+                    let totals = stored.next().unwrap_or_default();
+                    parts.view.raise_own_many(
+                        totals
+                            .iter()
+                            .filter(|t| t.1 > 0)
+                            .map(|&(w, own, _)| (s, w, Money::from_nanos(own))),
+                    );
+                    parts.view.raise_others_many(
+                        totals
+                            .iter()
+                            .filter(|t| t.2 > 0)
+                            .map(|&(w, _, others)| (s, w, Money::from_nanos(others))),
+                    );
+                    // The journal writes absolute totals: it must start from the stored ones.
+                    for &(window, total, _) in totals.iter().filter(|t| t.1 > 0) {
+                        let _ = parts.journal.send(Event::Adopt {
+                            budget: s,
+                            window,
+                            total,
+                        });
+                    }
                     *slot = Some(s);
                     s
                 }

@@ -329,3 +329,35 @@ fn a_budget_added_by_reload_is_replicated() {
     assert_eq!(spend(&a, "anthropic"), Some(1_750_000_000));
     assert_eq!(spend(&b, "anthropic"), Some(1_750_000_000));
 }
+
+/// A budget that the running process never had, but whose series is on disk from an earlier
+/// run (removed from the config, then the process restarted): a reload that adds it back
+/// resumes the stored spend instead of starting at zero and overwriting it.
+#[test]
+fn a_budget_added_by_reload_resumes_what_an_earlier_run_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let both =
+        "  openai: {budget_limit: 10, time_period: 1d}\n  anthropic: {budget_limit: 2, time_period: 1d}\n";
+    let l = open(dir.path(), both);
+    l.record_durable("anthropic", usd("1.5")).unwrap();
+    drop(l);
+
+    let l = open(dir.path(), OPENAI_1);
+    assert!(l.budget_status("anthropic").is_none());
+    let r = l.reload(config(dir.path(), both)).unwrap();
+    assert_eq!(r.added, ["anthropic"]);
+    assert_eq!(
+        spend(&l, "anthropic"),
+        Some(1_500_000_000),
+        "resumed, not zero"
+    );
+    l.record("anthropic", usd("0.5")).unwrap();
+    assert_eq!(l.filter(&GPT).unwrap(), [&"gpt-4o"], "2 of 2 spent");
+    drop(l);
+    let l = open(dir.path(), both);
+    assert_eq!(
+        spend(&l, "anthropic"),
+        Some(2_000_000_000),
+        "nothing overwritten on disk"
+    );
+}
