@@ -887,3 +887,24 @@ fn reload_under_load_switches_limits_and_loses_no_spend() {
     assert_eq!(s.spend_nanos("openai"), acked * 1_000_000, "no spend lost");
     assert_eq!(s.spend_nanos("anthropic"), 2 * NANOS);
 }
+
+#[test]
+fn an_address_in_use_is_one_error_line_and_exit_1() {
+    let s = Server::start(CONFIG, &[]);
+    let other = Cli::new(CONFIG);
+    let run = cli::Run::of(
+        other
+            .cmd(&["serve", "--listen", s.addr()])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert_eq!(run.stderr.lines().count(), 1, "{run:?}");
+    assert!(
+        run.stderr
+            .starts_with(&format!("error: cannot listen on {}", s.addr())),
+        "{run:?}"
+    );
+    assert!(run.stdout.is_empty(), "{run:?}");
+}
