@@ -289,6 +289,10 @@ impl Limiter {
 
     /// [`Limiter::record_durable_async`] in the window of `at` (checked like
     /// [`Limiter::record_at`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`Limiter::record_durable_at`].
     pub async fn record_durable_at_async(
         &self,
         provider: &str,
