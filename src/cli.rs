@@ -134,6 +134,9 @@ enum Cmd {
         #[arg(long)]
         accept_loss: bool,
     },
+    /// Run the HTTP sidecar until SIGTERM/SIGINT (SIGHUP reloads the config).
+    #[cfg(feature = "serve")]
+    Serve(crate::serve::ServeArgs),
 }
 
 /// A failure of one invocation: the message (one line) and the exit code.
@@ -404,6 +407,11 @@ fn execute(cli: Cli) -> Outcome {
         Cmd::Sync => sync(&limiter),
         Cmd::Ingest { durable } => ingest(&limiter, durable, replicate),
         Cmd::Repair { .. } => Ok(()), // handled above, before the data dir is opened
+        #[cfg(feature = "serve")]
+        Cmd::Serve(ref args) => {
+            crate::serve::run(&limiter, args, &|| load_config(&cli).map_err(|f| f.message))
+                .map_err(|e| Failure::runtime(e.to_string()))
+        }
     };
     // Whatever happened, commit what was recorded before the process exits. The command's
     // own error is the more useful one to report when both fail.
@@ -486,59 +494,12 @@ fn status(limiter: &Limiter, json: bool, replicate: bool) -> Outcome {
     let budgets = limiter.status();
     let mut out = io::stdout().lock();
     if json {
-        let health = limiter.health();
-        let doc = serde_json::json!({
-            "node_id": limiter.node_id(),
-            "storage": {
-                "ok": health.storage_ok(),
-                "fault": health.storage_fault,
-            },
-            "budgets": budgets.iter().map(status_json).collect::<Vec<_>>(),
-        });
+        let doc = crate::status::status_document(limiter, &budgets);
         writeln!(out, "{doc}")?;
     } else {
         write_table(&mut out, &budgets)?;
     }
     Ok(())
-}
-
-/// One budget in the JSON contract. Money is USD as JSON numbers; the `*_nanos` fields carry
-/// the exact integer nano-dollars for consumers that must not round.
-fn status_json(s: &BudgetStatus) -> serde_json::Value {
-    let r = &s.replication;
-    serde_json::json!({
-        "provider": s.provider,
-        "period": s.period.to_string(),
-        "window_start": s.window.start().to_string(),
-        "resets_at": s.window.end().to_string(),
-        "time_zone": s.time_zone,
-        "window_start_local": local(s.window.start(), &s.time_zone),
-        "resets_at_local": local(s.window.end(), &s.time_zone),
-        "spend": s.spend.as_usd(),
-        "limit": s.limit.as_usd(),
-        "remaining": s.remaining.as_usd(),
-        "own_spend": s.own_spend.as_usd(),
-        "spend_nanos": s.spend.as_nanos(),
-        "limit_nanos": s.limit.as_nanos(),
-        "remaining_nanos": s.remaining.as_nanos(),
-        "own_spend_nanos": s.own_spend.as_nanos(),
-        "exhausted": s.exhausted,
-        "storage_fault": s.storage_fault,
-        "replication": {
-            "enabled": r.enabled,
-            "last_sync": r.last_sync.map(|t| t.to_string()),
-            "stale": r.stale,
-            "last_error": r.last_error,
-        },
-    })
-}
-
-/// An instant in a time zone, RFC 3339 with the offset and the zone name.
-fn local(at: Timestamp, zone: &str) -> String {
-    match jiff::tz::TimeZone::get(zone) {
-        Ok(tz) => at.to_zoned_datetime(tz).to_string(),
-        Err(_) => at.to_string(),
-    }
 }
 
 /// A plain aligned table, one row per budget; money printed exactly.

@@ -64,4 +64,7 @@ pub enum Error {
     /// Replication with Redis failed.
     #[error("{0}")]
     Replication(String),
+    /// A reload was refused (`Limiter::reload`); the running configuration is unchanged.
+    #[error("reload: {0}")]
+    Reload(String),
 }

@@ -184,8 +184,8 @@ impl StorageHealth {
 /// Settings the journal thread needs.
 #[derive(Debug)]
 pub(crate) struct JournalSettings {
-    /// Storage key parts (provider, period) per budget index.
-    pub keys: Vec<(String, String)>,
+    /// Storage key parts (provider, period) per budget index (grows on reload).
+    pub keys: Arc<crate::reload::SlotKeys>,
     pub max_delay: Duration,
     pub retention: Duration,
     pub clock: Arc<dyn Clock>,
@@ -469,10 +469,7 @@ impl Worker {
                 } => {
                     records += 1;
                     let key = (budget, window.start_secs());
-                    let entry = self
-                        .own
-                        .entry(key)
-                        .or_insert_with(|| Entry::loaded(window, 0, mono));
+                    let entry = self.entry(budget, window, mono);
                     entry.total = entry.total.saturating_add(amount);
                     entry.touched = mono;
                     self.dirty.insert(key);
@@ -484,10 +481,7 @@ impl Worker {
                     total,
                 } => {
                     let key = (budget, window.start_secs());
-                    let entry = self
-                        .own
-                        .entry(key)
-                        .or_insert_with(|| Entry::loaded(window, 0, mono));
+                    let entry = self.entry(budget, window, mono);
                     entry.touched = mono;
                     if total > entry.total {
                         entry.total = total;
@@ -515,6 +509,26 @@ impl Worker {
         if records > 0 {
             metrics::counter!("provider_budgets_records_total").increment(records);
         }
+    }
+
+    /// The own entry of a window, created on first use. A budget added back by a reload may
+    /// find its window among the orphans (stored, not configured at open): the entry takes it
+    /// over, so that the window is counted once (in the high-water sum too).
+    fn entry(&mut self, budget: u32, window: Window, mono: Duration) -> &mut Entry {
+        let key = (budget, window.start_secs());
+        if !self.own.contains_key(&key) {
+            let mut entry = Entry::loaded(window, 0, mono);
+            if !self.orphans.is_empty() {
+                if let Some(orphan) = self.orphans.remove(&self.key(budget, key.1)) {
+                    entry.total = orphan.total;
+                    self.dirty.insert(key);
+                }
+            }
+            self.own.insert(key, entry);
+        }
+        self.own
+            .entry(key)
+            .or_insert_with(|| Entry::loaded(window, 0, mono))
     }
 
     /// Writes every dirty total and the given removals in one batch, flushes, writes the
@@ -637,10 +651,10 @@ impl Worker {
     }
 
     fn key(&self, budget: u32, start: i64) -> WindowKey {
-        let (provider, period) = &self.settings.keys[budget as usize];
+        let (provider, period) = self.settings.keys.get(budget);
         WindowKey {
-            provider: provider.clone(),
-            period: period.clone(),
+            provider,
+            period,
             start,
         }
     }
@@ -718,7 +732,11 @@ impl Worker {
             }
             let spend = self.view.totals_at(b, now).total();
             let remaining = self.view.limit(b).saturating_sub(spend);
-            let provider = self.settings.keys[b as usize].0.clone();
+            let provider = self.settings.keys.get(b).0;
+            metrics::gauge!("provider_budgets_spend_usd", "provider" => provider.clone())
+                .set(spend.as_usd());
+            metrics::gauge!("provider_budgets_limit_usd", "provider" => provider.clone())
+                .set(self.view.limit(b).as_usd());
             metrics::gauge!("provider_budgets_remaining_usd", "provider" => provider)
                 .set(remaining.as_usd());
         }

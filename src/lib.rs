@@ -67,9 +67,13 @@ mod journal;
 mod limiter;
 mod money;
 mod provider;
+mod reload;
 #[cfg(feature = "redis")]
 mod replicate;
 mod restore;
+#[cfg(feature = "serve")]
+#[doc(hidden)]
+pub mod serve;
 mod status;
 mod store;
 mod view;
@@ -85,6 +89,7 @@ pub use health::Health;
 pub use limiter::{Limiter, Prepared};
 pub use money::{Money, MoneyError};
 pub use provider::{Deployment, Target, BUILTIN_PREFIXES};
+pub use reload::ReloadSummary;
 pub use restore::RepairReport;
 pub use status::{BudgetStatus, ReplicationStatus};
 pub use store::{fuzz_decode_value, StoreError};

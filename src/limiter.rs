@@ -1,9 +1,10 @@
 //! [`Limiter`]: the facade a router holds. It owns the view, the journal thread, the store and
 //! (with Redis configured) the replicator, and stops them when the last clone is dropped.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
+use arc_swap::ArcSwap;
 use jiff::Timestamp;
 
 use crate::clock::{floor_secs, Clock, SystemClock};
@@ -13,7 +14,8 @@ use crate::filter::{Exceeded, Memo, NoDeployments, Slot};
 use crate::health::Health;
 use crate::journal::{Ack, DurableTotals, Event, Journal, JournalSettings, StopReason};
 use crate::money::Money;
-use crate::provider::{CacheMap, Deployment, Resolution, Resolver};
+use crate::provider::{CacheMap, Deployment, Resolution, Resolver, Target};
+use crate::reload::SlotKeys;
 use crate::restore::{restore, RepairReport, Restored, Verify};
 use crate::status::{BudgetStatus, ReplicationStatus};
 use crate::store::{Store, StoreError};
@@ -29,9 +31,19 @@ pub struct Limiter {
 
 #[derive(Debug)]
 struct Inner {
-    config: Config,
+    /// Swapped by `reload`.
+    config: ArcSwap<Config>,
     clock: Arc<dyn Clock>,
-    resolver: Resolver,
+    /// Provider → budget slot; swapped by `reload`.
+    resolver: ArcSwap<Resolver>,
+    /// (provider, period) per budget slot, shared with the journal and the replicator.
+    keys: Arc<SlotKeys>,
+    /// Serialises reloads.
+    reload_lock: Mutex<()>,
+    /// Bumped by each reload: `Prepared` lists resolve again.
+    generation: AtomicU64,
+    /// The store, for a reload to read what a new budget already has stored.
+    store: Arc<Store>,
     /// Shared with the journal (which prunes it) and the replicator (which raises others).
     view: Arc<View>,
     journal: Journal,
@@ -117,12 +129,13 @@ impl Limiter {
             peers,
         } = restored;
         let durable = Arc::new(DurableTotals::default());
+        let slot_keys = Arc::new(SlotKeys::new(keys.to_vec()));
         let journal = Journal::start(
             Arc::clone(&store),
             Arc::clone(&view),
             Arc::clone(&durable),
             JournalSettings {
-                keys: keys.to_vec(),
+                keys: Arc::clone(&slot_keys),
                 max_delay: config.storage.max_delay,
                 retention: config.storage.retention,
                 clock: Arc::clone(&clock),
@@ -139,7 +152,7 @@ impl Limiter {
                 let r = crate::replicate::Replicator::start(crate::replicate::ReplicatorParts {
                     redis: redis.clone(),
                     node_id: node_id.clone(),
-                    keys: keys.to_vec(),
+                    keys: Arc::clone(&slot_keys),
                     clock: Arc::clone(&clock),
                     view: Arc::clone(&view),
                     store: Arc::clone(&store),
@@ -162,13 +175,17 @@ impl Limiter {
             None => None,
         };
         #[cfg(not(feature = "redis"))]
-        drop((keys, peers));
+        drop(peers);
         Ok(Limiter {
             inner: Arc::new(Inner {
                 #[cfg(feature = "redis")]
                 replicator,
-                resolver: Resolver::new(&config),
-                config,
+                resolver: ArcSwap::from_pointee(Resolver::new(&config)),
+                config: ArcSwap::from_pointee(config),
+                keys: slot_keys,
+                reload_lock: Mutex::new(()),
+                generation: AtomicU64::new(0),
+                store,
                 clock,
                 view,
                 journal,
@@ -222,9 +239,30 @@ impl Limiter {
         &self.inner.node_id
     }
 
-    /// The configuration in use.
-    pub fn config(&self) -> &Config {
-        &self.inner.config
+    /// The configuration in use (a snapshot: [`Limiter::reload`] may replace it).
+    pub fn config(&self) -> Arc<Config> {
+        self.inner.config.load_full()
+    }
+
+    /// What `reload` (module `reload`) changes.
+    pub(crate) fn reload_parts(&self) -> crate::reload::Parts<'_> {
+        crate::reload::Parts {
+            lock: &self.inner.reload_lock,
+            config: &self.inner.config,
+            keys: &self.inner.keys,
+            view: &self.inner.view,
+            store: &self.inner.store,
+            journal: &self.inner.journal,
+            node_id: &self.inner.node_id,
+        }
+    }
+
+    /// Installs a reloaded config and its provider → slot table.
+    pub(crate) fn install(&self, config: Config, slots: Vec<(String, u32)>) {
+        let resolver = Resolver::with_budgets(&config, slots.into_iter().collect());
+        self.inner.resolver.store(Arc::new(resolver));
+        self.inner.config.store(Arc::new(config));
+        self.inner.generation.fetch_add(1, Ordering::Release);
     }
 
     /// The clock's current time.
@@ -306,17 +344,36 @@ impl Limiter {
         Ok(())
     }
 
+    /// [`Limiter::record_durable_async`] in the window of `at` (checked like
+    /// [`Limiter::record_at`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`Limiter::record_durable_at`].
+    pub async fn record_durable_at_async(
+        &self,
+        provider: &str,
+        cost: Money,
+        at: Timestamp,
+    ) -> Result<(), RecordError> {
+        self.check_age(provider, at)?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.add(provider, cost, at, Some(Ack::Async(tx)))?;
+        rx.await.map_err(|_| self.gone())??;
+        Ok(())
+    }
+
     /// Refuses a timestamp whose window is already past retention: the journal would delete
     /// it at its next pass, so counting it would only pretend.
     fn check_age(&self, provider: &str, at: Timestamp) -> Result<(), RecordError> {
-        let retention = &self.inner.config.storage.retention;
+        let retention = &self.inner.config.load().storage.retention;
         let secs = floor_secs(at);
         let cutoff = floor_secs(self.now())
             .saturating_sub(i64::try_from(retention.as_secs()).unwrap_or(i64::MAX));
         if secs >= cutoff {
             return Ok(());
         }
-        let Some(b) = self.inner.resolver.budget_of_provider(provider) else {
+        let Some(b) = self.inner.resolver.load().budget_of_provider(provider) else {
             return Ok(()); // `add` reports the missing budget
         };
         if self.inner.view.schedule(b).window_at_secs(secs).end_secs() > cutoff {
@@ -338,13 +395,13 @@ impl Limiter {
         ack: Option<Ack>,
     ) -> Result<(), RecordError> {
         let inner = &*self.inner;
-        let budget =
-            inner
-                .resolver
-                .budget_of_provider(provider)
-                .ok_or_else(|| RecordError::NoBudget {
-                    provider: provider.to_owned(),
-                })?;
+        let budget = inner
+            .resolver
+            .load()
+            .budget_of_provider(provider)
+            .ok_or_else(|| RecordError::NoBudget {
+                provider: provider.to_owned(),
+            })?;
         if inner.closed.load(Ordering::Acquire) {
             return Err(RecordError::Closed);
         }
@@ -390,9 +447,10 @@ impl Limiter {
         let now = floor_secs(self.inner.clock.now());
         let mut memo = Memo::default();
         let mut out = Vec::with_capacity(deployments.len());
-        let cache = self.inner.resolver.cache();
+        let resolver = self.inner.resolver.load();
+        let cache = resolver.cache();
         for d in deployments {
-            if self.passes(self.slot_in(&cache, d), now, &mut memo) {
+            if self.passes(self.slot_in(&resolver, &cache, d), now, &mut memo) {
                 out.push(d);
             }
         }
@@ -416,10 +474,11 @@ impl Limiter {
     ) -> Result<(), NoDeployments> {
         let now = floor_secs(self.inner.clock.now());
         let mut memo = Memo::default();
-        let cache = self.inner.resolver.cache();
+        let resolver = self.inner.resolver.load();
+        let cache = resolver.cache();
         let any = deployments
             .iter()
-            .any(|d| self.passes(self.slot_in(&cache, d), now, &mut memo));
+            .any(|d| self.passes(self.slot_in(&resolver, &cache, d), now, &mut memo));
         if !any {
             if deployments.is_empty() {
                 return Ok(());
@@ -428,7 +487,7 @@ impl Limiter {
                 self.no_deployments(deployments.iter().map(|d| (self.slot(d), d.model())), now)
             );
         }
-        deployments.retain(|d| self.passes(self.slot_in(&cache, d), now, &mut memo));
+        deployments.retain(|d| self.passes(self.slot_in(&resolver, &cache, d), now, &mut memo));
         Ok(())
     }
 
@@ -437,24 +496,34 @@ impl Limiter {
     pub fn prepare<D: Deployment>(&self, deployments: &[D]) -> Prepared {
         Prepared {
             limiter: self.clone(),
+            generation: self.inner.generation.load(Ordering::Acquire),
             slots: deployments.iter().map(|d| self.slot_uncached(d)).collect(),
             models: deployments.iter().map(|d| d.model().to_owned()).collect(),
+            providers: deployments
+                .iter()
+                .map(|d| d.provider().map(str::to_owned))
+                .collect(),
         }
     }
 
     #[inline]
     fn slot<D: Deployment + ?Sized>(&self, d: &D) -> Slot {
-        self.to_slot(self.inner.resolver.resolve_cached(d))
+        self.to_slot(self.inner.resolver.load().resolve_cached(d))
     }
 
-    /// [`Limiter::slot`] with the model cache loaded once per call.
+    /// [`Limiter::slot`] with the resolver and its model cache loaded once per call.
     #[inline]
-    fn slot_in<D: Deployment + ?Sized>(&self, cache: &CacheMap, d: &D) -> Slot {
-        self.to_slot(self.inner.resolver.resolve_in(cache, d))
+    fn slot_in<D: Deployment + ?Sized>(
+        &self,
+        resolver: &Resolver,
+        cache: &CacheMap,
+        d: &D,
+    ) -> Slot {
+        self.to_slot(resolver.resolve_in(cache, d))
     }
 
     fn slot_uncached<D: Deployment + ?Sized>(&self, d: &D) -> Slot {
-        self.to_slot(self.inner.resolver.resolve(d))
+        self.to_slot(self.inner.resolver.load().resolve(d))
     }
 
     #[inline]
@@ -464,7 +533,7 @@ impl Limiter {
             Resolution::NoBudget => Slot::Pass,
             Resolution::Unknown => {
                 metrics::counter!("provider_budgets_unknown_provider_total").increment(1);
-                match self.inner.config.unknown_provider {
+                match self.inner.config.load().unknown_provider {
                     UnknownProvider::Allow => Slot::Pass,
                     UnknownProvider::Deny => Slot::Deny,
                 }
@@ -497,7 +566,7 @@ impl Limiter {
                 Slot::Budget(b) if !seen.contains(&b) => {
                     seen.push(b);
                     err.exceeded.push(Exceeded {
-                        provider: self.inner.config.budgets[b as usize].provider.clone(),
+                        provider: self.inner.keys.get(b).0,
                         spend: self.inner.view.totals_at(b, now).total(),
                         limit: self.inner.view.limit(b),
                     });
@@ -523,19 +592,15 @@ impl Limiter {
         let secs = floor_secs(at);
         let replication = self.replication_status();
         let storage_fault = self.health().storage_fault;
-        let zone = self
-            .inner
-            .config
-            .time_zone
-            .clone()
-            .unwrap_or_else(|| "UTC".to_owned());
-        self.inner
-            .config
+        let config = self.inner.config.load();
+        let resolver = self.inner.resolver.load();
+        let zone = config.time_zone.clone().unwrap_or_else(|| "UTC".to_owned());
+        config
             .budgets
             .iter()
-            .enumerate()
+            .filter_map(|b| Some((resolver.budget_of_provider(&b.provider)?, b)))
             .map(|(i, b)| {
-                let t = self.inner.view.totals_at(i as u32, secs);
+                let t = self.inner.view.totals_at(i, secs);
                 let spend = t.total();
                 BudgetStatus {
                     provider: b.provider.clone(),
@@ -556,14 +621,14 @@ impl Limiter {
 
     /// The state of one provider's budget now, `None` when it has none.
     pub fn budget_status(&self, provider: &str) -> Option<BudgetStatus> {
-        let b = self.inner.resolver.budget_of_provider(provider)?;
-        self.status().into_iter().nth(b as usize)
+        self.inner.resolver.load().budget_of_provider(provider)?;
+        self.status().into_iter().find(|s| s.provider == provider)
     }
 
     /// Every window still held in memory for `provider` (newest first): previous windows stay
     /// readable until their retention ends.
     pub fn windows(&self, provider: &str) -> Vec<(Window, Money)> {
-        match self.inner.resolver.budget_of_provider(provider) {
+        match self.inner.resolver.load().budget_of_provider(provider) {
             Some(b) => self
                 .inner
                 .view
@@ -577,7 +642,9 @@ impl Limiter {
 
     fn replication_status(&self) -> ReplicationStatus {
         #[cfg(feature = "redis")]
-        if let (Some(r), Some(redis)) = (&self.inner.replicator, &self.inner.config.redis) {
+        let config = self.inner.config.load();
+        #[cfg(feature = "redis")]
+        if let (Some(r), Some(redis)) = (&self.inner.replicator, &config.redis) {
             let h = r.health();
             // Stale: no successful round within three intervals (or none yet).
             let limit = redis.sync_interval.saturating_mul(3);
@@ -700,8 +767,11 @@ impl Limiter {
 #[derive(Debug, Clone)]
 pub struct Prepared {
     limiter: Limiter,
+    /// The limiter's reload generation when resolved; after a reload, calls resolve again.
+    generation: u64,
     slots: Vec<Slot>,
     models: Vec<String>,
+    providers: Vec<Option<String>>,
 }
 
 impl Prepared {
@@ -726,18 +796,40 @@ impl Prepared {
         out.clear();
         let now = floor_secs(self.limiter.inner.clock.now());
         let mut memo = Memo::default();
-        for (i, &slot) in self.slots.iter().enumerate() {
+        let fresh;
+        let slots = if self.generation == self.limiter.inner.generation.load(Ordering::Acquire) {
+            &self.slots
+        } else {
+            // Reloaded since `prepare`: resolve with the current budgets (prepare again to
+            // get the fast path back).
+            fresh = self.resolve_again();
+            &fresh
+        };
+        for (i, &slot) in slots.iter().enumerate() {
             if self.limiter.passes(slot, now, &mut memo) {
                 out.push(i);
             }
         }
-        if out.is_empty() && !self.slots.is_empty() {
+        if out.is_empty() && !slots.is_empty() {
             let models = self.models.iter().map(String::as_str);
             return Err(self
                 .limiter
-                .no_deployments(self.slots.iter().copied().zip(models), now));
+                .no_deployments(slots.iter().copied().zip(models), now));
         }
         Ok(())
+    }
+
+    fn resolve_again(&self) -> Vec<Slot> {
+        self.models
+            .iter()
+            .zip(&self.providers)
+            .map(|(m, p)| {
+                self.limiter.slot_uncached(&Target {
+                    model: m.clone(),
+                    provider: p.clone(),
+                })
+            })
+            .collect()
     }
 
     /// The indices of the usable deployments.

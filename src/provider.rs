@@ -142,6 +142,11 @@ impl Resolver {
             .enumerate()
             .map(|(i, b)| (b.provider.clone(), i as u32))
             .collect();
+        Resolver::with_budgets(config, budgets)
+    }
+
+    /// A resolver whose providers map to the given budget slots (reload).
+    pub fn with_budgets(config: &Config, budgets: FxHashMap<String, u32>) -> Resolver {
         let mut overrides = config.model_providers.clone();
         overrides.sort_by_key(|o| std::cmp::Reverse(o.0.len()));
         Resolver {

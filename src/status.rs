@@ -52,3 +52,62 @@ pub struct ReplicationStatus {
     /// Redis round trips since open (one per round; two when Redis lost the script).
     pub round_trips: u64,
 }
+
+/// The JSON document of `status --json` and the sidecar's `GET /v1/budgets` (one builder, so
+/// both stay the same): `{"node_id": …, "budgets": [one object per budget]}`.
+#[cfg(feature = "cli")]
+pub(crate) fn status_document(
+    limiter: &crate::Limiter,
+    budgets: &[BudgetStatus],
+) -> serde_json::Value {
+    let health = limiter.health();
+    serde_json::json!({
+        "node_id": limiter.node_id(),
+        "storage": {
+            "ok": health.storage_ok(),
+            "fault": health.storage_fault,
+        },
+        "budgets": budgets.iter().map(status_json).collect::<Vec<_>>(),
+    })
+}
+
+/// One budget in the JSON contract. Money is USD as JSON numbers; the `*_nanos` fields carry
+/// the exact integer nano-dollars for consumers that must not round.
+#[cfg(feature = "cli")]
+fn status_json(s: &BudgetStatus) -> serde_json::Value {
+    let r = &s.replication;
+    serde_json::json!({
+        "provider": s.provider,
+        "period": s.period.to_string(),
+        "window_start": s.window.start().to_string(),
+        "resets_at": s.window.end().to_string(),
+        "time_zone": s.time_zone,
+        "window_start_local": local(s.window.start(), &s.time_zone),
+        "resets_at_local": local(s.window.end(), &s.time_zone),
+        "spend": s.spend.as_usd(),
+        "limit": s.limit.as_usd(),
+        "remaining": s.remaining.as_usd(),
+        "own_spend": s.own_spend.as_usd(),
+        "spend_nanos": s.spend.as_nanos(),
+        "limit_nanos": s.limit.as_nanos(),
+        "remaining_nanos": s.remaining.as_nanos(),
+        "own_spend_nanos": s.own_spend.as_nanos(),
+        "exhausted": s.exhausted,
+        "storage_fault": s.storage_fault,
+        "replication": {
+            "enabled": r.enabled,
+            "last_sync": r.last_sync.map(|t| t.to_string()),
+            "stale": r.stale,
+            "last_error": r.last_error,
+        },
+    })
+}
+
+/// An instant in a time zone, RFC 3339 with the offset and the zone name.
+#[cfg(feature = "cli")]
+fn local(at: Timestamp, zone: &str) -> String {
+    match jiff::tz::TimeZone::get(zone) {
+        Ok(tz) => at.to_zoned_datetime(tz).to_string(),
+        Err(_) => at.to_string(),
+    }
+}

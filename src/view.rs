@@ -11,8 +11,8 @@
 //! was acknowledged as durable.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use arc_swap::ArcSwap;
 
@@ -50,7 +50,8 @@ impl Cell {
 #[derive(Debug)]
 struct BudgetView {
     schedule: Schedule,
-    limit: u64,
+    /// Nanos; changed in place by a reload.
+    limit: AtomicU64,
     /// Live windows, newest first: the current window is at or near the front, so the request
     /// path finds it in one or two steps even when many older windows are kept for `status`.
     cells: ArcSwap<Vec<Arc<Cell>>>,
@@ -73,37 +74,74 @@ impl WindowTotals {
     }
 }
 
-/// In-memory totals of every budget, indexed like `Config::budgets`.
+/// Budget slots a reload may add to those of the opening config (`Limiter::reload`).
+pub(crate) const RELOAD_SLOTS: usize = 256;
+
+/// In-memory totals of every budget slot (`Config::budgets` at open, then the slots added by
+/// reloads: slots are never removed while the limiter runs, so indices stay valid).
 #[derive(Debug)]
 pub(crate) struct View {
-    budgets: Box<[BudgetView]>,
+    /// Preallocated: a slot is set once; the first `len` are set.
+    budgets: Box<[OnceLock<BudgetView>]>,
+    len: AtomicUsize,
 }
 
 impl View {
     pub fn new(budgets: impl IntoIterator<Item = (Schedule, Money)>) -> View {
+        let budgets: Vec<(Schedule, Money)> = budgets.into_iter().collect();
+        let len = budgets.len();
+        let slots: Box<[OnceLock<BudgetView>]> =
+            (0..len + RELOAD_SLOTS).map(|_| OnceLock::new()).collect();
+        for (slot, (schedule, limit)) in slots.iter().zip(budgets) {
+            let _ = slot.set(BudgetView::new(schedule, limit));
+        }
         View {
-            budgets: budgets
-                .into_iter()
-                .map(|(schedule, limit)| BudgetView {
-                    schedule,
-                    limit: limit.as_nanos(),
-                    cells: ArcSwap::from_pointee(Vec::new()),
-                    swap: Mutex::new(()),
-                })
-                .collect(),
+            budgets: slots,
+            len: AtomicUsize::new(len),
         }
     }
 
     pub fn len(&self) -> usize {
+        self.len.load(Ordering::Acquire)
+    }
+
+    /// Slots in use plus spare ones.
+    pub fn capacity(&self) -> usize {
         self.budgets.len()
     }
 
+    /// The slot of a budget index handed out by `new` or `push`.
+    #[inline]
+    fn budget(&self, budget: u32) -> &BudgetView {
+        self.budgets[budget as usize]
+            .get()
+            .expect("budget index of a slot in use")
+    }
+
+    /// Adds a budget slot (reload); `None` when every spare slot is used. Callers serialise.
+    pub fn push(&self, schedule: Schedule, limit: Money) -> Option<u32> {
+        let i = self.len();
+        self.budgets
+            .get(i)?
+            .set(BudgetView::new(schedule, limit))
+            .ok()?;
+        self.len.store(i + 1, Ordering::Release);
+        u32::try_from(i).ok()
+    }
+
+    /// Changes a budget's limit in place (reload).
+    pub fn set_limit(&self, budget: u32, limit: Money) {
+        self.budget(budget)
+            .limit
+            .store(limit.as_nanos(), Ordering::Relaxed);
+    }
+
     pub fn schedule(&self, budget: u32) -> &Schedule {
-        &self.budgets[budget as usize].schedule
+        &self.budget(budget).schedule
     }
 
     pub fn limit(&self, budget: u32) -> Money {
-        Money::from_nanos(self.budgets[budget as usize].limit)
+        Money::from_nanos(self.budget(budget).limit.load(Ordering::Relaxed))
     }
 
     /// Adds to this node's own spend in the window containing `at_secs` and returns that window.
@@ -117,18 +155,18 @@ impl View {
     /// Whether the budget is spent at the instant: `spend >= limit`, as in the reference.
     #[inline]
     pub fn exhausted(&self, budget: u32, now_secs: i64) -> bool {
-        let b = &self.budgets[budget as usize];
+        let b = self.budget(budget);
         let cells = b.cells.load();
         let spend = cells
             .iter()
             .find(|c| c.window.contains_secs(now_secs))
             .map_or(0, |c| c.total());
-        spend >= b.limit
+        spend >= b.limit.load(Ordering::Relaxed)
     }
 
     /// Totals of the window containing the instant (zero when nothing was spent in it).
     pub fn totals_at(&self, budget: u32, at_secs: i64) -> WindowTotals {
-        let b = &self.budgets[budget as usize];
+        let b = self.budget(budget);
         let cells = b.cells.load();
         match cells.iter().find(|c| c.window.contains_secs(at_secs)) {
             Some(c) => snapshot(c),
@@ -142,7 +180,7 @@ impl View {
 
     /// Every live window of the budget, newest first.
     pub fn windows(&self, budget: u32) -> Vec<WindowTotals> {
-        self.budgets[budget as usize]
+        self.budget(budget)
             .cells
             .load()
             .iter()
@@ -183,11 +221,11 @@ impl View {
         items: impl IntoIterator<Item = (u32, Window, Money)>,
         field: fn(&Cell) -> &AtomicU64,
     ) {
-        let mut by_budget: Vec<Vec<(Window, u64)>> = vec![Vec::new(); self.budgets.len()];
+        let mut by_budget: Vec<Vec<(Window, u64)>> = vec![Vec::new(); self.len()];
         for (budget, window, amount) in items {
             by_budget[budget as usize].push((window, amount.as_nanos()));
         }
-        for (b, items) in self.budgets.iter().zip(by_budget) {
+        for (b, items) in self.slots().zip(by_budget) {
             if items.is_empty() {
                 continue;
             }
@@ -211,7 +249,7 @@ impl View {
 
     /// Drops every window that ended at or before `cutoff_secs`.
     pub fn prune(&self, cutoff_secs: i64) {
-        for b in self.budgets.iter() {
+        for b in self.slots() {
             if !b
                 .cells
                 .load()
@@ -235,7 +273,7 @@ impl View {
     /// The cell of the window containing `at_secs`, created on first use.
     #[inline]
     fn cell_at(&self, budget: u32, at_secs: i64) -> Arc<Cell> {
-        let b = &self.budgets[budget as usize];
+        let b = self.budget(budget);
         if let Some(c) = b
             .cells
             .load()
@@ -249,7 +287,7 @@ impl View {
 
     /// The cell of `window`, created if missing (slow path: once per window).
     fn cell_for(&self, budget: u32, window: Window) -> Arc<Cell> {
-        let b = &self.budgets[budget as usize];
+        let b = self.budget(budget);
         if let Some(c) = b.cells.load().iter().find(|c| c.window == window) {
             return Arc::clone(c);
         }
@@ -268,6 +306,24 @@ impl View {
         next.insert(pos, Arc::clone(&cell));
         b.cells.store(Arc::new(next));
         cell
+    }
+}
+
+impl View {
+    /// The slots in use.
+    fn slots(&self) -> impl Iterator<Item = &BudgetView> {
+        self.budgets[..self.len()].iter().filter_map(OnceLock::get)
+    }
+}
+
+impl BudgetView {
+    fn new(schedule: Schedule, limit: Money) -> BudgetView {
+        BudgetView {
+            schedule,
+            limit: AtomicU64::new(limit.as_nanos()),
+            cells: ArcSwap::from_pointee(Vec::new()),
+            swap: Mutex::new(()),
+        }
     }
 }
 

@@ -709,3 +709,29 @@ fn repair_takes_back_from_redis_what_the_disk_lost() {
     );
     assert_eq!(cli.spend_nanos(&now, "openai"), want);
 }
+
+/// A budget removed from the config keeps its stored windows (counted in the high-water
+/// record); one added back by a live reload takes them over, counted once: the next open
+/// finds exactly what was acknowledged (no false "lost spend", no double count).
+#[test]
+fn a_budget_removed_then_added_back_by_reload_is_counted_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = FakeClock::new(ts(NOW));
+    let l = open(dir.path(), &clock);
+    l.record_durable("azure", Money::from_nanos(700)).unwrap();
+    drop(l);
+    let only_openai = Config::from_yaml_str(
+        "provider_budget_config:\n  openai: {budget_limit: 1000000, time_period: 1d}\n",
+    )
+    .unwrap()
+    .data_dir(dir.path());
+    let l = reopen_with(only_openai, &clock);
+    l.record_durable("openai", Money::from_nanos(5)).unwrap();
+    l.reload(config(dir.path())).unwrap();
+    assert_eq!(spend_at(&l, "azure", clock.now()), 700);
+    l.record_durable("azure", Money::from_nanos(300)).unwrap();
+    drop(l);
+    let l = reopen(dir.path(), &clock);
+    assert_eq!(spend_at(&l, "azure", clock.now()), 1000);
+    assert_eq!(spend_at(&l, "openai", clock.now()), 5);
+}

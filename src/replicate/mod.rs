@@ -60,8 +60,8 @@ pub(crate) struct Health {
 pub(crate) struct ReplicatorParts {
     pub redis: RedisConfig,
     pub node_id: String,
-    /// (provider, period) per budget index: the Redis key parts.
-    pub keys: Vec<(String, String)>,
+    /// (provider, period) per budget index: the Redis key parts (grows on reload).
+    pub keys: Arc<crate::reload::SlotKeys>,
     pub clock: Arc<dyn Clock>,
     pub view: Arc<View>,
     pub store: Arc<Store>,
@@ -157,11 +157,7 @@ impl Worker {
     fn new(mut parts: ReplicatorParts, health: Arc<Mutex<Health>>) -> Worker {
         let mut peers = Peers::default();
         for (key, value) in std::mem::take(&mut parts.peers) {
-            let Some(b) = parts
-                .keys
-                .iter()
-                .position(|(p, q)| *p == key.provider && *q == key.period)
-            else {
+            let Some(b) = parts.keys.position(&key.provider, &key.period) else {
                 continue;
             };
             let window = crate::store::window_of(&key, value.end);
@@ -170,7 +166,7 @@ impl Worker {
                 .into_iter()
                 .filter(|(n, _)| *n != parts.node_id)
                 .collect();
-            peers.insert((b as u32, key.start), (window, nodes));
+            peers.insert((b, key.start), (window, nodes));
         }
         Worker {
             backoff: parts.redis.sync_interval,
@@ -347,11 +343,15 @@ impl Worker {
 
     /// The windows to merge, grouped per budget (one script call each).
     fn groups(&self, now: i64, grace: i64) -> Groups {
-        let n = self.parts.keys.len();
+        let keys = self.parts.keys.snapshot();
+        let n = keys.len();
         let mut windows: Vec<Vec<(Window, u64)>> = vec![Vec::new(); n];
         for (b, w, total) in self.parts.durable.snapshot() {
-            if w.end_secs().saturating_add(grace) > now {
-                windows[b as usize].push((w, total));
+            // A slot added by a reload after `keys` was read waits for the next round.
+            if let Some(list) = windows.get_mut(b as usize) {
+                if w.end_secs().saturating_add(grace) > now {
+                    list.push((w, total));
+                }
             }
         }
         for (b, list) in windows.iter_mut().enumerate() {
@@ -370,7 +370,7 @@ impl Worker {
             .iter()
             .enumerate()
             .map(|(b, list)| {
-                let (provider, period) = &self.parts.keys[b];
+                let (provider, period) = &keys[b];
                 list.iter()
                     .map(|(w, own)| SyncItem {
                         key: window_key(prefix, provider, period, w.start_secs()),
@@ -431,7 +431,7 @@ impl Worker {
     /// This node's field in Redis is ahead of its disk: the data dir lost spend. Take it back.
     fn adopt(&self, budget: u32, window: Window, total: u64) {
         tracing::warn!(
-            budget = %self.parts.keys[budget as usize].0,
+            budget = %self.parts.keys.get(budget).0,
             window = %window.start(),
             total,
             "redis holds more own spend than the data dir; adopting it"
@@ -456,14 +456,14 @@ impl Worker {
             .iter()
             .filter_map(|k| self.peers.get(k).map(|(w, nodes)| (k.0, *w, nodes)))
             .map(|(b, w, nodes)| {
-                let (provider, period) = &self.parts.keys[b as usize];
+                let (provider, period) = self.parts.keys.get(b);
                 let mut nodes: Vec<(String, u64)> =
                     nodes.iter().map(|(n, t)| (n.clone(), *t)).collect();
                 nodes.sort();
                 (
                     WindowKey {
-                        provider: provider.clone(),
-                        period: period.clone(),
+                        provider,
+                        period,
                         start: w.start_secs(),
                     },
                     PeersValue {

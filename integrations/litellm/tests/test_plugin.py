@@ -1,0 +1,636 @@
+"""The plugin against the real litellm Router (mock_response deployments, offline price map) and
+a real `provider-budgets serve` process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+from collections import Counter
+from typing import Dict, List, Tuple
+
+import litellm
+import pytest
+from conftest import ANTHROPIC, OPENAI, PROMPT, deployments, nanos, unavailable, usd
+from litellm import Router
+from litellm.integrations.custom_logger import CustomLogger
+from litellm.router_strategy.budget_limiter import RouterBudgetLimiting
+from litellm.types.router import RouterErrors
+
+import provider_budgets_litellm
+from provider_budgets_litellm import NoDeploymentsAvailable, ProviderBudgets, cost_to_decimal_str
+
+CROSSED = RouterErrors.no_deployments_with_provider_budget_routing.value
+LOGGER = "provider_budgets_litellm"
+
+
+async def await_condition(cond, what: str, timeout: float = 10.0):
+    """Poll `cond()` (sync) while letting the event loop run the plugin's background posts."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.005)
+
+
+def provider_of(resp) -> str:
+    return resp._hidden_params["custom_llm_provider"]
+
+
+class CostRecorder(CustomLogger):
+    """What litellm reports per successful call: (provider, response_cost)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: List[Tuple[str, float]] = []
+
+    async def async_log_success_event(self, kwargs, response_obj, start_time, end_time):
+        slo = kwargs["standard_logging_object"]
+        self.seen.append((slo["custom_llm_provider"], slo["response_cost"]))
+
+
+# Every Router here has `num_retries=0`: with litellm's default retries a refused request (by
+# litellm's own filter as by this plugin) takes ~4.7 s of backoff before the error surfaces.
+async def call(router: Router, content: str = "hello"):
+    return await router.acompletion(model="m", messages=[{"role": "user", "content": content}])
+
+
+# ---- routing ---------------------------------------------------------------------------------
+
+
+def test_routes_away_from_a_provider_exactly_when_its_budget_is_spent(sidecars, call_cost):
+    c_o, c_a = nanos(call_cost[OPENAI]), nanos(call_cost[ANTHROPIC])
+    # Limits of exactly 3 and 2 calls: spend == limit is exhausted (litellm: spend >= limit).
+    side = sidecars({"openai": usd(3 * c_o), "anthropic": usd(2 * c_a)})
+
+    async def main():
+        plugin = ProviderBudgets(url=side.url, fail_open=False)
+        litellm.callbacks = [plugin]
+        router = Router(num_retries=0, model_list=deployments(OPENAI, ANTHROPIC))
+        served: Counter = Counter()
+        expected = {"openai": 0, "anthropic": 0}
+        for i in range(5):
+            # Before the call, every provider that still has budget must be offered.
+            left = await plugin.async_filter_deployments("m", deployments(OPENAI, ANTHROPIC), PROMPT)
+            offered = {litellm.get_llm_provider(d["litellm_params"]["model"])[1] for d in left}
+            assert offered == {
+                p for p, n in (("openai", 3 - served["openai"]), ("anthropic", 2 - served["anthropic"])) if n > 0
+            }, f"call {i}: offered {offered} after {dict(served)}"
+            resp = await call(router)
+            p = provider_of(resp)
+            served[p] += 1
+            expected[p] += c_o if p == "openai" else c_a
+            await await_condition(lambda: side.spend_nanos() == expected, f"spend {expected} after call {i}")
+        assert served == Counter({"openai": 3, "anthropic": 2})
+        for _ in range(2):
+            with pytest.raises(ValueError) as info:
+                await call(router)
+            msg = str(info.value)
+            assert msg.startswith(f"{CROSSED}: "), msg
+            # litellm's wording, one line per exhausted provider, with the sidecar's exact amounts.
+            assert sorted(msg.split(": ", 1)[1].splitlines()) == [
+                f"Exceeded budget for provider anthropic: {usd(2 * c_a)} >= {usd(2 * c_a)}",
+                f"Exceeded budget for provider openai: {usd(3 * c_o)} >= {usd(3 * c_o)}",
+            ], msg
+        assert side.spend_nanos() == {"openai": 3 * c_o, "anthropic": 2 * c_a}
+        await plugin.aclose()
+
+    asyncio.run(main())
+
+
+def _run_sequence(router: Router, calls: int, settle) -> Tuple[Counter, str, type]:
+    async def main():
+        served: Counter = Counter()
+        error = None
+        for _ in range(calls):
+            try:
+                resp = await call(router)
+            except Exception as e:  # the sequence ends at the first refusal
+                error = e
+                break
+            served[provider_of(resp)] += 1
+            await settle(served)
+        return served, error
+
+    return main()
+
+
+def test_same_routing_and_error_as_litellms_own_provider_budget_filter(sidecars, call_cost):
+    # Limits half-way between two calls, so that float (litellm) and exact (sidecar) sums agree:
+    # 3 openai calls and 2 anthropic calls fit, then nothing is left.
+    limits = {"openai": call_cost[OPENAI] * 2.5, "anthropic": call_cost[ANTHROPIC] * 1.5}
+    side = sidecars({p: usd(nanos(v)) for p, v in limits.items()})
+    unit = {"openai": call_cost[OPENAI], "anthropic": call_cost[ANTHROPIC]}
+
+    async def theirs():
+        router = Router(
+            num_retries=0,
+            model_list=deployments(OPENAI, ANTHROPIC),
+            provider_budget_config={p: {"budget_limit": v, "time_period": "1d"} for p, v in limits.items()},
+        )
+        limiter = next(cb for cb in litellm.callbacks if isinstance(cb, RouterBudgetLimiting))
+
+        async def settle(served):
+            for p, n in served.items():
+                deadline = time.monotonic() + 10
+                while (await limiter._get_current_provider_spend(p) or 0.0) < n * unit[p] * 0.999:
+                    assert time.monotonic() < deadline, f"litellm's limiter never saw {p} spend"
+                    await asyncio.sleep(0.005)
+
+        return await _run_sequence(router, 8, settle)
+
+    async def ours():
+        plugin = ProviderBudgets(url=side.url)
+        litellm.callbacks = [plugin]
+        router = Router(num_retries=0, model_list=deployments(OPENAI, ANTHROPIC))
+        c = {"openai": nanos(unit["openai"]), "anthropic": nanos(unit["anthropic"])}
+
+        async def settle(served):
+            want = {p: served[p] * c[p] for p in c}
+            await await_condition(lambda: side.spend_nanos() == want, f"sidecar spend {want}")
+
+        out = await _run_sequence(router, 8, settle)
+        await plugin.aclose()
+        return out
+
+    their_served, their_error = asyncio.run(theirs())
+    litellm.logging_callback_manager._reset_all_callbacks()
+    our_served, our_error = asyncio.run(ours())
+
+    assert their_served == Counter({"openai": 3, "anthropic": 2})
+    assert our_served == their_served
+    assert type(their_error) is ValueError and isinstance(our_error, ValueError)
+    for err in (their_error, our_error):
+        lines = str(err).split(": ", 1)[1].splitlines()
+        assert str(err).startswith(f"{CROSSED}: ")
+        assert sorted(line.split(":")[0] for line in lines) == [
+            "Exceeded budget for provider anthropic",
+            "Exceeded budget for provider openai",
+        ], str(err)
+
+
+# ---- spend -----------------------------------------------------------------------------------
+
+
+def test_sidecar_spend_equals_the_sum_of_litellms_response_cost_to_the_nano(sidecars):
+    side = sidecars({"openai": "1000", "anthropic": "1000"})
+    calls = 40
+
+    # Deployments with their own per-token prices (mock usage is fixed: 10 in, 20 out), so
+    # that costs vary and carry float noise, like 10 * 1.23e-07 + 20 * 4.56e-08.
+    prices = [(1.23e-07, 4.56e-08), (3.3e-07, 1.1e-07), (7.89e-09, 2.5e-06), (1.7e-06, 3.01e-07)]
+    model_list = [
+        {
+            "model_name": "m",
+            "litellm_params": {
+                "model": model,
+                "mock_response": "hi",
+                "input_cost_per_token": p_in * k,
+                "output_cost_per_token": p_out * k,
+            },
+        }
+        for model, k in ((OPENAI, 1), (ANTHROPIC, 3))
+        for p_in, p_out in prices
+    ]
+
+    async def main():
+        plugin = ProviderBudgets(url=side.url)
+        recorder = CostRecorder()
+        litellm.callbacks = [plugin, recorder]
+        router = Router(num_retries=0, model_list=model_list)
+        await asyncio.gather(*(call(router) for _ in range(calls)))
+        await await_condition(lambda: len(recorder.seen) == calls, "litellm's success events")
+        await await_condition(lambda: plugin.stats.posted == calls, "every spend post acknowledged")
+        assert await plugin.flush(5)
+        want: Dict[str, int] = {"openai": 0, "anthropic": 0}
+        for p, cost in recorder.seen:
+            want[p] += nanos(cost)
+        assert all(want.values()), f"both providers must be used: {want}"
+        assert len({cost for _, cost in recorder.seen}) > 5, "costs should vary"
+        assert side.spend_nanos() == want
+        assert plugin.stats.dropped == 0 and plugin.stats.rejected == 0
+        await plugin.aclose()
+
+    asyncio.run(main())
+
+
+class DroppingProxy:
+    """A loopback TCP relay in front of the sidecar that, for the first `drops` connections,
+    forwards the request but cuts the connection when the answer comes back: the sidecar has
+    counted the spend, the client saw a failure (a timeout after commit)."""
+
+    def __init__(self, upstream_port: int, drops: int):
+        self.upstream_port = upstream_port
+        self.drops = drops
+        self.requests: List[bytes] = []
+        self.cut = 0
+        self.server = None
+        self.port = 0
+
+    async def start(self):
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def _handle(self, reader, writer):
+        up_r, up_w = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        cut = self.drops > 0
+        if cut:
+            self.drops -= 1
+
+        async def to_server():
+            while data := await reader.read(65536):
+                self.requests.append(data)
+                up_w.write(data)
+                await up_w.drain()
+            up_w.close()
+
+        async def to_client():
+            while data := await up_r.read(65536):
+                if cut:
+                    self.cut += 1
+                    writer.transport.abort()
+                    up_w.close()
+                    return
+                writer.write(data)
+                await writer.drain()
+            writer.close()
+
+        await asyncio.gather(to_server(), to_client(), return_exceptions=True)
+
+    async def close(self):
+        self.server.close()
+        await self.server.wait_closed()
+
+
+class IdleCloser:
+    """A loopback TCP relay in front of the sidecar that closes each connection when a second
+    request arrives on it, unanswered: a keep-alive connection the server closed just as the
+    client reused it."""
+
+    def __init__(self, upstream_port: int):
+        self.upstream_port = upstream_port
+        self.closed = 0
+        self.server = None
+        self.port = 0
+
+    async def start(self):
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def _handle(self, reader, writer):
+        up_r, up_w = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        seen = 0
+
+        async def to_server():
+            nonlocal seen
+            while data := await reader.read(65536):
+                seen += data.count(b"POST ")
+                if seen >= 2:
+                    self.closed += 1
+                    writer.transport.abort()
+                    up_w.close()
+                    return
+                up_w.write(data)
+                await up_w.drain()
+            up_w.close()
+
+        async def to_client():
+            while data := await up_r.read(65536):
+                writer.write(data)
+                await writer.drain()
+            writer.close()
+
+        await asyncio.gather(to_server(), to_client(), return_exceptions=True)
+
+    async def close(self):
+        self.server.close()
+        await self.server.wait_closed()
+
+
+def test_a_keep_alive_connection_closed_under_the_request_is_not_an_outage(sidecars, caplog):
+    side = sidecars({"openai": "10"})
+
+    async def main():
+        relay = await IdleCloser(side.port).start()
+        plugin = ProviderBudgets(url=f"http://127.0.0.1:{relay.port}", fail_open=False)
+        deps = deployments(OPENAI, ANTHROPIC)
+        for _ in range(4):
+            assert await plugin.async_filter_deployments("m", deps, PROMPT) == deps
+        await plugin.aclose()
+        await relay.close()
+        return relay
+
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        relay = asyncio.run(main())
+    assert relay.closed >= 3, relay.closed
+    assert not [r for r in caplog.records if r.name == LOGGER], [r.getMessage() for r in caplog.records]
+
+
+def success_kwargs(provider: str, cost: float, call_id: str) -> dict:
+    """The parts of litellm's success-event kwargs the plugin reads."""
+    return {
+        "litellm_call_id": call_id,
+        "standard_logging_object": {"custom_llm_provider": provider, "response_cost": cost, "id": "chatcmpl-x"},
+    }
+
+
+def test_a_spend_post_retried_after_a_lost_answer_counts_once(sidecars):
+    side = sidecars({"openai": "10"})
+    cost = 0.1 + 0.2  # 0.30000000000000004
+
+    async def main():
+        proxy = await DroppingProxy(side.port, drops=1).start()
+        plugin = ProviderBudgets(url=f"http://127.0.0.1:{proxy.port}", retry_backoff=0.01)
+        task = plugin.post_spend_in_background(success_kwargs("openai", cost, "call-1"))
+        assert task is not None
+        assert await plugin.flush(10)
+        await plugin.aclose()
+        await proxy.close()
+        return proxy
+
+    proxy = asyncio.run(main())
+    assert proxy.cut == 1, "the first answer must have been cut"
+    bodies = [json.loads(r.split(b"\r\n\r\n", 1)[1]) for r in proxy.requests if b"/v1/spend" in r]
+    assert len(bodies) == 2, proxy.requests
+    assert (
+        bodies[0]
+        == bodies[1]
+        == {"provider": "openai", "cost": "0.30000000000000004", "idempotency_key": "litellm:call-1"}
+    )
+    # Counted by the first attempt; the retry with the same key is not counted again.
+    assert side.spend_nanos() == {"openai": 300_000_000}
+
+
+def test_spend_posts_survive_an_outage_without_blocking_the_response(sidecars, call_cost):
+    side = sidecars({"openai": "10"})
+    c_o = nanos(call_cost[OPENAI])
+
+    async def main():
+        plugin = ProviderBudgets(url=side.url, fail_open=True, retry_backoff=0.05, max_backoff=0.2, spend_attempts=200)
+        litellm.callbacks = [plugin]
+        router = Router(num_retries=0, model_list=deployments(OPENAI))
+        await call(router)
+        await await_condition(lambda: side.spend_nanos() == {"openai": c_o}, "first spend")
+        side.stop()
+        started = time.monotonic()
+        for _ in range(3):
+            await call(router)
+        elapsed = time.monotonic() - started
+        await await_condition(lambda: plugin.stats.retries >= 3, "posts being retried during the outage")
+        assert plugin.stats.posted == 1
+        # The three answers came while their spend posts were failing.
+        assert elapsed < plugin.timeout, f"responses held up {elapsed:.3f}s by the outage"
+        side.start()  # same port, same data dir
+        assert await plugin.flush(20), "pending posts did not land after the sidecar came back"
+        assert plugin.stats.posted == 4 and plugin.stats.dropped == 0
+        assert side.spend_nanos() == {"openai": 4 * c_o}
+        await plugin.aclose()
+
+    asyncio.run(main())
+
+
+def test_durable_spend_posts_survive_a_sidecar_crash(sidecars):
+    side = sidecars({"openai": "10"})
+    costs = [0.1 + 0.2, 1e-05, 0.0042]
+
+    async def main():
+        plugin = ProviderBudgets(url=side.url, durable=True)
+        for i, cost in enumerate(costs):
+            plugin.post_spend_in_background(success_kwargs("openai", cost, f"call-{i}"))
+        assert await plugin.flush(10)
+        assert (plugin.stats.posted, plugin.stats.rejected) == (len(costs), 0)
+        await plugin.aclose()
+
+    asyncio.run(main())
+    side.proc.kill()  # SIGKILL: only what was fsynced survives
+    side.proc.wait()
+    side.proc = None
+    side.start()
+    assert side.spend_nanos() == {"openai": sum(nanos(c) for c in costs)}
+
+
+# ---- sidecar unreachable ---------------------------------------------------------------------
+
+
+def test_fail_open_true_lets_deployments_pass_with_one_warning_per_outage(sidecars, caplog):
+    # A zero limit blocks openai: while the sidecar is up, nothing is left.
+    side = sidecars({"openai": "0"})
+
+    async def main():
+        plugin = ProviderBudgets(url=side.url, fail_open=True, spend_attempts=1)
+        litellm.callbacks = [plugin]
+        router = Router(num_retries=0, model_list=deployments(OPENAI))
+
+        def warnings() -> int:
+            return sum(1 for r in caplog.records if r.name == LOGGER and r.levelno == logging.WARNING)
+
+        with pytest.raises(ValueError, match=CROSSED):
+            await call(router)
+        for outage in (1, 2):
+            side.stop()
+            for _ in range(4):
+                resp = await call(router)  # passes: fail open
+                assert provider_of(resp) == "openai"
+            assert await plugin.flush(10)
+            assert warnings() == outage, [r.getMessage() for r in caplog.records]
+            side.start()
+            with pytest.raises(ValueError, match=CROSSED):  # filtering again
+                await call(router)
+        assert warnings() == 2
+        assert any("answers again" in r.getMessage() for r in caplog.records if r.name == LOGGER)
+        await plugin.aclose()
+
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        asyncio.run(main())
+
+
+def test_fail_open_false_raises_litellms_no_deployments_error(sidecars):
+    side = sidecars({"openai": "10"})
+
+    async def main():
+        plugin = ProviderBudgets(url=side.url, fail_open=False, spend_attempts=1)
+        litellm.callbacks = [plugin]
+        router = Router(num_retries=0, model_list=deployments(OPENAI, ANTHROPIC))
+        await call(router)
+        await await_condition(lambda: plugin.stats.posted == 1, "the first call's spend")
+        side.stop()
+        for _ in range(2):
+            with pytest.raises(ValueError) as info:
+                await call(router)
+            assert str(info.value).startswith(RouterErrors.no_deployments_available.value), info.value
+            assert side.url in str(info.value)
+        await plugin.flush(10)
+        side.start()
+        await call(router)  # back to normal
+        await await_condition(lambda: plugin.stats.posted == 2, "the spend of both answered calls")
+        await plugin.aclose()
+
+    asyncio.run(main())
+
+
+def test_an_answer_that_is_not_json_follows_fail_open(sidecars):
+    """A server that answers garbage (here: a plain HTTP server on the port) is an outage too."""
+    import http.server
+    import threading
+
+    class Garbage(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"<html>not the sidecar</html>")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Garbage)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+
+        async def main():
+            deps = deployments(OPENAI)
+            opened = ProviderBudgets(url=url, fail_open=True)
+            assert await opened.async_filter_deployments("m", deps, PROMPT) == deps
+            closed = ProviderBudgets(url=url, fail_open=False)
+            with pytest.raises(NoDeploymentsAvailable, match="malformed"):
+                await closed.async_filter_deployments("m", deps, PROMPT)
+            await opened.aclose()
+            await closed.aclose()
+
+        asyncio.run(main())
+    finally:
+        server.shutdown()
+
+
+def test_a_hung_sidecar_costs_at_most_the_timeout(sidecars):
+    """A port that accepts connections and never answers: the filter gives up after `timeout`."""
+    import socket
+
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    try:
+
+        async def main():
+            deps = deployments(OPENAI, ANTHROPIC)
+            opened = ProviderBudgets(url=url, fail_open=True, timeout=0.3)
+            closed = ProviderBudgets(url=url, fail_open=False, timeout=0.3)
+            t0 = time.monotonic()
+            assert await opened.async_filter_deployments("m", deps, PROMPT) == deps
+            with pytest.raises(NoDeploymentsAvailable, match="TimeoutError|timeout"):
+                await closed.async_filter_deployments("m", deps, PROMPT)
+            elapsed = time.monotonic() - t0
+            assert 0.55 <= elapsed < 2.0, elapsed
+            await opened.aclose()
+            await closed.aclose()
+
+        asyncio.run(main())
+    finally:
+        listener.close()
+
+
+def test_a_refused_spend_is_logged_once_and_not_retried(sidecars, caplog):
+    """`at` older than the sidecar's retention: 422, a permanent refusal (no retry loop)."""
+    side = sidecars({"openai": "10"})
+
+    async def main():
+        plugin = ProviderBudgets(url=side.url, retry_backoff=0.01)
+        kwargs = success_kwargs("openai", 0.5, "call-old")
+        kwargs["standard_logging_object"]["endTime"] = time.time() - 30 * 86400
+        plugin.post_spend_in_background(kwargs)
+        assert await plugin.flush(10)
+        # Without a budget: acknowledged (`counted: false`), not an error.
+        plugin.post_spend_in_background(success_kwargs("mistral", 0.5, "call-nobudget"))
+        assert await plugin.flush(10)
+        await plugin.aclose()
+        return plugin
+
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        plugin = asyncio.run(main())
+    assert (plugin.stats.rejected, plugin.stats.retries, plugin.stats.posted) == (1, 0, 1)
+    errors = [r.getMessage() for r in caplog.records if r.name == LOGGER and r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "rejected spend 0.5 for provider openai (HTTP 422" in errors[0], errors
+    assert side.spend_nanos() == {"openai": 0}
+
+
+# ---- packaging -------------------------------------------------------------------------------
+
+
+def test_proxy_config_name_resolves_to_an_instance(monkeypatch):
+    """`litellm_settings: {callbacks: ["provider_budgets_litellm.proxy_handler_instance"]}`."""
+    try:
+        from litellm.proxy.types_utils.utils import get_instance_fn
+    except ImportError as e:
+        unavailable(f"litellm's proxy loader cannot be imported: {e}")
+    monkeypatch.setenv("PROVIDER_BUDGETS_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("PROVIDER_BUDGETS_FAIL_OPEN", "false")
+    monkeypatch.setattr(provider_budgets_litellm, "_proxy_handler_instance", None)
+    instance = get_instance_fn("provider_budgets_litellm.proxy_handler_instance")
+    assert isinstance(instance, ProviderBudgets) and isinstance(instance, CustomLogger)
+    assert instance.url == "http://127.0.0.1:9" and instance.fail_open is False
+    assert get_instance_fn("provider_budgets_litellm.proxy_handler_instance") is instance
+
+
+PROXY_CONFIG = """
+model_list:
+  - model_name: m
+    litellm_params: { model: openai/gpt-4o, mock_response: hi }
+  - model_name: m
+    litellm_params: { model: anthropic/claude-haiku-4-5, mock_response: hi }
+litellm_settings:
+  callbacks: ["provider_budgets_litellm.proxy_handler_instance"]
+  drop_params: true
+router_settings:
+  routing_strategy: simple-shuffle
+  provider_budget_config:
+    openai: { budget_limit: 0, time_period: 1d }
+    anthropic: { budget_limit: 100, time_period: 1d }
+general_settings:
+  master_key: sk-1234
+"""
+
+
+def test_the_sidecar_runs_on_the_litellm_proxy_config_as_it_is(sidecars, monkeypatch):
+    """One file for both: the proxy's config (callback registered, budgets under router_settings)."""
+    import yaml
+    from litellm.proxy.types_utils.utils import get_instance_fn
+
+    side = sidecars({}, config_text=PROXY_CONFIG)
+    config = yaml.safe_load(PROXY_CONFIG)
+    monkeypatch.setenv("PROVIDER_BUDGETS_URL", side.url)
+    monkeypatch.setattr(provider_budgets_litellm, "_proxy_handler_instance", None)
+    (name,) = config["litellm_settings"]["callbacks"]
+
+    async def main():
+        plugin = get_instance_fn(name)
+        litellm.callbacks = [plugin]
+        router = Router(num_retries=0, model_list=config["model_list"])  # budgets left to the sidecar
+        for _ in range(4):
+            assert provider_of(await call(router)) == "anthropic"  # openai's limit is 0
+        assert sorted(side.spend_nanos()) == ["anthropic", "openai"]
+        await plugin.aclose()
+
+    asyncio.run(main())
+
+
+def test_url_defaults(monkeypatch):
+    monkeypatch.delenv("PROVIDER_BUDGETS_URL", raising=False)
+    assert ProviderBudgets().url == "http://127.0.0.1:8787"
+    monkeypatch.setenv("PROVIDER_BUDGETS_URL", "http://127.0.0.1:9999/")
+    assert ProviderBudgets().url == "http://127.0.0.1:9999"
+    assert ProviderBudgets(url="http://10.0.0.1:1").url == "http://10.0.0.1:1"
+
+
+def test_costs_go_over_the_wire_as_exact_plain_decimals():
+    assert cost_to_decimal_str(0.1 + 0.2) == "0.30000000000000004"
+    assert cost_to_decimal_str(1e-05) == "0.00001"  # never "1e-05"
+    assert cost_to_decimal_str(2.5e-07) == "0.00000025"
+    assert cost_to_decimal_str(3) == "3"
+    assert cost_to_decimal_str("0.0042") == "0.0042"
+    for bad in (math.nan, math.inf, None, True, "abc", object()):
+        assert cost_to_decimal_str(bad) is None, bad

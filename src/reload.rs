@@ -1,0 +1,272 @@
+//! [`Limiter::reload`]: a new configuration for a running limiter, without a restart.
+//!
+//! Budgets live in **slots**: an index into the view, the journal's and the replicator's key
+//! table. Slots are only ever added while the limiter runs, never removed or renumbered, so an
+//! index held by a racing `record` or `filter` stays valid. A reload:
+//!
+//! * keeps the slot of every budget whose (provider, period) is unchanged and stores its new
+//!   limit in place (an atomic): the next `filter` sees it;
+//! * adds a slot for a new budget, or for a changed period (the period is part of the storage
+//!   and Redis keys, so it is a new series starting at its stored total, zero when new), or
+//!   takes back the slot of a budget that was removed earlier (its spend is still there);
+//! * swaps the provider → slot table: a removed budget's provider resolves to "no budget" and
+//!   passes; its slot keeps its spend (journaled, replicated, stored until retention ends);
+//! * validates everything first: an invalid config, or a change of what only a restart can
+//!   apply (storage, Redis, node id, window anchor), is refused and the old config keeps
+//!   running.
+//!
+//! Records that race with a reload land in the slot their provider resolved to when they were
+//! made: spend is never dropped. `Prepared` lists notice a reload (a generation counter) and
+//! resolve again on their next call.
+
+use std::sync::{Mutex, PoisonError, RwLock};
+
+use arc_swap::ArcSwap;
+
+use crate::config::{BudgetConfig, Config};
+use crate::error::Error;
+use crate::journal::{Event, Journal};
+use crate::limiter::Limiter;
+use crate::money::Money;
+use crate::store::{window_of, Store};
+use crate::view::View;
+use crate::window::Window;
+
+/// The limiter state a reload changes (lent by `Limiter::reload_parts`).
+#[derive(Debug)]
+pub(crate) struct Parts<'a> {
+    pub lock: &'a Mutex<()>,
+    pub config: &'a ArcSwap<Config>,
+    pub keys: &'a SlotKeys,
+    pub view: &'a View,
+    pub store: &'a Store,
+    pub journal: &'a Journal,
+    pub node_id: &'a str,
+}
+
+/// What the store holds for a budget series that gets a new slot: (window, own, others).
+type Stored = Vec<(Window, u64, u64)>;
+
+impl Parts<'_> {
+    /// The stored totals of each series in `series` (a budget removed before this process
+    /// started, or a period used before, still has its spend on disk: a new slot resumes it).
+    fn stored(&self, series: &[&BudgetConfig]) -> Result<Vec<Stored>, Error> {
+        let mut out: Vec<Stored> = vec![Vec::new(); series.len()];
+        if series.is_empty() {
+            return Ok(out);
+        }
+        let index = |provider: &str, period: &str| {
+            series
+                .iter()
+                .position(|b| b.provider == provider && b.period.to_string() == period)
+        };
+        for (key, value) in self.store.load_own()? {
+            if let Some(i) = index(&key.provider, &key.period) {
+                out[i].push((window_of(&key, value.end), value.total, 0));
+            }
+        }
+        for (key, value) in self.store.load_peers()? {
+            if let Some(i) = index(&key.provider, &key.period) {
+                let others = value
+                    .nodes
+                    .iter()
+                    .filter(|(n, _)| n != self.node_id)
+                    .fold(0u64, |s, (_, t)| s.saturating_add(*t));
+                out[i].push((window_of(&key, value.end), 0, others));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// (provider, period) per budget slot: the storage and Redis key parts. Append-only.
+#[derive(Debug, Default)]
+pub(crate) struct SlotKeys {
+    keys: RwLock<Vec<(String, String)>>,
+}
+
+impl SlotKeys {
+    pub fn new(keys: Vec<(String, String)>) -> SlotKeys {
+        SlotKeys {
+            keys: RwLock::new(keys),
+        }
+    }
+
+    /// The key parts of a slot.
+    pub fn get(&self, slot: u32) -> (String, String) {
+        self.keys.read().unwrap_or_else(PoisonError::into_inner)[slot as usize].clone()
+    }
+
+    /// The slot of (provider, period), if it has one.
+    pub fn position(&self, provider: &str, period: &str) -> Option<u32> {
+        self.keys
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .position(|(p, q)| p == provider && q == period)
+            .and_then(|i| u32::try_from(i).ok())
+    }
+
+    /// Every slot's key parts.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub fn snapshot(&self) -> Vec<(String, String)> {
+        self.keys
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn push(&self, provider: String, period: String) {
+        self.keys
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push((provider, period));
+    }
+}
+
+/// What a reload changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ReloadSummary {
+    /// Budgets in force after the reload.
+    pub budgets: usize,
+    /// Providers whose budget is new (or has a new period).
+    pub added: Vec<String>,
+    /// Providers whose limit changed (same period).
+    pub changed: Vec<String>,
+    /// Providers whose budget was removed (or replaced by one with a new period).
+    pub removed: Vec<String>,
+}
+
+impl Limiter {
+    /// Applies a new configuration to the running limiter: changed limits apply at once, new
+    /// budgets (and budgets with a changed period: a new series) start from what is stored
+    /// for them (zero when new), removed budgets stop filtering, and recorded spend is never
+    /// lost. `unknown_provider` and `model_providers` change too. Reloads are serialised.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] when `config` is invalid, and [`Error::Reload`] when it changes what
+    /// only a restart can apply (`storage`, `redis`, `node_id`, `window_anchor`, `time_zone`; `storage.dir`
+    /// may be left out, then the running one is kept) or needs more new budget slots than are
+    /// left (256 per process). Nothing changes on error.
+    pub fn reload(&self, mut config: Config) -> Result<ReloadSummary, Error> {
+        config.validate()?;
+        let parts = self.reload_parts();
+        let _serial = parts.lock.lock().unwrap_or_else(PoisonError::into_inner);
+        let old = parts.config.load_full();
+        if config.storage.dir.is_none() {
+            config.storage.dir.clone_from(&old.storage.dir);
+        }
+        let fixed = [
+            ("storage", config.storage != old.storage),
+            ("redis", config.redis != old.redis),
+            ("node_id", config.node_id != old.node_id),
+            ("window_anchor", config.window_anchor != old.window_anchor),
+            ("time_zone", config.time_zone != old.time_zone),
+        ];
+        if let Some((what, _)) = fixed.iter().find(|(_, changed)| *changed) {
+            return Err(Error::Reload(format!(
+                "`{what}` changed; it applies only at a restart (nothing was changed)"
+            )));
+        }
+        // Plan: the slot of each budget, existing or new.
+        let mut slots = Vec::with_capacity(config.budgets.len());
+        let mut new_slots = 0;
+        for b in &config.budgets {
+            let slot = parts.keys.position(&b.provider, &b.period.to_string());
+            new_slots += usize::from(slot.is_none());
+            slots.push(slot);
+        }
+        if parts.view.len() + new_slots > parts.view.capacity() {
+            return Err(Error::Reload(format!(
+                "{new_slots} new budget series would exceed the {} that one process can add; restart to apply",
+                crate::view::RELOAD_SLOTS
+            )));
+        }
+        // Read what the new series already have on disk before changing anything.
+        let new_series: Vec<&BudgetConfig> = config
+            .budgets
+            .iter()
+            .zip(&slots)
+            .filter(|(_, s)| s.is_none())
+            .map(|(b, _)| b)
+            .collect();
+        let mut stored = parts.stored(&new_series)?.into_iter();
+        // Apply: new slots first (view with their stored totals, journal, keys), then limits,
+        // then the provider table, so that no record reaches a slot before its totals.
+        let mut summary = ReloadSummary {
+            budgets: config.budgets.len(),
+            ..ReloadSummary::default()
+        };
+        for (b, slot) in config.budgets.iter().zip(slots.iter_mut()) {
+            let s = match *slot {
+                Some(s) => s,
+                None => {
+                    let schedule = config.schedule(b.period);
+                    let s = parts
+                        .view
+                        .push(schedule, b.limit)
+                        .ok_or_else(|| Error::Reload("no budget slot left".into()))?;
+                    parts.keys.push(b.provider.clone(), b.period.to_string());
+                    let totals = stored.next().unwrap_or_default();
+                    parts.view.raise_own_many(
+                        totals
+                            .iter()
+                            .filter(|t| t.1 > 0)
+                            .map(|&(w, own, _)| (s, w, Money::from_nanos(own))),
+                    );
+                    parts.view.raise_others_many(
+                        totals
+                            .iter()
+                            .filter(|t| t.2 > 0)
+                            .map(|&(w, _, others)| (s, w, Money::from_nanos(others))),
+                    );
+                    // The journal writes absolute totals: it must start from the stored ones.
+                    for &(window, total, _) in totals.iter().filter(|t| t.1 > 0) {
+                        let _ = parts.journal.send(Event::Adopt {
+                            budget: s,
+                            window,
+                            total,
+                        });
+                    }
+                    *slot = Some(s);
+                    s
+                }
+            };
+            match old.budgets.iter().find(|o| o.provider == b.provider) {
+                Some(o) if o.period == b.period => {
+                    if o.limit != b.limit {
+                        summary.changed.push(b.provider.clone());
+                    }
+                }
+                _ => summary.added.push(b.provider.clone()),
+            }
+            parts.view.set_limit(s, b.limit);
+        }
+        for o in &old.budgets {
+            if !config
+                .budgets
+                .iter()
+                .any(|b| b.provider == o.provider && b.period == o.period)
+            {
+                summary.removed.push(o.provider.clone());
+            }
+        }
+        let table: Vec<(String, u32)> = config
+            .budgets
+            .iter()
+            .zip(&slots)
+            .filter_map(|(b, s)| s.map(|s| (b.provider.clone(), s)))
+            .collect();
+        self.install(config, table);
+        tracing::info!(
+            budgets = summary.budgets,
+            added = ?summary.added,
+            changed = ?summary.changed,
+            removed = ?summary.removed,
+            "config reloaded"
+        );
+        Ok(summary)
+    }
+}
