@@ -430,6 +430,7 @@ fn status_json(s: &BudgetStatus) -> serde_json::Value {
             "last_sync": r.last_sync.map(|t| t.to_string()),
             "stale": r.stale,
             "last_error": r.last_error,
+            "problem": s.replication_problem,
         },
     })
 }

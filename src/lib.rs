@@ -65,6 +65,8 @@ mod journal;
 mod limiter;
 mod money;
 mod provider;
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+mod redact;
 #[cfg(feature = "redis")]
 mod replicate;
 mod status;
@@ -76,7 +78,7 @@ pub use clock::{Clock, FakeClock, SystemClock};
 pub use config::{
     parse_duration, BudgetConfig, Config, ConfigError, RedisConfig, StorageConfig, UnknownProvider,
 };
-pub use error::{Error, RecordError};
+pub use error::{Error, RecordError, ReplicationError};
 pub use filter::{Exceeded, NoDeployments};
 pub use limiter::{Limiter, Prepared};
 pub use money::{Money, MoneyError};

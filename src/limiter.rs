@@ -76,6 +76,11 @@ impl Limiter {
     /// [`Limiter::open`] with another clock (tests use [`FakeClock`](crate::FakeClock)).
     pub fn open_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<Limiter, Error> {
         config.validate()?;
+        // An unusable Redis URL fails here, naming it (redacted), not later in every round.
+        #[cfg(feature = "redis")]
+        if let Some(r) = &config.redis {
+            crate::replicate::check_url(&r.url)?;
+        }
         let dir = config.storage.dir.clone().ok_or(ConfigError::NoDataDir)?;
         let store = Arc::new(Store::open(&dir)?);
         let node_id = store.node_id(config.node_id.as_deref(), &generate_node_id())?;
@@ -96,9 +101,7 @@ impl Limiter {
         // Totals of budgets no longer configured stay stored until their retention ends.
         #[cfg(not(feature = "redis"))]
         if config.redis.is_some() {
-            return Err(Error::Replication(
-                "Redis is configured but this build has no `redis` feature".into(),
-            ));
+            return Err(crate::error::ReplicationError::NotBuilt.into());
         }
         let mut loaded = Vec::new();
         for (key, value) in store.load_own()? {
@@ -112,12 +115,8 @@ impl Limiter {
         let mut others_loaded = Vec::new();
         for (key, value) in &peers {
             if let Some(b) = budget_of(&key.provider, &key.period) {
-                let others = value
-                    .nodes
-                    .iter()
-                    .filter(|(n, _)| *n != node_id)
-                    .fold(0u64, |s, (_, t)| s.saturating_add(*t));
-                others_loaded.push((b, window_of(key, value.end), Money::from_nanos(others)));
+                let others = Money::from_nanos(value.others);
+                others_loaded.push((b, window_of(key, value.end), others));
             }
         }
         view.raise_others_many(others_loaded);
@@ -151,10 +150,6 @@ impl Limiter {
                     durable: Arc::clone(&durable),
                     journal: journal.sender(),
                     peers,
-                })
-                .map_err(|source| Error::Thread {
-                    what: "replicator",
-                    source,
                 })?;
                 // First round before any record: own = max(disk, own field in Redis), so a node
                 // whose disk was wiped does not count its spend twice. Redis being down is not
@@ -455,7 +450,7 @@ impl Limiter {
     /// as empty).
     pub fn status_at(&self, at: Timestamp) -> Vec<BudgetStatus> {
         let secs = floor_secs(at);
-        let replication = self.replication_status();
+        let (replication, problems) = self.replication_status();
         self.inner
             .config
             .budgets
@@ -474,6 +469,7 @@ impl Limiter {
                     remaining: b.limit.saturating_sub(spend),
                     exhausted: spend >= b.limit,
                     replication: replication.clone(),
+                    replication_problem: problems.get(i).cloned().flatten(),
                 }
             })
             .collect()
@@ -500,7 +496,8 @@ impl Limiter {
         }
     }
 
-    fn replication_status(&self) -> ReplicationStatus {
+    /// The limiter's replication state and the problems per budget index.
+    fn replication_status(&self) -> (ReplicationStatus, Vec<Option<String>>) {
         #[cfg(feature = "redis")]
         if let (Some(r), Some(redis)) = (&self.inner.replicator, &self.inner.config.redis) {
             let h = r.health();
@@ -509,7 +506,7 @@ impl Limiter {
             let stale = h
                 .last_sync
                 .is_none_or(|t| self.now().duration_since(t).unsigned_abs() > limit);
-            return ReplicationStatus {
+            let status = ReplicationStatus {
                 enabled: true,
                 last_sync: h.last_sync,
                 stale,
@@ -517,8 +514,9 @@ impl Limiter {
                 rounds: h.rounds,
                 round_trips: h.round_trips,
             };
+            return (status, h.problems);
         }
-        ReplicationStatus::default()
+        (ReplicationStatus::default(), Vec::new())
     }
 
     /// One replication round now: ships this node's durable totals to Redis and reads the
@@ -528,11 +526,9 @@ impl Limiter {
         if let Some(r) = &self.inner.replicator {
             // Only durable totals are shipped: make everything recorded so far durable first.
             self.flush()?;
-            return r.sync().map_err(Error::Replication);
+            return Ok(r.sync()?);
         }
-        Err(Error::Replication(
-            "no Redis configured (pass --redis URL or set provider_budgets.redis.url)".into(),
-        ))
+        Err(crate::error::ReplicationError::NotConfigured.into())
     }
 
     /// Returns once everything recorded before is durable on disk.

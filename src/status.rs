@@ -27,6 +27,11 @@ pub struct BudgetStatus {
     pub exhausted: bool,
     /// Replication state (the same for every budget of a limiter).
     pub replication: ReplicationStatus,
+    /// A replication problem of this budget only, from the last round: a field in one of its
+    /// Redis hashes that is not a canonical u64 (skipped), a key of the wrong type (that
+    /// window is not synced), a broken lease key. The other budgets are not affected; the
+    /// problem clears once the bad data is gone. `None` when there is none.
+    pub replication_problem: Option<String>,
 }
 
 /// Replication state of a limiter.
