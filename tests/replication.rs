@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use jiff::{SignedDuration, Timestamp};
-use provider_budgets::{Clock, Config, FakeClock, Limiter, Money, RedisConfig};
+use provider_budgets::{Clock, Config, FakeClock, Limiter, Money, RedisConfig, ReplicationError};
 use redis_server::RedisServer;
 
 /// The tests' start time: 30 s into the current minute of the real clock. Fake, so that
@@ -325,8 +325,11 @@ fn two_nodes_crossing_a_window_boundary_at_once_lose_nothing() {
     }
 }
 
+/// A wiped data dir is a new instance (a new instance id) under the same node id: its old
+/// total in Redis is kept as a retired contribution beside the new one, so the fleet total
+/// stays exact (neither re-counted nor lost), also after a restart without Redis.
 #[test]
-fn a_node_whose_disk_was_wiped_takes_back_its_own_spend_from_redis() {
+fn a_node_whose_disk_was_wiped_neither_recounts_nor_loses_its_old_spend() {
     let Some(server) = RedisServer::start() else {
         return;
     };
@@ -340,12 +343,15 @@ fn a_node_whose_disk_was_wiped_takes_back_its_own_spend_from_redis() {
     drop(a);
     std::fs::remove_dir_all(da.path()).unwrap();
     let a = open(da.path(), &server.url(), "a", "adopt", &clock);
-    assert_eq!(a.budget_status("openai").unwrap().own_spend, nanos(300));
+    assert_eq!(spend(&a, "openai"), nanos(340));
+    assert_eq!(a.budget_status("openai").unwrap().own_spend, Money::ZERO);
     a.record("openai", nanos(5)).unwrap();
     converge(&[&a, &b]);
     assert_eq!(spend(&a, "openai"), nanos(345));
     assert_eq!(spend(&b, "openai"), nanos(345));
-    // The adopted total is durable again: it survives a restart without Redis.
+    converge(&[&a, &b]);
+    assert_eq!(spend(&b, "openai"), nanos(345), "stable");
+    // Both contributions survive a restart without Redis (own on disk, the rest in peers).
     drop(a);
     let a = Limiter::open_with_clock(
         {
@@ -356,7 +362,29 @@ fn a_node_whose_disk_was_wiped_takes_back_its_own_spend_from_redis() {
         clock.clone(),
     )
     .unwrap();
-    assert_eq!(a.budget_status("openai").unwrap().own_spend, nanos(305));
+    assert_eq!(a.budget_status("openai").unwrap().own_spend, nanos(5));
+    assert_eq!(spend(&a, "openai"), nanos(345));
+}
+
+/// Same data dir (same instance), but Redis holds more of its own spend than the disk (the
+/// disk lost acknowledged spend): `own = max(disk, own field)` at open.
+#[test]
+fn a_node_whose_totals_were_lost_takes_back_its_own_spend_from_redis() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let clock = clock();
+    let da = tempfile::tempdir().unwrap();
+    let a = open(da.path(), &server.url(), "a", "adopt2", &clock);
+    a.record("openai", nanos(300)).unwrap();
+    a.sync().unwrap();
+    drop(a);
+    let now = clock.now().as_second();
+    let key = format!("adopt2:{{openai:1h}}:{}", now - now.rem_euclid(3600));
+    assert_eq!(server.command(&["HGET", &key, "a"]), "300");
+    server.command(&["HSET", &key, "a", "500"]);
+    let a = open(da.path(), &server.url(), "a", "adopt2", &clock);
+    assert_eq!(a.budget_status("openai").unwrap().own_spend, nanos(500));
 }
 
 #[test]
@@ -371,15 +399,35 @@ fn an_unreachable_redis_is_a_bounded_one_line_error() {
     assert!(started.elapsed() < Duration::from_secs(5));
     assert!(err.contains("127.0.0.1:1") && !err.contains('\n'), "{err}");
     assert_eq!(spend(&node, "openai"), nanos(1));
+    // An unparsable URL fails at open, naming it; nothing runs single-node silently.
     let err = Limiter::open(config(
         tempfile::tempdir().unwrap().path(),
         "not a url",
         "y",
         "none",
     ))
-    .map(|l| l.sync().unwrap_err().to_string())
-    .unwrap();
-    assert!(err.contains("not a url"), "{err}");
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            provider_budgets::Error::Replication(ReplicationError::InvalidUrl { .. })
+        ),
+        "{err:?}"
+    );
+    let err = err.to_string();
+    assert!(err.contains("not a url") && !err.contains('\n'), "{err}");
+    let err = Limiter::open(config(
+        tempfile::tempdir().unwrap().path(),
+        "http://:s3cret@127.0.0.1:1/",
+        "y",
+        "none",
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("http://:***@127.0.0.1:1/") && !err.contains("s3cret"),
+        "{err}"
+    );
 }
 
 mod fleet_model {
