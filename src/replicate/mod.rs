@@ -341,7 +341,7 @@ impl Worker {
                 metrics::counter!("provider_budgets_duplicate_node_id_total").increment(1);
                 if let ReplicationError::DuplicateNodeId { holder, .. } = error {
                     if self.refused.as_ref() != Some(holder) {
-                        tracing::error!(error = %error, "duplicate node id; refusing to write this node's field");
+                        tracing::warn!(error = %error, "duplicate node id; refusing to write this node's field");
                         self.refused = Some(holder.clone());
                     }
                 }
