@@ -132,8 +132,9 @@ pub(crate) struct PeersValue {
     pub others: u64,
 }
 
-/// Format of `peers` values written by this version.
-const PEERS_VERSION: u8 = 2;
+/// Format of `peers` values written by this version (their v2). Numbered apart from the
+/// `own` formats (1, 2, ...) so that a bump of one never makes the other's bytes decode.
+const PEERS_VERSION: u8 = 0x22;
 /// Bound for legacy v1 `peers` values (a list of every other node): large enough for any
 /// fleet that wrote one, small enough to bound memory.
 const MAX_LEGACY_PEERS_BYTES: usize = 8 * 1024 * 1024;
@@ -597,7 +598,7 @@ mod tests {
         assert!(legacy.len() > MAX_VALUE_BYTES);
         store.put_raw_peers(&key(0), &legacy);
         // A damaged entry is skipped (and removed), not fatal.
-        store.put_raw_peers(&key(86_400), &[2, 0xff, 0xff]);
+        store.put_raw_peers(&key(86_400), &[PEERS_VERSION, 0xff, 0xff]);
         store
             .write_peers([(
                 &key(172_800),
