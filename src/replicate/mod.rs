@@ -195,8 +195,10 @@ struct PeerWindow {
     window: Window,
     /// The others' total loaded from the data dir at open: a floor until Redis says more.
     floor: u64,
-    /// Per `(node, instance)` contribution key: its largest total seen.
-    contributions: FxHashMap<String, u64>,
+    /// Per `(node, instance)` contribution: its largest total seen.
+    owned: FxHashMap<(String, String), u64>,
+    /// Fields without a recorded owner (written by an earlier version), per node.
+    bare: FxHashMap<String, u64>,
     /// The total last written to the data dir.
     persisted: u64,
 }
@@ -204,8 +206,9 @@ struct PeerWindow {
 impl PeerWindow {
     fn others(&self) -> u64 {
         let sum = self
-            .contributions
+            .owned
             .values()
+            .chain(self.bare.values())
             .fold(0u64, |s, t| s.saturating_add(*t));
         sum.max(self.floor)
     }
@@ -251,7 +254,8 @@ impl Worker {
                 PeerWindow {
                     window: crate::store::window_of(&key, value.end),
                     floor: value.others,
-                    contributions: FxHashMap::default(),
+                    owned: FxHashMap::default(),
+                    bare: FxHashMap::default(),
                     persisted: value.others,
                 },
             );
@@ -618,7 +622,8 @@ impl Worker {
                     .or_insert_with(|| PeerWindow {
                         window,
                         floor: 0,
-                        contributions: FxHashMap::default(),
+                        owned: FxHashMap::default(),
+                        bare: FxHashMap::default(),
                         persisted: 0,
                     });
                 for c in hash.contributions {
@@ -635,15 +640,16 @@ impl Worker {
                             continue;
                         }
                     }
-                    if c.instance.is_some() {
-                        // An owner recorded for the field supersedes its ownerless reading.
-                        entry.contributions.remove(&c.node);
-                    }
-                    let id = match &c.instance {
-                        Some(i) => format!("{}@{i}", c.node),
-                        None => c.node,
+                    let known = match c.instance {
+                        Some(instance) => {
+                            // An owner recorded for the field supersedes its ownerless reading.
+                            if !entry.bare.is_empty() {
+                                entry.bare.remove(c.node.as_str());
+                            }
+                            entry.owned.entry((c.node, instance)).or_insert(0)
+                        }
+                        None => entry.bare.entry(c.node).or_insert(0),
                     };
-                    let known = entry.contributions.entry(id).or_insert(0);
                     *known = (*known).max(c.total);
                 }
                 let others = entry.others();

@@ -106,8 +106,8 @@ local writable = lease[1] == 'held'
 
 local function merge(key, own, expire_at)
   if writable and own ~= '0' then
-    local cur = redis.call('HGET', key, node)
-    local owner = redis.call('HGET', key, owner_field)
+    local got = redis.call('HMGET', key, node, owner_field, retired_mine)
+    local cur, owner, mine = got[1], got[2], got[3]
     if cur and owner and owner ~= inst then
       if canonical(cur) then
         local rf = '~retired:' .. node .. ':' .. owner
@@ -120,7 +120,6 @@ local function merge(key, own, expire_at)
     end
     local best = own
     if cur and canonical(cur) and greater(cur, best) then best = cur end
-    local mine = redis.call('HGET', key, retired_mine)
     if mine then
       if canonical(mine) and greater(mine, best) then best = mine end
       redis.call('HDEL', key, retired_mine)
