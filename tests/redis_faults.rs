@@ -489,6 +489,15 @@ fn redis_passwords_never_appear_in_errors_status_or_logs() {
         assert_eq!(run.code, Some(1), "{run:?}");
         check(&run, "record, wrong password");
     }
+    // No password at all: every command is refused, so the round fails as a whole
+    // instead of reporting a "problem" per budget and pretending to be in sync.
+    let no_password = format!("redis://127.0.0.1:{port}/");
+    let run = cli.run(&["--redis", &no_password, "--node-id", "n", "sync"]);
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert!(
+        run.stderr.starts_with("error: redis") && run.stderr.lines().count() == 1,
+        "{run:?}"
+    );
     // In the library's status too.
     let dir = tempfile::tempdir().unwrap();
     let node = Limiter::open(config(dir.path(), &wrong, "lib", "pw")).unwrap();
@@ -555,4 +564,39 @@ fn an_invalid_redis_url_fails_at_open_with_one_redacted_line() {
     // Nothing was recorded by the refused invocations.
     let doc = cli.status_json("2024-05-01T12:00:00Z");
     assert_eq!(budget(&doc, "openai")["spend_nanos"], 0, "{doc}");
+}
+
+/// When no key at all could be synced (here every key is of the wrong type), the round is a
+/// failure (`sync` errs, `last_error`, stale), not a list of per-budget problems.
+#[test]
+fn a_round_where_no_key_syncs_is_a_failed_round() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let (url, now) = (server.url(), now());
+    let day = day_start(now);
+    for provider in ["openai", "anthropic"] {
+        for start in [day, day - 86_400] {
+            server.command(&["SET", &format!("allbad:{{{provider}:1d}}:{start}"), "x"]);
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let node = open(dir.path(), &url, "a", "allbad", now);
+    node.record("openai", nanos(1)).unwrap();
+    let err = node.sync().unwrap_err().to_string();
+    assert!(
+        err.contains("WRONGTYPE") && err.contains("allbad:{"),
+        "{err}"
+    );
+    let status = node.budget_status("openai").unwrap();
+    assert!(status.replication.last_error.is_some());
+    assert!(status.replication.last_sync.is_none());
+    // One key repaired: the round succeeds again, the rest stays reported per budget.
+    server.command(&["DEL", &format!("allbad:{{openai:1d}}:{day}")]);
+    node.sync().unwrap();
+    let status = node.budget_status("anthropic").unwrap();
+    assert!(status.replication.last_error.is_none());
+    assert!(status
+        .replication_problem
+        .is_some_and(|p| p.contains("WRONGTYPE")));
 }

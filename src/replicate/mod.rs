@@ -464,7 +464,21 @@ impl Worker {
         let sent =
             tokio::time::timeout(timeout, self.wire.sync_round(conn, &id, &groups.wire)).await;
         match sent {
-            Ok(Ok(replies)) => Ok(replies),
+            Ok(Ok(replies)) => {
+                // Every budget failed for a connection-level reason (a failover left us on a
+                // read-only replica, the server is loading): treat the connection as dead.
+                let all_failed = !replies.is_empty() && replies.iter().all(Result::is_err);
+                if all_failed {
+                    if let Some(Err(e)) = replies
+                        .iter()
+                        .find(|r| r.as_ref().is_err_and(|e| e.is_connection_error()))
+                    {
+                        self.conn = None;
+                        return Err((self.protocol(&e.to_string()), true));
+                    }
+                }
+                Ok(replies)
+            }
             Ok(Err(e)) => {
                 let dead = e.is_connection_error();
                 if dead {
@@ -579,6 +593,8 @@ impl Worker {
         let mut refused_by = None;
         let mut failed_groups = 0usize;
         let mut first_failure = None;
+        let (mut keys, mut failed_keys) = (0usize, 0usize);
+        let mut first_key_failure = None;
         let node = self.parts.node_id.clone();
         for (b, (windows, reply)) in groups.windows.iter().zip(replies).enumerate() {
             let reply = match reply {
@@ -608,10 +624,14 @@ impl Worker {
             };
             let b32 = b as u32;
             for (&(window, own), key) in windows.iter().zip(reply.keys) {
+                keys += 1;
                 let hash = match key {
                     Ok(hash) => hash,
                     Err(p) => {
-                        problems[b].push(flat(&scrub(&p, &self.parts.redis.url)));
+                        let p = flat(&scrub(&p, &self.parts.redis.url));
+                        first_key_failure.get_or_insert_with(|| p.clone());
+                        failed_keys += 1;
+                        problems[b].push(p);
                         continue;
                     }
                 };
@@ -665,10 +685,13 @@ impl Worker {
             self.adopt(b, window, total);
         }
         self.persist(&changed);
-        if failed_groups > 0 && failed_groups == groups.windows.len() {
-            if let Some(e) = first_failure {
-                return Err(RoundError::Failed(e));
-            }
+        // Nothing at all synced (every budget or every key failed, e.g. Redis out of memory
+        // or NOAUTH): that is a failed round, not a list of per-budget problems.
+        if keys == failed_keys && (failed_groups > 0 || failed_keys > 0) {
+            let e = first_failure.unwrap_or_else(|| ReplicationError::Protocol {
+                message: first_key_failure.unwrap_or_default(),
+            });
+            return Err(RoundError::Failed(e));
         }
         match refused_by {
             Some(holder) => Err(RoundError::Duplicate {
