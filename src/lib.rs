@@ -65,7 +65,6 @@ mod journal;
 mod limiter;
 mod money;
 mod provider;
-#[cfg_attr(not(feature = "redis"), allow(dead_code))]
 mod redact;
 #[cfg(feature = "redis")]
 mod replicate;

@@ -296,6 +296,7 @@ impl Store {
     /// This data dir's instance id: random, generated at the first call and kept in `meta`.
     /// Unlike the node id (configurable, so it can be copied by mistake), it tells two data
     /// dirs apart: replication uses it to detect two live data dirs under one node id.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub fn instance_id(&self) -> Result<String, StoreError> {
         if let Some(raw) = self.meta.get(b"instance_id").map_err(|e| self.io(e))? {
             return String::from_utf8(raw.to_vec())
