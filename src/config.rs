@@ -68,9 +68,8 @@ impl Default for StorageConfig {
     }
 }
 
-/// Fleet replication through Redis (used by the `redis` feature). Its `Debug` shows the URL
-/// with the password redacted.
-#[derive(Clone, PartialEq, Eq)]
+/// Fleet replication through Redis (used by the `redis` feature).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RedisConfig {
     /// `redis://host:port/db` (or `rediss://`).
     pub url: String,
@@ -84,19 +83,6 @@ pub struct RedisConfig {
     pub connect_timeout: Duration,
     /// Bound on one sync round trip. Default 2 s.
     pub command_timeout: Duration,
-}
-
-impl std::fmt::Debug for RedisConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisConfig")
-            .field("url", &crate::redact::redact_url(&self.url))
-            .field("prefix", &self.prefix)
-            .field("sync_interval", &self.sync_interval)
-            .field("grace", &self.grace)
-            .field("connect_timeout", &self.connect_timeout)
-            .field("command_timeout", &self.command_timeout)
-            .finish()
-    }
 }
 
 impl RedisConfig {
