@@ -107,9 +107,10 @@ pub enum ReplicationError {
         after: String,
     },
     /// Another live instance (another data dir) holds this node id's lease in Redis: two
-    /// nodes share one node id. This node's field was not written; its spend stays counted
-    /// locally and is shipped once the other instance stops (or its lease expires).
-    #[error("duplicate node id {node_id:?}: another live instance ({holder}) holds its lease in Redis; this node's spend is not shipped until it stops (give each data dir its own node_id)")]
+    /// data dirs share one node id. The node id's field was not written; this data dir's
+    /// spend is kept apart in Redis under its own instance id, so the fleet total stays exact,
+    /// but the configuration is wrong and must be fixed.
+    #[error("duplicate node id {node_id:?}: another live data dir (instance {holder}) holds its lease in Redis; this one's spend is kept apart under its own instance id (nothing lost or doubled); give each data dir its own node_id")]
     DuplicateNodeId {
         /// The node id both use.
         node_id: String,

@@ -4,8 +4,9 @@
 //! * a window hash with thousands of node fields (pods that come back with fresh ids): the
 //!   data dir still opens, totals exact, before and after a restart, with Redis up or down;
 //! * two live data dirs under one node id: the second is refused loudly (error naming the id,
-//!   `status`, CLI `sync` exit 1), its spend stays counted locally and is shipped exactly once
-//!   the other stops cleanly or crashes and its lease expires;
+//!   `status`, CLI `sync` exit 1); its spend is kept apart under its instance id, so no view
+//!   of the fleet undercounts, and it takes the node id over exactly once the other stops
+//!   cleanly or crashes and its lease expires;
 //! * poisoned fields and a key of the wrong type under one budget: the other budgets stay
 //!   exact, the bad one is reported (status, `status --json`, one log line per problem) and
 //!   heals once the bad data is deleted;
@@ -164,12 +165,19 @@ fn a_second_live_data_dir_with_the_same_node_id_is_refused_and_never_undercounts
             .is_some_and(|e| e.contains("duplicate node id \"dup\"")),
         "{status:?}"
     );
-    // Its field was not written: Redis still holds the first one's total only...
+    // The node id's field was not written: it still holds the first one's total...
     let key = format!("dup:{{openai:1d}}:{}", day_start(now));
     assert_eq!(server.command(&["HGET", &key, "dup"]), "100");
-    // ...but it counts both: its own spend and the first's (which is not its own).
+    // ...the second's spend is kept apart under its instance, so nobody undercounts, even
+    // while both live: the second counts the first's field as someone else's, B sees both.
     assert_eq!(spend(&second, "openai"), 131);
     assert_eq!(status.own_spend, nanos(30));
+    b.sync().unwrap();
+    assert_eq!(spend(&b, "openai"), 131);
+    second.record("openai", nanos(2)).unwrap();
+    assert!(second.sync().is_err());
+    b.sync().unwrap();
+    assert_eq!(spend(&b, "openai"), 133);
     // The first keeps working, and a restart of the first (same data dir) is not refused.
     first.sync().unwrap();
     drop(first);
@@ -180,13 +188,13 @@ fn a_second_live_data_dir_with_the_same_node_id_is_refused_and_never_undercounts
         "still refused while the first lives"
     );
 
-    // The first stops cleanly (its lease is released): the second takes over and ships its
-    // spend, beside the first's total, not max-merged with it.
+    // The first stops cleanly (its lease is released): the second takes the node id's field
+    // over; the first's total stays beside it (retired), not max-merged away.
     drop(first);
     second.sync().unwrap();
     b.sync().unwrap();
-    assert_eq!(spend(&b, "openai"), 131);
-    assert_eq!(spend(&second, "openai"), 131);
+    assert_eq!(spend(&b, "openai"), 133);
+    assert_eq!(spend(&second, "openai"), 133);
     assert!(second
         .budget_status("openai")
         .unwrap()
@@ -195,16 +203,16 @@ fn a_second_live_data_dir_with_the_same_node_id_is_refused_and_never_undercounts
         .is_none());
 
     // The first comes back (with more spend) while the second lives: now it is refused, and
-    // nobody's spend is lost; once the second stops, the first ships everything.
+    // nobody's spend is lost; once the second stops, the first takes its field back.
     let first = open(d1.path(), &url, "dup", "dup", now);
     first.record("openai", nanos(5)).unwrap();
     assert!(first.sync().is_err());
-    assert_eq!(spend(&first, "openai"), 136);
+    assert_eq!(spend(&first, "openai"), 138);
     drop(second);
     first.sync().unwrap();
     b.sync().unwrap();
-    assert_eq!(spend(&b, "openai"), 136);
-    assert_eq!(spend(&first, "openai"), 136);
+    assert_eq!(spend(&b, "openai"), 138);
+    assert_eq!(spend(&first, "openai"), 138);
     // The CLI's `sync` on yet another data dir with the same id: exit 1, one line naming it.
     let yaml = "provider_budget_config:\n  openai: {budget_limit: 1000000, time_period: 1d}\n  anthropic: {budget_limit: 1000000, time_period: 1d}\nprovider_budgets:\n  redis: {url: \"redis://127.0.0.1:1/\", prefix: dup}\n";
     let cli = Cli::new(yaml);
@@ -294,6 +302,9 @@ fn a_crashed_holder_blocks_its_node_id_only_until_its_lease_expires() {
         ) || killed_at.elapsed() > Duration::from_secs(2),
         "{refused:?}"
     );
+    // Refused or not, its spend already counts for the rest of the fleet.
+    b.sync().unwrap();
+    assert_eq!(spend(&b, "openai"), acked + 1_000);
     let deadline = Instant::now() + Duration::from_secs(15);
     while second.sync().is_err() {
         assert!(

@@ -24,13 +24,15 @@
 //!   nothing queues up — the next successful round ships the absolute totals. A warning is
 //!   logged when Redis becomes unreachable and an info line when it is back.
 //! * Duplicate node id: another live data dir holds the node id's lease. Decision: **refuse
-//!   loudly** rather than derive another id: the round writes nothing of ours (it still reads
-//!   the others), returns [`ReplicationError::DuplicateNodeId`], `status` shows it, the
-//!   metric `provider_budgets_duplicate_node_id_total` counts it and one error line is logged
-//!   per transition. Our spend stays counted locally and is shipped, exactly, once the other
-//!   stops (it releases the lease) or its lease expires: the takeover keeps the other's total
-//!   beside ours (`~retired:` field) instead of max-merging it away. A restarting node (same
-//!   data dir, same instance id) is never refused, even while its old lease is live.
+//!   loudly**: the round does not write the node id's field, returns
+//!   [`ReplicationError::DuplicateNodeId`], `status` shows it, the metric
+//!   `provider_budgets_duplicate_node_id_total` counts it and one warning is logged per
+//!   transition. And **never undercount**: our total is kept apart in Redis under our
+//!   instance id (`~retired:{node}:{instance}`, a contribution only we write), so every node
+//!   still counts it; once the other stops (it releases the lease) or its lease expires, we
+//!   take the field over, keeping the other's total beside ours instead of max-merging it
+//!   away. A restarting node (same data dir, same instance id) is never refused, even while
+//!   its old lease is live.
 //! * A bad field or key under one budget: skipped, reported for that budget only
 //!   ([`Health::problems`]), logged once per distinct problem, counted in
 //!   `provider_budgets_sync_problems_total`; the other budgets sync normally.

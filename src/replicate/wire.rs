@@ -21,10 +21,11 @@
 //!
 //! **Lease**: per budget, key `{prefix}:{{provider:period}}:lease:{node}` holds the instance id
 //! of the data dir that uses the node id, for a few sync intervals (`lease_ms`), renewed by
-//! every round. When another instance holds it, the script writes nothing for that budget
-//! (it still reads) and reports `refused`: two live data dirs share the node id. The lease
-//! shares the budget's hash tag, so a script call still touches one Cluster slot. A clean
-//! stop releases it.
+//! every round. When another instance holds it, the script leaves the node's field alone,
+//! keeps our total apart under `~retired:{node}:{our instance}` (a contribution only we
+//! write, so nothing is undercounted) and reports `refused`: two live data dirs share the
+//! node id. The lease shares the budget's hash tag, so a script call still touches one
+//! Cluster slot. A clean stop releases it.
 //!
 //! A sync round is **one network round trip**: one pipeline carrying one `EVALSHA` of
 //! [`SCRIPT`] per budget (every window key of a budget shares the budget's Redis Cluster hash
@@ -53,14 +54,16 @@ use redis::{ErrorKind, RedisError, ServerErrorKind, Value};
 /// `ARGV[2i+1]` is the node's own total (canonical decimal u64) and `ARGV[2i+2]` the unix
 /// second at which the key expires.
 ///
-/// 1. Lease: held by another instance -> `refused` (nothing is written for this budget);
-///    unreadable -> `broken` (nothing written either); else ours, renewed (or released) at
-///    the end.
-/// 2. Per window key, under `pcall`: when the lease is ours and the own total is not `0`:
-///    retire another instance's total (see the module doc), take back our own retired total,
-///    raise our field to the max of what we know (a non-canonical value in our field is
-///    replaced: we are its only writer) and mark us its owner; then `EXPIREAT key expire_at`
-///    (a no-op when the key does not exist; callers pass window end + grace) and `HGETALL`.
+/// 1. Lease: held by another instance -> `refused`; unreadable -> `broken`; else ours,
+///    renewed (or released) at the end.
+/// 2. Per window key, under `pcall`, when the own total is not `0`: with the lease, retire
+///    another instance's total (see the module doc), take back our own retired total, raise
+///    our field to the max of what we know (a non-canonical value in our field is replaced:
+///    we are its only writer) and mark us its owner; without it, leave the node's field
+///    alone and raise our own instance's field `~retired:{node}:{instance}` instead (only we
+///    write it, so the fleet never undercounts, even while two data dirs share the node id).
+///    Then `EXPIREAT key expire_at` (a no-op when the key does not exist; callers pass window
+///    end + grace) and `HGETALL`.
 ///
 /// Returns `{lease, per_key}`: `lease` is `{'held'}`, `{'refused', holder}` or
 /// `{'broken', error}`; `per_key[i]` is `{'ok', hgetall}` or `{'err', error}`.
@@ -126,6 +129,12 @@ local function merge(key, own, expire_at)
     end
     if best ~= cur then redis.call('HSET', key, node, best) end
     if owner ~= inst then redis.call('HSET', key, owner_field, inst) end
+  elseif own ~= '0' then
+    -- Not ours to write: keep our total apart, under our instance (nobody else writes it).
+    local prev = redis.call('HGET', key, retired_mine)
+    if (not prev) or (not canonical(prev)) or greater(own, prev) then
+      redis.call('HSET', key, retired_mine, own)
+    end
   end
   redis.call('EXPIREAT', key, expire_at)
   return redis.call('HGETALL', key)
@@ -1138,15 +1147,26 @@ mod tests {
                 holder: INSTANCE.into()
             }
         );
+        // The node's field is left alone; its total is kept apart under its instance.
+        let mut c = reply.keys[0].as_ref().unwrap().contributions.clone();
+        c.sort();
         assert_eq!(
-            reply.keys[0].as_ref().unwrap().contributions,
-            [Contribution {
-                node: "n".into(),
-                instance: Some(INSTANCE.into()),
-                total: 100
-            }]
+            c,
+            [
+                Contribution {
+                    node: "n".into(),
+                    instance: Some(INSTANCE.into()),
+                    total: 100
+                },
+                Contribution {
+                    node: "n".into(),
+                    instance: Some("i2".into()),
+                    total: 30
+                },
+            ]
         );
         assert_eq!(server.command(&["HGET", &key, "n"]), "100");
+        assert_eq!(server.command(&["HGET", &key, "~retired:n:i2"]), "30");
         // The first stops cleanly: its last round releases the lease.
         let release = Identity {
             release: true,
@@ -1154,7 +1174,8 @@ mod tests {
         };
         wire.sync_round(&mut conn, &release, &g).await.unwrap();
         assert_eq!(server.command(&["EXISTS", &g[0].lease]), "0");
-        // The second takes over: the first's total is kept beside its own, not max-merged.
+        // The second takes over: the first's total is kept beside its own, not max-merged,
+        // and its own apart total moves back into the field.
         let out = wire.sync_round(&mut conn, &two, &g2).await.unwrap();
         let mut c = out[0].as_ref().unwrap().keys[0]
             .as_ref()
@@ -1180,6 +1201,8 @@ mod tests {
         let ttl: i64 = server.command(&["PTTL", &g[0].lease]).parse().unwrap();
         assert!((50_000..=60_000).contains(&ttl), "{ttl}");
         assert_eq!(server.command(&["GET", &g[0].lease]), "i2");
+        assert_eq!(server.command(&["HEXISTS", &key, "~retired:n:i2"]), "0");
+        assert_eq!(server.command(&["HGET", &key, "n"]), "30");
         // The first comes back later with more spend and takes its field back: exact again.
         server.command(&["DEL", &g[0].lease]);
         let g3 = [group("n", vec![item(&key, 110)])];
