@@ -447,7 +447,7 @@ fn load<V: serde::de::DeserializeOwned>(
 }
 
 /// 128 random bits as hex, from the std hasher's random keys, the time and the process.
-fn random_id() -> String {
+pub(crate) fn random_id() -> String {
     use std::hash::{BuildHasher, Hasher};
     let part = |salt: u64| {
         let mut h = std::collections::hash_map::RandomState::new().build_hasher();

@@ -129,7 +129,13 @@ impl Replicator {
     /// Validates the URL, reads the data dir's instance id and starts the thread.
     pub fn start(parts: ReplicatorParts) -> Result<Replicator, Error> {
         check_url(&parts.redis.url)?;
-        let instance = parts.store.instance_id()?;
+        // A data dir that cannot store its instance id (a full disk at the first open of this
+        // version) runs under a fresh one: a restart then looks like another data dir, which
+        // waits for its own old lease to expire and keeps its old total beside the new one.
+        let instance = parts.store.instance_id().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot keep this data dir's instance id; using a temporary one");
+            crate::store::random_id()
+        });
         let thread_error = |source| Error::Thread {
             what: "replicator",
             source,
