@@ -611,3 +611,47 @@ fn a_round_where_no_key_syncs_is_a_failed_round() {
         .replication_problem
         .is_some_and(|p| p.contains("WRONGTYPE")));
 }
+
+/// Thousands of poisoned fields: the budget's problem says how many, the log stays short.
+#[test]
+fn thousands_of_poisoned_fields_are_summarized_not_logged_one_by_one() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let (url, now) = (server.url(), now());
+    let key = format!("many:{{openai:1d}}:{}", day_start(now));
+    let mut args: Vec<String> = vec!["HSET".into(), key.clone(), "good".into(), "5".into()];
+    for i in 0..2000 {
+        args.push(format!("bad-{i}"));
+        args.push(format!("-{i}"));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    assert_eq!(server.command(&args), "2001");
+    let yaml = "provider_budget_config:\n  openai: {budget_limit: 1000000, time_period: 1d}\nprovider_budgets:\n  redis: {url: \"redis://127.0.0.1:1/\", prefix: many}\n";
+    let cli = Cli::new(yaml);
+    let now_text = now.to_string();
+    let run = Run::of(
+        cli.cmd(&[
+            "--redis",
+            &url,
+            "--node-id",
+            "c",
+            "--now",
+            &now_text,
+            "status",
+            "--json",
+        ])
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap(),
+    );
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert!(run.stderr.lines().count() <= 8, "{}", run.stderr);
+    let doc: serde_json::Value = serde_json::from_str(run.stdout.trim()).unwrap();
+    let openai = budget(&doc, "openai");
+    assert_eq!(openai["spend_nanos"], 5, "{doc}");
+    let problem = openai["replication"]["problem"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(problem.contains("and 1997 more"), "{problem}");
+}

@@ -391,11 +391,23 @@ impl Worker {
         for (b, list) in problems.iter().enumerate() {
             let provider = &self.parts.keys[b].0;
             let period = &self.parts.keys[b].1;
+            let mut new = 0usize;
             for p in list {
                 current.insert(p.clone());
                 if !self.logged.contains(p) {
-                    tracing::warn!(budget = %format!("{provider}/{period}"), problem = %p, "replication problem in redis; other budgets are not affected");
+                    new += 1;
+                    if new <= MAX_PROBLEMS_SHOWN {
+                        tracing::warn!(budget = %format!("{provider}/{period}"), problem = %p, "replication problem in redis; other budgets are not affected");
+                    }
                 }
+            }
+            if new > MAX_PROBLEMS_SHOWN {
+                // Thousands of poisoned fields must not mean thousands of log lines.
+                tracing::warn!(
+                    budget = %format!("{provider}/{period}"),
+                    more = new - MAX_PROBLEMS_SHOWN,
+                    "more replication problems in redis of the same budget (see status)"
+                );
             }
             metrics::counter!("provider_budgets_sync_problems_total").increment(list.len() as u64);
             let summary = (!list.is_empty()).then(|| {

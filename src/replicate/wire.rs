@@ -1216,4 +1216,39 @@ mod tests {
         let sum: u64 = c.iter().map(|c| c.total).sum();
         assert_eq!(sum, 140, "{c:?}");
     }
+
+    #[tokio::test]
+    async fn a_broken_lease_key_writes_only_our_own_instance_field() {
+        let server = server_or_skip!();
+        let mut conn = connect(&server).await;
+        let wire = Wire::new();
+        let key = window_key("t", "openai", "1d", 0);
+        let g = [group("n", vec![item(&key, 9)])];
+        server.command(&["HSET", &g[0].lease, "x", "y"]);
+        let out = wire
+            .sync_round(&mut conn, &identity("n"), &g)
+            .await
+            .unwrap();
+        let reply = out[0].as_ref().unwrap();
+        assert!(
+            matches!(&reply.lease, Lease::Broken(e) if e.contains("WRONGTYPE")),
+            "{:?}",
+            reply.lease
+        );
+        assert_eq!(server.command(&["HEXISTS", &key, "n"]), "0");
+        assert_eq!(
+            server.command(&["HGET", &key, &format!("~retired:n:{INSTANCE}")]),
+            "9"
+        );
+        // Repaired: the field is taken and our apart total moves into it.
+        server.command(&["DEL", &g[0].lease]);
+        wire.sync_round(&mut conn, &identity("n"), &g)
+            .await
+            .unwrap();
+        assert_eq!(server.command(&["HGET", &key, "n"]), "9");
+        assert_eq!(
+            server.command(&["HEXISTS", &key, &format!("~retired:n:{INSTANCE}")]),
+            "0"
+        );
+    }
 }
