@@ -635,7 +635,7 @@ impl Worker {
                 }
                 Lease::Broken(e) => {
                     problems[b].push(format!(
-                        "lease key {}: {} (this node's spend of the budget is not shipped)",
+                        "lease key {}: {} (this data dir's spend is kept apart under its instance id)",
                         groups.wire[b].lease,
                         flat(&e)
                     ));
@@ -667,6 +667,10 @@ impl Worker {
                         persisted: 0,
                     });
                 for c in hash.contributions {
+                    if c.instance.is_some() && !entry.bare.is_empty() {
+                        // An owner recorded for the field supersedes its ownerless reading.
+                        entry.bare.remove(c.node.as_str());
+                    }
                     if c.node == node {
                         let mine = match &c.instance {
                             Some(i) => *i == self.instance,
@@ -681,13 +685,7 @@ impl Worker {
                         }
                     }
                     let known = match c.instance {
-                        Some(instance) => {
-                            // An owner recorded for the field supersedes its ownerless reading.
-                            if !entry.bare.is_empty() {
-                                entry.bare.remove(c.node.as_str());
-                            }
-                            entry.owned.entry((c.node, instance)).or_insert(0)
-                        }
+                        Some(instance) => entry.owned.entry((c.node, instance)).or_insert(0),
                         None => entry.bare.entry(c.node).or_insert(0),
                     };
                     *known = (*known).max(c.total);
