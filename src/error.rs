@@ -62,9 +62,71 @@ pub enum Error {
         source: std::io::Error,
     },
     /// Replication with Redis failed.
-    #[error("{0}")]
-    Replication(String),
+    #[error(transparent)]
+    Replication(#[from] ReplicationError),
     /// A reload was refused (`Limiter::reload`); the running configuration is unchanged.
     #[error("reload: {0}")]
     Reload(String),
+}
+
+/// Why a replication round (or replication as a whole) failed. Every variant renders as one
+/// line; a Redis URL in it is always redacted (`redis://:***@host:port/`).
+///
+/// A round that fails leaves nothing half-done that matters: only absolute totals travel, so
+/// the next successful round ships everything. Problems of single keys (a poisoned field, a
+/// key of the wrong type) are not errors of the round: they are reported per budget in
+/// [`BudgetStatus::replication_problem`](crate::BudgetStatus::replication_problem).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReplicationError {
+    /// No Redis is configured.
+    #[error("no Redis configured (pass --redis URL or set provider_budgets.redis.url)")]
+    NotConfigured,
+    /// Redis is configured but this build has no `redis` feature.
+    #[error("Redis is configured but this build has no `redis` feature")]
+    NotBuilt,
+    /// The Redis URL cannot be parsed.
+    #[error("invalid Redis URL {url}: {reason}")]
+    InvalidUrl {
+        /// The URL, redacted.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// No connection could be established (refused, DNS, authentication, ...).
+    #[error("redis: cannot connect to {url}: {reason}")]
+    Unreachable {
+        /// The URL, redacted.
+        url: String,
+        /// Why, as reported by the client library (redacted).
+        reason: String,
+    },
+    /// Redis did not answer within the configured timeout.
+    #[error("redis: no answer from {url} within {after}")]
+    Timeout {
+        /// The URL, redacted.
+        url: String,
+        /// The timeout, human readable.
+        after: String,
+    },
+    /// Another live instance (another data dir) holds this node id's lease in Redis: two
+    /// data dirs share one node id. The node id's field was not written; this data dir's
+    /// spend is kept apart in Redis under its own instance id, so the fleet total stays exact,
+    /// but the configuration is wrong and must be fixed.
+    #[error("duplicate node id {node_id:?}: another live data dir (instance {holder}) holds its lease in Redis; this one's spend is kept apart under its own instance id (nothing lost or doubled); give each data dir its own node_id")]
+    DuplicateNodeId {
+        /// The node id both use.
+        node_id: String,
+        /// The other instance's id (from its data dir).
+        holder: String,
+    },
+    /// Redis answered with an error or an unexpected reply for the whole round.
+    #[error("{message}")]
+    Protocol {
+        /// One line, redacted.
+        message: String,
+    },
+    /// The replicator thread is stopped (the limiter was shut down).
+    #[error("replication is stopped")]
+    Stopped,
 }

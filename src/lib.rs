@@ -39,8 +39,8 @@
 //!   batch and flushes once (group commit), then acknowledges [`Limiter::record_durable`]
 //!   callers and publishes the durable totals for replication.
 //! * The **store** (`store`) is the sled layout: tree `own` (this node's totals per
-//!   provider/period/window), tree `peers` (last known totals of the other nodes), tree
-//!   `meta` (node id). Values carry a version byte and decode with bounds.
+//!   provider/period/window), tree `peers` (the sum of the other nodes' last known totals),
+//!   tree `meta` (node id, instance id). Values carry a version byte and decode with bounds.
 //! * With Redis configured, the **replicator** (`replicate`) ships the durable own totals
 //!   each `sync_interval` in one round trip that merges them with `max` per node and returns
 //!   the others' totals, which raise the view and are kept in `peers`.
@@ -67,6 +67,7 @@ mod journal;
 mod limiter;
 mod money;
 mod provider;
+mod redact;
 mod reload;
 #[cfg(feature = "redis")]
 mod replicate;
@@ -83,7 +84,7 @@ pub use clock::{Clock, FakeClock, SystemClock};
 pub use config::{
     parse_duration, BudgetConfig, Config, ConfigError, RedisConfig, StorageConfig, UnknownProvider,
 };
-pub use error::{Error, RecordError};
+pub use error::{Error, RecordError, ReplicationError};
 pub use filter::{Exceeded, NoDeployments};
 pub use health::Health;
 pub use limiter::{Limiter, Prepared};

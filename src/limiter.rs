@@ -111,13 +111,16 @@ impl Limiter {
         config.validate()?;
         #[cfg(not(feature = "redis"))]
         if config.redis.is_some() {
-            return Err(Error::Replication(
-                "Redis is configured but this build has no `redis` feature".into(),
-            ));
+            return Err(crate::error::ReplicationError::NotBuilt.into());
         }
         let dir = config.storage.dir.clone().ok_or(ConfigError::NoDataDir)?;
         if config.redis.as_ref().is_some_and(|r| r.url.is_empty()) {
             return Err(ConfigError::NoRedisUrl.into());
+        }
+        // An unusable Redis URL fails here, naming it (redacted), not later in every round.
+        #[cfg(feature = "redis")]
+        if let Some(r) = &config.redis {
+            crate::replicate::check_url(&r.url)?;
         }
         let store = Arc::new(Store::open(&dir)?);
         let restored = restore(&store, &config, &generate_node_id(), verify)?;
@@ -159,10 +162,6 @@ impl Limiter {
                     durable: Arc::clone(&durable),
                     journal: journal.sender(),
                     peers,
-                })
-                .map_err(|source| Error::Thread {
-                    what: "replicator",
-                    source,
                 })?;
                 // First round before any record: own = max(disk, own field in Redis), so a node
                 // whose disk was wiped does not count its spend twice. Redis being down is not
@@ -253,7 +252,6 @@ impl Limiter {
             view: &self.inner.view,
             store: &self.inner.store,
             journal: &self.inner.journal,
-            node_id: &self.inner.node_id,
         }
     }
 
@@ -590,7 +588,7 @@ impl Limiter {
     /// as empty).
     pub fn status_at(&self, at: Timestamp) -> Vec<BudgetStatus> {
         let secs = floor_secs(at);
-        let replication = self.replication_status();
+        let (replication, problems) = self.replication_status();
         let storage_fault = self.health().storage_fault;
         let config = self.inner.config.load();
         let resolver = self.inner.resolver.load();
@@ -614,6 +612,7 @@ impl Limiter {
                     exhausted: spend >= b.limit,
                     replication: replication.clone(),
                     storage_fault: storage_fault.clone(),
+                    replication_problem: problems.get(i as usize).cloned().flatten(),
                 }
             })
             .collect()
@@ -640,7 +639,8 @@ impl Limiter {
         }
     }
 
-    fn replication_status(&self) -> ReplicationStatus {
+    /// The limiter's replication state and the problems per budget index.
+    fn replication_status(&self) -> (ReplicationStatus, Vec<Option<String>>) {
         #[cfg(feature = "redis")]
         let config = self.inner.config.load();
         #[cfg(feature = "redis")]
@@ -651,7 +651,7 @@ impl Limiter {
             let stale = h
                 .last_sync
                 .is_none_or(|t| self.now().duration_since(t).unsigned_abs() > limit);
-            return ReplicationStatus {
+            let status = ReplicationStatus {
                 enabled: true,
                 last_sync: h.last_sync,
                 stale,
@@ -659,8 +659,9 @@ impl Limiter {
                 rounds: h.rounds,
                 round_trips: h.round_trips,
             };
+            return (status, h.problems);
         }
-        ReplicationStatus::default()
+        (ReplicationStatus::default(), Vec::new())
     }
 
     /// One replication round now: ships this node's durable totals to Redis and reads the
@@ -675,11 +676,9 @@ impl Limiter {
         if let Some(r) = &self.inner.replicator {
             // Only durable totals are shipped: make everything recorded so far durable first.
             self.flush()?;
-            return r.sync().map_err(Error::Replication);
+            return Ok(r.sync()?);
         }
-        Err(Error::Replication(
-            "no Redis configured (pass --redis URL or set provider_budgets.redis.url)".into(),
-        ))
+        Err(crate::error::ReplicationError::NotConfigured.into())
     }
 
     /// Returns once everything recorded before is durable on disk.
@@ -720,7 +719,7 @@ impl Limiter {
                     _ => None,
                 }),
             journal_running: stopped.is_none(),
-            replication: self.replication_status(),
+            replication: self.replication_status().0,
         }
     }
 

@@ -41,7 +41,6 @@ pub(crate) struct Parts<'a> {
     pub view: &'a View,
     pub store: &'a Store,
     pub journal: &'a Journal,
-    pub node_id: &'a str,
 }
 
 /// What the store holds for a budget series that gets a new slot: (window, own, others).
@@ -67,12 +66,8 @@ impl Parts<'_> {
         }
         for (key, value) in self.store.load_peers()? {
             if let Some(i) = index(&key.provider, &key.period) {
-                let others = value
-                    .nodes
-                    .iter()
-                    .filter(|(n, _)| n != self.node_id)
-                    .fold(0u64, |s, (_, t)| s.saturating_add(*t));
-                out[i].push((window_of(&key, value.end), 0, others));
+                // The peers cache holds the others' total per window (this node excluded).
+                out[i].push((window_of(&key, value.end), 0, value.others));
             }
         }
         Ok(out)

@@ -116,12 +116,12 @@ pub(crate) fn restore(
     let mut others = Vec::new();
     for (key, value) in &peers {
         if let Some(b) = keys.budget_of(key) {
-            let total = value
-                .nodes
-                .iter()
-                .filter(|(n, _)| *n != node_id)
-                .fold(0u64, |s, (_, t)| s.saturating_add(*t));
-            others.push((b, window_of(key, value.end), Money::from_nanos(total)));
+            // The cache holds the others' sum (this node is never in it).
+            others.push((
+                b,
+                window_of(key, value.end),
+                Money::from_nanos(value.others),
+            ));
         }
     }
     view.raise_others_many(others);

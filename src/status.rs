@@ -33,6 +33,11 @@ pub struct BudgetStatus {
     /// The storage fault (a full disk, a dead journal) while spend is counted in memory but
     /// cannot be made durable; the same for every budget of a limiter. `None` when healthy.
     pub storage_fault: Option<String>,
+    /// A replication problem of this budget only, from the last round: a field in one of its
+    /// Redis hashes that is not a canonical u64 (skipped), a key of the wrong type (that
+    /// window is not synced), a broken lease key. The other budgets are not affected; the
+    /// problem clears once the bad data is gone. `None` when there is none.
+    pub replication_problem: Option<String>,
 }
 
 /// Replication state of a limiter.
@@ -99,6 +104,7 @@ fn status_json(s: &BudgetStatus) -> serde_json::Value {
             "last_sync": r.last_sync.map(|t| t.to_string()),
             "stale": r.stale,
             "last_error": r.last_error,
+            "problem": s.replication_problem,
         },
     })
 }

@@ -5,7 +5,7 @@
 //! | tree    | key                         | value (after a version byte)            | written by |
 //! |---------|-----------------------------|-----------------------------------------|------------|
 //! | `own`   | provider, period, window    | this node's absolute total, window end  | journal    |
-//! | `peers` | provider, period, window    | other nodes' last known totals, end     | replicator |
+//! | `peers` | provider, period, window    | sum of the others' last known totals, end (v2) | replicator |
 //! | `meta`  | `node_id`                   | the node id, UTF-8                      | open       |
 //!
 //! Keys are `provider 0x00 period 0x00 start`, the window start as a big-endian `i64` with its
@@ -140,11 +140,68 @@ pub(crate) struct OwnValue {
     pub total: u64,
 }
 
-/// The other nodes' last known absolute totals of one window.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// The other nodes' last known spend in one window: a cache of what the view needs, the sum of
+/// the others' totals, so its size does not grow with the fleet (format version 2).
+///
+/// Version 1 stored every other node's total (`Vec<(node, total)>`); a window hash with a few
+/// thousand node ids made that larger than the decoding bound and every open failed. A v1
+/// value still decodes (its nodes summed, under a larger bound); a damaged entry is skipped
+/// with a warning by [`Store::load_peers`]: the next sync round refreshes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct PeersValue {
+    /// Window end, Unix seconds.
     pub end: i64,
-    pub nodes: Vec<(String, u64)>,
+    /// Sum of the other nodes' totals, nano-dollars (saturating).
+    pub others: u64,
+}
+
+/// Format of `peers` values written by this version (their v2). Numbered apart from the
+/// `own` formats (1, 2, ...) so that a bump of one never makes the other's bytes decode.
+const PEERS_VERSION: u8 = 0x22;
+/// Bound for legacy v1 `peers` values (a list of every other node): large enough for any
+/// fleet that wrote one, small enough to bound memory.
+const MAX_LEGACY_PEERS_BYTES: usize = 8 * 1024 * 1024;
+
+impl PeersValue {
+    fn encode(&self) -> Vec<u8> {
+        let mut out = vec![PEERS_VERSION];
+        // Two integers into a Vec: cannot fail.
+        if let Ok(body) = bincode::serde::encode_to_vec(self, bincode::config::standard()) {
+            out.extend_from_slice(&body);
+        }
+        out
+    }
+
+    fn decode(raw: &[u8]) -> Result<PeersValue, String> {
+        #[derive(Deserialize)]
+        struct V1 {
+            end: i64,
+            nodes: Vec<(String, u64)>,
+        }
+        match raw.first() {
+            Some(&PEERS_VERSION) => {
+                let mut v = vec![VERSION];
+                v.extend_from_slice(&raw[1..]);
+                decode::<PeersValue>(&v)
+            }
+            Some(&1) => {
+                if raw.len() > MAX_LEGACY_PEERS_BYTES {
+                    return Err(format!("legacy value of {} bytes is too large", raw.len()));
+                }
+                let config = bincode::config::standard().with_limit::<MAX_LEGACY_PEERS_BYTES>();
+                let (v, used): (V1, usize) =
+                    bincode::serde::decode_from_slice(&raw[1..], config)
+                        .map_err(|e| format!("undecodable legacy value: {e}"))?;
+                if used != raw.len() - 1 {
+                    return Err(format!("{} trailing bytes", raw.len() - 1 - used));
+                }
+                let others = v.nodes.iter().fold(0u64, |s, (_, t)| s.saturating_add(*t));
+                Ok(PeersValue { end: v.end, others })
+            }
+            Some(v) => Err(format!("unknown format version {v}")),
+            None => Err("empty value".into()),
+        }
+    }
 }
 
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
@@ -177,7 +234,7 @@ fn decode<T: serde::de::DeserializeOwned>(raw: &[u8]) -> Result<T, String> {
 #[doc(hidden)]
 pub fn fuzz_decode_value(raw: &[u8]) -> bool {
     decode::<OwnValue>(raw).is_ok()
-        | decode::<PeersValue>(raw).is_ok()
+        | PeersValue::decode(raw).is_ok()
         | WindowKey::decode("own", raw).is_ok()
         | matches!(highwater::decode_file(raw), Found::Mark(_))
 }
@@ -293,6 +350,27 @@ impl Store {
         Ok(id)
     }
 
+    /// This data dir's instance id: random, generated at the first call and kept in `meta`.
+    /// Unlike the node id (configurable, so it can be copied by mistake), it tells two data
+    /// dirs apart: replication uses it to detect two live data dirs under one node id.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub fn instance_id(&self) -> Result<String, StoreError> {
+        if let Some(raw) = self.with(|h| h.meta.get(b"instance_id"))? {
+            return String::from_utf8(raw.to_vec())
+                .ok()
+                .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric()))
+                .ok_or_else(|| StoreError::Corrupt {
+                    tree: "meta",
+                    key: "instance_id".into(),
+                    reason: "not an alphanumeric id".into(),
+                });
+        }
+        let id = random_id();
+        self.with(|h| h.meta.insert(b"instance_id", id.as_bytes()))?;
+        self.flush()?;
+        Ok(id)
+    }
+
     /// Every own total stored.
     pub fn load_own(&self) -> Result<Vec<(WindowKey, OwnValue)>, StoreError> {
         let guard = self.handles.read().unwrap_or_else(|p| p.into_inner());
@@ -300,11 +378,46 @@ impl Store {
         load(&h.own, "own", |e| self.io(e))
     }
 
-    /// Every peers entry stored.
+    /// Every peers entry stored. The tree is a cache of what Redis holds: an entry that does
+    /// not decode is removed and skipped with one warning line (naming the first culprit and
+    /// the count) and counted in `provider_budgets_peers_cache_damaged_total`, never an error.
     pub fn load_peers(&self) -> Result<Vec<(WindowKey, PeersValue)>, StoreError> {
         let guard = self.handles.read().unwrap_or_else(|p| p.into_inner());
         let h = guard.as_ref().ok_or_else(|| self.closed())?;
-        load(&h.peers, "peers", |e| self.io(e))
+        let mut out = Vec::new();
+        let mut damaged = Vec::new();
+        for entry in h.peers.iter() {
+            let (k, v) = entry.map_err(|e| self.io(e))?;
+            let decoded = WindowKey::decode("peers", &k)
+                .map_err(|e| e.to_string())
+                .and_then(|key| {
+                    PeersValue::decode(&v)
+                        .map(|value| (key.clone(), value))
+                        .map_err(|reason| format!("corrupt peers entry {key}: {reason}"))
+                });
+            match decoded {
+                Ok(item) => out.push(item),
+                Err(reason) => damaged.push((k, reason)),
+            }
+        }
+        if let Some((_, first)) = damaged.first() {
+            tracing::warn!(
+                dir = %self.dir.display(),
+                count = damaged.len(),
+                first = %first,
+                "skipped damaged entries of the peers cache (the others' last known spend); \
+                 the next sync round refreshes them"
+            );
+            metrics::counter!("provider_budgets_peers_cache_damaged_total")
+                .increment(damaged.len() as u64);
+            let mut batch = sled::Batch::default();
+            for (k, _) in &damaged {
+                batch.remove(k.clone());
+            }
+            // Removal only spares the next open the same warning; failing it is harmless.
+            let _ = h.peers.apply_batch(batch);
+        }
+        Ok(out)
     }
 
     fn closed(&self) -> StoreError {
@@ -357,7 +470,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
         for (k, v) in items {
-            batch.insert(k.encode(), encode(v));
+            batch.insert(k.encode(), v.encode());
         }
         self.with(|h| h.peers.apply_batch(batch))
     }
@@ -370,7 +483,7 @@ impl Store {
             let mut removed = 0;
             for entry in h.peers.iter() {
                 let (k, v) = entry?;
-                if matches!(decode::<PeersValue>(&v), Ok(p) if p.end <= cutoff) {
+                if matches!(PeersValue::decode(&v), Ok(p) if p.end <= cutoff) {
                     batch.remove(k);
                     removed += 1;
                 }
@@ -405,6 +518,12 @@ impl Store {
     #[cfg(test)]
     pub fn put_raw_own(&self, key: &WindowKey, raw: &[u8]) {
         let _ = self.with(|h| h.own.insert(key.encode(), raw));
+    }
+
+    /// Overwrites a raw `peers` value; only for tests.
+    #[cfg(test)]
+    pub fn put_raw_peers(&self, key: &WindowKey, raw: &[u8]) {
+        let _ = self.with(|h| h.peers.insert(key.encode(), raw));
     }
 }
 
@@ -470,6 +589,23 @@ fn load<V: serde::de::DeserializeOwned>(
         out.push((key, value));
     }
     Ok(out)
+}
+
+/// 128 random bits as hex, from the std hasher's random keys, the time and the process.
+pub(crate) fn random_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let part = |salt: u64| {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(salt);
+        h.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos()),
+        );
+        h.write_u32(std::process::id());
+        h.finish()
+    };
+    format!("{:016x}{:016x}", part(1), part(2))
 }
 
 /// sled's errors as one readable line (its `Corruption` renders as Debug text with a
@@ -613,5 +749,88 @@ mod tests {
         let store = Store::open(other.path()).unwrap();
         assert_eq!(store.node_id(Some("edge"), "n-5").unwrap(), "edge");
         assert_eq!(store.node_id(None, "n-6").unwrap(), "edge");
+    }
+
+    #[test]
+    fn peers_cache_is_a_bounded_sum_and_damage_is_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        // A legacy v1 value with thousands of nodes (beyond the 64 KiB bound) still loads,
+        // summed.
+        let nodes: Vec<(String, u64)> = (0..5000).map(|i| (format!("pod-{i:040}"), 2)).collect();
+        #[derive(Serialize)]
+        struct V1<'a> {
+            end: i64,
+            nodes: &'a [(String, u64)],
+        }
+        let mut legacy = vec![1u8];
+        legacy.extend(
+            bincode::serde::encode_to_vec(
+                V1 {
+                    end: 86_400,
+                    nodes: &nodes,
+                },
+                bincode::config::standard(),
+            )
+            .unwrap(),
+        );
+        assert!(legacy.len() > MAX_VALUE_BYTES);
+        store.put_raw_peers(&key(0), &legacy);
+        // A damaged entry is skipped (and removed), not fatal.
+        store.put_raw_peers(&key(86_400), &[PEERS_VERSION, 0xff, 0xff]);
+        store
+            .write_peers([(
+                &key(172_800),
+                &PeersValue {
+                    end: 259_200,
+                    others: u64::MAX,
+                },
+            )])
+            .unwrap();
+        let loaded = store.load_peers().unwrap();
+        assert_eq!(
+            loaded,
+            [
+                (
+                    key(0),
+                    PeersValue {
+                        end: 86_400,
+                        others: 10_000
+                    }
+                ),
+                (
+                    key(172_800),
+                    PeersValue {
+                        end: 259_200,
+                        others: u64::MAX
+                    }
+                ),
+            ]
+        );
+        assert_eq!(store.load_peers().unwrap().len(), 2);
+        assert!(store
+            .with(|h| h.peers.get(key(86_400).encode()))
+            .unwrap()
+            .is_none());
+        // A v2 value stays small whatever the fleet size.
+        assert!(
+            PeersValue {
+                end: 0,
+                others: u64::MAX
+            }
+            .encode()
+            .len()
+                < 16
+        );
+    }
+
+    #[test]
+    fn instance_id_is_random_and_kept() {
+        let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let a = Store::open(d1.path()).unwrap().instance_id().unwrap();
+        let b = Store::open(d2.path()).unwrap().instance_id().unwrap();
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 32);
+        assert_eq!(Store::open(d1.path()).unwrap().instance_id().unwrap(), a);
     }
 }

@@ -107,6 +107,8 @@ fn a_killed_node_neither_loses_nor_recounts_its_spend() {
         b.record("openai", Money::from_nanos(3 + trial)).unwrap();
         b_total += 3 + trial;
 
+        // The killed process's lease on node id "a" is still live (it expires ~1 s after
+        // its last renewal), but this is the same data dir (same instance id): not refused.
         let restarted = library_node(&a.data, &url, "a", now);
         for _ in 0..2 {
             restarted.sync().unwrap();

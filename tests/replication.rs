@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use jiff::{SignedDuration, Timestamp};
-use provider_budgets::{Clock, Config, FakeClock, Limiter, Money, RedisConfig};
+use provider_budgets::{Clock, Config, FakeClock, Limiter, Money, RedisConfig, ReplicationError};
 use redis_server::RedisServer;
 
 /// The tests' start time: 30 s into the current minute of the real clock. Fake, so that
@@ -325,8 +325,11 @@ fn two_nodes_crossing_a_window_boundary_at_once_lose_nothing() {
     }
 }
 
+/// A wiped data dir is a new instance (a new instance id) under the same node id: its old
+/// total in Redis is kept as a retired contribution beside the new one, so the fleet total
+/// stays exact (neither re-counted nor lost), also after a restart without Redis.
 #[test]
-fn a_node_whose_disk_was_wiped_takes_back_its_own_spend_from_redis() {
+fn a_node_whose_disk_was_wiped_neither_recounts_nor_loses_its_old_spend() {
     let Some(server) = RedisServer::start() else {
         return;
     };
@@ -340,12 +343,15 @@ fn a_node_whose_disk_was_wiped_takes_back_its_own_spend_from_redis() {
     drop(a);
     std::fs::remove_dir_all(da.path()).unwrap();
     let a = open(da.path(), &server.url(), "a", "adopt", &clock);
-    assert_eq!(a.budget_status("openai").unwrap().own_spend, nanos(300));
+    assert_eq!(spend(&a, "openai"), nanos(340));
+    assert_eq!(a.budget_status("openai").unwrap().own_spend, Money::ZERO);
     a.record("openai", nanos(5)).unwrap();
     converge(&[&a, &b]);
     assert_eq!(spend(&a, "openai"), nanos(345));
     assert_eq!(spend(&b, "openai"), nanos(345));
-    // The adopted total is durable again: it survives a restart without Redis.
+    converge(&[&a, &b]);
+    assert_eq!(spend(&b, "openai"), nanos(345), "stable");
+    // Both contributions survive a restart without Redis (own on disk, the rest in peers).
     drop(a);
     let a = Limiter::open_with_clock(
         {
@@ -356,7 +362,29 @@ fn a_node_whose_disk_was_wiped_takes_back_its_own_spend_from_redis() {
         clock.clone(),
     )
     .unwrap();
-    assert_eq!(a.budget_status("openai").unwrap().own_spend, nanos(305));
+    assert_eq!(a.budget_status("openai").unwrap().own_spend, nanos(5));
+    assert_eq!(spend(&a, "openai"), nanos(345));
+}
+
+/// Same data dir (same instance), but Redis holds more of its own spend than the disk (the
+/// disk lost acknowledged spend): `own = max(disk, own field)` at open.
+#[test]
+fn a_node_whose_totals_were_lost_takes_back_its_own_spend_from_redis() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let clock = clock();
+    let da = tempfile::tempdir().unwrap();
+    let a = open(da.path(), &server.url(), "a", "adopt2", &clock);
+    a.record("openai", nanos(300)).unwrap();
+    a.sync().unwrap();
+    drop(a);
+    let now = clock.now().as_second();
+    let key = format!("adopt2:{{openai:1h}}:{}", now - now.rem_euclid(3600));
+    assert_eq!(server.command(&["HGET", &key, "a"]), "300");
+    server.command(&["HSET", &key, "a", "500"]);
+    let a = open(da.path(), &server.url(), "a", "adopt2", &clock);
+    assert_eq!(a.budget_status("openai").unwrap().own_spend, nanos(500));
 }
 
 #[test]
@@ -371,24 +399,47 @@ fn an_unreachable_redis_is_a_bounded_one_line_error() {
     assert!(started.elapsed() < Duration::from_secs(5));
     assert!(err.contains("127.0.0.1:1") && !err.contains('\n'), "{err}");
     assert_eq!(spend(&node, "openai"), nanos(1));
+    // An unparsable URL fails at open, naming it; nothing runs single-node silently.
     let err = Limiter::open(config(
         tempfile::tempdir().unwrap().path(),
         "not a url",
         "y",
         "none",
     ))
-    .map(|l| l.sync().unwrap_err().to_string())
-    .unwrap();
-    assert!(err.contains("not a url"), "{err}");
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            provider_budgets::Error::Replication(ReplicationError::InvalidUrl { .. })
+        ),
+        "{err:?}"
+    );
+    let err = err.to_string();
+    assert!(err.contains("not a url") && !err.contains('\n'), "{err}");
+    let err = Limiter::open(config(
+        tempfile::tempdir().unwrap().path(),
+        "http://:s3cret@127.0.0.1:1/",
+        "y",
+        "none",
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("http://:***@127.0.0.1:1/") && !err.contains("s3cret"),
+        "{err}"
+    );
 }
 
 mod fleet_model {
     //! proptest: random records, syncs, partitions (a node cut off from Redis by a real TCP
     //! proxy), Redis wipes and node restarts over three nodes. After healing and a final
-    //! sync, every node sees exactly the model's totals.
+    //! sync, every node sees exactly the model's totals. A second property adds a fourth data
+    //! dir that shares node 0's id (a copied config): whichever of the two is refused, the
+    //! totals are exact all the same.
 
     use super::*;
     use proptest::prelude::*;
+    use proptest::test_runner::TestCaseError;
     use std::collections::HashMap;
 
     #[derive(Debug, Clone)]
@@ -406,78 +457,125 @@ mod fleet_model {
         Advance(i64),
     }
 
-    fn op() -> impl Strategy<Value = Op> {
+    fn op(nodes: usize) -> impl Strategy<Value = Op> {
         prop_oneof![
-            6 => (0..3usize, 0..2usize, 0..5_000_000_000u64)
+            6 => (0..nodes, 0..2usize, 0..5_000_000_000u64)
                 .prop_map(|(node, provider, cost)| Op::Record { node, provider, cost }),
-            3 => (0..3usize).prop_map(Op::Sync),
-            1 => (0..3usize).prop_map(Op::Cut),
-            1 => (0..3usize).prop_map(Op::Heal),
+            3 => (0..nodes).prop_map(Op::Sync),
+            1 => (0..nodes).prop_map(Op::Cut),
+            1 => (0..nodes).prop_map(Op::Heal),
             1 => Just(Op::Wipe),
-            1 => (0..3usize).prop_map(Op::Restart),
+            1 => (0..nodes).prop_map(Op::Restart),
             1 => (1..40i64).prop_map(Op::Advance),
         ]
     }
 
     const PROVIDERS: [(&str, i64); 2] = [("openai", 3600), ("anthropic", 60)];
 
+    /// Whether a sync result is what the node's situation allows: through a cut proxy it
+    /// fails; otherwise it succeeds, or (a node id shared by two data dirs) is refused.
+    fn expected(r: &Result<(), provider_budgets::Error>, cut: bool, shared_id: bool) -> bool {
+        match r {
+            Ok(()) => !cut,
+            Err(provider_budgets::Error::Replication(ReplicationError::DuplicateNodeId {
+                ..
+            })) => shared_id && !cut,
+            Err(_) => cut,
+        }
+    }
+
+    fn run(ops: Vec<Op>, ids: &[&str], prefix: &str) -> Result<(), TestCaseError> {
+        let Some(server) = RedisServer::start() else {
+            return Ok(());
+        };
+        let n = ids.len();
+        let shared = |i: usize| ids.iter().filter(|id| **id == ids[i]).count() > 1;
+        let clock = clock();
+        let proxies: Vec<proxy::Proxy> = (0..n)
+            .map(|_| proxy::Proxy::start(server.port()).unwrap())
+            .collect();
+        let dirs: Vec<_> = (0..n).map(|_| tempfile::tempdir().unwrap()).collect();
+        let mk = |i: usize| open(dirs[i].path(), &proxies[i].url(), ids[i], prefix, &clock);
+        let mut nodes: Vec<Option<Limiter>> = (0..n).map(|i| Some(mk(i))).collect();
+        // The model: total per (provider, window start).
+        let mut model: HashMap<(usize, i64), u64> = HashMap::new();
+        for op in ops {
+            match op {
+                Op::Record {
+                    node,
+                    provider,
+                    cost,
+                } => {
+                    let now = clock.now().as_second();
+                    let p = PROVIDERS[provider].1;
+                    let start = now.div_euclid(p) * p;
+                    nodes[node]
+                        .as_ref()
+                        .unwrap()
+                        .record(PROVIDERS[provider].0, nanos(cost))
+                        .unwrap();
+                    *model.entry((provider, start)).or_default() += cost;
+                }
+                Op::Sync(i) => {
+                    let r = nodes[i].as_ref().unwrap().sync();
+                    prop_assert!(expected(&r, proxies[i].is_cut(), shared(i)), "{:?}", r);
+                }
+                Op::Cut(i) => proxies[i].cut(),
+                Op::Heal(i) => proxies[i].heal(),
+                Op::Wipe => server.flushall(),
+                Op::Restart(i) => {
+                    nodes[i] = None;
+                    nodes[i] = Some(mk(i));
+                }
+                Op::Advance(s) => clock.advance(SignedDuration::from_secs(s)),
+            }
+        }
+        for p in &proxies {
+            p.heal();
+        }
+        let live: Vec<&Limiter> = nodes.iter().map(|n| n.as_ref().unwrap()).collect();
+        for _ in 0..2 {
+            for (i, node) in live.iter().enumerate() {
+                let r = node.sync();
+                prop_assert!(expected(&r, false, shared(i)), "{:?}", r);
+            }
+        }
+        let now = clock.now().as_second();
+        for (pi, (name, len)) in PROVIDERS.iter().enumerate() {
+            let current = now.div_euclid(*len) * len;
+            for start in [current, current - len] {
+                let expected = model.get(&(pi, start)).copied().unwrap_or(0);
+                let at = Timestamp::from_second(start).unwrap();
+                for (i, node) in live.iter().enumerate() {
+                    prop_assert_eq!(
+                        spend_at(node, name, at),
+                        nanos(expected),
+                        "node {} provider {} window {}",
+                        i,
+                        name,
+                        start
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig { cases: 16, ..ProptestConfig::default() })]
         #[test]
-        fn fleet_matches_the_model(ops in proptest::collection::vec(op(), 1..30)) {
-            let Some(server) = RedisServer::start() else { return Ok(()) };
-            let clock = clock();
-            let proxies: Vec<proxy::Proxy> =
-                (0..3).map(|_| proxy::Proxy::start(server.port()).unwrap()).collect();
-            let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-            let mk = |i: usize| open(dirs[i].path(), &proxies[i].url(), &format!("n{i}"), "model", &clock);
-            let mut nodes: Vec<Option<Limiter>> = (0..3).map(|i| Some(mk(i))).collect();
-            // The model: total per (provider, window start).
-            let mut model: HashMap<(usize, i64), u64> = HashMap::new();
-            for op in ops {
-                match op {
-                    Op::Record { node, provider, cost } => {
-                        let now = clock.now().as_second();
-                        let p = PROVIDERS[provider].1;
-                        let start = now.div_euclid(p) * p;
-                        nodes[node].as_ref().unwrap()
-                            .record(PROVIDERS[provider].0, nanos(cost)).unwrap();
-                        *model.entry((provider, start)).or_default() += cost;
-                    }
-                    Op::Sync(i) => {
-                        let r = nodes[i].as_ref().unwrap().sync();
-                        // Through a cut proxy the round fails; otherwise it must succeed.
-                        prop_assert_eq!(r.is_ok(), !proxies[i].is_cut(), "{:?}", r);
-                    }
-                    Op::Cut(i) => proxies[i].cut(),
-                    Op::Heal(i) => proxies[i].heal(),
-                    Op::Wipe => server.flushall(),
-                    Op::Restart(i) => {
-                        nodes[i] = None;
-                        nodes[i] = Some(mk(i));
-                    }
-                    Op::Advance(s) => clock.advance(SignedDuration::from_secs(s)),
-                }
-            }
-            for p in &proxies {
-                p.heal();
-            }
-            let live: Vec<&Limiter> = nodes.iter().map(|n| n.as_ref().unwrap()).collect();
-            converge(&live);
-            let now = clock.now().as_second();
-            for (pi, (name, len)) in PROVIDERS.iter().enumerate() {
-                let current = now.div_euclid(*len) * len;
-                for start in [current, current - len] {
-                    let expected = model.get(&(pi, start)).copied().unwrap_or(0);
-                    let at = Timestamp::from_second(start).unwrap();
-                    for (i, node) in live.iter().enumerate() {
-                        prop_assert_eq!(
-                            spend_at(node, name, at), nanos(expected),
-                            "node {} provider {} window {}", i, name, start
-                        );
-                    }
-                }
-            }
+        fn fleet_matches_the_model(ops in proptest::collection::vec(op(3), 1..30)) {
+            run(ops, &["n0", "n1", "n2"], "model")?;
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
+        #[test]
+        fn a_fleet_with_a_copied_node_id_matches_the_model(
+            ops in proptest::collection::vec(op(4), 1..30)
+        ) {
+            run(ops, &["n0", "n1", "n2", "n0"], "dupmodel")?;
         }
     }
 }

@@ -7,13 +7,38 @@
 //! twice, late, or again after Redis lost its data is harmless; the fleet total is the sum of
 //! the fields.
 //!
+//! Reserved fields start with `~`, which no node id can (node ids are `[A-Za-z0-9._-]`):
+//!
+//! * `~owner:{node}`: the instance (data dir, see `Store::instance_id`) that last wrote the
+//!   field `{node}`;
+//! * `~retired:{node}:{instance}`: the total that another instance wrote under `{node}` before
+//!   the current owner took the field over. When a data dir takes over a node id that another
+//!   data dir used (a wiped disk, a copied config once the duplicate stopped), the old total
+//!   is not merged by `max` into the new one (that would lose the smaller one) but kept beside
+//!   it: every contribution is one `(node, instance)` counter that only grows, so readers sum
+//!   them and max-merge per `(node, instance)`. An instance that takes its field back removes
+//!   its own retired field (its total includes it).
+//!
+//! **Lease**: per budget, key `{prefix}:{{provider:period}}:lease:{node}` holds the instance id
+//! of the data dir that uses the node id, for a few sync intervals (`lease_ms`), renewed by
+//! every round. When another instance holds it, the script leaves the node's field alone,
+//! keeps our total apart under `~retired:{node}:{our instance}` (a contribution only we
+//! write, so nothing is undercounted) and reports `refused`: two live data dirs share the
+//! node id. The lease shares the budget's hash tag, so a script call still touches one
+//! Cluster slot. A clean stop releases it.
+//!
 //! A sync round is **one network round trip**: one pipeline carrying one `EVALSHA` of
 //! [`SCRIPT`] per budget (every window key of a budget shares the budget's Redis Cluster hash
 //! tag, so one script call never spans slots). The script merges our totals and returns every
-//! node's totals for each key. When Redis answers `NOSCRIPT` (its script cache was flushed or it
+//! field for each key. When Redis answers `NOSCRIPT` (its script cache was flushed or it
 //! restarted), the failed calls are sent again behind a `SCRIPT LOAD` in a second pipeline, so
 //! that rare round costs two round trips. `SCRIPT LOAD` rather than `EVAL`: since Redis 7.4,
 //! scripts that only arrived through `EVAL` may be evicted from the cache, loaded ones are not.
+//!
+//! **Failures are isolated per key**: the script runs each window key under `pcall`, so a key
+//! of the wrong type fails only that window; a field that is not a canonical u64 is skipped
+//! and reported; a budget whose script call fails does not hide the other budgets' replies.
+//! Only a failure of the whole exchange (connection, timeout) fails the round.
 //!
 //! Totals may exceed 2^53 while Lua numbers are doubles, so the script never converts them to
 //! numbers: it compares canonical decimal strings (longer is bigger; same length, byte by
@@ -23,18 +48,25 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use redis::{ErrorKind, RedisError, ServerErrorKind, Value};
 
-/// The merge script. `KEYS` are the window keys of one budget. `ARGV[1]` is the node id, then
-/// for key `i`, `ARGV[2i]` is the node's own total (canonical decimal u64) and `ARGV[2i+1]` the
-/// unix second at which the key expires. Per key:
+/// The merge script. `KEYS[1]` is the budget's lease key, `KEYS[2..]` its window keys.
+/// `ARGV[1]` is the node id, `ARGV[2]` the instance id, `ARGV[3]` the lease time in ms,
+/// `ARGV[4]` `1` to release the lease (last round) or `0`; then for window key `KEYS[i]`,
+/// `ARGV[2i+1]` is the node's own total (canonical decimal u64) and `ARGV[2i+2]` the unix
+/// second at which the key expires.
 ///
-/// 1. if the own total is not `0` and the node's field is absent, smaller, or not a canonical
-///    u64 (only this node writes its field, so its own total is the best repair), `HSET` it;
-/// 2. `EXPIREAT key expire_at` (a no-op when the key does not exist, so an idle budget leaves
-///    nothing behind; a time in the past deletes the key, so callers pass window end + grace);
-/// 3. append `HGETALL key` to the reply.
+/// 1. Lease: held by another instance -> `refused`; unreadable -> `broken`; else ours,
+///    renewed (or released) at the end.
+/// 2. Per window key, under `pcall`, when the own total is not `0`: with the lease, retire
+///    another instance's total (see the module doc), take back our own retired total, raise
+///    our field to the max of what we know (a non-canonical value in our field is replaced:
+///    we are its only writer) and mark us its owner; without it, leave the node's field
+///    alone and raise our own instance's field `~retired:{node}:{instance}` instead (only we
+///    write it, so the fleet never undercounts, even while two data dirs share the node id).
+///    Then `EXPIREAT key expire_at` (a no-op when the key does not exist; callers pass window
+///    end + grace) and `HGETALL`.
 ///
-/// Returns one flat `[field, value, ...]` array per key, in `KEYS` order. Fields of other
-/// nodes are returned untouched, valid or not: the client reports bad ones.
+/// Returns `{lease, per_key}`: `lease` is `{'held'}`, `{'refused', holder}` or
+/// `{'broken', error}`; `per_key[i]` is `{'ok', hgetall}` or `{'err', error}`.
 pub(crate) const SCRIPT: &str = r#"
 local U64_MAX = '18446744073709551615'
 
@@ -55,21 +87,72 @@ local function canonical(s)
   return not greater(s, U64_MAX)
 end
 
-local node = ARGV[1]
-local out = {}
-for i, key in ipairs(KEYS) do
-  local own = ARGV[2 * i]
-  local expire_at = ARGV[2 * i + 1]
-  if own ~= '0' then
-    local cur = redis.call('HGET', key, node)
-    if (not cur) or (not canonical(cur)) or greater(own, cur) then
-      redis.call('HSET', key, node, own)
+local function message(e)
+  if type(e) == 'table' and e.err then return e.err end
+  return tostring(e)
+end
+
+local node, inst, lease_ms, release = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local owner_field = '~owner:' .. node
+local retired_mine = '~retired:' .. node .. ':' .. inst
+
+local lease
+local read, holder = pcall(redis.call, 'GET', KEYS[1])
+if not read then
+  lease = {'broken', message(holder)}
+elseif holder and holder ~= inst then
+  lease = {'refused', holder}
+else
+  lease = {'held'}
+end
+local writable = lease[1] == 'held'
+
+local function merge(key, own, expire_at)
+  if writable and own ~= '0' then
+    local got = redis.call('HMGET', key, node, owner_field, retired_mine)
+    local cur, owner, mine = got[1], got[2], got[3]
+    if cur and owner and owner ~= inst then
+      if canonical(cur) then
+        local rf = '~retired:' .. node .. ':' .. owner
+        local prev = redis.call('HGET', key, rf)
+        if (not prev) or (not canonical(prev)) or greater(cur, prev) then
+          redis.call('HSET', key, rf, cur)
+        end
+      end
+      cur = false
+    end
+    local best = own
+    if cur and canonical(cur) and greater(cur, best) then best = cur end
+    if mine then
+      if canonical(mine) and greater(mine, best) then best = mine end
+      redis.call('HDEL', key, retired_mine)
+    end
+    if best ~= cur then redis.call('HSET', key, node, best) end
+    if owner ~= inst then redis.call('HSET', key, owner_field, inst) end
+  elseif own ~= '0' then
+    -- Not ours to write: keep our total apart, under our instance (nobody else writes it).
+    local prev = redis.call('HGET', key, retired_mine)
+    if (not prev) or (not canonical(prev)) or greater(own, prev) then
+      redis.call('HSET', key, retired_mine, own)
     end
   end
   redis.call('EXPIREAT', key, expire_at)
-  out[i] = redis.call('HGETALL', key)
+  return redis.call('HGETALL', key)
 end
-return out
+
+local out = {}
+for i = 2, #KEYS do
+  local ok, r = pcall(merge, KEYS[i], ARGV[2 * i + 1], ARGV[2 * i + 2])
+  if ok then out[i - 1] = {'ok', r} else out[i - 1] = {'err', message(r)} end
+end
+if writable then
+  if release == '1' then
+    redis.call('DEL', KEYS[1])
+  else
+    redis.call('SET', KEYS[1], inst, 'PX', lease_ms)
+  end
+end
+return {lease, out}
 "#;
 
 /// Redis key of one budget window: `{prefix}:{{provider:period}}:{window_start_unix_secs}`.
@@ -78,6 +161,12 @@ return out
 /// slot, so the script that merges them in one call is valid on a cluster too.
 pub(crate) fn window_key(prefix: &str, provider: &str, period: &str, window_start: i64) -> String {
     format!("{prefix}:{{{provider}:{period}}}:{window_start}")
+}
+
+/// Redis key of a node id's lease for one budget: `{prefix}:{{provider:period}}:lease:{node}`
+/// (same hash tag as the budget's windows).
+pub(crate) fn lease_key(prefix: &str, provider: &str, period: &str, node: &str) -> String {
+    format!("{prefix}:{{{provider}:{period}}}:lease:{node}")
 }
 
 /// One window of one budget to merge: our absolute own total and when the key may expire.
@@ -91,29 +180,74 @@ pub(crate) struct SyncItem {
     pub expire_at: i64,
 }
 
-/// Totals of every node for one window key, as stored in Redis (node id -> nano-dollars).
-pub(crate) type NodeTotals = Vec<(String, u64)>;
+/// One budget's part of a round: its lease key and its windows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Group {
+    /// See [`lease_key`].
+    pub lease: String,
+    pub items: Vec<SyncItem>,
+}
 
-/// Why a sync round failed.
+/// Who is syncing.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Identity<'a> {
+    pub node: &'a str,
+    /// This data dir's instance id.
+    pub instance: &'a str,
+    /// How long the lease lives without renewal.
+    pub lease_ms: u64,
+    /// Release the lease in this round (the last one).
+    pub release: bool,
+}
+
+/// One `(node, instance)` contribution to a window: a counter that only grows.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct Contribution {
+    pub node: String,
+    /// The instance that wrote it; `None` for a field written before owners were recorded.
+    pub instance: Option<String>,
+    pub total: u64,
+}
+
+/// One window key's reply: its contributions, and the fields that were skipped.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Hash {
+    pub contributions: Vec<Contribution>,
+    /// One line per skipped field, naming the key and the field.
+    pub problems: Vec<String>,
+}
+
+/// The state of a budget's lease after the script ran.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Lease {
+    /// Ours (taken, renewed or released).
+    Held,
+    /// Another live instance holds it: nothing was written.
+    Refused { holder: String },
+    /// The lease key is unusable (e.g. of the wrong type): nothing was written.
+    Broken(String),
+}
+
+/// One budget's reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct GroupReply {
+    pub lease: Lease,
+    /// Per item: its hash, or why that key failed (one line naming the key).
+    pub keys: Vec<Result<Hash, String>>,
+}
+
+/// Why a sync round, or one budget's part of it, failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub(crate) enum WireError {
     /// Redis could not be reached or refused the whole exchange.
     #[error("redis: {}", one_line(.0))]
     Redis(RedisError),
-    /// Redis ran the exchange but the script call for one budget failed (for example
-    /// `WRONGTYPE`: something else wrote a non-hash under our key).
+    /// Redis ran the exchange but the script call for one budget failed.
     #[error("redis rejected the sync of {key}: {}", one_line(.error))]
     Rejected { key: String, error: RedisError },
-    /// A stored total is not a canonical u64: someone else wrote into our hash.
-    #[error("corrupt spend total in redis hash {key}, field {field:?}: {value:?} is not a u64")]
-    Corrupt {
-        key: String,
-        field: String,
-        value: String,
-    },
     /// The reply does not have the shape the script returns (a different script under our
-    /// SHA, a proxy in the way, a non-UTF-8 node id, ...).
+    /// SHA, a proxy in the way, ...).
     #[error("unexpected redis reply for {key}: {detail}")]
     Reply { key: String, detail: String },
 }
@@ -131,7 +265,7 @@ impl WireError {
     pub(crate) fn is_connection_error(&self) -> bool {
         let error = match self {
             WireError::Redis(error) | WireError::Rejected { error, .. } => error,
-            WireError::Corrupt { .. } | WireError::Reply { .. } => return false,
+            WireError::Reply { .. } => return false,
         };
         error.is_io_error()
             || error.is_connection_dropped()
@@ -152,12 +286,15 @@ impl WireError {
 
 /// Renders an error on one line: server details (Lua tracebacks) may contain line breaks.
 fn one_line(error: &RedisError) -> String {
-    error
-        .to_string()
-        .split_whitespace()
-        .collect::<Vec<_>>()
-        .join(" ")
+    flat(&error.to_string())
 }
+
+fn flat(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Per budget: its reply, or why its script call failed.
+pub(crate) type GroupOutcome = Result<GroupReply, WireError>;
 
 /// The sync protocol: the merge script's SHA and a round-trip counter.
 #[derive(Debug)]
@@ -192,31 +329,39 @@ impl Wire {
         self.script.get_hash()
     }
 
-    /// Merges `node`'s totals and reads every node's totals back, in one round trip.
+    /// Merges our totals and reads every contribution back, in one round trip.
     ///
-    /// `groups` holds the items of one budget each (all keys of a group must share a hash tag).
-    /// The result mirrors `groups`: one [`NodeTotals`] per item. Empty groups cost nothing; when
-    /// every group is empty nothing is sent. On `NOSCRIPT` the failed groups are retried once
-    /// behind a `SCRIPT LOAD` (two round trips). Re-sending is always safe: the merge is a max.
+    /// `groups` holds one budget each (all keys of a group share a hash tag). The result
+    /// mirrors `groups`. Empty groups cost nothing; when every group is empty nothing is sent.
+    /// On `NOSCRIPT` the failed groups are retried once behind a `SCRIPT LOAD` (two round
+    /// trips). Re-sending is always safe: the merge is a max. `Err` only when the exchange as
+    /// a whole failed; a budget whose call failed gets its own `Err` in the result.
     pub(crate) async fn sync_round<C: redis::aio::ConnectionLike + Send>(
         &self,
         conn: &mut C,
-        node: &str,
-        groups: &[Vec<SyncItem>],
-    ) -> Result<Vec<Vec<NodeTotals>>, WireError> {
-        let mut results: Vec<Option<Vec<NodeTotals>>> = groups
+        id: &Identity<'_>,
+        groups: &[Group],
+    ) -> Result<Vec<GroupOutcome>, WireError> {
+        let mut results: Vec<Option<GroupOutcome>> = groups
             .iter()
-            .map(|g| if g.is_empty() { Some(Vec::new()) } else { None })
+            .map(|g| {
+                g.items.is_empty().then(|| {
+                    Ok(GroupReply {
+                        lease: Lease::Held,
+                        keys: Vec::new(),
+                    })
+                })
+            })
             .collect();
         let pending: Vec<usize> = (0..groups.len())
-            .filter(|&i| !groups[i].is_empty())
+            .filter(|&i| !groups[i].items.is_empty())
             .collect();
         if pending.is_empty() {
             return Ok(filled(results));
         }
 
         let no_script = self
-            .send(conn, node, groups, &pending, false, &mut results)
+            .send(conn, id, groups, &pending, false, &mut results)
             .await?;
         if !no_script.is_empty() {
             tracing::debug!(
@@ -224,29 +369,29 @@ impl Wire {
                 "redis lost the sync script (NOSCRIPT); loading it and retrying once"
             );
             let still_missing = self
-                .send(conn, node, groups, &no_script, true, &mut results)
+                .send(conn, id, groups, &no_script, true, &mut results)
                 .await?;
-            if let Some(&i) = still_missing.first() {
-                return Err(WireError::Reply {
+            for i in still_missing {
+                results[i] = Some(Err(WireError::Reply {
                     key: first_key(&groups[i]),
                     detail: "NOSCRIPT right after SCRIPT LOAD".into(),
-                });
+                }));
             }
         }
         Ok(filled(results))
     }
 
     /// Sends one pipeline with one `EVALSHA` per group in `which` (preceded by `SCRIPT LOAD`
-    /// when `load`), stores the parsed replies in `results` and returns the groups that failed
+    /// when `load`), stores the outcomes in `results` and returns the groups that failed
     /// with `NOSCRIPT`.
     async fn send<C: redis::aio::ConnectionLike + Send>(
         &self,
         conn: &mut C,
-        node: &str,
-        groups: &[Vec<SyncItem>],
+        id: &Identity<'_>,
+        groups: &[Group],
         which: &[usize],
         load: bool,
-        results: &mut [Option<Vec<NodeTotals>>],
+        results: &mut [Option<GroupOutcome>],
     ) -> Result<Vec<usize>, WireError> {
         let mut pipe = redis::pipe();
         // Per-command results: one budget's failure must not hide the others' replies, and
@@ -256,16 +401,20 @@ impl Wire {
             pipe.cmd("SCRIPT").arg("LOAD").arg(SCRIPT);
         }
         for &i in which {
-            let items = &groups[i];
+            let group = &groups[i];
             let cmd = pipe
                 .cmd("EVALSHA")
                 .arg(self.script.get_hash())
-                .arg(items.len());
-            for item in items {
+                .arg(group.items.len() + 1)
+                .arg(&group.lease);
+            for item in &group.items {
                 cmd.arg(&item.key);
             }
-            cmd.arg(node);
-            for item in items {
+            cmd.arg(id.node)
+                .arg(id.instance)
+                .arg(id.lease_ms.max(1).to_string())
+                .arg(if id.release { "1" } else { "0" });
+            for item in &group.items {
                 // Decimal strings, not integers: the script compares them as strings.
                 cmd.arg(item.own.to_string())
                     .arg(item.expire_at.to_string());
@@ -296,61 +445,111 @@ impl Wire {
 
         let mut no_script = Vec::new();
         for &i in which {
-            let items = &groups[i];
-            match replies.next() {
-                Some(Ok(value)) => results[i] = Some(parse_group(items, value)?),
+            let group = &groups[i];
+            results[i] = match replies.next() {
+                Some(Ok(value)) => Some(parse_group(&group.items, value)),
                 Some(Err(error))
                     if error.kind() == ErrorKind::Server(ServerErrorKind::NoScript) =>
                 {
-                    no_script.push(i)
+                    no_script.push(i);
+                    None
                 }
-                Some(Err(error)) => {
-                    return Err(WireError::Rejected {
-                        key: first_key(items),
-                        error,
-                    })
-                }
-                None => {
-                    return Err(WireError::Reply {
-                        key: first_key(items),
-                        detail: "the pipeline returned fewer replies than commands".into(),
-                    })
-                }
-            }
+                Some(Err(error)) => Some(Err(WireError::Rejected {
+                    key: first_key(group),
+                    error,
+                })),
+                None => Some(Err(WireError::Reply {
+                    key: first_key(group),
+                    detail: "the pipeline returned fewer replies than commands".into(),
+                })),
+            };
         }
         Ok(no_script)
     }
 }
 
 /// Turns the per-group slots, all filled once a round succeeded, into the result.
-fn filled(results: Vec<Option<Vec<NodeTotals>>>) -> Vec<Vec<NodeTotals>> {
-    results.into_iter().map(Option::unwrap_or_default).collect()
-}
-
-fn first_key(items: &[SyncItem]) -> String {
-    items.first().map(|i| i.key.clone()).unwrap_or_default()
-}
-
-/// Parses one script reply: an array with one flat `[field, value, ...]` array per item.
-fn parse_group(items: &[SyncItem], value: Value) -> Result<Vec<NodeTotals>, WireError> {
-    let per_key = match value {
-        Value::Array(per_key) if per_key.len() == items.len() => per_key,
-        other => {
-            return Err(WireError::Reply {
-                key: first_key(items),
-                detail: format!("expected an array of {} hashes, got {other:?}", items.len()),
+fn filled(results: Vec<Option<GroupOutcome>>) -> Vec<GroupOutcome> {
+    results
+        .into_iter()
+        .map(|r| {
+            r.unwrap_or_else(|| {
+                Err(WireError::Reply {
+                    key: String::new(),
+                    detail: "no reply".into(),
+                })
             })
-        }
-    };
-    items
-        .iter()
-        .zip(per_key)
-        .map(|(item, hash)| parse_hash(&item.key, hash))
+        })
         .collect()
 }
 
-/// Parses one `HGETALL` reply (a flat array in RESP2, a map if a script ever switches to RESP3).
-fn parse_hash(key: &str, hash: Value) -> Result<NodeTotals, WireError> {
+fn first_key(group: &Group) -> String {
+    group
+        .items
+        .first()
+        .map(|i| i.key.clone())
+        .unwrap_or_default()
+}
+
+/// Parses one script reply: `{lease, per_key}`.
+fn parse_group(items: &[SyncItem], value: Value) -> GroupOutcome {
+    let first = || items.first().map(|i| i.key.clone()).unwrap_or_default();
+    let bad = |detail: String| WireError::Reply {
+        key: first(),
+        detail,
+    };
+    let (lease, per_key) = match value {
+        Value::Array(mut parts) if parts.len() == 2 => {
+            let per_key = parts.pop();
+            let lease = parts.pop();
+            match (lease, per_key) {
+                (Some(Value::Array(lease)), Some(Value::Array(per_key)))
+                    if per_key.len() == items.len() =>
+                {
+                    (lease, per_key)
+                }
+                other => return Err(bad(format!("expected {{lease, per-key}}, got {other:?}"))),
+            }
+        }
+        other => return Err(bad(format!("expected {{lease, per-key}}, got {other:?}"))),
+    };
+    let lease = {
+        let mut words = lease.into_iter().map(|v| text(v).unwrap_or_default());
+        match (words.next().as_deref(), words.next()) {
+            (Some("held"), _) => Lease::Held,
+            (Some("refused"), Some(holder)) => Lease::Refused { holder },
+            (Some("broken"), Some(error)) => Lease::Broken(flat(&error)),
+            other => return Err(bad(format!("unexpected lease state {other:?}"))),
+        }
+    };
+    let keys = items
+        .iter()
+        .zip(per_key)
+        .map(|(item, reply)| parse_key(&item.key, reply))
+        .collect();
+    Ok(GroupReply { lease, keys })
+}
+
+/// One key's `{'ok', hgetall}` or `{'err', error}`.
+fn parse_key(key: &str, reply: Value) -> Result<Hash, String> {
+    let Value::Array(mut parts) = reply else {
+        return Err(format!("key {key}: unexpected reply {reply:?}"));
+    };
+    let body = if parts.len() == 2 { parts.pop() } else { None };
+    let tag = parts.pop().and_then(|v| text(v).ok());
+    match (tag.as_deref(), body) {
+        (Some("ok"), Some(hash)) => parse_hash(key, hash),
+        (Some("err"), Some(error)) => Err(format!(
+            "key {key}: {} (window not synced)",
+            flat(&text(error).unwrap_or_default())
+        )),
+        (tag, body) => Err(format!("key {key}: unexpected reply {tag:?} {body:?}")),
+    }
+}
+
+/// Parses one `HGETALL` reply (a flat array in RESP2, a map in RESP3) into contributions;
+/// fields that are not canonical totals are skipped and reported.
+fn parse_hash(key: &str, hash: Value) -> Result<Hash, String> {
     let pairs: Vec<(Value, Value)> = match hash {
         Value::Array(flat) if flat.len() % 2 == 0 => {
             let mut pairs = Vec::with_capacity(flat.len() / 2);
@@ -361,49 +560,72 @@ fn parse_hash(key: &str, hash: Value) -> Result<NodeTotals, WireError> {
             pairs
         }
         Value::Map(pairs) => pairs,
-        other => {
-            return Err(WireError::Reply {
-                key: key.to_owned(),
-                detail: format!("expected HGETALL field/value pairs, got {other:?}"),
-            })
-        }
+        other => return Err(format!("key {key}: expected HGETALL pairs, got {other:?}")),
     };
-    pairs
+    let mut out = Hash::default();
+    let mut owners: Vec<(String, String)> = Vec::new();
+    let mut totals: Vec<(String, Option<String>, u64)> = Vec::new();
+    for (field, value) in pairs {
+        let (field, value) = match (text(field), text(value)) {
+            (Ok(f), Ok(v)) => (f, v),
+            (f, v) => {
+                out.problems.push(format!(
+                    "key {key}: field {:?} = {:?} is not UTF-8 (skipped)",
+                    f.unwrap_or_else(|e| e),
+                    v.unwrap_or_else(|e| e)
+                ));
+                continue;
+            }
+        };
+        if let Some(of) = field.strip_prefix("~owner:") {
+            owners.push((of.to_owned(), value));
+            continue;
+        }
+        let (name, instance) = match field.strip_prefix("~retired:") {
+            Some(rest) => match rest.rsplit_once(':') {
+                Some((n, i)) => (n.to_owned(), Some(i.to_owned())),
+                None => (rest.to_owned(), None),
+            },
+            // Other reserved fields belong to later protocol versions: not totals.
+            None if field.starts_with('~') => continue,
+            None => (field, None),
+        };
+        match parse_total(&value) {
+            Some(total) => totals.push((name, instance, total)),
+            None => out.problems.push(format!(
+                "key {key}: field {name:?} = {value:?} is not a canonical u64 total (skipped)"
+            )),
+        }
+    }
+    out.contributions = totals
         .into_iter()
-        .map(|(field, value)| {
-            let field = text(key, field)?;
-            let value = text(key, value)?;
-            match parse_total(&value) {
-                Some(total) => Ok((field, total)),
-                None => Err(WireError::Corrupt {
-                    key: key.to_owned(),
-                    field,
-                    value,
-                }),
+        .map(|(node, instance, total)| {
+            let instance = instance.or_else(|| {
+                owners
+                    .iter()
+                    .find(|(n, _)| *n == node)
+                    .map(|(_, i)| i.clone())
+            });
+            Contribution {
+                node,
+                instance,
+                total,
             }
         })
-        .collect()
+        .collect();
+    Ok(out)
 }
 
-/// A bulk or simple string reply as UTF-8 text.
-fn text(key: &str, value: Value) -> Result<String, WireError> {
-    let bytes = match value {
-        Value::BulkString(bytes) => bytes,
-        Value::SimpleString(s) => return Ok(s),
-        other => {
-            return Err(WireError::Reply {
-                key: key.to_owned(),
-                detail: format!("expected a string in the hash, got {other:?}"),
-            })
+/// A bulk or simple string reply as UTF-8 text (the lossy text as the error).
+fn text(value: Value) -> Result<String, String> {
+    match value {
+        Value::BulkString(bytes) => {
+            String::from_utf8(bytes).map_err(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
         }
-    };
-    String::from_utf8(bytes).map_err(|e| WireError::Reply {
-        key: key.to_owned(),
-        detail: format!(
-            "non-UTF-8 string in the hash: {:?}",
-            String::from_utf8_lossy(e.as_bytes())
-        ),
-    })
+        Value::SimpleString(s) => Ok(s),
+        Value::Int(i) => Ok(i.to_string()),
+        other => Err(format!("{other:?}")),
+    }
 }
 
 /// Parses a canonical decimal u64, the exact form the script compares: digits only, no sign,
@@ -450,6 +672,59 @@ mod tests {
         }
     }
 
+    type NodeTotals = Vec<(String, u64)>;
+
+    const INSTANCE: &str = "i0";
+
+    fn identity(node: &str) -> Identity<'_> {
+        Identity {
+            node,
+            instance: INSTANCE,
+            lease_ms: 60_000,
+            release: false,
+        }
+    }
+
+    fn group(node: &str, items: Vec<SyncItem>) -> Group {
+        let tag = items.first().map(|i| i.key.clone()).unwrap_or_default();
+        Group {
+            lease: format!("{tag}:lease:{node}"),
+            items,
+        }
+    }
+
+    impl Wire {
+        /// The round in the shape of the first protocol version: per group, per key, the
+        /// `(field, total)` pairs; any refusal or problem is a panic.
+        async fn sync_round_legacy<C: redis::aio::ConnectionLike + Send>(
+            &self,
+            conn: &mut C,
+            node: &str,
+            groups: &[Vec<SyncItem>],
+        ) -> Result<Vec<Vec<NodeTotals>>, WireError> {
+            let groups: Vec<Group> = groups.iter().map(|g| group(node, g.clone())).collect();
+            let out = self.sync_round(conn, &identity(node), &groups).await?;
+            Ok(out
+                .into_iter()
+                .map(|g| {
+                    let g = g.unwrap();
+                    assert_eq!(g.lease, Lease::Held);
+                    g.keys
+                        .into_iter()
+                        .map(|k| {
+                            let k = k.unwrap();
+                            assert!(k.problems.is_empty(), "{:?}", k.problems);
+                            k.contributions
+                                .into_iter()
+                                .map(|c| (c.node, c.total))
+                                .collect()
+                        })
+                        .collect()
+                })
+                .collect())
+        }
+    }
+
     fn sorted(mut totals: NodeTotals) -> NodeTotals {
         totals.sort();
         totals
@@ -464,7 +739,7 @@ mod tests {
         own: u64,
     ) -> NodeTotals {
         let mut out = wire
-            .sync_round(conn, node, &[vec![item(key, own)]])
+            .sync_round_legacy(conn, node, &[vec![item(key, own)]])
             .await
             .unwrap();
         assert_eq!(out.len(), 1);
@@ -615,10 +890,15 @@ mod tests {
             .collect();
 
         // The first round may load the script (fresh server, hence NOSCRIPT): 1 or 2 trips.
-        wire.sync_round(&mut conn, "a", &groups).await.unwrap();
+        wire.sync_round_legacy(&mut conn, "a", &groups)
+            .await
+            .unwrap();
         for _ in 0..3 {
             let before = wire.round_trips();
-            let out = wire.sync_round(&mut conn, "a", &groups).await.unwrap();
+            let out = wire
+                .sync_round_legacy(&mut conn, "a", &groups)
+                .await
+                .unwrap();
             assert_eq!(wire.round_trips(), before + 1);
             assert_eq!(out.len(), groups.len());
             for (group, totals) in groups.iter().zip(&out) {
@@ -632,7 +912,7 @@ mod tests {
         // Empty groups keep their place and cost nothing; all-empty sends nothing.
         let before = wire.round_trips();
         let out = wire
-            .sync_round(&mut conn, "a", &[vec![], groups[1].clone(), vec![]])
+            .sync_round_legacy(&mut conn, "a", &[vec![], groups[1].clone(), vec![]])
             .await
             .unwrap();
         assert_eq!(out.len(), 3);
@@ -640,7 +920,7 @@ mod tests {
         assert_eq!(out[1].len(), groups[1].len());
         assert_eq!(wire.round_trips(), before + 1);
         let out = wire
-            .sync_round(&mut conn, "a", &[vec![], vec![]])
+            .sync_round_legacy(&mut conn, "a", &[vec![], vec![]])
             .await
             .unwrap();
         assert_eq!(out, vec![Vec::<NodeTotals>::new(), Vec::new()]);
@@ -665,7 +945,10 @@ mod tests {
             vec![item(&key, 6)],
             vec![item(&window_key("t", "x", "1d", 0), 1)],
         ];
-        let out = wire.sync_round(&mut conn, "a", &groups).await.unwrap();
+        let out = wire
+            .sync_round_legacy(&mut conn, "a", &groups)
+            .await
+            .unwrap();
         assert_eq!(out[0][0], vec![("a".to_owned(), 6)]);
         assert_eq!(out[1][0], vec![("a".to_owned(), 1)]);
         assert_eq!(
@@ -679,7 +962,9 @@ mod tests {
             "[1]"
         );
         let before = wire.round_trips();
-        wire.sync_round(&mut conn, "a", &groups).await.unwrap();
+        wire.sync_round_legacy(&mut conn, "a", &groups)
+            .await
+            .unwrap();
         assert_eq!(wire.round_trips(), before + 1);
     }
 
@@ -694,7 +979,7 @@ mod tests {
 
         server.kill();
         let err = wire
-            .sync_round(&mut conn_a, "a", &[vec![item(&key, 6)]])
+            .sync_round_legacy(&mut conn_a, "a", &[vec![item(&key, 6)]])
             .await
             .unwrap_err();
         assert!(err.is_connection_error(), "{err}");
@@ -723,7 +1008,7 @@ mod tests {
         let wire = Wire::new();
         let key = window_key("t", "openai", "1d", 0);
         let out = wire
-            .sync_round(&mut conn, "a", &[vec![item(&key, 2)]])
+            .sync_round_legacy(&mut conn, "a", &[vec![item(&key, 2)]])
             .await
             .unwrap();
         assert_eq!(out, vec![vec![vec![("a".to_owned(), 2)]]]);
@@ -744,7 +1029,7 @@ mod tests {
             own: 1,
             expire_at: now + 1000,
         };
-        wire.sync_round(&mut conn, "a", &[vec![item.clone()]])
+        wire.sync_round_legacy(&mut conn, "a", &[vec![item.clone()]])
             .await
             .unwrap();
         let ttl: i64 = server.command(&["TTL", &key]).parse().unwrap();
@@ -755,7 +1040,7 @@ mod tests {
             expire_at: now + 5000,
             ..item
         };
-        wire.sync_round(&mut conn, "a", &[vec![later]])
+        wire.sync_round_legacy(&mut conn, "a", &[vec![later]])
             .await
             .unwrap();
         let ttl: i64 = server.command(&["TTL", &key]).parse().unwrap();
@@ -768,80 +1053,202 @@ mod tests {
             own: 0,
             expire_at: now + 1000,
         };
-        wire.sync_round(&mut conn, "a", &[vec![read]])
+        wire.sync_round_legacy(&mut conn, "a", &[vec![read]])
             .await
             .unwrap();
         assert_eq!(server.command(&["TTL", &absent]), "-2");
     }
 
     #[tokio::test]
-    async fn corrupt_fields_are_errors_naming_key_and_field() {
+    async fn bad_fields_and_keys_fail_only_themselves() {
         let server = server_or_skip!();
         let mut conn = connect(&server).await;
         let wire = Wire::new();
         let key = window_key("t", "openai", "1d", 0);
         let good = window_key("t", "anthropic", "1d", 0);
+        let wrong = window_key("t", "openai", "1d", 86_400);
         server.command(&["HSET", &key, "b", "abc"]);
-
-        let err = wire
-            .sync_round(&mut conn, "a", &[vec![item(&good, 1)], vec![item(&key, 5)]])
+        server.command(&["HSET", &key, "c", "-5"]);
+        server.command(&["HSET", &key, "d", "18446744073709551616"]);
+        server.command(&["HSET", &key, "e", "7"]);
+        server.command(&["SET", &wrong, "x"]);
+        let groups = [
+            group("a", vec![item(&good, 1)]),
+            group("a", vec![item(&key, 5), item(&wrong, 3)]),
+        ];
+        let out = wire
+            .sync_round(&mut conn, &identity("a"), &groups)
             .await
-            .unwrap_err();
-        match &err {
-            WireError::Corrupt {
-                key: k,
-                field,
-                value,
-            } => {
-                assert_eq!((k, field.as_str(), value.as_str()), (&key, "b", "abc"));
-            }
-            other => panic!("expected Corrupt, got {other:?}"),
-        }
-        assert!(!err.is_connection_error());
-        let text = err.to_string();
-        assert!(
-            text.contains(&key) && text.contains("\"b\"") && text.contains("abc"),
-            "{text}"
-        );
-        // Our merge still landed: only the read-back failed.
-        assert_eq!(server.command(&["HGET", &key, "a"]), "5");
-
-        // Non-canonical numbers are corrupt too: they would break the string comparison.
-        server.command(&["HSET", &key, "b", "007"]);
-        let err = wire
-            .sync_round(&mut conn, "a", &[vec![item(&key, 5)]])
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(err, WireError::Corrupt { ref value, .. } if value == "007"),
-            "{err}"
-        );
-
-        // A garbage value in our *own* field is repaired by our total (we are its only writer).
-        server.command(&["HDEL", &key, "b"]);
-        server.command(&["HSET", &key, "a", "99999999999999999999999"]);
+            .unwrap();
+        let good_reply = out[0].as_ref().unwrap();
         assert_eq!(
-            sync_one(&wire, &mut conn, "a", &key, 5).await,
-            [("a".into(), 5)]
+            good_reply.keys[0].as_ref().unwrap().problems,
+            Vec::<String>::new()
         );
+        let bad = out[1].as_ref().unwrap();
+        let hash = bad.keys[0].as_ref().unwrap();
+        let mut totals: Vec<(&str, u64)> = hash
+            .contributions
+            .iter()
+            .map(|c| (c.node.as_str(), c.total))
+            .collect();
+        totals.sort();
+        assert_eq!(totals, [("a", 5), ("e", 7)]);
+        assert_eq!(hash.problems.len(), 3, "{:?}", hash.problems);
+        for (field, value) in [("b", "abc"), ("c", "-5"), ("d", "18446744073709551616")] {
+            assert!(
+                hash.problems.iter().any(|p| p.contains(&key)
+                    && p.contains(&format!("{field:?}"))
+                    && p.contains(value)),
+                "{field}: {:?}",
+                hash.problems
+            );
+        }
+        let wrong_err = bad.keys[1].as_ref().unwrap_err();
+        assert!(
+            wrong_err.contains(&wrong) && wrong_err.contains("WRONGTYPE"),
+            "{wrong_err}"
+        );
+        assert!(!wrong_err.contains('\n'));
+        // A garbage value in our *own* field is repaired by our total (we are its only writer).
+        server.command(&["HSET", &key, "a", "99999999999999999999999"]);
+        server.command(&["DEL", &wrong]);
+        let out = wire
+            .sync_round(&mut conn, &identity("a"), &groups)
+            .await
+            .unwrap();
+        let bad = out[1].as_ref().unwrap();
+        assert!(bad.keys[1].is_ok());
+        assert_eq!(server.command(&["HGET", &key, "a"]), "5");
+        assert_eq!(server.command(&["HGET", &wrong, "a"]), "3");
     }
 
     #[tokio::test]
-    async fn a_non_hash_key_is_rejected_with_its_key() {
+    async fn a_lease_held_by_another_instance_refuses_writes_and_a_takeover_keeps_both() {
         let server = server_or_skip!();
         let mut conn = connect(&server).await;
         let wire = Wire::new();
         let key = window_key("t", "openai", "1d", 0);
-        server.command(&["SET", &key, "x"]);
-        let err = wire
-            .sync_round(&mut conn, "a", &[vec![item(&key, 5)]])
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(&err, WireError::Rejected { key: k, .. } if k == &key),
-            "{err:?}"
+        let g = [group("n", vec![item(&key, 100)])];
+        let one = identity("n");
+        let two = Identity {
+            instance: "i2",
+            ..identity("n")
+        };
+        let out = wire.sync_round(&mut conn, &one, &g).await.unwrap();
+        assert_eq!(out[0].as_ref().unwrap().lease, Lease::Held);
+        // Another data dir with the same node id: refused, nothing written, still reads.
+        let g2 = [group("n", vec![item(&key, 30)])];
+        let out = wire.sync_round(&mut conn, &two, &g2).await.unwrap();
+        let reply = out[0].as_ref().unwrap();
+        assert_eq!(
+            reply.lease,
+            Lease::Refused {
+                holder: INSTANCE.into()
+            }
         );
-        assert!(!err.is_connection_error());
-        assert!(!err.to_string().contains('\n'), "{err}");
+        // The node's field is left alone; its total is kept apart under its instance.
+        let mut c = reply.keys[0].as_ref().unwrap().contributions.clone();
+        c.sort();
+        assert_eq!(
+            c,
+            [
+                Contribution {
+                    node: "n".into(),
+                    instance: Some(INSTANCE.into()),
+                    total: 100
+                },
+                Contribution {
+                    node: "n".into(),
+                    instance: Some("i2".into()),
+                    total: 30
+                },
+            ]
+        );
+        assert_eq!(server.command(&["HGET", &key, "n"]), "100");
+        assert_eq!(server.command(&["HGET", &key, "~retired:n:i2"]), "30");
+        // The first stops cleanly: its last round releases the lease.
+        let release = Identity {
+            release: true,
+            ..one
+        };
+        wire.sync_round(&mut conn, &release, &g).await.unwrap();
+        assert_eq!(server.command(&["EXISTS", &g[0].lease]), "0");
+        // The second takes over: the first's total is kept beside its own, not max-merged,
+        // and its own apart total moves back into the field.
+        let out = wire.sync_round(&mut conn, &two, &g2).await.unwrap();
+        let mut c = out[0].as_ref().unwrap().keys[0]
+            .as_ref()
+            .unwrap()
+            .contributions
+            .clone();
+        c.sort();
+        assert_eq!(
+            c,
+            [
+                Contribution {
+                    node: "n".into(),
+                    instance: Some(INSTANCE.into()),
+                    total: 100
+                },
+                Contribution {
+                    node: "n".into(),
+                    instance: Some("i2".into()),
+                    total: 30
+                },
+            ]
+        );
+        let ttl: i64 = server.command(&["PTTL", &g[0].lease]).parse().unwrap();
+        assert!((50_000..=60_000).contains(&ttl), "{ttl}");
+        assert_eq!(server.command(&["GET", &g[0].lease]), "i2");
+        assert_eq!(server.command(&["HEXISTS", &key, "~retired:n:i2"]), "0");
+        assert_eq!(server.command(&["HGET", &key, "n"]), "30");
+        // The first comes back later with more spend and takes its field back: exact again.
+        server.command(&["DEL", &g[0].lease]);
+        let g3 = [group("n", vec![item(&key, 110)])];
+        let out = wire.sync_round(&mut conn, &one, &g3).await.unwrap();
+        let mut c = out[0].as_ref().unwrap().keys[0]
+            .as_ref()
+            .unwrap()
+            .contributions
+            .clone();
+        c.sort();
+        let sum: u64 = c.iter().map(|c| c.total).sum();
+        assert_eq!(sum, 140, "{c:?}");
+    }
+
+    #[tokio::test]
+    async fn a_broken_lease_key_writes_only_our_own_instance_field() {
+        let server = server_or_skip!();
+        let mut conn = connect(&server).await;
+        let wire = Wire::new();
+        let key = window_key("t", "openai", "1d", 0);
+        let g = [group("n", vec![item(&key, 9)])];
+        server.command(&["HSET", &g[0].lease, "x", "y"]);
+        let out = wire
+            .sync_round(&mut conn, &identity("n"), &g)
+            .await
+            .unwrap();
+        let reply = out[0].as_ref().unwrap();
+        assert!(
+            matches!(&reply.lease, Lease::Broken(e) if e.contains("WRONGTYPE")),
+            "{:?}",
+            reply.lease
+        );
+        assert_eq!(server.command(&["HEXISTS", &key, "n"]), "0");
+        assert_eq!(
+            server.command(&["HGET", &key, &format!("~retired:n:{INSTANCE}")]),
+            "9"
+        );
+        // Repaired: the field is taken and our apart total moves into it.
+        server.command(&["DEL", &g[0].lease]);
+        wire.sync_round(&mut conn, &identity("n"), &g)
+            .await
+            .unwrap();
+        assert_eq!(server.command(&["HGET", &key, "n"]), "9");
+        assert_eq!(
+            server.command(&["HEXISTS", &key, &format!("~retired:n:{INSTANCE}")]),
+            "0"
+        );
     }
 }
