@@ -608,14 +608,30 @@ pub(crate) fn random_id() -> String {
     format!("{:016x}{:016x}", part(1), part(2))
 }
 
+/// The OS error code of an I/O error, also when sled wrapped it as text (sled sometimes
+/// re-creates errors from their Debug form: `Os { code: 28, kind: StorageFull, .. }`).
+fn os_code(io: &std::io::Error) -> Option<i32> {
+    if let Some(code) = io.raw_os_error() {
+        return Some(code);
+    }
+    let text = io.to_string();
+    let rest = &text[text.find("code: ")? + "code: ".len()..];
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
 /// sled's errors as one readable line (its `Corruption` renders as Debug text with a
 /// backtrace placeholder).
 fn io_error(dir: &Path, e: sled::Error) -> StoreError {
     let message = match &e {
-        sled::Error::Io(io) if io.raw_os_error() == Some(28) => {
-            "no space left on device (ENOSPC)".to_string()
-        }
-        sled::Error::Io(io) => format!("I/O error: {io}"),
+        sled::Error::Io(io) => match os_code(io) {
+            Some(28) => "no space left on device (ENOSPC)".to_string(),
+            Some(code) => format!("I/O error: {}", std::io::Error::from_raw_os_error(code)),
+            None if io.kind() == std::io::ErrorKind::StorageFull => {
+                "no space left on device (ENOSPC)".to_string()
+            }
+            None => format!("I/O error: {io}"),
+        },
         sled::Error::Corruption { at, .. } => match at {
             Some(at) => {
                 format!("sled found corrupted data at {at:?} (run `provider-budgets repair`)")
@@ -832,5 +848,35 @@ mod tests {
         assert_ne!(a, b);
         assert_eq!(a.len(), 32);
         assert_eq!(Store::open(d1.path()).unwrap().instance_id().unwrap(), a);
+    }
+
+    #[test]
+    fn io_errors_read_as_one_plain_line() {
+        let dir = Path::new("/data");
+        let wrapped = std::io::Error::other(format!("{:?}", std::io::Error::from_raw_os_error(28)));
+        for e in [std::io::Error::from_raw_os_error(28), wrapped] {
+            let text = io_error(dir, sled::Error::Io(e)).to_string();
+            assert_eq!(
+                text,
+                "storage error in /data: no space left on device (ENOSPC)"
+            );
+        }
+        let text = io_error(dir, sled::Error::Io(std::io::Error::from_raw_os_error(5))).to_string();
+        assert!(
+            !text.contains("Os {") && text.contains("I/O error"),
+            "{text}"
+        );
+        let text = io_error(
+            dir,
+            sled::Error::Corruption {
+                at: None,
+                bt: Default::default(),
+            },
+        )
+        .to_string();
+        assert!(
+            !text.contains("backtrace") && text.contains("repair"),
+            "{text}"
+        );
     }
 }

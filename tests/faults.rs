@@ -9,9 +9,12 @@
 mod cli;
 #[path = "support/redis_server.rs"]
 mod redis_server;
+#[path = "support/tmpfs.rs"]
+mod tmpfs;
+
+use tmpfs::Tmpfs;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -69,67 +72,6 @@ fn reopen(dir: &Path, clock: &FakeClock) -> Limiter {
 }
 
 // ---- disk full ----------------------------------------------------------------------------
-
-/// A tmpfs mounted for one test, unmounted on drop.
-struct Tmpfs {
-    dir: tempfile::TempDir,
-}
-
-impl Tmpfs {
-    fn mount(size: &str) -> Option<Tmpfs> {
-        let dir = tempfile::tempdir().unwrap();
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir.path())
-            .output();
-        match out {
-            Ok(o) if o.status.success() => Some(Tmpfs { dir }),
-            other => {
-                let why = match other {
-                    Ok(o) => String::from_utf8_lossy(&o.stderr).trim().to_owned(),
-                    Err(e) => e.to_string(),
-                };
-                assert!(
-                    std::env::var_os("CI").is_none(),
-                    "CI is set but a tmpfs cannot be mounted (root needed): {why}"
-                );
-                eprintln!("skipping: cannot mount a tmpfs ({why})");
-                None
-            }
-        }
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    /// Fills the file system with `filler` until it is full.
-    fn fill(&self) -> PathBuf {
-        use std::io::Write;
-        let path = self.path().join("filler");
-        let mut f = std::fs::File::create(&path).unwrap();
-        let chunk = vec![0xa5u8; 64 * 1024];
-        loop {
-            if f.write_all(&chunk).is_err() {
-                break;
-            }
-        }
-        // Whatever is left below one chunk, byte by byte in small pieces.
-        while f.write_all(&chunk[..512]).is_ok() {}
-        while f.write_all(&chunk[..1]).is_ok() {}
-        let _ = f.sync_all();
-        path
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount")
-            .arg("-l")
-            .arg(self.dir.path())
-            .status();
-    }
-}
 
 /// The bug: sled's first I/O error is sticky. After the disk was full once, every later flush
 /// failed even with space back; records that returned `Ok` never reached disk and a restart

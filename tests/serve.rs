@@ -9,6 +9,8 @@
 
 #[path = "support/cli.rs"]
 mod cli;
+#[path = "support/tmpfs.rs"]
+mod tmpfs;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -907,4 +909,58 @@ fn an_address_in_use_is_one_error_line_and_exit_1() {
         "{run:?}"
     );
     assert!(run.stdout.is_empty(), "{run:?}");
+}
+
+// ---- storage faults -----------------------------------------------------------------------
+
+/// A full disk under the sidecar: `/healthz` answers 503 naming the fault, a durable spend is
+/// refused with 503 (but counted in memory, `"counted": true`), buffered spends keep counting;
+/// once space is back, `/healthz` is 200 again without a restart and every counted spend is
+/// there.
+#[test]
+fn healthz_is_503_while_the_disk_is_full_and_200_once_it_is_freed() {
+    let Some(fs) = tmpfs::Tmpfs::mount("8m") else {
+        return;
+    };
+    let mut cli =
+        Cli::new("provider_budget_config:\n  openai: {budget_limit: 1000, time_period: 1d}\n");
+    cli.data = fs.path().join("data");
+    let server = Server::start_in(cli, &[]);
+    assert_eq!(server.get("/healthz").status, 200);
+    let filler = fs.fill();
+    // Durable spends until sled runs out of the room it had: then 503, counted in memory.
+    let mut refused = None;
+    let mut counted = 0u64;
+    for i in 0..100_000 {
+        let r = server.spend(json!({"provider": "openai", "cost": "0.01", "durable": true, "idempotency_key": format!("k{i}")}));
+        counted += 10_000_000;
+        if r.status != 200 {
+            refused = Some(r);
+            break;
+        }
+    }
+    let refused = refused.expect("a durable spend was refused on a full disk");
+    assert_eq!(refused.status, 503, "{refused:?}");
+    assert_eq!(refused.json()["counted"], true, "{refused:?}");
+    let health = server.get("/healthz");
+    assert_eq!(health.status, 503, "{health:?}");
+    assert!(health.body.contains("no space left"), "{health:?}");
+    for _ in 0..10 {
+        assert_eq!(
+            server
+                .spend(json!({"provider": "openai", "cost": "0.01"}))
+                .status,
+            200
+        );
+        counted += 10_000_000;
+    }
+    std::fs::remove_file(filler).unwrap();
+    let deadline = Instant::now() + DEADLINE;
+    while server.get("/healthz").status != 200 {
+        assert!(Instant::now() < deadline, "healthz did not recover");
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(server.spend_nanos("openai"), counted);
+    let r = server.spend(json!({"provider": "openai", "cost": "0.01", "durable": true}));
+    assert_eq!(r.status, 200, "{r:?}");
 }
