@@ -135,7 +135,7 @@ impl DurableTotals {
 #[derive(Debug, Default)]
 pub(crate) struct StorageHealth {
     faulted: AtomicBool,
-    fault: Mutex<Option<String>>,
+    fault: Mutex<Option<StoreError>>,
     /// Set when the thread is gone: the reason (a panic, or a normal stop).
     stopped: Mutex<Option<StopReason>>,
 }
@@ -155,7 +155,11 @@ impl StorageHealth {
         if !self.faulted.load(Ordering::Acquire) {
             return None;
         }
-        self.fault.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.fault
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(ToString::to_string)
     }
 
     /// Why the journal thread stopped, if it did.
@@ -166,7 +170,7 @@ impl StorageHealth {
             .clone()
     }
 
-    fn set_fault(&self, fault: Option<String>) {
+    fn set_fault(&self, fault: Option<StoreError>) {
         metrics::gauge!("provider_budgets_storage_fault").set(if fault.is_some() {
             1.0
         } else {
@@ -245,7 +249,7 @@ impl Journal {
             view,
             durable,
             health: Arc::clone(&health),
-            faulted: false,
+            fault: None,
             reopen_at: Instant::now(),
             backoff: REOPEN_BACKOFF.0,
             settings,
@@ -400,8 +404,8 @@ struct Worker {
     /// Wall and monotonic time at start: the sane clock for retention.
     wall_start: i64,
     mono_start: Duration,
-    /// Whether the store failed and must be reopened before the next write.
-    faulted: bool,
+    /// The storage fault, while the store must be reopened before the next write.
+    fault: Option<StoreError>,
     reopen_at: Instant,
     backoff: Duration,
     last_expiry: Instant,
@@ -537,48 +541,36 @@ impl Worker {
     /// totals stay dirty in memory.
     fn write(&mut self, removed: &[(u32, i64)], removed_orphans: &[WindowKey]) -> AckResult {
         if self.dirty.is_empty() && removed.is_empty() && removed_orphans.is_empty() {
-            return match (self.faulted, self.health.fault()) {
-                (true, Some(f)) => Err(self.fault_error(f)),
-                _ => Ok(()),
+            return match &self.fault {
+                Some(e) => Err(e.clone()),
+                None => Ok(()),
             };
         }
         let result = self.try_write(removed, removed_orphans);
         match &result {
             Ok(()) => {
-                if self.faulted {
+                if self.fault.take().is_some() {
                     tracing::info!(dir = %self.dir.display(), "storage works again; every counted total is durable");
                     self.health.set_fault(None);
                 }
-                self.faulted = false;
                 self.backoff = REOPEN_BACKOFF.0;
             }
             Err(e) => {
                 metrics::counter!("provider_budgets_journal_errors_total").increment(1);
-                if !self.faulted {
+                if self.fault.is_none() {
                     tracing::error!(error = %e, "storage fault: spend keeps being counted in memory and is written once the disk works again");
                 }
-                self.health.set_fault(Some(e.to_string()));
-                self.faulted = true;
+                self.health.set_fault(Some(e.clone()));
+                self.fault = Some(e.clone());
             }
         }
         result
     }
 
-    fn fault_error(&self, message: String) -> StoreError {
-        StoreError::Io {
-            dir: self.dir.clone(),
-            message: message
-                .strip_prefix(&format!("storage error in {}: ", self.dir.display()))
-                .unwrap_or(&message)
-                .to_owned(),
-        }
-    }
-
     fn try_write(&mut self, removed: &[(u32, i64)], removed_orphans: &[WindowKey]) -> AckResult {
-        if self.faulted {
+        if let Some(fault) = &self.fault {
             if Instant::now() < self.reopen_at {
-                let fault = self.health.fault().unwrap_or_default();
-                return Err(self.fault_error(fault));
+                return Err(fault.clone());
             }
             self.reopen_at = Instant::now() + self.backoff;
             self.backoff = (self.backoff * 2).min(REOPEN_BACKOFF.1);
@@ -667,7 +659,7 @@ impl Worker {
                 tracing::debug!(error = %e, "journal retry failed");
             }
         }
-        if !self.faulted {
+        if self.fault.is_none() {
             self.expire();
         }
         self.update_gauges(0..self.view.len() as u32);
