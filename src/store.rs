@@ -623,6 +623,13 @@ fn os_code(io: &std::io::Error) -> Option<i32> {
 /// sled's errors as one readable line (its `Corruption` renders as Debug text with a
 /// backtrace placeholder).
 fn io_error(dir: &Path, e: sled::Error) -> StoreError {
+    // sled reports a held lock as an I/O error whose text says so (checked first: the text
+    // also carries an OS code, EWOULDBLOCK, that must not hide it).
+    if e.to_string().contains("could not acquire lock") {
+        return StoreError::Locked {
+            dir: dir.to_path_buf(),
+        };
+    }
     let message = match &e {
         sled::Error::Io(io) => match os_code(io) {
             Some(28) => "no space left on device (ENOSPC)".to_string(),
@@ -642,15 +649,9 @@ fn io_error(dir: &Path, e: sled::Error) -> StoreError {
         sled::Error::Unsupported(m) => format!("unsupported: {m}"),
         sled::Error::CollectionNotFound(_) => "missing tree".to_string(),
     };
-    if message.contains("could not acquire lock") {
-        StoreError::Locked {
-            dir: dir.to_path_buf(),
-        }
-    } else {
-        StoreError::Io {
-            dir: dir.to_path_buf(),
-            message: message.split_whitespace().collect::<Vec<_>>().join(" "),
-        }
+    StoreError::Io {
+        dir: dir.to_path_buf(),
+        message: message.split_whitespace().collect::<Vec<_>>().join(" "),
     }
 }
 
