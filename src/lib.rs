@@ -54,6 +54,7 @@
 // Unit tests may unwrap: a panic there is a test failure with a message.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+mod budget;
 #[cfg(feature = "cli")]
 #[doc(hidden)]
 pub mod cli;
@@ -80,6 +81,7 @@ mod store;
 mod view;
 mod window;
 
+pub use budget::{Mode, Scope, SoftLimit, SoftLimitCrossed};
 pub use clock::{Clock, FakeClock, SystemClock};
 pub use config::{
     parse_duration, BudgetConfig, Config, ConfigError, RedisConfig, StorageConfig, UnknownProvider,
@@ -87,7 +89,7 @@ pub use config::{
 pub use error::{Error, RecordError, ReplicationError};
 pub use filter::{Exceeded, NoDeployments};
 pub use health::Health;
-pub use limiter::{Limiter, Prepared};
+pub use limiter::{Limiter, Prepared, NO_TAGS};
 pub use money::{Money, MoneyError};
 pub use provider::{Deployment, Target, BUILTIN_PREFIXES};
 pub use reload::ReloadSummary;

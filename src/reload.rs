@@ -23,6 +23,7 @@ use std::sync::{Mutex, PoisonError, RwLock};
 
 use arc_swap::ArcSwap;
 
+use crate::budget::{Mode, Scope};
 use crate::config::{BudgetConfig, Config};
 use crate::error::Error;
 use crate::journal::{Event, Journal};
@@ -54,11 +55,9 @@ impl Parts<'_> {
         if series.is_empty() {
             return Ok(out);
         }
-        let index = |provider: &str, period: &str| {
-            series
-                .iter()
-                .position(|b| b.provider == provider && b.period.to_string() == period)
-        };
+        let parts: Vec<(String, String)> = series.iter().map(|b| b.key_parts()).collect();
+        let index =
+            |name: &str, period: &str| parts.iter().position(|(n, p)| n == name && p == period);
         for (key, value) in self.store.load_own()? {
             if let Some(i) = index(&key.provider, &key.period) {
                 out[i].push((window_of(&key, value.end), value.total, 0));
@@ -74,7 +73,8 @@ impl Parts<'_> {
     }
 }
 
-/// (provider, period) per budget slot: the storage and Redis key parts. Append-only.
+/// (key name, period part) per budget slot: the storage and Redis key parts (see the module
+/// `budget`; provider budgets keep the provider name as key name). Append-only.
 #[derive(Debug, Default)]
 pub(crate) struct SlotKeys {
     keys: RwLock<Vec<(String, String)>>,
@@ -117,6 +117,12 @@ impl SlotKeys {
             .unwrap_or_else(PoisonError::into_inner)
             .push((provider, period));
     }
+}
+
+/// How a reload summary names a budget: the provider for provider budgets (as before scopes),
+/// the key name otherwise (`tag:team-a`).
+fn summary_name(b: &BudgetConfig) -> String {
+    b.key_parts().0
 }
 
 /// What a reload changed.
@@ -169,7 +175,8 @@ impl Limiter {
         let mut slots = Vec::with_capacity(config.budgets.len());
         let mut new_slots = 0;
         for b in &config.budgets {
-            let slot = parts.keys.position(&b.provider, &b.period.to_string());
+            let (name, period) = b.key_parts();
+            let slot = parts.keys.position(&name, &period);
             new_slots += usize::from(slot.is_none());
             slots.push(slot);
         }
@@ -198,12 +205,13 @@ impl Limiter {
             let s = match *slot {
                 Some(s) => s,
                 None => {
-                    let schedule = config.schedule(b.period);
+                    let schedule = config.budget_schedule(b);
                     let s = parts
                         .view
                         .push(schedule, b.limit)
                         .ok_or_else(|| Error::Reload("no budget slot left".into()))?;
-                    parts.keys.push(b.provider.clone(), b.period.to_string());
+                    let (name, period) = b.key_parts();
+                    parts.keys.push(name, period);
                     let totals = stored.next().unwrap_or_default();
                     parts.view.raise_own_many(
                         totals
@@ -229,30 +237,32 @@ impl Limiter {
                     s
                 }
             };
-            match old.budgets.iter().find(|o| o.provider == b.provider) {
-                Some(o) if o.period == b.period => {
-                    if o.limit != b.limit {
-                        summary.changed.push(b.provider.clone());
+            match old.budgets.iter().find(|o| o.key_parts() == b.key_parts()) {
+                Some(o) => {
+                    if (o.limit, &o.soft_limits, o.mode) != (b.limit, &b.soft_limits, b.mode) {
+                        summary.changed.push(summary_name(b));
                     }
                 }
-                _ => summary.added.push(b.provider.clone()),
+                None => summary.added.push(summary_name(b)),
             }
             parts.view.set_limit(s, b.limit);
+            parts.view.set_shadow(s, b.mode == Mode::Shadow);
+            parts.view.set_soft_limits(s, b.soft_limits.clone());
         }
         for o in &old.budgets {
             if !config
                 .budgets
                 .iter()
-                .any(|b| b.provider == o.provider && b.period == o.period)
+                .any(|b| b.key_parts() == o.key_parts())
             {
-                summary.removed.push(o.provider.clone());
+                summary.removed.push(summary_name(o));
             }
         }
-        let table: Vec<(String, u32)> = config
+        let table: Vec<(Scope, String, u32)> = config
             .budgets
             .iter()
             .zip(&slots)
-            .filter_map(|(b, s)| s.map(|s| (b.provider.clone(), s)))
+            .filter_map(|(b, s)| s.map(|s| (b.scope, b.name.clone(), s)))
             .collect();
         self.install(config, table);
         tracing::info!(

@@ -11,11 +11,12 @@
 //! was acknowledged as durable.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use arc_swap::ArcSwap;
 
+use crate::budget::SoftLimit;
 use crate::money::Money;
 use crate::window::{Schedule, Window};
 
@@ -27,6 +28,8 @@ pub(crate) struct Cell {
     own: AtomicU64,
     /// Sum of the other nodes' last known spend, nanos. Only the replicator sets it.
     others: AtomicU64,
+    /// Soft limits (bit i: the budget's i-th) already fired in this window on this node.
+    fired: AtomicU8,
 }
 
 impl Cell {
@@ -35,6 +38,7 @@ impl Cell {
             window,
             own: AtomicU64::new(0),
             others: AtomicU64::new(0),
+            fired: AtomicU8::new(0),
         }
     }
 
@@ -58,6 +62,12 @@ struct BudgetView {
     /// Serialises the (rare) list swaps so that two threads opening the same window cannot
     /// install two cells for it.
     swap: Mutex<()>,
+    /// Shadow mode: never blocks; counts the calls it would have denied. Set by a reload.
+    shadow: AtomicBool,
+    /// Filter calls a shadow budget would have denied (since open).
+    would_deny: AtomicU64,
+    /// Soft limits, increasing (swapped by a reload; read only when a charge lands).
+    soft: ArcSwap<Vec<SoftLimit>>,
 }
 
 /// A snapshot of one window's totals.
@@ -146,10 +156,95 @@ impl View {
 
     /// Adds to this node's own spend in the window containing `at_secs` and returns that window.
     #[inline]
+    #[cfg(test)]
     pub fn add_own(&self, budget: u32, at_secs: i64, amount: Money) -> Window {
         let cell = self.cell_at(budget, at_secs);
         saturating_add(&cell.own, amount.as_nanos());
         cell.window
+    }
+
+    /// Sets a budget's mode (open, reload).
+    pub fn set_shadow(&self, budget: u32, shadow: bool) {
+        self.budget(budget).shadow.store(shadow, Ordering::Relaxed);
+    }
+
+    pub fn is_shadow(&self, budget: u32) -> bool {
+        self.budget(budget).shadow.load(Ordering::Relaxed)
+    }
+
+    /// Filter calls a shadow budget would have denied since open.
+    pub fn would_deny(&self, budget: u32) -> u64 {
+        self.budget(budget).would_deny.load(Ordering::Relaxed)
+    }
+
+    /// Sets a budget's soft limits (open, reload); those already crossed in the live windows
+    /// are marked fired without firing (a restart or reload does not repeat an alert).
+    pub fn set_soft_limits(&self, budget: u32, soft: Vec<SoftLimit>) {
+        let b = self.budget(budget);
+        let limit = b.limit.load(Ordering::Relaxed);
+        for c in b.cells.load().iter() {
+            c.fired
+                .store(crossed_bits(&soft, limit, c.total()), Ordering::Relaxed);
+        }
+        b.soft.store(Arc::new(soft));
+    }
+
+    pub fn soft_limits(&self, budget: u32) -> Arc<Vec<SoftLimit>> {
+        self.budget(budget).soft.load_full()
+    }
+
+    /// [`View::add_own`] that also reports the soft limits this charge is the first (on this
+    /// node, in this window) to find crossed. Each bit is handed out once per window.
+    #[inline]
+    pub fn add_own_checked(
+        &self,
+        budget: u32,
+        at_secs: i64,
+        amount: Money,
+    ) -> (Window, Option<Crossed>) {
+        let cell = self.cell_at(budget, at_secs);
+        saturating_add(&cell.own, amount.as_nanos());
+        let b = self.budget(budget);
+        let soft = b.soft.load();
+        if soft.is_empty() {
+            return (cell.window, None);
+        }
+        let spend = cell.total();
+        let bits = crossed_bits(&soft, b.limit.load(Ordering::Relaxed), spend);
+        let already = cell.fired.load(Ordering::Relaxed);
+        if bits & !already == 0 {
+            return (cell.window, None);
+        }
+        let before = cell.fired.fetch_or(bits, Ordering::Relaxed);
+        let new = bits & !before;
+        (
+            cell.window,
+            (new != 0).then_some(Crossed {
+                window: cell.window,
+                spend,
+                bits: new,
+            }),
+        )
+    }
+
+    /// Whether an enforced budget is spent at the instant (a spent shadow budget counts a
+    /// would-be denial and does not block).
+    #[inline]
+    pub fn blocks(&self, budget: u32, now_secs: i64) -> bool {
+        if !self.exhausted(budget, now_secs) {
+            return false;
+        }
+        let b = self.budget(budget);
+        if b.shadow.load(Ordering::Relaxed) {
+            b.would_deny.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    /// [`View::blocks`] without counting (error reports).
+    pub fn blocks_quietly(&self, budget: u32, now_secs: i64) -> bool {
+        self.exhausted(budget, now_secs) && !self.is_shadow(budget)
     }
 
     /// Whether the budget is spent at the instant: `spend >= limit`, as in the reference.
@@ -323,8 +418,20 @@ impl BudgetView {
             limit: AtomicU64::new(limit.as_nanos()),
             cells: ArcSwap::from_pointee(Vec::new()),
             swap: Mutex::new(()),
+            shadow: AtomicBool::new(false),
+            would_deny: AtomicU64::new(0),
+            soft: ArcSwap::from_pointee(Vec::new()),
         }
     }
+}
+
+/// Soft limits newly crossed by a charge: the budget's soft limits whose bit is set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Crossed {
+    pub window: Window,
+    /// Spend after the charge, nanos.
+    pub spend: u64,
+    pub bits: u8,
 }
 
 fn snapshot(c: &Cell) -> WindowTotals {
@@ -333,6 +440,17 @@ fn snapshot(c: &Cell) -> WindowTotals {
         own: Money::from_nanos(c.own.load(Ordering::Relaxed)),
         others: Money::from_nanos(c.others.load(Ordering::Relaxed)),
     }
+}
+
+/// Bits of the soft limits that `spend` has reached for `limit`.
+pub(crate) fn crossed_bits(soft: &[SoftLimit], limit: u64, spend: u64) -> u8 {
+    let mut bits = 0u8;
+    for (i, s) in soft.iter().enumerate().take(8) {
+        if spend >= s.threshold(limit) {
+            bits |= 1 << i;
+        }
+    }
+    bits
 }
 
 /// `fetch_add` that stops at `u64::MAX` instead of wrapping.
