@@ -498,3 +498,81 @@ fn scoped_budgets_survive_a_restart_and_a_reload_adds_them_live() {
     let spend: Vec<Money> = l.status().iter().map(|s| s.spend).collect();
     assert_eq!(spend, [usd("4"), usd("2"), usd("0"), usd("2")]);
 }
+
+/// A data dir written by the previous release (provider budgets only, before scopes), made
+/// with its CLI: `--config config.yaml --now 2024-06-01T12:00:00Z record openai 7.25
+/// --durable`, then `record anthropic 5 --durable`. sled's `db` file is stored without its
+/// trailing zeros (`db.head`; the rest of its 524 287 bytes are zero).
+fn previous_release_dir() -> tempfile::TempDir {
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/prev-release-datadir");
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["conf", "provider-budgets.hw", "snap.000000000000020B"] {
+        std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
+    }
+    std::fs::copy(src.join("db.head"), dir.path().join("db")).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.path().join("db"))
+        .unwrap()
+        .set_len(524_287)
+        .unwrap();
+    dir
+}
+
+#[test]
+fn a_data_dir_of_the_previous_release_opens_with_its_spend_and_gains_scoped_budgets() {
+    let dir = previous_release_dir();
+    let clock = FakeClock::new(ts("2024-06-01T12:30:00Z"));
+    let old = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/prev-release-datadir/config.yaml"),
+    )
+    .unwrap();
+    // The same config: everything as it was.
+    let l = open(&old, &dir, &clock);
+    assert_eq!(l.node_id(), "prev-release");
+    let spend: Vec<(&str, Money)> = l
+        .status()
+        .iter()
+        .map(|s| {
+            (
+                if s.name == "openai" {
+                    "openai"
+                } else {
+                    "anthropic"
+                },
+                s.spend,
+            )
+        })
+        .collect();
+    assert_eq!(spend, [("anthropic", usd("5")), ("openai", usd("7.25"))]);
+    assert_eq!(
+        l.filter(&["claude-3-5-sonnet", "gpt-4o"]).unwrap(),
+        [&"gpt-4o"]
+    );
+    drop(l);
+    // The new model on top: provider budgets keep their series, new scopes start at zero.
+    let new = format!(
+        "{old}  budgets:\n    - {{provider: openai, limit: 100, period: 1mo}}\n    - {{model: gpt-4o, limit: 8, period: 1d}}\n    - {{tag: team-a, limit: 1, period: 1d}}\n"
+    );
+    let l = open(&new, &dir, &clock);
+    let rows: Vec<(Scope, String, String, Money)> = l
+        .status()
+        .iter()
+        .map(|s| (s.scope, s.name.clone(), s.period.to_string(), s.spend))
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            (Scope::Provider, "anthropic".into(), "1h".into(), usd("5")),
+            (Scope::Provider, "openai".into(), "1d".into(), usd("7.25")),
+            (Scope::Provider, "openai".into(), "1mo".into(), usd("0")),
+            (Scope::Model, "gpt-4o".into(), "1d".into(), usd("0")),
+            (Scope::Tag, "team-a".into(), "1d".into(), usd("0")),
+        ]
+    );
+    l.charge("openai/gpt-4o", &["team-a"], usd("1")).unwrap();
+    assert!(l.filter_tagged(&["gpt-4o"], &["team-a"]).is_err());
+    assert_eq!(l.status()[1].spend, usd("8.25"));
+}
