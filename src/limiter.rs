@@ -794,6 +794,11 @@ impl Limiter {
     /// Every budget's state in the windows containing `at` (windows past their retention read
     /// as empty), in config order (providers first).
     pub fn status_at(&self, at: Timestamp) -> Vec<BudgetStatus> {
+        self.status_rows(at).into_iter().map(|(_, s)| s).collect()
+    }
+
+    /// [`Limiter::status_at`] with each row's slot.
+    fn status_rows(&self, at: Timestamp) -> Vec<(u32, BudgetStatus)> {
         let secs = floor_secs(at);
         let (replication, problems) = self.replication_status();
         let storage_fault = self.health().storage_fault;
@@ -814,7 +819,7 @@ impl Limiter {
                     .copied()
                     .filter(|s| spend.as_nanos() >= s.threshold(b.limit.as_nanos()))
                     .collect();
-                BudgetStatus {
+                let row = BudgetStatus {
                     provider: key,
                     scope: b.scope,
                     name: b.name.clone(),
@@ -833,8 +838,27 @@ impl Limiter {
                     replication: replication.clone(),
                     storage_fault: storage_fault.clone(),
                     replication_problem: problems.get(i as usize).cloned().flatten(),
-                }
+                };
+                (i, row)
             })
+            .collect()
+    }
+
+    /// The state of every budget that applies to the deployment and the request's tags (those
+    /// [`Limiter::charge`] counts against), in the windows containing `at`.
+    pub fn status_for<D: Deployment + ?Sized, T: AsRef<str>>(
+        &self,
+        deployment: &D,
+        tags: &[T],
+        at: Timestamp,
+    ) -> Vec<BudgetStatus> {
+        let resolver = self.inner.resolver.load();
+        let r = resolver.resolve(deployment);
+        let slots: Vec<u32> = charge_slots(&resolver, &r, tags).collect();
+        self.status_rows(at)
+            .into_iter()
+            .filter(|(slot, _)| slots.contains(slot))
+            .map(|(_, s)| s)
             .collect()
     }
 
