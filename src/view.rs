@@ -68,6 +68,8 @@ struct BudgetView {
     would_deny: AtomicU64,
     /// Soft limits, increasing (swapped by a reload; read only when a charge lands).
     soft: ArcSwap<Vec<SoftLimit>>,
+    /// Whether `soft` is not empty (spares its load on the charge path).
+    has_soft: AtomicBool,
 }
 
 /// A snapshot of one window's totals.
@@ -186,6 +188,7 @@ impl View {
             c.fired
                 .store(crossed_bits(&soft, limit, c.total()), Ordering::Relaxed);
         }
+        b.has_soft.store(!soft.is_empty(), Ordering::Relaxed);
         b.soft.store(Arc::new(soft));
     }
 
@@ -205,10 +208,10 @@ impl View {
         let cell = self.cell_at(budget, at_secs);
         saturating_add(&cell.own, amount.as_nanos());
         let b = self.budget(budget);
-        let soft = b.soft.load();
-        if soft.is_empty() {
+        if !b.has_soft.load(Ordering::Relaxed) {
             return (cell.window, None);
         }
+        let soft = b.soft.load();
         let spend = cell.total();
         let bits = crossed_bits(&soft, b.limit.load(Ordering::Relaxed), spend);
         let already = cell.fired.load(Ordering::Relaxed);
@@ -231,10 +234,10 @@ impl View {
     /// would-be denial and does not block).
     #[inline]
     pub fn blocks(&self, budget: u32, now_secs: i64) -> bool {
-        if !self.exhausted(budget, now_secs) {
+        let b = self.budget(budget);
+        if !b.exhausted(now_secs) {
             return false;
         }
-        let b = self.budget(budget);
         if b.shadow.load(Ordering::Relaxed) {
             b.would_deny.fetch_add(1, Ordering::Relaxed);
             return false;
@@ -250,13 +253,7 @@ impl View {
     /// Whether the budget is spent at the instant: `spend >= limit`, as in the reference.
     #[inline]
     pub fn exhausted(&self, budget: u32, now_secs: i64) -> bool {
-        let b = self.budget(budget);
-        let cells = b.cells.load();
-        let spend = cells
-            .iter()
-            .find(|c| c.window.contains_secs(now_secs))
-            .map_or(0, |c| c.total());
-        spend >= b.limit.load(Ordering::Relaxed)
+        self.budget(budget).exhausted(now_secs)
     }
 
     /// Totals of the window containing the instant (zero when nothing was spent in it).
@@ -412,6 +409,16 @@ impl View {
 }
 
 impl BudgetView {
+    #[inline]
+    fn exhausted(&self, now_secs: i64) -> bool {
+        let cells = self.cells.load();
+        let spend = cells
+            .iter()
+            .find(|c| c.window.contains_secs(now_secs))
+            .map_or(0, |c| c.total());
+        spend >= self.limit.load(Ordering::Relaxed)
+    }
+
     fn new(schedule: Schedule, limit: Money) -> BudgetView {
         BudgetView {
             schedule,
@@ -421,6 +428,7 @@ impl BudgetView {
             shadow: AtomicBool::new(false),
             would_deny: AtomicU64::new(0),
             soft: ArcSwap::from_pointee(Vec::new()),
+            has_soft: AtomicBool::new(false),
         }
     }
 }
