@@ -1049,7 +1049,7 @@ pub struct Prepared {
     generation: u64,
     /// Every deployment's slots, concatenated.
     slots: Vec<u32>,
-    /// Per deployment: start in `slots`, count, unknown provider.
+    /// Per deployment: start in `slots`, count, denied as unknown.
     ranges: Vec<(u32, u32, bool)>,
     targets: Vec<Target>,
 }
@@ -1072,8 +1072,11 @@ impl Prepared {
             let r = resolver.resolve(t);
             let start = self.slots.len() as u32;
             self.slots.extend(r.iter());
-            self.ranges
-                .push((start, self.slots.len() as u32 - start, r.unknown));
+            self.ranges.push((
+                start,
+                self.slots.len() as u32 - start,
+                r.unknown && resolver.deny_unknown,
+            ));
         }
     }
 
@@ -1100,29 +1103,24 @@ impl Prepared {
         out: &mut Vec<usize>,
     ) -> Result<(), NoDeployments> {
         out.clear();
-        let resolver = self.resolver.load();
-        let mut check = Check::new(
-            &self.view,
-            &self.keys,
-            floor_secs(self.clock.now()),
-            resolver.deny_unknown,
-        );
-        let fresh;
-        let this = if self.generation == self.generation_now.load(Ordering::Acquire) {
-            self
-        } else {
+        let now = floor_secs(self.clock.now());
+        if self.generation != self.generation_now.load(Ordering::Acquire) {
             // Reloaded since `prepare`: resolve with the current budgets (prepare again to
             // get the fast path back).
             let mut again = self.clone();
-            again.fill(&resolver);
-            fresh = again;
-            &fresh
-        };
-        let tags_ok = check.tags_pass(&resolver, tags);
-        check.select(tags_ok, this.resolved(), |i| out.push(i));
-        if out.is_empty() && !this.ranges.is_empty() {
-            let models = this.targets.iter().map(|t| t.model.as_str());
-            return Err(check.no_deployments(&resolver, tags, this.resolved().zip(models)));
+            again.generation = self.generation_now.load(Ordering::Acquire);
+            again.fill(&self.resolver.load());
+            return again.filter_tagged_into(tags, out);
+        }
+        // `ranges` carry `unknown && deny_unknown` as resolved at `prepare` (a reload bumps the
+        // generation): no resolver load on the untagged path.
+        let mut check = Check::new(&self.view, &self.keys, now, true);
+        let tags_ok = tags.is_empty() || check.tags_pass(&self.resolver.load(), tags);
+        check.select(tags_ok, self.resolved(), |i| out.push(i));
+        if out.is_empty() && !self.ranges.is_empty() {
+            let resolver = self.resolver.load();
+            let models = self.targets.iter().map(|t| t.model.as_str());
+            return Err(check.no_deployments(&resolver, tags, self.resolved().zip(models)));
         }
         Ok(())
     }
