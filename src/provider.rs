@@ -162,7 +162,37 @@ impl Resolved<'_> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct CachedModel {
     unknown: bool,
-    slots: Box<[u32]>,
+    /// Up to four slots inline (no pointer to chase on the request path), more in `spill`.
+    len: u8,
+    inline: [u32; 4],
+    spill: Box<[u32]>,
+}
+
+impl CachedModel {
+    fn new(unknown: bool, slots: impl Iterator<Item = u32>) -> CachedModel {
+        let all: Vec<u32> = slots.collect();
+        let mut inline = [0; 4];
+        let (len, spill) = if all.len() <= inline.len() {
+            inline[..all.len()].copy_from_slice(&all);
+            (all.len() as u8, Box::default())
+        } else {
+            (u8::MAX, all.into_boxed_slice())
+        };
+        CachedModel {
+            unknown,
+            len,
+            inline,
+            spill,
+        }
+    }
+
+    #[inline]
+    fn slots(&self) -> &[u32] {
+        match self.inline.get(..usize::from(self.len)) {
+            Some(s) => s,
+            None => &self.spill,
+        }
+    }
 }
 
 /// Entries kept in the model-name cache before it is cleared (bounds memory when callers
@@ -303,14 +333,11 @@ impl Resolver {
         if let Some(c) = cache.get(model) {
             return Resolved {
                 unknown: c.unknown,
-                slots: [&c.slots, id, &[]],
+                slots: [c.slots(), id, &[]],
             };
         }
         let r = self.resolve(d);
-        let entry = CachedModel {
-            unknown: r.unknown,
-            slots: r.slots[0].iter().chain(r.slots[1]).copied().collect(),
-        };
+        let entry = CachedModel::new(r.unknown, r.slots[0].iter().chain(r.slots[1]).copied());
         self.cache.rcu(|old| {
             let mut map = if old.len() >= CACHE_LIMIT {
                 FxHashMap::default()

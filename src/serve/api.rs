@@ -161,6 +161,15 @@ struct DeploymentIn<'a> {
     provider: Option<Cow<'a, str>>,
     #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
     id: Option<Cow<'a, str>>,
+    /// Opaque, echoed back as given (clients match answers to their list with it; `id` is
+    /// the deployment's budget identity).
+    #[serde(
+        borrow,
+        default,
+        rename = "ref",
+        skip_serializing_if = "Option::is_none"
+    )]
+    reference: Option<Cow<'a, str>>,
 }
 
 impl Deployment for DeploymentIn<'_> {
