@@ -4,13 +4,14 @@
 //! table. Slots are only ever added while the limiter runs, never removed or renumbered, so an
 //! index held by a racing `record` or `filter` stays valid. A reload:
 //!
-//! * keeps the slot of every budget whose (provider, period) is unchanged and stores its new
-//!   limit in place (an atomic): the next `filter` sees it;
+//! * keeps the slot of every budget whose series (key name, period part: see the module
+//!   `budget`) is unchanged and stores its new limit, mode and soft limits in place: the next
+//!   `filter` sees them;
 //! * adds a slot for a new budget, or for a changed period (the period is part of the storage
 //!   and Redis keys, so it is a new series starting at its stored total, zero when new), or
 //!   takes back the slot of a budget that was removed earlier (its spend is still there);
-//! * swaps the provider → slot table: a removed budget's provider resolves to "no budget" and
-//!   passes; its slot keeps its spend (journaled, replicated, stored until retention ends);
+//! * swaps the (scope, name) → slots table: a removed budget no longer applies; its slot keeps
+//!   its spend (journaled, replicated, stored until retention ends);
 //! * validates everything first: an invalid config, or a change of what only a restart can
 //!   apply (storage, Redis, node id, window anchor), is refused and the old config keeps
 //!   running.
@@ -131,11 +132,12 @@ fn summary_name(b: &BudgetConfig) -> String {
 pub struct ReloadSummary {
     /// Budgets in force after the reload.
     pub budgets: usize,
-    /// Providers whose budget is new (or has a new period).
+    /// Budgets that are new (or have a new period or own zone): the provider name for
+    /// provider budgets, `scope:name` for the others (`tag:team-a`).
     pub added: Vec<String>,
-    /// Providers whose limit changed (same period).
+    /// Budgets whose limit, soft limits or mode changed (same series), named as `added`.
     pub changed: Vec<String>,
-    /// Providers whose budget was removed (or replaced by one with a new period).
+    /// Budgets removed (or replaced by one with a new period), named as `added`.
     pub removed: Vec<String>,
 }
 

@@ -576,3 +576,140 @@ fn a_data_dir_of_the_previous_release_opens_with_its_spend_and_gains_scoped_budg
     assert!(l.filter_tagged(&["gpt-4o"], &["team-a"]).is_err());
     assert_eq!(l.status()[1].spend, usd("8.25"));
 }
+
+mod model {
+    //! Several windows per budget against a model: random charges and clock steps; after each
+    //! step every budget's spend equals the sum of the charges whose instant falls in the
+    //! budget's current window (computed from Unix seconds directly, not by the crate's window
+    //! code), and `filter` passes exactly when every applicable budget is under its limit.
+    use super::*;
+    use proptest::prelude::*;
+
+    /// (scope, name, period seconds, limit in cents).
+    const BUDGETS: [(Scope, &str, i64, u64); 5] = [
+        (Scope::Provider, "openai", 3_600, 300),
+        (Scope::Provider, "openai", 86_400, 900),
+        (Scope::Model, "gpt-4o", 7_200, 500),
+        (Scope::Tag, "t", 3_600, 200),
+        (Scope::Tag, "t", 604_800, 1_500),
+    ];
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Wait(i64),
+        Charge {
+            cents: u64,
+            mini: bool,
+            tagged: bool,
+        },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (0i64..10_000).prop_map(Op::Wait),
+            (0u64..120, any::<bool>(), any::<bool>()).prop_map(|(cents, mini, tagged)| {
+                Op::Charge {
+                    cents,
+                    mini,
+                    tagged,
+                }
+            }),
+        ]
+    }
+
+    fn config_yaml() -> String {
+        let mut s = String::from("provider_budgets:\n  storage: {retention: 30d}\n  budgets:\n");
+        for (scope, name, secs, cents) in BUDGETS {
+            s.push_str(&format!(
+                "    - {{{scope}: {name}, limit: \"{}.{:02}\", period: {}s}}\n",
+                cents / 100,
+                cents % 100,
+                secs
+            ));
+        }
+        s
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+        #[test]
+        fn every_window_of_every_budget_matches_the_model(ops in prop::collection::vec(op(), 1..60)) {
+            let dir = tempfile::tempdir().unwrap();
+            let start = ts("2024-03-09T20:00:00Z");
+            let clock = FakeClock::new(start);
+            let l = open(&config_yaml(), &dir, &clock);
+            let mut events: Vec<(i64, u64, bool, bool)> = Vec::new(); // (secs, cents, gpt-4o, tagged)
+            let mut now = start.as_second();
+            for op in ops {
+                match op {
+                    Op::Wait(s) => {
+                        now += s;
+                        clock.set(Timestamp::from_second(now).unwrap());
+                    }
+                    Op::Charge { cents, mini, tagged } => {
+                        let model = if mini { "openai/gpt-4o-mini" } else { "openai/gpt-4o" };
+                        let tags: &[&str] = if tagged { &["t"] } else { &[] };
+                        let cost = Money::from_nanos(cents * 10_000_000);
+                        l.charge(model, tags, cost).unwrap();
+                        events.push((now, cents, !mini, tagged));
+                    }
+                }
+                // The model, per budget.
+                let mut spent = Vec::new();
+                for (scope, _, secs, _) in BUDGETS {
+                    let from = now - now.rem_euclid(secs);
+                    let sum: u64 = events
+                        .iter()
+                        .filter(|e| e.0 >= from && e.0 < from + secs)
+                        .filter(|e| match scope {
+                            Scope::Model => e.2,
+                            Scope::Tag => e.3,
+                            _ => true,
+                        })
+                        .map(|e| e.1)
+                        .sum();
+                    spent.push(sum);
+                }
+                let status = l.status();
+                let got: Vec<u64> = status.iter().map(|s| s.spend.as_nanos() / 10_000_000).collect();
+                // Compared as sets keyed by (scope, name/period): the order of status rows is
+                // the config's, not the model's.
+                let mut want: Vec<(Scope, String, u64)> = BUDGETS
+                    .iter()
+                    .zip(&spent)
+                    .map(|((sc, n, secs, _), s)| (*sc, format!("{n}/{secs}s"), *s))
+                    .collect();
+                want.sort();
+                let mut have: Vec<(Scope, String, u64)> = status
+                    .iter()
+                    .zip(&got)
+                    .map(|(s, g)| (s.scope, format!("{}/{}", s.name, s.period), *g))
+                    .collect();
+                have.sort();
+                prop_assert_eq!(&have, &want);
+                // Filter: each candidate passes iff all its budgets have room.
+                let room = |i: usize| spent[i] < BUDGETS[i].3;
+                let provider_ok = room(0) && room(1);
+                let tag_ok = room(3) && room(4);
+                for tagged in [false, true] {
+                    let tags: &[&str] = if tagged { &["t"] } else { &[] };
+                    let r = l.filter_tagged(&["openai/gpt-4o", "openai/gpt-4o-mini"], tags);
+                    let mut want = Vec::new();
+                    if provider_ok && (!tagged || tag_ok) {
+                        if room(2) {
+                            want.push("openai/gpt-4o");
+                        }
+                        want.push("openai/gpt-4o-mini");
+                    }
+                    match r {
+                        Ok(v) => prop_assert_eq!(v.into_iter().copied().collect::<Vec<_>>(), want),
+                        Err(e) => {
+                            prop_assert!(want.is_empty(), "{e}");
+                            prop_assert!(!e.exceeded.is_empty());
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
