@@ -59,6 +59,8 @@
 // Unit tests may unwrap: a panic there is a test failure with a message.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+#[cfg(feature = "redis")]
+mod alerts;
 mod budget;
 #[cfg(feature = "cli")]
 #[doc(hidden)]

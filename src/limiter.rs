@@ -44,7 +44,10 @@ struct Inner {
     /// Bumped by each reload: `Prepared` lists resolve again.
     generation: Arc<AtomicU64>,
     /// Called once per window per soft limit crossed (`Limiter::on_soft_limit`).
-    soft_handler: Mutex<Option<SoftLimitHandler>>,
+    soft_handler: Arc<Mutex<Option<SoftLimitHandler>>>,
+    /// With Redis: soft limits are claimed fleet-wide before they fire (module `alerts`).
+    #[cfg(feature = "redis")]
+    alerts: Option<crate::alerts::FleetAlerts>,
     /// The store, for a reload to read what a new budget already has stored.
     store: Arc<Store>,
     /// Shared with the journal (which prunes it) and the replicator (which raises others).
@@ -183,6 +186,22 @@ impl Limiter {
         };
         #[cfg(not(feature = "redis"))]
         drop(peers);
+        let soft_handler: Arc<Mutex<Option<SoftLimitHandler>>> = Arc::default();
+        #[cfg(feature = "redis")]
+        let alerts = match &config.redis {
+            Some(redis) => Some(
+                crate::alerts::FleetAlerts::start(
+                    redis,
+                    node_id.clone(),
+                    Arc::clone(&soft_handler),
+                )
+                .map_err(|source| Error::Thread {
+                    what: "alerts",
+                    source,
+                })?,
+            ),
+            None => None,
+        };
         Ok(Limiter {
             inner: Arc::new(Inner {
                 #[cfg(feature = "redis")]
@@ -192,7 +211,9 @@ impl Limiter {
                 keys: slot_keys,
                 reload_lock: Mutex::new(()),
                 generation: Arc::new(AtomicU64::new(0)),
-                soft_handler: Mutex::new(None),
+                soft_handler,
+                #[cfg(feature = "redis")]
+                alerts,
                 store,
                 clock,
                 view,
@@ -595,19 +616,14 @@ impl Limiter {
         Ok(n)
     }
 
-    /// Reports newly crossed soft limits: callback, metric, `tracing` event (cold path).
+    /// Reports newly crossed soft limits: callback, metric, `tracing` event (cold path);
+    /// with Redis, after this node won the fleet-wide claim (module `alerts`).
     #[cold]
     fn fire(&self, budget: u32, crossed: crate::view::Crossed) {
         let (key, period) = self.inner.keys.get(budget);
         let (scope, name) = parse_key_name(&key);
         let soft = self.inner.view.soft_limits(budget);
         let limit = self.inner.view.limit(budget);
-        let handler = self
-            .inner
-            .soft_handler
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
         for (i, s) in soft.iter().enumerate().take(8) {
             if crossed.bits & (1 << i) == 0 {
                 continue;
@@ -621,26 +637,12 @@ impl Limiter {
                 limit,
                 window: crossed.window,
             };
-            metrics::counter!(
-                "provider_budgets_soft_limit_crossed_total",
-                "budget" => key.clone(),
-                "period" => period.clone(),
-                "fraction" => s.to_string()
-            )
-            .increment(1);
-            tracing::warn!(
-                scope = %scope,
-                name = %name,
-                period = %period,
-                fraction = s.fraction(),
-                spend = %event.spend,
-                limit = %limit,
-                window_start = %crossed.window.start(),
-                "soft limit crossed"
-            );
-            if let Some(h) = &handler {
-                (h.0)(&event);
+            #[cfg(feature = "redis")]
+            if let Some(alerts) = &self.inner.alerts {
+                alerts.claim(&key, event);
+                continue;
             }
+            deliver_soft_limit(&self.inner.soft_handler, &key, &event);
         }
     }
 
@@ -1004,6 +1006,38 @@ impl Limiter {
             Some(e @ StoreError::JournalStopped { .. }) => RecordError::Storage(e),
             _ => RecordError::Closed,
         }
+    }
+}
+
+/// Delivers a crossed soft limit on this node: metric, `tracing` event, callback.
+pub(crate) fn deliver_soft_limit(
+    handler: &Mutex<Option<SoftLimitHandler>>,
+    key: &str,
+    e: &SoftLimitCrossed,
+) {
+    metrics::counter!(
+        "provider_budgets_soft_limit_crossed_total",
+        "budget" => key.to_owned(),
+        "period" => e.period.clone(),
+        "fraction" => e.soft_limit.to_string()
+    )
+    .increment(1);
+    tracing::warn!(
+        scope = %e.scope,
+        name = %e.name,
+        period = %e.period,
+        fraction = e.soft_limit.fraction(),
+        spend = %e.spend,
+        limit = %e.limit,
+        window_start = %e.window.start(),
+        "soft limit crossed"
+    );
+    let h = handler
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    if let Some(h) = h {
+        (h.0)(e);
     }
 }
 
