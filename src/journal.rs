@@ -732,12 +732,13 @@ impl Worker {
             }
             let spend = self.view.totals_at(b, now).total();
             let remaining = self.view.limit(b).saturating_sub(spend);
-            let provider = self.settings.keys.get(b).0;
-            metrics::gauge!("provider_budgets_spend_usd", "provider" => provider.clone())
+            // Labels as the sidecar's scrape sets them (serve/metrics.rs): key name and period.
+            let (provider, period) = self.settings.keys.get(b);
+            metrics::gauge!("provider_budgets_spend_usd", "provider" => provider.clone(), "period" => period.clone())
                 .set(spend.as_usd());
-            metrics::gauge!("provider_budgets_limit_usd", "provider" => provider.clone())
+            metrics::gauge!("provider_budgets_limit_usd", "provider" => provider.clone(), "period" => period.clone())
                 .set(self.view.limit(b).as_usd());
-            metrics::gauge!("provider_budgets_remaining_usd", "provider" => provider)
+            metrics::gauge!("provider_budgets_remaining_usd", "provider" => provider, "period" => period)
                 .set(remaining.as_usd());
         }
     }

@@ -810,9 +810,9 @@ impl Limiter {
             .iter()
             .filter_map(|b| {
                 let (key, period) = b.key_parts();
-                Some((self.inner.keys.position(&key, &period)?, b, key))
+                Some((self.inner.keys.position(&key, &period)?, b, key, period))
             })
-            .map(|(i, b, key)| {
+            .map(|(i, b, key, period_key)| {
                 let t = self.inner.view.totals_at(i, secs);
                 let spend = t.total();
                 let crossed = b
@@ -826,6 +826,7 @@ impl Limiter {
                     scope: b.scope,
                     name: b.name.clone(),
                     period: b.period,
+                    period_key,
                     time_zone: config.budget_zone_name(b),
                     mode: b.mode,
                     soft_limits: b.soft_limits.clone(),

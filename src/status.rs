@@ -26,6 +26,9 @@ pub struct BudgetStatus {
     pub would_deny: u64,
     /// The budget's period.
     pub period: Period,
+    /// The period part of its storage and Redis keys: the period, with `@Zone` when the budget
+    /// has its own time zone (`1d@Europe/Berlin`). The `period` label of its metrics.
+    pub period_key: String,
     /// IANA time zone of its local windows (`d`, `w`, `mo` start at local midnight there);
     /// `UTC` when none is configured.
     pub time_zone: String,

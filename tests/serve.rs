@@ -742,7 +742,10 @@ fn budgets_is_the_cli_status_json_and_metrics_equal_it() {
     let m = Prometheus::parse(&r.body);
     for b in doc["budgets"].as_array().unwrap() {
         let p = b["provider"].as_str().unwrap();
-        let labels = format!("provider=\"{p}\"");
+        let labels = format!(
+            "provider=\"{p}\",period=\"{}\"",
+            b["period"].as_str().unwrap()
+        );
         for (metric, field) in [
             ("provider_budgets_spend_usd", "spend"),
             ("provider_budgets_limit_usd", "limit"),
