@@ -550,7 +550,14 @@ impl Config {
             (Some(b), None) | (None, Some(b)) => b.0,
             (None, None) => BTreeMap::new(),
         };
-        let settings_tags = raw.litellm_settings.and_then(|s| s.tag_budget_config);
+        let mut ignored = Vec::new();
+        let settings_tags = raw.litellm_settings.and_then(|s| {
+            if s.provider_budget_config.is_some() {
+                // litellm reads provider budgets from router_settings only: say so.
+                ignored.push("litellm_settings.provider_budget_config (litellm reads it from router_settings)".to_owned());
+            }
+            s.tag_budget_config
+        });
         let given = [
             raw.tag_budget_config.map(|b| (b, "tag_budget_config")),
             nested_tags.map(|b| (b, "router_settings.tag_budget_config")),
@@ -568,7 +575,6 @@ impl Config {
             (Some((b, at)), None) => (b.0, at),
             (None, _) => (BTreeMap::new(), "tag_budget_config"),
         };
-        let mut ignored = Vec::new();
         let mut budgets = Vec::with_capacity(block.len());
         for (provider, raw) in block {
             budgets.push(raw.into_budget(

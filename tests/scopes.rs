@@ -713,3 +713,19 @@ mod model {
         }
     }
 }
+
+#[test]
+fn provider_budgets_under_litellm_settings_are_not_silently_dropped() {
+    let c = Config::from_yaml_str(
+        "litellm_settings:\n  provider_budget_config:\n    openai: {budget_limit: 1, time_period: 1d}\n",
+    )
+    .unwrap();
+    assert!(c.budgets.is_empty());
+    assert!(
+        c.warning()
+            .unwrap()
+            .contains("litellm_settings.provider_budget_config"),
+        "{:?}",
+        c.warning()
+    );
+}
