@@ -70,6 +70,11 @@ struct BudgetView {
     soft: ArcSwap<Vec<SoftLimit>>,
     /// Whether `soft` is not empty (spares its load on the charge path).
     has_soft: AtomicBool,
+    /// An upper bound of every window total that ever reached the limit (and of every total
+    /// raised by loading or replication, and of the live totals when the limit changed).
+    /// While it is below the limit no window can be spent: `exhausted` answers from two
+    /// plain atomic loads, without loading the window list (the request path's fast path).
+    peak: AtomicU64,
 }
 
 /// A snapshot of one window's totals.
@@ -143,9 +148,14 @@ impl View {
 
     /// Changes a budget's limit in place (reload).
     pub fn set_limit(&self, budget: u32, limit: Money) {
-        self.budget(budget)
-            .limit
-            .store(limit.as_nanos(), Ordering::Relaxed);
+        let b = self.budget(budget);
+        let old = b.limit.swap(limit.as_nanos(), Ordering::Relaxed);
+        if limit.as_nanos() < old {
+            // Totals under the old limit may be at or over the new one, and a charge racing
+            // with this store may still compare with the old limit: give up the fast path of
+            // this budget (until the next start) rather than miss one.
+            b.peak.store(u64::MAX, Ordering::Relaxed);
+        }
     }
 
     pub fn schedule(&self, budget: u32) -> &Schedule {
@@ -162,6 +172,7 @@ impl View {
     pub fn add_own(&self, budget: u32, at_secs: i64, amount: Money) -> Window {
         let cell = self.cell_at(budget, at_secs);
         saturating_add(&cell.own, amount.as_nanos());
+        self.budget(budget).note_total(cell.total());
         cell.window
     }
 
@@ -208,6 +219,7 @@ impl View {
         let cell = self.cell_at(budget, at_secs);
         saturating_add(&cell.own, amount.as_nanos());
         let b = self.budget(budget);
+        b.note_total(cell.total());
         if !b.has_soft.load(Ordering::Relaxed) {
             return (cell.window, None);
         }
@@ -283,18 +295,22 @@ impl View {
     /// Raises this node's own total of a window to at least `own` (loading from the store).
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub fn raise_own(&self, budget: u32, window: Window, own: Money) {
-        self.cell_for(budget, window)
-            .own
-            .fetch_max(own.as_nanos(), Ordering::Relaxed);
+        let cell = self.cell_for(budget, window);
+        cell.own.fetch_max(own.as_nanos(), Ordering::Relaxed);
+        self.budget(budget)
+            .peak
+            .fetch_max(cell.total(), Ordering::Relaxed);
     }
 
     /// Sets the other nodes' total of a window (replication). It only grows: the replicator
     /// merges with `max` per node, so a smaller value would be a stale read.
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub fn raise_others(&self, budget: u32, window: Window, others: Money) {
-        self.cell_for(budget, window)
-            .others
-            .fetch_max(others.as_nanos(), Ordering::Relaxed);
+        let cell = self.cell_for(budget, window);
+        cell.others.fetch_max(others.as_nanos(), Ordering::Relaxed);
+        self.budget(budget)
+            .peak
+            .fetch_max(cell.total(), Ordering::Relaxed);
     }
 
     /// Bulk [`View::raise_own`] for loading at open: one list swap per budget instead of one
@@ -333,6 +349,7 @@ impl View {
                     .entry((window.start_secs(), window.end_secs()))
                     .or_insert_with(|| Arc::new(Cell::new(window)));
                 field(cell).fetch_max(amount, Ordering::Relaxed);
+                b.peak.fetch_max(cell.total(), Ordering::Relaxed);
             }
             // Newest first, like `cell_for` keeps it.
             b.cells.store(Arc::new(cells.into_values().rev().collect()));
@@ -409,8 +426,19 @@ impl View {
 }
 
 impl BudgetView {
+    /// Keeps `peak` above every total that reaches the limit (one load when it does not).
+    #[inline]
+    fn note_total(&self, total: u64) {
+        if total >= self.limit.load(Ordering::Relaxed) {
+            self.peak.fetch_max(total, Ordering::Relaxed);
+        }
+    }
+
     #[inline]
     fn exhausted(&self, now_secs: i64) -> bool {
+        if self.peak.load(Ordering::Relaxed) < self.limit.load(Ordering::Relaxed) {
+            return false;
+        }
         let cells = self.cells.load();
         let spend = cells
             .iter()
@@ -429,6 +457,7 @@ impl BudgetView {
             would_deny: AtomicU64::new(0),
             soft: ArcSwap::from_pointee(Vec::new()),
             has_soft: AtomicBool::new(false),
+            peak: AtomicU64::new(0),
         }
     }
 }
@@ -500,6 +529,33 @@ mod tests {
         assert_eq!(starts, vec![10, 0]);
         v.prune(10);
         assert_eq!(v.windows(0).len(), 1);
+    }
+
+    #[test]
+    fn the_peak_fast_path_never_hides_a_spent_window() {
+        let v = view(); // limit 100 per 10 s
+        v.add_own(0, 1, Money::from_nanos(99));
+        assert!(!v.exhausted(0, 1));
+        v.add_own(0, 2, Money::from_nanos(1));
+        assert!(v.exhausted(0, 2));
+        assert!(!v.exhausted(0, 12), "the next window is fresh (slow path)");
+        // Replication and loading raise it too.
+        let w = view();
+        w.raise_others(0, Window::from_secs(10, 20), Money::from_nanos(100));
+        assert!(w.exhausted(0, 15));
+        let w = view();
+        w.raise_own_many([(0, Window::from_secs(10, 20), Money::from_nanos(150))]);
+        assert!(w.exhausted(0, 15));
+        // A lower limit: totals below the old one count against the new one.
+        let w = view();
+        w.add_own(0, 1, Money::from_nanos(60));
+        assert!(!w.exhausted(0, 1));
+        w.set_limit(0, Money::from_nanos(50));
+        assert!(w.exhausted(0, 1));
+        w.set_limit(0, Money::from_nanos(70));
+        assert!(!w.exhausted(0, 1));
+        w.add_own(0, 1, Money::from_nanos(10));
+        assert!(w.exhausted(0, 1));
     }
 
     #[test]
