@@ -82,6 +82,12 @@ pub(crate) enum Event {
         amount: u64,
         ack: Option<Ack>,
     },
+    /// `amount` more spend in each of several budget windows (one `charge`: one channel send).
+    AddMany {
+        items: Box<[(u32, Window)]>,
+        amount: u64,
+        ack: Option<Ack>,
+    },
     /// Raise this node's total of a window to at least `total`: the replicator found a larger
     /// own field in Redis (this node's data dir was wiped), so the durable total adopts it.
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]
@@ -475,6 +481,17 @@ impl Worker {
                     self.dirty.insert(key);
                     acks.extend(ack);
                 }
+                Event::AddMany { items, amount, ack } => {
+                    records += 1;
+                    for &(budget, window) in &*items {
+                        let key = (budget, window.start_secs());
+                        let entry = self.entry(budget, window, mono);
+                        entry.total = entry.total.saturating_add(amount);
+                        entry.touched = mono;
+                        self.dirty.insert(key);
+                    }
+                    acks.extend(ack);
+                }
                 Event::Adopt {
                     budget,
                     window,
@@ -745,5 +762,8 @@ impl Worker {
 }
 
 fn is_urgent(ev: &Event) -> bool {
-    !matches!(ev, Event::Add { ack: None, .. })
+    !matches!(
+        ev,
+        Event::Add { ack: None, .. } | Event::AddMany { ack: None, .. }
+    )
 }

@@ -579,28 +579,42 @@ impl Limiter {
         }
         let secs = floor_secs(at);
         let mut n = 0;
-        let mut slots = slots.peekable();
         if cost != Money::ZERO {
-            while let Some(budget) = slots.next() {
+            // One journal event per call: a single window goes as `Add`, several as `AddMany`.
+            let mut first: Option<(u32, Window)> = None;
+            let mut more: Vec<(u32, Window)> = Vec::new();
+            for budget in slots {
                 n += 1;
                 let (window, crossed) = inner.view.add_own_checked(budget, secs, cost);
                 if let Some(c) = crossed {
                     self.fire(budget, c);
                 }
-                let ack = if slots.peek().is_none() {
-                    ack.take()
-                } else {
-                    None
-                };
-                inner
-                    .journal
-                    .send(Event::Add {
-                        budget,
-                        window,
-                        amount: cost.as_nanos(),
-                        ack,
-                    })
-                    .map_err(|_| self.gone())?;
+                match first {
+                    None => first = Some((budget, window)),
+                    Some(f) => {
+                        if more.is_empty() {
+                            more.push(f);
+                        }
+                        more.push((budget, window));
+                    }
+                }
+            }
+            let event = match first {
+                None => None,
+                Some((budget, window)) if more.is_empty() => Some(Event::Add {
+                    budget,
+                    window,
+                    amount: cost.as_nanos(),
+                    ack: ack.take(),
+                }),
+                Some(_) => Some(Event::AddMany {
+                    items: more.into_boxed_slice(),
+                    amount: cost.as_nanos(),
+                    ack: ack.take(),
+                }),
+            };
+            if let Some(event) = event {
+                inner.journal.send(event).map_err(|_| self.gone())?;
             }
         } else {
             n = slots.count();
