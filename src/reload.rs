@@ -23,6 +23,7 @@
 use std::sync::{Mutex, PoisonError, RwLock};
 
 use arc_swap::ArcSwap;
+use rustc_hash::FxHashMap;
 
 use crate::budget::{Mode, Scope};
 use crate::config::{BudgetConfig, Config};
@@ -78,29 +79,45 @@ impl Parts<'_> {
 /// `budget`; provider budgets keep the provider name as key name). Append-only.
 #[derive(Debug, Default)]
 pub(crate) struct SlotKeys {
-    keys: RwLock<Vec<(String, String)>>,
+    keys: RwLock<Keys>,
+}
+
+/// The slots' key parts and their index (no linear search: `status` looks every budget up).
+#[derive(Debug, Default)]
+struct Keys {
+    parts: Vec<(String, String)>,
+    index: FxHashMap<(String, String), u32>,
 }
 
 impl SlotKeys {
     pub fn new(keys: Vec<(String, String)>) -> SlotKeys {
+        let index = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| (k.clone(), i as u32))
+            .collect();
         SlotKeys {
-            keys: RwLock::new(keys),
+            keys: RwLock::new(Keys { parts: keys, index }),
         }
     }
 
     /// The key parts of a slot.
     pub fn get(&self, slot: u32) -> (String, String) {
-        self.keys.read().unwrap_or_else(PoisonError::into_inner)[slot as usize].clone()
-    }
-
-    /// The slot of (provider, period), if it has one.
-    pub fn position(&self, provider: &str, period: &str) -> Option<u32> {
         self.keys
             .read()
             .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-            .position(|(p, q)| p == provider && q == period)
-            .and_then(|i| u32::try_from(i).ok())
+            .parts[slot as usize]
+            .clone()
+    }
+
+    /// The slot of (key name, period part), if it has one.
+    pub fn position(&self, name: &str, period: &str) -> Option<u32> {
+        self.keys
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .index
+            .get(&(name.to_owned(), period.to_owned()))
+            .copied()
     }
 
     /// Every slot's key parts.
@@ -109,14 +126,15 @@ impl SlotKeys {
         self.keys
             .read()
             .unwrap_or_else(PoisonError::into_inner)
+            .parts
             .clone()
     }
 
-    fn push(&self, provider: String, period: String) {
-        self.keys
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push((provider, period));
+    fn push(&self, name: String, period: String) {
+        let mut keys = self.keys.write().unwrap_or_else(PoisonError::into_inner);
+        let slot = keys.parts.len() as u32;
+        keys.index.insert((name.clone(), period.clone()), slot);
+        keys.parts.push((name, period));
     }
 }
 
