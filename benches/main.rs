@@ -22,6 +22,7 @@ mod filter;
 mod record;
 mod reopen;
 mod replication;
+mod scoped;
 
 use criterion::{criterion_group, criterion_main};
 
@@ -34,6 +35,7 @@ criterion_group! {
         durable::bench,
         reopen::bench,
         replication::bench,
+        scoped::bench,
 }
 criterion_group!(summary, common::print_summary);
 criterion_main!(benches, summary);

@@ -1,16 +1,22 @@
-//! The README's main job: a simulated LLM router under load, enforcing provider budgets.
+//! The README's main job: a simulated LLM router under load, enforcing provider, deployment,
+//! model and tag budgets.
 //!
 //! ```text
 //! cargo run --release --example edge_router [-- --data-dir DIR] [-- --threads N]
 //! ```
 //!
 //! Ten deployments over six providers; five providers have a daily budget, `groq` has none
-//! (its deployment always passes, as a deployment without a budget must). Worker threads loop:
-//! filter the deployment list (the hot path: a list resolved once with [`Limiter::prepare`],
-//! filtered with [`Prepared::filter_into`] into a reused vector), pick a survivor with a
-//! deterministic PRNG, "call" it and record its cost (buffered [`Limiter::record`]). The
-//! simulation compresses a day of traffic into a second or two: it stops when every budgeted
-//! provider is exhausted (only `groq` is left), or after 10 s / 50 M requests.
+//! (its deployment always passes, as a deployment without a budget must). On top: the
+//! `gpt4o-east` deployment has its own daily budget, the model `gpt-4o` (on openai and azure)
+//! one, and each request carries a tag, `team-a` (3 in 4) or `team-b`, each with a daily tag
+//! budget (`team-b`'s runs out first: its requests are then denied whatever the deployment).
+//! Worker threads loop: filter the deployment list for the request's tag (the hot path: a
+//! list resolved once with [`Limiter::prepare`], filtered with
+//! [`Prepared::filter_tagged_into`] into a reused vector), pick a survivor with a
+//! deterministic PRNG, "call" it and charge its cost to every budget that applies (buffered
+//! [`Limiter::charge`]). The simulation compresses a day of traffic into a second or two: it
+//! stops when every budgeted provider is exhausted (only `groq` is left), or after 10 s /
+//! 50 M requests. It prints the spend per budget, grouped by scope.
 //!
 //! Then it drops the limiter (which makes everything durable), reopens the same data dir, and
 //! checks that every total survived exactly — exiting non-zero if not.
@@ -25,10 +31,11 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use provider_budgets::{Config, Limiter, Money, Period, Prepared};
+use provider_budgets::{BudgetConfig, Config, Limiter, Money, Period, Prepared, Scope, Target};
 
-/// A deployment of the simulated router: model name, provider, cost of one call in USD.
+/// A deployment of the simulated router: id, model name, provider, cost of one call in USD.
 struct Model {
+    id: &'static str,
     name: &'static str,
     provider: &'static str,
     cost: &'static str,
@@ -37,51 +44,61 @@ struct Model {
 /// Per-call costs are plausible for a ~2k-token request (input + output) in late 2024.
 const MODELS: &[Model] = &[
     Model {
+        id: "gpt4o-east",
         name: "gpt-4o",
         provider: "openai",
         cost: "0.0125",
     },
     Model {
+        id: "gpt4o-mini-east",
         name: "gpt-4o-mini",
         provider: "openai",
-        cost: "0.00075",
+        cost: "0.003",
     },
     Model {
+        id: "azure-gpt4o",
         name: "azure/gpt-4o",
         provider: "azure",
         cost: "0.0125",
     },
     Model {
+        id: "azure-gpt35",
         name: "azure/gpt-35-turbo",
         provider: "azure",
         cost: "0.002",
     },
     Model {
+        id: "sonnet",
         name: "claude-3-5-sonnet",
         provider: "anthropic",
         cost: "0.018",
     },
     Model {
+        id: "haiku",
         name: "claude-3-haiku",
         provider: "anthropic",
         cost: "0.0015",
     },
     Model {
+        id: "gemini-pro",
         name: "gemini-1.5-pro",
         provider: "gemini",
         cost: "0.00875",
     },
     Model {
+        id: "gemini-flash",
         name: "gemini-1.5-flash",
         provider: "gemini",
         cost: "0.0006",
     },
     Model {
+        id: "mistral-large",
         name: "mistral-large-latest",
         provider: "mistral",
         cost: "0.012",
     },
     Model {
+        id: "groq-llama",
         name: "groq/llama-3-70b",
         provider: "groq",
         cost: "0.0008",
@@ -95,8 +112,19 @@ const BUDGETS: &[(&str, &str)] = &[
     ("azure", "6000"),
     ("gemini", "3000"),
     ("mistral", "7000"),
-    ("openai", "10000"),
+    ("openai", "6000"),
 ];
+
+/// Daily budgets of the other scopes: (scope, name, USD).
+const SCOPED: &[(Scope, &str, &str)] = &[
+    (Scope::Deployment, "gpt4o-east", "2500"),
+    (Scope::Model, "gpt-4o", "9000"),
+    (Scope::Tag, "team-a", "100000"),
+    (Scope::Tag, "team-b", "6000"),
+];
+
+/// Request tags: `team-a` for 3 requests in 4, `team-b` for the others.
+const TAGS: [&str; 2] = ["team-a", "team-b"];
 
 /// Bounds of the load phase when budgets do not run out (they should well before).
 const MAX_LOAD: Duration = Duration::from_secs(10);
@@ -156,7 +184,9 @@ struct WorkerReport {
     latencies_ns: Vec<u32>,
     requests: u64,
     records: u64,
-    /// Recorded spend per budget index (exact: integer nanos).
+    /// Requests denied outright (a spent tag budget).
+    denied: u64,
+    /// Charged spend per status row (exact: integer nanos).
     spent: Vec<Money>,
     /// Calls per deployment index.
     calls: Vec<u64>,
@@ -168,9 +198,17 @@ struct WorkerReport {
 struct Shared {
     stop: AtomicBool,
     requests: AtomicU64,
-    /// Per budget: elapsed ns + 1 when a worker first saw it filtered out (0 = not yet).
-    exhausted_at_ns: Vec<AtomicU64>,
-    exhausted_at_req: Vec<AtomicU64>,
+}
+
+/// What the workers need to know about the budgets.
+struct Plan {
+    costs: Vec<Money>,
+    targets: Vec<Target>,
+    /// Status rows charged per (deployment, tag).
+    rows: Vec<[Vec<usize>; 2]>,
+    /// Deployments without any budget of their own (tags aside).
+    unbudgeted: usize,
+    rows_len: usize,
 }
 
 /// xorshift64*: deterministic, fast, good enough to pick a deployment.
@@ -206,6 +244,12 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             .map_err(|e| format!("budget of {provider}: {e}"))?;
         config = config.budget(*provider, limit, day);
     }
+    for (scope, name, limit) in SCOPED {
+        let limit: Money = limit
+            .parse()
+            .map_err(|e| format!("budget of {name}: {e}"))?;
+        config = config.with_budget(BudgetConfig::new(*scope, *name, limit, day));
+    }
     let costs: Vec<Money> = MODELS
         .iter()
         .map(|m| {
@@ -214,48 +258,80 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                 .map_err(|e| format!("cost of {}: {e}", m.name))
         })
         .collect::<Result<_, _>>()?;
-    // Budget index per deployment (None: the provider has no budget).
-    let budget_of: Vec<Option<usize>> = MODELS
+    let targets: Vec<Target> = MODELS
         .iter()
-        .map(|m| BUDGETS.iter().position(|(p, _)| *p == m.provider))
+        .map(|m| {
+            let mut t = Target::with_id(m.id, m.name);
+            t.provider = Some(m.provider.to_owned()); // as litellm knows it
+            t
+        })
         .collect();
-    let names: Vec<&str> = MODELS.iter().map(|m| m.name).collect();
-    let unbudgeted = budget_of.iter().filter(|b| b.is_none()).count();
 
     println!(
-        "edge_router: {} deployments, {} budgets, {} worker threads",
-        names.len(),
+        "edge_router: {} deployments, {} budgets ({} provider, {} deployment/model/tag), {} worker threads",
+        targets.len(),
+        BUDGETS.len() + SCOPED.len(),
         BUDGETS.len(),
+        SCOPED.len(),
         args.threads
     );
     println!("data dir: {}", dir.display());
 
     let limiter =
         Limiter::open(config.clone()).map_err(|e| format!("cannot open the limiter: {e}"))?;
-    let spend_before: Vec<Money> = limiter.status().iter().map(|s| s.spend).collect();
+    let rows_before = limiter.status();
+    let spend_before: Vec<Money> = rows_before.iter().map(|s| s.spend).collect();
     if spend_before.iter().any(|&s| s > Money::ZERO) {
         println!("(the data dir already holds spend for today: it counts against the budgets)");
     }
-    let prepared = limiter.prepare(&names);
+    // The rows each charge lands on, from the limiter's own resolution.
+    let row_of = |s: &provider_budgets::BudgetStatus| {
+        rows_before
+            .iter()
+            .position(|r| r.scope == s.scope && r.name == s.name && r.period == s.period)
+            .unwrap_or(usize::MAX)
+    };
+    let now = limiter.now();
+    let rows: Vec<[Vec<usize>; 2]> = targets
+        .iter()
+        .map(|t| {
+            TAGS.map(|tag| {
+                limiter
+                    .status_for(t, &[tag], now)
+                    .iter()
+                    .map(row_of)
+                    .collect()
+            })
+        })
+        .collect();
+    let unbudgeted = targets
+        .iter()
+        .filter(|t| {
+            limiter
+                .status_for(*t, provider_budgets::NO_TAGS, now)
+                .is_empty()
+        })
+        .count();
+    let plan = Plan {
+        costs,
+        targets,
+        rows,
+        unbudgeted,
+        rows_len: rows_before.len(),
+    };
+    let prepared = limiter.prepare(&plan.targets);
 
     // ---- load phase ------------------------------------------------------------------------
     let shared = Shared {
         stop: AtomicBool::new(false),
         requests: AtomicU64::new(0),
-        exhausted_at_ns: BUDGETS.iter().map(|_| AtomicU64::new(0)).collect(),
-        exhausted_at_req: BUDGETS.iter().map(|_| AtomicU64::new(0)).collect(),
     };
     let start = Instant::now();
     let reports: Vec<WorkerReport> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..args.threads)
             .map(|t| {
-                let (limiter, prepared, shared) = (&limiter, &prepared, &shared);
-                let (costs, budget_of) = (&costs, &budget_of);
-                s.spawn(move || {
-                    worker(
-                        t, limiter, prepared, shared, costs, budget_of, unbudgeted, start,
-                    )
-                })
+                let (limiter, prepared, shared, plan) = (&limiter, &prepared, &shared, &plan);
+                s.spawn(move || worker(t, limiter, prepared, shared, plan, start))
             })
             .collect();
         handles
@@ -285,53 +361,54 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     };
     let (p50, p99, p999) = (pct(0.50), pct(0.99), pct(0.999));
     let records_per_s = records as f64 / load.as_secs_f64();
-    let all_exhausted = shared
-        .exhausted_at_ns
+    let denied: u64 = reports.iter().map(|r| r.denied).sum();
+    let status = limiter.status();
+    let providers_exhausted = status
         .iter()
-        .all(|a| a.load(Ordering::Relaxed) != 0);
+        .filter(|s| s.scope == Scope::Provider)
+        .all(|s| s.exhausted);
+    let names: Vec<&str> = MODELS.iter().map(|m| m.name).collect();
 
     println!();
     println!(
-        "load phase: {requests} requests, {records} records in {:.1} ms ({:.0} records/s, {:.0} requests/s); stopped because {}",
+        "load phase: {requests} requests, {records} charges in {:.1} ms ({:.0} charges/s, {:.0} requests/s); stopped because {}",
         load.as_secs_f64() * 1e3,
         records_per_s,
         requests as f64 / load.as_secs_f64(),
-        if all_exhausted { "every budgeted provider is exhausted" } else { "the time/request bound was reached" },
+        if providers_exhausted { "every budgeted provider is exhausted" } else { "the time/request bound was reached" },
     );
     println!(
-        "filter (prepared, {} deployments): p50 {p50} ns, p99 {p99} ns, p99.9 {p999} ns over {} calls",
+        "filter (prepared, {} deployments with deployment/model budgets, 1 request tag): p50 {p50} ns, p99 {p99} ns, p99.9 {p999} ns over {} calls",
         names.len(),
         latencies.len()
     );
+    println!("requests denied outright by a spent tag budget: {denied}");
 
-    let status = limiter.status();
     println!();
+    println!("spend per scope:");
     println!(
-        "{:<10} {:>12} {:>10} {:>9}  exhausted at",
-        "provider", "spend $", "limit $", "over %"
+        "{:<11} {:<12} {:>12} {:>10} {:>9}  state",
+        "scope", "name", "spend $", "limit $", "over %"
     );
-    for (i, s) in status.iter().enumerate() {
-        let at_ns = shared.exhausted_at_ns[i].load(Ordering::Relaxed);
-        let when = if at_ns == 0 {
-            "not exhausted".to_string()
-        } else {
-            format!(
-                "request ≈{} / {:.1} ms",
-                shared.exhausted_at_req[i].load(Ordering::Relaxed),
-                (at_ns - 1) as f64 / 1e6
-            )
-        };
-        let over = (s.spend.as_usd() / s.limit.as_usd() - 1.0) * 100.0;
-        println!(
-            "{:<10} {:>12} {:>10} {:>8.3}%  {when}",
-            s.provider,
-            s.spend.to_string(),
-            s.limit.to_string(),
-            over.max(0.0)
-        );
+    for scope in Scope::ALL {
+        for s in status.iter().filter(|s| s.scope == scope) {
+            let over = (s.spend.as_usd() / s.limit.as_usd() - 1.0) * 100.0;
+            println!(
+                "{:<11} {:<12} {:>12} {:>10} {:>8.3}%  {}",
+                s.scope.to_string(),
+                s.name,
+                s.spend.to_string(),
+                s.limit.to_string(),
+                over.max(0.0),
+                if s.exhausted { "exhausted" } else { "has room" }
+            );
+        }
     }
-    println!("{:<10} {:>12} {:>10}", "groq", "(no budget)", "-");
-    println!("(spend past the limit is the in-flight overshoot of {} concurrent workers: a call admitted by filter is still recorded)", args.threads);
+    println!(
+        "{:<11} {:<12} {:>12} {:>10}",
+        "provider", "groq", "(no budget)", "-"
+    );
+    println!("(spend past the limit is the in-flight overshoot of {} concurrent workers: a call admitted by filter is still charged)", args.threads);
 
     println!();
     println!(
@@ -347,7 +424,8 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     }
     println!("deployments filtered out in total: {filtered_total} (over {requests} filter calls)");
 
-    // Exactness: what the workers recorded, summed as integers, is what the limiter counted.
+    // Exactness: what the workers charged, summed as integers per budget, is what the
+    // limiter counted.
     for (i, s) in status.iter().enumerate() {
         let recorded = reports
             .iter()
@@ -355,19 +433,22 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         let counted = s.spend.saturating_sub(spend_before[i]);
         if recorded != counted {
             return Err(format!(
-                "{}: workers recorded {recorded} but the limiter counted {counted}",
-                s.provider
+                "{} {}: workers charged {recorded} but the limiter counted {counted}",
+                s.scope, s.name
             )
             .into());
         }
     }
 
     // With only budgeted deployments, an exhausted fleet gives the reference's error.
-    let budgeted: Vec<&str> = names
+    let budgeted: Vec<&Target> = plan
+        .targets
         .iter()
-        .zip(&budget_of)
-        .filter(|(_, b)| b.is_some())
-        .map(|(n, _)| *n)
+        .filter(|t| {
+            !limiter
+                .status_for(*t, provider_budgets::NO_TAGS, now)
+                .is_empty()
+        })
         .collect();
     match limiter.filter(&budgeted) {
         Err(e) => println!("filter without groq: {e}"),
@@ -380,8 +461,8 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     // ---- durability: drop, reopen, compare -------------------------------------------------
     let at = limiter.now();
     let before = limiter.status_at(at);
-    drop(prepared); // holds a clone of the limiter
-    drop(limiter); // flushes what is queued and releases the data dir
+    drop(limiter); // flushes what is queued and releases the data dir (`prepared` holds no limiter)
+    drop(prepared);
     let t = Instant::now();
     let reopened = Limiter::open(config).map_err(|e| format!("cannot reopen the limiter: {e}"))?;
     let reopen = t.elapsed();
@@ -397,8 +478,9 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         let ok = b.spend == a.spend && b.own_spend == a.own_spend && b.window == a.window;
         mismatch |= !ok;
         println!(
-            "  {:<10} spend {:>12} (before restart {:>12}) {}",
-            a.provider,
+            "  {:<11} {:<12} spend {:>12} (before restart {:>12}) {}",
+            a.scope.to_string(),
+            a.name,
             a.spend.to_string(),
             b.spend.to_string(),
             if ok { "ok" } else { "MISMATCH" }
@@ -418,21 +500,18 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
 fn worker(
     t: usize,
     limiter: &Limiter,
     prepared: &Prepared,
     shared: &Shared,
-    costs: &[Money],
-    budget_of: &[Option<usize>],
-    unbudgeted: usize,
+    plan: &Plan,
     start: Instant,
 ) -> Result<WorkerReport, String> {
-    let n = costs.len();
+    let n = plan.targets.len();
     let mut r = WorkerReport {
         latencies_ns: Vec::with_capacity(MAX_SAMPLES_PER_THREAD.min(1 << 20)),
-        spent: vec![Money::ZERO; shared.exhausted_at_ns.len()],
+        spent: vec![Money::ZERO; plan.rows_len],
         calls: vec![0; n],
         dropped: vec![0; n],
         ..WorkerReport::default()
@@ -440,11 +519,12 @@ fn worker(
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ ((t as u64 + 1) << 32));
     let mut out = Vec::with_capacity(n);
     let mut seen = vec![false; n];
-    let mut known_exhausted = vec![false; shared.exhausted_at_ns.len()];
     let mut pending = 0u64;
     while r.requests < MAX_REQUESTS_PER_THREAD {
+        let k = usize::from(rng.next().is_multiple_of(4)); // team-b for 1 request in 4
+        let tags = [TAGS[k]];
         let t0 = Instant::now();
-        let result = prepared.filter_into(&mut out);
+        let result = prepared.filter_tagged_into(&tags, &mut out);
         let t1 = Instant::now();
         if r.latencies_ns.len() < MAX_SAMPLES_PER_THREAD {
             r.latencies_ns
@@ -459,9 +539,10 @@ fn worker(
                 break;
             }
         }
-        if let Err(e) = result {
-            // Cannot happen here (groq has no budget), but a router must handle it.
-            return Err(format!("unexpected: {e}"));
+        if result.is_err() {
+            // Only a spent tag budget leaves nothing here (groq has no budget of its own).
+            r.denied += 1;
+            continue;
         }
         if out.len() < n {
             seen.iter_mut().for_each(|s| *s = false);
@@ -471,22 +552,9 @@ fn worker(
             for (i, &s) in seen.iter().enumerate() {
                 if !s {
                     r.dropped[i] += 1;
-                    if let Some(b) = budget_of[i] {
-                        if !known_exhausted[b] {
-                            known_exhausted[b] = true;
-                            let ns = (t1 - start).as_nanos() as u64 + 1;
-                            if shared.exhausted_at_ns[b]
-                                .compare_exchange(0, ns, Ordering::Relaxed, Ordering::Relaxed)
-                                .is_ok()
-                            {
-                                let req = shared.requests.load(Ordering::Relaxed) + pending;
-                                shared.exhausted_at_req[b].store(req, Ordering::Relaxed);
-                            }
-                        }
-                    }
                 }
             }
-            if out.len() <= unbudgeted {
+            if out.len() <= plan.unbudgeted {
                 // Only deployments without a budget are left: the simulation is over.
                 shared.stop.store(true, Ordering::Relaxed);
                 break;
@@ -494,15 +562,23 @@ fn worker(
         }
         let pick = out[(rng.next() % out.len() as u64) as usize];
         r.calls[pick] += 1;
-        // "Call" the deployment here; then count its cost.
-        if let Some(b) = budget_of[pick] {
-            let provider = MODELS[pick].provider;
-            limiter
-                .record(provider, costs[pick])
-                .map_err(|e| format!("record {provider}: {e}"))?;
-            r.spent[b] = r.spent[b].saturating_add(costs[pick]);
-            r.records += 1;
+        // "Call" the deployment here; then charge its cost to every budget that applies.
+        let cost = plan.costs[pick];
+        let charged = limiter
+            .charge(&plan.targets[pick], &tags, cost)
+            .map_err(|e| format!("charge {}: {e}", plan.targets[pick].model))?;
+        let rows = &plan.rows[pick][k];
+        if charged != rows.len() {
+            return Err(format!(
+                "charge {}: {charged} budgets charged, {} expected",
+                plan.targets[pick].model,
+                rows.len()
+            ));
         }
+        for &row in rows {
+            r.spent[row] = r.spent[row].saturating_add(cost);
+        }
+        r.records += 1;
     }
     shared.requests.fetch_add(pending, Ordering::Relaxed);
     Ok(r)

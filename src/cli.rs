@@ -6,6 +6,11 @@
 //!
 //! Behaviour that scripts and tests rely on:
 //!
+//! * Deployments are written `MODEL` or `ID=MODEL` (`gpt4o-east=openai/gpt-4o`); `filter` and
+//!   `charge` take the request's tags as repeated `--tag TAG`. `charge` counts the cost against
+//!   every budget that applies (as `filter` resolves them) and prints them; `record PROVIDER
+//!   COST` counts against the provider's budgets only.
+//! * litellm keys the file sets that are not implemented print one `warning:` line.
 //! * Exit codes: `0` success, `1` runtime error (storage, replication, a refused record, a bad
 //!   config file, a malformed `ingest` line), `2` usage error (bad flag or argument value:
 //!   cost, `--now`, `--at`), `3` `filter` found no deployment left.
@@ -40,7 +45,7 @@ use jiff::Timestamp;
 
 use crate::{
     BudgetStatus, Config, ConfigError, Error, FakeClock, Limiter, Money, RecordError, RedisConfig,
-    StoreError,
+    StoreError, Target,
 };
 
 /// Exit code of `filter` when no deployment is left.
@@ -108,9 +113,32 @@ enum Cmd {
     },
     /// Print the deployments that may still be used, one a line (exit 3 when none is left).
     Filter {
-        /// Deployments: `gpt-4o`, `azure/gpt-4o`, `claude-3-5-sonnet`, ...
-        #[arg(required = true, value_name = "MODEL")]
+        /// Deployments, written `MODEL` or `ID=MODEL`: `gpt-4o`, `azure/gpt-4o`,
+        /// `gpt4o-east=openai/gpt-4o` (the id selects deployment budgets).
+        #[arg(required = true, value_name = "DEPLOYMENT")]
         models: Vec<String>,
+        /// A tag of the request (repeatable): its tag budgets must have room too.
+        #[arg(long = "tag", value_name = "TAG")]
+        tags: Vec<String>,
+    },
+    /// Count COST against every budget that applies to DEPLOYMENT (`MODEL` or `ID=MODEL`):
+    /// its provider's, its model's, its own and each tag's.
+    Charge {
+        /// The deployment, `MODEL` or `ID=MODEL`.
+        #[arg(value_name = "DEPLOYMENT")]
+        deployment: String,
+        /// Cost in USD, e.g. `0.1`.
+        #[arg(value_parser = parse_cost, allow_hyphen_values = true)]
+        cost: Money,
+        /// A tag of the request (repeatable).
+        #[arg(long = "tag", value_name = "TAG")]
+        tags: Vec<String>,
+        /// Count it in the window of TIME instead of now (RFC 3339 or Unix seconds).
+        #[arg(long, value_name = "TIME", value_parser = parse_time)]
+        at: Option<Timestamp>,
+        /// Return only after the charge's own fsync (it is durable at exit either way).
+        #[arg(long)]
+        durable: bool,
     },
     /// Show every budget's current window.
     Status {
@@ -312,6 +340,13 @@ fn parse_cost(s: &str) -> Result<Money, String> {
 /// Reads the config file and applies the command line overrides.
 fn load_config(cli: &Cli) -> Result<Config, Failure> {
     let mut config = Config::from_path(&cli.config).map_err(|e| config_failure(&cli.config, e))?;
+    if let Some(w) = config.warning() {
+        eprintln!(
+            "warning: {}: {}",
+            cli.config.display(),
+            w.strip_prefix("config: ").unwrap_or(&w)
+        );
+    }
     if let Some(dir) = &cli.data_dir {
         config.storage.dir = Some(dir.clone());
     }
@@ -402,7 +437,14 @@ fn execute(cli: Cli) -> Outcome {
             at,
             durable,
         } => record(&limiter, &provider, cost, at, durable, replicate),
-        Cmd::Filter { models } => filter(&limiter, &models, replicate),
+        Cmd::Filter { models, tags } => filter(&limiter, &models, &tags, replicate),
+        Cmd::Charge {
+            deployment,
+            cost,
+            tags,
+            at,
+            durable,
+        } => charge(&limiter, &deployment, cost, &tags, at, durable, replicate),
         Cmd::Status { json } => status(&limiter, json, replicate),
         Cmd::Sync => sync(&limiter),
         Cmd::Ingest { durable } => ingest(&limiter, durable, replicate),
@@ -458,6 +500,43 @@ fn record(
     Ok(())
 }
 
+fn charge(
+    limiter: &Limiter,
+    deployment: &str,
+    cost: Money,
+    tags: &[String],
+    at: Option<Timestamp>,
+    durable: bool,
+    replicate: bool,
+) -> Outcome {
+    let target = Target::parse(deployment);
+    let at = at.unwrap_or_else(|| limiter.now());
+    let n = if durable {
+        limiter.charge_durable(&target, tags, cost, Some(at))?
+    } else {
+        limiter.charge_at(&target, tags, cost, at)?
+    };
+    if replicate {
+        limiter.sync()?;
+    }
+    let mut out = io::stdout().lock();
+    writeln!(out, "charged {cost} USD to {n} budgets")?;
+    for s in limiter.status_for(&target, tags, at) {
+        writeln!(
+            out,
+            "  {} {} {} in window {} .. {}: spend {} of {} USD",
+            s.scope,
+            s.name,
+            s.period,
+            s.window.start(),
+            s.window.end(),
+            s.spend,
+            s.limit
+        )?;
+    }
+    Ok(())
+}
+
 /// One sync round before answering from local data; a failure only warns.
 fn sync_or_warn(limiter: &Limiter) {
     if let Err(e) = limiter.sync() {
@@ -468,15 +547,22 @@ fn sync_or_warn(limiter: &Limiter) {
     }
 }
 
-fn filter(limiter: &Limiter, models: &[String], replicate: bool) -> Outcome {
+fn filter(limiter: &Limiter, models: &[String], tags: &[String], replicate: bool) -> Outcome {
     if replicate {
         sync_or_warn(limiter);
     }
-    match limiter.filter(models) {
+    let targets: Vec<(Target, &String)> = models.iter().map(|m| (Target::parse(m), m)).collect();
+    let deployments: Vec<&Target> = targets.iter().map(|t| &t.0).collect();
+    match limiter.filter_tagged(&deployments, tags) {
         Ok(allowed) => {
             let mut out = io::stdout().lock();
-            for m in allowed {
-                writeln!(out, "{m}")?;
+            // Printed as given (`ID=MODEL` stays so).
+            for d in allowed {
+                let written = targets
+                    .iter()
+                    .find(|t| std::ptr::eq(&t.0, *d))
+                    .map_or("", |t| t.1.as_str());
+                writeln!(out, "{written}")?;
             }
             Ok(())
         }

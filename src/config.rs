@@ -56,18 +56,92 @@ use std::time::Duration;
 use jiff::Timestamp;
 use serde::Deserialize;
 
+use crate::budget::{Mode, Scope, SoftLimit, MAX_SOFT_LIMITS};
 use crate::money::{Money, MoneyError};
 use crate::window::{Period, PeriodError, Schedule};
 
-/// One budget: a provider may spend `limit` per window of `period`.
+/// One budget: the deployments (or requests) of a scope name may spend `limit` per window of
+/// `period`. See [`crate::Scope`] and the module `budget` for what each scope covers and how
+/// a budget is keyed in storage and Redis.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct BudgetConfig {
-    /// Provider name as it appears in deployments (`openai`, `anthropic`, `azure`, ...).
-    pub provider: String,
-    /// Spend at or above which the provider's deployments are filtered out.
+    /// What the budget applies to.
+    pub scope: Scope,
+    /// The provider, deployment id, model name or tag.
+    pub name: String,
+    /// Spend at or above which the budget's deployments (or requests) are filtered out.
     pub limit: Money,
     /// Length of a window.
     pub period: Period,
+    /// The budget's own IANA time zone for `d`, `w` and `mo` windows; `None` follows
+    /// `provider_budgets.time_zone`.
+    pub time_zone: Option<String>,
+    /// Fractions of the limit that fire an alert once per window each (sorted, at most 8).
+    pub soft_limits: Vec<SoftLimit>,
+    /// Enforce (filter) or shadow (count and report only).
+    pub mode: Mode,
+}
+
+impl BudgetConfig {
+    /// A budget of `scope` `name`, enforced, in the config's time zone, without soft limits.
+    pub fn new(
+        scope: Scope,
+        name: impl Into<String>,
+        limit: Money,
+        period: Period,
+    ) -> BudgetConfig {
+        BudgetConfig {
+            scope,
+            name: name.into(),
+            limit,
+            period,
+            time_zone: None,
+            soft_limits: Vec::new(),
+            mode: Mode::Enforce,
+        }
+    }
+
+    /// With its own time zone (builder style).
+    pub fn in_time_zone(mut self, zone: impl Into<String>) -> BudgetConfig {
+        self.time_zone = Some(zone.into());
+        self
+    }
+
+    /// With soft limits (builder style; sorted and deduplicated by validation).
+    pub fn with_soft_limits(mut self, limits: impl IntoIterator<Item = SoftLimit>) -> BudgetConfig {
+        self.soft_limits = limits.into_iter().collect();
+        self
+    }
+
+    /// In `mode` (builder style).
+    pub fn with_mode(mut self, mode: Mode) -> BudgetConfig {
+        self.mode = mode;
+        self
+    }
+
+    /// The provider name of a provider budget.
+    pub fn provider(&self) -> Option<&str> {
+        (self.scope == Scope::Provider).then_some(self.name.as_str())
+    }
+
+    /// The storage and Redis key parts (key name, period part): see the module `budget`.
+    /// Provider budgets without their own zone keep the keys of earlier versions exactly.
+    pub fn key_parts(&self) -> (String, String) {
+        let mut period = self.period.to_string();
+        if let Some(zone) = &self.time_zone {
+            if self.period.is_calendar() {
+                period.push('@');
+                period.push_str(zone);
+            }
+        }
+        (crate::budget::key_name(self.scope, &self.name), period)
+    }
+
+    /// How errors and logs name it: `tag "team-a" (1h)`.
+    pub fn label(&self) -> String {
+        format!("{} {:?} ({})", self.scope, self.name, self.key_parts().1)
+    }
 }
 
 /// Where and how durably spend is kept on this node.
@@ -156,7 +230,8 @@ pub enum UnknownProvider {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Config {
-    /// Budgets, at most one per provider, sorted by provider.
+    /// Budgets, sorted by scope (providers first), name and period; one per (scope, name,
+    /// period, own time zone).
     pub budgets: Vec<BudgetConfig>,
     /// Local storage.
     pub storage: StorageConfig,
@@ -174,6 +249,9 @@ pub struct Config {
     /// Extra bare-model prefixes → provider, consulted after the built-in table. The longest
     /// matching prefix wins.
     pub model_providers: Vec<(String, String)>,
+    /// Budget-related litellm keys the file sets that this crate does not implement (key
+    /// paths). [`Config::warning`] lists them in one line; they are never silently dropped.
+    pub ignored_litellm_keys: Vec<String>,
 }
 
 impl Default for Config {
@@ -187,6 +265,7 @@ impl Default for Config {
             time_zone: None,
             unknown_provider: UnknownProvider::Allow,
             model_providers: Vec::new(),
+            ignored_litellm_keys: Vec::new(),
         }
     }
 }
@@ -225,9 +304,18 @@ pub enum ConfigError {
     /// `/`, `:`, `{`, `}`, whitespace or a control character (NUL included).
     #[error("config: provider name {0:?} is not allowed: {problem}", problem = provider_name_problem(.0))]
     ProviderName(String),
-    /// The same provider has two budgets.
-    #[error("config: provider {0:?} has more than one budget")]
+    /// Two budgets with the same scope, name and period (and own time zone), e.g.
+    /// `provider "openai" (1d)`.
+    #[error("config: {0} is given twice (a scope name may have several budgets, one per period)")]
     DuplicateBudget(String),
+    /// A budget of another scope than provider is unusable (names its source and key).
+    #[error("config: {budget}: {message}")]
+    Budget {
+        /// The budget: scope, name and where it was given.
+        budget: String,
+        /// What is wrong.
+        message: String,
+    },
     /// `provider_budget_config` appears both at the top level and under `router_settings`.
     #[error("config: provider_budget_config is given both at the top level and under router_settings; keep one")]
     TwoBudgetBlocks,
@@ -264,13 +352,16 @@ impl Config {
         Config::default()
     }
 
-    /// Adds a budget (builder style). Validation happens in [`Config::validate`] and at open.
-    pub fn budget(mut self, provider: impl Into<String>, limit: Money, period: Period) -> Config {
-        self.budgets.push(BudgetConfig {
-            provider: provider.into(),
-            limit,
-            period,
-        });
+    /// Adds a provider budget (builder style). Validation happens in [`Config::validate`] and
+    /// at open.
+    pub fn budget(self, provider: impl Into<String>, limit: Money, period: Period) -> Config {
+        self.with_budget(BudgetConfig::new(Scope::Provider, provider, limit, period))
+    }
+
+    /// Adds a budget of any scope (builder style), keeping [`Config::budgets`] sorted.
+    pub fn with_budget(mut self, budget: BudgetConfig) -> Config {
+        self.budgets.push(budget);
+        sort_budgets(&mut self.budgets);
         self
     }
 
@@ -280,9 +371,21 @@ impl Config {
         self
     }
 
-    /// The budget of a provider, if any.
+    /// The (first) budget of a provider, if any.
     pub fn budget_for(&self, provider: &str) -> Option<&BudgetConfig> {
-        self.budgets.iter().find(|b| b.provider == provider)
+        self.budgets
+            .iter()
+            .find(|b| b.scope == Scope::Provider && b.name == provider)
+    }
+
+    /// One line listing the litellm keys this crate does not implement, if the file set any.
+    pub fn warning(&self) -> Option<String> {
+        (!self.ignored_litellm_keys.is_empty()).then(|| {
+            format!(
+                "config: litellm keys not implemented by provider-budgets (ignored): {}",
+                self.ignored_litellm_keys.join(", ")
+            )
+        })
     }
 
     /// Reads a YAML (`.yaml`, `.yml`) or TOML (`.toml`) file; other extensions are tried as
@@ -349,6 +452,23 @@ impl Config {
         }
     }
 
+    /// The window schedule of a budget: its own time zone, else the config's.
+    pub fn budget_schedule(&self, budget: &BudgetConfig) -> Schedule {
+        match budget.time_zone.as_deref().map(jiff::tz::TimeZone::get) {
+            Some(Ok(tz)) => Schedule::new(budget.period, self.window_anchor).in_zone(tz),
+            _ => self.schedule(budget.period),
+        }
+    }
+
+    /// The IANA name of a budget's time zone (`UTC` when none is configured).
+    pub fn budget_zone_name(&self, budget: &BudgetConfig) -> String {
+        budget
+            .time_zone
+            .clone()
+            .or_else(|| self.time_zone.clone())
+            .unwrap_or_else(|| "UTC".to_owned())
+    }
+
     /// `time_zone` resolved in the bundled time zone database.
     fn zone(&self) -> Result<Option<jiff::tz::TimeZone>, ConfigError> {
         match &self.time_zone {
@@ -371,9 +491,9 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut seen = std::collections::HashSet::new();
         for b in &self.budgets {
-            check_provider_name(&b.provider)?;
-            if !seen.insert(b.provider.as_str()) {
-                return Err(ConfigError::DuplicateBudget(b.provider.clone()));
+            check_budget(b)?;
+            if !seen.insert(b.key_parts()) {
+                return Err(ConfigError::DuplicateBudget(b.label()));
             }
         }
         if let Some(id) = &self.node_id {
@@ -421,16 +541,63 @@ impl Config {
     }
 
     fn from_raw(raw: RawDocument) -> Result<Config, ConfigError> {
-        let own = raw.provider_budgets.unwrap_or_default();
-        let nested = raw.router_settings.and_then(|r| r.provider_budget_config);
+        let mut own = raw.provider_budgets.unwrap_or_default();
+        let (nested, nested_tags) = raw.router_settings.map_or((None, None), |r| {
+            (r.provider_budget_config, r.tag_budget_config)
+        });
         let block = match (raw.provider_budget_config, nested) {
             (Some(_), Some(_)) => return Err(ConfigError::TwoBudgetBlocks),
             (Some(b), None) | (None, Some(b)) => b.0,
             (None, None) => BTreeMap::new(),
         };
+        let mut ignored = Vec::new();
+        let settings_tags = raw.litellm_settings.and_then(|s| {
+            if s.provider_budget_config.is_some() {
+                // litellm reads provider budgets from router_settings only: say so.
+                ignored.push("litellm_settings.provider_budget_config (litellm reads it from router_settings)".to_owned());
+            }
+            s.tag_budget_config
+        });
+        let given = [
+            raw.tag_budget_config.map(|b| (b, "tag_budget_config")),
+            nested_tags.map(|b| (b, "router_settings.tag_budget_config")),
+            settings_tags.map(|b| (b, "litellm_settings.tag_budget_config")),
+        ];
+        let mut given = given.into_iter().flatten();
+        let (tags, tag_block) = match (given.next(), given.next()) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::Syntax {
+                    path: "tag_budget_config".into(),
+                    message: "given at more than one place (top level, router_settings, litellm_settings); keep one"
+                        .into(),
+                })
+            }
+            (Some((b, at)), None) => (b.0, at),
+            (None, _) => (BTreeMap::new(), "tag_budget_config"),
+        };
         let mut budgets = Vec::with_capacity(block.len());
         for (provider, raw) in block {
-            budgets.push(raw.into_budget(provider)?);
+            budgets.push(raw.into_budget(
+                Scope::Provider,
+                provider,
+                "provider_budget_config",
+                &mut ignored,
+            )?);
+        }
+        for (tag, raw) in tags {
+            budgets.push(raw.into_budget(Scope::Tag, tag, tag_block, &mut ignored)?);
+        }
+        for (i, d) in raw.model_list.unwrap_or_default().into_iter().enumerate() {
+            budgets.extend(d.into_budget(i)?);
+        }
+        for (i, g) in own
+            .budgets
+            .take()
+            .unwrap_or_default()
+            .into_iter()
+            .enumerate()
+        {
+            budgets.push(g.into_budget(i)?);
         }
         let storage = own.storage.unwrap_or_default();
         let defaults = StorageConfig::default();
@@ -463,11 +630,54 @@ impl Config {
                 .into_iter()
                 .map(|(prefix, provider)| (prefix, provider.value))
                 .collect(),
+            ignored_litellm_keys: ignored,
         };
-        config.budgets.sort_by(|a, b| a.provider.cmp(&b.provider));
+        sort_budgets(&mut config.budgets);
         config.validate()?;
+        if let Some(w) = config.warning() {
+            tracing::warn!("{w}");
+        }
         Ok(config)
     }
+}
+
+/// Budgets in their canonical order: scope (providers first), name, key.
+fn sort_budgets(budgets: &mut [BudgetConfig]) {
+    budgets.sort_by_cached_key(|b| (b.scope, b.name.clone(), b.key_parts().1));
+}
+
+/// What `validate` checks per budget: its name for its scope, its zone, its soft limits.
+fn check_budget(b: &BudgetConfig) -> Result<(), ConfigError> {
+    let refuse = |message: String| ConfigError::Budget {
+        budget: b.label(),
+        message,
+    };
+    match b.scope {
+        Scope::Provider => check_provider_name(&b.name)?,
+        _ => {
+            if let Some(why) = crate::budget::scoped_name_fault(&b.name) {
+                return Err(refuse(format!("the name is not allowed: {why}")));
+            }
+        }
+    }
+    if let Some(zone) = &b.time_zone {
+        if jiff::tz::TimeZone::get(zone).is_err() {
+            return Err(refuse(format!(
+                "time_zone: unknown time zone {zone:?} (an IANA name such as America/New_York or Europe/Berlin)"
+            )));
+        }
+    }
+    if b.soft_limits.len() > MAX_SOFT_LIMITS {
+        return Err(refuse(format!(
+            "soft_limits: at most {MAX_SOFT_LIMITS} per budget"
+        )));
+    }
+    if b.soft_limits.windows(2).any(|w| w[0] >= w[1]) {
+        return Err(refuse(
+            "soft_limits: must be increasing, without repeats".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Why a `model_providers` prefix can never take effect, if so: resolution tries a
@@ -688,14 +898,46 @@ fn expand_env(written: &str) -> Result<Option<String>, String> {
 #[derive(Debug, Default)]
 struct RawDocument {
     provider_budget_config: Option<UniqueMap<RawBudget>>,
+    tag_budget_config: Option<UniqueMap<RawBudget>>,
+    model_list: Option<Vec<RawDeployment>>,
     router_settings: Option<RawRouterSettings>,
+    /// litellm's `litellm_settings`: only its `tag_budget_config` (where litellm's proxy
+    /// reads it) is ours.
+    litellm_settings: Option<RawRouterSettings>,
     provider_budgets: Option<RawOwn>,
 }
 
-/// litellm's `router_settings`: only its `provider_budget_config` is ours.
+/// litellm's `router_settings`: only its `provider_budget_config` and `tag_budget_config`
+/// are ours.
 #[derive(Debug, Default)]
 struct RawRouterSettings {
     provider_budget_config: Option<UniqueMap<RawBudget>>,
+    tag_budget_config: Option<UniqueMap<RawBudget>>,
+}
+
+/// One entry of litellm's `model_list`: only the budget of its `litellm_params` and its
+/// `model_info.id` are read (other keys, e.g. API keys, are neither read nor expanded).
+#[derive(Debug, Deserialize)]
+#[serde(expecting = "a map (a litellm deployment)")]
+struct RawDeployment {
+    litellm_params: Option<RawParams>,
+    model_info: Option<RawModelInfo>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(expecting = "a map")]
+struct RawParams {
+    model: Option<Text>,
+    #[serde(alias = "budget_limit")]
+    max_budget: Option<RawAmount>,
+    #[serde(alias = "time_period")]
+    budget_duration: Option<Text>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(expecting = "a map")]
+struct RawModelInfo {
+    id: Option<Text>,
 }
 
 /// The key of ours that `key` is probably a misspelling of: equal once case and `-`/`_`/space
@@ -778,7 +1020,10 @@ impl<'de> Deserialize<'de> for RawDocument {
                 let mut doc = RawDocument::default();
                 let ours = [
                     "provider_budget_config",
+                    "tag_budget_config",
+                    "model_list",
                     "router_settings",
+                    "litellm_settings",
                     "provider_budgets",
                 ];
                 visit_litellm_map(map, &ours, |key, map| {
@@ -786,7 +1031,10 @@ impl<'de> Deserialize<'de> for RawDocument {
                         "provider_budget_config" => {
                             doc.provider_budget_config = map.next_value()?
                         }
+                        "tag_budget_config" => doc.tag_budget_config = map.next_value()?,
+                        "model_list" => doc.model_list = map.next_value()?,
                         "router_settings" => doc.router_settings = map.next_value()?,
+                        "litellm_settings" => doc.litellm_settings = map.next_value()?,
                         "provider_budgets" => doc.provider_budgets = map.next_value()?,
                         _ => return Ok(false),
                     }
@@ -812,11 +1060,15 @@ impl<'de> Deserialize<'de> for RawRouterSettings {
                 map: A,
             ) -> Result<RawRouterSettings, A::Error> {
                 let mut out = RawRouterSettings::default();
-                visit_litellm_map(map, &["provider_budget_config"], |key, map| {
-                    if key != "provider_budget_config" {
-                        return Ok(false);
+                let ours = ["provider_budget_config", "tag_budget_config"];
+                visit_litellm_map(map, &ours, |key, map| {
+                    match key {
+                        "provider_budget_config" => {
+                            out.provider_budget_config = map.next_value()?
+                        }
+                        "tag_budget_config" => out.tag_budget_config = map.next_value()?,
+                        _ => return Ok(false),
                     }
-                    out.provider_budget_config = map.next_value()?;
                     Ok(true)
                 })?;
                 Ok(out)
@@ -860,12 +1112,36 @@ impl<'de, V: Deserialize<'de>> Deserialize<'de> for UniqueMap<V> {
     }
 }
 
-/// One entry of litellm's block. Extra keys litellm may add are tolerated.
+/// One entry of litellm's `provider_budget_config` or `tag_budget_config`, in either of
+/// litellm's spellings (`budget_limit`/`time_period` or `max_budget`/`budget_duration`).
+/// Other keys are listed in [`Config::warning`].
 #[derive(Debug, Deserialize)]
-#[serde(expecting = "a map with budget_limit and time_period")]
+#[serde(expecting = "a map with budget_limit and time_period (or max_budget and budget_duration)")]
 struct RawBudget {
+    #[serde(alias = "max_budget")]
     budget_limit: RawAmount,
+    #[serde(alias = "budget_duration")]
     time_period: Text,
+    #[serde(flatten)]
+    other: BTreeMap<String, serde::de::IgnoredAny>,
+}
+
+/// One entry of `provider_budgets.budgets`: exactly one of the scope keys.
+#[derive(Debug, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a map: {provider|deployment|model|tag: NAME, limit, period}"
+)]
+struct RawGeneral {
+    provider: Option<Text>,
+    deployment: Option<Text>,
+    model: Option<Text>,
+    tag: Option<Text>,
+    limit: RawAmount,
+    period: Text,
+    soft_limits: Option<Vec<f64>>,
+    mode: Option<Parsed<Mode>>,
+    time_zone: Option<Text>,
 }
 
 /// A limit may be written as a number or a string (`"0.1"`); strings parse exactly.
@@ -1029,45 +1305,220 @@ impl<'de> Deserialize<'de> for Text {
     }
 }
 
+/// A written amount as money, or the value as written and why it is refused.
+fn parse_limit(amount: RawAmount) -> Result<Money, (String, MoneyError)> {
+    let (value, parsed) = match amount {
+        RawAmount::Int(n) => (n.to_string(), n.to_string().parse::<Money>()),
+        // Display of f64 is the shortest exact round trip (`0.1`), parsed as a decimal.
+        RawAmount::Float(f) => (f.to_string(), f.to_string().parse::<Money>()),
+        RawAmount::Text(t) => {
+            let p = t.value.trim().parse::<Money>();
+            (t.written, p)
+        }
+    };
+    match parsed {
+        // A positive limit below one nano rounds up rather than becoming "no budget".
+        Ok(m) if m == Money::ZERO && value.trim().parse::<f64>().is_ok_and(|f| f > 0.0) => {
+            Ok(Money::from_nanos(1))
+        }
+        Ok(m) => Ok(m),
+        Err(source) => Err((value, source)),
+    }
+}
+
+/// A budget given outside `provider_budget_config`, refused: names where it was given.
+fn refuse_at(path: String, key: &str, message: impl std::fmt::Display) -> ConfigError {
+    ConfigError::Budget {
+        budget: path,
+        message: format!("{key}: {message}"),
+    }
+}
+
 impl RawBudget {
-    fn into_budget(self, provider: String) -> Result<BudgetConfig, ConfigError> {
-        check_provider_name(&provider)?;
-        let (value, parsed) = match self.budget_limit {
-            RawAmount::Int(n) => (n.to_string(), n.to_string().parse::<Money>()),
-            // Display of f64 is the shortest exact round trip (`0.1`), parsed as a decimal.
-            RawAmount::Float(f) => (f.to_string(), f.to_string().parse::<Money>()),
-            RawAmount::Text(t) => {
-                let p = t.value.trim().parse::<Money>();
-                (t.written, p)
+    /// A provider budget (errors as before scopes existed) or a tag budget (errors name
+    /// `tag_budget_config.NAME`). Keys litellm may have that we do not implement go to
+    /// `ignored`.
+    fn into_budget(
+        self,
+        scope: Scope,
+        name: String,
+        block: &str,
+        ignored: &mut Vec<String>,
+    ) -> Result<BudgetConfig, ConfigError> {
+        let path = format!("{block}.{name}");
+        ignored.extend(self.other.keys().map(|k| format!("{path}.{k}")));
+        match scope {
+            Scope::Provider => check_provider_name(&name)?,
+            _ => {
+                if let Some(why) = crate::budget::scoped_name_fault(&name) {
+                    return Err(refuse_at(path, "name", format!("not allowed: {why}")));
+                }
             }
-        };
-        let limit = match parsed {
-            // A positive limit below one nano rounds up rather than becoming "no budget".
-            Ok(m) if m == Money::ZERO && value.trim().parse::<f64>().is_ok_and(|f| f > 0.0) => {
-                Money::from_nanos(1)
-            }
+        }
+        let limit = match parse_limit(self.budget_limit) {
             Ok(m) => m,
-            Err(source) => {
+            Err((value, source)) if scope == Scope::Provider => {
                 return Err(ConfigError::Limit {
-                    provider,
+                    provider: name,
                     value,
                     source,
                 })
             }
+            Err((value, source)) => {
+                return Err(refuse_at(
+                    path,
+                    "max_budget",
+                    format!("{value:?}: {source}"),
+                ))
+            }
         };
-        let period =
-            self.time_period
-                .value
-                .parse::<Period>()
-                .map_err(|source| ConfigError::Period {
-                    provider: provider.clone(),
+        let period = match self.time_period.value.parse::<Period>() {
+            Ok(p) => p,
+            Err(source) if scope == Scope::Provider => {
+                return Err(ConfigError::Period {
+                    provider: name,
                     source,
-                })?;
-        Ok(BudgetConfig {
-            provider,
+                })
+            }
+            Err(source) => return Err(refuse_at(path, "budget_duration", source)),
+        };
+        Ok(BudgetConfig::new(scope, name, limit, period))
+    }
+}
+
+impl RawDeployment {
+    /// The deployment budget of `model_list[i]`, if it has one.
+    fn into_budget(self, i: usize) -> Result<Option<BudgetConfig>, ConfigError> {
+        let path = format!("model_list[{i}]");
+        let Some(params) = self.litellm_params else {
+            return Ok(None);
+        };
+        let (amount, duration) = match (params.max_budget, params.budget_duration) {
+            (None, None) => return Ok(None),
+            (Some(a), Some(d)) => (a, d),
+            (Some(_), None) => {
+                return Err(refuse_at(
+                    path,
+                    "litellm_params.budget_duration",
+                    "missing (max_budget needs a budget_duration)",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(refuse_at(
+                    path,
+                    "litellm_params.max_budget",
+                    "missing (budget_duration needs a max_budget)",
+                ))
+            }
+        };
+        let model = params.model.map(|m| m.value).unwrap_or_default();
+        let Some(id) = self.model_info.and_then(|m| m.id).map(|t| t.value) else {
+            return Err(refuse_at(
+                path,
+                "model_info.id",
+                format!("missing: the budget of deployment {model:?} needs a fixed id (litellm generates one per start otherwise)"),
+            ));
+        };
+        if let Some(why) = crate::budget::scoped_name_fault(&id) {
+            return Err(refuse_at(
+                path,
+                "model_info.id",
+                format!("{id:?} is not allowed: {why}"),
+            ));
+        }
+        let limit = parse_limit(amount).map_err(|(value, source)| {
+            refuse_at(
+                path.clone(),
+                "litellm_params.max_budget",
+                format!("{value:?}: {source}"),
+            )
+        })?;
+        let period = duration
+            .value
+            .parse::<Period>()
+            .map_err(|e| refuse_at(path.clone(), "litellm_params.budget_duration", e))?;
+        Ok(Some(BudgetConfig::new(
+            Scope::Deployment,
+            id,
             limit,
             period,
-        })
+        )))
+    }
+}
+
+impl RawGeneral {
+    /// The budget of `provider_budgets.budgets[i]`.
+    fn into_budget(self, i: usize) -> Result<BudgetConfig, ConfigError> {
+        let path = format!("provider_budgets.budgets[{i}]");
+        let scoped = [
+            (Scope::Provider, self.provider),
+            (Scope::Deployment, self.deployment),
+            (Scope::Model, self.model),
+            (Scope::Tag, self.tag),
+        ];
+        let mut given = scoped
+            .into_iter()
+            .filter_map(|(s, n)| n.map(|n| (s, n.value)));
+        let (scope, name) = match (given.next(), given.next()) {
+            (Some(one), None) => one,
+            (None, _) => {
+                return Err(refuse_at(
+                    path,
+                    "scope",
+                    "give one of provider, deployment, model or tag",
+                ))
+            }
+            (Some(a), Some(b)) => {
+                return Err(refuse_at(
+                    path,
+                    "scope",
+                    format!(
+                        "give one of provider, deployment, model or tag, not both {} and {}",
+                        a.0, b.0
+                    ),
+                ))
+            }
+        };
+        if scope == Scope::Provider {
+            if let Some(why) = provider_name_fault(&name) {
+                return Err(refuse_at(
+                    path,
+                    "provider",
+                    format!("{name:?} is not allowed: {why}"),
+                ));
+            }
+        }
+        let limit = parse_limit(self.limit).map_err(|(value, source)| {
+            refuse_at(path.clone(), "limit", format!("{value:?}: {source}"))
+        })?;
+        let period = self
+            .period
+            .value
+            .parse::<Period>()
+            .map_err(|e| refuse_at(path.clone(), "period", e))?;
+        let mut soft = Vec::new();
+        for f in self.soft_limits.unwrap_or_default() {
+            soft.push(SoftLimit::new(f).ok_or_else(|| {
+                refuse_at(
+                    path.clone(),
+                    "soft_limits",
+                    format!("{f} is not a fraction in (0, 1]"),
+                )
+            })?);
+        }
+        soft.sort_unstable();
+        soft.dedup();
+        let mut b = BudgetConfig::new(scope, name, limit, period).with_soft_limits(soft);
+        b.mode = self.mode.map(|m| m.0).unwrap_or_default();
+        b.time_zone = self.time_zone.map(|z| z.value);
+        check_budget(&b).map_err(|e| match e {
+            ConfigError::Budget { message, .. } => ConfigError::Budget {
+                budget: path,
+                message,
+            },
+            other => other,
+        })?;
+        Ok(b)
     }
 }
 
@@ -1081,6 +1532,7 @@ struct RawOwn {
     time_zone: Option<Text>,
     unknown_provider: Option<Parsed<UnknownProvider>>,
     model_providers: Option<UniqueMap<Text>>,
+    budgets: Option<Vec<RawGeneral>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -1161,7 +1613,7 @@ mod tests {
         let top = "provider_budget_config:\n  openai:\n    budget_limit: 0.000000001\n    time_period: 1d\n  azure:\n    budget_limit: 100\n    time_period: 1mo\nmodel_list: []\n";
         let c = Config::from_yaml_str(top).expect("parses");
         assert_eq!(c.budgets.len(), 2);
-        assert_eq!(c.budgets[0].provider, "azure");
+        assert_eq!(c.budgets[0].name, "azure");
         assert_eq!(c.budgets[0].limit, Money::from_nanos(100_000_000_000));
         assert_eq!(c.budgets[1].limit, Money::from_nanos(1));
         let nested = "router_settings:\n  routing_strategy: simple-shuffle\n  provider_budget_config:\n    openai: {budget_limit: 5, time_period: 30s}\n";

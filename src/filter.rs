@@ -10,30 +10,50 @@
 
 use std::fmt;
 
-use crate::money::Money;
+use jiff::Timestamp;
 
-/// No deployment is left: every candidate's provider has spent its budget (or was denied
-/// as unknown). The message matches litellm's: `No deployments available - crossed budget:
-/// Exceeded budget for provider openai: 10.5 >= 10`.
+use crate::budget::{parse_key_name, Scope};
+use crate::money::Money;
+use crate::provider::{Resolved, Resolver};
+use crate::reload::SlotKeys;
+use crate::view::View;
+
+/// No deployment is left: every candidate is under a spent budget (its provider's, its model's,
+/// its own), a tag of the request has spent its budget, or candidates were denied as
+/// unknown. The message is litellm's (`No deployments available - crossed budget: Exceeded
+/// budget for provider openai: 10.5 >= 10`), with the scope in place of `provider` for the
+/// other scopes (`Exceeded budget for tag team-a: 5 >= 5`); when each budget resets is in
+/// [`Exceeded::resets_at`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct NoDeployments {
-    /// Each exhausted provider among the candidates, once, with its spend and limit.
+    /// Each exceeded (enforced) budget among the candidates and the request's tags, once,
+    /// with its spend, limit and reset time.
     pub exceeded: Vec<Exceeded>,
     /// Candidates dropped because their provider could not be resolved and
     /// `unknown_provider` is `deny`.
     pub unknown: Vec<String>,
 }
 
-/// One provider over its budget.
+/// One budget over its limit.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Exceeded {
-    /// The provider.
+    /// The provider for a provider budget; for the other scopes the budget's key name
+    /// (`tag:team-a`), so that code written before scopes still names it uniquely.
     pub provider: String,
+    /// The budget's scope.
+    pub scope: Scope,
+    /// The provider, deployment id, model or tag.
+    pub name: String,
+    /// The budget's period (with `@Zone` when it has its own time zone).
+    pub period: String,
     /// Its spend in the current window.
     pub spend: Money,
     /// Its limit.
     pub limit: Money,
+    /// When its window ends: retry after this.
+    pub resets_at: Timestamp,
 }
 
 impl fmt::Display for NoDeployments {
@@ -43,8 +63,8 @@ impl fmt::Display for NoDeployments {
         for e in &self.exceeded {
             write!(
                 f,
-                "{sep}Exceeded budget for provider {}: {} >= {}",
-                e.provider, e.spend, e.limit
+                "{sep}Exceeded budget for {} {}: {} >= {}",
+                e.scope, e.name, e.spend, e.limit
             )?;
             sep = ", ";
         }
@@ -61,38 +81,162 @@ impl fmt::Display for NoDeployments {
 
 impl std::error::Error for NoDeployments {}
 
-/// What a deployment needs checked, resolved once.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Slot {
-    /// Check this budget.
-    Budget(u32),
-    /// Always passes (provider without budget, or unknown with `allow`).
-    Pass,
-    /// Never passes (unknown with `deny`).
-    Deny,
-}
-
-/// Remembers, within one call, which budgets were already checked (first 64 budgets).
+/// Remembers, within one call, which budgets were already checked (first 128 budgets).
 #[derive(Debug, Default)]
 pub(crate) struct Memo {
-    checked: u64,
-    exhausted: u64,
+    checked: u128,
+    blocked: u128,
 }
 
 impl Memo {
-    /// `is_exhausted(b)` through the memo.
+    /// `is_blocked(b)` through the memo.
     #[inline]
-    pub fn exhausted(&mut self, budget: u32, is_exhausted: impl FnOnce() -> bool) -> bool {
-        if budget >= 64 {
-            return is_exhausted();
+    pub fn blocked(&mut self, budget: u32, is_blocked: impl FnOnce() -> bool) -> bool {
+        if budget >= 128 {
+            return is_blocked();
         }
-        let bit = 1u64 << budget;
+        let bit = 1u128 << budget;
         if self.checked & bit == 0 {
             self.checked |= bit;
-            if is_exhausted() {
-                self.exhausted |= bit;
+            if is_blocked() {
+                self.blocked |= bit;
             }
         }
-        self.exhausted & bit != 0
+        self.blocked & bit != 0
+    }
+}
+
+/// The filter loop shared by `Limiter::filter`, `Limiter::filter_in_place` and `Prepared`:
+/// one clock read per call, each deployment resolved once, each distinct budget read once
+/// (memo), nothing allocated but the caller's result.
+#[derive(Debug)]
+pub(crate) struct Check<'a> {
+    pub view: &'a View,
+    pub keys: &'a SlotKeys,
+    pub now: i64,
+    pub deny_unknown: bool,
+    memo: Memo,
+}
+
+impl<'a> Check<'a> {
+    pub fn new(view: &'a View, keys: &'a SlotKeys, now: i64, deny_unknown: bool) -> Check<'a> {
+        Check {
+            view,
+            keys,
+            now,
+            deny_unknown,
+            memo: Memo::default(),
+        }
+    }
+
+    /// Whether an enforced budget is spent (a spent shadow budget counts a would-be denial
+    /// and passes).
+    #[inline]
+    fn blocked(&mut self, budget: u32) -> bool {
+        let (view, now) = (self.view, self.now);
+        self.memo.blocked(budget, || view.blocks(budget, now))
+    }
+
+    /// Whether every budget of the request's tags has room.
+    #[inline]
+    pub fn tags_pass<T: AsRef<str>>(&mut self, resolver: &Resolver, tags: &[T]) -> bool {
+        let mut ok = true;
+        for t in tags {
+            for &b in resolver.slots(Scope::Tag, t.as_ref()) {
+                // No short cut: shadow tag budgets count their would-be denials.
+                ok &= !self.blocked(b);
+            }
+        }
+        ok
+    }
+
+    /// Whether a resolved deployment passes.
+    #[inline]
+    pub fn passes(&mut self, r: &Resolved<'_>) -> bool {
+        if r.unknown {
+            metrics::counter!("provider_budgets_unknown_provider_total").increment(1);
+            if self.deny_unknown {
+                return false;
+            }
+        }
+        for s in r.slots {
+            for &b in s {
+                if self.blocked(b) {
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    /// The loop: `keep(i)` for each candidate that passes (none when a tag blocks); returns
+    /// how many passed.
+    #[inline]
+    pub fn select<'r>(
+        &mut self,
+        tags_ok: bool,
+        candidates: impl Iterator<Item = Resolved<'r>>,
+        mut keep: impl FnMut(usize),
+    ) -> usize {
+        if !tags_ok {
+            return 0;
+        }
+        let mut kept = 0;
+        for (i, r) in candidates.enumerate() {
+            if self.passes(&r) {
+                keep(i);
+                kept += 1;
+            }
+        }
+        kept
+    }
+
+    /// The error for an empty result (cold path): every spent enforced budget of the
+    /// candidates and the tags, once, and the denied unknown ones.
+    pub fn no_deployments<'r, T: AsRef<str>>(
+        &self,
+        resolver: &Resolver,
+        tags: &[T],
+        candidates: impl Iterator<Item = (Resolved<'r>, &'r str)>,
+    ) -> NoDeployments {
+        let mut err = NoDeployments {
+            exceeded: Vec::new(),
+            unknown: Vec::new(),
+        };
+        let mut seen = Vec::new();
+        let mut note = |b: u32, err: &mut NoDeployments| {
+            if seen.contains(&b) || !self.view.blocks_quietly(b, self.now) {
+                return;
+            }
+            seen.push(b);
+            let (key, period) = self.keys.get(b);
+            let (scope, name) = parse_key_name(&key);
+            let t = self.view.totals_at(b, self.now);
+            err.exceeded.push(Exceeded {
+                provider: key.clone(),
+                scope,
+                name: name.to_owned(),
+                period,
+                spend: t.total(),
+                limit: self.view.limit(b),
+                resets_at: t.window.end(),
+            });
+        };
+        for t in tags {
+            for &b in resolver.slots(Scope::Tag, t.as_ref()) {
+                note(b, &mut err);
+            }
+        }
+        for (r, model) in candidates {
+            if r.unknown && self.deny_unknown {
+                err.unknown.push(model.to_owned());
+                continue;
+            }
+            for b in r.iter() {
+                note(b, &mut err);
+            }
+        }
+        metrics::counter!("provider_budgets_no_deployments_total").increment(1);
+        err
     }
 }

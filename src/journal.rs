@@ -82,6 +82,12 @@ pub(crate) enum Event {
         amount: u64,
         ack: Option<Ack>,
     },
+    /// `amount` more spend in each of several budget windows (one `charge`: one channel send).
+    AddMany {
+        items: Box<[(u32, Window)]>,
+        amount: u64,
+        ack: Option<Ack>,
+    },
     /// Raise this node's total of a window to at least `total`: the replicator found a larger
     /// own field in Redis (this node's data dir was wiped), so the durable total adopts it.
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]
@@ -479,6 +485,17 @@ impl Worker {
                     self.dirty.insert(key);
                     acks.extend(ack);
                 }
+                Event::AddMany { items, amount, ack } => {
+                    records += 1;
+                    for &(budget, window) in &*items {
+                        let key = (budget, window.start_secs());
+                        let entry = self.entry(budget, window, mono);
+                        entry.total = entry.total.saturating_add(amount);
+                        entry.touched = mono;
+                        self.dirty.insert(key);
+                    }
+                    acks.extend(ack);
+                }
                 Event::Adopt {
                     budget,
                     window,
@@ -724,17 +741,21 @@ impl Worker {
             }
             let spend = self.view.totals_at(b, now).total();
             let remaining = self.view.limit(b).saturating_sub(spend);
-            let provider = self.settings.keys.get(b).0;
-            metrics::gauge!("provider_budgets_spend_usd", "provider" => provider.clone())
+            // Labels as the sidecar's scrape sets them (serve/metrics.rs): key name and period.
+            let (provider, period) = self.settings.keys.get(b);
+            metrics::gauge!("provider_budgets_spend_usd", "provider" => provider.clone(), "period" => period.clone())
                 .set(spend.as_usd());
-            metrics::gauge!("provider_budgets_limit_usd", "provider" => provider.clone())
+            metrics::gauge!("provider_budgets_limit_usd", "provider" => provider.clone(), "period" => period.clone())
                 .set(self.view.limit(b).as_usd());
-            metrics::gauge!("provider_budgets_remaining_usd", "provider" => provider)
+            metrics::gauge!("provider_budgets_remaining_usd", "provider" => provider, "period" => period)
                 .set(remaining.as_usd());
         }
     }
 }
 
 fn is_urgent(ev: &Event) -> bool {
-    !matches!(ev, Event::Add { ack: None, .. })
+    !matches!(
+        ev,
+        Event::Add { ack: None, .. } | Event::AddMany { ack: None, .. }
+    )
 }

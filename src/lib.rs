@@ -1,5 +1,7 @@
-//! Spend budgets per LLM provider over time windows, for LLM routers: exact, durable, shared
-//! across a fleet through Redis, and nearly free on the request path.
+//! Spend budgets for LLM routers — per provider, deployment, model and request tag, over time
+//! windows (several per budget name, each in its own time zone if need be): exact, durable,
+//! shared across a fleet through Redis, and nearly free on the request path. See [`Scope`],
+//! [`Limiter::filter_tagged`] and [`Limiter::charge`] for the budget model.
 //!
 //! ```
 //! use provider_budgets::{Config, Limiter, Money};
@@ -44,8 +46,11 @@
 //! * With Redis configured, the **replicator** (`replicate`) ships the durable own totals
 //!   each `sync_interval` in one round trip that merges them with `max` per node and returns
 //!   the others' totals, which raise the view and are kept in `peers`.
-//! * [`Limiter::filter`] reads the clock once, resolves each deployment (`provider`) and
-//!   compares the view's total of the current window with the limit (`filter`).
+//! * [`Limiter::filter`] reads the clock once, resolves each deployment once (`provider`: its
+//!   provider, model and deployment budgets; the request's tags give tag budgets) and compares
+//!   the view's total of each budget's current window with its limit (one loop in `filter`,
+//!   shared by `filter`, `filter_in_place` and [`Prepared`]). [`Limiter::charge`] adds to the
+//!   same budgets. The budget model and its keys are in `budget`.
 //!
 //! Windows (`window`) are aligned to an anchor, so every node computes the same window from
 //! its clock alone ([`Clock`], faked in tests). Money (`money`) is integer nano-dollars.
@@ -54,6 +59,9 @@
 // Unit tests may unwrap: a panic there is a test failure with a message.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+#[cfg(feature = "redis")]
+mod alerts;
+mod budget;
 #[cfg(feature = "cli")]
 #[doc(hidden)]
 pub mod cli;
@@ -80,6 +88,7 @@ mod store;
 mod view;
 mod window;
 
+pub use budget::{Mode, Scope, SoftLimit, SoftLimitCrossed};
 pub use clock::{Clock, FakeClock, SystemClock};
 pub use config::{
     parse_duration, BudgetConfig, Config, ConfigError, RedisConfig, StorageConfig, UnknownProvider,
@@ -87,7 +96,7 @@ pub use config::{
 pub use error::{Error, RecordError, ReplicationError};
 pub use filter::{Exceeded, NoDeployments};
 pub use health::Health;
-pub use limiter::{Limiter, Prepared};
+pub use limiter::{Limiter, Prepared, NO_TAGS};
 pub use money::{Money, MoneyError};
 pub use provider::{Deployment, Target, BUILTIN_PREFIXES};
 pub use reload::ReloadSummary;

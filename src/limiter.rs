@@ -2,19 +2,20 @@
 //! (with Redis configured) the replicator, and stops them when the last clone is dropped.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use arc_swap::ArcSwap;
 use jiff::Timestamp;
 
+use crate::budget::{parse_key_name, Mode, Scope, SoftLimitCrossed, SoftLimitHandler};
 use crate::clock::{floor_secs, Clock, SystemClock};
-use crate::config::{Config, ConfigError, UnknownProvider};
+use crate::config::{Config, ConfigError};
 use crate::error::{Error, RecordError};
-use crate::filter::{Exceeded, Memo, NoDeployments, Slot};
+use crate::filter::{Check, NoDeployments};
 use crate::health::Health;
 use crate::journal::{Ack, DurableTotals, Event, Journal, JournalSettings, StopReason};
 use crate::money::Money;
-use crate::provider::{CacheMap, Deployment, Resolution, Resolver, Target};
+use crate::provider::{Deployment, Resolved, Resolver, Target};
 use crate::reload::SlotKeys;
 use crate::restore::{restore, RepairReport, Restored, Verify};
 use crate::status::{BudgetStatus, ReplicationStatus};
@@ -34,14 +35,19 @@ struct Inner {
     /// Swapped by `reload`.
     config: ArcSwap<Config>,
     clock: Arc<dyn Clock>,
-    /// Provider → budget slot; swapped by `reload`.
-    resolver: ArcSwap<Resolver>,
+    /// Scope name → budget slots; swapped by `reload`. Shared with `Prepared` lists.
+    resolver: Arc<ArcSwap<Resolver>>,
     /// (provider, period) per budget slot, shared with the journal and the replicator.
     keys: Arc<SlotKeys>,
     /// Serialises reloads.
     reload_lock: Mutex<()>,
     /// Bumped by each reload: `Prepared` lists resolve again.
-    generation: AtomicU64,
+    generation: Arc<AtomicU64>,
+    /// Called once per window per soft limit crossed (`Limiter::on_soft_limit`).
+    soft_handler: Arc<Mutex<Option<SoftLimitHandler>>>,
+    /// With Redis: soft limits are claimed fleet-wide before they fire (module `alerts`).
+    #[cfg(feature = "redis")]
+    alerts: Option<crate::alerts::FleetAlerts>,
     /// The store, for a reload to read what a new budget already has stored.
     store: Arc<Store>,
     /// Shared with the journal (which prunes it) and the replicator (which raises others).
@@ -131,6 +137,11 @@ impl Limiter {
             journal: start,
             peers,
         } = restored;
+        for (i, b) in config.budgets.iter().enumerate() {
+            view.set_shadow(i as u32, b.mode == Mode::Shadow);
+            // Crossed before this start: marked fired, not fired again.
+            view.set_soft_limits(i as u32, b.soft_limits.clone());
+        }
         let durable = Arc::new(DurableTotals::default());
         let slot_keys = Arc::new(SlotKeys::new(keys.to_vec()));
         let journal = Journal::start(
@@ -175,15 +186,34 @@ impl Limiter {
         };
         #[cfg(not(feature = "redis"))]
         drop(peers);
+        let soft_handler: Arc<Mutex<Option<SoftLimitHandler>>> = Arc::default();
+        #[cfg(feature = "redis")]
+        let alerts = match &config.redis {
+            Some(redis) => Some(
+                crate::alerts::FleetAlerts::start(
+                    redis,
+                    node_id.clone(),
+                    Arc::clone(&soft_handler),
+                )
+                .map_err(|source| Error::Thread {
+                    what: "alerts",
+                    source,
+                })?,
+            ),
+            None => None,
+        };
         Ok(Limiter {
             inner: Arc::new(Inner {
                 #[cfg(feature = "redis")]
                 replicator,
-                resolver: ArcSwap::from_pointee(Resolver::new(&config)),
+                resolver: Arc::new(ArcSwap::from_pointee(Resolver::new(&config))),
                 config: ArcSwap::from_pointee(config),
                 keys: slot_keys,
                 reload_lock: Mutex::new(()),
-                generation: AtomicU64::new(0),
+                generation: Arc::new(AtomicU64::new(0)),
+                soft_handler,
+                #[cfg(feature = "redis")]
+                alerts,
                 store,
                 clock,
                 view,
@@ -255,9 +285,9 @@ impl Limiter {
         }
     }
 
-    /// Installs a reloaded config and its provider → slot table.
-    pub(crate) fn install(&self, config: Config, slots: Vec<(String, u32)>) {
-        let resolver = Resolver::with_budgets(&config, slots.into_iter().collect());
+    /// Installs a reloaded config and its (scope, name, slot) table.
+    pub(crate) fn install(&self, config: Config, slots: Vec<(Scope, String, u32)>) {
+        let resolver = Resolver::with_budgets(&config, slots);
         self.inner.resolver.store(Arc::new(resolver));
         self.inner.config.store(Arc::new(config));
         self.inner.generation.fetch_add(1, Ordering::Release);
@@ -268,19 +298,20 @@ impl Limiter {
         self.inner.clock.now()
     }
 
-    // ---- record ------------------------------------------------------------------------------
+    // ---- record and charge -------------------------------------------------------------------
 
-    /// Counts `cost` against `provider`'s budget now. Returns at once: the journal makes it
-    /// durable within `storage.max_delay`.
-    #[inline]
+    /// Counts `cost` against `provider`'s budgets now (every provider-scope budget of that
+    /// provider: one per period). Returns at once: the journal makes it durable within
+    /// `storage.max_delay`.
     ///
     /// # Errors
     ///
     /// [`RecordError::NoBudget`] when the provider has no budget (nothing counted),
     /// [`RecordError::Closed`] after shutdown, [`RecordError::Storage`] when the journal died.
+    #[inline]
     pub fn record(&self, provider: &str, cost: Money) -> Result<(), RecordError> {
         // "Now" is never past retention: skip `record_at`'s age check (a second clock read).
-        self.add(provider, cost, self.inner.clock.now(), None)
+        self.add_provider(provider, cost, self.inner.clock.now(), None)
     }
 
     /// Counts `cost` in the window of `at` (e.g. the time the request was made).
@@ -292,8 +323,8 @@ impl Limiter {
     /// As [`Limiter::record`], and [`RecordError::Expired`] when the window of `at` ended
     /// more than `storage.retention` ago.
     pub fn record_at(&self, provider: &str, cost: Money, at: Timestamp) -> Result<(), RecordError> {
-        self.check_age(provider, at)?;
-        self.add(provider, cost, at, None)
+        self.check_age_provider(provider, at)?;
+        self.add_provider(provider, cost, at, None)
     }
 
     /// Counts `cost` now and returns once it is durable on disk (group commit: concurrent
@@ -319,9 +350,9 @@ impl Limiter {
         cost: Money,
         at: Timestamp,
     ) -> Result<(), RecordError> {
-        self.check_age(provider, at)?;
+        self.check_age_provider(provider, at)?;
         let (tx, rx) = crossbeam_channel::bounded(1);
-        self.add(provider, cost, at, Some(Ack::Blocking(tx)))?;
+        self.add_provider(provider, cost, at, Some(Ack::Blocking(tx)))?;
         rx.recv().map_err(|_| self.gone())??;
         Ok(())
     }
@@ -337,7 +368,7 @@ impl Limiter {
         cost: Money,
     ) -> Result<(), RecordError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.add(provider, cost, self.inner.clock.now(), Some(Ack::Async(tx)))?;
+        self.add_provider(provider, cost, self.inner.clock.now(), Some(Ack::Async(tx)))?;
         rx.await.map_err(|_| self.gone())??;
         Ok(())
     }
@@ -354,16 +385,124 @@ impl Limiter {
         cost: Money,
         at: Timestamp,
     ) -> Result<(), RecordError> {
-        self.check_age(provider, at)?;
+        self.check_age_provider(provider, at)?;
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.add(provider, cost, at, Some(Ack::Async(tx)))?;
+        self.add_provider(provider, cost, at, Some(Ack::Async(tx)))?;
         rx.await.map_err(|_| self.gone())??;
         Ok(())
     }
 
+    /// Counts `cost` against every budget that applies to the deployment and the request's
+    /// tags: its provider's, its model's, its own (by id) and each tag's, resolved exactly as
+    /// [`Limiter::filter_tagged`] does, so spend never goes to another budget than the one
+    /// that filtered. Returns the number of budgets charged (a charge that matches no budget
+    /// is not an error: 0). Returns at once, like [`Limiter::record`].
+    ///
+    /// # Errors
+    ///
+    /// [`RecordError::Closed`] after shutdown, [`RecordError::Storage`] when the journal died.
+    #[inline]
+    pub fn charge<D: Deployment + ?Sized, T: AsRef<str>>(
+        &self,
+        deployment: &D,
+        tags: &[T],
+        cost: Money,
+    ) -> Result<usize, RecordError> {
+        self.charge_inner(deployment, tags, cost, self.inner.clock.now(), None)
+    }
+
+    /// [`Limiter::charge`] in the window of `at`.
+    ///
+    /// # Errors
+    ///
+    /// As [`Limiter::charge`], and [`RecordError::Expired`] when the window of `at` of one
+    /// of the budgets ended more than `storage.retention` ago (nothing is charged then).
+    pub fn charge_at<D: Deployment + ?Sized, T: AsRef<str>>(
+        &self,
+        deployment: &D,
+        tags: &[T],
+        cost: Money,
+        at: Timestamp,
+    ) -> Result<usize, RecordError> {
+        self.check_age_charge(deployment, tags, at)?;
+        self.charge_inner(deployment, tags, cost, at, None)
+    }
+
+    /// [`Limiter::charge_at`] that returns once the charge is durable on disk (`at`: `None`
+    /// is now).
+    ///
+    /// # Errors
+    ///
+    /// As [`Limiter::charge_at`] and [`Limiter::record_durable`].
+    pub fn charge_durable<D: Deployment + ?Sized, T: AsRef<str>>(
+        &self,
+        deployment: &D,
+        tags: &[T],
+        cost: Money,
+        at: Option<Timestamp>,
+    ) -> Result<usize, RecordError> {
+        let at = at.unwrap_or_else(|| self.inner.clock.now());
+        self.check_age_charge(deployment, tags, at)?;
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let n = self.charge_inner(deployment, tags, cost, at, Some(Ack::Blocking(tx)))?;
+        rx.recv().map_err(|_| self.gone())??;
+        Ok(n)
+    }
+
+    /// [`Limiter::charge_durable`] for async code.
+    ///
+    /// # Errors
+    ///
+    /// As [`Limiter::charge_durable`].
+    pub async fn charge_durable_async<D: Deployment + ?Sized, T: AsRef<str>>(
+        &self,
+        deployment: &D,
+        tags: &[T],
+        cost: Money,
+        at: Option<Timestamp>,
+    ) -> Result<usize, RecordError> {
+        let at = at.unwrap_or_else(|| self.inner.clock.now());
+        self.check_age_charge(deployment, tags, at)?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let n = self.charge_inner(deployment, tags, cost, at, Some(Ack::Async(tx)))?;
+        rx.await.map_err(|_| self.gone())??;
+        Ok(n)
+    }
+
+    /// Calls `handler` each time a soft limit is crossed: once per window per threshold on
+    /// this node (see the README: fleet-wide once-only needs the replication wire of issue
+    /// 11). Replaces an earlier handler. It runs on the charging thread: keep it short.
+    pub fn on_soft_limit(&self, handler: impl Fn(&SoftLimitCrossed) + Send + Sync + 'static) {
+        *self
+            .inner
+            .soft_handler
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(SoftLimitHandler(Arc::new(handler)));
+    }
+
+    fn charge_inner<D: Deployment + ?Sized, T: AsRef<str>>(
+        &self,
+        deployment: &D,
+        tags: &[T],
+        cost: Money,
+        at: Timestamp,
+        ack: Option<Ack>,
+    ) -> Result<usize, RecordError> {
+        let resolver = self.inner.resolver.load();
+        let cache = resolver.cache();
+        let r = resolver.resolve_in(&cache, deployment);
+        let slots = charge_slots(&resolver, &r, tags);
+        self.add_slots(slots, cost, at, ack)
+    }
+
     /// Refuses a timestamp whose window is already past retention: the journal would delete
     /// it at its next pass, so counting it would only pretend.
-    fn check_age(&self, provider: &str, at: Timestamp) -> Result<(), RecordError> {
+    fn check_age(
+        &self,
+        what: &str,
+        at: Timestamp,
+        slots: impl Iterator<Item = u32>,
+    ) -> Result<(), RecordError> {
         let retention = &self.inner.config.load().storage.retention;
         let secs = floor_secs(at);
         let cutoff = floor_secs(self.now())
@@ -371,91 +510,205 @@ impl Limiter {
         if secs >= cutoff {
             return Ok(());
         }
-        let Some(b) = self.inner.resolver.load().budget_of_provider(provider) else {
-            return Ok(()); // `add` reports the missing budget
-        };
-        if self.inner.view.schedule(b).window_at_secs(secs).end_secs() > cutoff {
-            return Ok(());
+        for b in slots {
+            if self.inner.view.schedule(b).window_at_secs(secs).end_secs() <= cutoff {
+                return Err(RecordError::Expired {
+                    provider: what.to_owned(),
+                    at,
+                    retention: humantime::format_duration(*retention).to_string(),
+                });
+            }
         }
-        Err(RecordError::Expired {
-            provider: provider.to_owned(),
+        Ok(())
+    }
+
+    fn check_age_provider(&self, provider: &str, at: Timestamp) -> Result<(), RecordError> {
+        let resolver = self.inner.resolver.load();
+        self.check_age(
+            provider,
             at,
-            retention: humantime::format_duration(*retention).to_string(),
-        })
+            resolver.provider_slots(provider).iter().copied(),
+        )
+    }
+
+    fn check_age_charge<D: Deployment + ?Sized, T: AsRef<str>>(
+        &self,
+        deployment: &D,
+        tags: &[T],
+        at: Timestamp,
+    ) -> Result<(), RecordError> {
+        let resolver = self.inner.resolver.load();
+        let r = resolver.resolve(deployment);
+        let slots = charge_slots(&resolver, &r, tags);
+        self.check_age(deployment.model(), at, slots)
     }
 
     #[inline]
-    fn add(
+    fn add_provider(
         &self,
         provider: &str,
         cost: Money,
         at: Timestamp,
         ack: Option<Ack>,
     ) -> Result<(), RecordError> {
-        let inner = &*self.inner;
-        let budget = inner
-            .resolver
-            .load()
-            .budget_of_provider(provider)
-            .ok_or_else(|| RecordError::NoBudget {
+        let resolver = self.inner.resolver.load();
+        let slots = resolver.provider_slots(provider);
+        if slots.is_empty() {
+            return Err(RecordError::NoBudget {
                 provider: provider.to_owned(),
-            })?;
+            });
+        }
+        self.add_slots(slots.iter().copied(), cost, at, ack)
+            .map(|_| ())
+    }
+
+    /// Adds `cost` to each slot (in the window of `at`) and queues one journal event per
+    /// slot; a durability waiter is acknowledged with the last one (the journal commits in
+    /// order). Returns the number of slots.
+    #[inline]
+    fn add_slots(
+        &self,
+        slots: impl Iterator<Item = u32>,
+        cost: Money,
+        at: Timestamp,
+        mut ack: Option<Ack>,
+    ) -> Result<usize, RecordError> {
+        let inner = &*self.inner;
         if inner.closed.load(Ordering::Acquire) {
             return Err(RecordError::Closed);
         }
-        let (window, ack) = if cost == Money::ZERO {
-            // Nothing to count; a durable caller still gets its answer after the flush.
-            match ack {
-                None => return Ok(()),
-                Some(ack) => {
-                    return inner
-                        .journal
-                        .send(Event::Flush(ack))
-                        .map_err(|_| self.gone())
+        let secs = floor_secs(at);
+        let mut n = 0;
+        if cost != Money::ZERO {
+            // One journal event per call: a single window goes as `Add`, several as `AddMany`.
+            let mut first: Option<(u32, Window)> = None;
+            let mut more: Vec<(u32, Window)> = Vec::new();
+            for budget in slots {
+                n += 1;
+                let (window, crossed) = inner.view.add_own_checked(budget, secs, cost);
+                if let Some(c) = crossed {
+                    self.fire(budget, c);
+                }
+                match first {
+                    None => first = Some((budget, window)),
+                    Some(f) => {
+                        if more.is_empty() {
+                            more.push(f);
+                        }
+                        more.push((budget, window));
+                    }
                 }
             }
+            let event = match first {
+                None => None,
+                Some((budget, window)) if more.is_empty() => Some(Event::Add {
+                    budget,
+                    window,
+                    amount: cost.as_nanos(),
+                    ack: ack.take(),
+                }),
+                Some(_) => Some(Event::AddMany {
+                    items: more.into_boxed_slice(),
+                    amount: cost.as_nanos(),
+                    ack: ack.take(),
+                }),
+            };
+            if let Some(event) = event {
+                inner.journal.send(event).map_err(|_| self.gone())?;
+            }
         } else {
-            (inner.view.add_own(budget, floor_secs(at), cost), ack)
-        };
-        inner
-            .journal
-            .send(Event::Add {
-                budget,
-                window,
-                amount: cost.as_nanos(),
-                ack,
-            })
-            .map_err(|_| self.gone())
+            n = slots.count();
+        }
+        // Nothing to count (zero cost or no budget); a durable caller still gets its answer
+        // after the flush.
+        if let Some(ack) = ack {
+            inner
+                .journal
+                .send(Event::Flush(ack))
+                .map_err(|_| self.gone())?;
+        }
+        Ok(n)
+    }
+
+    /// Reports newly crossed soft limits: callback, metric, `tracing` event (cold path);
+    /// with Redis, after this node won the fleet-wide claim (module `alerts`).
+    #[cold]
+    fn fire(&self, budget: u32, crossed: crate::view::Crossed) {
+        let (key, period) = self.inner.keys.get(budget);
+        let (scope, name) = parse_key_name(&key);
+        let soft = self.inner.view.soft_limits(budget);
+        let limit = self.inner.view.limit(budget);
+        for (i, s) in soft.iter().enumerate().take(8) {
+            if crossed.bits & (1 << i) == 0 {
+                continue;
+            }
+            let event = SoftLimitCrossed {
+                scope,
+                name: name.to_owned(),
+                period: period.clone(),
+                soft_limit: *s,
+                spend: Money::from_nanos(crossed.spend),
+                limit,
+                window: crossed.window,
+            };
+            #[cfg(feature = "redis")]
+            if let Some(alerts) = &self.inner.alerts {
+                alerts.claim(&key, event);
+                continue;
+            }
+            deliver_soft_limit(&self.inner.soft_handler, &key, &event);
+        }
     }
 
     // ---- filter ------------------------------------------------------------------------------
 
-    /// The deployments whose provider may still spend, in their order. Providers without a
-    /// budget pass; unresolvable ones follow `unknown_provider`. An empty input gives an empty
-    /// result; a non-empty input with nothing left gives [`NoDeployments`].
+    /// The deployments whose budgets all have room, in their order (no request tags: see
+    /// [`Limiter::filter_tagged`]). Deployments without any budget pass; unresolvable ones
+    /// follow `unknown_provider`. An empty input gives an empty result; a non-empty input
+    /// with nothing left gives [`NoDeployments`].
     ///
     /// # Errors
     ///
     /// [`NoDeployments`] when the input is not empty and no deployment is left (each
     /// exceeded budget and unresolvable deployment listed).
+    #[inline]
     pub fn filter<'a, D: Deployment>(
         &self,
         deployments: &'a [D],
     ) -> Result<Vec<&'a D>, NoDeployments> {
-        let now = floor_secs(self.inner.clock.now());
-        let mut memo = Memo::default();
-        let mut out = Vec::with_capacity(deployments.len());
+        self.filter_tagged(deployments, NO_TAGS)
+    }
+
+    /// [`Limiter::filter`] for a request carrying `tags`: a deployment passes when every
+    /// budget that applies has room (its provider's, its model's, its own by id) and every
+    /// budget of the request's tags has room (a spent tag budget leaves nothing).
+    ///
+    /// # Errors
+    ///
+    /// As [`Limiter::filter`].
+    pub fn filter_tagged<'a, D: Deployment, T: AsRef<str>>(
+        &self,
+        deployments: &'a [D],
+        tags: &[T],
+    ) -> Result<Vec<&'a D>, NoDeployments> {
         let resolver = self.inner.resolver.load();
         let cache = resolver.cache();
-        for d in deployments {
-            if self.passes(self.slot_in(&resolver, &cache, d), now, &mut memo) {
-                out.push(d);
-            }
-        }
+        let mut check = self.check(&resolver);
+        let tags_ok = check.tags_pass(&resolver, tags);
+        let mut out = Vec::with_capacity(deployments.len());
+        check.select(
+            tags_ok,
+            deployments.iter().map(|d| resolver.resolve_in(&cache, d)),
+            |i| out.push(&deployments[i]),
+        );
         if out.is_empty() && !deployments.is_empty() {
-            return Err(
-                self.no_deployments(deployments.iter().map(|d| (self.slot(d), d.model())), now)
-            );
+            return Err(check.no_deployments(
+                &resolver,
+                tags,
+                deployments
+                    .iter()
+                    .map(|d| (resolver.resolve_in(&cache, d), d.model())),
+            ));
         }
         Ok(out)
     }
@@ -470,111 +723,81 @@ impl Limiter {
         &self,
         deployments: &mut Vec<D>,
     ) -> Result<(), NoDeployments> {
-        let now = floor_secs(self.inner.clock.now());
-        let mut memo = Memo::default();
+        self.filter_in_place_tagged(deployments, NO_TAGS)
+    }
+
+    /// [`Limiter::filter_in_place`] for a request carrying `tags`.
+    ///
+    /// # Errors
+    ///
+    /// As [`Limiter::filter`].
+    pub fn filter_in_place_tagged<D: Deployment, T: AsRef<str>>(
+        &self,
+        deployments: &mut Vec<D>,
+        tags: &[T],
+    ) -> Result<(), NoDeployments> {
         let resolver = self.inner.resolver.load();
         let cache = resolver.cache();
-        let any = deployments
-            .iter()
-            .any(|d| self.passes(self.slot_in(&resolver, &cache, d), now, &mut memo));
-        if !any {
+        let mut check = self.check(&resolver);
+        let tags_ok = check.tags_pass(&resolver, tags);
+        let kept = check.select(
+            tags_ok,
+            deployments.iter().map(|d| resolver.resolve_in(&cache, d)),
+            |_| {},
+        );
+        if kept == 0 {
             if deployments.is_empty() {
                 return Ok(());
             }
-            return Err(
-                self.no_deployments(deployments.iter().map(|d| (self.slot(d), d.model())), now)
-            );
+            return Err(check.no_deployments(
+                &resolver,
+                tags,
+                deployments
+                    .iter()
+                    .map(|d| (resolver.resolve_in(&cache, d), d.model())),
+            ));
         }
-        deployments.retain(|d| self.passes(self.slot_in(&resolver, &cache, d), now, &mut memo));
+        // Second pass answered by the memo (same decisions, no second window read).
+        deployments.retain(|d| check.passes(&resolver.resolve_in(&cache, d)));
         Ok(())
     }
 
     /// Resolves a deployment list once, for routers whose list rarely changes: the returned
-    /// [`Prepared`] filters with one clock read and one atomic read per distinct budget.
+    /// [`Prepared`] filters with one clock read and one atomic read per distinct budget. It
+    /// does not keep the limiter's threads alive (it holds the in-memory view, not the
+    /// limiter).
     pub fn prepare<D: Deployment>(&self, deployments: &[D]) -> Prepared {
-        Prepared {
-            limiter: self.clone(),
+        let resolver = self.inner.resolver.load();
+        let mut prepared = Prepared {
+            limiter: Arc::downgrade(&self.inner),
+            view: Arc::clone(&self.inner.view),
+            keys: Arc::clone(&self.inner.keys),
+            clock: Arc::clone(&self.inner.clock),
+            resolver: Arc::clone(&self.inner.resolver),
+            generation_now: Arc::clone(&self.inner.generation),
             generation: self.inner.generation.load(Ordering::Acquire),
-            slots: deployments.iter().map(|d| self.slot_uncached(d)).collect(),
-            models: deployments.iter().map(|d| d.model().to_owned()).collect(),
-            providers: deployments
+            slots: Vec::new(),
+            ranges: Vec::with_capacity(deployments.len()),
+            targets: deployments
                 .iter()
-                .map(|d| d.provider().map(str::to_owned))
+                .map(|d| Target {
+                    model: d.model().to_owned(),
+                    provider: d.provider().map(str::to_owned),
+                    id: d.id().map(str::to_owned),
+                })
                 .collect(),
-        }
-    }
-
-    #[inline]
-    fn slot<D: Deployment + ?Sized>(&self, d: &D) -> Slot {
-        self.to_slot(self.inner.resolver.load().resolve_cached(d))
-    }
-
-    /// [`Limiter::slot`] with the resolver and its model cache loaded once per call.
-    #[inline]
-    fn slot_in<D: Deployment + ?Sized>(
-        &self,
-        resolver: &Resolver,
-        cache: &CacheMap,
-        d: &D,
-    ) -> Slot {
-        self.to_slot(resolver.resolve_in(cache, d))
-    }
-
-    fn slot_uncached<D: Deployment + ?Sized>(&self, d: &D) -> Slot {
-        self.to_slot(self.inner.resolver.load().resolve(d))
-    }
-
-    #[inline]
-    fn to_slot(&self, r: Resolution) -> Slot {
-        match r {
-            Resolution::Budget(b) => Slot::Budget(b),
-            Resolution::NoBudget => Slot::Pass,
-            Resolution::Unknown => {
-                metrics::counter!("provider_budgets_unknown_provider_total").increment(1);
-                match self.inner.config.load().unknown_provider {
-                    UnknownProvider::Allow => Slot::Pass,
-                    UnknownProvider::Deny => Slot::Deny,
-                }
-            }
-        }
-    }
-
-    #[inline]
-    fn passes(&self, slot: Slot, now: i64, memo: &mut Memo) -> bool {
-        match slot {
-            Slot::Pass => true,
-            Slot::Deny => false,
-            Slot::Budget(b) => !memo.exhausted(b, || self.inner.view.exhausted(b, now)),
-        }
-    }
-
-    /// The error for an empty result (cold path).
-    fn no_deployments<'a>(
-        &self,
-        slots: impl Iterator<Item = (Slot, &'a str)>,
-        now: i64,
-    ) -> NoDeployments {
-        let mut err = NoDeployments {
-            exceeded: Vec::new(),
-            unknown: Vec::new(),
         };
-        let mut seen = Vec::new();
-        for (slot, model) in slots {
-            match slot {
-                Slot::Budget(b) if !seen.contains(&b) => {
-                    seen.push(b);
-                    err.exceeded.push(Exceeded {
-                        provider: self.inner.keys.get(b).0,
-                        spend: self.inner.view.totals_at(b, now).total(),
-                        limit: self.inner.view.limit(b),
-                    });
-                }
-                Slot::Deny => err.unknown.push(model.to_owned()),
-                _ => {}
-            }
-        }
-        metrics::counter!("provider_budgets_no_deployments_total").increment(1);
-        err
+        prepared.fill(&resolver);
+        prepared
+    }
+
+    fn check<'r>(&'r self, resolver: &Resolver) -> Check<'r> {
+        Check::new(
+            &self.inner.view,
+            &self.inner.keys,
+            floor_secs(self.inner.clock.now()),
+            resolver.deny_unknown,
+        )
     }
 
     // ---- status, flush, shutdown -------------------------------------------------------------
@@ -585,25 +808,44 @@ impl Limiter {
     }
 
     /// Every budget's state in the windows containing `at` (windows past their retention read
-    /// as empty).
+    /// as empty), in config order (providers first).
     pub fn status_at(&self, at: Timestamp) -> Vec<BudgetStatus> {
+        self.status_rows(at).into_iter().map(|(_, s)| s).collect()
+    }
+
+    /// [`Limiter::status_at`] with each row's slot.
+    fn status_rows(&self, at: Timestamp) -> Vec<(u32, BudgetStatus)> {
         let secs = floor_secs(at);
         let (replication, problems) = self.replication_status();
         let storage_fault = self.health().storage_fault;
         let config = self.inner.config.load();
-        let resolver = self.inner.resolver.load();
-        let zone = config.time_zone.clone().unwrap_or_else(|| "UTC".to_owned());
         config
             .budgets
             .iter()
-            .filter_map(|b| Some((resolver.budget_of_provider(&b.provider)?, b)))
-            .map(|(i, b)| {
+            .filter_map(|b| {
+                let (key, period) = b.key_parts();
+                Some((self.inner.keys.position(&key, &period)?, b, key, period))
+            })
+            .map(|(i, b, key, period_key)| {
                 let t = self.inner.view.totals_at(i, secs);
                 let spend = t.total();
-                BudgetStatus {
-                    provider: b.provider.clone(),
+                let crossed = b
+                    .soft_limits
+                    .iter()
+                    .copied()
+                    .filter(|s| spend.as_nanos() >= s.threshold(b.limit.as_nanos()))
+                    .collect();
+                let row = BudgetStatus {
+                    provider: key,
+                    scope: b.scope,
+                    name: b.name.clone(),
                     period: b.period,
-                    time_zone: zone.clone(),
+                    period_key,
+                    time_zone: config.budget_zone_name(b),
+                    mode: b.mode,
+                    soft_limits: b.soft_limits.clone(),
+                    thresholds_crossed: crossed,
+                    would_deny: self.inner.view.would_deny(i),
                     window: t.window,
                     spend,
                     own_spend: t.own,
@@ -613,22 +855,42 @@ impl Limiter {
                     replication: replication.clone(),
                     storage_fault: storage_fault.clone(),
                     replication_problem: problems.get(i as usize).cloned().flatten(),
-                }
+                };
+                (i, row)
             })
             .collect()
     }
 
-    /// The state of one provider's budget now, `None` when it has none.
-    pub fn budget_status(&self, provider: &str) -> Option<BudgetStatus> {
-        self.inner.resolver.load().budget_of_provider(provider)?;
-        self.status().into_iter().find(|s| s.provider == provider)
+    /// The state of every budget that applies to the deployment and the request's tags (those
+    /// [`Limiter::charge`] counts against), in the windows containing `at`.
+    pub fn status_for<D: Deployment + ?Sized, T: AsRef<str>>(
+        &self,
+        deployment: &D,
+        tags: &[T],
+        at: Timestamp,
+    ) -> Vec<BudgetStatus> {
+        let resolver = self.inner.resolver.load();
+        let r = resolver.resolve(deployment);
+        let slots: Vec<u32> = charge_slots(&resolver, &r, tags).collect();
+        self.status_rows(at)
+            .into_iter()
+            .filter(|(slot, _)| slots.contains(slot))
+            .map(|(_, s)| s)
+            .collect()
     }
 
-    /// Every window still held in memory for `provider` (newest first): previous windows stay
-    /// readable until their retention ends.
+    /// The state of one provider's (first) budget now, `None` when it has none.
+    pub fn budget_status(&self, provider: &str) -> Option<BudgetStatus> {
+        self.status()
+            .into_iter()
+            .find(|s| s.scope == Scope::Provider && s.name == provider)
+    }
+
+    /// Every window still held in memory for `provider`'s (first) budget (newest first):
+    /// previous windows stay readable until their retention ends.
     pub fn windows(&self, provider: &str) -> Vec<(Window, Money)> {
-        match self.inner.resolver.load().budget_of_provider(provider) {
-            Some(b) => self
+        match self.inner.resolver.load().provider_slots(provider).first() {
+            Some(&b) => self
                 .inner
                 .view
                 .windows(b)
@@ -762,73 +1024,166 @@ impl Limiter {
     }
 }
 
-/// A deployment list resolved once by [`Limiter::prepare`].
+/// Delivers a crossed soft limit on this node: metric, `tracing` event, callback.
+pub(crate) fn deliver_soft_limit(
+    handler: &Mutex<Option<SoftLimitHandler>>,
+    key: &str,
+    e: &SoftLimitCrossed,
+) {
+    metrics::counter!(
+        "provider_budgets_soft_limit_crossed_total",
+        "budget" => key.to_owned(),
+        "period" => e.period.clone(),
+        "fraction" => e.soft_limit.to_string()
+    )
+    .increment(1);
+    tracing::warn!(
+        scope = %e.scope,
+        name = %e.name,
+        period = %e.period,
+        fraction = e.soft_limit.fraction(),
+        spend = %e.spend,
+        limit = %e.limit,
+        window_start = %e.window.start(),
+        "soft limit crossed"
+    );
+    let h = handler
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    if let Some(h) = h {
+        (h.0)(e);
+    }
+}
+
+/// No request tags, for the untagged forms (`limiter.charge(&d, NO_TAGS, cost)`).
+pub const NO_TAGS: &[&str] = &[];
+
+/// The slots a charge adds to: the deployment's and those of each distinct tag.
+fn charge_slots<'a, T: AsRef<str>>(
+    resolver: &'a Resolver,
+    r: &Resolved<'a>,
+    tags: &'a [T],
+) -> impl Iterator<Item = u32> + 'a {
+    let r = *r;
+    let tag_slots = tags.iter().enumerate().flat_map(move |(i, t)| {
+        let t = t.as_ref();
+        // A tag given twice is charged once.
+        let repeated = tags[..i].iter().any(|u| u.as_ref() == t);
+        if repeated {
+            &[][..]
+        } else {
+            resolver.slots(Scope::Tag, t)
+        }
+        .iter()
+        .copied()
+    });
+    (0..3)
+        .flat_map(move |k| r.slots[k].iter().copied())
+        .chain(tag_slots)
+}
+
+/// A deployment list resolved once by [`Limiter::prepare`]. It holds the limiter's in-memory
+/// view, not the limiter: dropping every [`Limiter`] stops the background threads even while
+/// a `Prepared` lives (it then keeps answering from memory).
 #[derive(Debug, Clone)]
 pub struct Prepared {
-    limiter: Limiter,
+    limiter: Weak<Inner>,
+    view: Arc<View>,
+    keys: Arc<SlotKeys>,
+    clock: Arc<dyn Clock>,
+    resolver: Arc<ArcSwap<Resolver>>,
+    generation_now: Arc<AtomicU64>,
     /// The limiter's reload generation when resolved; after a reload, calls resolve again.
     generation: u64,
-    slots: Vec<Slot>,
-    models: Vec<String>,
-    providers: Vec<Option<String>>,
+    /// Every deployment's slots, concatenated.
+    slots: Vec<u32>,
+    /// Per deployment: start in `slots`, count, denied as unknown.
+    ranges: Vec<(u32, u32, bool)>,
+    targets: Vec<Target>,
 }
 
 impl Prepared {
     /// Number of deployments.
     pub fn len(&self) -> usize {
-        self.slots.len()
+        self.targets.len()
     }
 
     /// Whether the list is empty.
     pub fn is_empty(&self) -> bool {
-        self.slots.is_empty()
+        self.targets.is_empty()
+    }
+
+    fn fill(&mut self, resolver: &Resolver) {
+        self.slots.clear();
+        self.ranges.clear();
+        for t in &self.targets {
+            let r = resolver.resolve(t);
+            let start = self.slots.len() as u32;
+            self.slots.extend(r.iter());
+            self.ranges.push((
+                start,
+                self.slots.len() as u32 - start,
+                r.unknown && resolver.deny_unknown,
+            ));
+        }
     }
 
     /// Writes the indices of the usable deployments into `out` (cleared first; reuse it to
     /// avoid allocating).
-    #[inline]
     ///
     /// # Errors
     ///
     /// [`NoDeployments`] when no deployment is left (`out` is then empty).
+    #[inline]
     pub fn filter_into(&self, out: &mut Vec<usize>) -> Result<(), NoDeployments> {
+        self.filter_tagged_into(NO_TAGS, out)
+    }
+
+    /// [`Prepared::filter_into`] for a request carrying `tags`.
+    ///
+    /// # Errors
+    ///
+    /// As [`Prepared::filter_into`].
+    #[inline]
+    pub fn filter_tagged_into<T: AsRef<str>>(
+        &self,
+        tags: &[T],
+        out: &mut Vec<usize>,
+    ) -> Result<(), NoDeployments> {
         out.clear();
-        let now = floor_secs(self.limiter.inner.clock.now());
-        let mut memo = Memo::default();
-        let fresh;
-        let slots = if self.generation == self.limiter.inner.generation.load(Ordering::Acquire) {
-            &self.slots
-        } else {
+        let now = floor_secs(self.clock.now());
+        if self.generation != self.generation_now.load(Ordering::Acquire) {
             // Reloaded since `prepare`: resolve with the current budgets (prepare again to
             // get the fast path back).
-            fresh = self.resolve_again();
-            &fresh
-        };
-        for (i, &slot) in slots.iter().enumerate() {
-            if self.limiter.passes(slot, now, &mut memo) {
-                out.push(i);
-            }
+            let mut again = self.clone();
+            again.generation = self.generation_now.load(Ordering::Acquire);
+            again.fill(&self.resolver.load());
+            return again.filter_tagged_into(tags, out);
         }
-        if out.is_empty() && !slots.is_empty() {
-            let models = self.models.iter().map(String::as_str);
-            return Err(self
-                .limiter
-                .no_deployments(slots.iter().copied().zip(models), now));
+        // `ranges` carry `unknown && deny_unknown` as resolved at `prepare` (a reload bumps the
+        // generation): no resolver load on the untagged path.
+        let mut check = Check::new(&self.view, &self.keys, now, true);
+        let tags_ok = tags.is_empty() || check.tags_pass(&self.resolver.load(), tags);
+        check.select(tags_ok, self.resolved(), |i| out.push(i));
+        if out.is_empty() && !self.ranges.is_empty() {
+            let resolver = self.resolver.load();
+            let models = self.targets.iter().map(|t| t.model.as_str());
+            return Err(check.no_deployments(&resolver, tags, self.resolved().zip(models)));
         }
         Ok(())
     }
 
-    fn resolve_again(&self) -> Vec<Slot> {
-        self.models
-            .iter()
-            .zip(&self.providers)
-            .map(|(m, p)| {
-                self.limiter.slot_uncached(&Target {
-                    model: m.clone(),
-                    provider: p.clone(),
-                })
-            })
-            .collect()
+    #[inline]
+    fn resolved(&self) -> impl Iterator<Item = Resolved<'_>> {
+        self.ranges.iter().map(|&(start, len, unknown)| Resolved {
+            unknown,
+            slots: [
+                &self.slots[start as usize..(start + len) as usize],
+                &[],
+                &[],
+            ],
+        })
     }
 
     /// The indices of the usable deployments.
@@ -837,9 +1192,14 @@ impl Prepared {
     ///
     /// As [`Prepared::filter_into`].
     pub fn filter(&self) -> Result<Vec<usize>, NoDeployments> {
-        let mut out = Vec::with_capacity(self.slots.len());
+        let mut out = Vec::with_capacity(self.len());
         self.filter_into(&mut out)?;
         Ok(out)
+    }
+
+    /// Whether the limiter this list was prepared by is still open (not dropped).
+    pub fn limiter_alive(&self) -> bool {
+        self.limiter.strong_count() > 0
     }
 }
 

@@ -19,6 +19,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use rustc_hash::FxHashMap;
 
+use crate::budget::{model_part, Scope};
 use crate::config::Config;
 
 /// Bare model-name prefixes and their provider, checked in order.
@@ -45,12 +46,17 @@ pub const BUILTIN_PREFIXES: &[(&str, &str)] = &[
     ("grok-", "xai"),
 ];
 
-/// Something `filter` can choose among: a model name, optionally with its provider.
+/// Something `filter` can choose among: a model name, optionally with its provider and its
+/// deployment id.
 pub trait Deployment {
     /// Model name, e.g. `gpt-4o` or `azure/gpt-4o`.
     fn model(&self) -> &str;
     /// The provider when the router knows it (litellm's `custom_llm_provider`).
     fn provider(&self) -> Option<&str> {
+        None
+    }
+    /// The deployment's id (litellm's `model_info.id`), for deployment budgets.
+    fn id(&self) -> Option<&str> {
         None
     }
 }
@@ -74,15 +80,20 @@ impl<T: Deployment + ?Sized> Deployment for &T {
     fn provider(&self) -> Option<&str> {
         (**self).provider()
     }
+    fn id(&self) -> Option<&str> {
+        (**self).id()
+    }
 }
 
-/// A deployment with an explicit provider.
+/// A deployment with an explicit provider and/or id.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Target {
     /// Model name.
     pub model: String,
     /// Provider, overriding every other rule when set.
     pub provider: Option<String>,
+    /// Deployment id (litellm's `model_info.id`).
+    pub id: Option<String>,
 }
 
 impl Target {
@@ -91,6 +102,28 @@ impl Target {
         Target {
             model: model.into(),
             provider: Some(provider.into()),
+            id: None,
+        }
+    }
+
+    /// A deployment of `model` (provider resolved from the name) with id `id`.
+    pub fn with_id(id: impl Into<String>, model: impl Into<String>) -> Target {
+        Target {
+            model: model.into(),
+            provider: None,
+            id: Some(id.into()),
+        }
+    }
+
+    /// Parses the CLI form: `MODEL` or `ID=MODEL` (`gpt4o-east=openai/gpt-4o`).
+    pub fn parse(text: &str) -> Target {
+        match text.split_once('=') {
+            Some((id, model)) if !id.is_empty() => Target::with_id(id, model),
+            _ => Target {
+                model: text.to_owned(),
+                provider: None,
+                id: None,
+            },
         }
     }
 }
@@ -102,17 +135,64 @@ impl Deployment for Target {
     fn provider(&self) -> Option<&str> {
         self.provider.as_deref()
     }
+    fn id(&self) -> Option<&str> {
+        self.id.as_deref()
+    }
 }
 
-/// What a deployment resolved to.
+/// What a deployment resolved to: the budget slots that apply to it, in up to three slices
+/// borrowed from the resolver (no allocation), and whether its provider is unknown.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Resolution {
-    /// Its provider has this budget (index into the limiter's budgets).
-    Budget(u32),
-    /// Its provider is known but has no budget: it always passes.
-    NoBudget,
-    /// No rule matched.
-    Unknown,
+pub(crate) struct Resolved<'a> {
+    /// No provider could be determined (`unknown_provider` decides).
+    pub unknown: bool,
+    /// Budget slots: provider and model budgets (and the deployment's).
+    pub slots: [&'a [u32]; 3],
+}
+
+impl Resolved<'_> {
+    /// Every slot, in order.
+    pub fn iter(&self) -> impl Iterator<Item = u32> + '_ {
+        self.slots.iter().flat_map(|s| s.iter().copied())
+    }
+}
+
+/// A model name's cached resolution: unknown provider, and the slots of its provider and
+/// model budgets, concatenated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct CachedModel {
+    unknown: bool,
+    /// Up to four slots inline (no pointer to chase on the request path), more in `spill`.
+    len: u8,
+    inline: [u32; 4],
+    spill: Box<[u32]>,
+}
+
+impl CachedModel {
+    fn new(unknown: bool, slots: impl Iterator<Item = u32>) -> CachedModel {
+        let all: Vec<u32> = slots.collect();
+        let mut inline = [0; 4];
+        let (len, spill) = if all.len() <= inline.len() {
+            inline[..all.len()].copy_from_slice(&all);
+            (all.len() as u8, Box::default())
+        } else {
+            (u8::MAX, all.into_boxed_slice())
+        };
+        CachedModel {
+            unknown,
+            len,
+            inline,
+            spill,
+        }
+    }
+
+    #[inline]
+    fn slots(&self) -> &[u32] {
+        match self.inline.get(..usize::from(self.len)) {
+            Some(s) => s,
+            None => &self.spill,
+        }
+    }
 }
 
 /// Entries kept in the model-name cache before it is cleared (bounds memory when callers
@@ -120,15 +200,21 @@ pub(crate) enum Resolution {
 const CACHE_LIMIT: usize = 4096;
 
 /// The model-name cache: model → resolution.
-pub(crate) type CacheMap = FxHashMap<Box<str>, Resolution>;
+pub(crate) type CacheMap = FxHashMap<Box<str>, CachedModel>;
 /// A loaded snapshot of the cache.
 pub(crate) type CacheGuard = arc_swap::Guard<Arc<CacheMap>>;
 
-/// Maps deployments to budgets. Immutable tables plus a copy-on-write cache of model names.
+/// Scope name → budget slots, one map per scope.
+pub(crate) type ScopeTables = [FxHashMap<Box<str>, Box<[u32]>>; 4];
+
+/// Maps deployments and tags to budget slots. Immutable tables plus a copy-on-write cache of
+/// model names.
 #[derive(Debug)]
 pub(crate) struct Resolver {
-    budgets: FxHashMap<String, u32>,
+    tables: ScopeTables,
     overrides: Vec<(String, String)>,
+    /// `unknown_provider: deny`.
+    pub deny_unknown: bool,
     /// Model name (without explicit provider) → resolution. Reads are one atomic load;
     /// a miss resolves and publishes a new map (rare: deployment lists change rarely).
     cache: ArcSwap<CacheMap>,
@@ -136,37 +222,55 @@ pub(crate) struct Resolver {
 
 impl Resolver {
     pub fn new(config: &Config) -> Resolver {
-        let budgets = config
+        let slots = config
             .budgets
             .iter()
             .enumerate()
-            .map(|(i, b)| (b.provider.clone(), i as u32))
-            .collect();
-        Resolver::with_budgets(config, budgets)
+            .map(|(i, b)| (b.scope, b.name.clone(), i as u32));
+        Resolver::with_budgets(config, slots)
     }
 
-    /// A resolver whose providers map to the given budget slots (reload).
-    pub fn with_budgets(config: &Config, budgets: FxHashMap<String, u32>) -> Resolver {
+    /// A resolver whose budgets map to the given slots (reload): (scope, name, slot).
+    pub fn with_budgets(
+        config: &Config,
+        slots: impl IntoIterator<Item = (Scope, String, u32)>,
+    ) -> Resolver {
+        let mut grouped: [FxHashMap<Box<str>, Vec<u32>>; 4] = Default::default();
+        for (scope, name, slot) in slots {
+            grouped[scope.index()]
+                .entry(name.into_boxed_str())
+                .or_default()
+                .push(slot);
+        }
+        let tables = grouped.map(|m| {
+            m.into_iter()
+                .map(|(k, v)| (k, v.into_boxed_slice()))
+                .collect()
+        });
         let mut overrides = config.model_providers.clone();
         overrides.sort_by_key(|o| std::cmp::Reverse(o.0.len()));
         Resolver {
-            budgets,
+            tables,
             overrides,
+            deny_unknown: config.unknown_provider == crate::config::UnknownProvider::Deny,
             cache: ArcSwap::from_pointee(FxHashMap::default()),
         }
     }
 
-    /// The budget of a provider name.
+    /// The slots of a scope name (empty when it has no budget).
     #[inline]
-    pub fn budget_of_provider(&self, provider: &str) -> Option<u32> {
-        self.budgets.get(provider).copied()
+    pub fn slots(&self, scope: Scope, name: &str) -> &[u32] {
+        let t = &self.tables[scope.index()];
+        if t.is_empty() {
+            return &[];
+        }
+        t.get(name).map_or(&[], |s| s)
     }
 
-    fn of_provider(&self, provider: &str) -> Resolution {
-        match self.budget_of_provider(provider) {
-            Some(b) => Resolution::Budget(b),
-            None => Resolution::NoBudget,
-        }
+    /// The slots of a provider's budgets.
+    #[inline]
+    pub fn provider_slots(&self, provider: &str) -> &[u32] {
+        self.slots(Scope::Provider, provider)
     }
 
     /// The provider name a model resolves to, if any (no cache).
@@ -189,20 +293,20 @@ impl Resolver {
     }
 
     /// Resolves without touching the cache.
-    pub fn resolve(&self, d: &(impl Deployment + ?Sized)) -> Resolution {
-        if let Some(p) = d.provider() {
-            return self.of_provider(p);
+    pub fn resolve<'a>(&'a self, d: &(impl Deployment + ?Sized)) -> Resolved<'a> {
+        let provider = match d.provider() {
+            Some(p) => Some(p),
+            None => self.provider_of_model(d.model()),
+        };
+        Resolved {
+            unknown: provider.is_none(),
+            slots: [
+                provider.map_or(&[][..], |p| self.provider_slots(p)),
+                self.slots(Scope::Model, model_part(d.model())),
+                d.id()
+                    .map_or(&[][..], |id| self.slots(Scope::Deployment, id)),
+            ],
         }
-        match self.provider_of_model(d.model()) {
-            Some(p) => self.of_provider(p),
-            None => Resolution::Unknown,
-        }
-    }
-
-    /// Resolves through the cache: the request path's form.
-    #[inline]
-    pub fn resolve_cached(&self, d: &(impl Deployment + ?Sized)) -> Resolution {
-        self.resolve_in(&self.cache(), d)
     }
 
     /// One load of the model-name cache, to resolve a whole deployment list with
@@ -212,24 +316,35 @@ impl Resolver {
         self.cache.load()
     }
 
-    /// [`Resolver::resolve_cached`] with a cache loaded once by the caller.
+    /// Resolves through a cache loaded once by the caller: the request path's form.
     #[inline]
-    pub fn resolve_in(&self, cache: &CacheMap, d: &(impl Deployment + ?Sized)) -> Resolution {
-        if let Some(p) = d.provider() {
-            return self.of_provider(p);
+    pub fn resolve_in<'a>(
+        &'a self,
+        cache: &'a CacheMap,
+        d: &(impl Deployment + ?Sized),
+    ) -> Resolved<'a> {
+        if d.provider().is_some() {
+            return self.resolve(d);
         }
+        let id = d
+            .id()
+            .map_or(&[][..], |id| self.slots(Scope::Deployment, id));
         let model = d.model();
-        if let Some(r) = cache.get(model) {
-            return *r;
+        if let Some(c) = cache.get(model) {
+            return Resolved {
+                unknown: c.unknown,
+                slots: [c.slots(), id, &[]],
+            };
         }
         let r = self.resolve(d);
+        let entry = CachedModel::new(r.unknown, r.slots[0].iter().chain(r.slots[1]).copied());
         self.cache.rcu(|old| {
             let mut map = if old.len() >= CACHE_LIMIT {
                 FxHashMap::default()
             } else {
                 (**old).clone()
             };
-            map.insert(model.into(), r);
+            map.insert(model.into(), entry.clone());
             Arc::new(map)
         });
         r
@@ -239,14 +354,32 @@ impl Resolver {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Money, Period};
+    use crate::{BudgetConfig, Money, Period};
 
     fn resolver() -> Resolver {
         let p: Period = "1d".parse().expect("period");
         let mut c = Config::new()
             .budget("openai", Money::from_nanos(1), p)
             .budget("azure", Money::from_nanos(1), p)
-            .budget("together", Money::from_nanos(1), p);
+            .budget("together", Money::from_nanos(1), p)
+            .with_budget(BudgetConfig::new(
+                Scope::Model,
+                "gpt-4o",
+                Money::from_nanos(1),
+                p,
+            ))
+            .with_budget(BudgetConfig::new(
+                Scope::Deployment,
+                "east",
+                Money::from_nanos(1),
+                p,
+            ))
+            .with_budget(BudgetConfig::new(
+                Scope::Tag,
+                "team-a",
+                Money::from_nanos(1),
+                p,
+            ));
         c.model_providers = vec![
             ("llama-".into(), "together".into()),
             ("llama-3-special".into(), "groq".into()),
@@ -254,22 +387,47 @@ mod tests {
         Resolver::new(&c)
     }
 
+    fn slots(r: Resolved<'_>) -> (bool, Vec<u32>) {
+        let mut v: Vec<u32> = r.iter().collect();
+        v.sort_unstable();
+        (r.unknown, v)
+    }
+
     #[test]
-    fn precedence() {
+    fn precedence_and_scopes() {
         let r = resolver();
-        assert_eq!(r.resolve("gpt-4o"), Resolution::Budget(0));
-        assert_eq!(r.resolve("azure/gpt-4o"), Resolution::Budget(1));
+        // Sorted: providers azure(0) openai(1) together(2), deployment east(3), model(4), tag(5).
+        assert_eq!(slots(r.resolve("gpt-4o")), (false, vec![1, 4]));
+        assert_eq!(slots(r.resolve("azure/gpt-4o")), (false, vec![0, 4]));
         assert_eq!(
-            r.resolve(&Target::new("gpt-4o", "azure")),
-            Resolution::Budget(1)
+            slots(r.resolve(&Target::new("gpt-4o", "azure"))),
+            (false, vec![0, 4])
         );
-        assert_eq!(r.resolve("claude-3-5-sonnet"), Resolution::NoBudget);
-        assert_eq!(r.resolve("llama-3-70b"), Resolution::Budget(2));
-        assert_eq!(r.resolve("llama-3-special-1"), Resolution::NoBudget);
-        assert_eq!(r.resolve("my-fine-tune"), Resolution::Unknown);
-        assert_eq!(r.resolve("/gpt"), Resolution::Unknown);
-        for m in ["gpt-4o", "azure/x", "nothing", "nothing"] {
-            assert_eq!(r.resolve_cached(m), r.resolve(m));
+        assert_eq!(
+            slots(r.resolve(&Target::with_id("east", "azure/gpt-4o-mini"))),
+            (false, vec![0, 3])
+        );
+        assert_eq!(slots(r.resolve("claude-3-5-sonnet")), (false, vec![]));
+        assert_eq!(slots(r.resolve("llama-3-70b")), (false, vec![2]));
+        assert_eq!(slots(r.resolve("llama-3-special-1")), (false, vec![]));
+        assert_eq!(slots(r.resolve("my-fine-tune")), (true, vec![]));
+        assert_eq!(slots(r.resolve("/gpt")), (true, vec![]));
+        assert_eq!(r.slots(Scope::Tag, "team-a"), &[5]);
+        for m in ["gpt-4o", "azure/x", "nothing", "nothing", "gpt-4o"] {
+            let cache = r.cache();
+            assert_eq!(slots(r.resolve_in(&cache, m)), slots(r.resolve(m)));
         }
+        let d = Target::with_id("east", "gpt-4o");
+        let cache = r.cache();
+        assert_eq!(slots(r.resolve_in(&cache, &d)), (false, vec![1, 3, 4]));
+    }
+
+    #[test]
+    fn cli_form() {
+        assert_eq!(
+            Target::parse("a=openai/gpt-4o"),
+            Target::with_id("a", "openai/gpt-4o")
+        );
+        assert_eq!(Target::parse("gpt-4o").id, None);
     }
 }

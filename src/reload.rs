@@ -4,13 +4,14 @@
 //! table. Slots are only ever added while the limiter runs, never removed or renumbered, so an
 //! index held by a racing `record` or `filter` stays valid. A reload:
 //!
-//! * keeps the slot of every budget whose (provider, period) is unchanged and stores its new
-//!   limit in place (an atomic): the next `filter` sees it;
+//! * keeps the slot of every budget whose series (key name, period part: see the module
+//!   `budget`) is unchanged and stores its new limit, mode and soft limits in place: the next
+//!   `filter` sees them;
 //! * adds a slot for a new budget, or for a changed period (the period is part of the storage
 //!   and Redis keys, so it is a new series starting at its stored total, zero when new), or
 //!   takes back the slot of a budget that was removed earlier (its spend is still there);
-//! * swaps the provider → slot table: a removed budget's provider resolves to "no budget" and
-//!   passes; its slot keeps its spend (journaled, replicated, stored until retention ends);
+//! * swaps the (scope, name) → slots table: a removed budget no longer applies; its slot keeps
+//!   its spend (journaled, replicated, stored until retention ends);
 //! * validates everything first: an invalid config, or a change of what only a restart can
 //!   apply (storage, Redis, node id, window anchor), is refused and the old config keeps
 //!   running.
@@ -22,7 +23,9 @@
 use std::sync::{Mutex, PoisonError, RwLock};
 
 use arc_swap::ArcSwap;
+use rustc_hash::FxHashMap;
 
+use crate::budget::{Mode, Scope};
 use crate::config::{BudgetConfig, Config};
 use crate::error::Error;
 use crate::journal::{Event, Journal};
@@ -54,11 +57,9 @@ impl Parts<'_> {
         if series.is_empty() {
             return Ok(out);
         }
-        let index = |provider: &str, period: &str| {
-            series
-                .iter()
-                .position(|b| b.provider == provider && b.period.to_string() == period)
-        };
+        let parts: Vec<(String, String)> = series.iter().map(|b| b.key_parts()).collect();
+        let index =
+            |name: &str, period: &str| parts.iter().position(|(n, p)| n == name && p == period);
         for (key, value) in self.store.load_own()? {
             if let Some(i) = index(&key.provider, &key.period) {
                 out[i].push((window_of(&key, value.end), value.total, 0));
@@ -74,32 +75,49 @@ impl Parts<'_> {
     }
 }
 
-/// (provider, period) per budget slot: the storage and Redis key parts. Append-only.
+/// (key name, period part) per budget slot: the storage and Redis key parts (see the module
+/// `budget`; provider budgets keep the provider name as key name). Append-only.
 #[derive(Debug, Default)]
 pub(crate) struct SlotKeys {
-    keys: RwLock<Vec<(String, String)>>,
+    keys: RwLock<Keys>,
+}
+
+/// The slots' key parts and their index (no linear search: `status` looks every budget up).
+#[derive(Debug, Default)]
+struct Keys {
+    parts: Vec<(String, String)>,
+    index: FxHashMap<(String, String), u32>,
 }
 
 impl SlotKeys {
     pub fn new(keys: Vec<(String, String)>) -> SlotKeys {
+        let index = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| (k.clone(), i as u32))
+            .collect();
         SlotKeys {
-            keys: RwLock::new(keys),
+            keys: RwLock::new(Keys { parts: keys, index }),
         }
     }
 
     /// The key parts of a slot.
     pub fn get(&self, slot: u32) -> (String, String) {
-        self.keys.read().unwrap_or_else(PoisonError::into_inner)[slot as usize].clone()
-    }
-
-    /// The slot of (provider, period), if it has one.
-    pub fn position(&self, provider: &str, period: &str) -> Option<u32> {
         self.keys
             .read()
             .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-            .position(|(p, q)| p == provider && q == period)
-            .and_then(|i| u32::try_from(i).ok())
+            .parts[slot as usize]
+            .clone()
+    }
+
+    /// The slot of (key name, period part), if it has one.
+    pub fn position(&self, name: &str, period: &str) -> Option<u32> {
+        self.keys
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .index
+            .get(&(name.to_owned(), period.to_owned()))
+            .copied()
     }
 
     /// Every slot's key parts.
@@ -108,15 +126,22 @@ impl SlotKeys {
         self.keys
             .read()
             .unwrap_or_else(PoisonError::into_inner)
+            .parts
             .clone()
     }
 
-    fn push(&self, provider: String, period: String) {
-        self.keys
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push((provider, period));
+    fn push(&self, name: String, period: String) {
+        let mut keys = self.keys.write().unwrap_or_else(PoisonError::into_inner);
+        let slot = keys.parts.len() as u32;
+        keys.index.insert((name.clone(), period.clone()), slot);
+        keys.parts.push((name, period));
     }
+}
+
+/// How a reload summary names a budget: the provider for provider budgets (as before scopes),
+/// the key name otherwise (`tag:team-a`).
+fn summary_name(b: &BudgetConfig) -> String {
+    b.key_parts().0
 }
 
 /// What a reload changed.
@@ -125,11 +150,12 @@ impl SlotKeys {
 pub struct ReloadSummary {
     /// Budgets in force after the reload.
     pub budgets: usize,
-    /// Providers whose budget is new (or has a new period).
+    /// Budgets that are new (or have a new period or own zone): the provider name for
+    /// provider budgets, `scope:name` for the others (`tag:team-a`).
     pub added: Vec<String>,
-    /// Providers whose limit changed (same period).
+    /// Budgets whose limit, soft limits or mode changed (same series), named as `added`.
     pub changed: Vec<String>,
-    /// Providers whose budget was removed (or replaced by one with a new period).
+    /// Budgets removed (or replaced by one with a new period), named as `added`.
     pub removed: Vec<String>,
 }
 
@@ -169,7 +195,8 @@ impl Limiter {
         let mut slots = Vec::with_capacity(config.budgets.len());
         let mut new_slots = 0;
         for b in &config.budgets {
-            let slot = parts.keys.position(&b.provider, &b.period.to_string());
+            let (name, period) = b.key_parts();
+            let slot = parts.keys.position(&name, &period);
             new_slots += usize::from(slot.is_none());
             slots.push(slot);
         }
@@ -198,12 +225,13 @@ impl Limiter {
             let s = match *slot {
                 Some(s) => s,
                 None => {
-                    let schedule = config.schedule(b.period);
+                    let schedule = config.budget_schedule(b);
                     let s = parts
                         .view
                         .push(schedule, b.limit)
                         .ok_or_else(|| Error::Reload("no budget slot left".into()))?;
-                    parts.keys.push(b.provider.clone(), b.period.to_string());
+                    let (name, period) = b.key_parts();
+                    parts.keys.push(name, period);
                     let totals = stored.next().unwrap_or_default();
                     parts.view.raise_own_many(
                         totals
@@ -229,30 +257,32 @@ impl Limiter {
                     s
                 }
             };
-            match old.budgets.iter().find(|o| o.provider == b.provider) {
-                Some(o) if o.period == b.period => {
-                    if o.limit != b.limit {
-                        summary.changed.push(b.provider.clone());
+            match old.budgets.iter().find(|o| o.key_parts() == b.key_parts()) {
+                Some(o) => {
+                    if (o.limit, &o.soft_limits, o.mode) != (b.limit, &b.soft_limits, b.mode) {
+                        summary.changed.push(summary_name(b));
                     }
                 }
-                _ => summary.added.push(b.provider.clone()),
+                None => summary.added.push(summary_name(b)),
             }
             parts.view.set_limit(s, b.limit);
+            parts.view.set_shadow(s, b.mode == Mode::Shadow);
+            parts.view.set_soft_limits(s, b.soft_limits.clone());
         }
         for o in &old.budgets {
             if !config
                 .budgets
                 .iter()
-                .any(|b| b.provider == o.provider && b.period == o.period)
+                .any(|b| b.key_parts() == o.key_parts())
             {
-                summary.removed.push(o.provider.clone());
+                summary.removed.push(summary_name(o));
             }
         }
-        let table: Vec<(String, u32)> = config
+        let table: Vec<(Scope, String, u32)> = config
             .budgets
             .iter()
             .zip(&slots)
-            .filter_map(|(b, s)| s.map(|s| (b.provider.clone(), s)))
+            .filter_map(|(b, s)| s.map(|s| (b.scope, b.name.clone(), s)))
             .collect();
         self.install(config, table);
         tracing::info!(

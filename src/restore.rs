@@ -33,7 +33,7 @@ pub(crate) enum Verify {
     Repair,
 }
 
-/// Budget index ↔ storage key parts `(provider, period)`.
+/// Budget index ↔ storage key parts `(key name, period part)` (see the module `budget`).
 #[derive(Debug, Clone)]
 pub(crate) struct BudgetKeys {
     keys: Vec<(String, String)>,
@@ -45,7 +45,7 @@ impl BudgetKeys {
         let keys: Vec<(String, String)> = config
             .budgets
             .iter()
-            .map(|b| (b.provider.clone(), b.period.to_string()))
+            .map(crate::config::BudgetConfig::key_parts)
             .collect();
         let index = keys
             .iter()
@@ -93,7 +93,7 @@ pub(crate) fn restore(
         config
             .budgets
             .iter()
-            .map(|b| (config.schedule(b.period), b.limit)),
+            .map(|b| (config.budget_schedule(b), b.limit)),
     ));
 
     let seq = store.seq()?;

@@ -2,6 +2,7 @@
 
 use jiff::Timestamp;
 
+use crate::budget::{Mode, Scope, SoftLimit};
 use crate::money::Money;
 use crate::window::{Period, Window};
 
@@ -9,10 +10,25 @@ use crate::window::{Period, Window};
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub struct BudgetStatus {
-    /// Provider the budget applies to.
+    /// The provider for provider budgets; the key name (`tag:team-a`) for the other scopes.
     pub provider: String,
+    /// What the budget applies to.
+    pub scope: Scope,
+    /// Its provider, deployment id, model or tag.
+    pub name: String,
+    /// Enforce or shadow.
+    pub mode: Mode,
+    /// Its soft limits.
+    pub soft_limits: Vec<SoftLimit>,
+    /// The soft limits the window's spend has reached.
+    pub thresholds_crossed: Vec<SoftLimit>,
+    /// Filter calls since open that this budget, in shadow mode, would have denied.
+    pub would_deny: u64,
     /// The budget's period.
     pub period: Period,
+    /// The period part of its storage and Redis keys: the period, with `@Zone` when the budget
+    /// has its own time zone (`1d@Europe/Berlin`). The `period` label of its metrics.
+    pub period_key: String,
     /// IANA time zone of its local windows (`d`, `w`, `mo` start at local midnight there);
     /// `UTC` when none is configured.
     pub time_zone: String,
@@ -82,7 +98,13 @@ pub(crate) fn status_document(
 fn status_json(s: &BudgetStatus) -> serde_json::Value {
     let r = &s.replication;
     serde_json::json!({
-        "provider": s.provider,
+        "provider": (s.scope == Scope::Provider).then_some(&s.name),
+        "scope": s.scope.as_str(),
+        "name": s.name,
+        "mode": s.mode.as_str(),
+        "soft_limits": s.soft_limits.iter().map(|x| x.fraction()).collect::<Vec<_>>(),
+        "thresholds_crossed": s.thresholds_crossed.iter().map(|x| x.fraction()).collect::<Vec<_>>(),
+        "would_deny": s.would_deny,
         "period": s.period.to_string(),
         "window_start": s.window.start().to_string(),
         "resets_at": s.window.end().to_string(),

@@ -11,11 +11,12 @@
 //! was acknowledged as durable.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use arc_swap::ArcSwap;
 
+use crate::budget::SoftLimit;
 use crate::money::Money;
 use crate::window::{Schedule, Window};
 
@@ -27,6 +28,8 @@ pub(crate) struct Cell {
     own: AtomicU64,
     /// Sum of the other nodes' last known spend, nanos. Only the replicator sets it.
     others: AtomicU64,
+    /// Soft limits (bit i: the budget's i-th) already fired in this window on this node.
+    fired: AtomicU8,
 }
 
 impl Cell {
@@ -35,6 +38,7 @@ impl Cell {
             window,
             own: AtomicU64::new(0),
             others: AtomicU64::new(0),
+            fired: AtomicU8::new(0),
         }
     }
 
@@ -58,6 +62,19 @@ struct BudgetView {
     /// Serialises the (rare) list swaps so that two threads opening the same window cannot
     /// install two cells for it.
     swap: Mutex<()>,
+    /// Shadow mode: never blocks; counts the calls it would have denied. Set by a reload.
+    shadow: AtomicBool,
+    /// Filter calls a shadow budget would have denied (since open).
+    would_deny: AtomicU64,
+    /// Soft limits, increasing (swapped by a reload; read only when a charge lands).
+    soft: ArcSwap<Vec<SoftLimit>>,
+    /// Whether `soft` is not empty (spares its load on the charge path).
+    has_soft: AtomicBool,
+    /// An upper bound of every window total that ever reached the limit (and of every total
+    /// raised by loading or replication, and of the live totals when the limit changed).
+    /// While it is below the limit no window can be spent: `exhausted` answers from two
+    /// plain atomic loads, without loading the window list (the request path's fast path).
+    peak: AtomicU64,
 }
 
 /// A snapshot of one window's totals.
@@ -131,9 +148,14 @@ impl View {
 
     /// Changes a budget's limit in place (reload).
     pub fn set_limit(&self, budget: u32, limit: Money) {
-        self.budget(budget)
-            .limit
-            .store(limit.as_nanos(), Ordering::Relaxed);
+        let b = self.budget(budget);
+        let old = b.limit.swap(limit.as_nanos(), Ordering::Relaxed);
+        if limit.as_nanos() < old {
+            // Totals under the old limit may be at or over the new one, and a charge racing
+            // with this store may still compare with the old limit: give up the fast path of
+            // this budget (until the next start) rather than miss one.
+            b.peak.store(u64::MAX, Ordering::Relaxed);
+        }
     }
 
     pub fn schedule(&self, budget: u32) -> &Schedule {
@@ -146,22 +168,104 @@ impl View {
 
     /// Adds to this node's own spend in the window containing `at_secs` and returns that window.
     #[inline]
+    #[cfg(test)]
     pub fn add_own(&self, budget: u32, at_secs: i64, amount: Money) -> Window {
         let cell = self.cell_at(budget, at_secs);
         saturating_add(&cell.own, amount.as_nanos());
+        self.budget(budget).note_total(cell.total());
         cell.window
+    }
+
+    /// Sets a budget's mode (open, reload).
+    pub fn set_shadow(&self, budget: u32, shadow: bool) {
+        self.budget(budget).shadow.store(shadow, Ordering::Relaxed);
+    }
+
+    pub fn is_shadow(&self, budget: u32) -> bool {
+        self.budget(budget).shadow.load(Ordering::Relaxed)
+    }
+
+    /// Filter calls a shadow budget would have denied since open.
+    pub fn would_deny(&self, budget: u32) -> u64 {
+        self.budget(budget).would_deny.load(Ordering::Relaxed)
+    }
+
+    /// Sets a budget's soft limits (open, reload); those already crossed in the live windows
+    /// are marked fired without firing (a restart or reload does not repeat an alert).
+    pub fn set_soft_limits(&self, budget: u32, soft: Vec<SoftLimit>) {
+        let b = self.budget(budget);
+        let limit = b.limit.load(Ordering::Relaxed);
+        for c in b.cells.load().iter() {
+            c.fired
+                .store(crossed_bits(&soft, limit, c.total()), Ordering::Relaxed);
+        }
+        b.has_soft.store(!soft.is_empty(), Ordering::Relaxed);
+        b.soft.store(Arc::new(soft));
+    }
+
+    pub fn soft_limits(&self, budget: u32) -> Arc<Vec<SoftLimit>> {
+        self.budget(budget).soft.load_full()
+    }
+
+    /// [`View::add_own`] that also reports the soft limits this charge is the first (on this
+    /// node, in this window) to find crossed. Each bit is handed out once per window.
+    #[inline]
+    pub fn add_own_checked(
+        &self,
+        budget: u32,
+        at_secs: i64,
+        amount: Money,
+    ) -> (Window, Option<Crossed>) {
+        let cell = self.cell_at(budget, at_secs);
+        saturating_add(&cell.own, amount.as_nanos());
+        let b = self.budget(budget);
+        b.note_total(cell.total());
+        if !b.has_soft.load(Ordering::Relaxed) {
+            return (cell.window, None);
+        }
+        let soft = b.soft.load();
+        let spend = cell.total();
+        let bits = crossed_bits(&soft, b.limit.load(Ordering::Relaxed), spend);
+        let already = cell.fired.load(Ordering::Relaxed);
+        if bits & !already == 0 {
+            return (cell.window, None);
+        }
+        let before = cell.fired.fetch_or(bits, Ordering::Relaxed);
+        let new = bits & !before;
+        (
+            cell.window,
+            (new != 0).then_some(Crossed {
+                window: cell.window,
+                spend,
+                bits: new,
+            }),
+        )
+    }
+
+    /// Whether an enforced budget is spent at the instant (a spent shadow budget counts a
+    /// would-be denial and does not block).
+    #[inline]
+    pub fn blocks(&self, budget: u32, now_secs: i64) -> bool {
+        let b = self.budget(budget);
+        if !b.exhausted(now_secs) {
+            return false;
+        }
+        if b.shadow.load(Ordering::Relaxed) {
+            b.would_deny.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    /// [`View::blocks`] without counting (error reports).
+    pub fn blocks_quietly(&self, budget: u32, now_secs: i64) -> bool {
+        self.exhausted(budget, now_secs) && !self.is_shadow(budget)
     }
 
     /// Whether the budget is spent at the instant: `spend >= limit`, as in the reference.
     #[inline]
     pub fn exhausted(&self, budget: u32, now_secs: i64) -> bool {
-        let b = self.budget(budget);
-        let cells = b.cells.load();
-        let spend = cells
-            .iter()
-            .find(|c| c.window.contains_secs(now_secs))
-            .map_or(0, |c| c.total());
-        spend >= b.limit.load(Ordering::Relaxed)
+        self.budget(budget).exhausted(now_secs)
     }
 
     /// Totals of the window containing the instant (zero when nothing was spent in it).
@@ -191,18 +295,22 @@ impl View {
     /// Raises this node's own total of a window to at least `own` (loading from the store).
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub fn raise_own(&self, budget: u32, window: Window, own: Money) {
-        self.cell_for(budget, window)
-            .own
-            .fetch_max(own.as_nanos(), Ordering::Relaxed);
+        let cell = self.cell_for(budget, window);
+        cell.own.fetch_max(own.as_nanos(), Ordering::Relaxed);
+        self.budget(budget)
+            .peak
+            .fetch_max(cell.total(), Ordering::Relaxed);
     }
 
     /// Sets the other nodes' total of a window (replication). It only grows: the replicator
     /// merges with `max` per node, so a smaller value would be a stale read.
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub fn raise_others(&self, budget: u32, window: Window, others: Money) {
-        self.cell_for(budget, window)
-            .others
-            .fetch_max(others.as_nanos(), Ordering::Relaxed);
+        let cell = self.cell_for(budget, window);
+        cell.others.fetch_max(others.as_nanos(), Ordering::Relaxed);
+        self.budget(budget)
+            .peak
+            .fetch_max(cell.total(), Ordering::Relaxed);
     }
 
     /// Bulk [`View::raise_own`] for loading at open: one list swap per budget instead of one
@@ -241,6 +349,7 @@ impl View {
                     .entry((window.start_secs(), window.end_secs()))
                     .or_insert_with(|| Arc::new(Cell::new(window)));
                 field(cell).fetch_max(amount, Ordering::Relaxed);
+                b.peak.fetch_max(cell.total(), Ordering::Relaxed);
             }
             // Newest first, like `cell_for` keeps it.
             b.cells.store(Arc::new(cells.into_values().rev().collect()));
@@ -317,14 +426,49 @@ impl View {
 }
 
 impl BudgetView {
+    /// Keeps `peak` above every total that reaches the limit (one load when it does not).
+    #[inline]
+    fn note_total(&self, total: u64) {
+        if total >= self.limit.load(Ordering::Relaxed) {
+            self.peak.fetch_max(total, Ordering::Relaxed);
+        }
+    }
+
+    #[inline]
+    fn exhausted(&self, now_secs: i64) -> bool {
+        if self.peak.load(Ordering::Relaxed) < self.limit.load(Ordering::Relaxed) {
+            return false;
+        }
+        let cells = self.cells.load();
+        let spend = cells
+            .iter()
+            .find(|c| c.window.contains_secs(now_secs))
+            .map_or(0, |c| c.total());
+        spend >= self.limit.load(Ordering::Relaxed)
+    }
+
     fn new(schedule: Schedule, limit: Money) -> BudgetView {
         BudgetView {
             schedule,
             limit: AtomicU64::new(limit.as_nanos()),
             cells: ArcSwap::from_pointee(Vec::new()),
             swap: Mutex::new(()),
+            shadow: AtomicBool::new(false),
+            would_deny: AtomicU64::new(0),
+            soft: ArcSwap::from_pointee(Vec::new()),
+            has_soft: AtomicBool::new(false),
+            peak: AtomicU64::new(0),
         }
     }
+}
+
+/// Soft limits newly crossed by a charge: the budget's soft limits whose bit is set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Crossed {
+    pub window: Window,
+    /// Spend after the charge, nanos.
+    pub spend: u64,
+    pub bits: u8,
 }
 
 fn snapshot(c: &Cell) -> WindowTotals {
@@ -333,6 +477,17 @@ fn snapshot(c: &Cell) -> WindowTotals {
         own: Money::from_nanos(c.own.load(Ordering::Relaxed)),
         others: Money::from_nanos(c.others.load(Ordering::Relaxed)),
     }
+}
+
+/// Bits of the soft limits that `spend` has reached for `limit`.
+pub(crate) fn crossed_bits(soft: &[SoftLimit], limit: u64, spend: u64) -> u8 {
+    let mut bits = 0u8;
+    for (i, s) in soft.iter().enumerate().take(8) {
+        if spend >= s.threshold(limit) {
+            bits |= 1 << i;
+        }
+    }
+    bits
 }
 
 /// `fetch_add` that stops at `u64::MAX` instead of wrapping.
@@ -374,6 +529,33 @@ mod tests {
         assert_eq!(starts, vec![10, 0]);
         v.prune(10);
         assert_eq!(v.windows(0).len(), 1);
+    }
+
+    #[test]
+    fn the_peak_fast_path_never_hides_a_spent_window() {
+        let v = view(); // limit 100 per 10 s
+        v.add_own(0, 1, Money::from_nanos(99));
+        assert!(!v.exhausted(0, 1));
+        v.add_own(0, 2, Money::from_nanos(1));
+        assert!(v.exhausted(0, 2));
+        assert!(!v.exhausted(0, 12), "the next window is fresh (slow path)");
+        // Replication and loading raise it too.
+        let w = view();
+        w.raise_others(0, Window::from_secs(10, 20), Money::from_nanos(100));
+        assert!(w.exhausted(0, 15));
+        let w = view();
+        w.raise_own_many([(0, Window::from_secs(10, 20), Money::from_nanos(150))]);
+        assert!(w.exhausted(0, 15));
+        // A lower limit: totals below the old one count against the new one.
+        let w = view();
+        w.add_own(0, 1, Money::from_nanos(60));
+        assert!(!w.exhausted(0, 1));
+        w.set_limit(0, Money::from_nanos(50));
+        assert!(w.exhausted(0, 1));
+        w.set_limit(0, Money::from_nanos(70));
+        assert!(!w.exhausted(0, 1));
+        w.add_own(0, 1, Money::from_nanos(10));
+        assert!(w.exhausted(0, 1));
     }
 
     #[test]

@@ -125,6 +125,14 @@ impl FromStr for Period {
     }
 }
 
+impl Period {
+    /// Whether windows follow the calendar (`d`, `w`, `mo`: local midnight in a time zone)
+    /// rather than a fixed length (`s`, `m`, `h`).
+    pub fn is_calendar(self) -> bool {
+        matches!(self.unit, Unit::Day | Unit::Week | Unit::Month)
+    }
+}
+
 impl fmt::Display for Period {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}{}", self.count, self.unit.suffix())

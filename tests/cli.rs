@@ -231,7 +231,7 @@ fn bad_inputs_fail_cleanly_and_keep_recorded_spend() {
         ),
         (&["frobnicate"], &["frobnicate"]),
         (&["record", "openai"], &["COST"]),
-        (&["filter"], &["MODEL"]),
+        (&["filter"], &["DEPLOYMENT"]),
     ];
     for (args, culprits) in usage {
         cli.run(args).assert_error(2, culprits);

@@ -157,7 +157,7 @@ fn config_corpus_replays() {
     let providers = |c: &Config| {
         c.budgets
             .iter()
-            .map(|b| format!("{} {} {}", b.provider, b.limit, b.period))
+            .map(|b| format!("{} {} {}", b.name, b.limit, b.period))
             .collect::<Vec<_>>()
     };
 

@@ -490,10 +490,7 @@ fn filter_in_place_and_prepared_answer_like_filter() {
         let mut config = config(dir.path());
         config.unknown_provider = policy;
         let l = Limiter::open_with_clock(config, Arc::new(clock.clone())).unwrap();
-        let bare = |m: &str| Target {
-            model: m.to_owned(),
-            provider: None,
-        };
+        let bare = |m: &str| Target::parse(m);
         let lists: Vec<Vec<Target>> = vec![
             vec![],
             vec![bare("gpt-4o")],

@@ -23,7 +23,7 @@ use jiff::{SignedDuration, Span, Timestamp};
 use proptest::prelude::*;
 use provider_budgets::{
     BudgetConfig, Config, ConfigError, FakeClock, Limiter, Money, Period, RecordError, Schedule,
-    Target, UnknownProvider,
+    Scope, Target, UnknownProvider,
 };
 
 // ---- independent window arithmetic ----------------------------------------------------------
@@ -145,10 +145,7 @@ enum Res {
 }
 
 fn deployments() -> Vec<(Target, Res)> {
-    let bare = |m: &str| Target {
-        model: m.to_owned(),
-        provider: None,
-    };
+    let bare = |m: &str| Target::parse(m);
     vec![
         (bare("gpt-4o"), Res::Budget(4)),
         (bare("claude-3-5-sonnet"), Res::Budget(0)),
@@ -765,10 +762,13 @@ proptest! {
         let config = parse(&text, format).map_err(|e| TestCaseError::fail(format!("{e}\n{text}")))?;
         let expected: Vec<BudgetConfig> = budgets
             .iter()
-            .map(|(p, b)| BudgetConfig {
-                provider: p.clone(),
-                limit: Money::from_nanos(b.nanos),
-                period: b.period.parse().unwrap(),
+            .map(|(p, b)| {
+                BudgetConfig::new(
+                    Scope::Provider,
+                    p.clone(),
+                    Money::from_nanos(b.nanos),
+                    b.period.parse().unwrap(),
+                )
             })
             .collect();
         prop_assert_eq!(&config.budgets, &expected, "{}", text);

@@ -178,7 +178,7 @@ fn an_invalid_or_restart_only_config_is_refused_and_the_old_one_keeps_running() 
     l.record("openai", usd("1")).unwrap();
 
     let mut bad = config(dir.path(), OPENAI_1);
-    bad.budgets[0].provider = "open:ai".into();
+    bad.budgets[0].name = "open:ai".into();
     let e = l.reload(bad).unwrap_err();
     assert!(matches!(e, Error::Config(_)), "{e}");
     assert!(e.to_string().contains("open:ai"), "{e}");

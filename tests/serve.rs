@@ -282,7 +282,8 @@ fn filter_keeps_order_and_fields_and_429_names_each_exhausted_budget_with_retry_
     assert_eq!(
         doc["exceeded"],
         json!([{
-            "provider": "openai", "spend": 1.0, "limit": 1.0,
+            "provider": "openai", "scope": "provider", "name": "openai", "period": "1d",
+            "spend": 1.0, "limit": 1.0,
             "spend_nanos": NANOS, "limit_nanos": NANOS,
             "resets_at": "2024-05-02T00:00:00Z",
         }])
@@ -305,6 +306,107 @@ fn filter_keeps_order_and_fields_and_429_names_each_exhausted_budget_with_retry_
     // An empty list is not an error.
     let r = s.filter(json!([]));
     assert_eq!((r.status, r.json()), (200, json!({"deployments": []})));
+}
+
+/// Budget model v2 over HTTP: `/v1/filter` takes `"tags"` and deployment ids, `/v1/spend`
+/// takes a `"deployment"` and `"tags"` and charges every budget that applies.
+#[test]
+fn filter_and_spend_with_deployment_ids_and_tags_charge_every_applicable_budget() {
+    let s = Server::start(
+        "provider_budget_config:
+  openai: {budget_limit: 10, time_period: 1d}
+tag_budget_config:
+  team-a: {max_budget: 1, budget_duration: 1h}
+model_list:
+  - model_name: gpt
+    litellm_params: {model: openai/gpt-4o, max_budget: 2, budget_duration: 1d}
+    model_info: {id: east}
+",
+        &[],
+    );
+    let east = json!({"model": "openai/gpt-4o", "id": "east"});
+    let west = json!({"model": "openai/gpt-4o", "id": "west"});
+    let r = s.spend(json!({"deployment": east, "tags": ["team-a"], "cost": "0.5"}));
+    assert_eq!(
+        (r.status, r.json()["counted"].clone()),
+        (200, json!(true)),
+        "{r:?}"
+    );
+    let r = s.spend(json!({"deployment": east, "cost": "1.5"}));
+    assert_eq!(r.status, 200, "{r:?}");
+    // east's own budget is spent (2 of 2); west passes.
+    let r = s.post(
+        "/v1/filter",
+        &json!({"deployments": [east, west], "tags": ["other"]}).to_string(),
+    );
+    assert_eq!(r.json(), json!({"deployments": [west]}), "{r:?}");
+    let r = s.spend(json!({"deployment": west, "tags": ["team-a", "x"], "cost": "0.5"}));
+    assert_eq!(r.status, 200, "{r:?}");
+    // team-a is spent (1 of 1): nothing for its requests; the earliest reset is the tag's hour.
+    let r = s.post(
+        "/v1/filter",
+        &json!({"deployments": [east, west], "tags": ["team-a"]}).to_string(),
+    );
+    assert_eq!(r.status, 429, "{r:?}");
+    assert_eq!(
+        r.headers.get("retry-after").map(String::as_str),
+        Some("3600")
+    );
+    let doc = r.json();
+    let names: Vec<(String, String)> = doc["exceeded"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["scope"].as_str().unwrap().into(),
+                e["name"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        names,
+        [
+            ("tag".to_string(), "team-a".to_string()),
+            ("deployment".into(), "east".into())
+        ]
+    );
+    assert!(doc["exceeded"][0]["provider"].is_null(), "{doc}");
+    // Spend per budget: openai got all three, east two, the tag two.
+    let doc = s.get("/v1/budgets").json();
+    let spend: Vec<(String, u64)> = doc["budgets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            (
+                b["name"].as_str().unwrap().into(),
+                b["spend_nanos"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        spend,
+        [
+            ("openai".to_string(), 2_500_000_000),
+            ("east".into(), 2_000_000_000),
+            ("team-a".into(), 1_000_000_000),
+        ]
+    );
+    // A charge that matches no budget is not an error, and says so.
+    let r = s.spend(json!({"deployment": {"model": "claude-3-5-sonnet"}, "cost": 1}));
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json()["counted"], false);
+    // Bad shapes: one line each, nothing counted.
+    s.spend(json!({"deployment": east, "provider": "openai", "cost": 1}))
+        .assert_error(400, "either \"provider\" or \"deployment\"");
+    s.spend(json!({"provider": "openai", "tags": ["a"], "cost": 1}))
+        .assert_error(400, "tags: only with \"deployment\"");
+    s.spend(json!({"cost": 1}))
+        .assert_error(400, "missing \"deployment\"");
+    s.spend(json!({"deployment": {"model": ""}, "cost": 1}))
+        .assert_error(400, "deployment.model: empty");
+    assert_eq!(s.spend_nanos("openai"), 2_500_000_000);
 }
 
 // ---- spend ------------------------------------------------------------------------------------
@@ -373,7 +475,7 @@ fn bad_requests_are_4xx_with_one_line_json_and_record_nothing() {
             "/v1/spend",
             r#"{"cost":1}"#,
             400,
-            "missing field `provider`",
+            "missing \"deployment\" (or \"provider\")",
         ),
         (
             "/v1/spend",
@@ -642,7 +744,10 @@ fn budgets_is_the_cli_status_json_and_metrics_equal_it() {
     let m = Prometheus::parse(&r.body);
     for b in doc["budgets"].as_array().unwrap() {
         let p = b["provider"].as_str().unwrap();
-        let labels = format!("provider=\"{p}\"");
+        let labels = format!(
+            "provider=\"{p}\",period=\"{}\"",
+            b["period"].as_str().unwrap()
+        );
         for (metric, field) in [
             ("provider_budgets_spend_usd", "spend"),
             ("provider_budgets_limit_usd", "limit"),

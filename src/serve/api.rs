@@ -19,7 +19,7 @@ use serde_json::value::RawValue;
 use super::idempotency::{Begin, Outcome, MAX_KEY_LEN};
 use super::money::{clip, money_from_json};
 use super::{State, BODY_LIMIT};
-use crate::{Deployment, Money, NoDeployments, RecordError};
+use crate::{Deployment, Money, NoDeployments, RecordError, Scope, Target};
 
 type Shared = Arc<State>;
 
@@ -146,6 +146,9 @@ async fn method_not_allowed(request: Request<Body>) -> Response {
 struct FilterRequest<'a> {
     #[serde(borrow)]
     deployments: Vec<DeploymentIn<'a>>,
+    /// The request's tags (litellm's `metadata.tags`): their tag budgets must have room.
+    #[serde(borrow, default)]
+    tags: Vec<Cow<'a, str>>,
 }
 
 /// One candidate, echoed back as given when it may be used.
@@ -158,6 +161,15 @@ struct DeploymentIn<'a> {
     provider: Option<Cow<'a, str>>,
     #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
     id: Option<Cow<'a, str>>,
+    /// Opaque, echoed back as given (clients match answers to their list with it; `id` is
+    /// the deployment's budget identity).
+    #[serde(
+        borrow,
+        default,
+        rename = "ref",
+        skip_serializing_if = "Option::is_none"
+    )]
+    reference: Option<Cow<'a, str>>,
 }
 
 impl Deployment for DeploymentIn<'_> {
@@ -166,6 +178,9 @@ impl Deployment for DeploymentIn<'_> {
     }
     fn provider(&self) -> Option<&str> {
         self.provider.as_deref()
+    }
+    fn id(&self) -> Option<&str> {
+        self.id.as_deref()
     }
 }
 
@@ -184,7 +199,10 @@ async fn filter(Extract(state): Extract<Shared>, bytes: Result<Bytes, BytesRejec
         Err(r) => return r.into_response(),
     };
     metrics::counter!("provider_budgets_filter_calls_total").increment(1);
-    match state.limiter.filter(&request.deployments) {
+    match state
+        .limiter
+        .filter_tagged(&request.deployments, &request.tags)
+    {
         Ok(allowed) => {
             let dropped = request.deployments.len() - allowed.len();
             if dropped > 0 {
@@ -209,21 +227,20 @@ async fn filter(Extract(state): Extract<Shared>, bytes: Result<Bytes, BytesRejec
 /// 429: each exceeded budget with its reset time, `Retry-After` until the earliest reset.
 fn no_deployments(state: &State, none: &NoDeployments) -> Response {
     let now = state.limiter.now();
-    let status = state.limiter.status();
     let mut earliest: Option<Timestamp> = None;
     let exceeded: Vec<serde_json::Value> = none
         .exceeded
         .iter()
         .map(|e| {
-            let resets_at = status
-                .iter()
-                .find(|s| s.provider == e.provider)
-                .map(|s| s.window.end());
+            let resets_at = Some(e.resets_at);
             if let Some(t) = resets_at {
                 earliest = Some(earliest.map_or(t, |x| x.min(t)));
             }
             serde_json::json!({
-                "provider": e.provider,
+                "provider": (e.scope == Scope::Provider).then_some(&e.name),
+                "scope": e.scope.as_str(),
+                "name": e.name,
+                "period": e.period,
                 "spend": e.spend.as_usd(),
                 "limit": e.limit.as_usd(),
                 "spend_nanos": e.spend.as_nanos(),
@@ -256,8 +273,14 @@ fn no_deployments(state: &State, none: &NoDeployments) -> Response {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SpendRequest<'a> {
-    #[serde(borrow)]
-    provider: Cow<'a, str>,
+    /// The provider's budgets only (as before scopes).
+    #[serde(borrow, default)]
+    provider: Option<Cow<'a, str>>,
+    /// Every budget that applies to the deployment and the tags (as `/v1/filter` resolves).
+    #[serde(borrow, default)]
+    deployment: Option<DeploymentIn<'a>>,
+    #[serde(borrow, default)]
+    tags: Vec<Cow<'a, str>>,
     #[serde(borrow)]
     cost: &'a RawValue,
     #[serde(borrow, default)]
@@ -268,10 +291,17 @@ struct SpendRequest<'a> {
     idempotency_key: Option<Cow<'a, str>>,
 }
 
+/// A validated spend: to a provider's budgets, or to every budget of a deployment and tags.
+#[derive(Debug, Clone)]
+enum Against {
+    Provider(String),
+    Deployment(Target, Vec<String>),
+}
+
 /// A validated spend.
 #[derive(Debug, Clone)]
 struct Spend {
-    provider: String,
+    against: Against,
     cost: Money,
     at: Option<Timestamp>,
     durable: bool,
@@ -279,9 +309,28 @@ struct Spend {
 
 impl SpendRequest<'_> {
     fn validate(&self) -> Result<Spend, String> {
-        if self.provider.is_empty() {
-            return Err("provider: empty".into());
-        }
+        let against = match (&self.provider, &self.deployment) {
+            (Some(p), None) if p.is_empty() => return Err("provider: empty".into()),
+            (Some(p), None) if !self.tags.is_empty() => {
+                return Err(format!(
+                    "tags: only with \"deployment\" (\"provider\" {p:?} charges the provider's budgets only)"
+                ))
+            }
+            (Some(p), None) => Against::Provider(p.clone().into_owned()),
+            (None, Some(d)) if d.model.is_empty() => return Err("deployment.model: empty".into()),
+            (None, Some(d)) => Against::Deployment(
+                Target {
+                    model: d.model.clone().into_owned(),
+                    provider: d.provider.clone().map(Cow::into_owned),
+                    id: d.id.clone().map(Cow::into_owned),
+                },
+                self.tags.iter().map(|t| t.clone().into_owned()).collect(),
+            ),
+            (Some(_), Some(_)) => {
+                return Err("give either \"provider\" or \"deployment\", not both".into())
+            }
+            (None, None) => return Err("missing \"deployment\" (or \"provider\")".into()),
+        };
         let cost = money_from_json(self.cost).map_err(|e| format!("cost: {e}"))?;
         let at = match self.at {
             None => None,
@@ -297,7 +346,7 @@ impl SpendRequest<'_> {
             }
         }
         Ok(Spend {
-            provider: self.provider.clone().into_owned(),
+            against,
             cost,
             at,
             durable: self.durable.unwrap_or(false),
@@ -382,18 +431,29 @@ async fn spend(Extract(state): Extract<Shared>, bytes: Result<Bytes, BytesReject
 /// Records one spend: the HTTP status and the outcome to remember for its key.
 async fn record(state: &State, s: &Spend) -> (StatusCode, Outcome) {
     let limiter = &state.limiter;
-    let result = match (s.durable, s.at) {
-        (false, None) => limiter.record(&s.provider, s.cost),
-        (false, Some(at)) => limiter.record_at(&s.provider, s.cost, at),
-        (true, at) => {
+    let result = match (&s.against, s.durable, s.at) {
+        (Against::Provider(p), false, None) => limiter.record(p, s.cost).map(|()| 1),
+        (Against::Provider(p), false, Some(at)) => limiter.record_at(p, s.cost, at).map(|()| 1),
+        (Against::Provider(p), true, at) => {
             let at = at.unwrap_or_else(|| limiter.now());
             limiter
-                .record_durable_at_async(&s.provider, s.cost, at)
+                .record_durable_at_async(p, s.cost, at)
                 .await
+                .map(|()| 1)
+        }
+        (Against::Deployment(d, tags), false, None) => limiter.charge(d, tags, s.cost),
+        (Against::Deployment(d, tags), false, Some(at)) => limiter.charge_at(d, tags, s.cost, at),
+        (Against::Deployment(d, tags), true, at) => {
+            limiter.charge_durable_async(d, tags, s.cost, at).await
         }
     };
     let (status, outcome, label) = match result {
-        Ok(()) => (StatusCode::OK, Outcome::counted(), "counted"),
+        Ok(0) => (
+            StatusCode::OK,
+            Outcome::refused("no budget applies to the deployment and tags".into()),
+            "no_budget",
+        ),
+        Ok(_) => (StatusCode::OK, Outcome::counted(), "counted"),
         Err(e @ RecordError::NoBudget { .. }) => {
             (StatusCode::OK, Outcome::refused(e.to_string()), "no_budget")
         }

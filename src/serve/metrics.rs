@@ -38,12 +38,14 @@ impl Exporter {
     /// The text exposition, with the gauges refreshed from `limiter`.
     pub(crate) fn render(&self, limiter: &Limiter) -> String {
         for s in limiter.status() {
-            let p = s.provider;
-            metrics::gauge!("provider_budgets_spend_usd", "provider" => p.clone())
+            // `provider`: the provider, or `scope:name` for the other scopes (the key name);
+            // `period`: several budgets per name are told apart.
+            let (p, q) = (s.provider, s.period_key);
+            metrics::gauge!("provider_budgets_spend_usd", "provider" => p.clone(), "period" => q.clone())
                 .set(s.spend.as_usd());
-            metrics::gauge!("provider_budgets_limit_usd", "provider" => p.clone())
+            metrics::gauge!("provider_budgets_limit_usd", "provider" => p.clone(), "period" => q.clone())
                 .set(s.limit.as_usd());
-            metrics::gauge!("provider_budgets_remaining_usd", "provider" => p)
+            metrics::gauge!("provider_budgets_remaining_usd", "provider" => p, "period" => q)
                 .set(s.remaining.as_usd());
         }
         let health = limiter.health();

@@ -634,3 +634,63 @@ def test_costs_go_over_the_wire_as_exact_plain_decimals():
     assert cost_to_decimal_str("0.0042") == "0.0042"
     for bad in (math.nan, math.inf, None, True, "abc", object()):
         assert cost_to_decimal_str(bad) is None, bad
+
+
+# ---- budget model v2: deployment ids and request tags -------------------------------------------
+
+
+def _budgets_by_name(side) -> Dict[str, int]:
+    status, body = side.request("GET", "/v1/budgets")
+    assert status == 200, body
+    return {f"{b['scope']}:{b['name']}": int(b["spend_nanos"]) for b in body["budgets"]}
+
+
+def test_deployment_and_tag_budgets_through_the_router(sidecars, call_cost):
+    """The plugin sends each deployment's `model_info.id` and the request's `metadata.tags`; the
+    sidecar charges the provider, the deployment and each tag, exactly litellm's response_cost."""
+    c_o = nanos(call_cost[OPENAI])
+    side = sidecars(
+        {},
+        config_text=(
+            "model_list:\n"
+            f'  - model_name: m\n    litellm_params: {{model: {OPENAI}, max_budget: "{usd(2 * c_o)}", budget_duration: 1d}}\n'
+            "    model_info: {id: oa}\n"
+            "litellm_settings:\n  tag_budget_config:\n"
+            "    team-b: {max_budget: 0.000000001, budget_duration: 1d}\n"
+            "provider_budget_config:\n  openai: {budget_limit: 100, time_period: 1d}\n"
+        ),
+    )
+    model_list = [
+        {"model_name": "m", "litellm_params": {"model": OPENAI, "mock_response": "hi"}, "model_info": {"id": "oa"}},
+        {"model_name": "m", "litellm_params": {"model": ANTHROPIC, "mock_response": "hi"}, "model_info": {"id": "an"}},
+    ]
+
+    async def main():
+        plugin = ProviderBudgets(url=side.url, fail_open=False)
+        litellm.callbacks = [plugin]
+        router = Router(num_retries=0, model_list=model_list)
+        only_openai = Router(num_retries=0, model_list=model_list[:1])
+        team_a = {"metadata": {"tags": ["team-a"]}}
+        for i in range(2):
+            await only_openai.acompletion(model="m", messages=PROMPT, **team_a)
+            await await_condition(lambda: _budgets_by_name(side)["deployment:oa"] == (i + 1) * c_o, f"oa after {i}")
+        assert _budgets_by_name(side)["provider:openai"] == 2 * c_o
+        # The deployment's own budget is spent: only the anthropic deployment is offered.
+        left = await plugin.async_filter_deployments("m", model_list, PROMPT, request_kwargs=team_a)
+        assert [d["model_info"]["id"] for d in left] == ["an"]
+        with pytest.raises(ValueError) as info:
+            await only_openai.acompletion(model="m", messages=PROMPT, **team_a)
+        assert "Exceeded budget for deployment oa" in str(info.value), str(info.value)
+        # A tag budget: the first team-b call spends it, then team-b requests get nothing.
+        resp = await router.acompletion(model="m", messages=PROMPT, metadata={"tags": ["team-b"]})
+        assert resp._hidden_params["model_id"] == "an"
+        await await_condition(lambda: _budgets_by_name(side)["tag:team-b"] > 0, "team-b spend")
+        with pytest.raises(ValueError) as info:
+            await router.acompletion(model="m", messages=PROMPT, metadata={"tags": ["team-b"]})
+        assert "Exceeded budget for tag team-b" in str(info.value), str(info.value)
+        # Other requests still route to the deployment with room.
+        resp = await router.acompletion(model="m", messages=PROMPT, **team_a)
+        assert resp._hidden_params["model_id"] == "an"
+        await plugin.aclose()
+
+    asyncio.run(main())

@@ -287,11 +287,18 @@ class ProviderBudgets(CustomLogger):
         wire = []
         for i, deployment in enumerate(healthy_deployments):
             name, provider = self._provider_of(deployment)
-            item: Dict[str, Any] = {"model": name, "id": str(i)}
+            item: Dict[str, Any] = {"model": name, "ref": str(i)}
             if provider:
                 item["provider"] = provider
+            model_id = _model_id(deployment)
+            if model_id:
+                item["id"] = model_id
             wire.append(item)
-        body = json.dumps({"deployments": wire}, separators=(",", ":")).encode()
+        request: Dict[str, Any] = {"deployments": wire}
+        tags = _request_tags(request_kwargs)
+        if tags:
+            request["tags"] = tags
+        body = json.dumps(request, separators=(",", ":")).encode()
         try:
             status, answer = await self._post(self._filter_url, body)
             if status == 429:
@@ -300,7 +307,7 @@ class ProviderBudgets(CustomLogger):
             if status != 200:
                 raise _Unusable(f"HTTP {status}: {_clip(answer)}")
             try:
-                allowed = [healthy_deployments[int(d["id"])] for d in json.loads(answer)["deployments"]]
+                allowed = [healthy_deployments[int(d["ref"])] for d in json.loads(answer)["deployments"]]
             except (ValueError, KeyError, IndexError, TypeError) as e:
                 raise _Unusable(f"malformed /v1/filter answer ({e!r}): {_clip(answer)}") from e
         except _Unusable as e:
@@ -336,7 +343,19 @@ class ProviderBudgets(CustomLogger):
             self.stats.rejected += 1
             logger.error("provider-budgets: negative response_cost %s for provider %s: not recorded", cost, provider)
             return None
-        payload: Dict[str, Any] = {"provider": str(provider), "cost": cost}
+        payload: Dict[str, Any] = {"cost": cost}
+        model = slo.get("model")
+        if model:
+            # Every budget that applies: provider, model, deployment (model_info.id) and tags.
+            deployment: Dict[str, Any] = {"model": str(model), "provider": str(provider)}
+            if slo.get("model_id"):
+                deployment["id"] = str(slo["model_id"])
+            payload["deployment"] = deployment
+            tags = [str(t) for t in (slo.get("request_tags") or []) if isinstance(t, str) and t]
+            if tags:
+                payload["tags"] = tags
+        else:
+            payload["provider"] = str(provider)
         call_id = kwargs.get("litellm_call_id") or slo.get("id")
         if call_id:
             payload["idempotency_key"] = f"litellm:{call_id}"
@@ -383,7 +402,7 @@ class ProviderBudgets(CustomLogger):
                     logger.error(
                         "provider-budgets sidecar rejected spend %s for provider %s (HTTP %d: %s): not recorded",
                         payload["cost"],
-                        payload["provider"],
+                        _target(payload),
                         status,
                         _clip(answer),
                     )
@@ -396,7 +415,7 @@ class ProviderBudgets(CustomLogger):
         logger.error(
             "provider-budgets: gave up recording spend %s for provider %s after %d attempts (%s)",
             payload["cost"],
-            payload["provider"],
+            _target(payload),
             self.spend_attempts,
             last,
         )
@@ -427,6 +446,39 @@ def _usd(entry: Dict[str, Any], field: str) -> Any:
     return entry.get(field)
 
 
+def _target(payload: Dict[str, Any]) -> str:
+    """What a spend post charges, for log lines: the provider, or the deployment and tags."""
+    d = payload.get("deployment")
+    if not isinstance(d, dict):
+        return str(payload.get("provider"))
+    tags = payload.get("tags")
+    return f"{d.get('provider')} ({d.get('model')}, id {d.get('id')}{', tags ' + ','.join(tags) if tags else ''})"
+
+
+def _model_id(deployment: Dict[str, Any]) -> Optional[str]:
+    """A deployment's ``model_info.id`` (litellm's Router sets one on every deployment)."""
+    info = deployment.get("model_info") or {}
+    if not isinstance(info, dict):
+        info = getattr(info, "model_dump", lambda: {})() or {}
+    model_id = info.get("id")
+    return str(model_id) if model_id not in (None, "") else None
+
+
+def _request_tags(request_kwargs: Optional[Dict[str, Any]]) -> List[str]:
+    """The request's tags as litellm's own tag routing and tag budgets read them
+    (``metadata.tags``, or ``litellm_metadata.tags`` for /v1/messages-shaped requests)."""
+    if not request_kwargs:
+        return []
+    try:
+        from litellm.router_strategy.tag_based_routing import get_tags_from_request_kwargs
+
+        tags = get_tags_from_request_kwargs(request_kwargs)
+    except Exception:  # an older litellm: read metadata.tags directly
+        metadata = request_kwargs.get("metadata") or request_kwargs.get("litellm_metadata") or {}
+        tags = metadata.get("tags") if isinstance(metadata, dict) else None
+    return [t for t in (tags or []) if isinstance(t, str) and t]
+
+
 def _clip(answer: bytes, n: int = 200) -> str:
     return answer[:n].decode("utf-8", "replace")
 
@@ -441,7 +493,8 @@ def _exceeded_info(answer: bytes) -> str:
     if not isinstance(data, dict) or not isinstance(data.get("exceeded"), list):
         return json.dumps(data)[:500]
     lines = [
-        f"Exceeded budget for provider {e.get('provider')}: {_usd(e, 'spend')} >= {_usd(e, 'limit')}\n"
+        f"Exceeded budget for {e.get('scope') or 'provider'} {e.get('name') or e.get('provider')}: "
+        f"{_usd(e, 'spend')} >= {_usd(e, 'limit')}\n"
         for e in data["exceeded"]
         if isinstance(e, dict)
     ]

@@ -1,0 +1,138 @@
+//! Budget model v2 on the request path (issue 10): 10 deployments, each under a provider, a
+//! deployment (by id) and a model budget, and a request with 2 tags that have tag budgets;
+//! plain `Limiter::filter_tagged` and prepared `Prepared::filter_tagged_into`, p50/p99.
+//! And `charge` hitting 4 budgets (provider, deployment, model, tag) per call, buffered.
+
+use std::hint::black_box;
+
+use criterion::{BenchmarkId, Criterion, Throughput};
+use provider_budgets::{BudgetConfig, Limiter, Money, Period, Scope, Target};
+
+use crate::common;
+
+const PROVIDERS: &[&str] = &["openai", "azure", "anthropic", "mistral", "gemini"];
+const MODELS: &[&str] = &[
+    "gpt-4o",
+    "gpt-4o",
+    "claude-3-5-sonnet",
+    "mistral-large",
+    "gemini-1.5-pro",
+];
+const TAGS: [&str; 2] = ["team-a", "product:chat"];
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    limiter: Limiter,
+    deployments: Vec<Target>,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let dir = common::tempdir();
+        let limit: Money = "1000000".parse().expect("limit");
+        let period: Period = "1d".parse().expect("period");
+        let mut config = provider_budgets::Config::new().data_dir(dir.path());
+        let mut deployments = Vec::new();
+        for i in 0..10 {
+            let p = i % PROVIDERS.len();
+            let model = format!("{}/{}", PROVIDERS[p], MODELS[p]);
+            let id = format!("dep-{i}");
+            config = config.with_budget(BudgetConfig::new(Scope::Deployment, &id, limit, period));
+            deployments.push(Target::with_id(id, model));
+        }
+        for p in PROVIDERS {
+            config = config.budget(*p, limit, period);
+        }
+        for m in MODELS.iter().collect::<std::collections::BTreeSet<_>>() {
+            config = config.with_budget(BudgetConfig::new(Scope::Model, *m, limit, period));
+        }
+        for t in TAGS {
+            config = config.with_budget(BudgetConfig::new(Scope::Tag, t, limit, period));
+        }
+        let limiter = Limiter::open(config).expect("open");
+        Fixture {
+            _dir: dir,
+            limiter,
+            deployments,
+        }
+    }
+}
+
+pub fn bench(c: &mut Criterion) {
+    let mut g = c.benchmark_group("scoped");
+    let mut fx: Option<Fixture> = None;
+    let mut sampled = false;
+    g.bench_function(BenchmarkId::new("filter/plain", 10), |b| {
+        let fx = fx.get_or_insert_with(Fixture::new);
+        assert_eq!(
+            fx.limiter
+                .filter_tagged(&fx.deployments, &TAGS)
+                .expect("filter")
+                .len(),
+            10
+        );
+        common::once(&mut sampled, || {
+            common::latency(
+                "scoped/filter/plain/10 (3 budgets each + 2 tags)",
+                200_000,
+                || {
+                    fx.limiter
+                        .filter_tagged(black_box(&fx.deployments), black_box(&TAGS))
+                        .map(|v| v.len())
+                },
+            )
+        });
+        b.iter(|| {
+            fx.limiter
+                .filter_tagged(black_box(&fx.deployments), black_box(&TAGS))
+                .map(|v| v.len())
+        });
+    });
+    let mut sampled = false;
+    g.bench_function(BenchmarkId::new("filter/prepared", 10), |b| {
+        let fx = fx.get_or_insert_with(Fixture::new);
+        let prepared = fx.limiter.prepare(&fx.deployments);
+        let mut out = Vec::with_capacity(10);
+        prepared
+            .filter_tagged_into(&TAGS, &mut out)
+            .expect("filter");
+        assert_eq!(out.len(), 10);
+        common::once(&mut sampled, || {
+            common::latency(
+                "scoped/filter/prepared/10 (3 budgets each + 2 tags)",
+                200_000,
+                || {
+                    prepared
+                        .filter_tagged_into(black_box(&TAGS), black_box(&mut out))
+                        .is_ok()
+                },
+            )
+        });
+        b.iter(|| {
+            prepared
+                .filter_tagged_into(black_box(&TAGS), black_box(&mut out))
+                .is_ok()
+        });
+    });
+    g.throughput(Throughput::Elements(1));
+    let mut sampled = false;
+    g.bench_function(BenchmarkId::new("charge/4_budgets", 1), |b| {
+        let fx = fx.get_or_insert_with(Fixture::new);
+        let d = fx.deployments[0].clone();
+        let tag = ["team-a"];
+        let cost = common::cost();
+        assert_eq!(fx.limiter.charge(&d, &tag, cost).expect("charge"), 4);
+        common::once(&mut sampled, || {
+            common::latency("scoped/charge/4_budgets", 200_000, || {
+                fx.limiter
+                    .charge(black_box(&d), black_box(&tag), black_box(cost))
+            })
+        });
+        b.iter(|| {
+            fx.limiter
+                .charge(black_box(&d), black_box(&tag), black_box(cost))
+        });
+        fx.limiter.flush().expect("flush");
+    });
+    g.finish();
+}
