@@ -92,6 +92,6 @@ pub use money::{Money, MoneyError};
 pub use provider::{Deployment, Target, BUILTIN_PREFIXES};
 pub use reload::ReloadSummary;
 pub use restore::RepairReport;
-pub use status::{BudgetStatus, ReplicationStatus};
+pub use status::{BudgetStatus, ReplicationStatus, RoundFigures};
 pub use store::{fuzz_decode_value, StoreError};
 pub use window::{Period, PeriodError, Schedule, Window};

@@ -57,7 +57,8 @@ use crate::error::{Error, ReplicationError};
 use crate::journal::{DurableTotals, Event};
 use crate::money::Money;
 use crate::redact::{redact_url, scrub};
-use crate::store::{PeersValue, Store, WindowKey};
+use crate::status::RoundFigures;
+use crate::store::{AckedValue, PeersValue, Store, WindowKey};
 use crate::view::View;
 use crate::window::Window;
 
@@ -78,6 +79,10 @@ pub(crate) struct Health {
     pub round_trips: u64,
     /// Per budget index: the problems of its keys in the last round (one line), if any.
     pub problems: Vec<Option<String>>,
+    /// The last round that reached Redis.
+    pub last_round: RoundFigures,
+    /// Rounds that started later than planned because the previous one ran past the interval.
+    pub late_rounds: u64,
 }
 
 /// What the replicator needs from the limiter.
@@ -201,25 +206,20 @@ impl Drop for Replicator {
 #[derive(Debug)]
 struct PeerWindow {
     window: Window,
-    /// The others' total loaded from the data dir at open: a floor until Redis says more.
-    floor: u64,
-    /// Per `(node, instance)` contribution: its largest total seen.
-    owned: FxHashMap<(String, String), u64>,
-    /// Fields without a recorded owner (written by an earlier version), per node.
-    bare: FxHashMap<String, u64>,
+    /// The others' total: the largest `~total - ours` seen (a Redis that lost data cannot
+    /// lower it), at least what the data dir held at open.
+    others: u64,
     /// The total last written to the data dir.
     persisted: u64,
 }
 
-impl PeerWindow {
-    fn others(&self) -> u64 {
-        let sum = self
-            .owned
-            .values()
-            .chain(self.bare.values())
-            .fold(0u64, |s, t| s.saturating_add(*t));
-        sum.max(self.floor)
-    }
+/// What Redis acknowledged of our own total in one window (durable in the `acked` tree).
+#[derive(Debug, Clone, Copy)]
+struct Acked {
+    window: Window,
+    total: u64,
+    /// Written to the data dir.
+    stored: bool,
 }
 
 /// Per (budget, window start).
@@ -233,6 +233,15 @@ struct Worker {
     wire: Wire,
     conn: Option<MultiplexedConnection>,
     peers: Peers,
+    /// Per (budget, window start): our total as Redis last acknowledged it.
+    acked: FxHashMap<(u32, i64), Acked>,
+    /// Acked entries to remove from the data dir (their windows are over).
+    acked_gone: Vec<WindowKey>,
+    /// The next round recomputes every touched key's total server side (the first round
+    /// of a process: repairs totals that nodes of the previous wire left behind).
+    verify: bool,
+    /// Keys written and read by the last exchange.
+    sent: (u64, u64),
     /// Reconnection backoff while Redis is down: next attempt not before this.
     retry_at: Option<Instant>,
     backoff: Duration,
@@ -257,12 +266,29 @@ impl Worker {
                 (b, key.start),
                 PeerWindow {
                     window: crate::store::window_of(&key, value.end),
-                    floor: value.others,
-                    owned: FxHashMap::default(),
-                    bare: FxHashMap::default(),
+                    others: value.others,
                     persisted: value.others,
                 },
             );
+        }
+        let mut acked = FxHashMap::default();
+        match parts.store.load_acked() {
+            Ok(entries) => {
+                for (key, value) in entries {
+                    if let Some(b) = parts.keys.position(&key.provider, &key.period) {
+                        acked.insert(
+                            (b, key.start),
+                            Acked {
+                                window: crate::store::window_of(&key, value.end),
+                                total: value.total,
+                                stored: true,
+                            },
+                        );
+                    }
+                }
+            }
+            // Without it every live window is sent once more: harmless (a max merge).
+            Err(e) => tracing::warn!(error = %e, "cannot read what redis acknowledged; re-sending"),
         }
         Worker {
             backoff: parts.redis.sync_interval,
@@ -272,6 +298,10 @@ impl Worker {
             wire: Wire::new(),
             conn: None,
             peers,
+            acked,
+            acked_gone: Vec::new(),
+            verify: true,
+            sent: (0, 0),
             retry_at: None,
             down: false,
             refused: None,
@@ -289,14 +319,27 @@ impl Worker {
         mut requests: mpsc::UnboundedReceiver<Reply>,
         cancel: CancellationToken,
     ) {
-        let mut tick = tokio::time::interval(self.parts.redis.sync_interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The first round runs at once (a fresh node learns the fleet's spend); the next ones
+        // one jittered interval after the previous one *started*, or, when a round ran past
+        // that, one jittered interval after it *ended*: rounds never pile up.
+        let mut jitter = Jitter::new(&self.parts.node_id, &self.instance);
+        let mut next = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => break,
-                _ = tick.tick() => {
+                _ = tokio::time::sleep_until(next) => {
+                    let started = tokio::time::Instant::now();
                     if self.retry_at.is_none_or(|t| Instant::now() >= t) {
                         let _ = self.round().await;
+                    }
+                    let delay = jitter.delay(self.parts.redis.sync_interval);
+                    let now = tokio::time::Instant::now();
+                    next = started + delay;
+                    if now > next {
+                        next = now + delay;
+                        let mut health = self.health.lock().unwrap_or_else(|p| p.into_inner());
+                        health.late_rounds += 1;
+                        metrics::counter!("provider_budgets_sync_late_rounds_total").increment(1);
                     }
                 }
                 Some(reply) = requests.recv() => {
@@ -318,10 +361,23 @@ impl Worker {
 
     /// One sync round; records its outcome in `health`, metrics and logs.
     async fn round(&mut self) -> Result<(), ReplicationError> {
+        let started = Instant::now();
+        let (out0, in0) = self.wire.traffic();
+        self.sent = (0, 0);
         let result = self.exchange().await;
         let shared = Arc::clone(&self.health);
         let mut health = shared.lock().unwrap_or_else(|p| p.into_inner());
         health.round_trips = self.wire.round_trips();
+        if !matches!(result, Err(RoundError::Failed(_))) {
+            let (out1, in1) = self.wire.traffic();
+            health.last_round = RoundFigures {
+                duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                keys_written: self.sent.0,
+                keys_read: self.sent.1,
+                bytes_out: out1 - out0,
+                bytes_in: in1 - in0,
+            };
+        }
         match &result {
             Ok(problems) => {
                 health.rounds += 1;
@@ -442,6 +498,7 @@ impl Worker {
         // Forget others' windows once their keys have expired in Redis too.
         self.peers
             .retain(|_, p| p.window.end_secs().saturating_add(grace) > now);
+        self.forget_acked(now, grace);
         let groups = self.groups(now, grace);
         // A connection kept from an earlier round may have died meanwhile (Redis restarted, a
         // link reset): then one fresh connection gets a second chance within the same round.
@@ -456,7 +513,28 @@ impl Worker {
                 Err((e, _)) => return Err(RoundError::Failed(e)),
             }
         };
-        self.apply(&groups, replies)
+        let applied = self.apply(&groups, replies);
+        self.verify = false;
+        applied
+    }
+
+    /// Drops the acknowledgements of windows whose keys have expired in Redis (memory and
+    /// data dir).
+    fn forget_acked(&mut self, now: i64, grace: i64) {
+        let keys = &self.parts.keys;
+        let gone = &mut self.acked_gone;
+        self.acked.retain(|&(b, start), a| {
+            let live = a.window.end_secs().saturating_add(grace) > now;
+            if !live && a.stored {
+                let (provider, period) = keys.get(b);
+                gone.push(WindowKey {
+                    provider,
+                    period,
+                    start,
+                });
+            }
+            live
+        });
     }
 
     /// One exchange on the current (or a new) connection. On failure, says whether the
@@ -479,6 +557,7 @@ impl Worker {
             instance: &self.instance,
             lease_ms,
             release: self.release,
+            verify: self.verify,
         };
         let sent =
             tokio::time::timeout(timeout, self.wire.sync_round(conn, &id, &groups.wire)).await;
@@ -555,29 +634,53 @@ impl Worker {
         }
     }
 
-    /// The windows to merge, grouped per budget (one script call each).
-    fn groups(&self, now: i64, grace: i64) -> Groups {
+    /// The windows of this round, grouped per budget (one script call each):
+    ///
+    /// * **dirty** (our durable total differs from what Redis last acknowledged): sent;
+    /// * **clean and live** (the window has not ended): only read, so that we learn the
+    ///   others' spend; the current window of every budget is always read;
+    /// * **clean and closed**: neither sent nor read (`status` and late records use local
+    ///   data; a late record makes the window dirty, so it is sent again).
+    fn groups(&mut self, now: i64, grace: i64) -> Groups {
         let keys = self.parts.keys.snapshot();
         let n = keys.len();
-        let mut windows: Vec<Vec<(Window, u64)>> = vec![Vec::new(); n];
+        let mut windows: Vec<Vec<Item>> = vec![Vec::new(); n];
         for (b, w, total) in self.parts.durable.snapshot() {
             // A slot added by a reload after `keys` was read waits for the next round.
-            if let Some(list) = windows.get_mut(b as usize) {
-                if w.end_secs().saturating_add(grace) > now {
-                    list.push((w, total));
-                }
+            let Some(list) = windows.get_mut(b as usize) else {
+                continue;
+            };
+            if w.end_secs().saturating_add(grace) <= now {
+                continue;
+            }
+            let acked = self.acked.get(&(b, w.start_secs())).map(|a| a.total);
+            let dirty = total > 0 && acked != Some(total);
+            let live = w.end_secs() > now;
+            if dirty || live {
+                list.push(Item {
+                    window: w,
+                    durable: total,
+                    send: dirty,
+                });
             }
         }
         for (b, list) in windows.iter_mut().enumerate() {
-            let schedule = self.parts.view.schedule(b as u32);
-            let current = schedule.window_at_secs(now);
-            let previous = schedule.window_at_secs(current.start_secs() - 1);
-            for w in [current, previous] {
-                if !list.iter().any(|(x, _)| *x == w) {
-                    list.push((w, 0));
+            let current = self.parts.view.schedule(b as u32).window_at_secs(now);
+            if !list.iter().any(|x| x.window == current) {
+                list.push(Item {
+                    window: current,
+                    durable: 0,
+                    send: false,
+                });
+            }
+            list.sort_by_key(|x| std::cmp::Reverse(x.window.start_secs()));
+            for x in list.iter() {
+                if x.send {
+                    self.sent.0 += 1;
+                } else {
+                    self.sent.1 += 1;
                 }
             }
-            list.sort_by_key(|(w, _)| std::cmp::Reverse(w.start_secs()));
         }
         let prefix = &self.parts.redis.prefix;
         let node = &self.parts.node_id;
@@ -590,10 +693,10 @@ impl Worker {
                     lease: lease_key(prefix, provider, period, node),
                     items: list
                         .iter()
-                        .map(|(w, own)| SyncItem {
-                            key: window_key(prefix, provider, period, w.start_secs()),
-                            own: *own,
-                            expire_at: w.end_secs().saturating_add(grace),
+                        .map(|x| SyncItem {
+                            key: window_key(prefix, provider, period, x.window.start_secs()),
+                            own: if x.send { x.durable } else { 0 },
+                            expire_at: x.window.end_secs().saturating_add(grace),
                         })
                         .collect(),
                 }
@@ -602,9 +705,9 @@ impl Worker {
         Groups { windows, wire }
     }
 
-    /// Merges a round's replies into the peers, the view, the store and (adoption) the
-    /// journal. Returns the problems per budget, or the duplicate node id error (after
-    /// applying everything that was read).
+    /// Merges a round's replies into the peers, the view, the store, the acknowledgements and
+    /// (adoption) the journal. Returns the problems per budget, or the duplicate node id
+    /// error (after applying everything that was read).
     fn apply(
         &mut self,
         groups: &Groups,
@@ -612,13 +715,13 @@ impl Worker {
     ) -> Result<Vec<Vec<String>>, RoundError> {
         let mut problems: Vec<Vec<String>> = vec![Vec::new(); groups.windows.len()];
         let mut changed = Vec::new();
+        let mut acked_changed = false;
         let mut adopt = Vec::new();
         let mut refused_by = None;
         let mut failed_groups = 0usize;
         let mut first_failure = None;
         let (mut keys, mut failed_keys) = (0usize, 0usize);
         let mut first_key_failure = None;
-        let node = self.parts.node_id.clone();
         for (b, (windows, reply)) in groups.windows.iter().zip(replies).enumerate() {
             let reply = match reply {
                 Ok(reply) => reply,
@@ -646,10 +749,11 @@ impl Worker {
                 }
             };
             let b32 = b as u32;
-            for (&(window, own), key) in windows.iter().zip(reply.keys) {
+            for (item, key) in windows.iter().zip(reply.keys) {
                 keys += 1;
-                let hash = match key {
-                    Ok(hash) => hash,
+                let window = item.window;
+                let state = match key {
+                    Ok(state) => state,
                     Err(p) => {
                         let p = flat(&scrub(&p, &self.parts.redis.url));
                         first_key_failure.get_or_insert_with(|| p.clone());
@@ -658,54 +762,66 @@ impl Worker {
                         continue;
                     }
                 };
-                problems[b].extend(hash.problems);
+                problems[b].extend(state.problems);
+                // Our field: recorded as written by this data dir, or (written before owners
+                // were recorded) ours when we hold the lease.
+                let field = state
+                    .field
+                    .filter(|_| match &state.owner {
+                        Some(owner) => *owner == self.instance,
+                        None => held,
+                    })
+                    .unwrap_or(0);
+                let ours = field.saturating_add(state.mine);
+                let others = state.total.saturating_sub(ours);
                 let entry = self
                     .peers
                     .entry((b32, window.start_secs()))
                     .or_insert_with(|| PeerWindow {
                         window,
-                        floor: 0,
-                        owned: FxHashMap::default(),
-                        bare: FxHashMap::default(),
+                        others: 0,
                         persisted: 0,
                     });
-                for c in hash.contributions {
-                    if c.instance.is_some() && !entry.bare.is_empty() {
-                        // An owner recorded for the field supersedes its ownerless reading.
-                        entry.bare.remove(c.node.as_str());
-                    }
-                    if c.node == node {
-                        let mine = match &c.instance {
-                            Some(i) => *i == self.instance,
-                            // Written before owners were recorded: ours when we hold the lease.
-                            None => held,
-                        };
-                        if mine {
-                            if c.total > own {
-                                adopt.push((b32, window, c.total));
-                            }
-                            continue;
-                        }
-                    }
-                    let known = match c.instance {
-                        Some(instance) => entry.owned.entry((c.node, instance)).or_insert(0),
-                        None => entry.bare.entry(c.node).or_insert(0),
-                    };
-                    *known = (*known).max(c.total);
-                }
-                let others = entry.others();
+                entry.others = entry.others.max(others);
                 self.parts
                     .view
-                    .raise_others(b32, window, Money::from_nanos(others));
-                if others > entry.persisted {
+                    .raise_others(b32, window, Money::from_nanos(entry.others));
+                if entry.others > entry.persisted {
                     changed.push((b32, window.start_secs()));
+                }
+                if field > item.durable {
+                    adopt.push((b32, window, field));
+                }
+                // What Redis holds of our counter covers our durable total: acknowledged.
+                // Otherwise (Redis lost it, or it was never sent) the window is dirty.
+                let k = (b32, window.start_secs());
+                let in_redis = field.max(state.mine);
+                if item.durable > 0 && in_redis >= item.durable {
+                    if self.acked.get(&k).map(|a| a.total) != Some(item.durable) {
+                        self.acked.insert(
+                            k,
+                            Acked {
+                                window,
+                                total: item.durable,
+                                stored: false,
+                            },
+                        );
+                        acked_changed = true;
+                    }
+                } else if self.acked.remove(&k).is_some_and(|a| a.stored) {
+                    let (provider, period) = self.parts.keys.get(b32);
+                    self.acked_gone.push(WindowKey {
+                        provider,
+                        period,
+                        start: k.1,
+                    });
                 }
             }
         }
         for (b, window, total) in adopt {
             self.adopt(b, window, total);
         }
-        self.persist(&changed);
+        self.persist(&changed, acked_changed);
         // Nothing at all synced (every budget or every key failed, e.g. Redis out of memory
         // or NOAUTH): that is a failed round, not a list of per-budget problems.
         if keys == failed_keys && (failed_groups > 0 || failed_keys > 0) {
@@ -717,7 +833,7 @@ impl Worker {
         match refused_by {
             Some(holder) => Err(RoundError::Duplicate {
                 error: ReplicationError::DuplicateNodeId {
-                    node_id: node,
+                    node_id: self.parts.node_id.clone(),
                     holder,
                 },
                 problems,
@@ -745,14 +861,15 @@ impl Worker {
         });
     }
 
-    /// Keeps the others' totals in the data dir. Failure only costs freshness after a restart.
-    fn persist(&mut self, changed: &[(u32, i64)]) {
-        if changed.is_empty() {
+    /// Keeps the others' totals and the acknowledgements in the data dir, one flush.
+    /// Failure only costs freshness (or one more send) after a restart.
+    fn persist(&mut self, changed: &[(u32, i64)], acked_changed: bool) {
+        if changed.is_empty() && !acked_changed && self.acked_gone.is_empty() {
             return;
         }
         let items: Vec<(WindowKey, PeersValue)> = changed
             .iter()
-            .filter_map(|k| self.peers.get(k).map(|p| (k.0, p.window, p.others())))
+            .filter_map(|k| self.peers.get(k).map(|p| (k.0, p.window, p.others)))
             .map(|(b, w, others)| {
                 let (provider, period) = self.parts.keys.get(b);
                 (
@@ -768,18 +885,43 @@ impl Worker {
                 )
             })
             .collect();
-        let written = self
-            .parts
-            .store
+        let acked: Vec<(WindowKey, AckedValue)> = self
+            .acked
+            .iter()
+            .filter(|(_, a)| !a.stored)
+            .map(|(&(b, start), a)| {
+                let (provider, period) = self.parts.keys.get(b);
+                (
+                    WindowKey {
+                        provider,
+                        period,
+                        start,
+                    },
+                    AckedValue {
+                        end: a.window.end_secs(),
+                        total: a.total,
+                    },
+                )
+            })
+            .collect();
+        let store = &self.parts.store;
+        let written = store
             .write_peers(items.iter().map(|(k, v)| (k, v)))
-            .and_then(|()| self.parts.store.flush());
+            .and_then(|()| {
+                store.write_acked(acked.iter().map(|(k, v)| (k, *v)), self.acked_gone.iter())
+            })
+            .and_then(|()| store.flush());
         match written {
             Ok(()) => {
                 for k in changed {
                     if let Some(p) = self.peers.get_mut(k) {
-                        p.persisted = p.others();
+                        p.persisted = p.others;
                     }
                 }
+                for a in self.acked.values_mut() {
+                    a.stored = true;
+                }
+                self.acked_gone.clear();
             }
             Err(e) => {
                 tracing::warn!(error = %e, "could not keep the other nodes' spend in the data dir")
@@ -807,12 +949,77 @@ impl RoundError {
     }
 }
 
+/// Per-node jitter of the sync interval: ±10 %, from a generator seeded by the node id and
+/// the instance, so that a fleet started at once spreads its rounds instead of hitting Redis
+/// in step.
+#[derive(Debug)]
+struct Jitter(u64);
+
+impl Jitter {
+    fn new(node: &str, instance: &str) -> Jitter {
+        use std::hash::{Hash, Hasher};
+        let mut h = rustc_hash::FxHasher::default();
+        node.hash(&mut h);
+        instance.hash(&mut h);
+        Jitter(h.finish() | 1)
+    }
+
+    /// The next delay: `interval × [0.9, 1.1)`.
+    fn delay(&mut self, interval: Duration) -> Duration {
+        // splitmix64
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        let unit = (z >> 11) as f64 / (1u64 << 53) as f64;
+        interval.mul_f64(0.9 + 0.2 * unit)
+    }
+}
+
+/// One window of one budget in a round.
+#[derive(Debug, Clone, Copy)]
+struct Item {
+    window: Window,
+    /// Our durable total (0 when we never spent in it).
+    durable: u64,
+    /// Dirty: our total is sent; otherwise only read.
+    send: bool,
+}
+
 /// One round's request: per budget the windows (with our own totals) and their wire groups.
 struct Groups {
-    windows: Vec<Vec<(Window, u64)>>,
+    windows: Vec<Vec<Item>>,
     wire: Vec<Group>,
 }
 
 fn flat(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_stays_within_ten_percent_and_differs_per_node() {
+        let interval = Duration::from_secs(1);
+        let mut a = Jitter::new("a", "i");
+        let mut b = Jitter::new("b", "i");
+        let xs: Vec<Duration> = (0..1000).map(|_| a.delay(interval)).collect();
+        let ys: Vec<Duration> = (0..1000).map(|_| b.delay(interval)).collect();
+        for d in xs.iter().chain(&ys) {
+            assert!(
+                (Duration::from_millis(900)..Duration::from_millis(1100)).contains(d),
+                "{d:?}"
+            );
+        }
+        assert_ne!(xs, ys);
+        // Spread, not constant: both halves of the range are used.
+        assert!(xs.iter().any(|d| *d < Duration::from_millis(950)));
+        assert!(xs.iter().any(|d| *d > Duration::from_millis(1050)));
+        // The same node and instance: the same sequence (deterministic per node).
+        let mut a2 = Jitter::new("a", "i");
+        assert_eq!(a2.delay(interval), xs[0]);
+    }
 }
