@@ -82,7 +82,8 @@ mod window;
 
 pub use clock::{Clock, FakeClock, SystemClock};
 pub use config::{
-    parse_duration, BudgetConfig, Config, ConfigError, RedisConfig, StorageConfig, UnknownProvider,
+    parse_duration, BudgetConfig, Config, ConfigError, RedisConfig, RedisTls, StorageConfig,
+    UnknownProvider,
 };
 pub use error::{Error, RecordError, ReplicationError};
 pub use filter::{Exceeded, NoDeployments};

@@ -38,6 +38,8 @@
 //!   `provider_budgets_sync_problems_total`; the other budgets sync normally.
 //! * Every error and log line carries the Redis URL redacted ([`crate::redact`]).
 
+mod cluster;
+mod tls;
 mod wire;
 
 use std::sync::{Arc, Mutex};
@@ -62,7 +64,29 @@ use crate::store::{AckedValue, PeersValue, Store, WindowKey};
 use crate::view::View;
 use crate::window::Window;
 
-use wire::{lease_key, window_key, Group, GroupOutcome, Identity, Lease, SyncItem, Wire};
+use wire::{
+    lease_key, window_key, Group, GroupOutcome, Identity, Lease, SyncItem, Wire, WireError,
+};
+
+/// Where rounds go.
+enum Backend {
+    /// One server (or a proxy): one pipeline per round.
+    Single(MultiplexedConnection),
+    /// A Redis Cluster: one pipeline per master per round, concurrently.
+    Cluster(Cluster),
+}
+
+/// A Redis Cluster's slot map and the connections to its masters.
+struct Cluster {
+    map: cluster::SlotMap,
+    conns: FxHashMap<cluster::Addr, MultiplexedConnection>,
+    /// Read the slot map again before the next exchange (a redirect, a failed master).
+    stale: bool,
+}
+
+fn shard_name(addr: &cluster::Addr) -> String {
+    format!("{}:{}", addr.0, addr.1)
+}
 
 /// Longest wait between reconnection attempts while Redis is down.
 pub(crate) const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -113,6 +137,18 @@ pub(crate) fn check_url(url: &str) -> Result<(), ReplicationError> {
         })
 }
 
+/// Checks every configured URL (with the TLS settings: a CA file must be readable) without
+/// connecting.
+fn check_config(redis: &RedisConfig) -> Result<(), ReplicationError> {
+    for url in std::iter::once(&redis.url).chain(&redis.seeds) {
+        check_url(url)?;
+        if let Err(tls::ClientError::Tls(e)) = tls::client(url, &redis.tls) {
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
 /// How long a node id's lease lives without renewal: three sync intervals plus the time a
 /// round may take, at least 1 s. Longer than the interval, so two live instances always see
 /// each other's lease; short, so a crashed instance's lease frees quickly.
@@ -133,7 +169,7 @@ pub(crate) struct Replicator {
 impl Replicator {
     /// Validates the URL, reads the data dir's instance id and starts the thread.
     pub fn start(parts: ReplicatorParts) -> Result<Replicator, Error> {
-        check_url(&parts.redis.url)?;
+        check_config(&parts.redis)?;
         // A data dir that cannot store its instance id (a full disk at the first open of this
         // version) runs under a fresh one: a restart then looks like another data dir, which
         // waits for its own old lease to expire and keeps its old total beside the new one.
@@ -231,7 +267,8 @@ struct Worker {
     instance: String,
     health: Arc<Mutex<Health>>,
     wire: Wire,
-    conn: Option<MultiplexedConnection>,
+    /// The connection (or, on a cluster, the slot map and one connection per master).
+    backend: Option<Backend>,
     peers: Peers,
     /// Per (budget, window start): our total as Redis last acknowledged it.
     acked: FxHashMap<(u32, i64), Acked>,
@@ -296,7 +333,7 @@ impl Worker {
             instance,
             health,
             wire: Wire::new(),
-            conn: None,
+            backend: None,
             peers,
             acked,
             acked_gone: Vec::new(),
@@ -502,7 +539,7 @@ impl Worker {
         let groups = self.groups(now, grace);
         // A connection kept from an earlier round may have died meanwhile (Redis restarted, a
         // link reset): then one fresh connection gets a second chance within the same round.
-        let mut attempts = if self.conn.is_some() { 2 } else { 1 };
+        let mut attempts = if self.backend.is_some() { 2 } else { 1 };
         let replies = loop {
             attempts -= 1;
             match self.send(&groups).await {
@@ -537,30 +574,41 @@ impl Worker {
         });
     }
 
+    /// The identity of this round's script calls.
+    fn identity(&self) -> Identity<'_> {
+        Identity {
+            node: &self.parts.node_id,
+            instance: &self.instance,
+            lease_ms: u64::try_from(lease_ttl(&self.parts.redis).as_millis()).unwrap_or(u64::MAX),
+            release: self.release,
+            verify: self.verify,
+        }
+    }
+
     /// One exchange on the current (or a new) connection. On failure, says whether the
     /// connection is dead (and drops it).
     async fn send(
         &mut self,
         groups: &Groups,
     ) -> Result<Vec<GroupOutcome>, (ReplicationError, bool)> {
-        let conn = match self.conn.as_mut() {
-            Some(c) => c,
-            None => {
-                let c = self.connect().await.map_err(|e| (e, false))?;
-                self.conn.insert(c)
+        if self.backend.is_none() {
+            let backend = self.establish().await.map_err(|e| (e, false))?;
+            self.backend = Some(backend);
+        }
+        if matches!(self.backend, Some(Backend::Cluster(_))) {
+            if let Some(Backend::Cluster(mut cluster)) = self.backend.take() {
+                let sent = self.send_cluster(&mut cluster, groups).await;
+                self.backend = Some(Backend::Cluster(cluster));
+                return sent.map_err(|e| (e, false));
             }
+        }
+        let Some(Backend::Single(mut conn)) = self.backend.take() else {
+            return Err((self.protocol("no redis connection"), false));
         };
         let timeout = self.parts.redis.command_timeout;
-        let lease_ms = u64::try_from(lease_ttl(&self.parts.redis).as_millis()).unwrap_or(u64::MAX);
-        let id = Identity {
-            node: &self.parts.node_id,
-            instance: &self.instance,
-            lease_ms,
-            release: self.release,
-            verify: self.verify,
-        };
+        let id = self.identity();
         let sent =
-            tokio::time::timeout(timeout, self.wire.sync_round(conn, &id, &groups.wire)).await;
+            tokio::time::timeout(timeout, self.wire.sync_round(&mut conn, &id, &groups.wire)).await;
         match sent {
             Ok(Ok(replies)) => {
                 // Every budget failed for a connection-level reason (a failover left us on a
@@ -571,46 +619,296 @@ impl Worker {
                         .iter()
                         .find(|r| r.as_ref().is_err_and(|e| e.is_connection_error()))
                     {
-                        self.conn = None;
                         return Err((self.protocol(&e.to_string()), true));
                     }
                 }
+                self.backend = Some(Backend::Single(conn));
                 Ok(replies)
             }
             Ok(Err(e)) => {
                 let dead = e.is_connection_error();
-                if dead {
-                    self.conn = None;
+                if !dead {
+                    self.backend = Some(Backend::Single(conn));
                 }
                 Err((self.protocol(&e.to_string()), dead))
             }
-            Err(_) => {
-                self.conn = None;
-                Err((
-                    ReplicationError::Timeout {
-                        url: self.url(),
-                        after: humantime::format_duration(timeout).to_string(),
+            Err(_) => Err((
+                ReplicationError::Timeout {
+                    url: self.url(),
+                    after: humantime::format_duration(timeout).to_string(),
+                },
+                false,
+            )),
+        }
+    }
+
+    /// A cluster round: per master one pipeline, all concurrently; a master that fails fails
+    /// only the budgets it serves. Budgets answered with `MOVED`/`ASK` or whose master failed
+    /// are sent once more within the round, after the slot map is refreshed (a failover, a
+    /// resharding). Fails as a whole only when no slot map can be read.
+    async fn send_cluster(
+        &mut self,
+        cluster: &mut Cluster,
+        groups: &Groups,
+    ) -> Result<Vec<GroupOutcome>, ReplicationError> {
+        let n = groups.wire.len();
+        let mut results: Vec<Option<GroupOutcome>> = (0..n).map(|_| None).collect();
+        let mut pending: Vec<usize> = (0..n).collect();
+        let timeout = self.parts.redis.command_timeout;
+        for pass in 0..2 {
+            if cluster.stale || pass == 1 {
+                self.refresh(cluster).await?;
+            }
+            let mut by_master: FxHashMap<cluster::Addr, Vec<usize>> = FxHashMap::default();
+            for i in pending.drain(..) {
+                let slot = cluster::key_slot(&groups.wire[i].lease);
+                match cluster.map.master(slot) {
+                    Some(addr) => by_master.entry(addr.clone()).or_default().push(i),
+                    None => {
+                        results[i] = Some(Err(WireError::Shard {
+                            shard: format!("slot {slot}"),
+                            message: "no master serves this slot (the cluster is incomplete)"
+                                .into(),
+                        }))
+                    }
+                }
+            }
+            let mut calls = Vec::new();
+            for (addr, members) in by_master {
+                let conn = match cluster.conns.get(&addr) {
+                    Some(c) => Ok(c.clone()),
+                    None => match self.client_at(&addr) {
+                        Ok(client) => self.connect_client(&client, &shard_name(&addr)).await,
+                        Err(e) => Err(e),
                     },
-                    false,
-                ))
+                };
+                match conn {
+                    Ok(c) => {
+                        cluster.conns.insert(addr.clone(), c.clone());
+                        calls.push((addr, members, c));
+                    }
+                    Err(e) => {
+                        cluster.stale = true;
+                        for &i in &members {
+                            if pass == 0 {
+                                pending.push(i);
+                            } else {
+                                results[i] = Some(Err(WireError::Shard {
+                                    shard: shard_name(&addr),
+                                    message: e.to_string(),
+                                }));
+                            }
+                        }
+                    }
+                }
+            }
+            let id = self.identity();
+            let wire = &self.wire;
+            let outcomes = futures_util::future::join_all(calls.into_iter().map(
+                |(addr, members, mut conn)| {
+                    let sub: Vec<Group> = members.iter().map(|&i| groups.wire[i].clone()).collect();
+                    let id = &id;
+                    async move {
+                        let r = tokio::time::timeout(timeout, wire.sync_round(&mut conn, id, &sub))
+                            .await;
+                        (addr, members, r)
+                    }
+                },
+            ))
+            .await;
+            for (addr, members, outcome) in outcomes {
+                let failure = match outcome {
+                    Ok(Ok(replies)) => {
+                        for (i, reply) in members.into_iter().zip(replies) {
+                            let redirected = matches!(&reply, Err(e) if e.is_redirect());
+                            if redirected {
+                                cluster.stale = true;
+                            }
+                            if redirected && pass == 0 {
+                                pending.push(i);
+                            } else {
+                                results[i] = Some(reply);
+                            }
+                        }
+                        continue;
+                    }
+                    Ok(Err(e)) => e.to_string(),
+                    Err(_) => format!("timed out after {}", humantime::format_duration(timeout)),
+                };
+                cluster.conns.remove(&addr);
+                cluster.stale = true;
+                for i in members {
+                    if pass == 0 {
+                        pending.push(i);
+                    } else {
+                        results[i] = Some(Err(WireError::Shard {
+                            shard: shard_name(&addr),
+                            message: failure.clone(),
+                        }));
+                    }
+                }
+            }
+            if pending.is_empty() {
+                break;
             }
         }
+        Ok(results
+            .into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|| {
+                    Err(WireError::Shard {
+                        shard: "cluster".into(),
+                        message: "no reply".into(),
+                    })
+                })
+            })
+            .collect())
+    }
+
+    /// Reads the slot map again from any reachable master, else from any seed.
+    async fn refresh(&self, cluster: &mut Cluster) -> Result<(), ReplicationError> {
+        let mut last = None;
+        let known: Vec<(cluster::Addr, MultiplexedConnection)> = cluster
+            .conns
+            .iter()
+            .map(|(a, c)| (a.clone(), c.clone()))
+            .collect();
+        for (addr, mut conn) in known {
+            match cluster::slot_map(&mut conn, &addr.0).await {
+                Ok(map) if !map.masters().is_empty() => {
+                    cluster.map = map;
+                    cluster.stale = false;
+                    return Ok(());
+                }
+                Ok(_) => last = Some("the cluster serves no slot".to_owned()),
+                Err(e) => {
+                    cluster.conns.remove(&addr);
+                    last = Some(e);
+                }
+            }
+        }
+        for url in self.urls() {
+            let attempt = async {
+                let client = self.client(url)?;
+                let mut conn = self.connect_client(&client, &redact_url(url)).await?;
+                let host = match client.get_connection_info().addr() {
+                    redis::ConnectionAddr::Tcp(h, _)
+                    | redis::ConnectionAddr::TcpTls { host: h, .. } => h.clone(),
+                    redis::ConnectionAddr::Unix(_) => String::new(),
+                    _ => String::new(),
+                };
+                cluster::slot_map(&mut conn, &host)
+                    .await
+                    .map_err(|e| self.protocol(&e))
+            };
+            match attempt.await {
+                Ok(map) if !map.masters().is_empty() => {
+                    cluster.map = map;
+                    cluster.stale = false;
+                    return Ok(());
+                }
+                Ok(_) => last = Some("the cluster serves no slot".to_owned()),
+                Err(e) => last = Some(e.to_string()),
+            }
+        }
+        Err(self.protocol(&format!(
+            "cannot read the cluster's slot map: {}",
+            last.unwrap_or_default()
+        )))
+    }
+
+    /// The configured URL, then the further seeds.
+    fn urls(&self) -> impl Iterator<Item = &String> {
+        std::iter::once(&self.parts.redis.url).chain(self.parts.redis.seeds.iter())
+    }
+
+    /// Connects to the first reachable configured URL and finds out whether it is a cluster.
+    async fn establish(&self) -> Result<Backend, ReplicationError> {
+        let mut first_error = None;
+        for url in self.urls() {
+            let client = self.client(url)?;
+            match self.connect_client(&client, &redact_url(url)).await {
+                Ok(mut conn) => {
+                    let timeout = self.parts.redis.command_timeout;
+                    let detected =
+                        tokio::time::timeout(timeout, cluster::is_cluster(&mut conn)).await;
+                    return match detected {
+                        Ok(Ok(false)) => Ok(Backend::Single(conn)),
+                        Ok(Ok(true)) => {
+                            let mut cluster = Cluster {
+                                map: cluster::SlotMap::default(),
+                                conns: FxHashMap::default(),
+                                stale: true,
+                            };
+                            self.refresh(&mut cluster).await?;
+                            Ok(Backend::Cluster(cluster))
+                        }
+                        Ok(Err(e)) => Err(ReplicationError::Unreachable {
+                            url: redact_url(url),
+                            reason: flat(&self.protocol(&e.to_string()).to_string()),
+                        }),
+                        Err(_) => Err(ReplicationError::Timeout {
+                            url: redact_url(url),
+                            after: humantime::format_duration(timeout).to_string(),
+                        }),
+                    };
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        Err(first_error.unwrap_or(ReplicationError::Stopped))
     }
 
     /// A lower layer's message, on one line and redacted.
     fn protocol(&self, message: &str) -> ReplicationError {
+        let mut message = scrub(message, &self.parts.redis.url);
+        for seed in &self.parts.redis.seeds {
+            message = scrub(&message, seed);
+        }
         ReplicationError::Protocol {
-            message: flat(&scrub(message, &self.parts.redis.url)),
+            message: flat(&message),
         }
     }
 
-    async fn connect(&self) -> Result<MultiplexedConnection, ReplicationError> {
-        let url = &self.parts.redis.url;
-        let client =
-            redis::Client::open(url.as_str()).map_err(|e| ReplicationError::InvalidUrl {
-                url: self.url(),
-                reason: flat(&scrub(&e.to_string(), url)),
-            })?;
+    /// A client for one configured URL, with the TLS settings.
+    fn client(&self, url: &str) -> Result<redis::Client, ReplicationError> {
+        let invalid = |e: &dyn std::fmt::Display| ReplicationError::InvalidUrl {
+            url: redact_url(url),
+            reason: flat(&scrub(&e.to_string(), url)),
+        };
+        tls::client(url, &self.parts.redis.tls).map_err(|e| match e {
+            tls::ClientError::Url(e) => invalid(&e),
+            tls::ClientError::Tls(e) => e,
+        })
+    }
+
+    /// A client for a cluster master: the first URL's settings at another address.
+    fn client_at(&self, addr: &cluster::Addr) -> Result<redis::Client, ReplicationError> {
+        let seed = self.client(&self.parts.redis.url)?;
+        let info = seed.get_connection_info().clone();
+        let moved = match info.addr().clone() {
+            redis::ConnectionAddr::TcpTls {
+                insecure,
+                tls_params,
+                ..
+            } => redis::ConnectionAddr::TcpTls {
+                host: addr.0.clone(),
+                port: addr.1,
+                insecure,
+                tls_params,
+            },
+            _ => redis::ConnectionAddr::Tcp(addr.0.clone(), addr.1),
+        };
+        redis::Client::open(info.set_addr(moved)).map_err(|e| self.protocol(&e.to_string()))
+    }
+
+    async fn connect_client(
+        &self,
+        client: &redis::Client,
+        label: &str,
+    ) -> Result<MultiplexedConnection, ReplicationError> {
         let config = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.parts.redis.connect_timeout))
             .set_response_timeout(Some(self.parts.redis.command_timeout));
@@ -624,11 +922,11 @@ impl Worker {
         {
             Ok(Ok(c)) => Ok(c),
             Ok(Err(e)) => Err(ReplicationError::Unreachable {
-                url: self.url(),
-                reason: flat(&scrub(&e.to_string(), url)),
+                url: label.to_owned(),
+                reason: tls::explain(&self.protocol(&e.to_string()).to_string()),
             }),
             Err(_) => Err(ReplicationError::Timeout {
-                url: self.url(),
+                url: label.to_owned(),
                 after: humantime::format_duration(self.parts.redis.connect_timeout).to_string(),
             }),
         }

@@ -186,6 +186,10 @@ pub(crate) enum WireError {
     /// Redis ran the exchange but the script call for one budget failed.
     #[error("redis rejected the sync of {key}: {}", one_line(.error))]
     Rejected { key: String, error: RedisError },
+    /// A Redis Cluster master failed as a whole (unreachable, timed out): only the budgets
+    /// it serves fail.
+    #[error("redis cluster master {shard}: {message}")]
+    Shard { shard: String, message: String },
     /// The reply does not have the shape the script returns (a different script under our
     /// SHA, a proxy in the way, ...).
     #[error("unexpected redis reply for {key}: {detail}")]
@@ -206,6 +210,7 @@ impl WireError {
         let error = match self {
             WireError::Redis(error) | WireError::Rejected { error, .. } => error,
             WireError::Reply { .. } => return false,
+            WireError::Shard { .. } => return true,
         };
         error.is_io_error()
             || error.is_connection_dropped()
@@ -221,6 +226,19 @@ impl WireError {
                         | ServerErrorKind::ReadOnly
                 )
             )
+    }
+}
+
+impl WireError {
+    /// A Redis Cluster redirect (`MOVED`, `ASK`): the slot map is out of date.
+    pub(crate) fn is_redirect(&self) -> bool {
+        match self {
+            WireError::Redis(error) | WireError::Rejected { error, .. } => matches!(
+                error.kind(),
+                ErrorKind::Server(ServerErrorKind::Moved | ServerErrorKind::Ask)
+            ),
+            _ => false,
+        }
     }
 }
 
