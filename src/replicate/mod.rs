@@ -65,7 +65,7 @@ use crate::view::View;
 use crate::window::Window;
 
 use wire::{
-    lease_key, window_key, Group, GroupOutcome, Identity, Lease, SyncItem, Wire, WireError,
+    lease_key, window_key, Group, GroupOutcome, Identity, Lease, Mode, SyncItem, Wire, WireError,
 };
 
 /// Where rounds go.
@@ -279,6 +279,11 @@ struct Worker {
     verify: bool,
     /// Keys written and read by the last exchange.
     sent: (u64, u64),
+    /// Per budget index: whether the last reply said this instance holds the lease (then
+    /// clean rounds renew it with a plain `PEXPIRE`).
+    lease_ours: Vec<bool>,
+    /// Budgets whose next round must run the script (see [`Mode`]).
+    script_next: FxHashSet<u32>,
     /// Reconnection backoff while Redis is down: next attempt not before this.
     retry_at: Option<Instant>,
     backoff: Duration,
@@ -339,6 +344,8 @@ impl Worker {
             acked_gone: Vec::new(),
             verify: true,
             sent: (0, 0),
+            lease_ours: Vec::new(),
+            script_next: FxHashSet::default(),
             retry_at: None,
             down: false,
             refused: None,
@@ -980,6 +987,28 @@ impl Worker {
                 }
             }
         }
+        // Budgets with nothing to write are read with plain commands, unless the script has
+        // work there: this process's first (verifying) round, the last one (it releases the
+        // leases), a lease not known to be ours (the script takes it), a key a plain read
+        // found in need of repair.
+        let modes: Vec<Mode> = windows
+            .iter()
+            .enumerate()
+            .map(|(b, list)| {
+                let ours = self.lease_ours.get(b).copied().unwrap_or(false);
+                let script = self.verify
+                    || self.release
+                    || !ours
+                    || list.iter().any(|x| x.send)
+                    || self.script_next.contains(&(b as u32));
+                if script {
+                    self.script_next.remove(&(b as u32));
+                    Mode::Script
+                } else {
+                    Mode::Read { renew: ours }
+                }
+            })
+            .collect();
         let prefix = &self.parts.redis.prefix;
         let node = &self.parts.node_id;
         let wire = windows
@@ -988,6 +1017,7 @@ impl Worker {
             .map(|(b, list)| {
                 let (provider, period) = &keys[b];
                 Group {
+                    mode: modes[b],
                     lease: lease_key(prefix, provider, period, node),
                     items: list
                         .iter()
@@ -1031,8 +1061,17 @@ impl Worker {
                     continue;
                 }
             };
+            if self.lease_ours.len() <= b {
+                self.lease_ours.resize(b + 1, false);
+            }
+            self.lease_ours[b] = reply.lease == Lease::Held;
             let held = match reply.lease {
                 Lease::Held => true,
+                Lease::Free => {
+                    // The next round's script takes it.
+                    self.script_next.insert(b as u32);
+                    false
+                }
                 Lease::Refused { holder } => {
                     refused_by.get_or_insert(holder);
                     false
@@ -1053,6 +1092,7 @@ impl Worker {
                 let state = match key {
                     Ok(state) => state,
                     Err(p) => {
+                        self.script_next.insert(b32);
                         let p = flat(&scrub(&p, &self.parts.redis.url));
                         first_key_failure.get_or_insert_with(|| p.clone());
                         failed_keys += 1;
@@ -1060,6 +1100,16 @@ impl Worker {
                         continue;
                     }
                 };
+                if state.needs_script {
+                    // A plain read found what only the script repairs: use it next round,
+                    // and do not trust these values meanwhile.
+                    self.script_next.insert(b32);
+                    continue;
+                }
+                if !state.problems.is_empty() {
+                    // Keep reporting it (only the script sees bad fields).
+                    self.script_next.insert(b32);
+                }
                 problems[b].extend(state.problems);
                 // Our field: recorded as written by this data dir, or (written before owners
                 // were recorded) ours when we hold the lease.

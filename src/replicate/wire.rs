@@ -124,6 +124,19 @@ pub(crate) struct Group {
     /// See [`lease_key`].
     pub lease: String,
     pub items: Vec<SyncItem>,
+    /// How the group is read and written.
+    pub mode: Mode,
+}
+
+/// How one budget's part of a round is sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// One `EVALSHA` of the merge script: writes, lease taking, repairs.
+    Script,
+    /// Nothing to write: plain commands, no script (a clean budget costs Redis a `GET` of the
+    /// lease and one `HMGET` per window). `renew`: our instance held the lease at the last
+    /// look, so `PEXPIRE` keeps it alive.
+    Read { renew: bool },
 }
 
 /// Who is syncing.
@@ -153,6 +166,10 @@ pub(crate) struct KeyReply {
     pub total: u64,
     /// The script recomputed the total from the fields in this call.
     pub repaired: bool,
+    /// Read without the script, the key's state needs it (a missing, malformed or too low
+    /// total, malformed or flagged fields): the values are not to be used; send the budget
+    /// through the script next round.
+    pub needs_script: bool,
     /// One line per problem: skipped fields, an unusable own field.
     pub problems: Vec<String>,
 }
@@ -162,6 +179,8 @@ pub(crate) struct KeyReply {
 pub(crate) enum Lease {
     /// Ours (taken, renewed or released).
     Held,
+    /// Nobody holds it (seen by a plain read, which does not take it).
+    Free,
     /// Another live instance holds it: nothing was written.
     Refused { holder: String },
     /// The lease key is unusable (e.g. of the wrong type): nothing was written.
@@ -374,6 +393,26 @@ impl Wire {
         }
         for &i in which {
             let group = &groups[i];
+            if let Mode::Read { renew } = group.mode {
+                pipe.cmd("GET").arg(&group.lease);
+                if renew {
+                    pipe.cmd("PEXPIRE")
+                        .arg(&group.lease)
+                        .arg(id.lease_ms.max(1));
+                }
+                let owner = format!("~owner:{}", id.node);
+                let mine = format!("~retired:{}:{}", id.node, id.instance);
+                for item in &group.items {
+                    pipe.cmd("HMGET")
+                        .arg(&item.key)
+                        .arg(id.node)
+                        .arg(&owner)
+                        .arg(&mine)
+                        .arg("~total")
+                        .arg("~bad");
+                }
+                continue;
+            }
             let cmd = pipe
                 .cmd("EVALSHA")
                 .arg(self.script.get_hash())
@@ -429,6 +468,10 @@ impl Wire {
         let mut no_script = Vec::new();
         for &i in which {
             let group = &groups[i];
+            if let Mode::Read { renew } = group.mode {
+                results[i] = Some(parse_read(group, renew, id, &mut replies));
+                continue;
+            }
             results[i] = match replies.next() {
                 Some(Ok(value)) => Some(parse_group(&group.items, value)),
                 Some(Err(error))
@@ -592,6 +635,78 @@ fn parse_state(key: &str, state: Vec<Value>) -> Result<KeyReply, String> {
     Ok(out)
 }
 
+/// Parses a [`Mode::Read`] group's replies: `GET lease`, maybe `PEXPIRE`, one `HMGET` per
+/// item.
+fn parse_read(
+    group: &Group,
+    renew: bool,
+    id: &Identity<'_>,
+    replies: &mut impl Iterator<Item = redis::RedisResult<Value>>,
+) -> GroupOutcome {
+    let short = || WireError::Reply {
+        key: first_key(group),
+        detail: "the pipeline returned fewer replies than commands".into(),
+    };
+    let lease = match replies.next().ok_or_else(short)? {
+        Ok(Value::Nil) => Lease::Free,
+        Ok(v) => match text(v) {
+            Ok(holder) if holder == id.instance => Lease::Held,
+            Ok(holder) => Lease::Refused { holder },
+            Err(v) => Lease::Broken(format!("unexpected lease value {v}")),
+        },
+        Err(e) => Lease::Broken(one_line(&e)),
+    };
+    if renew {
+        let _ = replies.next().ok_or_else(short)?;
+    }
+    let mut keys = Vec::with_capacity(group.items.len());
+    for item in &group.items {
+        let key = &item.key;
+        keys.push(match replies.next().ok_or_else(short)? {
+            Ok(Value::Array(parts)) if parts.len() == 5 => Ok(read_state(parts)),
+            Ok(other) => Err(format!("key {key}: unexpected reply {other:?}")),
+            Err(e) => Err(format!("key {key}: {} (window not synced)", one_line(&e))),
+        });
+    }
+    Ok(GroupReply { lease, keys })
+}
+
+/// A key's state from `HMGET node ~owner:node ~retired:node:inst ~total ~bad`; anything the
+/// script would repair makes it `needs_script`.
+fn read_state(parts: Vec<Value>) -> KeyReply {
+    let mut it = parts.into_iter().map(|v| match v {
+        Value::Nil => None,
+        v => Some(text(v).unwrap_or_else(|e| e)),
+    });
+    let (field, owner, mine, total, bad) = (
+        it.next().flatten(),
+        it.next().flatten(),
+        it.next().flatten(),
+        it.next().flatten(),
+        it.next().flatten(),
+    );
+    let mut out = KeyReply {
+        owner,
+        ..KeyReply::default()
+    };
+    let field_ok = field.as_deref().map(parse_total);
+    let mine_ok = mine.as_deref().map(parse_total);
+    out.field = field_ok.flatten();
+    out.mine = mine_ok.flatten().unwrap_or(0);
+    let malformed = matches!(field_ok, Some(None)) || matches!(mine_ok, Some(None));
+    match total.as_deref().map(parse_sum) {
+        Some(Some(t)) => out.total = t,
+        // An absent total is right only for an absent key (no field of ours either).
+        None if field.is_none() && mine.is_none() => out.total = 0,
+        _ => out.needs_script = true,
+    }
+    let ours = out.field.unwrap_or(0).saturating_add(out.mine);
+    if malformed || bad.is_some() || ours > out.total {
+        out.needs_script = true;
+    }
+    out
+}
+
 /// The RESP size of a reply value (what Redis sent for it, for the traffic figures).
 fn resp_len(value: &Value) -> usize {
     fn header(n: usize) -> usize {
@@ -701,6 +816,7 @@ mod tests {
         Group {
             lease: format!("{tag}:lease:{node}"),
             items,
+            mode: Mode::Script,
         }
     }
 
@@ -1402,5 +1518,89 @@ mod tests {
             server.command(&["HEXISTS", &key, &format!("~retired:n:{INSTANCE}")]),
             "0"
         );
+    }
+
+    #[tokio::test]
+    async fn a_clean_budget_is_read_with_plain_commands_and_damage_sends_it_to_the_script() {
+        let server = server_or_skip!();
+        let mut conn = connect(&server).await;
+        let wire = Wire::new();
+        let key = window_key("t", "openai", "1d", 0);
+        sync_one(&wire, &mut conn, "a", &key, 5).await;
+        sync_one(&wire, &mut conn, "b", &key, 7).await;
+        let read = |renew| Group {
+            mode: Mode::Read { renew },
+            ..group("a", vec![item(&key, 0)])
+        };
+        let before = wire.traffic();
+        let out = wire
+            .sync_round(&mut conn, &identity("a"), &[read(true)])
+            .await
+            .unwrap();
+        let after = wire.traffic();
+        let reply = out[0].as_ref().unwrap();
+        assert_eq!(reply.lease, Lease::Held);
+        let state = reply.keys[0].as_ref().unwrap();
+        assert_eq!(
+            (state.field, state.total, state.needs_script),
+            (Some(5), 12, false)
+        );
+        assert_eq!(state.owner.as_deref(), Some(INSTANCE));
+        // No script ran: the request carries no SHA, and the lease was renewed.
+        assert!(after.0 - before.0 < 250, "{} bytes", after.0 - before.0);
+        let lease = read(false).lease;
+        let ttl: i64 = server.command(&["PTTL", &lease]).parse().unwrap();
+        assert!(ttl > 50_000, "{ttl}");
+        // Another instance's lease: refused; a free one: free.
+        let other = Identity {
+            instance: "i9",
+            ..identity("a")
+        };
+        let out = wire
+            .sync_round(&mut conn, &other, &[read(false)])
+            .await
+            .unwrap();
+        assert_eq!(
+            out[0].as_ref().unwrap().lease,
+            Lease::Refused {
+                holder: INSTANCE.into()
+            }
+        );
+        server.command(&["DEL", &lease]);
+        let out = wire
+            .sync_round(&mut conn, &identity("a"), &[read(false)])
+            .await
+            .unwrap();
+        assert_eq!(out[0].as_ref().unwrap().lease, Lease::Free);
+        // What only the script repairs: a missing or low total, a flagged key.
+        for damage in [
+            vec!["HDEL", key.as_str(), "~total"],
+            vec!["HSET", key.as_str(), "~total", "1"],
+            vec!["HSET", key.as_str(), "~bad", "1"],
+            vec!["HSET", key.as_str(), "a", "x"],
+        ] {
+            server.command(&damage);
+            let out = wire
+                .sync_round(&mut conn, &identity("a"), &[read(false)])
+                .await
+                .unwrap();
+            let state = out[0].as_ref().unwrap().keys[0].clone().unwrap();
+            assert!(state.needs_script, "{damage:?}");
+            server.command(&["HDEL", &key, "~bad"]);
+            server.command(&["HSET", &key, "a", "5"]);
+            sync_one(&wire, &mut conn, "a", &key, 0).await; // the script repairs
+        }
+        // An absent key needs nothing.
+        let absent = window_key("t", "x", "1d", 0);
+        let g = Group {
+            mode: Mode::Read { renew: false },
+            ..group("a", vec![item(&absent, 0)])
+        };
+        let out = wire
+            .sync_round(&mut conn, &identity("a"), &[g])
+            .await
+            .unwrap();
+        let state = out[0].as_ref().unwrap().keys[0].clone().unwrap();
+        assert_eq!((state.total, state.needs_script), (0, false));
     }
 }
