@@ -647,6 +647,42 @@ fn parse_read(
         key: first_key(group),
         detail: "the pipeline returned fewer replies than commands".into(),
     };
+    let lease = replies.next().ok_or_else(short)?;
+    let renewed = if renew {
+        Some(replies.next().ok_or_else(short)?)
+    } else {
+        None
+    };
+    let states: Vec<redis::RedisResult<Value>> = group
+        .items
+        .iter()
+        .map(|_| replies.next().ok_or_else(short))
+        .collect::<Result<_, _>>()?;
+    // A redirect (cluster slot moved) or an unreachable shard concerns the whole budget:
+    // report it as the group's failure, as a script call's would be.
+    let whole = std::iter::once(&lease)
+        .chain(renewed.iter())
+        .chain(states.iter())
+        .filter_map(|r| r.as_ref().err())
+        .find(|e| {
+            matches!(
+                e.kind(),
+                ErrorKind::Server(
+                    ServerErrorKind::Moved
+                        | ServerErrorKind::Ask
+                        | ServerErrorKind::ClusterDown
+                        | ServerErrorKind::TryAgain
+                        | ServerErrorKind::BusyLoading
+                )
+            )
+        });
+    if let Some(error) = whole {
+        return Err(WireError::Rejected {
+            key: group.lease.clone(),
+            error: error.clone(),
+        });
+    }
+    let mut replies = std::iter::once(lease).chain(renewed).chain(states);
     let lease = match replies.next().ok_or_else(short)? {
         Ok(Value::Nil) => Lease::Free,
         Ok(v) => match text(v) {
