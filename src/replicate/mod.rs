@@ -284,6 +284,8 @@ struct Worker {
     lease_ours: Vec<bool>,
     /// Budgets whose next round must run the script (see [`Mode`]).
     script_next: FxHashSet<u32>,
+    /// Clean rounds renew the leases every other round.
+    renew_turn: bool,
     /// Reconnection backoff while Redis is down: next attempt not before this.
     retry_at: Option<Instant>,
     backoff: Duration,
@@ -346,6 +348,7 @@ impl Worker {
             sent: (0, 0),
             lease_ours: Vec::new(),
             script_next: FxHashSet::default(),
+            renew_turn: false,
             retry_at: None,
             down: false,
             refused: None,
@@ -991,6 +994,8 @@ impl Worker {
         // work there: this process's first (verifying) round, the last one (it releases the
         // leases), a lease not known to be ours (the script takes it), a key a plain read
         // found in need of repair.
+        self.renew_turn = !self.renew_turn;
+        let renew_now = self.renew_turn;
         let modes: Vec<Mode> = windows
             .iter()
             .enumerate()
@@ -1005,7 +1010,11 @@ impl Worker {
                     self.script_next.remove(&(b as u32));
                     Mode::Script
                 } else {
-                    Mode::Read { renew: ours }
+                    // Every other round: the lease lives three intervals (plus timeouts)
+                    // and a round comes at most 1.1 intervals after the previous one.
+                    Mode::Read {
+                        renew: ours && renew_now,
+                    }
                 }
             })
             .collect();
