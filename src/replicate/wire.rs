@@ -45,6 +45,13 @@
 //! `EVAL`: since Redis 7.4, scripts that only arrived through `EVAL` may be evicted from the
 //! cache, loaded ones are not.
 //!
+//! A budget with nothing to write ([`Mode::Read`]) skips the script: `GET` of its lease,
+//! `PEXPIRE` of it when ours (every other round), and one `HMGET` of our field, its owner, our
+//! kept-apart field, `~total` and `~bad` per window, in the same pipeline. What only the
+//! script handles (a lease to take, a total to repair, flagged fields) is reported back
+//! ([`KeyReply::needs_script`], [`Lease::Free`]) and the caller sends that budget through the
+//! script next round.
+//!
 //! **Failures are isolated per key**: the script runs each window key under `pcall`, so a key
 //! of the wrong type fails only that window; a contribution field that is not a canonical u64
 //! is left out of the total and reported when the total is recomputed; a budget whose script
