@@ -1144,12 +1144,43 @@ struct RawRedis {
     command_timeout: Option<HumanDuration>,
 }
 
-/// `redis.url`: one URL, or a list of seed URLs (Redis Cluster).
-#[derive(Debug, Deserialize)]
-#[serde(untagged, expecting = "a Redis URL or a list of Redis URLs")]
+/// `redis.url`: one URL, or a list of seed URLs (Redis Cluster). Each element is a [`Text`]
+/// (so `os.environ/NAME` works and its errors name the variable).
+#[derive(Debug)]
 enum RawUrls {
     One(Text),
     Many(Vec<Text>),
+}
+
+impl<'de> Deserialize<'de> for RawUrls {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<RawUrls, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = RawUrls;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a Redis URL or a list of Redis URLs")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawUrls, E> {
+                Text::from_written(v).map(RawUrls::One)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<RawUrls, A::Error> {
+                let mut out = Vec::new();
+                while let Some(t) = seq.next_element::<Text>()? {
+                    out.push(t);
+                }
+                if out.is_empty() {
+                    return Err(serde::de::Error::custom(
+                        "an empty list: give at least one Redis URL",
+                    ));
+                }
+                Ok(RawUrls::Many(out))
+            }
+        }
+        d.deserialize_any(Visit)
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -1733,6 +1764,8 @@ sync_interval = "250ms"
         assert!(r.seeds.is_empty() && !r.tls.insecure_skip_verify && r.tls.ca_file.is_none());
         for (yaml, culprit) in [
             ("provider_budgets:\n  redis: {url: {a: 1}}\n", "provider_budgets.redis.url"),
+            ("provider_budgets:\n  redis: {url: []}\n", "provider_budgets.redis.url"),
+            ("provider_budgets:\n  redis: {url: [5, [1]]}\n", "provider_budgets.redis.url"),
             (
                 "provider_budgets:\n  redis: {url: \"redis://h/\", tls: {insecure_skip_verify: maybe}}\n",
                 "provider_budgets.redis.tls.insecure_skip_verify",
