@@ -483,7 +483,7 @@ impl Config {
                     seeds: urls.collect(),
                     tls: RedisTls {
                         ca_file: tls.ca_file.map(|f| PathBuf::from(f.value)),
-                        insecure_skip_verify: tls.insecure_skip_verify.is_some_and(|b| b.0),
+                        insecure_skip_verify: tls.insecure_skip_verify.is_some_and(|f| f.0),
                     },
                     prefix: r.prefix.map_or(d.prefix, |p| p.value),
                     sync_interval: r.sync_interval.map_or(d.sync_interval, |x| x.0),
@@ -1187,7 +1187,36 @@ impl<'de> Deserialize<'de> for RawUrls {
 #[serde(deny_unknown_fields, expecting = "a map")]
 struct RawTls {
     ca_file: Option<Text>,
-    insecure_skip_verify: Option<Parsed<bool>>,
+    insecure_skip_verify: Option<Flag>,
+}
+
+/// A boolean: `true`/`false` as a boolean (TOML) or as text (YAML, `os.environ/NAME`).
+#[derive(Debug)]
+struct Flag(bool);
+
+impl<'de> Deserialize<'de> for Flag {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Flag, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Flag;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("true or false")
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Flag, E> {
+                Ok(Flag(v))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Flag, E> {
+                let text = Text::from_written::<E>(v)?;
+                text.value.trim().parse().map(Flag).map_err(|_| {
+                    E::custom(format!(
+                        "invalid value {}: expected true or false",
+                        text.quoted()
+                    ))
+                })
+            }
+        }
+        d.deserialize_any(Visit)
+    }
 }
 
 /// A string value parsed with `FromStr`; the error quotes the value as written.
@@ -1762,6 +1791,11 @@ sync_interval = "250ms"
             .expect("parses");
         let r = c.redis.as_ref().expect("redis");
         assert!(r.seeds.is_empty() && !r.tls.insecure_skip_verify && r.tls.ca_file.is_none());
+        let c = Config::from_toml_str(
+            "[provider_budgets.redis]\nurl = [\"rediss://h/\"]\ntls = { insecure_skip_verify = true }\n",
+        )
+        .expect("parses");
+        assert!(c.redis.as_ref().expect("redis").tls.insecure_skip_verify);
         for (yaml, culprit) in [
             ("provider_budgets:\n  redis: {url: {a: 1}}\n", "provider_budgets.redis.url"),
             ("provider_budgets:\n  redis: {url: []}\n", "provider_budgets.redis.url"),
