@@ -184,6 +184,24 @@ pub struct RedisConfig {
     pub connect_timeout: Duration,
     /// Bound on one sync round trip. Default 2 s.
     pub command_timeout: Duration,
+    /// Further seed URLs of a Redis Cluster (`redis.url` given as a list: the first is
+    /// [`RedisConfig::url`], the rest are here). Any one reachable node is enough; a single
+    /// URL pointing at a cluster node works as well (the cluster is detected).
+    pub seeds: Vec<String>,
+    /// TLS settings for `rediss://` URLs.
+    pub tls: RedisTls,
+}
+
+/// TLS for `rediss://` URLs (rustls). By default the server certificate is verified against
+/// the system's root certificates.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct RedisTls {
+    /// A PEM file of CA certificates to trust instead (a private CA).
+    pub ca_file: Option<PathBuf>,
+    /// Accept any server certificate (no verification at all): **for tests only**, it
+    /// leaves the connection open to interception. Logged as a warning at every connect.
+    pub insecure_skip_verify: bool,
 }
 
 impl std::fmt::Debug for RedisConfig {
@@ -195,6 +213,15 @@ impl std::fmt::Debug for RedisConfig {
             .field("grace", &self.grace)
             .field("connect_timeout", &self.connect_timeout)
             .field("command_timeout", &self.command_timeout)
+            .field(
+                "seeds",
+                &self
+                    .seeds
+                    .iter()
+                    .map(|u| redact_urls(u))
+                    .collect::<Vec<_>>(),
+            )
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -209,6 +236,8 @@ impl RedisConfig {
             grace: Duration::from_secs(3600),
             connect_timeout: Duration::from_secs(2),
             command_timeout: Duration::from_secs(2),
+            seeds: Vec::new(),
+            tls: RedisTls::default(),
         }
     }
 }
@@ -609,8 +638,20 @@ impl Config {
                 retention: storage.retention.map_or(defaults.retention, |d| d.0),
             },
             redis: own.redis.map(|r| {
-                let d = RedisConfig::new(r.url.map(|u| u.value).unwrap_or_default());
+                let mut urls = match r.url {
+                    None => Vec::new(),
+                    Some(RawUrls::One(u)) => vec![u.value],
+                    Some(RawUrls::Many(list)) => list.into_iter().map(|u| u.value).collect(),
+                }
+                .into_iter();
+                let d = RedisConfig::new(urls.next().unwrap_or_default());
+                let tls = r.tls.unwrap_or_default();
                 RedisConfig {
+                    seeds: urls.collect(),
+                    tls: RedisTls {
+                        ca_file: tls.ca_file.map(|f| PathBuf::from(f.value)),
+                        insecure_skip_verify: tls.insecure_skip_verify.is_some_and(|f| f.0),
+                    },
                     prefix: r.prefix.map_or(d.prefix, |p| p.value),
                     sync_interval: r.sync_interval.map_or(d.sync_interval, |x| x.0),
                     grace: r.grace.map_or(d.grace, |x| x.0),
@@ -1546,12 +1587,88 @@ struct RawStorage {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, expecting = "a map")]
 struct RawRedis {
-    url: Option<Text>,
+    url: Option<RawUrls>,
+    tls: Option<RawTls>,
     prefix: Option<Text>,
     sync_interval: Option<HumanDuration>,
     grace: Option<HumanDuration>,
     connect_timeout: Option<HumanDuration>,
     command_timeout: Option<HumanDuration>,
+}
+
+/// `redis.url`: one URL, or a list of seed URLs (Redis Cluster). Each element is a [`Text`]
+/// (so `os.environ/NAME` works and its errors name the variable).
+#[derive(Debug)]
+enum RawUrls {
+    One(Text),
+    Many(Vec<Text>),
+}
+
+impl<'de> Deserialize<'de> for RawUrls {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<RawUrls, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = RawUrls;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a Redis URL or a list of Redis URLs")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawUrls, E> {
+                Text::from_written(v).map(RawUrls::One)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<RawUrls, A::Error> {
+                let mut out = Vec::new();
+                while let Some(t) = seq.next_element::<Text>()? {
+                    out.push(t);
+                }
+                if out.is_empty() {
+                    return Err(serde::de::Error::custom(
+                        "an empty list: give at least one Redis URL",
+                    ));
+                }
+                Ok(RawUrls::Many(out))
+            }
+        }
+        d.deserialize_any(Visit)
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a map")]
+struct RawTls {
+    ca_file: Option<Text>,
+    insecure_skip_verify: Option<Flag>,
+}
+
+/// A boolean: `true`/`false` as a boolean (TOML) or as text (YAML, `os.environ/NAME`).
+#[derive(Debug)]
+struct Flag(bool);
+
+impl<'de> Deserialize<'de> for Flag {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Flag, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Flag;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("true or false")
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Flag, E> {
+                Ok(Flag(v))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Flag, E> {
+                let text = Text::from_written::<E>(v)?;
+                text.value.trim().parse().map(Flag).map_err(|_| {
+                    E::custom(format!(
+                        "invalid value {}: expected true or false",
+                        text.quoted()
+                    ))
+                })
+            }
+        }
+        d.deserialize_any(Visit)
+    }
 }
 
 /// A string value parsed with `FromStr`; the error quotes the value as written.
@@ -2107,6 +2224,45 @@ sync_interval = "250ms"
             ("redis://h/path@x", "redis://h/path@x"),
         ] {
             assert_eq!(redact_urls(text), want, "{text}");
+        }
+    }
+
+    #[test]
+    fn redis_url_may_be_a_list_of_seeds_and_tls_has_a_ca_file_and_an_explicit_opt_out() {
+        let c = Config::from_yaml_str(
+            "provider_budgets:\n  redis:\n    url: [\"redis://:pw@10.0.0.1:7000/\", \"redis://10.0.0.2:7000/\"]\n    tls: {ca_file: /etc/ca.pem, insecure_skip_verify: true}\n",
+        )
+        .expect("parses");
+        let r = c.redis.as_ref().expect("redis");
+        assert_eq!(r.url, "redis://:pw@10.0.0.1:7000/");
+        assert_eq!(r.seeds, ["redis://10.0.0.2:7000/"]);
+        assert_eq!(r.tls.ca_file.as_deref(), Some(Path::new("/etc/ca.pem")));
+        assert!(r.tls.insecure_skip_verify);
+        assert!(!format!("{r:?}").contains("pw"));
+        let c = Config::from_yaml_str("provider_budgets:\n  redis: {url: \"redis://h/\"}\n")
+            .expect("parses");
+        let r = c.redis.as_ref().expect("redis");
+        assert!(r.seeds.is_empty() && !r.tls.insecure_skip_verify && r.tls.ca_file.is_none());
+        let c = Config::from_toml_str(
+            "[provider_budgets.redis]\nurl = [\"rediss://h/\"]\ntls = { insecure_skip_verify = true }\n",
+        )
+        .expect("parses");
+        assert!(c.redis.as_ref().expect("redis").tls.insecure_skip_verify);
+        for (yaml, culprit) in [
+            ("provider_budgets:\n  redis: {url: {a: 1}}\n", "provider_budgets.redis.url"),
+            ("provider_budgets:\n  redis: {url: []}\n", "provider_budgets.redis.url"),
+            ("provider_budgets:\n  redis: {url: [5, [1]]}\n", "provider_budgets.redis.url"),
+            (
+                "provider_budgets:\n  redis: {url: \"redis://h/\", tls: {insecure_skip_verify: maybe}}\n",
+                "provider_budgets.redis.tls.insecure_skip_verify",
+            ),
+            (
+                "provider_budgets:\n  redis: {url: \"redis://h/\", tls: {verify: false}}\n",
+                "provider_budgets.redis.tls",
+            ),
+        ] {
+            let e = Config::from_yaml_str(yaml).expect_err(yaml).to_string();
+            assert!(e.contains(culprit) && !e.contains('\n'), "{e}");
         }
     }
 }

@@ -93,6 +93,14 @@ pub enum ReplicationError {
         /// What is wrong with it.
         reason: String,
     },
+    /// The TLS settings cannot be used (an unreadable CA file, one without certificates).
+    #[error("redis TLS: {what}: {reason}")]
+    Tls {
+        /// The setting, e.g. `provider_budgets.redis.tls.ca_file /etc/ca.pem`.
+        what: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// No connection could be established (refused, DNS, authentication, ...).
     #[error("redis: cannot connect to {url}: {reason}")]
     Unreachable {

@@ -91,7 +91,8 @@ mod window;
 pub use budget::{Mode, Scope, SoftLimit, SoftLimitCrossed};
 pub use clock::{Clock, FakeClock, SystemClock};
 pub use config::{
-    parse_duration, BudgetConfig, Config, ConfigError, RedisConfig, StorageConfig, UnknownProvider,
+    parse_duration, BudgetConfig, Config, ConfigError, RedisConfig, RedisTls, StorageConfig,
+    UnknownProvider,
 };
 pub use error::{Error, RecordError, ReplicationError};
 pub use filter::{Exceeded, NoDeployments};
@@ -101,6 +102,6 @@ pub use money::{Money, MoneyError};
 pub use provider::{Deployment, Target, BUILTIN_PREFIXES};
 pub use reload::ReloadSummary;
 pub use restore::RepairReport;
-pub use status::{BudgetStatus, ReplicationStatus};
+pub use status::{BudgetStatus, ReplicationStatus, RoundFigures};
 pub use store::{fuzz_decode_value, StoreError};
 pub use window::{Period, PeriodError, Schedule, Window};

@@ -920,6 +920,8 @@ impl Limiter {
                 last_error: h.last_error,
                 rounds: h.rounds,
                 round_trips: h.round_trips,
+                last_round: h.last_round,
+                late_rounds: h.late_rounds,
             };
             return (status, h.problems);
         }

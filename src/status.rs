@@ -72,6 +72,27 @@ pub struct ReplicationStatus {
     pub rounds: u64,
     /// Redis round trips since open (one per round; two when Redis lost the script).
     pub round_trips: u64,
+    /// The last round that reached Redis: how long it took and what it moved.
+    pub last_round: RoundFigures,
+    /// Timed rounds that ran past their interval (the next one then waited a whole
+    /// interval from the end: rounds never pile up).
+    pub late_rounds: u64,
+}
+
+/// Figures of one sync round (see the README's "Fleet replication").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct RoundFigures {
+    /// Wall time of the round, milliseconds.
+    pub duration_ms: u64,
+    /// Window keys whose total was sent (dirty windows).
+    pub keys_written: u64,
+    /// Window keys only read (clean live windows).
+    pub keys_read: u64,
+    /// Request bytes sent to Redis.
+    pub bytes_out: u64,
+    /// Reply bytes received from Redis.
+    pub bytes_in: u64,
 }
 
 /// The JSON document of `status --json` and the sidecar's `GET /v1/budgets` (one builder, so
@@ -127,6 +148,15 @@ fn status_json(s: &BudgetStatus) -> serde_json::Value {
             "stale": r.stale,
             "last_error": r.last_error,
             "problem": s.replication_problem,
+            "last_round": {
+                "duration_ms": r.last_round.duration_ms,
+                "keys_written": r.last_round.keys_written,
+                "keys_read": r.last_round.keys_read,
+                "bytes_out": r.last_round.bytes_out,
+                "bytes_in": r.last_round.bytes_in,
+            },
+            "rounds": r.rounds,
+            "late_rounds": r.late_rounds,
         },
     })
 }

@@ -7,6 +7,7 @@
 //! | `own`   | provider, period, window    | this node's absolute total, window end  | journal    |
 //! | `peers` | provider, period, window    | sum of the others' last known totals, end (v2) | replicator |
 //! | `meta`  | `node_id`                   | the node id, UTF-8                      | open       |
+//! | `acked` | provider, period, window    | own total Redis acknowledged, window end | replicator |
 //!
 //! Keys are `provider 0x00 period 0x00 start`, the window start as a big-endian `i64` with its
 //! sign bit flipped so keys sort by time. Totals are stored absolute, never as deltas: writing
@@ -155,6 +156,38 @@ pub(crate) struct PeersValue {
     pub others: u64,
 }
 
+/// What Redis acknowledged of this node's own total in one window (the `acked` tree).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct AckedValue {
+    /// Window end, Unix seconds.
+    pub end: i64,
+    /// The own total Redis holds for this node, nano-dollars.
+    pub total: u64,
+}
+
+/// Format of `acked` values: this byte, then end and total as big-endian 8 bytes each.
+const ACKED_VERSION: u8 = 0x31;
+
+impl AckedValue {
+    fn encode(&self) -> [u8; 17] {
+        let mut out = [0u8; 17];
+        out[0] = ACKED_VERSION;
+        out[1..9].copy_from_slice(&self.end.to_be_bytes());
+        out[9..].copy_from_slice(&self.total.to_be_bytes());
+        out
+    }
+
+    fn decode(raw: &[u8]) -> Option<AckedValue> {
+        if raw.len() != 17 || raw[0] != ACKED_VERSION {
+            return None;
+        }
+        Some(AckedValue {
+            end: i64::from_be_bytes(raw[1..9].try_into().ok()?),
+            total: u64::from_be_bytes(raw[9..].try_into().ok()?),
+        })
+    }
+}
+
 /// Format of `peers` values written by this version (their v2). Numbered apart from the
 /// `own` formats (1, 2, ...) so that a bump of one never makes the other's bytes decode.
 const PEERS_VERSION: u8 = 0x22;
@@ -250,6 +283,7 @@ struct Handles {
     own: sled::Tree,
     peers: sled::Tree,
     meta: sled::Tree,
+    acked: sled::Tree,
 }
 
 /// The data dir's database.
@@ -493,6 +527,41 @@ impl Store {
         })
     }
 
+    /// Every `acked` entry: per window, the own total Redis last acknowledged (the
+    /// replicator's record of what it need not send again) and the window end. A cache: an
+    /// entry that does not decode is skipped (that window is sent again).
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub fn load_acked(&self) -> Result<Vec<(WindowKey, AckedValue)>, StoreError> {
+        let guard = self.handles.read().unwrap_or_else(|p| p.into_inner());
+        let h = guard.as_ref().ok_or_else(|| self.closed())?;
+        let mut out = Vec::new();
+        for entry in h.acked.iter() {
+            let (k, v) = entry.map_err(|e| self.io(e))?;
+            if let (Ok(key), Some(value)) = (WindowKey::decode("acked", &k), AckedValue::decode(&v))
+            {
+                out.push((key, value));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes and removes `acked` entries in one atomic batch (not yet flushed).
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub fn write_acked<'a>(
+        &self,
+        items: impl IntoIterator<Item = (&'a WindowKey, AckedValue)>,
+        removed: impl IntoIterator<Item = &'a WindowKey>,
+    ) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for (k, v) in items {
+            batch.insert(k.encode(), v.encode().to_vec());
+        }
+        for k in removed {
+            batch.remove(k.encode());
+        }
+        self.with(|h| h.acked.apply_batch(batch))
+    }
+
     /// Makes everything written so far durable (fsync).
     pub fn flush(&self) -> Result<(), StoreError> {
         self.with(|h| h.db.flush().map(drop))
@@ -565,6 +634,7 @@ fn open_handles(dir: &Path) -> Result<Handles, StoreError> {
         own: db.open_tree("own").map_err(io)?,
         peers: db.open_tree("peers").map_err(io)?,
         meta: db.open_tree("meta").map_err(io)?,
+        acked: db.open_tree("acked").map_err(io)?,
         db,
     })
 }

@@ -314,14 +314,34 @@ fn two_nodes_crossing_a_window_boundary_at_once_lose_nothing() {
     });
     clock.set(boundary + SignedDuration::from_secs(5));
     converge(&[&a, &b]);
+    // The closed window: each node sent its final total until Redis acknowledged it (its
+    // reply also carries the total then), so Redis holds the exact sum; a node's own view of
+    // it is local data from then on, never more than the truth.
     let old = boundary - SignedDuration::from_secs(1);
+    let key = format!(
+        "boundary:{{anthropic:1m}}:{}",
+        old.as_second() - old.as_second().rem_euclid(60)
+    );
+    assert_eq!(
+        server.command(&["HGET", &key, "~total"]),
+        before.to_string()
+    );
     for node in [&a, &b] {
-        assert_eq!(
-            spend_at(node, "anthropic", old),
-            nanos(before),
+        assert!(
+            spend_at(node, "anthropic", old) <= nanos(before),
             "old window"
         );
         assert_eq!(spend(node, "anthropic"), nanos(after), "new window");
+    }
+    // Then the closed window is neither sent nor read: one key per node per round.
+    for node in [&a, &b] {
+        node.sync().unwrap();
+        let r = node
+            .budget_status("anthropic")
+            .unwrap()
+            .replication
+            .last_round;
+        assert_eq!((r.keys_written, r.keys_read), (0, 2), "{r:?}");
     }
 }
 
@@ -499,6 +519,9 @@ mod fleet_model {
         let mut nodes: Vec<Option<Limiter>> = (0..n).map(|i| Some(mk(i))).collect();
         // The model: total per (provider, window start).
         let mut model: HashMap<(usize, i64), u64> = HashMap::new();
+        // Per (node, provider, window start): that node's own spend.
+        let mut own_model: HashMap<(usize, usize, i64), u64> = HashMap::new();
+        let mut wiped = false;
         for op in ops {
             match op {
                 Op::Record {
@@ -515,6 +538,7 @@ mod fleet_model {
                         .record(PROVIDERS[provider].0, nanos(cost))
                         .unwrap();
                     *model.entry((provider, start)).or_default() += cost;
+                    *own_model.entry((node, provider, start)).or_default() += cost;
                 }
                 Op::Sync(i) => {
                     let r = nodes[i].as_ref().unwrap().sync();
@@ -522,7 +546,10 @@ mod fleet_model {
                 }
                 Op::Cut(i) => proxies[i].cut(),
                 Op::Heal(i) => proxies[i].heal(),
-                Op::Wipe => server.flushall(),
+                Op::Wipe => {
+                    server.flushall();
+                    wiped = true;
+                }
                 Op::Restart(i) => {
                     nodes[i] = None;
                     nodes[i] = Some(mk(i));
@@ -534,7 +561,9 @@ mod fleet_model {
             p.heal();
         }
         let live: Vec<&Limiter> = nodes.iter().map(|n| n.as_ref().unwrap()).collect();
-        for _ in 0..2 {
+        // Three rounds: one may find its field gone (a wipe) and mark the window dirty, the
+        // next sends it, the last reads everyone's.
+        for _ in 0..3 {
             for (i, node) in live.iter().enumerate() {
                 let r = node.sync();
                 prop_assert!(expected(&r, false, shared(i)), "{:?}", r);
@@ -547,16 +576,61 @@ mod fleet_model {
                 let expected = model.get(&(pi, start)).copied().unwrap_or(0);
                 let at = Timestamp::from_second(start).unwrap();
                 for (i, node) in live.iter().enumerate() {
-                    prop_assert_eq!(
-                        spend_at(node, name, at),
-                        nanos(expected),
-                        "node {} provider {} window {}",
-                        i,
-                        name,
-                        start
-                    );
+                    let status = node
+                        .status_at(at)
+                        .into_iter()
+                        .find(|s| s.provider == *name)
+                        .unwrap();
+                    let own = own_model.get(&(i, pi, start)).copied().unwrap_or(0);
+                    if start == current {
+                        // A live window: exact at every node.
+                        prop_assert_eq!(
+                            status.spend,
+                            nanos(expected),
+                            "node {} provider {} window {}",
+                            i,
+                            name,
+                            start
+                        );
+                    } else {
+                        // A closed window: local data, never more than the truth.
+                        prop_assert!(
+                            status.spend <= nanos(expected),
+                            "node {} provider {} closed window {}: {:?} > {}",
+                            i,
+                            name,
+                            start,
+                            status.spend,
+                            expected
+                        );
+                    }
+                    if !shared(i) {
+                        prop_assert_eq!(status.own_spend, nanos(own), "own, node {}", i);
+                    }
+                }
+                // Every node sent its final totals: without a wipe, Redis holds the sum.
+                if !wiped {
+                    let period = if *len == 60 { "1m" } else { "1h" };
+                    let key = format!("{prefix}:{{{name}:{period}}}:{start}");
+                    let total = server.command(&["HGET", &key, "~total"]);
+                    let total = if total == "(nil)" {
+                        "0".to_owned()
+                    } else {
+                        total
+                    };
+                    prop_assert_eq!(total, expected.to_string(), "redis {}", key);
                 }
             }
+        }
+        // Clean rounds: nothing left to write.
+        for (i, node) in live.iter().enumerate() {
+            let r = node.sync();
+            prop_assert!(expected(&r, false, shared(i)), "{:?}", r);
+            let figures = node.budget_status("openai").unwrap().replication.last_round;
+            if !shared(i) {
+                prop_assert_eq!(figures.keys_written, 0, "node {}: {:?}", i, figures);
+            }
+            prop_assert!(figures.keys_read >= 2, "node {}: {:?}", i, figures);
         }
         Ok(())
     }
@@ -607,4 +681,94 @@ fn a_redis_that_accepts_but_never_answers_is_a_bounded_error_not_a_hang() {
     let started = Instant::now();
     drop(node);
     assert!(started.elapsed() < Duration::from_secs(2), "shutdown hung");
+}
+
+/// Item 2: a window whose total Redis acknowledged is not sent again, also after a restart
+/// (the acknowledgement is kept in the data dir); a missing own field (an emptied Redis)
+/// makes it dirty again, and the next round heals Redis.
+#[test]
+fn clean_windows_are_only_read_across_restarts_and_an_emptied_redis_is_healed() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let clock = clock();
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let url = server.url();
+    let figures = |l: &Limiter| l.budget_status("openai").unwrap().replication.last_round;
+    let a = open(da.path(), &url, "a", "clean", &clock);
+    let b = open(db.path(), &url, "b", "clean", &clock);
+    a.record("openai", nanos(40)).unwrap();
+    b.record("anthropic", nanos(2)).unwrap();
+    a.sync().unwrap();
+    assert_eq!((figures(&a).keys_written, figures(&a).keys_read), (1, 1));
+    a.sync().unwrap();
+    assert_eq!((figures(&a).keys_written, figures(&a).keys_read), (0, 2));
+    assert!(figures(&a).bytes_out > 0 && figures(&a).bytes_in > 0);
+    // A restart remembers what Redis acknowledged: nothing to write.
+    drop(a);
+    let a = open(da.path(), &url, "a", "clean", &clock);
+    a.sync().unwrap();
+    assert_eq!(figures(&a).keys_written, 0);
+    // Redis emptied: the read finds our field gone, the next round sends it again.
+    server.flushall();
+    a.sync().unwrap();
+    assert_eq!(figures(&a).keys_written, 0);
+    a.sync().unwrap();
+    assert_eq!(figures(&a).keys_written, 1);
+    let key = format!(
+        "clean:{{openai:1h}}:{}",
+        t0().as_second() - t0().as_second().rem_euclid(3600)
+    );
+    assert_eq!(server.command(&["HGET", &key, "a"]), "40");
+    assert_eq!(server.command(&["HGET", &key, "~total"]), "40");
+    b.sync().unwrap();
+    b.sync().unwrap();
+    assert_eq!(spend(&b, "openai"), nanos(40));
+    assert_eq!(spend(&a, "anthropic"), Money::ZERO);
+    a.sync().unwrap();
+    assert_eq!(spend(&a, "anthropic"), nanos(2));
+    // A new record makes exactly that window dirty.
+    a.record("openai", nanos(1)).unwrap();
+    a.sync().unwrap();
+    assert_eq!(figures(&a).keys_written, 1);
+    assert_eq!(server.command(&["HGET", &key, "~total"]), "41");
+}
+
+/// Item 6: timed rounds, ±10 % jitter; a round held up past its interval (all clients
+/// paused) is counted as late and the next ones keep their pace: no burst of rounds.
+#[test]
+fn a_round_that_runs_late_does_not_make_the_next_ones_pile_up() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let clock = clock();
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(dir.path(), &server.url(), "pace", "pace");
+    let interval = Duration::from_millis(100);
+    if let Some(r) = c.redis.as_mut() {
+        r.sync_interval = interval;
+        r.command_timeout = Duration::from_secs(3);
+    }
+    let node = Limiter::open_with_clock(c, clock.clone()).unwrap();
+    let status = || node.budget_status("openai").unwrap().replication;
+    let wait_for = |what: &str, done: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    wait_for("three timed rounds", &|| status().rounds >= 3);
+    assert_eq!(status().late_rounds, 0);
+    assert_eq!(server.command(&["CLIENT", "PAUSE", "600", "ALL"]), "OK");
+    wait_for("a late round", &|| status().late_rounds >= 1);
+    let (rounds, since) = (status().rounds, Instant::now());
+    wait_for("three more rounds", &|| status().rounds >= rounds + 3);
+    // Paced: the three rounds after the late one each waited ~an interval (≥ 0.9 of it).
+    assert!(
+        since.elapsed() >= interval.mul_f64(0.9 * 2.0),
+        "{:?}",
+        since.elapsed()
+    );
+    assert!(status().last_round.duration_ms < 500);
 }

@@ -38,6 +38,8 @@
 //!   `provider_budgets_sync_problems_total`; the other budgets sync normally.
 //! * Every error and log line carries the Redis URL redacted ([`crate::redact`]).
 
+mod cluster;
+mod tls;
 mod wire;
 
 use std::sync::{Arc, Mutex};
@@ -57,11 +59,34 @@ use crate::error::{Error, ReplicationError};
 use crate::journal::{DurableTotals, Event};
 use crate::money::Money;
 use crate::redact::{redact_url, scrub};
-use crate::store::{PeersValue, Store, WindowKey};
+use crate::status::RoundFigures;
+use crate::store::{AckedValue, PeersValue, Store, WindowKey};
 use crate::view::View;
 use crate::window::Window;
 
-use wire::{lease_key, window_key, Group, GroupOutcome, Identity, Lease, SyncItem, Wire};
+use wire::{
+    lease_key, window_key, Group, GroupOutcome, Identity, Lease, Mode, SyncItem, Wire, WireError,
+};
+
+/// Where rounds go.
+enum Backend {
+    /// One server (or a proxy): one pipeline per round.
+    Single(MultiplexedConnection),
+    /// A Redis Cluster: one pipeline per master per round, concurrently.
+    Cluster(Cluster),
+}
+
+/// A Redis Cluster's slot map and the connections to its masters.
+struct Cluster {
+    map: cluster::SlotMap,
+    conns: FxHashMap<cluster::Addr, MultiplexedConnection>,
+    /// Read the slot map again before the next exchange (a redirect, a failed master).
+    stale: bool,
+}
+
+fn shard_name(addr: &cluster::Addr) -> String {
+    format!("{}:{}", addr.0, addr.1)
+}
 
 /// Longest wait between reconnection attempts while Redis is down.
 pub(crate) const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -78,6 +103,10 @@ pub(crate) struct Health {
     pub round_trips: u64,
     /// Per budget index: the problems of its keys in the last round (one line), if any.
     pub problems: Vec<Option<String>>,
+    /// The last round that reached Redis.
+    pub last_round: RoundFigures,
+    /// Rounds that started later than planned because the previous one ran past the interval.
+    pub late_rounds: u64,
 }
 
 /// What the replicator needs from the limiter.
@@ -108,6 +137,18 @@ pub(crate) fn check_url(url: &str) -> Result<(), ReplicationError> {
         })
 }
 
+/// Checks every configured URL (with the TLS settings: a CA file must be readable) without
+/// connecting.
+fn check_config(redis: &RedisConfig) -> Result<(), ReplicationError> {
+    for url in std::iter::once(&redis.url).chain(&redis.seeds) {
+        check_url(url)?;
+        if let Err(tls::ClientError::Tls(e)) = tls::client(url, &redis.tls) {
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
 /// How long a node id's lease lives without renewal: three sync intervals plus the time a
 /// round may take, at least 1 s. Longer than the interval, so two live instances always see
 /// each other's lease; short, so a crashed instance's lease frees quickly.
@@ -128,7 +169,7 @@ pub(crate) struct Replicator {
 impl Replicator {
     /// Validates the URL, reads the data dir's instance id and starts the thread.
     pub fn start(parts: ReplicatorParts) -> Result<Replicator, Error> {
-        check_url(&parts.redis.url)?;
+        check_config(&parts.redis)?;
         // A data dir that cannot store its instance id (a full disk at the first open of this
         // version) runs under a fresh one: a restart then looks like another data dir, which
         // waits for its own old lease to expire and keeps its old total beside the new one.
@@ -201,25 +242,20 @@ impl Drop for Replicator {
 #[derive(Debug)]
 struct PeerWindow {
     window: Window,
-    /// The others' total loaded from the data dir at open: a floor until Redis says more.
-    floor: u64,
-    /// Per `(node, instance)` contribution: its largest total seen.
-    owned: FxHashMap<(String, String), u64>,
-    /// Fields without a recorded owner (written by an earlier version), per node.
-    bare: FxHashMap<String, u64>,
+    /// The others' total: the largest `~total - ours` seen (a Redis that lost data cannot
+    /// lower it), at least what the data dir held at open.
+    others: u64,
     /// The total last written to the data dir.
     persisted: u64,
 }
 
-impl PeerWindow {
-    fn others(&self) -> u64 {
-        let sum = self
-            .owned
-            .values()
-            .chain(self.bare.values())
-            .fold(0u64, |s, t| s.saturating_add(*t));
-        sum.max(self.floor)
-    }
+/// What Redis acknowledged of our own total in one window (durable in the `acked` tree).
+#[derive(Debug, Clone, Copy)]
+struct Acked {
+    window: Window,
+    total: u64,
+    /// Written to the data dir.
+    stored: bool,
 }
 
 /// Per (budget, window start).
@@ -231,8 +267,25 @@ struct Worker {
     instance: String,
     health: Arc<Mutex<Health>>,
     wire: Wire,
-    conn: Option<MultiplexedConnection>,
+    /// The connection (or, on a cluster, the slot map and one connection per master).
+    backend: Option<Backend>,
     peers: Peers,
+    /// Per (budget, window start): our total as Redis last acknowledged it.
+    acked: FxHashMap<(u32, i64), Acked>,
+    /// Acked entries to remove from the data dir (their windows are over).
+    acked_gone: Vec<WindowKey>,
+    /// The next round recomputes every touched key's total server side (the first round
+    /// of a process: repairs totals that nodes of the previous wire left behind).
+    verify: bool,
+    /// Keys written and read by the last exchange.
+    sent: (u64, u64),
+    /// Per budget index: whether the last reply said this instance holds the lease (then
+    /// clean rounds renew it with a plain `PEXPIRE`).
+    lease_ours: Vec<bool>,
+    /// Budgets whose next round must run the script (see [`Mode`]).
+    script_next: FxHashSet<u32>,
+    /// Clean rounds renew the leases every other round.
+    renew_turn: bool,
     /// Reconnection backoff while Redis is down: next attempt not before this.
     retry_at: Option<Instant>,
     backoff: Duration,
@@ -257,12 +310,29 @@ impl Worker {
                 (b, key.start),
                 PeerWindow {
                     window: crate::store::window_of(&key, value.end),
-                    floor: value.others,
-                    owned: FxHashMap::default(),
-                    bare: FxHashMap::default(),
+                    others: value.others,
                     persisted: value.others,
                 },
             );
+        }
+        let mut acked = FxHashMap::default();
+        match parts.store.load_acked() {
+            Ok(entries) => {
+                for (key, value) in entries {
+                    if let Some(b) = parts.keys.position(&key.provider, &key.period) {
+                        acked.insert(
+                            (b, key.start),
+                            Acked {
+                                window: crate::store::window_of(&key, value.end),
+                                total: value.total,
+                                stored: true,
+                            },
+                        );
+                    }
+                }
+            }
+            // Without it every live window is sent once more: harmless (a max merge).
+            Err(e) => tracing::warn!(error = %e, "cannot read what redis acknowledged; re-sending"),
         }
         Worker {
             backoff: parts.redis.sync_interval,
@@ -270,8 +340,15 @@ impl Worker {
             instance,
             health,
             wire: Wire::new(),
-            conn: None,
+            backend: None,
             peers,
+            acked,
+            acked_gone: Vec::new(),
+            verify: true,
+            sent: (0, 0),
+            lease_ours: Vec::new(),
+            script_next: FxHashSet::default(),
+            renew_turn: false,
             retry_at: None,
             down: false,
             refused: None,
@@ -289,14 +366,27 @@ impl Worker {
         mut requests: mpsc::UnboundedReceiver<Reply>,
         cancel: CancellationToken,
     ) {
-        let mut tick = tokio::time::interval(self.parts.redis.sync_interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The first round runs at once (a fresh node learns the fleet's spend); the next ones
+        // one jittered interval after the previous one *started*, or, when a round ran past
+        // that, one jittered interval after it *ended*: rounds never pile up.
+        let mut jitter = Jitter::new(&self.parts.node_id, &self.instance);
+        let mut next = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => break,
-                _ = tick.tick() => {
+                _ = tokio::time::sleep_until(next) => {
+                    let started = tokio::time::Instant::now();
                     if self.retry_at.is_none_or(|t| Instant::now() >= t) {
                         let _ = self.round().await;
+                    }
+                    let delay = jitter.delay(self.parts.redis.sync_interval);
+                    let now = tokio::time::Instant::now();
+                    next = started + delay;
+                    if now > next {
+                        next = now + delay;
+                        let mut health = self.health.lock().unwrap_or_else(|p| p.into_inner());
+                        health.late_rounds += 1;
+                        metrics::counter!("provider_budgets_sync_late_rounds_total").increment(1);
                     }
                 }
                 Some(reply) = requests.recv() => {
@@ -318,10 +408,23 @@ impl Worker {
 
     /// One sync round; records its outcome in `health`, metrics and logs.
     async fn round(&mut self) -> Result<(), ReplicationError> {
+        let started = Instant::now();
+        let (out0, in0) = self.wire.traffic();
+        self.sent = (0, 0);
         let result = self.exchange().await;
         let shared = Arc::clone(&self.health);
         let mut health = shared.lock().unwrap_or_else(|p| p.into_inner());
         health.round_trips = self.wire.round_trips();
+        if !matches!(result, Err(RoundError::Failed(_))) {
+            let (out1, in1) = self.wire.traffic();
+            health.last_round = RoundFigures {
+                duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                keys_written: self.sent.0,
+                keys_read: self.sent.1,
+                bytes_out: out1 - out0,
+                bytes_in: in1 - in0,
+            };
+        }
         match &result {
             Ok(problems) => {
                 health.rounds += 1;
@@ -442,10 +545,11 @@ impl Worker {
         // Forget others' windows once their keys have expired in Redis too.
         self.peers
             .retain(|_, p| p.window.end_secs().saturating_add(grace) > now);
+        self.forget_acked(now, grace);
         let groups = self.groups(now, grace);
         // A connection kept from an earlier round may have died meanwhile (Redis restarted, a
         // link reset): then one fresh connection gets a second chance within the same round.
-        let mut attempts = if self.conn.is_some() { 2 } else { 1 };
+        let mut attempts = if self.backend.is_some() { 2 } else { 1 };
         let replies = loop {
             attempts -= 1;
             match self.send(&groups).await {
@@ -456,7 +560,39 @@ impl Worker {
                 Err((e, _)) => return Err(RoundError::Failed(e)),
             }
         };
-        self.apply(&groups, replies)
+        let applied = self.apply(&groups, replies);
+        self.verify = false;
+        applied
+    }
+
+    /// Drops the acknowledgements of windows whose keys have expired in Redis (memory and
+    /// data dir).
+    fn forget_acked(&mut self, now: i64, grace: i64) {
+        let keys = &self.parts.keys;
+        let gone = &mut self.acked_gone;
+        self.acked.retain(|&(b, start), a| {
+            let live = a.window.end_secs().saturating_add(grace) > now;
+            if !live && a.stored {
+                let (provider, period) = keys.get(b);
+                gone.push(WindowKey {
+                    provider,
+                    period,
+                    start,
+                });
+            }
+            live
+        });
+    }
+
+    /// The identity of this round's script calls.
+    fn identity(&self) -> Identity<'_> {
+        Identity {
+            node: &self.parts.node_id,
+            instance: &self.instance,
+            lease_ms: u64::try_from(lease_ttl(&self.parts.redis).as_millis()).unwrap_or(u64::MAX),
+            release: self.release,
+            verify: self.verify,
+        }
     }
 
     /// One exchange on the current (or a new) connection. On failure, says whether the
@@ -465,23 +601,24 @@ impl Worker {
         &mut self,
         groups: &Groups,
     ) -> Result<Vec<GroupOutcome>, (ReplicationError, bool)> {
-        let conn = match self.conn.as_mut() {
-            Some(c) => c,
-            None => {
-                let c = self.connect().await.map_err(|e| (e, false))?;
-                self.conn.insert(c)
+        if self.backend.is_none() {
+            let backend = self.establish().await.map_err(|e| (e, false))?;
+            self.backend = Some(backend);
+        }
+        if matches!(self.backend, Some(Backend::Cluster(_))) {
+            if let Some(Backend::Cluster(mut cluster)) = self.backend.take() {
+                let sent = self.send_cluster(&mut cluster, groups).await;
+                self.backend = Some(Backend::Cluster(cluster));
+                return sent.map_err(|e| (e, false));
             }
+        }
+        let Some(Backend::Single(mut conn)) = self.backend.take() else {
+            return Err((self.protocol("no redis connection"), false));
         };
         let timeout = self.parts.redis.command_timeout;
-        let lease_ms = u64::try_from(lease_ttl(&self.parts.redis).as_millis()).unwrap_or(u64::MAX);
-        let id = Identity {
-            node: &self.parts.node_id,
-            instance: &self.instance,
-            lease_ms,
-            release: self.release,
-        };
+        let id = self.identity();
         let sent =
-            tokio::time::timeout(timeout, self.wire.sync_round(conn, &id, &groups.wire)).await;
+            tokio::time::timeout(timeout, self.wire.sync_round(&mut conn, &id, &groups.wire)).await;
         match sent {
             Ok(Ok(replies)) => {
                 // Every budget failed for a connection-level reason (a failover left us on a
@@ -492,46 +629,296 @@ impl Worker {
                         .iter()
                         .find(|r| r.as_ref().is_err_and(|e| e.is_connection_error()))
                     {
-                        self.conn = None;
                         return Err((self.protocol(&e.to_string()), true));
                     }
                 }
+                self.backend = Some(Backend::Single(conn));
                 Ok(replies)
             }
             Ok(Err(e)) => {
                 let dead = e.is_connection_error();
-                if dead {
-                    self.conn = None;
+                if !dead {
+                    self.backend = Some(Backend::Single(conn));
                 }
                 Err((self.protocol(&e.to_string()), dead))
             }
-            Err(_) => {
-                self.conn = None;
-                Err((
-                    ReplicationError::Timeout {
-                        url: self.url(),
-                        after: humantime::format_duration(timeout).to_string(),
+            Err(_) => Err((
+                ReplicationError::Timeout {
+                    url: self.url(),
+                    after: humantime::format_duration(timeout).to_string(),
+                },
+                false,
+            )),
+        }
+    }
+
+    /// A cluster round: per master one pipeline, all concurrently; a master that fails fails
+    /// only the budgets it serves. Budgets answered with `MOVED`/`ASK` or whose master failed
+    /// are sent once more within the round, after the slot map is refreshed (a failover, a
+    /// resharding). Fails as a whole only when no slot map can be read.
+    async fn send_cluster(
+        &mut self,
+        cluster: &mut Cluster,
+        groups: &Groups,
+    ) -> Result<Vec<GroupOutcome>, ReplicationError> {
+        let n = groups.wire.len();
+        let mut results: Vec<Option<GroupOutcome>> = (0..n).map(|_| None).collect();
+        let mut pending: Vec<usize> = (0..n).collect();
+        let timeout = self.parts.redis.command_timeout;
+        for pass in 0..2 {
+            if cluster.stale || pass == 1 {
+                self.refresh(cluster).await?;
+            }
+            let mut by_master: FxHashMap<cluster::Addr, Vec<usize>> = FxHashMap::default();
+            for i in pending.drain(..) {
+                let slot = cluster::key_slot(&groups.wire[i].lease);
+                match cluster.map.master(slot) {
+                    Some(addr) => by_master.entry(addr.clone()).or_default().push(i),
+                    None => {
+                        results[i] = Some(Err(WireError::Shard {
+                            shard: format!("slot {slot}"),
+                            message: "no master serves this slot (the cluster is incomplete)"
+                                .into(),
+                        }))
+                    }
+                }
+            }
+            let mut calls = Vec::new();
+            for (addr, members) in by_master {
+                let conn = match cluster.conns.get(&addr) {
+                    Some(c) => Ok(c.clone()),
+                    None => match self.client_at(&addr) {
+                        Ok(client) => self.connect_client(&client, &shard_name(&addr)).await,
+                        Err(e) => Err(e),
                     },
-                    false,
-                ))
+                };
+                match conn {
+                    Ok(c) => {
+                        cluster.conns.insert(addr.clone(), c.clone());
+                        calls.push((addr, members, c));
+                    }
+                    Err(e) => {
+                        cluster.stale = true;
+                        for &i in &members {
+                            if pass == 0 {
+                                pending.push(i);
+                            } else {
+                                results[i] = Some(Err(WireError::Shard {
+                                    shard: shard_name(&addr),
+                                    message: e.to_string(),
+                                }));
+                            }
+                        }
+                    }
+                }
+            }
+            let id = self.identity();
+            let wire = &self.wire;
+            let outcomes = futures_util::future::join_all(calls.into_iter().map(
+                |(addr, members, mut conn)| {
+                    let sub: Vec<Group> = members.iter().map(|&i| groups.wire[i].clone()).collect();
+                    let id = &id;
+                    async move {
+                        let r = tokio::time::timeout(timeout, wire.sync_round(&mut conn, id, &sub))
+                            .await;
+                        (addr, members, r)
+                    }
+                },
+            ))
+            .await;
+            for (addr, members, outcome) in outcomes {
+                let failure = match outcome {
+                    Ok(Ok(replies)) => {
+                        for (i, reply) in members.into_iter().zip(replies) {
+                            let redirected = matches!(&reply, Err(e) if e.is_redirect());
+                            if redirected {
+                                cluster.stale = true;
+                            }
+                            if redirected && pass == 0 {
+                                pending.push(i);
+                            } else {
+                                results[i] = Some(reply);
+                            }
+                        }
+                        continue;
+                    }
+                    Ok(Err(e)) => e.to_string(),
+                    Err(_) => format!("timed out after {}", humantime::format_duration(timeout)),
+                };
+                cluster.conns.remove(&addr);
+                cluster.stale = true;
+                for i in members {
+                    if pass == 0 {
+                        pending.push(i);
+                    } else {
+                        results[i] = Some(Err(WireError::Shard {
+                            shard: shard_name(&addr),
+                            message: failure.clone(),
+                        }));
+                    }
+                }
+            }
+            if pending.is_empty() {
+                break;
             }
         }
+        Ok(results
+            .into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|| {
+                    Err(WireError::Shard {
+                        shard: "cluster".into(),
+                        message: "no reply".into(),
+                    })
+                })
+            })
+            .collect())
+    }
+
+    /// Reads the slot map again from any reachable master, else from any seed.
+    async fn refresh(&self, cluster: &mut Cluster) -> Result<(), ReplicationError> {
+        let mut last = None;
+        let known: Vec<(cluster::Addr, MultiplexedConnection)> = cluster
+            .conns
+            .iter()
+            .map(|(a, c)| (a.clone(), c.clone()))
+            .collect();
+        for (addr, mut conn) in known {
+            match cluster::slot_map(&mut conn, &addr.0).await {
+                Ok(map) if !map.masters().is_empty() => {
+                    cluster.map = map;
+                    cluster.stale = false;
+                    return Ok(());
+                }
+                Ok(_) => last = Some("the cluster serves no slot".to_owned()),
+                Err(e) => {
+                    cluster.conns.remove(&addr);
+                    last = Some(e);
+                }
+            }
+        }
+        for url in self.urls() {
+            let attempt = async {
+                let client = self.client(url)?;
+                let mut conn = self.connect_client(&client, &redact_url(url)).await?;
+                let host = match client.get_connection_info().addr() {
+                    redis::ConnectionAddr::Tcp(h, _)
+                    | redis::ConnectionAddr::TcpTls { host: h, .. } => h.clone(),
+                    redis::ConnectionAddr::Unix(_) => String::new(),
+                    _ => String::new(),
+                };
+                cluster::slot_map(&mut conn, &host)
+                    .await
+                    .map_err(|e| self.protocol(&e))
+            };
+            match attempt.await {
+                Ok(map) if !map.masters().is_empty() => {
+                    cluster.map = map;
+                    cluster.stale = false;
+                    return Ok(());
+                }
+                Ok(_) => last = Some("the cluster serves no slot".to_owned()),
+                Err(e) => last = Some(e.to_string()),
+            }
+        }
+        Err(self.protocol(&format!(
+            "cannot read the cluster's slot map: {}",
+            last.unwrap_or_default()
+        )))
+    }
+
+    /// The configured URL, then the further seeds.
+    fn urls(&self) -> impl Iterator<Item = &String> {
+        std::iter::once(&self.parts.redis.url).chain(self.parts.redis.seeds.iter())
+    }
+
+    /// Connects to the first reachable configured URL and finds out whether it is a cluster.
+    async fn establish(&self) -> Result<Backend, ReplicationError> {
+        let mut first_error = None;
+        for url in self.urls() {
+            let client = self.client(url)?;
+            match self.connect_client(&client, &redact_url(url)).await {
+                Ok(mut conn) => {
+                    let timeout = self.parts.redis.command_timeout;
+                    let detected =
+                        tokio::time::timeout(timeout, cluster::is_cluster(&mut conn)).await;
+                    return match detected {
+                        Ok(Ok(false)) => Ok(Backend::Single(conn)),
+                        Ok(Ok(true)) => {
+                            let mut cluster = Cluster {
+                                map: cluster::SlotMap::default(),
+                                conns: FxHashMap::default(),
+                                stale: true,
+                            };
+                            self.refresh(&mut cluster).await?;
+                            Ok(Backend::Cluster(cluster))
+                        }
+                        Ok(Err(e)) => Err(ReplicationError::Unreachable {
+                            url: redact_url(url),
+                            reason: flat(&self.protocol(&e.to_string()).to_string()),
+                        }),
+                        Err(_) => Err(ReplicationError::Timeout {
+                            url: redact_url(url),
+                            after: humantime::format_duration(timeout).to_string(),
+                        }),
+                    };
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        Err(first_error.unwrap_or(ReplicationError::Stopped))
     }
 
     /// A lower layer's message, on one line and redacted.
     fn protocol(&self, message: &str) -> ReplicationError {
+        let mut message = scrub(message, &self.parts.redis.url);
+        for seed in &self.parts.redis.seeds {
+            message = scrub(&message, seed);
+        }
         ReplicationError::Protocol {
-            message: flat(&scrub(message, &self.parts.redis.url)),
+            message: flat(&message),
         }
     }
 
-    async fn connect(&self) -> Result<MultiplexedConnection, ReplicationError> {
-        let url = &self.parts.redis.url;
-        let client =
-            redis::Client::open(url.as_str()).map_err(|e| ReplicationError::InvalidUrl {
-                url: self.url(),
-                reason: flat(&scrub(&e.to_string(), url)),
-            })?;
+    /// A client for one configured URL, with the TLS settings.
+    fn client(&self, url: &str) -> Result<redis::Client, ReplicationError> {
+        let invalid = |e: &dyn std::fmt::Display| ReplicationError::InvalidUrl {
+            url: redact_url(url),
+            reason: flat(&scrub(&e.to_string(), url)),
+        };
+        tls::client(url, &self.parts.redis.tls).map_err(|e| match e {
+            tls::ClientError::Url(e) => invalid(&e),
+            tls::ClientError::Tls(e) => e,
+        })
+    }
+
+    /// A client for a cluster master: the first URL's settings at another address.
+    fn client_at(&self, addr: &cluster::Addr) -> Result<redis::Client, ReplicationError> {
+        let seed = self.client(&self.parts.redis.url)?;
+        let info = seed.get_connection_info().clone();
+        let moved = match info.addr().clone() {
+            redis::ConnectionAddr::TcpTls {
+                insecure,
+                tls_params,
+                ..
+            } => redis::ConnectionAddr::TcpTls {
+                host: addr.0.clone(),
+                port: addr.1,
+                insecure,
+                tls_params,
+            },
+            _ => redis::ConnectionAddr::Tcp(addr.0.clone(), addr.1),
+        };
+        redis::Client::open(info.set_addr(moved)).map_err(|e| self.protocol(&e.to_string()))
+    }
+
+    async fn connect_client(
+        &self,
+        client: &redis::Client,
+        label: &str,
+    ) -> Result<MultiplexedConnection, ReplicationError> {
         let config = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.parts.redis.connect_timeout))
             .set_response_timeout(Some(self.parts.redis.command_timeout));
@@ -545,40 +932,92 @@ impl Worker {
         {
             Ok(Ok(c)) => Ok(c),
             Ok(Err(e)) => Err(ReplicationError::Unreachable {
-                url: self.url(),
-                reason: flat(&scrub(&e.to_string(), url)),
+                url: label.to_owned(),
+                reason: tls::explain(&self.protocol(&e.to_string()).to_string()),
             }),
             Err(_) => Err(ReplicationError::Timeout {
-                url: self.url(),
+                url: label.to_owned(),
                 after: humantime::format_duration(self.parts.redis.connect_timeout).to_string(),
             }),
         }
     }
 
-    /// The windows to merge, grouped per budget (one script call each).
-    fn groups(&self, now: i64, grace: i64) -> Groups {
+    /// The windows of this round, grouped per budget (one script call each):
+    ///
+    /// * **dirty** (our durable total differs from what Redis last acknowledged): sent;
+    /// * **clean and live** (the window has not ended): only read, so that we learn the
+    ///   others' spend; the current window of every budget is always read;
+    /// * **clean and closed**: neither sent nor read (`status` and late records use local
+    ///   data; a late record makes the window dirty, so it is sent again).
+    fn groups(&mut self, now: i64, grace: i64) -> Groups {
         let keys = self.parts.keys.snapshot();
         let n = keys.len();
-        let mut windows: Vec<Vec<(Window, u64)>> = vec![Vec::new(); n];
+        let mut windows: Vec<Vec<Item>> = vec![Vec::new(); n];
         for (b, w, total) in self.parts.durable.snapshot() {
             // A slot added by a reload after `keys` was read waits for the next round.
-            if let Some(list) = windows.get_mut(b as usize) {
-                if w.end_secs().saturating_add(grace) > now {
-                    list.push((w, total));
-                }
+            let Some(list) = windows.get_mut(b as usize) else {
+                continue;
+            };
+            if w.end_secs().saturating_add(grace) <= now {
+                continue;
+            }
+            let acked = self.acked.get(&(b, w.start_secs())).map(|a| a.total);
+            let dirty = total > 0 && acked != Some(total);
+            let live = w.end_secs() > now;
+            if dirty || live {
+                list.push(Item {
+                    window: w,
+                    durable: total,
+                    send: dirty,
+                });
             }
         }
         for (b, list) in windows.iter_mut().enumerate() {
-            let schedule = self.parts.view.schedule(b as u32);
-            let current = schedule.window_at_secs(now);
-            let previous = schedule.window_at_secs(current.start_secs() - 1);
-            for w in [current, previous] {
-                if !list.iter().any(|(x, _)| *x == w) {
-                    list.push((w, 0));
+            let current = self.parts.view.schedule(b as u32).window_at_secs(now);
+            if !list.iter().any(|x| x.window == current) {
+                list.push(Item {
+                    window: current,
+                    durable: 0,
+                    send: false,
+                });
+            }
+            list.sort_by_key(|x| std::cmp::Reverse(x.window.start_secs()));
+            for x in list.iter() {
+                if x.send {
+                    self.sent.0 += 1;
+                } else {
+                    self.sent.1 += 1;
                 }
             }
-            list.sort_by_key(|(w, _)| std::cmp::Reverse(w.start_secs()));
         }
+        // Budgets with nothing to write are read with plain commands, unless the script has
+        // work there: this process's first (verifying) round, the last one (it releases the
+        // leases), a lease not known to be ours (the script takes it), a key a plain read
+        // found in need of repair.
+        self.renew_turn = !self.renew_turn;
+        let renew_now = self.renew_turn;
+        let modes: Vec<Mode> = windows
+            .iter()
+            .enumerate()
+            .map(|(b, list)| {
+                let ours = self.lease_ours.get(b).copied().unwrap_or(false);
+                let script = self.verify
+                    || self.release
+                    || !ours
+                    || list.iter().any(|x| x.send)
+                    || self.script_next.contains(&(b as u32));
+                if script {
+                    self.script_next.remove(&(b as u32));
+                    Mode::Script
+                } else {
+                    // Every other round: the lease lives three intervals (plus timeouts)
+                    // and a round comes at most 1.1 intervals after the previous one.
+                    Mode::Read {
+                        renew: ours && renew_now,
+                    }
+                }
+            })
+            .collect();
         let prefix = &self.parts.redis.prefix;
         let node = &self.parts.node_id;
         let wire = windows
@@ -587,13 +1026,14 @@ impl Worker {
             .map(|(b, list)| {
                 let (provider, period) = &keys[b];
                 Group {
+                    mode: modes[b],
                     lease: lease_key(prefix, provider, period, node),
                     items: list
                         .iter()
-                        .map(|(w, own)| SyncItem {
-                            key: window_key(prefix, provider, period, w.start_secs()),
-                            own: *own,
-                            expire_at: w.end_secs().saturating_add(grace),
+                        .map(|x| SyncItem {
+                            key: window_key(prefix, provider, period, x.window.start_secs()),
+                            own: if x.send { x.durable } else { 0 },
+                            expire_at: x.window.end_secs().saturating_add(grace),
                         })
                         .collect(),
                 }
@@ -602,9 +1042,9 @@ impl Worker {
         Groups { windows, wire }
     }
 
-    /// Merges a round's replies into the peers, the view, the store and (adoption) the
-    /// journal. Returns the problems per budget, or the duplicate node id error (after
-    /// applying everything that was read).
+    /// Merges a round's replies into the peers, the view, the store, the acknowledgements and
+    /// (adoption) the journal. Returns the problems per budget, or the duplicate node id
+    /// error (after applying everything that was read).
     fn apply(
         &mut self,
         groups: &Groups,
@@ -612,13 +1052,13 @@ impl Worker {
     ) -> Result<Vec<Vec<String>>, RoundError> {
         let mut problems: Vec<Vec<String>> = vec![Vec::new(); groups.windows.len()];
         let mut changed = Vec::new();
+        let mut acked_changed = false;
         let mut adopt = Vec::new();
         let mut refused_by = None;
         let mut failed_groups = 0usize;
         let mut first_failure = None;
         let (mut keys, mut failed_keys) = (0usize, 0usize);
         let mut first_key_failure = None;
-        let node = self.parts.node_id.clone();
         for (b, (windows, reply)) in groups.windows.iter().zip(replies).enumerate() {
             let reply = match reply {
                 Ok(reply) => reply,
@@ -630,8 +1070,17 @@ impl Worker {
                     continue;
                 }
             };
+            if self.lease_ours.len() <= b {
+                self.lease_ours.resize(b + 1, false);
+            }
+            self.lease_ours[b] = reply.lease == Lease::Held;
             let held = match reply.lease {
                 Lease::Held => true,
+                Lease::Free => {
+                    // The next round's script takes it.
+                    self.script_next.insert(b as u32);
+                    false
+                }
                 Lease::Refused { holder } => {
                     refused_by.get_or_insert(holder);
                     false
@@ -646,11 +1095,13 @@ impl Worker {
                 }
             };
             let b32 = b as u32;
-            for (&(window, own), key) in windows.iter().zip(reply.keys) {
+            for (item, key) in windows.iter().zip(reply.keys) {
                 keys += 1;
-                let hash = match key {
-                    Ok(hash) => hash,
+                let window = item.window;
+                let state = match key {
+                    Ok(state) => state,
                     Err(p) => {
+                        self.script_next.insert(b32);
                         let p = flat(&scrub(&p, &self.parts.redis.url));
                         first_key_failure.get_or_insert_with(|| p.clone());
                         failed_keys += 1;
@@ -658,54 +1109,76 @@ impl Worker {
                         continue;
                     }
                 };
-                problems[b].extend(hash.problems);
+                if state.needs_script {
+                    // A plain read found what only the script repairs: use it next round,
+                    // and do not trust these values meanwhile.
+                    self.script_next.insert(b32);
+                    continue;
+                }
+                if !state.problems.is_empty() {
+                    // Keep reporting it (only the script sees bad fields).
+                    self.script_next.insert(b32);
+                }
+                problems[b].extend(state.problems);
+                // Our field: recorded as written by this data dir, or (written before owners
+                // were recorded) ours when we hold the lease.
+                let field = state
+                    .field
+                    .filter(|_| match &state.owner {
+                        Some(owner) => *owner == self.instance,
+                        None => held,
+                    })
+                    .unwrap_or(0);
+                let ours = field.saturating_add(state.mine);
+                let others = state.total.saturating_sub(ours);
                 let entry = self
                     .peers
                     .entry((b32, window.start_secs()))
                     .or_insert_with(|| PeerWindow {
                         window,
-                        floor: 0,
-                        owned: FxHashMap::default(),
-                        bare: FxHashMap::default(),
+                        others: 0,
                         persisted: 0,
                     });
-                for c in hash.contributions {
-                    if c.instance.is_some() && !entry.bare.is_empty() {
-                        // An owner recorded for the field supersedes its ownerless reading.
-                        entry.bare.remove(c.node.as_str());
-                    }
-                    if c.node == node {
-                        let mine = match &c.instance {
-                            Some(i) => *i == self.instance,
-                            // Written before owners were recorded: ours when we hold the lease.
-                            None => held,
-                        };
-                        if mine {
-                            if c.total > own {
-                                adopt.push((b32, window, c.total));
-                            }
-                            continue;
-                        }
-                    }
-                    let known = match c.instance {
-                        Some(instance) => entry.owned.entry((c.node, instance)).or_insert(0),
-                        None => entry.bare.entry(c.node).or_insert(0),
-                    };
-                    *known = (*known).max(c.total);
-                }
-                let others = entry.others();
+                entry.others = entry.others.max(others);
                 self.parts
                     .view
-                    .raise_others(b32, window, Money::from_nanos(others));
-                if others > entry.persisted {
+                    .raise_others(b32, window, Money::from_nanos(entry.others));
+                if entry.others > entry.persisted {
                     changed.push((b32, window.start_secs()));
+                }
+                if field > item.durable {
+                    adopt.push((b32, window, field));
+                }
+                // What Redis holds of our counter covers our durable total: acknowledged.
+                // Otherwise (Redis lost it, or it was never sent) the window is dirty.
+                let k = (b32, window.start_secs());
+                let in_redis = field.max(state.mine);
+                if item.durable > 0 && in_redis >= item.durable {
+                    if self.acked.get(&k).map(|a| a.total) != Some(item.durable) {
+                        self.acked.insert(
+                            k,
+                            Acked {
+                                window,
+                                total: item.durable,
+                                stored: false,
+                            },
+                        );
+                        acked_changed = true;
+                    }
+                } else if self.acked.remove(&k).is_some_and(|a| a.stored) {
+                    let (provider, period) = self.parts.keys.get(b32);
+                    self.acked_gone.push(WindowKey {
+                        provider,
+                        period,
+                        start: k.1,
+                    });
                 }
             }
         }
         for (b, window, total) in adopt {
             self.adopt(b, window, total);
         }
-        self.persist(&changed);
+        self.persist(&changed, acked_changed);
         // Nothing at all synced (every budget or every key failed, e.g. Redis out of memory
         // or NOAUTH): that is a failed round, not a list of per-budget problems.
         if keys == failed_keys && (failed_groups > 0 || failed_keys > 0) {
@@ -717,7 +1190,7 @@ impl Worker {
         match refused_by {
             Some(holder) => Err(RoundError::Duplicate {
                 error: ReplicationError::DuplicateNodeId {
-                    node_id: node,
+                    node_id: self.parts.node_id.clone(),
                     holder,
                 },
                 problems,
@@ -745,14 +1218,15 @@ impl Worker {
         });
     }
 
-    /// Keeps the others' totals in the data dir. Failure only costs freshness after a restart.
-    fn persist(&mut self, changed: &[(u32, i64)]) {
-        if changed.is_empty() {
+    /// Keeps the others' totals and the acknowledgements in the data dir, one flush.
+    /// Failure only costs freshness (or one more send) after a restart.
+    fn persist(&mut self, changed: &[(u32, i64)], acked_changed: bool) {
+        if changed.is_empty() && !acked_changed && self.acked_gone.is_empty() {
             return;
         }
         let items: Vec<(WindowKey, PeersValue)> = changed
             .iter()
-            .filter_map(|k| self.peers.get(k).map(|p| (k.0, p.window, p.others())))
+            .filter_map(|k| self.peers.get(k).map(|p| (k.0, p.window, p.others)))
             .map(|(b, w, others)| {
                 let (provider, period) = self.parts.keys.get(b);
                 (
@@ -768,18 +1242,43 @@ impl Worker {
                 )
             })
             .collect();
-        let written = self
-            .parts
-            .store
+        let acked: Vec<(WindowKey, AckedValue)> = self
+            .acked
+            .iter()
+            .filter(|(_, a)| !a.stored)
+            .map(|(&(b, start), a)| {
+                let (provider, period) = self.parts.keys.get(b);
+                (
+                    WindowKey {
+                        provider,
+                        period,
+                        start,
+                    },
+                    AckedValue {
+                        end: a.window.end_secs(),
+                        total: a.total,
+                    },
+                )
+            })
+            .collect();
+        let store = &self.parts.store;
+        let written = store
             .write_peers(items.iter().map(|(k, v)| (k, v)))
-            .and_then(|()| self.parts.store.flush());
+            .and_then(|()| {
+                store.write_acked(acked.iter().map(|(k, v)| (k, *v)), self.acked_gone.iter())
+            })
+            .and_then(|()| store.flush());
         match written {
             Ok(()) => {
                 for k in changed {
                     if let Some(p) = self.peers.get_mut(k) {
-                        p.persisted = p.others();
+                        p.persisted = p.others;
                     }
                 }
+                for a in self.acked.values_mut() {
+                    a.stored = true;
+                }
+                self.acked_gone.clear();
             }
             Err(e) => {
                 tracing::warn!(error = %e, "could not keep the other nodes' spend in the data dir")
@@ -807,12 +1306,77 @@ impl RoundError {
     }
 }
 
+/// Per-node jitter of the sync interval: ±10 %, from a generator seeded by the node id and
+/// the instance, so that a fleet started at once spreads its rounds instead of hitting Redis
+/// in step.
+#[derive(Debug)]
+struct Jitter(u64);
+
+impl Jitter {
+    fn new(node: &str, instance: &str) -> Jitter {
+        use std::hash::{Hash, Hasher};
+        let mut h = rustc_hash::FxHasher::default();
+        node.hash(&mut h);
+        instance.hash(&mut h);
+        Jitter(h.finish() | 1)
+    }
+
+    /// The next delay: `interval × [0.9, 1.1)`.
+    fn delay(&mut self, interval: Duration) -> Duration {
+        // splitmix64
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        let unit = (z >> 11) as f64 / (1u64 << 53) as f64;
+        interval.mul_f64(0.9 + 0.2 * unit)
+    }
+}
+
+/// One window of one budget in a round.
+#[derive(Debug, Clone, Copy)]
+struct Item {
+    window: Window,
+    /// Our durable total (0 when we never spent in it).
+    durable: u64,
+    /// Dirty: our total is sent; otherwise only read.
+    send: bool,
+}
+
 /// One round's request: per budget the windows (with our own totals) and their wire groups.
 struct Groups {
-    windows: Vec<Vec<(Window, u64)>>,
+    windows: Vec<Vec<Item>>,
     wire: Vec<Group>,
 }
 
 fn flat(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_stays_within_ten_percent_and_differs_per_node() {
+        let interval = Duration::from_secs(1);
+        let mut a = Jitter::new("a", "i");
+        let mut b = Jitter::new("b", "i");
+        let xs: Vec<Duration> = (0..1000).map(|_| a.delay(interval)).collect();
+        let ys: Vec<Duration> = (0..1000).map(|_| b.delay(interval)).collect();
+        for d in xs.iter().chain(&ys) {
+            assert!(
+                (Duration::from_millis(900)..Duration::from_millis(1100)).contains(d),
+                "{d:?}"
+            );
+        }
+        assert_ne!(xs, ys);
+        // Spread, not constant: both halves of the range are used.
+        assert!(xs.iter().any(|d| *d < Duration::from_millis(950)));
+        assert!(xs.iter().any(|d| *d > Duration::from_millis(1050)));
+        // The same node and instance: the same sequence (deterministic per node).
+        let mut a2 = Jitter::new("a", "i");
+        assert_eq!(a2.delay(interval), xs[0]);
+    }
 }

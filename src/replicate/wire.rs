@@ -9,15 +9,23 @@
 //!
 //! Reserved fields start with `~`, which no node id can (node ids are `[A-Za-z0-9._-]`):
 //!
+//! * `~total`: the running sum of every contribution field of the hash (below), kept by the
+//!   script: every raise of a field raises it by exactly the same amount, in exact decimal
+//!   string arithmetic (totals exceed 2^53, Lua numbers are doubles). So a round reads **one
+//!   number per key** whatever the fleet's size; the others' spend is `~total` minus our own
+//!   contribution. A total that cannot be right (missing beside fields, malformed, below our
+//!   own field, or an arithmetic underflow) is recomputed from the fields, server side;
 //! * `~owner:{node}`: the instance (data dir, see `Store::instance_id`) that last wrote the
 //!   field `{node}`;
 //! * `~retired:{node}:{instance}`: the total that another instance wrote under `{node}` before
 //!   the current owner took the field over. When a data dir takes over a node id that another
 //!   data dir used (a wiped disk, a copied config once the duplicate stopped), the old total
 //!   is not merged by `max` into the new one (that would lose the smaller one) but kept beside
-//!   it: every contribution is one `(node, instance)` counter that only grows, so readers sum
-//!   them and max-merge per `(node, instance)`. An instance that takes its field back removes
-//!   its own retired field (its total includes it).
+//!   it: every contribution is one `(node, instance)` counter that only grows, so `~total`
+//!   sums them all. An instance that takes its field back removes its own retired field (its
+//!   total includes it).
+//!
+//! Contribution fields are the node fields and the `~retired:` fields; `~total` is their sum.
 //!
 //! **Lease**: per budget, key `{prefix}:{{provider:period}}:lease:{node}` holds the instance id
 //! of the data dir that uses the node id, for a few sync intervals (`lease_ms`), renewed by
@@ -29,144 +37,81 @@
 //!
 //! A sync round is **one network round trip**: one pipeline carrying one `EVALSHA` of
 //! [`SCRIPT`] per budget (every window key of a budget shares the budget's Redis Cluster hash
-//! tag, so one script call never spans slots). The script merges our totals and returns every
-//! field for each key. When Redis answers `NOSCRIPT` (its script cache was flushed or it
-//! restarted), the failed calls are sent again behind a `SCRIPT LOAD` in a second pipeline, so
-//! that rare round costs two round trips. `SCRIPT LOAD` rather than `EVAL`: since Redis 7.4,
-//! scripts that only arrived through `EVAL` may be evicted from the cache, loaded ones are not.
+//! tag, so one script call never spans slots). Per key the script merges our total when we
+//! send one (own `0` only reads) and returns our field, its owner, our kept-apart field and
+//! `~total`: a constant-size reply. When Redis answers `NOSCRIPT` (its script cache was
+//! flushed or it restarted), the failed calls are sent again behind a `SCRIPT LOAD` in a
+//! second pipeline, so that rare round costs two round trips. `SCRIPT LOAD` rather than
+//! `EVAL`: since Redis 7.4, scripts that only arrived through `EVAL` may be evicted from the
+//! cache, loaded ones are not.
+//!
+//! A budget with nothing to write ([`Mode::Read`]) skips the script: `GET` of its lease,
+//! `PEXPIRE` of it when ours (every other round), and one `HMGET` of our field, its owner, our
+//! kept-apart field, `~total` and `~bad` per window, in the same pipeline. What only the
+//! script handles (a lease to take, a total to repair, flagged fields) is reported back
+//! ([`KeyReply::needs_script`], [`Lease::Free`]) and the caller sends that budget through the
+//! script next round.
 //!
 //! **Failures are isolated per key**: the script runs each window key under `pcall`, so a key
-//! of the wrong type fails only that window; a field that is not a canonical u64 is skipped
-//! and reported; a budget whose script call fails does not hide the other budgets' replies.
-//! Only a failure of the whole exchange (connection, timeout) fails the round.
+//! of the wrong type fails only that window; a contribution field that is not a canonical u64
+//! is left out of the total and reported when the total is recomputed; a budget whose script
+//! call fails does not hide the other budgets' replies. Only a failure of the whole exchange
+//! (connection, timeout) fails the round.
 //!
-//! Totals may exceed 2^53 while Lua numbers are doubles, so the script never converts them to
-//! numbers: it compares canonical decimal strings (longer is bigger; same length, byte by
-//! byte, which unlike `<` on strings does not depend on the server's collation locale).
+//! **Rolling upgrade from the previous wire** (every field, `HGETALL`): old nodes ignore
+//! `~total` (they skip reserved fields they do not know) and keep summing the fields, so they
+//! count new nodes exactly. A key written only by old nodes has no `~total`: the first new
+//! node to touch it computes it from the fields. But an old node's raise of its field does
+//! not raise `~total`, so while old nodes still run, new nodes may undercount the old nodes'
+//! spend made after a key got its total. Every replicator's first round after start verifies
+//! (recomputes server side) the total of every key it touches, so the restart that upgrades
+//! the last old node repairs every live window: upgrade all nodes within a short time.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use redis::{ErrorKind, RedisError, ServerErrorKind, Value};
 
-/// The merge script. `KEYS[1]` is the budget's lease key, `KEYS[2..]` its window keys.
-/// `ARGV[1]` is the node id, `ARGV[2]` the instance id, `ARGV[3]` the lease time in ms,
-/// `ARGV[4]` `1` to release the lease (last round) or `0`; then for window key `KEYS[i]`,
-/// `ARGV[2i+1]` is the node's own total (canonical decimal u64) and `ARGV[2i+2]` the unix
+/// The merge script (`merge.lua`). `KEYS[1]` is the budget's lease key, `KEYS[2..]` its window
+/// keys. `ARGV[1]` is the node id, `ARGV[2]` the instance id, `ARGV[3]` the lease time in ms,
+/// `ARGV[4]` `1` to release the lease (last round) or `0`, `ARGV[5]` `1` to recompute every
+/// key's total from its fields (verify) or `0`; then for window key `KEYS[i]`, `ARGV[2i+2]` is
+/// the node's own total (canonical decimal u64; `0` only reads) and `ARGV[2i+3]` the unix
 /// second at which the key expires.
 ///
 /// 1. Lease: held by another instance -> `refused`; unreadable -> `broken`; else ours,
 ///    renewed (or released) at the end.
-/// 2. Per window key, under `pcall`, when the own total is not `0`: with the lease, retire
-///    another instance's total (see the module doc), take back our own retired total, raise
-///    our field to the max of what we know (a non-canonical value in our field is replaced:
-///    we are its only writer) and mark us its owner; without it, leave the node's field
-///    alone and raise our own instance's field `~retired:{node}:{instance}` instead (only we
-///    write it, so the fleet never undercounts, even while two data dirs share the node id).
-///    Then `EXPIREAT key expire_at` (a no-op when the key does not exist; callers pass window
-///    end + grace) and `HGETALL`.
+/// 2. Per window key, under `pcall`: check (or repair) `~total`; when the own total is not
+///    `0`: with the lease, retire another instance's total (see the module doc), take back
+///    our own retired total, raise our field to the max of what we know (a non-canonical
+///    value in our field is replaced: we are its only writer) and mark us its owner; without
+///    it, leave the node's field alone and raise our own instance's field
+///    `~retired:{node}:{instance}` instead. `~total` moves by exactly the net change of the
+///    contribution fields. Then `EXPIREAT key expire_at` (callers pass window end + grace).
 ///
 /// Returns `{lease, per_key}`: `lease` is `{'held'}`, `{'refused', holder}` or
-/// `{'broken', error}`; `per_key[i]` is `{'ok', hgetall}` or `{'err', error}`.
-pub(crate) const SCRIPT: &str = r#"
-local U64_MAX = '18446744073709551615'
-
--- a > b for canonical decimal strings (no sign, no leading zeros).
-local function greater(a, b)
-  if #a ~= #b then return #a > #b end
-  for i = 1, #a do
-    local x, y = string.byte(a, i), string.byte(b, i)
-    if x ~= y then return x > y end
-  end
-  return false
-end
-
--- true when s is a u64 written canonically, the only form this protocol stores.
-local function canonical(s)
-  if s == '0' then return true end
-  if not string.find(s, '^[1-9][0-9]*$') then return false end
-  return not greater(s, U64_MAX)
-end
-
-local function message(e)
-  if type(e) == 'table' and e.err then return e.err end
-  return tostring(e)
-end
-
-local node, inst, lease_ms, release = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local owner_field = '~owner:' .. node
-local retired_mine = '~retired:' .. node .. ':' .. inst
-
-local lease
-local read, holder = pcall(redis.call, 'GET', KEYS[1])
-if not read then
-  lease = {'broken', message(holder)}
-elseif holder and holder ~= inst then
-  lease = {'refused', holder}
-else
-  lease = {'held'}
-end
-local writable = lease[1] == 'held'
-
-local function merge(key, own, expire_at)
-  if writable and own ~= '0' then
-    local got = redis.call('HMGET', key, node, owner_field, retired_mine)
-    local cur, owner, mine = got[1], got[2], got[3]
-    if cur and owner and owner ~= inst then
-      if canonical(cur) then
-        local rf = '~retired:' .. node .. ':' .. owner
-        local prev = redis.call('HGET', key, rf)
-        if (not prev) or (not canonical(prev)) or greater(cur, prev) then
-          redis.call('HSET', key, rf, cur)
-        end
-      end
-      cur = false
-    end
-    local best = own
-    if cur and canonical(cur) and greater(cur, best) then best = cur end
-    if mine then
-      if canonical(mine) and greater(mine, best) then best = mine end
-      redis.call('HDEL', key, retired_mine)
-    end
-    if best ~= cur then redis.call('HSET', key, node, best) end
-    if owner ~= inst then redis.call('HSET', key, owner_field, inst) end
-  elseif own ~= '0' then
-    -- Not ours to write: keep our total apart, under our instance (nobody else writes it).
-    local prev = redis.call('HGET', key, retired_mine)
-    if (not prev) or (not canonical(prev)) or greater(own, prev) then
-      redis.call('HSET', key, retired_mine, own)
-    end
-  end
-  redis.call('EXPIREAT', key, expire_at)
-  return redis.call('HGETALL', key)
-end
-
-local out = {}
-for i = 2, #KEYS do
-  local ok, r = pcall(merge, KEYS[i], ARGV[2 * i + 1], ARGV[2 * i + 2])
-  if ok then out[i - 1] = {'ok', r} else out[i - 1] = {'err', message(r)} end
-end
-if writable then
-  if release == '1' then
-    redis.call('DEL', KEYS[1])
-  else
-    redis.call('SET', KEYS[1], inst, 'PX', lease_ms)
-  end
-end
-return {lease, out}
-"#;
+/// `{'broken', error}`; `per_key[i]` is `{'ok', {field, owner, mine, total, repaired, bad}}`
+/// (`''` for an absent field; `bad` the skipped `field, value` pairs of a recomputation) or
+/// `{'err', error}`.
+pub(crate) const SCRIPT: &str = include_str!("merge.lua");
 
 /// Redis key of one budget window: `{prefix}:{{provider:period}}:{window_start_unix_secs}`.
 ///
 /// The braces are a Redis Cluster hash tag per budget: all windows of one budget live in one
 /// slot, so the script that merges them in one call is valid on a cluster too.
 pub(crate) fn window_key(prefix: &str, provider: &str, period: &str, window_start: i64) -> String {
-    format!("{prefix}:{{{provider}:{period}}}:{window_start}")
+    format!("{}:{window_start}", budget_tag(prefix, provider, period))
 }
 
 /// Redis key of a node id's lease for one budget: `{prefix}:{{provider:period}}:lease:{node}`
 /// (same hash tag as the budget's windows).
 pub(crate) fn lease_key(prefix: &str, provider: &str, period: &str, node: &str) -> String {
-    format!("{prefix}:{{{provider}:{period}}}:lease:{node}")
+    format!("{}:lease:{node}", budget_tag(prefix, provider, period))
+}
+
+/// The one place where a budget's identity becomes Redis key text: `{prefix}:{{provider:period}}`,
+/// the braces being the budget's Redis Cluster hash tag.
+fn budget_tag(prefix: &str, provider: &str, period: &str) -> String {
+    format!("{prefix}:{{{provider}:{period}}}")
 }
 
 /// One window of one budget to merge: our absolute own total and when the key may expire.
@@ -186,6 +131,19 @@ pub(crate) struct Group {
     /// See [`lease_key`].
     pub lease: String,
     pub items: Vec<SyncItem>,
+    /// How the group is read and written.
+    pub mode: Mode,
+}
+
+/// How one budget's part of a round is sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// One `EVALSHA` of the merge script: writes, lease taking, repairs.
+    Script,
+    /// Nothing to write: plain commands, no script (a clean budget costs Redis a `GET` of the
+    /// lease and one `HMGET` per window). `renew`: our instance held the lease at the last
+    /// look, so `PEXPIRE` keeps it alive.
+    Read { renew: bool },
 }
 
 /// Who is syncing.
@@ -198,22 +156,28 @@ pub(crate) struct Identity<'a> {
     pub lease_ms: u64,
     /// Release the lease in this round (the last one).
     pub release: bool,
+    /// Recompute every touched key's `~total` from its fields (server side).
+    pub verify: bool,
 }
 
-/// One `(node, instance)` contribution to a window: a counter that only grows.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-pub(crate) struct Contribution {
-    pub node: String,
-    /// The instance that wrote it; `None` for a field written before owners were recorded.
-    pub instance: Option<String>,
-    pub total: u64,
-}
-
-/// One window key's reply: its contributions, and the fields that were skipped.
+/// One window key's reply: constant size, whatever the number of nodes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub(crate) struct Hash {
-    pub contributions: Vec<Contribution>,
-    /// One line per skipped field, naming the key and the field.
+pub(crate) struct KeyReply {
+    /// This node id's field, when present and a canonical total.
+    pub field: Option<u64>,
+    /// The instance recorded as the writer of the field (`~owner:{node}`).
+    pub owner: Option<String>,
+    /// Our instance's kept-apart total (`~retired:{node}:{instance}`), 0 when absent.
+    pub mine: u64,
+    /// `~total`: the sum of every contribution (saturating at `u64::MAX`).
+    pub total: u64,
+    /// The script recomputed the total from the fields in this call.
+    pub repaired: bool,
+    /// Read without the script, the key's state needs it (a missing, malformed or too low
+    /// total, malformed or flagged fields): the values are not to be used; send the budget
+    /// through the script next round.
+    pub needs_script: bool,
+    /// One line per problem: skipped fields, an unusable own field.
     pub problems: Vec<String>,
 }
 
@@ -222,6 +186,8 @@ pub(crate) struct Hash {
 pub(crate) enum Lease {
     /// Ours (taken, renewed or released).
     Held,
+    /// Nobody holds it (seen by a plain read, which does not take it).
+    Free,
     /// Another live instance holds it: nothing was written.
     Refused { holder: String },
     /// The lease key is unusable (e.g. of the wrong type): nothing was written.
@@ -232,8 +198,8 @@ pub(crate) enum Lease {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct GroupReply {
     pub lease: Lease,
-    /// Per item: its hash, or why that key failed (one line naming the key).
-    pub keys: Vec<Result<Hash, String>>,
+    /// Per item: its reply, or why that key failed (one line naming the key).
+    pub keys: Vec<Result<KeyReply, String>>,
 }
 
 /// Why a sync round, or one budget's part of it, failed.
@@ -246,6 +212,10 @@ pub(crate) enum WireError {
     /// Redis ran the exchange but the script call for one budget failed.
     #[error("redis rejected the sync of {key}: {}", one_line(.error))]
     Rejected { key: String, error: RedisError },
+    /// A Redis Cluster master failed as a whole (unreachable, timed out): only the budgets
+    /// it serves fail.
+    #[error("redis cluster master {shard}: {message}")]
+    Shard { shard: String, message: String },
     /// The reply does not have the shape the script returns (a different script under our
     /// SHA, a proxy in the way, ...).
     #[error("unexpected redis reply for {key}: {detail}")]
@@ -266,6 +236,7 @@ impl WireError {
         let error = match self {
             WireError::Redis(error) | WireError::Rejected { error, .. } => error,
             WireError::Reply { .. } => return false,
+            WireError::Shard { .. } => return true,
         };
         error.is_io_error()
             || error.is_connection_dropped()
@@ -281,6 +252,19 @@ impl WireError {
                         | ServerErrorKind::ReadOnly
                 )
             )
+    }
+}
+
+impl WireError {
+    /// A Redis Cluster redirect (`MOVED`, `ASK`): the slot map is out of date.
+    pub(crate) fn is_redirect(&self) -> bool {
+        match self {
+            WireError::Redis(error) | WireError::Rejected { error, .. } => matches!(
+                error.kind(),
+                ErrorKind::Server(ServerErrorKind::Moved | ServerErrorKind::Ask)
+            ),
+            _ => false,
+        }
     }
 }
 
@@ -301,6 +285,10 @@ pub(crate) type GroupOutcome = Result<GroupReply, WireError>;
 pub(crate) struct Wire {
     script: redis::Script,
     round_trips: AtomicU64,
+    /// Request bytes (exact RESP encoding) and reply bytes (RESP size of the parsed values,
+    /// an estimate within a few bytes per value) sent and received so far.
+    bytes_out: AtomicU64,
+    bytes_in: AtomicU64,
 }
 
 impl Default for Wire {
@@ -314,6 +302,8 @@ impl Wire {
         Wire {
             script: redis::Script::new(SCRIPT),
             round_trips: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
+            bytes_in: AtomicU64::new(0),
         }
     }
 
@@ -323,13 +313,21 @@ impl Wire {
         self.round_trips.load(Ordering::Relaxed)
     }
 
+    /// Bytes sent to and received from Redis so far: `(out, in)`.
+    pub(crate) fn traffic(&self) -> (u64, u64) {
+        (
+            self.bytes_out.load(Ordering::Relaxed),
+            self.bytes_in.load(Ordering::Relaxed),
+        )
+    }
+
     /// The SHA1 under which Redis caches [`SCRIPT`].
     #[cfg(test)]
     pub(crate) fn script_sha(&self) -> &str {
         self.script.get_hash()
     }
 
-    /// Merges our totals and reads every contribution back, in one round trip.
+    /// Merges our totals and reads back, per key, our field and the total, in one round trip.
     ///
     /// `groups` holds one budget each (all keys of a group share a hash tag). The result
     /// mirrors `groups`. Empty groups cost nothing; when every group is empty nothing is sent.
@@ -402,6 +400,26 @@ impl Wire {
         }
         for &i in which {
             let group = &groups[i];
+            if let Mode::Read { renew } = group.mode {
+                pipe.cmd("GET").arg(&group.lease);
+                if renew {
+                    pipe.cmd("PEXPIRE")
+                        .arg(&group.lease)
+                        .arg(id.lease_ms.max(1));
+                }
+                let owner = format!("~owner:{}", id.node);
+                let mine = format!("~retired:{}:{}", id.node, id.instance);
+                for item in &group.items {
+                    pipe.cmd("HMGET")
+                        .arg(&item.key)
+                        .arg(id.node)
+                        .arg(&owner)
+                        .arg(&mine)
+                        .arg("~total")
+                        .arg("~bad");
+                }
+                continue;
+            }
             let cmd = pipe
                 .cmd("EVALSHA")
                 .arg(self.script.get_hash())
@@ -413,7 +431,8 @@ impl Wire {
             cmd.arg(id.node)
                 .arg(id.instance)
                 .arg(id.lease_ms.max(1).to_string())
-                .arg(if id.release { "1" } else { "0" });
+                .arg(if id.release { "1" } else { "0" })
+                .arg(if id.verify { "1" } else { "0" });
             for item in &group.items {
                 // Decimal strings, not integers: the script compares them as strings.
                 cmd.arg(item.own.to_string())
@@ -422,10 +441,20 @@ impl Wire {
         }
 
         self.round_trips.fetch_add(1, Ordering::Relaxed);
-        let mut replies = pipe
+        self.bytes_out
+            .fetch_add(pipe.get_packed_pipeline().len() as u64, Ordering::Relaxed);
+        let replies = pipe
             .query_async::<Vec<redis::RedisResult<Value>>>(conn)
-            .await?
-            .into_iter();
+            .await?;
+        let received: usize = replies
+            .iter()
+            .map(|r| match r {
+                Ok(v) => resp_len(v),
+                Err(e) => e.to_string().len() + 3,
+            })
+            .sum();
+        self.bytes_in.fetch_add(received as u64, Ordering::Relaxed);
+        let mut replies = replies.into_iter();
 
         if load {
             match replies.next() {
@@ -446,6 +475,10 @@ impl Wire {
         let mut no_script = Vec::new();
         for &i in which {
             let group = &groups[i];
+            if let Mode::Read { renew } = group.mode {
+                results[i] = Some(parse_read(group, renew, id, &mut replies));
+                continue;
+            }
             results[i] = match replies.next() {
                 Some(Ok(value)) => Some(parse_group(&group.items, value)),
                 Some(Err(error))
@@ -530,15 +563,15 @@ fn parse_group(items: &[SyncItem], value: Value) -> GroupOutcome {
     Ok(GroupReply { lease, keys })
 }
 
-/// One key's `{'ok', hgetall}` or `{'err', error}`.
-fn parse_key(key: &str, reply: Value) -> Result<Hash, String> {
+/// One key's `{'ok', {field, owner, mine, total, repaired, bad}}` or `{'err', error}`.
+fn parse_key(key: &str, reply: Value) -> Result<KeyReply, String> {
     let Value::Array(mut parts) = reply else {
         return Err(format!("key {key}: unexpected reply {reply:?}"));
     };
     let body = if parts.len() == 2 { parts.pop() } else { None };
     let tag = parts.pop().and_then(|v| text(v).ok());
     match (tag.as_deref(), body) {
-        (Some("ok"), Some(hash)) => parse_hash(key, hash),
+        (Some("ok"), Some(Value::Array(state))) if state.len() == 6 => parse_state(key, state),
         (Some("err"), Some(error)) => Err(format!(
             "key {key}: {} (window not synced)",
             flat(&text(error).unwrap_or_default())
@@ -547,73 +580,210 @@ fn parse_key(key: &str, reply: Value) -> Result<Hash, String> {
     }
 }
 
-/// Parses one `HGETALL` reply (a flat array in RESP2, a map in RESP3) into contributions;
-/// fields that are not canonical totals are skipped and reported.
-fn parse_hash(key: &str, hash: Value) -> Result<Hash, String> {
-    let pairs: Vec<(Value, Value)> = match hash {
-        Value::Array(flat) if flat.len() % 2 == 0 => {
-            let mut pairs = Vec::with_capacity(flat.len() / 2);
-            let mut it = flat.into_iter();
-            while let (Some(field), Some(value)) = (it.next(), it.next()) {
-                pairs.push((field, value));
-            }
-            pairs
-        }
-        Value::Map(pairs) => pairs,
-        other => return Err(format!("key {key}: expected HGETALL pairs, got {other:?}")),
+/// The six parts of a key's state (see [`SCRIPT`]).
+fn parse_state(key: &str, state: Vec<Value>) -> Result<KeyReply, String> {
+    let mut it = state.into_iter();
+    let mut next = || it.next().map(text).unwrap_or_else(|| Ok(String::new()));
+    let (field, owner, mine, total) = (next(), next(), next(), next());
+    let repaired = next();
+    let mut out = KeyReply {
+        repaired: repaired.as_deref() == Ok("1"),
+        ..KeyReply::default()
     };
-    let mut out = Hash::default();
-    let mut owners: Vec<(String, String)> = Vec::new();
-    let mut totals: Vec<(String, Option<String>, u64)> = Vec::new();
-    for (field, value) in pairs {
-        let (field, value) = match (text(field), text(value)) {
-            (Ok(f), Ok(v)) => (f, v),
-            (f, v) => {
-                out.problems.push(format!(
-                    "key {key}: field {:?} = {:?} is not UTF-8 (skipped)",
-                    f.unwrap_or_else(|e| e),
-                    v.unwrap_or_else(|e| e)
-                ));
-                continue;
-            }
-        };
-        if let Some(of) = field.strip_prefix("~owner:") {
-            owners.push((of.to_owned(), value));
-            continue;
-        }
-        let (name, instance) = match field.strip_prefix("~retired:") {
-            Some(rest) => match rest.rsplit_once(':') {
-                Some((n, i)) => (n.to_owned(), Some(i.to_owned())),
-                None => (rest.to_owned(), None),
-            },
-            // Other reserved fields belong to later protocol versions: not totals.
-            None if field.starts_with('~') => continue,
-            None => (field, None),
-        };
-        match parse_total(&value) {
-            Some(total) => totals.push((name, instance, total)),
+    let total = total.map_err(|t| format!("key {key}: total {t:?} is not text"))?;
+    out.total = parse_sum(&total)
+        .ok_or_else(|| format!("key {key}: total {total:?} is not a decimal number"))?;
+    match field {
+        Ok(f) if f.is_empty() => {}
+        Ok(f) => match parse_total(&f) {
+            Some(v) => out.field = Some(v),
             None => out.problems.push(format!(
-                "key {key}: field {name:?} = {value:?} is not a canonical u64 total (skipped)"
+                "key {key}: this node's field = {f:?} is not a canonical u64 total (rewritten by its next send)"
             )),
+        },
+        Err(f) => out.problems.push(format!("key {key}: this node's field {f:?} is not UTF-8")),
+    }
+    out.owner = owner.ok().filter(|o| !o.is_empty());
+    out.mine = match mine {
+        Ok(m) if m.is_empty() => 0,
+        Ok(m) => parse_total(&m).unwrap_or_else(|| {
+            out.problems.push(format!(
+                "key {key}: this instance's kept-apart field = {m:?} is not a canonical u64 total"
+            ));
+            0
+        }),
+        Err(m) => {
+            out.problems.push(format!(
+                "key {key}: this instance's kept-apart field {m:?} is not UTF-8"
+            ));
+            0
+        }
+    };
+    if let Some(Value::Array(bad)) = it.next() {
+        let mut bad = bad.into_iter().map(|v| text(v).unwrap_or_else(|e| e));
+        let count: usize = bad.next().and_then(|c| c.parse().ok()).unwrap_or(0);
+        let mut shown = Vec::new();
+        while let (Some(f), Some(v)) = (bad.next(), bad.next()) {
+            shown.push(format!("{f:?} = {v:?}"));
+        }
+        if count > 0 {
+            let more = count.saturating_sub(shown.len());
+            let more = if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            };
+            out.problems.push(format!(
+                "key {key}: fields {}{more} are not canonical u64 totals (left out of the total)",
+                shown.join(", ")
+            ));
         }
     }
-    out.contributions = totals
-        .into_iter()
-        .map(|(node, instance, total)| {
-            let instance = instance.or_else(|| {
-                owners
-                    .iter()
-                    .find(|(n, _)| *n == node)
-                    .map(|(_, i)| i.clone())
-            });
-            Contribution {
-                node,
-                instance,
-                total,
-            }
-        })
-        .collect();
     Ok(out)
+}
+
+/// Parses a [`Mode::Read`] group's replies: `GET lease`, maybe `PEXPIRE`, one `HMGET` per
+/// item.
+fn parse_read(
+    group: &Group,
+    renew: bool,
+    id: &Identity<'_>,
+    replies: &mut impl Iterator<Item = redis::RedisResult<Value>>,
+) -> GroupOutcome {
+    let short = || WireError::Reply {
+        key: first_key(group),
+        detail: "the pipeline returned fewer replies than commands".into(),
+    };
+    let lease = replies.next().ok_or_else(short)?;
+    let renewed = if renew {
+        Some(replies.next().ok_or_else(short)?)
+    } else {
+        None
+    };
+    let states: Vec<redis::RedisResult<Value>> = group
+        .items
+        .iter()
+        .map(|_| replies.next().ok_or_else(short))
+        .collect::<Result<_, _>>()?;
+    // A redirect (cluster slot moved) or an unreachable shard concerns the whole budget:
+    // report it as the group's failure, as a script call's would be.
+    let whole = std::iter::once(&lease)
+        .chain(renewed.iter())
+        .chain(states.iter())
+        .filter_map(|r| r.as_ref().err())
+        .find(|e| {
+            matches!(
+                e.kind(),
+                ErrorKind::Server(
+                    ServerErrorKind::Moved
+                        | ServerErrorKind::Ask
+                        | ServerErrorKind::ClusterDown
+                        | ServerErrorKind::TryAgain
+                        | ServerErrorKind::BusyLoading
+                )
+            )
+        });
+    if let Some(error) = whole {
+        return Err(WireError::Rejected {
+            key: group.lease.clone(),
+            error: error.clone(),
+        });
+    }
+    let mut replies = std::iter::once(lease).chain(renewed).chain(states);
+    let lease = match replies.next().ok_or_else(short)? {
+        Ok(Value::Nil) => Lease::Free,
+        Ok(v) => match text(v) {
+            Ok(holder) if holder == id.instance => Lease::Held,
+            Ok(holder) => Lease::Refused { holder },
+            Err(v) => Lease::Broken(format!("unexpected lease value {v}")),
+        },
+        Err(e) => Lease::Broken(one_line(&e)),
+    };
+    if renew {
+        let _ = replies.next().ok_or_else(short)?;
+    }
+    let mut keys = Vec::with_capacity(group.items.len());
+    for item in &group.items {
+        let key = &item.key;
+        keys.push(match replies.next().ok_or_else(short)? {
+            Ok(Value::Array(parts)) if parts.len() == 5 => Ok(read_state(parts)),
+            Ok(other) => Err(format!("key {key}: unexpected reply {other:?}")),
+            Err(e) => Err(format!("key {key}: {} (window not synced)", one_line(&e))),
+        });
+    }
+    Ok(GroupReply { lease, keys })
+}
+
+/// A key's state from `HMGET node ~owner:node ~retired:node:inst ~total ~bad`; anything the
+/// script would repair makes it `needs_script`.
+fn read_state(parts: Vec<Value>) -> KeyReply {
+    let mut it = parts.into_iter().map(|v| match v {
+        Value::Nil => None,
+        v => Some(text(v).unwrap_or_else(|e| e)),
+    });
+    let (field, owner, mine, total, bad) = (
+        it.next().flatten(),
+        it.next().flatten(),
+        it.next().flatten(),
+        it.next().flatten(),
+        it.next().flatten(),
+    );
+    let mut out = KeyReply {
+        owner,
+        ..KeyReply::default()
+    };
+    let field_ok = field.as_deref().map(parse_total);
+    let mine_ok = mine.as_deref().map(parse_total);
+    out.field = field_ok.flatten();
+    out.mine = mine_ok.flatten().unwrap_or(0);
+    let malformed = matches!(field_ok, Some(None)) || matches!(mine_ok, Some(None));
+    match total.as_deref().map(parse_sum) {
+        Some(Some(t)) => out.total = t,
+        // An absent total is right only for an absent key (no field of ours either).
+        None if field.is_none() && mine.is_none() => out.total = 0,
+        _ => out.needs_script = true,
+    }
+    let ours = out.field.unwrap_or(0).saturating_add(out.mine);
+    if malformed || bad.is_some() || ours > out.total {
+        out.needs_script = true;
+    }
+    out
+}
+
+/// The RESP size of a reply value (what Redis sent for it, for the traffic figures).
+fn resp_len(value: &Value) -> usize {
+    fn header(n: usize) -> usize {
+        n.to_string().len() + 3
+    }
+    match value {
+        Value::Nil => 5,
+        Value::Int(i) => i.to_string().len() + 3,
+        Value::BulkString(b) => header(b.len()) + b.len() + 2,
+        Value::SimpleString(s) => s.len() + 3,
+        Value::Okay => 5,
+        Value::Array(items) | Value::Set(items) => {
+            header(items.len()) + items.iter().map(resp_len).sum::<usize>()
+        }
+        Value::Map(pairs) => {
+            header(pairs.len())
+                + pairs
+                    .iter()
+                    .map(|(k, v)| resp_len(k) + resp_len(v))
+                    .sum::<usize>()
+        }
+        other => format!("{other:?}").len(),
+    }
+}
+
+/// Parses a canonical decimal of any length as a total, saturating at `u64::MAX` (the sum of
+/// many u64 fields may exceed it).
+fn parse_sum(s: &str) -> Option<u64> {
+    let canonical =
+        !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) && (s == "0" || !s.starts_with('0'));
+    if !canonical {
+        return None;
+    }
+    Some(s.parse().unwrap_or(u64::MAX))
 }
 
 /// A bulk or simple string reply as UTF-8 text (the lossy text as the error).
@@ -672,8 +842,6 @@ mod tests {
         }
     }
 
-    type NodeTotals = Vec<(String, u64)>;
-
     const INSTANCE: &str = "i0";
 
     fn identity(node: &str) -> Identity<'_> {
@@ -682,6 +850,7 @@ mod tests {
             instance: INSTANCE,
             lease_ms: 60_000,
             release: false,
+            verify: false,
         }
     }
 
@@ -690,18 +859,21 @@ mod tests {
         Group {
             lease: format!("{tag}:lease:{node}"),
             items,
+            mode: Mode::Script,
         }
     }
 
+    /// Per key: this node's field and the key's total.
+    type State = (Option<u64>, u64);
+
     impl Wire {
-        /// The round in the shape of the first protocol version: per group, per key, the
-        /// `(field, total)` pairs; any refusal or problem is a panic.
-        async fn sync_round_legacy<C: redis::aio::ConnectionLike + Send>(
+        /// The round for plain groups of one node; any refusal or problem is a panic.
+        async fn sync_simple<C: redis::aio::ConnectionLike + Send>(
             &self,
             conn: &mut C,
             node: &str,
             groups: &[Vec<SyncItem>],
-        ) -> Result<Vec<Vec<NodeTotals>>, WireError> {
+        ) -> Result<Vec<Vec<State>>, WireError> {
             let groups: Vec<Group> = groups.iter().map(|g| group(node, g.clone())).collect();
             let out = self.sync_round(conn, &identity(node), &groups).await?;
             Ok(out
@@ -714,10 +886,7 @@ mod tests {
                         .map(|k| {
                             let k = k.unwrap();
                             assert!(k.problems.is_empty(), "{:?}", k.problems);
-                            k.contributions
-                                .into_iter()
-                                .map(|c| (c.node, c.total))
-                                .collect()
+                            (k.field, k.total)
                         })
                         .collect()
                 })
@@ -725,26 +894,34 @@ mod tests {
         }
     }
 
-    fn sorted(mut totals: NodeTotals) -> NodeTotals {
-        totals.sort();
-        totals
-    }
-
-    /// One item, one group: the totals of that key.
+    /// One item, one group: this node's field and the total of that key.
     async fn sync_one(
         wire: &Wire,
         conn: &mut MultiplexedConnection,
         node: &str,
         key: &str,
         own: u64,
-    ) -> NodeTotals {
+    ) -> State {
         let mut out = wire
-            .sync_round_legacy(conn, node, &[vec![item(key, own)]])
+            .sync_simple(conn, node, &[vec![item(key, own)]])
             .await
             .unwrap();
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].len(), 1);
-        sorted(out.remove(0).remove(0))
+        out.remove(0).remove(0)
+    }
+
+    /// The sum of the contribution fields, from the fields themselves, exactly.
+    fn field_sum(server: &RedisServer, key: &str) -> u128 {
+        let mut conn = redis::Client::open(server.url())
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        let all: Vec<(String, String)> = redis::cmd("HGETALL").arg(key).query(&mut conn).unwrap();
+        all.iter()
+            .filter(|(f, _)| !f.starts_with('~') || f.starts_with("~retired:"))
+            .map(|(_, v)| v.parse::<u128>().unwrap())
+            .sum()
     }
 
     macro_rules! server_or_skip {
@@ -765,6 +942,10 @@ mod tests {
             window_key("pb", "openai", "1d", 1_700_000_000),
             "pb:{openai:1d}:1700000000"
         );
+        assert_eq!(
+            lease_key("pb", "openai", "1d", "n1"),
+            "pb:{openai:1d}:lease:n1"
+        );
     }
 
     #[test]
@@ -783,6 +964,9 @@ mod tests {
         ] {
             assert_eq!(parse_total(bad), None, "{bad:?}");
         }
+        // A sum saturates instead.
+        assert_eq!(parse_sum("18446744073709551616"), Some(u64::MAX));
+        assert_eq!(parse_sum("007"), None);
     }
 
     #[test]
@@ -794,40 +978,46 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn merge_is_a_max_per_node_and_idempotent() {
+    async fn merge_is_a_max_per_node_and_the_total_moves_with_it() {
         let server = server_or_skip!();
         let mut conn = connect(&server).await;
         let wire = Wire::new();
         let key = window_key("t", "openai", "1d", 0);
 
+        assert_eq!(sync_one(&wire, &mut conn, "a", &key, 5).await, (Some(5), 5));
+        // A smaller (late) total never lowers the stored one.
+        assert_eq!(sync_one(&wire, &mut conn, "a", &key, 3).await, (Some(5), 5));
+        // Reading with 0 writes nothing and does not create absent fields.
+        assert_eq!(sync_one(&wire, &mut conn, "a", &key, 0).await, (Some(5), 5));
+        assert_eq!(
+            sync_one(&wire, &mut conn, "b", &key, 7).await,
+            (Some(7), 12)
+        );
+        // Re-sending is harmless.
+        assert_eq!(
+            sync_one(&wire, &mut conn, "b", &key, 7).await,
+            (Some(7), 12)
+        );
         assert_eq!(
             sync_one(&wire, &mut conn, "a", &key, 5).await,
-            [("a".into(), 5)]
+            (Some(5), 12)
         );
-        // A smaller (late) total never lowers the stored one.
+        // A raise moves the total by exactly the raise.
         assert_eq!(
-            sync_one(&wire, &mut conn, "a", &key, 3).await,
-            [("a".into(), 5)]
+            sync_one(&wire, &mut conn, "a", &key, 9).await,
+            (Some(9), 16)
         );
-        // Reading with 0 writes nothing and does not create absent fields.
-        assert_eq!(
-            sync_one(&wire, &mut conn, "a", &key, 0).await,
-            [("a".into(), 5)]
-        );
-        let both = vec![("a".to_owned(), 5), ("b".to_owned(), 7)];
-        assert_eq!(sync_one(&wire, &mut conn, "b", &key, 7).await, both);
-        // Re-sending is harmless.
-        assert_eq!(sync_one(&wire, &mut conn, "b", &key, 7).await, both);
-        assert_eq!(sync_one(&wire, &mut conn, "a", &key, 5).await, both);
+        assert_eq!(server.command(&["HGET", &key, "~total"]), "16");
         // A node can see the others without contributing.
         let absent = window_key("t", "anthropic", "1d", 0);
-        assert_eq!(sync_one(&wire, &mut conn, "c", &absent, 0).await, []);
+        assert_eq!(sync_one(&wire, &mut conn, "c", &absent, 0).await, (None, 0));
         assert_eq!(server.command(&["EXISTS", &absent]), "0");
-        assert_eq!(sync_one(&wire, &mut conn, "c", &key, 0).await, both);
+        assert_eq!(sync_one(&wire, &mut conn, "c", &key, 0).await, (None, 16));
+        assert_eq!(field_sum(&server, &key), 16);
     }
 
     #[tokio::test]
-    async fn totals_beyond_2_pow_53_are_exact() {
+    async fn totals_beyond_2_pow_53_and_u64_are_exact() {
         let server = server_or_skip!();
         let mut conn = connect(&server).await;
         let wire = Wire::new();
@@ -837,38 +1027,162 @@ mod tests {
         // As doubles, 2^53 + 1 == 2^53: only a string comparison sees the raise.
         assert_eq!(
             sync_one(&wire, &mut conn, "a", &key, p53).await,
-            [("a".into(), p53)]
+            (Some(p53), p53)
         );
         assert_eq!(
             sync_one(&wire, &mut conn, "a", &key, p53 + 1).await,
-            [("a".into(), p53 + 1)]
+            (Some(p53 + 1), p53 + 1)
         );
         assert_eq!(
             sync_one(&wire, &mut conn, "a", &key, p53).await,
-            [("a".into(), p53 + 1)]
+            (Some(p53 + 1), p53 + 1)
         );
-        // Same length, differing only in the last digit; then more digits.
-        assert_eq!(
-            sync_one(&wire, &mut conn, "a", &key, 9_007_199_254_740_999).await,
-            [("a".into(), 9_007_199_254_740_999)]
-        );
-        assert_eq!(
-            sync_one(&wire, &mut conn, "a", &key, 10_000_000_000_000_000).await,
-            [("a".into(), 10_000_000_000_000_000)]
-        );
-        assert_eq!(
-            sync_one(&wire, &mut conn, "a", &key, u64::MAX - 1).await,
-            [("a".into(), u64::MAX - 1)]
-        );
-        assert_eq!(
-            sync_one(&wire, &mut conn, "a", &key, u64::MAX).await,
-            [("a".into(), u64::MAX)]
-        );
+        for v in [
+            9_007_199_254_740_999,
+            10_000_000_000_000_000,
+            u64::MAX - 1,
+            u64::MAX,
+        ] {
+            assert_eq!(sync_one(&wire, &mut conn, "a", &key, v).await, (Some(v), v));
+        }
         assert_eq!(
             sync_one(&wire, &mut conn, "a", &key, u64::MAX - 1).await,
-            [("a".into(), u64::MAX)]
+            (Some(u64::MAX), u64::MAX)
+        );
+        // Two nodes at u64::MAX: the total is kept exactly in Redis, read saturated.
+        assert_eq!(
+            sync_one(&wire, &mut conn, "b", &key, u64::MAX).await,
+            (Some(u64::MAX), u64::MAX)
+        );
+        assert_eq!(
+            server.command(&["HGET", &key, "~total"]),
+            (2 * u128::from(u64::MAX)).to_string()
         );
         assert_eq!(server.command(&["HGET", &key, "a"]), u64::MAX.to_string());
+    }
+
+    /// Deterministic pseudo-random raises by many nodes, with carries and borrows in every
+    /// digit: `~total` equals the exact sum of the fields after each round.
+    #[tokio::test]
+    async fn the_running_total_is_the_exact_sum_of_the_fields() {
+        let server = server_or_skip!();
+        let mut conn = connect(&server).await;
+        let wire = Wire::new();
+        let key = window_key("t", "sum", "1d", 0);
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut own = [0u64; 7];
+        for step in 0..200 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let n = (state % 7) as usize;
+            // Small steps, steps of 10^k - 1 (carries), huge values.
+            let raise = match step % 4 {
+                0 => state % 1000,
+                1 => 10u64.pow((state % 19) as u32) - 1,
+                2 => state >> (state % 64),
+                _ => 0,
+            };
+            own[n] = own[n].saturating_add(raise);
+            let (field, total) = sync_one(&wire, &mut conn, &format!("n{n}"), &key, own[n]).await;
+            let exact: u128 = own.iter().map(|&v| u128::from(v)).sum();
+            assert_eq!(field, Some(own[n]).filter(|&v| v > 0), "step {step}");
+            assert_eq!(
+                u128::from(total),
+                exact.min(u128::from(u64::MAX)),
+                "step {step}"
+            );
+            if exact > 0 {
+                assert_eq!(server.command(&["HGET", &key, "~total"]), exact.to_string());
+            }
+            assert_eq!(field_sum(&server, &key), exact);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_total_that_cannot_be_right_is_recomputed_server_side() {
+        let server = server_or_skip!();
+        let mut conn = connect(&server).await;
+        let wire = Wire::new();
+        let key = window_key("t", "openai", "1d", 0);
+        sync_one(&wire, &mut conn, "a", &key, 5).await;
+        sync_one(&wire, &mut conn, "b", &key, 7).await;
+        for (damage, value) in [
+            ("missing", None),
+            ("malformed", Some("x1")),
+            ("below our field", Some("3")),
+            ("leading zero", Some("012")),
+        ] {
+            match value {
+                None => server.command(&["HDEL", &key, "~total"]),
+                Some(v) => server.command(&["HSET", &key, "~total", v]),
+            };
+            let out = wire
+                .sync_round(
+                    &mut conn,
+                    &identity("a"),
+                    &[group("a", vec![item(&key, 0)])],
+                )
+                .await
+                .unwrap();
+            let reply = out[0].as_ref().unwrap().keys[0].clone().unwrap();
+            assert!(reply.repaired, "{damage}");
+            assert_eq!(reply.total, 12, "{damage}");
+            assert_eq!(server.command(&["HGET", &key, "~total"]), "12", "{damage}");
+        }
+        // A total too high for anyone to see is only found by a verifying round.
+        server.command(&["HSET", &key, "~total", "100"]);
+        assert_eq!(
+            sync_one(&wire, &mut conn, "a", &key, 0).await,
+            (Some(5), 100)
+        );
+        let verify = Identity {
+            verify: true,
+            ..identity("a")
+        };
+        let out = wire
+            .sync_round(&mut conn, &verify, &[group("a", vec![item(&key, 0)])])
+            .await
+            .unwrap();
+        let reply = out[0].as_ref().unwrap().keys[0].clone().unwrap();
+        assert!(reply.repaired);
+        assert_eq!(reply.total, 12);
+        // A key of the previous wire (fields, no total) gets its total at the first touch.
+        let old = window_key("t", "old", "1d", 0);
+        server.command(&["HSET", &old, "x", "40", "y", "2", "~owner:x", "i9"]);
+        assert_eq!(
+            sync_one(&wire, &mut conn, "a", &old, 1).await,
+            (Some(1), 43)
+        );
+    }
+
+    #[tokio::test]
+    async fn the_reply_size_does_not_grow_with_the_fleet() {
+        let server = server_or_skip!();
+        let mut conn = connect(&server).await;
+        let key = window_key("t", "openai", "1d", 0);
+        let measure = |wire: &Wire| wire.traffic().1;
+        let wire = Wire::new();
+        sync_one(&wire, &mut conn, "a", &key, 123_456).await;
+        let before = measure(&wire);
+        sync_one(&wire, &mut conn, "a", &key, 0).await;
+        let alone = measure(&wire) - before;
+        for n in 0..500 {
+            server.command(&["HSET", &key, &format!("node-{n}"), "987654321"]);
+        }
+        server.command(&["HDEL", &key, "~total"]);
+        sync_one(&wire, &mut conn, "a", &key, 0).await; // repairs the total once
+        let before = measure(&wire);
+        assert_eq!(
+            sync_one(&wire, &mut conn, "a", &key, 0).await,
+            (Some(123_456), 123_456 + 500 * 987_654_321)
+        );
+        let crowded = measure(&wire) - before;
+        // Only the total's digits differ (6 more, and one more digit in its length).
+        assert!(
+            crowded <= alone + 7,
+            "{alone} bytes alone, {crowded} beside 500 nodes"
+        );
     }
 
     #[tokio::test]
@@ -890,21 +1204,16 @@ mod tests {
             .collect();
 
         // The first round may load the script (fresh server, hence NOSCRIPT): 1 or 2 trips.
-        wire.sync_round_legacy(&mut conn, "a", &groups)
-            .await
-            .unwrap();
+        wire.sync_simple(&mut conn, "a", &groups).await.unwrap();
         for _ in 0..3 {
             let before = wire.round_trips();
-            let out = wire
-                .sync_round_legacy(&mut conn, "a", &groups)
-                .await
-                .unwrap();
+            let out = wire.sync_simple(&mut conn, "a", &groups).await.unwrap();
             assert_eq!(wire.round_trips(), before + 1);
             assert_eq!(out.len(), groups.len());
-            for (group, totals) in groups.iter().zip(&out) {
-                assert_eq!(totals.len(), group.len());
-                for (it, t) in group.iter().zip(totals) {
-                    assert_eq!(t, &vec![("a".to_owned(), it.own)], "{}", it.key);
+            for (group, states) in groups.iter().zip(&out) {
+                assert_eq!(states.len(), group.len());
+                for (it, s) in group.iter().zip(states) {
+                    assert_eq!(s, &(Some(it.own), it.own), "{}", it.key);
                 }
             }
         }
@@ -912,7 +1221,7 @@ mod tests {
         // Empty groups keep their place and cost nothing; all-empty sends nothing.
         let before = wire.round_trips();
         let out = wire
-            .sync_round_legacy(&mut conn, "a", &[vec![], groups[1].clone(), vec![]])
+            .sync_simple(&mut conn, "a", &[vec![], groups[1].clone(), vec![]])
             .await
             .unwrap();
         assert_eq!(out.len(), 3);
@@ -920,10 +1229,10 @@ mod tests {
         assert_eq!(out[1].len(), groups[1].len());
         assert_eq!(wire.round_trips(), before + 1);
         let out = wire
-            .sync_round_legacy(&mut conn, "a", &[vec![], vec![]])
+            .sync_simple(&mut conn, "a", &[vec![], vec![]])
             .await
             .unwrap();
-        assert_eq!(out, vec![Vec::<NodeTotals>::new(), Vec::new()]);
+        assert_eq!(out, vec![Vec::<State>::new(), Vec::new()]);
         assert_eq!(wire.round_trips(), before + 1);
     }
 
@@ -945,12 +1254,9 @@ mod tests {
             vec![item(&key, 6)],
             vec![item(&window_key("t", "x", "1d", 0), 1)],
         ];
-        let out = wire
-            .sync_round_legacy(&mut conn, "a", &groups)
-            .await
-            .unwrap();
-        assert_eq!(out[0][0], vec![("a".to_owned(), 6)]);
-        assert_eq!(out[1][0], vec![("a".to_owned(), 1)]);
+        let out = wire.sync_simple(&mut conn, "a", &groups).await.unwrap();
+        assert_eq!(out[0][0], (Some(6), 6));
+        assert_eq!(out[1][0], (Some(1), 1));
         assert_eq!(
             wire.round_trips(),
             before + 2,
@@ -962,9 +1268,7 @@ mod tests {
             "[1]"
         );
         let before = wire.round_trips();
-        wire.sync_round_legacy(&mut conn, "a", &groups)
-            .await
-            .unwrap();
+        wire.sync_simple(&mut conn, "a", &groups).await.unwrap();
         assert_eq!(wire.round_trips(), before + 1);
     }
 
@@ -979,7 +1283,7 @@ mod tests {
 
         server.kill();
         let err = wire
-            .sync_round_legacy(&mut conn_a, "a", &[vec![item(&key, 6)]])
+            .sync_simple(&mut conn_a, "a", &[vec![item(&key, 6)]])
             .await
             .unwrap_err();
         assert!(err.is_connection_error(), "{err}");
@@ -989,14 +1293,11 @@ mod tests {
         assert_eq!(server.command(&["EXISTS", &key]), "0", "no persistence");
         // A fresh connection (the old one died with the server); the script is gone too.
         let mut conn = connect(&server).await;
-        assert_eq!(
-            sync_one(&wire, &mut conn, "a", &key, 6).await,
-            [("a".into(), 6)]
-        );
+        assert_eq!(sync_one(&wire, &mut conn, "a", &key, 6).await, (Some(6), 6));
         // Node b re-sends its absolute total: the fleet total is whole again.
         assert_eq!(
             sync_one(&wire, &mut conn, "b", &key, 9).await,
-            [("a".into(), 6), ("b".into(), 9)]
+            (Some(9), 15)
         );
     }
 
@@ -1008,10 +1309,10 @@ mod tests {
         let wire = Wire::new();
         let key = window_key("t", "openai", "1d", 0);
         let out = wire
-            .sync_round_legacy(&mut conn, "a", &[vec![item(&key, 2)]])
+            .sync_simple(&mut conn, "a", &[vec![item(&key, 2)]])
             .await
             .unwrap();
-        assert_eq!(out, vec![vec![vec![("a".to_owned(), 2)]]]);
+        assert_eq!(out, vec![vec![(Some(2), 2)]]);
     }
 
     #[tokio::test]
@@ -1029,18 +1330,18 @@ mod tests {
             own: 1,
             expire_at: now + 1000,
         };
-        wire.sync_round_legacy(&mut conn, "a", &[vec![item.clone()]])
+        wire.sync_simple(&mut conn, "a", &[vec![item.clone()]])
             .await
             .unwrap();
         let ttl: i64 = server.command(&["TTL", &key]).parse().unwrap();
         assert!((990..=1000).contains(&ttl), "ttl {ttl}");
 
-        // Every sync re-arms it (a later expire_at moves it).
+        // Every send re-arms it (a later expire_at moves it).
         let later = SyncItem {
             expire_at: now + 5000,
             ..item
         };
-        wire.sync_round_legacy(&mut conn, "a", &[vec![later]])
+        wire.sync_simple(&mut conn, "a", &[vec![later]])
             .await
             .unwrap();
         let ttl: i64 = server.command(&["TTL", &key]).parse().unwrap();
@@ -1053,7 +1354,7 @@ mod tests {
             own: 0,
             expire_at: now + 1000,
         };
-        wire.sync_round_legacy(&mut conn, "a", &[vec![read]])
+        wire.sync_simple(&mut conn, "a", &[vec![read]])
             .await
             .unwrap();
         assert_eq!(server.command(&["TTL", &absent]), "-2");
@@ -1086,22 +1387,16 @@ mod tests {
             Vec::<String>::new()
         );
         let bad = out[1].as_ref().unwrap();
-        let hash = bad.keys[0].as_ref().unwrap();
-        let mut totals: Vec<(&str, u64)> = hash
-            .contributions
-            .iter()
-            .map(|c| (c.node.as_str(), c.total))
-            .collect();
-        totals.sort();
-        assert_eq!(totals, [("a", 5), ("e", 7)]);
-        assert_eq!(hash.problems.len(), 3, "{:?}", hash.problems);
+        let reply = bad.keys[0].as_ref().unwrap();
+        // The bad fields are left out of the total (computed at the first touch).
+        assert_eq!((reply.field, reply.total), (Some(5), 12));
+        // One line for the key, naming each bad field and its value.
+        assert_eq!(reply.problems.len(), 1, "{:?}", reply.problems);
         for (field, value) in [("b", "abc"), ("c", "-5"), ("d", "18446744073709551616")] {
+            let p = &reply.problems[0];
             assert!(
-                hash.problems.iter().any(|p| p.contains(&key)
-                    && p.contains(&format!("{field:?}"))
-                    && p.contains(value)),
-                "{field}: {:?}",
-                hash.problems
+                p.contains(&key) && p.contains(&format!("{field:?} = \"{value}\"")),
+                "{field}: {p}"
             );
         }
         let wrong_err = bad.keys[1].as_ref().unwrap_err();
@@ -1110,7 +1405,8 @@ mod tests {
             "{wrong_err}"
         );
         assert!(!wrong_err.contains('\n'));
-        // A garbage value in our *own* field is repaired by our total (we are its only writer).
+        // A garbage value in our *own* field is reported, then repaired by our total (we
+        // are its only writer), and the total stays the sum of the good fields.
         server.command(&["HSET", &key, "a", "99999999999999999999999"]);
         server.command(&["DEL", &wrong]);
         let out = wire
@@ -1119,8 +1415,44 @@ mod tests {
             .unwrap();
         let bad = out[1].as_ref().unwrap();
         assert!(bad.keys[1].is_ok());
+        let reply = bad.keys[0].as_ref().unwrap();
+        assert_eq!((reply.field, reply.total), (Some(5), 12));
         assert_eq!(server.command(&["HGET", &key, "a"]), "5");
+        assert_eq!(server.command(&["HGET", &key, "~total"]), "12");
         assert_eq!(server.command(&["HGET", &wrong, "a"]), "3");
+        // Still reported while the bad fields are there; an operator's fix counts at once.
+        assert_eq!(reply.problems.len(), 1, "{:?}", reply.problems);
+        server.command(&["HSET", &key, "b", "100"]);
+        server.command(&["HDEL", &key, "c", "d"]);
+        let out = wire
+            .sync_round(&mut conn, &identity("a"), &groups)
+            .await
+            .unwrap();
+        let reply = out[1].as_ref().unwrap().keys[0].as_ref().unwrap();
+        assert_eq!((reply.total, reply.problems.len()), (112, 0), "{reply:?}");
+        assert_eq!(server.command(&["HEXISTS", &key, "~bad"]), "0");
+        // Clean again: no recomputation.
+        let out = wire
+            .sync_round(&mut conn, &identity("a"), &groups)
+            .await
+            .unwrap();
+        assert!(!out[1].as_ref().unwrap().keys[0].as_ref().unwrap().repaired);
+    }
+
+    /// A key's reply for instance `inst` of node `n`.
+    async fn sync_as(
+        wire: &Wire,
+        conn: &mut MultiplexedConnection,
+        id: &Identity<'_>,
+        key: &str,
+        own: u64,
+    ) -> (Lease, KeyReply) {
+        let mut out = wire
+            .sync_round(conn, id, &[group(id.node, vec![item(key, own)])])
+            .await
+            .unwrap();
+        let reply = out.remove(0).unwrap();
+        (reply.lease, reply.keys[0].clone().unwrap())
     }
 
     #[tokio::test]
@@ -1129,41 +1461,30 @@ mod tests {
         let mut conn = connect(&server).await;
         let wire = Wire::new();
         let key = window_key("t", "openai", "1d", 0);
-        let g = [group("n", vec![item(&key, 100)])];
+        let lease = group("n", vec![item(&key, 0)]).lease;
         let one = identity("n");
         let two = Identity {
             instance: "i2",
             ..identity("n")
         };
-        let out = wire.sync_round(&mut conn, &one, &g).await.unwrap();
-        assert_eq!(out[0].as_ref().unwrap().lease, Lease::Held);
-        // Another data dir with the same node id: refused, nothing written, still reads.
-        let g2 = [group("n", vec![item(&key, 30)])];
-        let out = wire.sync_round(&mut conn, &two, &g2).await.unwrap();
-        let reply = out[0].as_ref().unwrap();
+        let (l, r) = sync_as(&wire, &mut conn, &one, &key, 100).await;
+        assert_eq!(l, Lease::Held);
         assert_eq!(
-            reply.lease,
+            (r.field, r.owner.as_deref(), r.mine, r.total),
+            (Some(100), Some(INSTANCE), 0, 100)
+        );
+        // Another data dir with the same node id: refused, the field left alone, its total
+        // kept apart under its instance, and counted.
+        let (l, r) = sync_as(&wire, &mut conn, &two, &key, 30).await;
+        assert_eq!(
+            l,
             Lease::Refused {
                 holder: INSTANCE.into()
             }
         );
-        // The node's field is left alone; its total is kept apart under its instance.
-        let mut c = reply.keys[0].as_ref().unwrap().contributions.clone();
-        c.sort();
         assert_eq!(
-            c,
-            [
-                Contribution {
-                    node: "n".into(),
-                    instance: Some(INSTANCE.into()),
-                    total: 100
-                },
-                Contribution {
-                    node: "n".into(),
-                    instance: Some("i2".into()),
-                    total: 30
-                },
-            ]
+            (r.field, r.owner.as_deref(), r.mine, r.total),
+            (Some(100), Some(INSTANCE), 30, 130)
         );
         assert_eq!(server.command(&["HGET", &key, "n"]), "100");
         assert_eq!(server.command(&["HGET", &key, "~retired:n:i2"]), "30");
@@ -1172,49 +1493,35 @@ mod tests {
             release: true,
             ..one
         };
-        wire.sync_round(&mut conn, &release, &g).await.unwrap();
-        assert_eq!(server.command(&["EXISTS", &g[0].lease]), "0");
+        sync_as(&wire, &mut conn, &release, &key, 100).await;
+        assert_eq!(server.command(&["EXISTS", &lease]), "0");
         // The second takes over: the first's total is kept beside its own, not max-merged,
         // and its own apart total moves back into the field.
-        let out = wire.sync_round(&mut conn, &two, &g2).await.unwrap();
-        let mut c = out[0].as_ref().unwrap().keys[0]
-            .as_ref()
-            .unwrap()
-            .contributions
-            .clone();
-        c.sort();
+        let (l, r) = sync_as(&wire, &mut conn, &two, &key, 30).await;
+        assert_eq!(l, Lease::Held);
         assert_eq!(
-            c,
-            [
-                Contribution {
-                    node: "n".into(),
-                    instance: Some(INSTANCE.into()),
-                    total: 100
-                },
-                Contribution {
-                    node: "n".into(),
-                    instance: Some("i2".into()),
-                    total: 30
-                },
-            ]
+            (r.field, r.owner.as_deref(), r.mine, r.total),
+            (Some(30), Some("i2"), 0, 130)
         );
-        let ttl: i64 = server.command(&["PTTL", &g[0].lease]).parse().unwrap();
+        let ttl: i64 = server.command(&["PTTL", &lease]).parse().unwrap();
         assert!((50_000..=60_000).contains(&ttl), "{ttl}");
-        assert_eq!(server.command(&["GET", &g[0].lease]), "i2");
+        assert_eq!(server.command(&["GET", &lease]), "i2");
         assert_eq!(server.command(&["HEXISTS", &key, "~retired:n:i2"]), "0");
-        assert_eq!(server.command(&["HGET", &key, "n"]), "30");
+        assert_eq!(
+            server.command(&["HGET", &key, format!("~retired:n:{INSTANCE}").as_str()]),
+            "100"
+        );
+        // The first reads: the field is not its own any more.
+        let (_, r) = sync_as(&wire, &mut conn, &one, &key, 0).await;
+        assert_eq!(
+            (r.field, r.owner.as_deref(), r.mine, r.total),
+            (Some(30), Some("i2"), 100, 130)
+        );
         // The first comes back later with more spend and takes its field back: exact again.
-        server.command(&["DEL", &g[0].lease]);
-        let g3 = [group("n", vec![item(&key, 110)])];
-        let out = wire.sync_round(&mut conn, &one, &g3).await.unwrap();
-        let mut c = out[0].as_ref().unwrap().keys[0]
-            .as_ref()
-            .unwrap()
-            .contributions
-            .clone();
-        c.sort();
-        let sum: u64 = c.iter().map(|c| c.total).sum();
-        assert_eq!(sum, 140, "{c:?}");
+        server.command(&["DEL", &lease]);
+        let (_, r) = sync_as(&wire, &mut conn, &one, &key, 110).await;
+        assert_eq!(r.total, 140, "{r:?}");
+        assert_eq!(field_sum(&server, &key), 140);
     }
 
     #[tokio::test]
@@ -1240,15 +1547,103 @@ mod tests {
             server.command(&["HGET", &key, &format!("~retired:n:{INSTANCE}")]),
             "9"
         );
+        assert_eq!(reply.keys[0].as_ref().unwrap().total, 9);
         // Repaired: the field is taken and our apart total moves into it.
         server.command(&["DEL", &g[0].lease]);
-        wire.sync_round(&mut conn, &identity("n"), &g)
+        let out = wire
+            .sync_round(&mut conn, &identity("n"), &g)
             .await
             .unwrap();
+        assert_eq!(out[0].as_ref().unwrap().keys[0].as_ref().unwrap().total, 9);
         assert_eq!(server.command(&["HGET", &key, "n"]), "9");
+        assert_eq!(server.command(&["HGET", &key, "~total"]), "9");
         assert_eq!(
             server.command(&["HEXISTS", &key, &format!("~retired:n:{INSTANCE}")]),
             "0"
         );
+    }
+
+    #[tokio::test]
+    async fn a_clean_budget_is_read_with_plain_commands_and_damage_sends_it_to_the_script() {
+        let server = server_or_skip!();
+        let mut conn = connect(&server).await;
+        let wire = Wire::new();
+        let key = window_key("t", "openai", "1d", 0);
+        sync_one(&wire, &mut conn, "a", &key, 5).await;
+        sync_one(&wire, &mut conn, "b", &key, 7).await;
+        let read = |renew| Group {
+            mode: Mode::Read { renew },
+            ..group("a", vec![item(&key, 0)])
+        };
+        let before = wire.traffic();
+        let out = wire
+            .sync_round(&mut conn, &identity("a"), &[read(true)])
+            .await
+            .unwrap();
+        let after = wire.traffic();
+        let reply = out[0].as_ref().unwrap();
+        assert_eq!(reply.lease, Lease::Held);
+        let state = reply.keys[0].as_ref().unwrap();
+        assert_eq!(
+            (state.field, state.total, state.needs_script),
+            (Some(5), 12, false)
+        );
+        assert_eq!(state.owner.as_deref(), Some(INSTANCE));
+        // No script ran: the request carries no SHA, and the lease was renewed.
+        assert!(after.0 - before.0 < 250, "{} bytes", after.0 - before.0);
+        let lease = read(false).lease;
+        let ttl: i64 = server.command(&["PTTL", &lease]).parse().unwrap();
+        assert!(ttl > 50_000, "{ttl}");
+        // Another instance's lease: refused; a free one: free.
+        let other = Identity {
+            instance: "i9",
+            ..identity("a")
+        };
+        let out = wire
+            .sync_round(&mut conn, &other, &[read(false)])
+            .await
+            .unwrap();
+        assert_eq!(
+            out[0].as_ref().unwrap().lease,
+            Lease::Refused {
+                holder: INSTANCE.into()
+            }
+        );
+        server.command(&["DEL", &lease]);
+        let out = wire
+            .sync_round(&mut conn, &identity("a"), &[read(false)])
+            .await
+            .unwrap();
+        assert_eq!(out[0].as_ref().unwrap().lease, Lease::Free);
+        // What only the script repairs: a missing or low total, a flagged key.
+        for damage in [
+            vec!["HDEL", key.as_str(), "~total"],
+            vec!["HSET", key.as_str(), "~total", "1"],
+            vec!["HSET", key.as_str(), "~bad", "1"],
+            vec!["HSET", key.as_str(), "a", "x"],
+        ] {
+            server.command(&damage);
+            let out = wire
+                .sync_round(&mut conn, &identity("a"), &[read(false)])
+                .await
+                .unwrap();
+            let state = out[0].as_ref().unwrap().keys[0].clone().unwrap();
+            assert!(state.needs_script, "{damage:?}");
+            server.command(&["HDEL", &key, "~bad"]);
+            server.command(&["HSET", &key, "a", "5"]);
+            sync_one(&wire, &mut conn, "a", &key, 0).await; // the script repairs
+        }
+        // An absent key needs nothing.
+        let absent = window_key("t", "x", "1d", 0);
+        let g = Group {
+            mode: Mode::Read { renew: false },
+            ..group("a", vec![item(&absent, 0)])
+        };
+        let out = wire
+            .sync_round(&mut conn, &identity("a"), &[g])
+            .await
+            .unwrap();
+        let state = out[0].as_ref().unwrap().keys[0].clone().unwrap();
+        assert_eq!((state.total, state.needs_script), (0, false));
     }
 }

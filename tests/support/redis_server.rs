@@ -38,6 +38,13 @@ pub struct RedisServer {
     port: u16,
     dir: tempfile::TempDir,
     bin: PathBuf,
+    /// Extra `redis-server` arguments (cluster mode, TLS); `{port}` and `{tls_port}` in them
+    /// are replaced by the ports of the attempt.
+    extra: Vec<String>,
+    /// Ports are chosen below this (a cluster node's bus port is its port + 10 000).
+    port_limit: u16,
+    /// The TLS port, when TLS is on (0 otherwise).
+    tls_port: u16,
 }
 
 impl fmt::Debug for RedisServer {
@@ -98,6 +105,29 @@ fn in_ci() -> bool {
     }
 }
 
+/// A free loopback port below `limit` (and, for a limit below the ephemeral range, whose
+/// `port + 10 000` is free too: a Redis Cluster bus port).
+fn free_port_below(limit: u16) -> io::Result<u16> {
+    if limit == u16::MAX {
+        return free_port();
+    }
+    let mut state = u64::from(std::process::id())
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+    for _ in 0..1000 {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let port = 20_000 + (state % u64::from(limit - 20_000)) as u16;
+        let free = |p: u16| TcpListener::bind((Ipv4Addr::LOCALHOST, p)).is_ok();
+        if free(port) && free(port + 10_000) {
+            return Ok(port);
+        }
+    }
+    Err(io::Error::other(format!("no free port below {limit}")))
+}
+
 /// Asks the OS for a free loopback port. The listener is dropped before redis binds, so another
 /// process may take the port in between; `start` detects that and retries with a fresh one.
 fn free_port() -> io::Result<u16> {
@@ -112,7 +142,14 @@ impl RedisServer {
     /// Returns `None` when the server cannot be started, unless `CI` is set, in which case it
     /// panics with the reason: tests must fail in CI rather than skip.
     pub fn start() -> Option<RedisServer> {
-        match Self::try_start() {
+        Self::start_with(&[], u16::MAX, false)
+    }
+
+    /// Like [`RedisServer::start`] with extra arguments (`{port}` and `{tls_port}` in them are
+    /// replaced), a port below `port_limit`, and (`tls`) a second free port for `--tls-port`.
+    /// The plain port stays open on loopback for the harness's own commands.
+    pub fn start_with(extra: &[String], port_limit: u16, tls: bool) -> Option<RedisServer> {
+        match Self::try_start(extra, port_limit, tls) {
             Ok(server) => Some(server),
             Err(reason) if in_ci() => {
                 panic!("redis-server is required in CI (CI is set) but could not start: {reason}")
@@ -124,7 +161,7 @@ impl RedisServer {
         }
     }
 
-    fn try_start() -> Result<RedisServer, String> {
+    fn try_start(extra: &[String], port_limit: u16, tls: bool) -> Result<RedisServer, String> {
         let bin = std::env::var_os("REDIS_SERVER_BIN")
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from("redis-server"));
@@ -137,10 +174,18 @@ impl RedisServer {
             port: 0,
             dir,
             bin,
+            extra: extra.to_vec(),
+            port_limit,
+            tls_port: 0,
         };
         let mut last_error = String::from("no attempt made");
         for _ in 0..PORT_ATTEMPTS {
-            server.port = free_port().map_err(|e| format!("cannot find a free port: {e}"))?;
+            server.port =
+                free_port_below(port_limit).map_err(|e| format!("cannot find a free port: {e}"))?;
+            if tls {
+                server.tls_port = free_port_below(port_limit)
+                    .map_err(|e| format!("cannot find a free port: {e}"))?;
+            }
             match server.spawn_and_wait() {
                 Ok(()) => return Ok(server),
                 // A missing binary will not appear on another port.
@@ -182,6 +227,10 @@ impl RedisServer {
             .arg("no")
             .arg("--dir")
             .arg(self.dir.path())
+            .args(self.extra.iter().map(|a| {
+                a.replace("{port}", &self.port.to_string())
+                    .replace("{tls_port}", &self.tls_port.to_string())
+            }))
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log_err))
@@ -278,9 +327,23 @@ impl RedisServer {
         self.port
     }
 
+    /// `rediss://127.0.0.1:TLS_PORT/` (a server started with `tls`).
+    pub fn tls_url(&self) -> String {
+        format!("rediss://127.0.0.1:{}/", self.tls_port)
+    }
+
+    pub fn tls_port(&self) -> u16 {
+        self.tls_port
+    }
+
     /// The server's working directory (its log is `redis.log` there).
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// False once [`RedisServer::kill`] ran (without a restart).
+    pub fn alive(&self) -> bool {
+        self.child.is_some()
     }
 
     /// True while the child process is running.
@@ -423,5 +486,150 @@ fn read_reply(reader: &mut impl BufRead) -> io::Result<Reply> {
                 .map(Reply::Array)
         }
         _ => Err(io::Error::other(format!("unexpected RESP line {line:?}"))),
+    }
+}
+
+/// A Redis Cluster of real `redis-server` processes on loopback, created with
+/// `redis-cli --cluster create` (node ports below 55 000: the bus port is port + 10 000).
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    /// `masters` masters with `replicas` replicas each; waits until every node reports
+    /// `cluster_state:ok` and every master has its replicas. `None` (or a panic in CI) when
+    /// it cannot.
+    pub fn start(masters: usize, replicas: usize) -> Option<RedisCluster> {
+        match Self::try_start(masters, replicas) {
+            Ok(c) => Some(c),
+            Err(reason) if in_ci() => panic!("a redis cluster is required in CI: {reason}"),
+            Err(reason) => {
+                eprintln!("redis cluster not available: {reason}");
+                None
+            }
+        }
+    }
+
+    fn try_start(masters: usize, replicas: usize) -> Result<RedisCluster, String> {
+        let args: Vec<String> = [
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes-{port}.conf",
+            "--cluster-node-timeout",
+            "1000",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let mut nodes = Vec::new();
+        for _ in 0..masters * (1 + replicas) {
+            nodes.push(Self::node(&args).ok_or_else(|| "cannot start a cluster node".to_string())?);
+        }
+        let cli = std::env::var_os("REDIS_CLI_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("redis-cli"));
+        let out = Command::new(&cli)
+            .arg("--cluster")
+            .arg("create")
+            .args(nodes.iter().map(|n| format!("127.0.0.1:{}", n.port())))
+            .arg("--cluster-replicas")
+            .arg(replicas.to_string())
+            .arg("--cluster-yes")
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("cannot run {}: {e}", cli.display()))?;
+        if !out.status.success() {
+            return Err(format!(
+                "redis-cli --cluster create failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        let cluster = RedisCluster { nodes };
+        cluster.wait_until("the cluster is ok", Duration::from_secs(20), |c| {
+            c.nodes
+                .iter()
+                .all(|n| n.command(&["CLUSTER", "INFO"]).contains("cluster_state:ok"))
+                && c.masters().len() == masters
+                && c.nodes.iter().all(|n| {
+                    // Masters see their replicas; replicas finished their first sync (a
+                    // replica that never synced does not fail over).
+                    let info = n.command(&["INFO", "replication"]);
+                    if info.contains("role:master") {
+                        info.contains(&format!("connected_slaves:{replicas}"))
+                    } else {
+                        info.contains("master_link_status:up")
+                            && !info.contains("master_sync_in_progress:1")
+                    }
+                })
+        })?;
+        Ok(cluster)
+    }
+
+    fn node(args: &[String]) -> Option<RedisServer> {
+        RedisServer::start_with(args, 55_000, false)
+    }
+
+    /// Polls `done` until it holds or `within` passes.
+    pub fn wait_until(
+        &self,
+        what: &str,
+        within: Duration,
+        done: impl Fn(&RedisCluster) -> bool,
+    ) -> Result<(), String> {
+        let deadline = Instant::now() + within;
+        while !done(self) {
+            if Instant::now() >= deadline {
+                return Err(format!("timed out waiting until {what}"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    /// Indexes of the running nodes that are masters owning slots.
+    pub fn masters(&self) -> Vec<usize> {
+        (0..self.nodes.len())
+            .filter(|&i| self.nodes[i].alive())
+            .filter(|&i| {
+                let info = self.nodes[i].command(&["INFO", "replication"]);
+                info.contains("role:master")
+                    && !self.nodes[i].command(&["CLUSTER", "SLOTS"]).is_empty()
+            })
+            .collect()
+    }
+
+    /// `redis://127.0.0.1:PORT/` of node `i`.
+    pub fn url(&self, i: usize) -> String {
+        self.nodes[i].url()
+    }
+
+    /// The node index serving `key` (`CLUSTER KEYSLOT` then `CLUSTER SLOTS`).
+    pub fn master_of(&self, key: &str) -> usize {
+        let any = self.nodes.iter().find(|n| n.alive()).expect("a live node");
+        let slot: i64 = any
+            .command(&["CLUSTER", "KEYSLOT", key])
+            .parse()
+            .unwrap_or(-1);
+        let i = (0..self.nodes.len())
+            .filter(|&i| self.nodes[i].alive())
+            .find(
+                |&i| match self.nodes[i].command_reply(&["CLUSTER", "SLOTS"]) {
+                    Reply::Array(ranges) => ranges.iter().any(|r| match r {
+                        Reply::Array(parts) => match (&parts[0], &parts[1], &parts[2]) {
+                            (Reply::Int(a), Reply::Int(b), Reply::Array(master)) => {
+                                (*a..=*b).contains(&slot)
+                                    && master.get(1)
+                                        == Some(&Reply::Int(i64::from(self.nodes[i].port())))
+                            }
+                            _ => false,
+                        },
+                        _ => false,
+                    }),
+                    _ => false,
+                },
+            );
+        i.unwrap_or_else(|| panic!("no master serves {key} (slot {slot})"))
     }
 }

@@ -1,0 +1,205 @@
+//! `rediss://` through a real TLS `redis-server` (`--tls-port`), with certificates generated
+//! by the test (`rcgen`: a CA and a server certificate for 127.0.0.1): two nodes exact over
+//! TLS with `tls.ca_file`, a wrong CA is one clear error line, an unreadable CA file fails at
+//! open, and the explicit test-only opt-out of verification works.
+
+#![allow(clippy::unwrap_used)]
+
+#[path = "support/redis_server.rs"]
+mod redis_server;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use jiff::Timestamp;
+use provider_budgets::{Config, Error, FakeClock, Limiter, Money, RedisConfig};
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use redis_server::RedisServer;
+
+/// A CA (its PEM) and, when asked, a server certificate and key it signed for 127.0.0.1.
+struct Pki {
+    ca: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl Pki {
+    fn new(name: &str) -> Pki {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let ca = params.self_signed(&key).unwrap().pem();
+        Pki {
+            ca,
+            issuer: Issuer::new(params, key),
+        }
+    }
+
+    /// `(cert, key)` PEMs for a server at 127.0.0.1.
+    fn server(&self) -> (String, String) {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "redis test server");
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// A TLS redis-server (plus its plain loopback port for the harness) and the CA's file.
+fn tls_server(files: &Path) -> Option<(RedisServer, PathBuf)> {
+    let pki = Pki::new("provider-budgets test CA");
+    let (cert, key) = pki.server();
+    let ca = write(files, "ca.pem", &pki.ca);
+    let cert = write(files, "server.pem", &cert);
+    let key = write(files, "server.key", &key);
+    let args: Vec<String> = vec![
+        "--tls-port".into(),
+        "{tls_port}".into(),
+        "--tls-cert-file".into(),
+        cert.display().to_string(),
+        "--tls-key-file".into(),
+        key.display().to_string(),
+        "--tls-ca-cert-file".into(),
+        ca.display().to_string(),
+        "--tls-auth-clients".into(),
+        "no".into(),
+    ];
+    let server = RedisServer::start_with(&args, u16::MAX, true)?;
+    Some((server, ca))
+}
+
+fn config(dir: &Path, url: &str, node: &str, ca: Option<&Path>, insecure: bool) -> Config {
+    let mut c = Config::new()
+        .budget(
+            "openai",
+            Money::from_nanos(u64::MAX / 4),
+            "1h".parse().unwrap(),
+        )
+        .data_dir(dir);
+    c.node_id = Some(node.to_owned());
+    let mut r = RedisConfig::new(url);
+    r.prefix = "tls".into();
+    r.sync_interval = Duration::from_secs(3600);
+    r.connect_timeout = Duration::from_millis(1000);
+    r.command_timeout = Duration::from_millis(1000);
+    r.tls.ca_file = ca.map(Path::to_path_buf);
+    r.tls.insecure_skip_verify = insecure;
+    c.redis = Some(r);
+    c
+}
+
+fn open(config: Config) -> Result<Limiter, Error> {
+    Limiter::open_with_clock(config, Arc::new(FakeClock::new(Timestamp::now())))
+}
+
+fn spend(l: &Limiter) -> u64 {
+    l.budget_status("openai").unwrap().spend.as_nanos()
+}
+
+#[test]
+fn two_nodes_are_exact_over_tls_with_a_private_ca() {
+    let files = tempfile::tempdir().unwrap();
+    let Some((server, ca)) = tls_server(files.path()) else {
+        return;
+    };
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let url = server.tls_url();
+    let a = open(config(da.path(), &url, "a", Some(&ca), false)).unwrap();
+    let b = open(config(db.path(), &url, "b", Some(&ca), false)).unwrap();
+    let mut total = 0;
+    for k in 1..=50u64 {
+        let node = if k % 2 == 0 { &a } else { &b };
+        node.record("openai", Money::from_nanos(k * 1_001)).unwrap();
+        total += k * 1_001;
+    }
+    for _ in 0..2 {
+        a.sync().unwrap();
+        b.sync().unwrap();
+    }
+    assert_eq!(spend(&a), total);
+    assert_eq!(spend(&b), total);
+    // It really went through the TLS port: plain RESP is not spoken there.
+    let dc = tempfile::tempdir().unwrap();
+    let plain = format!("redis://127.0.0.1:{}/", server.tls_port());
+    let c = open(config(dc.path(), &plain, "c", None, false)).unwrap();
+    assert!(c.sync().is_err());
+}
+
+#[test]
+fn a_wrong_ca_is_one_clear_error_line() {
+    let files = tempfile::tempdir().unwrap();
+    let Some((server, _ca)) = tls_server(files.path()) else {
+        return;
+    };
+    let other = write(files.path(), "other.pem", &Pki::new("another CA").ca);
+    let url = server.tls_url();
+    for ca in [Some(other.as_path()), None] {
+        let dir = tempfile::tempdir().unwrap();
+        let node = open(config(dir.path(), &url, "a", ca, false)).unwrap();
+        node.record("openai", Money::from_nanos(3)).unwrap();
+        let err = node.sync().unwrap_err().to_string();
+        eprintln!("{err}");
+        assert!(!err.contains('\n'), "{err}");
+        assert!(err.contains(&url), "{err}");
+        assert!(
+            err.contains("not signed by a trusted CA") && err.contains("tls.ca_file"),
+            "{err}"
+        );
+        // Counting goes on locally.
+        assert_eq!(spend(&node), 3);
+    }
+}
+
+#[test]
+fn an_unreadable_ca_file_fails_at_open_naming_it() {
+    let files = tempfile::tempdir().unwrap();
+    let missing = files.path().join("missing.pem");
+    let not_pem = write(files.path(), "not.pem", "hello\n");
+    let dir = tempfile::tempdir().unwrap();
+    for path in [&missing, &not_pem] {
+        let err = open(config(
+            dir.path(),
+            "rediss://127.0.0.1:1/",
+            "a",
+            Some(path),
+            false,
+        ))
+        .map(drop)
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("provider_budgets.redis.tls.ca_file")
+                && err.contains(&path.display().to_string())
+                && !err.contains('\n'),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn skipping_verification_is_an_explicit_opt_in_for_tests() {
+    let files = tempfile::tempdir().unwrap();
+    let Some((server, _ca)) = tls_server(files.path()) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let node = open(config(dir.path(), &server.tls_url(), "a", None, true)).unwrap();
+    node.record("openai", Money::from_nanos(9)).unwrap();
+    node.sync().unwrap();
+    node.sync().unwrap();
+    assert_eq!(spend(&node), 9);
+}
