@@ -74,6 +74,7 @@ impl FleetAlerts {
         let (tx, rx) = crossbeam_channel::bounded(QUEUE);
         let worker = Worker {
             url: redis.url.clone(),
+            tls: redis.tls.clone(),
             connect_timeout: redis.connect_timeout,
             command_timeout: redis.command_timeout,
             node_id,
@@ -134,6 +135,8 @@ impl Drop for FleetAlerts {
 
 struct Worker {
     url: String,
+    /// The replicator's TLS settings (private CA, test-only skip-verify) for `rediss://`.
+    tls: crate::config::RedisTls,
     connect_timeout: Duration,
     command_timeout: Duration,
     node_id: String,
@@ -180,7 +183,7 @@ impl Worker {
 
     fn set_nx(&mut self, claim: &Claim) -> redis::RedisResult<bool> {
         if self.conn.is_none() {
-            let client = redis::Client::open(self.url.as_str())?;
+            let client = crate::replicate::client(&self.url, &self.tls)?;
             let conn = client.get_connection_with_timeout(self.connect_timeout)?;
             conn.set_read_timeout(Some(self.command_timeout))?;
             conn.set_write_timeout(Some(self.command_timeout))?;

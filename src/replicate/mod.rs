@@ -40,6 +40,22 @@
 
 mod cluster;
 mod tls;
+
+/// A client for `url` with the TLS settings of `provider_budgets.redis.tls` (for other users
+/// of Redis than the replicator, e.g. fleet-wide soft-limit claims).
+pub(crate) fn client(
+    url: &str,
+    tls: &crate::config::RedisTls,
+) -> redis::RedisResult<redis::Client> {
+    tls::client(url, tls).map_err(|e| match e {
+        tls::ClientError::Url(e) => e,
+        tls::ClientError::Tls(e) => redis::RedisError::from((
+            redis::ErrorKind::InvalidClientConfig,
+            "unusable TLS settings",
+            e.to_string(),
+        )),
+    })
+}
 mod wire;
 
 use std::sync::{Arc, Mutex};
