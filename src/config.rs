@@ -146,6 +146,7 @@ impl BudgetConfig {
 
 /// Where and how durably spend is kept on this node.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct StorageConfig {
     /// The sled data dir. Required to open a limiter (the CLI's `--data-dir` sets it).
     pub dir: Option<PathBuf>,
@@ -169,6 +170,7 @@ impl Default for StorageConfig {
 /// Fleet replication through Redis (used by the `redis` feature). Its `Debug` masks the URL's
 /// password, so a logged or panicking config never shows it.
 #[derive(Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct RedisConfig {
     /// `redis://host:port/db` (or `rediss://`). Empty when a file's `redis` section leaves the
     /// URL to the command line: opening a limiter with an empty URL is
@@ -419,6 +421,10 @@ impl Config {
 
     /// Reads a YAML (`.yaml`, `.yml`) or TOML (`.toml`) file; other extensions are tried as
     /// YAML, which also accepts JSON.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Io`] when the file cannot be read; otherwise as [`Config::from_yaml_str`].
     pub fn from_path(path: impl AsRef<Path>) -> Result<Config, ConfigError> {
         let path = path.as_ref();
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Io {
@@ -433,12 +439,22 @@ impl Config {
 
     /// Parses YAML (a litellm proxy config works as it is). `os.environ/NAME` values are read
     /// from this process's environment.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError`] naming the key path and the value: a syntax error, a key of the wrong
+    /// shape, an unknown key in our section, a bad limit or period, a duplicate, an unset
+    /// `os.environ/` variable, or what [`Config::validate`] refuses.
     pub fn from_yaml_str(text: &str) -> Result<Config, ConfigError> {
         Config::from_yaml_str_with_env(text, env_var)
     }
 
     /// [`Config::from_yaml_str`] with `os.environ/NAME` values looked up by `env` instead of in
     /// the process environment (tests, or a caller with its own secret store).
+    ///
+    /// # Errors
+    ///
+    /// As [`Config::from_yaml_str`].
     pub fn from_yaml_str_with_env(
         text: &str,
         env: impl Fn(&str) -> Option<String> + 'static,
@@ -454,11 +470,19 @@ impl Config {
     }
 
     /// Parses TOML. `os.environ/NAME` values are read from this process's environment.
+    ///
+    /// # Errors
+    ///
+    /// As [`Config::from_yaml_str`].
     pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
         Config::from_toml_str_with_env(text, env_var)
     }
 
     /// [`Config::from_toml_str`] with `os.environ/NAME` values looked up by `env`.
+    ///
+    /// # Errors
+    ///
+    /// As [`Config::from_yaml_str`].
     pub fn from_toml_str_with_env(
         text: &str,
         env: impl Fn(&str) -> Option<String> + 'static,
@@ -517,6 +541,12 @@ impl Config {
     ///
     /// An empty Redis URL passes here (a file may leave it to the command line); opening a
     /// limiter with it is [`ConfigError::NoRedisUrl`].
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError`] naming the offending name or key: a provider or budget name that can
+    /// never match, a duplicate budget, a bad node id, an unknown time zone, a bad
+    /// `model_providers` prefix, an out-of-range Redis setting.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut seen = std::collections::HashSet::new();
         for b in &self.budgets {
@@ -1717,6 +1747,10 @@ impl<'de> Deserialize<'de> for HumanDuration {
 }
 
 /// Parses a humantime duration (`250ms`, `1s`, `1h 30m`) with an error that quotes the input.
+///
+/// # Errors
+///
+/// A one-line message quoting the input when it is not a humantime duration.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s.trim()).map_err(|e| format!("invalid duration {s:?}: {e}"))
 }

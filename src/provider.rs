@@ -85,8 +85,10 @@ impl<T: Deployment + ?Sized> Deployment for &T {
     }
 }
 
-/// A deployment with an explicit provider and/or id.
+/// A deployment with an explicit provider and/or id (build it with [`Target::new`],
+/// [`Target::parse`] or [`Target::with_id`]).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub struct Target {
     /// Model name.
     pub model: String,
