@@ -486,18 +486,5 @@ fn overrides_and_an_unreachable_redis() {
 
 /// Runs `args` with `input` on stdin.
 fn pipe(cli: &Cli, args: &[&str], input: &str) -> std::process::Output {
-    let mut child = cli
-        .cmd(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
+    cli.pipe(args, input)
 }

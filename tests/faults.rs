@@ -59,16 +59,7 @@ fn wait_for(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
 
 /// Reopens a data dir right after a drop: sled releases its lock a few ms late (sled#1289).
 fn reopen(dir: &Path, clock: &FakeClock) -> Limiter {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match Limiter::open_with_clock(config(dir), Arc::new(clock.clone())) {
-            Ok(l) => return l,
-            Err(Error::Storage(StoreError::Locked { .. })) if Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(10))
-            }
-            Err(e) => panic!("reopen: {e}"),
-        }
-    }
+    reopen_with(config(dir), clock)
 }
 
 // ---- disk full ----------------------------------------------------------------------------
@@ -165,15 +156,7 @@ fn cli_on_a_full_disk_says_so_in_one_line() {
     let cli = cli::Cli::new(YAML);
     let data = fs.path().join("data");
     let now = "2024-06-01T12:00:00Z";
-    let run = |args: &[&str]| {
-        let mut c = cli::bare_cmd();
-        c.arg("--config")
-            .arg(&cli.config)
-            .arg("--data-dir")
-            .arg(&data);
-        c.args(args);
-        cli::Run::of(c.output().unwrap())
-    };
+    let run = |args: &[&str]| cli.run_in(&data, args);
     run(&["--now", now, "record", "openai", "1.5", "--durable"]).assert_ok();
     let filler = fs.fill();
     let r = run(&["--now", now, "record", "openai", "2", "--durable"]);
@@ -432,18 +415,7 @@ fn many_batches(cli: &cli::Cli) -> (u64, u64) {
             openai += nanos;
         }
     }
-    let mut child = cli
-        .cmd(&["--now", NOW, "ingest", "--durable"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    {
-        use std::io::Write;
-        let mut stdin = child.stdin.take().unwrap();
-        stdin.write_all(lines.as_bytes()).unwrap();
-    }
-    let out = child.wait_with_output().unwrap();
+    let out = cli.pipe(&["--now", NOW, "ingest", "--durable"], &lines);
     assert!(out.status.success(), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stdout).contains("ok 300"));
     (openai, azure)
@@ -520,15 +492,7 @@ fn a_flipped_byte_in_sleds_log_never_loses_spend_silently() {
         damaged.unwrap_or_else(|| panic!("no trial exercised the high-water check: {outcomes:?}"));
 
     // The CLI says the same in one line, and `repair` is the way out.
-    let run = |args: &[&str]| {
-        let mut c = cli::bare_cmd();
-        c.arg("--config")
-            .arg(&cli.config)
-            .arg("--data-dir")
-            .arg(damaged.path());
-        c.args(args);
-        cli::Run::of(c.output().unwrap())
-    };
+    let run = |args: &[&str]| cli.run_in(damaged.path(), args);
     run(&["--now", NOW, "status"]).assert_error(1, &["lost acknowledged spend", "repair"]);
     // Without Redis nothing can bring the spend back: repair says what is missing, exit 1,
     // and the data dir still refuses to open.
@@ -583,22 +547,10 @@ fn repair_takes_back_from_redis_what_the_disk_lost() {
         .map(|i| format!("openai {}\n", Money::from_nanos((i % 10 + 1) * 10_000_000)))
         .collect();
     let want: u64 = (0..200u64).map(|i| (i % 10 + 1) * 10_000_000).sum();
-    let mut child = cli
-        .cmd(&["--redis", &url, "--now", &now, "ingest", "--durable"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    {
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(lines.as_bytes())
-            .unwrap();
-    }
-    let out = child.wait_with_output().unwrap();
+    let out = cli.pipe(
+        &["--redis", &url, "--now", &now, "ingest", "--durable"],
+        &lines,
+    );
     assert!(out.status.success(), "{out:?}");
     // Copies as the crash left them (an open rewrites sled's snapshot, after which most of
     // the log is superseded pages).
@@ -623,13 +575,7 @@ fn repair_takes_back_from_redis_what_the_disk_lost() {
             let at = bytes.len() * tenth as usize / 10;
             bytes[at] ^= 0x5a;
             std::fs::write(&log, &bytes).unwrap();
-            let mut c = cli::bare_cmd();
-            c.arg("--config")
-                .arg(&cli.config)
-                .arg("--data-dir")
-                .arg(copy.path());
-            c.args(["--now", &now, "status"]);
-            let r = cli::Run::of(c.output().unwrap());
+            let r = cli.run_in(copy.path(), &["--now", &now, "status"]);
             if r.code == Some(0) {
                 assert!(r.stdout.contains("openai"), "{r:?}");
                 return None;

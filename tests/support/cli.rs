@@ -58,6 +58,33 @@ impl Cli {
         Run::of(self.cmd(args).output().expect("spawn provider-budgets"))
     }
 
+    /// Runs to completion against another data dir (same config file).
+    pub fn run_in(&self, data: &Path, args: &[&str]) -> Run {
+        let mut c = bare_cmd();
+        c.arg("--config")
+            .arg(&self.config)
+            .arg("--data-dir")
+            .arg(data);
+        c.args(args);
+        Run::of(c.output().expect("spawn provider-budgets"))
+    }
+
+    /// Runs to completion with `input` on stdin (stdout and stderr captured).
+    pub fn pipe(&self, args: &[&str], input: &str) -> Output {
+        use std::io::Write;
+        let mut child = self
+            .cmd(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn provider-budgets");
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin.write_all(input.as_bytes()).expect("write stdin");
+        }
+        child.wait_with_output().expect("wait for provider-budgets")
+    }
+
     /// Runs with another config file.
     pub fn run_with(&self, config: &Path, args: &[&str]) -> Run {
         Run::of(
