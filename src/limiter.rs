@@ -778,6 +778,9 @@ impl Limiter {
             generation: self.inner.generation.load(Ordering::Acquire),
             slots: Vec::new(),
             ranges: Vec::with_capacity(deployments.len()),
+            snapshot: Arc::clone(&resolver),
+            distinct: Vec::new(),
+            masks: None,
             targets: deployments
                 .iter()
                 .map(|d| Target {
@@ -1102,6 +1105,13 @@ pub struct Prepared {
     slots: Vec<u32>,
     /// Per deployment: start in `slots`, count, denied as unknown.
     ranges: Vec<(u32, u32, bool)>,
+    /// The resolver as of `generation` (tags are resolved with it: no `ArcSwap` load per call).
+    snapshot: Arc<Resolver>,
+    /// The distinct budget slots of all deployments, each read once per call.
+    distinct: Vec<u32>,
+    /// Per deployment, the bits (indices into `distinct`) of its budgets; `None` when there
+    /// are more than 128 distinct budgets (then the memo loop of `filter.rs` serves).
+    masks: Option<Vec<u128>>,
     targets: Vec<Target>,
 }
 
@@ -1129,6 +1139,20 @@ impl Prepared {
                 r.unknown && resolver.deny_unknown,
             ));
         }
+        self.distinct = self.slots.clone();
+        self.distinct.sort_unstable();
+        self.distinct.dedup();
+        self.masks = (self.distinct.len() <= 128).then(|| {
+            self.ranges
+                .iter()
+                .map(|&(start, len, _)| {
+                    self.slots[start as usize..(start + len) as usize]
+                        .iter()
+                        .filter_map(|b| self.distinct.binary_search(b).ok())
+                        .fold(0u128, |m, i| m | 1u128 << i)
+                })
+                .collect()
+        });
     }
 
     /// Writes the indices of the usable deployments into `out` (cleared first; reuse it to
@@ -1160,14 +1184,35 @@ impl Prepared {
             // get the fast path back).
             let mut again = self.clone();
             again.generation = self.generation_now.load(Ordering::Acquire);
-            again.fill(&self.resolver.load());
+            again.snapshot = self.resolver.load_full();
+            again.fill(&again.snapshot.clone());
             return again.filter_tagged_into(tags, out);
         }
         // `ranges` carry `unknown && deny_unknown` as resolved at `prepare` (a reload bumps the
-        // generation): no resolver load on the untagged path.
+        // generation): no resolver load on the request path.
         let mut check = Check::new(&self.view, &self.keys, now, true);
-        let tags_ok = tags.is_empty() || check.tags_pass(&self.resolver.load(), tags);
-        check.select(tags_ok, self.resolved(), |i| out.push(i));
+        let tags_ok = tags.is_empty() || check.tags_pass(&self.snapshot, tags);
+        match &self.masks {
+            // Each distinct budget read once into a bit set, then one AND per deployment.
+            Some(masks) if tags_ok => {
+                let mut blocked = 0u128;
+                for (i, &b) in self.distinct.iter().enumerate() {
+                    if self.view.blocks(b, now) {
+                        blocked |= 1u128 << i;
+                    }
+                }
+                for (i, (&mask, &(_, _, denied))) in masks.iter().zip(&self.ranges).enumerate() {
+                    if denied {
+                        metrics::counter!("provider_budgets_unknown_provider_total").increment(1);
+                    } else if mask & blocked == 0 {
+                        out.push(i);
+                    }
+                }
+            }
+            _ => {
+                check.select(tags_ok, self.resolved(), |i| out.push(i));
+            }
+        }
         if out.is_empty() && !self.ranges.is_empty() {
             let resolver = self.resolver.load();
             let models = self.targets.iter().map(|t| t.model.as_str());
