@@ -478,21 +478,13 @@ impl Worker {
                     ack,
                 } => {
                     records += 1;
-                    let key = (budget, window.start_secs());
-                    let entry = self.entry(budget, window, mono);
-                    entry.total = entry.total.saturating_add(amount);
-                    entry.touched = mono;
-                    self.dirty.insert(key);
+                    self.add(budget, window, amount, mono);
                     acks.extend(ack);
                 }
                 Event::AddMany { items, amount, ack } => {
                     records += 1;
                     for &(budget, window) in &*items {
-                        let key = (budget, window.start_secs());
-                        let entry = self.entry(budget, window, mono);
-                        entry.total = entry.total.saturating_add(amount);
-                        entry.touched = mono;
-                        self.dirty.insert(key);
+                        self.add(budget, window, amount, mono);
                     }
                     acks.extend(ack);
                 }
@@ -530,6 +522,14 @@ impl Worker {
         if records > 0 {
             metrics::counter!("provider_budgets_records_total").increment(records);
         }
+    }
+
+    /// `amount` more own spend in a window: its absolute total grows and becomes dirty.
+    fn add(&mut self, budget: u32, window: Window, amount: u64, mono: Duration) {
+        let entry = self.entry(budget, window, mono);
+        entry.total = entry.total.saturating_add(amount);
+        entry.touched = mono;
+        self.dirty.insert((budget, window.start_secs()));
     }
 
     /// The own entry of a window, created on first use. A budget added back by a reload may
