@@ -30,6 +30,13 @@ pub(crate) struct Cell {
     others: AtomicU64,
     /// Soft limits (bit i: the budget's i-th) already fired in this window on this node.
     fired: AtomicU8,
+    /// Estimates held by this node's open reservations in this window, nanos. Raised by
+    /// [`View::try_reserve`] (a CAS that checks the room), lowered by [`View::settle`] and
+    /// [`View::unreserve`]. Counted by `filter` and by admission, never by `status` spend.
+    reserved: AtomicU64,
+    /// Strict budgets: this node's grant in this window, nanos (what the fleet gave it to
+    /// spend; `own + reserved` never passes it through a reservation). 0 until the first grant.
+    grant: AtomicU64,
 }
 
 impl Cell {
@@ -39,7 +46,16 @@ impl Cell {
             own: AtomicU64::new(0),
             others: AtomicU64::new(0),
             fired: AtomicU8::new(0),
+            reserved: AtomicU64::new(0),
+            grant: AtomicU64::new(0),
         }
+    }
+
+    /// Spend plus what open reservations hold: what admission and `filter` compare.
+    #[inline]
+    fn committed(&self) -> u64 {
+        self.total()
+            .saturating_add(self.reserved.load(Ordering::Relaxed))
     }
 
     #[inline]
@@ -66,6 +82,10 @@ struct BudgetView {
     shadow: AtomicBool,
     /// Filter calls a shadow budget would have denied (since open).
     would_deny: AtomicU64,
+    /// `enforcement: strict`: admission also keeps `own + reserved` within this node's grant
+    /// of the window. Cleared while an offline mode other than `grant_only` applies.
+    #[allow(dead_code)] // reservations and grants (issue 12) build on it
+    strict: AtomicBool,
     /// Soft limits, increasing (swapped by a reload; read only when a charge lands).
     soft: ArcSwap<Vec<SoftLimit>>,
     /// Whether `soft` is not empty (spares its load on the charge path).
@@ -83,6 +103,10 @@ pub(crate) struct WindowTotals {
     pub window: Window,
     pub own: Money,
     pub others: Money,
+    /// Held by this node's open reservations (not spend).
+    pub reserved: Money,
+    /// Strict budgets: this node's grant (zero otherwise or before the first).
+    pub grant: Money,
 }
 
 impl WindowTotals {
@@ -219,27 +243,8 @@ impl View {
         let cell = self.cell_at(budget, at_secs);
         saturating_add(&cell.own, amount.as_nanos());
         let b = self.budget(budget);
-        b.note_total(cell.total());
-        if !b.has_soft.load(Ordering::Relaxed) {
-            return (cell.window, None);
-        }
-        let soft = b.soft.load();
-        let spend = cell.total();
-        let bits = crossed_bits(&soft, b.limit.load(Ordering::Relaxed), spend);
-        let already = cell.fired.load(Ordering::Relaxed);
-        if bits & !already == 0 {
-            return (cell.window, None);
-        }
-        let before = cell.fired.fetch_or(bits, Ordering::Relaxed);
-        let new = bits & !before;
-        (
-            cell.window,
-            (new != 0).then_some(Crossed {
-                window: cell.window,
-                spend,
-                bits: new,
-            }),
-        )
+        b.note_total(cell.committed());
+        (cell.window, b.fire_bits(&cell))
     }
 
     /// Whether an enforced budget is spent at the instant (a spent shadow budget counts a
@@ -278,6 +283,8 @@ impl View {
                 window: b.schedule.window_at_secs(at_secs),
                 own: Money::ZERO,
                 others: Money::ZERO,
+                reserved: Money::ZERO,
+                grant: Money::ZERO,
             },
         }
     }
@@ -290,6 +297,101 @@ impl View {
             .iter()
             .map(|c| snapshot(c))
             .collect()
+    }
+
+    /// Admission of a reservation: holds `amount` in the window containing `at_secs` if
+    /// `spend + reserved + amount <= limit` (and, for a strict budget, `own + reserved + amount
+    /// <= grant`), atomically (a CAS on `reserved`: two threads never share the last nano).
+    /// A shadow budget never refuses (it counts a would-be denial and holds the amount).
+    /// Returns the window the amount is held in, or why there is no room.
+    #[allow(dead_code)] // reservations and grants (issue 12) build on it
+    pub fn try_reserve(&self, budget: u32, at_secs: i64, amount: Money) -> Result<Window, Refused> {
+        let b = self.budget(budget);
+        let cell = self.cell_at(budget, at_secs);
+        let amount = amount.as_nanos();
+        let mut held = cell.reserved.load(Ordering::Relaxed);
+        loop {
+            let limit = b.limit.load(Ordering::Relaxed);
+            let own = cell.own.load(Ordering::Relaxed);
+            let want = held.saturating_add(amount);
+            let fleet = own
+                .saturating_add(cell.others.load(Ordering::Relaxed))
+                .saturating_add(want);
+            let refused = if fleet > limit {
+                Some(Refused::Limit(cell.window))
+            } else if b.strict.load(Ordering::Relaxed)
+                && own.saturating_add(want) > cell.grant.load(Ordering::Relaxed)
+            {
+                Some(Refused::Grant(cell.window))
+            } else {
+                None
+            };
+            if let Some(refused) = refused {
+                if !b.shadow.load(Ordering::Relaxed) {
+                    return Err(refused);
+                }
+                b.would_deny.fetch_add(1, Ordering::Relaxed);
+            }
+            match cell.reserved.compare_exchange_weak(
+                held,
+                want,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => {
+                    b.note_total(fleet);
+                    return Ok(cell.window);
+                }
+                Err(now) => held = now,
+            }
+        }
+    }
+
+    /// Gives back a held amount without counting it (a released reservation, or the part of
+    /// a multi-budget admission that another budget refused).
+    #[allow(dead_code)] // reservations and grants (issue 12) build on it
+    pub fn unreserve(&self, budget: u32, window: Window, amount: Money) {
+        let cell = self.cell_for(budget, window);
+        saturating_sub(&cell.reserved, amount.as_nanos());
+    }
+
+    /// Settles a reservation: counts `actual` as own spend of its window, then frees the held
+    /// `amount` (in that order, so that spend plus reserved never dips in between and a
+    /// concurrent admission cannot take the same money twice). Reports soft limits crossed.
+    #[allow(dead_code)] // reservations and grants (issue 12) build on it
+    pub fn settle(
+        &self,
+        budget: u32,
+        window: Window,
+        amount: Money,
+        actual: Money,
+    ) -> Option<Crossed> {
+        let cell = self.cell_for(budget, window);
+        saturating_add(&cell.own, actual.as_nanos());
+        saturating_sub(&cell.reserved, amount.as_nanos());
+        let b = self.budget(budget);
+        b.note_total(cell.committed());
+        b.fire_bits(&cell)
+    }
+
+    /// Sets whether a budget is strict (open, reload, offline modes).
+    #[allow(dead_code)] // reservations and grants (issue 12) build on it
+    pub fn set_strict(&self, budget: u32, strict: bool) {
+        self.budget(budget).strict.store(strict, Ordering::Relaxed);
+    }
+
+    #[allow(dead_code)] // reservations and grants (issue 12) build on it
+    pub fn is_strict(&self, budget: u32) -> bool {
+        self.budget(budget).strict.load(Ordering::Relaxed)
+    }
+
+    /// Sets this node's grant of a strict budget's window (the replicator, after the grant is
+    /// durable; a give-back lowers it before it is sent).
+    #[allow(dead_code)] // reservations and grants (issue 12) build on it
+    pub fn set_grant(&self, budget: u32, window: Window, grant: Money) {
+        self.cell_for(budget, window)
+            .grant
+            .store(grant.as_nanos(), Ordering::Release);
     }
 
     /// Raises this node's own total of a window to at least `own` (loading from the store).
@@ -426,6 +528,28 @@ impl View {
 }
 
 impl BudgetView {
+    /// The soft limits of the budget that the cell's spend has crossed and that were not yet
+    /// handed out in this window on this node (each bit once).
+    #[inline]
+    fn fire_bits(&self, cell: &Cell) -> Option<Crossed> {
+        if !self.has_soft.load(Ordering::Relaxed) {
+            return None;
+        }
+        let soft = self.soft.load();
+        let spend = cell.total();
+        let bits = crossed_bits(&soft, self.limit.load(Ordering::Relaxed), spend);
+        let already = cell.fired.load(Ordering::Relaxed);
+        if bits & !already == 0 {
+            return None;
+        }
+        let before = cell.fired.fetch_or(bits, Ordering::Relaxed);
+        let new = bits & !before;
+        (new != 0).then_some(Crossed {
+            window: cell.window,
+            spend,
+            bits: new,
+        })
+    }
     /// Keeps `peak` above every total that reaches the limit (one load when it does not).
     #[inline]
     fn note_total(&self, total: u64) {
@@ -443,7 +567,7 @@ impl BudgetView {
         let spend = cells
             .iter()
             .find(|c| c.window.contains_secs(now_secs))
-            .map_or(0, |c| c.total());
+            .map_or(0, |c| c.committed());
         spend >= self.limit.load(Ordering::Relaxed)
     }
 
@@ -454,12 +578,24 @@ impl BudgetView {
             cells: ArcSwap::from_pointee(Vec::new()),
             swap: Mutex::new(()),
             shadow: AtomicBool::new(false),
+            strict: AtomicBool::new(false),
             would_deny: AtomicU64::new(0),
             soft: ArcSwap::from_pointee(Vec::new()),
             has_soft: AtomicBool::new(false),
             peak: AtomicU64::new(0),
         }
     }
+}
+
+/// Why [`View::try_reserve`] found no room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(dead_code)] // reservations and grants (issue 12) build on it
+pub(crate) enum Refused {
+    /// `spend + reserved + amount` would pass the limit (fleet view).
+    Limit(Window),
+    /// A strict budget: this node's `own + reserved + amount` would pass its grant (more may
+    /// be granted by the fleet: the replicator can ask out of cycle).
+    Grant(Window),
 }
 
 /// Soft limits newly crossed by a charge: the budget's soft limits whose bit is set.
@@ -476,6 +612,8 @@ fn snapshot(c: &Cell) -> WindowTotals {
         window: c.window,
         own: Money::from_nanos(c.own.load(Ordering::Relaxed)),
         others: Money::from_nanos(c.others.load(Ordering::Relaxed)),
+        reserved: Money::from_nanos(c.reserved.load(Ordering::Relaxed)),
+        grant: Money::from_nanos(c.grant.load(Ordering::Relaxed)),
     }
 }
 
@@ -488,6 +626,15 @@ pub(crate) fn crossed_bits(soft: &[SoftLimit], limit: u64, spend: u64) -> u8 {
         }
     }
     bits
+}
+
+/// `fetch_sub` that stops at zero instead of wrapping.
+#[inline]
+#[allow(dead_code)] // reservations and grants (issue 12) build on it
+fn saturating_sub(a: &AtomicU64, v: u64) {
+    let _ = a.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |x| {
+        Some(x.saturating_sub(v))
+    });
 }
 
 /// `fetch_add` that stops at `u64::MAX` instead of wrapping.
@@ -622,5 +769,75 @@ mod tests {
         let sum: u64 = v.windows(0).iter().map(|w| w.own.as_nanos()).sum();
         assert_eq!(sum, 4000);
         assert_eq!(v.windows(0).len(), 5);
+    }
+
+    #[test]
+    fn reservations_never_share_the_last_nano() {
+        // Limit 100 nanos; 8 threads each try 50 reservations of 3: exactly 33 fit.
+        let v = Arc::new(view());
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let v = Arc::clone(&v);
+                std::thread::spawn(move || {
+                    (0..50)
+                        .filter(|_| v.try_reserve(0, 5, Money::from_nanos(3)).is_ok())
+                        .count()
+                })
+            })
+            .collect();
+        let admitted: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+        assert_eq!(admitted, 33);
+        let w = v.totals_at(0, 5);
+        assert_eq!(w.reserved.as_nanos(), 99);
+        assert_eq!(w.own.as_nanos(), 0);
+        assert!(!v.exhausted(0, 5), "99 of 100 held: one nano of room");
+        assert!(v.try_reserve(0, 5, Money::from_nanos(1)).is_ok());
+        assert!(v.exhausted(0, 5), "held money blocks the filter");
+    }
+
+    #[test]
+    fn settle_counts_the_actual_and_frees_the_estimate() {
+        let v = view();
+        let w = v.try_reserve(0, 5, Money::from_nanos(60)).unwrap();
+        assert!(v.try_reserve(0, 5, Money::from_nanos(50)).is_err());
+        v.settle(0, w, Money::from_nanos(60), Money::from_nanos(20));
+        let t = v.totals_at(0, 5);
+        assert_eq!((t.own.as_nanos(), t.reserved.as_nanos()), (20, 0));
+        let w2 = v.try_reserve(0, 5, Money::from_nanos(80)).unwrap();
+        v.unreserve(0, w2, Money::from_nanos(80));
+        assert_eq!(v.totals_at(0, 5).reserved, Money::ZERO);
+        // A reservation in the next window does not see this one's spend.
+        assert!(v.try_reserve(0, 15, Money::from_nanos(100)).is_ok());
+    }
+
+    #[test]
+    fn strict_admission_stays_within_the_grant() {
+        let v = view();
+        v.set_strict(0, true);
+        assert!(
+            matches!(
+                v.try_reserve(0, 5, Money::from_nanos(1)),
+                Err(Refused::Grant(_))
+            ),
+            "no grant yet"
+        );
+        let w = v.schedule(0).window_at_secs(5);
+        v.set_grant(0, w, Money::from_nanos(30));
+        assert!(v.try_reserve(0, 5, Money::from_nanos(20)).is_ok());
+        assert!(v.try_reserve(0, 5, Money::from_nanos(11)).is_err());
+        assert!(v.try_reserve(0, 5, Money::from_nanos(10)).is_ok());
+        v.set_strict(0, false);
+        assert!(
+            v.try_reserve(0, 5, Money::from_nanos(70)).is_ok(),
+            "shared: the limit"
+        );
+    }
+
+    #[test]
+    fn a_shadow_budget_holds_but_never_refuses() {
+        let v = view();
+        v.set_shadow(0, true);
+        assert!(v.try_reserve(0, 5, Money::from_nanos(150)).is_ok());
+        assert_eq!(v.would_deny(0), 1);
     }
 }
