@@ -8,6 +8,10 @@
 //! | `peers` | provider, period, window    | sum of the others' last known totals, end (v2) | replicator |
 //! | `meta`  | `node_id`                   | the node id, UTF-8                      | open       |
 //! | `acked` | provider, period, window    | own total Redis acknowledged, window end | replicator |
+//! | `own`   | `0xff res:` reservation id  | an open reservation: estimate, expiry, its windows (0x41) | journal |
+//!
+//! Open reservations live in the `own` tree (under `0xff`, which no provider name starts with)
+//! so that the journal ends one and counts its spend in the same atomic batch.
 //!
 //! Keys are `provider 0x00 period 0x00 start`, the window start as a big-endian `i64` with its
 //! sign bit flipped so keys sort by time. Totals are stored absolute, never as deltas: writing

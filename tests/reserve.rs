@@ -156,6 +156,12 @@ fn a_denial_is_the_filters_error_and_reserve_any_takes_the_first_with_room() {
         "held money blocks filter"
     );
     drop(last); // counts 1
+                // Spent exactly: even a zero estimate is refused, as filter refuses.
+    assert_eq!(row(&l, Scope::Provider, "openai"), (usd("1"), usd("9")));
+    assert!(matches!(
+        l.reserve("gpt-4o-mini", Money::ZERO),
+        Err(ReserveError::Denied(_))
+    ));
 
     let r = l
         .reserve_any(&["gpt-4o-mini", "claude-3-5-sonnet"], NO_TAGS, usd("2"))
