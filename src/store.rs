@@ -883,6 +883,48 @@ mod tests {
     }
 
     #[test]
+    fn reservations_share_the_batch_of_the_totals_and_damage_names_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let value = ReservationValue {
+            estimate: 7,
+            expires: 600,
+            windows: vec![("openai".into(), "1d".into(), 0, 86_400)],
+        };
+        let k = key(0);
+        store
+            .write_own_and_reservations(
+                1,
+                [(
+                    &k,
+                    OwnValue {
+                        end: 86_400,
+                        total: 5,
+                    },
+                )],
+                [],
+                [("r-1", Some(&value)), ("r-2", Some(&value))],
+            )
+            .unwrap();
+        // Window totals do not see them; the high-water sum stays the totals' sum.
+        assert_eq!(store.load_own().unwrap().len(), 1);
+        let open = store.load_reservations().unwrap();
+        assert_eq!(
+            open,
+            [("r-1".into(), value.clone()), ("r-2".into(), value.clone())]
+        );
+        store
+            .write_own_and_reservations(2, [], [], [("r-1", None)])
+            .unwrap();
+        assert_eq!(store.load_reservations().unwrap().len(), 1);
+        for raw in [&b""[..], &[0x41], &[0x41, 0xff, 0xff], &[1, 7, 0]] {
+            let _ = store.with(|h| h.own.insert(reservation_key("r-2"), raw));
+            let err = store.load_reservations().unwrap_err();
+            assert!(err.to_string().contains("reservation r-2"), "{err}");
+        }
+    }
+
+    #[test]
     fn second_open_of_a_dir_is_refused_clearly() {
         let dir = tempfile::tempdir().unwrap();
         let _first = Store::open(dir.path()).unwrap();
