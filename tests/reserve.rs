@@ -8,8 +8,13 @@
 //!   candidate with room, held money blocks `filter` and shows as `reserved` in status;
 //! * a commit lands in the window of admission, across a window boundary;
 //! * a process SIGKILLed with reservations open: the next open counts each open estimate and
-//!   each committed actual exactly once (a child process, this test binary re-run).
+//!   each committed actual exactly once (a child process, this test binary re-run);
+//! * on a full disk a reservation is refused (`ReserveError::Record`, nothing held) and a
+//!   commit answers the storage fault but stays counted; once space is back it is durable.
 #![allow(clippy::unwrap_used)]
+
+#[path = "support/tmpfs.rs"]
+mod tmpfs;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
@@ -440,5 +445,73 @@ fn a_zero_timeout_is_refused_naming_the_key() {
         Config::new().reservation_timeout,
         Duration::from_secs(600),
         "default 10 min"
+    );
+}
+
+#[test]
+fn a_full_disk_refuses_reservations_holding_nothing_and_loses_no_commit() {
+    let Some(fs) = tmpfs::Tmpfs::mount("8m") else {
+        return;
+    };
+    let data = fs.path().join("data");
+    let clock = clock();
+    let l = open(&data, &clock);
+    let open_before = l.reserve("claude-3-5-sonnet", usd("2")).unwrap();
+    let filler = fs.fill();
+    // Once sled has used the room it had, a reservation cannot be made durable: refused,
+    // nothing held. Commits of reservations made before stay counted in memory.
+    let mut committed = Money::ZERO;
+    let mut refused = false;
+    for _ in 0..100_000 {
+        match l.reserve("claude-3-5-sonnet", usd("0.001")) {
+            Ok(r) => match r.commit(usd("0.001")) {
+                Ok(()) => committed = committed.saturating_add(usd("0.001")),
+                Err(ReserveError::Record(RecordError::Storage(e))) => {
+                    assert!(!e.to_string().contains('\n'), "{e}");
+                    committed = committed.saturating_add(usd("0.001"));
+                }
+                Err(e) => panic!("{e}"),
+            },
+            Err(ReserveError::Record(RecordError::Storage(e))) => {
+                assert!(!e.to_string().contains('\n'), "{e}");
+                refused = true;
+                break;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(refused, "no reservation was refused on a full disk");
+    assert_eq!(
+        row(&l, Scope::Provider, "anthropic"),
+        (committed, usd("2")),
+        "the refused reservation holds nothing"
+    );
+    let err = open_before.commit(usd("1.5")).unwrap_err();
+    assert!(
+        matches!(err, ReserveError::Record(RecordError::Storage(_))),
+        "{err}"
+    );
+    committed = committed.saturating_add(usd("1.5"));
+    assert_eq!(
+        row(&l, Scope::Provider, "anthropic"),
+        (committed, Money::ZERO)
+    );
+
+    // Space returns: without a restart, the commits become durable, exactly once.
+    std::fs::remove_file(filler).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !l.health().storage_ok() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "storage never recovered"
+        );
+        let _ = l.maintain();
+    }
+    l.flush().unwrap();
+    drop(l);
+    let l = open(&data, &clock);
+    assert_eq!(
+        row(&l, Scope::Provider, "anthropic"),
+        (committed, Money::ZERO)
     );
 }
