@@ -515,3 +515,114 @@ fn a_full_disk_refuses_reservations_holding_nothing_and_loses_no_commit() {
         (committed, Money::ZERO)
     );
 }
+
+/// One step of the model test.
+#[derive(Debug, Clone)]
+enum Op {
+    /// Reserve `estimate` cents for gpt-4o (openai 10/d + gpt-4o 8/h) or claude (anthropic).
+    Reserve {
+        claude: bool,
+        cents: u64,
+    },
+    /// End the open reservation `i % open` by commit of `cents`, release, or drop.
+    Commit {
+        i: usize,
+        cents: u64,
+    },
+    Release {
+        i: usize,
+    },
+    Drop {
+        i: usize,
+    },
+    /// Let `secs` pass, then the reaper's pass.
+    Pass {
+        secs: u64,
+    },
+}
+
+fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+    use proptest::prelude::*;
+    prop_oneof![
+        4 => (any::<bool>(), 0u64..300).prop_map(|(claude, cents)| Op::Reserve { claude, cents }),
+        3 => (any::<usize>(), 0u64..400).prop_map(|(i, cents)| Op::Commit { i, cents }),
+        1 => any::<usize>().prop_map(|i| Op::Release { i }),
+        1 => any::<usize>().prop_map(|i| Op::Drop { i }),
+        1 => (1u64..40).prop_map(|secs| Op::Pass { secs }),
+    ]
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 24, ..Default::default() })]
+
+    /// Against a model: after every step, each budget's spend is exactly what was committed,
+    /// dropped or expired, its reserved money exactly the open estimates, and spend plus
+    /// reserved never passes the limit by more than the commits above their estimate.
+    #[test]
+    fn reservations_match_a_model_and_keep_the_bound(ops in proptest::collection::vec(op(), 1..40)) {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = clock(); // 12:00, the 1 h model budget's window lasts until 13:00
+        let l = open(dir.path(), &clock);
+        let cent = |c: u64| Money::from_nanos(c * 10_000_000);
+        // (reservation, claude, estimate cents, opened at secs)
+        let mut open_ones: Vec<(Reservation, bool, u64, u64)> = Vec::new();
+        let (mut openai, mut anthropic, mut over) = (0u64, 0u64, 0u64); // cents
+        let mut now = 0u64;
+        for op in ops {
+            match op {
+                Op::Reserve { claude, cents } => {
+                    let model = if claude { "claude-3-5-sonnet" } else { "gpt-4o" };
+                    let held: u64 = open_ones.iter().filter(|o| o.1 == claude).map(|o| o.2).sum();
+                    let (spent, limit) = if claude { (anthropic, 10_000) } else { (openai, 800) };
+                    let fits = spent + held < limit && spent + held + cents <= limit;
+                    match l.reserve(model, cent(cents)) {
+                        Ok(r) => {
+                            proptest::prop_assert!(fits, "admitted over the limit");
+                            open_ones.push((r, claude, cents, now));
+                        }
+                        Err(ReserveError::Denied(_)) => proptest::prop_assert!(!fits, "refused with room"),
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+                Op::Commit { i, cents } if !open_ones.is_empty() => {
+                    let (r, claude, est, _) = open_ones.remove(i % open_ones.len());
+                    r.commit(cent(cents)).unwrap();
+                    *(if claude { &mut anthropic } else { &mut openai }) += cents;
+                    if !claude {
+                        over += cents.saturating_sub(est);
+                    }
+                }
+                Op::Release { i } if !open_ones.is_empty() => {
+                    open_ones.remove(i % open_ones.len()).0.release().unwrap();
+                }
+                Op::Drop { i } if !open_ones.is_empty() => {
+                    let (r, claude, est, _) = open_ones.remove(i % open_ones.len());
+                    drop(r);
+                    *(if claude { &mut anthropic } else { &mut openai }) += est;
+                }
+                Op::Pass { secs } => {
+                    clock.pass(Duration::from_secs(secs));
+                    now += secs;
+                    l.maintain().unwrap();
+                    // 60 s timeout, whole seconds: expired once 61 s passed since admission.
+                    let (gone, kept): (Vec<_>, Vec<_>) =
+                        open_ones.into_iter().partition(|o| now >= o.3 + 61);
+                    open_ones = kept;
+                    for (r, claude, est, _) in gone {
+                        *(if claude { &mut anthropic } else { &mut openai }) += est;
+                        let expired = matches!(r.release(), Err(ReserveError::Expired { .. }));
+                        proptest::prop_assert!(expired, "not expired");
+                    }
+                }
+                _ => {}
+            }
+            let held = |claude: bool| -> u64 {
+                open_ones.iter().filter(|o| o.1 == claude).map(|o| o.2).sum()
+            };
+            proptest::prop_assert_eq!(row(&l, Scope::Provider, "openai"), (cent(openai), cent(held(false))));
+            proptest::prop_assert_eq!(row(&l, Scope::Model, "gpt-4o"), (cent(openai), cent(held(false))));
+            proptest::prop_assert_eq!(row(&l, Scope::Provider, "anthropic"), (cent(anthropic), cent(held(true))));
+            proptest::prop_assert!(openai + held(false) <= 800 + over, "bound: {} + {} > 800 + {}", openai, held(false), over);
+        }
+    }
+}
