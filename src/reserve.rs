@@ -27,6 +27,9 @@
 //! * **Drop counts the estimate**: a reservation that was neither committed nor released may
 //!   have reached the provider (a panic, a cancelled future). Counting it errs on the side of
 //!   the limit, like the crash case.
+//! * **Allocation**: `reserve` allocates (its id, the list of budgets, the journal record) and
+//!   takes a mutex (the registry): it waits for an fsync anyway. `filter`, `record` and
+//!   `charge` stay allocation- and lock-free.
 //! * **Expiry** is checked by every `reserve` (one atomic load when nothing is due), by
 //!   `maintain`, and by a reaper thread (started with the first reservation, every second,
 //!   holding only a weak handle: it never keeps a limiter alive). A reservation lives at
@@ -194,7 +197,6 @@ impl Registry {
 /// call reached the provider) or [`Reservation::release`] (it did not). Dropped without
 /// either, or past `reservation_timeout`, it counts its estimate. It keeps the limiter open.
 #[must_use = "a reservation dropped without commit or release counts its estimate"]
-#[derive(Debug)]
 pub struct Reservation {
     held: Arc<Held>,
     limiter: Limiter,
@@ -272,6 +274,19 @@ impl Reservation {
             .increment(1);
         self.limiter.settle(&self.held, actual, true)?;
         Ok(())
+    }
+}
+
+impl std::fmt::Debug for Reservation {
+    /// The reservation, not the limiter it holds.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reservation")
+            .field("id", &self.held.id)
+            .field("deployment_index", &self.deployment)
+            .field("estimate", &self.held.estimate)
+            .field("budgets", &self.held.items.len())
+            .field("expires_at", &self.held.expires_at())
+            .finish()
     }
 }
 

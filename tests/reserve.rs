@@ -9,6 +9,9 @@
 //! * a commit lands in the window of admission, across a window boundary;
 //! * a process SIGKILLed with reservations open: the next open counts each open estimate and
 //!   each committed actual exactly once (a child process, this test binary re-run);
+//! * a model-based proptest (reserve, commit above or below the estimate, release, drop,
+//!   expiry): exact spend and reserved per budget after every step, and the bound
+//!   `spend + reserved <= limit + overshoot of commits above their estimate`;
 //! * on a full disk a reservation is refused (`ReserveError::Record`, nothing held) and a
 //!   commit answers the storage fault but stays counted; once space is back it is durable.
 #![allow(clippy::unwrap_used)]
