@@ -444,6 +444,12 @@ fn a_zero_timeout_is_refused_naming_the_key() {
     )
     .unwrap();
     assert_eq!(c.reservation_timeout, Duration::from_secs(90));
+    let c = Config::from_yaml_str_with_env(
+        "provider_budgets:\n  reservation_timeout: os.environ/RES_TIMEOUT\n",
+        |name| (name == "RES_TIMEOUT").then(|| "2m 30s".to_owned()),
+    )
+    .unwrap();
+    assert_eq!(c.reservation_timeout, Duration::from_secs(150));
     assert_eq!(
         Config::new().reservation_timeout,
         Duration::from_secs(600),
