@@ -3,7 +3,7 @@
 //! [`Limiter::reserve`] holds an estimate in every budget that applies (exactly the budgets
 //! [`Limiter::charge`] would charge), atomically per budget (the view's CAS on
 //! `spend + reserved + estimate <= limit`: two threads never share the last nano), and hands
-//! back a [`Reservation`]. The call then ends one of four ways:
+//! back a [`Reservation`]. It ends in one of these ways:
 //!
 //! | end                         | counts            | journal                            |
 //! |-----------------------------|-------------------|------------------------------------|
