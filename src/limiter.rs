@@ -1197,7 +1197,8 @@ impl Prepared {
             Some(masks) if tags_ok => {
                 let mut blocked = 0u128;
                 for (i, &b) in self.distinct.iter().enumerate() {
-                    if self.view.blocks(b, now) {
+                    // Through the memo: budgets that cannot be spent are not read.
+                    if check.blocked(b) {
                         blocked |= 1u128 << i;
                     }
                 }
@@ -1223,13 +1224,15 @@ impl Prepared {
 
     #[inline]
     fn resolved(&self) -> impl Iterator<Item = Resolved<'_>> {
-        self.ranges.iter().map(|&(start, len, unknown)| Resolved {
-            unknown,
-            slots: [
-                &self.slots[start as usize..(start + len) as usize],
-                &[],
-                &[],
-            ],
+        self.ranges.iter().map(|&(start, len, unknown)| {
+            Resolved::new(
+                unknown,
+                [
+                    &self.slots[start as usize..(start + len) as usize],
+                    &[],
+                    &[],
+                ],
+            )
         })
     }
 
