@@ -295,11 +295,23 @@ impl View {
         at_secs: i64,
         amount: Money,
     ) -> (Window, Option<Crossed>) {
-        let cell = self.cell_at(budget, at_secs);
-        saturating_add(&cell.own, amount.as_nanos());
         let b = self.budget(budget);
-        b.note_total(cell.committed());
-        (cell.window, b.fire_bits(&cell))
+        let charge = |cell: &Cell| {
+            saturating_add(&cell.own, amount.as_nanos());
+            b.note_total(cell.committed());
+            (cell.window, b.fire_bits(cell))
+        };
+        // The current window through the loaded list (no `Arc` count traffic on the charge
+        // path); a new window through `cell_at`.
+        if let Some(c) = b
+            .cells
+            .load()
+            .iter()
+            .find(|c| c.window.contains_secs(at_secs))
+        {
+            return charge(c);
+        }
+        charge(&self.cell_at(budget, at_secs))
     }
 
     /// Whether an enforced budget is spent at the instant (a spent shadow budget counts a
