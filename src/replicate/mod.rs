@@ -38,7 +38,7 @@
 //!   `provider_budgets_sync_problems_total`; the other budgets sync normally.
 //! * Every error and log line carries the Redis URL redacted ([`crate::redact`]).
 
-mod cluster;
+pub(crate) mod cluster;
 mod tls;
 
 /// A client for `url` with the TLS settings of `provider_budgets.redis.tls` (for other users
