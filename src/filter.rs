@@ -1,9 +1,11 @@
 //! The request-path filter: which deployments may still be used.
 //!
-//! One clock read per call; per deployment a cached resolution and, per distinct budget, one
-//! atomic read of its current window (a per-call bitmask remembers the answer for the first 64
-//! budgets, so 50 deployments over 3 providers cost 3 window reads). Nothing is allocated
-//! except the result, and nothing is locked.
+//! One clock read per call; per deployment one cached resolution (a hash lookup of its
+//! (model, id)) and, per distinct budget that may be spent, one read of its current window.
+//! A per-call bitmask ([`Memo`], first 128 budgets) remembers each answer and starts from the
+//! view's set of budgets that may be spent at all (`View::hot`, one read per call), so a
+//! deployment whose budgets were never spent costs a few `u128` operations. Nothing is
+//! allocated except the result, and nothing is locked.
 //!
 //! Being over budget is not an error of the limiter, but an empty result is something the
 //! router must handle, so it comes back as [`NoDeployments`], whose message is the reference's.
@@ -81,7 +83,8 @@ impl fmt::Display for NoDeployments {
 
 impl std::error::Error for NoDeployments {}
 
-/// Remembers, within one call, which budgets were already checked (first 128 budgets).
+/// Remembers, within one call, which budgets were already checked (first 128 budgets); a
+/// call starts with every budget that cannot be spent marked checked (`View::hot`).
 #[derive(Debug, Default)]
 pub(crate) struct Memo {
     checked: u128,
@@ -104,6 +107,25 @@ impl Memo {
         }
         self.blocked & bit != 0
     }
+
+    /// Whether any budget of `mask` (bit `b`: slot `b`) is blocked, through the memo: the
+    /// budgets not yet checked in this call are read (all of them, so a spent shadow budget
+    /// counts its would-be denial as the prepared form does), the others cost nothing.
+    #[inline]
+    pub fn blocked_mask(&mut self, mask: u128, mut is_blocked: impl FnMut(u32) -> bool) -> bool {
+        let mut new = mask & !self.checked;
+        if new != 0 {
+            self.checked |= new;
+            while new != 0 {
+                let b = new.trailing_zeros();
+                new &= new - 1;
+                if is_blocked(b) {
+                    self.blocked |= 1u128 << b;
+                }
+            }
+        }
+        mask & self.blocked != 0
+    }
 }
 
 /// The filter loop shared by `Limiter::filter`, `Limiter::filter_in_place` and `Prepared`:
@@ -125,14 +147,19 @@ impl<'a> Check<'a> {
             keys,
             now,
             deny_unknown,
-            memo: Memo::default(),
+            // Budgets that cannot be spent (clear in the view's hot set) start out checked
+            // and not blocked: the call reads none of them.
+            memo: Memo {
+                checked: !view.hot(),
+                blocked: 0,
+            },
         }
     }
 
     /// Whether an enforced budget is spent (a spent shadow budget counts a would-be denial
     /// and passes).
     #[inline]
-    fn blocked(&mut self, budget: u32) -> bool {
+    pub fn blocked(&mut self, budget: u32) -> bool {
         let (view, now) = (self.view, self.now);
         self.memo.blocked(budget, || view.blocks(budget, now))
     }
@@ -158,6 +185,10 @@ impl<'a> Check<'a> {
             if self.deny_unknown {
                 return false;
             }
+        }
+        if let Some(mask) = r.mask {
+            let (view, now) = (self.view, self.now);
+            return !self.memo.blocked_mask(mask, |b| view.blocks(b, now));
         }
         for s in r.slots {
             for &b in s {
@@ -238,5 +269,30 @@ impl<'a> Check<'a> {
         }
         metrics::counter!("provider_budgets_no_deployments_total").increment(1);
         err
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Memo;
+
+    #[test]
+    fn the_mask_memo_reads_each_budget_once_and_agrees_with_the_slot_memo() {
+        let spent = |b: u32| b % 5 == 3;
+        let lists: [&[u32]; 4] = [&[0, 3, 7], &[1, 2], &[7, 8, 13], &[127, 0]];
+        let mut by_mask = Memo::default();
+        let mut by_slot = Memo::default();
+        let mut reads = Vec::new();
+        for list in lists {
+            let mask = list.iter().fold(0u128, |m, &b| m | 1u128 << b);
+            let a = by_mask.blocked_mask(mask, |b| {
+                reads.push(b);
+                spent(b)
+            });
+            let b = list.iter().any(|&b| by_slot.blocked(b, || spent(b)));
+            assert_eq!(a, b, "{list:?}");
+        }
+        // Every budget read once, in the order first seen (ascending within a list).
+        assert_eq!(reads, vec![0, 3, 7, 1, 2, 8, 13, 127]);
     }
 }

@@ -13,7 +13,7 @@ use crate::config::{Config, ConfigError};
 use crate::error::{Error, RecordError};
 use crate::filter::{Check, NoDeployments};
 use crate::health::Health;
-use crate::journal::{Ack, DurableTotals, Event, Journal, JournalSettings, StopReason};
+use crate::journal::{Ack, DurableTotals, Event, Items, Journal, JournalSettings, StopReason};
 use crate::money::Money;
 use crate::provider::{Deployment, Resolved, Resolver, Target};
 use crate::reload::SlotKeys;
@@ -583,35 +583,27 @@ impl Limiter {
         let secs = floor_secs(at);
         let mut n = 0;
         if cost != Money::ZERO {
-            // One journal event per call: a single window goes as `Add`, several as `AddMany`.
-            let mut first: Option<(u32, Window)> = None;
-            let mut more: Vec<(u32, Window)> = Vec::new();
+            // One journal event per call: a single window goes as `Add`, several as `AddMany`
+            // (up to four windows inline: no allocation).
+            let mut items = Items::default();
             for budget in slots {
                 n += 1;
                 let (window, crossed) = inner.view.add_own_checked(budget, secs, cost);
                 if let Some(c) = crossed {
                     self.fire(budget, c);
                 }
-                match first {
-                    None => first = Some((budget, window)),
-                    Some(f) => {
-                        if more.is_empty() {
-                            more.push(f);
-                        }
-                        more.push((budget, window));
-                    }
-                }
+                items.push((budget, window));
             }
-            let event = match first {
-                None => None,
-                Some((budget, window)) if more.is_empty() => Some(Event::Add {
+            let event = match (n, items.single()) {
+                (0, _) => None,
+                (_, Some((budget, window))) => Some(Event::Add {
                     budget,
                     window,
                     amount: cost.as_nanos(),
                     ack: ack.take(),
                 }),
-                Some(_) => Some(Event::AddMany {
-                    items: more.into_boxed_slice(),
+                _ => Some(Event::AddMany {
+                    items,
                     amount: cost.as_nanos(),
                     ack: ack.take(),
                 }),
@@ -1205,7 +1197,8 @@ impl Prepared {
             Some(masks) if tags_ok => {
                 let mut blocked = 0u128;
                 for (i, &b) in self.distinct.iter().enumerate() {
-                    if self.view.blocks(b, now) {
+                    // Through the memo: budgets that cannot be spent are not read.
+                    if check.blocked(b) {
                         blocked |= 1u128 << i;
                     }
                 }
@@ -1231,13 +1224,15 @@ impl Prepared {
 
     #[inline]
     fn resolved(&self) -> impl Iterator<Item = Resolved<'_>> {
-        self.ranges.iter().map(|&(start, len, unknown)| Resolved {
-            unknown,
-            slots: [
-                &self.slots[start as usize..(start + len) as usize],
-                &[],
-                &[],
-            ],
+        self.ranges.iter().map(|&(start, len, unknown)| {
+            Resolved::new(
+                unknown,
+                [
+                    &self.slots[start as usize..(start + len) as usize],
+                    &[],
+                    &[],
+                ],
+            )
         })
     }
 

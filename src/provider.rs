@@ -14,10 +14,12 @@
 //! deployment that resolves to nothing is [`Resolution::Unknown`] and follows
 //! `unknown_provider`.
 
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use rustc_hash::FxHashMap;
+use hashbrown::Equivalent;
+use rustc_hash::{FxBuildHasher, FxHashMap};
 
 use crate::budget::{model_part, Scope};
 use crate::config::Config;
@@ -150,41 +152,61 @@ pub(crate) struct Resolved<'a> {
     pub unknown: bool,
     /// Budget slots: provider and model budgets (and the deployment's).
     pub slots: [&'a [u32]; 3],
+    /// The same slots as a bit set (bit `b` for slot `b`) when every slot is below 128: the
+    /// filter then checks a deployment with a few `u128` operations instead of a loop over
+    /// its slots (see `filter::Memo::blocked_mask`). Set by the cache of
+    /// [`Resolver::resolve_in`]; `None` elsewhere.
+    pub mask: Option<u128>,
 }
 
-impl Resolved<'_> {
+impl<'a> Resolved<'a> {
+    /// Resolved slots without a bit set.
+    pub fn new(unknown: bool, slots: [&'a [u32]; 3]) -> Resolved<'a> {
+        Resolved {
+            unknown,
+            slots,
+            mask: None,
+        }
+    }
+
     /// Every slot, in order.
     pub fn iter(&self) -> impl Iterator<Item = u32> + '_ {
         self.slots.iter().flat_map(|s| s.iter().copied())
     }
 }
 
-/// A model name's cached resolution: unknown provider, and the slots of its provider and
-/// model budgets, concatenated.
+/// A deployment's cached resolution: unknown provider, and the slots of its provider, model
+/// and deployment budgets, concatenated (and as a bit set).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct CachedModel {
+pub(crate) struct Cached {
     unknown: bool,
     /// Up to four slots inline (no pointer to chase on the request path), more in `spill`.
     len: u8,
     inline: [u32; 4],
     spill: Box<[u32]>,
+    /// Every slot as a bit, when all are below 128.
+    mask: Option<u128>,
 }
 
-impl CachedModel {
-    fn new(unknown: bool, slots: impl Iterator<Item = u32>) -> CachedModel {
+impl Cached {
+    fn new(unknown: bool, slots: impl Iterator<Item = u32>) -> Cached {
         let all: Vec<u32> = slots.collect();
         let mut inline = [0; 4];
         let (len, spill) = if all.len() <= inline.len() {
             inline[..all.len()].copy_from_slice(&all);
             (all.len() as u8, Box::default())
         } else {
-            (u8::MAX, all.into_boxed_slice())
+            (u8::MAX, all.clone().into_boxed_slice())
         };
-        CachedModel {
+        let mask = all
+            .iter()
+            .try_fold(0u128, |m, &b| (b < 128).then(|| m | 1u128 << b));
+        Cached {
             unknown,
             len,
             inline,
             spill,
+            mask,
         }
     }
 
@@ -197,12 +219,83 @@ impl CachedModel {
     }
 }
 
-/// Entries kept in the model-name cache before it is cleared (bounds memory when callers
+/// Entries kept in the resolution cache before it is cleared (bounds memory when callers
 /// pass ever-new names).
 const CACHE_LIMIT: usize = 4096;
 
-/// The model-name cache: model → resolution.
-pub(crate) type CacheMap = FxHashMap<Box<str>, CachedModel>;
+/// The cache's key: a deployment's model name and id, owned.
+///
+/// Why one key for both: the request path used to hash the model (cache) and the id
+/// (deployment table) separately, two lookups per deployment; now it is one, and the lookup
+/// borrows (`Lookup` below), so nothing is allocated on a hit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct CacheKey {
+    model: Box<str>,
+    id: Option<Box<str>>,
+}
+
+impl Hash for CacheKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        // Must hash exactly as `Lookup` does (hashbrown's `Equivalent` contract).
+        Lookup {
+            model: &self.model,
+            id: self.id.as_deref(),
+        }
+        .hash(state);
+    }
+}
+
+/// A borrowed [`CacheKey`], for lookups without allocating.
+#[derive(Debug, Clone, Copy, Hash)]
+struct Lookup<'a> {
+    model: &'a str,
+    id: Option<&'a str>,
+}
+
+impl Equivalent<CacheKey> for Lookup<'_> {
+    #[inline]
+    fn equivalent(&self, key: &CacheKey) -> bool {
+        same(self.model, &key.model)
+            && match (self.id, key.id.as_deref()) {
+                (Some(a), Some(b)) => same(a, b),
+                (a, b) => a.is_none() && b.is_none(),
+            }
+    }
+}
+
+/// String equality without a `memcmp` call for names of up to 64 bytes (model names and
+/// ids): 8-byte words, the last one overlapping. A call to libc's `memcmp` per compared name
+/// was 7 % of the plain filter.
+#[inline]
+fn same(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    let n = a.len();
+    if n != b.len() {
+        return false;
+    }
+    let word = |s: &[u8], at: usize| -> u64 {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&s[at..at + 8]);
+        u64::from_ne_bytes(w)
+    };
+    match n {
+        0..=7 => a.iter().zip(b).all(|(x, y)| x == y),
+        8..=64 => {
+            let mut at = 0;
+            while at + 8 < n {
+                if word(a, at) != word(b, at) {
+                    return false;
+                }
+                at += 8;
+            }
+            word(a, n - 8) == word(b, n - 8)
+        }
+        _ => a == b,
+    }
+}
+
+/// The resolution cache: (model, deployment id) → resolution.
+pub(crate) type CacheMap = hashbrown::HashMap<CacheKey, Cached, FxBuildHasher>;
 /// A loaded snapshot of the cache.
 pub(crate) type CacheGuard = arc_swap::Guard<Arc<CacheMap>>;
 
@@ -217,8 +310,9 @@ pub(crate) struct Resolver {
     overrides: Vec<(String, String)>,
     /// `unknown_provider: deny`.
     pub deny_unknown: bool,
-    /// Model name (without explicit provider) → resolution. Reads are one atomic load;
-    /// a miss resolves and publishes a new map (rare: deployment lists change rarely).
+    /// (Model name, deployment id) of deployments without explicit provider → resolution.
+    /// Reads are one atomic load; a miss resolves and publishes a new map (rare: deployment
+    /// lists change rarely).
     cache: ArcSwap<CacheMap>,
 }
 
@@ -255,7 +349,7 @@ impl Resolver {
             tables,
             overrides,
             deny_unknown: config.unknown_provider == crate::config::UnknownProvider::Deny,
-            cache: ArcSwap::from_pointee(FxHashMap::default()),
+            cache: ArcSwap::from_pointee(CacheMap::default()),
         }
     }
 
@@ -300,15 +394,15 @@ impl Resolver {
             Some(p) => Some(p),
             None => self.provider_of_model(d.model()),
         };
-        Resolved {
-            unknown: provider.is_none(),
-            slots: [
+        Resolved::new(
+            provider.is_none(),
+            [
                 provider.map_or(&[][..], |p| self.provider_slots(p)),
                 self.slots(Scope::Model, model_part(d.model())),
                 d.id()
                     .map_or(&[][..], |id| self.slots(Scope::Deployment, id)),
             ],
-        }
+        )
     }
 
     /// One load of the model-name cache, to resolve a whole deployment list with
@@ -318,7 +412,8 @@ impl Resolver {
         self.cache.load()
     }
 
-    /// Resolves through a cache loaded once by the caller: the request path's form.
+    /// Resolves through a cache loaded once by the caller: the request path's form (one
+    /// hash lookup of (model, id) per deployment).
     #[inline]
     pub fn resolve_in<'a>(
         &'a self,
@@ -328,25 +423,39 @@ impl Resolver {
         if d.provider().is_some() {
             return self.resolve(d);
         }
-        let id = d
-            .id()
-            .map_or(&[][..], |id| self.slots(Scope::Deployment, id));
-        let model = d.model();
-        if let Some(c) = cache.get(model) {
+        let key = Lookup {
+            model: d.model(),
+            id: d.id(),
+        };
+        if let Some(c) = cache.get(&key) {
             return Resolved {
                 unknown: c.unknown,
-                slots: [c.slots(), id, &[]],
+                slots: [c.slots(), &[], &[]],
+                mask: c.mask,
             };
         }
+        self.resolve_miss(key, d)
+    }
+
+    /// A cache miss: resolves and publishes a new map with the entry (cold path).
+    #[cold]
+    #[inline(never)]
+    fn resolve_miss<'a>(&'a self, key: Lookup<'_>, d: &(impl Deployment + ?Sized)) -> Resolved<'a> {
         let r = self.resolve(d);
-        let entry = CachedModel::new(r.unknown, r.slots[0].iter().chain(r.slots[1]).copied());
+        let entry = Cached::new(r.unknown, r.iter());
         self.cache.rcu(|old| {
             let mut map = if old.len() >= CACHE_LIMIT {
-                FxHashMap::default()
+                CacheMap::default()
             } else {
                 (**old).clone()
             };
-            map.insert(model.into(), entry.clone());
+            map.insert(
+                CacheKey {
+                    model: key.model.into(),
+                    id: key.id.map(Into::into),
+                },
+                entry.clone(),
+            );
             Arc::new(map)
         });
         r
@@ -422,6 +531,30 @@ mod tests {
         let d = Target::with_id("east", "gpt-4o");
         let cache = r.cache();
         assert_eq!(slots(r.resolve_in(&cache, &d)), (false, vec![1, 3, 4]));
+    }
+
+    #[test]
+    fn word_wise_equality_agrees_with_str_eq() {
+        let names = [
+            "",
+            "a",
+            "gpt-4o",
+            "gpt-4o-",
+            "openai/g",
+            "openai/gpt-4o",
+            "openai/gpt-4p",
+            "anthropic/claude-3-5-sonnet",
+            "anthropic/claude-3-5-sonneT",
+            "Anthropic/claude-3-5-sonnet",
+            "anthropic/claudX-3-5-sonnet",
+        ];
+        let long = "x".repeat(70);
+        let long2 = format!("{}y", "x".repeat(69));
+        for a in names.iter().copied().chain([long.as_str(), long2.as_str()]) {
+            for b in names.iter().copied().chain([long.as_str(), long2.as_str()]) {
+                assert_eq!(same(a, b), a == b, "{a:?} {b:?}");
+            }
+        }
     }
 
     #[test]

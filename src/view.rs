@@ -94,7 +94,43 @@ struct BudgetView {
     /// raised by loading or replication, and of the live totals when the limit changed).
     /// While it is below the limit no window can be spent: `exhausted` answers from two
     /// plain atomic loads, without loading the window list (the request path's fast path).
+    /// Written only through [`BudgetView::raise_peak`] and [`View::set_limit`], which keep
+    /// the budget's bit in [`Hot`] set once the peak reaches the limit.
     peak: AtomicU64,
+    /// The view's set of budgets that may be spent, and this budget's slot in it.
+    hot: Arc<Hot>,
+    slot: u32,
+}
+
+/// The budgets (slots below 128) whose peak may have reached their limit, as one bit set:
+/// bit `b` is set once budget `b`'s `peak >= limit` could hold, and never cleared while the
+/// view lives (like the peak itself). A clear bit means the budget cannot be spent.
+///
+/// Why: the request path reads this once per call (two loads) and then skips every budget
+/// whose bit is clear, instead of three loads per budget (its slot, peak and limit); the
+/// filter's memo starts from it (`filter::Check::new`). Slots from 128 up have no bit and are
+/// always read.
+#[derive(Debug, Default)]
+pub(crate) struct Hot([AtomicU64; 2]);
+
+impl Hot {
+    #[inline]
+    fn mark(&self, slot: u32) {
+        if let Some(word) = self.0.get(slot as usize / 64) {
+            let bit = 1u64 << (slot % 64);
+            // A load first: once set, later charges of a spent budget do not write the
+            // shared word again.
+            if word.load(Ordering::Relaxed) & bit == 0 {
+                word.fetch_or(bit, Ordering::Relaxed);
+            }
+        }
+    }
+
+    #[inline]
+    fn load(&self) -> u128 {
+        u128::from(self.0[0].load(Ordering::Relaxed))
+            | u128::from(self.0[1].load(Ordering::Relaxed)) << 64
+    }
 }
 
 /// A snapshot of one window's totals.
@@ -125,6 +161,8 @@ pub(crate) struct View {
     /// Preallocated: a slot is set once; the first `len` are set.
     budgets: Box<[OnceLock<BudgetView>]>,
     len: AtomicUsize,
+    /// Shared with every slot.
+    hot: Arc<Hot>,
 }
 
 impl View {
@@ -133,13 +171,22 @@ impl View {
         let len = budgets.len();
         let slots: Box<[OnceLock<BudgetView>]> =
             (0..len + RELOAD_SLOTS).map(|_| OnceLock::new()).collect();
-        for (slot, (schedule, limit)) in slots.iter().zip(budgets) {
-            let _ = slot.set(BudgetView::new(schedule, limit));
+        let hot = Arc::new(Hot::default());
+        for (i, (slot, (schedule, limit))) in slots.iter().zip(budgets).enumerate() {
+            let _ = slot.set(BudgetView::new(schedule, limit, Arc::clone(&hot), i as u32));
         }
         View {
             budgets: slots,
             len: AtomicUsize::new(len),
+            hot,
         }
+    }
+
+    /// The budgets (below 128) that may be spent: bit `b` clear means budget `b` is not (see
+    /// [`Hot`]). One read per request-path call.
+    #[inline]
+    pub fn hot(&self) -> u128 {
+        self.hot.load()
     }
 
     pub fn len(&self) -> usize {
@@ -164,7 +211,12 @@ impl View {
         let i = self.len();
         self.budgets
             .get(i)?
-            .set(BudgetView::new(schedule, limit))
+            .set(BudgetView::new(
+                schedule,
+                limit,
+                Arc::clone(&self.hot),
+                u32::try_from(i).ok()?,
+            ))
             .ok()?;
         self.len.store(i + 1, Ordering::Release);
         u32::try_from(i).ok()
@@ -179,6 +231,9 @@ impl View {
             // with this store may still compare with the old limit: give up the fast path of
             // this budget (until the next start) rather than miss one.
             b.peak.store(u64::MAX, Ordering::Relaxed);
+        }
+        if b.peak.load(Ordering::Relaxed) >= limit.as_nanos() {
+            b.hot.mark(b.slot);
         }
     }
 
@@ -240,11 +295,23 @@ impl View {
         at_secs: i64,
         amount: Money,
     ) -> (Window, Option<Crossed>) {
-        let cell = self.cell_at(budget, at_secs);
-        saturating_add(&cell.own, amount.as_nanos());
         let b = self.budget(budget);
-        b.note_total(cell.committed());
-        (cell.window, b.fire_bits(&cell))
+        let charge = |cell: &Cell| {
+            saturating_add(&cell.own, amount.as_nanos());
+            b.note_total(cell.committed());
+            (cell.window, b.fire_bits(cell))
+        };
+        // The current window through the loaded list (no `Arc` count traffic on the charge
+        // path); a new window through `cell_at`.
+        if let Some(c) = b
+            .cells
+            .load()
+            .iter()
+            .find(|c| c.window.contains_secs(at_secs))
+        {
+            return charge(c);
+        }
+        charge(&self.cell_at(budget, at_secs))
     }
 
     /// Whether an enforced budget is spent at the instant (a spent shadow budget counts a
@@ -399,9 +466,7 @@ impl View {
     pub fn raise_own(&self, budget: u32, window: Window, own: Money) {
         let cell = self.cell_for(budget, window);
         cell.own.fetch_max(own.as_nanos(), Ordering::Relaxed);
-        self.budget(budget)
-            .peak
-            .fetch_max(cell.total(), Ordering::Relaxed);
+        self.budget(budget).raise_peak(cell.total());
     }
 
     /// Sets the other nodes' total of a window (replication). It only grows: the replicator
@@ -410,9 +475,7 @@ impl View {
     pub fn raise_others(&self, budget: u32, window: Window, others: Money) {
         let cell = self.cell_for(budget, window);
         cell.others.fetch_max(others.as_nanos(), Ordering::Relaxed);
-        self.budget(budget)
-            .peak
-            .fetch_max(cell.total(), Ordering::Relaxed);
+        self.budget(budget).raise_peak(cell.total());
     }
 
     /// Bulk [`View::raise_own`] for loading at open: one list swap per budget instead of one
@@ -451,7 +514,7 @@ impl View {
                     .entry((window.start_secs(), window.end_secs()))
                     .or_insert_with(|| Arc::new(Cell::new(window)));
                 field(cell).fetch_max(amount, Ordering::Relaxed);
-                b.peak.fetch_max(cell.total(), Ordering::Relaxed);
+                b.raise_peak(cell.total());
             }
             // Newest first, like `cell_for` keeps it.
             b.cells.store(Arc::new(cells.into_values().rev().collect()));
@@ -555,6 +618,16 @@ impl BudgetView {
     fn note_total(&self, total: u64) {
         if total >= self.limit.load(Ordering::Relaxed) {
             self.peak.fetch_max(total, Ordering::Relaxed);
+            self.hot.mark(self.slot);
+        }
+    }
+
+    /// Raises `peak` to at least `total` (loading, replication), keeping [`Hot`] in step.
+    #[inline]
+    fn raise_peak(&self, total: u64) {
+        let peak = self.peak.fetch_max(total, Ordering::Relaxed).max(total);
+        if peak >= self.limit.load(Ordering::Relaxed) {
+            self.hot.mark(self.slot);
         }
     }
 
@@ -571,7 +644,11 @@ impl BudgetView {
         spend >= self.limit.load(Ordering::Relaxed)
     }
 
-    fn new(schedule: Schedule, limit: Money) -> BudgetView {
+    fn new(schedule: Schedule, limit: Money, hot: Arc<Hot>, slot: u32) -> BudgetView {
+        if limit == Money::ZERO {
+            // Spent from the start (`0 >= 0`, as in the reference).
+            hot.mark(slot);
+        }
         BudgetView {
             schedule,
             limit: AtomicU64::new(limit.as_nanos()),
@@ -583,6 +660,8 @@ impl BudgetView {
             soft: ArcSwap::from_pointee(Vec::new()),
             has_soft: AtomicBool::new(false),
             peak: AtomicU64::new(0),
+            hot,
+            slot,
         }
     }
 }
@@ -703,6 +782,67 @@ mod tests {
         assert!(!w.exhausted(0, 1));
         w.add_own(0, 1, Money::from_nanos(10));
         assert!(w.exhausted(0, 1));
+    }
+
+    #[test]
+    fn every_way_of_spending_a_budget_marks_it_hot() {
+        // Budget 1 of two: its bit, not budget 0's, must be set by each path; below the limit
+        // nothing is set (the request path then reads nothing).
+        let two = || {
+            let s = Schedule::new("10s".parse().unwrap(), Timestamp::UNIX_EPOCH);
+            View::new([
+                (s.clone(), Money::from_nanos(100)),
+                (s, Money::from_nanos(100)),
+            ])
+        };
+        const W: Window = Window::from_secs(10, 20);
+        type Spend = fn(&View);
+        let cases: [(&str, Spend); 7] = [
+            ("charge", |v| {
+                let _ = v.add_own_checked(1, 15, Money::from_nanos(100));
+            }),
+            ("replication", |v| {
+                v.raise_others(1, W, Money::from_nanos(100))
+            }),
+            ("adoption", |v| v.raise_own(1, W, Money::from_nanos(100))),
+            ("load", |v| {
+                v.raise_others_many([(1, W, Money::from_nanos(100))]);
+            }),
+            ("lower limit", |v| {
+                v.add_own(1, 15, Money::from_nanos(60));
+                v.set_limit(1, Money::from_nanos(50));
+            }),
+            ("reservation", |v| {
+                v.try_reserve(1, 15, Money::from_nanos(99)).expect("room");
+            }),
+            ("settle", |v| {
+                let w = v.try_reserve(1, 15, Money::from_nanos(10)).expect("room");
+                let _ = v.settle(1, w, Money::from_nanos(10), Money::from_nanos(100));
+            }),
+        ];
+        for (what, spend) in cases {
+            let v = two();
+            v.add_own(1, 15, Money::from_nanos(1));
+            v.raise_others(0, W, Money::from_nanos(99));
+            assert_eq!(v.hot(), 0, "{what}: nothing spent yet");
+            spend(&v);
+            assert!(v.exhausted(1, 15), "{what}");
+            assert_eq!(v.hot(), 0b10, "{what}");
+        }
+        // A zero limit is spent from the start, whether configured or reloaded.
+        let s = Schedule::new("10s".parse().unwrap(), Timestamp::UNIX_EPOCH);
+        let v = View::new([(s.clone(), Money::from_nanos(1)), (s, Money::ZERO)]);
+        assert_eq!(v.hot(), 0b10);
+        v.set_limit(0, Money::ZERO);
+        assert_eq!(v.hot(), 0b11);
+        // A slot added by a reload has its own bit.
+        let v = two();
+        let s = Schedule::new("10s".parse().unwrap(), Timestamp::UNIX_EPOCH);
+        let i = v.push(s.clone(), Money::from_nanos(5)).expect("spare slot");
+        v.add_own_checked(i, 1, Money::from_nanos(5));
+        assert_eq!(v.hot(), 1 << i);
+        let j = v.push(s, Money::ZERO).expect("spare slot");
+        assert_eq!(v.hot(), 1 << i | 1 << j);
     }
 
     #[test]

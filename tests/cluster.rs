@@ -246,3 +246,64 @@ fn fleet_totals_are_exact_after_a_master_fails_over_to_its_replica() {
         );
     }
 }
+
+#[test]
+fn soft_limit_claims_go_to_the_master_of_their_slot() {
+    // Two nodes seeded with a master that does NOT serve the alert keys' slot: each claim is
+    // redirected (`MOVED`) to the right master, so every threshold fires exactly once in the
+    // fleet (a claim that failed on the redirect would fire locally on both nodes).
+    let Some(cluster) = RedisCluster::start(3, 0) else {
+        return;
+    };
+    let alert_keys = "cl:{tag:t:1d}:alert:*";
+    let serving = cluster.master_of("cl:{tag:t:1d}:alert:0:500000");
+    let seed = cluster
+        .masters()
+        .into_iter()
+        .find(|&i| i != serving)
+        .unwrap();
+    type Fired = Arc<std::sync::Mutex<Vec<(String, f64)>>>;
+    let fired: Fired = Arc::default();
+    let clock = FakeClock::new(Timestamp::now());
+    let node = |id: &str, dir: &tempfile::TempDir| {
+        let mut c = Config::from_yaml_str(
+            "provider_budgets:\n  budgets:\n    - {tag: t, limit: 10, period: 1d, soft_limits: [0.5, 0.9]}\n",
+        )
+        .unwrap()
+        .data_dir(dir.path());
+        c.node_id = Some(id.to_owned());
+        let mut r = RedisConfig::new(cluster.url(seed));
+        r.prefix = "cl".into();
+        r.connect_timeout = Duration::from_millis(500);
+        r.command_timeout = Duration::from_millis(1000);
+        c.redis = Some(r);
+        let l = Limiter::open_with_clock(c, Arc::new(clock.clone())).unwrap();
+        let (sink, me) = (Arc::clone(&fired), id.to_owned());
+        l.on_soft_limit(move |e| {
+            sink.lock()
+                .unwrap()
+                .push((me.clone(), e.soft_limit.fraction()))
+        });
+        l
+    };
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, b) = (node("n1", &da), node("n2", &db));
+    let usd = |n: u64| Money::from_nanos(n * 1_000_000_000);
+    for cost in [6, 4] {
+        a.charge("x", &["t"], usd(cost)).unwrap();
+        b.charge("x", &["t"], usd(cost)).unwrap();
+    }
+    drop(a); // waits for its alert thread: every claim answered
+    drop(b);
+    let mut fractions: Vec<f64> = fired.lock().unwrap().iter().map(|f| f.1).collect();
+    fractions.sort_by(f64::total_cmp);
+    assert_eq!(fractions, [0.5, 0.9], "{:?}", fired.lock().unwrap());
+    // The claims live on the serving master, none on the seed.
+    let on = |i: usize| cluster.nodes[i].command(&["KEYS", alert_keys]);
+    assert!(
+        on(serving).contains(":500000") && on(serving).contains(":900000"),
+        "{}",
+        on(serving)
+    );
+    assert!(!on(seed).contains(":alert:"), "{}", on(seed));
+}

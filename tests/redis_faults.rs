@@ -249,6 +249,60 @@ fn a_second_live_data_dir_with_the_same_node_id_is_refused_and_never_undercounts
 }
 
 #[test]
+fn a_holder_reading_clean_budgets_notices_another_data_dir_writing_its_field() {
+    // Clean budgets are read without a `GET` of the lease: the `~owner` field of each window
+    // is what tells that another data dir wrote the node's field (it took the lease while
+    // this one stalled), and the script's lease check then reports the duplicate.
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let (url, now) = (server.url(), now());
+    let dir = tempfile::tempdir().unwrap();
+    let first = open(dir.path(), &url, "own", "own", now);
+    first.record("openai", nanos(100)).unwrap();
+    for _ in 0..3 {
+        first.sync().unwrap(); // written, then clean rounds (plain reads)
+    }
+    let key = format!("own:{{openai:1d}}:{}", day_start(now));
+    assert_eq!(server.command(&["HGET", &key, "own"]), "100");
+    for provider in ["openai", "anthropic"] {
+        server.command(&["SET", &format!("own:{{{provider}:1d}}:lease:own"), "i9"]);
+    }
+    // In a budget this data dir has not spent in (with spend of its own there, the missing
+    // acknowledgement alone would send it through the script).
+    let other = format!("own:{{anthropic:1d}}:{}", day_start(now));
+    let write = [
+        "HSET",
+        &other,
+        "own",
+        "250",
+        "~owner:own",
+        "i9",
+        "~total",
+        "250",
+    ];
+    server.command(&write);
+    let mut refused = false;
+    for _ in 0..2 {
+        if let Err(e) = first.sync() {
+            assert!(
+                matches!(
+                    e,
+                    Error::Replication(ReplicationError::DuplicateNodeId { .. })
+                ),
+                "{e}"
+            );
+            refused = true;
+            break;
+        }
+    }
+    assert!(refused, "the other data dir's write went unnoticed");
+    // Nothing undercounted: the other's 250 counts as another's spend.
+    assert_eq!(spend(&first, "anthropic"), 250);
+    assert_eq!(spend(&first, "openai"), 100);
+}
+
+#[test]
 fn a_crashed_holder_blocks_its_node_id_only_until_its_lease_expires() {
     let Some(server) = RedisServer::start() else {
         return;

@@ -38,7 +38,7 @@
 //!   `provider_budgets_sync_problems_total`; the other budgets sync normally.
 //! * Every error and log line carries the Redis URL redacted ([`crate::redact`]).
 
-mod cluster;
+pub(crate) mod cluster;
 mod tls;
 
 /// A client for `url` with the TLS settings of `provider_budgets.redis.tls` (for other users
@@ -300,6 +300,12 @@ struct Worker {
     lease_ours: Vec<bool>,
     /// Budgets whose next round must run the script (see [`Mode`]).
     script_next: FxHashSet<u32>,
+    /// Per budget, other instances found recorded as the writer of our node's field
+    /// (`~owner:{node}`) by a script round that held the lease: old writes (a data dir that
+    /// used the node id before), not a live duplicate. A clean read that finds any other
+    /// owner sends the budget through the script (its lease check), instead of a `GET` of
+    /// the lease per clean budget per round.
+    foreign_owners: FxHashMap<u32, Vec<String>>,
     /// Clean rounds renew the leases every other round.
     renew_turn: bool,
     /// Reconnection backoff while Redis is down: next attempt not before this.
@@ -364,6 +370,7 @@ impl Worker {
             sent: (0, 0),
             lease_ours: Vec::new(),
             script_next: FxHashSet::default(),
+            foreign_owners: FxHashMap::default(),
             renew_turn: false,
             retry_at: None,
             down: false,
@@ -1136,6 +1143,21 @@ impl Worker {
                     self.script_next.insert(b32);
                 }
                 problems[b].extend(state.problems);
+                if let Some(owner) = state.owner.as_ref().filter(|o| **o != self.instance) {
+                    let known = self.foreign_owners.entry(b32).or_default();
+                    if !known.contains(owner) {
+                        match groups.wire[b].mode {
+                            // Another data dir wrote our node's field since we last looked:
+                            // the script's lease check runs next round.
+                            Mode::Read { .. } => {
+                                self.script_next.insert(b32);
+                            }
+                            // Seen while we hold the lease: written before we took it.
+                            Mode::Script if held => known.push(owner.clone()),
+                            Mode::Script => {}
+                        }
+                    }
+                }
                 // Our field: recorded as written by this data dir, or (written before owners
                 // were recorded) ours when we hold the lease.
                 let field = state

@@ -45,12 +45,15 @@
 //! `EVAL`: since Redis 7.4, scripts that only arrived through `EVAL` may be evicted from the
 //! cache, loaded ones are not.
 //!
-//! A budget with nothing to write ([`Mode::Read`]) skips the script: `GET` of its lease,
-//! `PEXPIRE` of it when ours (every other round), and one `HMGET` of our field, its owner, our
-//! kept-apart field, `~total` and `~bad` per window, in the same pipeline. What only the
-//! script handles (a lease to take, a total to repair, flagged fields) is reported back
-//! ([`KeyReply::needs_script`], [`Lease::Free`]) and the caller sends that budget through the
-//! script next round.
+//! A budget with nothing to write ([`Mode::Read`], only while this instance held its lease at
+//! the last look) skips the script: `PEXPIRE` of its lease every other round (a reply of 0:
+//! the lease is gone, [`Lease::Free`]) and one `HMGET` of our field, its owner, our kept-apart
+//! field, `~total` and `~bad` per window, in the same pipeline. No `GET` of the lease: the
+//! `~owner:{node}` field of each window says whether another data dir wrote our node's field
+//! (the caller then sends the budget through the script, whose lease check reports a
+//! duplicate). What only the script handles (a lease to take, a total to repair, flagged
+//! fields) is reported back ([`KeyReply::needs_script`], [`Lease::Free`]) and the caller
+//! sends that budget through the script next round.
 //!
 //! **Failures are isolated per key**: the script runs each window key under `pcall`, so a key
 //! of the wrong type fails only that window; a contribution field that is not a canonical u64
@@ -140,9 +143,10 @@ pub(crate) struct Group {
 pub(crate) enum Mode {
     /// One `EVALSHA` of the merge script: writes, lease taking, repairs.
     Script,
-    /// Nothing to write: plain commands, no script (a clean budget costs Redis a `GET` of the
-    /// lease and one `HMGET` per window). `renew`: our instance held the lease at the last
-    /// look, so `PEXPIRE` keeps it alive.
+    /// Nothing to write, and our instance held the lease at the last look: plain commands, no
+    /// script (a clean budget costs Redis one `HMGET` per window). `renew`: `PEXPIRE` keeps
+    /// the lease alive (its reply says whether it still exists; without it the lease is
+    /// taken as still ours).
     Read { renew: bool },
 }
 
@@ -401,7 +405,6 @@ impl Wire {
         for &i in which {
             let group = &groups[i];
             if let Mode::Read { renew } = group.mode {
-                pipe.cmd("GET").arg(&group.lease);
                 if renew {
                     pipe.cmd("PEXPIRE")
                         .arg(&group.lease)
@@ -476,7 +479,7 @@ impl Wire {
         for &i in which {
             let group = &groups[i];
             if let Mode::Read { renew } = group.mode {
-                results[i] = Some(parse_read(group, renew, id, &mut replies));
+                results[i] = Some(parse_read(group, renew, &mut replies));
                 continue;
             }
             results[i] = match replies.next() {
@@ -642,19 +645,16 @@ fn parse_state(key: &str, state: Vec<Value>) -> Result<KeyReply, String> {
     Ok(out)
 }
 
-/// Parses a [`Mode::Read`] group's replies: `GET lease`, maybe `PEXPIRE`, one `HMGET` per
-/// item.
+/// Parses a [`Mode::Read`] group's replies: maybe `PEXPIRE lease`, one `HMGET` per item.
 fn parse_read(
     group: &Group,
     renew: bool,
-    id: &Identity<'_>,
     replies: &mut impl Iterator<Item = redis::RedisResult<Value>>,
 ) -> GroupOutcome {
     let short = || WireError::Reply {
         key: first_key(group),
         detail: "the pipeline returned fewer replies than commands".into(),
     };
-    let lease = replies.next().ok_or_else(short)?;
     let renewed = if renew {
         Some(replies.next().ok_or_else(short)?)
     } else {
@@ -667,8 +667,8 @@ fn parse_read(
         .collect::<Result<_, _>>()?;
     // A redirect (cluster slot moved) or an unreachable shard concerns the whole budget:
     // report it as the group's failure, as a script call's would be.
-    let whole = std::iter::once(&lease)
-        .chain(renewed.iter())
+    let whole = renewed
+        .iter()
         .chain(states.iter())
         .filter_map(|r| r.as_ref().err())
         .find(|e| {
@@ -689,19 +689,15 @@ fn parse_read(
             error: error.clone(),
         });
     }
-    let mut replies = std::iter::once(lease).chain(renewed).chain(states);
-    let lease = match replies.next().ok_or_else(short)? {
-        Ok(Value::Nil) => Lease::Free,
-        Ok(v) => match text(v) {
-            Ok(holder) if holder == id.instance => Lease::Held,
-            Ok(holder) => Lease::Refused { holder },
-            Err(v) => Lease::Broken(format!("unexpected lease value {v}")),
-        },
-        Err(e) => Lease::Broken(one_line(&e)),
+    // Read mode runs only while the lease was ours at the last look; `PEXPIRE` answers 0
+    // when the key is gone (expired or released): the script takes it again next round.
+    let lease = match renewed {
+        None | Some(Ok(Value::Int(1))) => Lease::Held,
+        Some(Ok(Value::Int(0))) => Lease::Free,
+        Some(Ok(v)) => Lease::Broken(format!("unexpected PEXPIRE reply {v:?}")),
+        Some(Err(e)) => Lease::Broken(one_line(&e)),
     };
-    if renew {
-        let _ = replies.next().ok_or_else(short)?;
-    }
+    let mut replies = states.into_iter();
     let mut keys = Vec::with_capacity(group.items.len());
     for item in &group.items {
         let key = &item.key;
@@ -1594,27 +1590,31 @@ mod tests {
         let lease = read(false).lease;
         let ttl: i64 = server.command(&["PTTL", &lease]).parse().unwrap();
         assert!(ttl > 50_000, "{ttl}");
-        // Another instance's lease: refused; a free one: free.
-        let other = Identity {
-            instance: "i9",
-            ..identity("a")
-        };
-        let out = wire
-            .sync_round(&mut conn, &other, &[read(false)])
-            .await
-            .unwrap();
-        assert_eq!(
-            out[0].as_ref().unwrap().lease,
-            Lease::Refused {
-                holder: INSTANCE.into()
-            }
-        );
+        // No `GET` of the lease: a plain read takes it as still ours, and renewing tells a
+        // lease that is gone (expired, released) apart: free, the script takes it again.
         server.command(&["DEL", &lease]);
         let out = wire
             .sync_round(&mut conn, &identity("a"), &[read(false)])
             .await
             .unwrap();
+        assert_eq!(out[0].as_ref().unwrap().lease, Lease::Held);
+        let out = wire
+            .sync_round(&mut conn, &identity("a"), &[read(true)])
+            .await
+            .unwrap();
         assert_eq!(out[0].as_ref().unwrap().lease, Lease::Free);
+        // Another data dir's write shows in the owner field (the caller then runs the script).
+        sync_one(&wire, &mut conn, "a", &key, 0).await; // takes the lease again
+        server.command(&["HSET", &key, "~owner:a", "i9"]);
+        let out = wire
+            .sync_round(&mut conn, &identity("a"), &[read(true)])
+            .await
+            .unwrap();
+        let reply = out[0].as_ref().unwrap();
+        assert_eq!(reply.lease, Lease::Held);
+        let state = reply.keys[0].as_ref().unwrap();
+        assert_eq!(state.owner.as_deref(), Some("i9"));
+        server.command(&["HSET", &key, "~owner:a", INSTANCE]);
         // What only the script repairs: a missing or low total, a flagged key.
         for damage in [
             vec!["HDEL", key.as_str(), "~total"],
