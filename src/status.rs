@@ -2,7 +2,7 @@
 
 use jiff::Timestamp;
 
-use crate::budget::{Mode, Scope, SoftLimit};
+use crate::budget::{Enforcement, Mode, Offline, Scope, SoftLimit};
 use crate::money::Money;
 use crate::window::{Period, Window};
 
@@ -54,6 +54,17 @@ pub struct BudgetStatus {
     /// window is not synced), a broken lease key. The other budgets are not affected; the
     /// problem clears once the bad data is gone. `None` when there is none.
     pub replication_problem: Option<String>,
+    /// `shared` or `strict` (grants in escrow).
+    pub enforcement: Enforcement,
+    /// What a strict budget does without Redis.
+    pub offline: Offline,
+    /// Strict budgets: this node's grant in the window, i.e. what it may spend and hold
+    /// (the whole limit when no Redis is configured: the node is the fleet). `None` for
+    /// shared budgets.
+    pub grant: Option<Money>,
+    /// Strict budgets: the sum of every node's grant in the window, as of this node's last
+    /// round (`None` before the first, and for shared budgets). Never above the limit.
+    pub granted_total: Option<Money>,
 }
 
 /// Replication state of a limiter.
@@ -141,6 +152,12 @@ fn status_json(s: &BudgetStatus) -> serde_json::Value {
         "remaining_nanos": s.remaining.as_nanos(),
         "own_spend_nanos": s.own_spend.as_nanos(),
         "exhausted": s.exhausted,
+        "enforcement": s.enforcement.as_str(),
+        "offline": (s.enforcement == Enforcement::Strict).then(|| s.offline.as_str()),
+        "grant": s.grant.map(Money::as_usd),
+        "grant_nanos": s.grant.map(Money::as_nanos),
+        "granted_total": s.granted_total.map(Money::as_usd),
+        "granted_total_nanos": s.granted_total.map(Money::as_nanos),
         "storage_fault": s.storage_fault,
         "replication": {
             "enabled": r.enabled,

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use arc_swap::ArcSwap;
 
-use crate::budget::SoftLimit;
+use crate::budget::{Enforcement, Offline, SoftLimit};
 use crate::money::Money;
 use crate::window::{Schedule, Window};
 
@@ -84,8 +84,13 @@ struct BudgetView {
     would_deny: AtomicU64,
     /// `enforcement: strict`: admission also keeps `own + reserved` within this node's grant
     /// of the window. Cleared while an offline mode other than `grant_only` applies.
-    #[allow(dead_code)] // reservations and grants (issue 12) build on it
     strict: AtomicBool,
+    /// The configured `enforcement`/`offline` pair (see `policy_code`), which `strict`
+    /// follows while Redis answers; set at open and by a reload.
+    policy: AtomicU8,
+    /// The largest reservation refused by this node's grant alone since the replicator last
+    /// looked: the next (out-of-cycle) grant round asks for at least that much more.
+    starved: AtomicU64,
     /// Soft limits, increasing (swapped by a reload; read only when a charge lands).
     soft: ArcSwap<Vec<SoftLimit>>,
     /// Whether `soft` is not empty (spares its load on the charge path).
@@ -339,6 +344,17 @@ impl View {
                 Ordering::Relaxed,
             ) {
                 Ok(_) => {
+                    // A give-back may have lowered the grant since it was read: re-check
+                    // (SeqCst, paired with `lower_grant`) and back out rather than hold money
+                    // the fleet no longer granted.
+                    if refused.is_none()
+                        && b.strict.load(Ordering::Relaxed)
+                        && cell.own.load(Ordering::SeqCst).saturating_add(want)
+                            > cell.grant.load(Ordering::SeqCst)
+                    {
+                        saturating_sub(&cell.reserved, amount);
+                        return Err(Refused::Grant(cell.window));
+                    }
                     b.note_total(fleet);
                     return Ok(cell.window);
                 }
@@ -375,7 +391,69 @@ impl View {
     }
 
     /// Sets whether a budget is strict (open, reload, offline modes).
-    #[allow(dead_code)] // reservations and grants (issue 12) build on it
+    /// Sets a budget's configured enforcement (open, reload). A strict budget admits within
+    /// its grant from now on (the replicator clears that while an offline mode other than
+    /// `grant_only` applies).
+    pub fn set_policy(&self, budget: u32, enforcement: Enforcement, offline: Offline) {
+        let b = self.budget(budget);
+        b.policy
+            .store(policy_code(enforcement, offline), Ordering::Relaxed);
+        b.strict
+            .store(enforcement == Enforcement::Strict, Ordering::Relaxed);
+    }
+
+    /// The configured `(enforcement, offline)` of a budget.
+    pub fn policy(&self, budget: u32) -> (Enforcement, Offline) {
+        match self.budget(budget).policy.load(Ordering::Relaxed) {
+            1 => (Enforcement::Strict, Offline::GrantOnly),
+            2 => (Enforcement::Strict, Offline::LocalShare),
+            3 => (Enforcement::Strict, Offline::Open),
+            _ => (Enforcement::Shared, Offline::GrantOnly),
+        }
+    }
+
+    /// A reservation of `amount` was refused by this node's grant alone: remembered (the
+    /// largest since the replicator last looked) so that the next grant round asks for it.
+    #[allow(dead_code)] // used by reservations (issue 12)
+    pub fn note_starved(&self, budget: u32, amount: Money) {
+        self.budget(budget)
+            .starved
+            .fetch_max(amount.as_nanos(), Ordering::Relaxed);
+    }
+
+    /// Takes the largest starved amount noted since the last call (the replicator).
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub fn take_starved(&self, budget: u32) -> Money {
+        Money::from_nanos(self.budget(budget).starved.swap(0, Ordering::Relaxed))
+    }
+
+    /// Lowers this node's grant of a window towards `target` (a give-back), never below what
+    /// is spent and held there, and returns the grant now in force (what may be given back).
+    /// Sequentially consistent with the re-check in [`View::try_reserve`] (a Dekker pair on
+    /// `grant` and `reserved`): either a racing reservation sees the lowered grant and backs
+    /// out, or this sees its hold and keeps the grant above it.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub fn lower_grant(&self, budget: u32, window: Window, target: Money) -> Money {
+        let cell = self.cell_for(budget, window);
+        let mut grant = target.as_nanos();
+        let mut was = None;
+        loop {
+            let before = cell.grant.swap(grant, Ordering::SeqCst);
+            let was = *was.get_or_insert(before);
+            let used = cell
+                .own
+                .load(Ordering::SeqCst)
+                .saturating_add(cell.reserved.load(Ordering::SeqCst));
+            // Keep what is in use, never more than the grant was.
+            let kept = used.min(was).max(grant);
+            if kept == grant {
+                return Money::from_nanos(grant);
+            }
+            grant = kept;
+        }
+    }
+
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub fn set_strict(&self, budget: u32, strict: bool) {
         self.budget(budget).strict.store(strict, Ordering::Relaxed);
     }
@@ -387,11 +465,11 @@ impl View {
 
     /// Sets this node's grant of a strict budget's window (the replicator, after the grant is
     /// durable; a give-back lowers it before it is sent).
-    #[allow(dead_code)] // reservations and grants (issue 12) build on it
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub fn set_grant(&self, budget: u32, window: Window, grant: Money) {
         self.cell_for(budget, window)
             .grant
-            .store(grant.as_nanos(), Ordering::Release);
+            .store(grant.as_nanos(), Ordering::SeqCst);
     }
 
     /// Raises this node's own total of a window to at least `own` (loading from the store).
@@ -579,11 +657,23 @@ impl BudgetView {
             swap: Mutex::new(()),
             shadow: AtomicBool::new(false),
             strict: AtomicBool::new(false),
+            policy: AtomicU8::new(0),
+            starved: AtomicU64::new(0),
             would_deny: AtomicU64::new(0),
             soft: ArcSwap::from_pointee(Vec::new()),
             has_soft: AtomicBool::new(false),
             peak: AtomicU64::new(0),
         }
+    }
+}
+
+/// The `policy` byte of a budget view: 0 shared, then strict with each offline mode.
+fn policy_code(enforcement: Enforcement, offline: Offline) -> u8 {
+    match (enforcement, offline) {
+        (Enforcement::Strict, Offline::GrantOnly) => 1,
+        (Enforcement::Strict, Offline::LocalShare) => 2,
+        (Enforcement::Strict, Offline::Open) => 3,
+        _ => 0,
     }
 }
 
