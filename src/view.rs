@@ -924,6 +924,48 @@ mod tests {
     }
 
     #[test]
+    fn a_give_back_keeps_what_is_held_and_racing_reservations_stay_within_it() {
+        let v = view();
+        v.set_policy(0, Enforcement::Strict, Offline::GrantOnly);
+        let w = v.schedule(0).window_at_secs(5);
+        v.set_grant(0, w, Money::from_nanos(90));
+        v.try_reserve(0, 5, Money::from_nanos(60)).unwrap();
+        assert_eq!(v.lower_grant(0, w, Money::from_nanos(10)).as_nanos(), 60);
+        assert!(matches!(
+            v.try_reserve(0, 5, Money::from_nanos(1)),
+            Err(Refused::Grant(_))
+        ));
+        // Concurrent: reservations race with give-backs; what is held never passes the grant
+        // in force once both are done.
+        for _ in 0..20 {
+            let v = Arc::new(view());
+            v.set_policy(0, Enforcement::Strict, Offline::GrantOnly);
+            v.set_grant(0, w, Money::from_nanos(100));
+            let takers: Vec<_> = (0..3)
+                .map(|_| {
+                    let v = Arc::clone(&v);
+                    std::thread::spawn(move || {
+                        for _ in 0..40 {
+                            let _ = v.try_reserve(0, 5, Money::from_nanos(1));
+                        }
+                    })
+                })
+                .collect();
+            let mut kept = 0;
+            for target in [50u64, 20, 0] {
+                kept = v.lower_grant(0, w, Money::from_nanos(target)).as_nanos();
+            }
+            for t in takers {
+                t.join().unwrap();
+            }
+            let held = v.totals_at(0, 5).reserved.as_nanos();
+            let grant = v.totals_at(0, 5).grant.as_nanos();
+            assert!(held <= grant, "held {held} > grant {grant}");
+            assert!(kept <= grant);
+        }
+    }
+
+    #[test]
     fn a_shadow_budget_holds_but_never_refuses() {
         let v = view();
         v.set_shadow(0, true);

@@ -258,6 +258,11 @@ impl Book {
             view.set_strict(b, true);
         }
         view.set_grant(b, window, Money::from_nanos(durable));
+        let (provider, period) = keys.get(b);
+        metrics::gauge!("provider_budgets_grant_usd", "provider" => provider.clone(), "period" => period.clone())
+            .set(Money::from_nanos(durable).as_usd());
+        metrics::gauge!("provider_budgets_granted_total_usd", "provider" => provider, "period" => period)
+            .set(Money::from_nanos(reply.granted).as_usd());
     }
 
     /// Writes a grant to disk (flushed). `false` (logged) when the disk refused it.
