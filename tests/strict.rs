@@ -7,6 +7,8 @@
 
 #[path = "support/cli.rs"]
 mod cli;
+#[path = "support/proxy.rs"]
+mod proxy;
 #[path = "support/redis_server.rs"]
 mod redis_server;
 
@@ -348,4 +350,42 @@ fn grants_belong_to_their_window() {
     // The old window's grant does not count against the new one.
     assert_eq!(redis_grants(&server, next).0, grant(&a));
     assert_eq!(row(&a).granted_total.unwrap().as_nanos(), grant(&a));
+}
+
+#[test]
+fn offline_local_share_admits_a_share_of_the_limit_and_grant_only_keeps_the_grant() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let clock = Arc::new(FakeClock::new(t0()));
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let link = proxy::Proxy::start(server.port()).unwrap();
+    let open_with = |dir: &Path, url: &str, node: &str, offline: &str| {
+        let mut c = config(dir, url, node, "s");
+        c.budgets = Config::from_yaml_str(&yaml(offline)).unwrap().budgets;
+        Limiter::open_with_clock(c, clock.clone()).unwrap()
+    };
+    let a = open_with(da.path(), &link.url(), "a", "local_share");
+    let b = open_with(db.path(), &server.url(), "b", "grant_only");
+    until(&[&a, &b], "both hold a grant", || {
+        spend(&a, "0.5");
+        spend(&b, "0.5");
+        grant(&a) > own(&a) && grant(&b) > own(&b)
+    });
+    a.sync().unwrap(); // a learns that b holds a grant too
+    let held = grant(&a);
+    assert!(held < LIMIT / 2, "{held}");
+    // a is cut off from Redis: it may admit up to half the limit (2 holders seen).
+    link.cut();
+    assert!(a.sync().is_err());
+    assert_eq!(grant(&a), LIMIT / 2);
+    // Back: the durable grant again.
+    link.heal();
+    until(&[&a], "a is back on its grant", || grant(&a) < LIMIT / 2);
+    assert!(grant(&a) >= held.min(own(&a)));
+    // grant_only: nothing changes while Redis is unreachable.
+    let before = grant(&b);
+    drop(server);
+    assert!(b.sync().is_err());
+    assert_eq!(grant(&b), before);
 }

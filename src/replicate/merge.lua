@@ -245,9 +245,14 @@ local function merge(key, own, expire_at, limit, dgrant, want)
   end
 
   local plus, minus = '0', '0'
-  if writable and own ~= '0' then
+  -- A strict call writes even without spend: the grant field goes with the node field, so
+  -- a data dir that takes the node id over must own both before it is granted anything.
+  local strict = limit ~= '' and writable
+  local taken_over = nil
+  if writable and (own ~= '0' or strict) then
     if cur and owner and owner ~= inst then
       if canonical(cur) then
+        taken_over = cur
         local rf = '~retired:' .. node .. ':' .. owner
         local prev = redis.call('HGET', key, rf)
         if (not prev) or (not canonical(prev)) or greater(cur, prev) then
@@ -310,11 +315,22 @@ local function merge(key, own, expire_at, limit, dgrant, want)
   local spent1 = '0'
   if cur and canonical(cur) then spent1 = cur end
   local grants_damaged = false
-  if g0 and spent1 ~= spent0 then
-    local u = redis.call('HGET', key, '~unspent')
-    if not shift(key, '~unspent', u, over(g0, spent1), over(g0, spent0)) then grants_damaged = true end
+  -- Another data dir's grant under this node id was partly spent by it (now retired): only
+  -- the unused part goes on with the field.
+  local g_eff = g0
+  if g0 and taken_over then
+    g_eff = over(g0, taken_over)
+    redis.call('HSET', key, grant_field, g_eff)
+    local gr = redis.call('HGET', key, '~granted')
+    if not shift(key, '~granted', gr, g_eff, g0) then grants_damaged = true end
   end
-  if limit == '' then
+  if g0 and (spent1 ~= spent0 or g_eff ~= g0) then
+    local u = redis.call('HGET', key, '~unspent')
+    if not shift(key, '~unspent', u, over(g_eff, spent1), over(g0, spent0)) then grants_damaged = true end
+  end
+  g0 = g_eff
+  -- Not strict, or the node id's lease is another data dir's: no grant moves.
+  if not strict then
     if grants_damaged then recompute_grants(key) end
     return {cur or '', owner or '', mine or '', total, repaired, bad, '', '', '', ''}
   end

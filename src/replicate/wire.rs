@@ -1964,4 +1964,40 @@ mod tests {
         let (_, claimed) = grant_sums(&server, &key);
         assert!(claimed <= LIMIT + (a - 100_000), "{claimed}");
     }
+
+    #[tokio::test]
+    async fn a_data_dir_taking_a_node_id_over_gets_only_the_unused_grant() {
+        let server = server_or_skip!();
+        let mut conn = connect(&server).await;
+        let wire = Wire::new();
+        let key = window_key("t", "openai", "1d", 0);
+        let first = ask(&wire, &mut conn, &identity("a"), &key, 100_000, 0, 600_000).await;
+        assert_eq!(first.grant, 450_000);
+        // Another data dir under the same node id while the lease is held: no grant moves.
+        let other = Identity {
+            instance: "i9",
+            ..identity("a")
+        };
+        let refused = SyncItem {
+            grant: Some(GrantAsk {
+                limit: LIMIT,
+                durable: 0,
+                want: 900_000,
+            }),
+            ..item(&key, 0)
+        };
+        let out = wire
+            .sync_round(&mut conn, &other, &[group("a", vec![refused])])
+            .await
+            .unwrap();
+        let reply = out[0].as_ref().unwrap();
+        assert!(matches!(reply.lease, Lease::Refused { .. }));
+        assert_eq!(reply.keys[0].as_ref().unwrap().grant, None);
+        // The first data dir is gone (its lease expired): the new one takes the field over,
+        // with what its predecessor had not spent of the grant, nothing more.
+        server.command(&["DEL", &format!("{key}:lease:a")]);
+        let taken = ask(&wire, &mut conn, &other, &key, 0, 0, 350_000).await;
+        assert_eq!(taken.grant, 350_000);
+        assert_eq!(grant_sums(&server, &key), (350_000, 450_000));
+    }
 }
