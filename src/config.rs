@@ -310,7 +310,15 @@ pub struct Config {
     /// Budget-related litellm keys the file sets that this crate does not implement (key
     /// paths). [`Config::warning`] lists them in one line; they are never silently dropped.
     pub ignored_litellm_keys: Vec<String>,
+    /// `provider_budgets.reservation_timeout` (default 10 min): a reservation neither committed
+    /// nor released within it expires and counts its estimate (the provider may have billed a
+    /// call whose answer never came back). Long enough for the slowest streamed answer; short
+    /// enough that money held by a crashed client comes back as spend, not as a hole.
+    pub reservation_timeout: Duration,
 }
+
+/// Default of [`Config::reservation_timeout`].
+pub const DEFAULT_RESERVATION_TIMEOUT: Duration = Duration::from_secs(600);
 
 impl Default for Config {
     fn default() -> Config {
@@ -324,6 +332,7 @@ impl Default for Config {
             unknown_provider: UnknownProvider::Allow,
             model_providers: Vec::new(),
             ignored_litellm_keys: Vec::new(),
+            reservation_timeout: DEFAULT_RESERVATION_TIMEOUT,
         }
     }
 }
@@ -426,6 +435,12 @@ impl Config {
     /// Sets the data dir (builder style).
     pub fn data_dir(mut self, dir: impl Into<PathBuf>) -> Config {
         self.storage.dir = Some(dir.into());
+        self
+    }
+
+    /// Sets [`Config::reservation_timeout`] (builder style).
+    pub fn reservation_timeout(mut self, timeout: Duration) -> Config {
+        self.reservation_timeout = timeout;
         self
     }
 
@@ -586,6 +601,12 @@ impl Config {
             check_node_id(id)?;
         }
         self.zone()?;
+        if self.reservation_timeout.is_zero() {
+            return Err(ConfigError::Invalid {
+                key: "provider_budgets.reservation_timeout",
+                message: "must be longer than zero (every reservation would expire at once)".into(),
+            });
+        }
         for (prefix, provider) in &self.model_providers {
             if prefix.is_empty() {
                 return Err(ConfigError::Invalid {
@@ -742,6 +763,9 @@ impl Config {
                 .map(|(prefix, provider)| (prefix, provider.value))
                 .collect(),
             ignored_litellm_keys: ignored,
+            reservation_timeout: own
+                .reservation_timeout
+                .map_or(DEFAULT_RESERVATION_TIMEOUT, |d| d.0),
         };
         sort_budgets(&mut config.budgets);
         config.validate()?;
@@ -1648,6 +1672,7 @@ struct RawOwn {
     unknown_provider: Option<Parsed<UnknownProvider>>,
     model_providers: Option<UniqueMap<Text>>,
     budgets: Option<Vec<RawGeneral>>,
+    reservation_timeout: Option<HumanDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -37,7 +37,7 @@ use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::clock::{floor_secs, Clock};
 use crate::highwater::Mark;
-use crate::store::{summarize, OwnValue, Store, StoreError, WindowKey};
+use crate::store::{summarize, OwnValue, ReservationValue, Store, StoreError, WindowKey};
 use crate::view::View;
 use crate::window::Window;
 
@@ -95,6 +95,21 @@ pub(crate) enum Event {
         budget: u32,
         window: Window,
         total: u64,
+    },
+    /// Journal an open reservation (`reserve` waits for its ack: a crash after `reserve`
+    /// returned finds it on disk and counts its estimate).
+    Reserve {
+        id: Arc<str>,
+        value: Box<ReservationValue>,
+        ack: Ack,
+    },
+    /// The end of a reservation: `amount` more own spend in each of its windows (zero for a
+    /// release) and the removal of its record, in one sled batch.
+    Finish {
+        id: Arc<str>,
+        items: Arc<[(u32, Window)]>,
+        amount: u64,
+        ack: Option<Ack>,
     },
     /// Acknowledge once everything queued before is durable.
     Flush(Ack),
@@ -246,6 +261,7 @@ impl Journal {
                 .collect(),
             orphans: start.orphans.into_iter().collect(),
             dirty: FxHashSet::default(),
+            reservations: FxHashMap::default(),
             seq: start.seq,
             floor: start.floor,
             wall_start: floor_secs(settings.clock.now()),
@@ -403,6 +419,9 @@ struct Worker {
     orphans: std::collections::BTreeMap<WindowKey, OwnValue>,
     /// Totals changed since their last successful flush.
     dirty: FxHashSet<(u32, i64)>,
+    /// Reservation records to write (`Some`: opened) or remove (`None`: ended) with the next
+    /// batch; kept until a batch with them is durable (rewriting one is harmless).
+    reservations: FxHashMap<Arc<str>, Option<Box<ReservationValue>>>,
     /// Sequence of the last durable batch.
     seq: u64,
     /// See [`JournalStart::floor`].
@@ -501,6 +520,25 @@ impl Worker {
                         self.dirty.insert(key);
                     }
                 }
+                Event::Reserve { id, value, ack } => {
+                    self.reservations.insert(id, Some(value));
+                    acks.push(ack);
+                }
+                Event::Finish {
+                    id,
+                    items,
+                    amount,
+                    ack,
+                } => {
+                    records += 1;
+                    if amount > 0 {
+                        for &(budget, window) in &*items {
+                            self.add(budget, window, amount, mono);
+                        }
+                    }
+                    self.reservations.insert(id, None);
+                    acks.extend(ack);
+                }
                 Event::Flush(ack) | Event::Stop(ack) => acks.push(ack),
                 Event::Maintain(ack) => {
                     maintain = true;
@@ -557,7 +595,11 @@ impl Worker {
     /// store is marked faulted (reopened before the next attempt) and nothing is lost: the
     /// totals stay dirty in memory.
     fn write(&mut self, removed: &[(u32, i64)], removed_orphans: &[WindowKey]) -> AckResult {
-        if self.dirty.is_empty() && removed.is_empty() && removed_orphans.is_empty() {
+        if self.dirty.is_empty()
+            && self.reservations.is_empty()
+            && removed.is_empty()
+            && removed_orphans.is_empty()
+        {
             return match &self.fault {
                 Some(e) => Err(e.clone()),
                 None => Ok(()),
@@ -620,8 +662,14 @@ impl Worker {
             .map(|k| self.key(k.0, k.1))
             .chain(removed_orphans.iter().cloned())
             .collect();
-        self.store
-            .write_own(seq, items.iter().map(|(k, v)| (k, *v)), removed_keys.iter())?;
+        self.store.write_own_and_reservations(
+            seq,
+            items.iter().map(|(k, v)| (k, *v)),
+            removed_keys.iter(),
+            self.reservations
+                .iter()
+                .map(|(id, v)| (&**id, v.as_deref())),
+        )?;
         self.store.flush()?;
         let mut mark = summarize(
             seq,
@@ -643,6 +691,7 @@ impl Worker {
         metrics::histogram!("provider_budgets_journal_flush_seconds")
             .record(started.elapsed().as_secs_f64());
         self.seq = seq;
+        self.reservations.clear();
         for k in removed {
             self.own.remove(k);
         }
@@ -671,7 +720,7 @@ impl Worker {
     /// Periodic work: retry failed writes, forget windows past their retention.
     fn idle(&mut self) {
         self.last_expiry = Instant::now();
-        if !self.dirty.is_empty() {
+        if !self.dirty.is_empty() || !self.reservations.is_empty() {
             if let Err(e) = self.write(&[], &[]) {
                 tracing::debug!(error = %e, "journal retry failed");
             }
@@ -756,6 +805,8 @@ impl Worker {
 fn is_urgent(ev: &Event) -> bool {
     !matches!(
         ev,
-        Event::Add { ack: None, .. } | Event::AddMany { ack: None, .. }
+        Event::Add { ack: None, .. }
+            | Event::AddMany { ack: None, .. }
+            | Event::Finish { ack: None, .. }
     )
 }

@@ -79,6 +79,7 @@ mod redact;
 mod reload;
 #[cfg(feature = "redis")]
 mod replicate;
+mod reserve;
 mod restore;
 #[cfg(feature = "serve")]
 #[doc(hidden)]
@@ -101,6 +102,7 @@ pub use limiter::{Limiter, Prepared, NO_TAGS};
 pub use money::{Money, MoneyError};
 pub use provider::{Deployment, Target, BUILTIN_PREFIXES};
 pub use reload::ReloadSummary;
+pub use reserve::{Reservation, ReserveError};
 pub use restore::RepairReport;
 pub use status::{BudgetStatus, ReplicationStatus, RoundFigures};
 pub use store::{fuzz_decode_value, StoreError};

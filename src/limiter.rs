@@ -27,18 +27,18 @@ use crate::window::Window;
 /// tasks. The background threads stop when the last clone is dropped or on [`Limiter::shutdown`].
 #[derive(Debug, Clone)]
 pub struct Limiter {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
 #[derive(Debug)]
-struct Inner {
+pub(crate) struct Inner {
     /// Swapped by `reload`.
-    config: ArcSwap<Config>,
-    clock: Arc<dyn Clock>,
+    pub(crate) config: ArcSwap<Config>,
+    pub(crate) clock: Arc<dyn Clock>,
     /// Scope name → budget slots; swapped by `reload`. Shared with `Prepared` lists.
-    resolver: Arc<ArcSwap<Resolver>>,
+    pub(crate) resolver: Arc<ArcSwap<Resolver>>,
     /// (provider, period) per budget slot, shared with the journal and the replicator.
-    keys: Arc<SlotKeys>,
+    pub(crate) keys: Arc<SlotKeys>,
     /// Serialises reloads.
     reload_lock: Mutex<()>,
     /// Bumped by each reload: `Prepared` lists resolve again.
@@ -51,14 +51,16 @@ struct Inner {
     /// The store, for a reload to read what a new budget already has stored.
     store: Arc<Store>,
     /// Shared with the journal (which prunes it) and the replicator (which raises others).
-    view: Arc<View>,
-    journal: Journal,
+    pub(crate) view: Arc<View>,
+    pub(crate) journal: Journal,
+    /// Open reservations (module `reserve`): what the reaper expires.
+    pub(crate) reservations: crate::reserve::Registry,
     node_id: String,
     /// Fleet replication, when Redis is configured.
     #[cfg(feature = "redis")]
     replicator: Option<crate::replicate::Replicator>,
     /// Set by `shutdown`: later records are refused instead of queued to a stopped journal.
-    closed: AtomicBool,
+    pub(crate) closed: AtomicBool,
 }
 
 impl Inner {
@@ -222,6 +224,7 @@ impl Limiter {
                 view,
                 journal,
                 node_id,
+                reservations: crate::reserve::Registry::new(),
                 closed: AtomicBool::new(false),
             }),
         })
@@ -636,7 +639,7 @@ impl Limiter {
     /// Reports newly crossed soft limits: callback, metric, `tracing` event (cold path);
     /// with Redis, after this node won the fleet-wide claim (module `alerts`).
     #[cold]
-    fn fire(&self, budget: u32, crossed: crate::view::Crossed) {
+    pub(crate) fn fire(&self, budget: u32, crossed: crate::view::Crossed) {
         let (key, period) = self.inner.keys.get(budget);
         let (scope, name) = parse_key_name(&key);
         let soft = self.inner.view.soft_limits(budget);
@@ -856,6 +859,7 @@ impl Limiter {
                     window: t.window,
                     spend,
                     own_spend: t.own,
+                    reserved: t.reserved,
                     limit: b.limit,
                     remaining: b.limit.saturating_sub(spend),
                     exhausted: spend >= b.limit,
@@ -1053,14 +1057,18 @@ impl Limiter {
         }
     }
 
-    /// Runs the journal's periodic work (failed-write retries, retention) now and waits for
-    /// it. It also runs on its own every 250 ms; tests call this instead of sleeping.
+    /// Expires the reservations past `reservation_timeout` (they count their estimate), then
+    /// runs the journal's periodic work (failed-write retries, retention) now and waits for
+    /// it. Both also run on their own (every second, every 250 ms); tests call this instead
+    /// of sleeping.
     ///
     /// # Errors
     ///
     /// As [`Limiter::flush`].
     #[doc(hidden)]
     pub fn maintain(&self) -> Result<(), StoreError> {
+        // Expired reservations count their estimate first, so the pass below makes it durable.
+        self.reap();
         let (tx, rx) = crossbeam_channel::bounded(1);
         if self
             .inner
@@ -1081,7 +1089,7 @@ impl Limiter {
 
     /// The error for a record that could not be queued.
     #[cold]
-    fn gone(&self) -> RecordError {
+    pub(crate) fn gone(&self) -> RecordError {
         if self.inner.closed.load(Ordering::Acquire) {
             return RecordError::Closed;
         }
@@ -1128,7 +1136,7 @@ pub(crate) fn deliver_soft_limit(
 pub const NO_TAGS: &[&str] = &[];
 
 /// The slots a charge adds to: the deployment's and those of each distinct tag.
-fn charge_slots<'a, T: AsRef<str>>(
+pub(crate) fn charge_slots<'a, T: AsRef<str>>(
     resolver: &'a Resolver,
     r: &Resolved<'a>,
     tags: &'a [T],

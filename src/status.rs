@@ -38,6 +38,10 @@ pub struct BudgetStatus {
     pub spend: Money,
     /// This node's own spend in the window.
     pub own_spend: Money,
+    /// Held by this node's open reservations in the window (not spend: a commit turns it
+    /// into spend, a release frees it). `filter` and admission count it, `exhausted` and
+    /// `remaining` do not.
+    pub reserved: Money,
     /// The budget limit.
     pub limit: Money,
     /// `limit - spend`, zero when over.
@@ -151,6 +155,8 @@ fn status_json(s: &BudgetStatus) -> serde_json::Value {
         "limit_nanos": s.limit.as_nanos(),
         "remaining_nanos": s.remaining.as_nanos(),
         "own_spend_nanos": s.own_spend.as_nanos(),
+        "reserved": s.reserved.as_usd(),
+        "reserved_nanos": s.reserved.as_nanos(),
         "exhausted": s.exhausted,
         "enforcement": s.enforcement.as_str(),
         "offline": (s.enforcement == Enforcement::Strict).then(|| s.offline.as_str()),

@@ -305,6 +305,57 @@ pub fn fuzz_decode_value(raw: &[u8]) -> bool {
         | PeersValue::decode(raw).is_ok()
         | WindowKey::decode("own", raw).is_ok()
         | matches!(highwater::decode_file(raw), Found::Mark(_))
+        | ReservationValue::decode(raw).is_ok()
+}
+
+/// An open reservation as journaled (in the `own` tree under [`RESERVATION_PREFIX`], so that
+/// its end goes in the same sled batch as the spend it turns into). What a restart counts
+/// when the reservation was neither committed nor released: `estimate` in each window.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct ReservationValue {
+    /// Nano-dollars held in each window.
+    pub estimate: u64,
+    /// When it expires, Unix seconds (informational: a restart counts it whatever the time).
+    pub expires: i64,
+    /// Each budget window it holds money in: storage key parts (provider, period), the
+    /// window's start and end (Unix seconds).
+    pub windows: Vec<(String, String, i64, i64)>,
+}
+
+/// Format of reservation values: this byte, then bincode. Numbered apart from the other
+/// formats so that one tree's bytes never decode as another's.
+const RESERVATION_VERSION: u8 = 0x41;
+/// Key prefix of open reservations in the `own` tree (`0xff` never starts a UTF-8 provider
+/// name, and `load` skips `0xff` keys: no window key can take it).
+pub(crate) const RESERVATION_PREFIX: &[u8] = b"\xffres:";
+
+fn reservation_key(id: &str) -> Vec<u8> {
+    let mut k = RESERVATION_PREFIX.to_vec();
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+impl ReservationValue {
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let mut out = vec![RESERVATION_VERSION];
+        // Integers and short strings into a Vec: cannot fail.
+        if let Ok(body) = bincode::serde::encode_to_vec(self, bincode::config::standard()) {
+            out.extend_from_slice(&body);
+        }
+        out
+    }
+
+    pub(crate) fn decode(raw: &[u8]) -> Result<ReservationValue, String> {
+        match raw.first() {
+            Some(&RESERVATION_VERSION) => {
+                let mut v = vec![VERSION];
+                v.extend_from_slice(&raw[1..]);
+                decode::<ReservationValue>(&v)
+            }
+            Some(v) => Err(format!("unknown format version {v}")),
+            None => Err("empty value".into()),
+        }
+    }
 }
 
 /// Key of the journal's batch sequence in the `own` tree. A provider name is UTF-8, which never
@@ -521,6 +572,19 @@ impl Store {
         items: impl IntoIterator<Item = (&'a WindowKey, OwnValue)>,
         removed: impl IntoIterator<Item = &'a WindowKey>,
     ) -> Result<(), StoreError> {
+        self.write_own_and_reservations(seq, items, removed, std::iter::empty())
+    }
+
+    /// [`Store::write_own`] that also opens (`Some(value)`) or ends (`None`) reservations, in
+    /// the same atomic batch: a commit's spend and the end of its reservation are on disk
+    /// together or not at all (a crash in between can neither count it twice nor lose it).
+    pub fn write_own_and_reservations<'a>(
+        &self,
+        seq: u64,
+        items: impl IntoIterator<Item = (&'a WindowKey, OwnValue)>,
+        removed: impl IntoIterator<Item = &'a WindowKey>,
+        reservations: impl IntoIterator<Item = (&'a str, Option<&'a ReservationValue>)>,
+    ) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
         for (k, v) in items {
             batch.insert(k.encode(), encode(&v));
@@ -528,8 +592,32 @@ impl Store {
         for k in removed {
             batch.remove(k.encode());
         }
+        for (id, value) in reservations {
+            match value {
+                Some(v) => batch.insert(reservation_key(id), v.encode()),
+                None => batch.remove(reservation_key(id)),
+            }
+        }
         batch.insert(SEQ_KEY, &seq.to_be_bytes());
         self.with(|h| h.own.apply_batch(batch))
+    }
+
+    /// Every open reservation stored (a crash left them): id and value.
+    pub fn load_reservations(&self) -> Result<Vec<(String, ReservationValue)>, StoreError> {
+        let guard = self.handles.read().unwrap_or_else(|p| p.into_inner());
+        let h = guard.as_ref().ok_or_else(|| self.closed())?;
+        let mut out = Vec::new();
+        for entry in h.own.scan_prefix(RESERVATION_PREFIX) {
+            let (k, v) = entry.map_err(|e| self.io(e))?;
+            let id = String::from_utf8_lossy(&k[RESERVATION_PREFIX.len()..]).into_owned();
+            let value = ReservationValue::decode(&v).map_err(|reason| StoreError::Corrupt {
+                tree: "own",
+                key: format!("reservation {}", id.escape_debug()),
+                reason,
+            })?;
+            out.push((id, value));
+        }
+        Ok(out)
     }
 
     /// Writes peers entries in one atomic batch (not yet flushed).
