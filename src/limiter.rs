@@ -939,7 +939,6 @@ impl Limiter {
     /// A reservation on strict budget `budget` was refused by this node's grant alone: notes
     /// the amount (the next grant round asks for at least that much more) and waits up to
     /// `grant_wait` for an out-of-cycle round. `true` when one finished (retry once then).
-    #[allow(dead_code)] // used by `reserve` (issue 12)
     pub(crate) fn wait_for_grant(&self, budget: u32, amount: Money) -> bool {
         self.inner.view.note_starved(budget, amount);
         #[cfg(feature = "redis")]

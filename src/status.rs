@@ -133,7 +133,7 @@ pub(crate) fn status_document(
 #[cfg(feature = "cli")]
 fn status_json(s: &BudgetStatus) -> serde_json::Value {
     let r = &s.replication;
-    serde_json::json!({
+    let mut row = serde_json::json!({
         "provider": (s.scope == Scope::Provider).then_some(&s.name),
         "scope": s.scope.as_str(),
         "name": s.name,
@@ -158,12 +158,6 @@ fn status_json(s: &BudgetStatus) -> serde_json::Value {
         "reserved": s.reserved.as_usd(),
         "reserved_nanos": s.reserved.as_nanos(),
         "exhausted": s.exhausted,
-        "enforcement": s.enforcement.as_str(),
-        "offline": (s.enforcement == Enforcement::Strict).then(|| s.offline.as_str()),
-        "grant": s.grant.map(Money::as_usd),
-        "grant_nanos": s.grant.map(Money::as_nanos),
-        "granted_total": s.granted_total.map(Money::as_usd),
-        "granted_total_nanos": s.granted_total.map(Money::as_nanos),
         "storage_fault": s.storage_fault,
         "replication": {
             "enabled": r.enabled,
@@ -181,7 +175,25 @@ fn status_json(s: &BudgetStatus) -> serde_json::Value {
             "rounds": r.rounds,
             "late_rounds": r.late_rounds,
         },
-    })
+    });
+    // Strict budgets (issue 12), added apart: one `json!` of every field passes the macro's
+    // recursion limit.
+    if let Some(map) = row.as_object_mut() {
+        let strict = s.enforcement == Enforcement::Strict;
+        map.insert("enforcement".into(), s.enforcement.as_str().into());
+        map.insert("offline".into(), strict.then(|| s.offline.as_str()).into());
+        map.insert("grant".into(), s.grant.map(Money::as_usd).into());
+        map.insert("grant_nanos".into(), s.grant.map(Money::as_nanos).into());
+        map.insert(
+            "granted_total".into(),
+            s.granted_total.map(Money::as_usd).into(),
+        );
+        map.insert(
+            "granted_total_nanos".into(),
+            s.granted_total.map(Money::as_nanos).into(),
+        );
+    }
+    row
 }
 
 /// An instant in a time zone, RFC 3339 with the offset and the zone name.

@@ -414,7 +414,6 @@ impl View {
 
     /// A reservation of `amount` was refused by this node's grant alone: remembered (the
     /// largest since the replicator last looked) so that the next grant round asks for it.
-    #[allow(dead_code)] // used by reservations (issue 12)
     pub fn note_starved(&self, budget: u32, amount: Money) {
         self.budget(budget)
             .starved

@@ -389,3 +389,282 @@ fn offline_local_share_admits_a_share_of_the_limit_and_grant_only_keeps_the_gran
     assert!(b.sync().is_err());
     assert_eq!(grant(&b), before);
 }
+
+// ---- model-based: the bound at every step ---------------------------------------------------
+
+use proptest::prelude::*;
+use provider_budgets::Reservation;
+
+#[derive(Debug, Clone)]
+enum Op {
+    /// A reservation of `est` cents on `node`.
+    Reserve {
+        node: usize,
+        est: u64,
+    },
+    /// Commit the open reservation `pick` of `node` at `pct` % of its estimate.
+    Commit {
+        node: usize,
+        pick: usize,
+        pct: u64,
+    },
+    Release {
+        node: usize,
+        pick: usize,
+    },
+    Sync {
+        node: usize,
+    },
+    /// Drop the limiter while cut off (no give-back reaches Redis), reopen its data dir.
+    Crash {
+        node: usize,
+    },
+    Cut {
+        node: usize,
+    },
+    Heal {
+        node: usize,
+    },
+    RedisRestart,
+    FlushAll,
+    /// The next day's window.
+    CrossWindow,
+    /// Real time passes (background rounds run, the guard after a loss ends).
+    Pass,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let node = 0usize..3;
+    prop_oneof![
+        8 => (node.clone(), 1u64..400).prop_map(|(node, est)| Op::Reserve { node, est }),
+        5 => (node.clone(), 0usize..4, prop_oneof![3 => 10u64..100, 1 => 100u64..150])
+            .prop_map(|(node, pick, pct)| Op::Commit { node, pick, pct }),
+        2 => (node.clone(), 0usize..4).prop_map(|(node, pick)| Op::Release { node, pick }),
+        3 => node.clone().prop_map(|node| Op::Sync { node }),
+        1 => node.clone().prop_map(|node| Op::Crash { node }),
+        1 => node.clone().prop_map(|node| Op::Cut { node }),
+        2 => node.prop_map(|node| Op::Heal { node }),
+        1 => Just(Op::RedisRestart),
+        1 => Just(Op::FlushAll),
+        1 => Just(Op::CrossWindow),
+        2 => Just(Op::Pass),
+    ]
+}
+
+/// $20 a day; costs in cents.
+const MODEL_LIMIT: u64 = 20_000_000_000;
+const CENT: u64 = 10_000_000;
+
+struct Node {
+    dir: tempfile::TempDir,
+    proxy: proxy::Proxy,
+    limiter: Option<Limiter>,
+    open: Vec<(Reservation, u64, i64)>,
+}
+
+fn model_open(node: &Node, i: usize, clock: &Arc<FakeClock>) -> Limiter {
+    let mut c = config(node.dir.path(), &node.proxy.url(), &format!("m{i}"), "m");
+    c.budgets = Config::from_yaml_str(
+        "provider_budgets:\n  budgets:\n    - {provider: openai, limit: 20, period: 1d, enforcement: strict}\n",
+    )
+    .unwrap()
+    .budgets;
+    if let Some(r) = c.redis.as_mut() {
+        // Fast rounds: the guard after a loss (three intervals) is shorter than a `Pass`.
+        r.sync_interval = Duration::from_millis(30);
+        r.grant_wait = Duration::from_millis(100);
+        r.connect_timeout = Duration::from_millis(100);
+        r.command_timeout = Duration::from_millis(200);
+    }
+    Limiter::open_with_clock(c, clock.clone()).unwrap()
+}
+
+/// Runs `ops` through the model; returns how many reservations were admitted.
+fn run_model(ops: Vec<Op>) -> Result<u64, TestCaseError> {
+    let Some(mut server) = RedisServer::start() else {
+        return Ok(0);
+    };
+    let clock = Arc::new(FakeClock::new(t0()));
+    let mut nodes: Vec<Node> = (0..3)
+        .map(|_| Node {
+            dir: tempfile::tempdir().unwrap(),
+            proxy: proxy::Proxy::start(server.port()).unwrap(),
+            limiter: None,
+            open: Vec::new(),
+        })
+        .collect();
+    for (i, n) in nodes.iter_mut().enumerate() {
+        n.limiter = Some(model_open(n, i, &clock));
+    }
+    // Per window start: what was really spent (commits, dropped estimates) and the excess of
+    // commits above their estimate.
+    let mut spent: std::collections::BTreeMap<i64, (u64, u64)> = Default::default();
+    let mut day = window_start(t0());
+    let mut admitted = 0u64;
+    // Past the first use's guard: node 0 can reserve.
+    {
+        let l = nodes[0].limiter.as_ref().unwrap();
+        until(&[l], "a first grant", || {
+            l.reserve(&"openai/gpt-4o", Money::from_nanos(CENT))
+                .map(|r| r.release().unwrap())
+                .is_ok()
+        });
+    }
+    for op in ops {
+        match op {
+            Op::Reserve { node, est } => {
+                let n = &mut nodes[node];
+                let l = n.limiter.as_ref().unwrap();
+                if let Ok(r) = l.reserve(&"openai/gpt-4o", Money::from_nanos(est * CENT)) {
+                    n.open.push((r, est * CENT, day));
+                    admitted += 1;
+                }
+            }
+            Op::Commit { node, pick, pct } => {
+                let n = &mut nodes[node];
+                if !n.open.is_empty() {
+                    let (r, est, w) = n.open.remove(pick % n.open.len());
+                    let actual = est * pct / 100;
+                    if r.commit(Money::from_nanos(actual)).is_ok() {
+                        let e = spent.entry(w).or_default();
+                        e.0 += actual;
+                        e.1 += actual.saturating_sub(est);
+                    }
+                }
+            }
+            Op::Release { node, pick } => {
+                let n = &mut nodes[node];
+                if !n.open.is_empty() {
+                    let (r, _, _) = n.open.remove(pick % n.open.len());
+                    r.release().unwrap();
+                }
+            }
+            Op::Sync { node } => {
+                let _ = nodes[node].limiter.as_ref().unwrap().sync();
+            }
+            Op::Crash { node } => {
+                let n = &mut nodes[node];
+                // Open reservations die with the process: they count their estimate.
+                for (r, est, w) in n.open.drain(..) {
+                    drop(r);
+                    spent.entry(w).or_default().0 += est;
+                }
+                let was_cut = n.proxy.is_cut();
+                n.proxy.cut();
+                drop(n.limiter.take());
+                if !was_cut {
+                    n.proxy.heal();
+                }
+                n.limiter = Some(model_open(n, node, &clock));
+            }
+            Op::Cut { node } => nodes[node].proxy.cut(),
+            Op::Heal { node } => nodes[node].proxy.heal(),
+            Op::RedisRestart => server.restart(),
+            Op::FlushAll => server.flushall(),
+            Op::CrossWindow => {
+                // Reservations do not outlive the window here (a day would expire them).
+                for n in &mut nodes {
+                    for (r, est, w) in n.open.drain(..) {
+                        r.commit(Money::from_nanos(est)).unwrap();
+                        spent.entry(w).or_default().0 += est;
+                    }
+                }
+                clock.advance(SignedDuration::from_hours(24));
+                day += 86_400;
+            }
+            Op::Pass => std::thread::sleep(Duration::from_millis(150)),
+        }
+        // The bound, in every window: true spend ≤ limit + excess. The nodes' own spend adds
+        // up to the model's (exactly once).
+        for (&w, &(truth, excess)) in &spent {
+            prop_assert!(
+                truth <= MODEL_LIMIT + excess,
+                "window {w}: spent {truth} > limit + excess {excess}"
+            );
+        }
+        let at = Timestamp::from_second(day + 3_600).unwrap();
+        let own: u64 = nodes
+            .iter()
+            .map(|n| {
+                n.limiter.as_ref().unwrap().status_at(at)[0]
+                    .own_spend
+                    .as_nanos()
+            })
+            .sum();
+        let held: u64 = nodes
+            .iter()
+            .flat_map(|n| n.open.iter())
+            .filter(|(_, _, w)| *w == day)
+            .map(|(_, est, _)| est)
+            .sum();
+        let (truth, excess) = spent.get(&day).copied().unwrap_or_default();
+        prop_assert_eq!(own, truth, "own spend of the nodes vs the model");
+        prop_assert!(
+            truth + held <= MODEL_LIMIT + excess,
+            "spent {} + held {} > limit + excess {}",
+            truth,
+            held,
+            excess
+        );
+    }
+    // Heal: everything settles, every node sees the exact fleet spend.
+    for n in &mut nodes {
+        for (r, _, _) in n.open.drain(..) {
+            r.release().unwrap();
+        }
+        n.proxy.heal();
+    }
+    let at = Timestamp::from_second(day + 3_600).unwrap();
+    let truth = spent.get(&day).map_or(0, |s| s.0);
+    let ls: Vec<&Limiter> = nodes.iter().map(|n| n.limiter.as_ref().unwrap()).collect();
+    until(&ls, "the fleet converges", || {
+        ls.iter()
+            .all(|l| l.status_at(at)[0].spend.as_nanos() == truth)
+    });
+    Ok(admitted)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 6, max_shrink_iters: 20, ..ProptestConfig::default() })]
+
+    #[test]
+    fn fleet_spend_never_exceeds_the_limit_plus_the_excess(ops in proptest::collection::vec(op(), 10..40)) {
+        let admitted = run_model(ops)?;
+        eprintln!("model case: {admitted} reservations admitted");
+    }
+}
+
+#[test]
+fn the_model_admits_reservations() {
+    // A fixed sequence through the model: reservations, commits above the estimate, a cut,
+    // a FLUSHALL, a window crossing.
+    let mut ops = Vec::new();
+    for node in 0..3 {
+        ops.push(Op::Reserve { node, est: 300 });
+        ops.push(Op::Reserve { node, est: 200 });
+        ops.push(Op::Commit {
+            node,
+            pick: 0,
+            pct: 120,
+        });
+    }
+    ops.extend([
+        Op::Cut { node: 1 },
+        Op::Reserve { node: 1, est: 100 },
+        Op::FlushAll,
+        Op::Pass,
+        Op::Pass,
+        Op::Pass,
+        Op::Reserve { node: 0, est: 100 },
+        Op::Heal { node: 1 },
+        Op::Crash { node: 2 },
+        Op::CrossWindow,
+        Op::Pass,
+        Op::Reserve { node: 2, est: 100 },
+    ]);
+    if RedisServer::start().is_none() {
+        return;
+    }
+    let admitted = run_model(ops).unwrap();
+    assert!(admitted >= 6, "only {admitted} reservations admitted");
+}
