@@ -369,6 +369,8 @@ struct Worker {
     renew_turn: bool,
     /// Reconnection backoff while Redis is down: next attempt not before this.
     retry_at: Option<Instant>,
+    /// The last out-of-cycle round run while backing off.
+    woken_at: Option<Instant>,
     backoff: Duration,
     /// Whether the last round failed to reach Redis (to log transitions only).
     down: bool,
@@ -440,6 +442,7 @@ impl Worker {
             script_next: FxHashSet::default(),
             renew_turn: false,
             retry_at: None,
+            woken_at: None,
             down: false,
             refused: None,
             logged: FxHashSet::default(),
@@ -486,9 +489,17 @@ impl Worker {
                     let _ = reply.send(result);
                 }
                 () = self.wake.notify.notified() => {
-                    // Out of cycle (a reservation refused by its grant); not while backing
-                    // off from an unreachable Redis (the waiters just time out).
-                    if self.retry_at.is_none_or(|t| Instant::now() >= t) {
+                    // Out of cycle (a reservation refused by its grant). While backing off
+                    // from an unreachable Redis, at most one such attempt per sync interval
+                    // (Redis may be back before the backoff ends; refused reservations must
+                    // not hammer it either): otherwise the waiters just time out.
+                    let now = Instant::now();
+                    let due = self.retry_at.is_none_or(|t| now >= t)
+                        || self
+                            .woken_at
+                            .is_none_or(|t| now >= t + self.parts.redis.sync_interval);
+                    if due {
+                        self.woken_at = Some(now);
                         let _ = self.round().await;
                     } else {
                         self.wake.started();
