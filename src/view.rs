@@ -403,6 +403,7 @@ impl View {
     }
 
     /// The configured `(enforcement, offline)` of a budget.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub fn policy(&self, budget: u32) -> (Enforcement, Offline) {
         match self.budget(budget).policy.load(Ordering::Relaxed) {
             1 => (Enforcement::Strict, Offline::GrantOnly),

@@ -390,6 +390,86 @@ fn offline_local_share_admits_a_share_of_the_limit_and_grant_only_keeps_the_gran
     assert_eq!(grant(&b), before);
 }
 
+#[test]
+fn a_reservation_refused_by_its_grant_waits_for_one_grant_round_and_a_spent_budget_does_not() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let clock = Arc::new(FakeClock::new(t0()));
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = open(da.path(), &server.url(), "a", &clock);
+    let b = open(db.path(), &server.url(), "b", &clock);
+    let usd = |x: u64| Money::from_nanos(x * 1_000_000_000);
+    // Past the first use's guard.
+    until(&[&a], "a first grant", || {
+        a.reserve(&"openai/gpt-4o", usd(1))
+            .map(|r| r.release().unwrap())
+            .is_ok()
+    });
+    // $30 is far beyond a's grant: one out-of-cycle round (half of what is free) and it fits.
+    let r = a.reserve(&"openai/gpt-4o", usd(30)).unwrap();
+    assert!(grant(&a) >= usd(30).as_nanos());
+    r.commit(usd(30)).unwrap();
+    // b takes the rest, in a few reservations (each may wait for one round).
+    let mut held = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline && held.len() < 70 {
+        match b.reserve(&"openai/gpt-4o", usd(1)) {
+            Ok(r) => held.push(r),
+            Err(_) => {
+                a.sync().unwrap();
+                b.sync().unwrap();
+            }
+        }
+    }
+    assert_eq!(held.len(), 70, "b got all that was free");
+    for r in held {
+        r.commit(usd(1)).unwrap();
+    }
+    a.flush().unwrap();
+    b.flush().unwrap();
+    a.sync().unwrap();
+    b.sync().unwrap();
+    // Spent fleet-wide: refused at once (no grant round can help).
+    let grant_wait = Duration::from_millis(250);
+    let started = Instant::now();
+    assert!(b.reserve(&"openai/gpt-4o", usd(1)).is_err());
+    assert!(started.elapsed() < grant_wait, "{:?}", started.elapsed());
+    let (sum, _) = redis_grants(&server, window_start(t0()));
+    assert!(sum <= LIMIT);
+}
+
+#[test]
+fn offline_open_admits_against_the_fleet_total_and_comes_back_to_the_grant() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let clock = Arc::new(FakeClock::new(t0()));
+    let da = tempfile::tempdir().unwrap();
+    let link = proxy::Proxy::start(server.port()).unwrap();
+    let mut c = config(da.path(), &link.url(), "a", "s");
+    c.budgets = Config::from_yaml_str(&yaml("open")).unwrap().budgets;
+    let a = Limiter::open_with_clock(c, clock.clone()).unwrap();
+    let usd = |x: u64| Money::from_nanos(x * 1_000_000_000);
+    until(&[&a], "a first grant", || {
+        a.reserve(&"openai/gpt-4o", usd(1))
+            .map(|r| r.release().unwrap())
+            .is_ok()
+    });
+    let held = grant(&a);
+    assert!(held < usd(60).as_nanos());
+    link.cut();
+    assert!(a.sync().is_err());
+    // Offline and `open`: the limit, not the grant.
+    let r = a.reserve(&"openai/gpt-4o", usd(60)).unwrap();
+    r.release().unwrap();
+    link.heal();
+    a.sync().unwrap();
+    // Back online: strict again (a $95 reservation needs a grant that is not there at once).
+    assert!(grant(&a) < usd(95).as_nanos());
+    assert!(a.reserve(&"openai/gpt-4o", usd(95)).is_err());
+}
+
 // ---- model-based: the bound at every step ---------------------------------------------------
 
 use proptest::prelude::*;
