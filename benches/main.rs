@@ -22,6 +22,7 @@ mod filter;
 mod record;
 mod reopen;
 mod replication;
+mod reserve;
 mod scoped;
 
 use criterion::{criterion_group, criterion_main};
@@ -35,6 +36,7 @@ criterion_group! {
         durable::bench,
         reopen::bench,
         replication::bench,
+        reserve::bench,
         scoped::bench,
 }
 criterion_group!(summary, common::print_summary);

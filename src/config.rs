@@ -19,6 +19,7 @@
 //!   node_id: edge-7
 //!   window_anchor: 2024-01-01T00:00:00Z   # e.g. a Monday for weekly budgets
 //!   unknown_provider: allow               # or deny
+//!   reservation_timeout: 10m              # open reservations expire (count their estimate)
 //!   model_providers: { "llama-": together }
 //! ```
 //!

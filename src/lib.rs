@@ -52,6 +52,11 @@
 //!   shared by `filter`, `filter_in_place` and [`Prepared`]). [`Limiter::charge`] adds to the
 //!   same budgets. The budget model and its keys are in `budget`.
 //!
+//! [`Limiter::reserve`] (module `reserve`) holds an estimate in the same budgets before a call,
+//! atomically per budget, and journals it; [`Reservation::commit`] counts the actual cost,
+//! [`Reservation::release`] nothing, a drop or an expiry the estimate (so does a crash, at the
+//! next open: module `restore`).
+//!
 //! Windows (`window`) are aligned to an anchor, so every node computes the same window from
 //! its clock alone ([`Clock`], faked in tests). Money (`money`) is integer nano-dollars.
 //! Configuration (`config`) reads litellm's `provider_budget_config` as it is.

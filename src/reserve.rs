@@ -27,11 +27,16 @@
 //! * **Drop counts the estimate**: a reservation that was neither committed nor released may
 //!   have reached the provider (a panic, a cancelled future). Counting it errs on the side of
 //!   the limit, like the crash case.
+//! * **Allocation**: `reserve` allocates (its id, the list of budgets, the journal record) and
+//!   takes a mutex (the registry): it waits for an fsync anyway. `filter`, `record` and
+//!   `charge` stay allocation- and lock-free.
 //! * **Expiry** is checked by every `reserve` (one atomic load when nothing is due), by
 //!   `maintain`, and by a reaper thread (started with the first reservation, every second,
 //!   holding only a weak handle: it never keeps a limiter alive). A reservation lives at
 //!   least `reservation_timeout` and at most one second more (whole seconds).
 //! * **Shadow budgets** hold the estimate too but never refuse (they count a would-be denial).
+//! * **A spent budget admits nothing**, not even a zero estimate (`spend + reserved >= limit`,
+//!   what `filter` denies): a caller that cannot price a call still cannot pass a spent budget.
 //! * A denial is [`NoDeployments`], as `filter` reports it, with one [`Exceeded`] per refusing
 //!   budget: its `spend` is what admission would have reached (`spend + reserved + estimate`;
 //!   for a strict budget refused by its grant: `own + reserved + estimate`, with the grant as
@@ -192,7 +197,6 @@ impl Registry {
 /// call reached the provider) or [`Reservation::release`] (it did not). Dropped without
 /// either, or past `reservation_timeout`, it counts its estimate. It keeps the limiter open.
 #[must_use = "a reservation dropped without commit or release counts its estimate"]
-#[derive(Debug)]
 pub struct Reservation {
     held: Arc<Held>,
     limiter: Limiter,
@@ -273,6 +277,19 @@ impl Reservation {
     }
 }
 
+impl std::fmt::Debug for Reservation {
+    /// The reservation, not the limiter it holds.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reservation")
+            .field("id", &self.held.id)
+            .field("deployment_index", &self.deployment)
+            .field("estimate", &self.held.estimate)
+            .field("budgets", &self.held.items.len())
+            .field("expires_at", &self.held.expires_at())
+            .finish()
+    }
+}
+
 impl Drop for Reservation {
     /// Neither committed nor released (a panic, a cancelled task): counts the estimate, since
     /// the call may have reached the provider. Not awaited: the journal makes it durable
@@ -330,6 +347,30 @@ impl Limiter {
 
     /// Reserves for the first candidate, in order, whose budgets all admit `estimate`
     /// ([`Reservation::deployment_index`] says which).
+    ///
+    /// ```
+    /// use provider_budgets::{Config, Limiter, Money, ReserveError, NO_TAGS};
+    ///
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let dir = tempfile::tempdir()?;
+    /// let yaml = "provider_budget_config:\n  openai: {budget_limit: 1, time_period: 1d}\n";
+    /// let limiter = Limiter::open(Config::from_yaml_str(yaml)?.data_dir(dir.path()))?;
+    /// let deployments = ["gpt-4o", "claude-3-5-sonnet"];
+    ///
+    /// let r = limiter.reserve_any(&deployments, NO_TAGS, "0.75".parse()?)?;
+    /// assert_eq!(r.deployment_index(), 0); // openai has room for 0.75
+    /// // 0.75 held: a second call does not fit in openai's dollar, anthropic has no budget.
+    /// let other = limiter.reserve_any(&deployments, NO_TAGS, "0.5".parse()?)?;
+    /// assert_eq!(other.deployment_index(), 1);
+    /// other.release()?;
+    /// r.commit("0.6".parse()?)?; // the call cost 0.6: counted, the rest of 0.75 freed
+    /// assert_eq!(limiter.status()[0].spend, "0.6".parse::<Money>()?);
+    /// assert!(matches!(
+    ///     limiter.reserve("gpt-4o", "0.5".parse()?),
+    ///     Err(ReserveError::Denied(_))
+    /// ));
+    /// # Ok(()) }
+    /// ```
     ///
     /// # Errors
     ///
@@ -411,6 +452,12 @@ impl Limiter {
             let mut taken: Vec<(u32, Window)> = Vec::new();
             let mut refused = None;
             for b in charge_slots(&resolver, &r, tags) {
+                if inner.view.blocks_quietly(b, secs) {
+                    // Spent (as `filter` sees it): even a zero estimate is refused.
+                    let window = inner.view.schedule(b).window_at_secs(secs);
+                    refused = Some((b, Refused::Limit(window)));
+                    break;
+                }
                 match inner.view.try_reserve(b, secs, estimate) {
                     Ok(w) => taken.push((b, w)),
                     Err(why) => {

@@ -8,7 +8,11 @@
 //! | `peers` | provider, period, window    | sum of the others' last known totals, end (v2) | replicator |
 //! | `meta`  | `node_id`                   | the node id, UTF-8                      | open       |
 //! | `acked` | provider, period, window    | own total Redis acknowledged, window end | replicator |
-//! | `grants` | provider, period, window   | this node's grant of a strict budget, window end | replicator |
+//! | `own`   | `0xff res:` reservation id  | an open reservation: estimate, expiry, its windows (0x41) | journal |
+//! | `grants` | provider, period, window   | this node's grant of a strict budget, window end (0x51) | replicator |
+//!
+//! Open reservations live in the `own` tree (under `0xff`, which no provider name starts with)
+//! so that the journal ends one and counts its spend in the same atomic batch.
 //!
 //! Keys are `provider 0x00 period 0x00 start`, the window start as a big-endian `i64` with its
 //! sign bit flipped so keys sort by time. Totals are stored absolute, never as deltas: writing
@@ -201,7 +205,7 @@ pub(crate) struct GrantValue {
 
 /// Format of `grants` values: this byte, then end and grant as big-endian 8 bytes each
 /// (numbered apart from the other trees' formats).
-const GRANT_VERSION: u8 = 0x41;
+const GRANT_VERSION: u8 = 0x51;
 
 impl GrantValue {
     fn encode(&self) -> [u8; 17] {
@@ -952,6 +956,48 @@ mod tests {
         store.write_own(2, [], [&a]).unwrap();
         assert_eq!(store.load_own().unwrap().len(), 1);
         assert_eq!(store.seq().unwrap(), 2);
+    }
+
+    #[test]
+    fn reservations_share_the_batch_of_the_totals_and_damage_names_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let value = ReservationValue {
+            estimate: 7,
+            expires: 600,
+            windows: vec![("openai".into(), "1d".into(), 0, 86_400)],
+        };
+        let k = key(0);
+        store
+            .write_own_and_reservations(
+                1,
+                [(
+                    &k,
+                    OwnValue {
+                        end: 86_400,
+                        total: 5,
+                    },
+                )],
+                [],
+                [("r-1", Some(&value)), ("r-2", Some(&value))],
+            )
+            .unwrap();
+        // Window totals do not see them; the high-water sum stays the totals' sum.
+        assert_eq!(store.load_own().unwrap().len(), 1);
+        let open = store.load_reservations().unwrap();
+        assert_eq!(
+            open,
+            [("r-1".into(), value.clone()), ("r-2".into(), value.clone())]
+        );
+        store
+            .write_own_and_reservations(2, [], [], [("r-1", None)])
+            .unwrap();
+        assert_eq!(store.load_reservations().unwrap().len(), 1);
+        for raw in [&b""[..], &[0x41], &[0x41, 0xff, 0xff], &[1, 7, 0]] {
+            let _ = store.with(|h| h.own.insert(reservation_key("r-2"), raw));
+            let err = store.load_reservations().unwrap_err();
+            assert!(err.to_string().contains("reservation r-2"), "{err}");
+        }
     }
 
     #[test]

@@ -8,8 +8,16 @@
 //!   candidate with room, held money blocks `filter` and shows as `reserved` in status;
 //! * a commit lands in the window of admission, across a window boundary;
 //! * a process SIGKILLed with reservations open: the next open counts each open estimate and
-//!   each committed actual exactly once (a child process, this test binary re-run).
+//!   each committed actual exactly once (a child process, this test binary re-run);
+//! * a model-based proptest (reserve, commit above or below the estimate, release, drop,
+//!   expiry): exact spend and reserved per budget after every step, and the bound
+//!   `spend + reserved <= limit + overshoot of commits above their estimate`;
+//! * on a full disk a reservation is refused (`ReserveError::Record`, nothing held) and a
+//!   commit answers the storage fault but stays counted; once space is back it is durable.
 #![allow(clippy::unwrap_used)]
+
+#[path = "support/tmpfs.rs"]
+mod tmpfs;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
@@ -156,6 +164,12 @@ fn a_denial_is_the_filters_error_and_reserve_any_takes_the_first_with_room() {
         "held money blocks filter"
     );
     drop(last); // counts 1
+                // Spent exactly: even a zero estimate is refused, as filter refuses.
+    assert_eq!(row(&l, Scope::Provider, "openai"), (usd("1"), usd("9")));
+    assert!(matches!(
+        l.reserve("gpt-4o-mini", Money::ZERO),
+        Err(ReserveError::Denied(_))
+    ));
 
     let r = l
         .reserve_any(&["gpt-4o-mini", "claude-3-5-sonnet"], NO_TAGS, usd("2"))
@@ -430,9 +444,194 @@ fn a_zero_timeout_is_refused_naming_the_key() {
     )
     .unwrap();
     assert_eq!(c.reservation_timeout, Duration::from_secs(90));
+    let c = Config::from_yaml_str_with_env(
+        "provider_budgets:\n  reservation_timeout: os.environ/RES_TIMEOUT\n",
+        |name| (name == "RES_TIMEOUT").then(|| "2m 30s".to_owned()),
+    )
+    .unwrap();
+    assert_eq!(c.reservation_timeout, Duration::from_secs(150));
     assert_eq!(
         Config::new().reservation_timeout,
         Duration::from_secs(600),
         "default 10 min"
     );
+}
+
+#[test]
+fn a_full_disk_refuses_reservations_holding_nothing_and_loses_no_commit() {
+    let Some(fs) = tmpfs::Tmpfs::mount("8m") else {
+        return;
+    };
+    let data = fs.path().join("data");
+    let clock = clock();
+    let l = open(&data, &clock);
+    let open_before = l.reserve("claude-3-5-sonnet", usd("2")).unwrap();
+    let filler = fs.fill();
+    // Once sled has used the room it had, a reservation cannot be made durable: refused,
+    // nothing held. Commits of reservations made before stay counted in memory.
+    let mut committed = Money::ZERO;
+    let mut refused = false;
+    for _ in 0..100_000 {
+        match l.reserve("claude-3-5-sonnet", usd("0.001")) {
+            Ok(r) => match r.commit(usd("0.001")) {
+                Ok(()) => committed = committed.saturating_add(usd("0.001")),
+                Err(ReserveError::Record(RecordError::Storage(e))) => {
+                    assert!(!e.to_string().contains('\n'), "{e}");
+                    committed = committed.saturating_add(usd("0.001"));
+                }
+                Err(e) => panic!("{e}"),
+            },
+            Err(ReserveError::Record(RecordError::Storage(e))) => {
+                assert!(!e.to_string().contains('\n'), "{e}");
+                refused = true;
+                break;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(refused, "no reservation was refused on a full disk");
+    assert_eq!(
+        row(&l, Scope::Provider, "anthropic"),
+        (committed, usd("2")),
+        "the refused reservation holds nothing"
+    );
+    let err = open_before.commit(usd("1.5")).unwrap_err();
+    assert!(
+        matches!(err, ReserveError::Record(RecordError::Storage(_))),
+        "{err}"
+    );
+    committed = committed.saturating_add(usd("1.5"));
+    assert_eq!(
+        row(&l, Scope::Provider, "anthropic"),
+        (committed, Money::ZERO)
+    );
+
+    // Space returns: without a restart, the commits become durable, exactly once.
+    std::fs::remove_file(filler).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !l.health().storage_ok() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "storage never recovered"
+        );
+        let _ = l.maintain();
+    }
+    l.flush().unwrap();
+    drop(l);
+    let l = open(&data, &clock);
+    assert_eq!(
+        row(&l, Scope::Provider, "anthropic"),
+        (committed, Money::ZERO)
+    );
+}
+
+/// One step of the model test.
+#[derive(Debug, Clone)]
+enum Op {
+    /// Reserve `estimate` cents for gpt-4o (openai 10/d + gpt-4o 8/h) or claude (anthropic).
+    Reserve {
+        claude: bool,
+        cents: u64,
+    },
+    /// End the open reservation `i % open` by commit of `cents`, release, or drop.
+    Commit {
+        i: usize,
+        cents: u64,
+    },
+    Release {
+        i: usize,
+    },
+    Drop {
+        i: usize,
+    },
+    /// Let `secs` pass, then the reaper's pass.
+    Pass {
+        secs: u64,
+    },
+}
+
+fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+    use proptest::prelude::*;
+    prop_oneof![
+        4 => (any::<bool>(), 0u64..300).prop_map(|(claude, cents)| Op::Reserve { claude, cents }),
+        3 => (any::<usize>(), 0u64..400).prop_map(|(i, cents)| Op::Commit { i, cents }),
+        1 => any::<usize>().prop_map(|i| Op::Release { i }),
+        1 => any::<usize>().prop_map(|i| Op::Drop { i }),
+        1 => (1u64..40).prop_map(|secs| Op::Pass { secs }),
+    ]
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 24, ..Default::default() })]
+
+    /// Against a model: after every step, each budget's spend is exactly what was committed,
+    /// dropped or expired, its reserved money exactly the open estimates, and spend plus
+    /// reserved never passes the limit by more than the commits above their estimate.
+    #[test]
+    fn reservations_match_a_model_and_keep_the_bound(ops in proptest::collection::vec(op(), 1..40)) {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = clock(); // 12:00, the 1 h model budget's window lasts until 13:00
+        let l = open(dir.path(), &clock);
+        let cent = |c: u64| Money::from_nanos(c * 10_000_000);
+        // (reservation, claude, estimate cents, opened at secs)
+        let mut open_ones: Vec<(Reservation, bool, u64, u64)> = Vec::new();
+        let (mut openai, mut anthropic, mut over) = (0u64, 0u64, 0u64); // cents
+        let mut now = 0u64;
+        for op in ops {
+            match op {
+                Op::Reserve { claude, cents } => {
+                    let model = if claude { "claude-3-5-sonnet" } else { "gpt-4o" };
+                    let held: u64 = open_ones.iter().filter(|o| o.1 == claude).map(|o| o.2).sum();
+                    let (spent, limit) = if claude { (anthropic, 10_000) } else { (openai, 800) };
+                    let fits = spent + held < limit && spent + held + cents <= limit;
+                    match l.reserve(model, cent(cents)) {
+                        Ok(r) => {
+                            proptest::prop_assert!(fits, "admitted over the limit");
+                            open_ones.push((r, claude, cents, now));
+                        }
+                        Err(ReserveError::Denied(_)) => proptest::prop_assert!(!fits, "refused with room"),
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+                Op::Commit { i, cents } if !open_ones.is_empty() => {
+                    let (r, claude, est, _) = open_ones.remove(i % open_ones.len());
+                    r.commit(cent(cents)).unwrap();
+                    *(if claude { &mut anthropic } else { &mut openai }) += cents;
+                    if !claude {
+                        over += cents.saturating_sub(est);
+                    }
+                }
+                Op::Release { i } if !open_ones.is_empty() => {
+                    open_ones.remove(i % open_ones.len()).0.release().unwrap();
+                }
+                Op::Drop { i } if !open_ones.is_empty() => {
+                    let (r, claude, est, _) = open_ones.remove(i % open_ones.len());
+                    drop(r);
+                    *(if claude { &mut anthropic } else { &mut openai }) += est;
+                }
+                Op::Pass { secs } => {
+                    clock.pass(Duration::from_secs(secs));
+                    now += secs;
+                    l.maintain().unwrap();
+                    // 60 s timeout, whole seconds: expired once 61 s passed since admission.
+                    let (gone, kept): (Vec<_>, Vec<_>) =
+                        open_ones.into_iter().partition(|o| now >= o.3 + 61);
+                    open_ones = kept;
+                    for (r, claude, est, _) in gone {
+                        *(if claude { &mut anthropic } else { &mut openai }) += est;
+                        let expired = matches!(r.release(), Err(ReserveError::Expired { .. }));
+                        proptest::prop_assert!(expired, "not expired");
+                    }
+                }
+                _ => {}
+            }
+            let held = |claude: bool| -> u64 {
+                open_ones.iter().filter(|o| o.1 == claude).map(|o| o.2).sum()
+            };
+            proptest::prop_assert_eq!(row(&l, Scope::Provider, "openai"), (cent(openai), cent(held(false))));
+            proptest::prop_assert_eq!(row(&l, Scope::Model, "gpt-4o"), (cent(openai), cent(held(false))));
+            proptest::prop_assert_eq!(row(&l, Scope::Provider, "anthropic"), (cent(anthropic), cent(held(true))));
+            proptest::prop_assert!(openai + held(false) <= 800 + over, "bound: {} + {} > 800 + {}", openai, held(false), over);
+        }
+    }
 }

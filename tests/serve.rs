@@ -86,8 +86,13 @@ impl Server {
     fn start_in(cli: Cli, serve_args: &[&str]) -> Server {
         let mut args = vec!["--now", NOW, "serve", "--listen", "127.0.0.1:0"];
         args.extend_from_slice(serve_args);
+        Server::start_with(cli, &args)
+    }
+
+    /// Starts `provider-budgets ARGS` (which must run `serve`).
+    fn start_with(cli: Cli, args: &[&str]) -> Server {
         let mut child = cli
-            .cmd(&args)
+            .cmd(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .stdin(Stdio::null())
@@ -1068,4 +1073,215 @@ fn healthz_is_503_while_the_disk_is_full_and_200_once_it_is_freed() {
     assert_eq!(server.spend_nanos("openai"), counted);
     let r = server.spend(json!({"provider": "openai", "cost": "0.01", "durable": true}));
     assert_eq!(r.status, 200, "{r:?}");
+}
+
+// ---- reservations -----------------------------------------------------------------------------
+
+impl Server {
+    /// Stops the child (SIGKILL if still running) and hands back its data dir.
+    fn take_cli(mut self) -> Cli {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        std::mem::replace(&mut self.cli, Cli::new(CONFIG))
+    }
+
+    fn reserve(&self, body: Value) -> Reply {
+        self.post("/v1/reserve", &body.to_string())
+    }
+
+    /// `(spend_nanos, reserved_nanos)` of a provider budget from `GET /v1/budgets`.
+    fn held(&self, provider: &str) -> (u64, u64) {
+        let doc = self.get("/v1/budgets").json();
+        let b = doc["budgets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["provider"] == provider)
+            .cloned()
+            .unwrap_or_else(|| panic!("no budget {provider}: {doc}"));
+        (
+            b["spend_nanos"].as_u64().unwrap(),
+            b["reserved_nanos"].as_u64().unwrap(),
+        )
+    }
+}
+
+#[test]
+fn reserve_commit_release_are_idempotent_and_a_denial_is_the_filters_429() {
+    let s = Server::start(CONFIG, &[]);
+    // openai 1/d, anthropic 10/h. The first candidate with room is reserved, echoed as given.
+    let r = s.reserve(json!({
+        "deployments": [{"model": "gpt-4o", "ref": "east"}, {"model": "claude-3-5-sonnet"}],
+        "estimate": "0.6",
+    }));
+    assert_eq!(r.status, 200, "{r:?}");
+    let doc = r.json();
+    assert_eq!(doc["deployment"], json!({"model": "gpt-4o", "ref": "east"}));
+    assert_eq!(doc["index"], 0);
+    assert_eq!(doc["expires_at"], "2024-05-01T12:10:01Z", "10 min default");
+    let first = doc["reservation"].as_str().unwrap().to_owned();
+    assert_eq!(
+        s.held("openai"),
+        (0, 600_000_000),
+        "status shows it as reserved"
+    );
+
+    // 0.6 + 0.5 > 1: the next candidate.
+    let r = s.reserve(json!({
+        "deployments": [{"model": "gpt-4o"}, {"model": "claude-3-5-sonnet"}],
+        "estimate": 0.5,
+    }));
+    assert_eq!(
+        (r.status, r.json()["index"].clone()),
+        (200, json!(1)),
+        "{r:?}"
+    );
+    let second = r.json()["reservation"].as_str().unwrap().to_owned();
+    assert_ne!(first, second);
+
+    // No candidate with room: 429 exactly as /v1/filter (what admission would reach).
+    let r = s.reserve(json!({"deployments": [{"model": "gpt-4o"}], "estimate": "0.5"}));
+    assert_eq!(r.status, 429, "{r:?}");
+    assert_eq!(
+        r.headers.get("retry-after").map(String::as_str),
+        Some("43200")
+    );
+    assert_eq!(
+        r.json()["exceeded"],
+        json!([{
+            "provider": "openai", "scope": "provider", "name": "openai", "period": "1d",
+            "spend": 1.1, "limit": 1.0,
+            "spend_nanos": 1_100_000_000u64, "limit_nanos": NANOS,
+            "resets_at": "2024-05-02T00:00:00Z",
+        }])
+    );
+    // Held money blocks /v1/filter too once at the limit.
+    let last = s.reserve(json!({"provider": "openai", "estimate": "0.4"}));
+    assert_eq!(
+        (last.status, last.json()["deployment"].clone()),
+        (200, json!("openai"))
+    );
+    assert_eq!(s.filter(json!([{"model": "gpt-4o"}])).status, 429);
+    let last = last.json()["reservation"].as_str().unwrap().to_owned();
+    let release = |id: &str| s.post("/v1/release", &json!({ "reservation": id }).to_string());
+    assert_eq!(release(&last).status, 200);
+
+    // Commit: exactly the cost; concurrent repeats get the same answer, counted once.
+    let commit = json!({"reservation": first, "cost": "0.25"}).to_string();
+    let answers: Vec<Reply> = thread::scope(|sc| {
+        let hs: Vec<_> = (0..4)
+            .map(|_| sc.spawn(|| s.post("/v1/commit", &commit)))
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut fresh = 0;
+    for a in &answers {
+        assert_eq!(a.status, 200, "{a:?}");
+        let doc = a.json();
+        assert_eq!(doc["committed"], true);
+        assert_eq!(doc["cost_nanos"], 250_000_000u64);
+        if doc.get("duplicate").is_none() {
+            fresh += 1;
+        }
+    }
+    assert_eq!(fresh, 1, "{answers:?}");
+    assert_eq!(s.held("openai"), (250_000_000, 0));
+    release(&first).assert_error(409, "already committed");
+
+    let r = release(&second);
+    assert_eq!((r.status, r.json()["released"].clone()), (200, json!(true)));
+    assert_eq!(release(&second).json()["duplicate"], true);
+    assert_eq!(s.held("anthropic"), (0, 0), "a release counts nothing");
+
+    s.post(
+        "/v1/commit",
+        &json!({"reservation": "nope-1", "cost": 1}).to_string(),
+    )
+    .assert_error(404, "unknown reservation \"nope-1\"");
+
+    // Bad requests: 400 naming the field, nothing held.
+    s.reserve(json!({"deployments": [{"model": "gpt-4o"}]}))
+        .assert_error(400, "estimate");
+    s.reserve(json!({"deployments": [{"model": "gpt-4o"}], "estimate": "-1"}))
+        .assert_error(400, "estimate");
+    s.reserve(json!({"deployments": [], "estimate": 1}))
+        .assert_error(400, "deployments: empty");
+    s.reserve(json!({"provider": "openai", "deployments": [{"model": "x"}], "estimate": 1}))
+        .assert_error(400, "not both");
+    s.post(
+        "/v1/commit",
+        &json!({"reservation": "", "cost": 1}).to_string(),
+    )
+    .assert_error(400, "reservation");
+    s.post(
+        "/v1/commit",
+        &json!({"reservation": second, "cost": "abc"}).to_string(),
+    )
+    .assert_error(400, "cost");
+    assert_eq!(s.held("openai"), (250_000_000, 0));
+}
+
+#[test]
+fn open_reservations_count_their_estimate_after_sigterm_or_sigkill() {
+    let mut cli = Cli::new(CONFIG);
+    for (round, signal) in [(1u64, "TERM"), (2, "KILL")] {
+        let mut s = Server::start_in(cli, &[]);
+        let r = s.reserve(json!({"provider": "openai", "estimate": "0.125"}));
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(s.held("openai"), ((round - 1) * 125_000_000, 125_000_000));
+        s.signal(signal);
+        let status = s.wait_exit(Duration::from_secs(15));
+        if signal == "TERM" {
+            assert!(status.success(), "{status:?}: {}", s.stderr());
+        }
+        cli = s.take_cli();
+        assert_eq!(
+            cli.spend_nanos(NOW, "openai"),
+            round * 125_000_000,
+            "round {round} (SIG{signal}): the open reservation counts its estimate, once"
+        );
+        // The next run does not know the old id.
+        let s = Server::start_in(cli, &[]);
+        s.post(
+            "/v1/commit",
+            &json!({"reservation": r.json()["reservation"], "cost": 1}).to_string(),
+        )
+        .assert_error(404, "unknown reservation");
+        assert_eq!(s.held("openai"), (round * 125_000_000, 0));
+        cli = s.take_cli();
+    }
+}
+
+#[test]
+fn a_commit_after_expiry_is_409_and_the_estimate_is_counted() {
+    // A real clock (no --now) and a 1 s timeout: the reaper counts the estimate within ~2 s.
+    let cli = Cli::new(&format!(
+        "{CONFIG}provider_budgets:\n  reservation_timeout: 1s\n"
+    ));
+    let s = Server::start_with(cli, &["serve", "--listen", "127.0.0.1:0"]);
+    let r = s.reserve(json!({"provider": "openai", "estimate": "0.3"}));
+    assert_eq!(r.status, 200, "{r:?}");
+    let id = r.json()["reservation"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + DEADLINE;
+    while s.held("openai") != (300_000_000, 0) {
+        assert!(
+            Instant::now() < deadline,
+            "never expired: {:?}",
+            s.held("openai")
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    let commit = json!({"reservation": id, "cost": "0.01"}).to_string();
+    let r = s.post("/v1/commit", &commit);
+    r.assert_error(409, "expired");
+    assert_eq!(r.json()["expired"], true);
+    s.post("/v1/release", &json!({"reservation": id}).to_string())
+        .assert_error(409, "expired");
+    assert_eq!(
+        s.held("openai"),
+        (300_000_000, 0),
+        "the cost was not counted"
+    );
 }

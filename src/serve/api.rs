@@ -31,6 +31,9 @@ pub(crate) fn router(state: Shared) -> Router {
         .route("/v1/spend", post(spend))
         .route("/v1/budgets", get(budgets))
         .route("/v1/reload", post(reload))
+        .route("/v1/reserve", post(super::reserve::reserve))
+        .route("/v1/commit", post(super::reserve::commit))
+        .route("/v1/release", post(super::reserve::release))
         .route_layer(middleware::from_fn_with_state(Arc::clone(&state), admit));
     let probes = Router::new()
         .route("/metrics", get(metrics))
@@ -53,7 +56,7 @@ fn json_bytes(status: StatusCode, body: Vec<u8>) -> Response {
     r
 }
 
-fn json(status: StatusCode, value: &impl Serialize) -> Response {
+pub(super) fn json(status: StatusCode, value: &impl Serialize) -> Response {
     match serde_json::to_vec(value) {
         Ok(body) => json_bytes(status, body),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &format!("encoding: {e}")),
@@ -61,18 +64,18 @@ fn json(status: StatusCode, value: &impl Serialize) -> Response {
 }
 
 /// `{"error": "<one line>"}`.
-fn error(status: StatusCode, reason: &str) -> Response {
+pub(super) fn error(status: StatusCode, reason: &str) -> Response {
     let line = reason.lines().map(str::trim).collect::<Vec<_>>().join("; ");
     json(status, &serde_json::json!({ "error": line }))
 }
 
-fn bad_request(reason: &str) -> Response {
+pub(super) fn bad_request(reason: &str) -> Response {
     error(StatusCode::BAD_REQUEST, reason)
 }
 
 /// A refused request: status and one-line reason (rendered by [`error`]).
 #[derive(Debug)]
-struct Reject(StatusCode, String);
+pub(super) struct Reject(pub StatusCode, pub String);
 
 impl IntoResponse for Reject {
     fn into_response(self) -> Response {
@@ -81,7 +84,7 @@ impl IntoResponse for Reject {
 }
 
 /// The body, or the JSON error for a body over the limit (413) or unreadable (400).
-fn body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, Reject> {
+pub(super) fn body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, Reject> {
     body.map_err(|r| {
         let status = r.status();
         if status == StatusCode::PAYLOAD_TOO_LARGE {
@@ -99,7 +102,7 @@ fn body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, Reject> {
 }
 
 /// Parses a JSON body; the error names the field or position (serde_json's message).
-fn parse<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, Reject> {
+pub(super) fn parse<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, Reject> {
     serde_json::from_slice(bytes)
         .map_err(|e| Reject(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}")))
 }
@@ -154,13 +157,13 @@ struct FilterRequest<'a> {
 /// One candidate, echoed back as given when it may be used.
 #[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-struct DeploymentIn<'a> {
+pub(super) struct DeploymentIn<'a> {
     #[serde(borrow)]
-    model: Cow<'a, str>,
+    pub model: Cow<'a, str>,
     #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
-    provider: Option<Cow<'a, str>>,
+    pub provider: Option<Cow<'a, str>>,
     #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
-    id: Option<Cow<'a, str>>,
+    pub id: Option<Cow<'a, str>>,
     /// Opaque, echoed back as given (clients match answers to their list with it; `id` is
     /// the deployment's budget identity).
     #[serde(
@@ -225,7 +228,7 @@ async fn filter(Extract(state): Extract<Shared>, bytes: Result<Bytes, BytesRejec
 }
 
 /// 429: each exceeded budget with its reset time, `Retry-After` until the earliest reset.
-fn no_deployments(state: &State, none: &NoDeployments) -> Response {
+pub(super) fn no_deployments(state: &State, none: &NoDeployments) -> Response {
     let now = state.limiter.now();
     let mut earliest: Option<Timestamp> = None;
     let exceeded: Vec<serde_json::Value> = none
@@ -507,6 +510,8 @@ async fn budgets(Extract(state): Extract<Shared>) -> Response {
 
 async fn metrics(Extract(state): Extract<Shared>) -> Response {
     metrics::gauge!("provider_budgets_idempotency_keys").set(state.keys.len() as f64);
+    metrics::gauge!("provider_budgets_open_reservations")
+        .set(state.limiter.open_reservations() as f64);
     let in_flight = state.max_in_flight - state.permits.available_permits();
     metrics::gauge!("provider_budgets_http_in_flight").set(in_flight as f64);
     let text = state.metrics.render(&state.limiter);

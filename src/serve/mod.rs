@@ -3,7 +3,7 @@
 //! Routes (JSON; contract in the README, "HTTP sidecar"):
 //!
 //! * `POST /v1/filter`, `POST /v1/spend`, `GET /v1/budgets`, `GET /metrics`, `GET /healthz`,
-//!   `POST /v1/reload`.
+//!   `POST /v1/reload`, `POST /v1/reserve`, `POST /v1/commit`, `POST /v1/release`.
 //!
 //! Design:
 //!
@@ -24,6 +24,7 @@ mod api;
 mod idempotency;
 mod metrics;
 mod money;
+mod reserve;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -45,6 +46,10 @@ pub struct ServeArgs {
     /// Requests handled at once; one more is answered 503 at once.
     #[arg(long, value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_in_flight: u32,
+    /// Reservations (`POST /v1/reserve`) held open at once; one more is answered 503 (each
+    /// holds money and a little memory until its commit, release or expiry).
+    #[arg(long, value_name = "N", default_value_t = 100_000, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    pub max_open_reservations: u32,
     /// How long shutdown waits for in-flight requests.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = crate::parse_duration)]
     pub drain_timeout: Duration,
@@ -91,6 +96,8 @@ pub(crate) struct State {
     pub permits: Arc<Semaphore>,
     pub max_in_flight: usize,
     pub reload: mpsc::Sender<ReloadRequest>,
+    /// Open and recently ended reservations of `/v1/reserve`, `/v1/commit`, `/v1/release`.
+    pub reservations: reserve::Table,
 }
 
 /// Runs the sidecar until SIGTERM/SIGINT, then drains and flushes. The caller shuts the
@@ -135,6 +142,7 @@ async fn serve(
         permits: Arc::new(Semaphore::new(args.max_in_flight as usize)),
         max_in_flight: args.max_in_flight as usize,
         reload: reload_tx,
+        reservations: reserve::Table::new(args.max_open_reservations as usize),
     });
     let app = api::router(state);
     let (stop_tx, mut stop_rx) = watch::channel(false);

@@ -694,3 +694,98 @@ def test_deployment_and_tag_budgets_through_the_router(sidecars, call_cost):
         await plugin.aclose()
 
     asyncio.run(main())
+
+
+# ---- strict=True: reservations -----------------------------------------------------------------
+
+
+def _reserved(side) -> Dict[str, Tuple[int, int]]:
+    status, body = side.request("GET", "/v1/budgets")
+    assert status == 200, body
+    return {b["provider"]: (int(b["spend_nanos"]), int(b["reserved_nanos"])) for b in body["budgets"]}
+
+
+def test_strict_concurrent_calls_never_cross_the_limit_and_commit_the_exact_cost(sidecars, call_cost):
+    """Concurrent calls reserve before they go: the first deployment (openai) takes exactly as
+    many calls as its limit holds estimates for, the rest go to anthropic; each commit counts
+    litellm's response_cost to the nano and frees the estimate."""
+    probe = ProviderBudgets(url="http://127.0.0.1:9", strict=True)
+    openai_dep, anthropic_dep = deployments(OPENAI, ANTHROPIC)
+    kwargs = {"max_tokens": 21}  # mock usage: 10 prompt tokens (8 counted) + 20 output
+    est = nanos(float(probe.estimate(openai_dep, PROMPT, kwargs)))
+    assert est >= nanos(call_cost[OPENAI]) > 0, (est, call_cost)
+    limit = 2 * est + est // 2  # room for two estimates, not three
+    side = sidecars({"openai": usd(limit), "anthropic": "1000"})
+    calls = 12
+
+    async def main():
+        plugin = ProviderBudgets(url=side.url, fail_open=False, strict=True)
+        recorder = CostRecorder()
+        litellm.callbacks = [plugin, recorder]
+        # Ordered routing is not needed: the sidecar admits the first candidate with room, and
+        # the plugin hands the Router that one only.
+        router = Router(num_retries=0, model_list=deployments(OPENAI, ANTHROPIC))
+        resps = await asyncio.gather(
+            *(router.acompletion(model="m", messages=PROMPT, **kwargs) for _ in range(calls))
+        )
+        served = Counter(provider_of(r) for r in resps)
+        await await_condition(lambda: len(recorder.seen) == calls, "litellm's success events")
+        await await_condition(lambda: plugin.stats.posted == calls, "every commit acknowledged")
+        assert await plugin.flush(5)
+        want: Dict[str, int] = {"openai": 0, "anthropic": 0}
+        for p, cost in recorder.seen:
+            want[p] += nanos(cost)
+        got = _reserved(side)
+        assert {p: v[0] for p, v in got.items()} == want, (got, want)
+        assert all(v[1] == 0 for v in got.values()), f"estimates left held: {got}"
+        assert got["openai"][0] <= limit
+        assert served["openai"] >= 2, f"openai not filled: {served}"
+        assert served["openai"] * est <= limit + est, served
+        assert plugin.stats.dropped == 0 and plugin.stats.rejected == 0
+        await plugin.aclose()
+
+    asyncio.run(main())
+
+
+def test_strict_a_failed_call_releases_and_a_spent_budget_raises_litellms_error(sidecars, call_cost):
+    side = sidecars({"openai": usd(nanos(call_cost[OPENAI]) * 100)})
+    failing = [{"model_name": "m", "litellm_params": {"model": OPENAI, "mock_response": Exception("boom")}}]
+
+    async def main():
+        plugin = ProviderBudgets(url=side.url, fail_open=False, strict=True)
+        litellm.callbacks = [plugin]
+        router = Router(num_retries=0, model_list=failing)
+        with pytest.raises(Exception) as info:
+            await router.acompletion(model="m", messages=PROMPT, max_tokens=5)
+        assert "boom" in str(info.value)
+        # The reservation was made (the sidecar held it) and released: nothing counted.
+        await await_condition(lambda: plugin.stats.posted == 1, "the release acknowledged")
+        assert _reserved(side)["openai"] == (0, 0)
+
+        # A budget without room for the estimate: litellm's own error, before any call.
+        big = Router(num_retries=0, model_list=deployments(OPENAI))
+        with pytest.raises(ValueError) as info:
+            await big.acompletion(model="m", messages=PROMPT, max_tokens=10_000_000)
+        msg = str(info.value)
+        assert msg.startswith(f"{CROSSED}: Exceeded budget for provider openai: "), msg
+        assert _reserved(side)["openai"] == (0, 0)
+        await plugin.aclose()
+
+    asyncio.run(main())
+
+
+def test_strict_without_a_sidecar_fails_open_and_still_records_the_spend(sidecars, call_cost):
+    side = sidecars({"openai": "1000"})
+    side.stop()
+
+    async def main():
+        plugin = ProviderBudgets(url=side.url, fail_open=True, strict=True, timeout=0.5, retry_backoff=0.05)
+        litellm.callbacks = [plugin]
+        router = Router(num_retries=0, model_list=deployments(OPENAI))
+        await call(router)  # the sidecar is down: the call passes, its spend post waits
+        side.start()
+        await await_condition(lambda: plugin.stats.posted == 1, "the spend post after the outage")
+        assert _reserved(side)["openai"] == (nanos(call_cost[OPENAI]), 0)
+        await plugin.aclose()
+
+    asyncio.run(main())

@@ -30,6 +30,25 @@ Decisions:
   is permanent (logged as an error naming provider and cost, not retried). At most
   ``max_pending`` posts are in flight; beyond that a post is dropped with an error line (memory
   stays bounded during a long outage). ``await plugin.flush()`` waits for the pending posts.
+* ``strict=True`` (reservations, issue 12): the filter reserves instead of filtering. It posts
+  the candidates to ``POST /v1/reserve`` with an estimate of the call's cost, and returns the one
+  deployment the sidecar admitted (the first in the Router's order whose budgets all have room
+  for the estimate, held until the call ends), so no two concurrent calls share the last dollar.
+  The success event commits litellm's ``response_cost`` (``POST /v1/commit``, retried like a
+  spend post: a commit is idempotent); the failure event releases it (``POST /v1/release``:
+  litellm counts no cost for a failed call, so neither does the budget). A call that never ends
+  (the process died) expires in the sidecar after ``reservation_timeout`` and counts its
+  estimate.
+
+  The estimate is litellm's own price of the prompt's tokens (``litellm.token_counter``) plus
+  ``max_tokens`` (or ``max_completion_tokens``; else the model's ``max_output_tokens`` from
+  litellm's cost map; else ``default_max_tokens``) output tokens (``litellm.cost_per_token``),
+  the largest over the candidates (one estimate per reservation). A model litellm cannot price
+  is estimated at ``default_estimate`` (default 0: the reservation then only checks that the
+  budget is not spent). Each reservation is matched to its call by litellm's trace id and the
+  deployment's ``model_info.id`` (a retry or fallback of the same request is a new
+  reservation). When the sidecar is unusable and ``fail_open`` lets the call pass, the call is
+  recorded afterwards with a spend post, as without ``strict``.
 * Only the async paths are hooked (``Router.acompletion`` & co, the litellm proxy), like
   litellm's own provider budget filter.
 * HTTP goes through aiohttp (a dependency of litellm), not httpx: on the 2-core machine this was
@@ -45,6 +64,7 @@ import json
 import logging
 import math
 import os
+import time
 import weakref
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -164,6 +184,11 @@ class ProviderBudgets(CustomLogger):
         max_backoff: longest wait between two attempts.
         max_pending: most spend posts in flight at once.
         durable: ask the sidecar to fsync each spend before answering.
+        strict: reserve before each call and commit (or release) after it, instead of
+            filtering before and posting the spend after (see the module doc).
+        default_max_tokens: output tokens of the estimate when neither the request
+            (``max_tokens``) nor litellm's cost map (``max_output_tokens``) says.
+        default_estimate: estimate (USD) of a call litellm cannot price.
     """
 
     def __init__(
@@ -177,6 +202,9 @@ class ProviderBudgets(CustomLogger):
         max_backoff: float = 5.0,
         max_pending: int = 10_000,
         durable: bool = False,
+        strict: bool = False,
+        default_max_tokens: int = 4096,
+        default_estimate: Any = 0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -193,6 +221,17 @@ class ProviderBudgets(CustomLogger):
         self.max_backoff = float(max_backoff)
         self.max_pending = int(max_pending)
         self.durable = bool(durable)
+        self.strict = bool(strict)
+        self.default_max_tokens = int(default_max_tokens)
+        estimate = cost_to_decimal_str(default_estimate)
+        if estimate is None or estimate.startswith("-"):
+            raise ValueError(f"ProviderBudgets: default_estimate must be a non-negative amount, got {default_estimate!r}")
+        self.default_estimate = Decimal(estimate)
+        # Open reservations per litellm trace id: [(deployment id, reservation id, opened at)].
+        self._reservations: Dict[str, List[Tuple[Optional[str], str, float]]] = {}
+        self._reserve_url = self.url + "/v1/reserve"
+        self._commit_url = self.url + "/v1/commit"
+        self._release_url = self.url + "/v1/release"
         self.stats = SpendStats()
         self._filter_url = self.url + "/v1/filter"
         self._spend_url = self.url + "/v1/spend"
@@ -284,6 +323,8 @@ class ProviderBudgets(CustomLogger):
             healthy_deployments = [healthy_deployments]
         if not healthy_deployments:
             return healthy_deployments
+        if self.strict:
+            return await self._reserve(healthy_deployments, messages, request_kwargs)
         wire = []
         for i, deployment in enumerate(healthy_deployments):
             name, provider = self._provider_of(deployment)
@@ -320,9 +361,198 @@ class ProviderBudgets(CustomLogger):
         self._reachable()
         return allowed
 
+    # ---- strict: reservations ----------------------------------------------------------------
+
+    def estimate(self, deployment: Dict[str, Any], messages: Any, request_kwargs: Optional[Dict[str, Any]]) -> Decimal:
+        """The estimate of one call to ``deployment``: prompt tokens plus the most output tokens
+        it may produce, priced by litellm's cost map (see the module doc)."""
+        model, provider = self._provider_of(deployment)
+        kw = request_kwargs or {}
+        out_tokens = kw.get("max_tokens") or kw.get("max_completion_tokens")
+        try:
+            if not out_tokens:
+                info = litellm.get_model_info(model=model, custom_llm_provider=provider)
+                out_tokens = info.get("max_output_tokens") or info.get("max_tokens")
+        except Exception:
+            out_tokens = None
+        out_tokens = int(out_tokens or self.default_max_tokens)
+        try:
+            in_tokens = litellm.token_counter(model=model, messages=messages or [])
+            prompt, completion = litellm.cost_per_token(
+                model=model,
+                custom_llm_provider=provider,
+                prompt_tokens=int(in_tokens),
+                completion_tokens=out_tokens,
+            )
+            cost = cost_to_decimal_str(float(prompt) + float(completion))
+        except Exception:
+            cost = None
+        return self.default_estimate if cost is None else Decimal(cost)
+
+    async def _reserve(
+        self,
+        healthy_deployments: List[Dict[str, Any]],
+        messages: Optional[List[Any]],
+        request_kwargs: Optional[Dict[str, Any]],
+    ) -> List[Dict[str, Any]]:
+        wire = []
+        estimate = Decimal(0)
+        for i, deployment in enumerate(healthy_deployments):
+            name, provider = self._provider_of(deployment)
+            item: Dict[str, Any] = {"model": name, "ref": str(i)}
+            if provider:
+                item["provider"] = provider
+            model_id = _model_id(deployment)
+            if model_id:
+                item["id"] = model_id
+            wire.append(item)
+            estimate = max(estimate, self.estimate(deployment, messages, request_kwargs))
+        request: Dict[str, Any] = {"deployments": wire, "estimate": format(estimate, "f")}
+        tags = _request_tags(request_kwargs)
+        if tags:
+            request["tags"] = tags
+        body = json.dumps(request, separators=(",", ":")).encode()
+        try:
+            status, answer = await self._post(self._reserve_url, body)
+            if status == 429:
+                self._reachable()
+                raise NoDeploymentsAvailable(f"{CROSSED_BUDGET}: {_exceeded_info(answer)}")
+            if status != 200:
+                raise _Unusable(f"HTTP {status}: {_clip(answer)}")
+            try:
+                doc = json.loads(answer)
+                chosen = healthy_deployments[int(doc["deployment"]["ref"])]
+                reservation = str(doc["reservation"])
+            except (ValueError, KeyError, IndexError, TypeError) as e:
+                raise _Unusable(f"malformed /v1/reserve answer ({e!r}): {_clip(answer)}") from e
+        except _Unusable as e:
+            self._unreachable("reserve", e)
+            if self.fail_open:
+                return healthy_deployments
+            raise NoDeploymentsAvailable(
+                f"{NO_DEPLOYMENTS}: provider-budgets sidecar at {self.url} unusable ({e}) and fail_open=False"
+            ) from None
+        self._reachable()
+        self._remember(request_kwargs, _model_id(chosen), reservation)
+        return [chosen]
+
+    def _remember(self, request_kwargs: Optional[Dict[str, Any]], model_id: Optional[str], reservation: str) -> None:
+        trace = (request_kwargs or {}).get("litellm_trace_id")
+        metadata = (request_kwargs or {}).get("metadata")
+        if isinstance(metadata, dict):
+            # Fallback for calls without a trace id: litellm hands this dict to the events.
+            metadata["provider_budgets_reservation"] = reservation
+        if not trace:
+            return
+        now = time.monotonic()
+        if len(self._reservations) >= self.max_pending:
+            # Calls that never reported an end (their reservations expire in the sidecar).
+            for key in [k for k, v in self._reservations.items() if now - v[-1][2] > 3600] or list(self._reservations)[:1]:
+                self._reservations.pop(key, None)
+        self._reservations.setdefault(str(trace), []).append((model_id, reservation, now))
+
+    def _take_reservation(self, kwargs: Dict[str, Any]) -> Optional[str]:
+        """The open reservation of the call an event reports, forgotten here."""
+        slo = kwargs.get("standard_logging_object") or {}
+        trace = kwargs.get("litellm_trace_id") or slo.get("trace_id")
+        model_id = slo.get("model_id") or _model_id((kwargs.get("litellm_params") or {}))
+        entries = self._reservations.get(str(trace)) if trace else None
+        if entries:
+            pick = next((i for i, e in enumerate(entries) if model_id and e[0] == model_id), 0)
+            _, reservation, _ = entries.pop(pick)
+            if not entries:
+                self._reservations.pop(str(trace), None)
+            return reservation
+        metadata = (kwargs.get("litellm_params") or {}).get("metadata") or {}
+        if isinstance(metadata, dict):
+            return metadata.pop("provider_budgets_reservation", None)
+        return None
+
+    def _end_in_background(self, url: str, payload: Dict[str, Any]) -> Optional["asyncio.Task[None]"]:
+        if len(self._pending) >= self.max_pending:
+            self.stats.dropped += 1
+            logger.error(
+                "provider-budgets: %d posts pending; dropping the end of reservation %s (it expires and counts its estimate)",
+                len(self._pending),
+                payload["reservation"],
+            )
+            return None
+        task = asyncio.get_running_loop().create_task(self._post_end(url, payload))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+        return task
+
+    async def _post_end(self, url: str, payload: Dict[str, Any]) -> None:
+        """A commit or release, retried while the sidecar is unusable (the same answer comes
+        back for a repeat, so a retry never counts twice)."""
+        body = json.dumps(payload, separators=(",", ":")).encode()
+        what = "commit" if "cost" in payload else "release"
+        delay = self.retry_backoff
+        last: object = None
+        for attempt in range(1, self.spend_attempts + 1):
+            if attempt > 1:
+                self.stats.retries += 1
+            try:
+                status, answer = await self._post(url, body)
+            except _Unusable as e:
+                last = e
+            else:
+                if status == 200:
+                    self._reachable()
+                    self.stats.posted += 1
+                    return
+                if status in (408, 429) or status >= 500:
+                    last = f"HTTP {status}: {_clip(answer)}"
+                else:
+                    # 404 (unknown: the sidecar restarted) or 409 (expired): the estimate was
+                    # counted instead; nothing a retry can change.
+                    self._reachable()
+                    self.stats.rejected += 1
+                    logger.error(
+                        "provider-budgets sidecar refused the %s of reservation %s (HTTP %d: %s)",
+                        what,
+                        payload["reservation"],
+                        status,
+                        _clip(answer),
+                    )
+                    return
+            self._unreachable(what, last)
+            if attempt < self.spend_attempts:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.max_backoff)
+        self.stats.dropped += 1
+        logger.error(
+            "provider-budgets: gave up the %s of reservation %s after %d attempts (%s); it expires and counts its estimate",
+            what,
+            payload["reservation"],
+            self.spend_attempts,
+            last,
+        )
+
+    async def async_log_failure_event(self, kwargs, response_obj, start_time, end_time):  # type: ignore[override]
+        if not self.strict:
+            return
+        reservation = self._take_reservation(kwargs)
+        if reservation:
+            self._end_in_background(self._release_url, {"reservation": reservation})
+
     # ---- spend -----------------------------------------------------------------------------
 
     async def async_log_success_event(self, kwargs, response_obj, start_time, end_time):  # type: ignore[override]
+        if self.strict:
+            reservation = self._take_reservation(kwargs)
+            if reservation:
+                slo = kwargs.get("standard_logging_object") or {}
+                cost = cost_to_decimal_str(slo.get("response_cost"))
+                if cost is None or cost.startswith("-"):
+                    logger.error(
+                        "provider-budgets: unusable response_cost %r: reservation %s left to expire (it counts its estimate)",
+                        slo.get("response_cost"),
+                        reservation,
+                    )
+                    return  # it expires and counts its estimate
+                self._end_in_background(self._commit_url, {"reservation": reservation, "cost": cost})
+                return
         self.post_spend_in_background(kwargs)
 
     def post_spend_in_background(self, kwargs: Dict[str, Any]) -> Optional["asyncio.Task[None]"]:
