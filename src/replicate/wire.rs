@@ -71,12 +71,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use redis::{ErrorKind, RedisError, ServerErrorKind, Value};
 
-/// The merge script (`merge.lua`). `KEYS[1]` is the budget's lease key, `KEYS[2..]` its window
-/// keys. `ARGV[1]` is the node id, `ARGV[2]` the instance id, `ARGV[3]` the lease time in ms,
-/// `ARGV[4]` `1` to release the lease (last round) or `0`, `ARGV[5]` `1` to recompute every
-/// key's total from its fields (verify) or `0`; then for window key `KEYS[i]`, `ARGV[2i+2]` is
-/// the node's own total (canonical decimal u64; `0` only reads) and `ARGV[2i+3]` the unix
-/// second at which the key expires.
+/// The merge script (`merge.lua`). `KEYS[1]` is the budget's lease key, `KEYS[2]` its strict
+/// marker ([`strict_key`]), `KEYS[3..]` its window keys. `ARGV[1]` is the node id, `ARGV[2]`
+/// the instance id, `ARGV[3]` the lease time in ms, `ARGV[4]` `1` to release the lease (last
+/// round) or `0`, `ARGV[5]` `1` to recompute every key's total from its fields (verify) or
+/// `0`, `ARGV[6]` the guard after a strict marker's (re)creation in ms, `ARGV[7]` the grant
+/// lease in ms (`0`: never reclaim); then five per window key `KEYS[i]`, from
+/// `ARGV[7 + 5(i-3) + 1]`: the node's own total (canonical decimal u64; `0` only reads), the
+/// unix second at which the key expires, and for a strict window the limit, the node's durable
+/// grant and the grant it wants (`''`, `0`, `0` otherwise). Grants: see
+/// `docs/strict-budgets.md` (the reply per key gains `grant, granted, holders, frozen`).
 ///
 /// 1. Lease: held by another instance -> `refused`; unreadable -> `broken`; else ours,
 ///    renewed (or released) at the end.
@@ -89,7 +93,8 @@ use redis::{ErrorKind, RedisError, ServerErrorKind, Value};
 ///    contribution fields. Then `EXPIREAT key expire_at` (callers pass window end + grace).
 ///
 /// Returns `{lease, per_key}`: `lease` is `{'held'}`, `{'refused', holder}` or
-/// `{'broken', error}`; `per_key[i]` is `{'ok', {field, owner, mine, total, repaired, bad}}`
+/// `{'broken', error}`; `per_key[i]` is `{'ok', {field, owner, mine, total, repaired, bad,
+/// grant, granted, holders, frozen}}` (the last four `''` unless strict and the lease is ours)
 /// (`''` for an absent field; `bad` the skipped `field, value` pairs of a recomputation) or
 /// `{'err', error}`.
 pub(crate) const SCRIPT: &str = include_str!("merge.lua");
