@@ -470,6 +470,39 @@ fn offline_open_admits_against_the_fleet_total_and_comes_back_to_the_grant() {
     assert!(a.reserve(&"openai/gpt-4o", usd(95)).is_err());
 }
 
+#[test]
+fn enforcement_changes_in_a_live_reload() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let clock = Arc::new(FakeClock::new(t0()));
+    let da = tempfile::tempdir().unwrap();
+    let shared_yaml =
+        "provider_budgets:\n  budgets:\n    - {provider: openai, limit: 100, period: 1d}\n";
+    let with = |yaml: &str| {
+        let mut c = config(da.path(), &server.url(), "a", "s");
+        c.budgets = Config::from_yaml_str(yaml).unwrap().budgets;
+        c
+    };
+    let a = Limiter::open_with_clock(with(shared_yaml), clock.clone()).unwrap();
+    assert_eq!(
+        (row(&a).enforcement, row(&a).grant),
+        (Enforcement::Shared, None)
+    );
+    let summary = a.reload(with(&yaml("grant_only"))).unwrap();
+    assert_eq!(summary.changed.len(), 1, "{summary:?}");
+    assert_eq!(row(&a).enforcement, Enforcement::Strict);
+    // Strict now: reservations come from grants (after the first use's guard).
+    until(&[&a], "a first grant", || {
+        a.reserve(&"openai/gpt-4o", Money::from_nanos(1_000_000_000))
+            .map(|r| r.commit(Money::from_nanos(1_000_000_000)).unwrap())
+            .is_ok()
+    });
+    assert!(grant(&a) >= 1_000_000_000);
+    a.reload(with(shared_yaml)).unwrap();
+    assert_eq!(row(&a).grant, None);
+}
+
 // ---- model-based: the bound at every step ---------------------------------------------------
 
 use proptest::prelude::*;
