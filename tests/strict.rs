@@ -383,11 +383,22 @@ fn offline_local_share_admits_a_share_of_the_limit_and_grant_only_keeps_the_gran
     link.heal();
     until(&[&a], "a is back on its grant", || grant(&a) < LIMIT / 2);
     assert!(grant(&a) >= held.min(own(&a)));
-    // grant_only: nothing changes while Redis is unreachable.
+    // grant_only: nothing changes while Redis is unreachable: b admits exactly what is left
+    // of its grant, not a nano more.
     let before = grant(&b);
     drop(server);
     assert!(b.sync().is_err());
     assert_eq!(grant(&b), before);
+    let left = before - own(&b) - row(&b).reserved.as_nanos();
+    assert!(left > 0);
+    assert!(b
+        .reserve(&"openai/gpt-4o", Money::from_nanos(left + 1))
+        .is_err());
+    let r = b
+        .reserve(&"openai/gpt-4o", Money::from_nanos(left))
+        .unwrap();
+    r.commit(Money::from_nanos(left)).unwrap();
+    assert!(b.reserve(&"openai/gpt-4o", Money::from_nanos(1)).is_err());
 }
 
 #[test]
