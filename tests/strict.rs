@@ -258,6 +258,13 @@ fn a_killed_node_finds_its_grant_on_disk_and_it_is_never_granted_twice() {
     // Redis dies too. a restarts offline: its grant comes from its disk (durable before it
     // was spendable, so at most what Redis granted, and more than nothing).
     server.kill();
+    // Slower rounds here: the guard after the loss (3 intervals) must outlast b's quick
+    // rounds below even on a loaded machine.
+    let open = |dir: &Path, url: &str, node: &str, clock: &Arc<FakeClock>| {
+        let mut c = config(dir, url, node, "s");
+        c.redis.as_mut().unwrap().sync_interval = Duration::from_millis(400);
+        Limiter::open_with_clock(c, clock.clone()).unwrap()
+    };
     let a = open(&a_cli.data, &url, "a", &clock);
     let held = grant(&a);
     assert!(
