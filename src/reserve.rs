@@ -3,7 +3,7 @@
 //! [`Limiter::reserve`] holds an estimate in every budget that applies (exactly the budgets
 //! [`Limiter::charge`] would charge), atomically per budget (the view's CAS on
 //! `spend + reserved + estimate <= limit`: two threads never share the last nano), and hands
-//! back a [`Reservation`]. The call then ends one of four ways:
+//! back a [`Reservation`]. It ends in one of these ways:
 //!
 //! | end                         | counts            | journal                            |
 //! |-----------------------------|-------------------|------------------------------------|
@@ -248,7 +248,54 @@ impl Reservation {
         self.end(None)
     }
 
+    /// [`Reservation::commit`] for async code: awaits the fsync without blocking a worker.
+    ///
+    /// # Errors
+    ///
+    /// As [`Reservation::commit`].
+    pub async fn commit_async(self, actual: Money) -> Result<(), ReserveError> {
+        self.end_async(Some(actual)).await
+    }
+
+    /// [`Reservation::release`] for async code.
+    ///
+    /// # Errors
+    ///
+    /// As [`Reservation::commit`].
+    pub async fn release_async(self) -> Result<(), ReserveError> {
+        self.end_async(None).await
+    }
+
     fn end(&self, actual: Option<Money>) -> Result<(), ReserveError> {
+        self.begin_end(actual)?;
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        if self
+            .limiter
+            .settle(&self.held, actual, Some(Ack::Blocking(tx)))?
+        {
+            rx.recv()
+                .map_err(|_| self.limiter.gone())?
+                .map_err(RecordError::Storage)?;
+        }
+        Ok(())
+    }
+
+    async fn end_async(&self, actual: Option<Money>) -> Result<(), ReserveError> {
+        self.begin_end(actual)?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self
+            .limiter
+            .settle(&self.held, actual, Some(Ack::Async(tx)))?
+        {
+            rx.await
+                .map_err(|_| self.limiter.gone())?
+                .map_err(RecordError::Storage)?;
+        }
+        Ok(())
+    }
+
+    /// Takes the right to end the reservation (it may have expired first).
+    fn begin_end(&self, actual: Option<Money>) -> Result<(), ReserveError> {
         let now = floor_secs(self.limiter.now());
         if now >= self.held.expires_secs {
             self.limiter.expire(&self.held);
@@ -272,7 +319,6 @@ impl Reservation {
         };
         metrics::counter!("provider_budgets_reservations_ended_total", "outcome" => outcome)
             .increment(1);
-        self.limiter.settle(&self.held, actual, true)?;
         Ok(())
     }
 }
@@ -305,7 +351,7 @@ impl Drop for Reservation {
                 .increment(1);
             let _ = self
                 .limiter
-                .settle(&self.held, Some(self.held.estimate), false);
+                .settle(&self.held, Some(self.held.estimate), None);
         }
     }
 }
@@ -343,6 +389,36 @@ impl Limiter {
     ) -> Result<Reservation, ReserveError> {
         let (index, items, now) = self.hold(std::iter::once(deployment), tags, estimate)?;
         self.open_reservation(index, items, now, estimate)
+    }
+
+    /// [`Limiter::reserve_any`] for async code: awaits the fsync without blocking a worker
+    /// (admission itself happens before the first await).
+    ///
+    /// # Errors
+    ///
+    /// As [`Limiter::reserve_any`].
+    pub async fn reserve_any_async<D: Deployment, T: AsRef<str>>(
+        &self,
+        deployments: &[D],
+        tags: &[T],
+        estimate: Money,
+    ) -> Result<Reservation, ReserveError> {
+        let (index, items, now) = self.hold(deployments.iter(), tags, estimate)?;
+        let (reservation, record) = self.register(index, items, now, estimate);
+        let result = match record {
+            None => Ok(()),
+            Some(record) => {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                match self.inner.journal.send(record(Ack::Async(tx))) {
+                    Ok(()) => match rx.await {
+                        Ok(r) => r.map_err(RecordError::Storage),
+                        Err(_) => Err(self.gone()),
+                    },
+                    Err(_) => Err(self.gone()),
+                }
+            }
+        };
+        self.opened(reservation, result)
     }
 
     /// Reserves for the first candidate, in order, whose budgets all admit `estimate`
@@ -526,6 +602,33 @@ impl Limiter {
         now_secs: i64,
         estimate: Money,
     ) -> Result<Reservation, ReserveError> {
+        let (reservation, record) = self.register(index, items, now_secs, estimate);
+        let result = match record {
+            None => Ok(()),
+            Some(record) => {
+                let (tx, rx) = crossbeam_channel::bounded(1);
+                match self.inner.journal.send(record(Ack::Blocking(tx))) {
+                    Ok(()) => match rx.recv() {
+                        Ok(r) => r.map_err(RecordError::Storage),
+                        Err(_) => Err(self.gone()),
+                    },
+                    Err(_) => Err(self.gone()),
+                }
+            }
+        };
+        self.opened(reservation, result)
+    }
+
+    /// Makes the [`Reservation`] of an admission and registers it (for expiry); returns the
+    /// journal event that opens it, given its acknowledgement (`None`: no budget applies,
+    /// nothing to journal).
+    fn register(
+        &self,
+        index: usize,
+        items: Vec<(u32, Window)>,
+        now_secs: i64,
+        estimate: Money,
+    ) -> (Reservation, Option<impl FnOnce(Ack) -> Event>) {
         let inner = &*self.inner;
         let timeout = inner.config.load().reservation_timeout;
         let lifetime = timeout.as_secs() + u64::from(timeout.subsec_nanos() > 0);
@@ -550,8 +653,7 @@ impl Limiter {
         inner.reservations.insert(Arc::clone(&held));
         if held.items.is_empty() {
             // No budget applies: nothing held, nothing to count after a crash.
-            metrics::counter!("provider_budgets_reservations_total").increment(1);
-            return Ok(reservation);
+            return (reservation, None);
         }
         let value = ReservationValue {
             estimate: estimate.as_nanos(),
@@ -565,29 +667,30 @@ impl Limiter {
                 })
                 .collect(),
         };
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        let sent = inner.journal.send(Event::Reserve {
+        let record = move |ack| Event::Reserve {
             id,
             value: Box::new(value),
-            ack: Ack::Blocking(tx),
-        });
-        let result = match sent {
-            Ok(()) => match rx.recv() {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(RecordError::Storage(e)),
-                Err(_) => Err(self.gone()),
-            },
-            Err(_) => Err(self.gone()),
+            ack,
         };
+        (reservation, Some(record))
+    }
+
+    /// The reservation once its journaling answered: on failure the money is given back
+    /// (and the record dropped, should the journal write it later): the caller must not make
+    /// the call.
+    fn opened(
+        &self,
+        reservation: Reservation,
+        result: Result<(), RecordError>,
+    ) -> Result<Reservation, ReserveError> {
         if let Err(e) = result {
-            // Not durable: the caller must not make the call. Give the money back (and drop
-            // the record, should the journal write it later).
+            let held = &reservation.held;
             if held
                 .state
                 .compare_exchange(OPEN, DONE, Ordering::AcqRel, Ordering::Acquire)
                 .is_ok()
             {
-                let _ = self.settle(&held, None, false);
+                let _ = self.settle(held, None, None);
             }
             return Err(e.into());
         }
@@ -596,9 +699,16 @@ impl Limiter {
     }
 
     /// Ends a reservation whose state this caller moved from `OPEN`: counts `actual` (or frees
-    /// the money for `None`) in each window, forgets it, journals the end (and the spend) in
-    /// one event; waits for durability when `durable`.
-    fn settle(&self, held: &Held, actual: Option<Money>, durable: bool) -> Result<(), RecordError> {
+    /// the money for `None`) in each window, forgets it, and journals the end (and the spend)
+    /// in one event carrying `ack`. Returns whether `ack` will be answered (not when no budget
+    /// applies: nothing to journal). Without `ack`, a journal that is gone is not an error: the
+    /// record stays on disk and the next open counts its estimate.
+    fn settle(
+        &self,
+        held: &Held,
+        actual: Option<Money>,
+        ack: Option<Ack>,
+    ) -> Result<bool, RecordError> {
         let inner = &*self.inner;
         for &(b, w) in held.items.iter() {
             match actual {
@@ -612,31 +722,20 @@ impl Limiter {
         }
         inner.reservations.remove(&held.id);
         if held.items.is_empty() {
-            return Ok(());
+            return Ok(false);
         }
-        let amount = actual.map_or(0, Money::as_nanos);
-        if !durable {
-            // A journal that is gone leaves the record on disk: the next open counts it.
-            let _ = inner.journal.send(Event::Finish {
-                id: Arc::clone(&held.id),
-                items: Arc::clone(&held.items),
-                amount,
-                ack: None,
-            });
-            return Ok(());
+        let waits = ack.is_some();
+        let sent = inner.journal.send(Event::Finish {
+            id: Arc::clone(&held.id),
+            items: Arc::clone(&held.items),
+            amount: actual.map_or(0, Money::as_nanos),
+            ack,
+        });
+        match sent {
+            Ok(()) => Ok(waits),
+            Err(_) if waits => Err(self.gone()),
+            Err(_) => Ok(false),
         }
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        inner
-            .journal
-            .send(Event::Finish {
-                id: Arc::clone(&held.id),
-                items: Arc::clone(&held.items),
-                amount,
-                ack: Some(Ack::Blocking(tx)),
-            })
-            .map_err(|_| self.gone())?;
-        rx.recv().map_err(|_| self.gone())??;
-        Ok(())
     }
 
     /// Expires one reservation if it is still open: counts its estimate.
@@ -649,7 +748,7 @@ impl Limiter {
             metrics::counter!("provider_budgets_reservations_ended_total", "outcome" => "expired")
                 .increment(1);
             tracing::debug!(id = %held.id, estimate = %held.estimate, "reservation expired; its estimate is counted");
-            let _ = self.settle(held, Some(held.estimate), false);
+            let _ = self.settle(held, Some(held.estimate), None);
         }
     }
 

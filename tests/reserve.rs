@@ -635,3 +635,48 @@ proptest::proptest! {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_async_forms_admit_commit_and_release_like_the_blocking_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = open(dir.path(), &clock());
+    let tasks: Vec<_> = (0..16)
+        .map(|i| {
+            let l = l.clone();
+            tokio::spawn(async move {
+                let r = l
+                    .reserve_any_async(&["gpt-4o-mini", "claude-3-5-sonnet"], NO_TAGS, usd("1"))
+                    .await
+                    .unwrap();
+                let first = r.deployment_index() == 0;
+                if i % 2 == 0 {
+                    r.commit_async(usd("0.5")).await.unwrap();
+                } else {
+                    r.release_async().await.unwrap();
+                }
+                first
+            })
+        })
+        .collect();
+    let mut on_openai = 0;
+    for t in tasks {
+        on_openai += usize::from(t.await.unwrap());
+    }
+    // openai (10) has room for 10 held estimates of 1 at once: at least 10 go there.
+    assert!(on_openai >= 10, "{on_openai}");
+    let (openai, held_o) = row(&l, Scope::Provider, "openai");
+    let (anthropic, held_a) = row(&l, Scope::Provider, "anthropic");
+    assert_eq!((held_o, held_a), (Money::ZERO, Money::ZERO));
+    assert_eq!(
+        openai.saturating_add(anthropic),
+        usd("4"),
+        "8 commits of 0.5"
+    );
+    drop(l);
+    let l = open(dir.path(), &clock());
+    let (o, a) = (
+        row(&l, Scope::Provider, "openai").0,
+        row(&l, Scope::Provider, "anthropic").0,
+    );
+    assert_eq!((o, a), (openai, anthropic), "durable");
+}

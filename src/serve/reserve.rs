@@ -13,8 +13,9 @@
 //! * A commit or release after expiry is 409 with `"expired": true`: the estimate was counted
 //!   instead of the cost (decision: 409 Conflict, since the request is well-formed but the
 //!   reservation's state no longer allows it; a client should not retry it).
-//! * The journal work (fsync) runs on tokio's blocking pool, in a task of its own: a client
-//!   that disconnects does not leave a reservation half-ended.
+//! * The fsyncs are awaited (`reserve_any_async`, `commit_async`, `release_async`) without
+//!   blocking a worker; an end runs in a task of its own, so a client that disconnects does
+//!   not leave a reservation half-ended.
 //! * Shutdown (SIGTERM): the table is dropped with the server, so each reservation still open
 //!   counts its estimate (as a drop does; each was journaled when it was made, so a crash
 //!   counts it at the next start just the same). A client cannot commit it to the next run.
@@ -312,23 +313,15 @@ pub(super) async fn reserve(
             "too many open reservations (--max-open-reservations); commit or release some, or retry",
         );
     }
-    let tags: Vec<String> = request.tags.iter().map(|t| t.to_string()).collect();
-    let limiter = state.limiter.clone();
-    let admitted =
-        tokio::task::spawn_blocking(move || limiter.reserve_any(&targets, &tags, estimate)).await;
-    let r = match admitted {
-        Ok(Ok(r)) => r,
-        Ok(Err(ReserveError::Denied(none))) => return no_deployments(&state, &none),
-        Ok(Err(e @ ReserveError::Record(RecordError::Closed))) => {
-            return error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string())
-        }
-        Ok(Err(e)) => return error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
-        Err(e) => {
-            return error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                &format!("reserve task: {e}"),
-            )
-        }
+    let r = match state
+        .limiter
+        .reserve_any_async(&targets, &request.tags, estimate)
+        .await
+    {
+        Ok(r) => r,
+        Err(ReserveError::Denied(none)) => return no_deployments(&state, &none),
+        Err(ReserveError::NoCandidates) => return bad_request("deployments: empty list"),
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
     };
     let index = r.deployment_index();
     let deployment = match (&request.deployments, &request.provider) {
@@ -444,11 +437,10 @@ async fn end(state: Shared, id: &str, op: Op, cost: Option<Money>) -> Response {
             // In a task of its own: a client that disconnects does not cancel it halfway.
             let id: Arc<str> = Arc::from(id);
             let task = tokio::spawn(async move {
-                let ended = tokio::task::spawn_blocking(move || match cost {
-                    Some(c) => r.commit(c),
-                    None => r.release(),
-                })
-                .await;
+                let ended = match cost {
+                    Some(c) => r.commit_async(c).await,
+                    None => r.release_async().await,
+                };
                 let answer = answer_of(&id, op, cost, ended);
                 state.reservations.finish(&id, answer.clone(), &tx);
                 answer
@@ -461,12 +453,7 @@ async fn end(state: Shared, id: &str, op: Op, cost: Option<Money>) -> Response {
     }
 }
 
-fn answer_of(
-    id: &str,
-    op: Op,
-    cost: Option<Money>,
-    ended: Result<Result<(), ReserveError>, tokio::task::JoinError>,
-) -> Answer {
+fn answer_of(id: &str, op: Op, cost: Option<Money>, ended: Result<(), ReserveError>) -> Answer {
     let ok = |mut body: serde_json::Value| {
         body["reservation"] = id.into();
         if let Some(c) = cost {
@@ -476,9 +463,9 @@ fn answer_of(
         body
     };
     let (status, body) = match ended {
-        Ok(Ok(())) => (StatusCode::OK, ok(serde_json::json!({ op.done(): true }))),
-        Ok(Err(e @ ReserveError::Expired { .. })) => return expired_answer(&e),
-        Ok(Err(ReserveError::Record(e @ RecordError::Storage(_)))) => (
+        Ok(()) => (StatusCode::OK, ok(serde_json::json!({ op.done(): true }))),
+        Err(e @ ReserveError::Expired { .. }) => return expired_answer(&e),
+        Err(ReserveError::Record(e @ RecordError::Storage(_))) => (
             // Counted (or freed) in memory and retried by the journal: only durability is
             // unconfirmed, and a repeat must not count again.
             StatusCode::SERVICE_UNAVAILABLE,
@@ -487,13 +474,9 @@ fn answer_of(
                 "error": format!("{}, but not durable yet: {e}", op.done()),
             })),
         ),
-        Ok(Err(e)) => (
+        Err(e) => (
             StatusCode::SERVICE_UNAVAILABLE,
             serde_json::json!({ "error": e.to_string() }),
-        ),
-        Err(e) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            serde_json::json!({ "error": format!("{} task: {e}", op.done()) }),
         ),
     };
     Answer {
