@@ -955,6 +955,23 @@ impl Limiter {
         false
     }
 
+    /// [`Limiter::wait_for_grant`] for async code: awaits the round without blocking.
+    pub(crate) async fn wait_for_grant_async(&self, budget: u32, amount: Money) -> bool {
+        self.inner.view.note_starved(budget, amount);
+        #[cfg(feature = "redis")]
+        if let Some(r) = &self.inner.replicator {
+            let wait = self
+                .inner
+                .config
+                .load()
+                .redis
+                .as_ref()
+                .map_or(std::time::Duration::ZERO, |r| r.grant_wait);
+            return r.grant_round_async(wait).await;
+        }
+        false
+    }
+
     /// Per budget index: the window and the fleet's granted total of a strict budget, as of
     /// the replicator's last round.
     fn grant_status(&self) -> Vec<Option<(Window, Money)>> {

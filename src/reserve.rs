@@ -403,7 +403,7 @@ impl Limiter {
         tags: &[T],
         estimate: Money,
     ) -> Result<Reservation, ReserveError> {
-        let (index, items, now) = self.hold(deployments.iter(), tags, estimate)?;
+        let (index, items, now) = self.hold_async(deployments.iter(), tags, estimate).await?;
         let (reservation, record) = self.register(index, items, now, estimate);
         let result = match record {
             None => Ok(()),
@@ -483,6 +483,27 @@ impl Limiter {
         let mut held = self.hold_once(candidates.clone(), tags, estimate, &mut starved);
         if let (Err(ReserveError::Denied(_)), Some(b)) = (&held, starved) {
             if self.wait_for_grant(b, estimate) {
+                held = self.hold_once(candidates, tags, estimate, &mut None);
+            }
+        }
+        if matches!(held, Err(ReserveError::Denied(_))) {
+            metrics::counter!("provider_budgets_no_deployments_total").increment(1);
+            metrics::counter!("provider_budgets_reservations_denied_total").increment(1);
+        }
+        held
+    }
+
+    /// [`Limiter::hold`] for async code: the grant wait is awaited, never blocking.
+    async fn hold_async<'d, D: Deployment + ?Sized + 'd, T: AsRef<str>>(
+        &self,
+        candidates: impl Iterator<Item = &'d D> + Clone,
+        tags: &[T],
+        estimate: Money,
+    ) -> Result<Admitted, ReserveError> {
+        let mut starved = None;
+        let mut held = self.hold_once(candidates.clone(), tags, estimate, &mut starved);
+        if let (Err(ReserveError::Denied(_)), Some(b)) = (&held, starved) {
+            if self.wait_for_grant_async(b, estimate).await {
                 held = self.hold_once(candidates, tags, estimate, &mut None);
             }
         }

@@ -164,7 +164,9 @@ impl Book {
             pace.peak_reserved = 0;
         }
         pace.peak_reserved = pace.peak_reserved.max(reserved);
-        if used == pace.last_used && reserved == 0 {
+        // A refused reservation is demand too: without this, a node idle before it would give
+        // back, in the very next round, the grant just raised for that reservation.
+        if used == pace.last_used && reserved == 0 && starved == 0 {
             pace.idle_rounds = pace.idle_rounds.saturating_add(1);
         } else {
             pace.idle_rounds = 0;
@@ -183,7 +185,7 @@ impl Book {
             .max(limit / 100)
             .max(1);
         let left = durable.saturating_sub(used);
-        let idle = pace.idle_rounds >= IDLE_ROUNDS && starved == 0;
+        let idle = pace.idle_rounds >= IDLE_ROUNDS;
 
         let want = if closing || idle {
             used

@@ -191,7 +191,13 @@ pub(crate) struct Wake {
     /// asked (an earlier one may have planned its asks before the refusal was noted).
     counts: Mutex<(u64, u64)>,
     done: std::sync::Condvar,
+    /// Async waiters: the round they wait for, and the sender (taken by the first of the
+    /// round's end or the waiter's timer).
+    waiters: Mutex<Vec<(u64, AsyncWaiter)>>,
 }
+
+/// One async waiter's answer, sent once.
+type AsyncWaiter = Arc<Mutex<Option<tokio::sync::oneshot::Sender<bool>>>>;
 
 impl Wake {
     fn started(&self) {
@@ -199,9 +205,22 @@ impl Wake {
     }
 
     fn finished(&self) {
-        let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        c.1 = c.0;
-        self.done.notify_all();
+        let done = {
+            let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+            c.1 = c.0;
+            self.done.notify_all();
+            c.1
+        };
+        let mut waiters = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+        waiters.retain(|(target, tx)| {
+            let mut tx = tx.lock().unwrap_or_else(|p| p.into_inner());
+            if *target <= done {
+                if let Some(tx) = tx.take() {
+                    let _ = tx.send(true);
+                }
+            }
+            tx.is_some()
+        });
     }
 }
 
@@ -216,6 +235,9 @@ pub(crate) fn guard(redis: &RedisConfig) -> Duration {
 #[derive(Debug)]
 pub(crate) struct Replicator {
     wake: Arc<Wake>,
+    /// The replicator's runtime, for the timers of async grant waits (the caller's runtime
+    /// may not be tokio).
+    timers: tokio::runtime::Handle,
     health: Arc<Mutex<Health>>,
     requests: mpsc::UnboundedSender<Reply>,
     cancel: CancellationToken,
@@ -249,6 +271,7 @@ impl Replicator {
         let cancel = CancellationToken::new();
         let wake = Arc::new(Wake::default());
         let worker = Worker::new(parts, instance, Arc::clone(&health), Arc::clone(&wake));
+        let timers = runtime.handle().clone();
         let token = cancel.clone();
         let thread = std::thread::Builder::new()
             .name("provider-budgets-replicator".into())
@@ -256,6 +279,7 @@ impl Replicator {
             .map_err(thread_error)?;
         Ok(Replicator {
             wake,
+            timers,
             health,
             requests: tx,
             cancel,
@@ -294,6 +318,30 @@ impl Replicator {
                 .0;
         }
         true
+    }
+
+    /// [`Replicator::grant_round`] for async callers: never blocks; the answer comes from the
+    /// end of the round or from a timer on the replicator's own runtime, whichever is first
+    /// (a stopped replicator answers `false`).
+    pub fn grant_round_async(&self, wait: Duration) -> impl std::future::Future<Output = bool> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let tx: AsyncWaiter = Arc::new(Mutex::new(Some(tx)));
+        {
+            let c = self.wake.counts.lock().unwrap_or_else(|p| p.into_inner());
+            self.wake
+                .waiters
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((c.0 + 1, Arc::clone(&tx)));
+        }
+        self.wake.notify.notify_one();
+        self.timers.spawn(async move {
+            tokio::time::sleep(wait).await;
+            if let Some(tx) = tx.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                let _ = tx.send(false);
+            }
+        });
+        async move { rx.await.unwrap_or(false) }
     }
 
     pub fn health(&self) -> Health {
