@@ -278,7 +278,7 @@ fn strict_budgets_grant_within_the_limit_on_a_cluster() {
         // Alternate nodes; stop after both were denied a few times in a row.
         while denied_in_a_row < 20 {
             assert!(Instant::now() < deadline, "{provider}: never exhausted");
-            let node = if committed % 2 == 0 { &a } else { &b };
+            let node = if committed.is_multiple_of(2) { &a } else { &b };
             match node.reserve(&deployment.as_str(), usd(25)) {
                 Ok(r) => {
                     r.commit(usd(25)).unwrap();
