@@ -118,6 +118,91 @@ impl std::str::FromStr for Mode {
     }
 }
 
+/// How a budget is shared by the fleet (`enforcement`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum Enforcement {
+    /// Every node admits against the fleet total it knows (a G-counter replicated every
+    /// sync interval): the fleet may overshoot by what is spent during the replication lag.
+    /// The default.
+    #[default]
+    Shared,
+    /// Escrow: each node admits reservations only within a **grant** the fleet gave it in
+    /// Redis, and the grants never sum above the limit (see `docs/strict-budgets.md`).
+    Strict,
+}
+
+impl Enforcement {
+    /// `shared` or `strict`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Enforcement::Shared => "shared",
+            Enforcement::Strict => "strict",
+        }
+    }
+}
+
+impl fmt::Display for Enforcement {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Enforcement {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Enforcement, String> {
+        match s {
+            "shared" => Ok(Enforcement::Shared),
+            "strict" => Ok(Enforcement::Strict),
+            _ => Err("expected `shared` or `strict`".into()),
+        }
+    }
+}
+
+/// What a strict budget does while Redis is unreachable (`offline`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum Offline {
+    /// Spend only what is left of this node's grant: the fleet bound holds. The default.
+    #[default]
+    GrantOnly,
+    /// Spend up to `limit / nodes` (the nodes that held a grant in the window, as last seen)
+    /// in total: keeps serving through a long outage, **breaks the fleet bound by design**
+    /// (up to `limit` per partitioned node group).
+    LocalShare,
+    /// Behave as `shared` (admit against the last known fleet total): no bound at all.
+    Open,
+}
+
+impl Offline {
+    /// `grant_only`, `local_share` or `open`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Offline::GrantOnly => "grant_only",
+            Offline::LocalShare => "local_share",
+            Offline::Open => "open",
+        }
+    }
+}
+
+impl fmt::Display for Offline {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Offline {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Offline, String> {
+        match s {
+            "grant_only" => Ok(Offline::GrantOnly),
+            "local_share" => Ok(Offline::LocalShare),
+            "open" => Ok(Offline::Open),
+            _ => Err("expected `grant_only`, `local_share` or `open`".into()),
+        }
+    }
+}
+
 /// A soft limit: a fraction of the limit, exact to a millionth (`0.5`, `0.9`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SoftLimit(u32);

@@ -57,7 +57,7 @@ use std::time::Duration;
 use jiff::Timestamp;
 use serde::Deserialize;
 
-use crate::budget::{Mode, Scope, SoftLimit, MAX_SOFT_LIMITS};
+use crate::budget::{Enforcement, Mode, Offline, Scope, SoftLimit, MAX_SOFT_LIMITS};
 use crate::money::{Money, MoneyError};
 use crate::window::{Period, PeriodError, Schedule};
 
@@ -82,6 +82,12 @@ pub struct BudgetConfig {
     pub soft_limits: Vec<SoftLimit>,
     /// Enforce (filter) or shadow (count and report only).
     pub mode: Mode,
+    /// `shared` (the default: the replicated fleet total) or `strict` (grants in escrow, a
+    /// bound on the fleet's overshoot; see `docs/strict-budgets.md`).
+    pub enforcement: Enforcement,
+    /// Strict budgets without Redis: `grant_only` (default), `local_share` or `open`.
+    /// Ignored by shared budgets.
+    pub offline: Offline,
 }
 
 impl BudgetConfig {
@@ -100,6 +106,8 @@ impl BudgetConfig {
             time_zone: None,
             soft_limits: Vec::new(),
             mode: Mode::Enforce,
+            enforcement: Enforcement::Shared,
+            offline: Offline::GrantOnly,
         }
     }
 
@@ -118,6 +126,13 @@ impl BudgetConfig {
     /// In `mode` (builder style).
     pub fn with_mode(mut self, mode: Mode) -> BudgetConfig {
         self.mode = mode;
+        self
+    }
+
+    /// With `enforcement` and, for strict budgets, the `offline` behaviour (builder style).
+    pub fn with_enforcement(mut self, enforcement: Enforcement, offline: Offline) -> BudgetConfig {
+        self.enforcement = enforcement;
+        self.offline = offline;
         self
     }
 
@@ -193,6 +208,14 @@ pub struct RedisConfig {
     pub seeds: Vec<String>,
     /// TLS settings for `rediss://` URLs.
     pub tls: RedisTls,
+    /// Strict budgets: how long a reservation refused only by this node's grant waits for
+    /// the out-of-cycle grant round before it is retried once. Default 250 ms.
+    pub grant_wait: Duration,
+    /// Strict budgets: a node whose grant was not renewed (no round reached Redis) for this
+    /// long is deemed dead and its unused grant may be reclaimed by the others. `None` (the
+    /// default): never reclaimed (stranded until the window ends). Reclaiming costs the bound
+    /// the reclaimed amount if the node was alive after all (see `docs/strict-budgets.md`).
+    pub grant_lease: Option<Duration>,
 }
 
 /// TLS for `rediss://` URLs (rustls). By default the server certificate is verified against
@@ -225,6 +248,8 @@ impl std::fmt::Debug for RedisConfig {
                     .collect::<Vec<_>>(),
             )
             .field("tls", &self.tls)
+            .field("grant_wait", &self.grant_wait)
+            .field("grant_lease", &self.grant_lease)
             .finish()
     }
 }
@@ -241,6 +266,8 @@ impl RedisConfig {
             command_timeout: Duration::from_secs(2),
             seeds: Vec::new(),
             tls: RedisTls::default(),
+            grant_wait: Duration::from_millis(250),
+            grant_lease: None,
         }
     }
 }
@@ -611,6 +638,17 @@ impl Config {
                     message: "must be greater than zero".into(),
                 });
             }
+            if let Some(lease) = r.grant_lease {
+                if lease < r.sync_interval.saturating_mul(3) {
+                    return Err(ConfigError::Invalid {
+                        key: "provider_budgets.redis.grant_lease",
+                        message: format!(
+                            "{} is shorter than three sync intervals: live nodes would lose their grants",
+                            humantime::format_duration(lease)
+                        ),
+                    });
+                }
+            }
             if r.prefix.contains(['{', '}']) {
                 return Err(ConfigError::Invalid {
                     key: "provider_budgets.redis.prefix",
@@ -709,6 +747,8 @@ impl Config {
                     grace: r.grace.map_or(d.grace, |x| x.0),
                     connect_timeout: r.connect_timeout.map_or(d.connect_timeout, |x| x.0),
                     command_timeout: r.command_timeout.map_or(d.command_timeout, |x| x.0),
+                    grant_wait: r.grant_wait.map_or(d.grant_wait, |x| x.0),
+                    grant_lease: r.grant_lease.map(|x| x.0),
                     url: d.url,
                 }
             }),
@@ -1237,6 +1277,8 @@ struct RawGeneral {
     period: Text,
     soft_limits: Option<Vec<f64>>,
     mode: Option<Parsed<Mode>>,
+    enforcement: Option<Parsed<Enforcement>>,
+    offline: Option<Parsed<Offline>>,
     time_zone: Option<Text>,
 }
 
@@ -1606,6 +1648,8 @@ impl RawGeneral {
         soft.dedup();
         let mut b = BudgetConfig::new(scope, name, limit, period).with_soft_limits(soft);
         b.mode = self.mode.map(|m| m.0).unwrap_or_default();
+        b.enforcement = self.enforcement.map(|m| m.0).unwrap_or_default();
+        b.offline = self.offline.map(|m| m.0).unwrap_or_default();
         b.time_zone = self.time_zone.map(|z| z.value);
         check_budget(&b).map_err(|e| match e {
             ConfigError::Budget { message, .. } => ConfigError::Budget {
@@ -1650,6 +1694,8 @@ struct RawRedis {
     grace: Option<HumanDuration>,
     connect_timeout: Option<HumanDuration>,
     command_timeout: Option<HumanDuration>,
+    grant_wait: Option<HumanDuration>,
+    grant_lease: Option<HumanDuration>,
 }
 
 /// `redis.url`: one URL, or a list of seed URLs (Redis Cluster). Each element is a [`Text`]

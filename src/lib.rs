@@ -94,7 +94,7 @@ mod store;
 mod view;
 mod window;
 
-pub use budget::{Mode, Scope, SoftLimit, SoftLimitCrossed};
+pub use budget::{Enforcement, Mode, Offline, Scope, SoftLimit, SoftLimitCrossed};
 pub use clock::{Clock, FakeClock, SystemClock};
 pub use config::{
     parse_duration, BudgetConfig, Config, ConfigError, RedisConfig, RedisTls, StorageConfig,

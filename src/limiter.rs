@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, PoisonError, Weak};
 use arc_swap::ArcSwap;
 use jiff::Timestamp;
 
-use crate::budget::{parse_key_name, Mode, Scope, SoftLimitCrossed, SoftLimitHandler};
+use crate::budget::{parse_key_name, Enforcement, Mode, Scope, SoftLimitCrossed, SoftLimitHandler};
 use crate::clock::{floor_secs, Clock, SystemClock};
 use crate::config::{Config, ConfigError};
 use crate::error::{Error, RecordError};
@@ -138,9 +138,11 @@ impl Limiter {
             view,
             journal: start,
             peers,
+            grants,
         } = restored;
         for (i, b) in config.budgets.iter().enumerate() {
             view.set_shadow(i as u32, b.mode == Mode::Shadow);
+            set_policy(&view, i as u32, b, config.redis.is_some());
             // Crossed before this start: marked fired, not fired again.
             view.set_soft_limits(i as u32, b.soft_limits.clone());
         }
@@ -175,6 +177,7 @@ impl Limiter {
                     durable: Arc::clone(&durable),
                     journal: journal.sender(),
                     peers,
+                    grants,
                 })?;
                 // First round before any record: own = max(disk, own field in Redis), so a node
                 // whose disk was wiped does not count its spend twice. Redis being down is not
@@ -187,7 +190,7 @@ impl Limiter {
             None => None,
         };
         #[cfg(not(feature = "redis"))]
-        drop(peers);
+        drop((peers, grants));
         let soft_handler: Arc<Mutex<Option<SoftLimitHandler>>> = Arc::default();
         #[cfg(feature = "redis")]
         let alerts = match &config.redis {
@@ -815,6 +818,7 @@ impl Limiter {
     fn status_rows(&self, at: Timestamp) -> Vec<(u32, BudgetStatus)> {
         let secs = floor_secs(at);
         let (replication, problems) = self.replication_status();
+        let grants = self.grant_status();
         let storage_fault = self.health().storage_fault;
         let config = self.inner.config.load();
         config
@@ -854,6 +858,30 @@ impl Limiter {
                     replication: replication.clone(),
                     storage_fault: storage_fault.clone(),
                     replication_problem: problems.get(i as usize).cloned().flatten(),
+                    enforcement: b.enforcement,
+                    offline: b.offline,
+                    grant: None,
+                    granted_total: None,
+                };
+                let row = BudgetStatus {
+                    grant: (b.enforcement == Enforcement::Strict).then(|| {
+                        if config.redis.is_some() {
+                            t.grant
+                        } else {
+                            b.limit
+                        }
+                    }),
+                    granted_total: match (b.enforcement, config.redis.is_some()) {
+                        (Enforcement::Strict, true) => grants
+                            .get(i as usize)
+                            .copied()
+                            .flatten()
+                            .filter(|g| g.0 == t.window)
+                            .map(|g| g.1),
+                        (Enforcement::Strict, false) => Some(t.total().max(t.grant)),
+                        _ => None,
+                    },
+                    ..row
                 };
                 (i, row)
             })
@@ -898,6 +926,57 @@ impl Limiter {
                 .collect(),
             None => Vec::new(),
         }
+    }
+
+    /// A reservation on strict budget `budget` was refused by this node's grant alone: notes
+    /// the amount (the next grant round asks for at least that much more) and waits up to
+    /// `grant_wait` for an out-of-cycle round. `true` when one finished (retry once then).
+    pub(crate) fn wait_for_grant(&self, budget: u32, amount: Money) -> bool {
+        self.inner.view.note_starved(budget, amount);
+        #[cfg(feature = "redis")]
+        if let Some(r) = &self.inner.replicator {
+            let wait = self
+                .inner
+                .config
+                .load()
+                .redis
+                .as_ref()
+                .map_or(std::time::Duration::ZERO, |r| r.grant_wait);
+            return r.grant_round(wait);
+        }
+        false
+    }
+
+    /// [`Limiter::wait_for_grant`] for async code: awaits the round without blocking.
+    pub(crate) async fn wait_for_grant_async(&self, budget: u32, amount: Money) -> bool {
+        self.inner.view.note_starved(budget, amount);
+        #[cfg(feature = "redis")]
+        if let Some(r) = &self.inner.replicator {
+            let wait = self
+                .inner
+                .config
+                .load()
+                .redis
+                .as_ref()
+                .map_or(std::time::Duration::ZERO, |r| r.grant_wait);
+            return r.grant_round_async(wait).await;
+        }
+        false
+    }
+
+    /// Per budget index: the window and the fleet's granted total of a strict budget, as of
+    /// the replicator's last round.
+    fn grant_status(&self) -> Vec<Option<(Window, Money)>> {
+        #[cfg(feature = "redis")]
+        if let Some(r) = &self.inner.replicator {
+            return r
+                .health()
+                .grants
+                .iter()
+                .map(|g| g.map(|g| (g.window, g.granted_total)))
+                .collect();
+        }
+        Vec::new()
     }
 
     /// The limiter's replication state and the problems per budget index.
@@ -1264,4 +1343,15 @@ fn generate_node_id() -> String {
     );
     h.write_u32(std::process::id());
     format!("node-{:016x}", h.finish())
+}
+
+/// Installs a budget's enforcement in the view. A strict budget **without Redis** is not
+/// held to a grant: the node is the whole fleet, so admitting against the limit
+/// (`spend + reserved + estimate <= limit`, atomic) is already exact; its grant is, in
+/// effect, the whole limit.
+pub(crate) fn set_policy(view: &View, slot: u32, b: &crate::config::BudgetConfig, fleet: bool) {
+    view.set_policy(slot, b.enforcement, b.offline);
+    if !fleet {
+        view.set_strict(slot, false);
+    }
 }

@@ -259,7 +259,9 @@ impl Limiter {
             };
             match old.budgets.iter().find(|o| o.key_parts() == b.key_parts()) {
                 Some(o) => {
-                    if (o.limit, &o.soft_limits, o.mode) != (b.limit, &b.soft_limits, b.mode) {
+                    if (o.limit, &o.soft_limits, o.mode, o.enforcement, o.offline)
+                        != (b.limit, &b.soft_limits, b.mode, b.enforcement, b.offline)
+                    {
                         summary.changed.push(summary_name(b));
                     }
                 }
@@ -268,6 +270,10 @@ impl Limiter {
             parts.view.set_limit(s, b.limit);
             parts.view.set_shadow(s, b.mode == Mode::Shadow);
             parts.view.set_soft_limits(s, b.soft_limits.clone());
+            // Live: the replicator reads the policy every round (a budget turned strict asks
+            // for its first grant then; one turned shared stops asking, its grant in Redis
+            // lapses with the window).
+            crate::limiter::set_policy(parts.view, s, b, config.redis.is_some());
         }
         for o in &old.budgets {
             if !config

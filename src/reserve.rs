@@ -403,7 +403,7 @@ impl Limiter {
         tags: &[T],
         estimate: Money,
     ) -> Result<Reservation, ReserveError> {
-        let (index, items, now) = self.hold(deployments.iter(), tags, estimate)?;
+        let (index, items, now) = self.hold_async(deployments.iter(), tags, estimate).await?;
         let (reservation, record) = self.register(index, items, now, estimate);
         let result = match record {
             None => Ok(()),
@@ -468,11 +468,59 @@ impl Limiter {
     }
 
     /// Admission in the view: the first candidate whose budgets all take the estimate.
+    ///
+    /// Strict budgets (issue 12): when a candidate was refused by this node's grant alone
+    /// (`Refused::Grant`: the fleet may have more to give), the replicator is woken for one
+    /// out-of-cycle grant round, the call waits for it up to `redis.grant_wait` and tries
+    /// once more. Only that case waits: a budget spent fleet-wide is refused at once.
     fn hold<'d, D: Deployment + ?Sized + 'd, T: AsRef<str>>(
+        &self,
+        candidates: impl Iterator<Item = &'d D> + Clone,
+        tags: &[T],
+        estimate: Money,
+    ) -> Result<Admitted, ReserveError> {
+        let mut starved = None;
+        let mut held = self.hold_once(candidates.clone(), tags, estimate, &mut starved);
+        if let (Err(ReserveError::Denied(_)), Some(b)) = (&held, starved) {
+            if self.wait_for_grant(b, estimate) {
+                held = self.hold_once(candidates, tags, estimate, &mut None);
+            }
+        }
+        if matches!(held, Err(ReserveError::Denied(_))) {
+            metrics::counter!("provider_budgets_no_deployments_total").increment(1);
+            metrics::counter!("provider_budgets_reservations_denied_total").increment(1);
+        }
+        held
+    }
+
+    /// [`Limiter::hold`] for async code: the grant wait is awaited, never blocking.
+    async fn hold_async<'d, D: Deployment + ?Sized + 'd, T: AsRef<str>>(
+        &self,
+        candidates: impl Iterator<Item = &'d D> + Clone,
+        tags: &[T],
+        estimate: Money,
+    ) -> Result<Admitted, ReserveError> {
+        let mut starved = None;
+        let mut held = self.hold_once(candidates.clone(), tags, estimate, &mut starved);
+        if let (Err(ReserveError::Denied(_)), Some(b)) = (&held, starved) {
+            if self.wait_for_grant_async(b, estimate).await {
+                held = self.hold_once(candidates, tags, estimate, &mut None);
+            }
+        }
+        if matches!(held, Err(ReserveError::Denied(_))) {
+            metrics::counter!("provider_budgets_no_deployments_total").increment(1);
+            metrics::counter!("provider_budgets_reservations_denied_total").increment(1);
+        }
+        held
+    }
+
+    /// One admission attempt; `starved` gets the first budget refused by its grant alone.
+    fn hold_once<'d, D: Deployment + ?Sized + 'd, T: AsRef<str>>(
         &self,
         candidates: impl Iterator<Item = &'d D>,
         tags: &[T],
         estimate: Money,
+        starved: &mut Option<u32>,
     ) -> Result<Admitted, ReserveError> {
         let inner: &Inner = &self.inner;
         if inner.closed.load(Ordering::Acquire) {
@@ -521,6 +569,9 @@ impl Limiter {
             for &(b, w) in &taken {
                 inner.view.unreserve(b, w, estimate);
             }
+            if matches!(why, Refused::Grant(_)) && starved.is_none() {
+                *starved = Some(b);
+            }
             if !seen.contains(&b) {
                 seen.push(b);
                 denied.exceeded.push(self.refusal(b, why, secs, estimate));
@@ -529,8 +580,6 @@ impl Limiter {
         if !any {
             return Err(ReserveError::NoCandidates);
         }
-        metrics::counter!("provider_budgets_no_deployments_total").increment(1);
-        metrics::counter!("provider_budgets_reservations_denied_total").increment(1);
         Err(ReserveError::Denied(denied))
     }
 

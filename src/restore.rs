@@ -8,7 +8,9 @@
 //!    ("orphans") stay stored until their retention ends;
 //! 3. the high-water check ([`crate::highwater`]): sled must hold at least what the journal
 //!    acknowledged, else [`StoreError::Corrupt`] of tree `high-water` (unless repairing);
-//! 4. the other nodes' last known totals (the `peers` cache) raise the view.
+//! 4. the other nodes' last known totals (the `peers` cache) raise the view;
+//! 5. this node's grants of strict budgets (tree `grants`) set the view's grants: a grant is
+//!    durable before it is spent, so after a crash the node may spend exactly what remains.
 //!
 //! The budget table built here ([`BudgetKeys`]) is the one place that maps a budget index to its
 //! storage key parts.
@@ -21,7 +23,7 @@ use crate::config::Config;
 use crate::highwater::{Found, Mark};
 use crate::journal::JournalStart;
 use crate::money::Money;
-use crate::store::{summarize, window_of, PeersValue, Store, StoreError, WindowKey};
+use crate::store::{summarize, window_of, GrantValue, PeersValue, Store, StoreError, WindowKey};
 use crate::view::View;
 
 /// Whether the high-water check may fail the open.
@@ -78,6 +80,8 @@ pub(crate) struct Restored {
     pub journal: JournalStart,
     /// Other nodes' totals as stored (for the replicator).
     pub peers: Vec<(WindowKey, PeersValue)>,
+    /// This node's durable grants (for the replicator: what it re-registers in Redis).
+    pub grants: Vec<(WindowKey, GrantValue)>,
 }
 
 /// Runs the restore step on an open store.
@@ -131,6 +135,13 @@ pub(crate) fn restore(
     }
     view.raise_others_many(others);
 
+    let grants = store.load_grants()?;
+    for (key, value) in &grants {
+        if let Some(b) = keys.budget_of(key) {
+            view.set_grant(b, window_of(key, value.end), Money::from_nanos(value.grant));
+        }
+    }
+
     Ok(Restored {
         node_id,
         keys,
@@ -145,6 +156,7 @@ pub(crate) fn restore(
             },
         },
         peers,
+        grants,
     })
 }
 

@@ -2,7 +2,7 @@
 
 use jiff::Timestamp;
 
-use crate::budget::{Mode, Scope, SoftLimit};
+use crate::budget::{Enforcement, Mode, Offline, Scope, SoftLimit};
 use crate::money::Money;
 use crate::window::{Period, Window};
 
@@ -58,6 +58,17 @@ pub struct BudgetStatus {
     /// window is not synced), a broken lease key. The other budgets are not affected; the
     /// problem clears once the bad data is gone. `None` when there is none.
     pub replication_problem: Option<String>,
+    /// `shared` or `strict` (grants in escrow).
+    pub enforcement: Enforcement,
+    /// What a strict budget does without Redis.
+    pub offline: Offline,
+    /// Strict budgets: this node's grant in the window, i.e. what it may spend and hold
+    /// (the whole limit when no Redis is configured: the node is the fleet). `None` for
+    /// shared budgets.
+    pub grant: Option<Money>,
+    /// Strict budgets: the sum of every node's grant in the window, as of this node's last
+    /// round (`None` before the first, and for shared budgets). Never above the limit.
+    pub granted_total: Option<Money>,
 }
 
 /// Replication state of a limiter.
@@ -122,7 +133,7 @@ pub(crate) fn status_document(
 #[cfg(feature = "cli")]
 fn status_json(s: &BudgetStatus) -> serde_json::Value {
     let r = &s.replication;
-    serde_json::json!({
+    let mut row = serde_json::json!({
         "provider": (s.scope == Scope::Provider).then_some(&s.name),
         "scope": s.scope.as_str(),
         "name": s.name,
@@ -164,7 +175,25 @@ fn status_json(s: &BudgetStatus) -> serde_json::Value {
             "rounds": r.rounds,
             "late_rounds": r.late_rounds,
         },
-    })
+    });
+    // Strict budgets (issue 12), added apart: one `json!` of every field passes the macro's
+    // recursion limit.
+    if let Some(map) = row.as_object_mut() {
+        let strict = s.enforcement == Enforcement::Strict;
+        map.insert("enforcement".into(), s.enforcement.as_str().into());
+        map.insert("offline".into(), strict.then(|| s.offline.as_str()).into());
+        map.insert("grant".into(), s.grant.map(Money::as_usd).into());
+        map.insert("grant_nanos".into(), s.grant.map(Money::as_nanos).into());
+        map.insert(
+            "granted_total".into(),
+            s.granted_total.map(Money::as_usd).into(),
+        );
+        map.insert(
+            "granted_total_nanos".into(),
+            s.granted_total.map(Money::as_nanos).into(),
+        );
+    }
+    row
 }
 
 /// An instant in a time zone, RFC 3339 with the offset and the zone name.

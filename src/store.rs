@@ -9,6 +9,7 @@
 //! | `meta`  | `node_id`                   | the node id, UTF-8                      | open       |
 //! | `acked` | provider, period, window    | own total Redis acknowledged, window end | replicator |
 //! | `own`   | `0xff res:` reservation id  | an open reservation: estimate, expiry, its windows (0x41) | journal |
+//! | `grants` | provider, period, window   | this node's grant of a strict budget, window end (0x51) | replicator |
 //!
 //! Open reservations live in the `own` tree (under `0xff`, which no provider name starts with)
 //! so that the journal ends one and counts its spend in the same atomic batch.
@@ -192,6 +193,40 @@ impl AckedValue {
     }
 }
 
+/// This node's grant of a strict budget in one window (the `grants` tree): durable before
+/// the view lets it be spent, so a crash can never forget a grant this node may have spent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct GrantValue {
+    /// Window end, Unix seconds.
+    pub end: i64,
+    /// The grant, nano-dollars.
+    pub grant: u64,
+}
+
+/// Format of `grants` values: this byte, then end and grant as big-endian 8 bytes each
+/// (numbered apart from the other trees' formats).
+const GRANT_VERSION: u8 = 0x51;
+
+impl GrantValue {
+    fn encode(&self) -> [u8; 17] {
+        let mut out = [0u8; 17];
+        out[0] = GRANT_VERSION;
+        out[1..9].copy_from_slice(&self.end.to_be_bytes());
+        out[9..].copy_from_slice(&self.grant.to_be_bytes());
+        out
+    }
+
+    fn decode(raw: &[u8]) -> Option<GrantValue> {
+        if raw.len() != 17 || raw[0] != GRANT_VERSION {
+            return None;
+        }
+        Some(GrantValue {
+            end: i64::from_be_bytes(raw[1..9].try_into().ok()?),
+            grant: u64::from_be_bytes(raw[9..].try_into().ok()?),
+        })
+    }
+}
+
 /// Format of `peers` values written by this version (their v2). Numbered apart from the
 /// `own` formats (1, 2, ...) so that a bump of one never makes the other's bytes decode.
 const PEERS_VERSION: u8 = 0x22;
@@ -339,6 +374,7 @@ struct Handles {
     peers: sled::Tree,
     meta: sled::Tree,
     acked: sled::Tree,
+    grants: sled::Tree,
 }
 
 /// The data dir's database.
@@ -654,6 +690,45 @@ impl Store {
         self.with(|h| h.acked.apply_batch(batch))
     }
 
+    /// Every `grants` entry: this node's grant per strict budget window. An entry that does
+    /// not decode is an error naming its key: a grant is a promise of the fleet that this node
+    /// may have spent, it must not be silently dropped.
+    pub fn load_grants(&self) -> Result<Vec<(WindowKey, GrantValue)>, StoreError> {
+        let guard = self.handles.read().unwrap_or_else(|p| p.into_inner());
+        let h = guard.as_ref().ok_or_else(|| self.closed())?;
+        let mut out = Vec::new();
+        for entry in h.grants.iter() {
+            let (k, v) = entry.map_err(|e| self.io(e))?;
+            let key = WindowKey::decode("grants", &k)?;
+            let value = GrantValue::decode(&v).ok_or_else(|| StoreError::Corrupt {
+                tree: "grants",
+                key: key.to_string(),
+                reason: format!("a grant value of {} bytes that does not decode", v.len()),
+            })?;
+            out.push((key, value));
+        }
+        Ok(out)
+    }
+
+    /// Writes grants and removes those of ended windows in one atomic batch, then flushes
+    /// (fsync): when this returns `Ok`, the grants survive a crash.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub fn write_grants<'a>(
+        &self,
+        items: impl IntoIterator<Item = (&'a WindowKey, GrantValue)>,
+        removed: impl IntoIterator<Item = &'a WindowKey>,
+    ) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for (k, v) in items {
+            batch.insert(k.encode(), v.encode().to_vec());
+        }
+        for k in removed {
+            batch.remove(k.encode());
+        }
+        self.with(|h| h.grants.apply_batch(batch))?;
+        self.flush()
+    }
+
     /// Makes everything written so far durable (fsync).
     pub fn flush(&self) -> Result<(), StoreError> {
         self.with(|h| h.db.flush().map(drop))
@@ -727,6 +802,7 @@ fn open_handles(dir: &Path) -> Result<Handles, StoreError> {
         peers: db.open_tree("peers").map_err(io)?,
         meta: db.open_tree("meta").map_err(io)?,
         acked: db.open_tree("acked").map_err(io)?,
+        grants: db.open_tree("grants").map_err(io)?,
         db,
     })
 }

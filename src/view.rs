@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use arc_swap::ArcSwap;
 
-use crate::budget::SoftLimit;
+use crate::budget::{Enforcement, Offline, SoftLimit};
 use crate::money::Money;
 use crate::window::{Schedule, Window};
 
@@ -84,8 +84,13 @@ struct BudgetView {
     would_deny: AtomicU64,
     /// `enforcement: strict`: admission also keeps `own + reserved` within this node's grant
     /// of the window. Cleared while an offline mode other than `grant_only` applies.
-    #[allow(dead_code)] // reservations and grants (issue 12) build on it
     strict: AtomicBool,
+    /// The configured `enforcement`/`offline` pair (see `policy_code`), which `strict`
+    /// follows while Redis answers; set at open and by a reload.
+    policy: AtomicU8,
+    /// The largest reservation refused by this node's grant alone since the replicator last
+    /// looked: the next (out-of-cycle) grant round asks for at least that much more.
+    starved: AtomicU64,
     /// Soft limits, increasing (swapped by a reload; read only when a charge lands).
     soft: ArcSwap<Vec<SoftLimit>>,
     /// Whether `soft` is not empty (spares its load on the charge path).
@@ -371,7 +376,6 @@ impl View {
     /// <= grant`), atomically (a CAS on `reserved`: two threads never share the last nano).
     /// A shadow budget never refuses (it counts a would-be denial and holds the amount).
     /// Returns the window the amount is held in, or why there is no room.
-    #[allow(dead_code)] // reservations and grants (issue 12) build on it
     pub fn try_reserve(&self, budget: u32, at_secs: i64, amount: Money) -> Result<Window, Refused> {
         let b = self.budget(budget);
         let cell = self.cell_at(budget, at_secs);
@@ -406,6 +410,17 @@ impl View {
                 Ordering::Relaxed,
             ) {
                 Ok(_) => {
+                    // A give-back may have lowered the grant since it was read: re-check
+                    // (SeqCst, paired with `lower_grant`) and back out rather than hold money
+                    // the fleet no longer granted.
+                    if refused.is_none()
+                        && b.strict.load(Ordering::Relaxed)
+                        && cell.own.load(Ordering::SeqCst).saturating_add(want)
+                            > cell.grant.load(Ordering::SeqCst)
+                    {
+                        saturating_sub(&cell.reserved, amount);
+                        return Err(Refused::Grant(cell.window));
+                    }
                     b.note_total(fleet);
                     return Ok(cell.window);
                 }
@@ -416,7 +431,6 @@ impl View {
 
     /// Gives back a held amount without counting it (a released reservation, or the part of
     /// a multi-budget admission that another budget refused).
-    #[allow(dead_code)] // reservations and grants (issue 12) build on it
     pub fn unreserve(&self, budget: u32, window: Window, amount: Money) {
         let cell = self.cell_for(budget, window);
         saturating_sub(&cell.reserved, amount.as_nanos());
@@ -425,7 +439,6 @@ impl View {
     /// Settles a reservation: counts `actual` as own spend of its window, then frees the held
     /// `amount` (in that order, so that spend plus reserved never dips in between and a
     /// concurrent admission cannot take the same money twice). Reports soft limits crossed.
-    #[allow(dead_code)] // reservations and grants (issue 12) build on it
     pub fn settle(
         &self,
         budget: u32,
@@ -442,23 +455,80 @@ impl View {
     }
 
     /// Sets whether a budget is strict (open, reload, offline modes).
-    #[allow(dead_code)] // reservations and grants (issue 12) build on it
+    /// Sets a budget's configured enforcement (open, reload). A strict budget admits within
+    /// its grant from now on (the replicator clears that while an offline mode other than
+    /// `grant_only` applies).
+    pub fn set_policy(&self, budget: u32, enforcement: Enforcement, offline: Offline) {
+        let b = self.budget(budget);
+        b.policy
+            .store(policy_code(enforcement, offline), Ordering::Relaxed);
+        b.strict
+            .store(enforcement == Enforcement::Strict, Ordering::Relaxed);
+    }
+
+    /// The configured `(enforcement, offline)` of a budget.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub fn policy(&self, budget: u32) -> (Enforcement, Offline) {
+        match self.budget(budget).policy.load(Ordering::Relaxed) {
+            1 => (Enforcement::Strict, Offline::GrantOnly),
+            2 => (Enforcement::Strict, Offline::LocalShare),
+            3 => (Enforcement::Strict, Offline::Open),
+            _ => (Enforcement::Shared, Offline::GrantOnly),
+        }
+    }
+
+    /// A reservation of `amount` was refused by this node's grant alone: remembered (the
+    /// largest since the replicator last looked) so that the next grant round asks for it.
+    pub fn note_starved(&self, budget: u32, amount: Money) {
+        self.budget(budget)
+            .starved
+            .fetch_max(amount.as_nanos(), Ordering::Relaxed);
+    }
+
+    /// Takes the largest starved amount noted since the last call (the replicator).
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub fn take_starved(&self, budget: u32) -> Money {
+        Money::from_nanos(self.budget(budget).starved.swap(0, Ordering::Relaxed))
+    }
+
+    /// Lowers this node's grant of a window towards `target` (a give-back), never below what
+    /// is spent and held there, and returns the grant now in force (what may be given back).
+    /// Sequentially consistent with the re-check in [`View::try_reserve`] (a Dekker pair on
+    /// `grant` and `reserved`): either a racing reservation sees the lowered grant and backs
+    /// out, or this sees its hold and keeps the grant above it.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub fn lower_grant(&self, budget: u32, window: Window, target: Money) -> Money {
+        let cell = self.cell_for(budget, window);
+        let mut grant = target.as_nanos();
+        let mut was = None;
+        loop {
+            let before = cell.grant.swap(grant, Ordering::SeqCst);
+            let was = *was.get_or_insert(before);
+            let used = cell
+                .own
+                .load(Ordering::SeqCst)
+                .saturating_add(cell.reserved.load(Ordering::SeqCst));
+            // Keep what is in use, never more than the grant was.
+            let kept = used.min(was).max(grant);
+            if kept == grant {
+                return Money::from_nanos(grant);
+            }
+            grant = kept;
+        }
+    }
+
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub fn set_strict(&self, budget: u32, strict: bool) {
         self.budget(budget).strict.store(strict, Ordering::Relaxed);
     }
 
-    #[allow(dead_code)] // reservations and grants (issue 12) build on it
-    pub fn is_strict(&self, budget: u32) -> bool {
-        self.budget(budget).strict.load(Ordering::Relaxed)
-    }
-
     /// Sets this node's grant of a strict budget's window (the replicator, after the grant is
     /// durable; a give-back lowers it before it is sent).
-    #[allow(dead_code)] // reservations and grants (issue 12) build on it
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub fn set_grant(&self, budget: u32, window: Window, grant: Money) {
         self.cell_for(budget, window)
             .grant
-            .store(grant.as_nanos(), Ordering::Release);
+            .store(grant.as_nanos(), Ordering::SeqCst);
     }
 
     /// Raises this node's own total of a window to at least `own` (loading from the store).
@@ -656,6 +726,8 @@ impl BudgetView {
             swap: Mutex::new(()),
             shadow: AtomicBool::new(false),
             strict: AtomicBool::new(false),
+            policy: AtomicU8::new(0),
+            starved: AtomicU64::new(0),
             would_deny: AtomicU64::new(0),
             soft: ArcSwap::from_pointee(Vec::new()),
             has_soft: AtomicBool::new(false),
@@ -666,9 +738,18 @@ impl BudgetView {
     }
 }
 
+/// The `policy` byte of a budget view: 0 shared, then strict with each offline mode.
+fn policy_code(enforcement: Enforcement, offline: Offline) -> u8 {
+    match (enforcement, offline) {
+        (Enforcement::Strict, Offline::GrantOnly) => 1,
+        (Enforcement::Strict, Offline::LocalShare) => 2,
+        (Enforcement::Strict, Offline::Open) => 3,
+        _ => 0,
+    }
+}
+
 /// Why [`View::try_reserve`] found no room.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[allow(dead_code)] // reservations and grants (issue 12) build on it
 pub(crate) enum Refused {
     /// `spend + reserved + amount` would pass the limit (fleet view).
     Limit(Window),
@@ -709,7 +790,6 @@ pub(crate) fn crossed_bits(soft: &[SoftLimit], limit: u64, spend: u64) -> u8 {
 
 /// `fetch_sub` that stops at zero instead of wrapping.
 #[inline]
-#[allow(dead_code)] // reservations and grants (issue 12) build on it
 fn saturating_sub(a: &AtomicU64, v: u64) {
     let _ = a.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |x| {
         Some(x.saturating_sub(v))
@@ -971,6 +1051,48 @@ mod tests {
             v.try_reserve(0, 5, Money::from_nanos(70)).is_ok(),
             "shared: the limit"
         );
+    }
+
+    #[test]
+    fn a_give_back_keeps_what_is_held_and_racing_reservations_stay_within_it() {
+        let v = view();
+        v.set_policy(0, Enforcement::Strict, Offline::GrantOnly);
+        let w = v.schedule(0).window_at_secs(5);
+        v.set_grant(0, w, Money::from_nanos(90));
+        v.try_reserve(0, 5, Money::from_nanos(60)).unwrap();
+        assert_eq!(v.lower_grant(0, w, Money::from_nanos(10)).as_nanos(), 60);
+        assert!(matches!(
+            v.try_reserve(0, 5, Money::from_nanos(1)),
+            Err(Refused::Grant(_))
+        ));
+        // Concurrent: reservations race with give-backs; what is held never passes the grant
+        // in force once both are done.
+        for _ in 0..20 {
+            let v = Arc::new(view());
+            v.set_policy(0, Enforcement::Strict, Offline::GrantOnly);
+            v.set_grant(0, w, Money::from_nanos(100));
+            let takers: Vec<_> = (0..3)
+                .map(|_| {
+                    let v = Arc::clone(&v);
+                    std::thread::spawn(move || {
+                        for _ in 0..40 {
+                            let _ = v.try_reserve(0, 5, Money::from_nanos(1));
+                        }
+                    })
+                })
+                .collect();
+            let mut kept = 0;
+            for target in [50u64, 20, 0] {
+                kept = v.lower_grant(0, w, Money::from_nanos(target)).as_nanos();
+            }
+            for t in takers {
+                t.join().unwrap();
+            }
+            let held = v.totals_at(0, 5).reserved.as_nanos();
+            let grant = v.totals_at(0, 5).grant.as_nanos();
+            assert!(held <= grant, "held {held} > grant {grant}");
+            assert!(kept <= grant);
+        }
     }
 
     #[test]

@@ -307,3 +307,60 @@ fn soft_limit_claims_go_to_the_master_of_their_slot() {
     );
     assert!(!on(seed).contains(":alert:"), "{}", on(seed));
 }
+
+/// Strict budgets (issue 12) on a cluster: the merge script also touches the budget's strict
+/// marker key, which shares the budget's hash tag, so grants work per budget on its master;
+/// two nodes reserving until denied never pass the limit of any budget.
+#[test]
+fn strict_budgets_grant_within_the_limit_on_a_cluster() {
+    let Some(cluster) = RedisCluster::start(3, 0) else {
+        return;
+    };
+    let at = now();
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let strict = |dir: &Path, node: &str| {
+        let mut c = config(dir, &[cluster.url(0)], node);
+        c.budgets = Config::from_yaml_str(
+            "provider_budgets:\n  budgets:\n    - {provider: p0, limit: 10, period: 1h, enforcement: strict}\n    - {provider: p3, limit: 10, period: 1h, enforcement: strict}\n",
+        )
+        .unwrap()
+        .budgets;
+        c.redis.as_mut().unwrap().sync_interval = Duration::from_millis(100);
+        Limiter::open_with_clock(c, Arc::new(FakeClock::new(at))).unwrap()
+    };
+    let a = strict(da.path(), "a");
+    let b = strict(db.path(), "b");
+    let usd = |cents: u64| Money::from_nanos(cents * 10_000_000);
+    for provider in ["p0", "p3"] {
+        let deployment = format!("{provider}/m");
+        let mut committed = 0u64;
+        let mut denied_in_a_row = 0;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        // Alternate nodes; stop after both were denied a few times in a row.
+        while denied_in_a_row < 20 {
+            assert!(Instant::now() < deadline, "{provider}: never exhausted");
+            let node = if committed.is_multiple_of(2) { &a } else { &b };
+            match node.reserve(&deployment.as_str(), usd(25)) {
+                Ok(r) => {
+                    r.commit(usd(25)).unwrap();
+                    committed += 1;
+                    denied_in_a_row = 0;
+                }
+                Err(_) => {
+                    denied_in_a_row += 1;
+                    let _ = a.sync();
+                    let _ = b.sync();
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+        assert!(
+            committed * 25 <= 1000,
+            "{provider}: {committed} × $0.25 > $10"
+        );
+        assert!(
+            committed >= 36,
+            "{provider}: only {committed} × $0.25 of $10 spent"
+        );
+    }
+}

@@ -92,7 +92,101 @@ local function recompute(key, bad, had_bad)
   return sum
 end
 
+-- max(0, a - b) on canonical decimals.
+local function over(a, b)
+  if greater(a, b) then return sub(a, b) end
+  return '0'
+end
+
+-- field := field + plus - minus for a running decimal field; false when it would go below
+-- zero or the field is not a decimal (the caller recomputes).
+local function shift(key, field, value, plus, minus)
+  if plus == minus then return value end
+  if not value or not decimal(value) then return false end
+  local raised = add(value, plus)
+  if greater(minus, raised) then return false end
+  local v = sub(raised, minus)
+  redis.call('HSET', key, field, v)
+  return v
+end
+
+-- The grant fields recomputed from the fields (O(fields); only when a running one is missing
+-- or damaged): `~granted` = sum of grants, `~unspent` = sum of max(0, grant - spent),
+-- `~holders` = number of grant fields.
+local function recompute_grants(key)
+  local all = redis.call('HGETALL', key)
+  local values = {}
+  for i = 1, #all, 2 do values[all[i]] = all[i + 1] end
+  local granted, unspent, holders = '0', '0', 0
+  for f, v in pairs(values) do
+    if string.sub(f, 1, 7) == '~grant:' and canonical(v) then
+      local spent = values[string.sub(f, 8)]
+      if not (spent and canonical(spent)) then spent = '0' end
+      granted = add(granted, v)
+      unspent = add(unspent, over(v, spent))
+      holders = holders + 1
+    end
+  end
+  redis.call('HSET', key, '~granted', granted, '~unspent', unspent, '~holders', tostring(holders))
+  return granted, unspent, tostring(holders)
+end
+
+-- What one raise may take of `free` (a decimal) for a budget of `limit`: 1/2 of it while more
+-- than half the limit is free, then 1/max(4, holders + 1), never less than 5 % of the limit,
+-- and all of it once it is at most 5 % of the limit (the last dollars are not stranded). Sized
+-- in doubles; the caller clamps it to `free` exactly.
+local function step(free, limit, holders)
+  local f, l = tonumber(free), tonumber(limit)
+  local floor = 0.05 * l
+  if f <= floor then return free end
+  local k = 2
+  if f <= 0.5 * l then k = math.max(4, (tonumber(holders) or 0) + 1) end
+  local x = math.max(f / k, floor)
+  local s = string.format('%.0f', math.floor(x))
+  if not decimal(s) or greater(s, free) then return free end
+  return s
+end
+
+-- What is free for a raise: limit - total - unspent, where our own unused grant counts at
+-- `target` (a rebuilt grant) instead of the `g` that `unspent` holds.
+local function free_after(limit, total, unspent, g, target, spent)
+  local used = add(add(total, unspent), over(target, spent))
+  local ours = over(g, spent)
+  if greater(ours, used) then return limit end
+  return over(limit, sub(used, ours))
+end
+
+-- Reclaims the unused grant of every other node not seen for `lease_ms` (grant lowered to
+-- its spend). Returns the amount reclaimed.
+local function reclaim(key, now_ms, lease_ms)
+  local all = redis.call('HGETALL', key)
+  local values = {}
+  for i = 1, #all, 2 do values[all[i]] = all[i + 1] end
+  local back = '0'
+  for f, v in pairs(values) do
+    if string.sub(f, 1, 6) == '~seen:' and f ~= '~seen:' .. ARGV[1] then
+      local n = string.sub(f, 7)
+      local seen = tonumber(v) or 0
+      local g = values['~grant:' .. n]
+      if now_ms - seen > lease_ms and g and canonical(g) then
+        local spent = values[n]
+        if not (spent and canonical(spent)) then spent = '0' end
+        local unused = over(g, spent)
+        if unused ~= '0' then
+          redis.call('HSET', key, '~grant:' .. n, spent)
+          back = add(back, unused)
+        end
+      end
+    end
+  end
+  return back
+end
+
 local node, inst, lease_ms, release, verify = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local guard_ms, grant_lease_ms = tonumber(ARGV[6]) or 0, tonumber(ARGV[7]) or 0
+local grant_field = '~grant:' .. node
+local now_ms = nil
+local frozen = nil
 local owner_field = '~owner:' .. node
 local retired_mine = '~retired:' .. node .. ':' .. inst
 
@@ -107,9 +201,28 @@ else
 end
 local writable = lease[1] == 'held'
 
-local function merge(key, own, expire_at)
-  local got = redis.call('HMGET', key, node, owner_field, retired_mine, TOTAL, '~bad')
+-- Whether grants may be raised now: not within `guard_ms` of the budget's strict marker
+-- (re)creation, i.e. of the first strict call after Redis lost its data (or ever).
+local function raise_frozen()
+  if frozen ~= nil then return frozen end
+  local t = redis.call('TIME')
+  now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local born = tonumber(redis.call('GET', KEYS[2]) or '')
+  if not born then
+    redis.call('SET', KEYS[2], tostring(now_ms))
+    born = now_ms
+  end
+  frozen = now_ms < born + guard_ms
+  return frozen
+end
+
+local function merge(key, own, expire_at, limit, dgrant, want)
+  local got = redis.call('HMGET', key, node, owner_field, retired_mine, TOTAL, '~bad', grant_field)
   local cur, owner, mine, total, had_bad = got[1], got[2], got[3], got[4], got[5]
+  local g0 = got[6]
+  if g0 and not canonical(g0) then g0 = nil end
+  local spent0 = '0'
+  if cur and canonical(cur) then spent0 = cur end
   local bad = {}
   local repaired = 0
   -- Repair a total that cannot be right: missing beside fields, malformed, below the
@@ -132,9 +245,14 @@ local function merge(key, own, expire_at)
   end
 
   local plus, minus = '0', '0'
-  if writable and own ~= '0' then
+  -- A strict call writes even without spend: the grant field goes with the node field, so
+  -- a data dir that takes the node id over must own both before it is granted anything.
+  local strict = limit ~= '' and writable
+  local taken_over = nil
+  if writable and (own ~= '0' or strict) then
     if cur and owner and owner ~= inst then
       if canonical(cur) then
+        taken_over = cur
         local rf = '~retired:' .. node .. ':' .. owner
         local prev = redis.call('HGET', key, rf)
         if (not prev) or (not canonical(prev)) or greater(cur, prev) then
@@ -192,13 +310,92 @@ local function merge(key, own, expire_at)
     end
   end
   if own ~= '0' then redis.call('EXPIREAT', key, expire_at) end
-  return {cur or '', owner or '', mine or '', total, repaired, bad}
+
+  -- Grants. Our spend moved from spent0 to spent1: our unused grant shrank by as much.
+  local spent1 = '0'
+  if cur and canonical(cur) then spent1 = cur end
+  local grants_damaged = false
+  -- Another data dir's grant under this node id was partly spent by it (now retired): only
+  -- the unused part goes on with the field.
+  local g_eff = g0
+  if g0 and taken_over then
+    g_eff = over(g0, taken_over)
+    redis.call('HSET', key, grant_field, g_eff)
+    local gr = redis.call('HGET', key, '~granted')
+    if not shift(key, '~granted', gr, g_eff, g0) then grants_damaged = true end
+  end
+  if g0 and (spent1 ~= spent0 or g_eff ~= g0) then
+    local u = redis.call('HGET', key, '~unspent')
+    if not shift(key, '~unspent', u, over(g_eff, spent1), over(g0, spent0)) then grants_damaged = true end
+  end
+  g0 = g_eff
+  -- Not strict, or the node id's lease is another data dir's: no grant moves.
+  if not strict then
+    if grants_damaged then recompute_grants(key) end
+    return {cur or '', owner or '', mine or '', total, repaired, bad, '', '', '', ''}
+  end
+  local frz = raise_frozen()
+  local run = redis.call('HMGET', key, '~granted', '~unspent', '~holders')
+  local granted, unspent, holders = run[1], run[2], run[3]
+  if grants_damaged or not (granted and decimal(granted)) or not (unspent and decimal(unspent))
+      or not (holders and decimal(holders)) then
+    granted, unspent, holders = recompute_grants(key)
+  end
+  local g = g0 or '0'
+  -- Rebuild: our durable grant is never forgotten (max). Redis holding less than a node's
+  -- durable grant means it lost data (or reclaimed it): freeze raises again while the other
+  -- holders re-register.
+  local target = g
+  if greater(dgrant, g) then
+    target = dgrant
+    redis.call('SET', KEYS[2], tostring(now_ms))
+    frozen, frz = true, true
+  end
+  if greater(want, target) then
+    if not frz then
+      local free = free_after(limit, total, unspent, g, target, spent1)
+      if free == '0' and grant_lease_ms > 0 then
+        local back = reclaim(key, now_ms, grant_lease_ms)
+        if back ~= '0' then
+          granted, unspent, holders = recompute_grants(key)
+          free = free_after(limit, total, unspent, g, target, spent1)
+        end
+      end
+      local room = step(free, limit, holders)
+      if greater(room, free) then room = free end
+      local ask = sub(want, target)
+      if greater(ask, room) then ask = room end
+      target = add(target, ask)
+    end
+  elseif greater(target, want) then
+    -- Give-back, never below our spend.
+    local floor = want
+    if greater(spent1, floor) then floor = spent1 end
+    if greater(target, floor) then target = floor end
+  end
+  if grant_lease_ms > 0 then redis.call('HSET', key, '~seen:' .. node, tostring(now_ms)) end
+  if target ~= g then
+    redis.call('HSET', key, grant_field, target)
+    if not g0 then holders = add(holders, '1'); redis.call('HSET', key, '~holders', holders) end
+    local ng = shift(key, '~granted', granted, target, g)
+    local nu = shift(key, '~unspent', unspent, over(target, spent1), over(g, spent1))
+    if ng and nu then
+      granted = ng
+    else
+      granted, unspent, holders = recompute_grants(key)
+    end
+  end
+  redis.call('EXPIREAT', key, expire_at)
+  local f = '0'
+  if frz then f = '1' end
+  return {cur or '', owner or '', mine or '', total, repaired, bad, target, granted, holders, f}
 end
 
 local out = {}
-for i = 2, #KEYS do
-  local ok, r = pcall(merge, KEYS[i], ARGV[2 * i + 2], ARGV[2 * i + 3])
-  if ok then out[i - 1] = {'ok', r} else out[i - 1] = {'err', message(r)} end
+for i = 3, #KEYS do
+  local b = 7 + (i - 3) * 5
+  local ok, r = pcall(merge, KEYS[i], ARGV[b + 1], ARGV[b + 2], ARGV[b + 3], ARGV[b + 4], ARGV[b + 5])
+  if ok then out[i - 2] = {'ok', r} else out[i - 2] = {'err', message(r)} end
 end
 if writable then
   if release == '1' then

@@ -56,7 +56,10 @@ pub(crate) fn client(
         )),
     })
 }
+mod grants;
 mod wire;
+
+pub(crate) use grants::GrantStatus;
 
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -76,12 +79,13 @@ use crate::journal::{DurableTotals, Event};
 use crate::money::Money;
 use crate::redact::{redact_url, scrub};
 use crate::status::RoundFigures;
-use crate::store::{AckedValue, PeersValue, Store, WindowKey};
+use crate::store::{AckedValue, GrantValue, PeersValue, Store, WindowKey};
 use crate::view::View;
 use crate::window::Window;
 
 use wire::{
-    lease_key, window_key, Group, GroupOutcome, Identity, Lease, Mode, SyncItem, Wire, WireError,
+    lease_key, strict_key, window_key, Group, GroupOutcome, Identity, Lease, Mode, SyncItem, Wire,
+    WireError,
 };
 
 /// Where rounds go.
@@ -123,6 +127,9 @@ pub(crate) struct Health {
     pub last_round: RoundFigures,
     /// Rounds that started later than planned because the previous one ran past the interval.
     pub late_rounds: u64,
+    /// Per budget index: this node's grant of a strict budget's current window and the
+    /// fleet's granted total, as of the last round.
+    pub grants: Vec<Option<GrantStatus>>,
 }
 
 /// What the replicator needs from the limiter.
@@ -139,6 +146,8 @@ pub(crate) struct ReplicatorParts {
     pub journal: Sender<Event>,
     /// Other nodes' totals loaded from the `peers` tree at open.
     pub peers: Vec<(WindowKey, PeersValue)>,
+    /// This node's durable grants (the `grants` tree) loaded at open.
+    pub grants: Vec<(WindowKey, GrantValue)>,
 }
 
 type Reply = crossbeam_channel::Sender<Result<(), ReplicationError>>;
@@ -173,9 +182,62 @@ pub(crate) fn lease_ttl(redis: &RedisConfig) -> Duration {
         .max(Duration::from_secs(1))
 }
 
+/// Out-of-cycle rounds asked for by the request path (a reservation refused by its grant
+/// alone). Wakes coalesce: however many threads ask at once, one round serves them all.
+#[derive(Debug, Default)]
+pub(crate) struct Wake {
+    notify: tokio::sync::Notify,
+    /// (rounds started, rounds finished): a waiter waits for a round that *started* after it
+    /// asked (an earlier one may have planned its asks before the refusal was noted).
+    counts: Mutex<(u64, u64)>,
+    done: std::sync::Condvar,
+    /// Async waiters: the round they wait for, and the sender (taken by the first of the
+    /// round's end or the waiter's timer).
+    waiters: Mutex<Vec<(u64, AsyncWaiter)>>,
+}
+
+/// One async waiter's answer, sent once.
+type AsyncWaiter = Arc<Mutex<Option<tokio::sync::oneshot::Sender<bool>>>>;
+
+impl Wake {
+    fn started(&self) {
+        self.counts.lock().unwrap_or_else(|p| p.into_inner()).0 += 1;
+    }
+
+    fn finished(&self) {
+        let done = {
+            let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+            c.1 = c.0;
+            self.done.notify_all();
+            c.1
+        };
+        let mut waiters = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+        waiters.retain(|(target, tx)| {
+            let mut tx = tx.lock().unwrap_or_else(|p| p.into_inner());
+            if *target <= done {
+                if let Some(tx) = tx.take() {
+                    let _ = tx.send(true);
+                }
+            }
+            tx.is_some()
+        });
+    }
+}
+
+/// How long after a strict budget's marker was (re)created no grant is raised: three sync
+/// intervals, in which every live holder re-registers its durable grant (see
+/// `docs/strict-budgets.md`, "Redis loses its data").
+pub(crate) fn guard(redis: &RedisConfig) -> Duration {
+    redis.sync_interval.saturating_mul(3)
+}
+
 /// Handle owned by the limiter; stopping (or dropping) it runs a last round and joins.
 #[derive(Debug)]
 pub(crate) struct Replicator {
+    wake: Arc<Wake>,
+    /// The replicator's runtime, for the timers of async grant waits (the caller's runtime
+    /// may not be tokio).
+    timers: tokio::runtime::Handle,
     health: Arc<Mutex<Health>>,
     requests: mpsc::UnboundedSender<Reply>,
     cancel: CancellationToken,
@@ -207,13 +269,17 @@ impl Replicator {
         }));
         let (tx, rx) = mpsc::unbounded_channel();
         let cancel = CancellationToken::new();
-        let worker = Worker::new(parts, instance, Arc::clone(&health));
+        let wake = Arc::new(Wake::default());
+        let worker = Worker::new(parts, instance, Arc::clone(&health), Arc::clone(&wake));
+        let timers = runtime.handle().clone();
         let token = cancel.clone();
         let thread = std::thread::Builder::new()
             .name("provider-budgets-replicator".into())
             .spawn(move || runtime.block_on(worker.run(rx, token)))
             .map_err(thread_error)?;
         Ok(Replicator {
+            wake,
+            timers,
             health,
             requests: tx,
             cancel,
@@ -229,6 +295,53 @@ impl Replicator {
             .send(tx)
             .map_err(|_| ReplicationError::Stopped)?;
         rx.recv().unwrap_or(Err(ReplicationError::Stopped))
+    }
+
+    /// Asks for an out-of-cycle round (a strict budget's reservation was refused by this
+    /// node's grant: the round asks the fleet for more) and waits up to `wait` for a round that
+    /// started after the ask to finish. `true` when one did (then a retry sees its grant).
+    pub fn grant_round(&self, wait: Duration) -> bool {
+        let deadline = Instant::now() + wait;
+        let mut c = self.wake.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let target = c.0 + 1;
+        self.wake.notify.notify_one();
+        while c.1 < target {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            c = self
+                .wake
+                .done
+                .wait_timeout(c, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        true
+    }
+
+    /// [`Replicator::grant_round`] for async callers: never blocks; the answer comes from the
+    /// end of the round or from a timer on the replicator's own runtime, whichever is first
+    /// (a stopped replicator answers `false`).
+    pub fn grant_round_async(&self, wait: Duration) -> impl std::future::Future<Output = bool> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let tx: AsyncWaiter = Arc::new(Mutex::new(Some(tx)));
+        {
+            let c = self.wake.counts.lock().unwrap_or_else(|p| p.into_inner());
+            self.wake
+                .waiters
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((c.0 + 1, Arc::clone(&tx)));
+        }
+        self.wake.notify.notify_one();
+        self.timers.spawn(async move {
+            tokio::time::sleep(wait).await;
+            if let Some(tx) = tx.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                let _ = tx.send(false);
+            }
+        });
+        async move { rx.await.unwrap_or(false) }
     }
 
     pub fn health(&self) -> Health {
@@ -310,6 +423,8 @@ struct Worker {
     renew_turn: bool,
     /// Reconnection backoff while Redis is down: next attempt not before this.
     retry_at: Option<Instant>,
+    /// The last out-of-cycle round run while backing off.
+    woken_at: Option<Instant>,
     backoff: Duration,
     /// Whether the last round failed to reach Redis (to log transitions only).
     down: bool,
@@ -319,10 +434,19 @@ struct Worker {
     logged: FxHashSet<String>,
     /// Release the lease in the next round (the last one).
     release: bool,
+    /// This node's grants of strict budgets.
+    book: grants::Book,
+    wake: Arc<Wake>,
 }
 
 impl Worker {
-    fn new(mut parts: ReplicatorParts, instance: String, health: Arc<Mutex<Health>>) -> Worker {
+    fn new(
+        mut parts: ReplicatorParts,
+        instance: String,
+        health: Arc<Mutex<Health>>,
+        wake: Arc<Wake>,
+    ) -> Worker {
+        let book = grants::Book::load(&parts.keys, std::mem::take(&mut parts.grants));
         let mut peers = Peers::default();
         for (key, value) in std::mem::take(&mut parts.peers) {
             let Some(b) = parts.keys.position(&key.provider, &key.period) else {
@@ -373,10 +497,13 @@ impl Worker {
             foreign_owners: FxHashMap::default(),
             renew_turn: false,
             retry_at: None,
+            woken_at: None,
             down: false,
             refused: None,
             logged: FxHashSet::default(),
             release: false,
+            book,
+            wake,
         }
     }
 
@@ -416,6 +543,24 @@ impl Worker {
                     let result = self.round().await;
                     let _ = reply.send(result);
                 }
+                () = self.wake.notify.notified() => {
+                    // Out of cycle (a reservation refused by its grant). While backing off
+                    // from an unreachable Redis, at most one such attempt per sync interval
+                    // (Redis may be back before the backoff ends; refused reservations must
+                    // not hammer it either): otherwise the waiters just time out.
+                    let now = Instant::now();
+                    let due = self.retry_at.is_none_or(|t| now >= t)
+                        || self
+                            .woken_at
+                            .is_none_or(|t| now >= t + self.parts.redis.sync_interval);
+                    if due {
+                        self.woken_at = Some(now);
+                        let _ = self.round().await;
+                    } else {
+                        self.wake.started();
+                        self.wake.finished();
+                    }
+                }
             }
         }
         // Last round: ship what the journal made durable and release the lease, so that
@@ -431,12 +576,26 @@ impl Worker {
 
     /// One sync round; records its outcome in `health`, metrics and logs.
     async fn round(&mut self) -> Result<(), ReplicationError> {
+        self.wake.started();
+        let result = self.round_inner().await;
+        self.wake.finished();
+        result
+    }
+
+    async fn round_inner(&mut self) -> Result<(), ReplicationError> {
         let started = Instant::now();
         let (out0, in0) = self.wire.traffic();
         self.sent = (0, 0);
         let result = self.exchange().await;
+        let now_secs = floor_secs(self.parts.clock.now());
+        if matches!(result, Err(RoundError::Failed(_))) {
+            self.book.go_offline(&self.parts.view, now_secs);
+        }
         let shared = Arc::clone(&self.health);
         let mut health = shared.lock().unwrap_or_else(|p| p.into_inner());
+        health.grants = (0..self.parts.view.len() as u32)
+            .map(|b| self.book.status(b, now_secs))
+            .collect();
         health.round_trips = self.wire.round_trips();
         if !matches!(result, Err(RoundError::Failed(_))) {
             let (out1, in1) = self.wire.traffic();
@@ -569,6 +728,7 @@ impl Worker {
         self.peers
             .retain(|_, p| p.window.end_secs().saturating_add(grace) > now);
         self.forget_acked(now, grace);
+        self.book.prune(&self.parts.keys, now);
         let groups = self.groups(now, grace);
         // A connection kept from an earlier round may have died meanwhile (Redis restarted, a
         // link reset): then one fresh connection gets a second chance within the same round.
@@ -615,6 +775,12 @@ impl Worker {
             lease_ms: u64::try_from(lease_ttl(&self.parts.redis).as_millis()).unwrap_or(u64::MAX),
             release: self.release,
             verify: self.verify,
+            guard_ms: u64::try_from(guard(&self.parts.redis).as_millis()).unwrap_or(u64::MAX),
+            grant_lease_ms: self
+                .parts
+                .redis
+                .grant_lease
+                .map_or(0, |l| u64::try_from(l.as_millis()).unwrap_or(u64::MAX)),
         }
     }
 
@@ -995,6 +1161,7 @@ impl Worker {
                 });
             }
         }
+        let mut asks = vec![None; n];
         for (b, list) in windows.iter_mut().enumerate() {
             let current = self.parts.view.schedule(b as u32).window_at_secs(now);
             if !list.iter().any(|x| x.window == current) {
@@ -1004,6 +1171,19 @@ impl Worker {
                     send: false,
                 });
             }
+            asks[b] = self
+                .book
+                .plan(
+                    &self.parts.view,
+                    &self.parts.store,
+                    &self.parts.keys,
+                    b as u32,
+                    current,
+                    now,
+                    self.parts.redis.sync_interval,
+                    self.release,
+                )
+                .map(|ask| (current, ask));
             list.sort_by_key(|x| std::cmp::Reverse(x.window.start_secs()));
             for x in list.iter() {
                 if x.send {
@@ -1026,6 +1206,7 @@ impl Worker {
                 let ours = self.lease_ours.get(b).copied().unwrap_or(false);
                 let script = self.verify
                     || self.release
+                    || asks[b].is_some()
                     || !ours
                     || list.iter().any(|x| x.send)
                     || self.script_next.contains(&(b as u32));
@@ -1051,12 +1232,14 @@ impl Worker {
                 Group {
                     mode: modes[b],
                     lease: lease_key(prefix, provider, period, node),
+                    marker: strict_key(prefix, provider, period),
                     items: list
                         .iter()
                         .map(|x| SyncItem {
                             key: window_key(prefix, provider, period, x.window.start_secs()),
                             own: if x.send { x.durable } else { 0 },
                             expire_at: x.window.end_secs().saturating_add(grace),
+                            grant: asks[b].filter(|(w, _)| *w == x.window).map(|(_, ask)| ask),
                         })
                         .collect(),
                 }
@@ -1157,6 +1340,16 @@ impl Worker {
                             Mode::Script => {}
                         }
                     }
+                }
+                if let Some(g) = state.grant {
+                    self.book.apply(
+                        &self.parts.view,
+                        &self.parts.store,
+                        &self.parts.keys,
+                        b32,
+                        window,
+                        g,
+                    );
                 }
                 // Our field: recorded as written by this data dir, or (written before owners
                 // were recorded) ours when we hold the lease.

@@ -74,12 +74,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use redis::{ErrorKind, RedisError, ServerErrorKind, Value};
 
-/// The merge script (`merge.lua`). `KEYS[1]` is the budget's lease key, `KEYS[2..]` its window
-/// keys. `ARGV[1]` is the node id, `ARGV[2]` the instance id, `ARGV[3]` the lease time in ms,
-/// `ARGV[4]` `1` to release the lease (last round) or `0`, `ARGV[5]` `1` to recompute every
-/// key's total from its fields (verify) or `0`; then for window key `KEYS[i]`, `ARGV[2i+2]` is
-/// the node's own total (canonical decimal u64; `0` only reads) and `ARGV[2i+3]` the unix
-/// second at which the key expires.
+/// The merge script (`merge.lua`). `KEYS[1]` is the budget's lease key, `KEYS[2]` its strict
+/// marker ([`strict_key`]), `KEYS[3..]` its window keys. `ARGV[1]` is the node id, `ARGV[2]`
+/// the instance id, `ARGV[3]` the lease time in ms, `ARGV[4]` `1` to release the lease (last
+/// round) or `0`, `ARGV[5]` `1` to recompute every key's total from its fields (verify) or
+/// `0`, `ARGV[6]` the guard after a strict marker's (re)creation in ms, `ARGV[7]` the grant
+/// lease in ms (`0`: never reclaim); then five per window key `KEYS[i]`, from
+/// `ARGV[7 + 5(i-3) + 1]`: the node's own total (canonical decimal u64; `0` only reads), the
+/// unix second at which the key expires, and for a strict window the limit, the node's durable
+/// grant and the grant it wants (`''`, `0`, `0` otherwise). Grants: see
+/// `docs/strict-budgets.md` (the reply per key gains `grant, granted, holders, frozen`).
 ///
 /// 1. Lease: held by another instance -> `refused`; unreadable -> `broken`; else ours,
 ///    renewed (or released) at the end.
@@ -92,7 +96,8 @@ use redis::{ErrorKind, RedisError, ServerErrorKind, Value};
 ///    contribution fields. Then `EXPIREAT key expire_at` (callers pass window end + grace).
 ///
 /// Returns `{lease, per_key}`: `lease` is `{'held'}`, `{'refused', holder}` or
-/// `{'broken', error}`; `per_key[i]` is `{'ok', {field, owner, mine, total, repaired, bad}}`
+/// `{'broken', error}`; `per_key[i]` is `{'ok', {field, owner, mine, total, repaired, bad,
+/// grant, granted, holders, frozen}}` (the last four `''` unless strict and the lease is ours)
 /// (`''` for an absent field; `bad` the skipped `field, value` pairs of a recomputation) or
 /// `{'err', error}`.
 pub(crate) const SCRIPT: &str = include_str!("merge.lua");
@@ -103,6 +108,14 @@ pub(crate) const SCRIPT: &str = include_str!("merge.lua");
 /// slot, so the script that merges them in one call is valid on a cluster too.
 pub(crate) fn window_key(prefix: &str, provider: &str, period: &str, window_start: i64) -> String {
     format!("{}:{window_start}", budget_tag(prefix, provider, period))
+}
+
+/// Redis key of a strict budget's marker: `{prefix}:{{provider:period}}:strict`, the Redis
+/// time (ms) of the first strict call after the key was absent (first use, or Redis lost its
+/// data) or after a node re-registered a grant that Redis had forgotten. For a guard time
+/// after it, no grant of that budget is raised (the holders re-register first). No expiry.
+pub(crate) fn strict_key(prefix: &str, provider: &str, period: &str) -> String {
+    format!("{}:strict", budget_tag(prefix, provider, period))
 }
 
 /// Redis key of a node id's lease for one budget: `{prefix}:{{provider:period}}:lease:{node}`
@@ -126,6 +139,33 @@ pub(crate) struct SyncItem {
     pub own: u64,
     /// Unix seconds for `EXPIREAT` (window end plus a grace period).
     pub expire_at: i64,
+    /// A strict budget's current window: the grant request.
+    pub grant: Option<GrantAsk>,
+}
+
+/// What a node sends about its grant of one strict window (all nano-dollars, absolute).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct GrantAsk {
+    /// The budget's limit (as this node is configured).
+    pub limit: u64,
+    /// This node's durable grant: Redis keeps at least this (rebuild after a loss).
+    pub durable: u64,
+    /// The grant the node wants: more is raised within what is free, less is given back
+    /// (never below the node's spend in Redis).
+    pub want: u64,
+}
+
+/// The grant part of a strict key's reply.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct GrantReply {
+    /// This node's grant now.
+    pub grant: u64,
+    /// `~granted`: the sum of every node's grant in the window.
+    pub granted: u64,
+    /// `~holders`: how many nodes hold a grant field in the window.
+    pub holders: u64,
+    /// Raises are frozen (the guard after a loss).
+    pub frozen: bool,
 }
 
 /// One budget's part of a round: its lease key and its windows.
@@ -133,6 +173,8 @@ pub(crate) struct SyncItem {
 pub(crate) struct Group {
     /// See [`lease_key`].
     pub lease: String,
+    /// See [`strict_key`].
+    pub marker: String,
     pub items: Vec<SyncItem>,
     /// How the group is read and written.
     pub mode: Mode,
@@ -162,6 +204,10 @@ pub(crate) struct Identity<'a> {
     pub release: bool,
     /// Recompute every touched key's `~total` from its fields (server side).
     pub verify: bool,
+    /// How long after a strict marker's (re)creation grants are not raised, ms.
+    pub guard_ms: u64,
+    /// Reclaim the unused grants of nodes not seen for this long, ms (0: never).
+    pub grant_lease_ms: u64,
 }
 
 /// One window key's reply: constant size, whatever the number of nodes.
@@ -183,6 +229,8 @@ pub(crate) struct KeyReply {
     pub needs_script: bool,
     /// One line per problem: skipped fields, an unusable own field.
     pub problems: Vec<String>,
+    /// Strict windows (sent with a [`GrantAsk`]): the grant state.
+    pub grant: Option<GrantReply>,
 }
 
 /// The state of a budget's lease after the script ran.
@@ -426,8 +474,9 @@ impl Wire {
             let cmd = pipe
                 .cmd("EVALSHA")
                 .arg(self.script.get_hash())
-                .arg(group.items.len() + 1)
-                .arg(&group.lease);
+                .arg(group.items.len() + 2)
+                .arg(&group.lease)
+                .arg(&group.marker);
             for item in &group.items {
                 cmd.arg(&item.key);
             }
@@ -435,11 +484,20 @@ impl Wire {
                 .arg(id.instance)
                 .arg(id.lease_ms.max(1).to_string())
                 .arg(if id.release { "1" } else { "0" })
-                .arg(if id.verify { "1" } else { "0" });
+                .arg(if id.verify { "1" } else { "0" })
+                .arg(id.guard_ms.to_string())
+                .arg(id.grant_lease_ms.to_string());
             for item in &group.items {
                 // Decimal strings, not integers: the script compares them as strings.
                 cmd.arg(item.own.to_string())
                     .arg(item.expire_at.to_string());
+                match item.grant {
+                    Some(ask) => cmd
+                        .arg(ask.limit.to_string())
+                        .arg(ask.durable.to_string())
+                        .arg(ask.want.to_string()),
+                    None => cmd.arg("").arg("0").arg("0"),
+                };
             }
         }
 
@@ -574,7 +632,7 @@ fn parse_key(key: &str, reply: Value) -> Result<KeyReply, String> {
     let body = if parts.len() == 2 { parts.pop() } else { None };
     let tag = parts.pop().and_then(|v| text(v).ok());
     match (tag.as_deref(), body) {
-        (Some("ok"), Some(Value::Array(state))) if state.len() == 6 => parse_state(key, state),
+        (Some("ok"), Some(Value::Array(state))) if state.len() == 10 => parse_state(key, state),
         (Some("err"), Some(error)) => Err(format!(
             "key {key}: {} (window not synced)",
             flat(&text(error).unwrap_or_default())
@@ -622,7 +680,21 @@ fn parse_state(key: &str, state: Vec<Value>) -> Result<KeyReply, String> {
             0
         }
     };
-    if let Some(Value::Array(bad)) = it.next() {
+    let bad = it.next();
+    let mut words = it.map(|v| text(v).unwrap_or_default());
+    let (grant, granted, holders, frozen) =
+        (words.next(), words.next(), words.next(), words.next());
+    if let Some(g) = grant.filter(|g| !g.is_empty()) {
+        let grant = parse_total(&g)
+            .ok_or_else(|| format!("key {key}: this node's grant {g:?} is not a canonical u64"))?;
+        out.grant = Some(GrantReply {
+            grant,
+            granted: granted.as_deref().and_then(parse_sum).unwrap_or(u64::MAX),
+            holders: holders.as_deref().and_then(parse_sum).unwrap_or(0),
+            frozen: frozen.as_deref() == Some("1"),
+        });
+    }
+    if let Some(Value::Array(bad)) = bad {
         let mut bad = bad.into_iter().map(|v| text(v).unwrap_or_else(|e| e));
         let count: usize = bad.next().and_then(|c| c.parse().ok()).unwrap_or(0);
         let mut shown = Vec::new();
@@ -819,6 +891,7 @@ mod tests {
     use super::redis_server::RedisServer;
     use super::*;
     use redis::aio::MultiplexedConnection;
+    use std::time::Instant;
 
     const FAR_FUTURE: i64 = 4_102_444_800; // 2100-01-01
 
@@ -835,6 +908,7 @@ mod tests {
             key: key.to_owned(),
             own,
             expire_at: FAR_FUTURE,
+            grant: None,
         }
     }
 
@@ -847,6 +921,8 @@ mod tests {
             lease_ms: 60_000,
             release: false,
             verify: false,
+            guard_ms: 0,
+            grant_lease_ms: 0,
         }
     }
 
@@ -854,6 +930,7 @@ mod tests {
         let tag = items.first().map(|i| i.key.clone()).unwrap_or_default();
         Group {
             lease: format!("{tag}:lease:{node}"),
+            marker: format!("{tag}:strict"),
             items,
             mode: Mode::Script,
         }
@@ -1325,6 +1402,7 @@ mod tests {
             key: key.clone(),
             own: 1,
             expire_at: now + 1000,
+            grant: None,
         };
         wire.sync_simple(&mut conn, "a", &[vec![item.clone()]])
             .await
@@ -1349,6 +1427,7 @@ mod tests {
             key: absent.clone(),
             own: 0,
             expire_at: now + 1000,
+            grant: None,
         };
         wire.sync_simple(&mut conn, "a", &[vec![read]])
             .await
@@ -1645,5 +1724,285 @@ mod tests {
             .unwrap();
         let state = out[0].as_ref().unwrap().keys[0].clone().unwrap();
         assert_eq!((state.total, state.needs_script), (0, false));
+    }
+
+    // ---- strict budgets: grants ------------------------------------------------------------
+
+    /// One strict key's call for `node`: spend `own`, durable grant `durable`, wanting `want`.
+    async fn ask(
+        wire: &Wire,
+        conn: &mut MultiplexedConnection,
+        id: &Identity<'_>,
+        key: &str,
+        own: u64,
+        durable: u64,
+        want: u64,
+    ) -> GrantReply {
+        let item = SyncItem {
+            grant: Some(GrantAsk {
+                limit: LIMIT,
+                durable,
+                want,
+            }),
+            ..item(key, own)
+        };
+        let g = group(id.node, vec![item]);
+        let out = wire.sync_round(conn, id, &[g]).await.unwrap();
+        let key = out[0].as_ref().unwrap().keys[0].clone().unwrap();
+        key.grant.expect("a strict key answers with its grant")
+    }
+
+    const LIMIT: u64 = 1_000_000;
+
+    /// Checks the running grant fields against the fields themselves and returns
+    /// `(Σ grants, Σ max(grant, spent))`.
+    fn grant_sums(server: &RedisServer, key: &str) -> (u64, u64) {
+        let mut conn = redis::Client::open(server.url())
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        let all: std::collections::HashMap<String, String> =
+            redis::cmd("HGETALL").arg(key).query(&mut conn).unwrap();
+        let num = |f: &str| all.get(f).map_or(0, |v| v.parse::<u64>().unwrap());
+        let (mut granted, mut unspent, mut holders) = (0, 0, 0);
+        for (f, v) in &all {
+            if let Some(n) = f.strip_prefix("~grant:") {
+                let g: u64 = v.parse().unwrap();
+                granted += g;
+                unspent += g.saturating_sub(num(n));
+                holders += 1;
+            }
+        }
+        assert_eq!(num("~granted"), granted, "~granted of {all:?}");
+        assert_eq!(num("~unspent"), unspent, "~unspent of {all:?}");
+        assert_eq!(num("~holders"), holders, "~holders of {all:?}");
+        (granted, num("~total") + unspent)
+    }
+
+    #[tokio::test]
+    async fn grants_never_sum_above_the_limit_and_the_last_dollars_are_given_out() {
+        let server = server_or_skip!();
+        let mut conn = connect(&server).await;
+        let wire = Wire::new();
+        let key = window_key("t", "openai", "1d", 0);
+        let nodes = ["a", "b", "c"];
+        let mut own = [0u64; 3];
+        let mut grant = [0u64; 3];
+        for round in 0..40 {
+            for (i, node) in nodes.iter().enumerate() {
+                // Spend part of the grant (a little more than it on one node: a commit above
+                // its estimate), then ask for far more than is left.
+                own[i] = (own[i] + grant[i].saturating_sub(own[i]) / 2).max(own[i]);
+                if round == 7 && i == 1 {
+                    own[i] = grant[i] + 10;
+                }
+                let r = ask(
+                    &wire,
+                    &mut conn,
+                    &identity(node),
+                    &key,
+                    own[i],
+                    grant[i],
+                    u64::MAX / 4,
+                )
+                .await;
+                assert!(r.grant >= grant[i], "a grant never shrinks unasked");
+                grant[i] = r.grant;
+                let (granted, claimed) = grant_sums(&server, &key);
+                assert_eq!(r.granted, granted);
+                assert!(
+                    claimed <= LIMIT + 10,
+                    "Σ max(grant, spent) = {claimed} > limit + excess"
+                );
+            }
+        }
+        let (granted, claimed) = grant_sums(&server, &key);
+        assert_eq!(
+            claimed,
+            LIMIT + 10,
+            "everything free was granted (only the excess above)"
+        );
+        assert!(granted <= LIMIT, "{granted}");
+        // The first ask of a fresh budget takes half of it, not all.
+        let fresh = window_key("t", "openai", "1d", 86_400);
+        let r = ask(&wire, &mut conn, &identity("a"), &fresh, 0, 0, u64::MAX / 4).await;
+        assert_eq!(r.grant, LIMIT / 2);
+        // A small ask gets exactly what it asks.
+        let r = ask(&wire, &mut conn, &identity("b"), &fresh, 0, 0, 1234).await;
+        assert_eq!((r.grant, r.granted, r.holders), (1234, LIMIT / 2 + 1234, 2));
+    }
+
+    #[tokio::test]
+    async fn a_give_back_never_goes_below_the_spend_and_frees_the_rest() {
+        let server = server_or_skip!();
+        let mut conn = connect(&server).await;
+        let wire = Wire::new();
+        let key = window_key("t", "openai", "1d", 0);
+        let a = ask(&wire, &mut conn, &identity("a"), &key, 0, 0, 600_000).await;
+        assert_eq!(a.grant, 500_000, "half of what is free");
+        // Half the limit is free: a quarter of it (smaller steps as the budget fills).
+        let b = ask(&wire, &mut conn, &identity("b"), &key, 0, 0, u64::MAX / 4).await;
+        assert_eq!(b.grant, 125_000);
+        // a spent 300k and gives back down to 100k: kept at its spend.
+        let a = ask(
+            &wire,
+            &mut conn,
+            &identity("a"),
+            &key,
+            300_000,
+            500_000,
+            100_000,
+        )
+        .await;
+        assert_eq!(a.grant, 300_000);
+        assert_eq!(grant_sums(&server, &key), (425_000, 425_000));
+        // b takes what a gave back and the rest (the last 5 % of the limit in one step).
+        let mut g = b.grant;
+        for _ in 0..20 {
+            g = ask(&wire, &mut conn, &identity("b"), &key, 0, g, u64::MAX / 4)
+                .await
+                .grant;
+        }
+        assert_eq!(g, 700_000);
+        assert_eq!(grant_sums(&server, &key), (1_000_000, 1_000_000));
+        // A durable grant above what Redis holds is kept (max), never lowered by a want.
+        let a = ask(&wire, &mut conn, &identity("a"), &key, 300_000, 300_000, 0).await;
+        assert_eq!(a.grant, 300_000);
+    }
+
+    #[tokio::test]
+    async fn a_flushed_redis_rebuilds_grants_and_raises_wait_for_the_holders() {
+        let server = server_or_skip!();
+        let mut conn = connect(&server).await;
+        let wire = Wire::new();
+        let key = window_key("t", "openai", "1d", 0);
+        let guarded = |node| Identity {
+            guard_ms: 400,
+            ..identity(node)
+        };
+        // A budget's first strict call freezes raises for the guard time too (Redis cannot
+        // tell a first use from a loss).
+        let r = ask(&wire, &mut conn, &guarded("a"), &key, 0, 0, 600_000).await;
+        assert!(r.frozen);
+        assert_eq!(r.grant, 0);
+        let deadline = Instant::now() + std::time::Duration::from_secs(5);
+        let a = loop {
+            let r = ask(&wire, &mut conn, &guarded("a"), &key, 0, 0, 600_000).await;
+            if !r.frozen {
+                break r.grant;
+            }
+            assert!(Instant::now() < deadline, "the guard never ended");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        };
+        assert_eq!(a, 500_000);
+        let b = ask(&wire, &mut conn, &guarded("b"), &key, 0, 0, 400_000)
+            .await
+            .grant;
+        assert_eq!(b, 125_000);
+
+        server.flushall();
+        // c, who never held a grant, asks first: frozen, nothing granted twice.
+        let c = ask(&wire, &mut conn, &guarded("c"), &key, 0, 0, 900_000).await;
+        assert_eq!((c.grant, c.frozen), (0, true));
+        // The holders re-register their durable grants (max), even while frozen.
+        let r = ask(&wire, &mut conn, &guarded("a"), &key, 0, a, a).await;
+        assert_eq!(r.grant, a);
+        let r = ask(&wire, &mut conn, &guarded("b"), &key, 0, b, b).await;
+        assert_eq!((r.grant, r.granted), (b, a + b));
+        // After the guard, c gets only what is really free.
+        let deadline = Instant::now() + std::time::Duration::from_secs(5);
+        let mut g = 0;
+        loop {
+            let r = ask(&wire, &mut conn, &guarded("c"), &key, 0, g, 900_000).await;
+            g = r.grant;
+            if !r.frozen && r.granted == LIMIT {
+                break;
+            }
+            assert!(Instant::now() < deadline, "c never got the rest: {r:?}");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert_eq!(g, LIMIT - a - b);
+        assert_eq!(grant_sums(&server, &key).0, LIMIT);
+    }
+
+    #[tokio::test]
+    async fn unused_grants_of_silent_nodes_are_reclaimed_after_the_lease() {
+        let server = server_or_skip!();
+        let mut conn = connect(&server).await;
+        let wire = Wire::new();
+        let key = window_key("t", "openai", "1d", 0);
+        let leased = |node| Identity {
+            grant_lease_ms: 300,
+            ..identity(node)
+        };
+        // a spent 100k: half of the 900k free.
+        let a = ask(&wire, &mut conn, &leased("a"), &key, 100_000, 0, 600_000)
+            .await
+            .grant;
+        assert_eq!(a, 450_000);
+        let mut b = 0;
+        for _ in 0..20 {
+            b = ask(&wire, &mut conn, &leased("b"), &key, 0, b, u64::MAX / 4)
+                .await
+                .grant;
+        }
+        assert_eq!(b, 550_000, "all of the rest");
+        // Within the lease nothing is taken from a.
+        let r = ask(&wire, &mut conn, &leased("b"), &key, 0, b, u64::MAX / 4).await;
+        assert_eq!(r.grant, b);
+        // a stays silent past its lease: its unused 350k is reclaimed (its spend is kept).
+        let deadline = Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let r = ask(&wire, &mut conn, &leased("b"), &key, 0, b, u64::MAX / 4).await;
+            if r.grant > b {
+                b = r.grant;
+                break;
+            }
+            assert!(Instant::now() < deadline, "never reclaimed");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        assert!(b > 550_000 && b <= 900_000, "{b}");
+        // a comes back: its durable grant is restored (max): the bound grows by at most its
+        // unused grant, as documented, and raises freeze again.
+        let r = ask(&wire, &mut conn, &leased("a"), &key, 100_000, a, a).await;
+        assert_eq!(r.grant, a);
+        let (_, claimed) = grant_sums(&server, &key);
+        assert!(claimed <= LIMIT + (a - 100_000), "{claimed}");
+    }
+
+    #[tokio::test]
+    async fn a_data_dir_taking_a_node_id_over_gets_only_the_unused_grant() {
+        let server = server_or_skip!();
+        let mut conn = connect(&server).await;
+        let wire = Wire::new();
+        let key = window_key("t", "openai", "1d", 0);
+        let first = ask(&wire, &mut conn, &identity("a"), &key, 100_000, 0, 600_000).await;
+        assert_eq!(first.grant, 450_000);
+        // Another data dir under the same node id while the lease is held: no grant moves.
+        let other = Identity {
+            instance: "i9",
+            ..identity("a")
+        };
+        let refused = SyncItem {
+            grant: Some(GrantAsk {
+                limit: LIMIT,
+                durable: 0,
+                want: 900_000,
+            }),
+            ..item(&key, 0)
+        };
+        let out = wire
+            .sync_round(&mut conn, &other, &[group("a", vec![refused])])
+            .await
+            .unwrap();
+        let reply = out[0].as_ref().unwrap();
+        assert!(matches!(reply.lease, Lease::Refused { .. }));
+        assert_eq!(reply.keys[0].as_ref().unwrap().grant, None);
+        // The first data dir is gone (its lease expired): the new one takes the field over,
+        // with what its predecessor had not spent of the grant, nothing more.
+        server.command(&["DEL", &format!("{key}:lease:a")]);
+        let taken = ask(&wire, &mut conn, &other, &key, 0, 0, 350_000).await;
+        assert_eq!(taken.grant, 350_000);
+        assert_eq!(grant_sums(&server, &key), (350_000, 450_000));
     }
 }

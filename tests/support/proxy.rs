@@ -2,13 +2,14 @@
 //! and Redis, while the other nodes keep talking to the same server.
 //!
 //! `cut` closes every forwarded connection and makes new ones close at once (the client sees
-//! a reset, like a dropped link); `heal` lets connections through again.
+//! a reset, like a dropped link); `heal` lets connections through again. `set_delay` holds
+//! every forwarded chunk that long, each way (a slow link: a round trip gains twice it).
 
 #![allow(dead_code)]
 
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -24,6 +25,8 @@ struct Shared {
     stop: AtomicBool,
     /// Both ends of every live forwarded connection, to shut them down on `cut`.
     live: Mutex<Vec<TcpStream>>,
+    /// Microseconds each forwarded chunk is held, each way.
+    delay_us: AtomicU64,
 }
 
 impl Proxy {
@@ -34,6 +37,7 @@ impl Proxy {
             cut: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             live: Mutex::new(Vec::new()),
+            delay_us: AtomicU64::new(0),
         });
         let s = Arc::clone(&shared);
         let accept = std::thread::spawn(move || {
@@ -59,8 +63,9 @@ impl Proxy {
                         live.push(b);
                     }
                 }
-                std::thread::spawn(move || pump(client, s2));
-                std::thread::spawn(move || pump(server, c2));
+                let (d1, d2) = (Arc::clone(&s), Arc::clone(&s));
+                std::thread::spawn(move || pump(client, s2, &d1));
+                std::thread::spawn(move || pump(server, c2, &d2));
             }
         });
         Ok(Proxy {
@@ -92,6 +97,14 @@ impl Proxy {
     pub fn heal(&self) {
         self.shared.cut.store(false, Ordering::SeqCst);
     }
+
+    /// Holds every forwarded chunk `delay` before passing it on, each way.
+    pub fn set_delay(&self, delay: std::time::Duration) {
+        self.shared.delay_us.store(
+            u64::try_from(delay.as_micros()).unwrap_or(u64::MAX),
+            Ordering::SeqCst,
+        );
+    }
 }
 
 impl Drop for Proxy {
@@ -106,12 +119,17 @@ impl Drop for Proxy {
     }
 }
 
-fn pump(mut from: TcpStream, mut to: TcpStream) {
+fn pump(mut from: TcpStream, mut to: TcpStream, shared: &Shared) {
     let mut buf = [0u8; 16 * 1024];
     loop {
         match from.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => {
+                let delay = shared.delay_us.load(Ordering::Relaxed);
+                if delay > 0 {
+                    // A slow link, not a condition to await: the delay is the point.
+                    std::thread::sleep(std::time::Duration::from_micros(delay));
+                }
                 if to.write_all(&buf[..n]).is_err() {
                     break;
                 }
