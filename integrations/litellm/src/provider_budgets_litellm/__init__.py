@@ -477,16 +477,21 @@ class ProviderBudgets(CustomLogger):
                 payload["reservation"],
             )
             return None
-        task = asyncio.get_running_loop().create_task(self._post_end(url, payload))
+        return self._track(self._post_end(url, payload))
+
+    def _track(self, coro: Any) -> "asyncio.Task[None]":
+        """Run ``coro`` as a task kept in ``_pending`` until it is done (for ``flush``)."""
+        task = asyncio.get_running_loop().create_task(coro)
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
         return task
 
-    async def _post_end(self, url: str, payload: Dict[str, Any]) -> None:
-        """A commit or release, retried while the sidecar is unusable (the same answer comes
-        back for a repeat, so a retry never counts twice)."""
+    async def _post_retried(self, url: str, payload: Dict[str, Any], what: str) -> Tuple[Optional[int], Any]:
+        """Post ``payload``, retried with backoff while the sidecar is unusable (the same answer
+        comes back for a repeat, so a retry never counts twice). Counts the outcome in ``stats``
+        and returns ``(200, answer)`` when posted, ``(status, answer)`` when refused for good, or
+        ``(None, last_error)`` after ``spend_attempts``; the caller logs the last two."""
         body = json.dumps(payload, separators=(",", ":")).encode()
-        what = "commit" if "cost" in payload else "release"
         delay = self.retry_backoff
         last: object = None
         for attempt in range(1, self.spend_attempts + 1):
@@ -500,34 +505,42 @@ class ProviderBudgets(CustomLogger):
                 if status == 200:
                     self._reachable()
                     self.stats.posted += 1
-                    return
+                    return status, answer
                 if status in (408, 429) or status >= 500:
                     last = f"HTTP {status}: {_clip(answer)}"
                 else:
-                    # 404 (unknown: the sidecar restarted) or 409 (expired): the estimate was
-                    # counted instead; nothing a retry can change.
                     self._reachable()
                     self.stats.rejected += 1
-                    logger.error(
-                        "provider-budgets sidecar refused the %s of reservation %s (HTTP %d: %s)",
-                        what,
-                        payload["reservation"],
-                        status,
-                        _clip(answer),
-                    )
-                    return
+                    return status, answer
             self._unreachable(what, last)
             if attempt < self.spend_attempts:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.max_backoff)
         self.stats.dropped += 1
-        logger.error(
-            "provider-budgets: gave up the %s of reservation %s after %d attempts (%s); it expires and counts its estimate",
-            what,
-            payload["reservation"],
-            self.spend_attempts,
-            last,
-        )
+        return None, last
+
+    async def _post_end(self, url: str, payload: Dict[str, Any]) -> None:
+        """A commit or release, retried while the sidecar is unusable."""
+        what = "commit" if "cost" in payload else "release"
+        status, answer = await self._post_retried(url, payload, what)
+        if status is None:
+            logger.error(
+                "provider-budgets: gave up the %s of reservation %s after %d attempts (%s); it expires and counts its estimate",
+                what,
+                payload["reservation"],
+                self.spend_attempts,
+                answer,
+            )
+        elif status != 200:
+            # 404 (unknown: the sidecar restarted) or 409 (expired): the estimate was
+            # counted instead; nothing a retry can change.
+            logger.error(
+                "provider-budgets sidecar refused the %s of reservation %s (HTTP %d: %s)",
+                what,
+                payload["reservation"],
+                status,
+                _clip(answer),
+            )
 
     async def async_log_failure_event(self, kwargs, response_obj, start_time, end_time):  # type: ignore[override]
         if not self.strict:
@@ -603,52 +616,26 @@ class ProviderBudgets(CustomLogger):
                 provider,
             )
             return None
-        task = asyncio.get_running_loop().create_task(self._post_spend(payload))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
-        return task
+        return self._track(self._post_spend(payload))
 
     async def _post_spend(self, payload: Dict[str, Any]) -> None:
-        body = json.dumps(payload, separators=(",", ":")).encode()
-        delay = self.retry_backoff
-        last: object = None
-        for attempt in range(1, self.spend_attempts + 1):
-            if attempt > 1:
-                self.stats.retries += 1
-            try:
-                status, answer = await self._post(self._spend_url, body)
-            except _Unusable as e:
-                last = e
-            else:
-                if status == 200:
-                    self._reachable()
-                    self.stats.posted += 1
-                    return
-                if status in (408, 429) or status >= 500:
-                    last = f"HTTP {status}: {_clip(answer)}"
-                else:
-                    self._reachable()
-                    self.stats.rejected += 1
-                    logger.error(
-                        "provider-budgets sidecar rejected spend %s for provider %s (HTTP %d: %s): not recorded",
-                        payload["cost"],
-                        _target(payload),
-                        status,
-                        _clip(answer),
-                    )
-                    return
-            self._unreachable("spend", last)
-            if attempt < self.spend_attempts:
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.max_backoff)
-        self.stats.dropped += 1
-        logger.error(
-            "provider-budgets: gave up recording spend %s for provider %s after %d attempts (%s)",
-            payload["cost"],
-            _target(payload),
-            self.spend_attempts,
-            last,
-        )
+        status, answer = await self._post_retried(self._spend_url, payload, "spend")
+        if status is None:
+            logger.error(
+                "provider-budgets: gave up recording spend %s for provider %s after %d attempts (%s)",
+                payload["cost"],
+                _target(payload),
+                self.spend_attempts,
+                answer,
+            )
+        elif status != 200:
+            logger.error(
+                "provider-budgets sidecar rejected spend %s for provider %s (HTTP %d: %s): not recorded",
+                payload["cost"],
+                _target(payload),
+                status,
+                _clip(answer),
+            )
 
     async def flush(self, timeout: Optional[float] = None) -> bool:
         """Wait for the spend posts pending on the running loop; ``False`` on timeout."""
