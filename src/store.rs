@@ -173,23 +173,50 @@ pub(crate) struct AckedValue {
 /// Format of `acked` values: this byte, then end and total as big-endian 8 bytes each.
 const ACKED_VERSION: u8 = 0x31;
 
+/// The 17-byte layout shared by `acked` and `grants` values: a version byte, then a window end
+/// (i64) and an amount (u64), big-endian 8 bytes each.
+fn encode_end_amount(version: u8, end: i64, amount: u64) -> [u8; 17] {
+    let mut out = [0u8; 17];
+    out[0] = version;
+    out[1..9].copy_from_slice(&end.to_be_bytes());
+    out[9..].copy_from_slice(&amount.to_be_bytes());
+    out
+}
+
+/// Inverse of [`encode_end_amount`]: `None` unless `raw` is 17 bytes starting with `version`.
+fn decode_end_amount(version: u8, raw: &[u8]) -> Option<(i64, u64)> {
+    if raw.len() != 17 || raw[0] != version {
+        return None;
+    }
+    Some((
+        i64::from_be_bytes(raw[1..9].try_into().ok()?),
+        u64::from_be_bytes(raw[9..].try_into().ok()?),
+    ))
+}
+
+/// One sled batch that writes `items` (encoded values by window key) and removes `removed`.
+fn window_batch<'a>(
+    items: impl IntoIterator<Item = (&'a WindowKey, [u8; 17])>,
+    removed: impl IntoIterator<Item = &'a WindowKey>,
+) -> sled::Batch {
+    let mut batch = sled::Batch::default();
+    for (k, v) in items {
+        batch.insert(k.encode(), v.to_vec());
+    }
+    for k in removed {
+        batch.remove(k.encode());
+    }
+    batch
+}
+
 impl AckedValue {
     fn encode(&self) -> [u8; 17] {
-        let mut out = [0u8; 17];
-        out[0] = ACKED_VERSION;
-        out[1..9].copy_from_slice(&self.end.to_be_bytes());
-        out[9..].copy_from_slice(&self.total.to_be_bytes());
-        out
+        encode_end_amount(ACKED_VERSION, self.end, self.total)
     }
 
     fn decode(raw: &[u8]) -> Option<AckedValue> {
-        if raw.len() != 17 || raw[0] != ACKED_VERSION {
-            return None;
-        }
-        Some(AckedValue {
-            end: i64::from_be_bytes(raw[1..9].try_into().ok()?),
-            total: u64::from_be_bytes(raw[9..].try_into().ok()?),
-        })
+        let (end, total) = decode_end_amount(ACKED_VERSION, raw)?;
+        Some(AckedValue { end, total })
     }
 }
 
@@ -209,21 +236,12 @@ const GRANT_VERSION: u8 = 0x51;
 
 impl GrantValue {
     fn encode(&self) -> [u8; 17] {
-        let mut out = [0u8; 17];
-        out[0] = GRANT_VERSION;
-        out[1..9].copy_from_slice(&self.end.to_be_bytes());
-        out[9..].copy_from_slice(&self.grant.to_be_bytes());
-        out
+        encode_end_amount(GRANT_VERSION, self.end, self.grant)
     }
 
     fn decode(raw: &[u8]) -> Option<GrantValue> {
-        if raw.len() != 17 || raw[0] != GRANT_VERSION {
-            return None;
-        }
-        Some(GrantValue {
-            end: i64::from_be_bytes(raw[1..9].try_into().ok()?),
-            grant: u64::from_be_bytes(raw[9..].try_into().ok()?),
-        })
+        let (end, grant) = decode_end_amount(GRANT_VERSION, raw)?;
+        Some(GrantValue { end, grant })
     }
 }
 
@@ -680,13 +698,7 @@ impl Store {
         items: impl IntoIterator<Item = (&'a WindowKey, AckedValue)>,
         removed: impl IntoIterator<Item = &'a WindowKey>,
     ) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
-        for (k, v) in items {
-            batch.insert(k.encode(), v.encode().to_vec());
-        }
-        for k in removed {
-            batch.remove(k.encode());
-        }
+        let batch = window_batch(items.into_iter().map(|(k, v)| (k, v.encode())), removed);
         self.with(|h| h.acked.apply_batch(batch))
     }
 
@@ -718,13 +730,7 @@ impl Store {
         items: impl IntoIterator<Item = (&'a WindowKey, GrantValue)>,
         removed: impl IntoIterator<Item = &'a WindowKey>,
     ) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
-        for (k, v) in items {
-            batch.insert(k.encode(), v.encode().to_vec());
-        }
-        for k in removed {
-            batch.remove(k.encode());
-        }
+        let batch = window_batch(items.into_iter().map(|(k, v)| (k, v.encode())), removed);
         self.with(|h| h.grants.apply_batch(batch))?;
         self.flush()
     }
