@@ -373,40 +373,39 @@ pub(super) async fn commit(
     Extract(state): Extract<Shared>,
     bytes: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let bytes = match body(bytes) {
-        Ok(b) => b,
-        Err(r) => return r.into_response(),
-    };
-    let request: CommitRequest<'_> = match parse(&bytes) {
-        Ok(r) => r,
-        Err(r) => return r.into_response(),
-    };
-    if let Some(r) = bad_id(&request.reservation) {
-        return r;
-    }
-    let cost = match money_from_json(request.cost) {
-        Ok(m) => m,
-        Err(e) => return bad_request(&format!("cost: {e}")),
-    };
-    end(state, &request.reservation, Op::Commit, Some(cost)).await
+    end_route(state, bytes, Op::Commit).await
 }
 
 pub(super) async fn release(
     Extract(state): Extract<Shared>,
     bytes: Result<Bytes, BytesRejection>,
 ) -> Response {
+    end_route(state, bytes, Op::Release).await
+}
+
+/// The commit and release routes: body, JSON (a commit's with `cost`, a release's without),
+/// id, cost, in this order, then [`end`].
+async fn end_route(state: Shared, bytes: Result<Bytes, BytesRejection>, op: Op) -> Response {
     let bytes = match body(bytes) {
         Ok(b) => b,
         Err(r) => return r.into_response(),
     };
-    let request: ReleaseRequest<'_> = match parse(&bytes) {
-        Ok(r) => r,
+    let parsed = match op {
+        Op::Commit => parse::<CommitRequest<'_>>(&bytes).map(|r| (r.reservation, Some(r.cost))),
+        Op::Release => parse::<ReleaseRequest<'_>>(&bytes).map(|r| (r.reservation, None)),
+    };
+    let (reservation, cost) = match parsed {
+        Ok(p) => p,
         Err(r) => return r.into_response(),
     };
-    if let Some(r) = bad_id(&request.reservation) {
+    if let Some(r) = bad_id(&reservation) {
         return r;
     }
-    end(state, &request.reservation, Op::Release, None).await
+    let cost = match cost.map(money_from_json).transpose() {
+        Ok(c) => c,
+        Err(e) => return bad_request(&format!("cost: {e}")),
+    };
+    end(state, &reservation, op, cost).await
 }
 
 async fn end(state: Shared, id: &str, op: Op, cost: Option<Money>) -> Response {
