@@ -928,6 +928,18 @@ impl Limiter {
         }
     }
 
+    /// How long a reservation refused by its grant alone waits for a grant round
+    /// (`redis.grant_wait`; zero without Redis).
+    #[cfg(feature = "redis")]
+    fn grant_wait(&self) -> std::time::Duration {
+        self.inner
+            .config
+            .load()
+            .redis
+            .as_ref()
+            .map_or(std::time::Duration::ZERO, |r| r.grant_wait)
+    }
+
     /// A reservation on strict budget `budget` was refused by this node's grant alone: notes
     /// the amount (the next grant round asks for at least that much more) and waits up to
     /// `grant_wait` for an out-of-cycle round. `true` when one finished (retry once then).
@@ -935,14 +947,7 @@ impl Limiter {
         self.inner.view.note_starved(budget, amount);
         #[cfg(feature = "redis")]
         if let Some(r) = &self.inner.replicator {
-            let wait = self
-                .inner
-                .config
-                .load()
-                .redis
-                .as_ref()
-                .map_or(std::time::Duration::ZERO, |r| r.grant_wait);
-            return r.grant_round(wait);
+            return r.grant_round(self.grant_wait());
         }
         false
     }
@@ -952,14 +957,7 @@ impl Limiter {
         self.inner.view.note_starved(budget, amount);
         #[cfg(feature = "redis")]
         if let Some(r) = &self.inner.replicator {
-            let wait = self
-                .inner
-                .config
-                .load()
-                .redis
-                .as_ref()
-                .map_or(std::time::Duration::ZERO, |r| r.grant_wait);
-            return r.grant_round_async(wait).await;
+            return r.grant_round_async(self.grant_wait()).await;
         }
         false
     }

@@ -480,17 +480,14 @@ impl Limiter {
         estimate: Money,
     ) -> Result<Admitted, ReserveError> {
         let mut starved = None;
-        let mut held = self.hold_once(candidates.clone(), tags, estimate, &mut starved);
-        if let (Err(ReserveError::Denied(_)), Some(b)) = (&held, starved) {
-            if self.wait_for_grant(b, estimate) {
-                held = self.hold_once(candidates, tags, estimate, &mut None);
+        let held = self.hold_once(candidates.clone(), tags, estimate, &mut starved);
+        let held = match starved_by_grant(&held, starved) {
+            Some(b) if self.wait_for_grant(b, estimate) => {
+                self.hold_once(candidates, tags, estimate, &mut None)
             }
-        }
-        if matches!(held, Err(ReserveError::Denied(_))) {
-            metrics::counter!("provider_budgets_no_deployments_total").increment(1);
-            metrics::counter!("provider_budgets_reservations_denied_total").increment(1);
-        }
-        held
+            _ => held,
+        };
+        count_denied(held)
     }
 
     /// [`Limiter::hold`] for async code: the grant wait is awaited, never blocking.
@@ -501,17 +498,14 @@ impl Limiter {
         estimate: Money,
     ) -> Result<Admitted, ReserveError> {
         let mut starved = None;
-        let mut held = self.hold_once(candidates.clone(), tags, estimate, &mut starved);
-        if let (Err(ReserveError::Denied(_)), Some(b)) = (&held, starved) {
-            if self.wait_for_grant_async(b, estimate).await {
-                held = self.hold_once(candidates, tags, estimate, &mut None);
+        let held = self.hold_once(candidates.clone(), tags, estimate, &mut starved);
+        let held = match starved_by_grant(&held, starved) {
+            Some(b) if self.wait_for_grant_async(b, estimate).await => {
+                self.hold_once(candidates, tags, estimate, &mut None)
             }
-        }
-        if matches!(held, Err(ReserveError::Denied(_))) {
-            metrics::counter!("provider_budgets_no_deployments_total").increment(1);
-            metrics::counter!("provider_budgets_reservations_denied_total").increment(1);
-        }
-        held
+            _ => held,
+        };
+        count_denied(held)
     }
 
     /// One admission attempt; `starved` gets the first budget refused by its grant alone.
@@ -813,4 +807,19 @@ impl Limiter {
             }
         });
     }
+}
+
+/// The strict budget whose grant alone refused `held`, when that is why it was denied (then a
+/// grant round may help: one retry after it).
+fn starved_by_grant(held: &Result<Admitted, ReserveError>, starved: Option<u32>) -> Option<u32> {
+    starved.filter(|_| matches!(held, Err(ReserveError::Denied(_))))
+}
+
+/// Counts a denial in the metrics; returns `held` unchanged.
+fn count_denied(held: Result<Admitted, ReserveError>) -> Result<Admitted, ReserveError> {
+    if matches!(held, Err(ReserveError::Denied(_))) {
+        metrics::counter!("provider_budgets_no_deployments_total").increment(1);
+        metrics::counter!("provider_budgets_reservations_denied_total").increment(1);
+    }
+    held
 }
