@@ -34,6 +34,7 @@ use crate::store::{GrantValue, Store, WindowKey};
 use crate::view::View;
 use crate::window::Window;
 
+use super::store_key;
 use super::wire::{GrantAsk, GrantReply};
 
 /// Rounds without any spend or hold after which a node gives its unused grant back.
@@ -112,12 +113,7 @@ impl Book {
         self.held.retain(|&(b, start), h| {
             let live = h.window.end_secs() > now;
             if !live {
-                let (provider, period) = keys.get(b);
-                gone.push(WindowKey {
-                    provider,
-                    period,
-                    start,
-                });
+                gone.push(store_key(keys, b, start));
             }
             live
         });
@@ -276,12 +272,7 @@ impl Book {
         window: Window,
         grant: u64,
     ) -> bool {
-        let (provider, period) = keys.get(b);
-        let key = WindowKey {
-            provider,
-            period,
-            start: window.start_secs(),
-        };
+        let key = store_key(keys, b, window.start_secs());
         let value = GrantValue {
             end: window.end_secs(),
             grant,

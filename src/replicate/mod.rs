@@ -78,6 +78,7 @@ use crate::error::{Error, ReplicationError};
 use crate::journal::{DurableTotals, Event};
 use crate::money::Money;
 use crate::redact::{redact_url, scrub};
+use crate::reload::SlotKeys;
 use crate::status::RoundFigures;
 use crate::store::{AckedValue, GrantValue, PeersValue, Store, WindowKey};
 use crate::view::View;
@@ -439,6 +440,16 @@ struct Worker {
     wake: Arc<Wake>,
 }
 
+/// The data-dir key of budget `b`'s window starting at `start` (Unix seconds).
+pub(crate) fn store_key(keys: &SlotKeys, b: u32, start: i64) -> WindowKey {
+    let (provider, period) = keys.get(b);
+    WindowKey {
+        provider,
+        period,
+        start,
+    }
+}
+
 impl Worker {
     fn new(
         mut parts: ReplicatorParts,
@@ -756,12 +767,7 @@ impl Worker {
         self.acked.retain(|&(b, start), a| {
             let live = a.window.end_secs().saturating_add(grace) > now;
             if !live && a.stored {
-                let (provider, period) = keys.get(b);
-                gone.push(WindowKey {
-                    provider,
-                    period,
-                    start,
-                });
+                gone.push(store_key(keys, b, start));
             }
             live
         });
@@ -1397,12 +1403,7 @@ impl Worker {
                         acked_changed = true;
                     }
                 } else if self.acked.remove(&k).is_some_and(|a| a.stored) {
-                    let (provider, period) = self.parts.keys.get(b32);
-                    self.acked_gone.push(WindowKey {
-                        provider,
-                        period,
-                        start: k.1,
-                    });
+                    self.acked_gone.push(store_key(&self.parts.keys, b32, k.1));
                 }
             }
         }
@@ -1459,13 +1460,8 @@ impl Worker {
             .iter()
             .filter_map(|k| self.peers.get(k).map(|p| (k.0, p.window, p.others)))
             .map(|(b, w, others)| {
-                let (provider, period) = self.parts.keys.get(b);
                 (
-                    WindowKey {
-                        provider,
-                        period,
-                        start: w.start_secs(),
-                    },
+                    store_key(&self.parts.keys, b, w.start_secs()),
                     PeersValue {
                         end: w.end_secs(),
                         others,
@@ -1478,13 +1474,8 @@ impl Worker {
             .iter()
             .filter(|(_, a)| !a.stored)
             .map(|(&(b, start), a)| {
-                let (provider, period) = self.parts.keys.get(b);
                 (
-                    WindowKey {
-                        provider,
-                        period,
-                        start,
-                    },
+                    store_key(&self.parts.keys, b, start),
                     AckedValue {
                         end: a.window.end_secs(),
                         total: a.total,
