@@ -136,6 +136,39 @@ pub fn fmt_ns(ns: u64) -> String {
         _ => format!("{:.2} ms", ns as f64 / 1e6),
     }
 }
+/// The percentile pass of a blocking scenario: `threads` threads each time `per_caller` calls of
+/// `call(limiter, thread index)` at once; adds the line `name` with the overall rate.
+pub fn percentiles_threads(
+    name: &str,
+    limiter: &Limiter,
+    threads: usize,
+    per_caller: usize,
+    call: impl Fn(&Limiter, usize) + Sync,
+) {
+    let start = Instant::now();
+    let call = &call;
+    let samples: Vec<u64> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..threads)
+            .map(|t| {
+                let limiter = limiter.clone();
+                s.spawn(move || {
+                    (0..per_caller)
+                        .map(|_| {
+                            let start = Instant::now();
+                            call(&limiter, t);
+                            start.elapsed().as_nanos() as u64
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .flat_map(|h| h.join().expect("thread"))
+            .collect()
+    });
+    let rate = fmt_rate(samples.len() as u64, start.elapsed());
+    add(name, samples, rate);
+}
 
 /// `records / elapsed` as a short rate.
 pub fn fmt_rate(n: u64, elapsed: Duration) -> String {

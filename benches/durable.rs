@@ -104,34 +104,16 @@ const PASS_PER_CALLER: usize = 25;
 
 /// Per-call latency of 64 threads each doing 25 durable records at once.
 fn percentiles_threads(limiter: &Limiter) {
-    let start = Instant::now();
-    let samples: Vec<u64> = std::thread::scope(|s| {
-        let hs: Vec<_> = (0..CONCURRENCY)
-            .map(|t| {
-                let limiter = limiter.clone();
-                s.spawn(move || {
-                    let provider = PROVIDERS[t % PROVIDERS.len()];
-                    (0..PASS_PER_CALLER)
-                        .map(|_| {
-                            let t = Instant::now();
-                            limiter
-                                .record_durable(provider, common::cost())
-                                .expect("durable");
-                            t.elapsed().as_nanos() as u64
-                        })
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        hs.into_iter()
-            .flat_map(|h| h.join().expect("thread"))
-            .collect()
-    });
-    let rate = common::fmt_rate(samples.len() as u64, start.elapsed());
-    common::add(
+    common::percentiles_threads(
         &format!("record_durable/threads/{CONCURRENCY}"),
-        samples,
-        rate,
+        limiter,
+        CONCURRENCY,
+        PASS_PER_CALLER,
+        |limiter, t| {
+            limiter
+                .record_durable(PROVIDERS[t % PROVIDERS.len()], common::cost())
+                .expect("durable");
+        },
     );
 }
 

@@ -4,7 +4,6 @@
 //! Deployments are `gpt-4o` (openai budget) with the generous limits of the common fixture.
 
 use std::hint::black_box;
-use std::time::Instant;
 
 use criterion::{BenchmarkId, Criterion, Throughput};
 use provider_budgets::{Limiter, NO_TAGS};
@@ -58,30 +57,11 @@ pub fn bench(c: &mut Criterion) {
 
 /// Per-call latency of 64 threads each doing 10 reserve + commit pairs at once.
 fn percentiles_threads(limiter: &Limiter) {
-    let start = Instant::now();
-    let samples: Vec<u64> = std::thread::scope(|s| {
-        let hs: Vec<_> = (0..CONCURRENCY)
-            .map(|_| {
-                let limiter = limiter.clone();
-                s.spawn(move || {
-                    (0..PASS_PER_CALLER)
-                        .map(|_| {
-                            let t = Instant::now();
-                            reserve_commit(&limiter);
-                            t.elapsed().as_nanos() as u64
-                        })
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        hs.into_iter()
-            .flat_map(|h| h.join().expect("thread"))
-            .collect()
-    });
-    let rate = common::fmt_rate(samples.len() as u64, start.elapsed());
-    common::add(
+    common::percentiles_threads(
         &format!("reserve_commit/threads/{CONCURRENCY}"),
-        samples,
-        rate,
+        limiter,
+        CONCURRENCY,
+        PASS_PER_CALLER,
+        |limiter, _| reserve_commit(limiter),
     );
 }
