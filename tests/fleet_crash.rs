@@ -11,16 +11,18 @@
 
 #![allow(clippy::unwrap_used)]
 
+#[path = "support/child.rs"]
+mod child;
 #[path = "support/cli.rs"]
 mod cli;
 #[path = "support/redis_server.rs"]
 mod redis_server;
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::Stdio;
+use std::io::{BufRead, Write};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use child::{sigkill, spawn_piped};
 use cli::Cli;
 use jiff::Timestamp;
 use provider_budgets::{Config, FakeClock, Limiter, Money, RedisConfig};
@@ -62,24 +64,8 @@ fn a_killed_node_neither_loses_nor_recounts_its_spend() {
     let b = library_node(b_dir.path(), &url, "b", now);
     let (mut acked_total, mut sent_total, mut b_total) = (0u64, 0u64, 0u64);
     for trial in 0..6u64 {
-        let mut child = a
-            .cmd(&[
-                "--redis",
-                &url,
-                "--node-id",
-                "a",
-                "--now",
-                &now_text,
-                "ingest",
-                "--durable",
-            ])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut stdin = child.stdin.take().unwrap();
-        let mut acks = BufReader::new(child.stdout.take().unwrap()).lines();
+        let (mut child, mut stdin, acks) = spawn_piped(a.durable_ingest(&url, "a", &now_text));
+        let mut acks = acks.lines();
         let shipped_before = redis_total(&server, now, "a");
         // Acknowledged records first, then wait until Redis has seen some of them.
         for k in 0..20u64 {
@@ -101,8 +87,7 @@ fn a_killed_node_neither_loses_nor_recounts_its_spend() {
                 sent_total += cost;
             }
         }
-        child.kill().unwrap(); // SIGKILL on unix
-        child.wait().unwrap();
+        sigkill(&mut child); // SIGKILL on unix
 
         b.record("openai", Money::from_nanos(3 + trial)).unwrap();
         b_total += 3 + trial;

@@ -15,17 +15,19 @@
 
 #![allow(clippy::unwrap_used)]
 
+#[path = "support/child.rs"]
+mod child;
 #[path = "support/cli.rs"]
 mod cli;
 #[path = "support/redis_server.rs"]
 mod redis_server;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, Write};
 use std::path::Path;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use child::{sigkill, spawn_piped};
 use cli::{budget, Cli, Run};
 use jiff::Timestamp;
 use provider_budgets::{Config, Error, FakeClock, Limiter, Money, RedisConfig, ReplicationError};
@@ -312,24 +314,8 @@ fn a_crashed_holder_blocks_its_node_id_only_until_its_lease_expires() {
     // The CLI node ships every 50 ms; its lease lives 3 intervals + both timeouts (~2.2 s).
     let yaml = "provider_budget_config:\n  openai: {budget_limit: 1000000, time_period: 1d}\n  anthropic: {budget_limit: 1000000, time_period: 1d}\nprovider_budgets:\n  redis: {url: \"redis://127.0.0.1:1/\", prefix: crash, sync_interval: 50ms, connect_timeout: 1s, command_timeout: 1s}\n";
     let a = Cli::new(yaml);
-    let mut child = a
-        .cmd(&[
-            "--redis",
-            &url,
-            "--node-id",
-            "dup",
-            "--now",
-            &now_text,
-            "ingest",
-            "--durable",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let mut acks = BufReader::new(child.stdout.take().unwrap()).lines();
+    let (mut child, mut stdin, acks) = spawn_piped(a.durable_ingest(&url, "dup", &now_text));
+    let mut acks = acks.lines();
     let mut acked = 0u64;
     for k in 1..=20u64 {
         writeln!(stdin, "openai 0.{k:09}").unwrap();
@@ -342,8 +328,7 @@ fn a_crashed_holder_blocks_its_node_id_only_until_its_lease_expires() {
         assert!(Instant::now() < deadline, "the CLI node never shipped");
         std::thread::sleep(Duration::from_millis(5));
     }
-    child.kill().unwrap(); // SIGKILL: the lease stays until it expires
-    child.wait().unwrap();
+    sigkill(&mut child); // SIGKILL: the lease stays until it expires
     let killed_at = Instant::now();
 
     let (d2, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());

@@ -16,15 +16,18 @@
 //!   commit answers the storage fault but stays counted; once space is back it is durable.
 #![allow(clippy::unwrap_used)]
 
+#[path = "support/child.rs"]
+mod child;
 #[path = "support/tmpfs.rs"]
 mod tmpfs;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, Write};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
+use child::{sigkill, spawn_piped};
 use jiff::Timestamp;
 use provider_budgets::{
     Config, FakeClock, Limiter, Money, RecordError, Reservation, ReserveError, Scope, NO_TAGS,
@@ -378,16 +381,10 @@ fn sigkill_with_reservations_open_counts_each_estimate_once() {
     let dir = tempfile::tempdir().unwrap();
     let mut expected = Money::ZERO;
     for round in 0..2u64 {
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "crash_child", "--nocapture", "--test-threads=1"])
-            .env("RESERVE_CRASH_CHILD_DIR", dir.path())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut stdin = child.stdin.take().unwrap();
-        let mut acks = BufReader::new(child.stdout.take().unwrap());
+        let mut cmd = Command::new(std::env::current_exe().unwrap());
+        cmd.args(["--exact", "crash_child", "--nocapture", "--test-threads=1"])
+            .env("RESERVE_CRASH_CHILD_DIR", dir.path());
+        let (mut child, mut stdin, mut acks) = spawn_piped(cmd);
         let mut step = |cmd: &str| {
             writeln!(stdin, "{cmd}").unwrap();
             stdin.flush().unwrap();
@@ -410,8 +407,7 @@ fn sigkill_with_reservations_open_counts_each_estimate_once() {
         step("commit 1.75");
         step("release");
         step("reserve claude-3-5-sonnet 3");
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
+        sigkill(&mut child); // SIGKILL
         expected = expected.saturating_add(usd("5")); // 1.75 + 0.25 + 3
         let l = open(dir.path(), &clock());
         assert_eq!(

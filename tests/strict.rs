@@ -5,6 +5,8 @@
 
 #![allow(clippy::unwrap_used)]
 
+#[path = "support/child.rs"]
+mod child;
 #[path = "support/cli.rs"]
 mod cli;
 #[path = "support/proxy.rs"]
@@ -12,12 +14,12 @@ mod proxy;
 #[path = "support/redis_server.rs"]
 mod redis_server;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, Write};
 use std::path::Path;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use child::{sigkill, spawn_piped};
 use cli::Cli;
 use jiff::{SignedDuration, Timestamp};
 use provider_budgets::{BudgetStatus, Config, Enforcement, FakeClock, Limiter, Money, RedisConfig};
@@ -227,32 +229,15 @@ fn a_killed_node_finds_its_grant_on_disk_and_it_is_never_granted_twice() {
     // Node a: a CLI process spending fast (its grant grows), SIGKILLed once Redis granted it
     // more than half the limit: no give-back.
     let a_cli = Cli::new(CLI_CONFIG);
-    let mut child = a_cli
-        .cmd(&[
-            "--redis",
-            &url,
-            "--node-id",
-            "a",
-            "--now",
-            &now_text,
-            "ingest",
-            "--durable",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let mut acks = BufReader::new(child.stdout.take().unwrap()).lines();
+    let (mut child, mut stdin, acks) = spawn_piped(a_cli.durable_ingest(&url, "a", &now_text));
+    let mut acks = acks.lines();
     let deadline = Instant::now() + Duration::from_secs(20);
     while redis_grant_of(&server, w, "a") <= LIMIT / 2 {
         assert!(Instant::now() < deadline, "a never got half the limit");
         writeln!(stdin, "openai 0.2").unwrap();
         assert!(acks.next().unwrap().unwrap().starts_with("ok "));
     }
-    child.kill().unwrap(); // SIGKILL on unix
-    child.wait().unwrap();
+    sigkill(&mut child); // SIGKILL on unix
     let in_redis = redis_grant_of(&server, w, "a");
 
     // Redis dies too. a restarts offline: its grant comes from its disk (durable before it

@@ -53,6 +53,21 @@ impl Cli {
         c
     }
 
+    /// `provider-budgets ... --redis URL --node-id NODE --now NOW ingest --durable`: a node
+    /// that acknowledges each durable record on stdout (the crash tests SIGKILL it).
+    pub fn durable_ingest(&self, url: &str, node: &str, now: &str) -> Command {
+        self.cmd(&[
+            "--redis",
+            url,
+            "--node-id",
+            node,
+            "--now",
+            now,
+            "ingest",
+            "--durable",
+        ])
+    }
+
     /// Runs to completion.
     pub fn run(&self, args: &[&str]) -> Run {
         Run::of(self.cmd(args).output().expect("spawn provider-budgets"))
