@@ -107,6 +107,28 @@ fn until(nodes: &[&Limiter], what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// `x` whole dollars.
+fn usd(x: u64) -> Money {
+    Money::from_nanos(x * 1_000_000_000)
+}
+
+/// Polls until `l` can reserve `amount` (past the first use's guard); the probe is released.
+fn until_first_grant(l: &Limiter, amount: Money) {
+    until(&[l], "a first grant", || {
+        l.reserve(&"openai/gpt-4o", amount)
+            .map(|r| r.release().unwrap())
+            .is_ok()
+    });
+}
+
+/// Spends $1 on `a` each round until `cond` holds.
+fn spend_until(a: &Limiter, what: &str, cond: impl Fn() -> bool) {
+    until(&[a], what, || {
+        spend(a, "1");
+        cond()
+    });
+}
+
 fn window_start(at: Timestamp) -> i64 {
     at.as_second() - at.as_second().rem_euclid(86_400)
 }
@@ -312,10 +334,7 @@ fn a_clean_shutdown_gives_the_grant_back() {
     let clock = Arc::new(FakeClock::new(t0()));
     let da = tempfile::tempdir().unwrap();
     let a = open(da.path(), &server.url(), "a", &clock);
-    until(&[&a], "a holds a grant", || {
-        spend(&a, "1");
-        grant(&a) > own(&a)
-    });
+    spend_until(&a, "a holds a grant", || grant(&a) > own(&a));
     let spent = own(&a);
     a.shutdown().unwrap();
     assert_eq!(redis_grants(&server, window_start(t0())).0, spent);
@@ -329,18 +348,12 @@ fn grants_belong_to_their_window() {
     let clock = Arc::new(FakeClock::new(t0()));
     let da = tempfile::tempdir().unwrap();
     let a = open(da.path(), &server.url(), "a", &clock);
-    until(&[&a], "a holds a grant", || {
-        spend(&a, "1");
-        grant(&a) > LIMIT / 2
-    });
+    spend_until(&a, "a holds a grant", || grant(&a) > LIMIT / 2);
     let first = window_start(t0());
     clock.advance(SignedDuration::from_hours(24));
     let next = first + 86_400;
     assert_eq!(grant(&a), 0, "a new window starts without a grant");
-    until(&[&a], "a grant in the new window", || {
-        spend(&a, "1");
-        grant(&a) > LIMIT / 2
-    });
+    spend_until(&a, "a grant in the new window", || grant(&a) > LIMIT / 2);
     // The old window's grant does not count against the new one.
     assert_eq!(redis_grants(&server, next).0, grant(&a));
     assert_eq!(row(&a).granted_total.unwrap().as_nanos(), grant(&a));
@@ -404,13 +417,8 @@ fn a_reservation_refused_by_its_grant_waits_for_one_grant_round_and_a_spent_budg
     let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let a = open(da.path(), &server.url(), "a", &clock);
     let b = open(db.path(), &server.url(), "b", &clock);
-    let usd = |x: u64| Money::from_nanos(x * 1_000_000_000);
     // Past the first use's guard.
-    until(&[&a], "a first grant", || {
-        a.reserve(&"openai/gpt-4o", usd(1))
-            .map(|r| r.release().unwrap())
-            .is_ok()
-    });
+    until_first_grant(&a, usd(1));
     // $30 is far beyond a's grant: one out-of-cycle round (half of what is free) and it fits.
     let r = a.reserve(&"openai/gpt-4o", usd(30)).unwrap();
     assert!(grant(&a) >= usd(30).as_nanos());
@@ -455,12 +463,7 @@ fn offline_open_admits_against_the_fleet_total_and_comes_back_to_the_grant() {
     let mut c = config(da.path(), &link.url(), "a", "s");
     c.budgets = Config::from_yaml_str(&yaml("open")).unwrap().budgets;
     let a = Limiter::open_with_clock(c, clock.clone()).unwrap();
-    let usd = |x: u64| Money::from_nanos(x * 1_000_000_000);
-    until(&[&a], "a first grant", || {
-        a.reserve(&"openai/gpt-4o", usd(1))
-            .map(|r| r.release().unwrap())
-            .is_ok()
-    });
+    until_first_grant(&a, usd(1));
     let held = grant(&a);
     assert!(held < usd(60).as_nanos());
     link.cut();
@@ -520,12 +523,7 @@ fn async_reservations_await_the_grant_round_without_blocking_the_runtime() {
     c.redis.as_mut().unwrap().grant_wait = Duration::from_secs(3);
     c.redis.as_mut().unwrap().command_timeout = Duration::from_secs(2);
     let a = Limiter::open_with_clock(c, clock.clone()).unwrap();
-    let usd = |x: u64| Money::from_nanos(x * 1_000_000_000);
-    until(&[&a], "a first grant", || {
-        a.reserve(&"openai/gpt-4o", usd(1))
-            .map(|r| r.release().unwrap())
-            .is_ok()
-    });
+    until_first_grant(&a, usd(1));
     // A slow link: the grant round takes a few hundred ms.
     link.set_delay(Duration::from_millis(100));
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -667,11 +665,7 @@ fn run_model(ops: Vec<Op>) -> Result<u64, TestCaseError> {
     // Past the first use's guard: node 0 can reserve.
     {
         let l = nodes[0].limiter.as_ref().unwrap();
-        until(&[l], "a first grant", || {
-            l.reserve(&"openai/gpt-4o", Money::from_nanos(CENT))
-                .map(|r| r.release().unwrap())
-                .is_ok()
-        });
+        until_first_grant(l, Money::from_nanos(CENT));
     }
     for op in ops {
         match op {
