@@ -271,21 +271,7 @@ impl Worker {
         let (host, port) = addr.rsplit_once(':').ok_or_else(bad)?;
         let port: u16 = port.parse().map_err(|_| bad())?;
         let seed = crate::replicate::client(&self.url, &self.tls)?;
-        let info = seed.get_connection_info().clone();
-        let moved = match info.addr().clone() {
-            redis::ConnectionAddr::TcpTls {
-                insecure,
-                tls_params,
-                ..
-            } => redis::ConnectionAddr::TcpTls {
-                host: host.to_owned(),
-                port,
-                insecure,
-                tls_params,
-            },
-            _ => redis::ConnectionAddr::Tcp(host.to_owned(), port),
-        };
-        redis::Client::open(info.set_addr(moved))
+        crate::replicate::client_moved(&seed, host, port)
     }
 }
 

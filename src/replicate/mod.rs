@@ -41,6 +41,30 @@
 pub(crate) mod cluster;
 mod tls;
 
+/// A client with `seed`'s settings (TLS, auth, database) at another address: a cluster
+/// master or a node named in a `MOVED`/`ASK` answer.
+pub(crate) fn client_moved(
+    seed: &redis::Client,
+    host: &str,
+    port: u16,
+) -> redis::RedisResult<redis::Client> {
+    let info = seed.get_connection_info().clone();
+    let moved = match info.addr().clone() {
+        redis::ConnectionAddr::TcpTls {
+            insecure,
+            tls_params,
+            ..
+        } => redis::ConnectionAddr::TcpTls {
+            host: host.to_owned(),
+            port,
+            insecure,
+            tls_params,
+        },
+        _ => redis::ConnectionAddr::Tcp(host.to_owned(), port),
+    };
+    redis::Client::open(info.set_addr(moved))
+}
+
 /// A client for `url` with the TLS settings of `provider_budgets.redis.tls` (for other users
 /// of Redis than the replicator, e.g. fleet-wide soft-limit claims).
 pub(crate) fn client(
@@ -1092,21 +1116,7 @@ impl Worker {
     /// A client for a cluster master: the first URL's settings at another address.
     fn client_at(&self, addr: &cluster::Addr) -> Result<redis::Client, ReplicationError> {
         let seed = self.client(&self.parts.redis.url)?;
-        let info = seed.get_connection_info().clone();
-        let moved = match info.addr().clone() {
-            redis::ConnectionAddr::TcpTls {
-                insecure,
-                tls_params,
-                ..
-            } => redis::ConnectionAddr::TcpTls {
-                host: addr.0.clone(),
-                port: addr.1,
-                insecure,
-                tls_params,
-            },
-            _ => redis::ConnectionAddr::Tcp(addr.0.clone(), addr.1),
-        };
-        redis::Client::open(info.set_addr(moved)).map_err(|e| self.protocol(&e.to_string()))
+        client_moved(&seed, &addr.0, addr.1).map_err(|e| self.protocol(&e.to_string()))
     }
 
     async fn connect_client(
