@@ -69,7 +69,7 @@ import weakref
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from decimal import Decimal, InvalidOperation
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
 
 import aiohttp
 import litellm
@@ -93,6 +93,7 @@ CROSSED_BUDGET = "No deployments available - crossed budget"
 NO_DEPLOYMENTS = "No deployments available for selected model"
 
 logger = logging.getLogger("provider_budgets_litellm")
+T = TypeVar("T")
 
 _JSON = {"content-type": "application/json"}
 
@@ -325,6 +326,16 @@ class ProviderBudgets(CustomLogger):
             return healthy_deployments
         if self.strict:
             return await self._reserve(healthy_deployments, messages, request_kwargs)
+        request: Dict[str, Any] = {"deployments": self._wire(healthy_deployments)}
+
+        def allowed(answer: bytes) -> List[Dict[str, Any]]:
+            return [healthy_deployments[int(d["ref"])] for d in json.loads(answer)["deployments"]]
+
+        chosen = await self._ask("filter", self._filter_url, request, request_kwargs, allowed)
+        return healthy_deployments if chosen is None else chosen
+
+    def _wire(self, healthy_deployments: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+        """The deployments as the sidecar reads them, each with its index as ``ref``."""
         wire = []
         for i, deployment in enumerate(healthy_deployments):
             name, provider = self._provider_of(deployment)
@@ -335,31 +346,44 @@ class ProviderBudgets(CustomLogger):
             if model_id:
                 item["id"] = model_id
             wire.append(item)
-        request: Dict[str, Any] = {"deployments": wire}
+        return wire
+
+    async def _ask(
+        self,
+        what: str,
+        url: str,
+        request: Dict[str, Any],
+        request_kwargs: Optional[Dict[str, Any]],
+        read: Callable[[bytes], T],
+    ) -> Optional[T]:
+        """Posts ``request`` (plus the request's tags) to ``/v1/{what}`` and returns ``read`` of
+        the answer. A 429 raises ``NoDeploymentsAvailable`` (budget crossed); an unusable sidecar
+        (no answer, another status, an answer ``read`` cannot read) gives ``None`` with
+        ``fail_open`` (the caller lets every deployment through), else raises."""
         tags = _request_tags(request_kwargs)
         if tags:
             request["tags"] = tags
         body = json.dumps(request, separators=(",", ":")).encode()
         try:
-            status, answer = await self._post(self._filter_url, body)
+            status, answer = await self._post(url, body)
             if status == 429:
                 self._reachable()
                 raise NoDeploymentsAvailable(f"{CROSSED_BUDGET}: {_exceeded_info(answer)}")
             if status != 200:
                 raise _Unusable(f"HTTP {status}: {_clip(answer)}")
             try:
-                allowed = [healthy_deployments[int(d["ref"])] for d in json.loads(answer)["deployments"]]
+                result = read(answer)
             except (ValueError, KeyError, IndexError, TypeError) as e:
-                raise _Unusable(f"malformed /v1/filter answer ({e!r}): {_clip(answer)}") from e
+                raise _Unusable(f"malformed /v1/{what} answer ({e!r}): {_clip(answer)}") from e
         except _Unusable as e:
-            self._unreachable("filter", e)
+            self._unreachable(what, e)
             if self.fail_open:
-                return healthy_deployments
+                return None
             raise NoDeploymentsAvailable(
                 f"{NO_DEPLOYMENTS}: provider-budgets sidecar at {self.url} unusable ({e}) and fail_open=False"
             ) from None
         self._reachable()
-        return allowed
+        return result
 
     # ---- strict: reservations ----------------------------------------------------------------
 
@@ -395,44 +419,19 @@ class ProviderBudgets(CustomLogger):
         messages: Optional[List[Any]],
         request_kwargs: Optional[Dict[str, Any]],
     ) -> List[Dict[str, Any]]:
-        wire = []
         estimate = Decimal(0)
-        for i, deployment in enumerate(healthy_deployments):
-            name, provider = self._provider_of(deployment)
-            item: Dict[str, Any] = {"model": name, "ref": str(i)}
-            if provider:
-                item["provider"] = provider
-            model_id = _model_id(deployment)
-            if model_id:
-                item["id"] = model_id
-            wire.append(item)
+        for deployment in healthy_deployments:
             estimate = max(estimate, self.estimate(deployment, messages, request_kwargs))
-        request: Dict[str, Any] = {"deployments": wire, "estimate": format(estimate, "f")}
-        tags = _request_tags(request_kwargs)
-        if tags:
-            request["tags"] = tags
-        body = json.dumps(request, separators=(",", ":")).encode()
-        try:
-            status, answer = await self._post(self._reserve_url, body)
-            if status == 429:
-                self._reachable()
-                raise NoDeploymentsAvailable(f"{CROSSED_BUDGET}: {_exceeded_info(answer)}")
-            if status != 200:
-                raise _Unusable(f"HTTP {status}: {_clip(answer)}")
-            try:
-                doc = json.loads(answer)
-                chosen = healthy_deployments[int(doc["deployment"]["ref"])]
-                reservation = str(doc["reservation"])
-            except (ValueError, KeyError, IndexError, TypeError) as e:
-                raise _Unusable(f"malformed /v1/reserve answer ({e!r}): {_clip(answer)}") from e
-        except _Unusable as e:
-            self._unreachable("reserve", e)
-            if self.fail_open:
-                return healthy_deployments
-            raise NoDeploymentsAvailable(
-                f"{NO_DEPLOYMENTS}: provider-budgets sidecar at {self.url} unusable ({e}) and fail_open=False"
-            ) from None
-        self._reachable()
+        request: Dict[str, Any] = {"deployments": self._wire(healthy_deployments), "estimate": format(estimate, "f")}
+
+        def reserved(answer: bytes) -> Tuple[Dict[str, Any], str]:
+            doc = json.loads(answer)
+            return healthy_deployments[int(doc["deployment"]["ref"])], str(doc["reservation"])
+
+        got = await self._ask("reserve", self._reserve_url, request, request_kwargs, reserved)
+        if got is None:
+            return healthy_deployments
+        chosen, reservation = got
         self._remember(request_kwargs, _model_id(chosen), reservation)
         return [chosen]
 
