@@ -15,6 +15,13 @@ pub trait Clock: Send + Sync + fmt::Debug + 'static {
     /// The current instant.
     fn now(&self) -> Timestamp;
 
+    /// The current instant in whole Unix seconds (rounded down): what the request path
+    /// (`filter`, `charge`, `record`) needs to find a window. A clock may answer it more
+    /// cheaply than [`Clock::now`] ([`SystemClock`] does).
+    fn now_secs(&self) -> i64 {
+        floor_secs(self.now())
+    }
+
     /// Time elapsed on a monotonic clock since an arbitrary origin. Unlike [`Clock::now`], it
     /// never jumps: the journal compares the two so that a wall clock that steps (NTP, a VM
     /// resumed from a snapshot, a bad RTC) never makes it delete current spend.
@@ -32,6 +39,17 @@ pub struct SystemClock;
 impl Clock for SystemClock {
     fn now(&self) -> Timestamp {
         Timestamp::now()
+    }
+
+    /// On Linux, `CLOCK_REALTIME_COARSE`: the wall clock as of the last kernel tick (at most a
+    /// few milliseconds behind, never ahead), read in a few nanoseconds instead of ~50 on a VM.
+    /// Windows are whole seconds, so the only effect is that a call in the first milliseconds
+    /// of a window may still be counted in (and checked against) the window before, exactly
+    /// as if it had come those milliseconds earlier; both `filter` and `charge` read the same
+    /// clock, so they agree.
+    #[cfg(target_os = "linux")]
+    fn now_secs(&self) -> i64 {
+        rustix::time::clock_gettime(rustix::time::ClockId::RealtimeCoarse).tv_sec
     }
 }
 

@@ -317,7 +317,7 @@ impl Limiter {
     #[inline]
     pub fn record(&self, provider: &str, cost: Money) -> Result<(), RecordError> {
         // "Now" is never past retention: skip `record_at`'s age check (a second clock read).
-        self.add_provider(provider, cost, self.inner.clock.now(), None)
+        self.add_provider(provider, cost, self.inner.clock.now_secs(), None)
     }
 
     /// Counts `cost` in the window of `at` (e.g. the time the request was made).
@@ -330,7 +330,7 @@ impl Limiter {
     /// more than `storage.retention` ago.
     pub fn record_at(&self, provider: &str, cost: Money, at: Timestamp) -> Result<(), RecordError> {
         self.check_age_provider(provider, at)?;
-        self.add_provider(provider, cost, at, None)
+        self.add_provider(provider, cost, floor_secs(at), None)
     }
 
     /// Counts `cost` now and returns once it is durable on disk (group commit: concurrent
@@ -358,7 +358,7 @@ impl Limiter {
     ) -> Result<(), RecordError> {
         self.check_age_provider(provider, at)?;
         let (tx, rx) = crossbeam_channel::bounded(1);
-        self.add_provider(provider, cost, at, Some(Ack::Blocking(tx)))?;
+        self.add_provider(provider, cost, floor_secs(at), Some(Ack::Blocking(tx)))?;
         rx.recv().map_err(|_| self.gone())??;
         Ok(())
     }
@@ -374,7 +374,12 @@ impl Limiter {
         cost: Money,
     ) -> Result<(), RecordError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.add_provider(provider, cost, self.inner.clock.now(), Some(Ack::Async(tx)))?;
+        self.add_provider(
+            provider,
+            cost,
+            self.inner.clock.now_secs(),
+            Some(Ack::Async(tx)),
+        )?;
         rx.await.map_err(|_| self.gone())??;
         Ok(())
     }
@@ -393,7 +398,7 @@ impl Limiter {
     ) -> Result<(), RecordError> {
         self.check_age_provider(provider, at)?;
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.add_provider(provider, cost, at, Some(Ack::Async(tx)))?;
+        self.add_provider(provider, cost, floor_secs(at), Some(Ack::Async(tx)))?;
         rx.await.map_err(|_| self.gone())??;
         Ok(())
     }
@@ -414,7 +419,7 @@ impl Limiter {
         tags: &[T],
         cost: Money,
     ) -> Result<usize, RecordError> {
-        self.charge_inner(deployment, tags, cost, self.inner.clock.now(), None)
+        self.charge_inner(deployment, tags, cost, self.inner.clock.now_secs(), None)
     }
 
     /// [`Limiter::charge`] in the window of `at`.
@@ -431,7 +436,7 @@ impl Limiter {
         at: Timestamp,
     ) -> Result<usize, RecordError> {
         self.check_age_charge(deployment, tags, at)?;
-        self.charge_inner(deployment, tags, cost, at, None)
+        self.charge_inner(deployment, tags, cost, floor_secs(at), None)
     }
 
     /// [`Limiter::charge_at`] that returns once the charge is durable on disk (`at`: `None`
@@ -450,7 +455,13 @@ impl Limiter {
         let at = at.unwrap_or_else(|| self.inner.clock.now());
         self.check_age_charge(deployment, tags, at)?;
         let (tx, rx) = crossbeam_channel::bounded(1);
-        let n = self.charge_inner(deployment, tags, cost, at, Some(Ack::Blocking(tx)))?;
+        let n = self.charge_inner(
+            deployment,
+            tags,
+            cost,
+            floor_secs(at),
+            Some(Ack::Blocking(tx)),
+        )?;
         rx.recv().map_err(|_| self.gone())??;
         Ok(n)
     }
@@ -470,7 +481,7 @@ impl Limiter {
         let at = at.unwrap_or_else(|| self.inner.clock.now());
         self.check_age_charge(deployment, tags, at)?;
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let n = self.charge_inner(deployment, tags, cost, at, Some(Ack::Async(tx)))?;
+        let n = self.charge_inner(deployment, tags, cost, floor_secs(at), Some(Ack::Async(tx)))?;
         rx.await.map_err(|_| self.gone())??;
         Ok(n)
     }
@@ -491,14 +502,14 @@ impl Limiter {
         deployment: &D,
         tags: &[T],
         cost: Money,
-        at: Timestamp,
+        secs: i64,
         ack: Option<Ack>,
     ) -> Result<usize, RecordError> {
         let resolver = self.inner.resolver.load();
         let cache = resolver.cache();
         let r = resolver.resolve_in(&cache, deployment);
         let slots = charge_slots(&resolver, &r, tags);
-        self.add_slots(slots, cost, at, ack)
+        self.add_slots(slots, cost, secs, ack)
     }
 
     /// Refuses a timestamp whose window is already past retention: the journal would delete
@@ -554,7 +565,7 @@ impl Limiter {
         &self,
         provider: &str,
         cost: Money,
-        at: Timestamp,
+        secs: i64,
         ack: Option<Ack>,
     ) -> Result<(), RecordError> {
         let resolver = self.inner.resolver.load();
@@ -564,11 +575,11 @@ impl Limiter {
                 provider: provider.to_owned(),
             });
         }
-        self.add_slots(slots.iter().copied(), cost, at, ack)
+        self.add_slots(slots.iter().copied(), cost, secs, ack)
             .map(|_| ())
     }
 
-    /// Adds `cost` to each slot (in the window of `at`) and queues one journal event per
+    /// Adds `cost` to each slot (in the window of the instant `secs`) and queues one journal event per
     /// slot; a durability waiter is acknowledged with the last one (the journal commits in
     /// order). Returns the number of slots.
     #[inline]
@@ -576,14 +587,13 @@ impl Limiter {
         &self,
         slots: impl Iterator<Item = u32>,
         cost: Money,
-        at: Timestamp,
+        secs: i64,
         mut ack: Option<Ack>,
     ) -> Result<usize, RecordError> {
         let inner = &*self.inner;
         if inner.closed.load(Ordering::Acquire) {
             return Err(RecordError::Closed);
         }
-        let secs = floor_secs(at);
         let mut n = 0;
         if cost != Money::ZERO {
             // One journal event per call: a single window goes as `Add`, several as `AddMany`
@@ -796,7 +806,7 @@ impl Limiter {
         Check::new(
             &self.inner.view,
             &self.inner.keys,
-            floor_secs(self.inner.clock.now()),
+            self.inner.clock.now_secs(),
             resolver.deny_unknown,
         )
     }
@@ -1255,7 +1265,7 @@ impl Prepared {
         out: &mut Vec<usize>,
     ) -> Result<(), NoDeployments> {
         out.clear();
-        let now = floor_secs(self.clock.now());
+        let now = self.clock.now_secs();
         if self.generation != self.generation_now.load(Ordering::Acquire) {
             // Reloaded since `prepare`: resolve with the current budgets (prepare again to
             // get the fast path back).
