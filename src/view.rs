@@ -401,7 +401,6 @@ impl View {
                 if !b.shadow.load(Ordering::Relaxed) {
                     return Err(refused);
                 }
-                b.would_deny.fetch_add(1, Ordering::Relaxed);
             }
             match cell.reserved.compare_exchange_weak(
                 held,
@@ -420,6 +419,11 @@ impl View {
                     {
                         saturating_sub(&cell.reserved, amount);
                         return Err(Refused::Grant(cell.window));
+                    }
+                    if refused.is_some() {
+                        // A shadow budget: counted once, after the CAS (a retry must not
+                        // count the same admission again).
+                        b.would_deny.fetch_add(1, Ordering::Relaxed);
                     }
                     b.note_total(fleet);
                     return Ok(cell.window);
@@ -1101,5 +1105,29 @@ mod tests {
         v.set_shadow(0, true);
         assert!(v.try_reserve(0, 5, Money::from_nanos(150)).is_ok());
         assert_eq!(v.would_deny(0), 1);
+    }
+
+    #[test]
+    fn a_shadow_budget_counts_each_would_be_denial_once_under_contention() {
+        // Limit 100; 8 threads × 100 reservations of 1: every success raises `reserved` by
+        // exactly 1, so exactly the 700 that took it past 100 would have been denied,
+        // however often a CAS had to retry.
+        let v = Arc::new(view());
+        v.set_shadow(0, true);
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let v = Arc::clone(&v);
+                std::thread::spawn(move || {
+                    for _ in 0..100 {
+                        assert!(v.try_reserve(0, 5, Money::from_nanos(1)).is_ok());
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(v.totals_at(0, 5).reserved.as_nanos(), 800);
+        assert_eq!(v.would_deny(0), 700);
     }
 }
