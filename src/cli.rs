@@ -588,9 +588,16 @@ fn status(limiter: &Limiter, json: bool, replicate: bool) -> Outcome {
     Ok(())
 }
 
-/// A plain aligned table, one row per budget; money printed exactly.
+/// A plain aligned table, one row per budget; money printed exactly. The first seven columns
+/// are the design's contract (provider, period, window start, resets at, spend, limit,
+/// remaining) and the only ones unless a budget is strict; then `RESERVED` (money held by
+/// open reservations of this process) and `GRANT` (this node's grant, `-` for a shared
+/// budget) follow, so tables without strict budgets keep exactly the contract's columns.
 fn write_table(out: &mut impl Write, budgets: &[BudgetStatus]) -> io::Result<()> {
-    let header = [
+    let strict = budgets
+        .iter()
+        .any(|s| s.enforcement == crate::budget::Enforcement::Strict);
+    let mut header = vec![
         "PROVIDER",
         "PERIOD",
         "WINDOW START",
@@ -599,10 +606,13 @@ fn write_table(out: &mut impl Write, budgets: &[BudgetStatus]) -> io::Result<()>
         "LIMIT",
         "REMAINING",
     ];
-    let rows: Vec<[String; 7]> = budgets
+    if strict {
+        header.extend(["RESERVED", "GRANT"]);
+    }
+    let rows: Vec<Vec<String>> = budgets
         .iter()
         .map(|s| {
-            [
+            let mut row = vec![
                 s.provider.clone(),
                 s.period.to_string(),
                 s.window.start().to_string(),
@@ -610,21 +620,26 @@ fn write_table(out: &mut impl Write, budgets: &[BudgetStatus]) -> io::Result<()>
                 s.spend.to_string(),
                 s.limit.to_string(),
                 s.remaining.to_string(),
-            ]
+            ];
+            if strict {
+                row.push(s.reserved.to_string());
+                row.push(s.grant.map_or_else(|| "-".to_owned(), |g| g.to_string()));
+            }
+            row
         })
         .collect();
-    let mut widths = header.map(str::len);
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.len());
         }
     }
-    let header = header.map(str::to_owned);
+    let header: Vec<String> = header.into_iter().map(str::to_owned).collect();
     for row in std::iter::once(&header).chain(&rows) {
         let cells: Vec<String> = row
             .iter()
-            .zip(widths)
-            .map(|(c, w)| format!("{c:<w$}"))
+            .zip(&widths)
+            .map(|(c, &w)| format!("{c:<w$}"))
             .collect();
         writeln!(out, "{}", cells.join("  ").trim_end())?;
     }

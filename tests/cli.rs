@@ -102,6 +102,49 @@ fn ten_tenths_exhaust_a_one_dollar_budget_exactly() {
 }
 
 #[test]
+fn the_table_shows_reserved_money_and_the_grant_only_when_a_budget_is_strict() {
+    // One strict and one shared budget, no Redis: the node is the fleet, so its grant is the
+    // whole limit; the shared budget has none ("-"). The contract's seven columns come first.
+    let cli = Cli::new(
+        "provider_budgets:\n  budgets:\n    - {provider: openai, limit: 100, period: 1d, enforcement: strict}\n    - {provider: anthropic, limit: 5, period: 1d}\n",
+    );
+    cli.run(&["--now", NOW, "record", "openai", "2.5"])
+        .assert_ok();
+    let run = cli.run(&["--now", NOW, "status"]);
+    run.assert_ok();
+    let rows: Vec<Vec<&str>> = run
+        .stdout
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(rows.len(), 3, "{run:?}");
+    assert_eq!(
+        rows[0],
+        [
+            "PROVIDER",
+            "PERIOD",
+            "WINDOW",
+            "START",
+            "RESETS",
+            "AT",
+            "SPEND",
+            "LIMIT",
+            "REMAINING",
+            "RESERVED",
+            "GRANT"
+        ],
+        "{run:?}"
+    );
+    let row = |p: &str| rows.iter().find(|r| r[0] == p).unwrap().clone();
+    assert_eq!(
+        row("openai")[4..],
+        ["2.5", "100", "97.5", "0", "100"],
+        "{run:?}"
+    );
+    assert_eq!(row("anthropic")[4..], ["0", "5", "5", "0", "-"], "{run:?}");
+}
+
+#[test]
 fn filter_passes_deployments_of_providers_without_budget() {
     let cli = Cli::new(ONE_DOLLAR_A_DAY);
     let run = cli.run(&[
