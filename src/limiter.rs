@@ -357,10 +357,7 @@ impl Limiter {
         at: Timestamp,
     ) -> Result<(), RecordError> {
         self.check_age_provider(provider, at)?;
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        self.add_provider(provider, cost, floor_secs(at), Some(Ack::Blocking(tx)))?;
-        rx.recv().map_err(|_| self.gone())??;
-        Ok(())
+        self.durably(|ack| self.add_provider(provider, cost, floor_secs(at), Some(ack)))
     }
 
     /// [`Limiter::record_durable`] for async code: awaits the fsync without blocking a worker.
@@ -373,15 +370,9 @@ impl Limiter {
         provider: &str,
         cost: Money,
     ) -> Result<(), RecordError> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.add_provider(
-            provider,
-            cost,
-            self.inner.clock.now_secs(),
-            Some(Ack::Async(tx)),
-        )?;
-        rx.await.map_err(|_| self.gone())??;
-        Ok(())
+        let now = self.inner.clock.now_secs();
+        self.durably_async(|ack| self.add_provider(provider, cost, now, Some(ack)))
+            .await
     }
 
     /// [`Limiter::record_durable_async`] in the window of `at` (checked like
@@ -397,10 +388,8 @@ impl Limiter {
         at: Timestamp,
     ) -> Result<(), RecordError> {
         self.check_age_provider(provider, at)?;
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.add_provider(provider, cost, floor_secs(at), Some(Ack::Async(tx)))?;
-        rx.await.map_err(|_| self.gone())??;
-        Ok(())
+        self.durably_async(|ack| self.add_provider(provider, cost, floor_secs(at), Some(ack)))
+            .await
     }
 
     /// Counts `cost` against every budget that applies to the deployment and the request's
@@ -454,16 +443,7 @@ impl Limiter {
     ) -> Result<usize, RecordError> {
         let at = at.unwrap_or_else(|| self.inner.clock.now());
         self.check_age_charge(deployment, tags, at)?;
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        let n = self.charge_inner(
-            deployment,
-            tags,
-            cost,
-            floor_secs(at),
-            Some(Ack::Blocking(tx)),
-        )?;
-        rx.recv().map_err(|_| self.gone())??;
-        Ok(n)
+        self.durably(|ack| self.charge_inner(deployment, tags, cost, floor_secs(at), Some(ack)))
     }
 
     /// [`Limiter::charge_durable`] for async code.
@@ -480,15 +460,15 @@ impl Limiter {
     ) -> Result<usize, RecordError> {
         let at = at.unwrap_or_else(|| self.inner.clock.now());
         self.check_age_charge(deployment, tags, at)?;
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let n = self.charge_inner(deployment, tags, cost, floor_secs(at), Some(Ack::Async(tx)))?;
-        rx.await.map_err(|_| self.gone())??;
-        Ok(n)
+        self.durably_async(|ack| {
+            self.charge_inner(deployment, tags, cost, floor_secs(at), Some(ack))
+        })
+        .await
     }
 
-    /// Calls `handler` each time a soft limit is crossed: once per window per threshold on
-    /// this node (see the README: fleet-wide once-only needs the replication wire of issue
-    /// 11). Replaces an earlier handler. It runs on the charging thread: keep it short.
+    /// Calls `handler` each time a soft limit is crossed: once per window per threshold, per
+    /// fleet when Redis is configured (the node whose claim in Redis succeeds fires, see
+    /// `alerts`), per node otherwise. Replaces an earlier handler. It runs on the charging thread: keep it short.
     pub fn on_soft_limit(&self, handler: impl Fn(&SoftLimitCrossed) + Send + Sync + 'static) {
         *self
             .inner
@@ -1101,6 +1081,30 @@ impl Limiter {
     #[doc(hidden)]
     pub fn inject_journal_panic(&self) {
         let _ = self.inner.journal.send(Event::Panic);
+    }
+
+    /// Queues one journal event through `submit` with an acknowledgement and waits until the
+    /// journal has made it durable: the one place where the durable forms of `record` and
+    /// `charge` wait for their fsync. `submit`'s result is returned once the ack came.
+    fn durably<R>(
+        &self,
+        submit: impl FnOnce(Ack) -> Result<R, RecordError>,
+    ) -> Result<R, RecordError> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let r = submit(Ack::Blocking(tx))?;
+        rx.recv().map_err(|_| self.gone())??;
+        Ok(r)
+    }
+
+    /// [`Limiter::durably`] for async code: awaits the ack without blocking a worker.
+    async fn durably_async<R>(
+        &self,
+        submit: impl FnOnce(Ack) -> Result<R, RecordError>,
+    ) -> Result<R, RecordError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let r = submit(Ack::Async(tx))?;
+        rx.await.map_err(|_| self.gone())??;
+        Ok(r)
     }
 
     /// The error for a record that could not be queued.
