@@ -982,7 +982,7 @@ mod tests {
     const FAR_FUTURE: i64 = 4_102_444_800; // 2100-01-01
 
     async fn connect(server: &RedisServer) -> MultiplexedConnection {
-        redis::Client::open(server.url())
+        redis::Client::open(format!("{}?protocol=resp3", server.url()))
             .unwrap()
             .get_multiplexed_async_connection()
             .await
