@@ -28,8 +28,9 @@
 //! Contribution fields are the node fields and the `~retired:` fields; `~total` is their sum.
 //!
 //! **Lease**: per budget, key `{prefix}:{{provider:period}}:lease:{node}` holds the instance id
-//! of the data dir that uses the node id, for a few sync intervals (`lease_ms`), renewed by
-//! every round. When another instance holds it, the script leaves the node's field alone,
+//! of the data dir that uses the node id, for a few sync intervals (`lease_ms`, set by every
+//! script call), or for longer (`read_lease_ms`) once a clean budget renewed it. When another
+//! instance holds it, the script leaves the node's field alone,
 //! keeps our total apart under `~retired:{node}:{our instance}` (a contribution only we
 //! write, so nothing is undercounted) and reports `refused`: two live data dirs share the
 //! node id. The lease shares the budget's hash tag, so a script call still touches one
@@ -46,14 +47,20 @@
 //! cache, loaded ones are not.
 //!
 //! A budget with nothing to write ([`Mode::Read`], only while this instance held its lease at
-//! the last look) skips the script: `PEXPIRE` of its lease every other round (a reply of 0:
-//! the lease is gone, [`Lease::Free`]) and one `HMGET` of our field, its owner, our kept-apart
-//! field, `~total` and `~bad` per window, in the same pipeline. No `GET` of the lease: the
+//! the last look) skips the script: a `PEXPIRE` of its lease to the longer read lease
+//! ([`Identity::read_lease_ms`]) once a third of what we last gave it has passed (a reply of
+//! 0: the lease is gone, [`Lease::Free`]) and one `HMGET` of our field, its owner, our
+//! kept-apart field, `~total` and `~bad` per window, in the same pipeline, except for the
+//! windows Redis's client-side tracking reports unchanged since our last read
+//! ([`SyncItem::skip`], see `super::tracking`): they cost no command at all, and a round
+//! whose budgets are all clean and unchanged is the tracking prelude alone (`CLIENT TRACKING
+//! ON NOLOOP`, `CLIENT ID`: [`Wire::sync_round_tracked`]). No `GET` of the lease: the
 //! `~owner:{node}` field of each window says whether another data dir wrote our node's field
 //! (the caller then sends the budget through the script, whose lease check reports a
-//! duplicate). What only the script handles (a lease to take, a total to repair, flagged
-//! fields) is reported back ([`KeyReply::needs_script`], [`Lease::Free`]) and the caller
-//! sends that budget through the script next round.
+//! duplicate); such a write changes the key, so its invalidation makes us read it. What only
+//! the script handles (a lease to take, a total to repair, flagged fields) is reported back
+//! ([`KeyReply::needs_script`], [`Lease::Free`]) and the caller sends that budget through the
+//! script next round.
 //!
 //! **Failures are isolated per key**: the script runs each window key under `pcall`, so a key
 //! of the wrong type fails only that window; a contribution field that is not a canonical u64
