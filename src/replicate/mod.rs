@@ -160,6 +160,10 @@ fn shard_name(addr: &cluster::Addr) -> String {
 /// Longest wait between reconnection attempts while Redis is down.
 pub(crate) const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
+/// Sync intervals for which a tracked read vouches for its key without an invalidation (see
+/// [`tracking`], "Safety net").
+const TRACKED_FOR: u32 = 60;
+
 /// Most problems kept (and shown) per budget; the rest are counted.
 const MAX_PROBLEMS_SHOWN: usize = 3;
 
@@ -566,6 +570,7 @@ impl Worker {
             // Without it every live window is sent once more: harmless (a max merge).
             Err(e) => tracing::warn!(error = %e, "cannot read what redis acknowledged; re-sending"),
         }
+        let tracked_for = parts.redis.sync_interval.saturating_mul(TRACKED_FOR);
         Worker {
             backoff: parts.redis.sync_interval,
             parts,
@@ -582,7 +587,7 @@ impl Worker {
             script_next: FxHashSet::default(),
             lease_set: Vec::new(),
             round_started: Instant::now(),
-            tracker: Tracker::default(),
+            tracker: Tracker::new(tracked_for),
             flushed: false,
             unchanged: 0,
             foreign_owners: FxHashMap::default(),
@@ -1363,7 +1368,7 @@ impl Worker {
             self.flushed = true;
         }
         let raced: Vec<(usize, usize)> = positions(groups, |x| {
-            x.skip && !self.tracker.is_fresh(&x.key, conn.epoch)
+            x.skip && !self.tracker.is_marked(&x.key, conn.epoch)
         });
         if !raced.is_empty() {
             let id = self.identity();

@@ -44,6 +44,11 @@
 //!   clean key is read again, the reads find our fields gone and the windows dirty, and the
 //!   next round sends them, as after a Redis restart (which closes the connection: new
 //!   epoch, everything read).
+//! * *Safety net.* A mark vouches for its key for at most 60 sync intervals; then the key is
+//!   read again even without an invalidation. With a server that delivers its invalidations
+//!   (Redis does) this only costs 1/60 of a read per clean key per round; with a server or
+//!   proxy that accepted tracking but lost an invalidation (none is known), a change would
+//!   be seen late by at most that much, not never.
 //! * *Memory.* Redis caps its tracking table (`tracking-table-max-keys`, 1 M keys by default;
 //!   0 = unlimited). When it evicts a key from the table it sends that key's invalidation
 //!   first, so the cap costs reads, never correctness. Our side holds one entry per fresh
@@ -54,6 +59,7 @@
 //!   `status` shows `replication.tracking: false`.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use redis::{PushInfo, PushKind, Value};
 use rustc_hash::FxHashMap;
@@ -70,8 +76,11 @@ pub(crate) struct Tracker {
     /// round.
     tx: mpsc::UnboundedSender<Push>,
     rx: mpsc::UnboundedReceiver<Push>,
-    /// Window key → epoch of the connection whose tracking covers our last plain read of it.
-    fresh: FxHashMap<String, u64>,
+    /// Window key → epoch of the connection whose tracking covers our last plain read of it,
+    /// and when that read was.
+    fresh: FxHashMap<String, (u64, Instant)>,
+    /// How long a mark vouches for its key without an invalidation (the safety net).
+    max_age: Duration,
     /// The next connection's epoch (never reused, so a stale mark never matches). Atomic:
     /// connections are opened from `&self` methods of the replicator.
     next_epoch: AtomicU64,
@@ -82,21 +91,21 @@ pub(crate) struct Tracker {
     warned: AtomicBool,
 }
 
-impl Default for Tracker {
-    fn default() -> Self {
+impl Tracker {
+    /// A tracker whose marks last at most `max_age` (see the module doc, "Safety net").
+    pub(crate) fn new(max_age: Duration) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         Tracker {
             tx,
             rx,
             fresh: FxHashMap::default(),
+            max_age,
             next_epoch: AtomicU64::new(1),
             on: false,
             warned: AtomicBool::new(false),
         }
     }
-}
 
-impl Tracker {
     /// A new connection's epoch and the push sender to give it.
     pub(crate) fn connection(&self) -> (u64, impl redis::aio::AsyncPushSender) {
         let epoch = self.next_epoch.fetch_add(1, Ordering::Relaxed);
@@ -128,7 +137,7 @@ impl Tracker {
                     }
                 }
                 // The connection is gone: its marks can never be used again.
-                PushKind::Disconnection => self.fresh.retain(|_, e| *e != epoch),
+                PushKind::Disconnection => self.forget_epoch(epoch),
                 _ => {}
             }
         }
@@ -144,17 +153,27 @@ impl Tracker {
         self.fresh.remove(name.as_ref());
     }
 
-    /// Whether `key`'s last plain read is tracked on the connection of `epoch`, unchanged.
+    /// Whether `key`'s last plain read is tracked on the connection of `epoch`, unchanged,
+    /// and recent enough to skip it.
     pub(crate) fn is_fresh(&self, key: &str, epoch: u64) -> bool {
-        self.fresh.get(key) == Some(&epoch)
+        self.fresh
+            .get(key)
+            .is_some_and(|&(e, at)| e == epoch && at.elapsed() < self.max_age)
+    }
+
+    /// Whether `key` is still marked on the connection of `epoch` (no invalidation since),
+    /// whatever the mark's age.
+    pub(crate) fn is_marked(&self, key: &str, epoch: u64) -> bool {
+        self.fresh.get(key).is_some_and(|&(e, _)| e == epoch)
     }
 
     /// `key` was just read with a plain read on the connection of `epoch`, tracking on.
     pub(crate) fn mark(&mut self, key: &str, epoch: u64) {
+        let now = Instant::now();
         match self.fresh.get_mut(key) {
-            Some(e) => *e = epoch,
+            Some(mark) => *mark = (epoch, now),
             None => {
-                self.fresh.insert(key.to_owned(), epoch);
+                self.fresh.insert(key.to_owned(), (epoch, now));
             }
         }
     }
@@ -166,7 +185,7 @@ impl Tracker {
 
     /// The connection of `epoch` cannot vouch for its marks (another client id, tracking off).
     pub(crate) fn forget_epoch(&mut self, epoch: u64) {
-        self.fresh.retain(|_, e| *e != epoch);
+        self.fresh.retain(|_, (e, _)| *e != epoch);
     }
 
     /// Drops the marks of keys that no longer matter (windows over, budgets removed).
@@ -211,7 +230,7 @@ mod tests {
 
     #[test]
     fn invalidations_unmark_keys_a_flush_unmarks_all_and_reports_it() {
-        let mut t = Tracker::default();
+        let mut t = Tracker::new(Duration::from_secs(3600));
         let (e1, s1) = t.connection();
         let (e2, s2) = t.connection();
         assert_ne!(e1, e2);
@@ -238,5 +257,14 @@ mod tests {
             .unwrap();
         assert!(t.drain(), "a flush is reported");
         assert_eq!(t.fresh_keys(), 0);
+    }
+
+    #[test]
+    fn a_mark_vouches_only_for_its_maximum_age() {
+        let mut t = Tracker::new(Duration::ZERO);
+        let (e, _sender) = t.connection();
+        t.mark("a", e);
+        assert!(!t.is_fresh("a", e), "too old: read it again");
+        assert!(t.is_marked("a", e), "but no invalidation came");
     }
 }
