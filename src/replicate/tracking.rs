@@ -25,7 +25,9 @@
 //!   trip). Fresh marks carry the **epoch** of the connection they were made on (a number per
 //!   connection this process opened): a reconnect (the same server restarted, a Cluster
 //!   failover to another master, a new slot owner) opens a new epoch, so no earlier mark
-//!   counts on it. Should the server answer another client id on the same connection (a proxy
+//!   counts on it. The replicator reconnects by itself (plain `MultiplexedConnection`s, no
+//!   `ConnectionManager` that would reconnect behind its back), so every reconnect is one
+//!   it sees. Should the server answer another client id on the same connection (a proxy
 //!   that reconnected behind our back, whose new upstream connection may have missed
 //!   invalidations) or refuse tracking, the marks of that connection are dropped and the
 //!   skipped keys are read in a second round trip of the same round (never otherwise).
