@@ -988,6 +988,7 @@ impl Limiter {
                 round_trips: h.round_trips,
                 last_round: h.last_round,
                 late_rounds: h.late_rounds,
+                tracking: h.tracking,
             };
             return (status, h.problems);
         }

@@ -92,6 +92,9 @@ pub struct ReplicationStatus {
     /// Timed rounds that ran past their interval (the next one then waited a whole
     /// interval from the end: rounds never pile up).
     pub late_rounds: u64,
+    /// Redis tracks this node's clean reads (client-side caching: unchanged budgets cost it
+    /// no read); `false` when the server refuses it (every clean budget read every round).
+    pub tracking: bool,
 }
 
 /// Figures of one sync round (see the README's "Fleet replication").
@@ -102,8 +105,11 @@ pub struct RoundFigures {
     pub duration_ms: u64,
     /// Window keys whose total was sent (dirty windows).
     pub keys_written: u64,
-    /// Window keys only read (clean live windows).
+    /// Window keys only read (clean live windows), including those known unchanged.
     pub keys_read: u64,
+    /// Of `keys_read`, the keys not read at all: Redis tracks our last read of them and
+    /// reported no change since (client-side caching).
+    pub keys_unchanged: u64,
     /// Request bytes sent to Redis.
     pub bytes_out: u64,
     /// Reply bytes received from Redis.
@@ -169,11 +175,13 @@ fn status_json(s: &BudgetStatus) -> serde_json::Value {
                 "duration_ms": r.last_round.duration_ms,
                 "keys_written": r.last_round.keys_written,
                 "keys_read": r.last_round.keys_read,
+                "keys_unchanged": r.last_round.keys_unchanged,
                 "bytes_out": r.last_round.bytes_out,
                 "bytes_in": r.last_round.bytes_in,
             },
             "rounds": r.rounds,
             "late_rounds": r.late_rounds,
+            "tracking": r.tracking,
         },
     });
     // Strict budgets (issue 12), added apart: one `json!` of every field passes the macro's

@@ -364,3 +364,42 @@ fn strict_budgets_grant_within_the_limit_on_a_cluster() {
         );
     }
 }
+
+#[test]
+fn clean_budgets_are_tracked_on_every_master_and_changes_still_seen() {
+    let Some(cluster) = RedisCluster::start(3, 0) else {
+        return;
+    };
+    let at = now();
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = open(da.path(), &[cluster.url(0)], "a", at);
+    let b = open(db.path(), &[cluster.url(1)], "b", at);
+    for p in PROVIDERS {
+        a.record(p, Money::from_nanos(5)).unwrap();
+    }
+    for _ in 0..3 {
+        a.sync().unwrap();
+        b.sync().unwrap();
+    }
+    // Every master's connection tracks b's reads: a clean round reads none of the six.
+    let figures = |l: &Limiter| {
+        let r = l.budget_status("p0").unwrap().replication;
+        (
+            r.last_round.keys_read,
+            r.last_round.keys_unchanged,
+            r.tracking,
+        )
+    };
+    assert_eq!(figures(&b), (6, 6, true));
+    // a's spend in one budget (on one master) is read there, and only there.
+    for (k, p) in PROVIDERS.iter().enumerate() {
+        a.record(p, Money::from_nanos(100)).unwrap();
+        a.sync().unwrap();
+        b.sync().unwrap();
+        assert_eq!(figures(&b), (6, 5, true), "{p}");
+        for (j, q) in PROVIDERS.iter().enumerate() {
+            let want = if j <= k { 105 } else { 5 };
+            assert_eq!(spend(&b, q), want, "{q} after {p}");
+        }
+    }
+}

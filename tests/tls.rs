@@ -132,6 +132,16 @@ fn two_nodes_are_exact_over_tls_with_a_private_ca() {
     }
     assert_eq!(spend(&a), total);
     assert_eq!(spend(&b), total);
+    // Client-side tracking works over TLS too: a clean round reads nothing, and b sees a's
+    // new spend at its next round.
+    b.sync().unwrap();
+    let r = b.budget_status("openai").unwrap().replication;
+    assert!(r.tracking);
+    assert_eq!(r.last_round.keys_unchanged, r.last_round.keys_read);
+    a.record("openai", Money::from_nanos(7)).unwrap();
+    a.sync().unwrap();
+    b.sync().unwrap();
+    assert_eq!(spend(&b), total + 7);
     // It really went through the TLS port: plain RESP is not spoken there.
     let dc = tempfile::tempdir().unwrap();
     let plain = format!("redis://127.0.0.1:{}/", server.tls_port());

@@ -81,6 +81,7 @@ pub(crate) fn client(
     })
 }
 mod grants;
+mod tracking;
 mod wire;
 
 pub(crate) use grants::GrantStatus;
@@ -108,6 +109,7 @@ use crate::store::{AckedValue, GrantValue, PeersValue, Store, WindowKey};
 use crate::view::View;
 use crate::window::Window;
 
+use tracking::Tracker;
 use wire::{
     lease_key, strict_key, window_key, Group, GroupOutcome, Identity, Lease, Mode, SyncItem, Wire,
     WireError,
@@ -116,15 +118,37 @@ use wire::{
 /// Where rounds go.
 enum Backend {
     /// One server (or a proxy): one pipeline per round.
-    Single(MultiplexedConnection),
+    Single(Conn),
     /// A Redis Cluster: one pipeline per master per round, concurrently.
     Cluster(Cluster),
+}
+
+/// One replication connection and what it can vouch for (see [`tracking`]).
+#[derive(Clone)]
+struct Conn {
+    conn: MultiplexedConnection,
+    /// Ours, one per connection opened ([`Tracker::connection`]): fresh marks count only on
+    /// the connection they were made on.
+    epoch: u64,
+    /// Send the tracking prelude: a RESP3 connection whose server has not refused tracking.
+    track: bool,
+    /// `CLIENT ID` at the last round (another one later means another server connection).
+    client_id: Option<i64>,
+}
+
+/// What one connection's round says about its tracking.
+#[derive(Debug, Default)]
+struct Verdict {
+    /// The server refused tracking (why).
+    refused: Option<String>,
+    /// The connection's earlier marks cannot be trusted (another client id, tracking off).
+    lost: bool,
 }
 
 /// A Redis Cluster's slot map and the connections to its masters.
 struct Cluster {
     map: cluster::SlotMap,
-    conns: FxHashMap<cluster::Addr, MultiplexedConnection>,
+    conns: FxHashMap<cluster::Addr, Conn>,
     /// Read the slot map again before the next exchange (a redirect, a failed master).
     stale: bool,
 }
@@ -135,6 +159,10 @@ fn shard_name(addr: &cluster::Addr) -> String {
 
 /// Longest wait between reconnection attempts while Redis is down.
 pub(crate) const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Sync intervals for which a tracked read vouches for its key without an invalidation (see
+/// [`tracking`], "Safety net").
+const TRACKED_FOR: u32 = 60;
 
 /// Most problems kept (and shown) per budget; the rest are counted.
 const MAX_PROBLEMS_SHOWN: usize = 3;
@@ -155,6 +183,10 @@ pub(crate) struct Health {
     /// Per budget index: this node's grant of a strict budget's current window and the
     /// fleet's granted total, as of the last round.
     pub grants: Vec<Option<GrantStatus>>,
+    /// Redis tracks our clean reads (client-side caching, see [`tracking`]) on every
+    /// connection of the last round; `false` before the first round and on servers that
+    /// refuse it.
+    pub tracking: bool,
 }
 
 /// What the replicator needs from the limiter.
@@ -204,6 +236,19 @@ fn check_config(redis: &RedisConfig) -> Result<(), ReplicationError> {
 /// each other's lease; short, so a crashed instance's lease frees quickly.
 pub(crate) fn lease_ttl(redis: &RedisConfig) -> Duration {
     (redis.sync_interval.saturating_mul(3) + redis.connect_timeout + redis.command_timeout)
+        .max(Duration::from_secs(1))
+}
+
+/// How long a clean budget's renewal (`PEXPIRE` of a plain read round) makes the lease live:
+/// 30 sync intervals plus the time a round may take. It is renewed when a third of it has
+/// passed, so a clean budget costs a `PEXPIRE` about every 10 rounds instead of every other
+/// round. Decision: the price is that a node that crashes while its budgets are clean keeps
+/// another data dir from taking its node id over for up to this long (that one is refused
+/// loudly meanwhile, its spend kept apart and counted: nothing lost or doubled); a clean stop
+/// releases the leases at once, and a restart of the same data dir is never refused. The
+/// script (every write) sets [`lease_ttl`] again.
+pub(crate) fn read_lease_ttl(redis: &RedisConfig) -> Duration {
+    (redis.sync_interval.saturating_mul(30) + redis.connect_timeout + redis.command_timeout)
         .max(Duration::from_secs(1))
 }
 
@@ -438,14 +483,24 @@ struct Worker {
     lease_ours: Vec<bool>,
     /// Budgets whose next round must run the script (see [`Mode`]).
     script_next: FxHashSet<u32>,
+    /// Per budget index: when (the start of the round that did it) and for how long this
+    /// instance last set its lease; a clean round renews it once a third has passed.
+    lease_set: Vec<Option<(Instant, Duration)>>,
+    /// The start of the current round.
+    round_started: Instant,
+    /// Which clean window keys Redis tracks for us, unchanged (see [`tracking`]).
+    tracker: Tracker,
+    /// Redis dropped its data set during the round (a flush invalidation): see
+    /// [`Worker::on_flush`].
+    flushed: bool,
+    /// Clean window keys not read in the round (known unchanged).
+    unchanged: u64,
     /// Per budget, other instances found recorded as the writer of our node's field
     /// (`~owner:{node}`) by a script round that held the lease: old writes (a data dir that
     /// used the node id before), not a live duplicate. A clean read that finds any other
     /// owner sends the budget through the script (its lease check), instead of a `GET` of
     /// the lease per clean budget per round.
     foreign_owners: FxHashMap<u32, Vec<String>>,
-    /// Clean rounds renew the leases every other round.
-    renew_turn: bool,
     /// Reconnection backoff while Redis is down: next attempt not before this.
     retry_at: Option<Instant>,
     /// The last out-of-cycle round run while backing off.
@@ -515,6 +570,7 @@ impl Worker {
             // Without it every live window is sent once more: harmless (a max merge).
             Err(e) => tracing::warn!(error = %e, "cannot read what redis acknowledged; re-sending"),
         }
+        let tracked_for = parts.redis.sync_interval.saturating_mul(TRACKED_FOR);
         Worker {
             backoff: parts.redis.sync_interval,
             parts,
@@ -529,8 +585,12 @@ impl Worker {
             sent: (0, 0),
             lease_ours: Vec::new(),
             script_next: FxHashSet::default(),
+            lease_set: Vec::new(),
+            round_started: Instant::now(),
+            tracker: Tracker::new(tracked_for),
+            flushed: false,
+            unchanged: 0,
             foreign_owners: FxHashMap::default(),
-            renew_turn: false,
             retry_at: None,
             woken_at: None,
             down: false,
@@ -632,12 +692,14 @@ impl Worker {
             .map(|b| self.book.status(b, now_secs))
             .collect();
         health.round_trips = self.wire.round_trips();
+        health.tracking = self.tracker.on();
         if !matches!(result, Err(RoundError::Failed(_))) {
             let (out1, in1) = self.wire.traffic();
             health.last_round = RoundFigures {
                 duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
                 keys_written: self.sent.0,
                 keys_read: self.sent.1,
+                keys_unchanged: self.unchanged,
                 bytes_out: out1 - out0,
                 bytes_in: in1 - in0,
             };
@@ -757,6 +819,12 @@ impl Worker {
     }
 
     async fn exchange(&mut self) -> Result<Vec<Vec<String>>, RoundError> {
+        self.round_started = Instant::now();
+        self.unchanged = 0;
+        // Invalidations received since the last round, before anything is planned.
+        if self.tracker.drain() {
+            self.on_flush();
+        }
         let now = floor_secs(self.parts.clock.now());
         let grace = i64::try_from(self.parts.redis.grace.as_secs()).unwrap_or(i64::MAX / 4);
         // Forget others' windows once their keys have expired in Redis too.
@@ -764,13 +832,22 @@ impl Worker {
             .retain(|_, p| p.window.end_secs().saturating_add(grace) > now);
         self.forget_acked(now, grace);
         self.book.prune(&self.parts.keys, now);
-        let groups = self.groups(now, grace);
+        let mut groups = self.groups(now, grace);
+        // Marks of keys no longer synced (windows over) go.
+        {
+            let live: FxHashSet<&str> = groups
+                .wire
+                .iter()
+                .flat_map(|g| g.items.iter().map(|x| x.key.as_str()))
+                .collect();
+            self.tracker.retain(|k| live.contains(k));
+        }
         // A connection kept from an earlier round may have died meanwhile (Redis restarted, a
         // link reset): then one fresh connection gets a second chance within the same round.
         let mut attempts = if self.backend.is_some() { 2 } else { 1 };
         let replies = loop {
             attempts -= 1;
-            match self.send(&groups).await {
+            match self.send(&mut groups).await {
                 Ok(replies) => break replies,
                 Err((e, dead)) if dead && attempts > 0 => {
                     tracing::debug!(error = %e, "redis connection lost; reconnecting");
@@ -779,8 +856,25 @@ impl Worker {
             }
         };
         let applied = self.apply(&groups, replies);
+        // After the replies (a renewal they made may predate the flush).
+        if std::mem::take(&mut self.flushed) {
+            self.on_flush();
+        }
         self.verify = false;
         applied
+    }
+
+    /// Redis dropped its whole data set (an invalidation without keys): every clean key is
+    /// read again (the tracker dropped its marks), so the reads find our fields gone and the
+    /// windows dirty, as without tracking; and every lease is renewed at the next clean round
+    /// (whose `PEXPIRE` then finds it gone: the script takes it again).
+    ///
+    /// Decision: the windows are not made dirty at once. That would save one round only when
+    /// the invalidation reached us before the round started (a race with the network), while
+    /// the reads heal deterministically one round later, exactly as a Redis restart does.
+    fn on_flush(&mut self) {
+        tracing::debug!(url = %self.url(), "redis dropped its data set; reading every window again");
+        self.lease_set.clear();
     }
 
     /// Drops the acknowledgements of windows whose keys have expired in Redis (memory and
@@ -803,6 +897,8 @@ impl Worker {
             node: &self.parts.node_id,
             instance: &self.instance,
             lease_ms: u64::try_from(lease_ttl(&self.parts.redis).as_millis()).unwrap_or(u64::MAX),
+            read_lease_ms: u64::try_from(read_lease_ttl(&self.parts.redis).as_millis())
+                .unwrap_or(u64::MAX),
             release: self.release,
             verify: self.verify,
             guard_ms: u64::try_from(guard(&self.parts.redis).as_millis()).unwrap_or(u64::MAX),
@@ -818,7 +914,7 @@ impl Worker {
     /// connection is dead (and drops it).
     async fn send(
         &mut self,
-        groups: &Groups,
+        groups: &mut Groups,
     ) -> Result<Vec<GroupOutcome>, (ReplicationError, bool)> {
         if self.backend.is_none() {
             let backend = self.establish().await.map_err(|e| (e, false))?;
@@ -835,11 +931,15 @@ impl Worker {
             return Err((self.protocol("no redis connection"), false));
         };
         let timeout = self.parts.redis.command_timeout;
+        set_skips(&self.tracker, &conn, &mut groups.wire);
         let id = self.identity();
-        let sent =
-            tokio::time::timeout(timeout, self.wire.sync_round(&mut conn, &id, &groups.wire)).await;
+        let sent = tokio::time::timeout(
+            timeout,
+            round_on(&self.wire, &mut conn, &id, &mut groups.wire),
+        )
+        .await;
         match sent {
-            Ok(Ok(replies)) => {
+            Ok(Ok((replies, verdict))) => {
                 // Every budget failed for a connection-level reason (a failover left us on a
                 // read-only replica, the server is loading): treat the connection as dead.
                 let all_failed = !replies.is_empty() && replies.iter().all(Result::is_err);
@@ -851,6 +951,19 @@ impl Worker {
                         return Err((self.protocol(&e.to_string()), true));
                     }
                 }
+                let mut replies = replies;
+                let label = self.url();
+                let settled = self
+                    .settle(&mut conn, &mut groups.wire, &mut replies, verdict, &label)
+                    .await;
+                if let Err(e) = settled {
+                    let dead = e.is_connection_error();
+                    if !dead {
+                        self.backend = Some(Backend::Single(conn));
+                    }
+                    return Err((self.protocol(&e.to_string()), dead));
+                }
+                self.tracker.set_on(conn.track);
                 self.backend = Some(Backend::Single(conn));
                 Ok(replies)
             }
@@ -881,6 +994,7 @@ impl Worker {
         groups: &Groups,
     ) -> Result<Vec<GroupOutcome>, ReplicationError> {
         let n = groups.wire.len();
+        let mut all_tracked = true;
         let mut results: Vec<Option<GroupOutcome>> = (0..n).map(|_| None).collect();
         let mut pending: Vec<usize> = (0..n).collect();
         let timeout = self.parts.redis.command_timeout;
@@ -914,7 +1028,10 @@ impl Worker {
                 match conn {
                     Ok(c) => {
                         cluster.conns.insert(addr.clone(), c.clone());
-                        calls.push((addr, members, c));
+                        let mut sub: Vec<Group> =
+                            members.iter().map(|&i| groups.wire[i].clone()).collect();
+                        set_skips(&self.tracker, &c, &mut sub);
+                        calls.push((addr, members, c, sub));
                     }
                     Err(e) => {
                         cluster.stale = true;
@@ -934,20 +1051,35 @@ impl Worker {
             let id = self.identity();
             let wire = &self.wire;
             let outcomes = futures_util::future::join_all(calls.into_iter().map(
-                |(addr, members, mut conn)| {
-                    let sub: Vec<Group> = members.iter().map(|&i| groups.wire[i].clone()).collect();
+                |(addr, members, mut conn, mut sub)| {
                     let id = &id;
                     async move {
-                        let r = tokio::time::timeout(timeout, wire.sync_round(&mut conn, id, &sub))
-                            .await;
-                        (addr, members, r)
+                        let r =
+                            tokio::time::timeout(timeout, round_on(wire, &mut conn, id, &mut sub))
+                                .await;
+                        (addr, members, conn, sub, r)
                     }
                 },
             ))
             .await;
-            for (addr, members, outcome) in outcomes {
+            for (addr, members, mut conn, mut sub, outcome) in outcomes {
+                let outcome = match outcome {
+                    Ok(Ok((mut replies, verdict))) => {
+                        let label = shard_name(&addr);
+                        self.settle(&mut conn, &mut sub, &mut replies, verdict, &label)
+                            .await
+                            .map(|()| replies)
+                    }
+                    Ok(Err(e)) => Err(e),
+                    Err(_) => Err(WireError::Shard {
+                        shard: shard_name(&addr),
+                        message: format!("timed out after {}", humantime::format_duration(timeout)),
+                    }),
+                };
                 let failure = match outcome {
-                    Ok(Ok(replies)) => {
+                    Ok(replies) => {
+                        all_tracked &= conn.track;
+                        cluster.conns.insert(addr.clone(), conn);
                         for (i, reply) in members.into_iter().zip(replies) {
                             let redirected = matches!(&reply, Err(e) if e.is_redirect());
                             if redirected {
@@ -961,8 +1093,8 @@ impl Worker {
                         }
                         continue;
                     }
-                    Ok(Err(e)) => e.to_string(),
-                    Err(_) => format!("timed out after {}", humantime::format_duration(timeout)),
+                    Err(WireError::Shard { message, .. }) => message,
+                    Err(e) => e.to_string(),
                 };
                 cluster.conns.remove(&addr);
                 cluster.stale = true;
@@ -981,6 +1113,7 @@ impl Worker {
                 break;
             }
         }
+        self.tracker.set_on(all_tracked);
         Ok(results
             .into_iter()
             .map(|r| {
@@ -1000,7 +1133,7 @@ impl Worker {
         let known: Vec<(cluster::Addr, MultiplexedConnection)> = cluster
             .conns
             .iter()
-            .map(|(a, c)| (a.clone(), c.clone()))
+            .map(|(a, c)| (a.clone(), c.conn.clone()))
             .collect();
         for (addr, mut conn) in known {
             match cluster::slot_map(&mut conn, &addr.0).await {
@@ -1019,7 +1152,7 @@ impl Worker {
         for url in self.urls() {
             let attempt = async {
                 let client = self.client(url)?;
-                let mut conn = self.connect_client(&client, &redact_url(url)).await?;
+                let mut conn = self.connect_client(&client, &redact_url(url)).await?.conn;
                 let host = match client.get_connection_info().addr() {
                     redis::ConnectionAddr::Tcp(h, _)
                     | redis::ConnectionAddr::TcpTls { host: h, .. } => h.clone(),
@@ -1060,7 +1193,7 @@ impl Worker {
                 Ok(mut conn) => {
                     let timeout = self.parts.redis.command_timeout;
                     let detected =
-                        tokio::time::timeout(timeout, cluster::is_cluster(&mut conn)).await;
+                        tokio::time::timeout(timeout, cluster::is_cluster(&mut conn.conn)).await;
                     return match detected {
                         Ok(Ok(false)) => Ok(Backend::Single(conn)),
                         Ok(Ok(true)) => {
@@ -1119,14 +1252,63 @@ impl Worker {
         client_moved(&seed, &addr.0, addr.1).map_err(|e| self.protocol(&e.to_string()))
     }
 
+    /// Connects in RESP3 with a push sender (for tracking invalidations, see [`tracking`]);
+    /// when the server answers but refuses that (`HELLO 3`: Redis < 6, some proxies), in
+    /// RESP2 without tracking.
     async fn connect_client(
         &self,
         client: &redis::Client,
         label: &str,
-    ) -> Result<MultiplexedConnection, ReplicationError> {
-        let config = redis::AsyncConnectionConfig::new()
+    ) -> Result<Conn, ReplicationError> {
+        let (epoch, pushes) = self.tracker.connection();
+        let info = client.get_connection_info().clone();
+        let resp3 = info
+            .redis_settings()
+            .clone()
+            .set_protocol(redis::ProtocolVersion::RESP3);
+        let tracked = redis::Client::open(info.set_redis_settings(resp3))
+            .map_err(|e| self.protocol(&e.to_string()))?;
+        match self
+            .open(&tracked, self.conn_config().set_push_sender(pushes), label)
+            .await
+        {
+            Ok(conn) => Ok(Conn {
+                conn,
+                epoch,
+                track: true,
+                client_id: None,
+            }),
+            Err((_, Some(refusal))) => {
+                let conn = self
+                    .open(client, self.conn_config(), label)
+                    .await
+                    .map_err(|(e, _)| e)?;
+                self.tracker.refused(label, &flat(&refusal));
+                Ok(Conn {
+                    conn,
+                    epoch,
+                    track: false,
+                    client_id: None,
+                })
+            }
+            Err((e, None)) => Err(e),
+        }
+    }
+
+    fn conn_config(&self) -> redis::AsyncConnectionConfig {
+        redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.parts.redis.connect_timeout))
-            .set_response_timeout(Some(self.parts.redis.command_timeout));
+            .set_response_timeout(Some(self.parts.redis.command_timeout))
+    }
+
+    /// Opens one connection. On failure, also the server's answer when there was one (it
+    /// refused something: worth another try without RESP3), as opposed to no server at all.
+    async fn open(
+        &self,
+        client: &redis::Client,
+        config: redis::AsyncConnectionConfig,
+        label: &str,
+    ) -> Result<MultiplexedConnection, (ReplicationError, Option<String>)> {
         // The outer timeout also bounds DNS resolution, which the connection timeout may not.
         let bound = self.parts.redis.connect_timeout + Duration::from_millis(100);
         match tokio::time::timeout(
@@ -1136,14 +1318,107 @@ impl Worker {
         .await
         {
             Ok(Ok(c)) => Ok(c),
-            Ok(Err(e)) => Err(ReplicationError::Unreachable {
-                url: label.to_owned(),
-                reason: tls::explain(&self.protocol(&e.to_string()).to_string()),
-            }),
-            Err(_) => Err(ReplicationError::Timeout {
-                url: label.to_owned(),
-                after: humantime::format_duration(self.parts.redis.connect_timeout).to_string(),
-            }),
+            Ok(Err(e)) => {
+                let answered = !(e.is_io_error()
+                    || e.is_timeout()
+                    || e.is_connection_refusal()
+                    || e.is_connection_dropped());
+                let message = self.protocol(&e.to_string()).to_string();
+                Err((
+                    ReplicationError::Unreachable {
+                        url: label.to_owned(),
+                        reason: tls::explain(&message),
+                    },
+                    answered.then_some(message),
+                ))
+            }
+            Err(_) => Err((
+                ReplicationError::Timeout {
+                    url: label.to_owned(),
+                    after: humantime::format_duration(self.parts.redis.connect_timeout).to_string(),
+                },
+                None,
+            )),
+        }
+    }
+
+    /// After one connection's round: drops the marks it cannot vouch for, marks the keys it
+    /// read with tracking on and unmarks the others (written by the script, failed, in need
+    /// of the script), then applies the invalidations that came with the replies: they win
+    /// over the marks just made (see [`tracking`], "Ordering"), and a skipped key among them
+    /// (changed before Redis ran our pipeline, its invalidation still on the way when the
+    /// round was planned) is read in a second round trip, so that a round sees every change
+    /// Redis made before it, as without tracking.
+    async fn settle(
+        &mut self,
+        conn: &mut Conn,
+        groups: &mut [Group],
+        replies: &mut [GroupOutcome],
+        verdict: Verdict,
+        label: &str,
+    ) -> Result<(), WireError> {
+        if verdict.lost {
+            self.tracker.forget_epoch(conn.epoch);
+        }
+        if let Some(reason) = verdict.refused {
+            self.tracker.refused(label, &reason);
+        }
+        self.mark(conn, groups, replies, None);
+        if self.tracker.drain() {
+            self.flushed = true;
+        }
+        let raced: Vec<(usize, usize)> = positions(groups, |x| {
+            x.skip && !self.tracker.is_marked(&x.key, conn.epoch)
+        });
+        if !raced.is_empty() {
+            let id = self.identity();
+            let timeout = self.parts.redis.command_timeout;
+            let again = reread(&self.wire, conn, &id, groups, replies, &raced);
+            match tokio::time::timeout(timeout, again).await {
+                Ok(result) => result?,
+                Err(_) => {
+                    return Err(WireError::Shard {
+                        shard: label.to_owned(),
+                        message: format!("timed out after {}", humantime::format_duration(timeout)),
+                    })
+                }
+            }
+            self.mark(conn, groups, replies, Some(&raced));
+            if self.tracker.drain() {
+                self.flushed = true;
+            }
+        }
+        self.unchanged += positions(groups, |x| x.skip).len() as u64;
+        Ok(())
+    }
+
+    /// Marks the keys read by plain reads on a tracking connection, unmarks the other
+    /// non-skipped ones (all of them, or those at `only`).
+    fn mark(
+        &mut self,
+        conn: &Conn,
+        groups: &[Group],
+        replies: &[GroupOutcome],
+        only: Option<&[(usize, usize)]>,
+    ) {
+        for (g, (group, reply)) in groups.iter().zip(replies).enumerate() {
+            let read = matches!(group.mode, Mode::Read { .. });
+            for (j, item) in group.items.iter().enumerate() {
+                if item.skip || only.is_some_and(|o| !o.contains(&(g, j))) {
+                    continue;
+                }
+                let usable = reply
+                    .as_ref()
+                    .ok()
+                    .and_then(|r| r.keys.get(j))
+                    .and_then(|k| k.as_ref().ok())
+                    .is_some_and(|k| !k.needs_script && !k.unread);
+                if conn.track && read && usable {
+                    self.tracker.mark(&item.key, conn.epoch);
+                } else {
+                    self.tracker.unmark(&item.key);
+                }
+            }
         }
     }
 
@@ -1213,8 +1488,7 @@ impl Worker {
         // work there: this process's first (verifying) round, the last one (it releases the
         // leases), a lease not known to be ours (the script takes it), a key a plain read
         // found in need of repair.
-        self.renew_turn = !self.renew_turn;
-        let renew_now = self.renew_turn;
+        let started = self.round_started;
         let modes: Vec<Mode> = windows
             .iter()
             .enumerate()
@@ -1230,11 +1504,16 @@ impl Worker {
                     self.script_next.remove(&(b as u32));
                     Mode::Script
                 } else {
-                    // Every other round: the lease lives three intervals (plus timeouts)
-                    // and a round comes at most 1.1 intervals after the previous one.
-                    Mode::Read {
-                        renew: ours && renew_now,
-                    }
+                    // Once a third of what we last gave the lease has passed (measured from
+                    // the start of the round that set it: Redis set it later): rounds come
+                    // at most ~1.1 intervals apart, so two thirds are a wide margin.
+                    let due = self
+                        .lease_set
+                        .get(b)
+                        .copied()
+                        .flatten()
+                        .is_none_or(|(at, ttl)| started.saturating_duration_since(at) >= ttl / 3);
+                    Mode::Read { renew: due }
                 }
             })
             .collect();
@@ -1256,6 +1535,7 @@ impl Worker {
                             own: if x.send { x.durable } else { 0 },
                             expire_at: x.window.end_secs().saturating_add(grace),
                             grant: asks[b].filter(|(w, _)| *w == x.window).map(|(_, ask)| ask),
+                            skip: false,
                         })
                         .collect(),
                 }
@@ -1296,6 +1576,18 @@ impl Worker {
                 self.lease_ours.resize(b + 1, false);
             }
             self.lease_ours[b] = reply.lease == Lease::Held;
+            if self.lease_set.len() <= b {
+                self.lease_set.resize(b + 1, None);
+            }
+            let redis = &self.parts.redis;
+            self.lease_set[b] = match (&reply.lease, groups.wire[b].mode) {
+                (Lease::Held, Mode::Script) => Some((self.round_started, lease_ttl(redis))),
+                (Lease::Held, Mode::Read { renew: true }) => {
+                    Some((self.round_started, read_lease_ttl(redis)))
+                }
+                (Lease::Held, Mode::Read { renew: false }) => self.lease_set[b],
+                _ => None,
+            };
             let held = match reply.lease {
                 Lease::Held => true,
                 Lease::Free => {
@@ -1331,6 +1623,10 @@ impl Worker {
                         continue;
                     }
                 };
+                if state.unread {
+                    // Not read: Redis reported no change since our last read.
+                    continue;
+                }
                 if state.needs_script {
                     // A plain read found what only the script repairs: use it next round,
                     // and do not trust these values meanwhile.
@@ -1564,6 +1860,120 @@ impl Jitter {
         let unit = (z >> 11) as f64 / (1u64 << 53) as f64;
         interval.mul_f64(0.9 + 0.2 * unit)
     }
+}
+
+/// Marks the clean window keys that `conn` tracks unchanged as not to be read.
+fn set_skips(tracker: &Tracker, conn: &Conn, groups: &mut [Group]) {
+    for group in groups {
+        let read = matches!(group.mode, Mode::Read { .. });
+        for item in &mut group.items {
+            item.skip = read && conn.track && tracker.is_fresh(&item.key, conn.epoch);
+        }
+    }
+}
+
+/// One connection's part of a round: the tracking prelude when the connection tracks, the
+/// pipeline, and, when the connection turns out unable to vouch for the keys it skipped
+/// (another client id, tracking refused), a second pipeline reading them: then the replies
+/// hold every key read, and the skipped items of `groups` are cleared.
+async fn round_on(
+    wire: &Wire,
+    conn: &mut Conn,
+    id: &Identity<'_>,
+    groups: &mut [Group],
+) -> Result<(Vec<GroupOutcome>, Verdict), WireError> {
+    let (mut replies, tracked) = wire
+        .sync_round_tracked(&mut conn.conn, id, groups, conn.track)
+        .await?;
+    let mut verdict = Verdict::default();
+    if let Some(t) = tracked {
+        match (t.error, t.client_id) {
+            (None, Some(client)) => {
+                verdict.lost = conn.client_id.is_some_and(|old| old != client);
+                conn.client_id = Some(client);
+            }
+            (error, _) => {
+                conn.track = false;
+                verdict.lost = true;
+                verdict.refused =
+                    Some(error.unwrap_or_else(|| "CLIENT ID answered no id".to_owned()));
+            }
+        }
+    }
+    if !verdict.lost {
+        return Ok((replies, verdict));
+    }
+    let skipped = positions(groups, |x| x.skip);
+    if !skipped.is_empty() {
+        reread(wire, conn, id, groups, &mut replies, &skipped).await?;
+    }
+    Ok((replies, verdict))
+}
+
+/// `(group, item)` positions of the items that satisfy `which`.
+fn positions(groups: &[Group], which: impl Fn(&SyncItem) -> bool) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    for (g, group) in groups.iter().enumerate() {
+        for (j, item) in group.items.iter().enumerate() {
+            if which(item) {
+                out.push((g, j));
+            }
+        }
+    }
+    out
+}
+
+/// Reads the skipped items at `which` with plain reads in one pipeline: their replies replace
+/// the `unread` ones and they are no longer skipped. A budget whose reads fail gets the error.
+async fn reread(
+    wire: &Wire,
+    conn: &mut Conn,
+    id: &Identity<'_>,
+    groups: &mut [Group],
+    replies: &mut [GroupOutcome],
+    which: &[(usize, usize)],
+) -> Result<(), WireError> {
+    let mut budgets: Vec<usize> = which.iter().map(|&(g, _)| g).collect();
+    budgets.dedup();
+    let reads: Vec<Group> = budgets
+        .iter()
+        .map(|&g| Group {
+            mode: Mode::Read { renew: false },
+            items: which
+                .iter()
+                .filter(|&&(b, _)| b == g)
+                .map(|&(_, j)| SyncItem {
+                    skip: false,
+                    ..groups[g].items[j].clone()
+                })
+                .collect(),
+            ..groups[g].clone()
+        })
+        .collect();
+    let second = wire.sync_round(&mut conn.conn, id, &reads).await?;
+    for (&g, reply) in budgets.iter().zip(second) {
+        let items: Vec<usize> = which
+            .iter()
+            .filter(|&&(b, _)| b == g)
+            .map(|&(_, j)| j)
+            .collect();
+        for &j in &items {
+            groups[g].items[j].skip = false;
+        }
+        match (&mut replies[g], reply) {
+            (Ok(first), Ok(second)) => {
+                for (&j, read) in items.iter().zip(second.keys) {
+                    if let Some(slot) = first.keys.get_mut(j) {
+                        *slot = read;
+                    }
+                }
+            }
+            (Ok(_), Err(e)) => replies[g] = Err(e),
+            // The first reply failed as a whole: it stands.
+            (Err(_), _) => {}
+        }
+    }
+    Ok(())
 }
 
 /// One window of one budget in a round.

@@ -28,8 +28,9 @@
 //! Contribution fields are the node fields and the `~retired:` fields; `~total` is their sum.
 //!
 //! **Lease**: per budget, key `{prefix}:{{provider:period}}:lease:{node}` holds the instance id
-//! of the data dir that uses the node id, for a few sync intervals (`lease_ms`), renewed by
-//! every round. When another instance holds it, the script leaves the node's field alone,
+//! of the data dir that uses the node id, for a few sync intervals (`lease_ms`, set by every
+//! script call), or for longer (`read_lease_ms`) once a clean budget renewed it. When another
+//! instance holds it, the script leaves the node's field alone,
 //! keeps our total apart under `~retired:{node}:{our instance}` (a contribution only we
 //! write, so nothing is undercounted) and reports `refused`: two live data dirs share the
 //! node id. The lease shares the budget's hash tag, so a script call still touches one
@@ -46,14 +47,20 @@
 //! cache, loaded ones are not.
 //!
 //! A budget with nothing to write ([`Mode::Read`], only while this instance held its lease at
-//! the last look) skips the script: `PEXPIRE` of its lease every other round (a reply of 0:
-//! the lease is gone, [`Lease::Free`]) and one `HMGET` of our field, its owner, our kept-apart
-//! field, `~total` and `~bad` per window, in the same pipeline. No `GET` of the lease: the
+//! the last look) skips the script: a `PEXPIRE` of its lease to the longer read lease
+//! ([`Identity::read_lease_ms`]) once a third of what we last gave it has passed (a reply of
+//! 0: the lease is gone, [`Lease::Free`]) and one `HMGET` of our field, its owner, our
+//! kept-apart field, `~total` and `~bad` per window, in the same pipeline, except for the
+//! windows Redis's client-side tracking reports unchanged since our last read
+//! ([`SyncItem::skip`], see `super::tracking`): they cost no command at all, and a round
+//! whose budgets are all clean and unchanged is the tracking prelude alone (`CLIENT TRACKING
+//! ON NOLOOP`, `CLIENT ID`: [`Wire::sync_round_tracked`]). No `GET` of the lease: the
 //! `~owner:{node}` field of each window says whether another data dir wrote our node's field
 //! (the caller then sends the budget through the script, whose lease check reports a
-//! duplicate). What only the script handles (a lease to take, a total to repair, flagged
-//! fields) is reported back ([`KeyReply::needs_script`], [`Lease::Free`]) and the caller
-//! sends that budget through the script next round.
+//! duplicate); such a write changes the key, so its invalidation makes us read it. What only
+//! the script handles (a lease to take, a total to repair, flagged fields) is reported back
+//! ([`KeyReply::needs_script`], [`Lease::Free`]) and the caller sends that budget through the
+//! script next round.
 //!
 //! **Failures are isolated per key**: the script runs each window key under `pcall`, so a key
 //! of the wrong type fails only that window; a contribution field that is not a canonical u64
@@ -141,6 +148,10 @@ pub(crate) struct SyncItem {
     pub expire_at: i64,
     /// A strict budget's current window: the grant request.
     pub grant: Option<GrantAsk>,
+    /// [`Mode::Read`] only: not read this round, because Redis tracks our last plain read of
+    /// the key on this connection and has not reported a change since (see
+    /// [`super::tracking`]); its reply is [`KeyReply::unread`].
+    pub skip: bool,
 }
 
 /// What a node sends about its grant of one strict window (all nano-dollars, absolute).
@@ -186,9 +197,10 @@ pub(crate) enum Mode {
     /// One `EVALSHA` of the merge script: writes, lease taking, repairs.
     Script,
     /// Nothing to write, and our instance held the lease at the last look: plain commands, no
-    /// script (a clean budget costs Redis one `HMGET` per window). `renew`: `PEXPIRE` keeps
-    /// the lease alive (its reply says whether it still exists; without it the lease is
-    /// taken as still ours).
+    /// script (a clean budget costs Redis at most one `HMGET` per window, none for a window
+    /// whose item is [`SyncItem::skip`]). `renew`: `PEXPIRE` to [`Identity::read_lease_ms`]
+    /// keeps the lease alive (its reply says whether it still exists; without it the lease
+    /// is taken as still ours).
     Read { renew: bool },
 }
 
@@ -198,8 +210,11 @@ pub(crate) struct Identity<'a> {
     pub node: &'a str,
     /// This data dir's instance id.
     pub instance: &'a str,
-    /// How long the lease lives without renewal.
+    /// How long the lease lives without renewal (set by the script: writes).
     pub lease_ms: u64,
+    /// How long a [`Mode::Read`] renewal (`PEXPIRE`) makes it live: longer, so that clean
+    /// budgets renew rarely (see `read_lease_ttl` in the replicator).
+    pub read_lease_ms: u64,
     /// Release the lease in this round (the last one).
     pub release: bool,
     /// Recompute every touched key's `~total` from its fields (server side).
@@ -229,8 +244,21 @@ pub(crate) struct KeyReply {
     pub needs_script: bool,
     /// One line per problem: skipped fields, an unusable own field.
     pub problems: Vec<String>,
+    /// Not read this round ([`SyncItem::skip`]): nothing changed since the last read, the
+    /// values are not to be used.
+    pub unread: bool,
     /// Strict windows (sent with a [`GrantAsk`]): the grant state.
     pub grant: Option<GrantReply>,
+}
+
+impl KeyReply {
+    /// The reply of a key that was not read ([`SyncItem::skip`]).
+    pub(crate) fn unread() -> KeyReply {
+        KeyReply {
+            unread: true,
+            ..KeyReply::default()
+        }
+    }
 }
 
 /// The state of a budget's lease after the script ran.
@@ -392,34 +420,50 @@ impl Wire {
         id: &Identity<'_>,
         groups: &[Group],
     ) -> Result<Vec<GroupOutcome>, WireError> {
+        self.sync_round_tracked(conn, id, groups, false)
+            .await
+            .map(|(out, _)| out)
+    }
+
+    /// [`Wire::sync_round`], the pipeline starting with `CLIENT TRACKING ON NOLOOP` and
+    /// `CLIENT ID` when `track` (sent even when nothing else is: the round trip also proves
+    /// the connection alive, and the id says it is the one our skipped reads were tracked
+    /// on). Returns their outcome beside the replies.
+    pub(crate) async fn sync_round_tracked<C: redis::aio::ConnectionLike + Send>(
+        &self,
+        conn: &mut C,
+        id: &Identity<'_>,
+        groups: &[Group],
+        track: bool,
+    ) -> Result<(Vec<GroupOutcome>, Option<TrackReply>), WireError> {
         let mut results: Vec<Option<GroupOutcome>> = groups
             .iter()
             .map(|g| {
-                g.items.is_empty().then(|| {
+                (commands(g) == 0).then(|| {
                     Ok(GroupReply {
                         lease: Lease::Held,
-                        keys: Vec::new(),
+                        keys: g.items.iter().map(|_| Ok(KeyReply::unread())).collect(),
                     })
                 })
             })
             .collect();
         let pending: Vec<usize> = (0..groups.len())
-            .filter(|&i| !groups[i].items.is_empty())
+            .filter(|&i| results[i].is_none())
             .collect();
-        if pending.is_empty() {
-            return Ok(filled(results));
+        if pending.is_empty() && !track {
+            return Ok((filled(results), None));
         }
 
-        let no_script = self
-            .send(conn, id, groups, &pending, false, &mut results)
+        let (no_script, tracked) = self
+            .send(conn, id, groups, &pending, false, track, &mut results)
             .await?;
         if !no_script.is_empty() {
             tracing::debug!(
                 groups = no_script.len(),
                 "redis lost the sync script (NOSCRIPT); loading it and retrying once"
             );
-            let still_missing = self
-                .send(conn, id, groups, &no_script, true, &mut results)
+            let (still_missing, _) = self
+                .send(conn, id, groups, &no_script, true, false, &mut results)
                 .await?;
             for i in still_missing {
                 results[i] = Some(Err(WireError::Reply {
@@ -428,12 +472,13 @@ impl Wire {
                 }));
             }
         }
-        Ok(filled(results))
+        Ok((filled(results), tracked))
     }
 
     /// Sends one pipeline with one `EVALSHA` per group in `which` (preceded by `SCRIPT LOAD`
-    /// when `load`), stores the outcomes in `results` and returns the groups that failed
-    /// with `NOSCRIPT`.
+    /// when `load`, by the tracking prelude when `track`), stores the outcomes in `results`
+    /// and returns the groups that failed with `NOSCRIPT`.
+    #[allow(clippy::too_many_arguments)]
     async fn send<C: redis::aio::ConnectionLike + Send>(
         &self,
         conn: &mut C,
@@ -441,12 +486,17 @@ impl Wire {
         groups: &[Group],
         which: &[usize],
         load: bool,
+        track: bool,
         results: &mut [Option<GroupOutcome>],
-    ) -> Result<Vec<usize>, WireError> {
+    ) -> Result<(Vec<usize>, Option<TrackReply>), WireError> {
         let mut pipe = redis::pipe();
         // Per-command results: one budget's failure must not hide the others' replies, and
         // NOSCRIPT has to be told apart from other errors.
         pipe.ignore_errors();
+        if track {
+            pipe.cmd("CLIENT").arg("TRACKING").arg("ON").arg("NOLOOP");
+            pipe.cmd("CLIENT").arg("ID");
+        }
         if load {
             pipe.cmd("SCRIPT").arg("LOAD").arg(SCRIPT);
         }
@@ -456,11 +506,11 @@ impl Wire {
                 if renew {
                     pipe.cmd("PEXPIRE")
                         .arg(&group.lease)
-                        .arg(id.lease_ms.max(1));
+                        .arg(id.read_lease_ms.max(1));
                 }
                 let owner = format!("~owner:{}", id.node);
                 let mine = format!("~retired:{}:{}", id.node, id.instance);
-                for item in &group.items {
+                for item in group.items.iter().filter(|x| !x.skip) {
                     pipe.cmd("HMGET")
                         .arg(&item.key)
                         .arg(id.node)
@@ -516,6 +566,24 @@ impl Wire {
             .sum();
         self.bytes_in.fetch_add(received as u64, Ordering::Relaxed);
         let mut replies = replies.into_iter();
+        let tracked = if track {
+            let on = replies.next();
+            let client = replies.next();
+            Some(TrackReply {
+                error: match on {
+                    Some(Ok(Value::Okay)) => None,
+                    Some(Ok(Value::SimpleString(s))) if s == "OK" => None,
+                    Some(Err(e)) => Some(one_line(&e)),
+                    other => Some(format!("CLIENT TRACKING answered {other:?}")),
+                },
+                client_id: match client {
+                    Some(Ok(Value::Int(i))) => Some(i),
+                    _ => None,
+                },
+            })
+        } else {
+            None
+        };
 
         if load {
             match replies.next() {
@@ -558,7 +626,27 @@ impl Wire {
                 })),
             };
         }
-        Ok(no_script)
+        Ok((no_script, tracked))
+    }
+}
+
+/// What the tracking prelude of a pipeline answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct TrackReply {
+    /// Why `CLIENT TRACKING ON NOLOOP` failed (e.g. `unknown command`: a proxy or a managed
+    /// Redis without it), `None` when tracking is on.
+    pub error: Option<String>,
+    /// `CLIENT ID`: the server side of our connection (a different id than last round means
+    /// another connection, which tracks none of our earlier reads).
+    pub client_id: Option<i64>,
+}
+
+/// Commands a group puts into a pipeline (0: it is answered without Redis).
+fn commands(group: &Group) -> usize {
+    match group.mode {
+        Mode::Script if group.items.is_empty() => 0,
+        Mode::Script => 1,
+        Mode::Read { renew } => usize::from(renew) + group.items.iter().filter(|x| !x.skip).count(),
     }
 }
 
@@ -735,6 +823,7 @@ fn parse_read(
     let states: Vec<redis::RedisResult<Value>> = group
         .items
         .iter()
+        .filter(|x| !x.skip)
         .map(|_| replies.next().ok_or_else(short))
         .collect::<Result<_, _>>()?;
     // A redirect (cluster slot moved) or an unreachable shard concerns the whole budget:
@@ -772,6 +861,10 @@ fn parse_read(
     let mut replies = states.into_iter();
     let mut keys = Vec::with_capacity(group.items.len());
     for item in &group.items {
+        if item.skip {
+            keys.push(Ok(KeyReply::unread()));
+            continue;
+        }
         let key = &item.key;
         keys.push(match replies.next().ok_or_else(short)? {
             Ok(Value::Array(parts)) if parts.len() == 5 => Ok(read_state(parts)),
@@ -896,7 +989,7 @@ mod tests {
     const FAR_FUTURE: i64 = 4_102_444_800; // 2100-01-01
 
     async fn connect(server: &RedisServer) -> MultiplexedConnection {
-        redis::Client::open(server.url())
+        redis::Client::open(format!("{}?protocol=resp3", server.url()))
             .unwrap()
             .get_multiplexed_async_connection()
             .await
@@ -909,6 +1002,7 @@ mod tests {
             own,
             expire_at: FAR_FUTURE,
             grant: None,
+            skip: false,
         }
     }
 
@@ -919,6 +1013,7 @@ mod tests {
             node,
             instance: INSTANCE,
             lease_ms: 60_000,
+            read_lease_ms: 60_000,
             release: false,
             verify: false,
             guard_ms: 0,
@@ -1403,6 +1498,7 @@ mod tests {
             own: 1,
             expire_at: now + 1000,
             grant: None,
+            skip: false,
         };
         wire.sync_simple(&mut conn, "a", &[vec![item.clone()]])
             .await
@@ -1428,6 +1524,7 @@ mod tests {
             own: 0,
             expire_at: now + 1000,
             grant: None,
+            skip: false,
         };
         wire.sync_simple(&mut conn, "a", &[vec![read]])
             .await
@@ -1724,6 +1821,166 @@ mod tests {
             .unwrap();
         let state = out[0].as_ref().unwrap().keys[0].clone().unwrap();
         assert_eq!((state.total, state.needs_script), (0, false));
+    }
+
+    // ---- client-side tracking (see `super::super::tracking`) ------------------------------
+
+    /// A RESP3 connection whose push messages (invalidations) go to the returned channel.
+    async fn connect_tracked(
+        server: &RedisServer,
+    ) -> (
+        MultiplexedConnection,
+        tokio::sync::mpsc::UnboundedReceiver<redis::PushInfo>,
+    ) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let url = format!("redis://127.0.0.1:{}/?protocol=resp3", server.port());
+        let config = redis::AsyncConnectionConfig::new().set_push_sender(tx);
+        let conn = redis::Client::open(url)
+            .unwrap()
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .unwrap();
+        (conn, rx)
+    }
+
+    /// The next invalidation: its keys (`None`: everything, a flush).
+    async fn next_invalidation(
+        pushes: &mut tokio::sync::mpsc::UnboundedReceiver<redis::PushInfo>,
+    ) -> Option<Vec<String>> {
+        loop {
+            let push = tokio::time::timeout(std::time::Duration::from_secs(5), pushes.recv())
+                .await
+                .expect("no push message within 5 s")
+                .unwrap();
+            if push.kind != redis::PushKind::Invalidate {
+                continue;
+            }
+            return match push.data.into_iter().next() {
+                Some(Value::Array(keys)) => {
+                    Some(keys.into_iter().map(|k| text(k).unwrap()).collect())
+                }
+                Some(Value::Nil) | None => None,
+                other => panic!("unexpected invalidation {other:?}"),
+            };
+        }
+    }
+
+    /// What the tracking design rests on, checked against the real server (7.0 here): with
+    /// `CLIENT TRACKING ON NOLOOP`, a plain read (`HMGET`) is tracked; a key read inside the
+    /// merge script is tracked too, but not once the script also wrote it (our own write
+    /// drops the key from Redis's table and NOLOOP suppresses the message): so only plain
+    /// reads may make a key fresh. A flush invalidates everything with no key list.
+    #[tokio::test]
+    async fn tracking_covers_plain_reads_not_keys_the_script_writes() {
+        let server = server_or_skip!();
+        let (mut conn, mut pushes) = connect_tracked(&server).await;
+        let wire = Wire::new();
+        let written = window_key("t", "w", "1d", 0);
+        let script_read = window_key("t", "s", "1d", 0);
+        let plain = window_key("t", "p", "1d", 0);
+        let absent = window_key("t", "a", "1d", 0);
+        let read = |items| Group {
+            mode: Mode::Read { renew: false },
+            ..group("n", items)
+        };
+        // Every key exists with a field of another node first (the reads then need nothing).
+        for key in [&written, &script_read, &plain] {
+            sync_one(&wire, &mut conn, "other", key, 3).await;
+        }
+        let groups = [
+            group("n", vec![item(&written, 5)]),
+            group("n", vec![item(&script_read, 0)]),
+            read(vec![item(&plain, 0), item(&absent, 0)]),
+        ];
+        let (out, tracked) = wire
+            .sync_round_tracked(&mut conn, &identity("n"), &groups, true)
+            .await
+            .unwrap();
+        let tracked = tracked.unwrap();
+        assert_eq!(tracked.error, None);
+        assert!(tracked.client_id.is_some());
+        for g in &out {
+            assert!(
+                g.as_ref().unwrap().keys.iter().all(|k| k.is_ok()),
+                "{out:?}"
+            );
+        }
+        // Another client changes every key, in this order: the invalidations come in the
+        // same order, and the written key, not tracked, sends none.
+        for key in [&written, &script_read, &plain, &absent] {
+            server.command(&["HSET", key, "x", "1"]);
+        }
+        assert_eq!(
+            next_invalidation(&mut pushes).await,
+            Some(vec![script_read.clone()])
+        );
+        assert_eq!(
+            next_invalidation(&mut pushes).await,
+            Some(vec![plain.clone()])
+        );
+        assert_eq!(
+            next_invalidation(&mut pushes).await,
+            Some(vec![absent.clone()]),
+            "an absent key is tracked too (a window nobody spent in yet)"
+        );
+        // One message per read: a second change sends nothing until the key is read again.
+        server.command(&["HSET", &plain, "x", "2"]);
+        let groups = [read(vec![item(&plain, 0)])];
+        wire.sync_round_tracked(&mut conn, &identity("n"), &groups, true)
+            .await
+            .unwrap();
+        // Our own writes send us nothing (NOLOOP), another client's do.
+        sync_one(&wire, &mut conn, "n", &written, 6).await;
+        server.flushall();
+        assert_eq!(next_invalidation(&mut pushes).await, None, "a flush");
+        // The prelude is idempotent and `CLIENT ID` stays the connection's.
+        let (_, again) = wire
+            .sync_round_tracked(&mut conn, &identity("n"), &[], true)
+            .await
+            .unwrap();
+        assert_eq!(again.unwrap(), tracked);
+    }
+
+    #[tokio::test]
+    async fn skipped_items_cost_no_command_and_answer_unread() {
+        let server = server_or_skip!();
+        let mut conn = connect(&server).await;
+        let wire = Wire::new();
+        let key = window_key("t", "x", "1d", 0);
+        sync_one(&wire, &mut conn, "a", &key, 5).await;
+        let skipped = Group {
+            mode: Mode::Read { renew: false },
+            ..group(
+                "a",
+                vec![SyncItem {
+                    skip: true,
+                    ..item(&key, 0)
+                }],
+            )
+        };
+        let trips = wire.round_trips();
+        let out = wire
+            .sync_round(&mut conn, &identity("a"), std::slice::from_ref(&skipped))
+            .await
+            .unwrap();
+        assert_eq!(wire.round_trips(), trips, "nothing to send, nothing sent");
+        let reply = out[0].as_ref().unwrap();
+        assert_eq!(reply.lease, Lease::Held);
+        assert!(reply.keys[0].as_ref().unwrap().unread);
+        // With a renewal: only the `PEXPIRE`.
+        let renewing = Group {
+            mode: Mode::Read { renew: true },
+            ..skipped
+        };
+        let (out, tracked) = wire
+            .sync_round_tracked(&mut conn, &identity("a"), &[renewing], true)
+            .await
+            .unwrap();
+        assert_eq!(wire.round_trips(), trips + 1);
+        assert!(tracked.unwrap().error.is_none());
+        let reply = out[0].as_ref().unwrap();
+        assert_eq!(reply.lease, Lease::Held);
+        assert!(reply.keys[0].as_ref().unwrap().unread);
     }
 
     // ---- strict budgets: grants ------------------------------------------------------------

@@ -1,0 +1,266 @@
+//! Client-side tracking of clean windows (issue 11, "make the fleet scale with what changes"),
+//! through real `redis-server`s: a clean round with nothing changed reads no window key;
+//! another node's new spend is still seen at the next round (the invalidation); FLUSHALL, a
+//! killed replication connection and a server that refuses tracking all stay exact; and a
+//! clean budget renews its lease rarely.
+
+#![allow(clippy::unwrap_used)]
+
+#[path = "support/redis_server.rs"]
+mod redis_server;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use jiff::Timestamp;
+use provider_budgets::{Config, FakeClock, Limiter, Money, RedisConfig};
+use redis_server::RedisServer;
+
+/// Near real time (Redis expires keys by its own clock), 30 s into the current minute.
+fn clock() -> Arc<FakeClock> {
+    let now = Timestamp::now().as_second();
+    Arc::new(FakeClock::new(
+        Timestamp::from_second(now - now.rem_euclid(60) + 30).unwrap(),
+    ))
+}
+
+fn config(dir: &Path, url: &str, node: &str, interval: Duration) -> Config {
+    let mut c = Config::new()
+        .budget("openai", Money::from_nanos(1 << 50), "1h".parse().unwrap())
+        .budget(
+            "anthropic",
+            Money::from_nanos(1 << 50),
+            "1m".parse().unwrap(),
+        )
+        .data_dir(dir);
+    c.node_id = Some(node.to_owned());
+    let mut r = RedisConfig::new(url);
+    r.prefix = "trk".to_owned();
+    r.sync_interval = interval;
+    r.connect_timeout = Duration::from_millis(500);
+    r.command_timeout = Duration::from_millis(500);
+    c.redis = Some(r);
+    c
+}
+
+/// A node whose rounds run when the test says so (`sync`).
+fn open(dir: &Path, url: &str, node: &str, clock: &Arc<FakeClock>) -> Limiter {
+    let c = config(dir, url, node, Duration::from_secs(3600));
+    Limiter::open_with_clock(c, clock.clone()).unwrap()
+}
+
+fn spend(l: &Limiter, provider: &str) -> u64 {
+    l.budget_status(provider).unwrap().spend.as_nanos()
+}
+
+fn nanos(n: u64) -> Money {
+    Money::from_nanos(n)
+}
+
+/// `(keys_read, keys_unchanged)` of the node's last round, and whether it tracks.
+fn figures(l: &Limiter) -> (u64, u64, bool) {
+    let r = l.budget_status("openai").unwrap().replication;
+    (
+        r.last_round.keys_read,
+        r.last_round.keys_unchanged,
+        r.tracking,
+    )
+}
+
+/// Calls of `command` so far (`INFO commandstats`).
+fn calls(server: &RedisServer, command: &str) -> u64 {
+    let stats = server.command(&["INFO", "commandstats"]);
+    let prefix = format!("cmdstat_{command}:calls=");
+    stats
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |n| n.parse().unwrap())
+}
+
+/// Starts two nodes that spent in `openai` and converged; each has run plain read rounds
+/// since, so every clean window is tracked.
+fn two_clean_nodes(url: &str) -> (Limiter, Limiter, [tempfile::TempDir; 2]) {
+    let clock = clock();
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let a = open(dirs[0].path(), url, "a", &clock);
+    let b = open(dirs[1].path(), url, "b", &clock);
+    a.record("openai", nanos(40)).unwrap();
+    b.record("openai", nanos(2)).unwrap();
+    for _ in 0..3 {
+        a.sync().unwrap();
+        b.sync().unwrap();
+    }
+    (a, b, dirs)
+}
+
+#[test]
+fn a_clean_round_with_nothing_changed_reads_no_window_key() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let (a, b, _dirs) = two_clean_nodes(&server.url());
+    let hmget = calls(&server, "hmget");
+    let evalsha = calls(&server, "evalsha");
+    for node in [&a, &b] {
+        let trips = node
+            .budget_status("openai")
+            .unwrap()
+            .replication
+            .round_trips;
+        node.sync().unwrap();
+        // Still one round trip (it proves the connection alive and tracked) ...
+        let after = node
+            .budget_status("openai")
+            .unwrap()
+            .replication
+            .round_trips;
+        assert_eq!(after - trips, 1);
+        // ... covering both live windows, neither of them read.
+        assert_eq!(figures(node), (2, 2, true));
+    }
+    assert_eq!(calls(&server, "hmget"), hmget, "no HMGET in clean rounds");
+    assert_eq!(calls(&server, "evalsha"), evalsha, "no script either");
+    assert_eq!((spend(&a, "openai"), spend(&b, "openai")), (42, 42));
+}
+
+#[test]
+fn a_clean_node_sees_another_nodes_new_spend_at_its_next_round() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let (a, b, _dirs) = two_clean_nodes(&server.url());
+    let mut expected = 42;
+    for k in 1..=20u64 {
+        // Alternately a window with spend and one nobody had spent in (an absent key is
+        // tracked too).
+        let provider = if k % 2 == 0 { "openai" } else { "anthropic" };
+        a.record(provider, nanos(k)).unwrap();
+        a.sync().unwrap();
+        b.sync().unwrap();
+        if provider == "openai" {
+            expected += k;
+        }
+        assert_eq!(spend(&b, "openai"), expected, "round {k}");
+        assert_eq!(
+            spend(&b, "anthropic"),
+            (1..=k).filter(|i| i % 2 == 1).sum::<u64>(),
+            "round {k}"
+        );
+        // b read only what changed (one window), the other stayed unread.
+        let (read, unchanged, tracking) = figures(&b);
+        assert!(tracking);
+        assert_eq!((read, unchanged), (2, 1), "round {k}");
+    }
+}
+
+#[test]
+fn flushall_is_healed_and_every_key_read_again() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let url = server.url();
+    let (a, b, _dirs) = two_clean_nodes(&url);
+    let key = |node: &str| {
+        let start = a
+            .budget_status("openai")
+            .unwrap()
+            .window
+            .start()
+            .as_second();
+        server.command(&["HGET", &format!("trk:{{openai:1h}}:{start}"), node])
+    };
+    server.flushall();
+    for _ in 0..2 {
+        a.sync().unwrap();
+        b.sync().unwrap();
+    }
+    assert_eq!((key("a"), key("b")), ("40".to_owned(), "2".to_owned()));
+    assert_eq!((spend(&a, "openai"), spend(&b, "openai")), (42, 42));
+    // New spend after the flush is seen too.
+    a.record("openai", nanos(100)).unwrap();
+    a.sync().unwrap();
+    b.sync().unwrap();
+    assert_eq!(spend(&b, "openai"), 142);
+}
+
+#[test]
+fn a_killed_replication_connection_is_reopened_and_everything_read_again() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let (a, b, _dirs) = two_clean_nodes(&server.url());
+    for round in 0..3u64 {
+        // Both replication connections die (the harness's own command connection is
+        // skipped); while b has none, a's new spend sends b no invalidation.
+        let killed = server.command(&["CLIENT", "KILL", "TYPE", "normal"]);
+        assert!(killed.parse::<u64>().unwrap() >= 2, "{killed}");
+        a.record("openai", nanos(1000)).unwrap();
+        a.sync().unwrap();
+        b.sync().unwrap();
+        // b's new connection vouched for nothing: both windows read, a's spend seen.
+        assert_eq!(figures(&b), (2, 0, true), "round {round}");
+        assert_eq!(spend(&b, "openai"), 42 + 1000 * (round + 1));
+        b.sync().unwrap();
+        assert_eq!(figures(&b), (2, 2, true), "tracked again");
+    }
+}
+
+#[test]
+fn a_server_that_refuses_tracking_falls_back_to_reading_and_stays_exact() {
+    // `CLIENT` renamed away: `CLIENT TRACKING` fails (a managed Redis that forbids it);
+    // `HELLO` renamed away: no RESP3 at all (Redis 5, some proxies).
+    for refused in ["CLIENT", "HELLO"] {
+        let args = ["--rename-command", refused, ""].map(String::from);
+        let Some(server) = RedisServer::start_with(&args, u16::MAX, false) else {
+            return;
+        };
+        let (a, b, _dirs) = two_clean_nodes(&server.url());
+        for node in [&a, &b] {
+            assert_eq!(figures(node), (2, 0, false), "{refused}");
+        }
+        for k in 1..=3u64 {
+            let hmget = calls(&server, "hmget");
+            a.record("openai", nanos(k)).unwrap();
+            a.sync().unwrap();
+            b.sync().unwrap();
+            // Every clean window read every round, as before tracking.
+            assert!(calls(&server, "hmget") - hmget >= 3, "{refused}");
+            assert_eq!(spend(&b, "openai"), 42 + k * (k + 1) / 2, "{refused}");
+        }
+    }
+}
+
+#[test]
+fn a_clean_budget_renews_its_lease_rarely_for_longer() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // 50 ms interval, 0.5 s timeouts: the script's lease lives 1.15 s, a clean renewal's
+    // 2.5 s (30 intervals + timeouts), renewed once a third of that has passed.
+    let c = config(dir.path(), &server.url(), "a", Duration::from_millis(50));
+    let a = Limiter::open_with_clock(c, clock()).unwrap();
+    a.record("openai", nanos(1)).unwrap();
+    a.sync().unwrap();
+    let lease = "trk:{openai:1h}:lease:a";
+    let pttl = || server.command(&["PTTL", lease]).parse::<i64>().unwrap();
+    assert!(pttl() <= 1150, "the script sets the short lease");
+    let pexpire = calls(&server, "pexpire");
+    let (started, mut rounds) = (Instant::now(), 0u64);
+    let mut renewed = false;
+    while started.elapsed() < Duration::from_millis(1500) {
+        a.sync().unwrap();
+        rounds += 1;
+        renewed |= pttl() > 1150;
+    }
+    assert!(renewed, "a clean round renewed the lease for longer");
+    // The lease never lapsed, and 2 budgets renewed at most every ~0.4 s (the first
+    // renewal, a third of the script's lease) and then every ~0.8 s: a few calls, where
+    // renewing every other round would have made `rounds`.
+    let renewals = calls(&server, "pexpire") - pexpire;
+    assert!(rounds > 40, "{rounds} rounds");
+    assert!(renewals <= 8, "{renewals} PEXPIRE in {rounds} rounds");
+    assert!(pttl() > 0);
+}
