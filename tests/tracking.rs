@@ -264,3 +264,56 @@ fn a_clean_budget_renews_its_lease_rarely_for_longer() {
     assert!(renewals <= 8, "{renewals} PEXPIRE in {rounds} rounds");
     assert!(pttl() > 0);
 }
+
+#[test]
+fn a_dirty_budget_renews_its_lease_once_a_third_has_passed() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // 50 ms interval, 0.5 s timeouts: the script's lease lives 1.15 s, renewed once 0.38 s
+    // have passed.
+    let c = config(dir.path(), &server.url(), "a", Duration::from_millis(50));
+    let a = Limiter::open_with_clock(c, clock()).unwrap();
+    a.record("openai", nanos(1)).unwrap();
+    a.sync().unwrap();
+    let lease = "trk:{openai:1h}:lease:a";
+    let pttl = || server.command(&["PTTL", lease]).parse::<i64>().unwrap();
+    let set = calls(&server, "set");
+    let (started, mut rounds) = (Instant::now(), 0u64);
+    let mut deleted = false;
+    while started.elapsed() < Duration::from_millis(1500) {
+        a.record("openai", nanos(1)).unwrap();
+        a.sync().unwrap();
+        rounds += 1;
+        // Never lapsed, never the long lease of a clean budget.
+        let left = pttl();
+        assert!(left > 0 && left <= 1150, "{left} ms left");
+        if !deleted && started.elapsed() > Duration::from_millis(200) {
+            // Gone while the node thinks it fresh (a flush): the next script takes it
+            // again although no renewal is due.
+            server.command(&["DEL", lease]);
+            deleted = true;
+            a.record("openai", nanos(1)).unwrap();
+            a.sync().unwrap();
+            assert!(pttl() > 1000, "taken again");
+        }
+    }
+    // One budget dirty: a `SET` once per ~0.38 s (plus the retake), not one per round.
+    let sets = calls(&server, "set") - set;
+    assert!(rounds > 20, "{rounds} rounds");
+    assert!(sets <= 7, "{sets} SET in {rounds} dirty rounds");
+    // Clean rounds give it the long lease; the next dirty round sets the short one at once
+    // (a node that crashes while dirty is taken over as soon as before).
+    let started = Instant::now();
+    while pttl() <= 1150 {
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "no clean renewal"
+        );
+        a.sync().unwrap();
+    }
+    a.record("openai", nanos(1)).unwrap();
+    a.sync().unwrap();
+    assert!(pttl() <= 1150, "{} ms left", pttl());
+}

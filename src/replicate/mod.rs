@@ -1500,18 +1500,23 @@ impl Worker {
                     || !ours
                     || list.iter().any(|x| x.send)
                     || self.script_next.contains(&(b as u32));
+                let set = self.lease_set.get(b).copied().flatten();
                 if script {
                     self.script_next.remove(&(b as u32));
-                    Mode::Script
+                    // A dirty budget renews its lease like a clean one, once a third of it has
+                    // passed (a `SET` per script call was ~1 µs of Redis CPU, issue 11); a
+                    // lease last given the longer read lease is set back to the script's at
+                    // once, so a node that crashes while dirty is taken over as soon as before.
+                    let renew = set.is_none_or(|(at, ttl)| {
+                        ttl != lease_ttl(&self.parts.redis)
+                            || started.saturating_duration_since(at) >= ttl / 3
+                    });
+                    Mode::Script { renew }
                 } else {
                     // Once a third of what we last gave the lease has passed (measured from
                     // the start of the round that set it: Redis set it later): rounds come
                     // at most ~1.1 intervals apart, so two thirds are a wide margin.
-                    let due = self
-                        .lease_set
-                        .get(b)
-                        .copied()
-                        .flatten()
+                    let due = set
                         .is_none_or(|(at, ttl)| started.saturating_duration_since(at) >= ttl / 3);
                     Mode::Read { renew: due }
                 }
@@ -1581,7 +1586,11 @@ impl Worker {
             }
             let redis = &self.parts.redis;
             self.lease_set[b] = match (&reply.lease, groups.wire[b].mode) {
-                (Lease::Held, Mode::Script) => Some((self.round_started, lease_ttl(redis))),
+                (Lease::Held, Mode::Script { renew: true }) => {
+                    Some((self.round_started, lease_ttl(redis)))
+                }
+                // Not renewed (unless it was gone: then it lives longer than this says).
+                (Lease::Held, Mode::Script { renew: false }) => self.lease_set[b],
                 (Lease::Held, Mode::Read { renew: true }) => {
                     Some((self.round_started, read_lease_ttl(redis)))
                 }
@@ -1648,8 +1657,8 @@ impl Worker {
                                 self.script_next.insert(b32);
                             }
                             // Seen while we hold the lease: written before we took it.
-                            Mode::Script if held => known.push(owner.clone()),
-                            Mode::Script => {}
+                            Mode::Script { .. } if held => known.push(owner.clone()),
+                            Mode::Script { .. } => {}
                         }
                     }
                 }

@@ -11,7 +11,8 @@
 //!
 //! * `~total`: the running sum of every contribution field of the hash (below), kept by the
 //!   script: every raise of a field raises it by exactly the same amount, in exact decimal
-//!   string arithmetic (totals exceed 2^53, Lua numbers are doubles). So a round reads **one
+//!   arithmetic on strings, by limbs of 15 digits (totals exceed 2^53, Lua numbers are
+//!   doubles: a limb and a sum of two stay below 2^53; see `merge.lua`). So a round reads **one
 //!   number per key** whatever the fleet's size; the others' spend is `~total` minus our own
 //!   contribution. A total that cannot be right (missing beside fields, malformed, below our
 //!   own field, or an arithmetic underflow) is recomputed from the fields, server side;
@@ -28,8 +29,13 @@
 //! Contribution fields are the node fields and the `~retired:` fields; `~total` is their sum.
 //!
 //! **Lease**: per budget, key `{prefix}:{{provider:period}}:lease:{node}` holds the instance id
-//! of the data dir that uses the node id, for a few sync intervals (`lease_ms`, set by every
-//! script call), or for longer (`read_lease_ms`) once a clean budget renewed it. When another
+//! of the data dir that uses the node id, for a few sync intervals (`lease_ms`, set by a
+//! script call when the lease is absent or the caller says a renewal is due:
+//! [`Mode::Script`]'s `renew`, once a third of what it last set has passed or when it last
+//! set the longer lease), or for longer (`read_lease_ms`) once a clean budget renewed it.
+//! So after a dirty round the lease has between two thirds of `lease_ms` and `lease_ms`
+//! left, never the longer read lease: a node that crashes while dirty is taken over as soon
+//! as when every call set it. When another
 //! instance holds it, the script leaves the node's field alone,
 //! keeps our total apart under `~retired:{node}:{our instance}` (a contribution only we
 //! write, so nothing is undercounted) and reports `refused`: two live data dirs share the
@@ -68,6 +74,30 @@
 //! call fails does not hide the other budgets' replies. Only a failure of the whole exchange
 //! (connection, timeout) fails the round.
 //!
+//! **Expiry** (`EXPIREAT key expire_at`, window end + grace): set by a script call that
+//! creates the field it raises (our node field, or our kept-apart field without the lease),
+//! by a repair or a verifying round (every process's first), and by every strict call; not
+//! by every write (issue 11: a command less per dirty key). Invariant: a key that holds our
+//! field has an expiry, because the call that created the field set it in the same atomic
+//! script. A `FLUSHALL`, an expired key or a failover that lost the key: the key is gone,
+//! so our next write finds our field missing and sets it again. A failover that kept the key
+//! kept its expiry: a script's writes replicate as one `MULTI`/`EXEC` (effects replication),
+//! so a replica has our field only with the expiry set by the same call, and an AOF replay
+//! drops a truncated transaction whole. A key that lost its expiry otherwise (an operator's
+//! `PERSIST`, a `RESTORE` without TTL) gets it back from the next verifying round or
+//! repair, or when another node creates its field. The price: a later `expire_at` for the
+//! same window (a changed `grace`) moves the expiry only at those moments, not at the next
+//! write.
+//!
+//! **Rolling upgrade of the script** (issue 11): every binary loads and calls its own script
+//! (by its SHA), and parses only that script's replies, so old and new scripts run side by
+//! side. They keep the same data: the same fields, the same `~total` (exact in both), the
+//! same lease key and value with the same duplicate check; the new one only writes less
+//! often (the expiry at creation, the lease when due) and replies with four elements per
+//! key when nothing was repaired and the window is not strict. Mixing them is safe: every
+//! key still gets its expiry from the call that creates it, and a live holder's lease is
+//! renewed before it lapses by whichever script it runs.
+//!
 //! **Rolling upgrade from the previous wire** (every field, `HGETALL`): old nodes ignore
 //! `~total` (they skip reserved fields they do not know) and keep summing the fields, so they
 //! count new nodes exactly. A key written only by old nodes has no `~total`: the first new
@@ -86,27 +116,30 @@ use redis::{ErrorKind, RedisError, ServerErrorKind, Value};
 /// the instance id, `ARGV[3]` the lease time in ms, `ARGV[4]` `1` to release the lease (last
 /// round) or `0`, `ARGV[5]` `1` to recompute every key's total from its fields (verify) or
 /// `0`, `ARGV[6]` the guard after a strict marker's (re)creation in ms, `ARGV[7]` the grant
-/// lease in ms (`0`: never reclaim); then five per window key `KEYS[i]`, from
-/// `ARGV[7 + 5(i-3) + 1]`: the node's own total (canonical decimal u64; `0` only reads), the
+/// lease in ms (`0`: never reclaim), `ARGV[8]` `1` to renew a lease we hold or `0` (then it
+/// is set only when absent); then five per window key `KEYS[i]`, from
+/// `ARGV[8 + 5(i-3) + 1]`: the node's own total (canonical decimal u64; `0` only reads), the
 /// unix second at which the key expires, and for a strict window the limit, the node's durable
 /// grant and the grant it wants (`''`, `0`, `0` otherwise). Grants: see
 /// `docs/strict-budgets.md` (the reply per key gains `grant, granted, holders, frozen`).
 ///
 /// 1. Lease: held by another instance -> `refused`; unreadable -> `broken`; else ours,
-///    renewed (or released) at the end.
+///    set at the end when absent or `ARGV[8]` is `1` (or released).
 /// 2. Per window key, under `pcall`: check (or repair) `~total`; when the own total is not
 ///    `0`: with the lease, retire another instance's total (see the module doc), take back
 ///    our own retired total, raise our field to the max of what we know (a non-canonical
 ///    value in our field is replaced: we are its only writer) and mark us its owner; without
 ///    it, leave the node's field alone and raise our own instance's field
 ///    `~retired:{node}:{instance}` instead. `~total` moves by exactly the net change of the
-///    contribution fields. Then `EXPIREAT key expire_at` (callers pass window end + grace).
+///    contribution fields, in one `HSET` with the fields. Then `EXPIREAT key expire_at`
+///    (callers pass window end + grace) when the raised field was created, on a repair or
+///    verify, and for strict windows (see "Expiry" in the module doc).
 ///
 /// Returns `{lease, per_key}`: `lease` is `{'held'}`, `{'refused', holder}` or
 /// `{'broken', error}`; `per_key[i]` is `{'ok', {field, owner, mine, total, repaired, bad,
 /// grant, granted, holders, frozen}}` (the last four `''` unless strict and the lease is ours)
 /// (`''` for an absent field; `bad` the skipped `field, value` pairs of a recomputation) or
-/// `{'err', error}`.
+/// `{'err', error}`; a key neither repaired nor strict replies with the first four alone.
 pub(crate) const SCRIPT: &str = include_str!("merge.lua");
 
 /// Redis key of one budget window: `{prefix}:{{provider:period}}:{window_start_unix_secs}`.
@@ -194,8 +227,10 @@ pub(crate) struct Group {
 /// How one budget's part of a round is sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Mode {
-    /// One `EVALSHA` of the merge script: writes, lease taking, repairs.
-    Script,
+    /// One `EVALSHA` of the merge script: writes, lease taking, repairs. `renew`: the script
+    /// sets the lease to [`Identity::lease_ms`] even when this instance holds it (`false`:
+    /// only when it is absent; the caller set it recently enough).
+    Script { renew: bool },
     /// Nothing to write, and our instance held the lease at the last look: plain commands, no
     /// script (a clean budget costs Redis at most one `HMGET` per window, none for a window
     /// whose item is [`SyncItem::skip`]). `renew`: `PEXPIRE` to [`Identity::read_lease_ms`]
@@ -536,7 +571,11 @@ impl Wire {
                 .arg(if id.release { "1" } else { "0" })
                 .arg(if id.verify { "1" } else { "0" })
                 .arg(id.guard_ms.to_string())
-                .arg(id.grant_lease_ms.to_string());
+                .arg(id.grant_lease_ms.to_string())
+                .arg(match group.mode {
+                    Mode::Script { renew: false } => "0",
+                    _ => "1",
+                });
             for item in &group.items {
                 // Decimal strings, not integers: the script compares them as strings.
                 cmd.arg(item.own.to_string())
@@ -644,8 +683,8 @@ pub(crate) struct TrackReply {
 /// Commands a group puts into a pipeline (0: it is answered without Redis).
 fn commands(group: &Group) -> usize {
     match group.mode {
-        Mode::Script if group.items.is_empty() => 0,
-        Mode::Script => 1,
+        Mode::Script { .. } if group.items.is_empty() => 0,
+        Mode::Script { .. } => 1,
         Mode::Read { renew } => usize::from(renew) + group.items.iter().filter(|x| !x.skip).count(),
     }
 }
@@ -720,7 +759,9 @@ fn parse_key(key: &str, reply: Value) -> Result<KeyReply, String> {
     let body = if parts.len() == 2 { parts.pop() } else { None };
     let tag = parts.pop().and_then(|v| text(v).ok());
     match (tag.as_deref(), body) {
-        (Some("ok"), Some(Value::Array(state))) if state.len() == 10 => parse_state(key, state),
+        (Some("ok"), Some(Value::Array(state))) if state.len() == 10 || state.len() == 4 => {
+            parse_state(key, state)
+        }
         (Some("err"), Some(error)) => Err(format!(
             "key {key}: {} (window not synced)",
             flat(&text(error).unwrap_or_default())
@@ -1027,7 +1068,7 @@ mod tests {
             lease: format!("{tag}:lease:{node}"),
             marker: format!("{tag}:strict"),
             items,
-            mode: Mode::Script,
+            mode: Mode::Script { renew: true },
         }
     }
 
@@ -1227,6 +1268,129 @@ mod tests {
             (2 * u128::from(u64::MAX)).to_string()
         );
         assert_eq!(server.command(&["HGET", &key, "a"]), u64::MAX.to_string());
+    }
+
+    /// The script's decimal arithmetic alone (`add`, `sub`, `greater` of `merge.lua`, run by
+    /// `EVAL` on a real Redis), against u128: the 15-digit fast path, its boundary (sums
+    /// that carry into 16 digits, 2^53 - 1 + 1), carries and borrows between 15-digit limbs,
+    /// and pseudo-random operands of every length up to 38 digits.
+    #[tokio::test]
+    async fn the_script_arithmetic_is_exact_at_the_15_digit_boundary_and_beyond() {
+        let server = server_or_skip!();
+        let mut conn = connect(&server).await;
+        let head = &SCRIPT[..SCRIPT.find("-- A field that holds a contribution").unwrap()];
+        let body = format!(
+            "{head}\nlocal out = {{}}\nfor i = 1, #ARGV, 2 do\n  local a, b = ARGV[i], ARGV[i + 1]\n  \
+             local d = '-'\n  if not greater(b, a) then d = sub(a, b) end\n  \
+             out[#out + 1] = add(a, b) .. ',' .. d .. ',' .. tostring(greater(a, b))\nend\nreturn out"
+        );
+        let e15 = 10_u128.pow(15);
+        let p53 = 1_u128 << 53;
+        let mut values = vec![
+            0,
+            1,
+            2,
+            9,
+            10,
+            e15 - 2,
+            e15 - 1,
+            e15,
+            e15 + 1,
+            2 * e15 - 1,
+            2 * e15,
+            p53 - 1,
+            p53,
+            p53 + 1,
+            e15 * e15 - 1,
+            e15 * e15,
+            e15 * e15 + 1,
+            e15 * e15 + e15 - 1,
+            u128::from(u64::MAX),
+            u128::from(u64::MAX) + 1,
+            2 * u128::from(u64::MAX),
+        ];
+        let mut state = 0x2545_f491_4f6c_dd1d_u64;
+        for _ in 0..200 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let digits = 1 + (state % 38) as u32;
+            let wide = u128::from(state) << 64 | u128::from(state.rotate_left(29));
+            values.push(wide % 10_u128.pow(digits));
+        }
+        let mut pairs: Vec<(u128, u128)> = Vec::new();
+        for &a in &values[..21] {
+            for &b in &values[..21] {
+                pairs.push((a, b));
+            }
+        }
+        for w in values.windows(2) {
+            pairs.push((w[0], w[1]));
+            pairs.push((w[1], w[0]));
+            pairs.push((w[0], w[0]));
+        }
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(&body).arg(0);
+        for (a, b) in &pairs {
+            cmd.arg(a.to_string()).arg(b.to_string());
+        }
+        let out: Vec<String> = cmd.query_async(&mut conn).await.unwrap();
+        assert_eq!(out.len(), pairs.len());
+        for ((a, b), got) in pairs.iter().zip(out) {
+            let diff = if a >= b {
+                (a - b).to_string()
+            } else {
+                "-".to_owned()
+            };
+            assert_eq!(got, format!("{},{diff},{}", a + b, a > b), "{a} {b}");
+        }
+    }
+
+    /// Raises by three nodes across the 15/16-digit boundary of the fast path: the running
+    /// `~total` (moved by `add` then `sub`) equals the exact sum at every step, and a
+    /// verifying round (recomputed from the fields) agrees.
+    #[tokio::test]
+    async fn the_running_total_is_exact_across_the_15_digit_boundary() {
+        let server = server_or_skip!();
+        let mut conn = connect(&server).await;
+        let wire = Wire::new();
+        let key = window_key("t", "boundary", "1d", 0);
+        let steps: [(&str, u64); 14] = [
+            ("a", 999_999_999_999_999),
+            ("b", 1),
+            ("b", 2),
+            ("a", 1_000_000_000_000_000),
+            ("c", 9_007_199_254_740_991),
+            ("b", 999_999_999_999_998),
+            ("c", 9_007_199_254_740_992),
+            ("b", 999_999_999_999_999),
+            ("a", 999_999_999_999_999_999),
+            ("b", 1_000_000_000_000_000_000),
+            ("c", 9_999_999_999_999_999_999),
+            ("a", u64::MAX - 1),
+            ("b", u64::MAX),
+            ("a", u64::MAX),
+        ];
+        let mut own = std::collections::BTreeMap::new();
+        for (node, v) in steps {
+            own.insert(node, v);
+            let sum: u128 = own.values().map(|&v| u128::from(v)).sum();
+            let (field, total) = sync_one(&wire, &mut conn, node, &key, v).await;
+            assert_eq!(field, Some(v));
+            assert_eq!(u128::from(total), sum.min(u128::from(u64::MAX)));
+            assert_eq!(server.command(&["HGET", &key, "~total"]), sum.to_string());
+        }
+        let sum: u128 = own.values().map(|&v| u128::from(v)).sum();
+        let verify = Identity {
+            verify: true,
+            ..identity("a")
+        };
+        let out = wire
+            .sync_round(&mut conn, &verify, &[group("a", vec![item(&key, 0)])])
+            .await
+            .unwrap();
+        assert!(out[0].as_ref().unwrap().keys[0].as_ref().unwrap().repaired);
+        assert_eq!(server.command(&["HGET", &key, "~total"]), sum.to_string());
     }
 
     /// Deterministic pseudo-random raises by many nodes, with carries and borrows in every
@@ -1506,16 +1670,71 @@ mod tests {
         let ttl: i64 = server.command(&["TTL", &key]).parse().unwrap();
         assert!((990..=1000).contains(&ttl), "ttl {ttl}");
 
-        // Every send re-arms it (a later expire_at moves it).
+        // Set when the key or our field in it is created, not by every send: a key that
+        // holds our field has its expiry (issue 11: one command less per dirty key).
         let later = SyncItem {
             expire_at: now + 5000,
-            ..item
+            own: 2,
+            ..item.clone()
         };
-        wire.sync_simple(&mut conn, "a", &[vec![later]])
+        wire.sync_simple(&mut conn, "a", &[vec![later.clone()]])
+            .await
+            .unwrap();
+        let ttl: i64 = server.command(&["TTL", &key]).parse().unwrap();
+        assert!((990..=1000).contains(&ttl), "ttl {ttl}");
+        // Another node creating its field sets it again.
+        wire.sync_simple(&mut conn, "b", &[vec![later.clone()]])
             .await
             .unwrap();
         let ttl: i64 = server.command(&["TTL", &key]).parse().unwrap();
         assert!((4990..=5000).contains(&ttl), "ttl {ttl}");
+        // A key that lost its expiry (an operator's PERSIST) gets it back from a verifying
+        // round (every process's first).
+        assert_eq!(server.command(&["PERSIST", &key]), "1");
+        let verify = Identity {
+            verify: true,
+            ..identity("a")
+        };
+        let third = SyncItem {
+            own: 3,
+            expire_at: now + 7000,
+            ..item.clone()
+        };
+        wire.sync_round(&mut conn, &verify, &[group("a", vec![third])])
+            .await
+            .unwrap();
+        let ttl: i64 = server.command(&["TTL", &key]).parse().unwrap();
+        assert!((6990..=7000).contains(&ttl), "ttl {ttl}");
+        // A flushed key comes back with its expiry: the write finds our field missing.
+        server.command(&["FLUSHALL"]);
+        let fourth = SyncItem {
+            own: 4,
+            expire_at: now + 3000,
+            ..item.clone()
+        };
+        wire.sync_simple(&mut conn, "a", &[vec![fourth]])
+            .await
+            .unwrap();
+        let ttl: i64 = server.command(&["TTL", &key]).parse().unwrap();
+        assert!((2990..=3000).contains(&ttl), "ttl {ttl}");
+        // Without the lease, our kept-apart field's creation sets it too.
+        server.command(&["FLUSHALL"]);
+        server.command(&["SET", &group("a", vec![item.clone()]).lease, "someone-else"]);
+        let apart = SyncItem {
+            own: 5,
+            expire_at: now + 2000,
+            ..item.clone()
+        };
+        let out = wire
+            .sync_round(&mut conn, &identity("a"), &[group("a", vec![apart])])
+            .await
+            .unwrap();
+        assert!(matches!(
+            out[0].as_ref().unwrap().lease,
+            Lease::Refused { .. }
+        ));
+        let ttl: i64 = server.command(&["TTL", &key]).parse().unwrap();
+        assert!((1990..=2000).contains(&ttl), "ttl {ttl}");
 
         // A read of an absent key creates nothing.
         let absent = window_key("t", "openai", "1h", 3600);
