@@ -87,6 +87,19 @@ local function sub(a, b)
   return join(out)
 end
 
+-- total + plus - minus, exact; nil when that is below zero. One conversion of each and one
+-- format when all three have at most 15 digits (the sum of two is below 2^53).
+local function moved(total, plus, minus)
+  if #total <= LIMB and #plus <= LIMB and #minus <= LIMB then
+    local v = tonumber(total) + tonumber(plus) - tonumber(minus)
+    if v < 0 then return nil end
+    return string.format('%.0f', v)
+  end
+  local raised = add(total, plus)
+  if greater(minus, raised) then return nil end
+  return sub(raised, minus)
+end
+
 -- A field that holds a contribution: a node id, or a total kept apart under an instance.
 local function counts(field)
   local c = string.sub(field, 1, 1)
@@ -233,9 +246,10 @@ if not read then
 elseif holder and holder ~= inst then
   lease = {'refused', holder}
 else
-  lease = {'held'}
+  -- A string, not a table: every table of the reply costs Redis to convert (issue 11).
+  lease = 'held'
 end
-local writable = lease[1] == 'held'
+local writable = lease == 'held'
 
 -- Whether grants may be raised now: not within `guard_ms` of the budget's strict marker
 -- (re)creation, i.e. of the first strict call after Redis lost its data (or ever).
@@ -255,19 +269,22 @@ end
 local function merge(key, own, expire_at, limit, dgrant, want)
   local got = redis.call('HMGET', key, node, owner_field, retired_mine, TOTAL, '~bad', grant_field)
   local cur, owner, mine, total, had_bad = got[1], got[2], got[3], got[4], got[5]
+  -- Whether our field held a canonical total when read (`cur and cur_ok` below: while `cur`
+  -- is still that value or false).
+  local cur_ok = cur and canonical(cur)
   local g0 = got[6]
   if g0 and not canonical(g0) then g0 = nil end
   local spent0 = '0'
-  if cur and canonical(cur) then spent0 = cur end
+  if cur_ok then spent0 = cur end
   local bad = {}
   local repaired = 0
   -- Repair a total that cannot be right: missing beside fields, malformed, below the
   -- contributions we can see, or (verify) whatever it is.
   local seen = '0'
-  if cur and canonical(cur) then seen = add(seen, cur) end
+  if cur_ok then seen = cur end
   if mine and canonical(mine) then seen = add(seen, mine) end
   -- A malformed field of ours: what the total counted for it is unknown.
-  local damaged = (cur and not canonical(cur)) or (mine and not canonical(mine))
+  local damaged = (cur and not cur_ok) or (mine and not canonical(mine))
   if verify == '1' or damaged or had_bad or (total and ((not decimal(total)) or greater(seen, total))) then
     total = recompute(key, bad, had_bad)
     repaired = 1
@@ -293,7 +310,7 @@ local function merge(key, own, expire_at, limit, dgrant, want)
   local taken_over = nil
   if writable and (own ~= '0' or strict) then
     if cur and owner and owner ~= inst then
-      if canonical(cur) then
+      if cur_ok then
         taken_over = cur
         local rf = '~retired:' .. node .. ':' .. owner
         local prev = redis.call('HGET', key, rf)
@@ -309,7 +326,7 @@ local function merge(key, own, expire_at, limit, dgrant, want)
     end
     created = not got[1]
     local best = own
-    if cur and canonical(cur) and greater(cur, best) then best = cur end
+    if cur and cur_ok and greater(cur, best) then best = cur end
     if mine then
       if canonical(mine) then
         if greater(mine, best) then best = mine end
@@ -321,11 +338,11 @@ local function merge(key, own, expire_at, limit, dgrant, want)
     if best ~= cur then
       w[#w + 1] = node; w[#w + 1] = best
       plus = add(plus, best)
-      if cur and canonical(cur) then minus = add(minus, cur) end
+      if cur and cur_ok then minus = add(minus, cur) end
     end
     if owner ~= inst then w[#w + 1] = owner_field; w[#w + 1] = inst end
     cur, owner = best, inst
-  elseif own ~= '0' and cur and owner == inst and canonical(cur) then
+  elseif own ~= '0' and cur and owner == inst and cur_ok then
     -- The lease is not ours but the field still is (its holder has not written since): it
     -- is our instance's one counter, so raise it rather than start a second one beside it.
     if greater(own, cur) then
@@ -344,15 +361,15 @@ local function merge(key, own, expire_at, limit, dgrant, want)
     end
   end
   if plus ~= minus then
-    local raised = add(total, plus)
-    if greater(minus, raised) then
+    local v = moved(total, plus, minus)
+    if not v then
       -- The fields first: the recomputation reads them.
       if #w > 0 then redis.call('HSET', key, unpack(w)) end
       w = {}
       total = recompute(key, bad, had_bad)
       repaired = 1
     else
-      total = sub(raised, minus)
+      total = v
       w[#w + 1] = TOTAL; w[#w + 1] = total
     end
   end
@@ -452,7 +469,8 @@ local out = {}
 for i = 3, #KEYS do
   local b = 8 + (i - 3) * 5
   local ok, r = pcall(merge, KEYS[i], ARGV[b + 1], ARGV[b + 2], ARGV[b + 3], ARGV[b + 4], ARGV[b + 5])
-  if ok then out[i - 2] = {'ok', r} else out[i - 2] = {'err', message(r)} end
+  -- The state itself (4 or 10 elements) or {'err', error}: no wrapper table per key.
+  if ok then out[i - 2] = r else out[i - 2] = {'err', message(r)} end
 end
 if writable then
   if release == '1' then
