@@ -4,8 +4,8 @@
 Start a private server and run, e.g.:
 
     redis-server --port 7391 --save '' --appendonly no --daemonize yes
-    python3 benches/merge_script.py 7391 src/replicate/merge.lua 1 1000 10
-    python3 benches/merge_script.py 7391 src/replicate/merge.lua 100 1000 10 --renew 0
+    python3 scripts/merge_script_bench.py 7391 src/replicate/merge.lua 1 1000 10
+    python3 scripts/merge_script_bench.py 7391 src/replicate/merge.lua 100 1000 10 --renew 0
 
 Arguments: PORT SCRIPT N B ROUNDS. Fills B budget keys with N node fields (plus their
 `~owner:` fields and `~total`), our lease held, then sends ROUNDS x B `EVALSHA` calls where node
