@@ -232,20 +232,29 @@ fn a_server_that_refuses_tracking_falls_back_to_reading_and_stays_exact() {
     }
 }
 
+/// The lease key of node `a`'s `openai` budget.
+const LEASE: &str = "trk:{openai:1h}:lease:a";
+
+/// Node `a` (50 ms interval, 0.5 s timeouts) after one spend and one round: it holds the
+/// lease of its `openai` budget, set by the script.
+fn leased_node(server: &RedisServer) -> (tempfile::TempDir, Limiter) {
+    let dir = tempfile::tempdir().unwrap();
+    let c = config(dir.path(), &server.url(), "a", Duration::from_millis(50));
+    let a = Limiter::open_with_clock(c, clock()).unwrap();
+    a.record("openai", nanos(1)).unwrap();
+    a.sync().unwrap();
+    (dir, a)
+}
+
 #[test]
 fn a_clean_budget_renews_its_lease_rarely_for_longer() {
     let Some(server) = RedisServer::start() else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    // 50 ms interval, 0.5 s timeouts: the script's lease lives 1.15 s, a clean renewal's
-    // 2.5 s (30 intervals + timeouts), renewed once a third of that has passed.
-    let c = config(dir.path(), &server.url(), "a", Duration::from_millis(50));
-    let a = Limiter::open_with_clock(c, clock()).unwrap();
-    a.record("openai", nanos(1)).unwrap();
-    a.sync().unwrap();
-    let lease = "trk:{openai:1h}:lease:a";
-    let pttl = || server.command(&["PTTL", lease]).parse::<i64>().unwrap();
+    // The script's lease lives 1.15 s, a clean renewal's 2.5 s (30 intervals + timeouts),
+    // renewed once a third of that has passed.
+    let (_dir, a) = leased_node(&server);
+    let pttl = || server.command(&["PTTL", LEASE]).parse::<i64>().unwrap();
     assert!(pttl() <= 1150, "the script sets the short lease");
     let pexpire = calls(&server, "pexpire");
     let (started, mut rounds) = (Instant::now(), 0u64);
@@ -270,15 +279,9 @@ fn a_dirty_budget_renews_its_lease_once_a_third_has_passed() {
     let Some(server) = RedisServer::start() else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    // 50 ms interval, 0.5 s timeouts: the script's lease lives 1.15 s, renewed once 0.38 s
-    // have passed.
-    let c = config(dir.path(), &server.url(), "a", Duration::from_millis(50));
-    let a = Limiter::open_with_clock(c, clock()).unwrap();
-    a.record("openai", nanos(1)).unwrap();
-    a.sync().unwrap();
-    let lease = "trk:{openai:1h}:lease:a";
-    let pttl = || server.command(&["PTTL", lease]).parse::<i64>().unwrap();
+    // The script's lease lives 1.15 s, renewed once 0.38 s have passed.
+    let (_dir, a) = leased_node(&server);
+    let pttl = || server.command(&["PTTL", LEASE]).parse::<i64>().unwrap();
     let set = calls(&server, "set");
     let (started, mut rounds) = (Instant::now(), 0u64);
     let mut deleted = false;
@@ -292,7 +295,7 @@ fn a_dirty_budget_renews_its_lease_once_a_third_has_passed() {
         if !deleted && started.elapsed() > Duration::from_millis(200) {
             // Gone while the node thinks it fresh (a flush): the next script takes it
             // again although no renewal is due.
-            server.command(&["DEL", lease]);
+            server.command(&["DEL", LEASE]);
             deleted = true;
             a.record("openai", nanos(1)).unwrap();
             a.sync().unwrap();
