@@ -5,8 +5,7 @@
 //! Without `redis-server` on PATH these benches print a note and do nothing (unless `CI` is
 //! set, where the harness panics: CI installs Redis).
 
-#[path = "../tests/support/redis_server.rs"]
-mod redis_server;
+use provider_budgets_test_support::redis_server;
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};

@@ -29,8 +29,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-#[path = "../tests/support/redis_server.rs"]
-mod redis_server;
+use provider_budgets_test_support::redis_server;
 
 use std::time::{Duration, Instant};
 

@@ -22,10 +22,8 @@
 
 #![allow(clippy::unwrap_used)]
 
-#[path = "../tests/support/proxy.rs"]
-mod proxy;
-#[path = "../tests/support/redis_server.rs"]
-mod redis_server;
+use provider_budgets_test_support::proxy;
+use provider_budgets_test_support::redis_server;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;

@@ -7,7 +7,7 @@
 //! as one line that names the culprit.
 
 use crate::config::ConfigError;
-use crate::store::StoreError;
+use crate::durable::store::StoreError;
 
 /// Why a `record` was refused. Nothing was counted when this is returned, except for
 /// [`RecordError::Storage`] from a durable record: the spend is counted and will be retried,

@@ -64,51 +64,32 @@
 // Unit tests may unwrap: a panic there is a test failure with a message.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
-#[cfg(feature = "redis")]
-mod alerts;
-mod budget;
-#[cfg(feature = "cli")]
-#[doc(hidden)]
-pub mod cli;
-mod clock;
 mod config;
+mod durable;
 mod error;
-mod filter;
-mod health;
-mod highwater;
-mod journal;
 mod limiter;
-mod money;
-mod provider;
-mod redact;
-mod reload;
+mod model;
 #[cfg(feature = "redis")]
 mod replicate;
-mod reserve;
-mod restore;
-#[cfg(feature = "serve")]
-#[doc(hidden)]
-pub mod serve;
-mod status;
-mod store;
+mod resolve;
 mod view;
-mod window;
 
-pub use budget::{Enforcement, Mode, Offline, Scope, SoftLimit, SoftLimitCrossed};
-pub use clock::{Clock, FakeClock, SystemClock};
 pub use config::{
     parse_duration, BudgetConfig, Config, ConfigError, RedisConfig, RedisTls, StorageConfig,
     UnknownProvider,
 };
+pub use durable::restore::RepairReport;
+pub use durable::store::{fuzz_decode_value, StoreError};
 pub use error::{Error, RecordError, ReplicationError};
-pub use filter::{Exceeded, NoDeployments};
-pub use health::Health;
+pub use limiter::filter::{Exceeded, NoDeployments};
+pub use limiter::health::Health;
+pub use limiter::reload::ReloadSummary;
+pub use limiter::reserve::{Reservation, ReserveError};
+pub use limiter::status::{BudgetStatus, ReplicationStatus, RoundFigures};
 pub use limiter::{Limiter, Prepared, NO_TAGS};
-pub use money::{Money, MoneyError};
-pub use provider::{Deployment, Target, BUILTIN_PREFIXES};
-pub use reload::ReloadSummary;
-pub use reserve::{Reservation, ReserveError};
-pub use restore::RepairReport;
-pub use status::{BudgetStatus, ReplicationStatus, RoundFigures};
-pub use store::{fuzz_decode_value, StoreError};
-pub use window::{Period, PeriodError, Schedule, Window};
+pub use model::budget::{Enforcement, Mode, Offline, Scope, SoftLimit, SoftLimitCrossed};
+pub use model::clock::{Clock, FakeClock, SystemClock};
+pub use model::money::{Money, MoneyError};
+pub use model::text::redact_urls;
+pub use model::window::{Period, PeriodError, Schedule, Window};
+pub use resolve::{Deployment, Target, BUILTIN_PREFIXES};

@@ -16,8 +16,7 @@
 //! It does not replace fuzzing (`cargo fuzz run -s none <target>`, see `.ci/run`); it makes
 //! the corpus a regression test.
 
-#[path = "support/fuzz_checks.rs"]
-mod checks;
+use provider_budgets_test_support::fuzz_checks as checks;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

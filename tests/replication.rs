@@ -6,10 +6,8 @@
 
 #![allow(clippy::unwrap_used)]
 
-#[path = "support/proxy.rs"]
-mod proxy;
-#[path = "support/redis_server.rs"]
-mod redis_server;
+use provider_budgets_test_support::proxy;
+use provider_budgets_test_support::redis_server;
 
 use std::path::Path;
 use std::sync::Arc;

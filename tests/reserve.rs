@@ -16,10 +16,8 @@
 //!   commit answers the storage fault but stays counted; once space is back it is durable.
 #![allow(clippy::unwrap_used)]
 
-#[path = "support/child.rs"]
-mod child;
-#[path = "support/tmpfs.rs"]
-mod tmpfs;
+use provider_budgets_test_support::child;
+use provider_budgets_test_support::tmpfs;
 
 use std::io::{BufRead, Write};
 use std::path::Path;

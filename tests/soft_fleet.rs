@@ -4,8 +4,7 @@
 //! with Redis down a node fires rather than lose the alert.
 #![allow(clippy::unwrap_used)]
 
-#[path = "support/redis_server.rs"]
-mod redis_server;
+use provider_budgets_test_support::redis_server;
 
 use std::sync::{Arc, Mutex};
 

@@ -5,8 +5,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-#[path = "support/redis_server.rs"]
-mod redis_server;
+use provider_budgets_test_support::redis_server;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -6,8 +6,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-#[path = "support/redis_server.rs"]
-mod redis_server;
+use provider_budgets_test_support::redis_server;
 
 use std::path::Path;
 use std::sync::Arc;

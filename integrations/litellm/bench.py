@@ -70,7 +70,7 @@ def pick_binary() -> str:
         path = target / profile / "provider-budgets"
         if path.exists():
             return str(path)
-    sys.exit("no sidecar binary: cargo build --release --features serve --bin provider-budgets")
+    sys.exit("no sidecar binary: cargo build --release --bin provider-budgets")
 
 
 def pct(samples, q: float) -> float:

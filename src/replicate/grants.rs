@@ -27,12 +27,12 @@ use std::time::{Duration, Instant};
 
 use rustc_hash::FxHashMap;
 
-use crate::budget::{Enforcement, Offline};
-use crate::money::Money;
-use crate::reload::SlotKeys;
-use crate::store::{GrantValue, Store, WindowKey};
+use crate::durable::store::{GrantValue, Store, WindowKey};
+use crate::model::budget::{Enforcement, Offline};
+use crate::model::money::Money;
+use crate::model::slots::SlotKeys;
+use crate::model::window::Window;
 use crate::view::View;
-use crate::window::Window;
 
 use super::store_key;
 use super::wire::{GrantAsk, GrantReply};
@@ -95,7 +95,7 @@ impl Book {
                 book.held.insert(
                     (b, key.start),
                     Held {
-                        window: crate::store::window_of(&key, value.end),
+                        window: crate::durable::store::window_of(&key, value.end),
                         durable: value.grant,
                         granted: 0,
                         holders: 0,

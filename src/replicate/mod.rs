@@ -36,7 +36,7 @@
 //! * A bad field or key under one budget: skipped, reported for that budget only
 //!   ([`Health::problems`]), logged once per distinct problem, counted in
 //!   `provider_budgets_sync_problems_total`; the other budgets sync normally.
-//! * Every error and log line carries the Redis URL redacted ([`crate::redact`]).
+//! * Every error and log line carries the Redis URL redacted ([`crate::model::text`]).
 
 pub(crate) mod cluster;
 mod tls;
@@ -80,6 +80,7 @@ pub(crate) fn client(
         )),
     })
 }
+pub(crate) mod alerts;
 mod grants;
 mod tracking;
 mod wire;
@@ -97,17 +98,17 @@ use rustc_hash::{FxHashMap, FxHashSet};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::clock::{floor_secs, Clock};
 use crate::config::RedisConfig;
+use crate::durable::journal::{DurableTotals, Event};
+use crate::durable::store::{AckedValue, GrantValue, PeersValue, Store, WindowKey};
 use crate::error::{Error, ReplicationError};
-use crate::journal::{DurableTotals, Event};
-use crate::money::Money;
-use crate::redact::{redact_url, scrub};
-use crate::reload::SlotKeys;
-use crate::status::RoundFigures;
-use crate::store::{AckedValue, GrantValue, PeersValue, Store, WindowKey};
+use crate::limiter::status::RoundFigures;
+use crate::model::clock::{floor_secs, Clock};
+use crate::model::money::Money;
+use crate::model::slots::SlotKeys;
+use crate::model::text::{redact_url, scrub};
+use crate::model::window::Window;
 use crate::view::View;
-use crate::window::Window;
 
 use tracking::Tracker;
 use wire::{
@@ -195,7 +196,7 @@ pub(crate) struct ReplicatorParts {
     pub redis: RedisConfig,
     pub node_id: String,
     /// (provider, period) per budget index: the Redis key parts (grows on reload).
-    pub keys: Arc<crate::reload::SlotKeys>,
+    pub keys: Arc<crate::model::slots::SlotKeys>,
     pub clock: Arc<dyn Clock>,
     pub view: Arc<View>,
     pub store: Arc<Store>,
@@ -323,7 +324,7 @@ impl Replicator {
         // waits for its own old lease to expire and keeps its old total beside the new one.
         let instance = parts.store.instance_id().unwrap_or_else(|e| {
             tracing::warn!(error = %e, "cannot keep this data dir's instance id; using a temporary one");
-            crate::store::random_id()
+            crate::durable::store::random_id()
         });
         let thread_error = |source| Error::Thread {
             what: "replicator",
@@ -545,7 +546,7 @@ impl Worker {
             peers.insert(
                 (b, key.start),
                 PeerWindow {
-                    window: crate::store::window_of(&key, value.end),
+                    window: crate::durable::store::window_of(&key, value.end),
                     others: value.others,
                     persisted: value.others,
                 },
@@ -559,7 +560,7 @@ impl Worker {
                         acked.insert(
                             (b, key.start),
                             Acked {
-                                window: crate::store::window_of(&key, value.end),
+                                window: crate::durable::store::window_of(&key, value.end),
                                 total: value.total,
                                 stored: true,
                             },

@@ -10,8 +10,26 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-/// The binary under test.
-pub const BIN: &str = env!("CARGO_BIN_EXE_provider-budgets");
+/// The binary under test: `PROVIDER_BUDGETS_BIN` when set, else `provider-budgets` beside the
+/// test executable's `deps/` dir (where `cargo test` at the workspace root builds it; the CLI
+/// crate's own tests are guaranteed a fresh one).
+pub fn bin() -> PathBuf {
+    if let Some(path) = std::env::var_os("PROVIDER_BUDGETS_BIN") {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps/<test>");
+    let bin = dir.join("provider-budgets");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo test` at the workspace root (it builds the CLI crate), or set PROVIDER_BUDGETS_BIN",
+        bin.display()
+    );
+    bin
+}
 
 /// A config file and a data dir in one temporary directory.
 pub struct Cli {
@@ -129,7 +147,7 @@ impl Cli {
 /// The binary with a controlled environment and no arguments: none of the
 /// `PROVIDER_BUDGETS_*` variables the binary reads for its global flags is inherited.
 pub fn bare_cmd() -> Command {
-    let mut c = Command::new(BIN);
+    let mut c = Command::new(bin());
     c.env_remove("RUST_LOG").env("RUST_BACKTRACE", "1");
     for var in [
         "PROVIDER_BUDGETS_CONFIG",

@@ -1,7 +1,7 @@
 """Fixtures: a real `provider-budgets serve` process per test, litellm offline.
 
 The sidecar binary is `$PROVIDER_BUDGETS_BIN`, else `<repo>/target/debug/provider-budgets`
-(built with `cargo build --features serve --bin provider-budgets` when missing). When it
+(built with `cargo build --bin provider-budgets` when missing). When it
 cannot be built or started the tests are skipped, except under `CI`, where they fail.
 """
 
@@ -78,7 +78,7 @@ def sidecar_binary() -> str:
         cargo = shutil.which("cargo") or str(Path.home() / ".cargo" / "bin" / "cargo")
         try:
             build = subprocess.run(
-                [cargo, "build", "--features", "serve", "--bin", "provider-budgets"],
+                [cargo, "build", "--bin", "provider-budgets"],
                 cwd=REPO,
                 capture_output=True,
                 text=True,
@@ -87,7 +87,7 @@ def sidecar_binary() -> str:
         except (OSError, subprocess.TimeoutExpired) as e:
             unavailable(f"cannot build the sidecar with cargo: {e}")
         if build.returncode != 0 or not path.exists():
-            unavailable(f"`cargo build --features serve --bin provider-budgets` failed:\n{build.stderr[-3000:]}")
+            unavailable(f"`cargo build --bin provider-budgets` failed:\n{build.stderr[-3000:]}")
     _BIN = str(path)
     return _BIN
 

@@ -1,0 +1,17 @@
+//! `provider-budgets`: the command line and the HTTP sidecar of the provider-budgets library.
+//! See `provider-budgets --help`.
+//!
+//! * `cli`: the flags (clap) and one function per subcommand;
+//! * `serve`: `provider-budgets serve`, the HTTP sidecar (axum on hyper, Prometheus metrics);
+//! * `status_json`: the JSON document of `status --json` and `GET /v1/budgets`.
+
+// Unit tests may unwrap: a panic there is a test failure with a message.
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
+mod cli;
+mod serve;
+mod status_json;
+
+fn main() -> std::process::ExitCode {
+    cli::run()
+}

@@ -1,0 +1,561 @@
+//! Routes and handlers of the sidecar. Every error is `{"error": "<one line>"}` with a 4xx or
+//! 5xx status; nothing is recorded when a request is refused.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Request, State as Extract};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use super::idempotency::{Begin, Outcome, MAX_KEY_LEN};
+use super::money::{clip, money_from_json};
+use super::{State, BODY_LIMIT};
+use provider_budgets::{Deployment, Money, NoDeployments, RecordError, Scope, Target};
+
+type Shared = Arc<State>;
+
+// ---- responses ----------------------------------------------------------------------------------
+
+fn json_bytes(status: StatusCode, body: Vec<u8>) -> Response {
+    let mut r = (status, body).into_response();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+pub(super) fn json(status: StatusCode, value: &impl Serialize) -> Response {
+    match serde_json::to_vec(value) {
+        Ok(body) => json_bytes(status, body),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &format!("encoding: {e}")),
+    }
+}
+
+/// `{"error": "<one line>"}`.
+pub(super) fn error(status: StatusCode, reason: &str) -> Response {
+    let line = reason.lines().map(str::trim).collect::<Vec<_>>().join("; ");
+    json(status, &serde_json::json!({ "error": line }))
+}
+
+pub(super) fn bad_request(reason: &str) -> Response {
+    error(StatusCode::BAD_REQUEST, reason)
+}
+
+/// A refused request: status and one-line reason (rendered by [`error`]).
+#[derive(Debug)]
+pub(super) struct Reject(pub StatusCode, pub String);
+
+impl IntoResponse for Reject {
+    fn into_response(self) -> Response {
+        error(self.0, &self.1)
+    }
+}
+
+/// The body, or the JSON error for a body over the limit (413) or unreadable (400).
+pub(super) fn body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, Reject> {
+    body.map_err(|r| {
+        let status = r.status();
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            Reject(
+                status,
+                format!("request body over the limit of {BODY_LIMIT} bytes"),
+            )
+        } else {
+            Reject(
+                status,
+                format!("cannot read the request body: {}", r.body_text()),
+            )
+        }
+    })
+}
+
+/// Parses a JSON body; the error names the field or position (serde_json's message).
+pub(super) fn parse<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, Reject> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| Reject(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}")))
+}
+
+// ---- admission ---------------------------------------------------------------------------------
+
+/// Bounded concurrency without a queue: a request that finds every permit taken gets 503.
+pub(super) async fn admit(
+    Extract(state): Extract<Shared>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let Ok(_permit) = Arc::clone(&state.permits).try_acquire_owned() else {
+        metrics::counter!("provider_budgets_http_overloaded_total").increment(1);
+        let mut r = error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many requests in flight (--max-in-flight); retry",
+        );
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return r;
+    };
+    next.run(request).await
+}
+
+pub(super) async fn not_found(request: Request<Body>) -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        &format!("no route {} {}", request.method(), request.uri().path()),
+    )
+}
+
+pub(super) async fn method_not_allowed(request: Request<Body>) -> Response {
+    error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        &format!(
+            "method {} not allowed on {}",
+            request.method(),
+            request.uri().path()
+        ),
+    )
+}
+
+// ---- /v1/filter -------------------------------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FilterRequest<'a> {
+    #[serde(borrow)]
+    deployments: Vec<DeploymentIn<'a>>,
+    /// The request's tags (litellm's `metadata.tags`): their tag budgets must have room.
+    #[serde(borrow, default)]
+    tags: Vec<Cow<'a, str>>,
+}
+
+/// One candidate, echoed back as given when it may be used.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct DeploymentIn<'a> {
+    #[serde(borrow)]
+    pub model: Cow<'a, str>,
+    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<Cow<'a, str>>,
+    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<Cow<'a, str>>,
+    /// Opaque, echoed back as given (clients match answers to their list with it; `id` is
+    /// the deployment's budget identity).
+    #[serde(
+        borrow,
+        default,
+        rename = "ref",
+        skip_serializing_if = "Option::is_none"
+    )]
+    reference: Option<Cow<'a, str>>,
+}
+
+impl Deployment for DeploymentIn<'_> {
+    fn model(&self) -> &str {
+        &self.model
+    }
+    fn provider(&self) -> Option<&str> {
+        self.provider.as_deref()
+    }
+    fn id(&self) -> Option<&str> {
+        self.id.as_deref()
+    }
+}
+
+#[derive(Serialize)]
+struct FilterResponse<'r, 'a> {
+    deployments: Vec<&'r DeploymentIn<'a>>,
+}
+
+pub(super) async fn filter(
+    Extract(state): Extract<Shared>,
+    bytes: Result<Bytes, BytesRejection>,
+) -> Response {
+    let bytes = match body(bytes) {
+        Ok(b) => b,
+        Err(r) => return r.into_response(),
+    };
+    let request: FilterRequest<'_> = match parse(&bytes) {
+        Ok(r) => r,
+        Err(r) => return r.into_response(),
+    };
+    metrics::counter!("provider_budgets_filter_calls_total").increment(1);
+    match state
+        .limiter
+        .filter_tagged(&request.deployments, &request.tags)
+    {
+        Ok(allowed) => {
+            let dropped = request.deployments.len() - allowed.len();
+            if dropped > 0 {
+                metrics::counter!("provider_budgets_filtered_deployments_total")
+                    .increment(dropped as u64);
+            }
+            json(
+                StatusCode::OK,
+                &FilterResponse {
+                    deployments: allowed,
+                },
+            )
+        }
+        Err(none) => {
+            metrics::counter!("provider_budgets_filtered_deployments_total")
+                .increment(request.deployments.len() as u64);
+            no_deployments(&state, &none)
+        }
+    }
+}
+
+/// 429: each exceeded budget with its reset time, `Retry-After` until the earliest reset.
+pub(super) fn no_deployments(state: &State, none: &NoDeployments) -> Response {
+    let now = state.limiter.now();
+    let mut earliest: Option<Timestamp> = None;
+    let exceeded: Vec<serde_json::Value> = none
+        .exceeded
+        .iter()
+        .map(|e| {
+            let resets_at = Some(e.resets_at);
+            if let Some(t) = resets_at {
+                earliest = Some(earliest.map_or(t, |x| x.min(t)));
+            }
+            serde_json::json!({
+                "provider": (e.scope == Scope::Provider).then_some(&e.name),
+                "scope": e.scope.as_str(),
+                "name": e.name,
+                "period": e.period,
+                "spend": e.spend.as_usd(),
+                "limit": e.limit.as_usd(),
+                "spend_nanos": e.spend.as_nanos(),
+                "limit_nanos": e.limit.as_nanos(),
+                "resets_at": resets_at.map(|t| t.to_string()),
+            })
+        })
+        .collect();
+    let mut r = json(
+        StatusCode::TOO_MANY_REQUESTS,
+        &serde_json::json!({
+            "error": none.to_string(),
+            "exceeded": exceeded,
+            "unknown": none.unknown,
+        }),
+    );
+    if let Some(t) = earliest {
+        // Whole seconds, rounded up, at least 1.
+        let nanos = t.duration_since(now).as_nanos().max(1);
+        let secs = (nanos + 999_999_999) / 1_000_000_000;
+        if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+            r.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+    }
+    r
+}
+
+// ---- /v1/spend --------------------------------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SpendRequest<'a> {
+    /// The provider's budgets only (as before scopes).
+    #[serde(borrow, default)]
+    provider: Option<Cow<'a, str>>,
+    /// Every budget that applies to the deployment and the tags (as `/v1/filter` resolves).
+    #[serde(borrow, default)]
+    deployment: Option<DeploymentIn<'a>>,
+    #[serde(borrow, default)]
+    tags: Vec<Cow<'a, str>>,
+    #[serde(borrow)]
+    cost: &'a RawValue,
+    #[serde(borrow, default)]
+    at: Option<&'a RawValue>,
+    #[serde(default)]
+    durable: Option<bool>,
+    #[serde(borrow, default)]
+    idempotency_key: Option<Cow<'a, str>>,
+}
+
+/// A validated spend: to a provider's budgets, or to every budget of a deployment and tags.
+#[derive(Debug, Clone)]
+enum Against {
+    Provider(String),
+    Deployment(Target, Vec<String>),
+}
+
+/// A validated spend.
+#[derive(Debug, Clone)]
+struct Spend {
+    against: Against,
+    cost: Money,
+    at: Option<Timestamp>,
+    durable: bool,
+}
+
+impl SpendRequest<'_> {
+    fn validate(&self) -> Result<Spend, String> {
+        let against = match (&self.provider, &self.deployment) {
+            (Some(p), None) if p.is_empty() => return Err("provider: empty".into()),
+            (Some(p), None) if !self.tags.is_empty() => {
+                return Err(format!(
+                    "tags: only with \"deployment\" (\"provider\" {p:?} charges the provider's budgets only)"
+                ))
+            }
+            (Some(p), None) => Against::Provider(p.clone().into_owned()),
+            (None, Some(d)) if d.model.is_empty() => return Err("deployment.model: empty".into()),
+            (None, Some(d)) => Against::Deployment(
+                Target::from_parts(d.model.clone().into_owned(), d.provider.clone().map(Cow::into_owned), d.id.clone().map(Cow::into_owned)),
+                self.tags.iter().map(|t| t.clone().into_owned()).collect(),
+            ),
+            (Some(_), Some(_)) => {
+                return Err("give either \"provider\" or \"deployment\", not both".into())
+            }
+            (None, None) => return Err("missing \"deployment\" (or \"provider\")".into()),
+        };
+        let cost = money_from_json(self.cost).map_err(|e| format!("cost: {e}"))?;
+        let at = match self.at {
+            None => None,
+            Some(raw) if raw.get() == "null" => None,
+            Some(raw) => Some(parse_at(raw.get()).map_err(|e| format!("at: {e}"))?),
+        };
+        if let Some(k) = &self.idempotency_key {
+            if k.is_empty() || k.len() > MAX_KEY_LEN {
+                return Err(format!(
+                    "idempotency_key: must be 1 to {MAX_KEY_LEN} bytes, got {}",
+                    k.len()
+                ));
+            }
+        }
+        Ok(Spend {
+            against,
+            cost,
+            at,
+            durable: self.durable.unwrap_or(false),
+        })
+    }
+}
+
+/// `at`: an RFC 3339 string or whole Unix seconds (number or string).
+fn parse_at(text: &str) -> Result<Timestamp, String> {
+    let s: Cow<'_, str> = if text.starts_with('"') {
+        Cow::Owned(serde_json::from_str::<String>(text).map_err(|e| e.to_string())?)
+    } else {
+        Cow::Borrowed(text)
+    };
+    let t = s.trim();
+    if let Ok(secs) = t.parse::<i64>() {
+        return Timestamp::from_second(secs)
+            .map_err(|e| format!("Unix seconds {t} out of range: {e}"));
+    }
+    t.parse::<Timestamp>().map_err(|_| {
+        format!(
+            "{} is neither RFC 3339 (2024-05-01T12:00:00Z) nor whole Unix seconds",
+            clip(text)
+        )
+    })
+}
+
+pub(super) async fn spend(
+    Extract(state): Extract<Shared>,
+    bytes: Result<Bytes, BytesRejection>,
+) -> Response {
+    let bytes = match body(bytes) {
+        Ok(b) => b,
+        Err(r) => return r.into_response(),
+    };
+    let request: SpendRequest<'_> = match parse(&bytes) {
+        Ok(r) => r,
+        Err(r) => return r.into_response(),
+    };
+    let spend = match request.validate() {
+        Ok(s) => s,
+        Err(e) => return bad_request(&e),
+    };
+    let Some(key) = request.idempotency_key.as_deref() else {
+        let (status, outcome) = record(&state, &spend).await;
+        return spend_response(status, &outcome, false);
+    };
+    loop {
+        match state.keys.begin(key) {
+            Begin::Done(outcome) => return spend_response(StatusCode::OK, &outcome, true),
+            Begin::Wait(mut rx) => {
+                let first = rx
+                    .wait_for(Option::is_some)
+                    .await
+                    .ok()
+                    .and_then(|o| o.clone());
+                match first {
+                    Some(outcome) if outcome.settled => {
+                        return spend_response(StatusCode::OK, &outcome, true)
+                    }
+                    _ => continue, // the first attempt counted nothing: run again
+                }
+            }
+            Begin::Fresh(ticket) => {
+                // In its own task: a client that disconnects (and retries) does not cancel
+                // a record halfway, so the key always ends with the true outcome.
+                let state = Arc::clone(&state);
+                let task = tokio::spawn(async move {
+                    let (status, outcome) = record(&state, &spend).await;
+                    ticket.finish(outcome.clone());
+                    (status, outcome)
+                });
+                return match task.await {
+                    Ok((status, outcome)) => spend_response(status, &outcome, false),
+                    Err(e) => error(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        &format!("spend task: {e}"),
+                    ),
+                };
+            }
+        }
+    }
+}
+
+/// Records one spend: the HTTP status and the outcome to remember for its key.
+async fn record(state: &State, s: &Spend) -> (StatusCode, Outcome) {
+    let limiter = &state.limiter;
+    let result = match (&s.against, s.durable, s.at) {
+        (Against::Provider(p), false, None) => limiter.record(p, s.cost).map(|()| 1),
+        (Against::Provider(p), false, Some(at)) => limiter.record_at(p, s.cost, at).map(|()| 1),
+        (Against::Provider(p), true, at) => {
+            let at = at.unwrap_or_else(|| limiter.now());
+            limiter
+                .record_durable_at_async(p, s.cost, at)
+                .await
+                .map(|()| 1)
+        }
+        (Against::Deployment(d, tags), false, None) => limiter.charge(d, tags, s.cost),
+        (Against::Deployment(d, tags), false, Some(at)) => limiter.charge_at(d, tags, s.cost, at),
+        (Against::Deployment(d, tags), true, at) => {
+            limiter.charge_durable_async(d, tags, s.cost, at).await
+        }
+    };
+    let (status, outcome, label) = match result {
+        Ok(0) => (
+            StatusCode::OK,
+            Outcome::refused("no budget applies to the deployment and tags".into()),
+            "no_budget",
+        ),
+        Ok(_) => (StatusCode::OK, Outcome::counted(), "counted"),
+        Err(e @ RecordError::NoBudget { .. }) => {
+            (StatusCode::OK, Outcome::refused(e.to_string()), "no_budget")
+        }
+        Err(e @ RecordError::Expired { .. }) => (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Outcome::transient(e.to_string()),
+            "expired",
+        ),
+        Err(e @ RecordError::Storage(_)) => (
+            // Counted in memory and retried by the journal; only durability is unconfirmed.
+            StatusCode::SERVICE_UNAVAILABLE,
+            Outcome {
+                counted: true,
+                reason: Some(format!("counted, but not durable yet: {e}")),
+                settled: true,
+            },
+            "not_durable",
+        ),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Outcome::transient(e.to_string()),
+            "unavailable",
+        ),
+    };
+    metrics::counter!("provider_budgets_spend_requests_total", "outcome" => label).increment(1);
+    (status, outcome)
+}
+
+fn spend_response(status: StatusCode, outcome: &Outcome, duplicate: bool) -> Response {
+    let mut body = serde_json::json!({ "counted": outcome.counted });
+    if let Some(reason) = &outcome.reason {
+        let key = if status.is_success() {
+            "reason"
+        } else {
+            "error"
+        };
+        body[key] = reason.clone().into();
+    }
+    if duplicate {
+        body["duplicate"] = true.into();
+    }
+    json(status, &body)
+}
+
+// ---- the rest ---------------------------------------------------------------------------------
+
+pub(super) async fn budgets(Extract(state): Extract<Shared>) -> Response {
+    let doc = crate::status_json::status_document(&state.limiter, &state.limiter.status());
+    json(StatusCode::OK, &doc)
+}
+
+pub(super) async fn metrics(Extract(state): Extract<Shared>) -> Response {
+    metrics::gauge!("provider_budgets_idempotency_keys").set(state.keys.len() as f64);
+    metrics::gauge!("provider_budgets_open_reservations")
+        .set(state.limiter.open_reservations() as f64);
+    let in_flight = state.max_in_flight - state.permits.available_permits();
+    metrics::gauge!("provider_budgets_http_in_flight").set(in_flight as f64);
+    let text = state.metrics.render(&state.limiter);
+    let mut r = (StatusCode::OK, text).into_response();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    r
+}
+
+pub(super) async fn healthz(Extract(state): Extract<Shared>) -> Response {
+    let h = state.limiter.health();
+    let r = &h.replication;
+    let replication = serde_json::json!({
+        "enabled": r.enabled,
+        "last_sync": r.last_sync.map(|t| t.to_string()),
+        "stale": r.stale,
+        "last_error": r.last_error,
+    });
+    if h.storage_ok() {
+        json(
+            StatusCode::OK,
+            &serde_json::json!({
+                "status": "ok",
+                "node_id": state.limiter.node_id(),
+                "replication": replication,
+            }),
+        )
+    } else {
+        let fault = h
+            .storage_fault
+            .unwrap_or_else(|| "the journal is not running".to_owned());
+        json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &serde_json::json!({
+                "status": "faulted",
+                "error": fault,
+                "node_id": state.limiter.node_id(),
+                "replication": replication,
+            }),
+        )
+    }
+}
+
+pub(super) async fn reload(Extract(state): Extract<Shared>) -> Response {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    if state.reload.send(tx).await.is_err() {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
+    }
+    match rx.await {
+        Ok(Ok(r)) => json(
+            StatusCode::OK,
+            &serde_json::json!({
+                "reloaded": true,
+                "budgets": r.budgets,
+                "added": r.added,
+                "changed": r.changed,
+                "removed": r.removed,
+            }),
+        ),
+        Ok(Err(e)) => error(StatusCode::UNPROCESSABLE_ENTITY, &e),
+        Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "shutting down"),
+    }
+}

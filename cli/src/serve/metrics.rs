@@ -1,0 +1,141 @@
+//! The Prometheus exporter: installed as the global `metrics` recorder by the sidecar only.
+//!
+//! Counters and histograms come from the library as they happen. Budget gauges (spend,
+//! limit, remaining per provider) and the health gauges are set from [`Limiter::status`] and
+//! [`Limiter::health`] right before each render, so a scrape equals `GET /v1/budgets` at that
+//! moment.
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use provider_budgets::Limiter;
+
+/// Journal flush latency buckets, seconds (an fsync takes 0.1-50 ms on most disks).
+const FLUSH_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+];
+
+/// The installed recorder's handle.
+#[derive(Debug, Clone)]
+pub(crate) struct Exporter {
+    handle: PrometheusHandle,
+}
+
+impl Exporter {
+    /// Installs the global recorder and describes every metric (the HELP lines).
+    pub(crate) fn install() -> Result<Exporter, String> {
+        let handle = PrometheusBuilder::new()
+            .set_buckets_for_metric(
+                Matcher::Full("provider_budgets_journal_flush_seconds".into()),
+                FLUSH_BUCKETS,
+            )
+            .map_err(|e| e.to_string())?
+            .install_recorder()
+            .map_err(|e| e.to_string())?;
+        describe();
+        Ok(Exporter { handle })
+    }
+
+    /// The text exposition, with the gauges refreshed from `limiter`.
+    pub(crate) fn render(&self, limiter: &Limiter) -> String {
+        for s in limiter.status() {
+            // `provider`: the provider, or `scope:name` for the other scopes (the key name);
+            // `period`: several budgets per name are told apart.
+            let (p, q) = (s.provider, s.period_key);
+            metrics::gauge!("provider_budgets_spend_usd", "provider" => p.clone(), "period" => q.clone())
+                .set(s.spend.as_usd());
+            metrics::gauge!("provider_budgets_limit_usd", "provider" => p.clone(), "period" => q.clone())
+                .set(s.limit.as_usd());
+            metrics::gauge!("provider_budgets_remaining_usd", "provider" => p, "period" => q)
+                .set(s.remaining.as_usd());
+        }
+        let health = limiter.health();
+        let fault = if health.storage_ok() { 0.0 } else { 1.0 };
+        metrics::gauge!("provider_budgets_storage_fault").set(fault);
+        let r = &health.replication;
+        metrics::gauge!("provider_budgets_sync_stale").set(if r.enabled && r.stale {
+            1.0
+        } else {
+            0.0
+        });
+        self.handle.run_upkeep();
+        self.handle.render()
+    }
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_gauge!(
+        "provider_budgets_spend_usd",
+        "Spend of the fleet in the budget's current window, USD"
+    );
+    describe_gauge!("provider_budgets_limit_usd", "Budget limit, USD");
+    describe_gauge!(
+        "provider_budgets_remaining_usd",
+        "Limit minus spend in the current window (0 when over), USD"
+    );
+    describe_counter!(
+        "provider_budgets_records_total",
+        "Spend records made durable by the journal"
+    );
+    describe_counter!(
+        "provider_budgets_filter_calls_total",
+        "Filter requests answered by the sidecar"
+    );
+    describe_counter!(
+        "provider_budgets_filtered_deployments_total",
+        "Deployments removed by filter requests (over budget or unknown and denied)"
+    );
+    describe_counter!(
+        "provider_budgets_no_deployments_total",
+        "Filter calls that left no deployment"
+    );
+    describe_counter!(
+        "provider_budgets_unknown_provider_total",
+        "Deployments whose provider could not be resolved"
+    );
+    describe_counter!(
+        "provider_budgets_spend_requests_total",
+        "Spend requests answered by the sidecar, by outcome"
+    );
+    describe_counter!(
+        "provider_budgets_journal_errors_total",
+        "Journal batches that could not be written (retried)"
+    );
+    describe_histogram!(
+        "provider_budgets_journal_flush_seconds",
+        Unit::Seconds,
+        "Time of one journal flush (write + fsync of a batch)"
+    );
+    describe_counter!(
+        "provider_budgets_sync_rounds_total",
+        "Successful replication rounds with Redis"
+    );
+    describe_counter!(
+        "provider_budgets_sync_errors_total",
+        "Failed replication rounds with Redis"
+    );
+    describe_gauge!(
+        "provider_budgets_sync_lag_seconds",
+        "Time since the last successful replication round"
+    );
+    describe_gauge!(
+        "provider_budgets_sync_stale",
+        "1 when replication is enabled and no round succeeded recently"
+    );
+    describe_gauge!(
+        "provider_budgets_idempotency_keys",
+        "Idempotency keys of spend requests remembered by the sidecar"
+    );
+    describe_gauge!(
+        "provider_budgets_http_in_flight",
+        "API requests being handled (bounded by --max-in-flight)"
+    );
+    describe_counter!(
+        "provider_budgets_http_overloaded_total",
+        "Requests refused with 503 because --max-in-flight requests were in flight"
+    );
+    describe_gauge!(
+        "provider_budgets_storage_fault",
+        "1 while the store cannot take writes (disk full, journal dead)"
+    );
+}

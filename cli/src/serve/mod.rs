@@ -1,0 +1,289 @@
+//! `provider-budgets serve`: the HTTP sidecar (feature `serve`), axum on tokio.
+//!
+//! Routes (JSON; contract in the README, "HTTP sidecar"):
+//!
+//! * `POST /v1/filter`, `POST /v1/spend`, `GET /v1/budgets`, `GET /metrics`, `GET /healthz`,
+//!   `POST /v1/reload`, `POST /v1/reserve`, `POST /v1/commit`, `POST /v1/release`.
+//!
+//! Design:
+//!
+//! * The handlers call the library's [`Limiter`] directly: filter and non-durable spend touch
+//!   memory only; a durable spend awaits the journal's group commit without blocking a worker.
+//! * Bounded concurrency: at most `--max-in-flight` requests are inside the handlers; one more
+//!   is answered `503` with `Retry-After: 1` at once (no queue in front of the limiter).
+//! * Bodies over [`BODY_LIMIT`] are refused with `413` before they are parsed.
+//! * Metrics: the library emits through the `metrics` facade; this module installs the
+//!   Prometheus recorder (the only place that depends on the exporter) and renders it.
+//! * Shutdown on SIGTERM/SIGINT: stop accepting, let in-flight requests finish (at most
+//!   `--drain-timeout`), flush the journal; the caller then shuts the limiter down (final
+//!   flush and last sync round). Every durable spend answered `200` was fsynced before.
+//! * Reload on SIGHUP or `POST /v1/reload`: the config is read again through the caller's
+//!   loader and applied with [`Limiter::reload`]; a bad config is refused, the old one stays.
+
+mod api;
+mod idempotency;
+mod metrics;
+mod money;
+mod reserve;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+
+use provider_budgets::{Config, Limiter};
+
+/// Largest request body accepted.
+pub const BODY_LIMIT: usize = 64 * 1024;
+
+/// Arguments of `provider-budgets serve`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// Address to listen on (port 0: any free port; the address is printed on stdout).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8787")]
+    pub listen: SocketAddr,
+    /// Requests handled at once; one more is answered 503 at once.
+    #[arg(long, value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_in_flight: u32,
+    /// Reservations (`POST /v1/reserve`) held open at once; one more is answered 503 (each
+    /// holds money and a little memory until its commit, release or expiry).
+    #[arg(long, value_name = "N", default_value_t = 100_000, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    pub max_open_reservations: u32,
+    /// How long shutdown waits for in-flight requests.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = provider_budgets::parse_duration)]
+    pub drain_timeout: Duration,
+}
+
+/// Why the sidecar could not run.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// The listening socket could not be opened.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The tokio runtime or a signal handler could not be set up.
+    #[error("cannot start the server runtime: {0}")]
+    Runtime(std::io::Error),
+    /// The Prometheus recorder could not be installed (another one is installed).
+    #[error("cannot install the Prometheus metrics recorder: {0}")]
+    Metrics(String),
+    /// The server stopped on an I/O error.
+    #[error("server error: {0}")]
+    Server(std::io::Error),
+    /// The final flush failed.
+    #[error("final flush: {0}")]
+    Flush(#[from] provider_budgets::StoreError),
+}
+
+/// Reads the config again (the CLI's loader: file plus command-line overrides).
+pub type Loader<'a> = &'a (dyn Fn() -> Result<Config, String> + Sync);
+
+/// A reload request from `POST /v1/reload`, answered by the main loop.
+type ReloadRequest = oneshot::Sender<Result<provider_budgets::ReloadSummary, String>>;
+
+/// What every handler shares.
+#[derive(Debug)]
+pub(crate) struct State {
+    pub limiter: Limiter,
+    pub keys: idempotency::Keys,
+    pub metrics: metrics::Exporter,
+    pub permits: Arc<Semaphore>,
+    pub max_in_flight: usize,
+    pub reload: mpsc::Sender<ReloadRequest>,
+    /// Open and recently ended reservations of `/v1/reserve`, `/v1/commit`, `/v1/release`.
+    pub reservations: reserve::Table,
+}
+
+/// Runs the sidecar until SIGTERM/SIGINT, then drains and flushes. The caller shuts the
+/// limiter down afterwards (the CLI does, for every command).
+///
+/// # Errors
+///
+/// [`ServeError`]: the address cannot be bound, the runtime or the metrics recorder cannot
+/// be set up, the server fails, or the final flush fails.
+pub fn run(limiter: &Limiter, args: &ServeArgs, loader: Loader<'_>) -> Result<(), ServeError> {
+    let exporter = metrics::Exporter::install().map_err(ServeError::Metrics)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("provider-budgets-serve")
+        .build()
+        .map_err(ServeError::Runtime)?;
+    runtime.block_on(serve(limiter, args, loader, exporter))?;
+    // In-flight work that outlived the drain timeout is dropped with the runtime.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    limiter.flush()?;
+    Ok(())
+}
+
+async fn serve(
+    limiter: &Limiter,
+    args: &ServeArgs,
+    loader: Loader<'_>,
+    exporter: metrics::Exporter,
+) -> Result<(), ServeError> {
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: args.listen,
+            source,
+        })?;
+    let local = listener.local_addr().map_err(ServeError::Runtime)?;
+    let (reload_tx, mut reload_rx) = mpsc::channel::<ReloadRequest>(16);
+    let state = Arc::new(State {
+        limiter: limiter.clone(),
+        keys: idempotency::Keys::default(),
+        metrics: exporter,
+        permits: Arc::new(Semaphore::new(args.max_in_flight as usize)),
+        max_in_flight: args.max_in_flight as usize,
+        reload: reload_tx,
+        reservations: reserve::Table::new(args.max_open_reservations as usize),
+    });
+    let app = router(state);
+    let (stop_tx, mut stop_rx) = watch::channel(false);
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        let _ = stop_rx.wait_for(|s| *s).await;
+    });
+    let mut server = tokio::spawn(std::future::IntoFuture::into_future(server));
+    let mut signals = Signals::new().map_err(ServeError::Runtime)?;
+    tracing::info!(%local, "listening");
+    // The ready line: tests and supervisors read the bound address (useful with port 0). A
+    // closed stdout is not an error: the server runs the same.
+    {
+        use std::io::Write as _;
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "listening on {local}").and_then(|()| out.flush());
+    }
+    loop {
+        tokio::select! {
+            signal = signals.next() => match signal {
+                Signal::Stop(name) => {
+                    tracing::info!(signal = name, "shutting down");
+                    break;
+                }
+                Signal::Reload => {
+                    match reload(limiter, loader) {
+                        Ok(r) => tracing::info!(budgets = r.budgets, "config reloaded (SIGHUP)"),
+                        Err(e) => tracing::error!(error = %e, "config reload refused (SIGHUP); the old config stays"),
+                    }
+                }
+            },
+            Some(reply) = reload_rx.recv() => {
+                let _ = reply.send(reload(limiter, loader));
+            }
+            done = &mut server => {
+                // The server only ends on its own after an accept loop failure.
+                return match done {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => Err(ServeError::Server(e)),
+                    Err(e) => Err(ServeError::Server(std::io::Error::other(e))),
+                };
+            }
+        }
+    }
+    let _ = stop_tx.send(true);
+    match tokio::time::timeout(args.drain_timeout, &mut server).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => return Err(ServeError::Server(e)),
+        Ok(Err(e)) => return Err(ServeError::Server(std::io::Error::other(e))),
+        Err(_) => {
+            tracing::warn!(timeout = ?args.drain_timeout, "in-flight requests did not finish; closing");
+            server.abort();
+        }
+    }
+    Ok(())
+}
+
+/// Reads the config and applies it.
+fn reload(
+    limiter: &Limiter,
+    loader: Loader<'_>,
+) -> Result<provider_budgets::ReloadSummary, String> {
+    let refused = |e: &dyn std::fmt::Display| {
+        format!("config reload refused, the running config is unchanged: {e}")
+    };
+    let config = loader().map_err(|e| refused(&e))?;
+    limiter.reload(config).map_err(|e| refused(&e))
+}
+
+enum Signal {
+    Stop(&'static str),
+    Reload,
+}
+
+#[cfg(unix)]
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+#[cfg(unix)]
+impl Signals {
+    fn new() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    async fn next(&mut self) -> Signal {
+        tokio::select! {
+            _ = self.term.recv() => Signal::Stop("SIGTERM"),
+            _ = self.int.recv() => Signal::Stop("SIGINT"),
+            _ = self.hup.recv() => Signal::Reload,
+        }
+    }
+}
+
+#[cfg(not(unix))]
+struct Signals;
+
+#[cfg(not(unix))]
+impl Signals {
+    fn new() -> std::io::Result<Signals> {
+        Ok(Signals)
+    }
+
+    async fn next(&mut self) -> Signal {
+        let _ = tokio::signal::ctrl_c().await;
+        Signal::Stop("Ctrl-C")
+    }
+}
+
+/// The API routes are admitted through the in-flight bound; `/healthz` and `/metrics` are
+/// not, so that a probe or a scrape of an overloaded sidecar still gets its answer.
+fn router(state: Arc<State>) -> axum::Router {
+    use axum::extract::DefaultBodyLimit;
+    use axum::middleware;
+    use axum::routing::{get, post};
+    use axum::Router;
+
+    let api = Router::new()
+        .route("/v1/filter", post(api::filter))
+        .route("/v1/spend", post(api::spend))
+        .route("/v1/budgets", get(api::budgets))
+        .route("/v1/reload", post(api::reload))
+        .route("/v1/reserve", post(reserve::reserve))
+        .route("/v1/commit", post(reserve::commit))
+        .route("/v1/release", post(reserve::release))
+        .route_layer(middleware::from_fn_with_state(
+            Arc::clone(&state),
+            api::admit,
+        ));
+    let probes = Router::new()
+        .route("/metrics", get(api::metrics))
+        .route("/healthz", get(api::healthz));
+    api.merge(probes)
+        .fallback(api::not_found)
+        .method_not_allowed_fallback(api::method_not_allowed)
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(state)
+}

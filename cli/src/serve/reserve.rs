@@ -1,0 +1,478 @@
+//! `POST /v1/reserve`, `POST /v1/commit`, `POST /v1/release`: the library's reservations
+//! ([`crate::Reservation`]) over HTTP.
+//!
+//! * The sidecar holds each open [`Reservation`] in a table under its id. At most
+//!   `--max-open-reservations` are open at once (checked before admission; concurrent
+//!   requests may pass it by at most `--max-in-flight`): one more is answered 503.
+//! * A commit or release is idempotent: the answer of an ended reservation is kept (at most
+//!   [`FINISHED_CAPACITY`], for [`FINISHED_TTL`]) and a repeat gets it again, with
+//!   `"duplicate": true`. A repeat that arrives while the first is still being made durable
+//!   waits for it. A release after a commit (or the reverse) is 409, naming what happened.
+//! * An id this sidecar never issued (or ended longer ago than [`FINISHED_TTL`], or before a
+//!   restart) is 404.
+//! * A commit or release after expiry is 409 with `"expired": true`: the estimate was counted
+//!   instead of the cost (decision: 409 Conflict, since the request is well-formed but the
+//!   reservation's state no longer allows it; a client should not retry it).
+//! * The fsyncs are awaited (`reserve_any_async`, `commit_async`, `release_async`) without
+//!   blocking a worker; an end runs in a task of its own, so a client that disconnects does
+//!   not leave a reservation half-ended.
+//! * Shutdown (SIGTERM): the table is dropped with the server, so each reservation still open
+//!   counts its estimate (as a drop does; each was journaled when it was made, so a crash
+//!   counts it at the next start just the same). A client cannot commit it to the next run.
+
+use std::borrow::Cow;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State as Extract;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use tokio::sync::watch;
+
+use super::api::{bad_request, body, error, json, no_deployments, parse, DeploymentIn};
+use super::money::money_from_json;
+use super::State;
+use provider_budgets::{Money, RecordError, Reservation, ReserveError, Target};
+
+type Shared = Arc<State>;
+
+/// How long the answer of an ended reservation is kept for a repeated commit or release.
+pub(crate) const FINISHED_TTL: Duration = Duration::from_secs(3600);
+/// Most ended reservations remembered at once (the oldest is forgotten first).
+pub(crate) const FINISHED_CAPACITY: usize = 262_144;
+/// Longest reservation id accepted (ours are about 20 bytes).
+const MAX_ID_LEN: usize = 128;
+/// Expired reservations are taken out of the table at most this often (on `/v1/reserve`).
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// Which end a request asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Commit,
+    Release,
+}
+
+impl Op {
+    fn done(self) -> &'static str {
+        match self {
+            Op::Commit => "committed",
+            Op::Release => "released",
+        }
+    }
+}
+
+/// The answer of an ended reservation, replayed for a repeat.
+#[derive(Debug, Clone)]
+struct Answer {
+    /// The end that was asked for; `None` when it expired (every request gets that answer).
+    op: Option<Op>,
+    status: StatusCode,
+    body: serde_json::Value,
+}
+
+#[derive(Debug)]
+enum Slot {
+    Open(Reservation),
+    /// A commit or release is being made durable; repeats wait for its answer.
+    Ending(Op, watch::Receiver<Option<Answer>>),
+    Done(Answer),
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    slots: HashMap<Arc<str>, Slot>,
+    open: usize,
+    /// Ended ids in the order they ended, with when they may be forgotten.
+    ended: VecDeque<(Arc<str>, Instant)>,
+    last_sweep: Option<Instant>,
+}
+
+/// Open and recently ended reservations.
+#[derive(Debug)]
+pub(crate) struct Table {
+    inner: Mutex<Inner>,
+    max_open: usize,
+}
+
+/// What [`Table::begin`] found.
+enum Begin {
+    Run(Reservation, watch::Sender<Option<Answer>>),
+    Wait(watch::Receiver<Option<Answer>>),
+    Done(Answer),
+    Unknown,
+}
+
+impl Table {
+    pub(crate) fn new(max_open: usize) -> Table {
+        Table {
+            inner: Mutex::default(),
+            max_open,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // Single-step updates only: a poisoned table is consistent.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn has_room(&self) -> bool {
+        self.lock().open < self.max_open
+    }
+
+    fn insert(&self, r: Reservation) {
+        let mut t = self.lock();
+        t.open += 1;
+        t.slots.insert(Arc::from(r.id()), Slot::Open(r));
+    }
+
+    fn begin(&self, id: &str, op: Op) -> Begin {
+        let mut t = self.lock();
+        t.forget_old(Instant::now());
+        let Some((key, slot)) = t.slots.remove_entry(id) else {
+            return Begin::Unknown;
+        };
+        let (put_back, begin) = match slot {
+            Slot::Open(r) => {
+                let (tx, rx) = watch::channel(None);
+                t.open -= 1;
+                (Slot::Ending(op, rx), Begin::Run(r, tx))
+            }
+            Slot::Ending(o, rx) => (Slot::Ending(o, rx.clone()), Begin::Wait(rx)),
+            Slot::Done(a) => (Slot::Done(a.clone()), Begin::Done(a)),
+        };
+        t.slots.insert(key, put_back);
+        begin
+    }
+
+    fn finish(&self, id: &str, answer: Answer, tx: &watch::Sender<Option<Answer>>) {
+        let mut t = self.lock();
+        if let Some((key, _)) = t.slots.remove_entry(id) {
+            t.ended
+                .push_back((Arc::clone(&key), Instant::now() + FINISHED_TTL));
+            t.slots.insert(key, Slot::Done(answer.clone()));
+        }
+        drop(t);
+        let _ = tx.send(Some(answer));
+    }
+
+    /// Takes the expired open reservations out (their answer becomes "expired"); dropped by
+    /// the caller outside the lock (a drop of an expired reservation counts its estimate
+    /// unless the library's reaper did already).
+    fn sweep(&self, now: jiff::Timestamp) -> Vec<Reservation> {
+        let mut t = self.lock();
+        let at = Instant::now();
+        if t.last_sweep
+            .is_some_and(|s| at.duration_since(s) < SWEEP_EVERY)
+        {
+            return Vec::new();
+        }
+        t.last_sweep = Some(at);
+        t.forget_old(at);
+        let due: Vec<Arc<str>> = t
+            .slots
+            .iter()
+            .filter(|(_, s)| matches!(s, Slot::Open(r) if r.expires_at() <= now))
+            .map(|(k, _)| Arc::clone(k))
+            .collect();
+        let mut out = Vec::with_capacity(due.len());
+        for key in due {
+            if let Some(Slot::Open(r)) = t.slots.remove(&key) {
+                let answer = expired_answer(&ReserveError::Expired {
+                    id: r.id().to_owned(),
+                    expired_at: r.expires_at(),
+                    estimate: r.estimate(),
+                });
+                t.open -= 1;
+                t.ended.push_back((Arc::clone(&key), at + FINISHED_TTL));
+                t.slots.insert(key, Slot::Done(answer));
+                out.push(r);
+            }
+        }
+        out
+    }
+}
+
+impl Inner {
+    /// Forgets ended answers past their time, and the oldest beyond the capacity.
+    fn forget_old(&mut self, now: Instant) {
+        while let Some((key, until)) = self.ended.front() {
+            if *until > now && self.ended.len() <= FINISHED_CAPACITY {
+                break;
+            }
+            if matches!(self.slots.get(key), Some(Slot::Done(_))) {
+                self.slots.remove(key);
+            }
+            self.ended.pop_front();
+        }
+    }
+}
+
+fn expired_answer(e: &ReserveError) -> Answer {
+    Answer {
+        op: None,
+        status: StatusCode::CONFLICT,
+        body: serde_json::json!({ "error": e.to_string(), "expired": true }),
+    }
+}
+
+fn respond(answer: &Answer, duplicate: bool) -> Response {
+    let mut body = answer.body.clone();
+    if duplicate {
+        body["duplicate"] = true.into();
+    }
+    json(answer.status, &body)
+}
+
+/// A repeat: the same answer, or 409 when the other end was asked for.
+fn replay(id: &str, answer: &Answer, op: Op) -> Response {
+    match answer.op {
+        Some(done) if done != op => error(
+            StatusCode::CONFLICT,
+            &format!(
+                "reservation {id:?} was already {} (a reservation ends once)",
+                done.done()
+            ),
+        ),
+        _ => respond(answer, true),
+    }
+}
+
+// ---- /v1/reserve ------------------------------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReserveRequest<'a> {
+    /// Candidates, in order of preference (as `/v1/filter`): the first with room is reserved.
+    #[serde(borrow, default)]
+    deployments: Option<Vec<DeploymentIn<'a>>>,
+    /// Or a provider: its budgets only (as `/v1/spend`).
+    #[serde(borrow, default)]
+    provider: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    estimate: &'a RawValue,
+    #[serde(borrow, default)]
+    tags: Vec<Cow<'a, str>>,
+}
+
+pub(super) async fn reserve(
+    Extract(state): Extract<Shared>,
+    bytes: Result<Bytes, BytesRejection>,
+) -> Response {
+    let bytes = match body(bytes) {
+        Ok(b) => b,
+        Err(r) => return r.into_response(),
+    };
+    let request: ReserveRequest<'_> = match parse(&bytes) {
+        Ok(r) => r,
+        Err(r) => return r.into_response(),
+    };
+    let targets: Vec<Target> = match (&request.deployments, &request.provider) {
+        (Some(_), Some(_)) => {
+            return bad_request("give either \"deployments\" or \"provider\", not both")
+        }
+        (None, None) => return bad_request("missing \"deployments\" (or \"provider\")"),
+        (Some(ds), None) if ds.is_empty() => return bad_request("deployments: empty list"),
+        (Some(ds), None) => match ds.iter().position(|d| d.model.is_empty()) {
+            Some(i) => return bad_request(&format!("deployments[{i}].model: empty")),
+            None => ds
+                .iter()
+                .map(|d| Target::from_parts(d.model.clone().into_owned(), d.provider.clone().map(Cow::into_owned), d.id.clone().map(Cow::into_owned)))
+                .collect(),
+        },
+        (None, Some(p)) if p.is_empty() => return bad_request("provider: empty"),
+        (None, Some(p)) if !request.tags.is_empty() => {
+            return bad_request(&format!(
+                "tags: only with \"deployments\" (\"provider\" {p:?} reserves in the provider's budgets only)"
+            ))
+        }
+        (None, Some(p)) => vec![Target::from_parts(String::new(), Some(p.clone().into_owned()), None)],
+    };
+    let estimate = match money_from_json(request.estimate) {
+        Ok(m) => m,
+        Err(e) => return bad_request(&format!("estimate: {e}")),
+    };
+    for r in state.reservations.sweep(state.limiter.now()) {
+        drop(r);
+    }
+    if !state.reservations.has_room() {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many open reservations (--max-open-reservations); commit or release some, or retry",
+        );
+    }
+    let r = match state
+        .limiter
+        .reserve_any_async(&targets, &request.tags, estimate)
+        .await
+    {
+        Ok(r) => r,
+        Err(ReserveError::Denied(none)) => return no_deployments(&state, &none),
+        Err(ReserveError::NoCandidates) => return bad_request("deployments: empty list"),
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    };
+    let index = r.deployment_index();
+    let deployment = match (&request.deployments, &request.provider) {
+        (Some(ds), _) => serde_json::to_value(&ds[index]).unwrap_or_default(),
+        (None, Some(p)) => serde_json::Value::from(p.as_ref()),
+        (None, None) => serde_json::Value::Null,
+    };
+    let body = serde_json::json!({
+        "reservation": r.id(),
+        "deployment": deployment,
+        "index": index,
+        "estimate": r.estimate().as_usd(),
+        "estimate_nanos": r.estimate().as_nanos(),
+        "expires_at": r.expires_at().to_string(),
+    });
+    state.reservations.insert(r);
+    json(StatusCode::OK, &body)
+}
+
+// ---- /v1/commit, /v1/release ------------------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CommitRequest<'a> {
+    #[serde(borrow)]
+    reservation: Cow<'a, str>,
+    #[serde(borrow)]
+    cost: &'a RawValue,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReleaseRequest<'a> {
+    #[serde(borrow)]
+    reservation: Cow<'a, str>,
+}
+
+/// The 400 answer for an id that cannot be ours, if it is one.
+fn bad_id(id: &str) -> Option<Response> {
+    (id.is_empty() || id.len() > MAX_ID_LEN).then(|| {
+        bad_request(&format!(
+            "reservation: must be 1 to {MAX_ID_LEN} bytes, got {}",
+            id.len()
+        ))
+    })
+}
+
+pub(super) async fn commit(
+    Extract(state): Extract<Shared>,
+    bytes: Result<Bytes, BytesRejection>,
+) -> Response {
+    end_route(state, bytes, Op::Commit).await
+}
+
+pub(super) async fn release(
+    Extract(state): Extract<Shared>,
+    bytes: Result<Bytes, BytesRejection>,
+) -> Response {
+    end_route(state, bytes, Op::Release).await
+}
+
+/// The commit and release routes: body, JSON (a commit's with `cost`, a release's without),
+/// id, cost, in this order, then [`end`].
+async fn end_route(state: Shared, bytes: Result<Bytes, BytesRejection>, op: Op) -> Response {
+    let bytes = match body(bytes) {
+        Ok(b) => b,
+        Err(r) => return r.into_response(),
+    };
+    let parsed = match op {
+        Op::Commit => parse::<CommitRequest<'_>>(&bytes).map(|r| (r.reservation, Some(r.cost))),
+        Op::Release => parse::<ReleaseRequest<'_>>(&bytes).map(|r| (r.reservation, None)),
+    };
+    let (reservation, cost) = match parsed {
+        Ok(p) => p,
+        Err(r) => return r.into_response(),
+    };
+    if let Some(r) = bad_id(&reservation) {
+        return r;
+    }
+    let cost = match cost.map(money_from_json).transpose() {
+        Ok(c) => c,
+        Err(e) => return bad_request(&format!("cost: {e}")),
+    };
+    end(state, &reservation, op, cost).await
+}
+
+async fn end(state: Shared, id: &str, op: Op, cost: Option<Money>) -> Response {
+    match state.reservations.begin(id, op) {
+        Begin::Unknown => error(
+            StatusCode::NOT_FOUND,
+            &format!(
+                "unknown reservation {id:?}: never issued by this sidecar, ended more than {} ago, or issued before a restart",
+                humantime::format_duration(FINISHED_TTL)
+            ),
+        ),
+        Begin::Done(answer) => replay(id, &answer, op),
+        Begin::Wait(mut rx) => {
+            let answer = rx
+                .wait_for(Option::is_some)
+                .await
+                .ok()
+                .and_then(|a| a.clone());
+            match answer {
+                Some(a) => replay(id, &a, op),
+                None => error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    &format!("reservation {id:?}: the first end did not finish"),
+                ),
+            }
+        }
+        Begin::Run(r, tx) => {
+            // In a task of its own: a client that disconnects does not cancel it halfway.
+            let id: Arc<str> = Arc::from(id);
+            let task = tokio::spawn(async move {
+                let ended = match cost {
+                    Some(c) => r.commit_async(c).await,
+                    None => r.release_async().await,
+                };
+                let answer = answer_of(&id, op, cost, ended);
+                state.reservations.finish(&id, answer.clone(), &tx);
+                answer
+            });
+            match task.await {
+                Ok(answer) => respond(&answer, false),
+                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &format!("end task: {e}")),
+            }
+        }
+    }
+}
+
+fn answer_of(id: &str, op: Op, cost: Option<Money>, ended: Result<(), ReserveError>) -> Answer {
+    let ok = |mut body: serde_json::Value| {
+        body["reservation"] = id.into();
+        if let Some(c) = cost {
+            body["cost"] = c.as_usd().into();
+            body["cost_nanos"] = c.as_nanos().into();
+        }
+        body
+    };
+    let (status, body) = match ended {
+        Ok(()) => (StatusCode::OK, ok(serde_json::json!({ op.done(): true }))),
+        Err(e @ ReserveError::Expired { .. }) => return expired_answer(&e),
+        Err(ReserveError::Record(e @ RecordError::Storage(_))) => (
+            // Counted (or freed) in memory and retried by the journal: only durability is
+            // unconfirmed, and a repeat must not count again.
+            StatusCode::SERVICE_UNAVAILABLE,
+            ok(serde_json::json!({
+                op.done(): true,
+                "error": format!("{}, but not durable yet: {e}", op.done()),
+            })),
+        ),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({ "error": e.to_string() }),
+        ),
+    };
+    Answer {
+        op: Some(op),
+        status,
+        body,
+    }
+}

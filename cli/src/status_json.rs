@@ -1,0 +1,96 @@
+//! The JSON document of `status --json` and the sidecar's `GET /v1/budgets` (one builder, so
+//! both stay the same). The field names are the contract of both.
+
+use jiff::Timestamp;
+use provider_budgets::{BudgetStatus, Enforcement, Limiter, Money, Scope};
+
+/// The JSON document of `status --json` and the sidecar's `GET /v1/budgets` (one builder, so
+/// both stay the same): `{"node_id": …, "budgets": [one object per budget]}`.
+pub(crate) fn status_document(limiter: &Limiter, budgets: &[BudgetStatus]) -> serde_json::Value {
+    let health = limiter.health();
+    serde_json::json!({
+        "node_id": limiter.node_id(),
+        "storage": {
+            "ok": health.storage_ok(),
+            "fault": health.storage_fault,
+        },
+        "budgets": budgets.iter().map(status_json).collect::<Vec<_>>(),
+    })
+}
+
+/// One budget in the JSON contract. Money is USD as JSON numbers; the `*_nanos` fields carry
+/// the exact integer nano-dollars for consumers that must not round.
+fn status_json(s: &BudgetStatus) -> serde_json::Value {
+    let r = &s.replication;
+    let mut row = serde_json::json!({
+        "provider": (s.scope == Scope::Provider).then_some(&s.name),
+        "scope": s.scope.as_str(),
+        "name": s.name,
+        "mode": s.mode.as_str(),
+        "soft_limits": s.soft_limits.iter().map(|x| x.fraction()).collect::<Vec<_>>(),
+        "thresholds_crossed": s.thresholds_crossed.iter().map(|x| x.fraction()).collect::<Vec<_>>(),
+        "would_deny": s.would_deny,
+        "period": s.period.to_string(),
+        "window_start": s.window.start().to_string(),
+        "resets_at": s.window.end().to_string(),
+        "time_zone": s.time_zone,
+        "window_start_local": local(s.window.start(), &s.time_zone),
+        "resets_at_local": local(s.window.end(), &s.time_zone),
+        "spend": s.spend.as_usd(),
+        "limit": s.limit.as_usd(),
+        "remaining": s.remaining.as_usd(),
+        "own_spend": s.own_spend.as_usd(),
+        "spend_nanos": s.spend.as_nanos(),
+        "limit_nanos": s.limit.as_nanos(),
+        "remaining_nanos": s.remaining.as_nanos(),
+        "own_spend_nanos": s.own_spend.as_nanos(),
+        "reserved": s.reserved.as_usd(),
+        "reserved_nanos": s.reserved.as_nanos(),
+        "exhausted": s.exhausted,
+        "storage_fault": s.storage_fault,
+        "replication": {
+            "enabled": r.enabled,
+            "last_sync": r.last_sync.map(|t| t.to_string()),
+            "stale": r.stale,
+            "last_error": r.last_error,
+            "problem": s.replication_problem,
+            "last_round": {
+                "duration_ms": r.last_round.duration_ms,
+                "keys_written": r.last_round.keys_written,
+                "keys_read": r.last_round.keys_read,
+                "keys_unchanged": r.last_round.keys_unchanged,
+                "bytes_out": r.last_round.bytes_out,
+                "bytes_in": r.last_round.bytes_in,
+            },
+            "rounds": r.rounds,
+            "late_rounds": r.late_rounds,
+            "tracking": r.tracking,
+        },
+    });
+    // Strict budgets (issue 12), added apart: one `json!` of every field passes the macro's
+    // recursion limit.
+    if let Some(map) = row.as_object_mut() {
+        let strict = s.enforcement == Enforcement::Strict;
+        map.insert("enforcement".into(), s.enforcement.as_str().into());
+        map.insert("offline".into(), strict.then(|| s.offline.as_str()).into());
+        map.insert("grant".into(), s.grant.map(Money::as_usd).into());
+        map.insert("grant_nanos".into(), s.grant.map(Money::as_nanos).into());
+        map.insert(
+            "granted_total".into(),
+            s.granted_total.map(Money::as_usd).into(),
+        );
+        map.insert(
+            "granted_total_nanos".into(),
+            s.granted_total.map(Money::as_nanos).into(),
+        );
+    }
+    row
+}
+
+/// An instant in a time zone, RFC 3339 with the offset and the zone name.
+fn local(at: Timestamp, zone: &str) -> String {
+    match jiff::tz::TimeZone::get(zone) {
+        Ok(tz) => at.to_zoned_datetime(tz).to_string(),
+        Err(_) => at.to_string(),
+    }
+}

@@ -1,0 +1,361 @@
+//! The restore step: what `Limiter::open` finds in a data dir, checked and turned into the
+//! in-memory state the journal, the view and the replicator start from.
+//!
+//! In order:
+//!
+//! 1. the node id ([`Store::node_id`]: a data dir keeps its id);
+//! 2. this node's own totals; those of budgets still configured fill the view, the others
+//!    ("orphans") stay stored until their retention ends;
+//! 3. the high-water check ([`crate::durable::highwater`]): sled must hold at least what the journal
+//!    acknowledged, else [`StoreError::Corrupt`] of tree `high-water` (unless repairing);
+//! 4. the other nodes' last known totals (the `peers` cache) raise the view;
+//! 5. this node's grants of strict budgets (tree `grants`) set the view's grants: a grant is
+//!    durable before it is spent, so after a crash the node may spend exactly what remains.
+//!
+//! The budget table built here ([`BudgetKeys`]) is the one place that maps a budget index to its
+//! storage key parts.
+
+use std::sync::Arc;
+
+use rustc_hash::FxHashMap;
+
+use crate::config::Config;
+use crate::durable::highwater::{Found, Mark};
+use crate::durable::journal::JournalStart;
+use crate::durable::store::{
+    summarize, window_of, GrantValue, PeersValue, Store, StoreError, WindowKey,
+};
+use crate::model::money::Money;
+use crate::view::View;
+
+/// Whether the high-water check may fail the open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verify {
+    /// A mismatch is [`StoreError::Corrupt`] (tree `high-water`).
+    Strict,
+    /// `repair`: open whatever is there; the journal keeps the acknowledged mark as a floor.
+    Repair,
+}
+
+/// Budget index ↔ storage key parts `(key name, period part)` (see the module `budget`).
+#[derive(Debug, Clone)]
+pub(crate) struct BudgetKeys {
+    keys: Vec<(String, String)>,
+    index: FxHashMap<(String, String), u32>,
+}
+
+impl BudgetKeys {
+    pub fn new(config: &Config) -> BudgetKeys {
+        let keys: Vec<(String, String)> = config
+            .budgets
+            .iter()
+            .map(crate::config::BudgetConfig::key_parts)
+            .collect();
+        let index = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| (k.clone(), i as u32))
+            .collect();
+        BudgetKeys { keys, index }
+    }
+
+    /// The budget stored under `key`, if it is configured.
+    pub fn budget_of(&self, key: &WindowKey) -> Option<u32> {
+        // One lookup per stored window at open: the clone is not on any hot path.
+        self.index
+            .get(&(key.provider.clone(), key.period.clone()))
+            .copied()
+    }
+
+    /// `(provider, period)` per budget index.
+    pub fn to_vec(&self) -> Vec<(String, String)> {
+        self.keys.clone()
+    }
+}
+
+/// What a data dir restores to.
+#[derive(Debug)]
+pub(crate) struct Restored {
+    pub node_id: String,
+    pub keys: BudgetKeys,
+    pub view: Arc<View>,
+    pub journal: JournalStart,
+    /// Other nodes' totals as stored (for the replicator).
+    pub peers: Vec<(WindowKey, PeersValue)>,
+    /// This node's durable grants (for the replicator: what it re-registers in Redis).
+    pub grants: Vec<(WindowKey, GrantValue)>,
+}
+
+/// Runs the restore step on an open store.
+pub(crate) fn restore(
+    store: &Store,
+    config: &Config,
+    proposed_node_id: &str,
+    verify: Verify,
+) -> Result<Restored, StoreError> {
+    let node_id = store.node_id(config.node_id.as_deref(), proposed_node_id)?;
+    let keys = BudgetKeys::new(config);
+    let view = Arc::new(View::new(
+        config
+            .budgets
+            .iter()
+            .map(|b| (config.budget_schedule(b), b.limit)),
+    ));
+
+    let mut seq = store.seq()?;
+    let mut own = store.load_own()?;
+    let found = summarize(seq, own.iter().map(|(_, v)| v.total));
+    let acknowledged = check_high_water(store, &found, verify)?;
+    if verify == Verify::Strict {
+        if let Some(s) = count_open_reservations(store, &mut own, seq, acknowledged)? {
+            seq = s;
+        }
+    }
+
+    let mut loaded = Vec::new();
+    let mut orphans = Vec::new();
+    for (key, value) in own {
+        match keys.budget_of(&key) {
+            Some(b) => loaded.push((b, window_of(&key, value.end), value.total)),
+            None => orphans.push((key, value)),
+        }
+    }
+    // In bulk: one view list swap per budget, not one per window (linear in windows).
+    view.raise_own_many(loaded.iter().map(|&(b, w, t)| (b, w, Money::from_nanos(t))));
+
+    let peers = store.load_peers()?;
+    let mut others = Vec::new();
+    for (key, value) in &peers {
+        if let Some(b) = keys.budget_of(key) {
+            // The cache holds the others' sum (this node is never in it).
+            others.push((
+                b,
+                window_of(key, value.end),
+                Money::from_nanos(value.others),
+            ));
+        }
+    }
+    view.raise_others_many(others);
+
+    let grants = store.load_grants()?;
+    for (key, value) in &grants {
+        if let Some(b) = keys.budget_of(key) {
+            view.set_grant(b, window_of(key, value.end), Money::from_nanos(value.grant));
+        }
+    }
+
+    Ok(Restored {
+        node_id,
+        keys,
+        view,
+        journal: JournalStart {
+            loaded,
+            orphans,
+            seq: seq.max(acknowledged.map_or(0, |m| m.seq)),
+            floor: match verify {
+                Verify::Strict => None,
+                Verify::Repair => acknowledged,
+            },
+        },
+        peers,
+        grants,
+    })
+}
+
+/// Step 3b: every reservation a crash (or a shutdown) left open counts its estimate as own
+/// spend in each of its windows, and is removed, in ONE sled batch (a crash during this step
+/// leaves either the reservations or the spend, never both nor neither); then the high-water
+/// record is brought to the new totals (a crash between the two leaves sled ahead of the
+/// record, which the check accepts). Skipped while repairing: `repair` must not change what
+/// it compares; the next normal open counts them. Returns the batch sequence written.
+fn count_open_reservations(
+    store: &Store,
+    own: &mut Vec<(WindowKey, crate::durable::store::OwnValue)>,
+    seq: u64,
+    acknowledged: Option<Mark>,
+) -> Result<Option<u64>, StoreError> {
+    let open = store.load_reservations()?;
+    if open.is_empty() {
+        return Ok(None);
+    }
+    let mut totals: std::collections::BTreeMap<WindowKey, crate::durable::store::OwnValue> =
+        own.drain(..).collect();
+    let mut changed = std::collections::BTreeSet::new();
+    let mut counted = 0u64;
+    for (_, r) in &open {
+        for (provider, period, start, end) in &r.windows {
+            let key = WindowKey {
+                provider: provider.clone(),
+                period: period.clone(),
+                start: *start,
+            };
+            let v = totals
+                .entry(key.clone())
+                .or_insert(crate::durable::store::OwnValue {
+                    end: *end,
+                    total: 0,
+                });
+            v.total = v.total.saturating_add(r.estimate);
+            counted = counted.saturating_add(r.estimate);
+            changed.insert(key);
+        }
+    }
+    let next = seq.max(acknowledged.map_or(0, |m| m.seq)) + 1;
+    store.write_own_and_reservations(
+        next,
+        changed
+            .iter()
+            .filter_map(|k| totals.get(k).map(|v| (k, *v))),
+        std::iter::empty(),
+        open.iter().map(|(id, _)| (id.as_str(), None)),
+    )?;
+    store.flush()?;
+    store.mark(&summarize(next, totals.values().map(|v| v.total)))?;
+    tracing::warn!(
+        dir = %store.dir().display(),
+        reservations = open.len(),
+        counted = %Money::from_nanos(counted),
+        "reservations left open by the last run count their estimate"
+    );
+    metrics::counter!("provider_budgets_reservations_recovered_total").increment(open.len() as u64);
+    own.extend(totals);
+    Ok(Some(next))
+}
+
+/// Compares what sled returned with the high-water record. Returns the record (if any).
+fn check_high_water(
+    store: &Store,
+    found: &Mark,
+    verify: Verify,
+) -> Result<Option<Mark>, StoreError> {
+    let lost = |detail: String| {
+        StoreError::Corrupt {
+        tree: "high-water",
+        key: crate::durable::highwater::FILE_NAME.to_owned(),
+        reason: format!(
+            "data dir {} lost acknowledged spend: {detail}; run `provider-budgets repair` (see the README's failure model)",
+            store.dir().display()
+        ),
+    }
+    };
+    match store.read_mark()? {
+        Found::Absent => {
+            // A new data dir, or one written before the record existed: start it now.
+            store.mark(found)?;
+            Ok(None)
+        }
+        Found::Unreadable(why) if verify == Verify::Strict => Err(lost(format!(
+            "its high-water record {} is unreadable ({why}), so what was acknowledged cannot be checked",
+            crate::durable::highwater::FILE_NAME
+        ))),
+        Found::Unreadable(_) => Ok(None),
+        Found::Mark(mark) => {
+            let missing = mark.sum.saturating_sub(found.sum);
+            let short = found.seq < mark.seq
+                || (found.seq == mark.seq && (found.sum, found.entries) != (mark.sum, mark.entries));
+            if short && verify == Verify::Strict {
+                return Err(lost(format!(
+                    "batch {} was acknowledged but the store ends at batch {}; {} USD of own spend in {} windows acknowledged, {} USD in {} windows found ({} USD missing)",
+                    mark.seq,
+                    found.seq,
+                    usd(mark.sum),
+                    mark.entries,
+                    usd(found.sum),
+                    found.entries,
+                    usd(missing),
+                )));
+            }
+            Ok(Some(mark))
+        }
+    }
+}
+
+/// A u128 sum of nanos as USD text.
+pub(crate) fn usd(nanos: u128) -> Money {
+    Money::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
+}
+
+/// What [`Limiter::repair`](crate::Limiter::repair) found and did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RepairReport {
+    /// Own spend the high-water record says was acknowledged (zero when it was unreadable or
+    /// absent).
+    pub acknowledged: Money,
+    /// Own spend sled held before the repair.
+    pub found: Money,
+    /// Own spend held after the repair (sled plus what Redis gave back).
+    pub restored: Money,
+    /// `acknowledged - restored`: still missing.
+    pub missing: Money,
+    /// The loss was accepted (`--accept-loss`): the data dir opens again despite `missing`.
+    pub accepted_loss: bool,
+    /// The high-water record could not be read.
+    pub record_unreadable: bool,
+    /// The replication round's outcome, when Redis is configured.
+    pub redis: Option<Result<(), String>>,
+}
+
+impl RepairReport {
+    /// Whether the data dir opens again.
+    pub fn opens(&self) -> bool {
+        self.missing == Money::ZERO || self.accepted_loss
+    }
+}
+
+/// The repair procedure; `run` opens the limiter in repair mode, runs a replication round and
+/// shuts it down (the facade owns that part).
+pub(crate) fn repair(
+    config: Config,
+    clock: Arc<dyn crate::Clock>,
+    accept_loss: bool,
+    run: impl FnOnce(Config, Arc<dyn crate::Clock>) -> Result<Option<Result<(), String>>, crate::Error>,
+) -> Result<RepairReport, crate::Error> {
+    config.validate()?;
+    let dir = config
+        .storage
+        .dir
+        .clone()
+        .ok_or(crate::ConfigError::NoDataDir)?;
+    let (record, before) = {
+        let store = Store::open(&dir)?;
+        let own = store.load_own()?;
+        let before = summarize(store.seq()?, own.iter().map(|(_, v)| v.total));
+        (store.read_mark()?, before)
+    };
+    let acknowledged = match &record {
+        Found::Mark(m) => Some(*m),
+        _ => None,
+    };
+    let redis = run(config, clock)?;
+    let store = Store::open(&dir)?;
+    // A sequence past both sled's and the record's, so that the new mark is the newest slot.
+    let seq = store.seq()?.max(acknowledged.map_or(0, |m| m.seq)) + 1;
+    store.write_own(seq, std::iter::empty(), std::iter::empty())?;
+    store.flush()?;
+    let own = store.load_own()?;
+    let after = summarize(seq, own.iter().map(|(_, v)| v.total));
+    let ack_sum = acknowledged.map_or(0, |m| m.sum);
+    let missing = ack_sum.saturating_sub(after.sum);
+    let mark = match acknowledged {
+        Some(m) if missing > 0 && !accept_loss => Mark {
+            seq,
+            entries: m.entries,
+            sum: m.sum,
+        },
+        _ => after,
+    };
+    store.mark(&mark)?;
+    if missing > 0 && accept_loss {
+        tracing::warn!(dir = %dir.display(), missing = %usd(missing), "repair accepted the loss of acknowledged spend");
+    }
+    Ok(RepairReport {
+        acknowledged: usd(ack_sum),
+        found: usd(before.sum),
+        restored: usd(after.sum),
+        missing: usd(missing),
+        accepted_loss: accept_loss && missing > 0,
+        record_unreadable: matches!(record, Found::Unreadable(_)),
+        redis,
+    })
+}

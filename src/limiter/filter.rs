@@ -1,0 +1,298 @@
+//! The request-path filter: which deployments may still be used.
+//!
+//! One clock read per call; per deployment one cached resolution (a hash lookup of its
+//! (model, id)) and, per distinct budget that may be spent, one read of its current window.
+//! A per-call bitmask ([`Memo`], first 128 budgets) remembers each answer and starts from the
+//! view's set of budgets that may be spent at all (`View::hot`, one read per call), so a
+//! deployment whose budgets were never spent costs a few `u128` operations. Nothing is
+//! allocated except the result, and nothing is locked.
+//!
+//! Being over budget is not an error of the limiter, but an empty result is something the
+//! router must handle, so it comes back as [`NoDeployments`], whose message is the reference's.
+
+use std::fmt;
+
+use jiff::Timestamp;
+
+use crate::model::budget::{parse_key_name, Scope};
+use crate::model::money::Money;
+use crate::model::slots::SlotKeys;
+use crate::resolve::{Resolved, Resolver};
+use crate::view::View;
+
+/// No deployment is left: every candidate is under a spent budget (its provider's, its model's,
+/// its own), a tag of the request has spent its budget, or candidates were denied as
+/// unknown. The message is litellm's (`No deployments available - crossed budget: Exceeded
+/// budget for provider openai: 10.5 >= 10`), with the scope in place of `provider` for the
+/// other scopes (`Exceeded budget for tag team-a: 5 >= 5`); when each budget resets is in
+/// [`Exceeded::resets_at`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct NoDeployments {
+    /// Each exceeded (enforced) budget among the candidates and the request's tags, once,
+    /// with its spend, limit and reset time.
+    pub exceeded: Vec<Exceeded>,
+    /// Candidates dropped because their provider could not be resolved and
+    /// `unknown_provider` is `deny`.
+    pub unknown: Vec<String>,
+}
+
+/// One budget over its limit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Exceeded {
+    /// The provider for a provider budget; for the other scopes the budget's key name
+    /// (`tag:team-a`), so that code written before scopes still names it uniquely.
+    pub provider: String,
+    /// The budget's scope.
+    pub scope: Scope,
+    /// The provider, deployment id, model or tag.
+    pub name: String,
+    /// The budget's period (with `@Zone` when it has its own time zone).
+    pub period: String,
+    /// Its spend in the current window.
+    pub spend: Money,
+    /// Its limit.
+    pub limit: Money,
+    /// When its window ends: retry after this.
+    pub resets_at: Timestamp,
+}
+
+impl fmt::Display for NoDeployments {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("No deployments available - crossed budget:")?;
+        let mut sep = " ";
+        for e in &self.exceeded {
+            write!(
+                f,
+                "{sep}Exceeded budget for {} {}: {} >= {}",
+                e.scope, e.name, e.spend, e.limit
+            )?;
+            sep = ", ";
+        }
+        for m in &self.unknown {
+            write!(
+                f,
+                "{sep}Unknown provider for deployment {m:?} (unknown_provider: deny)"
+            )?;
+            sep = ", ";
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for NoDeployments {}
+
+/// Remembers, within one call, which budgets were already checked (first 128 budgets); a
+/// call starts with every budget that cannot be spent marked checked (`View::hot`).
+#[derive(Debug, Default)]
+pub(crate) struct Memo {
+    checked: u128,
+    blocked: u128,
+}
+
+impl Memo {
+    /// `is_blocked(b)` through the memo.
+    #[inline]
+    pub fn blocked(&mut self, budget: u32, is_blocked: impl FnOnce() -> bool) -> bool {
+        if budget >= 128 {
+            return is_blocked();
+        }
+        let bit = 1u128 << budget;
+        if self.checked & bit == 0 {
+            self.checked |= bit;
+            if is_blocked() {
+                self.blocked |= bit;
+            }
+        }
+        self.blocked & bit != 0
+    }
+
+    /// Whether any budget of `mask` (bit `b`: slot `b`) is blocked, through the memo: the
+    /// budgets not yet checked in this call are read (all of them, so a spent shadow budget
+    /// counts its would-be denial as the prepared form does), the others cost nothing.
+    #[inline]
+    pub fn blocked_mask(&mut self, mask: u128, mut is_blocked: impl FnMut(u32) -> bool) -> bool {
+        let mut new = mask & !self.checked;
+        if new != 0 {
+            self.checked |= new;
+            while new != 0 {
+                let b = new.trailing_zeros();
+                new &= new - 1;
+                if is_blocked(b) {
+                    self.blocked |= 1u128 << b;
+                }
+            }
+        }
+        mask & self.blocked != 0
+    }
+}
+
+/// The filter loop shared by `Limiter::filter`, `Limiter::filter_in_place` and `Prepared`:
+/// one clock read per call, each deployment resolved once, each distinct budget read once
+/// (memo), nothing allocated but the caller's result.
+#[derive(Debug)]
+pub(crate) struct Check<'a> {
+    pub view: &'a View,
+    pub keys: &'a SlotKeys,
+    pub now: i64,
+    pub deny_unknown: bool,
+    memo: Memo,
+}
+
+impl<'a> Check<'a> {
+    pub fn new(view: &'a View, keys: &'a SlotKeys, now: i64, deny_unknown: bool) -> Check<'a> {
+        Check {
+            view,
+            keys,
+            now,
+            deny_unknown,
+            // Budgets that cannot be spent (clear in the view's hot set) start out checked
+            // and not blocked: the call reads none of them.
+            memo: Memo {
+                checked: !view.hot(),
+                blocked: 0,
+            },
+        }
+    }
+
+    /// Whether an enforced budget is spent (a spent shadow budget counts a would-be denial
+    /// and passes).
+    #[inline]
+    pub fn blocked(&mut self, budget: u32) -> bool {
+        let (view, now) = (self.view, self.now);
+        self.memo.blocked(budget, || view.blocks(budget, now))
+    }
+
+    /// Whether every budget of the request's tags has room.
+    #[inline]
+    pub fn tags_pass<T: AsRef<str>>(&mut self, resolver: &Resolver, tags: &[T]) -> bool {
+        let mut ok = true;
+        for t in tags {
+            for &b in resolver.slots(Scope::Tag, t.as_ref()) {
+                // No short cut: shadow tag budgets count their would-be denials.
+                ok &= !self.blocked(b);
+            }
+        }
+        ok
+    }
+
+    /// Whether a resolved deployment passes.
+    #[inline]
+    pub fn passes(&mut self, r: &Resolved<'_>) -> bool {
+        if r.unknown {
+            metrics::counter!("provider_budgets_unknown_provider_total").increment(1);
+            if self.deny_unknown {
+                return false;
+            }
+        }
+        if let Some(mask) = r.mask {
+            let (view, now) = (self.view, self.now);
+            return !self.memo.blocked_mask(mask, |b| view.blocks(b, now));
+        }
+        for s in r.slots {
+            for &b in s {
+                if self.blocked(b) {
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    /// The loop: `keep(i)` for each candidate that passes (none when a tag blocks); returns
+    /// how many passed.
+    #[inline]
+    pub fn select<'r>(
+        &mut self,
+        tags_ok: bool,
+        candidates: impl Iterator<Item = Resolved<'r>>,
+        mut keep: impl FnMut(usize),
+    ) -> usize {
+        if !tags_ok {
+            return 0;
+        }
+        let mut kept = 0;
+        for (i, r) in candidates.enumerate() {
+            if self.passes(&r) {
+                keep(i);
+                kept += 1;
+            }
+        }
+        kept
+    }
+
+    /// The error for an empty result (cold path): every spent enforced budget of the
+    /// candidates and the tags, once, and the denied unknown ones.
+    pub fn no_deployments<'r, T: AsRef<str>>(
+        &self,
+        resolver: &Resolver,
+        tags: &[T],
+        candidates: impl Iterator<Item = (Resolved<'r>, &'r str)>,
+    ) -> NoDeployments {
+        let mut err = NoDeployments {
+            exceeded: Vec::new(),
+            unknown: Vec::new(),
+        };
+        let mut seen = Vec::new();
+        let mut note = |b: u32, err: &mut NoDeployments| {
+            if seen.contains(&b) || !self.view.blocks_quietly(b, self.now) {
+                return;
+            }
+            seen.push(b);
+            let (key, period) = self.keys.get(b);
+            let (scope, name) = parse_key_name(&key);
+            let t = self.view.totals_at(b, self.now);
+            err.exceeded.push(Exceeded {
+                provider: key.clone(),
+                scope,
+                name: name.to_owned(),
+                period,
+                spend: t.total(),
+                limit: self.view.limit(b),
+                resets_at: t.window.end(),
+            });
+        };
+        for t in tags {
+            for &b in resolver.slots(Scope::Tag, t.as_ref()) {
+                note(b, &mut err);
+            }
+        }
+        for (r, model) in candidates {
+            if r.unknown && self.deny_unknown {
+                err.unknown.push(model.to_owned());
+                continue;
+            }
+            for b in r.iter() {
+                note(b, &mut err);
+            }
+        }
+        metrics::counter!("provider_budgets_no_deployments_total").increment(1);
+        err
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Memo;
+
+    #[test]
+    fn the_mask_memo_reads_each_budget_once_and_agrees_with_the_slot_memo() {
+        let spent = |b: u32| b % 5 == 3;
+        let lists: [&[u32]; 4] = [&[0, 3, 7], &[1, 2], &[7, 8, 13], &[127, 0]];
+        let mut by_mask = Memo::default();
+        let mut by_slot = Memo::default();
+        let mut reads = Vec::new();
+        for list in lists {
+            let mask = list.iter().fold(0u128, |m, &b| m | 1u128 << b);
+            let a = by_mask.blocked_mask(mask, |b| {
+                reads.push(b);
+                spent(b)
+            });
+            let b = list.iter().any(|&b| by_slot.blocked(b, || spent(b)));
+            assert_eq!(a, b, "{list:?}");
+        }
+        // Every budget read once, in the order first seen (ascending within a list).
+        assert_eq!(reads, vec![0, 3, 7, 1, 2, 8, 13, 127]);
+    }
+}

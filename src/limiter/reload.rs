@@ -1,0 +1,240 @@
+//! [`Limiter::reload`]: a new configuration for a running limiter, without a restart.
+//!
+//! Budgets live in **slots**: an index into the view, the journal's and the replicator's key
+//! table. Slots are only ever added while the limiter runs, never removed or renumbered, so an
+//! index held by a racing `record` or `filter` stays valid. A reload:
+//!
+//! * keeps the slot of every budget whose series (key name, period part: see the module
+//!   `budget`) is unchanged and stores its new limit, mode and soft limits in place: the next
+//!   `filter` sees them;
+//! * adds a slot for a new budget, or for a changed period (the period is part of the storage
+//!   and Redis keys, so it is a new series starting at its stored total, zero when new), or
+//!   takes back the slot of a budget that was removed earlier (its spend is still there);
+//! * swaps the (scope, name) → slots table: a removed budget no longer applies; its slot keeps
+//!   its spend (journaled, replicated, stored until retention ends);
+//! * validates everything first: an invalid config, or a change of what only a restart can
+//!   apply (storage, Redis, node id, window anchor), is refused and the old config keeps
+//!   running.
+//!
+//! Records that race with a reload land in the slot their provider resolved to when they were
+//! made: spend is never dropped. `Prepared` lists notice a reload (a generation counter) and
+//! resolve again on their next call.
+
+use std::sync::{Mutex, PoisonError};
+
+use arc_swap::ArcSwap;
+
+use crate::config::{BudgetConfig, Config};
+use crate::durable::journal::{Event, Journal};
+use crate::durable::store::{window_of, Store};
+use crate::error::Error;
+use crate::limiter::Limiter;
+use crate::model::budget::{Mode, Scope};
+use crate::model::money::Money;
+use crate::model::slots::SlotKeys;
+use crate::model::window::Window;
+use crate::view::View;
+
+/// The limiter state a reload changes (lent by `Limiter::reload_parts`).
+#[derive(Debug)]
+pub(crate) struct Parts<'a> {
+    pub lock: &'a Mutex<()>,
+    pub config: &'a ArcSwap<Config>,
+    pub keys: &'a SlotKeys,
+    pub view: &'a View,
+    pub store: &'a Store,
+    pub journal: &'a Journal,
+}
+
+/// What the store holds for a budget series that gets a new slot: (window, own, others).
+type Stored = Vec<(Window, u64, u64)>;
+
+impl Parts<'_> {
+    /// The stored totals of each series in `series` (a budget removed before this process
+    /// started, or a period used before, still has its spend on disk: a new slot resumes it).
+    fn stored(&self, series: &[&BudgetConfig]) -> Result<Vec<Stored>, Error> {
+        let mut out: Vec<Stored> = vec![Vec::new(); series.len()];
+        if series.is_empty() {
+            return Ok(out);
+        }
+        let parts: Vec<(String, String)> = series.iter().map(|b| b.key_parts()).collect();
+        let index =
+            |name: &str, period: &str| parts.iter().position(|(n, p)| n == name && p == period);
+        for (key, value) in self.store.load_own()? {
+            if let Some(i) = index(&key.provider, &key.period) {
+                out[i].push((window_of(&key, value.end), value.total, 0));
+            }
+        }
+        for (key, value) in self.store.load_peers()? {
+            if let Some(i) = index(&key.provider, &key.period) {
+                // The peers cache holds the others' total per window (this node excluded).
+                out[i].push((window_of(&key, value.end), 0, value.others));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// How a reload summary names a budget: the provider for provider budgets (as before scopes),
+/// the key name otherwise (`tag:team-a`).
+fn summary_name(b: &BudgetConfig) -> String {
+    b.key_parts().0
+}
+
+/// What a reload changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ReloadSummary {
+    /// Budgets in force after the reload.
+    pub budgets: usize,
+    /// Budgets that are new (or have a new period or own zone): the provider name for
+    /// provider budgets, `scope:name` for the others (`tag:team-a`).
+    pub added: Vec<String>,
+    /// Budgets whose limit, soft limits or mode changed (same series), named as `added`.
+    pub changed: Vec<String>,
+    /// Budgets removed (or replaced by one with a new period), named as `added`.
+    pub removed: Vec<String>,
+}
+
+impl Limiter {
+    /// Applies a new configuration to the running limiter: changed limits apply at once, new
+    /// budgets (and budgets with a changed period: a new series) start from what is stored
+    /// for them (zero when new), removed budgets stop filtering, and recorded spend is never
+    /// lost. `unknown_provider` and `model_providers` change too. Reloads are serialised.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] when `config` is invalid, and [`Error::Reload`] when it changes what
+    /// only a restart can apply (`storage`, `redis`, `node_id`, `window_anchor`, `time_zone`; `storage.dir`
+    /// may be left out, then the running one is kept) or needs more new budget slots than are
+    /// left (256 per process). Nothing changes on error.
+    pub fn reload(&self, mut config: Config) -> Result<ReloadSummary, Error> {
+        config.validate()?;
+        let parts = self.reload_parts();
+        let _serial = parts.lock.lock().unwrap_or_else(PoisonError::into_inner);
+        let old = parts.config.load_full();
+        if config.storage.dir.is_none() {
+            config.storage.dir.clone_from(&old.storage.dir);
+        }
+        let fixed = [
+            ("storage", config.storage != old.storage),
+            ("redis", config.redis != old.redis),
+            ("node_id", config.node_id != old.node_id),
+            ("window_anchor", config.window_anchor != old.window_anchor),
+            ("time_zone", config.time_zone != old.time_zone),
+        ];
+        if let Some((what, _)) = fixed.iter().find(|(_, changed)| *changed) {
+            return Err(Error::Reload(format!(
+                "`{what}` changed; it applies only at a restart (nothing was changed)"
+            )));
+        }
+        // Plan: the slot of each budget, existing or new.
+        let mut slots = Vec::with_capacity(config.budgets.len());
+        let mut new_slots = 0;
+        for b in &config.budgets {
+            let (name, period) = b.key_parts();
+            let slot = parts.keys.position(&name, &period);
+            new_slots += usize::from(slot.is_none());
+            slots.push(slot);
+        }
+        if parts.view.len() + new_slots > parts.view.capacity() {
+            return Err(Error::Reload(format!(
+                "{new_slots} new budget series would exceed the {} that one process can add; restart to apply",
+                crate::view::RELOAD_SLOTS
+            )));
+        }
+        // Read what the new series already have on disk before changing anything.
+        let new_series: Vec<&BudgetConfig> = config
+            .budgets
+            .iter()
+            .zip(&slots)
+            .filter(|(_, s)| s.is_none())
+            .map(|(b, _)| b)
+            .collect();
+        let mut stored = parts.stored(&new_series)?.into_iter();
+        // Apply: new slots first (view with their stored totals, journal, keys), then limits,
+        // then the provider table, so that no record reaches a slot before its totals.
+        let mut summary = ReloadSummary {
+            budgets: config.budgets.len(),
+            ..ReloadSummary::default()
+        };
+        for (b, slot) in config.budgets.iter().zip(slots.iter_mut()) {
+            let s = match *slot {
+                Some(s) => s,
+                None => {
+                    let schedule = config.budget_schedule(b);
+                    let s = parts
+                        .view
+                        .push(schedule, b.limit)
+                        .ok_or_else(|| Error::Reload("no budget slot left".into()))?;
+                    let (name, period) = b.key_parts();
+                    parts.keys.push(name, period);
+                    let totals = stored.next().unwrap_or_default();
+                    parts.view.raise_own_many(
+                        totals
+                            .iter()
+                            .filter(|t| t.1 > 0)
+                            .map(|&(w, own, _)| (s, w, Money::from_nanos(own))),
+                    );
+                    parts.view.raise_others_many(
+                        totals
+                            .iter()
+                            .filter(|t| t.2 > 0)
+                            .map(|&(w, _, others)| (s, w, Money::from_nanos(others))),
+                    );
+                    // The journal writes absolute totals: it must start from the stored ones.
+                    for &(window, total, _) in totals.iter().filter(|t| t.1 > 0) {
+                        let _ = parts.journal.send(Event::Adopt {
+                            budget: s,
+                            window,
+                            total,
+                        });
+                    }
+                    *slot = Some(s);
+                    s
+                }
+            };
+            match old.budgets.iter().find(|o| o.key_parts() == b.key_parts()) {
+                Some(o) => {
+                    if (o.limit, &o.soft_limits, o.mode, o.enforcement, o.offline)
+                        != (b.limit, &b.soft_limits, b.mode, b.enforcement, b.offline)
+                    {
+                        summary.changed.push(summary_name(b));
+                    }
+                }
+                None => summary.added.push(summary_name(b)),
+            }
+            parts.view.set_limit(s, b.limit);
+            parts.view.set_shadow(s, b.mode == Mode::Shadow);
+            parts.view.set_soft_limits(s, b.soft_limits.clone());
+            // Live: the replicator reads the policy every round (a budget turned strict asks
+            // for its first grant then; one turned shared stops asking, its grant in Redis
+            // lapses with the window).
+            crate::limiter::set_policy(parts.view, s, b, config.redis.is_some());
+        }
+        for o in &old.budgets {
+            if !config
+                .budgets
+                .iter()
+                .any(|b| b.key_parts() == o.key_parts())
+            {
+                summary.removed.push(summary_name(o));
+            }
+        }
+        let table: Vec<(Scope, String, u32)> = config
+            .budgets
+            .iter()
+            .zip(&slots)
+            .filter_map(|(b, s)| s.map(|s| (b.scope, b.name.clone(), s)))
+            .collect();
+        self.install(config, table);
+        tracing::info!(
+            budgets = summary.budgets,
+            added = ?summary.added,
+            changed = ?summary.changed,
+            removed = ?summary.removed,
+            "config reloaded"
+        );
+        Ok(summary)
+    }
+}

@@ -1,0 +1,825 @@
+//! Reservations (one node): admission before a call, settlement after it.
+//!
+//! [`Limiter::reserve`] holds an estimate in every budget that applies (exactly the budgets
+//! [`Limiter::charge`] would charge), atomically per budget (the view's CAS on
+//! `spend + reserved + estimate <= limit`: two threads never share the last nano), and hands
+//! back a [`Reservation`]. It ends in one of these ways:
+//!
+//! | end                         | counts            | journal                            |
+//! |-----------------------------|-------------------|------------------------------------|
+//! | [`Reservation::commit`]     | the actual cost   | spend + end of record, one batch, fsynced before `Ok` |
+//! | [`Reservation::release`]    | nothing           | end of record, fsynced before `Ok` |
+//! | drop without either         | the estimate      | spend + end of record, one batch (not awaited) |
+//! | expiry (`reservation_timeout`) | the estimate   | as a drop; a later commit is [`ReserveError::Expired`] |
+//! | crash (process killed)      | the estimate      | counted at the next open (module `restore`) |
+//!
+//! Decisions (each with its why):
+//!
+//! * **Money is held in the window of admission** and a commit counts the actual cost there,
+//!   even after that window ended: each window's bound (`spend <= limit + overshoot of
+//!   commits above their estimate`) then holds at a boundary too. The next window does not
+//!   see money held by calls admitted in the previous one.
+//! * **The record is durable before `reserve` returns** (one group-committed fsync, shared by
+//!   concurrent callers): a crash after the call went out cannot forget it. It lives in the
+//!   `own` tree under a `0xff` key (see `store`), so that a commit's spend and the removal of
+//!   its record go in one sled batch: a crash can neither count a commit twice (spend and
+//!   record) nor lose it.
+//! * **Drop counts the estimate**: a reservation that was neither committed nor released may
+//!   have reached the provider (a panic, a cancelled future). Counting it errs on the side of
+//!   the limit, like the crash case.
+//! * **Allocation**: `reserve` allocates (its id, the list of budgets, the journal record) and
+//!   takes a mutex (the registry): it waits for an fsync anyway. `filter`, `record` and
+//!   `charge` stay allocation- and lock-free.
+//! * **Expiry** is checked by every `reserve` (one atomic load when nothing is due), by
+//!   `maintain`, and by a reaper thread (started with the first reservation, every second,
+//!   holding only a weak handle: it never keeps a limiter alive). A reservation lives at
+//!   least `reservation_timeout` and at most one second more (whole seconds).
+//! * **Shadow budgets** hold the estimate too but never refuse (they count a would-be denial).
+//! * **A spent budget admits nothing**, not even a zero estimate (`spend + reserved >= limit`,
+//!   what `filter` denies): a caller that cannot price a call still cannot pass a spent budget.
+//! * A denial is [`NoDeployments`], as `filter` reports it, with one [`Exceeded`] per refusing
+//!   budget: its `spend` is what admission would have reached (`spend + reserved + estimate`;
+//!   for a strict budget refused by its grant: `own + reserved + estimate`, with the grant as
+//!   `limit`), so the message `Exceeded budget for provider openai: 10.5 >= 10` is true.
+
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
+use std::time::Duration;
+
+use jiff::Timestamp;
+use rustc_hash::FxHashMap;
+
+use crate::durable::journal::{Ack, Event};
+use crate::durable::store::ReservationValue;
+use crate::error::RecordError;
+use crate::limiter::filter::{Exceeded, NoDeployments};
+use crate::limiter::{charge_slots, Inner, Limiter, NO_TAGS};
+use crate::model::budget::parse_key_name;
+use crate::model::clock::floor_secs;
+use crate::model::money::Money;
+use crate::model::window::Window;
+use crate::resolve::Deployment;
+use crate::view::Refused;
+
+/// `Held::state`: open, then exactly one of the others (a CAS decides who ends it).
+const OPEN: u8 = 0;
+const DONE: u8 = 1;
+const EXPIRED: u8 = 2;
+
+/// An admission: the candidate's index, each budget and window holding the estimate, and
+/// the instant (Unix seconds).
+type Admitted = (usize, Vec<(u32, Window)>, i64);
+
+/// How often the reaper thread looks for expired reservations.
+const REAP_TICK: Duration = Duration::from_secs(1);
+
+/// Why a reservation could not be made or ended.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReserveError {
+    /// No candidate has room: every budget that refused, as `filter` reports it (with
+    /// `resets_at`), and the candidates denied as unknown. Nothing is held.
+    #[error(transparent)]
+    Denied(NoDeployments),
+    /// `reserve_any` was given no deployment.
+    #[error("no deployment to reserve for (the candidate list is empty)")]
+    NoCandidates,
+    /// The reservation expired (`reservation_timeout`) before its commit or release: its
+    /// estimate was counted instead, and the actual cost was not.
+    #[error("reservation {id} expired at {expired_at} (provider_budgets.reservation_timeout); its estimate {estimate} was counted instead")]
+    Expired {
+        /// The reservation's id.
+        id: String,
+        /// When it expired.
+        expired_at: Timestamp,
+        /// What was counted.
+        estimate: Money,
+    },
+    /// The limiter is shut down or its journal failed. From `reserve`: nothing is held. From
+    /// `commit`/`release`: the view is settled in memory; with [`RecordError::Storage`] the
+    /// journal retries (the spend becomes durable once the disk works), with
+    /// [`RecordError::Closed`] the journaled reservation counts its estimate at the next open.
+    #[error(transparent)]
+    Record(#[from] RecordError),
+}
+
+/// One open reservation, shared by its [`Reservation`] handle and the registry (the reaper).
+#[derive(Debug)]
+pub(crate) struct Held {
+    id: Arc<str>,
+    /// Each budget and the window the estimate is held in.
+    items: Arc<[(u32, Window)]>,
+    estimate: Money,
+    /// Unix seconds (whole: see the module doc).
+    expires_secs: i64,
+    /// [`OPEN`], [`DONE`] or [`EXPIRED`]: whoever moves it from `OPEN` settles the money, once.
+    state: AtomicU8,
+}
+
+impl Held {
+    fn expires_at(&self) -> Timestamp {
+        Timestamp::from_second(self.expires_secs).unwrap_or(Timestamp::MAX)
+    }
+}
+
+/// The open reservations of a limiter, for expiry. A mutex around a map: taken once per
+/// reserve and once per end, never on the filter or record path.
+#[derive(Debug)]
+pub(crate) struct Registry {
+    open: Mutex<FxHashMap<Arc<str>, Arc<Held>>>,
+    /// The earliest expiry in `open` (`i64::MAX` when empty), written under the lock: a sweep
+    /// that finds nothing due costs one atomic load.
+    next_expiry: AtomicI64,
+    /// Random per open: ids stay unique across restarts of the same data dir.
+    prefix: String,
+    counter: AtomicU64,
+    /// Dropping it (with the limiter) stops the reaper thread.
+    reaper: OnceLock<Option<crossbeam_channel::Sender<()>>>,
+}
+
+impl Registry {
+    pub(crate) fn new() -> Registry {
+        let mut prefix = crate::durable::store::random_id();
+        prefix.truncate(16);
+        Registry {
+            open: Mutex::new(FxHashMap::default()),
+            next_expiry: AtomicI64::new(i64::MAX),
+            prefix,
+            counter: AtomicU64::new(0),
+            reaper: OnceLock::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, FxHashMap<Arc<str>, Arc<Held>>> {
+        // No multi-step updates under the lock: a poisoned map is still consistent.
+        self.open.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn insert(&self, held: Arc<Held>) {
+        let mut open = self.lock();
+        self.next_expiry
+            .fetch_min(held.expires_secs, Ordering::Relaxed);
+        open.insert(Arc::clone(&held.id), held);
+    }
+
+    fn remove(&self, id: &str) {
+        self.lock().remove(id);
+    }
+
+    /// Takes out every reservation due at `now_secs`.
+    fn due(&self, now_secs: i64) -> Vec<Arc<Held>> {
+        if self.next_expiry.load(Ordering::Relaxed) > now_secs {
+            return Vec::new();
+        }
+        let mut open = self.lock();
+        let mut out = Vec::new();
+        let mut next = i64::MAX;
+        open.retain(|_, h| {
+            if h.expires_secs <= now_secs {
+                out.push(Arc::clone(h));
+                false
+            } else {
+                next = next.min(h.expires_secs);
+                true
+            }
+        });
+        self.next_expiry.store(next, Ordering::Relaxed);
+        out
+    }
+
+    /// Number of open reservations.
+    pub(crate) fn len(&self) -> usize {
+        self.lock().len()
+    }
+}
+
+/// Money held for one call by [`Limiter::reserve`]: end it with [`Reservation::commit`] (the
+/// call reached the provider) or [`Reservation::release`] (it did not). Dropped without
+/// either, or past `reservation_timeout`, it counts its estimate. It keeps the limiter open.
+#[must_use = "a reservation dropped without commit or release counts its estimate"]
+pub struct Reservation {
+    held: Arc<Held>,
+    limiter: Limiter,
+    deployment: usize,
+}
+
+impl Reservation {
+    /// Unique, opaque and URL-safe (`[0-9a-f-]`): how the sidecar names it.
+    pub fn id(&self) -> &str {
+        &self.held.id
+    }
+
+    /// Which candidate admitted it (the index in `reserve_any`'s list; 0 otherwise).
+    pub fn deployment_index(&self) -> usize {
+        self.deployment
+    }
+
+    /// The amount held in each budget.
+    pub fn estimate(&self) -> Money {
+        self.held.estimate
+    }
+
+    /// When it expires (counts its estimate) unless committed or released before.
+    pub fn expires_at(&self) -> jiff::Timestamp {
+        self.held.expires_at()
+    }
+
+    /// The call reached the provider and cost `actual`: counts it in every budget the
+    /// reservation holds money in (in the window of admission; in full when above the
+    /// estimate), frees the estimate and returns once both are durable (one journal batch).
+    /// Soft limits fire as for a charge.
+    ///
+    /// # Errors
+    ///
+    /// [`ReserveError::Expired`] when it expired before (its estimate was counted, not
+    /// `actual`); [`ReserveError::Record`] when the limiter is shut down or the journal could
+    /// not make it durable (see there).
+    pub fn commit(self, actual: Money) -> Result<(), ReserveError> {
+        self.end(Some(actual))
+    }
+
+    /// The call never reached the provider: frees the estimate, counts nothing, and returns
+    /// once the end of the reservation is durable.
+    ///
+    /// # Errors
+    ///
+    /// As [`Reservation::commit`].
+    pub fn release(self) -> Result<(), ReserveError> {
+        self.end(None)
+    }
+
+    /// [`Reservation::commit`] for async code: awaits the fsync without blocking a worker.
+    ///
+    /// # Errors
+    ///
+    /// As [`Reservation::commit`].
+    pub async fn commit_async(self, actual: Money) -> Result<(), ReserveError> {
+        self.end_async(Some(actual)).await
+    }
+
+    /// [`Reservation::release`] for async code.
+    ///
+    /// # Errors
+    ///
+    /// As [`Reservation::commit`].
+    pub async fn release_async(self) -> Result<(), ReserveError> {
+        self.end_async(None).await
+    }
+
+    fn end(&self, actual: Option<Money>) -> Result<(), ReserveError> {
+        self.begin_end(actual)?;
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        if self
+            .limiter
+            .settle(&self.held, actual, Some(Ack::Blocking(tx)))?
+        {
+            rx.recv()
+                .map_err(|_| self.limiter.gone())?
+                .map_err(RecordError::Storage)?;
+        }
+        Ok(())
+    }
+
+    async fn end_async(&self, actual: Option<Money>) -> Result<(), ReserveError> {
+        self.begin_end(actual)?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self
+            .limiter
+            .settle(&self.held, actual, Some(Ack::Async(tx)))?
+        {
+            rx.await
+                .map_err(|_| self.limiter.gone())?
+                .map_err(RecordError::Storage)?;
+        }
+        Ok(())
+    }
+
+    /// Takes the right to end the reservation (it may have expired first).
+    fn begin_end(&self, actual: Option<Money>) -> Result<(), ReserveError> {
+        let now = floor_secs(self.limiter.now());
+        if now >= self.held.expires_secs {
+            self.limiter.expire(&self.held);
+        }
+        if self
+            .held
+            .state
+            .compare_exchange(OPEN, DONE, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return Err(ReserveError::Expired {
+                id: self.held.id.to_string(),
+                expired_at: self.held.expires_at(),
+                estimate: self.held.estimate,
+            });
+        }
+        let outcome = if actual.is_some() {
+            "committed"
+        } else {
+            "released"
+        };
+        metrics::counter!("provider_budgets_reservations_ended_total", "outcome" => outcome)
+            .increment(1);
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for Reservation {
+    /// The reservation, not the limiter it holds.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reservation")
+            .field("id", &self.held.id)
+            .field("deployment_index", &self.deployment)
+            .field("estimate", &self.held.estimate)
+            .field("budgets", &self.held.items.len())
+            .field("expires_at", &self.held.expires_at())
+            .finish()
+    }
+}
+
+impl Drop for Reservation {
+    /// Neither committed nor released (a panic, a cancelled task): counts the estimate, since
+    /// the call may have reached the provider. Not awaited: the journal makes it durable
+    /// within `storage.max_delay`.
+    fn drop(&mut self) {
+        if self
+            .held
+            .state
+            .compare_exchange(OPEN, DONE, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            metrics::counter!("provider_budgets_reservations_ended_total", "outcome" => "dropped")
+                .increment(1);
+            let _ = self
+                .limiter
+                .settle(&self.held, Some(self.held.estimate), None);
+        }
+    }
+}
+
+impl Limiter {
+    /// Holds `estimate` in every budget that applies to the deployment (those
+    /// [`Limiter::charge`] counts against) if each has room for it
+    /// (`spend + reserved + estimate <= limit`), atomically: concurrent reservations never
+    /// share the last dollar. Returns once the reservation is durable (a crash counts its
+    /// estimate). See the module doc of `reserve` (README "Reservations") for the semantics.
+    ///
+    /// # Errors
+    ///
+    /// [`ReserveError::Denied`] when a budget has no room (nothing is held),
+    /// [`ReserveError::Record`] when the limiter is shut down or the journal failed.
+    pub fn reserve<D: Deployment + ?Sized>(
+        &self,
+        deployment: &D,
+        estimate: Money,
+    ) -> Result<Reservation, ReserveError> {
+        self.reserve_tagged(deployment, NO_TAGS, estimate)
+    }
+
+    /// [`Limiter::reserve`] for a request carrying `tags` (their tag budgets hold the
+    /// estimate too).
+    ///
+    /// # Errors
+    ///
+    /// As [`Limiter::reserve`].
+    pub fn reserve_tagged<D: Deployment + ?Sized, T: AsRef<str>>(
+        &self,
+        deployment: &D,
+        tags: &[T],
+        estimate: Money,
+    ) -> Result<Reservation, ReserveError> {
+        let (index, items, now) = self.hold(std::iter::once(deployment), tags, estimate)?;
+        self.open_reservation(index, items, now, estimate)
+    }
+
+    /// [`Limiter::reserve_any`] for async code: awaits the fsync without blocking a worker
+    /// (admission itself happens before the first await).
+    ///
+    /// # Errors
+    ///
+    /// As [`Limiter::reserve_any`].
+    pub async fn reserve_any_async<D: Deployment, T: AsRef<str>>(
+        &self,
+        deployments: &[D],
+        tags: &[T],
+        estimate: Money,
+    ) -> Result<Reservation, ReserveError> {
+        let (index, items, now) = self.hold_async(deployments.iter(), tags, estimate).await?;
+        let (reservation, record) = self.register(index, items, now, estimate);
+        let result = match record {
+            None => Ok(()),
+            Some(record) => {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                match self.inner.journal.send(record(Ack::Async(tx))) {
+                    Ok(()) => match rx.await {
+                        Ok(r) => r.map_err(RecordError::Storage),
+                        Err(_) => Err(self.gone()),
+                    },
+                    Err(_) => Err(self.gone()),
+                }
+            }
+        };
+        self.opened(reservation, result)
+    }
+
+    /// Reserves for the first candidate, in order, whose budgets all admit `estimate`
+    /// ([`Reservation::deployment_index`] says which).
+    ///
+    /// ```
+    /// use provider_budgets::{Config, Limiter, Money, ReserveError, NO_TAGS};
+    ///
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let dir = tempfile::tempdir()?;
+    /// let yaml = "provider_budget_config:\n  openai: {budget_limit: 1, time_period: 1d}\n";
+    /// let limiter = Limiter::open(Config::from_yaml_str(yaml)?.data_dir(dir.path()))?;
+    /// let deployments = ["gpt-4o", "claude-3-5-sonnet"];
+    ///
+    /// let r = limiter.reserve_any(&deployments, NO_TAGS, "0.75".parse()?)?;
+    /// assert_eq!(r.deployment_index(), 0); // openai has room for 0.75
+    /// // 0.75 held: a second call does not fit in openai's dollar, anthropic has no budget.
+    /// let other = limiter.reserve_any(&deployments, NO_TAGS, "0.5".parse()?)?;
+    /// assert_eq!(other.deployment_index(), 1);
+    /// other.release()?;
+    /// r.commit("0.6".parse()?)?; // the call cost 0.6: counted, the rest of 0.75 freed
+    /// assert_eq!(limiter.status()[0].spend, "0.6".parse::<Money>()?);
+    /// assert!(matches!(
+    ///     limiter.reserve("gpt-4o", "0.5".parse()?),
+    ///     Err(ReserveError::Denied(_))
+    /// ));
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`ReserveError::NoCandidates`] for an empty list, [`ReserveError::Denied`] when no
+    /// candidate has room (every refusing budget listed once), and as [`Limiter::reserve`].
+    pub fn reserve_any<D: Deployment, T: AsRef<str>>(
+        &self,
+        deployments: &[D],
+        tags: &[T],
+        estimate: Money,
+    ) -> Result<Reservation, ReserveError> {
+        let (index, items, now) = self.hold(deployments.iter(), tags, estimate)?;
+        self.open_reservation(index, items, now, estimate)
+    }
+
+    /// Number of reservations open on this node.
+    pub fn open_reservations(&self) -> usize {
+        self.inner.reservations.len()
+    }
+
+    /// Admission in the view: the first candidate whose budgets all take the estimate.
+    ///
+    /// Strict budgets (issue 12): when a candidate was refused by this node's grant alone
+    /// (`Refused::Grant`: the fleet may have more to give), the replicator is woken for one
+    /// out-of-cycle grant round, the call waits for it up to `redis.grant_wait` and tries
+    /// once more. Only that case waits: a budget spent fleet-wide is refused at once.
+    fn hold<'d, D: Deployment + ?Sized + 'd, T: AsRef<str>>(
+        &self,
+        candidates: impl Iterator<Item = &'d D> + Clone,
+        tags: &[T],
+        estimate: Money,
+    ) -> Result<Admitted, ReserveError> {
+        let mut starved = None;
+        let held = self.hold_once(candidates.clone(), tags, estimate, &mut starved);
+        let held = match starved_by_grant(&held, starved) {
+            Some(b) if self.wait_for_grant(b, estimate) => {
+                self.hold_once(candidates, tags, estimate, &mut None)
+            }
+            _ => held,
+        };
+        count_denied(held)
+    }
+
+    /// [`Limiter::hold`] for async code: the grant wait is awaited, never blocking.
+    async fn hold_async<'d, D: Deployment + ?Sized + 'd, T: AsRef<str>>(
+        &self,
+        candidates: impl Iterator<Item = &'d D> + Clone,
+        tags: &[T],
+        estimate: Money,
+    ) -> Result<Admitted, ReserveError> {
+        let mut starved = None;
+        let held = self.hold_once(candidates.clone(), tags, estimate, &mut starved);
+        let held = match starved_by_grant(&held, starved) {
+            Some(b) if self.wait_for_grant_async(b, estimate).await => {
+                self.hold_once(candidates, tags, estimate, &mut None)
+            }
+            _ => held,
+        };
+        count_denied(held)
+    }
+
+    /// One admission attempt; `starved` gets the first budget refused by its grant alone.
+    fn hold_once<'d, D: Deployment + ?Sized + 'd, T: AsRef<str>>(
+        &self,
+        candidates: impl Iterator<Item = &'d D>,
+        tags: &[T],
+        estimate: Money,
+        starved: &mut Option<u32>,
+    ) -> Result<Admitted, ReserveError> {
+        let inner: &Inner = &self.inner;
+        if inner.closed.load(Ordering::Acquire) {
+            return Err(RecordError::Closed.into());
+        }
+        let secs = floor_secs(inner.clock.now());
+        self.reap_at(secs);
+        let resolver = inner.resolver.load();
+        let cache = resolver.cache();
+        let mut denied = NoDeployments {
+            exceeded: Vec::new(),
+            unknown: Vec::new(),
+        };
+        let mut seen: Vec<u32> = Vec::new();
+        let mut any = false;
+        for (i, d) in candidates.enumerate() {
+            any = true;
+            let r = resolver.resolve_in(&cache, d);
+            if r.unknown {
+                metrics::counter!("provider_budgets_unknown_provider_total").increment(1);
+                if resolver.deny_unknown {
+                    denied.unknown.push(d.model().to_owned());
+                    continue;
+                }
+            }
+            let mut taken: Vec<(u32, Window)> = Vec::new();
+            let mut refused = None;
+            for b in charge_slots(&resolver, &r, tags) {
+                if inner.view.blocks_quietly(b, secs) {
+                    // Spent (as `filter` sees it): even a zero estimate is refused.
+                    let window = inner.view.schedule(b).window_at_secs(secs);
+                    refused = Some((b, Refused::Limit(window)));
+                    break;
+                }
+                match inner.view.try_reserve(b, secs, estimate) {
+                    Ok(w) => taken.push((b, w)),
+                    Err(why) => {
+                        refused = Some((b, why));
+                        break;
+                    }
+                }
+            }
+            let Some((b, why)) = refused else {
+                return Ok((i, taken, secs));
+            };
+            for &(b, w) in &taken {
+                inner.view.unreserve(b, w, estimate);
+            }
+            if matches!(why, Refused::Grant(_)) && starved.is_none() {
+                *starved = Some(b);
+            }
+            if !seen.contains(&b) {
+                seen.push(b);
+                denied.exceeded.push(self.refusal(b, why, secs, estimate));
+            }
+        }
+        if !any {
+            return Err(ReserveError::NoCandidates);
+        }
+        Err(ReserveError::Denied(denied))
+    }
+
+    /// The [`Exceeded`] entry of a refusing budget (see the module doc for `spend`).
+    #[cold]
+    fn refusal(&self, budget: u32, why: Refused, secs: i64, estimate: Money) -> Exceeded {
+        let inner = &self.inner;
+        let (key, period) = inner.keys.get(budget);
+        let (scope, name) = parse_key_name(&key);
+        let t = inner.view.totals_at(budget, secs);
+        let (window, spend, limit) = match why {
+            Refused::Limit(w) => (
+                w,
+                t.total()
+                    .saturating_add(t.reserved)
+                    .saturating_add(estimate),
+                inner.view.limit(budget),
+            ),
+            Refused::Grant(w) => (
+                w,
+                t.own.saturating_add(t.reserved).saturating_add(estimate),
+                t.grant,
+            ),
+        };
+        Exceeded {
+            provider: key.clone(),
+            scope,
+            name: name.to_owned(),
+            period,
+            spend,
+            limit,
+            resets_at: window.end(),
+        }
+    }
+
+    /// Registers and journals an admitted reservation; waits until it is durable.
+    fn open_reservation(
+        &self,
+        index: usize,
+        items: Vec<(u32, Window)>,
+        now_secs: i64,
+        estimate: Money,
+    ) -> Result<Reservation, ReserveError> {
+        let (reservation, record) = self.register(index, items, now_secs, estimate);
+        let result = match record {
+            None => Ok(()),
+            Some(record) => {
+                let (tx, rx) = crossbeam_channel::bounded(1);
+                match self.inner.journal.send(record(Ack::Blocking(tx))) {
+                    Ok(()) => match rx.recv() {
+                        Ok(r) => r.map_err(RecordError::Storage),
+                        Err(_) => Err(self.gone()),
+                    },
+                    Err(_) => Err(self.gone()),
+                }
+            }
+        };
+        self.opened(reservation, result)
+    }
+
+    /// Makes the [`Reservation`] of an admission and registers it (for expiry); returns the
+    /// journal event that opens it, given its acknowledgement (`None`: no budget applies,
+    /// nothing to journal).
+    fn register(
+        &self,
+        index: usize,
+        items: Vec<(u32, Window)>,
+        now_secs: i64,
+        estimate: Money,
+    ) -> (Reservation, Option<impl FnOnce(Ack) -> Event>) {
+        let inner = &*self.inner;
+        let timeout = inner.config.load().reservation_timeout;
+        let lifetime = timeout.as_secs() + u64::from(timeout.subsec_nanos() > 0);
+        let expires_secs = now_secs
+            .saturating_add(1)
+            .saturating_add(i64::try_from(lifetime).unwrap_or(i64::MAX));
+        let n = inner.reservations.counter.fetch_add(1, Ordering::Relaxed);
+        let id: Arc<str> = format!("{}-{n:x}", inner.reservations.prefix).into();
+        let held = Arc::new(Held {
+            id: Arc::clone(&id),
+            items: items.into(),
+            estimate,
+            expires_secs,
+            state: AtomicU8::new(OPEN),
+        });
+        let reservation = Reservation {
+            held: Arc::clone(&held),
+            limiter: self.clone(),
+            deployment: index,
+        };
+        self.start_reaper();
+        inner.reservations.insert(Arc::clone(&held));
+        if held.items.is_empty() {
+            // No budget applies: nothing held, nothing to count after a crash.
+            return (reservation, None);
+        }
+        let value = ReservationValue {
+            estimate: estimate.as_nanos(),
+            expires: expires_secs,
+            windows: held
+                .items
+                .iter()
+                .map(|&(b, w)| {
+                    let (provider, period) = inner.keys.get(b);
+                    (provider, period, w.start_secs(), w.end_secs())
+                })
+                .collect(),
+        };
+        let record = move |ack| Event::Reserve {
+            id,
+            value: Box::new(value),
+            ack,
+        };
+        (reservation, Some(record))
+    }
+
+    /// The reservation once its journaling answered: on failure the money is given back
+    /// (and the record dropped, should the journal write it later): the caller must not make
+    /// the call.
+    fn opened(
+        &self,
+        reservation: Reservation,
+        result: Result<(), RecordError>,
+    ) -> Result<Reservation, ReserveError> {
+        if let Err(e) = result {
+            let held = &reservation.held;
+            if held
+                .state
+                .compare_exchange(OPEN, DONE, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                let _ = self.settle(held, None, None);
+            }
+            return Err(e.into());
+        }
+        metrics::counter!("provider_budgets_reservations_total").increment(1);
+        Ok(reservation)
+    }
+
+    /// Ends a reservation whose state this caller moved from `OPEN`: counts `actual` (or frees
+    /// the money for `None`) in each window, forgets it, and journals the end (and the spend)
+    /// in one event carrying `ack`. Returns whether `ack` will be answered (not when no budget
+    /// applies: nothing to journal). Without `ack`, a journal that is gone is not an error: the
+    /// record stays on disk and the next open counts its estimate.
+    fn settle(
+        &self,
+        held: &Held,
+        actual: Option<Money>,
+        ack: Option<Ack>,
+    ) -> Result<bool, RecordError> {
+        let inner = &*self.inner;
+        for &(b, w) in held.items.iter() {
+            match actual {
+                Some(actual) => {
+                    if let Some(c) = inner.view.settle(b, w, held.estimate, actual) {
+                        self.fire(b, c);
+                    }
+                }
+                None => inner.view.unreserve(b, w, held.estimate),
+            }
+        }
+        inner.reservations.remove(&held.id);
+        if held.items.is_empty() {
+            return Ok(false);
+        }
+        let waits = ack.is_some();
+        let sent = inner.journal.send(Event::Finish {
+            id: Arc::clone(&held.id),
+            items: Arc::clone(&held.items),
+            amount: actual.map_or(0, Money::as_nanos),
+            ack,
+        });
+        match sent {
+            Ok(()) => Ok(waits),
+            Err(_) if waits => Err(self.gone()),
+            Err(_) => Ok(false),
+        }
+    }
+
+    /// Expires one reservation if it is still open: counts its estimate.
+    fn expire(&self, held: &Held) {
+        if held
+            .state
+            .compare_exchange(OPEN, EXPIRED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            metrics::counter!("provider_budgets_reservations_ended_total", "outcome" => "expired")
+                .increment(1);
+            tracing::debug!(id = %held.id, estimate = %held.estimate, "reservation expired; its estimate is counted");
+            let _ = self.settle(held, Some(held.estimate), None);
+        }
+    }
+
+    /// Expires every reservation past its timeout now.
+    pub(crate) fn reap(&self) {
+        self.reap_at(floor_secs(self.inner.clock.now()));
+    }
+
+    fn reap_at(&self, now_secs: i64) {
+        for held in self.inner.reservations.due(now_secs) {
+            self.expire(&held);
+        }
+    }
+
+    /// Starts the reaper thread once (with the first reservation). It holds a weak handle:
+    /// it never keeps the limiter alive, and it ends when the limiter is dropped.
+    fn start_reaper(&self) {
+        self.inner.reservations.reaper.get_or_init(|| {
+            let (tx, rx) = crossbeam_channel::bounded::<()>(0);
+            let weak: Weak<Inner> = Arc::downgrade(&self.inner);
+            let spawned = std::thread::Builder::new()
+                .name("provider-budgets-reaper".into())
+                .spawn(move || loop {
+                    match rx.recv_timeout(REAP_TICK) {
+                        Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                            let Some(inner) = weak.upgrade() else { return };
+                            if !inner.closed.load(Ordering::Acquire) {
+                                Limiter { inner }.reap();
+                            }
+                        }
+                        _ => return,
+                    }
+                });
+            match spawned {
+                Ok(_) => Some(tx),
+                Err(e) => {
+                    // Expiry still runs on every reserve and `maintain`.
+                    tracing::warn!(error = %e, "cannot start the reservation reaper thread");
+                    None
+                }
+            }
+        });
+    }
+}
+
+/// The strict budget whose grant alone refused `held`, when that is why it was denied (then a
+/// grant round may help: one retry after it).
+fn starved_by_grant(held: &Result<Admitted, ReserveError>, starved: Option<u32>) -> Option<u32> {
+    starved.filter(|_| matches!(held, Err(ReserveError::Denied(_))))
+}
+
+/// Counts a denial in the metrics; returns `held` unchanged.
+fn count_denied(held: Result<Admitted, ReserveError>) -> Result<Admitted, ReserveError> {
+    if matches!(held, Err(ReserveError::Denied(_))) {
+        metrics::counter!("provider_budgets_no_deployments_total").increment(1);
+        metrics::counter!("provider_budgets_reservations_denied_total").increment(1);
+    }
+    held
+}

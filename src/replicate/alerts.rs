@@ -1,0 +1,288 @@
+//! Soft-limit alerts once per fleet: with Redis configured, a node that sees a soft limit
+//! crossed claims it with `SET key node NX PXAT window_end+grace` before firing; only the node
+//! whose `SET` succeeds fires (callback, metric, `tracing` event). Without Redis every node
+//! fires once per window per threshold on its own.
+//!
+//! The claim runs on one background thread fed by a bounded channel, so the charging thread
+//! never waits for Redis: the callback runs on that thread. Its own connection (not the
+//! replicator's), opened lazily with `redis.connect_timeout`, each command bounded by
+//! `redis.command_timeout`. When Redis cannot answer, the node fires anyway (an alert may then
+//! come from more than one node, but is never lost) and logs the failure once per outage.
+//!
+//! Key: `{prefix}:{key name:period part}:alert:{window start}:{threshold in millionths}`: the
+//! budget's Redis Cluster hash tag, next to its window and lease keys, never equal to one.
+//!
+//! On a Redis Cluster the claim goes to the master of its slot: a `MOVED` reply names it (the
+//! claim is sent there, with the first URL's settings, and later claims of that slot go there
+//! directly), an `ASK` reply is followed once with `ASKING`. Without this every claim would
+//! fail with `MOVED` on the first URL's node and fire locally on every node.
+
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use redis::{ErrorKind, RedisError, ServerErrorKind};
+use rustc_hash::FxHashMap;
+
+use crate::config::RedisConfig;
+use crate::model::budget::{SoftLimitCrossed, SoftLimitHandler};
+
+/// Claims waiting for the alert thread before new ones fire locally instead.
+const QUEUE: usize = 4096;
+
+/// The handler shared by the limiter and the alert thread.
+pub(crate) type SharedHandler = Arc<Mutex<Option<SoftLimitHandler>>>;
+
+/// Delivers a crossed soft limit (the limiter's own delivery).
+fn deliver(handler: &SharedHandler, key: &str, e: &SoftLimitCrossed) {
+    crate::model::budget::deliver_soft_limit(handler, key, e);
+}
+
+/// The alert key of a crossing.
+pub(crate) fn alert_key(prefix: &str, key: &str, e: &SoftLimitCrossed) -> String {
+    let ppm = (e.soft_limit.fraction() * 1e6).round() as u64;
+    format!(
+        "{prefix}:{{{key}:{}}}:alert:{}:{ppm}",
+        e.period,
+        e.window.start_secs()
+    )
+}
+
+struct Claim {
+    key: String,
+    budget_key: String,
+    expire_at_ms: i64,
+    event: SoftLimitCrossed,
+}
+
+/// The fleet-wide claimer (one thread).
+#[derive(Debug)]
+pub(crate) struct FleetAlerts {
+    tx: Option<Sender<Claim>>,
+    thread: Option<JoinHandle<()>>,
+    prefix: String,
+    grace: Duration,
+    handler: SharedHandler,
+}
+
+impl std::fmt::Debug for Claim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.key)
+    }
+}
+
+impl FleetAlerts {
+    pub fn start(
+        redis: &RedisConfig,
+        node_id: String,
+        handler: SharedHandler,
+    ) -> std::io::Result<FleetAlerts> {
+        let (tx, rx) = crossbeam_channel::bounded(QUEUE);
+        let worker = Worker {
+            url: redis.url.clone(),
+            tls: redis.tls.clone(),
+            connect_timeout: redis.connect_timeout,
+            command_timeout: redis.command_timeout,
+            node_id,
+            handler: Arc::clone(&handler),
+            conn: None,
+            redirected: FxHashMap::default(),
+            routes: FxHashMap::default(),
+            down: false,
+        };
+        let thread = std::thread::Builder::new()
+            .name("provider-budgets-alerts".into())
+            .spawn(move || worker.run(rx))?;
+        Ok(FleetAlerts {
+            tx: Some(tx),
+            thread: Some(thread),
+            prefix: redis.prefix.clone(),
+            grace: redis.grace,
+            handler,
+        })
+    }
+
+    /// Claims the crossing for this node (in the background) and fires it if the claim wins.
+    pub fn claim(&self, budget_key: &str, event: SoftLimitCrossed) {
+        // The window's end (or now, for a charge in a past window) plus grace: a claim must
+        // outlive the moment other nodes may still see the same crossing.
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 2));
+        let expire_at_ms = event
+            .window
+            .end_secs()
+            .saturating_mul(1000)
+            .max(now_ms)
+            .saturating_add(i64::try_from(self.grace.as_millis()).unwrap_or(i64::MAX / 2));
+        let claim = Claim {
+            key: alert_key(&self.prefix, budget_key, &event),
+            budget_key: budget_key.to_owned(),
+            expire_at_ms,
+            event,
+        };
+        let Some(tx) = &self.tx else { return };
+        match tx.try_send(claim) {
+            Ok(()) => {}
+            Err(TrySendError::Full(c) | TrySendError::Disconnected(c)) => {
+                // Never lose an alert: fire here rather than drop it.
+                deliver(&self.handler, &c.budget_key, &c.event);
+            }
+        }
+    }
+}
+
+impl Drop for FleetAlerts {
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+struct Worker {
+    url: String,
+    /// The replicator's TLS settings (private CA, test-only skip-verify) for `rediss://`.
+    tls: crate::config::RedisTls,
+    connect_timeout: Duration,
+    command_timeout: Duration,
+    node_id: String,
+    handler: SharedHandler,
+    conn: Option<redis::Connection>,
+    /// Redis Cluster: connections to the masters that redirects named (`host:port`).
+    redirected: FxHashMap<String, redis::Connection>,
+    /// Redis Cluster: slot → the master a `MOVED` reply named for it.
+    routes: FxHashMap<u16, String>,
+    /// Logged once per outage.
+    down: bool,
+}
+
+impl Worker {
+    fn run(mut self, rx: Receiver<Claim>) {
+        for claim in rx {
+            match self.set_nx(&claim) {
+                Ok(true) => {
+                    self.up();
+                    deliver(&self.handler, &claim.budget_key, &claim.event);
+                }
+                Ok(false) => {
+                    self.up();
+                    metrics::counter!("provider_budgets_soft_limit_claimed_elsewhere_total")
+                        .increment(1);
+                }
+                Err(e) => {
+                    self.conn = None;
+                    self.redirected.clear();
+                    self.routes.clear();
+                    if !self.down {
+                        self.down = true;
+                        tracing::warn!(
+                            error = %crate::model::text::redact_urls(&e.to_string()),
+                            "soft-limit claim in Redis failed; firing on this node (an alert may come from several nodes until Redis answers)"
+                        );
+                    }
+                    deliver(&self.handler, &claim.budget_key, &claim.event);
+                }
+            }
+        }
+    }
+
+    fn up(&mut self) {
+        if self.down {
+            self.down = false;
+            tracing::info!("soft-limit claims in Redis work again");
+        }
+    }
+
+    /// `SET key node NX PXAT …` on the node serving the key (following cluster redirects).
+    fn set_nx(&mut self, claim: &Claim) -> redis::RedisResult<bool> {
+        let slot = crate::replicate::cluster::key_slot(&claim.key);
+        let mut target = self.routes.get(&slot).cloned();
+        let mut asking = false;
+        // The routed (or first) node, then at most two redirects (a resharding in between).
+        for _ in 0..3 {
+            let node_id = self.node_id.clone();
+            let conn = self.connection(target.as_deref())?;
+            if asking {
+                redis::cmd("ASKING").query::<()>(conn)?;
+            }
+            let reply: redis::RedisResult<Option<String>> = redis::cmd("SET")
+                .arg(&claim.key)
+                .arg(&node_id)
+                .arg("NX")
+                .arg("PXAT")
+                .arg(claim.expire_at_ms.max(1))
+                .query(conn);
+            let e = match reply {
+                Ok(reply) => return Ok(reply.is_some()),
+                Err(e) => e,
+            };
+            let Some((addr, _)) = e.redirect_node() else {
+                return Err(e);
+            };
+            let addr = addr.to_owned();
+            asking = e.kind() == ErrorKind::Server(ServerErrorKind::Ask);
+            if !asking {
+                self.routes.insert(slot, addr.clone());
+            }
+            target = Some(addr);
+        }
+        Err(RedisError::from((
+            ErrorKind::Server(ServerErrorKind::Moved),
+            "too many cluster redirects for a soft-limit claim",
+            claim.key.clone(),
+        )))
+    }
+
+    /// The connection to `target` (`host:port` named by a redirect), or to the first URL.
+    fn connection(&mut self, target: Option<&str>) -> redis::RedisResult<&mut redis::Connection> {
+        let (connect, command) = (self.connect_timeout, self.command_timeout);
+        let missing = || RedisError::from((ErrorKind::InvalidClientConfig, "no redis connection"));
+        match target {
+            None => {
+                if self.conn.is_none() {
+                    let client = crate::replicate::client(&self.url, &self.tls)?;
+                    self.conn = Some(open_with(&client, connect, command)?);
+                }
+                self.conn.as_mut().ok_or_else(missing)
+            }
+            Some(addr) => {
+                if !self.redirected.contains_key(addr) {
+                    let conn = open_with(&self.client_at(addr)?, connect, command)?;
+                    self.redirected.insert(addr.to_owned(), conn);
+                }
+                self.redirected.get_mut(addr).ok_or_else(missing)
+            }
+        }
+    }
+
+    /// A client for a cluster master: the first URL's settings (password, database, TLS),
+    /// another address.
+    fn client_at(&self, addr: &str) -> redis::RedisResult<redis::Client> {
+        let bad = || {
+            RedisError::from((
+                ErrorKind::InvalidClientConfig,
+                "unusable redirect address",
+                addr.to_owned(),
+            ))
+        };
+        let (host, port) = addr.rsplit_once(':').ok_or_else(bad)?;
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        let seed = crate::replicate::client(&self.url, &self.tls)?;
+        crate::replicate::client_moved(&seed, host, port)
+    }
+}
+
+/// A connection whose connect, reads and writes are bounded by the configured timeouts.
+fn open_with(
+    client: &redis::Client,
+    connect_timeout: Duration,
+    command_timeout: Duration,
+) -> redis::RedisResult<redis::Connection> {
+    let conn = client.get_connection_with_timeout(connect_timeout)?;
+    conn.set_read_timeout(Some(command_timeout))?;
+    conn.set_write_timeout(Some(command_timeout))?;
+    Ok(conn)
+}
