@@ -1,9 +1,8 @@
 //! Child processes driven over pipes by the crash tests: spawned with stdin and stdout piped
 //! (stderr discarded), fed line by line, then SIGKILLed.
 //!
-//! Include it with `#[path = "support/child.rs"] mod child;`.
+//! Use it as `provider_budgets_test_support::child`.
 
-#![allow(dead_code)]
 
 use std::io::BufReader;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};

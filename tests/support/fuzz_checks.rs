@@ -1,6 +1,6 @@
 //! What the fuzz targets check (the library of the `fuzz/` crate), shared with
-//! `tests/fuzz_corpus.rs` (which includes this file with `#[path]`), so that the committed corpus is replayed by plain `cargo test` through
-//! exactly the code the fuzzers run. Only `std`, `jiff` and `provider_budgets` are used here:
+//! `tests/model/fuzz_corpus.rs` (through this crate's module `fuzz_checks`), so that the
+//! committed corpus is replayed by plain `cargo test` through exactly the code the fuzzers run. Only `std`, `jiff` and `provider_budgets` are used here:
 //! the library's test build has no `arbitrary` or `libfuzzer-sys`.
 //!
 //! Every function panics when a property is violated; a panic is what libFuzzer reports as a

@@ -1,8 +1,7 @@
 //! A throwaway `redis-server` for tests.
 //!
-//! Include it from an integration test with
-//! `#[path = "support/redis_server.rs"] mod redis_server;` or from a unit test with
-//! `#[path = "../../tests/support/redis_server.rs"] mod redis_server;`.
+//! Use it as `provider_budgets_test_support::redis_server` (a dev-dependency of every
+//! workspace crate).
 //!
 //! Each [`RedisServer`] is a real `redis-server` child process on its own free loopback port,
 //! in its own temporary directory, with persistence off (`--save "" --appendonly no`), so a
@@ -15,7 +14,6 @@
 //! it panics instead, so a CI runner without Redis fails loudly rather than skipping silently.
 //! The binary is `redis-server` from `PATH` unless `REDIS_SERVER_BIN` names another one.
 
-#![allow(dead_code)]
 
 use std::fmt;
 use std::fs::File;
@@ -41,8 +39,6 @@ pub struct RedisServer {
     /// Extra `redis-server` arguments (cluster mode, TLS); `{port}` and `{tls_port}` in them
     /// are replaced by the ports of the attempt.
     extra: Vec<String>,
-    /// Ports are chosen below this (a cluster node's bus port is its port + 10 000).
-    port_limit: u16,
     /// The TLS port, when TLS is on (0 otherwise).
     tls_port: u16,
 }
@@ -175,7 +171,6 @@ impl RedisServer {
             dir,
             bin,
             extra: extra.to_vec(),
-            port_limit,
             tls_port: 0,
         };
         let mut last_error = String::from("no attempt made");

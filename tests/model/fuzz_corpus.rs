@@ -11,7 +11,7 @@
 //!   parser or a stale corpus fails here instead of silently fuzzing nothing useful;
 //! * the committed stored-value seed is byte for byte what the store writes today, so the
 //!   `value_decode` fuzzer starts from the real on-disk format. After a deliberate format
-//!   change, regenerate it with `PROVIDER_BUDGETS_WRITE_SEEDS=1 cargo test --test fuzz_corpus`.
+//!   change, regenerate it with `PROVIDER_BUDGETS_WRITE_SEEDS=1 cargo test -p provider-budgets --test model fuzz_corpus`.
 //!
 //! It does not replace fuzzing (`cargo fuzz run -s none <target>`, see `.ci/run`); it makes
 //! the corpus a regression test.
@@ -308,7 +308,7 @@ fn value_seeds_are_what_the_store_writes() {
             committed,
             bytes,
             "{} differs from what the store writes now; if the format changed on purpose, \
-             regenerate with PROVIDER_BUDGETS_WRITE_SEEDS=1 cargo test --test fuzz_corpus",
+             regenerate with PROVIDER_BUDGETS_WRITE_SEEDS=1 cargo test -p provider-budgets --test model fuzz_corpus",
             path.display()
         );
     }

@@ -1,0 +1,9 @@
+//! The `provider-budgets` command line, run as a child process: every subcommand, config
+//! errors, time zones, litellm config forms.
+
+#![allow(clippy::unwrap_used)]
+
+mod commands;
+mod config_errors;
+mod litellm_scopes;
+mod zones;

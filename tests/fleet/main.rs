@@ -1,0 +1,11 @@
+//! The fleet through Redis: replication rounds and their faults, Redis Cluster, TLS,
+//! client-side tracking, soft limits once per fleet. Each test starts its own private
+//! `redis-server`s on free loopback ports (`provider_budgets_test_support::redis_server`).
+
+#![allow(clippy::unwrap_used)]
+
+mod cluster;
+mod replication;
+mod soft_fleet;
+mod tls;
+mod tracking;

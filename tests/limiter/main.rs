@@ -1,0 +1,10 @@
+//! The limiter on one node: money and windows through the API, filter and charge, scoped
+//! budgets, live reload, reservations, litellm's documented behaviour. No Redis.
+
+#![allow(clippy::unwrap_used)]
+
+mod basics;
+mod litellm_behaviour;
+mod reload;
+mod reserve;
+mod scopes;
