@@ -380,8 +380,13 @@ fn sigkill_with_reservations_open_counts_each_estimate_once() {
     let mut expected = Money::ZERO;
     for round in 0..2u64 {
         let mut cmd = Command::new(std::env::current_exe().unwrap());
-        cmd.args(["--exact", "reserve::crash_child", "--nocapture", "--test-threads=1"])
-            .env("RESERVE_CRASH_CHILD_DIR", dir.path());
+        cmd.args([
+            "--exact",
+            "reserve::crash_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("RESERVE_CRASH_CHILD_DIR", dir.path());
         let (mut child, mut stdin, mut acks) = spawn_piped(cmd);
         let mut step = |cmd: &str| {
             writeln!(stdin, "{cmd}").unwrap();

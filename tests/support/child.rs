@@ -3,7 +3,6 @@
 //!
 //! Use it as `provider_budgets_test_support::child`.
 
-
 use std::io::BufReader;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 

@@ -5,7 +5,6 @@
 //! Children run with `RUST_LOG` removed (the default `warn` level must keep normal runs quiet)
 //! and `RUST_BACKTRACE=1`, so that a panic would show a backtrace the assertions catch.
 
-
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

@@ -5,7 +5,6 @@
 //! a reset, like a dropped link); `heal` lets connections through again. `set_delay` holds
 //! every forwarded chunk that long, each way (a slow link: a round trip gains twice it).
 
-
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -14,7 +14,6 @@
 //! it panics instead, so a CI runner without Redis fails loudly rather than skipping silently.
 //! The binary is `redis-server` from `PATH` unless `REDIS_SERVER_BIN` names another one.
 
-
 use std::fmt;
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Write};

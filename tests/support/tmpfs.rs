@@ -4,7 +4,6 @@
 //! root): without it [`Tmpfs::mount`] returns `None` so a developer can run the rest of the
 //! suite, except when `CI` is set, where it panics: the test fails instead of skipping.
 
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 

@@ -59,16 +59,22 @@ pub(crate) fn parse_exact(s: &str) -> Result<Money, MoneyError> {
     if digits.is_empty() {
         return format!("{sign}0").parse(); // zero, whatever the exponent
     }
-    // Leading zeros were trimmed: the point sits `point` digits into `digits`.
-    let trimmed = int.len() + frac.len() - digits.len();
-    let point = i64::try_from(int.len()).unwrap_or(i64::MAX) - trimmed as i64 + exp;
-    if point > MAX_SHIFT {
-        return Err(MoneyError::TooLarge(t.to_owned()));
+    if !sign.is_empty() {
+        // A negative amount with a nonzero digit, however small or large its exponent.
+        return Err(MoneyError::Negative(t.to_owned()));
     }
-    if point < -MAX_SHIFT {
-        // Far below a nano-dollar: rounds to zero (a negative one is still refused).
-        return format!("{sign}0.{}", "0".repeat(MAX_SHIFT as usize)).parse();
-    }
+    // Leading zeros were trimmed: the point sits `point` digits into `digits`. Checked: an
+    // exponent near i64::MAX or i64::MIN must not wrap around (to zero, or to a small amount).
+    let trimmed = (int.len() + frac.len() - digits.len()) as i64;
+    let point = (int.len() as i64 - trimmed).checked_add(exp);
+    let point = match point {
+        Some(p) if p > MAX_SHIFT => return Err(MoneyError::TooLarge(t.to_owned())),
+        None if exp > 0 => return Err(MoneyError::TooLarge(t.to_owned())),
+        // Far below a nano-dollar: rounds to zero.
+        Some(p) if p < -MAX_SHIFT => return Ok(Money::ZERO),
+        None => return Ok(Money::ZERO),
+        Some(p) => p,
+    };
     let plain = if point <= 0 {
         format!(
             "{sign}0.{}{digits}",
@@ -136,6 +142,40 @@ mod tests {
             Err(MoneyError::Malformed(_))
         ));
         assert!(matches!(parse_exact("NaN"), Err(MoneyError::NotFinite(_))));
+    }
+
+    #[test]
+    fn extreme_exponents_are_refused_not_wrapped_to_zero() {
+        for huge in [
+            "1e9223372036854775807",
+            "1E+9223372036854775807",
+            "0.05e9223372036854775807",
+        ] {
+            assert!(
+                matches!(parse_exact(huge), Err(MoneyError::TooLarge(_))),
+                "{huge}"
+            );
+        }
+        for negative in [
+            "-1e9223372036854775807",
+            "-1e-9223372036854775808",
+            "-1e-400",
+            "-5e-10",
+        ] {
+            assert!(
+                matches!(parse_exact(negative), Err(MoneyError::Negative(_))),
+                "{negative}"
+            );
+        }
+        // Tiny positive amounts round to zero, also at i64::MIN (no overflow on the way).
+        assert_eq!(nanos("0.05e-9223372036854775808"), 0);
+        assert_eq!(nanos("1e-9223372036854775808"), 0);
+        assert_eq!(nanos("-0e9223372036854775807"), 0);
+        // An exponent beyond i64 is malformed, not zero.
+        assert!(matches!(
+            parse_exact("1e99999999999999999999"),
+            Err(MoneyError::Malformed(_))
+        ));
     }
 
     #[test]
