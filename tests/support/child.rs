@@ -1,7 +1,7 @@
 //! Child processes driven over pipes by the crash tests: spawned with stdin and stdout piped
 //! (stderr discarded), fed line by line, then SIGKILLed.
 //!
-//! Include it with `#[path = "support/child.rs"] mod child;`.
+//! Used as `provider_budgets_test_support::child`.
 
 #![allow(dead_code)]
 

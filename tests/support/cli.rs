@@ -1,6 +1,6 @@
 //! Runs the `provider-budgets` binary for integration tests.
 //!
-//! Include it with `#[path = "support/cli.rs"] mod cli;`. A [`Cli`] owns a temporary dir with a
+//! Used as `provider_budgets_test_support::cli`. A [`Cli`] owns a temporary dir with a
 //! config file and a data dir, and builds commands with `--config` and `--data-dir` set.
 //! Children run with `RUST_LOG` removed (the default `warn` level must keep normal runs quiet)
 //! and `RUST_BACKTRACE=1`, so that a panic would show a backtrace the assertions catch.

@@ -1,7 +1,8 @@
-//! What the fuzz targets check (the library of the `fuzz/` crate), shared with
-//! `tests/fuzz_corpus.rs` (which includes this file with `#[path]`), so that the committed corpus is replayed by plain `cargo test` through
-//! exactly the code the fuzzers run. Only `std`, `jiff` and `provider_budgets` are used here:
-//! the library's test build has no `arbitrary` or `libfuzzer-sys`.
+//! What the fuzz targets check (the library of the `fuzz/` crate, built from this file), shared
+//! with `tests/fuzz_corpus.rs` (as `provider_budgets_test_support::fuzz_checks`), so that the
+//! committed corpus is replayed by plain `cargo test` through exactly the code the fuzzers run.
+//! Only `std`, `jiff` and `provider_budgets` are used here: the library's test build has no
+//! `arbitrary` or `libfuzzer-sys`.
 //!
 //! Every function panics when a property is violated; a panic is what libFuzzer reports as a
 //! crash and what makes the corpus test fail.

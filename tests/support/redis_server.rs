@@ -1,8 +1,7 @@
 //! A throwaway `redis-server` for tests.
 //!
-//! Include it from an integration test with
-//! `#[path = "support/redis_server.rs"] mod redis_server;` or from a unit test with
-//! `#[path = "../../tests/support/redis_server.rs"] mod redis_server;`.
+//! Used as `provider_budgets_test_support::redis_server`, from integration tests and from the
+//! library's unit tests (the crate is a dev-dependency of both workspace crates).
 //!
 //! Each [`RedisServer`] is a real `redis-server` child process on its own free loopback port,
 //! in its own temporary directory, with persistence off (`--save "" --appendonly no`), so a

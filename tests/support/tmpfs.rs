@@ -1,6 +1,6 @@
 //! A small tmpfs mounted for one test (disk-full faults), unmounted on drop.
 //!
-//! Include it with `#[path = "support/tmpfs.rs"] mod tmpfs;`. Mounting needs root (CI runs as
+//! Used as `provider_budgets_test_support::tmpfs`. Mounting needs root (CI runs as
 //! root): without it [`Tmpfs::mount`] returns `None` so a developer can run the rest of the
 //! suite, except when `CI` is set, where it panics: the test fails instead of skipping.
 
