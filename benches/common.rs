@@ -1,5 +1,5 @@
 //! Shared by every scenario: fixtures, a thread pool for throughput runs, and the percentile
-//! pass (criterion reports means/medians of batches, the README also wants per-call p99).
+//! pass (criterion reports means/medians of batches, `docs/performance.md` also gives per-call p99).
 //!
 //! The percentile pass of a scenario runs once, the first time criterion calls that
 //! benchmark's closure (so criterion's name filter also selects it), times individual calls

@@ -7,8 +7,8 @@
 //! ```
 //!
 //! Criterion reports the time per operation (and records/s where a throughput is set); after
-//! the last group a table of per-call p50/p99 is printed (see `common`), because the README
-//! wants medians and p99 and criterion only measures batches.
+//! the last group a table of per-call p50/p99 is printed (see `common`), because `docs/performance.md`
+//! gives medians and p99 and criterion only measures batches.
 //!
 //! One module per scenario, each with `pub fn bench(c: &mut Criterion)`. To add a scenario,
 //! create `benches/NAME.rs`, declare it below (`mod NAME;`) and list `NAME::bench` in

@@ -15,7 +15,7 @@
 //! fraction of the limit, and the stranded headroom (limit − spend, when under) in % of the
 //! limit. Targets for strict: spend ≤ limit (estimates are exact here, so no estimate error)
 //! and stranded ≤ 5 % with Redis up. For reference, litellm's filter measured 2× (one
-//! instance) to 3× (two instances) of its limit (the README's "What the reference does").
+//! instance) to 3× (two instances) of its limit (`docs/design.md`, "The reference behaviour").
 //!
 //! `cargo run --release --example overshoot` (limit $100, sync every 200 ms); `-- --quick`
 //! ($20, what `.ci/run` runs: seconds).

@@ -1,19 +1,21 @@
 #!/usr/bin/env python3
-"""Focused bench of the merge script's dirty path (issue 11): Redis CPU per EVALSHA.
+"""Focused bench of the merge script's dirty path: Redis CPU per EVALSHA.
 
 Start a private server and run, e.g.:
 
     redis-server --port 7391 --save '' --appendonly no --daemonize yes
-    python3 scripts/merge_script_bench.py 7391 src/replicate/merge.lua 1 1000 10
-    python3 scripts/merge_script_bench.py 7391 src/replicate/merge.lua 100 1000 10 --renew 0
+    python3 scripts/merge_script_bench.py 7391 src/replicate/wire/merge.lua 1 1000 10
+    python3 scripts/merge_script_bench.py 7391 src/replicate/wire/merge.lua 100 1000 10 --renew 0
 
 Arguments: PORT SCRIPT N B ROUNDS. Fills B budget keys with N node fields (plus their
 `~owner:` fields and `~total`), our lease held, then sends ROUNDS x B `EVALSHA` calls where node
 `n0` raised its total by 1 (a dirty budget, one window), through `redis-cli --pipe`, and prints
 the `INFO cpu` delta per call (Redis's whole work: protocol, script, reply) and
 `usec_per_call` of `INFO commandstats`. `--base V`: the node totals start at V (digits
-matter for the arithmetic); `--renew 0|1`: pass the lease-renewal flag (`ARGV[8]`, the
-script since issue 11; omit it for the earlier script). FLUSHALLs the server.
+matter for the arithmetic); `--renew 0|1`: pass the lease-renewal flag (`ARGV[8]`; omit it
+for a script without that argument). FLUSHALLs the server.
+
+Figures: docs/performance.md ("The merge script alone").
 """
 import argparse
 import hashlib

@@ -30,7 +30,7 @@ const CONFIG: &str = "provider_budget_config:
   mistral: {budget_limit: 1000000000, time_period: 1d}
 ";
 
-/// The README's deployment list: 10 deployments over 6 providers (groq has no budget).
+/// The main job's deployment list (`examples/edge_router.rs`): 10 deployments over 6 providers (groq has no budget).
 const DEPLOYMENTS: &str = r#"{"deployments":[{"model":"gpt-4o","id":"d1"},{"model":"gpt-4o-mini","id":"d2"},{"model":"azure/gpt-4o","id":"d3"},{"model":"azure/gpt-4o-mini","id":"d4"},{"model":"claude-3-5-sonnet","id":"d5"},{"model":"claude-3-haiku","id":"d6"},{"model":"gemini/gemini-1.5-pro","id":"d7"},{"model":"mistral/mistral-large","id":"d8"},{"model":"groq/llama-3-70b","id":"d9"},{"model":"gpt-4.1","id":"d10"}]}"#;
 
 struct Server {

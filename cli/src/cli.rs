@@ -1,4 +1,4 @@
-//! The `provider-budgets` command line (feature `cli`); the binary only calls [`run`].
+//! The `provider-budgets` command line; the binary only calls [`run`].
 //!
 //! ```text
 //! provider-budgets --config FILE --data-dir DIR [--redis URL] [--node-id ID] [--now TIME] CMD

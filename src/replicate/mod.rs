@@ -18,7 +18,7 @@
 //! 4. if Redis holds a larger total for *our* field (same instance) than we do, this node's
 //!    disk lost data: adopt it (view and journal), so the node does not count that spend again.
 //!
-//! **Faults** (see the README's failure model):
+//! **Faults** (see `docs/guide/failure-model.md`):
 //!
 //! * Redis unreachable: rounds fail fast and reconnection backs off (up to [`MAX_BACKOFF`]);
 //!   nothing queues up — the next successful round ships the absolute totals. A warning is

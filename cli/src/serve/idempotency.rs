@@ -3,8 +3,8 @@
 //! Memory only, bounded two ways: a key is remembered for [`TTL`] after its first request
 //! (a client retries within seconds or minutes, not a day), and at most [`CAPACITY`] keys are
 //! kept (beyond that the oldest is forgotten first). A key is not persisted: after a restart
-//! of the sidecar a retry of a request acknowledged before the restart counts again (see the
-//! README, "HTTP sidecar").
+//! of the sidecar a retry of a request acknowledged before the restart counts again (see
+//! `docs/guide/sidecar.md`).
 //!
 //! Concurrent requests with the same key: the first runs, the others wait for its outcome and
 //! answer with it. A first attempt that counted nothing (expired `at`, shutting down) forgets

@@ -1,6 +1,6 @@
-//! `provider-budgets serve`: the HTTP sidecar (feature `serve`), axum on tokio.
+//! `provider-budgets serve`: the HTTP sidecar, axum on tokio.
 //!
-//! Routes (JSON; contract in the README, "HTTP sidecar"):
+//! Routes (JSON; contract in `docs/guide/sidecar.md`):
 //!
 //! * `POST /v1/filter`, `POST /v1/spend`, `GET /v1/budgets`, `GET /metrics`, `GET /healthz`,
 //!   `POST /v1/reload`, `POST /v1/reserve`, `POST /v1/commit`, `POST /v1/release`.

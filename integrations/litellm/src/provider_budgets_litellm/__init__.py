@@ -30,7 +30,7 @@ Decisions:
   is permanent (logged as an error naming provider and cost, not retried). At most
   ``max_pending`` posts are in flight; beyond that a post is dropped with an error line (memory
   stays bounded during a long outage). ``await plugin.flush()`` waits for the pending posts.
-* ``strict=True`` (reservations, issue 12): the filter reserves instead of filtering. It posts
+* ``strict=True`` (reservations): the filter reserves instead of filtering. It posts
   the candidates to ``POST /v1/reserve`` with an estimate of the call's cost, and returns the one
   deployment the sidecar admitted (the first in the Router's order whose budgets all have room
   for the estimate, held until the call ends), so no two concurrent calls share the last dollar.
