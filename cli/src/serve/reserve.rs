@@ -1,5 +1,5 @@
 //! `POST /v1/reserve`, `POST /v1/commit`, `POST /v1/release`: the library's reservations
-//! ([`crate::Reservation`]) over HTTP.
+//! ([`provider_budgets::Reservation`]) over HTTP.
 //!
 //! * The sidecar holds each open [`Reservation`] in a table under its id. At most
 //!   `--max-open-reservations` are open at once (checked before admission; concurrent
