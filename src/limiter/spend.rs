@@ -156,10 +156,18 @@ impl Handle<'_> {
 /// The spend is counted in memory and queued to the journal when the receipt exists.
 /// Dropping the receipt is the buffered form (durable within `storage.max_delay`);
 /// [`Receipt::wait`] blocks and `.await` waits until it is durable on disk.
-#[derive(Debug)]
 pub struct Receipt<'l> {
     budgets: usize,
     limiter: Handle<'l>,
+}
+
+impl fmt::Debug for Receipt<'_> {
+    /// The count, not the limiter it waits on.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Receipt")
+            .field("budgets", &self.budgets)
+            .finish_non_exhaustive()
+    }
 }
 
 impl<'l> Receipt<'l> {
