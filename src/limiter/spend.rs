@@ -23,11 +23,11 @@ use std::sync::atomic::Ordering;
 
 use crate::durable::journal::{Ack, AckResult, Event, Items, Journal};
 use crate::error::RecordError;
-use crate::limiter::{charge_slots, Limiter};
+use crate::limiter::{charge_slots, tag_slots, Limiter};
 use crate::model::budget::{parse_key_name, SoftLimitCrossed};
 use crate::model::clock::floor_secs;
 use crate::model::money::Money;
-use crate::resolve::{Deployment, Resolved};
+use crate::resolve::Deployment;
 
 /// What a spend is counted against.
 #[derive(Debug)]
@@ -360,26 +360,47 @@ impl Limiter {
         spend: Spend<'_, D, T>,
     ) -> Result<Receipt<'_>, RecordError> {
         let resolver = self.inner.resolver.load();
-        let cache = resolver.cache();
-        // A provider's budgets take the place of a deployment's (provider, model, id).
-        let (what, resolved) = match spend.against {
-            Against::Provider(p) => (
-                p,
-                Resolved::new(false, [resolver.provider_slots(p), &[], &[]]),
-            ),
-            Against::Deployment(d) => (d.model(), resolver.resolve_in(&cache, d)),
+        let (at, cost) = (spend.at, spend.cost);
+        let n = match spend.against {
+            // The hot path of a provider spend: its slots, no resolution, no iterator chain.
+            Against::Provider(p) if spend.tags.is_empty() => {
+                let own = resolver.provider_slots(p);
+                self.add_at(p, at, cost, || own.iter().copied())?
+            }
+            Against::Provider(p) => {
+                let own = resolver.provider_slots(p);
+                let tags = || tag_slots(&resolver, spend.tags);
+                self.add_at(p, at, cost, || own.iter().copied().chain(tags()))?
+            }
+            Against::Deployment(d) => {
+                let cache = resolver.cache();
+                let r = resolver.resolve_in(&cache, d);
+                let slots = || charge_slots(&resolver, &r, spend.tags);
+                self.add_at(d.model(), at, cost, slots)?
+            }
         };
-        let secs = match spend.at {
+        Ok(Receipt::new(self, n))
+    }
+
+    /// Adds `cost` to `slots()` in the windows of `at` (default now), after refusing an `at`
+    /// past retention (`what` names the spend in that error).
+    #[inline]
+    fn add_at<I: Iterator<Item = u32>>(
+        &self,
+        what: &str,
+        at: Option<Timestamp>,
+        cost: Money,
+        slots: impl Fn() -> I,
+    ) -> Result<usize, RecordError> {
+        let secs = match at {
             // "Now" is never past retention: no age check (a second clock read).
             None => self.inner.clock.now_secs(),
             Some(at) => {
-                self.check_age(what, at, charge_slots(&resolver, &resolved, spend.tags))?;
+                self.check_age(what, at, slots())?;
                 floor_secs(at)
             }
         };
-        let slots = charge_slots(&resolver, &resolved, spend.tags);
-        let n = self.add_slots(slots, spend.cost, secs)?;
-        Ok(Receipt::new(self, n))
+        self.add_slots(slots(), cost, secs)
     }
 
     /// Refuses a timestamp whose window is already past retention: the journal would delete
