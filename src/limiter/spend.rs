@@ -118,6 +118,23 @@ impl<'a, D: ?Sized, T> Spend<'a, D, T> {
     }
 }
 
+impl<D: ?Sized> Clone for Against<'_, D> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<D: ?Sized> Copy for Against<'_, D> {}
+
+impl<D: ?Sized, T> Clone for Spend<'_, D, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+/// A spend is a few references and numbers: copy it to count it again elsewhere.
+impl<D: ?Sized, T> Copy for Spend<'_, D, T> {}
+
 impl<D: Deployment + ?Sized, T: AsRef<str>> fmt::Debug for Spend<'_, D, T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut s = f.debug_struct("Spend");
