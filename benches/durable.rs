@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use criterion::{BenchmarkId, Criterion, Throughput};
 use provider_budgets::Limiter;
+use provider_budgets::Spend;
 
 use crate::common::{self, Fixture, Pool, PROVIDERS};
 
@@ -33,9 +34,10 @@ async fn async_round(limiter: &Limiter, total: u64) {
             let provider = PROVIDERS[i as usize % PROVIDERS.len()];
             for _ in 0..share {
                 limiter
-                    .record_durable_async(provider, common::cost())
+                    .charge(Spend::provider(provider, common::cost()))
+                    .expect("charge")
                     .await
-                    .expect("record_durable_async");
+                    .expect("durable charge");
             }
         });
     }
@@ -56,13 +58,16 @@ pub fn bench(c: &mut Criterion) {
         common::once(&mut sampled, || {
             common::latency("record_durable/threads/1", 300, || {
                 fx.limiter
-                    .record_durable("openai", black_box(cost))
+                    .charge(Spend::provider("openai", black_box(cost)))
+                    .expect("durable")
+                    .wait()
                     .expect("durable")
             })
         });
         b.iter(|| {
             fx.limiter
-                .record_durable(black_box("openai"), black_box(cost))
+                .charge(Spend::provider(black_box("openai"), black_box(cost)))
+                .and_then(|r| r.wait())
         });
     });
 
@@ -76,7 +81,9 @@ pub fn bench(c: &mut Criterion) {
                 let provider = PROVIDERS[t % PROVIDERS.len()];
                 for _ in 0..n {
                     limiter
-                        .record_durable(provider, common::cost())
+                        .charge(Spend::provider(provider, common::cost()))
+                        .expect("record_durable")
+                        .wait()
                         .expect("record_durable");
                 }
             });
@@ -111,7 +118,12 @@ fn percentiles_threads(limiter: &Limiter) {
         PASS_PER_CALLER,
         |limiter, t| {
             limiter
-                .record_durable(PROVIDERS[t % PROVIDERS.len()], common::cost())
+                .charge(Spend::provider(
+                    PROVIDERS[t % PROVIDERS.len()],
+                    common::cost(),
+                ))
+                .expect("durable")
+                .wait()
                 .expect("durable");
         },
     );
@@ -130,7 +142,8 @@ fn percentiles_async(limiter: &Limiter, rt: &tokio::runtime::Runtime) {
                 for _ in 0..PASS_PER_CALLER {
                     let t = Instant::now();
                     limiter
-                        .record_durable_async(provider, common::cost())
+                        .charge(Spend::provider(provider, common::cost()))
+                        .expect("charge")
                         .await
                         .expect("durable");
                     v.push(t.elapsed().as_nanos() as u64);

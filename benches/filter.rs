@@ -7,6 +7,7 @@ use std::hint::black_box;
 
 use criterion::{BenchmarkId, Criterion};
 use provider_budgets::{Limiter, Money};
+use provider_budgets::{Spend, NO_TAGS};
 
 use crate::common;
 
@@ -46,7 +47,10 @@ impl Fixture {
         let limiter = Limiter::open(common::config(dir.path(), "1000000", "1d")).expect("open");
         if openai_exhausted {
             limiter
-                .record("openai", "1000000".parse::<Money>().expect("money"))
+                .charge(Spend::provider(
+                    "openai",
+                    "1000000".parse::<Money>().expect("money"),
+                ))
                 .expect("record");
         }
         let names = deployments(n);
@@ -70,15 +74,21 @@ pub fn bench(c: &mut Criterion) {
             let fx = fx.get_or_insert_with(|| Fixture::new(n, exhausted));
             let names: Vec<&str> = fx.names.iter().map(String::as_str).collect();
             assert_eq!(
-                fx.limiter.filter(&names).expect("filter").len(),
+                fx.limiter.filter(&names, NO_TAGS).expect("filter").len(),
                 n - usize::from(exhausted) * n.div_ceil(common::PROVIDERS.len() + 1),
             );
             common::once(&mut sampled, || {
                 common::latency(&format!("filter/plain{suffix}/{n}"), 200_000, || {
-                    fx.limiter.filter(black_box(&names)).map(|v| v.len())
+                    fx.limiter
+                        .filter(black_box(&names), NO_TAGS)
+                        .map(|v| v.len())
                 })
             });
-            b.iter(|| fx.limiter.filter(black_box(&names)).map(|v| v.len()));
+            b.iter(|| {
+                fx.limiter
+                    .filter(black_box(&names), NO_TAGS)
+                    .map(|v| v.len())
+            });
         });
 
         let mut fx: Option<Fixture> = None;
@@ -89,10 +99,10 @@ pub fn bench(c: &mut Criterion) {
             let mut out = Vec::with_capacity(n);
             common::once(&mut sampled, || {
                 common::latency(&format!("filter/prepared{suffix}/{n}"), 200_000, || {
-                    prepared.filter_into(black_box(&mut out)).is_ok()
+                    prepared.filter_into(NO_TAGS, black_box(&mut out)).is_ok()
                 })
             });
-            b.iter(|| prepared.filter_into(black_box(&mut out)).is_ok());
+            b.iter(|| prepared.filter_into(NO_TAGS, black_box(&mut out)).is_ok());
         });
     }
     g.finish();

@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use criterion::{BenchmarkId, Criterion, Throughput};
 use provider_budgets::Limiter;
+use provider_budgets::Spend;
 
 use crate::common::{self, Fixture, Pool};
 
@@ -22,10 +23,14 @@ pub fn bench(c: &mut Criterion) {
         let cost = common::cost();
         common::once(&mut sampled, || {
             common::latency("record/buffered/threads/1", 200_000, || {
-                fx.limiter.record("openai", black_box(cost))
+                fx.limiter
+                    .charge(Spend::provider("openai", black_box(cost)))
             });
         });
-        b.iter(|| fx.limiter.record(black_box("openai"), black_box(cost)));
+        b.iter(|| {
+            fx.limiter
+                .charge(Spend::provider(black_box("openai"), black_box(cost)))
+        });
         fx.limiter.flush().expect("flush");
     });
 
@@ -38,8 +43,10 @@ pub fn bench(c: &mut Criterion) {
             let cost = common::cost();
             let pool = Pool::new(2, move |_, n| {
                 for _ in 0..n {
-                    black_box(limiter.record(black_box("openai"), black_box(cost)))
-                        .expect("record");
+                    black_box(
+                        limiter.charge(Spend::provider(black_box("openai"), black_box(cost))),
+                    )
+                    .expect("record");
                 }
             });
             (fx, pool)
@@ -64,8 +71,10 @@ fn percentiles_2_threads(limiter: &Limiter) {
                     let mut v = Vec::with_capacity(PER_THREAD);
                     for _ in 0..PER_THREAD {
                         let t = Instant::now();
-                        black_box(limiter.record(black_box("openai"), black_box(cost)))
-                            .expect("record");
+                        black_box(
+                            limiter.charge(Spend::provider(black_box("openai"), black_box(cost))),
+                        )
+                        .expect("record");
                         v.push(t.elapsed().as_nanos() as u64);
                     }
                     v

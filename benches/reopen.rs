@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion};
 use jiff::{SignedDuration, Timestamp};
+use provider_budgets::Spend;
 use provider_budgets::{Clock, Config, FakeClock, Limiter, Money};
 
 use crate::common;
@@ -29,16 +30,22 @@ impl Fixture {
         let first: Timestamp = "2025-01-01T00:00:00Z".parse().expect("timestamp");
         let clock = FakeClock::new(first + SignedDuration::from_secs(WINDOWS));
         let clock: Arc<dyn Clock> = Arc::new(clock);
-        let limiter = Limiter::open_with_clock(config.clone(), Arc::clone(&clock)).expect("open");
+        let limiter = Limiter::builder(config.clone())
+            .clock(Arc::clone(&clock))
+            .open()
+            .expect("open");
         let cost: Money = "0.01".parse().expect("money");
         for i in 0..WINDOWS {
             limiter
-                .record_at("openai", cost, first + SignedDuration::from_secs(i))
+                .charge(Spend::provider("openai", cost).at(first + SignedDuration::from_secs(i)))
                 .expect("record");
         }
         limiter.flush().expect("flush");
         drop(limiter);
-        let limiter = Limiter::open_with_clock(config.clone(), Arc::clone(&clock)).expect("reopen");
+        let limiter = Limiter::builder(config.clone())
+            .clock(Arc::clone(&clock))
+            .open()
+            .expect("reopen");
         assert_eq!(
             limiter.windows("openai").len(),
             WINDOWS as usize,
@@ -53,8 +60,10 @@ impl Fixture {
     }
 
     fn open_and_drop(&self) {
-        let limiter =
-            Limiter::open_with_clock(self.config.clone(), Arc::clone(&self.clock)).expect("reopen");
+        let limiter = Limiter::builder(self.config.clone())
+            .clock(Arc::clone(&self.clock))
+            .open()
+            .expect("reopen");
         drop(limiter);
     }
 }

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput};
 use provider_budgets::{Config, Limiter, Money, RedisConfig};
+use provider_budgets::{Spend, StatusQuery, NO_TAGS};
 
 use redis_server::RedisServer;
 
@@ -55,7 +56,7 @@ fn open_node(
 fn synced_node(server: &RedisServer, budgets: usize) -> (tempfile::TempDir, Limiter) {
     let (dir, node) = open_node(server, budgets, Duration::from_secs(3600));
     for i in 0..budgets {
-        node.record(&format!("p{i}"), Money::from_nanos(1))
+        node.charge(Spend::provider(&format!("p{i}"), Money::from_nanos(1)))
             .expect("record");
     }
     node.sync().expect("sync");
@@ -80,7 +81,7 @@ pub fn bench(c: &mut Criterion) {
     group.throughput(Throughput::Elements(1));
     group.bench_function("record_with_replication", |b| {
         b.iter(|| {
-            node.record(black_box("p3"), Money::from_nanos(1))
+            node.charge(Spend::provider(black_box("p3"), Money::from_nanos(1)))
                 .expect("record")
         })
     });
@@ -96,7 +97,7 @@ fn report() {
     };
     for budgets in [10usize, 100, 1000] {
         let (_dir, node) = synced_node(&server, budgets);
-        let before = node.status()[0].replication.round_trips;
+        let before = node.status(StatusQuery::all())[0].replication.round_trips;
         let rounds = 200;
         let mut times: Vec<Duration> = (0..rounds)
             .map(|_| {
@@ -105,7 +106,7 @@ fn report() {
                 t.elapsed()
             })
             .collect();
-        let trips = node.status()[0].replication.round_trips - before;
+        let trips = node.status(StatusQuery::all())[0].replication.round_trips - before;
         times.sort();
         println!(
             "replication/sync/{budgets:<4} p50 {:>9.1?}  p99 {:>9.1?}  round trips per sync {}",
@@ -120,8 +121,11 @@ fn report() {
     let n = 1_000_000u64;
     let t = Instant::now();
     for i in 0..n {
-        node.record(["p0", "p1", "p2"][(i % 3) as usize], Money::from_nanos(1))
-            .expect("record");
+        node.charge(Spend::provider(
+            ["p0", "p1", "p2"][(i % 3) as usize],
+            Money::from_nanos(1),
+        ))
+        .expect("record");
     }
     node.flush().expect("flush");
     let elapsed = t.elapsed();
@@ -155,9 +159,9 @@ fn report() {
     for i in 0..trials {
         let model = [format!("p{i}/model")];
         let t = Instant::now();
-        a.record(&format!("p{i}"), Money::from_nanos(1_000))
+        a.charge(Spend::provider(&format!("p{i}"), Money::from_nanos(1_000)))
             .expect("record");
-        while b.filter(&model).is_ok() {
+        while b.filter(&model, NO_TAGS).is_ok() {
             if t.elapsed() > Duration::from_secs(10) {
                 eprintln!("replication/lag: node B never saw trial {i}");
                 return;

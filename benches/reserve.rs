@@ -6,7 +6,7 @@
 use std::hint::black_box;
 
 use criterion::{BenchmarkId, Criterion, Throughput};
-use provider_budgets::{Limiter, NO_TAGS};
+use provider_budgets::Limiter;
 
 use crate::common::{self, Fixture, Pool};
 
@@ -15,9 +15,13 @@ const PASS_PER_CALLER: usize = 10;
 
 fn reserve_commit(limiter: &Limiter) {
     let r = limiter
-        .reserve_tagged("gpt-4o", NO_TAGS, common::cost())
+        .reserve(&["gpt-4o"], common::cost())
+        .wait()
         .expect("reserve");
-    r.commit(common::cost()).expect("commit");
+    r.commit(common::cost())
+        .expect("commit")
+        .wait()
+        .expect("commit");
 }
 
 pub fn bench(c: &mut Criterion) {

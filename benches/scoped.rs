@@ -6,6 +6,7 @@
 use std::hint::black_box;
 
 use criterion::{BenchmarkId, Criterion, Throughput};
+use provider_budgets::Spend;
 use provider_budgets::{BudgetConfig, Limiter, Money, Period, Scope, Target};
 
 use crate::common;
@@ -66,7 +67,7 @@ pub fn bench(c: &mut Criterion) {
         let fx = fx.get_or_insert_with(Fixture::new);
         assert_eq!(
             fx.limiter
-                .filter_tagged(&fx.deployments, &TAGS)
+                .filter(&fx.deployments, &TAGS)
                 .expect("filter")
                 .len(),
             10
@@ -77,14 +78,14 @@ pub fn bench(c: &mut Criterion) {
                 200_000,
                 || {
                     fx.limiter
-                        .filter_tagged(black_box(&fx.deployments), black_box(&TAGS))
+                        .filter(black_box(&fx.deployments), black_box(&TAGS))
                         .map(|v| v.len())
                 },
             )
         });
         b.iter(|| {
             fx.limiter
-                .filter_tagged(black_box(&fx.deployments), black_box(&TAGS))
+                .filter(black_box(&fx.deployments), black_box(&TAGS))
                 .map(|v| v.len())
         });
     });
@@ -93,9 +94,7 @@ pub fn bench(c: &mut Criterion) {
         let fx = fx.get_or_insert_with(Fixture::new);
         let prepared = fx.limiter.prepare(&fx.deployments);
         let mut out = Vec::with_capacity(10);
-        prepared
-            .filter_tagged_into(&TAGS, &mut out)
-            .expect("filter");
+        prepared.filter_into(&TAGS, &mut out).expect("filter");
         assert_eq!(out.len(), 10);
         common::once(&mut sampled, || {
             common::latency(
@@ -103,14 +102,14 @@ pub fn bench(c: &mut Criterion) {
                 200_000,
                 || {
                     prepared
-                        .filter_tagged_into(black_box(&TAGS), black_box(&mut out))
+                        .filter_into(black_box(&TAGS), black_box(&mut out))
                         .is_ok()
                 },
             )
         });
         b.iter(|| {
             prepared
-                .filter_tagged_into(black_box(&TAGS), black_box(&mut out))
+                .filter_into(black_box(&TAGS), black_box(&mut out))
                 .is_ok()
         });
     });
@@ -121,18 +120,26 @@ pub fn bench(c: &mut Criterion) {
         let d = fx.deployments[0].clone();
         let tag = ["team-a"];
         let cost = common::cost();
-        assert_eq!(fx.limiter.charge(&d, &tag, cost).expect("charge"), 4);
+        assert_eq!(
+            fx.limiter
+                .charge(Spend::deployment(&d, cost).tags(&tag))
+                .expect("charge")
+                .budgets(),
+            4
+        );
         common::once(&mut sampled, || {
             common::latency("scoped/charge/4_budgets", 200_000, || {
                 fx.limiter
-                    .charge(black_box(&d), black_box(&tag), black_box(cost))
+                    .charge(Spend::deployment(black_box(&d), black_box(cost)).tags(black_box(&tag)))
+                    .map(|r| r.budgets())
             });
             sustained(&fx.limiter, &fx.deployments, 1);
             sustained(&fx.limiter, &fx.deployments, 2);
         });
         b.iter(|| {
             fx.limiter
-                .charge(black_box(&d), black_box(&tag), black_box(cost))
+                .charge(Spend::deployment(black_box(&d), black_box(cost)).tags(black_box(&tag)))
+                .map(|r| r.budgets())
         });
         fx.limiter.flush().expect("flush");
     });
@@ -154,8 +161,15 @@ fn sustained(limiter: &Limiter, deployments: &[Target], threads: usize) {
         for d in deployments.iter().take(threads) {
             s.spawn(move || {
                 for _ in 0..per_thread {
-                    black_box(limiter.charge(black_box(d), black_box(&tag), black_box(cost)))
-                        .expect("charge");
+                    black_box(
+                        limiter
+                            .charge(
+                                Spend::deployment(black_box(d), black_box(cost))
+                                    .tags(black_box(&tag)),
+                            )
+                            .map(|r| r.budgets()),
+                    )
+                    .expect("charge");
                 }
             });
         }

@@ -32,6 +32,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use provider_budgets::{BudgetConfig, Config, Limiter, Money, Period, Prepared, Scope, Target};
+use provider_budgets::{Spend, StatusQuery, NO_TAGS};
 
 /// A deployment of the simulated router: id, model name, provider, cost of one call in USD.
 struct Model {
@@ -279,7 +280,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
 
     let limiter =
         Limiter::open(config.clone()).map_err(|e| format!("cannot open the limiter: {e}"))?;
-    let rows_before = limiter.status();
+    let rows_before = limiter.status(StatusQuery::all());
     let spend_before: Vec<Money> = rows_before.iter().map(|s| s.spend).collect();
     if spend_before.iter().any(|&s| s > Money::ZERO) {
         println!("(the data dir already holds spend for today: it counts against the budgets)");
@@ -297,7 +298,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         .map(|t| {
             TAGS.map(|tag| {
                 limiter
-                    .status_for(t, &[tag], now)
+                    .status(StatusQuery::deployment(t).tags(&[tag]).at(now))
                     .iter()
                     .map(row_of)
                     .collect()
@@ -308,7 +309,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         .iter()
         .filter(|t| {
             limiter
-                .status_for(*t, provider_budgets::NO_TAGS, now)
+                .status(StatusQuery::deployment(*t).at(now))
                 .is_empty()
         })
         .count();
@@ -362,7 +363,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let (p50, p99, p999) = (pct(0.50), pct(0.99), pct(0.999));
     let records_per_s = records as f64 / load.as_secs_f64();
     let denied: u64 = reports.iter().map(|r| r.denied).sum();
-    let status = limiter.status();
+    let status = limiter.status(StatusQuery::all());
     let providers_exhausted = status
         .iter()
         .filter(|s| s.scope == Scope::Provider)
@@ -446,11 +447,11 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         .iter()
         .filter(|t| {
             !limiter
-                .status_for(*t, provider_budgets::NO_TAGS, now)
+                .status(StatusQuery::deployment(*t).at(now))
                 .is_empty()
         })
         .collect();
-    match limiter.filter(&budgeted) {
+    match limiter.filter(&budgeted, NO_TAGS) {
         Err(e) => println!("filter without groq: {e}"),
         Ok(left) => println!(
             "filter without groq: {} deployments still allowed",
@@ -460,13 +461,13 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
 
     // ---- durability: drop, reopen, compare -------------------------------------------------
     let at = limiter.now();
-    let before = limiter.status_at(at);
+    let before = limiter.status(StatusQuery::all().at(at));
     drop(limiter); // flushes what is queued and releases the data dir (`prepared` holds no limiter)
     drop(prepared);
     let t = Instant::now();
     let reopened = Limiter::open(config).map_err(|e| format!("cannot reopen the limiter: {e}"))?;
     let reopen = t.elapsed();
-    let after = reopened.status_at(at);
+    let after = reopened.status(StatusQuery::all().at(at));
     println!();
     println!(
         "reopened {} in {:.2} ms; totals after the restart:",
@@ -524,7 +525,7 @@ fn worker(
         let k = usize::from(rng.next().is_multiple_of(4)); // team-b for 1 request in 4
         let tags = [TAGS[k]];
         let t0 = Instant::now();
-        let result = prepared.filter_tagged_into(&tags, &mut out);
+        let result = prepared.filter_into(&tags, &mut out);
         let t1 = Instant::now();
         if r.latencies_ns.len() < MAX_SAMPLES_PER_THREAD {
             r.latencies_ns
@@ -565,7 +566,8 @@ fn worker(
         // "Call" the deployment here; then charge its cost to every budget that applies.
         let cost = plan.costs[pick];
         let charged = limiter
-            .charge(&plan.targets[pick], &tags, cost)
+            .charge(Spend::deployment(&plan.targets[pick], cost).tags(&tags))
+            .map(|r| r.budgets())
             .map_err(|e| format!("charge {}: {e}", plan.targets[pick].model))?;
         let rows = &plan.rows[pick][k];
         if charged != rows.len() {

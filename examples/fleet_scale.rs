@@ -33,6 +33,7 @@ use provider_budgets_test_support::redis_server;
 
 use std::time::{Duration, Instant};
 
+use provider_budgets::Spend;
 use provider_budgets::{Config, Limiter, Money, RedisConfig};
 use redis_server::RedisServer;
 
@@ -108,7 +109,8 @@ struct Row {
 /// Records 1 nano-dollar in every budget of `node`.
 fn spend_everywhere(node: &Limiter, b: usize) {
     for p in 0..b {
-        node.record(&format!("p{p}"), Money::from_nanos(1)).unwrap();
+        node.charge(Spend::provider(&format!("p{p}"), Money::from_nanos(1)))
+            .unwrap();
     }
     node.flush().unwrap();
 }

@@ -30,6 +30,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use provider_budgets::{Config, Limiter, Money, RedisConfig};
+use provider_budgets::{Spend, StatusQuery, NO_TAGS};
 use proxy::Proxy;
 use redis_server::RedisServer;
 
@@ -116,8 +117,9 @@ fn run(n: usize, strict: bool, net: Net, limit_usd: u64, run_id: usize) -> Outco
         let deadline = Instant::now() + Duration::from_secs(30);
         for node in &nodes {
             while node
-                .reserve(&"openai/gpt-4o", Money::from_nanos(1))
-                .map(|r| r.release().unwrap())
+                .reserve(&[&"openai/gpt-4o"], Money::from_nanos(1))
+                .wait()
+                .map(|r| r.release().unwrap().wait().unwrap())
                 .is_err()
             {
                 assert!(Instant::now() < deadline, "no first grant");
@@ -141,17 +143,17 @@ fn run(n: usize, strict: bool, net: Net, limit_usd: u64, run_id: usize) -> Outco
                     while denied < DENIALS_TO_STOP {
                         let cost = rng.cost();
                         let admitted = if strict {
-                            match node.reserve(&deployments[0], cost) {
+                            match node.reserve(&[&deployments[0]], cost).wait() {
                                 Ok(r) => {
                                     std::thread::sleep(LATENCY);
-                                    r.commit(cost).unwrap();
+                                    r.commit(cost).unwrap().wait().unwrap();
                                     true
                                 }
                                 Err(_) => false,
                             }
-                        } else if node.filter(&deployments).is_ok() {
+                        } else if node.filter(&deployments, NO_TAGS).is_ok() {
                             std::thread::sleep(LATENCY);
-                            node.record("openai", cost).unwrap();
+                            node.charge(Spend::provider("openai", cost)).unwrap();
                             true
                         } else {
                             false
@@ -180,7 +182,7 @@ fn run(n: usize, strict: bool, net: Net, limit_usd: u64, run_id: usize) -> Outco
                 loop {
                     let spent: u64 = nodes
                         .iter()
-                        .map(|l| l.status()[0].own_spend.as_nanos())
+                        .map(|l| l.status(StatusQuery::all())[0].own_spend.as_nanos())
                         .sum();
                     if finished.load(Ordering::SeqCst) == workers {
                         return;
@@ -198,7 +200,7 @@ fn run(n: usize, strict: bool, net: Net, limit_usd: u64, run_id: usize) -> Outco
     let seconds = started.elapsed().as_secs_f64();
     let spend: u64 = nodes
         .iter()
-        .map(|l| l.status()[0].own_spend.as_nanos())
+        .map(|l| l.status(StatusQuery::all())[0].own_spend.as_nanos())
         .sum();
     drop(nodes);
     Outcome {

@@ -1,7 +1,7 @@
 //! Errors: one enum per layer, plus [`Error`] for everything `Limiter::open` and friends return.
 //!
 //! "Your input is wrong" ([`ConfigError`](crate::ConfigError), [`MoneyError`](crate::MoneyError),
-//! [`RecordError::NoBudget`]) is kept apart from "storage is damaged or busy"
+//! [`RecordError::Expired`]) is kept apart from "storage is damaged or busy"
 //! ([`StoreError`](crate::StoreError)). Being over budget is not an error: `filter` returns the
 //! survivors, and [`NoDeployments`](crate::NoDeployments) when none is left. Every error renders
 //! as one line that names the culprit.
@@ -9,18 +9,14 @@
 use crate::config::ConfigError;
 use crate::durable::store::StoreError;
 
-/// Why a `record` was refused. Nothing was counted when this is returned, except for
-/// [`RecordError::Storage`] from a durable record: the spend is counted and will be retried,
-/// only its durability could not be confirmed.
+/// Why a spend (`Limiter::charge`) was refused. Nothing was counted when this is returned,
+/// except for [`RecordError::Storage`] from a waited `Receipt`: the spend is counted and
+/// will be retried, only its durability could not be confirmed.
+///
+/// A spend that no budget applies to is not an error: its `Receipt` counts 0 budgets.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum RecordError {
-    /// The provider has no budget configured, so there is nothing to count it against.
-    #[error("provider {provider:?} has no budget configured")]
-    NoBudget {
-        /// The provider as given.
-        provider: String,
-    },
     /// The record's window ended longer ago than `storage.retention`: it is no longer kept,
     /// so the spend could not be enforced nor stored. Nothing was counted.
     #[error("record for provider {provider:?} at {at} is in a window that ended more than the retention ({retention}) ago; not counted")]

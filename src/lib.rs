@@ -1,10 +1,10 @@
 //! Spend budgets for LLM routers — per provider, deployment, model and request tag, over time
 //! windows (several per budget name, each in its own time zone if need be): exact, durable,
 //! shared across a fleet through Redis, and nearly free on the request path. See [`Scope`],
-//! [`Limiter::filter_tagged`] and [`Limiter::charge`] for the budget model.
+//! [`Limiter::filter`] and [`Limiter::charge`] for the budget model.
 //!
 //! ```
-//! use provider_budgets::{Config, Limiter, Money};
+//! use provider_budgets::{Config, Limiter, Money, Spend, StatusQuery, NO_TAGS};
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let dir = tempfile::tempdir()?;
@@ -15,31 +15,32 @@
 //! let limiter = Limiter::open(config)?;
 //!
 //! let deployments = ["gpt-4o", "azure/gpt-4o", "claude-3-5-sonnet"];
-//! assert_eq!(limiter.filter(&deployments)?.len(), 3);
+//! assert_eq!(limiter.filter(&deployments, NO_TAGS)?.len(), 3);
 //!
 //! for _ in 0..10 {
-//!     limiter.record("openai", "0.1".parse::<Money>()?)?; // exactly $1.00 after ten
+//!     let cost = "0.1".parse::<Money>()?;
+//!     limiter.charge(Spend::provider("openai", cost))?; // exactly $1.00 after ten
 //! }
-//! let left: Vec<&&str> = limiter.filter(&deployments)?;
+//! let left: Vec<&&str> = limiter.filter(&deployments, NO_TAGS)?;
 //! assert_eq!(left, [&"azure/gpt-4o", &"claude-3-5-sonnet"]); // no budget: they pass
 //!
 //! drop(limiter); // flushes what is queued and releases the data dir
 //! let limiter = Limiter::open(Config::from_yaml_str(
 //!     "provider_budget_config:\n  openai: {budget_limit: 1, time_period: 1d}\n",
 //! )?.data_dir(dir.path()))?;
-//! assert_eq!(limiter.status()[0].spend, Money::from_nanos(1_000_000_000));
+//! assert_eq!(limiter.status(StatusQuery::all())[0].spend, Money::from_nanos(1_000_000_000));
 //! # Ok(()) }
 //! ```
 //!
 //! # How one record travels
 //!
-//! * [`Limiter::record`] (module `limiter`, the facade) resolves the provider's budget, adds
-//!   the cost to the in-memory **view** (`view`: per budget, the live windows with an atomic
+//! * [`Limiter::charge`] (module `limiter`, the facade; the [`Spend`] says against what)
+//!   resolves the budgets that apply, adds the cost to the in-memory **view** (`view`: per budget, the live windows with an atomic
 //!   own total and an atomic total of the other nodes) and queues an event for the journal.
 //! * The **journal** (`journal`) is one thread fed by a bounded crossbeam channel. It drains a
 //!   batch, coalesces it per window into this node's absolute totals, writes them in one sled
-//!   batch and flushes once (group commit), then acknowledges [`Limiter::record_durable`]
-//!   callers and publishes the durable totals for replication.
+//!   batch and flushes once (group commit), then acknowledges waited [`Receipt`]s
+//!   ([`Receipt::wait`], or `.await`) and publishes the durable totals for replication.
 //! * The **store** (`store`) is the sled layout: tree `own` (this node's totals per
 //!   provider/period/window), tree `peers` (the sum of the other nodes' last known totals),
 //!   tree `meta` (node id, instance id). Values carry a version byte and decode with bounds.
@@ -83,9 +84,13 @@ pub use durable::store::{fuzz_decode_value, StoreError};
 pub use error::{Error, RecordError, ReplicationError};
 pub use limiter::filter::{Exceeded, NoDeployments};
 pub use limiter::health::Health;
+pub use limiter::open::LimiterBuilder;
 pub use limiter::reload::ReloadSummary;
-pub use limiter::reserve::{Reservation, ReserveError};
-pub use limiter::status::{BudgetStatus, ReplicationStatus, RoundFigures};
+pub use limiter::reserve::{Reservation, ReserveError, ReserveRequest};
+pub use limiter::spend::{Durable, Receipt, Spend};
+pub use limiter::status::{BudgetStatus, ReplicationStatus, RoundFigures, StatusQuery};
+#[doc(hidden)]
+pub use limiter::testing;
 pub use limiter::{Limiter, Prepared, NO_TAGS};
 pub use model::budget::{Enforcement, Mode, Offline, Scope, SoftLimit, SoftLimitCrossed};
 pub use model::clock::{Clock, FakeClock, SystemClock};

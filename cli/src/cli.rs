@@ -45,7 +45,7 @@ use jiff::Timestamp;
 
 use provider_budgets::{
     BudgetStatus, Config, ConfigError, Error, FakeClock, Limiter, Money, RecordError, RedisConfig,
-    StoreError, Target,
+    Spend, StatusQuery, StoreError, Target,
 };
 
 /// Exit code of `filter` when no deployment is left.
@@ -406,7 +406,9 @@ fn config_failure(path: &Path, e: ConfigError) -> Failure {
 
 fn open(cli: &Cli, config: Config) -> Result<Limiter, Failure> {
     let limiter = match cli.now {
-        Some(now) => Limiter::open_with_clock(config, Arc::new(FakeClock::new(now))),
+        Some(now) => Limiter::builder(config)
+            .clock(Arc::new(FakeClock::new(now)))
+            .open(),
         None => Limiter::open(config),
     };
     limiter.map_err(|e| match e {
@@ -470,18 +472,14 @@ fn record(
     replicate: bool,
 ) -> Outcome {
     let at = at.unwrap_or_else(|| limiter.now());
-    if durable {
-        limiter.record_durable_at(provider, cost, at)?;
-    } else {
-        limiter.record_at(provider, cost, at)?;
-    }
+    record_spend(limiter, provider, cost, at, durable).map_err(Failure::runtime)?;
     if replicate {
         // `sync` flushes first, so only durable spend is shipped.
         limiter.sync()?;
     }
     let mut out = io::stdout().lock();
     match limiter
-        .status_at(at)
+        .status(StatusQuery::all().at(at))
         .into_iter()
         .find(|s| s.provider == provider)
     {
@@ -498,6 +496,27 @@ fn record(
     Ok(())
 }
 
+/// Counts `cost` against `provider`'s budgets (durably: waits for the fsync). On the command
+/// line a provider without budget is an error (the library counts 0 budgets).
+fn record_spend(
+    limiter: &Limiter,
+    provider: &str,
+    cost: Money,
+    at: Timestamp,
+    durable: bool,
+) -> Result<(), String> {
+    let receipt = limiter
+        .charge(Spend::provider(provider, cost).at(at))
+        .map_err(|e| e.to_string())?;
+    if receipt.budgets() == 0 {
+        return Err(format!("provider {provider:?} has no budget configured"));
+    }
+    if durable {
+        receipt.wait().map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
 fn charge(
     limiter: &Limiter,
     deployment: &str,
@@ -509,17 +528,18 @@ fn charge(
 ) -> Outcome {
     let target = Target::parse(deployment);
     let at = at.unwrap_or_else(|| limiter.now());
+    let receipt = limiter.charge(Spend::deployment(&target, cost).tags(tags).at(at))?;
     let n = if durable {
-        limiter.charge_durable(&target, tags, cost, Some(at))?
+        receipt.wait()?
     } else {
-        limiter.charge_at(&target, tags, cost, at)?
+        receipt.budgets()
     };
     if replicate {
         limiter.sync()?;
     }
     let mut out = io::stdout().lock();
     writeln!(out, "charged {cost} USD to {n} budgets")?;
-    for s in limiter.status_for(&target, tags, at) {
+    for s in limiter.status(StatusQuery::deployment(&target).tags(tags).at(at)) {
         writeln!(
             out,
             "  {} {} {} in window {} .. {}: spend {} of {} USD",
@@ -551,7 +571,7 @@ fn filter(limiter: &Limiter, models: &[String], tags: &[String], replicate: bool
     }
     let targets: Vec<(Target, &String)> = models.iter().map(|m| (Target::parse(m), m)).collect();
     let deployments: Vec<&Target> = targets.iter().map(|t| &t.0).collect();
-    match limiter.filter_tagged(&deployments, tags) {
+    match limiter.filter(&deployments, tags) {
         Ok(allowed) => {
             let mut out = io::stdout().lock();
             // Printed as given (`ID=MODEL` stays so).
@@ -575,7 +595,7 @@ fn status(limiter: &Limiter, json: bool, replicate: bool) -> Outcome {
     if replicate {
         sync_or_warn(limiter);
     }
-    let budgets = limiter.status();
+    let budgets = limiter.status(StatusQuery::all());
     let mut out = io::stdout().lock();
     if json {
         let doc = crate::status_json::status_document(limiter, &budgets);
@@ -644,12 +664,14 @@ fn write_table(out: &mut impl Write, budgets: &[BudgetStatus]) -> io::Result<()>
     Ok(())
 }
 
-/// `repair`: see [`Limiter::repair`]. Prints what was acknowledged, found and restored.
+/// `repair`: see [`LimiterBuilder::repair`](provider_budgets::LimiterBuilder::repair). Prints
+/// what was acknowledged, found and restored.
 fn repair(cli: &Cli, config: Config, accept_loss: bool) -> Outcome {
-    let report = match cli.now {
-        Some(now) => Limiter::repair_with_clock(config, Arc::new(FakeClock::new(now)), accept_loss),
-        None => Limiter::repair(config, accept_loss),
-    }?;
+    let builder = match cli.now {
+        Some(now) => Limiter::builder(config).clock(Arc::new(FakeClock::new(now))),
+        None => Limiter::builder(config),
+    };
+    let report = builder.repair(accept_loss)?;
     let mut out = io::stdout().lock();
     if report.record_unreadable {
         writeln!(
@@ -742,12 +764,8 @@ fn ingest(limiter: &Limiter, durable: bool, replicate: bool) -> Outcome {
             let line = parse_line(t)
                 .map_err(|e| Failure::runtime(format!("stdin line {line_no}: {e}")))?;
             let at = line.at.unwrap_or_else(|| limiter.now());
-            let recorded = if durable {
-                limiter.record_durable_at(line.provider, line.cost, at)
-            } else {
-                limiter.record_at(line.provider, line.cost, at)
-            };
-            recorded.map_err(|e| Failure::runtime(format!("stdin line {line_no}: {e}")))?;
+            record_spend(limiter, line.provider, line.cost, at, durable)
+                .map_err(|e| Failure::runtime(format!("stdin line {line_no}: {e}")))?;
             count += 1;
         }
         // Acknowledge per record when durable; otherwise once the reader has nothing more

@@ -275,7 +275,7 @@ pub(crate) fn usd(nanos: u128) -> Money {
     Money::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
 }
 
-/// What [`Limiter::repair`](crate::Limiter::repair) found and did.
+/// What [`LimiterBuilder::repair`](crate::LimiterBuilder::repair) found and did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct RepairReport {

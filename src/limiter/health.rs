@@ -13,6 +13,8 @@ pub struct Health {
     pub journal_running: bool,
     /// Replication state.
     pub replication: ReplicationStatus,
+    /// Reservations open on this node.
+    pub open_reservations: usize,
 }
 
 impl Health {

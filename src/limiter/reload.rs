@@ -96,6 +96,57 @@ pub struct ReloadSummary {
     pub removed: Vec<String>,
 }
 
+impl Parts<'_> {
+    /// Adds the slot of a new budget series, starting from its stored `totals` (view,
+    /// journal, keys). Returns the slot.
+    fn add_series(&self, config: &Config, b: &BudgetConfig, totals: Stored) -> Result<u32, Error> {
+        let s = self
+            .view
+            .push(config.budget_schedule(b), b.limit)
+            .ok_or_else(|| Error::Reload("no budget slot left".into()))?;
+        let (name, period) = b.key_parts();
+        self.keys.push(name, period);
+        self.view.raise_own_many(
+            totals
+                .iter()
+                .filter(|t| t.1 > 0)
+                .map(|&(w, own, _)| (s, w, Money::from_nanos(own))),
+        );
+        self.view.raise_others_many(
+            totals
+                .iter()
+                .filter(|t| t.2 > 0)
+                .map(|&(w, _, others)| (s, w, Money::from_nanos(others))),
+        );
+        // The journal writes absolute totals: it must start from the stored ones.
+        for &(window, total, _) in totals.iter().filter(|t| t.1 > 0) {
+            let _ = self.journal.send(Event::Adopt {
+                budget: s,
+                window,
+                total,
+            });
+        }
+        Ok(s)
+    }
+}
+
+/// Refuses a config that changes what only a restart can apply.
+fn check_fixed(config: &Config, old: &Config) -> Result<(), Error> {
+    let fixed = [
+        ("storage", config.storage != old.storage),
+        ("redis", config.redis != old.redis),
+        ("node_id", config.node_id != old.node_id),
+        ("window_anchor", config.window_anchor != old.window_anchor),
+        ("time_zone", config.time_zone != old.time_zone),
+    ];
+    match fixed.iter().find(|(_, changed)| *changed) {
+        Some((what, _)) => Err(Error::Reload(format!(
+            "`{what}` changed; it applies only at a restart (nothing was changed)"
+        ))),
+        None => Ok(()),
+    }
+}
+
 impl Limiter {
     /// Applies a new configuration to the running limiter: changed limits apply at once, new
     /// budgets (and budgets with a changed period: a new series) start from what is stored
@@ -116,18 +167,7 @@ impl Limiter {
         if config.storage.dir.is_none() {
             config.storage.dir.clone_from(&old.storage.dir);
         }
-        let fixed = [
-            ("storage", config.storage != old.storage),
-            ("redis", config.redis != old.redis),
-            ("node_id", config.node_id != old.node_id),
-            ("window_anchor", config.window_anchor != old.window_anchor),
-            ("time_zone", config.time_zone != old.time_zone),
-        ];
-        if let Some((what, _)) = fixed.iter().find(|(_, changed)| *changed) {
-            return Err(Error::Reload(format!(
-                "`{what}` changed; it applies only at a restart (nothing was changed)"
-            )));
-        }
+        check_fixed(&config, &old)?;
         // Plan: the slot of each budget, existing or new.
         let mut slots = Vec::with_capacity(config.budgets.len());
         let mut new_slots = 0;
@@ -162,34 +202,7 @@ impl Limiter {
             let s = match *slot {
                 Some(s) => s,
                 None => {
-                    let schedule = config.budget_schedule(b);
-                    let s = parts
-                        .view
-                        .push(schedule, b.limit)
-                        .ok_or_else(|| Error::Reload("no budget slot left".into()))?;
-                    let (name, period) = b.key_parts();
-                    parts.keys.push(name, period);
-                    let totals = stored.next().unwrap_or_default();
-                    parts.view.raise_own_many(
-                        totals
-                            .iter()
-                            .filter(|t| t.1 > 0)
-                            .map(|&(w, own, _)| (s, w, Money::from_nanos(own))),
-                    );
-                    parts.view.raise_others_many(
-                        totals
-                            .iter()
-                            .filter(|t| t.2 > 0)
-                            .map(|&(w, _, others)| (s, w, Money::from_nanos(others))),
-                    );
-                    // The journal writes absolute totals: it must start from the stored ones.
-                    for &(window, total, _) in totals.iter().filter(|t| t.1 > 0) {
-                        let _ = parts.journal.send(Event::Adopt {
-                            budget: s,
-                            window,
-                            total,
-                        });
-                    }
+                    let s = parts.add_series(&config, b, stored.next().unwrap_or_default())?;
                     *slot = Some(s);
                     s
                 }

@@ -3,12 +3,13 @@
 //! [`Limiter::reserve`] holds an estimate in every budget that applies (exactly the budgets
 //! [`Limiter::charge`] would charge), atomically per budget (the view's CAS on
 //! `spend + reserved + estimate <= limit`: two threads never share the last nano), and hands
-//! back a [`Reservation`]. It ends in one of these ways:
+//! back a [`Reservation`] (once its record is durable: [`ReserveRequest::wait`] blocks,
+//! `.await` does not). It ends in one of these ways:
 //!
 //! | end                         | counts            | journal                            |
 //! |-----------------------------|-------------------|------------------------------------|
-//! | [`Reservation::commit`]     | the actual cost   | spend + end of record, one batch, fsynced before `Ok` |
-//! | [`Reservation::release`]    | nothing           | end of record, fsynced before `Ok` |
+//! | [`Reservation::commit`]     | the actual cost   | spend + end of record, one batch; fsynced when its [`Receipt`] is waited |
+//! | [`Reservation::release`]    | nothing           | end of record; fsynced when its [`Receipt`] is waited |
 //! | drop without either         | the estimate      | spend + end of record, one batch (not awaited) |
 //! | expiry (`reservation_timeout`) | the estimate   | as a drop; a later commit is [`ReserveError::Expired`] |
 //! | crash (process killed)      | the estimate      | counted at the next open (module `restore`) |
@@ -42,6 +43,8 @@
 //!   for a strict budget refused by its grant: `own + reserved + estimate`, with the grant as
 //!   `limit`), so the message `Exceeded budget for provider openai: 10.5 >= 10` is true.
 
+use std::future::{Future, IntoFuture};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::time::Duration;
@@ -53,7 +56,8 @@ use crate::durable::journal::{Ack, Event};
 use crate::durable::store::ReservationValue;
 use crate::error::RecordError;
 use crate::limiter::filter::{Exceeded, NoDeployments};
-use crate::limiter::{charge_slots, Inner, Limiter, NO_TAGS};
+use crate::limiter::spend::{AckWait, Receipt};
+use crate::limiter::{charge_slots, Inner, Limiter};
 use crate::model::budget::parse_key_name;
 use crate::model::clock::floor_secs;
 use crate::model::money::Money;
@@ -81,7 +85,7 @@ pub enum ReserveError {
     /// `resets_at`), and the candidates denied as unknown. Nothing is held.
     #[error(transparent)]
     Denied(NoDeployments),
-    /// `reserve_any` was given no deployment.
+    /// `reserve` was given no deployment.
     #[error("no deployment to reserve for (the candidate list is empty)")]
     NoCandidates,
     /// The reservation expired (`reservation_timeout`) before its commit or release: its
@@ -209,7 +213,7 @@ impl Reservation {
         &self.held.id
     }
 
-    /// Which candidate admitted it (the index in `reserve_any`'s list; 0 otherwise).
+    /// Which candidate admitted it (the index in the list given to `reserve`).
     pub fn deployment_index(&self) -> usize {
         self.deployment
     }
@@ -226,72 +230,33 @@ impl Reservation {
 
     /// The call reached the provider and cost `actual`: counts it in every budget the
     /// reservation holds money in (in the window of admission; in full when above the
-    /// estimate), frees the estimate and returns once both are durable (one journal batch).
-    /// Soft limits fire as for a charge.
+    /// estimate) and frees the estimate (one journal batch). Soft limits fire as for a
+    /// charge. The [`Receipt`] says in how many budgets; wait on it (`.wait()` or `.await`)
+    /// for the fsync, as for [`Limiter::charge`].
     ///
     /// # Errors
     ///
     /// [`ReserveError::Expired`] when it expired before (its estimate was counted, not
-    /// `actual`); [`ReserveError::Record`] when the limiter is shut down or the journal could
-    /// not make it durable (see there).
-    pub fn commit(self, actual: Money) -> Result<(), ReserveError> {
+    /// `actual`); [`ReserveError::Record`] when the limiter is shut down or its journal is
+    /// gone (see there).
+    pub fn commit(self, actual: Money) -> Result<Receipt<'static>, ReserveError> {
         self.end(Some(actual))
     }
 
-    /// The call never reached the provider: frees the estimate, counts nothing, and returns
-    /// once the end of the reservation is durable.
+    /// The call never reached the provider: frees the estimate and counts nothing. Wait on
+    /// the [`Receipt`] for the end of the reservation to be durable.
     ///
     /// # Errors
     ///
     /// As [`Reservation::commit`].
-    pub fn release(self) -> Result<(), ReserveError> {
+    pub fn release(self) -> Result<Receipt<'static>, ReserveError> {
         self.end(None)
     }
 
-    /// [`Reservation::commit`] for async code: awaits the fsync without blocking a worker.
-    ///
-    /// # Errors
-    ///
-    /// As [`Reservation::commit`].
-    pub async fn commit_async(self, actual: Money) -> Result<(), ReserveError> {
-        self.end_async(Some(actual)).await
-    }
-
-    /// [`Reservation::release`] for async code.
-    ///
-    /// # Errors
-    ///
-    /// As [`Reservation::commit`].
-    pub async fn release_async(self) -> Result<(), ReserveError> {
-        self.end_async(None).await
-    }
-
-    fn end(&self, actual: Option<Money>) -> Result<(), ReserveError> {
+    fn end(&self, actual: Option<Money>) -> Result<Receipt<'static>, ReserveError> {
         self.begin_end(actual)?;
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        if self
-            .limiter
-            .settle(&self.held, actual, Some(Ack::Blocking(tx)))?
-        {
-            rx.recv()
-                .map_err(|_| self.limiter.gone())?
-                .map_err(RecordError::Storage)?;
-        }
-        Ok(())
-    }
-
-    async fn end_async(&self, actual: Option<Money>) -> Result<(), ReserveError> {
-        self.begin_end(actual)?;
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        if self
-            .limiter
-            .settle(&self.held, actual, Some(Ack::Async(tx)))?
-        {
-            rx.await
-                .map_err(|_| self.limiter.gone())?
-                .map_err(RecordError::Storage)?;
-        }
-        Ok(())
+        let budgets = self.limiter.settle(&self.held, actual, true)?;
+        Ok(Receipt::owned(self.limiter.clone(), budgets))
     }
 
     /// Takes the right to end the reservation (it may have expired first).
@@ -351,81 +316,103 @@ impl Drop for Reservation {
                 .increment(1);
             let _ = self
                 .limiter
-                .settle(&self.held, Some(self.held.estimate), None);
+                .settle(&self.held, Some(self.held.estimate), false);
         }
     }
 }
 
-impl Limiter {
-    /// Holds `estimate` in every budget that applies to the deployment (those
-    /// [`Limiter::charge`] counts against) if each has room for it
-    /// (`spend + reserved + estimate <= limit`), atomically: concurrent reservations never
-    /// share the last dollar. Returns once the reservation is durable (a crash counts its
-    /// estimate). See the module doc of `reserve` (README "Reservations") for the semantics.
+/// A reservation being made: [`Limiter::reserve`]`(&candidates, estimate)`, optionally
+/// [`.tags(&tags)`](ReserveRequest::tags), then [`.wait()`](ReserveRequest::wait) (blocking)
+/// or `.await` (async: the grant wait and the fsync are awaited, never blocking a worker).
+#[must_use = "nothing is reserved until .wait() or .await"]
+pub struct ReserveRequest<'a, D, T = &'a str> {
+    limiter: &'a Limiter,
+    candidates: &'a [D],
+    tags: &'a [T],
+    estimate: Money,
+}
+
+impl<D: Deployment, T: AsRef<str>> std::fmt::Debug for ReserveRequest<'_, D, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let models: Vec<&str> = self.candidates.iter().map(Deployment::model).collect();
+        let tags: Vec<&str> = self.tags.iter().map(AsRef::as_ref).collect();
+        f.debug_struct("ReserveRequest")
+            .field("candidates", &models)
+            .field("tags", &tags)
+            .field("estimate", &self.estimate)
+            .finish()
+    }
+}
+
+impl<'a, D: Deployment, T: AsRef<str>> ReserveRequest<'a, D, T> {
+    /// The request's tags: their tag budgets hold the estimate too.
+    pub fn tags<U: AsRef<str>>(self, tags: &'a [U]) -> ReserveRequest<'a, D, U> {
+        ReserveRequest {
+            limiter: self.limiter,
+            candidates: self.candidates,
+            tags,
+            estimate: self.estimate,
+        }
+    }
+
+    /// Makes the reservation, blocking until its record is durable (and, for a strict
+    /// budget refused by this node's grant alone, up to `redis.grant_wait` for a grant
+    /// round). From async code, `.await` the request instead.
     ///
     /// # Errors
     ///
-    /// [`ReserveError::Denied`] when a budget has no room (nothing is held),
+    /// [`ReserveError::NoCandidates`] for an empty list, [`ReserveError::Denied`] when no
+    /// candidate has room (every refusing budget listed once; nothing is held),
     /// [`ReserveError::Record`] when the limiter is shut down or the journal failed.
-    pub fn reserve<D: Deployment + ?Sized>(
-        &self,
-        deployment: &D,
-        estimate: Money,
-    ) -> Result<Reservation, ReserveError> {
-        self.reserve_tagged(deployment, NO_TAGS, estimate)
-    }
-
-    /// [`Limiter::reserve`] for a request carrying `tags` (their tag budgets hold the
-    /// estimate too).
-    ///
-    /// # Errors
-    ///
-    /// As [`Limiter::reserve`].
-    pub fn reserve_tagged<D: Deployment + ?Sized, T: AsRef<str>>(
-        &self,
-        deployment: &D,
-        tags: &[T],
-        estimate: Money,
-    ) -> Result<Reservation, ReserveError> {
-        let (index, items, now) = self.hold(std::iter::once(deployment), tags, estimate)?;
-        self.open_reservation(index, items, now, estimate)
-    }
-
-    /// [`Limiter::reserve_any`] for async code: awaits the fsync without blocking a worker
-    /// (admission itself happens before the first await).
-    ///
-    /// # Errors
-    ///
-    /// As [`Limiter::reserve_any`].
-    pub async fn reserve_any_async<D: Deployment, T: AsRef<str>>(
-        &self,
-        deployments: &[D],
-        tags: &[T],
-        estimate: Money,
-    ) -> Result<Reservation, ReserveError> {
-        let (index, items, now) = self.hold_async(deployments.iter(), tags, estimate).await?;
-        let (reservation, record) = self.register(index, items, now, estimate);
+    pub fn wait(self) -> Result<Reservation, ReserveError> {
+        let l = self.limiter;
+        let (index, items, now) = l.hold(self.candidates.iter(), self.tags, self.estimate)?;
+        let (reservation, record) = l.register(index, items, now, self.estimate);
         let result = match record {
             None => Ok(()),
             Some(record) => {
-                let (tx, rx) = tokio::sync::oneshot::channel();
-                match self.inner.journal.send(record(Ack::Async(tx))) {
-                    Ok(()) => match rx.await {
-                        Ok(r) => r.map_err(RecordError::Storage),
-                        Err(_) => Err(self.gone()),
-                    },
-                    Err(_) => Err(self.gone()),
-                }
+                l.acked(AckWait::request(&l.inner.journal, false, record).and_then(AckWait::recv))
             }
         };
-        self.opened(reservation, result)
+        l.opened(reservation, result)
     }
+}
 
-    /// Reserves for the first candidate, in order, whose budgets all admit `estimate`
-    /// ([`Reservation::deployment_index`] says which).
+impl<'a, D: Deployment + Sync, T: AsRef<str> + Sync> IntoFuture for ReserveRequest<'a, D, T> {
+    type Output = Result<Reservation, ReserveError>;
+    type IntoFuture = Pin<Box<dyn Future<Output = Result<Reservation, ReserveError>> + Send + 'a>>;
+
+    /// [`ReserveRequest::wait`] for async code (admission happens at the first poll).
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(async move {
+            let l = self.limiter;
+            let (index, items, now) = l
+                .hold_async(self.candidates.iter(), self.tags, self.estimate)
+                .await?;
+            let (reservation, record) = l.register(index, items, now, self.estimate);
+            let result = match record {
+                None => Ok(()),
+                Some(record) => match AckWait::request(&l.inner.journal, true, record) {
+                    Some(wait) => l.acked(wait.recv_async().await),
+                    None => l.acked(None),
+                },
+            };
+            l.opened(reservation, result)
+        })
+    }
+}
+
+impl Limiter {
+    /// Reserves `estimate` for the first candidate, in order, whose budgets all have room
+    /// for it ([`Reservation::deployment_index`] says which): holds it in every budget that
+    /// applies to that deployment (those [`Limiter::charge`] counts against)
+    /// (`spend + reserved + estimate <= limit`), atomically: concurrent reservations never
+    /// share the last dollar. The reservation is made by [`ReserveRequest::wait`] or
+    /// `.await`, which return once it is durable (a crash counts its estimate). See the
+    /// module doc of `reserve` (README "Reservations") for the semantics.
     ///
     /// ```
-    /// use provider_budgets::{Config, Limiter, Money, ReserveError, NO_TAGS};
+    /// use provider_budgets::{Config, Limiter, Money, ReserveError, StatusQuery};
     ///
     /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
     /// let dir = tempfile::tempdir()?;
@@ -433,38 +420,31 @@ impl Limiter {
     /// let limiter = Limiter::open(Config::from_yaml_str(yaml)?.data_dir(dir.path()))?;
     /// let deployments = ["gpt-4o", "claude-3-5-sonnet"];
     ///
-    /// let r = limiter.reserve_any(&deployments, NO_TAGS, "0.75".parse()?)?;
+    /// let r = limiter.reserve(&deployments, "0.75".parse()?).wait()?;
     /// assert_eq!(r.deployment_index(), 0); // openai has room for 0.75
     /// // 0.75 held: a second call does not fit in openai's dollar, anthropic has no budget.
-    /// let other = limiter.reserve_any(&deployments, NO_TAGS, "0.5".parse()?)?;
+    /// let other = limiter.reserve(&deployments, "0.5".parse()?).wait()?;
     /// assert_eq!(other.deployment_index(), 1);
     /// other.release()?;
-    /// r.commit("0.6".parse()?)?; // the call cost 0.6: counted, the rest of 0.75 freed
-    /// assert_eq!(limiter.status()[0].spend, "0.6".parse::<Money>()?);
+    /// r.commit("0.6".parse()?)?.wait()?; // the call cost 0.6: counted, the rest of 0.75 freed
+    /// assert_eq!(limiter.status(StatusQuery::all())[0].spend, "0.6".parse::<Money>()?);
     /// assert!(matches!(
-    ///     limiter.reserve("gpt-4o", "0.5".parse()?),
+    ///     limiter.reserve(&["gpt-4o"], "0.5".parse()?).wait(),
     ///     Err(ReserveError::Denied(_))
     /// ));
     /// # Ok(()) }
     /// ```
-    ///
-    /// # Errors
-    ///
-    /// [`ReserveError::NoCandidates`] for an empty list, [`ReserveError::Denied`] when no
-    /// candidate has room (every refusing budget listed once), and as [`Limiter::reserve`].
-    pub fn reserve_any<D: Deployment, T: AsRef<str>>(
-        &self,
-        deployments: &[D],
-        tags: &[T],
+    pub fn reserve<'a, D: Deployment>(
+        &'a self,
+        candidates: &'a [D],
         estimate: Money,
-    ) -> Result<Reservation, ReserveError> {
-        let (index, items, now) = self.hold(deployments.iter(), tags, estimate)?;
-        self.open_reservation(index, items, now, estimate)
-    }
-
-    /// Number of reservations open on this node.
-    pub fn open_reservations(&self) -> usize {
-        self.inner.reservations.len()
+    ) -> ReserveRequest<'a, D> {
+        ReserveRequest {
+            limiter: self,
+            candidates,
+            tags: &[],
+            estimate,
+        }
     }
 
     /// Admission in the view: the first candidate whose budgets all take the estimate.
@@ -609,31 +589,6 @@ impl Limiter {
         }
     }
 
-    /// Registers and journals an admitted reservation; waits until it is durable.
-    fn open_reservation(
-        &self,
-        index: usize,
-        items: Vec<(u32, Window)>,
-        now_secs: i64,
-        estimate: Money,
-    ) -> Result<Reservation, ReserveError> {
-        let (reservation, record) = self.register(index, items, now_secs, estimate);
-        let result = match record {
-            None => Ok(()),
-            Some(record) => {
-                let (tx, rx) = crossbeam_channel::bounded(1);
-                match self.inner.journal.send(record(Ack::Blocking(tx))) {
-                    Ok(()) => match rx.recv() {
-                        Ok(r) => r.map_err(RecordError::Storage),
-                        Err(_) => Err(self.gone()),
-                    },
-                    Err(_) => Err(self.gone()),
-                }
-            }
-        };
-        self.opened(reservation, result)
-    }
-
     /// Makes the [`Reservation`] of an admission and registers it (for expiry); returns the
     /// journal event that opens it, given its acknowledgement (`None`: no budget applies,
     /// nothing to journal).
@@ -705,7 +660,7 @@ impl Limiter {
                 .compare_exchange(OPEN, DONE, Ordering::AcqRel, Ordering::Acquire)
                 .is_ok()
             {
-                let _ = self.settle(held, None, None);
+                let _ = self.settle(held, None, false);
             }
             return Err(e.into());
         }
@@ -715,15 +670,14 @@ impl Limiter {
 
     /// Ends a reservation whose state this caller moved from `OPEN`: counts `actual` (or frees
     /// the money for `None`) in each window, forgets it, and journals the end (and the spend)
-    /// in one event carrying `ack`. Returns whether `ack` will be answered (not when no budget
-    /// applies: nothing to journal). Without `ack`, a journal that is gone is not an error: the
-    /// record stays on disk and the next open counts its estimate.
+    /// in one event. Returns the number of budgets. Unless `report`, a journal that is gone is
+    /// not an error: the record stays on disk and the next open counts its estimate.
     fn settle(
         &self,
         held: &Held,
         actual: Option<Money>,
-        ack: Option<Ack>,
-    ) -> Result<bool, RecordError> {
+        report: bool,
+    ) -> Result<usize, RecordError> {
         let inner = &*self.inner;
         for &(b, w) in held.items.iter() {
             match actual {
@@ -736,20 +690,19 @@ impl Limiter {
             }
         }
         inner.reservations.remove(&held.id);
-        if held.items.is_empty() {
-            return Ok(false);
+        let budgets = held.items.len();
+        if budgets == 0 {
+            return Ok(0);
         }
-        let waits = ack.is_some();
         let sent = inner.journal.send(Event::Finish {
             id: Arc::clone(&held.id),
             items: Arc::clone(&held.items),
             amount: actual.map_or(0, Money::as_nanos),
-            ack,
+            ack: None,
         });
         match sent {
-            Ok(()) => Ok(waits),
-            Err(_) if waits => Err(self.gone()),
-            Err(_) => Ok(false),
+            Err(_) if report => Err(self.gone()),
+            _ => Ok(budgets),
         }
     }
 
@@ -763,7 +716,7 @@ impl Limiter {
             metrics::counter!("provider_budgets_reservations_ended_total", "outcome" => "expired")
                 .increment(1);
             tracing::debug!(id = %held.id, estimate = %held.estimate, "reservation expired; its estimate is counted");
-            let _ = self.settle(held, Some(held.estimate), None);
+            let _ = self.settle(held, Some(held.estimate), false);
         }
     }
 

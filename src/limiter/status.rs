@@ -1,10 +1,13 @@
-//! What `Limiter::status` reports per budget.
+//! What [`Limiter::status`] reports per budget, and the query that selects the budgets.
 
 use jiff::Timestamp;
 
+use crate::limiter::{charge_slots, Limiter};
 use crate::model::budget::{Enforcement, Mode, Offline, Scope, SoftLimit};
+use crate::model::clock::floor_secs;
 use crate::model::money::Money;
 use crate::model::window::{Period, Window};
+use crate::resolve::Deployment;
 
 /// The state of one budget in its current window.
 #[derive(Debug, Clone, PartialEq)]
@@ -114,4 +117,207 @@ pub struct RoundFigures {
     pub bytes_out: u64,
     /// Reply bytes received from Redis.
     pub bytes_in: u64,
+}
+
+/// Which budgets [`Limiter::status`] reports, and when: [`StatusQuery::all`],
+/// [`StatusQuery::provider`] or [`StatusQuery::deployment`] (with [`StatusQuery::tags`]),
+/// each now or [`StatusQuery::at`] an instant.
+///
+/// ```
+/// # use provider_budgets::{Config, Limiter, StatusQuery};
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let dir = tempfile::tempdir()?;
+/// # let yaml = "provider_budget_config:\n  openai: {budget_limit: 1, time_period: 1d}\n";
+/// # let limiter = Limiter::open(Config::from_yaml_str(yaml)?.data_dir(dir.path()))?;
+/// let every = limiter.status(StatusQuery::all());
+/// let openai = limiter.status(StatusQuery::provider("openai"));
+/// let for_call = limiter.status(StatusQuery::deployment("gpt-4o").tags(&["team-a"]));
+/// assert_eq!((every.len(), openai.len(), for_call.len()), (1, 1, 1));
+/// # Ok(()) }
+/// ```
+#[must_use = "a StatusQuery reports nothing until it is passed to Limiter::status"]
+pub struct StatusQuery<'a, D: ?Sized = dyn Deployment, T = &'a str> {
+    select: Select<'a, D>,
+    tags: &'a [T],
+    at: Option<Timestamp>,
+}
+
+enum Select<'a, D: ?Sized> {
+    All,
+    Provider(&'a str),
+    Deployment(&'a D),
+}
+
+impl<D: Deployment + ?Sized, T: AsRef<str>> std::fmt::Debug for StatusQuery<'_, D, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let tags: Vec<&str> = self.tags.iter().map(AsRef::as_ref).collect();
+        let mut s = f.debug_struct("StatusQuery");
+        match &self.select {
+            Select::All => s.field("all", &true),
+            Select::Provider(p) => s.field("provider", p),
+            Select::Deployment(d) => s.field("deployment", &d.model()),
+        };
+        s.field("tags", &tags).field("at", &self.at).finish()
+    }
+}
+
+impl<'a> StatusQuery<'a> {
+    /// Every budget, in config order (providers first).
+    pub fn all() -> StatusQuery<'a> {
+        StatusQuery {
+            select: Select::All,
+            tags: &[],
+            at: None,
+        }
+    }
+
+    /// The provider-scope budgets of `provider` (one per period; none when it has no budget).
+    pub fn provider(provider: &'a str) -> StatusQuery<'a> {
+        StatusQuery {
+            select: Select::Provider(provider),
+            tags: &[],
+            at: None,
+        }
+    }
+}
+
+impl<'a, D: Deployment + ?Sized> StatusQuery<'a, D> {
+    /// The budgets a spend on `deployment` counts against (see [`StatusQuery::tags`]).
+    pub fn deployment(deployment: &'a D) -> StatusQuery<'a, D> {
+        StatusQuery {
+            select: Select::Deployment(deployment),
+            tags: &[],
+            at: None,
+        }
+    }
+}
+
+impl<'a, D: ?Sized, T> StatusQuery<'a, D, T> {
+    /// With [`StatusQuery::deployment`]: the request's tags' budgets too (ignored otherwise).
+    pub fn tags<U: AsRef<str>>(self, tags: &'a [U]) -> StatusQuery<'a, D, U> {
+        StatusQuery {
+            select: self.select,
+            tags,
+            at: self.at,
+        }
+    }
+
+    /// The windows containing `at` instead of now (windows past their retention read as
+    /// empty).
+    pub fn at(self, at: Timestamp) -> Self {
+        StatusQuery {
+            at: Some(at),
+            ..self
+        }
+    }
+}
+
+impl Limiter {
+    /// The state of the budgets `query` selects, in config order (providers first): e.g.
+    /// `limiter.status(StatusQuery::all())`.
+    pub fn status<D: Deployment + ?Sized, T: AsRef<str>>(
+        &self,
+        query: StatusQuery<'_, D, T>,
+    ) -> Vec<BudgetStatus> {
+        let at = query.at.unwrap_or_else(|| self.now());
+        let rows = self.status_rows(at).into_iter();
+        match query.select {
+            Select::All => rows.map(|(_, s)| s).collect(),
+            Select::Provider(p) => rows
+                .map(|(_, s)| s)
+                .filter(|s| s.scope == Scope::Provider && s.name == p)
+                .collect(),
+            Select::Deployment(d) => {
+                let resolver = self.inner.resolver.load();
+                let r = resolver.resolve(d);
+                let slots: Vec<u32> = charge_slots(&resolver, &r, query.tags).collect();
+                rows.filter(|(slot, _)| slots.contains(slot))
+                    .map(|(_, s)| s)
+                    .collect()
+            }
+        }
+    }
+
+    /// Every window still held in memory for `provider`'s (first) budget (newest first):
+    /// previous windows stay readable until their retention ends.
+    pub fn windows(&self, provider: &str) -> Vec<(Window, Money)> {
+        match self.inner.resolver.load().provider_slots(provider).first() {
+            Some(&b) => self
+                .inner
+                .view
+                .windows(b)
+                .into_iter()
+                .map(|t| (t.window, t.total()))
+                .collect(),
+            None => Vec::new(),
+        }
+    }
+
+    /// Every budget's row with its slot, in the windows containing `at`.
+    fn status_rows(&self, at: Timestamp) -> Vec<(u32, BudgetStatus)> {
+        let secs = floor_secs(at);
+        let config = self.inner.config.load();
+        let (replication, problems) = self.inner.fleet.status(&config, self.now());
+        let grants = self.inner.fleet.grants();
+        let storage_fault = self.health().storage_fault;
+        config
+            .budgets
+            .iter()
+            .filter_map(|b| {
+                let (key, period) = b.key_parts();
+                Some((self.inner.keys.position(&key, &period)?, b, key, period))
+            })
+            .map(|(i, b, key, period_key)| {
+                let t = self.inner.view.totals_at(i, secs);
+                let spend = t.total();
+                let crossed = b
+                    .soft_limits
+                    .iter()
+                    .copied()
+                    .filter(|s| spend.as_nanos() >= s.threshold(b.limit.as_nanos()))
+                    .collect();
+                let fleet = config.redis.is_some();
+                let row = BudgetStatus {
+                    provider: key,
+                    scope: b.scope,
+                    name: b.name.clone(),
+                    period: b.period,
+                    period_key,
+                    time_zone: config.budget_zone_name(b),
+                    mode: b.mode,
+                    soft_limits: b.soft_limits.clone(),
+                    thresholds_crossed: crossed,
+                    would_deny: self.inner.view.would_deny(i),
+                    window: t.window,
+                    spend,
+                    own_spend: t.own,
+                    reserved: t.reserved,
+                    limit: b.limit,
+                    remaining: b.limit.saturating_sub(spend),
+                    exhausted: spend >= b.limit,
+                    replication: replication.clone(),
+                    storage_fault: storage_fault.clone(),
+                    replication_problem: problems.get(i as usize).cloned().flatten(),
+                    enforcement: b.enforcement,
+                    offline: b.offline,
+                    grant: (b.enforcement == Enforcement::Strict).then_some(if fleet {
+                        t.grant
+                    } else {
+                        b.limit
+                    }),
+                    granted_total: match (b.enforcement, fleet) {
+                        (Enforcement::Strict, true) => grants
+                            .get(i as usize)
+                            .copied()
+                            .flatten()
+                            .filter(|g| g.0 == t.window)
+                            .map(|g| g.1),
+                        (Enforcement::Strict, false) => Some(t.total().max(t.grant)),
+                        _ => None,
+                    },
+                };
+                (i, row)
+            })
+            .collect()
+    }
 }

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
 use provider_budgets::{Config, FakeClock, Limiter, Money, RedisConfig};
+use provider_budgets::{Spend, StatusQuery};
 use redis_server::RedisCluster;
 
 const PROVIDERS: [&str; 6] = ["p0", "p1", "p2", "p3", "p4", "p5"];
@@ -43,11 +44,19 @@ fn config(dir: &Path, urls: &[String], node: &str) -> Config {
 }
 
 fn open(dir: &Path, urls: &[String], node: &str, at: Timestamp) -> Limiter {
-    Limiter::open_with_clock(config(dir, urls, node), Arc::new(FakeClock::new(at))).unwrap()
+    Limiter::builder(config(dir, urls, node))
+        .clock(Arc::new(FakeClock::new(at)))
+        .open()
+        .unwrap()
 }
 
 fn spend(l: &Limiter, provider: &str) -> u64 {
-    l.budget_status(provider).unwrap().spend.as_nanos()
+    l.status(StatusQuery::provider(provider))
+        .into_iter()
+        .next()
+        .unwrap()
+        .spend
+        .as_nanos()
 }
 
 fn key(provider: &str, at: Timestamp) -> String {
@@ -80,7 +89,8 @@ fn two_nodes_are_exact_on_a_three_master_cluster_one_pipeline_per_master() {
         let p = (k % 6) as usize;
         let cost = 1 + k * 7_919 % 100_003;
         let node = if k % 3 == 0 { &a } else { &b };
-        node.record(PROVIDERS[p], Money::from_nanos(cost)).unwrap();
+        node.charge(Spend::provider(PROVIDERS[p], Money::from_nanos(cost)))
+            .unwrap();
         expected[p] += cost;
     }
     for _ in 0..2 {
@@ -98,9 +108,21 @@ fn two_nodes_are_exact_on_a_three_master_cluster_one_pipeline_per_master() {
         );
     }
     // One pipeline per master that serves a budget, per round.
-    let before = a.budget_status("p0").unwrap().replication.round_trips;
+    let before = a
+        .status(StatusQuery::provider("p0"))
+        .into_iter()
+        .next()
+        .unwrap()
+        .replication
+        .round_trips;
     a.sync().unwrap();
-    let after = a.budget_status("p0").unwrap().replication.round_trips;
+    let after = a
+        .status(StatusQuery::provider("p0"))
+        .into_iter()
+        .next()
+        .unwrap()
+        .replication
+        .round_trips;
     assert_eq!(after - before, masters.len() as u64);
 }
 
@@ -113,7 +135,7 @@ fn a_master_that_is_down_fails_only_its_budgets() {
     let dir = tempfile::tempdir().unwrap();
     let a = open(dir.path(), &[cluster.url(0)], "a", at);
     for p in PROVIDERS {
-        a.record(p, Money::from_nanos(5)).unwrap();
+        a.charge(Spend::provider(p, Money::from_nanos(5))).unwrap();
     }
     a.sync().unwrap();
     // Kill a master serving some budgets, not node 0 (the first seed stays reachable).
@@ -133,7 +155,7 @@ fn a_master_that_is_down_fails_only_its_budgets() {
     a.sync().unwrap();
     cluster.nodes[victim].kill();
     for p in PROVIDERS {
-        a.record(p, Money::from_nanos(1)).unwrap();
+        a.charge(Spend::provider(p, Money::from_nanos(1))).unwrap();
     }
     let started = Instant::now();
     // The round succeeds: the live masters' budgets sync; the dead one's are problems.
@@ -144,7 +166,11 @@ fn a_master_that_is_down_fails_only_its_budgets() {
         started.elapsed()
     );
     for p in PROVIDERS {
-        let status = a.budget_status(p).unwrap();
+        let status = a
+            .status(StatusQuery::provider(p))
+            .into_iter()
+            .next()
+            .unwrap();
         let m = cluster.nodes[victim].port();
         if dead_providers.contains(&p) {
             let problem = status.replication_problem.unwrap_or_default();
@@ -173,8 +199,10 @@ fn fleet_totals_are_exact_after_a_master_fails_over_to_its_replica() {
     let mut expected = [0u64; 6];
     let spend_round = |cost: u64, expected: &mut [u64; 6]| {
         for (i, p) in PROVIDERS.iter().enumerate() {
-            a.record(p, Money::from_nanos(cost)).unwrap();
-            b.record(p, Money::from_nanos(2 * cost)).unwrap();
+            a.charge(Spend::provider(p, Money::from_nanos(cost)))
+                .unwrap();
+            b.charge(Spend::provider(p, Money::from_nanos(2 * cost)))
+                .unwrap();
             expected[i] += 3 * cost;
         }
     };
@@ -227,7 +255,12 @@ fn fleet_totals_are_exact_after_a_master_fails_over_to_its_replica() {
         let exact = PROVIDERS.iter().zip(expected).all(|(p, want)| {
             spend(&a, p) == want
                 && spend(&b, p) == want
-                && a.budget_status(p).unwrap().replication_problem.is_none()
+                && a.status(StatusQuery::provider(p))
+                    .into_iter()
+                    .next()
+                    .unwrap()
+                    .replication_problem
+                    .is_none()
         });
         if exact {
             break;
@@ -276,7 +309,10 @@ fn soft_limit_claims_go_to_the_master_of_their_slot() {
         r.connect_timeout = Duration::from_millis(500);
         r.command_timeout = Duration::from_millis(1000);
         c.redis = Some(r);
-        let l = Limiter::open_with_clock(c, Arc::new(clock.clone())).unwrap();
+        let l = Limiter::builder(c)
+            .clock(Arc::new(clock.clone()))
+            .open()
+            .unwrap();
         let (sink, me) = (Arc::clone(&fired), id.to_owned());
         l.on_soft_limit(move |e| {
             sink.lock()
@@ -289,8 +325,10 @@ fn soft_limit_claims_go_to_the_master_of_their_slot() {
     let (a, b) = (node("n1", &da), node("n2", &db));
     let usd = |n: u64| Money::from_nanos(n * 1_000_000_000);
     for cost in [6, 4] {
-        a.charge("x", &["t"], usd(cost)).unwrap();
-        b.charge("x", &["t"], usd(cost)).unwrap();
+        a.charge(Spend::deployment("x", usd(cost)).tags(&["t"]))
+            .unwrap();
+        b.charge(Spend::deployment("x", usd(cost)).tags(&["t"]))
+            .unwrap();
     }
     drop(a); // waits for its alert thread: every claim answered
     drop(b);
@@ -325,7 +363,10 @@ fn strict_budgets_grant_within_the_limit_on_a_cluster() {
         .unwrap()
         .budgets;
         c.redis.as_mut().unwrap().sync_interval = Duration::from_millis(100);
-        Limiter::open_with_clock(c, Arc::new(FakeClock::new(at))).unwrap()
+        Limiter::builder(c)
+            .clock(Arc::new(FakeClock::new(at)))
+            .open()
+            .unwrap()
     };
     let a = strict(da.path(), "a");
     let b = strict(db.path(), "b");
@@ -339,9 +380,9 @@ fn strict_budgets_grant_within_the_limit_on_a_cluster() {
         while denied_in_a_row < 20 {
             assert!(Instant::now() < deadline, "{provider}: never exhausted");
             let node = if committed.is_multiple_of(2) { &a } else { &b };
-            match node.reserve(&deployment.as_str(), usd(25)) {
+            match node.reserve(&[&deployment.as_str()], usd(25)).wait() {
                 Ok(r) => {
-                    r.commit(usd(25)).unwrap();
+                    r.commit(usd(25)).unwrap().wait().unwrap();
                     committed += 1;
                     denied_in_a_row = 0;
                 }
@@ -374,7 +415,7 @@ fn clean_budgets_are_tracked_on_every_master_and_changes_still_seen() {
     let a = open(da.path(), &[cluster.url(0)], "a", at);
     let b = open(db.path(), &[cluster.url(1)], "b", at);
     for p in PROVIDERS {
-        a.record(p, Money::from_nanos(5)).unwrap();
+        a.charge(Spend::provider(p, Money::from_nanos(5))).unwrap();
     }
     for _ in 0..3 {
         a.sync().unwrap();
@@ -382,7 +423,12 @@ fn clean_budgets_are_tracked_on_every_master_and_changes_still_seen() {
     }
     // Every master's connection tracks b's reads: a clean round reads none of the six.
     let figures = |l: &Limiter| {
-        let r = l.budget_status("p0").unwrap().replication;
+        let r = l
+            .status(StatusQuery::provider("p0"))
+            .into_iter()
+            .next()
+            .unwrap()
+            .replication;
         (
             r.last_round.keys_read,
             r.last_round.keys_unchanged,
@@ -392,7 +438,8 @@ fn clean_budgets_are_tracked_on_every_master_and_changes_still_seen() {
     assert_eq!(figures(&b), (6, 6, true));
     // a's spend in one budget (on one master) is read there, and only there.
     for (k, p) in PROVIDERS.iter().enumerate() {
-        a.record(p, Money::from_nanos(100)).unwrap();
+        a.charge(Spend::provider(p, Money::from_nanos(100)))
+            .unwrap();
         a.sync().unwrap();
         b.sync().unwrap();
         assert_eq!(figures(&b), (6, 5, true), "{p}");

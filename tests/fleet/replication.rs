@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use jiff::{SignedDuration, Timestamp};
 use provider_budgets::{Clock, Config, FakeClock, Limiter, Money, RedisConfig, ReplicationError};
+use provider_budgets::{Spend, StatusQuery};
 use redis_server::RedisServer;
 
 /// The tests' start time: 30 s into the current minute of the real clock. Fake, so that
@@ -55,15 +56,22 @@ fn config(dir: &Path, url: &str, node: &str, prefix: &str) -> Config {
 }
 
 fn open(dir: &Path, url: &str, node: &str, prefix: &str, clock: &Arc<FakeClock>) -> Limiter {
-    Limiter::open_with_clock(config(dir, url, node, prefix), clock.clone()).unwrap()
+    Limiter::builder(config(dir, url, node, prefix))
+        .clock(clock.clone())
+        .open()
+        .unwrap()
 }
 
 fn spend(l: &Limiter, provider: &str) -> Money {
-    l.budget_status(provider).unwrap().spend
+    l.status(StatusQuery::provider(provider))
+        .into_iter()
+        .next()
+        .unwrap()
+        .spend
 }
 
 fn spend_at(l: &Limiter, provider: &str, at: Timestamp) -> Money {
-    l.status_at(at)
+    l.status(StatusQuery::all().at(at))
         .into_iter()
         .find(|s| s.provider == provider)
         .unwrap()
@@ -108,7 +116,9 @@ fn two_and_three_nodes_converge_to_the_exact_sum() {
         for k in 0..300u64 {
             let i = (k as usize * 7 + 3) % n;
             let cost = 1 + k * 1_234_567 % 999_999_937;
-            nodes[i].record("openai", nanos(cost)).unwrap();
+            nodes[i]
+                .charge(Spend::provider("openai", nanos(cost)))
+                .unwrap();
             total += cost;
             own[i] += cost;
         }
@@ -117,7 +127,11 @@ fn two_and_three_nodes_converge_to_the_exact_sum() {
         for (i, node) in nodes.iter().enumerate() {
             assert_eq!(spend(node, "openai"), nanos(total), "node {i} of {n}");
             assert_eq!(
-                node.budget_status("openai").unwrap().own_spend,
+                node.status(StatusQuery::provider("openai"))
+                    .into_iter()
+                    .next()
+                    .unwrap()
+                    .own_spend,
                 nanos(own[i])
             );
             assert_eq!(spend(node, "anthropic"), Money::ZERO);
@@ -141,12 +155,12 @@ fn one_sync_is_one_round_trip_whatever_the_number_of_records() {
     node.sync().unwrap(); // the script is loaded from here on
     for records in [1u64, 1000, 20_000] {
         for _ in 0..records {
-            node.record("openai", nanos(1)).unwrap();
-            node.record("anthropic", nanos(1)).unwrap();
+            node.charge(Spend::provider("openai", nanos(1))).unwrap();
+            node.charge(Spend::provider("anthropic", nanos(1))).unwrap();
         }
-        let before = node.status()[0].replication.round_trips;
+        let before = node.status(StatusQuery::all())[0].replication.round_trips;
         node.sync().unwrap();
-        let after = node.status()[0].replication.round_trips;
+        let after = node.status(StatusQuery::all())[0].replication.round_trips;
         assert_eq!(after - before, 1, "{records} records");
     }
 }
@@ -163,8 +177,10 @@ fn redis_killed_restarted_empty_or_flushed_loses_and_doubles_nothing() {
     let mut total = 0u64;
     let mut step = |a: &Limiter, b: &Limiter, k: u64| {
         for j in 0..50 {
-            a.record("anthropic", nanos(10 + j + k)).unwrap();
-            b.record("anthropic", nanos(1000 + j * k)).unwrap();
+            a.charge(Spend::provider("anthropic", nanos(10 + j + k)))
+                .unwrap();
+            b.charge(Spend::provider("anthropic", nanos(1000 + j * k)))
+                .unwrap();
             total += 10 + j + k + 1000 + j * k;
         }
         total
@@ -182,9 +198,19 @@ fn redis_killed_restarted_empty_or_flushed_loses_and_doubles_nothing() {
         "sync hung: {err}"
     );
     assert!(err.contains("redis") && !err.contains('\n'), "{err}");
-    assert!(a.status()[0].replication.last_error.is_some());
+    assert!(a.status(StatusQuery::all())[0]
+        .replication
+        .last_error
+        .is_some());
     // Others' last known spend still counts while Redis is down.
-    assert!(spend(&a, "anthropic") > a.budget_status("anthropic").unwrap().own_spend);
+    assert!(
+        spend(&a, "anthropic")
+            > a.status(StatusQuery::provider("anthropic"))
+                .into_iter()
+                .next()
+                .unwrap()
+                .own_spend
+    );
 
     // Restarted empty: the next rounds restore the fleet totals from the nodes' absolute totals.
     server.restart();
@@ -203,10 +229,27 @@ fn redis_killed_restarted_empty_or_flushed_loses_and_doubles_nothing() {
     // Redis itself holds exactly each node's own total again.
     let key = format!(
         "wipe:{{anthropic:1m}}:{}",
-        a.budget_status("anthropic").unwrap().window.start_secs()
+        a.status(StatusQuery::provider("anthropic"))
+            .into_iter()
+            .next()
+            .unwrap()
+            .window
+            .start_secs()
     );
-    let own_a = a.budget_status("anthropic").unwrap().own_spend.as_nanos();
-    let own_b = b.budget_status("anthropic").unwrap().own_spend.as_nanos();
+    let own_a = a
+        .status(StatusQuery::provider("anthropic"))
+        .into_iter()
+        .next()
+        .unwrap()
+        .own_spend
+        .as_nanos();
+    let own_b = b
+        .status(StatusQuery::provider("anthropic"))
+        .into_iter()
+        .next()
+        .unwrap()
+        .own_spend
+        .as_nanos();
     assert_eq!(own_a + own_b, expected);
     assert_eq!(server.command(&["HGET", &key, "a"]), own_a.to_string());
     assert_eq!(server.command(&["HGET", &key, "b"]), own_b.to_string());
@@ -227,11 +270,15 @@ fn redis_down_at_start_then_recovered() {
         started.elapsed() < Duration::from_secs(5),
         "open hung on a dead Redis"
     );
-    let status = a.budget_status("openai").unwrap();
+    let status = a
+        .status(StatusQuery::provider("openai"))
+        .into_iter()
+        .next()
+        .unwrap();
     assert!(status.replication.enabled && status.replication.stale);
     assert!(status.replication.last_sync.is_none());
-    a.record("openai", nanos(7)).unwrap();
-    b.record("openai", nanos(11)).unwrap();
+    a.charge(Spend::provider("openai", nanos(7))).unwrap();
+    b.charge(Spend::provider("openai", nanos(11))).unwrap();
     assert!(a.sync().is_err());
     assert_eq!(spend(&a, "openai"), nanos(7));
 
@@ -239,7 +286,11 @@ fn redis_down_at_start_then_recovered() {
     converge(&[&a, &b]);
     assert_eq!(spend(&a, "openai"), nanos(18));
     assert_eq!(spend(&b, "openai"), nanos(18));
-    let status = a.budget_status("openai").unwrap();
+    let status = a
+        .status(StatusQuery::provider("openai"))
+        .into_iter()
+        .next()
+        .unwrap();
     assert!(!status.replication.stale && status.replication.last_error.is_none());
 }
 
@@ -252,7 +303,7 @@ fn others_spend_survives_a_restart_while_redis_is_down() {
     let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let a = open(da.path(), &server.url(), "a", "peers", &clock);
     let b = open(db.path(), &server.url(), "b", "peers", &clock);
-    b.record("openai", nanos(500)).unwrap();
+    b.charge(Spend::provider("openai", nanos(500))).unwrap();
     converge(&[&a, &b]);
     assert_eq!(spend(&a, "openai"), nanos(500));
     drop(a);
@@ -263,7 +314,14 @@ fn others_spend_survives_a_restart_while_redis_is_down() {
         nanos(500),
         "peers' spend was not kept in sled"
     );
-    assert_eq!(a.budget_status("openai").unwrap().own_spend, Money::ZERO);
+    assert_eq!(
+        a.status(StatusQuery::provider("openai"))
+            .into_iter()
+            .next()
+            .unwrap()
+            .own_spend,
+        Money::ZERO
+    );
 }
 
 #[test]
@@ -291,7 +349,8 @@ fn two_nodes_crossing_a_window_boundary_at_once_lose_nothing() {
                     } else {
                         boundary + SignedDuration::from_millis((k % 1000) as i64)
                     };
-                    node.record_at("anthropic", nanos(cost), at).unwrap();
+                    node.charge(Spend::provider("anthropic", nanos(cost)).at(at))
+                        .unwrap();
                     if at < boundary {
                         pre += cost
                     } else {
@@ -335,7 +394,9 @@ fn two_nodes_crossing_a_window_boundary_at_once_lose_nothing() {
     for node in [&a, &b] {
         node.sync().unwrap();
         let r = node
-            .budget_status("anthropic")
+            .status(StatusQuery::provider("anthropic"))
+            .into_iter()
+            .next()
             .unwrap()
             .replication
             .last_round;
@@ -355,15 +416,22 @@ fn a_node_whose_disk_was_wiped_neither_recounts_nor_loses_its_old_spend() {
     let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let a = open(da.path(), &server.url(), "a", "adopt", &clock);
     let b = open(db.path(), &server.url(), "b", "adopt", &clock);
-    a.record("openai", nanos(300)).unwrap();
-    b.record("openai", nanos(40)).unwrap();
+    a.charge(Spend::provider("openai", nanos(300))).unwrap();
+    b.charge(Spend::provider("openai", nanos(40))).unwrap();
     converge(&[&a, &b]);
     drop(a);
     std::fs::remove_dir_all(da.path()).unwrap();
     let a = open(da.path(), &server.url(), "a", "adopt", &clock);
     assert_eq!(spend(&a, "openai"), nanos(340));
-    assert_eq!(a.budget_status("openai").unwrap().own_spend, Money::ZERO);
-    a.record("openai", nanos(5)).unwrap();
+    assert_eq!(
+        a.status(StatusQuery::provider("openai"))
+            .into_iter()
+            .next()
+            .unwrap()
+            .own_spend,
+        Money::ZERO
+    );
+    a.charge(Spend::provider("openai", nanos(5))).unwrap();
     converge(&[&a, &b]);
     assert_eq!(spend(&a, "openai"), nanos(345));
     assert_eq!(spend(&b, "openai"), nanos(345));
@@ -371,16 +439,22 @@ fn a_node_whose_disk_was_wiped_neither_recounts_nor_loses_its_old_spend() {
     assert_eq!(spend(&b, "openai"), nanos(345), "stable");
     // Both contributions survive a restart without Redis (own on disk, the rest in peers).
     drop(a);
-    let a = Limiter::open_with_clock(
-        {
-            let mut c = config(da.path(), "redis://127.0.0.1:1/", "a", "adopt");
-            c.redis = None;
-            c
-        },
-        clock.clone(),
-    )
+    let a = Limiter::builder({
+        let mut c = config(da.path(), "redis://127.0.0.1:1/", "a", "adopt");
+        c.redis = None;
+        c
+    })
+    .clock(clock.clone())
+    .open()
     .unwrap();
-    assert_eq!(a.budget_status("openai").unwrap().own_spend, nanos(5));
+    assert_eq!(
+        a.status(StatusQuery::provider("openai"))
+            .into_iter()
+            .next()
+            .unwrap()
+            .own_spend,
+        nanos(5)
+    );
     assert_eq!(spend(&a, "openai"), nanos(345));
 }
 
@@ -394,7 +468,7 @@ fn a_node_whose_totals_were_lost_takes_back_its_own_spend_from_redis() {
     let clock = clock();
     let da = tempfile::tempdir().unwrap();
     let a = open(da.path(), &server.url(), "a", "adopt2", &clock);
-    a.record("openai", nanos(300)).unwrap();
+    a.charge(Spend::provider("openai", nanos(300))).unwrap();
     a.sync().unwrap();
     drop(a);
     let now = clock.now().as_second();
@@ -402,7 +476,14 @@ fn a_node_whose_totals_were_lost_takes_back_its_own_spend_from_redis() {
     assert_eq!(server.command(&["HGET", &key, "a"]), "300");
     server.command(&["HSET", &key, "a", "500"]);
     let a = open(da.path(), &server.url(), "a", "adopt2", &clock);
-    assert_eq!(a.budget_status("openai").unwrap().own_spend, nanos(500));
+    assert_eq!(
+        a.status(StatusQuery::provider("openai"))
+            .into_iter()
+            .next()
+            .unwrap()
+            .own_spend,
+        nanos(500)
+    );
 }
 
 #[test]
@@ -412,7 +493,7 @@ fn an_unreachable_redis_is_a_bounded_one_line_error() {
     // Port 1 on loopback: nothing listens, the connection is refused.
     let started = Instant::now();
     let node = open(dir.path(), "redis://127.0.0.1:1/", "x", "none", &clock);
-    node.record("openai", nanos(1)).unwrap();
+    node.charge(Spend::provider("openai", nanos(1))).unwrap();
     let err = node.sync().unwrap_err().to_string();
     assert!(started.elapsed() < Duration::from_secs(5));
     assert!(err.contains("127.0.0.1:1") && !err.contains('\n'), "{err}");
@@ -533,7 +614,7 @@ mod fleet_model {
                     nodes[node]
                         .as_ref()
                         .unwrap()
-                        .record(PROVIDERS[provider].0, nanos(cost))
+                        .charge(Spend::provider(PROVIDERS[provider].0, nanos(cost)))
                         .unwrap();
                     *model.entry((provider, start)).or_default() += cost;
                     *own_model.entry((node, provider, start)).or_default() += cost;
@@ -575,7 +656,7 @@ mod fleet_model {
                 let at = Timestamp::from_second(start).unwrap();
                 for (i, node) in live.iter().enumerate() {
                     let status = node
-                        .status_at(at)
+                        .status(StatusQuery::all().at(at))
                         .into_iter()
                         .find(|s| s.provider == *name)
                         .unwrap();
@@ -624,7 +705,13 @@ mod fleet_model {
         for (i, node) in live.iter().enumerate() {
             let r = node.sync();
             prop_assert!(expected(&r, false, shared(i)), "{:?}", r);
-            let figures = node.budget_status("openai").unwrap().replication.last_round;
+            let figures = node
+                .status(StatusQuery::provider("openai"))
+                .into_iter()
+                .next()
+                .unwrap()
+                .replication
+                .last_round;
             if !shared(i) {
                 prop_assert_eq!(figures.keys_written, 0, "node {}: {:?}", i, figures);
             }
@@ -666,8 +753,11 @@ fn a_redis_that_accepts_but_never_answers_is_a_bounded_error_not_a_hang() {
         r.command_timeout = Duration::from_millis(300);
     }
     let started = Instant::now();
-    let node = Limiter::open_with_clock(config, clock.clone()).unwrap();
-    node.record("openai", nanos(3)).unwrap();
+    let node = Limiter::builder(config)
+        .clock(clock.clone())
+        .open()
+        .unwrap();
+    node.charge(Spend::provider("openai", nanos(3))).unwrap();
     let err = node.sync().unwrap_err().to_string();
     assert!(
         started.elapsed() < Duration::from_secs(3),
@@ -692,11 +782,18 @@ fn clean_windows_are_only_read_across_restarts_and_an_emptied_redis_is_healed() 
     let clock = clock();
     let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let url = server.url();
-    let figures = |l: &Limiter| l.budget_status("openai").unwrap().replication.last_round;
+    let figures = |l: &Limiter| {
+        l.status(StatusQuery::provider("openai"))
+            .into_iter()
+            .next()
+            .unwrap()
+            .replication
+            .last_round
+    };
     let a = open(da.path(), &url, "a", "clean", &clock);
     let b = open(db.path(), &url, "b", "clean", &clock);
-    a.record("openai", nanos(40)).unwrap();
-    b.record("anthropic", nanos(2)).unwrap();
+    a.charge(Spend::provider("openai", nanos(40))).unwrap();
+    b.charge(Spend::provider("anthropic", nanos(2))).unwrap();
     a.sync().unwrap();
     assert_eq!((figures(&a).keys_written, figures(&a).keys_read), (1, 1));
     a.sync().unwrap();
@@ -726,7 +823,7 @@ fn clean_windows_are_only_read_across_restarts_and_an_emptied_redis_is_healed() 
     a.sync().unwrap();
     assert_eq!(spend(&a, "anthropic"), nanos(2));
     // A new record makes exactly that window dirty.
-    a.record("openai", nanos(1)).unwrap();
+    a.charge(Spend::provider("openai", nanos(1))).unwrap();
     a.sync().unwrap();
     assert_eq!(figures(&a).keys_written, 1);
     assert_eq!(server.command(&["HGET", &key, "~total"]), "41");
@@ -747,8 +844,14 @@ fn a_round_that_runs_late_does_not_make_the_next_ones_pile_up() {
         r.sync_interval = interval;
         r.command_timeout = Duration::from_secs(3);
     }
-    let node = Limiter::open_with_clock(c, clock.clone()).unwrap();
-    let status = || node.budget_status("openai").unwrap().replication;
+    let node = Limiter::builder(c).clock(clock.clone()).open().unwrap();
+    let status = || {
+        node.status(StatusQuery::provider("openai"))
+            .into_iter()
+            .next()
+            .unwrap()
+            .replication
+    };
     let wait_for = |what: &str, done: &dyn Fn() -> bool| {
         let deadline = Instant::now() + Duration::from_secs(5);
         while !done() {

@@ -8,6 +8,7 @@ use provider_budgets_test_support::redis_server;
 
 use std::sync::{Arc, Mutex};
 
+use provider_budgets::Spend;
 use provider_budgets::{Config, FakeClock, Limiter, Money, RedisConfig, SoftLimitCrossed};
 use redis_server::RedisServer;
 
@@ -32,7 +33,10 @@ fn node(
         r.command_timeout = std::time::Duration::from_millis(500);
         config.redis = Some(r);
     }
-    let l = Limiter::open_with_clock(config, Arc::new(clock.clone())).unwrap();
+    let l = Limiter::builder(config)
+        .clock(Arc::new(clock.clone()))
+        .open()
+        .unwrap();
     let sink = Arc::clone(fired);
     let me = id.to_owned();
     l.on_soft_limit(move |e: &SoftLimitCrossed| {
@@ -65,10 +69,14 @@ fn two_nodes_crossing_the_same_threshold_fire_once_through_redis() {
     let a = node(Some(&server.url()), "n1", &da, &clock, &fired);
     let b = node(Some(&server.url()), "n2", &db, &clock, &fired);
     // Each node's own spend crosses 0.5 in its own view (6 of 10), then 0.9 (10 of 10).
-    a.charge("x", &["t"], usd(6)).unwrap();
-    b.charge("x", &["t"], usd(6)).unwrap();
-    a.charge("x", &["t"], usd(4)).unwrap();
-    b.charge("x", &["t"], usd(4)).unwrap();
+    a.charge(Spend::deployment("x", usd(6)).tags(&["t"]))
+        .unwrap();
+    b.charge(Spend::deployment("x", usd(6)).tags(&["t"]))
+        .unwrap();
+    a.charge(Spend::deployment("x", usd(4)).tags(&["t"]))
+        .unwrap();
+    b.charge(Spend::deployment("x", usd(4)).tags(&["t"]))
+        .unwrap();
     drop(a); // waits for its alert thread: every claim answered
     drop(b);
     assert_eq!(fractions(&fired), [0.5, 0.9], "{:?}", fired.lock().unwrap());
@@ -88,8 +96,10 @@ fn without_redis_each_node_fires_once_per_window() {
     let a = node(None, "n1", &da, &clock, &fired);
     let b = node(None, "n2", &db, &clock, &fired);
     for _ in 0..2 {
-        a.charge("x", &["t"], usd(6)).unwrap();
-        b.charge("x", &["t"], usd(6)).unwrap();
+        a.charge(Spend::deployment("x", usd(6)).tags(&["t"]))
+            .unwrap();
+        b.charge(Spend::deployment("x", usd(6)).tags(&["t"]))
+            .unwrap();
     }
     assert_eq!(fractions(&fired), [0.5, 0.5, 0.9, 0.9]);
 }
@@ -105,7 +115,8 @@ fn with_redis_down_a_node_fires_rather_than_lose_the_alert() {
     let fired: Fired = Arc::default();
     let a = node(Some(&url), "n1", &d, &clock, &fired);
     server.kill();
-    a.charge("x", &["t"], usd(6)).unwrap();
+    a.charge(Spend::deployment("x", usd(6)).tags(&["t"]))
+        .unwrap();
     drop(a);
     assert_eq!(fractions(&fired), [0.5]);
 }

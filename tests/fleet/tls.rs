@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use jiff::Timestamp;
 use provider_budgets::{Config, Error, FakeClock, Limiter, Money, RedisConfig};
+use provider_budgets::{Spend, StatusQuery};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 use redis_server::RedisServer;
 
@@ -102,11 +103,18 @@ fn config(dir: &Path, url: &str, node: &str, ca: Option<&Path>, insecure: bool) 
 }
 
 fn open(config: Config) -> Result<Limiter, Error> {
-    Limiter::open_with_clock(config, Arc::new(FakeClock::new(Timestamp::now())))
+    Limiter::builder(config)
+        .clock(Arc::new(FakeClock::new(Timestamp::now())))
+        .open()
 }
 
 fn spend(l: &Limiter) -> u64 {
-    l.budget_status("openai").unwrap().spend.as_nanos()
+    l.status(StatusQuery::provider("openai"))
+        .into_iter()
+        .next()
+        .unwrap()
+        .spend
+        .as_nanos()
 }
 
 #[test]
@@ -122,7 +130,8 @@ fn two_nodes_are_exact_over_tls_with_a_private_ca() {
     let mut total = 0;
     for k in 1..=50u64 {
         let node = if k % 2 == 0 { &a } else { &b };
-        node.record("openai", Money::from_nanos(k * 1_001)).unwrap();
+        node.charge(Spend::provider("openai", Money::from_nanos(k * 1_001)))
+            .unwrap();
         total += k * 1_001;
     }
     for _ in 0..2 {
@@ -134,10 +143,16 @@ fn two_nodes_are_exact_over_tls_with_a_private_ca() {
     // Client-side tracking works over TLS too: a clean round reads nothing, and b sees a's
     // new spend at its next round.
     b.sync().unwrap();
-    let r = b.budget_status("openai").unwrap().replication;
+    let r = b
+        .status(StatusQuery::provider("openai"))
+        .into_iter()
+        .next()
+        .unwrap()
+        .replication;
     assert!(r.tracking);
     assert_eq!(r.last_round.keys_unchanged, r.last_round.keys_read);
-    a.record("openai", Money::from_nanos(7)).unwrap();
+    a.charge(Spend::provider("openai", Money::from_nanos(7)))
+        .unwrap();
     a.sync().unwrap();
     b.sync().unwrap();
     assert_eq!(spend(&b), total + 7);
@@ -159,7 +174,8 @@ fn a_wrong_ca_is_one_clear_error_line() {
     for ca in [Some(other.as_path()), None] {
         let dir = tempfile::tempdir().unwrap();
         let node = open(config(dir.path(), &url, "a", ca, false)).unwrap();
-        node.record("openai", Money::from_nanos(3)).unwrap();
+        node.charge(Spend::provider("openai", Money::from_nanos(3)))
+            .unwrap();
         let err = node.sync().unwrap_err().to_string();
         eprintln!("{err}");
         assert!(!err.contains('\n'), "{err}");
@@ -207,7 +223,8 @@ fn skipping_verification_is_an_explicit_opt_in_for_tests() {
     };
     let dir = tempfile::tempdir().unwrap();
     let node = open(config(dir.path(), &server.tls_url(), "a", None, true)).unwrap();
-    node.record("openai", Money::from_nanos(9)).unwrap();
+    node.charge(Spend::provider("openai", Money::from_nanos(9)))
+        .unwrap();
     node.sync().unwrap();
     node.sync().unwrap();
     assert_eq!(spend(&node), 9);

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
 use provider_budgets::{Config, FakeClock, Limiter, Money, RedisConfig};
+use provider_budgets::{Spend, StatusQuery};
 use redis_server::RedisServer;
 
 /// Near real time (Redis expires keys by its own clock), 30 s into the current minute.
@@ -46,11 +47,16 @@ fn config(dir: &Path, url: &str, node: &str, interval: Duration) -> Config {
 /// A node whose rounds run when the test says so (`sync`).
 fn open(dir: &Path, url: &str, node: &str, clock: &Arc<FakeClock>) -> Limiter {
     let c = config(dir, url, node, Duration::from_secs(3600));
-    Limiter::open_with_clock(c, clock.clone()).unwrap()
+    Limiter::builder(c).clock(clock.clone()).open().unwrap()
 }
 
 fn spend(l: &Limiter, provider: &str) -> u64 {
-    l.budget_status(provider).unwrap().spend.as_nanos()
+    l.status(StatusQuery::provider(provider))
+        .into_iter()
+        .next()
+        .unwrap()
+        .spend
+        .as_nanos()
 }
 
 fn nanos(n: u64) -> Money {
@@ -59,7 +65,12 @@ fn nanos(n: u64) -> Money {
 
 /// `(keys_read, keys_unchanged)` of the node's last round, and whether it tracks.
 fn figures(l: &Limiter) -> (u64, u64, bool) {
-    let r = l.budget_status("openai").unwrap().replication;
+    let r = l
+        .status(StatusQuery::provider("openai"))
+        .into_iter()
+        .next()
+        .unwrap()
+        .replication;
     (
         r.last_round.keys_read,
         r.last_round.keys_unchanged,
@@ -85,8 +96,8 @@ fn two_clean_nodes(url: &str) -> (Limiter, Limiter, [tempfile::TempDir; 2]) {
     let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
     let a = open(dirs[0].path(), url, "a", &clock);
     let b = open(dirs[1].path(), url, "b", &clock);
-    a.record("openai", nanos(40)).unwrap();
-    b.record("openai", nanos(2)).unwrap();
+    a.charge(Spend::provider("openai", nanos(40))).unwrap();
+    b.charge(Spend::provider("openai", nanos(2))).unwrap();
     for _ in 0..3 {
         a.sync().unwrap();
         b.sync().unwrap();
@@ -104,14 +115,18 @@ fn a_clean_round_with_nothing_changed_reads_no_window_key() {
     let evalsha = calls(&server, "evalsha");
     for node in [&a, &b] {
         let trips = node
-            .budget_status("openai")
+            .status(StatusQuery::provider("openai"))
+            .into_iter()
+            .next()
             .unwrap()
             .replication
             .round_trips;
         node.sync().unwrap();
         // Still one round trip (it proves the connection alive and tracked) ...
         let after = node
-            .budget_status("openai")
+            .status(StatusQuery::provider("openai"))
+            .into_iter()
+            .next()
             .unwrap()
             .replication
             .round_trips;
@@ -135,7 +150,7 @@ fn a_clean_node_sees_another_nodes_new_spend_at_its_next_round() {
         // Alternately a window with spend and one nobody had spent in (an absent key is
         // tracked too).
         let provider = if k % 2 == 0 { "openai" } else { "anthropic" };
-        a.record(provider, nanos(k)).unwrap();
+        a.charge(Spend::provider(provider, nanos(k))).unwrap();
         a.sync().unwrap();
         b.sync().unwrap();
         if provider == "openai" {
@@ -163,7 +178,9 @@ fn flushall_is_healed_and_every_key_read_again() {
     let (a, b, _dirs) = two_clean_nodes(&url);
     let key = |node: &str| {
         let start = a
-            .budget_status("openai")
+            .status(StatusQuery::provider("openai"))
+            .into_iter()
+            .next()
             .unwrap()
             .window
             .start()
@@ -178,7 +195,7 @@ fn flushall_is_healed_and_every_key_read_again() {
     assert_eq!((key("a"), key("b")), ("40".to_owned(), "2".to_owned()));
     assert_eq!((spend(&a, "openai"), spend(&b, "openai")), (42, 42));
     // New spend after the flush is seen too.
-    a.record("openai", nanos(100)).unwrap();
+    a.charge(Spend::provider("openai", nanos(100))).unwrap();
     a.sync().unwrap();
     b.sync().unwrap();
     assert_eq!(spend(&b, "openai"), 142);
@@ -195,7 +212,7 @@ fn a_killed_replication_connection_is_reopened_and_everything_read_again() {
         // skipped); while b has none, a's new spend sends b no invalidation.
         let killed = server.command(&["CLIENT", "KILL", "TYPE", "normal"]);
         assert!(killed.parse::<u64>().unwrap() >= 2, "{killed}");
-        a.record("openai", nanos(1000)).unwrap();
+        a.charge(Spend::provider("openai", nanos(1000))).unwrap();
         a.sync().unwrap();
         b.sync().unwrap();
         // b's new connection vouched for nothing: both windows read, a's spend seen.
@@ -221,7 +238,7 @@ fn a_server_that_refuses_tracking_falls_back_to_reading_and_stays_exact() {
         }
         for k in 1..=3u64 {
             let hmget = calls(&server, "hmget");
-            a.record("openai", nanos(k)).unwrap();
+            a.charge(Spend::provider("openai", nanos(k))).unwrap();
             a.sync().unwrap();
             b.sync().unwrap();
             // Every clean window read every round, as before tracking.
@@ -239,8 +256,8 @@ const LEASE: &str = "trk:{openai:1h}:lease:a";
 fn leased_node(server: &RedisServer) -> (tempfile::TempDir, Limiter) {
     let dir = tempfile::tempdir().unwrap();
     let c = config(dir.path(), &server.url(), "a", Duration::from_millis(50));
-    let a = Limiter::open_with_clock(c, clock()).unwrap();
-    a.record("openai", nanos(1)).unwrap();
+    let a = Limiter::builder(c).clock(clock()).open().unwrap();
+    a.charge(Spend::provider("openai", nanos(1))).unwrap();
     a.sync().unwrap();
     (dir, a)
 }
@@ -285,7 +302,7 @@ fn a_dirty_budget_renews_its_lease_once_a_third_has_passed() {
     let (started, mut rounds) = (Instant::now(), 0u64);
     let mut deleted = false;
     while started.elapsed() < Duration::from_millis(1500) {
-        a.record("openai", nanos(1)).unwrap();
+        a.charge(Spend::provider("openai", nanos(1))).unwrap();
         a.sync().unwrap();
         rounds += 1;
         // Never lapsed, never the long lease of a clean budget.
@@ -296,7 +313,7 @@ fn a_dirty_budget_renews_its_lease_once_a_third_has_passed() {
             // again although no renewal is due.
             server.command(&["DEL", LEASE]);
             deleted = true;
-            a.record("openai", nanos(1)).unwrap();
+            a.charge(Spend::provider("openai", nanos(1))).unwrap();
             a.sync().unwrap();
             assert!(pttl() > 1000, "taken again");
         }
@@ -315,7 +332,7 @@ fn a_dirty_budget_renews_its_lease_once_a_third_has_passed() {
         );
         a.sync().unwrap();
     }
-    a.record("openai", nanos(1)).unwrap();
+    a.charge(Spend::provider("openai", nanos(1))).unwrap();
     a.sync().unwrap();
     assert!(pttl() <= 1150, "{} ms left", pttl());
 }

@@ -1,7 +1,7 @@
 //! The `Limiter` API under bad input and its durability promises:
 //!
 //! * bad input is refused with an error naming the culprit and nothing counted: records for a
-//!   provider without budget (`RecordError::NoBudget`), unparsable money, provider names with
+//!   provider without budget (a receipt counting 0 budgets), unparsable money, provider names with
 //!   `:`, a config without data dir;
 //! * the data dir: a second open in this process is `StoreError::Locked` naming the dir (and
 //!   leaves the first limiter working), drop + reopen in a row works, a damaged stored value is
@@ -23,6 +23,7 @@ use provider_budgets::{
     Config, ConfigError, Error, FakeClock, Limiter, Money, MoneyError, RecordError, StoreError,
     Target, UnknownProvider,
 };
+use provider_budgets::{Spend, StatusQuery, NO_TAGS};
 
 const YAML: &str = "\
 provider_budget_config:
@@ -47,11 +48,19 @@ fn clock() -> FakeClock {
 }
 
 fn open(dir: &Path, clock: &FakeClock) -> Limiter {
-    Limiter::open_with_clock(config(dir), Arc::new(clock.clone())).unwrap()
+    Limiter::builder(config(dir))
+        .clock(Arc::new(clock.clone()))
+        .open()
+        .unwrap()
 }
 
 fn spend(l: &Limiter, provider: &str) -> u64 {
-    l.budget_status(provider).unwrap().spend.as_nanos()
+    l.status(StatusQuery::provider(provider))
+        .into_iter()
+        .next()
+        .unwrap()
+        .spend
+        .as_nanos()
 }
 
 /// Opens the data dir with sled directly. sled releases its file lock asynchronously after the
@@ -93,34 +102,52 @@ fn recording_for_a_provider_without_budget_is_refused_and_counts_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let clock = clock();
     let l = open(dir.path(), &clock);
-    let before = l.status();
-    let no_budget = |provider: &str| RecordError::NoBudget {
-        provider: provider.to_owned(),
-    };
+    let before = l.status(StatusQuery::all());
+    // No budget applies: a value (the receipt counts 0 budgets), never an error.
+    let no_budget = |_provider: &str| 0;
     let cost = usd("1");
-    assert_eq!(l.record("gemini", cost), Err(no_budget("gemini")));
-    assert_eq!(l.record_durable("gemini", cost), Err(no_budget("gemini")));
     assert_eq!(
-        l.record_at("gemini", cost, l.now()),
-        Err(no_budget("gemini"))
+        l.charge(Spend::provider("gemini", cost))
+            .map(|r| r.budgets()),
+        Ok(no_budget("gemini"))
     );
     assert_eq!(
-        l.record_durable_at("Azure", cost, l.now()),
-        Err(no_budget("Azure")),
+        l.charge(Spend::provider("gemini", cost))
+            .and_then(|r| r.wait()),
+        Ok(no_budget("gemini"))
+    );
+    assert_eq!(
+        l.charge(Spend::provider("gemini", cost).at(l.now()))
+            .map(|r| r.budgets()),
+        Ok(no_budget("gemini"))
+    );
+    assert_eq!(
+        l.charge(Spend::provider("Azure", cost).at(l.now()))
+            .and_then(|r| r.wait()),
+        Ok(no_budget("Azure")),
         "provider names are case-sensitive"
     );
-    assert_eq!(l.record("", Money::ZERO), Err(no_budget("")));
-    let msg = l.record("gemini", cost).unwrap_err().to_string();
-    assert!(
-        msg.contains("\"gemini\"") && msg.contains("no budget"),
-        "{msg}"
+    assert_eq!(
+        l.charge(Spend::provider("", Money::ZERO))
+            .map(|r| r.budgets()),
+        Ok(no_budget(""))
     );
-    assert_eq!(l.status(), before);
+    let receipt = l.charge(Spend::provider("gemini", cost)).unwrap();
+    assert_eq!(receipt.budgets(), no_budget("gemini"), "{receipt:?}");
+    assert_eq!(l.status(StatusQuery::all()), before);
     assert!(l.windows("gemini").is_empty());
-    assert!(l.budget_status("gemini").is_none());
+    assert!(l
+        .status(StatusQuery::provider("gemini"))
+        .into_iter()
+        .next()
+        .is_none());
     drop(l);
     let l = open(dir.path(), &clock);
-    assert_eq!(l.status(), before, "nothing was stored either");
+    assert_eq!(
+        l.status(StatusQuery::all()),
+        before,
+        "nothing was stored either"
+    );
 }
 
 /// A value and a check of the error kind it must give.
@@ -210,8 +237,11 @@ fn a_second_open_of_a_dir_in_use_is_locked_and_names_the_dir() {
     let dir = tempfile::tempdir().unwrap();
     let clock = clock();
     let first = open(dir.path(), &clock);
-    first.record("openai", usd("1")).unwrap();
-    let err = Limiter::open_with_clock(config(dir.path()), Arc::new(clock.clone())).unwrap_err();
+    first.charge(Spend::provider("openai", usd("1"))).unwrap();
+    let err = Limiter::builder(config(dir.path()))
+        .clock(Arc::new(clock.clone()))
+        .open()
+        .unwrap_err();
     match &err {
         Error::Storage(StoreError::Locked { dir: d }) => assert_eq!(d, dir.path()),
         other => panic!("expected Locked, got {other:?}"),
@@ -220,7 +250,11 @@ fn a_second_open_of_a_dir_in_use_is_locked_and_names_the_dir() {
     assert!(msg.contains(&dir.path().display().to_string()), "{msg}");
     assert!(!msg.contains('\n'));
     // The refused open disturbed nothing.
-    first.record_durable("openai", usd("2")).unwrap();
+    first
+        .charge(Spend::provider("openai", usd("2")))
+        .unwrap()
+        .wait()
+        .unwrap();
     assert_eq!(spend(&first, "openai"), 3_000_000_000);
     drop(first);
     let again = open(dir.path(), &clock);
@@ -236,7 +270,8 @@ fn drop_and_reopen_in_a_row_keeps_every_record() {
     for i in 0..30u64 {
         let l = open(dir.path(), &clock);
         assert_eq!(spend(&l, "openai"), i, "after {i} restarts");
-        l.record("openai", Money::from_nanos(1)).unwrap();
+        l.charge(Spend::provider("openai", Money::from_nanos(1)))
+            .unwrap();
     }
 }
 
@@ -245,7 +280,7 @@ fn a_corrupt_stored_value_is_reported_with_tree_and_key_and_restoring_it_restore
     let dir = tempfile::tempdir().unwrap();
     let clock = clock();
     let l = open(dir.path(), &clock);
-    l.record("openai", usd("0.5")).unwrap();
+    l.charge(Spend::provider("openai", usd("0.5"))).unwrap();
     drop(l);
 
     // The documented key layout: provider 0x00 period 0x00 start (big-endian, sign flipped).
@@ -300,8 +335,10 @@ fn a_corrupt_stored_value_is_reported_with_tree_and_key_and_restoring_it_restore
             db.open_tree("own").unwrap().insert(&key, bytes).unwrap();
             db.flush().unwrap();
         }
-        let err =
-            Limiter::open_with_clock(config(dir.path()), Arc::new(clock.clone())).unwrap_err();
+        let err = Limiter::builder(config(dir.path()))
+            .clock(Arc::new(clock.clone()))
+            .open()
+            .unwrap_err();
         match &err {
             Error::Storage(StoreError::Corrupt { tree, key, .. }) => {
                 assert_eq!(*tree, "own", "{what}");
@@ -324,7 +361,7 @@ fn a_corrupt_stored_value_is_reported_with_tree_and_key_and_restoring_it_restore
     }
     let l = open(dir.path(), &clock);
     assert_eq!(spend(&l, "openai"), 500_000_000);
-    l.record("openai", usd("0.25")).unwrap();
+    l.charge(Spend::provider("openai", usd("0.25"))).unwrap();
     assert_eq!(spend(&l, "openai"), 750_000_000);
 }
 
@@ -346,9 +383,12 @@ fn concurrent_records_give_an_exact_total_in_memory_on_disk_and_after_reopen() {
                     let c = Money::from_nanos(cost(t, i));
                     let provider = if i % 2 == 0 { "openai" } else { "azure" };
                     if i % 4 < 2 {
-                        l.record_durable(provider, c).unwrap();
+                        l.charge(Spend::provider(provider, c))
+                            .unwrap()
+                            .wait()
+                            .unwrap();
                     } else {
-                        l.record(provider, c).unwrap();
+                        l.charge(Spend::provider(provider, c)).unwrap();
                     }
                 }
             })
@@ -367,7 +407,12 @@ fn concurrent_records_give_an_exact_total_in_memory_on_disk_and_after_reopen() {
     assert_eq!(spend(&l, "openai"), expected(true));
     assert_eq!(spend(&l, "azure"), expected(false));
     assert_eq!(
-        l.budget_status("openai").unwrap().own_spend.as_nanos(),
+        l.status(StatusQuery::provider("openai"))
+            .into_iter()
+            .next()
+            .unwrap()
+            .own_spend
+            .as_nanos(),
         expected(true)
     );
 
@@ -396,8 +441,13 @@ fn record_durable_is_on_disk_when_it_returns() {
             let l = l.clone();
             std::thread::spawn(move || {
                 for i in 0..50u64 {
-                    l.record_durable("openai", Money::from_nanos(t * 100 + i + 1))
-                        .unwrap();
+                    l.charge(Spend::provider(
+                        "openai",
+                        Money::from_nanos(t * 100 + i + 1),
+                    ))
+                    .unwrap()
+                    .wait()
+                    .unwrap();
                 }
             })
         })
@@ -426,9 +476,13 @@ async fn record_durable_async_from_tokio_is_durable() {
             let l = l.clone();
             tokio::spawn(async move {
                 for i in 0..25u64 {
-                    l.record_durable_async("azure", Money::from_nanos(t * 1_000 + i + 1))
-                        .await
-                        .unwrap();
+                    l.charge(Spend::provider(
+                        "azure",
+                        Money::from_nanos(t * 1_000 + i + 1),
+                    ))
+                    .unwrap()
+                    .await
+                    .unwrap();
                 }
             })
         })
@@ -441,10 +495,8 @@ async fn record_durable_async_from_tokio_is_durable() {
         .sum();
     assert_eq!(spend(&l, "azure"), expected);
     assert_eq!(
-        l.record_durable_async("gemini", usd("1")).await,
-        Err(RecordError::NoBudget {
-            provider: "gemini".into()
-        })
+        l.charge(Spend::provider("gemini", usd("1"))).unwrap().await,
+        Ok(0)
     );
     // The data dir as a crash would leave it right after the acknowledgements.
     let copy = tempfile::tempdir().unwrap();
@@ -462,17 +514,24 @@ fn after_shutdown_records_are_refused_and_the_rest_answers() {
     let dir = tempfile::tempdir().unwrap();
     let clock = clock();
     let l = open(dir.path(), &clock);
-    l.record("azure", usd("2")).unwrap();
+    l.charge(Spend::provider("azure", usd("2"))).unwrap();
     let clone = l.clone();
     l.shutdown().unwrap();
-    assert_eq!(clone.record("azure", usd("1")), Err(RecordError::Closed));
     assert_eq!(
-        clone.record_durable("openai", usd("1")),
+        clone
+            .charge(Spend::provider("azure", usd("1")))
+            .map(|r| r.budgets()),
+        Err(RecordError::Closed)
+    );
+    assert_eq!(
+        clone
+            .charge(Spend::provider("openai", usd("1")))
+            .and_then(|r| r.wait()),
         Err(RecordError::Closed)
     );
     assert_eq!(spend(&l, "azure"), 2_000_000_000);
-    assert!(l.filter(&["azure/gpt-4o"]).is_err());
-    assert_eq!(l.filter(&["gpt-4o"]).unwrap().len(), 1);
+    assert!(l.filter(&["azure/gpt-4o"], NO_TAGS).is_err());
+    assert_eq!(l.filter(&["gpt-4o"], NO_TAGS).unwrap().len(), 1);
     l.flush().unwrap();
     drop((l, clone));
     let l = open(dir.path(), &clock);
@@ -489,7 +548,10 @@ fn filter_in_place_and_prepared_answer_like_filter() {
         let clock = clock();
         let mut config = config(dir.path());
         config.unknown_provider = policy;
-        let l = Limiter::open_with_clock(config, Arc::new(clock.clone())).unwrap();
+        let l = Limiter::builder(config)
+            .clock(Arc::new(clock.clone()))
+            .open()
+            .unwrap();
         let bare = |m: &str| Target::parse(m);
         let lists: Vec<Vec<Target>> = vec![
             vec![],
@@ -514,20 +576,20 @@ fn filter_in_place_and_prepared_answer_like_filter() {
         // Fresh, azure exhausted, both exhausted, next hour (azure fresh again).
         let steps: [&dyn Fn(); 4] = [
             &|| {},
-            &|| l.record("azure", usd("2")).unwrap(),
-            &|| l.record("openai", usd("1000")).unwrap(),
+            &|| drop(l.charge(Spend::provider("azure", usd("2"))).unwrap()),
+            &|| drop(l.charge(Spend::provider("openai", usd("1000"))).unwrap()),
             &|| clock.set(ts("2024-06-01T13:00:00Z")),
         ];
         for (step, act) in steps.iter().enumerate() {
             act();
             for (list, prep) in lists.iter().zip(&prepared) {
-                let expected = l.filter(list);
+                let expected = l.filter(list, NO_TAGS);
                 assert_eq!(prep.len(), list.len());
                 assert_eq!(prep.is_empty(), list.is_empty());
                 let mut in_place = list.clone();
-                let r = l.filter_in_place(&mut in_place);
-                let from_prepared = prep.filter();
-                let into = prep.filter_into(&mut out);
+                let r = l.filter_in_place(&mut in_place, NO_TAGS);
+                let from_prepared = prep.filter(NO_TAGS);
+                let into = prep.filter_into(NO_TAGS, &mut out);
                 let ctx = format!("{policy:?} step {step} {list:?}");
                 match expected {
                     Ok(kept) => {
@@ -552,13 +614,16 @@ fn filter_in_place_and_prepared_answer_like_filter() {
             }
         }
         // Spot checks that the scenario exercised both outcomes.
-        assert!(l.filter(&lists[2]).is_ok(), "next hour: azure fresh");
         assert!(
-            l.filter(&lists[1]).is_err(),
+            l.filter(&lists[2], NO_TAGS).is_ok(),
+            "next hour: azure fresh"
+        );
+        assert!(
+            l.filter(&lists[1], NO_TAGS).is_err(),
             "the day's openai budget is spent"
         );
         assert_eq!(
-            l.filter(&lists[4]).is_err(),
+            l.filter(&lists[4], NO_TAGS).is_err(),
             policy == UnknownProvider::Deny
         );
     }
@@ -574,7 +639,7 @@ fn records_older_than_the_retention_are_refused_not_silently_dropped() {
     let l = open(dir.path(), &clock);
     // azure has 1h windows: 10:00-11:00 ended exactly one hour ago, 09:00-10:00 two.
     let err = l
-        .record_at("azure", usd("1"), ts("2024-06-01T09:30:00Z"))
+        .charge(Spend::provider("azure", usd("1")).at(ts("2024-06-01T09:30:00Z")))
         .unwrap_err();
     assert!(matches!(err, RecordError::Expired { .. }), "{err:?}");
     let msg = err.to_string();
@@ -583,11 +648,12 @@ fn records_older_than_the_retention_are_refused_not_silently_dropped() {
         "{msg}"
     );
     let err = l
-        .record_durable_at("azure", usd("1"), ts("2024-06-01T10:59:59Z"))
+        .charge(Spend::provider("azure", usd("1")).at(ts("2024-06-01T10:59:59Z")))
+        .and_then(|r| r.wait())
         .unwrap_err();
     assert!(matches!(err, RecordError::Expired { .. }), "{err:?}");
     assert_eq!(
-        l.status_at(ts("2024-06-01T09:30:00Z"))
+        l.status(StatusQuery::all().at(ts("2024-06-01T09:30:00Z")))
             .iter()
             .find(|s| s.provider == "azure")
             .unwrap()
@@ -595,14 +661,14 @@ fn records_older_than_the_retention_are_refused_not_silently_dropped() {
         Money::ZERO
     );
     // Within the retention: the previous window still takes late records.
-    l.record_at("azure", usd("0.5"), ts("2024-06-01T11:15:00Z"))
+    l.charge(Spend::provider("azure", usd("0.5")).at(ts("2024-06-01T11:15:00Z")))
         .unwrap();
     // The 1d window of openai is current: any time of the day is fine.
-    l.record_at("openai", usd("2"), ts("2024-06-01T00:00:01Z"))
+    l.charge(Spend::provider("openai", usd("2")).at(ts("2024-06-01T00:00:01Z")))
         .unwrap();
     assert_eq!(spend(&l, "openai"), 2_000_000_000);
     let previous = l
-        .status_at(ts("2024-06-01T11:15:00Z"))
+        .status(StatusQuery::all().at(ts("2024-06-01T11:15:00Z")))
         .into_iter()
         .find(|s| s.provider == "azure")
         .unwrap();

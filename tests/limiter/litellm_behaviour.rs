@@ -18,6 +18,7 @@ use std::sync::Arc;
 
 use jiff::{SignedDuration, Timestamp};
 use provider_budgets::{Config, FakeClock, Limiter, Money, Target};
+use provider_budgets::{Spend, StatusQuery, NO_TAGS};
 
 fn ts(s: &str) -> Timestamp {
     s.parse().unwrap()
@@ -32,7 +33,10 @@ fn config(yaml: &str, dir: &tempfile::TempDir) -> Config {
 }
 
 fn open(yaml: &str, dir: &tempfile::TempDir, clock: &FakeClock) -> Limiter {
-    Limiter::open_with_clock(config(yaml, dir), Arc::new(clock.clone())).unwrap()
+    Limiter::builder(config(yaml, dir))
+        .clock(Arc::new(clock.clone()))
+        .open()
+        .unwrap()
 }
 
 const DAILY: &str = "\
@@ -47,17 +51,19 @@ fn exhausted_provider_is_dropped_and_the_others_remain() {
     let clock = FakeClock::new(ts("2024-06-01T12:00:00Z"));
     let l = open(DAILY, &dir, &clock);
     let deployments = ["gpt-4o", "azure/gpt-4o", "o1-mini", "claude-3-5-sonnet"];
-    assert_eq!(l.filter(&deployments).unwrap().len(), 4);
-    l.record("openai", usd("0.999999999")).unwrap();
+    assert_eq!(l.filter(&deployments, NO_TAGS).unwrap().len(), 4);
+    l.charge(Spend::provider("openai", usd("0.999999999")))
+        .unwrap();
     assert_eq!(
-        l.filter(&deployments).unwrap().len(),
+        l.filter(&deployments, NO_TAGS).unwrap().len(),
         4,
         "below the limit by one nano"
     );
-    l.record("openai", usd("0.000000001")).unwrap();
+    l.charge(Spend::provider("openai", usd("0.000000001")))
+        .unwrap();
     // spend >= limit drops every openai deployment (bare model names resolve to openai).
     assert_eq!(
-        l.filter(&deployments).unwrap(),
+        l.filter(&deployments, NO_TAGS).unwrap(),
         [&"azure/gpt-4o", &"claude-3-5-sonnet"]
     );
     // The router's explicit provider wins over the model name.
@@ -65,7 +71,7 @@ fn exhausted_provider_is_dropped_and_the_others_remain() {
         Target::new("gpt-4o", "azure"),
         Target::new("gpt-4o", "openai"),
     ];
-    let left = l.filter(&explicit).unwrap();
+    let left = l.filter(&explicit, NO_TAGS).unwrap();
     assert_eq!(left, [&explicit[0]]);
 }
 
@@ -74,10 +80,13 @@ fn nothing_left_lists_each_provider_with_spend_and_limit_in_litellms_format() {
     let dir = tempfile::tempdir().unwrap();
     let clock = FakeClock::new(ts("2024-06-01T12:00:00Z"));
     let l = open(DAILY, &dir, &clock);
-    l.record("openai", usd("1.5")).unwrap();
-    l.record("azure", usd("2.25")).unwrap();
+    l.charge(Spend::provider("openai", usd("1.5"))).unwrap();
+    l.charge(Spend::provider("azure", usd("2.25"))).unwrap();
     let err = l
-        .filter(&["gpt-4o", "azure/gpt-4o", "o1-mini", "azure/gpt-35"])
+        .filter(
+            &["gpt-4o", "azure/gpt-4o", "o1-mini", "azure/gpt-35"],
+            NO_TAGS,
+        )
         .unwrap_err();
     assert_eq!(
         err.to_string(),
@@ -99,13 +108,13 @@ fn nothing_left_lists_each_provider_with_spend_and_limit_in_litellms_format() {
     );
     assert!(err.unknown.is_empty());
     // Only the providers among the candidates are listed.
-    let err = l.filter(&["azure/gpt-4o"]).unwrap_err();
+    let err = l.filter(&["azure/gpt-4o"], NO_TAGS).unwrap_err();
     assert_eq!(
         err.to_string(),
         "No deployments available - crossed budget: Exceeded budget for provider azure: 2.25 >= 2"
     );
     // An empty candidate list is not an error: there was nothing to drop.
-    assert!(l.filter::<&str>(&[]).unwrap().is_empty());
+    assert!(l.filter::<&str, &str>(&[], NO_TAGS).unwrap().is_empty());
 }
 
 #[test]
@@ -113,8 +122,8 @@ fn providers_without_budget_pass_unknown_ones_follow_the_policy() {
     let dir = tempfile::tempdir().unwrap();
     let clock = FakeClock::new(ts("2024-06-01T12:00:00Z"));
     let l = open(DAILY, &dir, &clock);
-    l.record("openai", usd("5")).unwrap();
-    l.record("azure", usd("5")).unwrap();
+    l.charge(Spend::provider("openai", usd("5"))).unwrap();
+    l.charge(Spend::provider("azure", usd("5"))).unwrap();
     // Every budgeted provider is exhausted; the others still pass (the reference drops them).
     let deployments = [
         "gpt-4o",
@@ -124,7 +133,7 @@ fn providers_without_budget_pass_unknown_ones_follow_the_policy() {
         "azure/gpt-4o",
     ];
     assert_eq!(
-        l.filter(&deployments).unwrap(),
+        l.filter(&deployments, NO_TAGS).unwrap(),
         [
             &"claude-3-5-sonnet",
             &"bedrock/claude-3-haiku",
@@ -132,7 +141,7 @@ fn providers_without_budget_pass_unknown_ones_follow_the_policy() {
         ]
     );
     assert_eq!(
-        l.filter(&["my-private-fine-tune"]).unwrap(),
+        l.filter(&["my-private-fine-tune"], NO_TAGS).unwrap(),
         [&"my-private-fine-tune"]
     );
     drop(l);
@@ -140,10 +149,12 @@ fn providers_without_budget_pass_unknown_ones_follow_the_policy() {
     let deny = format!("{DAILY}provider_budgets:\n  unknown_provider: deny\n");
     let l = open(&deny, &dir, &clock);
     assert_eq!(
-        l.filter(&deployments).unwrap(),
+        l.filter(&deployments, NO_TAGS).unwrap(),
         [&"claude-3-5-sonnet", &"bedrock/claude-3-haiku"]
     );
-    let err = l.filter(&["my-private-fine-tune", "gpt-4o"]).unwrap_err();
+    let err = l
+        .filter(&["my-private-fine-tune", "gpt-4o"], NO_TAGS)
+        .unwrap_err();
     assert_eq!(err.unknown, ["my-private-fine-tune"]);
     assert_eq!(err.exceeded.len(), 1);
     let msg = err.to_string();
@@ -154,7 +165,10 @@ fn providers_without_budget_pass_unknown_ones_follow_the_policy() {
         "{msg}"
     );
     // A provider without budget still passes under `deny`: it is known, just unlimited.
-    assert_eq!(l.filter(&["mistral-large"]).unwrap(), [&"mistral-large"]);
+    assert_eq!(
+        l.filter(&["mistral-large"], NO_TAGS).unwrap(),
+        [&"mistral-large"]
+    );
 }
 
 #[test]
@@ -165,7 +179,7 @@ fn ten_records_of_a_tenth_reach_a_limit_of_one_exactly_on_the_tenth() {
     // Half from text, half from a float cost as a router would get it from a pricing table.
     for i in 0..10 {
         assert_eq!(
-            l.filter(&["gpt-4o"]).unwrap().len(),
+            l.filter(&["gpt-4o"], NO_TAGS).unwrap().len(),
             1,
             "excluded after {i} records"
         );
@@ -174,13 +188,17 @@ fn ten_records_of_a_tenth_reach_a_limit_of_one_exactly_on_the_tenth() {
         } else {
             Money::from_usd(0.1).unwrap()
         };
-        l.record("openai", cost).unwrap();
+        l.charge(Spend::provider("openai", cost)).unwrap();
     }
-    let s = l.budget_status("openai").unwrap();
+    let s = l
+        .status(StatusQuery::provider("openai"))
+        .into_iter()
+        .next()
+        .unwrap();
     assert_eq!(s.spend, Money::from_nanos(1_000_000_000));
     assert_eq!(s.remaining, Money::ZERO);
     assert!(s.exhausted);
-    assert!(l.filter(&["gpt-4o"]).is_err());
+    assert!(l.filter(&["gpt-4o"], NO_TAGS).is_err());
 }
 
 #[test]
@@ -191,20 +209,28 @@ fn many_tiny_costs_sum_exactly() {
     // 100 000 × $0.00001 is exactly $1; a float accumulator drifts away from it.
     let tiny = usd("0.00001");
     for _ in 0..99_999 {
-        l.record("openai", tiny).unwrap();
+        l.charge(Spend::provider("openai", tiny)).unwrap();
     }
-    assert_eq!(l.filter(&["gpt-4o"]).unwrap().len(), 1);
-    l.record("openai", tiny).unwrap();
+    assert_eq!(l.filter(&["gpt-4o"], NO_TAGS).unwrap().len(), 1);
+    l.charge(Spend::provider("openai", tiny)).unwrap();
     assert_eq!(
-        l.budget_status("openai").unwrap().spend,
+        l.status(StatusQuery::provider("openai"))
+            .into_iter()
+            .next()
+            .unwrap()
+            .spend,
         Money::from_nanos(1_000_000_000)
     );
-    assert!(l.filter(&["gpt-4o"]).is_err());
+    assert!(l.filter(&["gpt-4o"], NO_TAGS).is_err());
     l.flush().unwrap();
     drop(l);
     let l = open(DAILY, &dir, &clock);
     assert_eq!(
-        l.budget_status("openai").unwrap().spend,
+        l.status(StatusQuery::provider("openai"))
+            .into_iter()
+            .next()
+            .unwrap()
+            .spend,
         Money::from_nanos(1_000_000_000)
     );
 }
@@ -222,13 +248,13 @@ fn a_budget_for_a_hundred_requests_admits_exactly_a_hundred() {
     let prepared = l.prepare(&deployments);
     let mut admitted = 0;
     for _ in 0..300 {
-        if l.filter(&deployments).is_err() {
-            assert!(prepared.filter().is_err());
+        if l.filter(&deployments, NO_TAGS).is_err() {
+            assert!(prepared.filter(NO_TAGS).is_err());
             continue;
         }
-        assert_eq!(prepared.filter().unwrap(), [0]);
+        assert_eq!(prepared.filter(NO_TAGS).unwrap(), [0]);
         admitted += 1;
-        l.record("openai", usd("0.01")).unwrap();
+        l.charge(Spend::provider("openai", usd("0.01"))).unwrap();
     }
     assert_eq!(admitted, 100);
 }
@@ -244,16 +270,23 @@ fn a_one_second_budget_is_enforced_within_its_second() {
     );
     for second in 0..3 {
         assert!(
-            l.filter(&["gpt-4o"]).is_ok(),
+            l.filter(&["gpt-4o"], NO_TAGS).is_ok(),
             "second {second} starts fresh"
         );
         clock.advance(SignedDuration::from_millis(100));
-        l.record("openai", usd("1")).unwrap();
+        l.charge(Spend::provider("openai", usd("1"))).unwrap();
         // Exhausted for the rest of the second, including its very last instant.
-        assert!(l.filter(&["gpt-4o"]).is_err());
+        assert!(l.filter(&["gpt-4o"], NO_TAGS).is_err());
         clock.advance(SignedDuration::from_millis(899));
-        assert!(l.filter(&["gpt-4o"]).is_err(), "still in second {second}");
-        let s = l.budget_status("openai").unwrap();
+        assert!(
+            l.filter(&["gpt-4o"], NO_TAGS).is_err(),
+            "still in second {second}"
+        );
+        let s = l
+            .status(StatusQuery::provider("openai"))
+            .into_iter()
+            .next()
+            .unwrap();
         assert_eq!(s.spend, Money::from_nanos(1_000_000_000));
         assert_eq!(
             s.window.end_secs() - s.window.start_secs(),
@@ -261,7 +294,14 @@ fn a_one_second_budget_is_enforced_within_its_second() {
             "a 1s window"
         );
         clock.advance(SignedDuration::from_millis(1));
-        assert_eq!(l.budget_status("openai").unwrap().spend, Money::ZERO);
+        assert_eq!(
+            l.status(StatusQuery::provider("openai"))
+                .into_iter()
+                .next()
+                .unwrap()
+                .spend,
+            Money::ZERO
+        );
     }
     // Every second's spend is still there, one window each.
     let windows = l.windows("openai");
@@ -282,25 +322,25 @@ fn the_last_second_of_a_window_keeps_its_spend() {
     let clock = FakeClock::new(last_second);
     let yaml = "provider_budget_config:\n  openai: {budget_limit: 1, time_period: 1m}\n";
     let l = open(yaml, &dir, &clock);
-    l.record("openai", usd("0.6")).unwrap();
+    l.charge(Spend::provider("openai", usd("0.6"))).unwrap();
     clock.set(ts("2024-06-01T12:00:59.5Z"));
-    l.record("openai", usd("0.4")).unwrap();
+    l.charge(Spend::provider("openai", usd("0.4"))).unwrap();
     // The reference sets a TTL of int(seconds left) = 0 here, which deletes the key.
     for at in [last_second, ts("2024-06-01T12:00:59.999Z")] {
         clock.set(at);
-        let s = &l.status_at(at)[0];
+        let s = &l.status(StatusQuery::all().at(at))[0];
         assert_eq!(s.spend, Money::from_nanos(1_000_000_000), "at {at}");
         assert_eq!(s.window.end(), end);
-        assert!(l.filter(&["gpt-4o"]).is_err(), "at {at}");
+        assert!(l.filter(&["gpt-4o"], NO_TAGS).is_err(), "at {at}");
     }
     // At the boundary the new window starts empty...
     clock.set(end);
-    assert!(l.filter(&["gpt-4o"]).is_ok());
-    assert_eq!(l.status()[0].spend, Money::ZERO);
-    assert_eq!(l.status()[0].window.start(), end);
+    assert!(l.filter(&["gpt-4o"], NO_TAGS).is_ok());
+    assert_eq!(l.status(StatusQuery::all())[0].spend, Money::ZERO);
+    assert_eq!(l.status(StatusQuery::all())[0].window.start(), end);
     // ...and the window that ended stays readable.
     assert_eq!(
-        l.status_at(last_second)[0].spend,
+        l.status(StatusQuery::all().at(last_second))[0].spend,
         Money::from_nanos(1_000_000_000)
     );
     let windows = l.windows("openai");
@@ -312,10 +352,10 @@ fn the_last_second_of_a_window_keeps_its_spend() {
     drop(l);
     let l = open(yaml, &dir, &clock);
     assert_eq!(
-        l.status_at(last_second)[0].spend,
+        l.status(StatusQuery::all().at(last_second))[0].spend,
         Money::from_nanos(1_000_000_000)
     );
-    assert_eq!(l.status()[0].spend, Money::ZERO);
+    assert_eq!(l.status(StatusQuery::all())[0].spend, Money::ZERO);
 }
 
 #[test]
@@ -328,21 +368,23 @@ fn a_record_lands_in_its_timestamps_window() {
         &clock,
     );
     // The request started in the previous minute; its cost is known only now.
-    l.record_at("openai", usd("1"), ts("2024-06-01T12:00:59.900Z"))
+    l.charge(Spend::provider("openai", usd("1")).at(ts("2024-06-01T12:00:59.900Z")))
         .unwrap();
-    l.record_durable_at("openai", usd("0.5"), ts("2024-06-01T12:00:00Z"))
+    l.charge(Spend::provider("openai", usd("0.5")).at(ts("2024-06-01T12:00:00Z")))
+        .unwrap()
+        .wait()
         .unwrap();
-    let now = &l.status()[0];
+    let now = &l.status(StatusQuery::all())[0];
     assert_eq!(now.spend, Money::ZERO, "the current window is untouched");
     assert_eq!(now.window.start(), ts("2024-06-01T12:01:00Z"));
-    assert!(l.filter(&["gpt-4o"]).is_ok());
-    let prev = &l.status_at(ts("2024-06-01T12:00:30Z"))[0];
+    assert!(l.filter(&["gpt-4o"], NO_TAGS).is_ok());
+    let prev = &l.status(StatusQuery::all().at(ts("2024-06-01T12:00:30Z")))[0];
     assert_eq!(prev.spend, Money::from_nanos(1_500_000_000));
     assert!(prev.exhausted);
     // A record stamped in the future lands in its own window, not the current one.
-    l.record_at("openai", usd("0.25"), ts("2024-06-01T12:02:00Z"))
+    l.charge(Spend::provider("openai", usd("0.25")).at(ts("2024-06-01T12:02:00Z")))
         .unwrap();
-    assert_eq!(l.status()[0].spend, Money::ZERO);
+    assert_eq!(l.status(StatusQuery::all())[0].spend, Money::ZERO);
     let windows: Vec<(String, u64)> = l
         .windows("openai")
         .into_iter()
@@ -356,7 +398,10 @@ fn a_record_lands_in_its_timestamps_window() {
         ]
     );
     clock.set(ts("2024-06-01T12:02:00Z"));
-    assert_eq!(l.status()[0].spend, Money::from_nanos(250_000_000));
+    assert_eq!(
+        l.status(StatusQuery::all())[0].spend,
+        Money::from_nanos(250_000_000)
+    );
 }
 
 #[test]
@@ -365,41 +410,52 @@ fn a_restart_keeps_every_total() {
     let clock = FakeClock::new(ts("2024-06-01T12:00:00Z"));
     let yaml = "provider_budget_config:\n  openai: {budget_limit: 1, time_period: 1d}\n  azure: {budget_limit: 10, time_period: 1h}\n";
     let l = open(yaml, &dir, &clock);
-    l.record("openai", usd("0.3")).unwrap();
-    l.record("azure", usd("4")).unwrap();
-    l.record_at("azure", usd("1"), ts("2024-06-01T11:30:00Z"))
+    l.charge(Spend::provider("openai", usd("0.3"))).unwrap();
+    l.charge(Spend::provider("azure", usd("4"))).unwrap();
+    l.charge(Spend::provider("azure", usd("1")).at(ts("2024-06-01T11:30:00Z")))
         .unwrap();
-    let before = l.status();
+    let before = l.status(StatusQuery::all());
     drop(l); // the drop commits what is queued
     let l = open(yaml, &dir, &clock);
-    assert_eq!(l.status(), before);
+    assert_eq!(l.status(StatusQuery::all()), before);
     assert_eq!(
-        l.status_at(ts("2024-06-01T11:30:00Z"))[0].spend,
+        l.status(StatusQuery::all().at(ts("2024-06-01T11:30:00Z")))[0].spend,
         Money::from_nanos(1_000_000_000),
         "azure's previous hour"
     );
     // Durable records survive a restart too, and add up with what was there.
-    l.record_durable("openai", usd("0.7")).unwrap();
-    assert!(l.filter(&["gpt-4o"]).is_err());
+    l.charge(Spend::provider("openai", usd("0.7")))
+        .unwrap()
+        .wait()
+        .unwrap();
+    assert!(l.filter(&["gpt-4o"], NO_TAGS).is_err());
     drop(l);
     let l = open(yaml, &dir, &clock);
     assert_eq!(
-        l.budget_status("openai").unwrap().spend,
+        l.status(StatusQuery::provider("openai"))
+            .into_iter()
+            .next()
+            .unwrap()
+            .spend,
         Money::from_nanos(1_000_000_000)
     );
     assert!(
-        l.filter(&["gpt-4o"]).is_err(),
+        l.filter(&["gpt-4o"], NO_TAGS).is_err(),
         "still exhausted after restart"
     );
-    assert_eq!(l.filter(&["azure/gpt-4o"]).unwrap().len(), 1);
+    assert_eq!(l.filter(&["azure/gpt-4o"], NO_TAGS).unwrap().len(), 1);
     // A shutdown instead of a drop keeps them as well.
-    l.record("azure", usd("6")).unwrap();
+    l.charge(Spend::provider("azure", usd("6"))).unwrap();
     l.shutdown().unwrap();
     drop(l);
     let l = open(yaml, &dir, &clock);
     assert_eq!(
-        l.budget_status("azure").unwrap().spend,
+        l.status(StatusQuery::provider("azure"))
+            .into_iter()
+            .next()
+            .unwrap()
+            .spend,
         Money::from_nanos(10_000_000_000)
     );
-    assert!(l.filter(&["azure/gpt-4o"]).is_err());
+    assert!(l.filter(&["azure/gpt-4o"], NO_TAGS).is_err());
 }

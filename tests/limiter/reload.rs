@@ -13,9 +13,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
 
-use provider_budgets::{
-    Config, Error, FakeClock, Limiter, Money, RecordError, RedisConfig, Target,
-};
+use provider_budgets::{Config, Error, FakeClock, Limiter, Money, RedisConfig, Target};
+use provider_budgets::{Spend, StatusQuery, NO_TAGS};
 use redis_server::RedisServer;
 
 const NOW: &str = "2024-06-01T12:00:00Z";
@@ -32,11 +31,17 @@ fn config(dir: &Path, budgets: &str) -> Config {
 
 fn open(dir: &Path, budgets: &str) -> Limiter {
     let clock = FakeClock::new(NOW.parse().unwrap());
-    Limiter::open_with_clock(config(dir, budgets), Arc::new(clock)).unwrap()
+    Limiter::builder(config(dir, budgets))
+        .clock(Arc::new(clock))
+        .open()
+        .unwrap()
 }
 
 fn spend(l: &Limiter, provider: &str) -> Option<u64> {
-    l.budget_status(provider).map(|s| s.spend.as_nanos())
+    l.status(StatusQuery::provider(provider))
+        .into_iter()
+        .next()
+        .map(|s| s.spend.as_nanos())
 }
 
 const OPENAI_1: &str = "  openai: {budget_limit: 1, time_period: 1d}\n";
@@ -46,8 +51,8 @@ const GPT: [&str; 2] = ["gpt-4o", "claude-3-5-sonnet"];
 fn a_changed_limit_applies_at_once_and_keeps_the_spend() {
     let dir = tempfile::tempdir().unwrap();
     let l = open(dir.path(), OPENAI_1);
-    l.record("openai", usd("0.6")).unwrap();
-    assert_eq!(l.filter(&GPT).unwrap().len(), 2);
+    l.charge(Spend::provider("openai", usd("0.6"))).unwrap();
+    assert_eq!(l.filter(&GPT, NO_TAGS).unwrap().len(), 2);
 
     let r = l
         .reload(config(
@@ -57,8 +62,12 @@ fn a_changed_limit_applies_at_once_and_keeps_the_spend() {
         .unwrap();
     assert_eq!(r.changed, ["openai"]);
     assert!(r.added.is_empty() && r.removed.is_empty(), "{r:?}");
-    assert_eq!(l.filter(&GPT).unwrap(), [&"claude-3-5-sonnet"]);
-    let s = l.budget_status("openai").unwrap();
+    assert_eq!(l.filter(&GPT, NO_TAGS).unwrap(), [&"claude-3-5-sonnet"]);
+    let s = l
+        .status(StatusQuery::provider("openai"))
+        .into_iter()
+        .next()
+        .unwrap();
     assert_eq!(
         (s.spend, s.limit, s.exhausted),
         (usd("0.6"), usd("0.5"), true)
@@ -70,7 +79,7 @@ fn a_changed_limit_applies_at_once_and_keeps_the_spend() {
         "  openai: {budget_limit: 2, time_period: 1d}\n",
     ))
     .unwrap();
-    assert_eq!(l.filter(&GPT).unwrap().len(), 2);
+    assert_eq!(l.filter(&GPT, NO_TAGS).unwrap().len(), 2);
     assert_eq!(spend(&l, "openai"), Some(600_000_000));
 }
 
@@ -79,8 +88,9 @@ fn a_new_budget_starts_at_zero_and_is_enforced() {
     let dir = tempfile::tempdir().unwrap();
     let l = open(dir.path(), OPENAI_1);
     assert!(matches!(
-        l.record("anthropic", usd("1")),
-        Err(RecordError::NoBudget { .. })
+        l.charge(Spend::provider("anthropic", usd("1")))
+            .map(|r| r.budgets()),
+        Ok(0)
     ));
     let r = l
         .reload(config(
@@ -93,9 +103,9 @@ fn a_new_budget_starts_at_zero_and_is_enforced() {
         (["anthropic".to_owned()].as_slice(), 2)
     );
     assert_eq!(spend(&l, "anthropic"), Some(0));
-    assert_eq!(l.status().len(), 2);
-    l.record("anthropic", usd("1")).unwrap();
-    assert_eq!(l.filter(&GPT).unwrap(), [&"gpt-4o"]);
+    assert_eq!(l.status(StatusQuery::all()).len(), 2);
+    l.charge(Spend::provider("anthropic", usd("1"))).unwrap();
+    assert_eq!(l.filter(&GPT, NO_TAGS).unwrap(), [&"gpt-4o"]);
 
     // It is stored like any budget: reopen with the new config.
     drop(l);
@@ -110,7 +120,10 @@ fn a_new_budget_starts_at_zero_and_is_enforced() {
 fn a_changed_period_is_a_new_series_and_the_old_one_is_kept() {
     let dir = tempfile::tempdir().unwrap();
     let l = open(dir.path(), OPENAI_1);
-    l.record_durable("openai", usd("0.75")).unwrap();
+    l.charge(Spend::provider("openai", usd("0.75")))
+        .unwrap()
+        .wait()
+        .unwrap();
     let hourly = config(dir.path(), "  openai: {budget_limit: 1, time_period: 1h}\n");
     let r = l.reload(hourly).unwrap();
     assert_eq!(
@@ -121,8 +134,16 @@ fn a_changed_period_is_a_new_series_and_the_old_one_is_kept() {
         )
     );
     assert_eq!(spend(&l, "openai"), Some(0), "a new series");
-    assert_eq!(l.budget_status("openai").unwrap().period.to_string(), "1h");
-    l.record("openai", usd("0.25")).unwrap();
+    assert_eq!(
+        l.status(StatusQuery::provider("openai"))
+            .into_iter()
+            .next()
+            .unwrap()
+            .period
+            .to_string(),
+        "1h"
+    );
+    l.charge(Spend::provider("openai", usd("0.25"))).unwrap();
 
     // Back to daily: the daily series still holds its spend.
     l.reload(config(dir.path(), OPENAI_1)).unwrap();
@@ -140,8 +161,8 @@ fn a_changed_period_is_a_new_series_and_the_old_one_is_kept() {
 fn a_removed_budget_stops_filtering_and_its_spend_survives() {
     let dir = tempfile::tempdir().unwrap();
     let l = open(dir.path(), OPENAI_1);
-    l.record("openai", usd("1")).unwrap();
-    assert_eq!(l.filter(&GPT).unwrap(), [&"claude-3-5-sonnet"]);
+    l.charge(Spend::provider("openai", usd("1"))).unwrap();
+    assert_eq!(l.filter(&GPT, NO_TAGS).unwrap(), [&"claude-3-5-sonnet"]);
 
     let r = l
         .reload(config(
@@ -150,14 +171,23 @@ fn a_removed_budget_stops_filtering_and_its_spend_survives() {
         ))
         .unwrap();
     assert_eq!(r.removed, ["openai"]);
-    assert_eq!(l.filter(&GPT).unwrap().len(), 2, "openai has no budget now");
-    assert!(l.budget_status("openai").is_none());
+    assert_eq!(
+        l.filter(&GPT, NO_TAGS).unwrap().len(),
+        2,
+        "openai has no budget now"
+    );
+    assert!(l
+        .status(StatusQuery::provider("openai"))
+        .into_iter()
+        .next()
+        .is_none());
     assert!(matches!(
-        l.record("openai", usd("1")),
-        Err(RecordError::NoBudget { .. })
+        l.charge(Spend::provider("openai", usd("1")))
+            .map(|r| r.budgets()),
+        Ok(0)
     ));
     let p = l
-        .status()
+        .status(StatusQuery::all())
         .into_iter()
         .map(|s| s.provider)
         .collect::<Vec<_>>();
@@ -166,7 +196,7 @@ fn a_removed_budget_stops_filtering_and_its_spend_survives() {
     // Back again: the spend recorded before is still there and enforced.
     l.reload(config(dir.path(), OPENAI_1)).unwrap();
     assert_eq!(spend(&l, "openai"), Some(1_000_000_000));
-    assert_eq!(l.filter(&GPT).unwrap(), [&"claude-3-5-sonnet"]);
+    assert_eq!(l.filter(&GPT, NO_TAGS).unwrap(), [&"claude-3-5-sonnet"]);
 }
 
 #[test]
@@ -174,7 +204,7 @@ fn an_invalid_or_restart_only_config_is_refused_and_the_old_one_keeps_running() 
     let dir = tempfile::tempdir().unwrap();
     let other = tempfile::tempdir().unwrap();
     let l = open(dir.path(), OPENAI_1);
-    l.record("openai", usd("1")).unwrap();
+    l.charge(Spend::provider("openai", usd("1"))).unwrap();
 
     let mut bad = config(dir.path(), OPENAI_1);
     bad.budgets[0].name = "open:ai".into();
@@ -198,9 +228,16 @@ fn an_invalid_or_restart_only_config_is_refused_and_the_old_one_keeps_running() 
     assert!(e.to_string().contains("window_anchor"), "{e}");
 
     // Nothing changed: the old limit is enforced, records still go to the old budget.
-    assert_eq!(l.budget_status("openai").unwrap().limit, usd("1"));
-    assert_eq!(l.filter(&GPT).unwrap(), [&"claude-3-5-sonnet"]);
-    l.record("openai", usd("1")).unwrap();
+    assert_eq!(
+        l.status(StatusQuery::provider("openai"))
+            .into_iter()
+            .next()
+            .unwrap()
+            .limit,
+        usd("1")
+    );
+    assert_eq!(l.filter(&GPT, NO_TAGS).unwrap(), [&"claude-3-5-sonnet"]);
+    l.charge(Spend::provider("openai", usd("1"))).unwrap();
     assert_eq!(spend(&l, "openai"), Some(2_000_000_000));
 
     // A config without storage dir keeps the running one.
@@ -217,15 +254,15 @@ fn prepared_lists_follow_a_reload() {
         Target::new("claude-3-5-sonnet", "anthropic"),
     ];
     let p = l.prepare(&list);
-    l.record("openai", usd("1")).unwrap();
-    assert_eq!(p.filter().unwrap(), [1]);
+    l.charge(Spend::provider("openai", usd("1"))).unwrap();
+    assert_eq!(p.filter(NO_TAGS).unwrap(), [1]);
     l.reload(config(
         dir.path(),
         "  anthropic: {budget_limit: 0, time_period: 1d}\n",
     ))
     .unwrap();
     assert_eq!(
-        p.filter().unwrap(),
+        p.filter(NO_TAGS).unwrap(),
         [0],
         "openai removed, anthropic blocked"
     );
@@ -246,9 +283,9 @@ fn reloads_racing_with_records_lose_nothing() {
             thread::spawn(move || {
                 let cost = usd("0.001");
                 while !stop.load(Ordering::Relaxed) {
-                    l.record("openai", cost).unwrap();
+                    l.charge(Spend::provider("openai", cost)).unwrap();
                     counted.fetch_add(1, Ordering::Relaxed);
-                    let _ = l.filter(&GPT);
+                    let _ = l.filter(&GPT, NO_TAGS);
                 }
             })
         })
@@ -273,7 +310,14 @@ fn reloads_racing_with_records_lose_nothing() {
     let n = counted.load(Ordering::Relaxed);
     assert!(n > 0);
     assert_eq!(spend(&l, "openai"), Some(n * 1_000_000));
-    assert_eq!(l.budget_status("openai").unwrap().limit, usd("1199"));
+    assert_eq!(
+        l.status(StatusQuery::provider("openai"))
+            .into_iter()
+            .next()
+            .unwrap()
+            .limit,
+        usd("1199")
+    );
     // 100 distinct p{i} budgets were added and removed: 100 slots used, 156 left.
     drop(l);
     let l = open(
@@ -292,7 +336,7 @@ fn more_new_series_than_spare_slots_is_refused_whole() {
         .collect();
     let e = l.reload(config(dir.path(), &many)).unwrap_err();
     assert!(e.to_string().contains("restart"), "{e}");
-    assert_eq!(l.status().len(), 1, "nothing changed");
+    assert_eq!(l.status(StatusQuery::all()).len(), 1, "nothing changed");
     assert_eq!(l.config().budgets.len(), 1);
 }
 
@@ -316,11 +360,17 @@ fn a_budget_added_by_reload_is_replicated() {
     };
     let both = "  openai: {budget_limit: 10, time_period: 1d}\n  anthropic: {budget_limit: 10, time_period: 1d}\n";
     let clock = || Arc::new(FakeClock::new(now));
-    let a = Limiter::open_with_clock(with_redis(da.path(), "a", OPENAI_1), clock()).unwrap();
-    let b = Limiter::open_with_clock(with_redis(db.path(), "b", both), clock()).unwrap();
+    let a = Limiter::builder(with_redis(da.path(), "a", OPENAI_1))
+        .clock(clock())
+        .open()
+        .unwrap();
+    let b = Limiter::builder(with_redis(db.path(), "b", both))
+        .clock(clock())
+        .open()
+        .unwrap();
     a.reload(with_redis(da.path(), "a", both)).unwrap();
-    a.record("anthropic", usd("1.5")).unwrap();
-    b.record("anthropic", usd("0.25")).unwrap();
+    a.charge(Spend::provider("anthropic", usd("1.5"))).unwrap();
+    b.charge(Spend::provider("anthropic", usd("0.25"))).unwrap();
     for _ in 0..2 {
         a.sync().unwrap();
         b.sync().unwrap();
@@ -338,11 +388,18 @@ fn a_budget_added_by_reload_resumes_what_an_earlier_run_stored() {
     let both =
         "  openai: {budget_limit: 10, time_period: 1d}\n  anthropic: {budget_limit: 2, time_period: 1d}\n";
     let l = open(dir.path(), both);
-    l.record_durable("anthropic", usd("1.5")).unwrap();
+    l.charge(Spend::provider("anthropic", usd("1.5")))
+        .unwrap()
+        .wait()
+        .unwrap();
     drop(l);
 
     let l = open(dir.path(), OPENAI_1);
-    assert!(l.budget_status("anthropic").is_none());
+    assert!(l
+        .status(StatusQuery::provider("anthropic"))
+        .into_iter()
+        .next()
+        .is_none());
     let r = l.reload(config(dir.path(), both)).unwrap();
     assert_eq!(r.added, ["anthropic"]);
     assert_eq!(
@@ -350,8 +407,12 @@ fn a_budget_added_by_reload_resumes_what_an_earlier_run_stored() {
         Some(1_500_000_000),
         "resumed, not zero"
     );
-    l.record("anthropic", usd("0.5")).unwrap();
-    assert_eq!(l.filter(&GPT).unwrap(), [&"gpt-4o"], "2 of 2 spent");
+    l.charge(Spend::provider("anthropic", usd("0.5"))).unwrap();
+    assert_eq!(
+        l.filter(&GPT, NO_TAGS).unwrap(),
+        [&"gpt-4o"],
+        "2 of 2 spent"
+    );
     drop(l);
     let l = open(dir.path(), both);
     assert_eq!(

@@ -27,6 +27,7 @@ use std::time::Duration;
 
 use child::{sigkill, spawn_piped};
 use jiff::Timestamp;
+use provider_budgets::StatusQuery;
 use provider_budgets::{
     Config, FakeClock, Limiter, Money, RecordError, Reservation, ReserveError, Scope, NO_TAGS,
 };
@@ -56,13 +57,16 @@ fn open(dir: &Path, clock: &FakeClock) -> Limiter {
         .unwrap()
         .data_dir(dir)
         .reservation_timeout(Duration::from_secs(60));
-    Limiter::open_with_clock(config, Arc::new(clock.clone())).unwrap()
+    Limiter::builder(config)
+        .clock(Arc::new(clock.clone()))
+        .open()
+        .unwrap()
 }
 
 /// (spend, reserved) of a budget now.
 fn row(l: &Limiter, scope: Scope, name: &str) -> (Money, Money) {
     let s = l
-        .status()
+        .status(StatusQuery::all())
         .into_iter()
         .find(|s| s.scope == scope && s.name == name)
         .unwrap();
@@ -75,8 +79,8 @@ fn reservations_are_send_sync_and_ids_are_unique_and_url_safe() {
     send_sync::<Reservation>();
     let dir = tempfile::tempdir().unwrap();
     let l = open(dir.path(), &clock());
-    let a = l.reserve("claude-3-5-sonnet", usd("1")).unwrap();
-    let b = l.reserve("claude-3-5-sonnet", usd("1")).unwrap();
+    let a = l.reserve(&["claude-3-5-sonnet"], usd("1")).wait().unwrap();
+    let b = l.reserve(&["claude-3-5-sonnet"], usd("1")).wait().unwrap();
     assert_ne!(a.id(), b.id());
     for id in [a.id(), b.id()] {
         assert!(
@@ -93,10 +97,10 @@ fn reservations_are_send_sync_and_ids_are_unique_and_url_safe() {
         "2024-06-01T12:01:01Z".parse::<Timestamp>().unwrap(),
         "60 s timeout, whole seconds, at least the timeout"
     );
-    assert_eq!(l.open_reservations(), 2);
-    a.release().unwrap();
-    b.release().unwrap();
-    assert_eq!(l.open_reservations(), 0);
+    assert_eq!(l.health().open_reservations, 2);
+    a.release().unwrap().wait().unwrap();
+    b.release().unwrap().wait().unwrap();
+    assert_eq!(l.health().open_reservations, 0);
 }
 
 #[test]
@@ -104,23 +108,29 @@ fn commit_counts_the_actual_release_nothing_drop_the_estimate() {
     let dir = tempfile::tempdir().unwrap();
     let l = open(dir.path(), &clock());
     // gpt-4o: provider openai (10/d) and model gpt-4o (8/h).
-    let r = l.reserve("gpt-4o", usd("3")).unwrap();
+    let r = l.reserve(&["gpt-4o"], usd("3")).wait().unwrap();
     assert_eq!(row(&l, Scope::Provider, "openai"), (usd("0"), usd("3")));
     assert_eq!(row(&l, Scope::Model, "gpt-4o"), (usd("0"), usd("3")));
-    r.commit(usd("1.25")).unwrap();
+    r.commit(usd("1.25")).unwrap().wait().unwrap();
     assert_eq!(row(&l, Scope::Provider, "openai"), (usd("1.25"), usd("0")));
     assert_eq!(row(&l, Scope::Model, "gpt-4o"), (usd("1.25"), usd("0")));
 
     // Above the estimate: counted in full (the only way past a limit on one node).
-    let r = l.reserve("gpt-4o", usd("1")).unwrap();
-    r.commit(usd("4.5")).unwrap();
+    let r = l.reserve(&["gpt-4o"], usd("1")).wait().unwrap();
+    r.commit(usd("4.5")).unwrap().wait().unwrap();
     assert_eq!(row(&l, Scope::Provider, "openai").0, usd("5.75"));
 
-    l.reserve("gpt-4o", usd("2")).unwrap().release().unwrap();
+    l.reserve(&["gpt-4o"], usd("2"))
+        .wait()
+        .unwrap()
+        .release()
+        .unwrap()
+        .wait()
+        .unwrap();
     assert_eq!(row(&l, Scope::Provider, "openai"), (usd("5.75"), usd("0")));
 
     {
-        let _dropped = l.reserve("gpt-4o", usd("0.5")).unwrap();
+        let _dropped = l.reserve(&["gpt-4o"], usd("0.5")).wait().unwrap();
     }
     assert_eq!(row(&l, Scope::Provider, "openai"), (usd("6.25"), usd("0")));
     assert_eq!(row(&l, Scope::Model, "gpt-4o"), (usd("6.25"), usd("0")));
@@ -136,9 +146,9 @@ fn commit_counts_the_actual_release_nothing_drop_the_estimate() {
 fn a_denial_is_the_filters_error_and_reserve_any_takes_the_first_with_room() {
     let dir = tempfile::tempdir().unwrap();
     let l = open(dir.path(), &clock());
-    let held = l.reserve("gpt-4o-mini", usd("9")).unwrap(); // openai: 9 of 10 held
-                                                            // Held money counts for filter (spend + reserved >= limit blocks at the limit).
-    let err = l.reserve("gpt-4o-mini", usd("1.5")).unwrap_err();
+    let held = l.reserve(&["gpt-4o-mini"], usd("9")).wait().unwrap(); // openai: 9 of 10 held
+                                                                      // Held money counts for filter (spend + reserved >= limit blocks at the limit).
+    let err = l.reserve(&["gpt-4o-mini"], usd("1.5")).wait().unwrap_err();
     let ReserveError::Denied(none) = &err else {
         panic!("{err}")
     };
@@ -159,29 +169,32 @@ fn a_denial_is_the_filters_error_and_reserve_any_takes_the_first_with_room() {
     // Nothing of the refused reservation stays held.
     assert_eq!(row(&l, Scope::Provider, "openai"), (usd("0"), usd("9")));
     // Exactly the last dollar still fits.
-    let last = l.reserve("gpt-4o-mini", usd("1")).unwrap();
+    let last = l.reserve(&["gpt-4o-mini"], usd("1")).wait().unwrap();
     assert!(
-        l.filter(&["gpt-4o-mini"]).is_err(),
+        l.filter(&["gpt-4o-mini"], NO_TAGS).is_err(),
         "held money blocks filter"
     );
     drop(last); // counts 1
                 // Spent exactly: even a zero estimate is refused, as filter refuses.
     assert_eq!(row(&l, Scope::Provider, "openai"), (usd("1"), usd("9")));
     assert!(matches!(
-        l.reserve("gpt-4o-mini", Money::ZERO),
+        l.reserve(&["gpt-4o-mini"], Money::ZERO).wait(),
         Err(ReserveError::Denied(_))
     ));
 
     let r = l
-        .reserve_any(&["gpt-4o-mini", "claude-3-5-sonnet"], NO_TAGS, usd("2"))
+        .reserve(&["gpt-4o-mini", "claude-3-5-sonnet"], usd("2"))
+        .wait()
         .unwrap();
     assert_eq!(r.deployment_index(), 1);
-    r.commit(usd("2")).unwrap();
+    r.commit(usd("2")).unwrap().wait().unwrap();
     assert_eq!(row(&l, Scope::Provider, "anthropic").0, usd("2"));
 
     // A tag budget applies to every candidate.
     let err = l
-        .reserve_any(&["claude-3-5-sonnet"], &["team-a"], usd("8"))
+        .reserve(&["claude-3-5-sonnet"], usd("8"))
+        .tags(&["team-a"])
+        .wait()
         .unwrap_err();
     let ReserveError::Denied(none) = err else {
         panic!()
@@ -190,16 +203,20 @@ fn a_denial_is_the_filters_error_and_reserve_any_takes_the_first_with_room() {
     assert_eq!(row(&l, Scope::Provider, "anthropic"), (usd("2"), usd("0")));
     let empty: [&str; 0] = [];
     assert_eq!(
-        l.reserve_any(&empty, NO_TAGS, usd("1")).unwrap_err(),
+        l.reserve(&empty, usd("1")).wait().unwrap_err(),
         ReserveError::NoCandidates
     );
     // A shadow budget holds but never refuses.
-    l.reserve_tagged("claude-3-5-sonnet", &["shadowed"], usd("5"))
+    l.reserve(&["claude-3-5-sonnet"], usd("5"))
+        .tags(&["shadowed"])
+        .wait()
         .unwrap()
         .commit(usd("5"))
+        .unwrap()
+        .wait()
         .unwrap();
     assert_eq!(row(&l, Scope::Tag, "shadowed").0, usd("5"));
-    held.release().unwrap();
+    held.release().unwrap().wait().unwrap();
 }
 
 #[test]
@@ -220,11 +237,11 @@ fn concurrent_reservations_never_over_admit_any_budget() {
                     } else {
                         "claude-3-5-sonnet"
                     };
-                    match l.reserve_tagged(model, &["team-a"], est) {
+                    match l.reserve(&[model], est).tags(&["team-a"]).wait() {
                         Ok(r) => {
                             admitted = admitted.saturating_add(est);
                             if i % 3 == 0 {
-                                r.commit(est).unwrap();
+                                r.commit(est).unwrap().wait().unwrap();
                             } else {
                                 drop(r); // counts the estimate
                             }
@@ -258,23 +275,29 @@ fn expiry_counts_the_estimate_and_a_late_commit_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let clock = clock();
     let l = open(dir.path(), &clock);
-    let late = l.reserve("gpt-4o-mini", usd("2")).unwrap();
-    let reaped = l.reserve("gpt-4o-mini", usd("3")).unwrap();
+    let late = l.reserve(&["gpt-4o-mini"], usd("2")).wait().unwrap();
+    let reaped = l.reserve(&["gpt-4o-mini"], usd("3")).wait().unwrap();
     clock.pass(Duration::from_secs(30));
-    l.maintain().unwrap();
+    provider_budgets::testing::maintain(&l).unwrap();
     assert_eq!(row(&l, Scope::Provider, "openai"), (usd("0"), usd("5")));
     clock.pass(Duration::from_secs(32)); // past 60 s (+ at most one)
-    l.maintain().unwrap(); // the reaper's pass: both expire
+    provider_budgets::testing::maintain(&l).unwrap(); // the reaper's pass: both expire
     assert_eq!(row(&l, Scope::Provider, "openai"), (usd("5"), usd("0")));
-    assert_eq!(l.open_reservations(), 0);
-    let err = late.commit(usd("0.1")).unwrap_err();
+    assert_eq!(l.health().open_reservations, 0);
+    let err = late
+        .commit(usd("0.1"))
+        .and_then(|r| Ok(r.wait().map(drop)?))
+        .unwrap_err();
     assert!(
         matches!(&err, ReserveError::Expired { estimate, .. } if *estimate == usd("2")),
         "{err}"
     );
     assert!(err.to_string().contains("reservation_timeout"), "{err}");
     assert!(matches!(
-        reaped.release().unwrap_err(),
+        reaped
+            .release()
+            .and_then(|r| Ok(r.wait().map(drop)?))
+            .unwrap_err(),
         ReserveError::Expired { .. }
     ));
     assert_eq!(
@@ -284,10 +307,12 @@ fn expiry_counts_the_estimate_and_a_late_commit_is_refused() {
     );
 
     // Without a reaper pass: the commit itself sees the expiry.
-    let r = l.reserve("gpt-4o-mini", usd("1")).unwrap();
+    let r = l.reserve(&["gpt-4o-mini"], usd("1")).wait().unwrap();
     clock.pass(Duration::from_secs(62));
     assert!(matches!(
-        r.commit(usd("0.5")).unwrap_err(),
+        r.commit(usd("0.5"))
+            .and_then(|r| Ok(r.wait().map(drop)?))
+            .unwrap_err(),
         ReserveError::Expired { .. }
     ));
     assert_eq!(row(&l, Scope::Provider, "openai").0, usd("6"));
@@ -303,15 +328,15 @@ fn a_commit_lands_in_the_window_of_admission() {
     let clock = clock();
     clock.set("2024-06-01T12:59:50Z".parse().unwrap());
     let l = open(dir.path(), &clock);
-    let r = l.reserve("gpt-4o", usd("7")).unwrap(); // gpt-4o: 8 per hour
+    let r = l.reserve(&["gpt-4o"], usd("7")).wait().unwrap(); // gpt-4o: 8 per hour
     clock.pass(Duration::from_secs(20)); // 13:00:10, the next hour
                                          // The new window does not see the money held in the previous one.
-    let next = l.reserve("gpt-4o", usd("1")).unwrap();
-    r.commit(usd("7.5")).unwrap();
-    next.release().unwrap();
+    let next = l.reserve(&["gpt-4o"], usd("1")).wait().unwrap();
+    r.commit(usd("7.5")).unwrap().wait().unwrap();
+    next.release().unwrap().wait().unwrap();
     let at = |s: &str| s.parse::<Timestamp>().unwrap();
     let model = |t| {
-        l.status_at(t)
+        l.status(StatusQuery::all().at(t))
             .into_iter()
             .find(|s| s.scope == Scope::Model)
             .unwrap()
@@ -326,14 +351,16 @@ fn after_shutdown_reserve_is_refused_and_open_ones_count_at_the_next_open() {
     let dir = tempfile::tempdir().unwrap();
     let clock = clock();
     let l = open(dir.path(), &clock);
-    let r = l.reserve("gpt-4o-mini", usd("4")).unwrap();
+    let r = l.reserve(&["gpt-4o-mini"], usd("4")).wait().unwrap();
     l.shutdown().unwrap();
     assert_eq!(
-        l.reserve("gpt-4o-mini", usd("1")).unwrap_err(),
+        l.reserve(&["gpt-4o-mini"], usd("1")).wait().unwrap_err(),
         ReserveError::Record(RecordError::Closed)
     );
     assert!(matches!(
-        r.commit(usd("1")).unwrap_err(),
+        r.commit(usd("1"))
+            .and_then(|r| Ok(r.wait().map(drop)?))
+            .unwrap_err(),
         ReserveError::Record(RecordError::Closed)
     ));
     drop(l);
@@ -362,9 +389,20 @@ fn crash_child() {
         let line = line.unwrap();
         let words: Vec<&str> = line.split_whitespace().collect();
         match words.as_slice() {
-            ["reserve", model, est] => open_ones.push(l.reserve(*model, usd(est)).unwrap()),
-            ["commit", actual] => open_ones.remove(0).commit(usd(actual)).unwrap(),
-            ["release"] => open_ones.remove(0).release().unwrap(),
+            ["reserve", model, est] => {
+                open_ones.push(l.reserve(&[*model], usd(est)).wait().unwrap())
+            }
+            ["commit", actual] => {
+                open_ones
+                    .remove(0)
+                    .commit(usd(actual))
+                    .unwrap()
+                    .wait()
+                    .unwrap();
+            }
+            ["release"] => {
+                open_ones.remove(0).release().unwrap().wait().unwrap();
+            }
             _ => panic!("bad command {line}"),
         }
         // libtest may have printed `test crash_child ... ` without a newline before.
@@ -423,7 +461,7 @@ fn sigkill_with_reservations_open_counts_each_estimate_once() {
             Money::ZERO,
             "released"
         );
-        assert_eq!(l.open_reservations(), 0);
+        assert_eq!(l.health().open_reservations, 0);
     }
 }
 
@@ -464,15 +502,15 @@ fn a_full_disk_refuses_reservations_holding_nothing_and_loses_no_commit() {
     let data = fs.path().join("data");
     let clock = clock();
     let l = open(&data, &clock);
-    let open_before = l.reserve("claude-3-5-sonnet", usd("2")).unwrap();
+    let open_before = l.reserve(&["claude-3-5-sonnet"], usd("2")).wait().unwrap();
     let filler = fs.fill();
     // Once sled has used the room it had, a reservation cannot be made durable: refused,
     // nothing held. Commits of reservations made before stay counted in memory.
     let mut committed = Money::ZERO;
     let mut refused = false;
     for _ in 0..100_000 {
-        match l.reserve("claude-3-5-sonnet", usd("0.001")) {
-            Ok(r) => match r.commit(usd("0.001")) {
+        match l.reserve(&["claude-3-5-sonnet"], usd("0.001")).wait() {
+            Ok(r) => match r.commit(usd("0.001")).and_then(|r| Ok(r.wait().map(drop)?)) {
                 Ok(()) => committed = committed.saturating_add(usd("0.001")),
                 Err(ReserveError::Record(RecordError::Storage(e))) => {
                     assert!(!e.to_string().contains('\n'), "{e}");
@@ -494,7 +532,10 @@ fn a_full_disk_refuses_reservations_holding_nothing_and_loses_no_commit() {
         (committed, usd("2")),
         "the refused reservation holds nothing"
     );
-    let err = open_before.commit(usd("1.5")).unwrap_err();
+    let err = open_before
+        .commit(usd("1.5"))
+        .and_then(|r| Ok(r.wait().map(drop)?))
+        .unwrap_err();
     assert!(
         matches!(err, ReserveError::Record(RecordError::Storage(_))),
         "{err}"
@@ -513,7 +554,7 @@ fn a_full_disk_refuses_reservations_holding_nothing_and_loses_no_commit() {
             std::time::Instant::now() < deadline,
             "storage never recovered"
         );
-        let _ = l.maintain();
+        let _ = provider_budgets::testing::maintain(&l);
     }
     l.flush().unwrap();
     drop(l);
@@ -583,7 +624,7 @@ proptest::proptest! {
                     let held: u64 = open_ones.iter().filter(|o| o.1 == claude).map(|o| o.2).sum();
                     let (spent, limit) = if claude { (anthropic, 10_000) } else { (openai, 800) };
                     let fits = spent + held < limit && spent + held + cents <= limit;
-                    match l.reserve(model, cent(cents)) {
+                    match l.reserve(&[model], cent(cents)).wait() {
                         Ok(r) => {
                             proptest::prop_assert!(fits, "admitted over the limit");
                             open_ones.push((r, claude, cents, now));
@@ -594,14 +635,14 @@ proptest::proptest! {
                 }
                 Op::Commit { i, cents } if !open_ones.is_empty() => {
                     let (r, claude, est, _) = open_ones.remove(i % open_ones.len());
-                    r.commit(cent(cents)).unwrap();
+                    r.commit(cent(cents)).unwrap().wait().unwrap();
                     *(if claude { &mut anthropic } else { &mut openai }) += cents;
                     if !claude {
                         over += cents.saturating_sub(est);
                     }
                 }
                 Op::Release { i } if !open_ones.is_empty() => {
-                    open_ones.remove(i % open_ones.len()).0.release().unwrap();
+                    open_ones.remove(i % open_ones.len()).0.release().unwrap().wait().unwrap();
                 }
                 Op::Drop { i } if !open_ones.is_empty() => {
                     let (r, claude, est, _) = open_ones.remove(i % open_ones.len());
@@ -611,14 +652,14 @@ proptest::proptest! {
                 Op::Pass { secs } => {
                     clock.pass(Duration::from_secs(secs));
                     now += secs;
-                    l.maintain().unwrap();
+                    provider_budgets::testing::maintain(&l).unwrap();
                     // 60 s timeout, whole seconds: expired once 61 s passed since admission.
                     let (gone, kept): (Vec<_>, Vec<_>) =
                         open_ones.into_iter().partition(|o| now >= o.3 + 61);
                     open_ones = kept;
                     for (r, claude, est, _) in gone {
                         *(if claude { &mut anthropic } else { &mut openai }) += est;
-                        let expired = matches!(r.release(), Err(ReserveError::Expired { .. }));
+                        let expired = matches!(r.release().and_then(|r| Ok(r.wait().map(drop)?)), Err(ReserveError::Expired { .. }));
                         proptest::prop_assert!(expired, "not expired");
                     }
                 }
@@ -644,14 +685,14 @@ async fn the_async_forms_admit_commit_and_release_like_the_blocking_ones() {
             let l = l.clone();
             tokio::spawn(async move {
                 let r = l
-                    .reserve_any_async(&["gpt-4o-mini", "claude-3-5-sonnet"], NO_TAGS, usd("1"))
+                    .reserve(&["gpt-4o-mini", "claude-3-5-sonnet"], usd("1"))
                     .await
                     .unwrap();
                 let first = r.deployment_index() == 0;
                 if i % 2 == 0 {
-                    r.commit_async(usd("0.5")).await.unwrap();
+                    r.commit(usd("0.5")).unwrap().await.unwrap();
                 } else {
-                    r.release_async().await.unwrap();
+                    r.release().unwrap().await.unwrap();
                 }
                 first
             })

@@ -11,6 +11,7 @@ use provider_budgets::{
     BudgetConfig, Config, ConfigError, Exceeded, FakeClock, Limiter, Mode, Money, Scope, SoftLimit,
     SoftLimitCrossed, Target, NO_TAGS,
 };
+use provider_budgets::{Spend, StatusQuery};
 
 fn ts(s: &str) -> Timestamp {
     s.parse().unwrap()
@@ -22,7 +23,10 @@ fn usd(s: &str) -> Money {
 
 fn open(yaml: &str, dir: &tempfile::TempDir, clock: &FakeClock) -> Limiter {
     let config = Config::from_yaml_str(yaml).unwrap().data_dir(dir.path());
-    Limiter::open_with_clock(config, Arc::new(clock.clone())).unwrap()
+    Limiter::builder(config)
+        .clock(Arc::new(clock.clone()))
+        .open()
+        .unwrap()
 }
 
 /// The example, every source combined.
@@ -205,29 +209,49 @@ fn every_applicable_budget_must_have_room_and_charge_goes_where_filter_looked() 
     let mini = Target::with_id("m1", "gpt-4o-mini");
     let azure_mini = Target::with_id("m2", "azure/gpt-4o-mini");
     let all = [east.clone(), west.clone(), mini.clone(), azure_mini.clone()];
-    assert_eq!(l.filter(&all).unwrap().len(), 4);
+    assert_eq!(l.filter(&all, NO_TAGS).unwrap().len(), 4);
 
     // east: provider openai + deployment east; nothing else.
-    assert_eq!(l.charge(&east, NO_TAGS, usd("2")).unwrap(), 2);
     assert_eq!(
-        l.filter(&all).unwrap(),
+        l.charge(Spend::deployment(&east, usd("2")))
+            .map(|r| r.budgets())
+            .unwrap(),
+        2
+    );
+    assert_eq!(
+        l.filter(&all, NO_TAGS).unwrap(),
         [&west, &mini, &azure_mini],
         "east's own budget is spent, its provider's is not"
     );
     // The model budget covers gpt-4o-mini on every provider.
-    assert_eq!(l.charge(&azure_mini, NO_TAGS, usd("3")).unwrap(), 1);
-    assert_eq!(l.filter(&all).unwrap(), [&west]);
+    assert_eq!(
+        l.charge(Spend::deployment(&azure_mini, usd("3")))
+            .map(|r| r.budgets())
+            .unwrap(),
+        1
+    );
+    assert_eq!(l.filter(&all, NO_TAGS).unwrap(), [&west]);
     // A charge that matches no budget is not an error.
-    assert_eq!(l.charge("claude-3-5-sonnet", NO_TAGS, usd("5")).unwrap(), 0);
+    assert_eq!(
+        l.charge(Spend::deployment("claude-3-5-sonnet", usd("5")))
+            .map(|r| r.budgets())
+            .unwrap(),
+        0
+    );
 
     // Tags: a spent tag blocks the requests carrying it, whatever the deployment.
-    assert_eq!(l.charge(&west, &["team-a", "team-a"], usd("1")).unwrap(), 2);
     assert_eq!(
-        l.filter_tagged(&all, &["other"]).unwrap(),
+        l.charge(Spend::deployment(&west, usd("1")).tags(&["team-a", "team-a"]))
+            .map(|r| r.budgets())
+            .unwrap(),
+        2
+    );
+    assert_eq!(
+        l.filter(&all, &["other"]).unwrap(),
         [&west],
         "untagged budgets unchanged"
     );
-    let err = l.filter_tagged(&all, &["team-a"]).unwrap_err();
+    let err = l.filter(&all, &["team-a"]).unwrap_err();
     let scopes: Vec<(Scope, &str, u64, u64)> = err
         .exceeded
         .iter()
@@ -258,22 +282,19 @@ fn every_applicable_budget_must_have_room_and_charge_goes_where_filter_looked() 
         .contains("Exceeded budget for tag team-a: 1 >= 1"));
     // The same decision from filter_in_place and from a prepared list.
     let mut v = all.to_vec();
-    l.filter_in_place_tagged(&mut v, &["x"]).unwrap();
+    l.filter_in_place(&mut v, &["x"]).unwrap();
     assert_eq!(v, std::slice::from_ref(&west));
     let mut v = all.to_vec();
-    assert!(l.filter_in_place_tagged(&mut v, &["team-a"]).is_err());
+    assert!(l.filter_in_place(&mut v, &["team-a"]).is_err());
     assert_eq!(v.len(), 4, "unchanged on error");
     let p = l.prepare(&all);
     let mut out = Vec::new();
-    p.filter_tagged_into(&["x"], &mut out).unwrap();
+    p.filter_into(&["x"], &mut out).unwrap();
     assert_eq!(out, [1]);
-    assert_eq!(
-        p.filter_tagged_into(&["team-a"], &mut out).unwrap_err(),
-        err
-    );
+    assert_eq!(p.filter_into(&["team-a"], &mut out).unwrap_err(), err);
 
     // Spend per budget, as status reports it.
-    let status = l.status();
+    let status = l.status(StatusQuery::all());
     let spend: Vec<(Scope, &str, Money)> = status
         .iter()
         .map(|s| (s.scope, s.name.as_str(), s.spend))
@@ -289,7 +310,7 @@ fn every_applicable_budget_must_have_room_and_charge_goes_where_filter_looked() 
     );
     // A new day: everything has room again.
     clock.advance(SignedDuration::from_hours(12));
-    assert_eq!(l.filter_tagged(&all, &["team-a"]).unwrap().len(), 4);
+    assert_eq!(l.filter(&all, &["team-a"]).unwrap().len(), 4);
 }
 
 #[test]
@@ -302,13 +323,20 @@ fn several_windows_per_budget_each_enforced() {
         &clock,
     );
     for hour in 0..3 {
-        assert_eq!(l.filter(&["gpt-4o"]).unwrap().len(), 1, "hour {hour}");
-        l.record("openai", usd("1")).unwrap(); // both budgets
-        assert!(l.filter(&["gpt-4o"]).is_err(), "hourly spent, hour {hour}");
+        assert_eq!(
+            l.filter(&["gpt-4o"], NO_TAGS).unwrap().len(),
+            1,
+            "hour {hour}"
+        );
+        l.charge(Spend::provider("openai", usd("1"))).unwrap(); // both budgets
+        assert!(
+            l.filter(&["gpt-4o"], NO_TAGS).is_err(),
+            "hourly spent, hour {hour}"
+        );
         clock.advance(SignedDuration::from_hours(1));
     }
     // 3 >= 2.5 for the day, though the hour is fresh.
-    let err = l.filter(&["gpt-4o"]).unwrap_err();
+    let err = l.filter(&["gpt-4o"], NO_TAGS).unwrap_err();
     assert_eq!(err.exceeded.len(), 1);
     assert_eq!(err.exceeded[0].period, "1d");
     assert_eq!(err.exceeded[0].resets_at, ts("2024-06-02T00:00:00Z"));
@@ -323,11 +351,12 @@ fn shadow_budgets_count_and_report_but_never_filter() {
         &dir,
         &clock,
     );
-    l.charge("gpt-4o", &["t"], usd("5")).unwrap();
+    l.charge(Spend::deployment("gpt-4o", usd("5")).tags(&["t"]))
+        .unwrap();
     for _ in 0..3 {
-        assert_eq!(l.filter_tagged(&["gpt-4o"], &["t"]).unwrap().len(), 1);
+        assert_eq!(l.filter(&["gpt-4o"], &["t"]).unwrap().len(), 1);
     }
-    let s = l.status();
+    let s = l.status(StatusQuery::all());
     assert!(s.iter().all(|s| s.mode == Mode::Shadow && s.exhausted));
     assert_eq!(s.iter().map(|s| s.would_deny).collect::<Vec<_>>(), [3, 3]);
     // Reload to enforce: the same spend now filters.
@@ -337,7 +366,7 @@ fn shadow_budgets_count_and_report_but_never_filter() {
     .unwrap();
     let summary = l.reload(enforce).unwrap();
     assert_eq!(summary.changed, ["openai", "tag:t"]);
-    assert!(l.filter_tagged(&["gpt-4o"], &["t"]).is_err());
+    assert!(l.filter(&["gpt-4o"], &["t"]).is_err());
 }
 
 #[test]
@@ -355,17 +384,17 @@ fn soft_limits_fire_once_per_window_per_threshold() {
     });
     let day1 = ts("2024-06-01T00:00:00Z");
     for _ in 0..4 {
-        l.record("openai", usd("1")).unwrap();
+        l.charge(Spend::provider("openai", usd("1"))).unwrap();
     }
     assert!(fired.lock().unwrap().is_empty());
-    l.record("openai", usd("1")).unwrap(); // 5: 0.5 crossed
-    l.record("openai", usd("0.5")).unwrap();
+    l.charge(Spend::provider("openai", usd("1"))).unwrap(); // 5: 0.5 crossed
+    l.charge(Spend::provider("openai", usd("0.5"))).unwrap();
     assert_eq!(*fired.lock().unwrap(), [(0.5, usd("5"), day1)]);
-    l.record("openai", usd("10")).unwrap(); // 16.5: 0.9 crossed (once, though far past)
-    l.record("openai", usd("1")).unwrap();
+    l.charge(Spend::provider("openai", usd("10"))).unwrap(); // 16.5: 0.9 crossed (once, though far past)
+    l.charge(Spend::provider("openai", usd("1"))).unwrap();
     assert_eq!(fired.lock().unwrap().len(), 2);
     assert_eq!(fired.lock().unwrap()[1].0, 0.9);
-    let s = l.status();
+    let s = l.status(StatusQuery::all());
     assert_eq!(
         s[0].thresholds_crossed,
         [SoftLimit::new(0.5).unwrap(), SoftLimit::new(0.9).unwrap()]
@@ -379,11 +408,11 @@ fn soft_limits_fire_once_per_window_per_threshold() {
             .unwrap()
             .push((e.soft_limit.fraction(), e.spend, e.window.start()));
     });
-    l.record("openai", usd("1")).unwrap();
+    l.charge(Spend::provider("openai", usd("1"))).unwrap();
     assert_eq!(fired.lock().unwrap().len(), 2);
     // The next window fires again.
     clock.advance(SignedDuration::from_hours(12));
-    l.record("openai", usd("9")).unwrap();
+    l.charge(Spend::provider("openai", usd("9"))).unwrap();
     let f = fired.lock().unwrap();
     assert_eq!(f.len(), 4);
     assert_eq!(f[2].2, ts("2024-06-02T00:00:00Z"));
@@ -408,7 +437,8 @@ fn concurrent_charges_fire_each_soft_limit_exactly_once() {
         for _ in 0..4 {
             s.spawn(|| {
                 for _ in 0..300 {
-                    l.charge("x", &["t"], usd("1")).unwrap();
+                    l.charge(Spend::deployment("x", usd("1")).tags(&["t"]))
+                        .unwrap();
                 }
             });
         }
@@ -426,8 +456,9 @@ fn per_budget_time_zones_reset_at_their_local_midnight() {
         &dir,
         &clock,
     );
-    l.charge("x", &["ny", "berlin"], usd("1")).unwrap();
-    let s = l.status();
+    l.charge(Spend::deployment("x", usd("1")).tags(&["ny", "berlin"]))
+        .unwrap();
+    let s = l.status(StatusQuery::all());
     let by = |n: &str| s.iter().find(|s| s.name == n).unwrap().clone();
     assert_eq!(by("berlin").time_zone, "Europe/Berlin");
     assert_eq!(by("berlin").window.start(), ts("2024-06-01T22:00:00Z"));
@@ -435,16 +466,10 @@ fn per_budget_time_zones_reset_at_their_local_midnight() {
     assert_eq!(by("ny").time_zone, "America/New_York");
     assert_eq!(by("ny").window.end(), ts("2024-06-02T04:00:00Z"));
     clock.set(ts("2024-06-02T04:00:00Z"));
-    assert!(
-        l.filter_tagged(&["x"], &["ny"]).is_ok(),
-        "New York's day is over"
-    );
-    assert!(
-        l.filter_tagged(&["x"], &["berlin"]).is_err(),
-        "Berlin's is not"
-    );
+    assert!(l.filter(&["x"], &["ny"]).is_ok(), "New York's day is over");
+    assert!(l.filter(&["x"], &["berlin"]).is_err(), "Berlin's is not");
     clock.set(ts("2024-06-02T22:00:00Z"));
-    assert!(l.filter_tagged(&["x"], &["berlin"]).is_ok());
+    assert!(l.filter(&["x"], &["berlin"]).is_ok());
 }
 
 #[test]
@@ -452,8 +477,11 @@ fn a_prepared_list_does_not_keep_the_limiter_alive() {
     let dir = tempfile::tempdir().unwrap();
     let clock = FakeClock::new(ts("2024-06-01T12:00:00Z"));
     let l = open(SCOPES, &dir, &clock);
-    l.charge(&Target::with_id("east", "openai/gpt-4o"), NO_TAGS, usd("2"))
-        .unwrap();
+    l.charge(Spend::deployment(
+        &Target::with_id("east", "openai/gpt-4o"),
+        usd("2"),
+    ))
+    .unwrap();
     let p = l.prepare(&[Target::with_id("east", "openai/gpt-4o")]);
     assert!(p.limiter_alive());
     drop(l);
@@ -463,9 +491,9 @@ fn a_prepared_list_does_not_keep_the_limiter_alive() {
     );
     // The data dir is released (sled's lock): it opens again while `p` lives.
     let l = open(SCOPES, &dir, &clock);
-    assert_eq!(l.status()[1].spend, usd("2"));
+    assert_eq!(l.status(StatusQuery::all())[1].spend, usd("2"));
     // The stale list still answers from the old memory.
-    assert!(p.filter().is_err());
+    assert!(p.filter(NO_TAGS).is_err());
 }
 
 #[test]
@@ -479,23 +507,27 @@ fn scoped_budgets_survive_a_restart_and_a_reload_adds_them_live() {
     );
     let east = Target::with_id("east", "openai/gpt-4o");
     let p = l.prepare(std::slice::from_ref(&east));
-    l.charge(&east, &["team-a"], usd("2")).unwrap();
+    l.charge(Spend::deployment(&east, usd("2")).tags(&["team-a"]))
+        .unwrap();
     let r = l.reload(Config::from_yaml_str(SCOPES).unwrap()).unwrap();
     assert_eq!(
         r.added,
         ["deployment:east", "model:gpt-4o-mini", "tag:team-a"]
     );
-    l.charge(&east, &["team-a"], usd("2")).unwrap();
+    l.charge(Spend::deployment(&east, usd("2")).tags(&["team-a"]))
+        .unwrap();
     assert!(
-        p.filter().is_err(),
+        p.filter(NO_TAGS).is_err(),
         "the prepared list resolves again after a reload"
     );
-    assert!(l
-        .filter_tagged(std::slice::from_ref(&east), &["b"])
-        .is_err());
+    assert!(l.filter(std::slice::from_ref(&east), &["b"]).is_err());
     drop(l);
     let l = open(SCOPES, &dir, &clock);
-    let spend: Vec<Money> = l.status().iter().map(|s| s.spend).collect();
+    let spend: Vec<Money> = l
+        .status(StatusQuery::all())
+        .iter()
+        .map(|s| s.spend)
+        .collect();
     assert_eq!(spend, [usd("4"), usd("2"), usd("0"), usd("2")]);
 }
 
@@ -533,7 +565,7 @@ fn a_data_dir_of_the_previous_release_opens_with_its_spend_and_gains_scoped_budg
     let l = open(&old, &dir, &clock);
     assert_eq!(l.node_id(), "prev-release");
     let spend: Vec<(&str, Money)> = l
-        .status()
+        .status(StatusQuery::all())
         .iter()
         .map(|s| {
             (
@@ -548,7 +580,7 @@ fn a_data_dir_of_the_previous_release_opens_with_its_spend_and_gains_scoped_budg
         .collect();
     assert_eq!(spend, [("anthropic", usd("5")), ("openai", usd("7.25"))]);
     assert_eq!(
-        l.filter(&["claude-3-5-sonnet", "gpt-4o"]).unwrap(),
+        l.filter(&["claude-3-5-sonnet", "gpt-4o"], NO_TAGS).unwrap(),
         [&"gpt-4o"]
     );
     drop(l);
@@ -558,7 +590,7 @@ fn a_data_dir_of_the_previous_release_opens_with_its_spend_and_gains_scoped_budg
     );
     let l = open(&new, &dir, &clock);
     let rows: Vec<(Scope, String, String, Money)> = l
-        .status()
+        .status(StatusQuery::all())
         .iter()
         .map(|s| (s.scope, s.name.clone(), s.period.to_string(), s.spend))
         .collect();
@@ -572,9 +604,10 @@ fn a_data_dir_of_the_previous_release_opens_with_its_spend_and_gains_scoped_budg
             (Scope::Tag, "team-a".into(), "1d".into(), usd("0")),
         ]
     );
-    l.charge("openai/gpt-4o", &["team-a"], usd("1")).unwrap();
-    assert!(l.filter_tagged(&["gpt-4o"], &["team-a"]).is_err());
-    assert_eq!(l.status()[1].spend, usd("8.25"));
+    l.charge(Spend::deployment("openai/gpt-4o", usd("1")).tags(&["team-a"]))
+        .unwrap();
+    assert!(l.filter(&["gpt-4o"], &["team-a"]).is_err());
+    assert_eq!(l.status(StatusQuery::all())[1].spend, usd("8.25"));
 }
 
 mod model {
@@ -650,7 +683,7 @@ mod model {
                         let model = if mini { "openai/gpt-4o-mini" } else { "openai/gpt-4o" };
                         let tags: &[&str] = if tagged { &["t"] } else { &[] };
                         let cost = Money::from_nanos(cents * 10_000_000);
-                        l.charge(model, tags, cost).unwrap();
+                        l.charge(Spend::deployment(model, cost).tags(tags)).unwrap();
                         events.push((now, cents, !mini, tagged));
                     }
                 }
@@ -670,7 +703,7 @@ mod model {
                         .sum();
                     spent.push(sum);
                 }
-                let status = l.status();
+                let status = l.status(StatusQuery::all());
                 let got: Vec<u64> = status.iter().map(|s| s.spend.as_nanos() / 10_000_000).collect();
                 // Compared as sets keyed by (scope, name/period): the order of status rows is
                 // the config's, not the model's.
@@ -693,7 +726,7 @@ mod model {
                 let tag_ok = room(3) && room(4);
                 for tagged in [false, true] {
                     let tags: &[&str] = if tagged { &["t"] } else { &[] };
-                    let r = l.filter_tagged(&["openai/gpt-4o", "openai/gpt-4o-mini"], tags);
+                    let r = l.filter(&["openai/gpt-4o", "openai/gpt-4o-mini"], tags);
                     let mut want = Vec::new();
                     if provider_ok && (!tagged || tag_ok) {
                         if room(2) {

@@ -23,6 +23,7 @@ use std::sync::Arc;
 
 use checks::{Accepted, ConfigInput};
 use jiff::Timestamp;
+use provider_budgets::Spend;
 use provider_budgets::{fuzz_decode_value, Config, FakeClock, Limiter, Money};
 
 fn corpus_dir(target: &str) -> PathBuf {
@@ -247,10 +248,14 @@ fn value_seeds_are_what_the_store_writes() {
     )
     .expect("config")
     .data_dir(dir.path());
-    let limiter =
-        Limiter::open_with_clock(config, Arc::new(FakeClock::new(at))).expect("limiter opens");
+    let limiter = Limiter::builder(config)
+        .clock(Arc::new(FakeClock::new(at)))
+        .open()
+        .expect("limiter opens");
     limiter
-        .record_durable_at("openai", "12.5".parse().expect("money"), at)
+        .charge(Spend::provider("openai", "12.5".parse().expect("money")).at(at))
+        .expect("recorded")
+        .wait()
         .expect("recorded");
     drop(limiter);
 

@@ -22,9 +22,10 @@ use jiff::tz::Offset;
 use jiff::{SignedDuration, Span, Timestamp};
 use proptest::prelude::*;
 use provider_budgets::{
-    BudgetConfig, Config, ConfigError, FakeClock, Limiter, Money, Period, RecordError, Schedule,
-    Scope, Target, UnknownProvider,
+    BudgetConfig, Config, ConfigError, FakeClock, Limiter, Money, Period, Schedule, Scope, Target,
+    UnknownProvider,
 };
+use provider_budgets::{Spend, StatusQuery, NO_TAGS};
 
 // ---- independent window arithmetic ----------------------------------------------------------
 
@@ -279,7 +280,12 @@ impl Harness {
     fn reopen(&mut self) {
         drop(self.limiter.take()); // drop flushes and releases the dir
         let clock: Arc<FakeClock> = Arc::new(self.clock.clone());
-        self.limiter = Some(Limiter::open_with_clock(self.config.clone(), clock).unwrap());
+        self.limiter = Some(
+            Limiter::builder(self.config.clone())
+                .clock(clock)
+                .open()
+                .unwrap(),
+        );
     }
 
     fn apply(&mut self, op: &Op) -> Result<(), TestCaseError> {
@@ -303,26 +309,29 @@ impl Harness {
                 let l = self.limiter();
                 let cost_m = Money::from_nanos(*cost);
                 let result = match (at, durable) {
-                    (At::Now, false) => l.record(name, cost_m),
-                    (At::Now, true) => l.record_durable(name, cost_m),
-                    (_, false) => l.record_at(name, cost_m, ts_ms(at_ms)),
-                    (_, true) => l.record_durable_at(name, cost_m, ts_ms(at_ms)),
+                    (At::Now, false) => {
+                        l.charge(Spend::provider(name, cost_m)).map(|r| r.budgets())
+                    }
+                    (At::Now, true) => l
+                        .charge(Spend::provider(name, cost_m))
+                        .and_then(|r| r.wait()),
+                    (_, false) => l
+                        .charge(Spend::provider(name, cost_m).at(ts_ms(at_ms)))
+                        .map(|r| r.budgets()),
+                    (_, true) => l
+                        .charge(Spend::provider(name, cost_m).at(ts_ms(at_ms)))
+                        .and_then(|r| r.wait()),
                 };
                 match BUDGETS.iter().position(|b| b.provider == name) {
                     Some(b) => {
-                        prop_assert_eq!(result, Ok(()));
+                        prop_assert!(matches!(result, Ok(n) if n > 0), "{result:?}");
                         if *cost > 0 {
                             let (start, end) = self.window(b, at_ms.div_euclid(1000));
                             let e = self.model.entry((b, start)).or_insert((end, 0));
                             e.1 = e.1.saturating_add(*cost);
                         }
                     }
-                    None => prop_assert_eq!(
-                        result,
-                        Err(RecordError::NoBudget {
-                            provider: name.to_owned()
-                        })
-                    ),
+                    None => prop_assert_eq!(result, Ok(0)),
                 }
             }
             Op::Advance { ms } => self.clock.advance(SignedDuration::from_millis(*ms)),
@@ -350,7 +359,7 @@ impl Harness {
     fn check(&self) -> Result<(), TestCaseError> {
         let l = self.limiter();
         let now = secs_of(l.now());
-        let status = l.status();
+        let status = l.status(StatusQuery::all());
         prop_assert_eq!(status.len(), BUDGETS.len());
         for (b, (st, mb)) in status.iter().zip(&BUDGETS).enumerate() {
             let (start, end) = self.window(b, now);
@@ -363,7 +372,12 @@ impl Harness {
             prop_assert_eq!(st.limit.as_nanos(), mb.limit);
             prop_assert_eq!(st.remaining.as_nanos(), mb.limit.saturating_sub(spend));
             prop_assert_eq!(st.exhausted, spend >= mb.limit);
-            prop_assert_eq!(l.budget_status(mb.provider), Some(st.clone()));
+            prop_assert_eq!(
+                l.status(StatusQuery::provider(mb.provider))
+                    .into_iter()
+                    .next(),
+                Some(st.clone())
+            );
             // Every window spent in is still readable, newest first, with its exact total.
             let mut expected: Vec<(i64, i64, u64)> = self
                 .model
@@ -379,7 +393,10 @@ impl Harness {
                 .collect();
             prop_assert_eq!(got, expected, "windows of {}", mb.provider);
         }
-        prop_assert_eq!(l.budget_status("gemini"), None);
+        prop_assert_eq!(
+            l.status(StatusQuery::provider("gemini")).into_iter().next(),
+            None
+        );
         prop_assert!(l.windows("gemini").is_empty());
         self.check_filter(&deployments())
     }
@@ -396,10 +413,10 @@ impl Harness {
         let expected: Vec<usize> = (0..subset.len()).filter(|&i| passes(subset[i].1)).collect();
         let expected_targets: Vec<&Target> = expected.iter().map(|&i| &targets[i]).collect();
 
-        let got = l.filter(&targets);
-        let prepared = l.prepare(&targets).filter();
+        let got = l.filter(&targets, NO_TAGS);
+        let prepared = l.prepare(&targets).filter(NO_TAGS);
         let mut in_place = targets.clone();
-        let in_place_result = l.filter_in_place(&mut in_place);
+        let in_place_result = l.filter_in_place(&mut in_place, NO_TAGS);
 
         if expected.is_empty() && !subset.is_empty() {
             let err = got.unwrap_err();
@@ -472,7 +489,7 @@ proptest! {
         let dir = tempfile::tempdir().unwrap();
         let config = Config::from_yaml_str(&config_yaml(deny)).unwrap().data_dir(dir.path());
         prop_assert_eq!(config.budgets.len(), BUDGETS.len());
-        let limiter = Limiter::open_with_clock(config.clone(), Arc::new(clock.clone())).unwrap();
+        let limiter = Limiter::builder(config.clone()).clock(Arc::new(clock.clone())).open().unwrap();
         let mut h = Harness {
             dir,
             config,

@@ -17,7 +17,7 @@ use serde_json::value::RawValue;
 use super::idempotency::{Begin, Outcome, MAX_KEY_LEN};
 use super::money::{clip, money_from_json};
 use super::{State, BODY_LIMIT};
-use provider_budgets::{Deployment, Money, NoDeployments, RecordError, Scope, Target};
+use provider_budgets::{Deployment, Money, NoDeployments, RecordError, Scope, StatusQuery, Target};
 
 type Shared = Arc<State>;
 
@@ -185,10 +185,7 @@ pub(super) async fn filter(
         Err(r) => return r.into_response(),
     };
     metrics::counter!("provider_budgets_filter_calls_total").increment(1);
-    match state
-        .limiter
-        .filter_tagged(&request.deployments, &request.tags)
-    {
+    match state.limiter.filter(&request.deployments, &request.tags) {
         Ok(allowed) => {
             let dropped = request.deployments.len() - allowed.len();
             if dropped > 0 {
@@ -413,35 +410,39 @@ pub(super) async fn spend(
     }
 }
 
+impl Spend {
+    /// The library's spend for it (provider and deployment spends share one type).
+    fn spend(&self) -> provider_budgets::Spend<'_, dyn Deployment, String> {
+        const NO_TAGS: &[String] = &[];
+        let spend = match &self.against {
+            Against::Provider(p) => provider_budgets::Spend::provider(p, self.cost).tags(NO_TAGS),
+            Against::Deployment(d, tags) => {
+                provider_budgets::Spend::deployment(d as &dyn Deployment, self.cost).tags(tags)
+            }
+        };
+        match self.at {
+            Some(at) => spend.at(at),
+            None => spend,
+        }
+    }
+}
+
 /// Records one spend: the HTTP status and the outcome to remember for its key.
 async fn record(state: &State, s: &Spend) -> (StatusCode, Outcome) {
-    let limiter = &state.limiter;
-    let result = match (&s.against, s.durable, s.at) {
-        (Against::Provider(p), false, None) => limiter.record(p, s.cost).map(|()| 1),
-        (Against::Provider(p), false, Some(at)) => limiter.record_at(p, s.cost, at).map(|()| 1),
-        (Against::Provider(p), true, at) => {
-            let at = at.unwrap_or_else(|| limiter.now());
-            limiter
-                .record_durable_at_async(p, s.cost, at)
-                .await
-                .map(|()| 1)
-        }
-        (Against::Deployment(d, tags), false, None) => limiter.charge(d, tags, s.cost),
-        (Against::Deployment(d, tags), false, Some(at)) => limiter.charge_at(d, tags, s.cost, at),
-        (Against::Deployment(d, tags), true, at) => {
-            limiter.charge_durable_async(d, tags, s.cost, at).await
-        }
+    let result = match state.limiter.charge(s.spend()) {
+        Ok(receipt) if s.durable => receipt.await,
+        Ok(receipt) => Ok(receipt.budgets()),
+        Err(e) => Err(e),
     };
     let (status, outcome, label) = match result {
-        Ok(0) => (
-            StatusCode::OK,
-            Outcome::refused("no budget applies to the deployment and tags".into()),
-            "no_budget",
-        ),
-        Ok(_) => (StatusCode::OK, Outcome::counted(), "counted"),
-        Err(e @ RecordError::NoBudget { .. }) => {
-            (StatusCode::OK, Outcome::refused(e.to_string()), "no_budget")
+        Ok(0) => {
+            let reason = match &s.against {
+                Against::Provider(p) => format!("provider {p:?} has no budget configured"),
+                Against::Deployment(..) => "no budget applies to the deployment and tags".into(),
+            };
+            (StatusCode::OK, Outcome::refused(reason), "no_budget")
         }
+        Ok(_) => (StatusCode::OK, Outcome::counted(), "counted"),
         Err(e @ RecordError::Expired { .. }) => (
             StatusCode::UNPROCESSABLE_ENTITY,
             Outcome::transient(e.to_string()),
@@ -486,14 +487,17 @@ fn spend_response(status: StatusCode, outcome: &Outcome, duplicate: bool) -> Res
 // ---- the rest ---------------------------------------------------------------------------------
 
 pub(super) async fn budgets(Extract(state): Extract<Shared>) -> Response {
-    let doc = crate::status_json::status_document(&state.limiter, &state.limiter.status());
+    let doc = crate::status_json::status_document(
+        &state.limiter,
+        &state.limiter.status(StatusQuery::all()),
+    );
     json(StatusCode::OK, &doc)
 }
 
 pub(super) async fn metrics(Extract(state): Extract<Shared>) -> Response {
     metrics::gauge!("provider_budgets_idempotency_keys").set(state.keys.len() as f64);
     metrics::gauge!("provider_budgets_open_reservations")
-        .set(state.limiter.open_reservations() as f64);
+        .set(state.limiter.health().open_reservations as f64);
     let in_flight = state.max_in_flight - state.permits.available_permits();
     metrics::gauge!("provider_budgets_http_in_flight").set(in_flight as f64);
     let text = state.metrics.render(&state.limiter);

@@ -37,7 +37,7 @@ impl Exporter {
 
     /// The text exposition, with the gauges refreshed from `limiter`.
     pub(crate) fn render(&self, limiter: &Limiter) -> String {
-        for s in limiter.status() {
+        for s in limiter.status(provider_budgets::StatusQuery::all()) {
             // `provider`: the provider, or `scope:name` for the other scopes (the key name);
             // `period`: several budgets per name are told apart.
             let (p, q) = (s.provider, s.period_key);

@@ -13,8 +13,8 @@
 //! * A commit or release after expiry is 409 with `"expired": true`: the estimate was counted
 //!   instead of the cost (decision: 409 Conflict, since the request is well-formed but the
 //!   reservation's state no longer allows it; a client should not retry it).
-//! * The fsyncs are awaited (`reserve_any_async`, `commit_async`, `release_async`) without
-//!   blocking a worker; an end runs in a task of its own, so a client that disconnects does
+//! * The fsyncs are awaited (the reservation request and the end's `Receipt` are `.await`ed)
+//!   without blocking a worker; an end runs in a task of its own, so a client that disconnects does
 //!   not leave a reservation half-ended.
 //! * Shutdown (SIGTERM): the table is dropped with the server, so each reservation still open
 //!   counts its estimate (as a drop does; each was journaled when it was made, so a crash
@@ -307,7 +307,8 @@ pub(super) async fn reserve(
     }
     let r = match state
         .limiter
-        .reserve_any_async(&targets, &request.tags, estimate)
+        .reserve(&targets, estimate)
+        .tags(&request.tags)
         .await
     {
         Ok(r) => r,
@@ -429,8 +430,12 @@ async fn end(state: Shared, id: &str, op: Op, cost: Option<Money>) -> Response {
             let id: Arc<str> = Arc::from(id);
             let task = tokio::spawn(async move {
                 let ended = match cost {
-                    Some(c) => r.commit_async(c).await,
-                    None => r.release_async().await,
+                    Some(c) => r.commit(c),
+                    None => r.release(),
+                };
+                let ended = match ended {
+                    Ok(receipt) => receipt.await.map(drop).map_err(ReserveError::from),
+                    Err(e) => Err(e),
                 };
                 let answer = answer_of(&id, op, cost, ended);
                 state.reservations.finish(&id, answer.clone(), &tx);

@@ -11,6 +11,7 @@ use provider_budgets_test_support::cli;
 use std::sync::Arc;
 
 use cli::Cli;
+use provider_budgets::Spend;
 use provider_budgets::{Config, FakeClock, Limiter, Money, Scope, Target, NO_TAGS};
 
 const DEPLOYMENTS: &str = "\
@@ -37,7 +38,10 @@ const NOW: &str = "2024-06-01T12:00:00Z";
 
 fn limiter(yaml: &str, dir: &tempfile::TempDir) -> Limiter {
     let config = Config::from_yaml_str(yaml).unwrap().data_dir(dir.path());
-    Limiter::open_with_clock(config, Arc::new(FakeClock::new(NOW.parse().unwrap()))).unwrap()
+    Limiter::builder(config)
+        .clock(Arc::new(FakeClock::new(NOW.parse().unwrap())))
+        .open()
+        .unwrap()
 }
 
 fn usd(s: &str) -> Money {
@@ -52,12 +56,20 @@ fn library_deployment_budget_moves_traffic_to_the_other_deployment() {
     let mini = Target::with_id("openai-gpt-4o-mini", "openai/gpt-4o-mini");
     let group = [big.clone(), mini.clone()];
     // First request forced to openai-gpt-4o: it passes, and its cost spends the budget.
-    assert_eq!(l.filter(std::slice::from_ref(&big)).unwrap(), [&big]);
-    assert_eq!(l.charge(&big, NO_TAGS, usd("0.00015")).unwrap(), 1);
+    assert_eq!(
+        l.filter(std::slice::from_ref(&big), NO_TAGS).unwrap(),
+        [&big]
+    );
+    assert_eq!(
+        l.charge(Spend::deployment(&big, usd("0.00015")))
+            .map(|r| r.budgets())
+            .unwrap(),
+        1
+    );
     // The next three requests to the group all go to the mini deployment.
     for _ in 0..3 {
-        assert_eq!(l.filter(&group).unwrap(), [&mini]);
-        l.charge(&mini, NO_TAGS, usd("0.00002")).unwrap();
+        assert_eq!(l.filter(&group, NO_TAGS).unwrap(), [&mini]);
+        l.charge(Spend::deployment(&mini, usd("0.00002"))).unwrap();
     }
 }
 
@@ -69,10 +81,10 @@ fn library_deployment_budget_expect_to_fail() {
         &dir,
     );
     let d = Target::with_id("mini", "openai/gpt-4o-mini");
-    assert!(l.filter(std::slice::from_ref(&d)).is_ok());
-    l.charge(&d, NO_TAGS, usd("0.0001")).unwrap();
+    assert!(l.filter(std::slice::from_ref(&d), NO_TAGS).is_ok());
+    l.charge(Spend::deployment(&d, usd("0.0001"))).unwrap();
     for _ in 0..3 {
-        let err = l.filter(std::slice::from_ref(&d)).unwrap_err();
+        let err = l.filter(std::slice::from_ref(&d), NO_TAGS).unwrap_err();
         assert!(
             err.to_string()
                 .contains("Exceeded budget for deployment mini"),
@@ -88,10 +100,11 @@ fn library_tag_budget_expect_to_fail_and_the_other_tag_passes() {
     let l = limiter(TAGS, &dir);
     let d = ["openai/gpt-4o-mini"];
     let tag = ["product:chat-bot"];
-    assert!(l.filter_tagged(&d, &tag).is_ok());
-    l.charge(d[0], &tag, usd("0.0001")).unwrap();
+    assert!(l.filter(&d, &tag).is_ok());
+    l.charge(Spend::deployment(d[0], usd("0.0001")).tags(&tag))
+        .unwrap();
     for _ in 0..3 {
-        let err = l.filter_tagged(&d, &tag).unwrap_err();
+        let err = l.filter(&d, &tag).unwrap_err();
         assert!(
             err.to_string()
                 .contains("Exceeded budget for tag product:chat-bot: 0.0001 >= 0.000000001"),
@@ -100,14 +113,14 @@ fn library_tag_budget_expect_to_fail_and_the_other_tag_passes() {
     }
     for _ in 0..2 {
         assert_eq!(
-            l.filter_tagged(&d, &["product:chat-bot-2"]).unwrap(),
+            l.filter(&d, &["product:chat-bot-2"]).unwrap(),
             [&"openai/gpt-4o-mini"]
         );
-        l.charge(d[0], &["product:chat-bot-2"], usd("0.0001"))
+        l.charge(Spend::deployment(d[0], usd("0.0001")).tags(&["product:chat-bot-2"]))
             .unwrap();
     }
     // Untagged requests are not affected by tag budgets.
-    assert!(l.filter(&d).is_ok());
+    assert!(l.filter(&d, NO_TAGS).is_ok());
 }
 
 #[test]

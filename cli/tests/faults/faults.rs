@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use jiff::{SignedDuration, Timestamp};
 use provider_budgets::{Clock, Config, Error, FakeClock, Limiter, Money, RecordError, StoreError};
+use provider_budgets::{Spend, StatusQuery};
 
 const YAML: &str = "\
 provider_budget_config:
@@ -33,11 +34,14 @@ fn config(dir: &Path) -> Config {
 }
 
 fn open(dir: &Path, clock: &FakeClock) -> Limiter {
-    Limiter::open_with_clock(config(dir), Arc::new(clock.clone())).unwrap()
+    Limiter::builder(config(dir))
+        .clock(Arc::new(clock.clone()))
+        .open()
+        .unwrap()
 }
 
 fn spend_at(l: &Limiter, provider: &str, at: Timestamp) -> u64 {
-    l.status_at(at)
+    l.status(StatusQuery::all().at(at))
         .into_iter()
         .find(|s| s.provider == provider)
         .unwrap()
@@ -75,7 +79,11 @@ fn a_full_disk_then_freed_space_loses_nothing_and_needs_no_restart() {
     let cent = Money::from_nanos(10_000_000);
     let mut counted = 0u64;
     for _ in 0..50 {
-        limiter.record_durable("openai", cent).unwrap();
+        limiter
+            .charge(Spend::provider("openai", cent))
+            .unwrap()
+            .wait()
+            .unwrap();
         counted += cent.as_nanos();
     }
     assert!(limiter.health().storage_ok());
@@ -85,8 +93,11 @@ fn a_full_disk_then_freed_space_loses_nothing_and_needs_no_restart() {
     // refused (but counted in memory).
     let mut refused = 0;
     for _ in 0..200_000 {
-        match limiter.record_durable("openai", cent) {
-            Ok(()) => {}
+        match limiter
+            .charge(Spend::provider("openai", cent))
+            .and_then(|r| r.wait())
+        {
+            Ok(_) => {}
             Err(RecordError::Storage(e)) => {
                 refused += 1;
                 let text = e.to_string();
@@ -102,8 +113,8 @@ fn a_full_disk_then_freed_space_loses_nothing_and_needs_no_restart() {
     assert!(refused >= 3, "no durable record was refused on a full disk");
     // Buffered records keep counting.
     for _ in 0..1000 {
-        limiter.record("openai", cent).unwrap();
-        limiter.record("azure", cent).unwrap();
+        limiter.charge(Spend::provider("openai", cent)).unwrap();
+        limiter.charge(Spend::provider("azure", cent)).unwrap();
         counted += 2 * cent.as_nanos();
     }
     let health = limiter.health();
@@ -111,7 +122,10 @@ fn a_full_disk_then_freed_space_loses_nothing_and_needs_no_restart() {
         .storage_fault
         .expect("health shows the storage fault");
     assert!(fault.contains(&data.display().to_string()), "{fault}");
-    assert!(limiter.status().iter().all(|b| b.storage_fault.is_some()));
+    assert!(limiter
+        .status(StatusQuery::all())
+        .iter()
+        .all(|b| b.storage_fault.is_some()));
     assert!(
         limiter.flush().is_err(),
         "flush cannot succeed on a full disk"
@@ -124,9 +138,16 @@ fn a_full_disk_then_freed_space_loses_nothing_and_needs_no_restart() {
     // Space returns: without a restart, everything counted becomes durable.
     std::fs::remove_file(filler).unwrap();
     wait_for(30, "storage to recover", || limiter.health().storage_ok());
-    assert!(limiter.status().iter().all(|b| b.storage_fault.is_none()));
+    assert!(limiter
+        .status(StatusQuery::all())
+        .iter()
+        .all(|b| b.storage_fault.is_none()));
     limiter.flush().unwrap();
-    limiter.record_durable("openai", cent).unwrap();
+    limiter
+        .charge(Spend::provider("openai", cent))
+        .unwrap()
+        .wait()
+        .unwrap();
     counted += cent.as_nanos();
     let openai = spend_at(&limiter, "openai", clock.now());
     let azure = spend_at(&limiter, "azure", clock.now());
@@ -203,33 +224,51 @@ fn clock_steps_delete_nothing_and_real_time_still_expires() {
     let dir = tempfile::tempdir().unwrap();
     let t0 = ts("2024-06-01T12:00:00Z");
     let clock = FakeClock::new(t0);
-    let limiter =
-        Limiter::open_with_clock(one_hour_retention(dir.path()), Arc::new(clock.clone())).unwrap();
+    let limiter = Limiter::builder(one_hour_retention(dir.path()))
+        .clock(Arc::new(clock.clone()))
+        .open()
+        .unwrap();
     let five = Money::from_nanos(5_000_000_000);
-    limiter.record_durable("openai", five).unwrap();
-    limiter.record_durable("azure", five).unwrap();
+    limiter
+        .charge(Spend::provider("openai", five))
+        .unwrap()
+        .wait()
+        .unwrap();
+    limiter
+        .charge(Spend::provider("azure", five))
+        .unwrap()
+        .wait()
+        .unwrap();
 
     // Forward step of 30 days, several maintenance passes (what the 250 ms tick does). Both
     // ways of stepping a FakeClock are steps to the limiter.
     clock.advance(SignedDuration::from_hours(24 * 10));
     clock.step(SignedDuration::from_hours(24 * 20));
     for _ in 0..3 {
-        limiter.maintain().unwrap();
+        provider_budgets::testing::maintain(&limiter).unwrap();
     }
     // Spend recorded on the jumped clock lands in its (wrong) window; nothing else moves.
-    limiter.record_durable("openai", five).unwrap();
-    limiter.maintain().unwrap();
+    limiter
+        .charge(Spend::provider("openai", five))
+        .unwrap()
+        .wait()
+        .unwrap();
+    provider_budgets::testing::maintain(&limiter).unwrap();
     clock.set(t0); // the clock is right again
-    limiter.maintain().unwrap();
+    provider_budgets::testing::maintain(&limiter).unwrap();
     assert_eq!(spend_at(&limiter, "openai", t0), 5_000_000_000);
     assert_eq!(spend_at(&limiter, "azure", t0), 5_000_000_000);
 
     // Backward step: nothing lost either, and records land where the clock says.
     clock.step(SignedDuration::from_hours(-24 * 30));
-    limiter.record_durable("azure", five).unwrap();
-    limiter.maintain().unwrap();
+    limiter
+        .charge(Spend::provider("azure", five))
+        .unwrap()
+        .wait()
+        .unwrap();
+    provider_budgets::testing::maintain(&limiter).unwrap();
     clock.set(t0);
-    limiter.maintain().unwrap();
+    provider_budgets::testing::maintain(&limiter).unwrap();
     drop(limiter);
     let limiter = reopen_with(one_hour_retention(dir.path()), &clock);
     assert_eq!(spend_at(&limiter, "openai", t0), 5_000_000_000);
@@ -242,7 +281,7 @@ fn clock_steps_delete_nothing_and_real_time_still_expires() {
     // Time that really passes (wall and monotonic) still expires ended windows: the azure
     // window of t0 (1h) ends at 13:00, plus 1 h retention, and no record touched it since.
     clock.pass(Duration::from_secs(3 * 3600));
-    limiter.maintain().unwrap();
+    provider_budgets::testing::maintain(&limiter).unwrap();
     let azure_windows: Vec<i64> = limiter
         .windows("azure")
         .iter()
@@ -268,20 +307,26 @@ fn a_window_touched_within_retention_is_kept_whatever_the_wall_clock() {
     let dir = tempfile::tempdir().unwrap();
     let t0 = ts("2024-06-01T12:00:00Z");
     let clock = FakeClock::new(t0);
-    let limiter =
-        Limiter::open_with_clock(one_hour_retention(dir.path()), Arc::new(clock.clone())).unwrap();
+    let limiter = Limiter::builder(one_hour_retention(dir.path()))
+        .clock(Arc::new(clock.clone()))
+        .open()
+        .unwrap();
     clock.step(SignedDuration::from_hours(-48));
     let two = Money::from_nanos(2_000_000_000);
-    limiter.record_durable("azure", two).unwrap();
+    limiter
+        .charge(Spend::provider("azure", two))
+        .unwrap()
+        .wait()
+        .unwrap();
     clock.set(t0);
     // Only 30 real minutes pass: the window (ended ~47 h ago by the wall) stays.
     clock.pass(Duration::from_secs(30 * 60));
-    limiter.maintain().unwrap();
+    provider_budgets::testing::maintain(&limiter).unwrap();
     let past = t0 - SignedDuration::from_hours(48);
     assert_eq!(spend_at(&limiter, "azure", past), 2_000_000_000);
     // Once the retention has passed in real time too, it goes.
     clock.pass(Duration::from_secs(31 * 60));
-    limiter.maintain().unwrap();
+    provider_budgets::testing::maintain(&limiter).unwrap();
     assert_eq!(spend_at(&limiter, "azure", past), 0);
 }
 
@@ -306,7 +351,10 @@ fn cli_now_far_ahead_deletes_nothing() {
 fn reopen_with(config: Config, clock: &FakeClock) -> Limiter {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        match Limiter::open_with_clock(config.clone(), Arc::new(clock.clone())) {
+        match Limiter::builder(config.clone())
+            .clock(Arc::new(clock.clone()))
+            .open()
+        {
             Ok(l) => return l,
             Err(Error::Storage(StoreError::Locked { .. })) if Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(10))
@@ -326,13 +374,22 @@ fn a_data_dir_keeps_its_node_id() {
     let clock = FakeClock::new(ts("2024-06-01T12:00:00Z"));
     let mut c = config(dir.path());
     c.node_id = Some("edge-1".into());
-    let l = Limiter::open_with_clock(c.clone(), Arc::new(clock.clone())).unwrap();
-    l.record_durable("openai", Money::from_nanos(7)).unwrap();
+    let l = Limiter::builder(c.clone())
+        .clock(Arc::new(clock.clone()))
+        .open()
+        .unwrap();
+    l.charge(Spend::provider("openai", Money::from_nanos(7)))
+        .unwrap()
+        .wait()
+        .unwrap();
     drop(l);
     let mut renamed = c.clone();
     renamed.node_id = Some("edge-2".into());
     let err = loop {
-        match Limiter::open_with_clock(renamed.clone(), Arc::new(clock.clone())) {
+        match Limiter::builder(renamed.clone())
+            .clock(Arc::new(clock.clone()))
+            .open()
+        {
             Err(Error::Storage(StoreError::Locked { .. })) => {
                 std::thread::sleep(Duration::from_millis(10))
             }
@@ -359,22 +416,27 @@ fn a_dead_journal_is_reported_not_hidden() {
     let clock = FakeClock::new(ts("2024-06-01T12:00:00Z"));
     let limiter = open(dir.path(), &clock);
     limiter
-        .record_durable("openai", Money::from_nanos(1))
+        .charge(Spend::provider("openai", Money::from_nanos(1)))
+        .unwrap()
+        .wait()
         .unwrap();
-    limiter.inject_journal_panic();
+    provider_budgets::testing::inject_journal_panic(&limiter);
     wait_for(10, "the journal to die", || {
         !limiter.health().journal_running
     });
     let err = limiter.flush().unwrap_err();
     assert!(matches!(err, StoreError::JournalStopped { .. }), "{err}");
     assert!(err.to_string().contains("panicked"), "{err}");
-    let err = limiter.record("openai", Money::from_nanos(1)).unwrap_err();
+    let err = limiter
+        .charge(Spend::provider("openai", Money::from_nanos(1)))
+        .unwrap_err();
     assert!(
         matches!(err, RecordError::Storage(StoreError::JournalStopped { .. })),
         "{err}"
     );
     assert!(limiter
-        .record_durable("openai", Money::from_nanos(1))
+        .charge(Spend::provider("openai", Money::from_nanos(1)))
+        .and_then(|r| r.wait())
         .is_err());
     assert!(!limiter.health().storage_ok());
     assert!(
@@ -428,7 +490,10 @@ fn sled_log(dir: &Path) -> PathBuf {
 }
 
 fn open_damaged(dir: &Path, clock: &FakeClock, want: (u64, u64)) -> Outcome {
-    match Limiter::open_with_clock(config(dir), Arc::new(clock.clone())) {
+    match Limiter::builder(config(dir))
+        .clock(Arc::new(clock.clone()))
+        .open()
+    {
         Ok(l) => {
             let got = (
                 spend_at(&l, "openai", clock.now()),
@@ -603,7 +668,10 @@ fn a_budget_removed_then_added_back_by_reload_is_counted_once() {
     let dir = tempfile::tempdir().unwrap();
     let clock = FakeClock::new(ts(NOW));
     let l = open(dir.path(), &clock);
-    l.record_durable("azure", Money::from_nanos(700)).unwrap();
+    l.charge(Spend::provider("azure", Money::from_nanos(700)))
+        .unwrap()
+        .wait()
+        .unwrap();
     drop(l);
     let only_openai = Config::from_yaml_str(
         "provider_budget_config:\n  openai: {budget_limit: 1000000, time_period: 1d}\n",
@@ -611,10 +679,16 @@ fn a_budget_removed_then_added_back_by_reload_is_counted_once() {
     .unwrap()
     .data_dir(dir.path());
     let l = reopen_with(only_openai, &clock);
-    l.record_durable("openai", Money::from_nanos(5)).unwrap();
+    l.charge(Spend::provider("openai", Money::from_nanos(5)))
+        .unwrap()
+        .wait()
+        .unwrap();
     l.reload(config(dir.path())).unwrap();
     assert_eq!(spend_at(&l, "azure", clock.now()), 700);
-    l.record_durable("azure", Money::from_nanos(300)).unwrap();
+    l.charge(Spend::provider("azure", Money::from_nanos(300)))
+        .unwrap()
+        .wait()
+        .unwrap();
     drop(l);
     let l = reopen(dir.path(), &clock);
     assert_eq!(spend_at(&l, "azure", clock.now()), 1000);

@@ -23,6 +23,7 @@ use child::{sigkill, spawn_piped};
 use cli::Cli;
 use jiff::Timestamp;
 use provider_budgets::{Config, FakeClock, Limiter, Money, RedisConfig};
+use provider_budgets::{Spend, StatusQuery};
 use redis_server::RedisServer;
 
 /// The fixed `--now` of every process: the real time at the test's start, because Redis
@@ -39,7 +40,7 @@ fn library_node(dir: &std::path::Path, url: &str, node: &str, now: Timestamp) ->
     redis.sync_interval = Duration::from_secs(3600);
     config.redis = Some(redis);
     let clock = Arc::new(FakeClock::new(now));
-    Limiter::open_with_clock(config, clock).unwrap()
+    Limiter::builder(config).clock(clock).open().unwrap()
 }
 
 fn redis_total(server: &RedisServer, now: Timestamp, node: &str) -> u64 {
@@ -86,7 +87,8 @@ fn a_killed_node_neither_loses_nor_recounts_its_spend() {
         }
         sigkill(&mut child); // SIGKILL on unix
 
-        b.record("openai", Money::from_nanos(3 + trial)).unwrap();
+        b.charge(Spend::provider("openai", Money::from_nanos(3 + trial)))
+            .unwrap();
         b_total += 3 + trial;
 
         // The killed process's lease on node id "a" is still live (it expires ~1 s after
@@ -97,7 +99,9 @@ fn a_killed_node_neither_loses_nor_recounts_its_spend() {
             b.sync().unwrap();
         }
         let own_a = restarted
-            .budget_status("openai")
+            .status(StatusQuery::provider("openai"))
+            .into_iter()
+            .next()
             .unwrap()
             .own_spend
             .as_nanos();
@@ -112,12 +116,21 @@ fn a_killed_node_neither_loses_nor_recounts_its_spend() {
         );
         let fleet = Money::from_nanos(own_a + b_total);
         assert_eq!(
-            restarted.budget_status("openai").unwrap().spend,
+            restarted
+                .status(StatusQuery::provider("openai"))
+                .into_iter()
+                .next()
+                .unwrap()
+                .spend,
             fleet,
             "trial {trial}: A"
         );
         assert_eq!(
-            b.budget_status("openai").unwrap().spend,
+            b.status(StatusQuery::provider("openai"))
+                .into_iter()
+                .next()
+                .unwrap()
+                .spend,
             fleet,
             "trial {trial}: B"
         );

@@ -28,6 +28,7 @@ use child::{sigkill, spawn_piped};
 use cli::{budget, Cli, Run};
 use jiff::Timestamp;
 use provider_budgets::{Config, Error, FakeClock, Limiter, Money, RedisConfig, ReplicationError};
+use provider_budgets::{Spend, StatusQuery};
 use redis_server::RedisServer;
 
 /// Real time (whole seconds): Redis expires keys by its own clock.
@@ -67,15 +68,19 @@ fn config(dir: &Path, url: &str, node: &str, prefix: &str) -> Config {
 }
 
 fn open(dir: &Path, url: &str, node: &str, prefix: &str, now: Timestamp) -> Limiter {
-    Limiter::open_with_clock(
-        config(dir, url, node, prefix),
-        Arc::new(FakeClock::new(now)),
-    )
-    .unwrap()
+    Limiter::builder(config(dir, url, node, prefix))
+        .clock(Arc::new(FakeClock::new(now)))
+        .open()
+        .unwrap()
 }
 
 fn spend(l: &Limiter, provider: &str) -> u64 {
-    l.budget_status(provider).unwrap().spend.as_nanos()
+    l.status(StatusQuery::provider(provider))
+        .into_iter()
+        .next()
+        .unwrap()
+        .spend
+        .as_nanos()
 }
 
 fn nanos(n: u64) -> Money {
@@ -105,7 +110,7 @@ fn a_window_with_thousands_of_node_fields_keeps_the_data_dir_openable_and_exact(
 
     let dir = tempfile::tempdir().unwrap();
     let node = open(dir.path(), &server.url(), "me", "wide", now);
-    node.record("openai", nanos(7)).unwrap();
+    node.charge(Spend::provider("openai", nanos(7))).unwrap();
     node.sync().unwrap();
     assert_eq!(spend(&node, "openai"), expected + 7);
     drop(node);
@@ -118,7 +123,11 @@ fn a_window_with_thousands_of_node_fields_keeps_the_data_dir_openable_and_exact(
     let node = open(dir.path(), &server.url(), "me", "wide", now);
     assert_eq!(spend(&node, "openai"), expected + 7);
     assert_eq!(
-        node.budget_status("openai").unwrap().own_spend,
+        node.status(StatusQuery::provider("openai"))
+            .into_iter()
+            .next()
+            .unwrap()
+            .own_spend,
         nanos(7),
         "own spend"
     );
@@ -140,14 +149,14 @@ fn a_second_live_data_dir_with_the_same_node_id_is_refused_and_never_undercounts
     );
     let first = open(d1.path(), &url, "dup", "dup", now);
     let b = open(db.path(), &url, "b", "dup", now);
-    first.record("openai", nanos(100)).unwrap();
-    b.record("openai", nanos(1)).unwrap();
+    first.charge(Spend::provider("openai", nanos(100))).unwrap();
+    b.charge(Spend::provider("openai", nanos(1))).unwrap();
     first.sync().unwrap();
     b.sync().unwrap();
 
     // A copied config: same node id, its own data dir. Refused at once, loudly.
     let second = open(d2.path(), &url, "dup", "dup", now);
-    second.record("openai", nanos(30)).unwrap();
+    second.charge(Spend::provider("openai", nanos(30))).unwrap();
     let err = second.sync().unwrap_err();
     match &err {
         Error::Replication(ReplicationError::DuplicateNodeId { node_id, .. }) => {
@@ -157,7 +166,11 @@ fn a_second_live_data_dir_with_the_same_node_id_is_refused_and_never_undercounts
     }
     let text = err.to_string();
     assert!(text.contains("\"dup\"") && !text.contains('\n'), "{text}");
-    let status = second.budget_status("openai").unwrap();
+    let status = second
+        .status(StatusQuery::provider("openai"))
+        .into_iter()
+        .next()
+        .unwrap();
     assert!(
         status
             .replication
@@ -175,7 +188,7 @@ fn a_second_live_data_dir_with_the_same_node_id_is_refused_and_never_undercounts
     assert_eq!(status.own_spend, nanos(30));
     b.sync().unwrap();
     assert_eq!(spend(&b, "openai"), 131);
-    second.record("openai", nanos(2)).unwrap();
+    second.charge(Spend::provider("openai", nanos(2))).unwrap();
     assert!(second.sync().is_err());
     b.sync().unwrap();
     assert_eq!(spend(&b, "openai"), 133);
@@ -197,7 +210,9 @@ fn a_second_live_data_dir_with_the_same_node_id_is_refused_and_never_undercounts
     assert_eq!(spend(&b, "openai"), 133);
     assert_eq!(spend(&second, "openai"), 133);
     assert!(second
-        .budget_status("openai")
+        .status(StatusQuery::provider("openai"))
+        .into_iter()
+        .next()
         .unwrap()
         .replication
         .last_error
@@ -206,7 +221,7 @@ fn a_second_live_data_dir_with_the_same_node_id_is_refused_and_never_undercounts
     // The first comes back (with more spend) while the second lives: now it is refused, and
     // nobody's spend is lost; once the second stops, the first takes its field back.
     let first = open(d1.path(), &url, "dup", "dup", now);
-    first.record("openai", nanos(5)).unwrap();
+    first.charge(Spend::provider("openai", nanos(5))).unwrap();
     assert!(first.sync().is_err());
     assert_eq!(spend(&first, "openai"), 138);
     drop(second);
@@ -258,7 +273,7 @@ fn a_holder_reading_clean_budgets_notices_another_data_dir_writing_its_field() {
     let (url, now) = (server.url(), now());
     let dir = tempfile::tempdir().unwrap();
     let first = open(dir.path(), &url, "own", "own", now);
-    first.record("openai", nanos(100)).unwrap();
+    first.charge(Spend::provider("openai", nanos(100))).unwrap();
     for _ in 0..3 {
         first.sync().unwrap(); // written, then clean rounds (plain reads)
     }
@@ -331,7 +346,9 @@ fn a_crashed_holder_blocks_its_node_id_only_until_its_lease_expires() {
     let (d2, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let second = open(d2.path(), &url, "dup", "crash", now);
     let b = open(db.path(), &url, "b", "crash", now);
-    second.record("openai", nanos(1_000)).unwrap();
+    second
+        .charge(Spend::provider("openai", nanos(1_000)))
+        .unwrap();
     let refused = second.sync();
     assert!(
         matches!(
@@ -389,12 +406,16 @@ fn poisoned_fields_and_a_wrong_type_key_fail_only_their_budget_and_heal() {
     let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let a = open(da.path(), &url, "a", "poison", now);
     let b = open(db.path(), &url, "b", "poison", now);
-    a.record_at("openai", nanos(7), yesterday).unwrap();
-    b.record_at("openai", nanos(8), yesterday).unwrap();
+    a.charge(Spend::provider("openai", nanos(7)).at(yesterday))
+        .unwrap();
+    b.charge(Spend::provider("openai", nanos(8)).at(yesterday))
+        .unwrap();
     for round in 1..=3u64 {
-        a.record("anthropic", nanos(round)).unwrap();
-        b.record("anthropic", nanos(10 * round)).unwrap();
-        a.record("openai", nanos(100)).unwrap();
+        a.charge(Spend::provider("anthropic", nanos(round)))
+            .unwrap();
+        b.charge(Spend::provider("anthropic", nanos(10 * round)))
+            .unwrap();
+        a.charge(Spend::provider("openai", nanos(100))).unwrap();
         // Rounds succeed: a bad key is not a failure of the fleet.
         a.sync().unwrap();
         b.sync().unwrap();
@@ -402,10 +423,18 @@ fn poisoned_fields_and_a_wrong_type_key_fail_only_their_budget_and_heal() {
     a.sync().unwrap();
     for node in [&a, &b] {
         assert_eq!(spend(node, "anthropic"), 66);
-        let anthropic = node.budget_status("anthropic").unwrap();
+        let anthropic = node
+            .status(StatusQuery::provider("anthropic"))
+            .into_iter()
+            .next()
+            .unwrap();
         assert_eq!(anthropic.replication_problem, None);
         assert!(anthropic.replication.last_error.is_none());
-        let openai = node.budget_status("openai").unwrap();
+        let openai = node
+            .status(StatusQuery::provider("openai"))
+            .into_iter()
+            .next()
+            .unwrap();
         let problem = openai.replication_problem.unwrap_or_default();
         assert!(
             problem.contains(&previous) && problem.contains("WRONGTYPE"),
@@ -421,7 +450,7 @@ fn poisoned_fields_and_a_wrong_type_key_fail_only_their_budget_and_heal() {
     assert_eq!(spend(&a, "openai"), 311);
     assert_eq!(spend(&b, "openai"), 311);
     let old = |l: &Limiter| {
-        l.status_at(yesterday)
+        l.status(StatusQuery::all().at(yesterday))
             .into_iter()
             .find(|s| s.provider == "openai")
             .unwrap()
@@ -477,7 +506,11 @@ fn poisoned_fields_and_a_wrong_type_key_fail_only_their_budget_and_heal() {
     for node in [&a, &b] {
         assert_eq!(spend(node, "openai"), 311);
         assert_eq!(
-            node.budget_status("openai").unwrap().replication_problem,
+            node.status(StatusQuery::provider("openai"))
+                .into_iter()
+                .next()
+                .unwrap()
+                .replication_problem,
             None
         );
     }
@@ -560,7 +593,11 @@ fn redis_passwords_never_appear_in_errors_status_or_logs() {
     let node = Limiter::open(config(dir.path(), &wrong, "lib", "pw")).unwrap();
     let err = node.sync().unwrap_err().to_string();
     assert!(!err.contains(PASSWORD), "{err}");
-    let status = node.budget_status("openai").unwrap();
+    let status = node
+        .status(StatusQuery::provider("openai"))
+        .into_iter()
+        .next()
+        .unwrap();
     let last = status.replication.last_error.unwrap();
     assert!(!last.contains(PASSWORD) && last.contains(":***@"), "{last}");
     drop(node);
@@ -639,19 +676,27 @@ fn a_round_where_no_key_syncs_is_a_failed_round() {
     }
     let dir = tempfile::tempdir().unwrap();
     let node = open(dir.path(), &url, "a", "allbad", now);
-    node.record("openai", nanos(1)).unwrap();
+    node.charge(Spend::provider("openai", nanos(1))).unwrap();
     let err = node.sync().unwrap_err().to_string();
     assert!(
         err.contains("WRONGTYPE") && err.contains("allbad:{"),
         "{err}"
     );
-    let status = node.budget_status("openai").unwrap();
+    let status = node
+        .status(StatusQuery::provider("openai"))
+        .into_iter()
+        .next()
+        .unwrap();
     assert!(status.replication.last_error.is_some());
     assert!(status.replication.last_sync.is_none());
     // One key repaired: the round succeeds again, the rest stays reported per budget.
     server.command(&["DEL", &format!("allbad:{{openai:1d}}:{day}")]);
     node.sync().unwrap();
-    let status = node.budget_status("anthropic").unwrap();
+    let status = node
+        .status(StatusQuery::provider("anthropic"))
+        .into_iter()
+        .next()
+        .unwrap();
     assert!(status.replication.last_error.is_none());
     assert!(status
         .replication_problem

@@ -19,6 +19,7 @@ use child::{sigkill, spawn_piped};
 use cli::Cli;
 use jiff::{SignedDuration, Timestamp};
 use provider_budgets::{BudgetStatus, Config, Enforcement, FakeClock, Limiter, Money, RedisConfig};
+use provider_budgets::{Spend, StatusQuery};
 use redis_server::RedisServer;
 
 /// $100 a day, strict.
@@ -53,11 +54,14 @@ fn config(dir: &Path, url: &str, node: &str, prefix: &str) -> Config {
 }
 
 fn open(dir: &Path, url: &str, node: &str, clock: &Arc<FakeClock>) -> Limiter {
-    Limiter::open_with_clock(config(dir, url, node, "s"), clock.clone()).unwrap()
+    Limiter::builder(config(dir, url, node, "s"))
+        .clock(clock.clone())
+        .open()
+        .unwrap()
 }
 
 fn row(l: &Limiter) -> BudgetStatus {
-    l.status().into_iter().next().unwrap()
+    l.status(StatusQuery::all()).into_iter().next().unwrap()
 }
 
 fn grant(l: &Limiter) -> u64 {
@@ -111,8 +115,9 @@ fn usd(x: u64) -> Money {
 /// Polls until `l` can reserve `amount` (past the first use's guard); the probe is released.
 fn until_first_grant(l: &Limiter, amount: Money) {
     until(&[l], "a first grant", || {
-        l.reserve(&"openai/gpt-4o", amount)
-            .map(|r| r.release().unwrap())
+        l.reserve(&[&"openai/gpt-4o"], amount)
+            .wait()
+            .map(|r| r.release().unwrap().wait().unwrap())
             .is_ok()
     });
 }
@@ -175,7 +180,8 @@ fn strict_without_redis_is_held_to_the_limit_only() {
 /// Demand on a node: a charge of `usd` (spend the node makes; its replicator sizes its asks
 /// by its spend rate).
 fn spend(l: &Limiter, usd: &str) {
-    l.record("openai", usd.parse::<Money>().unwrap()).unwrap();
+    l.charge(Spend::provider("openai", usd.parse::<Money>().unwrap()))
+        .unwrap();
 }
 
 fn own(l: &Limiter) -> u64 {
@@ -283,7 +289,7 @@ fn a_killed_node_finds_its_grant_on_disk_and_it_is_never_granted_twice() {
     let open = |dir: &Path, url: &str, node: &str, clock: &Arc<FakeClock>| {
         let mut c = config(dir, url, node, "s");
         c.redis.as_mut().unwrap().sync_interval = Duration::from_millis(400);
-        Limiter::open_with_clock(c, clock.clone()).unwrap()
+        Limiter::builder(c).clock(clock.clone()).open().unwrap()
     };
     let a = open(&a_cli.data, &url, "a", &clock);
     let held = grant(&a);
@@ -383,7 +389,7 @@ fn offline_local_share_admits_a_share_of_the_limit_and_grant_only_keeps_the_gran
     let open_with = |dir: &Path, url: &str, node: &str, offline: &str| {
         let mut c = config(dir, url, node, "s");
         c.budgets = Config::from_yaml_str(&yaml(offline)).unwrap().budgets;
-        Limiter::open_with_clock(c, clock.clone()).unwrap()
+        Limiter::builder(c).clock(clock.clone()).open().unwrap()
     };
     let a = open_with(da.path(), &link.url(), "a", "local_share");
     let b = open_with(db.path(), &server.url(), "b", "grant_only");
@@ -412,13 +418,18 @@ fn offline_local_share_admits_a_share_of_the_limit_and_grant_only_keeps_the_gran
     let left = before - own(&b) - row(&b).reserved.as_nanos();
     assert!(left > 0);
     assert!(b
-        .reserve(&"openai/gpt-4o", Money::from_nanos(left + 1))
+        .reserve(&[&"openai/gpt-4o"], Money::from_nanos(left + 1))
+        .wait()
         .is_err());
     let r = b
-        .reserve(&"openai/gpt-4o", Money::from_nanos(left))
+        .reserve(&[&"openai/gpt-4o"], Money::from_nanos(left))
+        .wait()
         .unwrap();
-    r.commit(Money::from_nanos(left)).unwrap();
-    assert!(b.reserve(&"openai/gpt-4o", Money::from_nanos(1)).is_err());
+    r.commit(Money::from_nanos(left)).unwrap().wait().unwrap();
+    assert!(b
+        .reserve(&[&"openai/gpt-4o"], Money::from_nanos(1))
+        .wait()
+        .is_err());
 }
 
 #[test]
@@ -433,14 +444,14 @@ fn a_reservation_refused_by_its_grant_waits_for_one_grant_round_and_a_spent_budg
     // Past the first use's guard.
     until_first_grant(&a, usd(1));
     // $30 is far beyond a's grant: one out-of-cycle round (half of what is free) and it fits.
-    let r = a.reserve(&"openai/gpt-4o", usd(30)).unwrap();
+    let r = a.reserve(&[&"openai/gpt-4o"], usd(30)).wait().unwrap();
     assert!(grant(&a) >= usd(30).as_nanos());
-    r.commit(usd(30)).unwrap();
+    r.commit(usd(30)).unwrap().wait().unwrap();
     // b takes the rest, in a few reservations (each may wait for one round).
     let mut held = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline && held.len() < 70 {
-        match b.reserve(&"openai/gpt-4o", usd(1)) {
+        match b.reserve(&[&"openai/gpt-4o"], usd(1)).wait() {
             Ok(r) => held.push(r),
             Err(_) => {
                 a.sync().unwrap();
@@ -450,7 +461,7 @@ fn a_reservation_refused_by_its_grant_waits_for_one_grant_round_and_a_spent_budg
     }
     assert_eq!(held.len(), 70, "b got all that was free");
     for r in held {
-        r.commit(usd(1)).unwrap();
+        r.commit(usd(1)).unwrap().wait().unwrap();
     }
     a.flush().unwrap();
     b.flush().unwrap();
@@ -459,7 +470,7 @@ fn a_reservation_refused_by_its_grant_waits_for_one_grant_round_and_a_spent_budg
     // Spent fleet-wide: refused at once (no grant round can help).
     let grant_wait = Duration::from_millis(250);
     let started = Instant::now();
-    assert!(b.reserve(&"openai/gpt-4o", usd(1)).is_err());
+    assert!(b.reserve(&[&"openai/gpt-4o"], usd(1)).wait().is_err());
     assert!(started.elapsed() < grant_wait, "{:?}", started.elapsed());
     let (sum, _) = redis_grants(&server, window_start(t0()));
     assert!(sum <= LIMIT);
@@ -475,20 +486,20 @@ fn offline_open_admits_against_the_fleet_total_and_comes_back_to_the_grant() {
     let link = proxy::Proxy::start(server.port()).unwrap();
     let mut c = config(da.path(), &link.url(), "a", "s");
     c.budgets = Config::from_yaml_str(&yaml("open")).unwrap().budgets;
-    let a = Limiter::open_with_clock(c, clock.clone()).unwrap();
+    let a = Limiter::builder(c).clock(clock.clone()).open().unwrap();
     until_first_grant(&a, usd(1));
     let held = grant(&a);
     assert!(held < usd(60).as_nanos());
     link.cut();
     assert!(a.sync().is_err());
     // Offline and `open`: the limit, not the grant.
-    let r = a.reserve(&"openai/gpt-4o", usd(60)).unwrap();
-    r.release().unwrap();
+    let r = a.reserve(&[&"openai/gpt-4o"], usd(60)).wait().unwrap();
+    r.release().unwrap().wait().unwrap();
     link.heal();
     a.sync().unwrap();
     // Back online: strict again (a $95 reservation needs a grant that is not there at once).
     assert!(grant(&a) < usd(95).as_nanos());
-    assert!(a.reserve(&"openai/gpt-4o", usd(95)).is_err());
+    assert!(a.reserve(&[&"openai/gpt-4o"], usd(95)).wait().is_err());
 }
 
 #[test]
@@ -505,7 +516,10 @@ fn enforcement_changes_in_a_live_reload() {
         c.budgets = Config::from_yaml_str(yaml).unwrap().budgets;
         c
     };
-    let a = Limiter::open_with_clock(with(shared_yaml), clock.clone()).unwrap();
+    let a = Limiter::builder(with(shared_yaml))
+        .clock(clock.clone())
+        .open()
+        .unwrap();
     assert_eq!(
         (row(&a).enforcement, row(&a).grant),
         (Enforcement::Shared, None)
@@ -515,8 +529,14 @@ fn enforcement_changes_in_a_live_reload() {
     assert_eq!(row(&a).enforcement, Enforcement::Strict);
     // Strict now: reservations come from grants (after the first use's guard).
     until(&[&a], "a first grant", || {
-        a.reserve(&"openai/gpt-4o", Money::from_nanos(1_000_000_000))
-            .map(|r| r.commit(Money::from_nanos(1_000_000_000)).unwrap())
+        a.reserve(&[&"openai/gpt-4o"], Money::from_nanos(1_000_000_000))
+            .wait()
+            .map(|r| {
+                r.commit(Money::from_nanos(1_000_000_000))
+                    .unwrap()
+                    .wait()
+                    .unwrap()
+            })
             .is_ok()
     });
     assert!(grant(&a) >= 1_000_000_000);
@@ -535,7 +555,7 @@ fn async_reservations_await_the_grant_round_without_blocking_the_runtime() {
     let mut c = config(da.path(), &link.url(), "a", "s");
     c.redis.as_mut().unwrap().grant_wait = Duration::from_secs(3);
     c.redis.as_mut().unwrap().command_timeout = Duration::from_secs(2);
-    let a = Limiter::open_with_clock(c, clock.clone()).unwrap();
+    let a = Limiter::builder(c).clock(clock.clone()).open().unwrap();
     until_first_grant(&a, usd(1));
     // A slow link: the grant round takes a few hundred ms.
     link.set_delay(Duration::from_millis(100));
@@ -553,13 +573,11 @@ fn async_reservations_await_the_grant_round_without_blocking_the_runtime() {
             }
         });
         // $30 is far beyond the first grant: the reservation awaits one grant round.
-        let r = a
-            .reserve_any_async(&["openai/gpt-4o"], provider_budgets::NO_TAGS, usd(30))
-            .await;
+        let r = a.reserve(&["openai/gpt-4o"], usd(30)).await;
         ticker.abort();
         (ticks.load(std::sync::atomic::Ordering::Relaxed), r)
     });
-    reserved.unwrap().release().unwrap();
+    reserved.unwrap().release().unwrap().wait().unwrap();
     // The runtime's only thread kept running other tasks while the reservation waited.
     assert!(ticks >= 10, "the wait blocked the runtime: {ticks} ticks");
 }
@@ -650,7 +668,7 @@ fn model_open(node: &Node, i: usize, clock: &Arc<FakeClock>) -> Limiter {
         r.connect_timeout = Duration::from_millis(100);
         r.command_timeout = Duration::from_millis(200);
     }
-    Limiter::open_with_clock(c, clock.clone()).unwrap()
+    Limiter::builder(c).clock(clock.clone()).open().unwrap()
 }
 
 /// Runs `ops` through the model; returns how many reservations were admitted.
@@ -685,7 +703,10 @@ fn run_model(ops: Vec<Op>) -> Result<u64, TestCaseError> {
             Op::Reserve { node, est } => {
                 let n = &mut nodes[node];
                 let l = n.limiter.as_ref().unwrap();
-                if let Ok(r) = l.reserve(&"openai/gpt-4o", Money::from_nanos(est * CENT)) {
+                if let Ok(r) = l
+                    .reserve(&[&"openai/gpt-4o"], Money::from_nanos(est * CENT))
+                    .wait()
+                {
                     n.open.push((r, est * CENT, day));
                     admitted += 1;
                 }
@@ -695,7 +716,10 @@ fn run_model(ops: Vec<Op>) -> Result<u64, TestCaseError> {
                 if !n.open.is_empty() {
                     let (r, est, w) = n.open.remove(pick % n.open.len());
                     let actual = est * pct / 100;
-                    if r.commit(Money::from_nanos(actual)).is_ok() {
+                    if r.commit(Money::from_nanos(actual))
+                        .and_then(|r| Ok(r.wait().map(drop)?))
+                        .is_ok()
+                    {
                         let e = spent.entry(w).or_default();
                         e.0 += actual;
                         e.1 += actual.saturating_sub(est);
@@ -706,7 +730,7 @@ fn run_model(ops: Vec<Op>) -> Result<u64, TestCaseError> {
                 let n = &mut nodes[node];
                 if !n.open.is_empty() {
                     let (r, _, _) = n.open.remove(pick % n.open.len());
-                    r.release().unwrap();
+                    r.release().unwrap().wait().unwrap();
                 }
             }
             Op::Sync { node } => {
@@ -735,7 +759,7 @@ fn run_model(ops: Vec<Op>) -> Result<u64, TestCaseError> {
                 // Reservations do not outlive the window here (a day would expire them).
                 for n in &mut nodes {
                     for (r, est, w) in n.open.drain(..) {
-                        r.commit(Money::from_nanos(est)).unwrap();
+                        r.commit(Money::from_nanos(est)).unwrap().wait().unwrap();
                         spent.entry(w).or_default().0 += est;
                     }
                 }
@@ -756,7 +780,10 @@ fn run_model(ops: Vec<Op>) -> Result<u64, TestCaseError> {
         let own: u64 = nodes
             .iter()
             .map(|n| {
-                n.limiter.as_ref().unwrap().status_at(at)[0]
+                n.limiter
+                    .as_ref()
+                    .unwrap()
+                    .status(StatusQuery::all().at(at))[0]
                     .own_spend
                     .as_nanos()
             })
@@ -780,7 +807,7 @@ fn run_model(ops: Vec<Op>) -> Result<u64, TestCaseError> {
     // Heal: everything settles, every node sees the exact fleet spend.
     for n in &mut nodes {
         for (r, _, _) in n.open.drain(..) {
-            r.release().unwrap();
+            r.release().unwrap().wait().unwrap();
         }
         n.proxy.heal();
     }
@@ -789,7 +816,7 @@ fn run_model(ops: Vec<Op>) -> Result<u64, TestCaseError> {
     let ls: Vec<&Limiter> = nodes.iter().map(|n| n.limiter.as_ref().unwrap()).collect();
     until(&ls, "the fleet converges", || {
         ls.iter()
-            .all(|l| l.status_at(at)[0].spend.as_nanos() == truth)
+            .all(|l| l.status(StatusQuery::all().at(at))[0].spend.as_nanos() == truth)
     });
     Ok(admitted)
 }

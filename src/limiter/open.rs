@@ -1,0 +1,172 @@
+//! Opening and repairing a data dir: [`Limiter::open`], and [`Limiter::builder`] for the
+//! same with another clock or for [`LimiterBuilder::repair`] (one shape for both).
+
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+
+use crate::config::{Config, ConfigError};
+use crate::durable::journal::{DurableTotals, Journal, JournalSettings};
+use crate::durable::restore::{restore, RepairReport, Restored, Verify};
+use crate::durable::store::Store;
+use crate::error::Error;
+use crate::limiter::fleet::{Fleet, FleetParts};
+use crate::limiter::{set_policy, Inner, Limiter};
+use crate::model::budget::{Mode, SoftLimitHandler};
+use crate::model::clock::{Clock, SystemClock};
+use crate::model::slots::SlotKeys;
+use crate::resolve::Resolver;
+
+/// How to open (or repair) a limiter: [`Limiter::builder`]`(config)`, optionally
+/// [`.clock(..)`](LimiterBuilder::clock), then [`.open()`](LimiterBuilder::open) or
+/// [`.repair(accept_loss)`](LimiterBuilder::repair).
+#[derive(Debug)]
+#[must_use = "a builder does nothing until .open() or .repair()"]
+pub struct LimiterBuilder {
+    config: Config,
+    clock: Arc<dyn Clock>,
+}
+
+impl LimiterBuilder {
+    pub(crate) fn new(config: Config) -> LimiterBuilder {
+        LimiterBuilder {
+            config,
+            clock: Arc::new(SystemClock),
+        }
+    }
+
+    /// Another clock than the system's (tests use [`FakeClock`](crate::FakeClock)).
+    pub fn clock(self, clock: Arc<dyn Clock>) -> LimiterBuilder {
+        LimiterBuilder { clock, ..self }
+    }
+
+    /// Opens the data dir of `config.storage.dir`, restores the stored totals and starts the
+    /// journal (and the replicator when Redis is configured).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] for an invalid config (or no data dir), [`Error::Storage`] when the
+    /// data dir is locked, unreadable, belongs to another node id, or lost acknowledged spend
+    /// ([`StoreError::Corrupt`](crate::StoreError::Corrupt) of tree `high-water`: run
+    /// `provider-budgets repair`), [`Error::Thread`] when a thread cannot start.
+    pub fn open(self) -> Result<Limiter, Error> {
+        open_verified(self.config, self.clock, Verify::Strict)
+    }
+
+    /// Repairs a data dir that fails to open because it lost acknowledged spend
+    /// ([`StoreError::Corrupt`](crate::StoreError::Corrupt) of tree `high-water`): opens what
+    /// sled still holds, takes back from Redis (when configured) this node's own totals that
+    /// are larger (one replication round), and compares the result with the high-water
+    /// record. When nothing acknowledged is missing any more, the record is brought up to
+    /// date and the data dir opens again. When spend is still missing, the record keeps
+    /// claiming it (the data dir keeps failing to open) unless `accept_loss` is set, which
+    /// accepts the loss.
+    ///
+    /// # Errors
+    ///
+    /// Those of [`LimiterBuilder::open`] (except the high-water mismatch).
+    pub fn repair(self, accept_loss: bool) -> Result<RepairReport, Error> {
+        crate::durable::restore::repair(self.config, self.clock, accept_loss, |config, clock| {
+            let limiter = open_verified(config, clock, Verify::Repair)?;
+            let synced = limiter
+                .inner
+                .fleet
+                .sync()
+                .map(|r| r.map_err(|e| e.to_string()));
+            limiter.shutdown()?;
+            Ok(synced)
+        })
+    }
+}
+
+fn open_verified(config: Config, clock: Arc<dyn Clock>, verify: Verify) -> Result<Limiter, Error> {
+    config.validate()?;
+    let dir = config.storage.dir.clone().ok_or(ConfigError::NoDataDir)?;
+    if config.redis.as_ref().is_some_and(|r| r.url.is_empty()) {
+        return Err(ConfigError::NoRedisUrl.into());
+    }
+    Fleet::check(config.redis.as_ref())?;
+    let store = Arc::new(Store::open(&dir)?);
+    let restored = restore(&store, &config, &generate_node_id(), verify)?;
+    let Restored {
+        node_id,
+        keys,
+        view,
+        journal: start,
+        peers,
+        grants,
+    } = restored;
+    for (i, b) in config.budgets.iter().enumerate() {
+        view.set_shadow(i as u32, b.mode == Mode::Shadow);
+        set_policy(&view, i as u32, b, config.redis.is_some());
+        // Crossed before this start: marked fired, not fired again.
+        view.set_soft_limits(i as u32, b.soft_limits.clone());
+    }
+    let durable = Arc::new(DurableTotals::default());
+    let slot_keys = Arc::new(SlotKeys::new(keys.to_vec()));
+    let journal = Journal::start(
+        Arc::clone(&store),
+        Arc::clone(&view),
+        Arc::clone(&durable),
+        JournalSettings {
+            keys: Arc::clone(&slot_keys),
+            max_delay: config.storage.max_delay,
+            retention: config.storage.retention,
+            clock: Arc::clone(&clock),
+        },
+        start,
+    )
+    .map_err(|source| Error::Thread {
+        what: "journal",
+        source,
+    })?;
+    let soft_handler: Arc<Mutex<Option<SoftLimitHandler>>> = Arc::default();
+    let fleet = match &config.redis {
+        Some(redis) => Fleet::start(FleetParts {
+            redis,
+            node_id: &node_id,
+            keys: &slot_keys,
+            clock: &clock,
+            view: &view,
+            store: &store,
+            durable: &durable,
+            journal: journal.sender(),
+            peers,
+            grants,
+            soft_handler: &soft_handler,
+        })?,
+        None => Fleet::none(),
+    };
+    Ok(Limiter {
+        inner: Arc::new(Inner {
+            fleet,
+            resolver: Arc::new(ArcSwap::from_pointee(Resolver::new(&config))),
+            config: ArcSwap::from_pointee(config),
+            keys: slot_keys,
+            reload_lock: Mutex::new(()),
+            generation: Arc::new(AtomicU64::new(0)),
+            soft_handler,
+            store,
+            clock,
+            view,
+            journal,
+            node_id,
+            reservations: crate::limiter::reserve::Registry::new(),
+            closed: AtomicBool::new(false),
+        }),
+    })
+}
+
+/// A node id unlikely to collide: time, process and the std hasher's random keys.
+fn generate_node_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.write_u32(std::process::id());
+    format!("node-{:016x}", h.finish())
+}

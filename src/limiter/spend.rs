@@ -1,0 +1,522 @@
+//! One spend call: a [`Spend`] says what was spent, against what and when;
+//! [`Limiter::charge`] counts it and hands back a [`Receipt`]; durability is a value, not a
+//! method suffix: drop the receipt (buffered: durable within `storage.max_delay`), or
+//! [`Receipt::wait`] / `.await` it (returns once an fsync covers it, group commit).
+//!
+//! Why the receipt asks for durability lazily: the buffered path (the usual one) must stay as
+//! cheap as it was (no channel, no allocation, no reference count). Only a receipt that is
+//! waited on queues a flush barrier behind its spend (the journal works in order, so the
+//! barrier's acknowledgement covers the spend); concurrent waiters share one fsync.
+//!
+//! This module also holds the one helper that makes a durability acknowledgement
+//! ([`AckWait::request`]): every place in the facade that waits for the journal goes
+//! through it.
+
+use std::fmt;
+use std::future::{Future, IntoFuture};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use jiff::Timestamp;
+
+use std::sync::atomic::Ordering;
+
+use crate::durable::journal::{Ack, AckResult, Event, Items, Journal};
+use crate::error::RecordError;
+use crate::limiter::{charge_slots, tag_slots, Limiter};
+use crate::model::budget::{parse_key_name, SoftLimitCrossed};
+use crate::model::clock::floor_secs;
+use crate::model::money::Money;
+use crate::resolve::Deployment;
+
+/// What a spend is counted against.
+#[derive(Debug)]
+pub(crate) enum Against<'a, D: ?Sized> {
+    /// Every provider-scope budget of this provider name.
+    Provider(&'a str),
+    /// Every budget that applies to the deployment (provider, model, id).
+    Deployment(&'a D),
+}
+
+/// One spend to count with [`Limiter::charge`]: a cost against a provider
+/// ([`Spend::provider`]) or a deployment ([`Spend::deployment`]), plus the request's tags
+/// ([`Spend::tags`]: each tag's budgets count it too) and the instant it happened
+/// ([`Spend::at`]; default: now).
+///
+/// Built with methods only (its fields are private), so later versions can add what a spend
+/// carries (token usage, a key, a user, a team) without breaking callers. `D` is the
+/// deployment type; a provider spend has `D = dyn Deployment`, so code that builds either
+/// kind in one place can name one type (`Spend::deployment(&d as &dyn Deployment, cost)`).
+///
+/// ```
+/// use provider_budgets::{Spend, Money, Target};
+///
+/// let cost: Money = "0.25".parse().unwrap();
+/// let by_provider = Spend::provider("openai", cost);
+/// let d = Target::parse("azure/gpt-4o");
+/// let by_deployment = Spend::deployment(&d, cost).tags(&["team-a"]);
+/// # let _ = (by_provider, by_deployment);
+/// ```
+#[must_use = "a Spend counts nothing until it is passed to Limiter::charge"]
+pub struct Spend<'a, D: ?Sized = dyn Deployment, T = &'a str> {
+    pub(crate) against: Against<'a, D>,
+    pub(crate) tags: &'a [T],
+    pub(crate) cost: Money,
+    pub(crate) at: Option<Timestamp>,
+}
+
+impl<'a> Spend<'a> {
+    /// `cost` against every provider-scope budget of `provider` (one per period).
+    pub fn provider(provider: &'a str, cost: Money) -> Spend<'a> {
+        Spend {
+            against: Against::Provider(provider),
+            tags: &[],
+            cost,
+            at: None,
+        }
+    }
+}
+
+impl<'a, D: Deployment + ?Sized> Spend<'a, D> {
+    /// `cost` against every budget that applies to the deployment: its provider's, its
+    /// model's and its own (by id), resolved exactly as [`Limiter::filter`] does, so spend
+    /// never goes to another budget than the one that filtered.
+    pub fn deployment(deployment: &'a D, cost: Money) -> Spend<'a, D> {
+        Spend {
+            against: Against::Deployment(deployment),
+            tags: &[],
+            cost,
+            at: None,
+        }
+    }
+}
+
+impl<'a, D: ?Sized, T> Spend<'a, D, T> {
+    /// The request's tags: each distinct tag's budgets count the spend too.
+    pub fn tags<U: AsRef<str>>(self, tags: &'a [U]) -> Spend<'a, D, U> {
+        Spend {
+            against: self.against,
+            tags,
+            cost: self.cost,
+            at: self.at,
+        }
+    }
+
+    /// Counts the spend in the windows containing `at` (e.g. when the request was made)
+    /// instead of now. A window that ended more than `storage.retention` ago is refused
+    /// ([`RecordError::Expired`]).
+    pub fn at(self, at: Timestamp) -> Self {
+        Spend {
+            at: Some(at),
+            ..self
+        }
+    }
+
+    /// The cost.
+    pub fn cost(&self) -> Money {
+        self.cost
+    }
+}
+
+impl<D: ?Sized> Clone for Against<'_, D> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<D: ?Sized> Copy for Against<'_, D> {}
+
+impl<D: ?Sized, T> Clone for Spend<'_, D, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+/// A spend is a few references and numbers: copy it to count it again elsewhere.
+impl<D: ?Sized, T> Copy for Spend<'_, D, T> {}
+
+impl<D: Deployment + ?Sized, T: AsRef<str>> fmt::Debug for Spend<'_, D, T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut s = f.debug_struct("Spend");
+        match &self.against {
+            Against::Provider(p) => s.field("provider", p),
+            Against::Deployment(d) => s.field("deployment", &d.model()),
+        };
+        let tags: Vec<&str> = self.tags.iter().map(AsRef::as_ref).collect();
+        s.field("tags", &tags)
+            .field("cost", &self.cost)
+            .field("at", &self.at)
+            .finish()
+    }
+}
+
+/// The limiter a receipt waits on: borrowed from a charge, owned from a reservation's end.
+#[derive(Debug)]
+enum Handle<'l> {
+    Borrowed(&'l Limiter),
+    Owned(Limiter),
+}
+
+impl Handle<'_> {
+    fn get(&self) -> &Limiter {
+        match self {
+            Handle::Borrowed(l) => l,
+            Handle::Owned(l) => l,
+        }
+    }
+}
+
+/// What [`Limiter::charge`] (and a reservation's commit or release) counted: the number of
+/// budgets ([`Receipt::budgets`]; **0 means no budget applies**: nothing was counted, which
+/// is not an error).
+///
+/// The spend is counted in memory and queued to the journal when the receipt exists.
+/// Dropping the receipt is the buffered form (durable within `storage.max_delay`);
+/// [`Receipt::wait`] blocks and `.await` waits until it is durable on disk.
+pub struct Receipt<'l> {
+    budgets: usize,
+    limiter: Handle<'l>,
+}
+
+impl fmt::Debug for Receipt<'_> {
+    /// The count, not the limiter it waits on.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Receipt")
+            .field("budgets", &self.budgets)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'l> Receipt<'l> {
+    pub(crate) fn new(limiter: &'l Limiter, budgets: usize) -> Receipt<'l> {
+        Receipt {
+            budgets,
+            limiter: Handle::Borrowed(limiter),
+        }
+    }
+}
+
+impl Receipt<'static> {
+    pub(crate) fn owned(limiter: Limiter, budgets: usize) -> Receipt<'static> {
+        Receipt {
+            budgets,
+            limiter: Handle::Owned(limiter),
+        }
+    }
+}
+
+impl Receipt<'_> {
+    /// The number of budgets the spend was counted against (0: no budget applies).
+    pub fn budgets(&self) -> usize {
+        self.budgets
+    }
+
+    /// Blocks until the spend (and everything counted before it) is durable on disk: one
+    /// fsync shared by concurrent waiters. From async code, `.await` the receipt instead.
+    /// Returns [`Receipt::budgets`].
+    ///
+    /// # Errors
+    ///
+    /// [`RecordError::Storage`] when the fsync failed (a full disk): the spend stays counted
+    /// in memory and the journal retries it; [`RecordError::Closed`] after shutdown.
+    pub fn wait(self) -> Result<usize, RecordError> {
+        let limiter = self.limiter.get();
+        let result =
+            AckWait::request(&limiter.inner.journal, false, Event::Flush).and_then(AckWait::recv);
+        answer(limiter, result, self.budgets)
+    }
+}
+
+/// The ack's answer as a receipt's result.
+fn answer(
+    limiter: &Limiter,
+    result: Option<AckResult>,
+    budgets: usize,
+) -> Result<usize, RecordError> {
+    limiter.acked(result).map(|()| budgets)
+}
+
+impl Limiter {
+    /// The answer of an acknowledgement ([`AckWait`]) as a record's result: `None` (the
+    /// journal went away without answering) is why it is gone.
+    pub(crate) fn acked(&self, result: Option<AckResult>) -> Result<(), RecordError> {
+        match result {
+            Some(Ok(())) => Ok(()),
+            Some(Err(e)) => Err(RecordError::Storage(e)),
+            None => Err(self.gone()),
+        }
+    }
+}
+
+impl<'l> IntoFuture for Receipt<'l> {
+    type Output = Result<usize, RecordError>;
+    type IntoFuture = Durable<'l>;
+
+    /// Waits (without blocking a worker) until the spend is durable, as [`Receipt::wait`].
+    fn into_future(self) -> Durable<'l> {
+        let wait = AckWait::request(&self.limiter.get().inner.journal, true, Event::Flush);
+        Durable {
+            receipt: self,
+            wait,
+        }
+    }
+}
+
+/// The future of an awaited [`Receipt`].
+#[derive(Debug)]
+#[must_use = "futures do nothing unless awaited"]
+pub struct Durable<'l> {
+    receipt: Receipt<'l>,
+    wait: Option<AckWait>,
+}
+
+impl Future for Durable<'_> {
+    type Output = Result<usize, RecordError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let result = match &mut this.wait {
+            Some(wait) => match wait.poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(r) => r,
+            },
+            None => None,
+        };
+        Poll::Ready(answer(
+            this.receipt.limiter.get(),
+            result,
+            this.receipt.budgets,
+        ))
+    }
+}
+
+/// A durability acknowledgement on its way from the journal: the one place the facade makes
+/// the channel of an [`Ack`] (blocking: a crossbeam channel; async: a tokio oneshot).
+#[derive(Debug)]
+pub(crate) enum AckWait {
+    Blocking(crossbeam_channel::Receiver<AckResult>),
+    Async(tokio::sync::oneshot::Receiver<AckResult>),
+}
+
+impl AckWait {
+    /// Sends `event(ack)` to the journal; `None` when the journal is gone (nothing sent).
+    /// `asynchronous`: the answer is awaited (poll it) rather than received blocking.
+    pub(crate) fn request(
+        journal: &Journal,
+        asynchronous: bool,
+        event: impl FnOnce(Ack) -> Event,
+    ) -> Option<AckWait> {
+        let (ack, wait) = if asynchronous {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            (Ack::Async(tx), AckWait::Async(rx))
+        } else {
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            (Ack::Blocking(tx), AckWait::Blocking(rx))
+        };
+        journal.send(event(ack)).ok()?;
+        Some(wait)
+    }
+
+    /// Blocks for the answer; `None` when the journal went away without answering.
+    pub(crate) fn recv(self) -> Option<AckResult> {
+        match self {
+            AckWait::Blocking(rx) => rx.recv().ok(),
+            AckWait::Async(rx) => rx.blocking_recv().ok(),
+        }
+    }
+
+    /// Polls for the answer (a blocking one is received at once: never made for async use).
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Option<AckResult>> {
+        match self {
+            AckWait::Blocking(rx) => Poll::Ready(rx.recv().ok()),
+            AckWait::Async(rx) => Pin::new(rx).poll(cx).map(Result::ok),
+        }
+    }
+
+    /// Awaits the answer.
+    pub(crate) async fn recv_async(mut self) -> Option<AckResult> {
+        std::future::poll_fn(|cx| self.poll(cx)).await
+    }
+}
+
+impl Limiter {
+    /// Counts a [`Spend`]: adds its cost to every budget that applies (see
+    /// [`Spend::provider`], [`Spend::deployment`], [`Spend::tags`]) in the windows of its
+    /// instant, and returns at once with a [`Receipt`]: drop it (buffered: durable within
+    /// `storage.max_delay`), or [`Receipt::wait`] / `.await` it for an fsync.
+    ///
+    /// **No budget applies** (a provider without budget, a deployment and tags that match
+    /// none) is not an error: the receipt says [`Receipt::budgets`]` == 0` and nothing is
+    /// counted.
+    ///
+    /// ```
+    /// use provider_budgets::{Config, Limiter, Money, Spend, StatusQuery};
+    ///
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let dir = tempfile::tempdir()?;
+    /// let yaml = "provider_budget_config:\n  openai: {budget_limit: 1, time_period: 1d}\n";
+    /// let limiter = Limiter::open(Config::from_yaml_str(yaml)?.data_dir(dir.path()))?;
+    /// let cost: Money = "0.25".parse()?;
+    ///
+    /// limiter.charge(Spend::provider("openai", cost))?; // buffered
+    /// let n = limiter.charge(Spend::deployment("gpt-4o", cost))?.wait()?; // fsynced
+    /// assert_eq!(n, 1); // openai's budget
+    /// assert_eq!(limiter.charge(Spend::provider("anthropic", cost))?.budgets(), 0);
+    /// assert_eq!(limiter.status(StatusQuery::all())[0].spend, "0.5".parse::<Money>()?);
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`RecordError::Expired`] when a budget's window of [`Spend::at`] ended more than
+    /// `storage.retention` ago (nothing is counted then), [`RecordError::Closed`] after
+    /// shutdown, [`RecordError::Storage`] when the journal died.
+    #[inline]
+    pub fn charge<D: Deployment + ?Sized, T: AsRef<str>>(
+        &self,
+        spend: Spend<'_, D, T>,
+    ) -> Result<Receipt<'_>, RecordError> {
+        let resolver = self.inner.resolver.load();
+        let (at, cost) = (spend.at, spend.cost);
+        let n = match spend.against {
+            // The hot path of a provider spend: its slots, no resolution, no iterator chain.
+            Against::Provider(p) if spend.tags.is_empty() => {
+                let own = resolver.provider_slots(p);
+                self.add_at(p, at, cost, || own.iter().copied())?
+            }
+            Against::Provider(p) => {
+                let own = resolver.provider_slots(p);
+                let tags = || tag_slots(&resolver, spend.tags);
+                self.add_at(p, at, cost, || own.iter().copied().chain(tags()))?
+            }
+            Against::Deployment(d) => {
+                let cache = resolver.cache();
+                let r = resolver.resolve_in(&cache, d);
+                let slots = || charge_slots(&resolver, &r, spend.tags);
+                self.add_at(d.model(), at, cost, slots)?
+            }
+        };
+        Ok(Receipt::new(self, n))
+    }
+
+    /// Adds `cost` to `slots()` in the windows of `at` (default now), after refusing an `at`
+    /// past retention (`what` names the spend in that error).
+    #[inline]
+    fn add_at<I: Iterator<Item = u32>>(
+        &self,
+        what: &str,
+        at: Option<Timestamp>,
+        cost: Money,
+        slots: impl Fn() -> I,
+    ) -> Result<usize, RecordError> {
+        let secs = match at {
+            // "Now" is never past retention: no age check (a second clock read).
+            None => self.inner.clock.now_secs(),
+            Some(at) => {
+                self.check_age(what, at, slots())?;
+                floor_secs(at)
+            }
+        };
+        self.add_slots(slots(), cost, secs)
+    }
+
+    /// Refuses a timestamp whose window is already past retention: the journal would delete
+    /// it at its next pass, so counting it would only pretend.
+    fn check_age(
+        &self,
+        what: &str,
+        at: Timestamp,
+        slots: impl Iterator<Item = u32>,
+    ) -> Result<(), RecordError> {
+        let retention = &self.inner.config.load().storage.retention;
+        let secs = floor_secs(at);
+        let cutoff = floor_secs(self.now())
+            .saturating_sub(i64::try_from(retention.as_secs()).unwrap_or(i64::MAX));
+        if secs >= cutoff {
+            return Ok(());
+        }
+        for b in slots {
+            if self.inner.view.schedule(b).window_at_secs(secs).end_secs() <= cutoff {
+                return Err(RecordError::Expired {
+                    provider: what.to_owned(),
+                    at,
+                    retention: humantime::format_duration(*retention).to_string(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds `cost` to each slot (in the window of the instant `secs`) and queues one journal
+    /// event for them all. Returns the number of slots.
+    #[inline]
+    fn add_slots(
+        &self,
+        slots: impl Iterator<Item = u32>,
+        cost: Money,
+        secs: i64,
+    ) -> Result<usize, RecordError> {
+        let inner = &*self.inner;
+        if inner.closed.load(Ordering::Acquire) {
+            return Err(RecordError::Closed);
+        }
+        if cost == Money::ZERO {
+            return Ok(slots.count());
+        }
+        // One journal event per call: a single window goes as `Add`, several as `AddMany`
+        // (up to four windows inline: no allocation).
+        let mut n = 0;
+        let mut items = Items::default();
+        for budget in slots {
+            n += 1;
+            let (window, crossed) = inner.view.add_own_checked(budget, secs, cost);
+            if let Some(c) = crossed {
+                self.fire(budget, c);
+            }
+            items.push((budget, window));
+        }
+        let event = match (n, items.single()) {
+            (0, _) => return Ok(0),
+            (_, Some((budget, window))) => Event::Add {
+                budget,
+                window,
+                amount: cost.as_nanos(),
+                ack: None,
+            },
+            _ => Event::AddMany {
+                items,
+                amount: cost.as_nanos(),
+                ack: None,
+            },
+        };
+        inner.journal.send(event).map_err(|_| self.gone())?;
+        Ok(n)
+    }
+
+    /// Reports newly crossed soft limits: callback, metric, `tracing` event (cold path);
+    /// with Redis, after this node won the fleet-wide claim (module `alerts`).
+    #[cold]
+    pub(crate) fn fire(&self, budget: u32, crossed: crate::view::Crossed) {
+        let (key, period) = self.inner.keys.get(budget);
+        let (scope, name) = parse_key_name(&key);
+        let soft = self.inner.view.soft_limits(budget);
+        let limit = self.inner.view.limit(budget);
+        for (i, s) in soft.iter().enumerate().take(8) {
+            if crossed.bits & (1 << i) == 0 {
+                continue;
+            }
+            let event = SoftLimitCrossed {
+                scope,
+                name: name.to_owned(),
+                period: period.clone(),
+                soft_limit: *s,
+                spend: Money::from_nanos(crossed.spend),
+                limit,
+                window: crossed.window,
+            };
+            if let Some(event) = self.inner.fleet.claim(&key, event) {
+                crate::model::budget::deliver_soft_limit(&self.inner.soft_handler, &key, &event);
+            }
+        }
+    }
+}
