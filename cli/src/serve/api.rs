@@ -539,9 +539,33 @@ pub(super) async fn healthz(Extract(state): Extract<Shared>) -> Response {
     }
 }
 
-pub(super) async fn reload(Extract(state): Extract<Shared>) -> Response {
+/// The optional body of `POST /v1/reload`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReloadOptions {
+    /// Apply a config without any budget (refused otherwise).
+    #[serde(default)]
+    allow_empty: bool,
+}
+
+pub(super) async fn reload(
+    Extract(state): Extract<Shared>,
+    bytes: Result<Bytes, BytesRejection>,
+) -> Response {
+    let bytes = match body(bytes) {
+        Ok(b) => b,
+        Err(r) => return r.into_response(),
+    };
+    let options = if bytes.trim_ascii().is_empty() {
+        ReloadOptions::default()
+    } else {
+        match parse::<ReloadOptions>(&bytes) {
+            Ok(o) => o,
+            Err(r) => return r.into_response(),
+        }
+    };
     let (tx, rx) = tokio::sync::oneshot::channel();
-    if state.reload.send(tx).await.is_err() {
+    if state.reload.send((options.allow_empty, tx)).await.is_err() {
         return error(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
     }
     match rx.await {
