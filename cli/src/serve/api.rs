@@ -14,7 +14,7 @@ use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use super::idempotency::{Begin, Outcome, MAX_KEY_LEN};
+use super::idempotency::{fingerprint, Begin, Outcome, MAX_KEY_LEN};
 use super::money::{clip, money_from_json};
 use super::{State, BODY_LIMIT};
 use provider_budgets::{Deployment, Money, NoDeployments, RecordError, Scope, Target};
@@ -376,8 +376,13 @@ pub(super) async fn spend(
         let (status, outcome) = record(&state, &spend).await;
         return spend_response(status, &outcome, false);
     };
+    // What the key stands for (not `durable`: a durable retry is the same spend).
+    let request_id = fingerprint(&format!("{:?}", (&spend.against, spend.cost, spend.at)));
     loop {
-        match state.keys.begin(key) {
+        match state.keys.begin(key, request_id) {
+            Begin::Mismatch => return error(StatusCode::CONFLICT, &format!(
+                "idempotency_key {key:?} was used before with another request (target, cost or at differ); a new request needs a new key"
+            )),
             Begin::Done(outcome) => return spend_response(StatusCode::OK, &outcome, true),
             Begin::Wait(mut rx) => {
                 let first = rx
