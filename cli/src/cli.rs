@@ -429,6 +429,14 @@ fn execute(cli: Cli) -> Outcome {
     if let Cmd::Repair { accept_loss } = cli.cmd {
         return repair(&cli, config, accept_loss);
     }
+    // `serve` checks its flags and installs its signal handlers before the limiter opens
+    // (which may take seconds with an unreachable Redis): a SIGHUP then is queued.
+    let mut prepared = match &cli.cmd {
+        Cmd::Serve(args) => {
+            Some(crate::serve::prepare(args).map_err(|e| Failure::runtime(e.to_string()))?)
+        }
+        _ => None,
+    };
     let limiter = open(&cli, config)?;
     let replicate = cli.redis.is_some();
     let result = match cli.cmd {
@@ -450,10 +458,13 @@ fn execute(cli: Cli) -> Outcome {
         Cmd::Sync => sync(&limiter),
         Cmd::Ingest { durable } => ingest(&limiter, durable, replicate),
         Cmd::Repair { .. } => Ok(()), // handled above, before the data dir is opened
-        Cmd::Serve(ref args) => {
-            crate::serve::run(&limiter, args, &|| load_config(&cli).map_err(|f| f.message))
-                .map_err(|e| Failure::runtime(e.to_string()))
-        }
+        Cmd::Serve(ref args) => match prepared.take() {
+            Some(p) => crate::serve::run(p, &limiter, args, &|| {
+                load_config(&cli).map_err(|f| f.message)
+            })
+            .map_err(|e| Failure::runtime(e.to_string())),
+            None => Ok(()), // prepared above
+        },
     };
     // Whatever happened, commit what was recorded before the process exits. The command's
     // own error is the more useful one to report when both fail.

@@ -665,11 +665,12 @@ impl Worker {
                 result = self.write(&[], &[]);
             }
         }
-        for ack in acks {
-            ack.send(result.clone());
-        }
+        // Counted before the acks: a client that reads /metrics after its answer sees it.
         if records > 0 {
             metrics::counter!("provider_budgets_records_total").increment(records);
+        }
+        for ack in acks {
+            ack.send(result.clone());
         }
     }
 

@@ -152,6 +152,7 @@ pub fn bare_cmd() -> Command {
         "PROVIDER_BUDGETS_DATA_DIR",
         "PROVIDER_BUDGETS_REDIS",
         "PROVIDER_BUDGETS_NODE_ID",
+        "PROVIDER_BUDGETS_AUTH_TOKEN",
     ] {
         c.env_remove(var);
     }

@@ -14,7 +14,7 @@ use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use super::idempotency::{Begin, Outcome, MAX_KEY_LEN};
+use super::idempotency::{fingerprint, Begin, Outcome, MAX_KEY_LEN};
 use super::money::{clip, money_from_json};
 use super::{State, BODY_LIMIT};
 use provider_budgets::{Deployment, Money, NoDeployments, RecordError, Scope, StatusQuery, Target};
@@ -373,8 +373,13 @@ pub(super) async fn spend(
         let (status, outcome) = record(&state, &spend).await;
         return spend_response(status, &outcome, false);
     };
+    // What the key stands for (not `durable`: a durable retry is the same spend).
+    let request_id = fingerprint(&format!("{:?}", (&spend.against, spend.cost, spend.at)));
     loop {
-        match state.keys.begin(key) {
+        match state.keys.begin(key, request_id) {
+            Begin::Mismatch => return error(StatusCode::CONFLICT, &format!(
+                "idempotency_key {key:?} was used before with another request (target, cost or at differ); a new request needs a new key"
+            )),
             Begin::Done(outcome) => return spend_response(StatusCode::OK, &outcome, true),
             Begin::Wait(mut rx) => {
                 let first = rx
@@ -543,9 +548,33 @@ pub(super) async fn healthz(Extract(state): Extract<Shared>) -> Response {
     }
 }
 
-pub(super) async fn reload(Extract(state): Extract<Shared>) -> Response {
+/// The optional body of `POST /v1/reload`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReloadOptions {
+    /// Apply a config without any budget (refused otherwise).
+    #[serde(default)]
+    allow_empty: bool,
+}
+
+pub(super) async fn reload(
+    Extract(state): Extract<Shared>,
+    bytes: Result<Bytes, BytesRejection>,
+) -> Response {
+    let bytes = match body(bytes) {
+        Ok(b) => b,
+        Err(r) => return r.into_response(),
+    };
+    let options = if bytes.trim_ascii().is_empty() {
+        ReloadOptions::default()
+    } else {
+        match parse::<ReloadOptions>(&bytes) {
+            Ok(o) => o,
+            Err(r) => return r.into_response(),
+        }
+    };
     let (tx, rx) = tokio::sync::oneshot::channel();
-    if state.reload.send(tx).await.is_err() {
+    if state.reload.send((options.allow_empty, tx)).await.is_err() {
         return error(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
     }
     match rx.await {

@@ -21,12 +21,15 @@
 //!   loader and applied with [`Limiter::reload`]; a bad config is refused, the old one stays.
 
 mod api;
+mod edge;
 mod idempotency;
+mod listen;
 mod metrics;
 mod money;
 mod reserve;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -53,6 +56,40 @@ pub struct ServeArgs {
     /// How long shutdown waits for in-flight requests.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = provider_budgets::parse_duration)]
     pub drain_timeout: Duration,
+    /// How long a client may take to send a request's body (408 after). The body is read
+    /// before the request takes one of the --max-in-flight permits.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = positive_duration)]
+    pub body_timeout: Duration,
+    /// How long a client may take to send a request's head once it has started (the
+    /// connection is closed after).
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = positive_duration)]
+    pub header_timeout: Duration,
+    /// How long a connection with no request in progress stays open.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = positive_duration)]
+    pub idle_timeout: Duration,
+    /// Connections served at once. A few more (1/16, at most 64) get the probes only
+    /// (`/healthz`, `/metrics`; 503 otherwise); beyond those a connection is closed at once.
+    #[arg(long, value_name = "N", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_connections: u32,
+    /// Bearer token file: every /v1/* request then needs `Authorization: Bearer TOKEN`
+    /// (default: the PROVIDER_BUDGETS_AUTH_TOKEN variable; neither: no authentication, which
+    /// only a loopback --listen address allows).
+    #[arg(long, value_name = "FILE")]
+    pub auth_token_file: Option<PathBuf>,
+    /// Serve a non-loopback --listen address without a token.
+    #[arg(long)]
+    pub insecure_no_auth: bool,
+    /// Apply a reload whose config has no budget (by default refused: an empty or
+    /// half-written file would drop every budget).
+    #[arg(long)]
+    pub allow_empty: bool,
+}
+
+fn positive_duration(text: &str) -> Result<Duration, String> {
+    match provider_budgets::parse_duration(text)? {
+        d if d.is_zero() => Err("must be more than 0".to_owned()),
+        d => Ok(d),
+    }
 }
 
 /// Why the sidecar could not run.
@@ -79,13 +116,20 @@ pub enum ServeError {
     /// The final flush failed.
     #[error("final flush: {0}")]
     Flush(#[from] provider_budgets::StoreError),
+    /// The flags do not allow starting (a token file that cannot be used, no token on a
+    /// non-loopback address).
+    #[error("{0}")]
+    Setup(String),
 }
 
 /// Reads the config again (the CLI's loader: file plus command-line overrides).
 pub type Loader<'a> = &'a (dyn Fn() -> Result<Config, String> + Sync);
 
-/// A reload request from `POST /v1/reload`, answered by the main loop.
-type ReloadRequest = oneshot::Sender<Result<provider_budgets::ReloadSummary, String>>;
+/// A reload request from `POST /v1/reload` (`allow_empty`), answered by the main loop.
+type ReloadRequest = (
+    bool,
+    oneshot::Sender<Result<provider_budgets::ReloadSummary, String>>,
+);
 
 /// What every handler shares.
 #[derive(Debug)]
@@ -98,6 +142,53 @@ pub(crate) struct State {
     pub reload: mpsc::Sender<ReloadRequest>,
     /// Open and recently ended reservations of `/v1/reserve`, `/v1/commit`, `/v1/release`.
     pub reservations: reserve::Table,
+    /// Auth, content type, host and body checks in front of the admission.
+    pub edge: edge::Edge,
+}
+
+/// What `serve` sets up before the limiter is opened: the runtime, the signal handlers
+/// (SIGHUP or SIGTERM while the limiter opens is queued, not fatal) and the edge's
+/// settings (a bad token file fails before anything is opened).
+pub struct Prepared {
+    runtime: tokio::runtime::Runtime,
+    signals: Signals,
+    edge: edge::Edge,
+}
+
+impl std::fmt::Debug for Prepared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prepared")
+            .field("edge", &self.edge)
+            .finish()
+    }
+}
+
+/// Checks the flags, builds the runtime and installs the signal handlers.
+///
+/// # Errors
+///
+/// [`ServeError::Setup`] for the flags, [`ServeError::Runtime`] for the runtime or signals.
+pub fn prepare(args: &ServeArgs) -> Result<Prepared, ServeError> {
+    let edge = edge::Edge::new(
+        args.listen,
+        args.auth_token_file.as_deref(),
+        args.insecure_no_auth,
+        args.body_timeout,
+    )
+    .map_err(ServeError::Setup)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("provider-budgets-serve")
+        .build()
+        .map_err(ServeError::Runtime)?;
+    let signals = runtime
+        .block_on(async { Signals::new() })
+        .map_err(ServeError::Runtime)?;
+    Ok(Prepared {
+        runtime,
+        signals,
+        edge,
+    })
 }
 
 /// Runs the sidecar until SIGTERM/SIGINT, then drains and flushes. The caller shuts the
@@ -107,14 +198,19 @@ pub(crate) struct State {
 ///
 /// [`ServeError`]: the address cannot be bound, the runtime or the metrics recorder cannot
 /// be set up, the server fails, or the final flush fails.
-pub fn run(limiter: &Limiter, args: &ServeArgs, loader: Loader<'_>) -> Result<(), ServeError> {
+pub fn run(
+    prepared: Prepared,
+    limiter: &Limiter,
+    args: &ServeArgs,
+    loader: Loader<'_>,
+) -> Result<(), ServeError> {
     let exporter = metrics::Exporter::install().map_err(ServeError::Metrics)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("provider-budgets-serve")
-        .build()
-        .map_err(ServeError::Runtime)?;
-    runtime.block_on(serve(limiter, args, loader, exporter))?;
+    let Prepared {
+        runtime,
+        signals,
+        edge,
+    } = prepared;
+    runtime.block_on(serve(limiter, args, loader, exporter, signals, edge))?;
     // In-flight work that outlived the drain timeout is dropped with the runtime.
     runtime.shutdown_timeout(Duration::from_secs(1));
     limiter.flush()?;
@@ -126,6 +222,8 @@ async fn serve(
     args: &ServeArgs,
     loader: Loader<'_>,
     exporter: metrics::Exporter,
+    mut signals: Signals,
+    edge: edge::Edge,
 ) -> Result<(), ServeError> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -143,14 +241,17 @@ async fn serve(
         max_in_flight: args.max_in_flight as usize,
         reload: reload_tx,
         reservations: reserve::Table::new(args.max_open_reservations as usize),
+        edge,
     });
-    let app = router(state);
-    let (stop_tx, mut stop_rx) = watch::channel(false);
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-        let _ = stop_rx.wait_for(|s| *s).await;
-    });
-    let mut server = tokio::spawn(std::future::IntoFuture::into_future(server));
-    let mut signals = Signals::new().map_err(ServeError::Runtime)?;
+    let app = router(Arc::clone(&state));
+    let probes = probes_only(state);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let limits = listen::Limits {
+        max_connections: args.max_connections as usize,
+        header_timeout: args.header_timeout,
+        idle_timeout: args.idle_timeout,
+    };
+    let mut server = tokio::spawn(listen::serve(listener, app, probes, limits, stop_rx));
     tracing::info!(%local, "listening");
     // The ready line: tests and supervisors read the bound address (useful with port 0). A
     // closed stdout is not an error: the server runs the same.
@@ -167,20 +268,22 @@ async fn serve(
                     break;
                 }
                 Signal::Reload => {
-                    match reload(limiter, loader) {
+                    match reload(limiter, loader, args.allow_empty) {
                         Ok(r) => tracing::info!(budgets = r.budgets, "config reloaded (SIGHUP)"),
                         Err(e) => tracing::error!(error = %e, "config reload refused (SIGHUP); the old config stays"),
                     }
                 }
             },
-            Some(reply) = reload_rx.recv() => {
-                let _ = reply.send(reload(limiter, loader));
+            Some((allow_empty, reply)) = reload_rx.recv() => {
+                // The answer goes over HTTP: no value from the environment in it.
+                let result = reload(limiter, loader, args.allow_empty || allow_empty)
+                    .map_err(|e| edge::redact_env(&e));
+                let _ = reply.send(result);
             }
             done = &mut server => {
-                // The server only ends on its own after an accept loop failure.
+                // The accept loop only ends on its own by a panic.
                 return match done {
-                    Ok(Ok(())) => Ok(()),
-                    Ok(Err(e)) => Err(ServeError::Server(e)),
+                    Ok(()) => Ok(()),
                     Err(e) => Err(ServeError::Server(std::io::Error::other(e))),
                 };
             }
@@ -188,8 +291,7 @@ async fn serve(
     }
     let _ = stop_tx.send(true);
     match tokio::time::timeout(args.drain_timeout, &mut server).await {
-        Ok(Ok(Ok(()))) => {}
-        Ok(Ok(Err(e))) => return Err(ServeError::Server(e)),
+        Ok(Ok(())) => {}
         Ok(Err(e)) => return Err(ServeError::Server(std::io::Error::other(e))),
         Err(_) => {
             tracing::warn!(timeout = ?args.drain_timeout, "in-flight requests did not finish; closing");
@@ -199,16 +301,31 @@ async fn serve(
     Ok(())
 }
 
-/// Reads the config and applies it.
+/// Reads the config and applies it. A config without any budget (an empty file, or one a
+/// writer has truncated and not yet written) is refused unless `allow_empty`; removed
+/// budgets are logged at warn level.
 fn reload(
     limiter: &Limiter,
     loader: Loader<'_>,
+    allow_empty: bool,
 ) -> Result<provider_budgets::ReloadSummary, String> {
     let refused = |e: &dyn std::fmt::Display| {
         format!("config reload refused, the running config is unchanged: {e}")
     };
     let config = loader().map_err(|e| refused(&e))?;
-    limiter.reload(config).map_err(|e| refused(&e))
+    if config.budgets.is_empty() && !allow_empty {
+        let running = limiter.status().len();
+        return Err(refused(&format!(
+            "the new config has no budget (empty or half-written file?) and would remove all \
+             {running} budgets; to apply it anyway run `serve --allow-empty` or post \
+             {{\"allow_empty\": true}} to /v1/reload"
+        )));
+    }
+    let summary = limiter.reload(config).map_err(|e| refused(&e))?;
+    if !summary.removed.is_empty() {
+        tracing::warn!(removed = ?summary.removed, "config reload removed budgets");
+    }
+    Ok(summary)
 }
 
 enum Signal {
@@ -277,6 +394,11 @@ fn router(state: Arc<State>) -> axum::Router {
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&state),
             api::admit,
+        ))
+        // Outside the admission: the body is read before a permit is taken.
+        .route_layer(middleware::from_fn_with_state(
+            Arc::clone(&state),
+            edge::guard,
         ));
     let probes = Router::new()
         .route("/metrics", get(api::metrics))
@@ -285,5 +407,27 @@ fn router(state: Arc<State>) -> axum::Router {
         .fallback(api::not_found)
         .method_not_allowed_fallback(api::method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(state)
+}
+
+/// What a connection over `--max-connections` is served: the probes, 503 for the rest.
+fn probes_only(state: Arc<State>) -> axum::Router {
+    use axum::http::{header, HeaderValue, StatusCode};
+    use axum::routing::get;
+    use axum::Router;
+
+    Router::new()
+        .route("/metrics", get(api::metrics))
+        .route("/healthz", get(api::healthz))
+        .fallback(|| async {
+            ::metrics::counter!("provider_budgets_http_overloaded_total").increment(1);
+            let mut r = api::error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too many connections (--max-connections); retry",
+            );
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            r
+        })
         .with_state(state)
 }

@@ -12,7 +12,6 @@ use provider_budgets_test_support::tmpfs;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
 use std::process::{Child, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
@@ -623,6 +622,7 @@ fn an_idempotency_key_is_counted_once_even_for_concurrent_retries() {
                     });
                     let mut r = a
                         .post(format!("{base}/v1/spend"))
+                        .header("content-type", "application/json")
                         .send(body.to_string())
                         .unwrap();
                     assert_eq!(r.status().as_u16(), 200);
@@ -664,10 +664,16 @@ fn concurrent_clients_are_all_counted() {
                 for i in 0..60 {
                     let body = json!({"provider": "anthropic", "cost": "0.001",
                                       "durable": (i + t) % 3 == 0});
-                    let r = a.post(format!("{base}/v1/spend")).send(body.to_string());
+                    let r = a
+                        .post(format!("{base}/v1/spend"))
+                        .header("content-type", "application/json")
+                        .send(body.to_string());
                     assert_eq!(r.unwrap().status().as_u16(), 200);
                     let f = json!({"deployments": [{"model": "claude-3-5-sonnet"}]});
-                    let r = a.post(format!("{base}/v1/filter")).send(f.to_string());
+                    let r = a
+                        .post(format!("{base}/v1/filter"))
+                        .header("content-type", "application/json")
+                        .send(f.to_string());
                     assert_eq!(r.unwrap().status().as_u16(), 200);
                 }
             })
@@ -682,24 +688,25 @@ fn concurrent_clients_are_all_counted() {
 #[test]
 fn requests_beyond_max_in_flight_get_503_at_once() {
     let s = Server::start(CONFIG, &["--max-in-flight", "1"]);
-    // A client that sends its headers and half its body holds the only permit.
-    let mut slow = TcpStream::connect(s.addr()).unwrap();
-    write!(
-        slow,
-        "POST /v1/spend HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
-         Content-Length: 40\r\n\r\n{{\"provider\":"
-    )
-    .unwrap();
-    slow.flush().unwrap();
+    // A request that holds the only permit inside its handler: a reload whose config file is
+    // now a FIFO with no writer (opening it blocks until the test writes the config).
+    std::fs::remove_file(&s.cli.config).unwrap();
+    let made = std::process::Command::new("mkfifo")
+        .arg(&s.cli.config)
+        .status()
+        .unwrap();
+    assert!(made.success(), "mkfifo");
+    let base = s.base.clone();
+    let holder = thread::spawn(move || {
+        let mut r = agent().post(format!("{base}/v1/reload")).send("").unwrap();
+        (r.status().as_u16(), r.body_mut().read_to_string().unwrap())
+    });
     // Wait (through /metrics, which is not bounded) until it is admitted and holds it.
     let deadline = Instant::now() + DEADLINE;
     while Prometheus::parse(&s.get("/metrics").body).value("provider_budgets_http_in_flight", "")
         < 1.0
     {
-        assert!(
-            Instant::now() < deadline,
-            "the slow request was not admitted"
-        );
+        assert!(Instant::now() < deadline, "the reload was not admitted");
         thread::sleep(Duration::from_millis(2));
     }
     let r = s.get("/v1/budgets");
@@ -711,7 +718,15 @@ fn requests_beyond_max_in_flight_get_503_at_once() {
     assert_eq!(s.get("/healthz").status, 200);
     let m = Prometheus::parse(&s.get("/metrics").body);
     assert!(m.value("provider_budgets_http_overloaded_total", "") >= 2.0);
-    drop(slow);
+    // Release it: the reload reads the same config and answers 200.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&s.cli.config)
+        .unwrap()
+        .write_all(CONFIG.as_bytes())
+        .unwrap();
+    let (status, body) = holder.join().unwrap();
+    assert_eq!(status, 200, "{body}");
     let deadline = Instant::now() + DEADLINE;
     while s.get("/v1/budgets").status != 200 {
         assert!(Instant::now() < deadline, "permit not released");
@@ -866,7 +881,11 @@ fn sigterm_under_load_exits_0_and_every_acknowledged_spend_is_on_disk() {
                     .to_string();
                 while !stop.load(Ordering::Relaxed) {
                     sent.fetch_add(1, Ordering::SeqCst);
-                    match a.post(format!("{base}/v1/spend")).send(body.as_str()) {
+                    match a
+                        .post(format!("{base}/v1/spend"))
+                        .header("content-type", "application/json")
+                        .send(body.as_str())
+                    {
                         Ok(r) if r.status().as_u16() == 200 => {
                             acked.fetch_add(1, Ordering::SeqCst);
                         }
@@ -925,7 +944,10 @@ fn reload_under_load_switches_limits_and_loses_no_spend() {
                 let body =
                     json!({"provider": "openai", "cost": "0.001", "durable": t == 0}).to_string();
                 while !stop.load(Ordering::Relaxed) {
-                    let r = a.post(format!("{base}/v1/spend")).send(body.as_str());
+                    let r = a
+                        .post(format!("{base}/v1/spend"))
+                        .header("content-type", "application/json")
+                        .send(body.as_str());
                     assert_eq!(r.unwrap().status().as_u16(), 200);
                     acked.fetch_add(1, Ordering::SeqCst);
                 }

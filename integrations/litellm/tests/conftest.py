@@ -95,9 +95,17 @@ def sidecar_binary() -> str:
 class Sidecar:
     """One `provider-budgets serve` process on a loopback port, with its own data dir."""
 
-    def __init__(self, budgets: Dict[str, str], period: str = "1d", config_text: Optional[str] = None):
+    def __init__(
+        self,
+        budgets: Dict[str, str],
+        period: str = "1d",
+        config_text: Optional[str] = None,
+        token: Optional[str] = None,
+    ):
         """`config_text`, when given, is the whole config file (e.g. a litellm proxy config);
-        otherwise a `provider_budget_config` block is written from `budgets`."""
+        otherwise a `provider_budget_config` block is written from `budgets`. `token`: the
+        sidecar runs with it (`PROVIDER_BUDGETS_AUTH_TOKEN`)."""
+        self.token = token
         self.dir = Path(tempfile.mkdtemp(prefix="pb-litellm-"))
         self.data_dir = self.dir / "data"
         self.config = self.dir / "config.yaml"
@@ -118,6 +126,8 @@ class Sidecar:
         binary = sidecar_binary()
         env = {k: v for k, v in os.environ.items() if not k.startswith("PROVIDER_BUDGETS_")}
         env.setdefault("RUST_LOG", "warn")
+        if self.token is not None:
+            env["PROVIDER_BUDGETS_AUTH_TOKEN"] = self.token
         log_start = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
@@ -172,6 +182,8 @@ class Sidecar:
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(self.url + path, data=data, method=method)
         req.add_header("content-type", "application/json")
+        if self.token is not None:
+            req.add_header("authorization", f"Bearer {self.token}")
         try:
             with urllib.request.urlopen(req, timeout=5) as r:
                 return r.status, json.loads(r.read() or b"null")
@@ -193,8 +205,13 @@ def sidecars():
     """Factory: `sidecars({"openai": "0.001"})` starts a sidecar; all are stopped at teardown."""
     started = []
 
-    def make(budgets: Dict[str, str], period: str = "1d", config_text: Optional[str] = None) -> Sidecar:
-        s = Sidecar(budgets, period, config_text)
+    def make(
+        budgets: Dict[str, str],
+        period: str = "1d",
+        config_text: Optional[str] = None,
+        token: Optional[str] = None,
+    ) -> Sidecar:
+        s = Sidecar(budgets, period, config_text, token)
         started.append(s)
         return s.start()
 

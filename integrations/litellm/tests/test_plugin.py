@@ -365,6 +365,30 @@ def test_a_spend_post_retried_after_a_lost_answer_counts_once(sidecars):
     assert side.spend_nanos() == {"openai": 300_000_000}
 
 
+def test_a_sidecar_with_a_token_counts_only_the_posts_that_carry_it(sidecars, monkeypatch):
+    token = "plugin-t0ken"
+    side = sidecars({"openai": "10"}, token=token)
+    monkeypatch.delenv("PROVIDER_BUDGETS_AUTH_TOKEN", raising=False)
+
+    async def post(plugin: ProviderBudgets, call: str) -> None:
+        assert plugin.post_spend_in_background(success_kwargs("openai", 0.5, call)) is not None
+        assert await plugin.flush(10)
+        await plugin.aclose()
+
+    without = ProviderBudgets(url=side.url, retry_backoff=0.01)
+    asyncio.run(post(without, "no-token"))
+    assert without.stats.rejected == 1 and without.stats.posted == 0, without.stats
+    with_token = ProviderBudgets(url=side.url, token=token)
+    assert token not in repr(with_token)
+    asyncio.run(post(with_token, "token"))
+    assert with_token.stats.posted == 1, with_token.stats
+    monkeypatch.setenv("PROVIDER_BUDGETS_AUTH_TOKEN", token)
+    from_env = ProviderBudgets(url=side.url)
+    asyncio.run(post(from_env, "env"))
+    assert from_env.stats.posted == 1, from_env.stats
+    assert side.spend_nanos() == {"openai": 1_000_000_000}
+
+
 def test_spend_posts_survive_an_outage_without_blocking_the_response(sidecars, call_cost):
     side = sidecars({"openai": "10"})
     c_o = nanos(call_cost[OPENAI])

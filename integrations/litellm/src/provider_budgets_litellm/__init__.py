@@ -190,6 +190,9 @@ class ProviderBudgets(CustomLogger):
         default_max_tokens: output tokens of the estimate when neither the request
             (``max_tokens``) nor litellm's cost map (``max_output_tokens``) says.
         default_estimate: estimate (USD) of a call litellm cannot price.
+        token: the sidecar's bearer token (``serve --auth-token-file``); default
+            ``$PROVIDER_BUDGETS_AUTH_TOKEN``; none: no ``Authorization`` header. Never shown
+            by ``repr`` nor logged.
     """
 
     def __init__(
@@ -206,6 +209,7 @@ class ProviderBudgets(CustomLogger):
         strict: bool = False,
         default_max_tokens: int = 4096,
         default_estimate: Any = 0,
+        token: Optional[str] = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -224,6 +228,12 @@ class ProviderBudgets(CustomLogger):
         self.durable = bool(durable)
         self.strict = bool(strict)
         self.default_max_tokens = int(default_max_tokens)
+        token = token or os.environ.get("PROVIDER_BUDGETS_AUTH_TOKEN") or None
+        if token is not None and (not token.strip() or any(c.isspace() for c in token.strip())):
+            raise ValueError("ProviderBudgets: token must be one word (no spaces)")
+        self._headers = dict(_JSON)
+        if token is not None:
+            self._headers["authorization"] = f"Bearer {token.strip()}"
         estimate = cost_to_decimal_str(default_estimate)
         if estimate is None or estimate.startswith("-"):
             raise ValueError(f"ProviderBudgets: default_estimate must be a non-negative amount, got {default_estimate!r}")
@@ -264,7 +274,7 @@ class ProviderBudgets(CustomLogger):
         # with ServerDisconnectedError: one immediate second try, on a fresh connection.
         for attempt in (1, 2):
             try:
-                async with session.post(url, data=body, headers=_JSON) as resp:
+                async with session.post(url, data=body, headers=self._headers) as resp:
                     return resp.status, await resp.read()
             except aiohttp.ServerDisconnectedError as e:
                 if attempt == 2:
