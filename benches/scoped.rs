@@ -1,6 +1,7 @@
-//! Budget model v2 on the request path (issue 10): 10 deployments, each under a provider, a
-//! deployment (by id) and a model budget, and a request with 2 tags that have tag budgets;
-//! plain `Limiter::filter_tagged` and prepared `Prepared::filter_tagged_into`, p50/p99.
+//! Budget model v2 on the request path (issue 10): 10 (and 50, plain only) deployments, each
+//! under a provider, a deployment (by id) and a model budget, and a request with 2 tags that
+//! have tag budgets; plain `Limiter::filter_tagged` and prepared `Prepared::filter_tagged_into`,
+//! p50/p99.
 //! And `charge` hitting 4 budgets (provider, deployment, model, tag) per call, buffered.
 
 use std::hint::black_box;
@@ -29,12 +30,17 @@ struct Fixture {
 
 impl Fixture {
     fn new() -> Fixture {
+        Fixture::with(10)
+    }
+
+    /// `n` deployments (each with its own deployment budget).
+    fn with(n: usize) -> Fixture {
         let dir = common::tempdir();
         let limit: Money = "1000000".parse().expect("limit");
         let period: Period = "1d".parse().expect("period");
         let mut config = provider_budgets::Config::new().data_dir(dir.path());
         let mut deployments = Vec::new();
-        for i in 0..10 {
+        for i in 0..n {
             let p = i % PROVIDERS.len();
             let model = format!("{}/{}", PROVIDERS[p], MODELS[p]);
             let id = format!("dep-{i}");
@@ -61,6 +67,7 @@ impl Fixture {
 
 pub fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("scoped");
+    plain_50(&mut g);
     let mut fx: Option<Fixture> = None;
     let mut sampled = false;
     g.bench_function(BenchmarkId::new("filter/plain", 10), |b| {
@@ -144,6 +151,36 @@ pub fn bench(c: &mut Criterion) {
         fx.limiter.flush().expect("flush");
     });
     g.finish();
+}
+
+/// `scoped/filter/plain/50`: the plain filter over 50 such deployments (61 budgets).
+fn plain_50(g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>) {
+    let mut fx: Option<Fixture> = None;
+    let mut sampled = false;
+    g.bench_function(BenchmarkId::new("filter/plain", 50), |b| {
+        let fx = fx.get_or_insert_with(|| Fixture::with(50));
+        let n = fx
+            .limiter
+            .filter_tagged(&fx.deployments, &TAGS)
+            .map(|v| v.len());
+        assert_eq!(n.expect("filter"), 50);
+        common::once(&mut sampled, || {
+            common::latency(
+                "scoped/filter/plain/50 (3 budgets each + 2 tags)",
+                200_000,
+                || {
+                    fx.limiter
+                        .filter_tagged(black_box(&fx.deployments), black_box(&TAGS))
+                        .map(|v| v.len())
+                },
+            )
+        });
+        b.iter(|| {
+            fx.limiter
+                .filter_tagged(black_box(&fx.deployments), black_box(&TAGS))
+                .map(|v| v.len())
+        });
+    });
 }
 
 /// Charges per second that the limiter sustains: `threads` threads each charge 4 budgets in a

@@ -14,12 +14,11 @@
 //! deployment that resolves to nothing is [`Resolution::Unknown`] and follows
 //! `unknown_provider`.
 
-use std::hash::{Hash, Hasher};
+use std::hash::Hasher;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use hashbrown::Equivalent;
-use rustc_hash::{FxBuildHasher, FxHashMap};
+use rustc_hash::FxHashMap;
 
 use crate::config::Config;
 use crate::model::budget::{model_part, Scope};
@@ -177,6 +176,8 @@ pub(crate) struct Cached {
     spill: Box<[u32]>,
     /// Every slot as a bit, when all are below 128.
     mask: Option<u128>,
+    /// `mask` when the provider is known (`None` when unknown).
+    known_mask: Option<u128>,
 }
 
 impl Cached {
@@ -198,6 +199,7 @@ impl Cached {
             inline,
             spill,
             mask,
+            known_mask: mask.filter(|_| !unknown),
         }
     }
 
@@ -208,50 +210,55 @@ impl Cached {
             None => &self.spill,
         }
     }
+
+    /// As a [`Resolved`] (borrowing the slots).
+    #[inline]
+    pub fn resolved(&self) -> Resolved<'_> {
+        Resolved {
+            unknown: self.unknown,
+            slots: [self.slots(), &[], &[]],
+            mask: self.mask,
+        }
+    }
+
+    /// The slots as a bit set when the provider is known and every slot is below 128: the
+    /// filter's fast path (`filter::Check::passes_in`) needs nothing else.
+    #[inline]
+    pub fn known_mask(&self) -> Option<u128> {
+        self.known_mask
+    }
 }
 
 /// Entries kept in the resolution cache before it is cleared (bounds memory when callers
 /// pass ever-new names).
 const CACHE_LIMIT: usize = 4096;
 
-/// The cache's key: a deployment's model name and id, owned.
+/// One entry of the resolution cache: a deployment's model name and id, owned, their hash
+/// ([`key_hash`]) and their resolution.
 ///
-/// Why one key for both: the request path used to hash the model (cache) and the id
-/// (deployment table) separately, two lookups per deployment; now it is one, and the lookup
-/// borrows (`Lookup` below), so nothing is allocated on a hit.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct CacheKey {
+/// Why a [`hashbrown::HashTable`] of these rather than a map with a `Hash` key: the request
+/// path hashes the borrowed (model, id) once with [`key_hash`] and probes with a closure that
+/// compares the stored hash before the names, inlined into the filter loop (the map's
+/// generic `get` was a call per deployment plus a `Hash` walk over an `Option`).
+#[derive(Debug, Clone)]
+pub(crate) struct Entry {
+    hash: u64,
     model: Box<str>,
     id: Option<Box<str>>,
+    cached: Cached,
 }
 
-impl Hash for CacheKey {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        // Must hash exactly as `Lookup` does (hashbrown's `Equivalent` contract).
-        Lookup {
-            model: &self.model,
-            id: self.id.as_deref(),
-        }
-        .hash(state);
+/// The hash of a (model, id) cache key: rustc-hash's string hash (for names of up to 16
+/// bytes: the first and last 8 bytes and the length, one multiply) of the model, and of the
+/// id when there is one. Collisions only cost a comparison: a hit also compares the names.
+#[inline]
+fn key_hash(model: &str, id: Option<&str>) -> u64 {
+    let mut h = rustc_hash::FxHasher::default();
+    h.write(model.as_bytes());
+    if let Some(id) = id {
+        h.write(id.as_bytes());
     }
-}
-
-/// A borrowed [`CacheKey`], for lookups without allocating.
-#[derive(Debug, Clone, Copy, Hash)]
-struct Lookup<'a> {
-    model: &'a str,
-    id: Option<&'a str>,
-}
-
-impl Equivalent<CacheKey> for Lookup<'_> {
-    #[inline]
-    fn equivalent(&self, key: &CacheKey) -> bool {
-        same(self.model, &key.model)
-            && match (self.id, key.id.as_deref()) {
-                (Some(a), Some(b)) => same(a, b),
-                (a, b) => a.is_none() && b.is_none(),
-            }
-    }
+    h.finish()
 }
 
 /// String equality without a `memcmp` call for names of up to 64 bytes (model names and
@@ -269,8 +276,15 @@ fn same(a: &str, b: &str) -> bool {
         w.copy_from_slice(&s[at..at + 8]);
         u64::from_ne_bytes(w)
     };
+    let half = |s: &[u8], at: usize| -> u32 {
+        let mut w = [0u8; 4];
+        w.copy_from_slice(&s[at..at + 4]);
+        u32::from_ne_bytes(w)
+    };
     match n {
-        0..=7 => a.iter().zip(b).all(|(x, y)| x == y),
+        0..=3 => a.iter().zip(b).all(|(x, y)| x == y),
+        // Two overlapping 4-byte words (ids such as `dep-12`).
+        4..=7 => half(a, 0) == half(b, 0) && half(a, n - 4) == half(b, n - 4),
         8..=64 => {
             let mut at = 0;
             while at + 8 < n {
@@ -286,7 +300,7 @@ fn same(a: &str, b: &str) -> bool {
 }
 
 /// The resolution cache: (model, deployment id) → resolution.
-pub(crate) type CacheMap = hashbrown::HashMap<CacheKey, Cached, FxBuildHasher>;
+pub(crate) type CacheMap = hashbrown::HashTable<Entry>;
 /// A loaded snapshot of the cache.
 pub(crate) type CacheGuard = arc_swap::Guard<Arc<CacheMap>>;
 
@@ -340,7 +354,7 @@ impl Resolver {
             tables,
             overrides,
             deny_unknown: config.unknown_provider == crate::config::UnknownProvider::Deny,
-            cache: ArcSwap::from_pointee(CacheMap::default()),
+            cache: ArcSwap::from_pointee(CacheMap::new()),
         }
     }
 
@@ -403,6 +417,21 @@ impl Resolver {
         self.cache.load()
     }
 
+    /// The cached resolution of a deployment without explicit provider, if there is one: the
+    /// request path's lookup (one hash of (model, id), one probe; nothing allocated). `None`
+    /// for a deployment with an explicit provider (resolved without the cache) and on a miss.
+    #[inline]
+    pub fn cached<'c>(
+        &self,
+        cache: &'c CacheMap,
+        d: &(impl Deployment + ?Sized),
+    ) -> Option<&'c Cached> {
+        if d.provider().is_some() {
+            return None;
+        }
+        lookup(cache, d.model(), d.id())
+    }
+
     /// Resolves through a cache loaded once by the caller: the request path's form (one
     /// hash lookup of (model, id) per deployment).
     #[inline]
@@ -414,43 +443,54 @@ impl Resolver {
         if d.provider().is_some() {
             return self.resolve(d);
         }
-        let key = Lookup {
-            model: d.model(),
-            id: d.id(),
-        };
-        if let Some(c) = cache.get(&key) {
-            return Resolved {
-                unknown: c.unknown,
-                slots: [c.slots(), &[], &[]],
-                mask: c.mask,
-            };
+        if let Some(c) = lookup(cache, d.model(), d.id()) {
+            return c.resolved();
         }
-        self.resolve_miss(key, d)
+        self.resolve_miss(d)
     }
 
     /// A cache miss: resolves and publishes a new map with the entry (cold path).
     #[cold]
     #[inline(never)]
-    fn resolve_miss<'a>(&'a self, key: Lookup<'_>, d: &(impl Deployment + ?Sized)) -> Resolved<'a> {
+    fn resolve_miss<'a>(&'a self, d: &(impl Deployment + ?Sized)) -> Resolved<'a> {
         let r = self.resolve(d);
-        let entry = Cached::new(r.unknown, r.iter());
+        let (model, id) = (d.model(), d.id());
+        let entry = Entry {
+            hash: key_hash(model, id),
+            model: model.into(),
+            id: id.map(Into::into),
+            cached: Cached::new(r.unknown, r.iter()),
+        };
         self.cache.rcu(|old| {
             let mut map = if old.len() >= CACHE_LIMIT {
-                CacheMap::default()
+                CacheMap::new()
             } else {
                 (**old).clone()
             };
-            map.insert(
-                CacheKey {
-                    model: key.model.into(),
-                    id: key.id.map(Into::into),
-                },
-                entry.clone(),
-            );
+            // Another thread may have published the same key meanwhile: one entry per key.
+            if lookup(&map, model, id).is_none() {
+                map.insert_unique(entry.hash, entry.clone(), |e| e.hash);
+            }
             Arc::new(map)
         });
         r
     }
+}
+
+/// The entry of (model, id) in a loaded cache.
+#[inline]
+fn lookup<'c>(cache: &'c CacheMap, model: &str, id: Option<&str>) -> Option<&'c Cached> {
+    let hash = key_hash(model, id);
+    cache
+        .find(hash, |e| {
+            e.hash == hash
+                && same(model, &e.model)
+                && match (id, e.id.as_deref()) {
+                    (Some(a), Some(b)) => same(a, b),
+                    (a, b) => a.is_none() && b.is_none(),
+                }
+        })
+        .map(|e| &e.cached)
 }
 
 #[cfg(test)]
@@ -522,6 +562,16 @@ mod tests {
         let d = Target::with_id("east", "gpt-4o");
         let cache = r.cache();
         assert_eq!(slots(r.resolve_in(&cache, &d)), (false, vec![1, 3, 4]));
+        // One entry per (model, id): no id, an empty id and an id are three keys.
+        let cache = r.cache();
+        assert_eq!(slots(r.resolve_in(&cache, "gpt-4o")), (false, vec![1, 4]));
+        let empty = Target::with_id("", "gpt-4o");
+        assert_eq!(slots(r.resolve_in(&cache, &empty)), (false, vec![1, 4]));
+        let cache = r.cache();
+        assert_eq!(slots(r.resolve_in(&cache, &d)), (false, vec![1, 3, 4]));
+        assert_eq!(slots(r.resolve_in(&cache, &empty)), (false, vec![1, 4]));
+        assert!(r.cached(&cache, &d).is_some());
+        assert!(r.cached(&cache, &Target::new("gpt-4o", "azure")).is_none());
     }
 
     #[test]
@@ -529,6 +579,9 @@ mod tests {
         let names = [
             "",
             "a",
+            "dep-1",
+            "dep-2",
+            "dep-12",
             "gpt-4o",
             "gpt-4o-",
             "openai/g",

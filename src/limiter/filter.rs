@@ -17,7 +17,7 @@ use jiff::Timestamp;
 use crate::model::budget::{parse_key_name, Scope};
 use crate::model::money::Money;
 use crate::model::slots::SlotKeys;
-use crate::resolve::{Resolved, Resolver};
+use crate::resolve::{CacheMap, Deployment, Resolved, Resolver};
 use crate::view::View;
 
 /// No deployment is left: every candidate is under a spent budget (its provider's, its model's,
@@ -220,6 +220,69 @@ impl<'a> Check<'a> {
             }
         }
         kept
+    }
+
+    /// The plain filter's loop (`Limiter::filter_tagged`, `Limiter::filter_in_place_tagged`):
+    /// `keep(i, d)` for each deployment that passes (none when a tag blocks), each resolved
+    /// through the cache loaded once by the caller; returns how many passed.
+    #[inline]
+    pub fn select_in<'d, D: Deployment>(
+        &mut self,
+        resolver: &Resolver,
+        cache: &CacheMap,
+        tags_ok: bool,
+        deployments: &'d [D],
+        mut keep: impl FnMut(usize, &'d D),
+    ) -> usize {
+        if !tags_ok {
+            return 0;
+        }
+        let mut kept = 0;
+        for (i, d) in deployments.iter().enumerate() {
+            if self.passes_in(resolver, cache, d) {
+                keep(i, d);
+                kept += 1;
+            }
+        }
+        kept
+    }
+
+    /// Whether a deployment passes, resolved through the loaded cache.
+    ///
+    /// The fast path, inlined into the loop: a cache hit of a known provider whose budgets
+    /// were all checked already in this call (or cannot be spent, `View::hot`) is answered
+    /// by two `u128` operations. Everything else (a budget read for the first time in this
+    /// call, an unknown provider, an explicit provider, a miss, slots from 128 up) goes
+    /// through [`Check::passes`], out of line.
+    #[inline]
+    pub fn passes_in(
+        &mut self,
+        resolver: &Resolver,
+        cache: &CacheMap,
+        d: &(impl Deployment + ?Sized),
+    ) -> bool {
+        match resolver.cached(cache, d) {
+            Some(c) => match c.known_mask() {
+                Some(mask) if mask & !self.memo.checked == 0 => mask & self.memo.blocked == 0,
+                _ => self.passes_out_of_line(&c.resolved()),
+            },
+            None => self.passes_uncached(resolver, cache, d),
+        }
+    }
+
+    #[inline(never)]
+    fn passes_out_of_line(&mut self, r: &Resolved<'_>) -> bool {
+        self.passes(r)
+    }
+
+    #[inline(never)]
+    fn passes_uncached(
+        &mut self,
+        resolver: &Resolver,
+        cache: &CacheMap,
+        d: &(impl Deployment + ?Sized),
+    ) -> bool {
+        self.passes(&resolver.resolve_in(cache, d))
     }
 
     /// The error for an empty result (cold path): every spent enforced budget of the

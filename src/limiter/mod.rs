@@ -176,11 +176,7 @@ impl Limiter {
         let mut check = self.check(&resolver);
         let tags_ok = check.tags_pass(&resolver, tags);
         let mut out = Vec::with_capacity(deployments.len());
-        check.select(
-            tags_ok,
-            deployments.iter().map(|d| resolver.resolve_in(&cache, d)),
-            |i| out.push(&deployments[i]),
-        );
+        check.select_in(&resolver, &cache, tags_ok, deployments, |_, d| out.push(d));
         if out.is_empty() && !deployments.is_empty() {
             return Err(check.no_deployments(
                 &resolver,
@@ -208,11 +204,7 @@ impl Limiter {
         let cache = resolver.cache();
         let mut check = self.check(&resolver);
         let tags_ok = check.tags_pass(&resolver, tags);
-        let kept = check.select(
-            tags_ok,
-            deployments.iter().map(|d| resolver.resolve_in(&cache, d)),
-            |_| {},
-        );
+        let kept = check.select_in(&resolver, &cache, tags_ok, deployments, |_, _| {});
         if kept == 0 {
             if deployments.is_empty() {
                 return Ok(());
@@ -226,7 +218,7 @@ impl Limiter {
             ));
         }
         // Second pass answered by the memo (same decisions, no second window read).
-        deployments.retain(|d| check.passes(&resolver.resolve_in(&cache, d)));
+        deployments.retain(|d| check.passes_in(&resolver, &cache, d));
         Ok(())
     }
 
