@@ -314,7 +314,7 @@ fn reload(
     };
     let config = loader().map_err(|e| refused(&e))?;
     if config.budgets.is_empty() && !allow_empty {
-        let running = limiter.status().len();
+        let running = limiter.status(provider_budgets::StatusQuery::all()).len();
         return Err(refused(&format!(
             "the new config has no budget (empty or half-written file?) and would remove all \
              {running} budgets; to apply it anyway run `serve --allow-empty` or post \
