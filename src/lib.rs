@@ -93,3 +93,15 @@ pub use model::money::{Money, MoneyError};
 pub use model::text::redact_urls;
 pub use model::window::{Period, PeriodError, Schedule, Window};
 pub use resolve::{Deployment, Target, BUILTIN_PREFIXES};
+
+/// The sync round's wire protocol, for the live-Redis tests in `tests/wire.rs` only: not part
+/// of the API (no stability promise).
+#[cfg(feature = "redis")]
+#[doc(hidden)]
+pub mod __wire {
+    pub use crate::model::key::BudgetKey;
+    pub use crate::replicate::wire::{
+        lease_key, strict_key, window_key, GrantAsk, GrantReply, Group, GroupReply, Identity,
+        text, KeyReply, Lease, Mode, SyncItem, TrackReply, Wire, WireError, SCRIPT,
+    };
+}

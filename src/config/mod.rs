@@ -142,25 +142,25 @@ impl BudgetConfig {
         (self.scope == Scope::Provider).then_some(self.name.as_str())
     }
 
-    /// The storage and Redis key parts (key name, period part): see the module `budget`.
+    /// The budget's identity (see the module `key`).
+    pub(crate) fn budget_key(&self) -> crate::model::key::BudgetKey {
+        crate::model::key::BudgetKey::of(
+            self.scope,
+            &self.name,
+            self.period,
+            self.time_zone.as_deref(),
+        )
+    }
+
+    /// The storage and Redis key parts (key name, period part): see the module `key`.
     /// Provider budgets without their own zone keep the keys of earlier versions exactly.
     pub fn key_parts(&self) -> (String, String) {
-        let mut period = self.period.to_string();
-        if let Some(zone) = &self.time_zone {
-            if self.period.is_calendar() {
-                period.push('@');
-                period.push_str(zone);
-            }
-        }
-        (
-            crate::model::budget::key_name(self.scope, &self.name),
-            period,
-        )
+        self.budget_key().store_parts()
     }
 
     /// How errors and logs name it: `tag "team-a" (1h)`.
     pub fn label(&self) -> String {
-        format!("{} {:?} ({})", self.scope, self.name, self.key_parts().1)
+        format!("{} {:?} ({})", self.scope, self.name, self.budget_key().period_part)
     }
 }
 
@@ -598,7 +598,7 @@ impl Config {
         let mut seen = std::collections::HashSet::new();
         for b in &self.budgets {
             check_budget(b)?;
-            if !seen.insert(b.key_parts()) {
+            if !seen.insert(b.budget_key()) {
                 return Err(ConfigError::DuplicateBudget(b.label()));
             }
         }
@@ -783,7 +783,7 @@ impl Config {
 
 /// Budgets in their canonical order: scope (providers first), name, key.
 fn sort_budgets(budgets: &mut [BudgetConfig]) {
-    budgets.sort_by_cached_key(|b| (b.scope, b.name.clone(), b.key_parts().1));
+    budgets.sort_by_cached_key(BudgetConfig::budget_key);
 }
 
 /// What `validate` checks per budget: its name for its scope, its zone, its soft limits.
@@ -795,7 +795,7 @@ fn check_budget(b: &BudgetConfig) -> Result<(), ConfigError> {
     match b.scope {
         Scope::Provider => check_provider_name(&b.name)?,
         _ => {
-            if let Some(why) = crate::model::budget::scoped_name_fault(&b.name) {
+            if let Some(why) = crate::model::key::scoped_name_fault(&b.name) {
                 return Err(refuse(format!("the name is not allowed: {why}")));
             }
         }
@@ -1457,7 +1457,7 @@ impl RawBudget {
         match scope {
             Scope::Provider => check_provider_name(&name)?,
             _ => {
-                if let Some(why) = crate::model::budget::scoped_name_fault(&name) {
+                if let Some(why) = crate::model::key::scoped_name_fault(&name) {
                     return Err(refuse_at(path, "name", format!("not allowed: {why}")));
                 }
             }
@@ -1526,7 +1526,7 @@ impl RawDeployment {
                 format!("missing: the budget of deployment {model:?} needs a fixed id (litellm generates one per start otherwise)"),
             ));
         };
-        if let Some(why) = crate::model::budget::scoped_name_fault(&id) {
+        if let Some(why) = crate::model::key::scoped_name_fault(&id) {
             return Err(refuse_at(
                 path,
                 "model_info.id",

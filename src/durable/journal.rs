@@ -843,12 +843,7 @@ impl Worker {
     }
 
     fn key(&self, budget: u32, start: i64) -> WindowKey {
-        let (provider, period) = self.settings.keys.get(budget);
-        WindowKey {
-            provider,
-            period,
-            start,
-        }
+        WindowKey::of(&self.settings.keys.get(budget), start)
     }
 
     /// Periodic work: retry failed writes, forget windows past their retention.
@@ -925,7 +920,7 @@ impl Worker {
             let spend = self.view.totals_at(b, now).total();
             let remaining = self.view.limit(b).saturating_sub(spend);
             // Labels as the sidecar's scrape sets them (serve/metrics.rs): key name and period.
-            let (provider, period) = self.settings.keys.get(b);
+            let (provider, period) = self.settings.keys.get(b).store_parts();
             metrics::gauge!("provider_budgets_spend_usd", "provider" => provider.clone(), "period" => period.clone())
                 .set(spend.as_usd());
             metrics::gauge!("provider_budgets_limit_usd", "provider" => provider.clone(), "period" => period.clone())

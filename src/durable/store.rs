@@ -98,6 +98,17 @@ pub(crate) struct WindowKey {
 }
 
 impl WindowKey {
+    /// The stored key of `budget`'s window starting at `start` (Unix seconds): its
+    /// [`BudgetKey::store_parts`](crate::model::key::BudgetKey::store_parts) and the start.
+    pub fn of(budget: &crate::model::key::BudgetKey, start: i64) -> WindowKey {
+        let (provider, period) = budget.store_parts();
+        WindowKey {
+            provider,
+            period,
+            start,
+        }
+    }
+
     fn encode(&self) -> Vec<u8> {
         let mut k = Vec::with_capacity(self.provider.len() + self.period.len() + 10);
         k.extend_from_slice(self.provider.as_bytes());

@@ -24,7 +24,7 @@ use crate::limiter::filter::{Check, NoDeployments};
 use crate::limiter::health::Health;
 use crate::limiter::status::{BudgetStatus, ReplicationStatus};
 use crate::model::budget::{
-    parse_key_name, Enforcement, Mode, Scope, SoftLimitCrossed, SoftLimitHandler,
+    Enforcement, Mode, Scope, SoftLimitCrossed, SoftLimitHandler,
 };
 use crate::model::clock::{floor_secs, Clock, SystemClock};
 use crate::model::money::Money;
@@ -157,7 +157,7 @@ impl Limiter {
             view.set_soft_limits(i as u32, b.soft_limits.clone());
         }
         let durable = Arc::new(DurableTotals::default());
-        let slot_keys = Arc::new(SlotKeys::new(keys.to_vec()));
+        let slot_keys = Arc::new(keys);
         let journal = Journal::start(
             Arc::clone(&store),
             Arc::clone(&view),
@@ -632,8 +632,9 @@ impl Limiter {
     /// with Redis, after this node won the fleet-wide claim (module `alerts`).
     #[cold]
     pub(crate) fn fire(&self, budget: u32, crossed: crate::view::Crossed) {
-        let (key, period) = self.inner.keys.get(budget);
-        let (scope, name) = parse_key_name(&key);
+        let budget_key = self.inner.keys.get(budget);
+        let (scope, name, period) = (budget_key.scope, &budget_key.name, &budget_key.period_part);
+        let key = budget_key.key_name();
         let soft = self.inner.view.soft_limits(budget);
         let limit = self.inner.view.limit(budget);
         for (i, s) in soft.iter().enumerate().take(8) {
@@ -825,8 +826,9 @@ impl Limiter {
             .budgets
             .iter()
             .filter_map(|b| {
-                let (key, period) = b.key_parts();
-                Some((self.inner.keys.position(&key, &period)?, b, key, period))
+                let budget_key = b.budget_key();
+                let (key, period) = budget_key.store_parts();
+                Some((self.inner.keys.position(&budget_key)?, b, key, period))
             })
             .map(|(i, b, key, period_key)| {
                 let t = self.inner.view.totals_at(i, secs);

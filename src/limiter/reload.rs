@@ -132,8 +132,7 @@ impl Limiter {
         let mut slots = Vec::with_capacity(config.budgets.len());
         let mut new_slots = 0;
         for b in &config.budgets {
-            let (name, period) = b.key_parts();
-            let slot = parts.keys.position(&name, &period);
+            let slot = parts.keys.position(&b.budget_key());
             new_slots += usize::from(slot.is_none());
             slots.push(slot);
         }
@@ -167,8 +166,7 @@ impl Limiter {
                         .view
                         .push(schedule, b.limit)
                         .ok_or_else(|| Error::Reload("no budget slot left".into()))?;
-                    let (name, period) = b.key_parts();
-                    parts.keys.push(name, period);
+                    parts.keys.push(b.budget_key());
                     let totals = stored.next().unwrap_or_default();
                     parts.view.raise_own_many(
                         totals

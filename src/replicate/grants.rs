@@ -91,7 +91,7 @@ impl Book {
     pub fn load(keys: &SlotKeys, grants: Vec<(WindowKey, GrantValue)>) -> Book {
         let mut book = Book::default();
         for (key, value) in grants {
-            if let Some(b) = keys.position(&key.provider, &key.period) {
+            if let Some(b) = keys.stored(&key.provider, &key.period) {
                 book.held.insert(
                     (b, key.start),
                     Held {
@@ -256,7 +256,7 @@ impl Book {
             view.set_strict(b, true);
         }
         view.set_grant(b, window, Money::from_nanos(durable));
-        let (provider, period) = keys.get(b);
+        let (provider, period) = keys.get(b).store_parts();
         metrics::gauge!("provider_budgets_grant_usd", "provider" => provider.clone(), "period" => period.clone())
             .set(Money::from_nanos(durable).as_usd());
         metrics::gauge!("provider_budgets_granted_total_usd", "provider" => provider, "period" => period)

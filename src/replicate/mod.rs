@@ -83,7 +83,7 @@ pub(crate) fn client(
 pub(crate) mod alerts;
 mod grants;
 mod tracking;
-mod wire;
+pub(crate) mod wire;
 
 pub(crate) use grants::GrantStatus;
 
@@ -522,12 +522,7 @@ struct Worker {
 
 /// The data-dir key of budget `b`'s window starting at `start` (Unix seconds).
 pub(crate) fn store_key(keys: &SlotKeys, b: u32, start: i64) -> WindowKey {
-    let (provider, period) = keys.get(b);
-    WindowKey {
-        provider,
-        period,
-        start,
-    }
+    WindowKey::of(&keys.get(b), start)
 }
 
 impl Worker {
@@ -540,7 +535,7 @@ impl Worker {
         let book = grants::Book::load(&parts.keys, std::mem::take(&mut parts.grants));
         let mut peers = Peers::default();
         for (key, value) in std::mem::take(&mut parts.peers) {
-            let Some(b) = parts.keys.position(&key.provider, &key.period) else {
+            let Some(b) = parts.keys.stored(&key.provider, &key.period) else {
                 continue;
             };
             peers.insert(
@@ -556,7 +551,7 @@ impl Worker {
         match parts.store.load_acked() {
             Ok(entries) => {
                 for (key, value) in entries {
-                    if let Some(b) = parts.keys.position(&key.provider, &key.period) {
+                    if let Some(b) = parts.keys.stored(&key.provider, &key.period) {
                         acked.insert(
                             (b, key.start),
                             Acked {
@@ -772,7 +767,7 @@ impl Worker {
         let mut current = FxHashSet::default();
         let mut budgets_with_problems = 0u64;
         for (b, list) in problems.iter().enumerate() {
-            let (provider, period) = self.parts.keys.get(b as u32);
+            let (provider, period) = self.parts.keys.get(b as u32).store_parts();
             let mut new = 0usize;
             for p in list {
                 current.insert(p.clone());
@@ -1529,15 +1524,15 @@ impl Worker {
             .iter()
             .enumerate()
             .map(|(b, list)| {
-                let (provider, period) = &keys[b];
+                let budget = &keys[b];
                 Group {
                     mode: modes[b],
-                    lease: lease_key(prefix, provider, period, node),
-                    marker: strict_key(prefix, provider, period),
+                    lease: lease_key(prefix, budget, node),
+                    marker: strict_key(prefix, budget),
                     items: list
                         .iter()
                         .map(|x| SyncItem {
-                            key: window_key(prefix, provider, period, x.window.start_secs()),
+                            key: window_key(prefix, budget, x.window.start_secs()),
                             own: if x.send { x.durable } else { 0 },
                             expire_at: x.window.end_secs().saturating_add(grace),
                             grant: asks[b].filter(|(w, _)| *w == x.window).map(|(_, ask)| ask),
@@ -1750,7 +1745,7 @@ impl Worker {
     /// This node's field in Redis is ahead of its disk: the data dir lost spend. Take it back.
     fn adopt(&self, budget: u32, window: Window, total: u64) {
         tracing::warn!(
-            budget = %self.parts.keys.get(budget).0,
+            budget = %self.parts.keys.get(budget).key_name(),
             window = %window.start(),
             total,
             "redis holds more own spend than the data dir; adopting it"
