@@ -101,7 +101,7 @@ pub use resolve::{Deployment, Target, BUILTIN_PREFIXES};
 pub mod __wire {
     pub use crate::model::key::BudgetKey;
     pub use crate::replicate::wire::{
-        lease_key, strict_key, window_key, GrantAsk, GrantReply, Group, GroupReply, Identity,
-        text, KeyReply, Lease, Mode, SyncItem, TrackReply, Wire, WireError, SCRIPT,
+        lease_key, strict_key, text, window_key, GrantAsk, GrantReply, Group, GroupReply, Identity,
+        KeyReply, Lease, Mode, SyncItem, TrackReply, Wire, WireError, SCRIPT,
     };
 }

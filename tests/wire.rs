@@ -9,9 +9,9 @@
 use provider_budgets_test_support::redis_server;
 
 use provider_budgets::__wire::*;
+use redis::aio::MultiplexedConnection;
 use redis::Value;
 use redis_server::RedisServer;
-use redis::aio::MultiplexedConnection;
 use std::time::Instant;
 
 const FAR_FUTURE: i64 = 4_102_444_800; // 2100-01-01
@@ -144,7 +144,11 @@ macro_rules! server_or_skip {
 
 /// A budget window's Redis key, as the library derives it from the budget's identity.
 fn window_key(prefix: &str, provider: &str, period: &str, start: i64) -> String {
-    provider_budgets::__wire::window_key(prefix, &BudgetKey::new(provider_budgets::Scope::Provider, provider, period), start)
+    provider_budgets::__wire::window_key(
+        prefix,
+        &BudgetKey::new(provider_budgets::Scope::Provider, provider, period),
+        start,
+    )
 }
 
 #[tokio::test]
@@ -1047,9 +1051,7 @@ async fn next_invalidation(
             continue;
         }
         return match push.data.into_iter().next() {
-            Some(Value::Array(keys)) => {
-                Some(keys.into_iter().map(|k| text(k).unwrap()).collect())
-            }
+            Some(Value::Array(keys)) => Some(keys.into_iter().map(|k| text(k).unwrap()).collect()),
             Some(Value::Nil) | None => None,
             other => panic!("unexpected invalidation {other:?}"),
         };

@@ -23,9 +23,7 @@ use crate::error::{Error, RecordError};
 use crate::limiter::filter::{Check, NoDeployments};
 use crate::limiter::health::Health;
 use crate::limiter::status::{BudgetStatus, ReplicationStatus};
-use crate::model::budget::{
-    Enforcement, Mode, Scope, SoftLimitCrossed, SoftLimitHandler,
-};
+use crate::model::budget::{Enforcement, Mode, Scope, SoftLimitCrossed, SoftLimitHandler};
 use crate::model::clock::{floor_secs, Clock, SystemClock};
 use crate::model::money::Money;
 use crate::model::slots::SlotKeys;

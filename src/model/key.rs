@@ -92,14 +92,37 @@ pub(crate) fn scoped_name_fault(name: &str) -> Option<String> {
     })
 }
 
+/// What is wrong with a provider name, if anything.
+pub(crate) fn provider_name_fault(name: &str) -> Option<String> {
+    if name.is_empty() {
+        return Some("it is empty".into());
+    }
+    let bad = name
+        .chars()
+        .find(|&c| matches!(c, '/' | ':' | '{' | '}') || c.is_whitespace() || c.is_control())?;
+    let what = match bad {
+        '/' => "'/' (it separates provider and model in a deployment name)".to_owned(),
+        ':' | '{' | '}' => format!("{bad:?} (it is a storage and Redis key separator)"),
+        c if c.is_whitespace() => format!("whitespace {c:?}"),
+        c => format!("control character {c:?}"),
+    };
+    Some(format!("it contains {what}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn key_names_never_collide_with_providers() {
-        assert_eq!(BudgetKey::new(Scope::Provider, "openai", "1d").key_name(), "openai");
-        assert_eq!(BudgetKey::new(Scope::Tag, "openai", "1d").key_name(), "tag:openai");
+        assert_eq!(
+            BudgetKey::new(Scope::Provider, "openai", "1d").key_name(),
+            "openai"
+        );
+        assert_eq!(
+            BudgetKey::new(Scope::Tag, "openai", "1d").key_name(),
+            "tag:openai"
+        );
         for s in Scope::ALL {
             let k = BudgetKey::new(s, "a:b", "1d");
             if s != Scope::Provider {
@@ -107,7 +130,7 @@ mod tests {
             }
         }
         // A provider name never contains ':' (config refuses it), so "tag:x" is never one.
-        assert!(crate::config::check_provider_name("tag:x").is_err());
+        assert!(provider_name_fault("tag:x").is_some());
     }
 
     #[test]

@@ -154,6 +154,17 @@ pub fn redact_urls(text: &str) -> String {
     out
 }
 
+/// Parser messages may span lines (TOML draws the offending line); errors here are one line.
+pub(crate) fn one_line(s: &str) -> String {
+    s.split('\n')
+        .map(str::trim)
+        .filter(|l| {
+            !l.is_empty() && !l.starts_with('|') && !l.chars().all(|c| c == '^' || c == ' ')
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
