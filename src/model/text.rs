@@ -165,6 +165,12 @@ pub(crate) fn one_line(s: &str) -> String {
         .join("; ")
 }
 
+/// `s` with every run of whitespace (line breaks included) made one space: server details
+/// (Lua tracebacks, client errors) on one line.
+pub(crate) fn flat(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

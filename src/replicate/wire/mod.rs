@@ -115,6 +115,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use redis::{ErrorKind, RedisError, ServerErrorKind, Value};
 
+use crate::model::text::flat;
+
 pub use keys::{lease_key, strict_key, window_key};
 pub use replies::{text, GroupReply, KeyReply, Lease, TrackReply};
 pub use script::SCRIPT;
@@ -278,10 +280,6 @@ impl WireError {
 /// Renders an error on one line: server details (Lua tracebacks) may contain line breaks.
 pub(super) fn one_line(error: &RedisError) -> String {
     flat(&error.to_string())
-}
-
-pub(super) fn flat(s: &str) -> String {
-    s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// Per budget: its reply, or why its script call failed.

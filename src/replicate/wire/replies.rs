@@ -4,7 +4,9 @@
 
 use redis::{ErrorKind, ServerErrorKind, Value};
 
-use super::{first_key, flat, one_line, GrantReply, Group, GroupOutcome, SyncItem, WireError};
+use crate::model::text::flat;
+
+use super::{first_key, one_line, GrantReply, Group, GroupOutcome, SyncItem, WireError};
 
 /// One window key's reply: constant size, whatever the number of nodes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
