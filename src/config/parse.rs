@@ -11,10 +11,11 @@ use crate::model::text::redact_urls;
 
 use super::env::{env_var, with_env};
 use super::error::{syntax, ConfigError};
-use super::litellm::RawDocument;
-use super::own::RawUrls;
+use super::litellm::{RawBudget, RawDeployment, RawDocument};
+use super::own::{RawOwn, RawRedis, RawUrls};
 use super::schema::{
-    sort_budgets, Config, RedisConfig, RedisTls, StorageConfig, DEFAULT_RESERVATION_TIMEOUT,
+    sort_budgets, BudgetConfig, Config, RedisConfig, RedisTls, StorageConfig,
+    DEFAULT_RESERVATION_TIMEOUT,
 };
 use crate::model::text::one_line;
 
@@ -131,30 +132,14 @@ impl Config {
             (Some((b, at)), None) => (b.0, at),
             (None, _) => (BTreeMap::new(), "tag_budget_config"),
         };
-        let mut budgets = Vec::with_capacity(block.len());
-        for (provider, raw) in block {
-            budgets.push(raw.into_budget(
-                Scope::Provider,
-                provider,
-                "provider_budget_config",
-                &mut ignored,
-            )?);
-        }
-        for (tag, raw) in tags {
-            budgets.push(raw.into_budget(Scope::Tag, tag, tag_block, &mut ignored)?);
-        }
-        for (i, d) in raw.model_list.unwrap_or_default().into_iter().enumerate() {
-            budgets.extend(d.into_budget(i)?);
-        }
-        for (i, g) in own
-            .budgets
-            .take()
-            .unwrap_or_default()
-            .into_iter()
-            .enumerate()
-        {
-            budgets.push(g.into_budget(i)?);
-        }
+        let budgets = collect_budgets(
+            block,
+            tags,
+            tag_block,
+            raw.model_list,
+            &mut own,
+            &mut ignored,
+        )?;
         let storage = own.storage.unwrap_or_default();
         let defaults = StorageConfig::default();
         let mut config = Config {
@@ -164,31 +149,7 @@ impl Config {
                 max_delay: storage.max_delay.map_or(defaults.max_delay, |d| d.0),
                 retention: storage.retention.map_or(defaults.retention, |d| d.0),
             },
-            redis: own.redis.map(|r| {
-                let mut urls = match r.url {
-                    None => Vec::new(),
-                    Some(RawUrls::One(u)) => vec![u.value],
-                    Some(RawUrls::Many(list)) => list.into_iter().map(|u| u.value).collect(),
-                }
-                .into_iter();
-                let d = RedisConfig::new(urls.next().unwrap_or_default());
-                let tls = r.tls.unwrap_or_default();
-                RedisConfig {
-                    seeds: urls.collect(),
-                    tls: RedisTls {
-                        ca_file: tls.ca_file.map(|f| PathBuf::from(f.value)),
-                        insecure_skip_verify: tls.insecure_skip_verify.is_some_and(|f| f.0),
-                    },
-                    prefix: r.prefix.map_or(d.prefix, |p| p.value),
-                    sync_interval: r.sync_interval.map_or(d.sync_interval, |x| x.0),
-                    grace: r.grace.map_or(d.grace, |x| x.0),
-                    connect_timeout: r.connect_timeout.map_or(d.connect_timeout, |x| x.0),
-                    command_timeout: r.command_timeout.map_or(d.command_timeout, |x| x.0),
-                    grant_wait: r.grant_wait.map_or(d.grant_wait, |x| x.0),
-                    grant_lease: r.grant_lease.map(|x| x.0),
-                    url: d.url,
-                }
-            }),
+            redis: own.redis.map(redis_config),
             node_id: own.node_id.map(|n| n.value),
             window_anchor: own.window_anchor.map_or(Timestamp::UNIX_EPOCH, |a| a.0),
             time_zone: own.time_zone.map(|z| z.value),
@@ -211,5 +172,69 @@ impl Config {
             tracing::warn!("{w}");
         }
         Ok(config)
+    }
+}
+
+/// Every budget of the document: litellm's provider and tag blocks, `model_list`, and our
+/// `provider_budgets.budgets`.
+fn collect_budgets(
+    block: BTreeMap<String, RawBudget>,
+    tags: BTreeMap<String, RawBudget>,
+    tag_block: &'static str,
+    model_list: Option<Vec<RawDeployment>>,
+    own: &mut RawOwn,
+    ignored: &mut Vec<String>,
+) -> Result<Vec<BudgetConfig>, ConfigError> {
+    let mut budgets = Vec::with_capacity(block.len());
+    for (provider, raw) in block {
+        budgets.push(raw.into_budget(
+            Scope::Provider,
+            provider,
+            "provider_budget_config",
+            ignored,
+        )?);
+    }
+    for (tag, raw) in tags {
+        budgets.push(raw.into_budget(Scope::Tag, tag, tag_block, ignored)?);
+    }
+    for (i, d) in model_list.unwrap_or_default().into_iter().enumerate() {
+        budgets.extend(d.into_budget(i)?);
+    }
+    for (i, g) in own
+        .budgets
+        .take()
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+    {
+        budgets.push(g.into_budget(i)?);
+    }
+    Ok(budgets)
+}
+
+/// `provider_budgets.redis` with the defaults of what it leaves out.
+fn redis_config(r: RawRedis) -> RedisConfig {
+    let mut urls = match r.url {
+        None => Vec::new(),
+        Some(RawUrls::One(u)) => vec![u.value],
+        Some(RawUrls::Many(list)) => list.into_iter().map(|u| u.value).collect(),
+    }
+    .into_iter();
+    let d = RedisConfig::new(urls.next().unwrap_or_default());
+    let tls = r.tls.unwrap_or_default();
+    RedisConfig {
+        seeds: urls.collect(),
+        tls: RedisTls {
+            ca_file: tls.ca_file.map(|f| PathBuf::from(f.value)),
+            insecure_skip_verify: tls.insecure_skip_verify.is_some_and(|f| f.0),
+        },
+        prefix: r.prefix.map_or(d.prefix, |p| p.value),
+        sync_interval: r.sync_interval.map_or(d.sync_interval, |x| x.0),
+        grace: r.grace.map_or(d.grace, |x| x.0),
+        connect_timeout: r.connect_timeout.map_or(d.connect_timeout, |x| x.0),
+        command_timeout: r.command_timeout.map_or(d.command_timeout, |x| x.0),
+        grant_wait: r.grant_wait.map_or(d.grant_wait, |x| x.0),
+        grant_lease: r.grant_lease.map(|x| x.0),
+        url: d.url,
     }
 }

@@ -172,60 +172,20 @@ impl Worker {
         groups: &Groups,
     ) -> Result<Vec<GroupOutcome>, ReplicationError> {
         let n = groups.wire.len();
-        let mut all_tracked = true;
-        let mut results: Vec<Option<GroupOutcome>> = (0..n).map(|_| None).collect();
-        let mut pending: Vec<usize> = (0..n).collect();
+        let mut state = Shards {
+            results: (0..n).map(|_| None).collect(),
+            pending: (0..n).collect(),
+            all_tracked: true,
+        };
         let timeout = self.parts.redis.command_timeout;
         for pass in 0..2 {
             if cluster.stale || pass == 1 {
                 self.refresh(cluster).await?;
             }
-            let mut by_master: FxHashMap<cluster::Addr, Vec<usize>> = FxHashMap::default();
-            for i in pending.drain(..) {
-                let slot = cluster::key_slot(&groups.wire[i].lease);
-                match cluster.map.master(slot) {
-                    Some(addr) => by_master.entry(addr.clone()).or_default().push(i),
-                    None => {
-                        results[i] = Some(Err(WireError::Shard {
-                            shard: format!("slot {slot}"),
-                            message: "no master serves this slot (the cluster is incomplete)"
-                                .into(),
-                        }))
-                    }
-                }
-            }
-            let mut calls = Vec::new();
-            for (addr, members) in by_master {
-                let conn = match cluster.conns.get(&addr) {
-                    Some(c) => Ok(c.clone()),
-                    None => match self.client_at(&addr) {
-                        Ok(client) => self.connect_client(&client, &shard_name(&addr)).await,
-                        Err(e) => Err(e),
-                    },
-                };
-                match conn {
-                    Ok(c) => {
-                        cluster.conns.insert(addr.clone(), c.clone());
-                        let mut sub: Vec<Group> =
-                            members.iter().map(|&i| groups.wire[i].clone()).collect();
-                        set_skips(&self.tracker, &c, &mut sub);
-                        calls.push((addr, members, c, sub));
-                    }
-                    Err(e) => {
-                        cluster.stale = true;
-                        for &i in &members {
-                            if pass == 0 {
-                                pending.push(i);
-                            } else {
-                                results[i] = Some(Err(WireError::Shard {
-                                    shard: shard_name(&addr),
-                                    message: e.to_string(),
-                                }));
-                            }
-                        }
-                    }
-                }
-            }
+            let by_master = route(cluster, groups, &mut state);
+            let calls = self
+                .connect_masters(cluster, groups, by_master, pass, &mut state)
+                .await;
             let id = self.identity();
             let wire = &self.wire;
             let outcomes = futures_util::future::join_all(calls.into_iter().map(
@@ -240,59 +200,27 @@ impl Worker {
                 },
             ))
             .await;
-            for (addr, members, mut conn, mut sub, outcome) in outcomes {
-                let outcome = match outcome {
-                    Ok(Ok((mut replies, verdict))) => {
-                        let label = shard_name(&addr);
-                        self.settle(&mut conn, &mut sub, &mut replies, verdict, &label)
-                            .await
-                            .map(|()| replies)
-                    }
-                    Ok(Err(e)) => Err(e),
-                    Err(_) => Err(WireError::Shard {
-                        shard: shard_name(&addr),
-                        message: format!("timed out after {}", humantime::format_duration(timeout)),
-                    }),
-                };
-                let failure = match outcome {
-                    Ok(replies) => {
-                        all_tracked &= conn.track;
-                        cluster.conns.insert(addr.clone(), conn);
-                        for (i, reply) in members.into_iter().zip(replies) {
-                            let redirected = matches!(&reply, Err(e) if e.is_redirect());
-                            if redirected {
-                                cluster.stale = true;
-                            }
-                            if redirected && pass == 0 {
-                                pending.push(i);
-                            } else {
-                                results[i] = Some(reply);
-                            }
-                        }
-                        continue;
-                    }
-                    Err(WireError::Shard { message, .. }) => message,
-                    Err(e) => e.to_string(),
-                };
-                cluster.conns.remove(&addr);
-                cluster.stale = true;
-                for i in members {
-                    if pass == 0 {
-                        pending.push(i);
-                    } else {
-                        results[i] = Some(Err(WireError::Shard {
-                            shard: shard_name(&addr),
-                            message: failure.clone(),
-                        }));
-                    }
-                }
+            for (addr, members, conn, sub, outcome) in outcomes {
+                let outcome = outcome.map_err(|_| WireError::Shard {
+                    shard: shard_name(&addr),
+                    message: format!("timed out after {}", humantime::format_duration(timeout)),
+                });
+                self.absorb(
+                    cluster,
+                    pass,
+                    &mut state,
+                    (addr, members, conn, sub),
+                    outcome,
+                )
+                .await;
             }
-            if pending.is_empty() {
+            if state.pending.is_empty() {
                 break;
             }
         }
-        self.tracker.set_on(all_tracked);
-        Ok(results
+        self.tracker.set_on(state.all_tracked);
+        Ok(state
+            .results
             .into_iter()
             .map(|r| {
                 r.unwrap_or_else(|| {
@@ -303,6 +231,88 @@ impl Worker {
                 })
             })
             .collect())
+    }
+
+    /// The connection to each master with pending budgets (kept or new), with its part of
+    /// the round; the budgets of a master that cannot be reached fail (or wait for the second
+    /// pass).
+    async fn connect_masters(
+        &mut self,
+        cluster: &mut Cluster,
+        groups: &Groups,
+        by_master: FxHashMap<cluster::Addr, Vec<usize>>,
+        pass: usize,
+        state: &mut Shards,
+    ) -> Vec<MasterCall> {
+        let mut calls = Vec::new();
+        for (addr, members) in by_master {
+            let conn = match cluster.conns.get(&addr) {
+                Some(c) => Ok(c.clone()),
+                None => match self.client_at(&addr) {
+                    Ok(client) => self.connect_client(&client, &shard_name(&addr)).await,
+                    Err(e) => Err(e),
+                },
+            };
+            match conn {
+                Ok(c) => {
+                    cluster.conns.insert(addr.clone(), c.clone());
+                    let mut sub: Vec<Group> =
+                        members.iter().map(|&i| groups.wire[i].clone()).collect();
+                    set_skips(&self.tracker, &c, &mut sub);
+                    calls.push((addr, members, c, sub));
+                }
+                Err(e) => {
+                    cluster.stale = true;
+                    state.fail(&members, pass, &addr, &e.to_string());
+                }
+            }
+        }
+        calls
+    }
+
+    /// Takes one master's outcome into `state`: its replies (redirected budgets wait for the
+    /// second pass), or its failure for every budget it serves.
+    async fn absorb(
+        &mut self,
+        cluster: &mut Cluster,
+        pass: usize,
+        state: &mut Shards,
+        call: MasterCall,
+        outcome: Result<Result<(Vec<GroupOutcome>, Verdict), WireError>, WireError>,
+    ) {
+        let (addr, members, mut conn, mut sub) = call;
+        let outcome = match outcome {
+            Ok(Ok((mut replies, verdict))) => {
+                let label = shard_name(&addr);
+                self.settle(&mut conn, &mut sub, &mut replies, verdict, &label)
+                    .await
+                    .map(|()| replies)
+            }
+            Ok(Err(e)) | Err(e) => Err(e),
+        };
+        let failure = match outcome {
+            Ok(replies) => {
+                state.all_tracked &= conn.track;
+                cluster.conns.insert(addr.clone(), conn);
+                for (i, reply) in members.into_iter().zip(replies) {
+                    let redirected = matches!(&reply, Err(e) if e.is_redirect());
+                    if redirected {
+                        cluster.stale = true;
+                    }
+                    if redirected && pass == 0 {
+                        state.pending.push(i);
+                    } else {
+                        state.results[i] = Some(reply);
+                    }
+                }
+                return;
+            }
+            Err(WireError::Shard { message, .. }) => message,
+            Err(e) => e.to_string(),
+        };
+        cluster.conns.remove(&addr);
+        cluster.stale = true;
+        state.fail(&members, pass, &addr, &failure);
     }
 
     /// Reads the slot map again from any reachable master, else from any seed.
@@ -719,4 +729,56 @@ pub(super) async fn reread(
         }
     }
     Ok(())
+}
+
+/// One master's part of a cluster pass: its address, the budgets (indexes) it serves, its
+/// connection and their groups.
+type MasterCall = (cluster::Addr, Vec<usize>, Conn, Vec<Group>);
+
+/// A cluster round's state across its two passes.
+struct Shards {
+    results: Vec<Option<GroupOutcome>>,
+    /// Budgets to send (again) in the next pass.
+    pending: Vec<usize>,
+    /// Every master's connection tracks.
+    all_tracked: bool,
+}
+
+impl Shards {
+    /// `members` failed on the master at `addr`: sent again in the second pass, or failed.
+    fn fail(&mut self, members: &[usize], pass: usize, addr: &cluster::Addr, message: &str) {
+        for &i in members {
+            if pass == 0 {
+                self.pending.push(i);
+            } else {
+                self.results[i] = Some(Err(WireError::Shard {
+                    shard: shard_name(addr),
+                    message: message.to_owned(),
+                }));
+            }
+        }
+    }
+}
+
+/// The pending budgets by the master serving their hash tag's slot; a budget whose slot has
+/// no master fails.
+fn route(
+    cluster: &Cluster,
+    groups: &Groups,
+    state: &mut Shards,
+) -> FxHashMap<cluster::Addr, Vec<usize>> {
+    let mut by_master: FxHashMap<cluster::Addr, Vec<usize>> = FxHashMap::default();
+    for i in state.pending.drain(..) {
+        let slot = cluster::key_slot(&groups.wire[i].lease);
+        match cluster.map.master(slot) {
+            Some(addr) => by_master.entry(addr.clone()).or_default().push(i),
+            None => {
+                state.results[i] = Some(Err(WireError::Shard {
+                    shard: format!("slot {slot}"),
+                    message: "no master serves this slot (the cluster is incomplete)".into(),
+                }))
+            }
+        }
+    }
+    by_master
 }

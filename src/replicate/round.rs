@@ -1,6 +1,7 @@
 //! One sync round: plan the windows to send and read ([`Worker::groups`]), exchange them,
 //! apply the replies (peers, view, store, acknowledgements, adoption) and persist.
 
+use super::wire::{GrantAsk, KeyReply};
 use super::*;
 
 /// The others' last known spend in one window.
@@ -163,7 +164,46 @@ impl Worker {
     ///   data; a late record makes the window dirty, so it is sent again).
     pub(super) fn groups(&mut self, now: i64, grace: i64) -> Groups {
         let keys = self.parts.keys.snapshot();
-        let n = keys.len();
+        let mut windows = self.windows_to_sync(keys.len(), now, grace);
+        let asks = self.plan_current(&mut windows, now);
+        // Budgets with nothing to write are read with plain commands, unless the script has
+        // work there: this process's first (verifying) round, the last one (it releases the
+        // leases), a lease not known to be ours (the script takes it), a key a plain read
+        // found in need of repair.
+        let modes: Vec<Mode> = windows
+            .iter()
+            .enumerate()
+            .map(|(b, list)| self.mode_of(b, list, asks[b].is_some()))
+            .collect();
+        let prefix = &self.parts.redis.prefix;
+        let node = &self.parts.node_id;
+        let wire = windows
+            .iter()
+            .enumerate()
+            .map(|(b, list)| {
+                let budget = &keys[b];
+                Group {
+                    mode: modes[b],
+                    lease: lease_key(prefix, budget, node),
+                    marker: strict_key(prefix, budget),
+                    items: list
+                        .iter()
+                        .map(|x| SyncItem {
+                            key: window_key(prefix, budget, x.window.start_secs()),
+                            own: if x.send { x.durable } else { 0 },
+                            expire_at: x.window.end_secs().saturating_add(grace),
+                            grant: asks[b].filter(|(w, _)| *w == x.window).map(|(_, ask)| ask),
+                            skip: false,
+                        })
+                        .collect(),
+                }
+            })
+            .collect();
+        Groups { windows, wire }
+    }
+
+    /// Per budget (of `n`), the durable windows that are dirty or live (see [`Self::groups`]).
+    fn windows_to_sync(&self, n: usize, now: i64, grace: i64) -> Vec<Vec<Item>> {
         let mut windows: Vec<Vec<Item>> = vec![Vec::new(); n];
         for (b, w, total) in self.parts.durable.snapshot() {
             // A slot added by a reload after `keys` was read waits for the next round.
@@ -184,7 +224,17 @@ impl Worker {
                 });
             }
         }
-        let mut asks = vec![None; n];
+        windows
+    }
+
+    /// Adds every budget's current window (read at least), plans its grant request (strict
+    /// budgets), orders the windows newest first and counts what is sent and read.
+    fn plan_current(
+        &mut self,
+        windows: &mut [Vec<Item>],
+        now: i64,
+    ) -> Vec<Option<(Window, GrantAsk)>> {
+        let mut asks = vec![None; windows.len()];
         for (b, list) in windows.iter_mut().enumerate() {
             let current = self.parts.view.schedule(b as u32).window_at_secs(now);
             if !list.iter().any(|x| x.window == current) {
@@ -216,69 +266,38 @@ impl Worker {
                 }
             }
         }
-        // Budgets with nothing to write are read with plain commands, unless the script has
-        // work there: this process's first (verifying) round, the last one (it releases the
-        // leases), a lease not known to be ours (the script takes it), a key a plain read
-        // found in need of repair.
+        asks
+    }
+
+    /// How budget `b` is sent this round (see [`Self::groups`]); `asks`: it requests a grant.
+    fn mode_of(&mut self, b: usize, list: &[Item], asks: bool) -> Mode {
         let started = self.round_started;
-        let modes: Vec<Mode> = windows
-            .iter()
-            .enumerate()
-            .map(|(b, list)| {
-                let ours = self.lease_ours.get(b).copied().unwrap_or(false);
-                let script = self.verify
-                    || self.release
-                    || asks[b].is_some()
-                    || !ours
-                    || list.iter().any(|x| x.send)
-                    || self.script_next.contains(&(b as u32));
-                let set = self.lease_set.get(b).copied().flatten();
-                if script {
-                    self.script_next.remove(&(b as u32));
-                    // A dirty budget renews its lease like a clean one, once a third of it has
-                    // passed (a `SET` per script call was ~1 µs of Redis CPU, issue 11); a
-                    // lease last given the longer read lease is set back to the script's at
-                    // once, so a node that crashes while dirty is taken over as soon as before.
-                    let renew = set.is_none_or(|(at, ttl)| {
-                        ttl != lease_ttl(&self.parts.redis)
-                            || started.saturating_duration_since(at) >= ttl / 3
-                    });
-                    Mode::Script { renew }
-                } else {
-                    // Once a third of what we last gave the lease has passed (measured from
-                    // the start of the round that set it: Redis set it later): rounds come
-                    // at most ~1.1 intervals apart, so two thirds are a wide margin.
-                    let due = set
-                        .is_none_or(|(at, ttl)| started.saturating_duration_since(at) >= ttl / 3);
-                    Mode::Read { renew: due }
-                }
-            })
-            .collect();
-        let prefix = &self.parts.redis.prefix;
-        let node = &self.parts.node_id;
-        let wire = windows
-            .iter()
-            .enumerate()
-            .map(|(b, list)| {
-                let budget = &keys[b];
-                Group {
-                    mode: modes[b],
-                    lease: lease_key(prefix, budget, node),
-                    marker: strict_key(prefix, budget),
-                    items: list
-                        .iter()
-                        .map(|x| SyncItem {
-                            key: window_key(prefix, budget, x.window.start_secs()),
-                            own: if x.send { x.durable } else { 0 },
-                            expire_at: x.window.end_secs().saturating_add(grace),
-                            grant: asks[b].filter(|(w, _)| *w == x.window).map(|(_, ask)| ask),
-                            skip: false,
-                        })
-                        .collect(),
-                }
-            })
-            .collect();
-        Groups { windows, wire }
+        let ours = self.lease_ours.get(b).copied().unwrap_or(false);
+        let script = self.verify
+            || self.release
+            || asks
+            || !ours
+            || list.iter().any(|x| x.send)
+            || self.script_next.contains(&(b as u32));
+        let set = self.lease_set.get(b).copied().flatten();
+        if script {
+            self.script_next.remove(&(b as u32));
+            // A dirty budget renews its lease like a clean one, once a third of it has
+            // passed (a `SET` per script call was ~1 µs of Redis CPU, issue 11); a
+            // lease last given the longer read lease is set back to the script's at
+            // once, so a node that crashes while dirty is taken over as soon as before.
+            let renew = set.is_none_or(|(at, ttl)| {
+                ttl != lease_ttl(&self.parts.redis)
+                    || started.saturating_duration_since(at) >= ttl / 3
+            });
+            Mode::Script { renew }
+        } else {
+            // Once a third of what we last gave the lease has passed (measured from
+            // the start of the round that set it: Redis set it later): rounds come
+            // at most ~1.1 intervals apart, so two thirds are a wide margin.
+            let due = set.is_none_or(|(at, ttl)| started.saturating_duration_since(at) >= ttl / 3);
+            Mode::Read { renew: due }
+        }
     }
 
     /// Merges a round's replies into the peers, the view, the store, the acknowledgements and
@@ -289,192 +308,220 @@ impl Worker {
         groups: &Groups,
         replies: Vec<GroupOutcome>,
     ) -> Result<Vec<Vec<String>>, RoundError> {
-        let mut problems: Vec<Vec<String>> = vec![Vec::new(); groups.windows.len()];
-        let mut changed = Vec::new();
-        let mut acked_changed = false;
-        let mut adopt = Vec::new();
-        let mut refused_by = None;
-        let mut failed_groups = 0usize;
-        let mut first_failure = None;
-        let (mut keys, mut failed_keys) = (0usize, 0usize);
-        let mut first_key_failure = None;
+        let mut acc = Applied::new(groups.windows.len());
         for (b, (windows, reply)) in groups.windows.iter().zip(replies).enumerate() {
             let reply = match reply {
                 Ok(reply) => reply,
                 Err(e) => {
                     let e = self.protocol(&e.to_string());
-                    problems[b].push(e.to_string());
-                    failed_groups += 1;
-                    first_failure.get_or_insert(e);
+                    acc.problems[b].push(e.to_string());
+                    acc.failed_groups += 1;
+                    acc.first_failure.get_or_insert(e);
                     continue;
                 }
             };
-            if self.lease_ours.len() <= b {
-                self.lease_ours.resize(b + 1, false);
-            }
-            self.lease_ours[b] = reply.lease == Lease::Held;
-            if self.lease_set.len() <= b {
-                self.lease_set.resize(b + 1, None);
-            }
-            let redis = &self.parts.redis;
-            self.lease_set[b] = match (&reply.lease, groups.wire[b].mode) {
-                (Lease::Held, Mode::Script { renew: true }) => {
-                    Some((self.round_started, lease_ttl(redis)))
-                }
-                // Not renewed (unless it was gone: then it lives longer than this says).
-                (Lease::Held, Mode::Script { renew: false }) => self.lease_set[b],
-                (Lease::Held, Mode::Read { renew: true }) => {
-                    Some((self.round_started, read_lease_ttl(redis)))
-                }
-                (Lease::Held, Mode::Read { renew: false }) => self.lease_set[b],
-                _ => None,
-            };
-            let held = match reply.lease {
-                Lease::Held => true,
-                Lease::Free => {
-                    // The next round's script takes it.
-                    self.script_next.insert(b as u32);
-                    false
-                }
-                Lease::Refused { holder } => {
-                    refused_by.get_or_insert(holder);
-                    false
-                }
-                Lease::Broken(e) => {
-                    problems[b].push(format!(
-                        "lease key {}: {} (this data dir's spend is kept apart under its instance id)",
-                        groups.wire[b].lease,
-                        flat(&e)
-                    ));
-                    false
-                }
-            };
-            let b32 = b as u32;
+            let group = &groups.wire[b];
+            let held = self.apply_lease(b, group, reply.lease, &mut acc);
             for (item, key) in windows.iter().zip(reply.keys) {
-                keys += 1;
-                let window = item.window;
-                let state = match key {
-                    Ok(state) => state,
+                acc.keys += 1;
+                match key {
+                    Ok(state) => self.apply_key(b as u32, group.mode, held, item, state, &mut acc),
                     Err(p) => {
-                        self.script_next.insert(b32);
+                        self.script_next.insert(b as u32);
                         let p = flat(&scrub(&p, &self.parts.redis.url));
-                        first_key_failure.get_or_insert_with(|| p.clone());
-                        failed_keys += 1;
-                        problems[b].push(p);
-                        continue;
+                        acc.first_key_failure.get_or_insert_with(|| p.clone());
+                        acc.failed_keys += 1;
+                        acc.problems[b].push(p);
                     }
-                };
-                if state.unread {
-                    // Not read: Redis reported no change since our last read.
-                    continue;
-                }
-                if state.needs_script {
-                    // A plain read found what only the script repairs: use it next round,
-                    // and do not trust these values meanwhile.
-                    self.script_next.insert(b32);
-                    continue;
-                }
-                if !state.problems.is_empty() {
-                    // Keep reporting it (only the script sees bad fields).
-                    self.script_next.insert(b32);
-                }
-                problems[b].extend(state.problems);
-                if let Some(owner) = state.owner.as_ref().filter(|o| **o != self.instance) {
-                    let known = self.foreign_owners.entry(b32).or_default();
-                    if !known.contains(owner) {
-                        match groups.wire[b].mode {
-                            // Another data dir wrote our node's field since we last looked:
-                            // the script's lease check runs next round.
-                            Mode::Read { .. } => {
-                                self.script_next.insert(b32);
-                            }
-                            // Seen while we hold the lease: written before we took it.
-                            Mode::Script { .. } if held => known.push(owner.clone()),
-                            Mode::Script { .. } => {}
-                        }
-                    }
-                }
-                if let Some(g) = state.grant {
-                    self.book.apply(
-                        &self.parts.view,
-                        &self.parts.store,
-                        &self.parts.keys,
-                        b32,
-                        window,
-                        g,
-                    );
-                }
-                // Our field: recorded as written by this data dir, or (written before owners
-                // were recorded) ours when we hold the lease.
-                let field = state
-                    .field
-                    .filter(|_| match &state.owner {
-                        Some(owner) => *owner == self.instance,
-                        None => held,
-                    })
-                    .unwrap_or(0);
-                let ours = field.saturating_add(state.mine);
-                let others = state.total.saturating_sub(ours);
-                let entry = self
-                    .peers
-                    .entry((b32, window.start_secs()))
-                    .or_insert_with(|| PeerWindow {
-                        window,
-                        others: 0,
-                        persisted: 0,
-                    });
-                entry.others = entry.others.max(others);
-                self.parts
-                    .view
-                    .raise_others(b32, window, Money::from_nanos(entry.others));
-                if entry.others > entry.persisted {
-                    changed.push((b32, window.start_secs()));
-                }
-                if field > item.durable {
-                    adopt.push((b32, window, field));
-                }
-                // What Redis holds of our counter covers our durable total: acknowledged.
-                // Otherwise (Redis lost it, or it was never sent) the window is dirty.
-                let k = (b32, window.start_secs());
-                let in_redis = field.max(state.mine);
-                if item.durable > 0 && in_redis >= item.durable {
-                    if self.acked.get(&k).map(|a| a.total) != Some(item.durable) {
-                        self.acked.insert(
-                            k,
-                            Acked {
-                                window,
-                                total: item.durable,
-                                stored: false,
-                            },
-                        );
-                        acked_changed = true;
-                    }
-                } else if self.acked.remove(&k).is_some_and(|a| a.stored) {
-                    self.acked_gone.push(store_key(&self.parts.keys, b32, k.1));
                 }
             }
         }
-        for (b, window, total) in adopt {
+        for (b, window, total) in std::mem::take(&mut acc.adopt) {
             self.adopt(b, window, total);
         }
-        self.persist(&changed, acked_changed);
+        self.persist(&acc.changed, acc.acked_changed);
+        self.outcome(acc)
+    }
+
+    /// Records budget `b`'s lease state from its reply; returns whether this instance holds it.
+    fn apply_lease(&mut self, b: usize, group: &Group, lease: Lease, acc: &mut Applied) -> bool {
+        if self.lease_ours.len() <= b {
+            self.lease_ours.resize(b + 1, false);
+        }
+        self.lease_ours[b] = lease == Lease::Held;
+        if self.lease_set.len() <= b {
+            self.lease_set.resize(b + 1, None);
+        }
+        let redis = &self.parts.redis;
+        self.lease_set[b] = match (&lease, group.mode) {
+            (Lease::Held, Mode::Script { renew: true }) => {
+                Some((self.round_started, lease_ttl(redis)))
+            }
+            // Not renewed (unless it was gone: then it lives longer than this says).
+            (Lease::Held, Mode::Script { renew: false }) => self.lease_set[b],
+            (Lease::Held, Mode::Read { renew: true }) => {
+                Some((self.round_started, read_lease_ttl(redis)))
+            }
+            (Lease::Held, Mode::Read { renew: false }) => self.lease_set[b],
+            _ => None,
+        };
+        match lease {
+            Lease::Held => true,
+            Lease::Free => {
+                // The next round's script takes it.
+                self.script_next.insert(b as u32);
+                false
+            }
+            Lease::Refused { holder } => {
+                acc.refused_by.get_or_insert(holder);
+                false
+            }
+            Lease::Broken(e) => {
+                acc.problems[b].push(format!(
+                    "lease key {}: {} (this data dir's spend is kept apart under its instance id)",
+                    group.lease,
+                    flat(&e)
+                ));
+                false
+            }
+        }
+    }
+
+    /// Applies one window key's reply of budget `b32` (sent in `mode`; `held`: our lease).
+    fn apply_key(
+        &mut self,
+        b32: u32,
+        mode: Mode,
+        held: bool,
+        item: &Item,
+        mut state: KeyReply,
+        acc: &mut Applied,
+    ) {
+        if state.unread {
+            // Not read: Redis reported no change since our last read.
+            return;
+        }
+        if state.needs_script {
+            // A plain read found what only the script repairs: use it next round,
+            // and do not trust these values meanwhile.
+            self.script_next.insert(b32);
+            return;
+        }
+        if !state.problems.is_empty() {
+            // Keep reporting it (only the script sees bad fields).
+            self.script_next.insert(b32);
+        }
+        acc.problems[b32 as usize].extend(std::mem::take(&mut state.problems));
+        if let Some(owner) = state.owner.as_ref().filter(|o| **o != self.instance) {
+            let known = self.foreign_owners.entry(b32).or_default();
+            if !known.contains(owner) {
+                match mode {
+                    // Another data dir wrote our node's field since we last looked:
+                    // the script's lease check runs next round.
+                    Mode::Read { .. } => {
+                        self.script_next.insert(b32);
+                    }
+                    // Seen while we hold the lease: written before we took it.
+                    Mode::Script { .. } if held => known.push(owner.clone()),
+                    Mode::Script { .. } => {}
+                }
+            }
+        }
+        if let Some(g) = state.grant {
+            self.book.apply(
+                &self.parts.view,
+                &self.parts.store,
+                &self.parts.keys,
+                b32,
+                item.window,
+                g,
+            );
+        }
+        // Our field: recorded as written by this data dir, or (written before owners
+        // were recorded) ours when we hold the lease.
+        let field = state
+            .field
+            .filter(|_| match &state.owner {
+                Some(owner) => *owner == self.instance,
+                None => held,
+            })
+            .unwrap_or(0);
+        self.merge_window(b32, item, field, &state, acc);
+    }
+
+    /// Raises the others' spend of one window and records what Redis holds of ours (`field`,
+    /// our node's field as far as it is ours).
+    fn merge_window(
+        &mut self,
+        b32: u32,
+        item: &Item,
+        field: u64,
+        state: &KeyReply,
+        acc: &mut Applied,
+    ) {
+        let window = item.window;
+        let ours = field.saturating_add(state.mine);
+        let others = state.total.saturating_sub(ours);
+        let entry = self
+            .peers
+            .entry((b32, window.start_secs()))
+            .or_insert_with(|| PeerWindow {
+                window,
+                others: 0,
+                persisted: 0,
+            });
+        entry.others = entry.others.max(others);
+        self.parts
+            .view
+            .raise_others(b32, window, Money::from_nanos(entry.others));
+        if entry.others > entry.persisted {
+            acc.changed.push((b32, window.start_secs()));
+        }
+        if field > item.durable {
+            acc.adopt.push((b32, window, field));
+        }
+        // What Redis holds of our counter covers our durable total: acknowledged.
+        // Otherwise (Redis lost it, or it was never sent) the window is dirty.
+        let k = (b32, window.start_secs());
+        let in_redis = field.max(state.mine);
+        if item.durable > 0 && in_redis >= item.durable {
+            if self.acked.get(&k).map(|a| a.total) != Some(item.durable) {
+                self.acked.insert(
+                    k,
+                    Acked {
+                        window,
+                        total: item.durable,
+                        stored: false,
+                    },
+                );
+                acc.acked_changed = true;
+            }
+        } else if self.acked.remove(&k).is_some_and(|a| a.stored) {
+            self.acked_gone.push(store_key(&self.parts.keys, b32, k.1));
+        }
+    }
+
+    /// The round's result once every reply is applied.
+    fn outcome(&self, acc: Applied) -> Result<Vec<Vec<String>>, RoundError> {
         // Nothing at all synced (every budget or every key failed, e.g. Redis out of memory
         // or NOAUTH): that is a failed round, not a list of per-budget problems.
-        if keys == failed_keys && (failed_groups > 0 || failed_keys > 0) {
-            let e = first_failure.unwrap_or_else(|| ReplicationError::Protocol {
-                message: first_key_failure.unwrap_or_default(),
-            });
+        if acc.keys == acc.failed_keys && (acc.failed_groups > 0 || acc.failed_keys > 0) {
+            let e = acc
+                .first_failure
+                .unwrap_or_else(|| ReplicationError::Protocol {
+                    message: acc.first_key_failure.unwrap_or_default(),
+                });
             return Err(RoundError::Failed(e));
         }
-        match refused_by {
+        match acc.refused_by {
             Some(holder) => Err(RoundError::Duplicate {
                 error: ReplicationError::DuplicateNodeId {
                     node_id: self.parts.node_id.clone(),
                     holder,
                 },
-                problems,
+                problems: acc.problems,
             }),
-            None => Ok(problems),
+            None => Ok(acc.problems),
         }
     }
 
@@ -552,6 +599,33 @@ impl Worker {
             Err(e) => {
                 tracing::warn!(error = %e, "could not keep the other nodes' spend in the data dir")
             }
+        }
+    }
+}
+
+/// What applying a round's replies gathers before it persists and decides the outcome.
+#[derive(Default)]
+pub(super) struct Applied {
+    /// Per budget.
+    problems: Vec<Vec<String>>,
+    /// Peer windows whose others' total rose (to persist).
+    changed: Vec<(u32, i64)>,
+    acked_changed: bool,
+    /// Windows whose field in Redis is ahead of our disk.
+    adopt: Vec<(u32, Window, u64)>,
+    refused_by: Option<String>,
+    failed_groups: usize,
+    first_failure: Option<ReplicationError>,
+    keys: usize,
+    failed_keys: usize,
+    first_key_failure: Option<String>,
+}
+
+impl Applied {
+    fn new(budgets: usize) -> Applied {
+        Applied {
+            problems: vec![Vec::new(); budgets],
+            ..Applied::default()
         }
     }
 }
