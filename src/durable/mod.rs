@@ -2,6 +2,7 @@
 //! (`highwater`), the journal thread that makes spend durable (`journal`), and what a start
 //! reads back from disk (`restore`).
 
+pub(crate) mod codec;
 pub(crate) mod highwater;
 pub(crate) mod journal;
 pub(crate) mod restore;
