@@ -78,8 +78,9 @@ pub use config::{
     parse_duration, BudgetConfig, Config, ConfigError, RedisConfig, RedisTls, StorageConfig,
     UnknownProvider,
 };
+pub use durable::error::StoreError;
 pub use durable::restore::RepairReport;
-pub use durable::store::{fuzz_decode_value, StoreError};
+pub use durable::store::fuzz_decode_value;
 pub use error::{Error, RecordError, ReplicationError};
 pub use limiter::filter::{Exceeded, NoDeployments};
 pub use limiter::health::Health;

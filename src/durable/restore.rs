@@ -17,6 +17,7 @@
 //!
 //! [`BudgetKey`]: crate::model::key::BudgetKey
 
+use std::path::Path;
 use std::sync::Arc;
 
 use crate::config::Config;
@@ -284,32 +285,49 @@ impl RepairReport {
     }
 }
 
-/// The repair procedure; `run` opens the limiter in repair mode, runs a replication round and
-/// shuts it down (the facade owns that part).
-pub(crate) fn repair(
-    config: Config,
-    clock: Arc<dyn crate::Clock>,
-    accept_loss: bool,
-    run: impl FnOnce(Config, Arc<dyn crate::Clock>) -> Result<Option<Result<(), String>>, crate::Error>,
-) -> Result<RepairReport, crate::Error> {
-    config.validate()?;
-    let dir = config
-        .storage
-        .dir
-        .clone()
-        .ok_or(crate::ConfigError::NoDataDir)?;
-    let (record, before) = {
-        let store = Store::open(&dir)?;
-        let own = store.load_own()?;
-        let before = summarize(store.seq()?, own.iter().map(|(_, v)| v.total));
-        (store.read_mark()?, before)
-    };
+/// What the repair found in the data dir before the facade re-opened it ([`repair_begin`]).
+#[derive(Debug)]
+pub(crate) struct RepairStart {
+    record: Found,
+    acknowledged: Option<Mark>,
+    before: Mark,
+}
+
+/// The repair's first step: what the data dir at `dir` holds, and what its high-water record
+/// says was acknowledged. The facade then opens the limiter in repair mode (which runs a
+/// replication round when Redis is configured, taking back this node's larger totals) and
+/// shuts it down, and calls [`repair_finish`].
+pub(crate) fn repair_begin(dir: &Path) -> Result<RepairStart, StoreError> {
+    let store = Store::open(dir)?;
+    let own = store.load_own()?;
+    let before = summarize(store.seq()?, own.iter().map(|(_, v)| v.total));
+    let record = store.read_mark()?;
     let acknowledged = match &record {
         Found::Mark(m) => Some(*m),
         _ => None,
     };
-    let redis = run(config, clock)?;
-    let store = Store::open(&dir)?;
+    Ok(RepairStart {
+        record,
+        acknowledged,
+        before,
+    })
+}
+
+/// The repair's last step: compares what the data dir holds now with what was acknowledged
+/// and writes the high-water record (keeping the claim of what is still missing unless
+/// `accept_loss`). `redis` is the replication round's outcome, reported as it is.
+pub(crate) fn repair_finish(
+    dir: &Path,
+    start: RepairStart,
+    accept_loss: bool,
+    redis: Option<Result<(), String>>,
+) -> Result<RepairReport, StoreError> {
+    let RepairStart {
+        record,
+        acknowledged,
+        before,
+    } = start;
+    let store = Store::open(dir)?;
     // A sequence past both sled's and the record's, so that the new mark is the newest slot.
     let seq = store.seq()?.max(acknowledged.map_or(0, |m| m.seq)) + 1;
     store.write_own(seq, std::iter::empty(), std::iter::empty())?;

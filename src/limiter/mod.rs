@@ -262,19 +262,27 @@ impl Limiter {
         clock: Arc<dyn Clock>,
         accept_loss: bool,
     ) -> Result<RepairReport, Error> {
-        crate::durable::restore::repair(config, clock, accept_loss, |config, clock| {
-            let limiter = Limiter::open_verified(config, clock, Verify::Repair)?;
-            #[cfg(feature = "redis")]
-            let synced = limiter
-                .inner
-                .replicator
-                .as_ref()
-                .map(|r| r.sync().map_err(|e| e.to_string()));
-            #[cfg(not(feature = "redis"))]
-            let synced = None;
-            limiter.shutdown()?;
-            Ok(synced)
-        })
+        config.validate()?;
+        let dir = config.storage.dir.clone().ok_or(ConfigError::NoDataDir)?;
+        let start = crate::durable::restore::repair_begin(&dir)?;
+        let limiter = Limiter::open_verified(config, clock, Verify::Repair)?;
+        #[cfg(feature = "redis")]
+        let synced = limiter
+            .inner
+            .replicator
+            .as_ref()
+            .map(|r| r.sync().map_err(|e| e.to_string()));
+        #[cfg(not(feature = "redis"))]
+        let synced = None;
+        limiter.shutdown()?;
+        // Releases the data dir before the last step opens it.
+        drop(limiter);
+        Ok(crate::durable::restore::repair_finish(
+            &dir,
+            start,
+            accept_loss,
+            synced,
+        )?)
     }
 
     /// This node's id (configured, or generated once and kept in the data dir).
