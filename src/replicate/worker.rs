@@ -207,6 +207,21 @@ impl Worker {
                 bytes_in: in1 - in0,
             };
         }
+        self.record_outcome(&mut health, &result);
+        if let Some(last) = health.last_sync {
+            let lag = self.parts.clock.now().duration_since(last).as_secs_f64();
+            metrics::gauge!("provider_budgets_sync_lag_seconds").set(lag);
+        }
+        result.map(drop).map_err(RoundError::into_error)
+    }
+
+    /// Takes a round's outcome into the health, the metrics, the logs (transitions only) and
+    /// the reconnection backoff.
+    fn record_outcome(
+        &mut self,
+        health: &mut Health,
+        result: &Result<Vec<Vec<String>>, RoundError>,
+    ) {
         match &result {
             Ok(problems) => {
                 health.rounds += 1;
@@ -226,7 +241,7 @@ impl Worker {
                 self.down = false;
                 self.retry_at = None;
                 self.backoff = self.parts.redis.sync_interval;
-                self.report_problems(&mut health, problems);
+                self.report_problems(health, problems);
             }
             Err(RoundError::Duplicate { error, problems }) => {
                 health.last_error = Some(error.to_string());
@@ -242,7 +257,7 @@ impl Worker {
                 self.down = false;
                 self.retry_at = None;
                 self.backoff = self.parts.redis.sync_interval;
-                self.report_problems(&mut health, problems);
+                self.report_problems(health, problems);
             }
             Err(RoundError::Failed(e)) => {
                 health.last_error = Some(e.to_string());
@@ -257,11 +272,6 @@ impl Worker {
                 self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
             }
         }
-        if let Some(last) = health.last_sync {
-            let lag = self.parts.clock.now().duration_since(last).as_secs_f64();
-            metrics::gauge!("provider_budgets_sync_lag_seconds").set(lag);
-        }
-        result.map(drop).map_err(RoundError::into_error)
     }
 
     /// Publishes the per-budget problems of a round that reached Redis: status, metrics, and
