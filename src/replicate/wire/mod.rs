@@ -134,7 +134,7 @@ pub struct SyncItem {
     pub grant: Option<GrantAsk>,
     /// [`Mode::Read`] only: not read this round, because Redis tracks our last plain read of
     /// the key on this connection and has not reported a change since (see
-    /// [`super::tracking`]); its reply is [`KeyReply::unread`].
+    /// `super::tracking`); its reply is [`KeyReply::unread`].
     pub skip: bool,
 }
 
@@ -339,6 +339,10 @@ impl Wire {
     /// On `NOSCRIPT` the failed groups are retried once behind a `SCRIPT LOAD` (two round
     /// trips). Re-sending is always safe: the merge is a max. `Err` only when the exchange as
     /// a whole failed; a budget whose call failed gets its own `Err` in the result.
+    ///
+    /// # Errors
+    ///
+    /// [`WireError`] when the exchange as a whole failed (connection, timeout, a bad reply).
     pub async fn sync_round<C: redis::aio::ConnectionLike + Send>(
         &self,
         conn: &mut C,
@@ -354,6 +358,10 @@ impl Wire {
     /// `CLIENT ID` when `track` (sent even when nothing else is: the round trip also proves
     /// the connection alive, and the id says it is the one our skipped reads were tracked
     /// on). Returns their outcome beside the replies.
+    ///
+    /// # Errors
+    ///
+    /// As [`Wire::sync_round`].
     pub async fn sync_round_tracked<C: redis::aio::ConnectionLike + Send>(
         &self,
         conn: &mut C,

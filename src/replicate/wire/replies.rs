@@ -30,7 +30,7 @@ pub struct KeyReply {
     /// Not read this round ([`SyncItem::skip`]): nothing changed since the last read, the
     /// values are not to be used.
     pub unread: bool,
-    /// Strict windows (sent with a [`GrantAsk`]): the grant state.
+    /// Strict windows (sent with a [`GrantAsk`](super::GrantAsk)): the grant state.
     pub grant: Option<GrantReply>,
 }
 
@@ -356,7 +356,12 @@ fn parse_sum(s: &str) -> Option<u64> {
     Some(s.parse().unwrap_or(u64::MAX))
 }
 
-/// A bulk or simple string reply as UTF-8 text (the lossy text as the error).
+/// A bulk or simple string reply as UTF-8 text.
+///
+/// # Errors
+///
+/// The lossy text when it is not UTF-8, the reply's debug form when it is neither a string
+/// nor an integer (an integer reads as its decimal text).
 pub fn text(value: Value) -> Result<String, String> {
     match value {
         Value::BulkString(bytes) => {

@@ -6,8 +6,8 @@ use redis::Pipeline;
 use super::{Group, Identity, Mode};
 
 /// The merge script (`merge.lua`). `KEYS[1]` is the budget's lease key, `KEYS[2]` its strict
-/// marker ([`strict_key`]), `KEYS[3..]` its window keys. `ARGV[1]` is the node id, `ARGV[2]`
-/// the instance id, `ARGV[3]` the lease time in ms, `ARGV[4]` `1` to release the lease (last
+/// marker ([`strict_key`](super::strict_key)), `KEYS[3..]` its window keys. `ARGV[1]` is the
+/// node id, `ARGV[2]` the instance id, `ARGV[3]` the lease time in ms, `ARGV[4]` `1` to release the lease (last
 /// round) or `0`, `ARGV[5]` `1` to recompute every key's total from its fields (verify) or
 /// `0`, `ARGV[6]` the guard after a strict marker's (re)creation in ms, `ARGV[7]` the grant
 /// lease in ms (`0`: never reclaim), `ARGV[8]` `1` to renew a lease we hold or `0` (then it
