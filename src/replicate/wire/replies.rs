@@ -1,6 +1,6 @@
 //! What Redis answers to one round: the reply types and their parsers (the merge script's
-//! replies, and the plain reads of [`Mode::Read`](super::Mode::Read) groups). Every reply has a constant size per
-//! key, whatever the number of nodes.
+//! replies, and the plain reads of [`Mode::Read`](super::Mode::Read) groups). Every reply has a
+//! constant size per key, whatever the number of nodes.
 
 use redis::{ErrorKind, ServerErrorKind, Value};
 

@@ -5,17 +5,17 @@ use redis::Pipeline;
 
 use super::{Group, Identity, Mode};
 
-/// The merge script (`merge.lua`). `KEYS[1]` is the budget's lease key, `KEYS[2]` its strict
-/// marker ([`strict_key`](super::strict_key)), `KEYS[3..]` its window keys. `ARGV[1]` is the
-/// node id, `ARGV[2]` the instance id, `ARGV[3]` the lease time in ms, `ARGV[4]` `1` to release the lease (last
-/// round) or `0`, `ARGV[5]` `1` to recompute every key's total from its fields (verify) or
-/// `0`, `ARGV[6]` the guard after a strict marker's (re)creation in ms, `ARGV[7]` the grant
-/// lease in ms (`0`: never reclaim), `ARGV[8]` `1` to renew a lease we hold or `0` (then it
-/// is set only when absent); then five per window key `KEYS[i]`, from
-/// `ARGV[8 + 5(i-3) + 1]`: the node's own total (canonical decimal u64; `0` only reads), the
-/// unix second at which the key expires, and for a strict window the limit, the node's durable
-/// grant and the grant it wants (`''`, `0`, `0` otherwise). Grants: see
-/// `docs/strict-budgets.md` (the reply per key gains `grant, granted, holders, frozen`).
+/// The merge script (`merge.lua`). `KEYS[1]` is the budget's lease key, `KEYS[2]` its strict marker
+/// ([`strict_key`](super::strict_key)), `KEYS[3..]` its window keys. `ARGV[1]` is the node id,
+/// `ARGV[2]` the instance id, `ARGV[3]` the lease time in ms, `ARGV[4]` `1` to release the lease
+/// (last round) or `0`, `ARGV[5]` `1` to recompute every key's total from its fields (verify) or
+/// `0`, `ARGV[6]` the guard after a strict marker's (re)creation in ms, `ARGV[7]` the grant lease
+/// in ms (`0`: never reclaim), `ARGV[8]` `1` to renew a lease we hold or `0` (then it is set only
+/// when absent); then five per window key `KEYS[i]`, from `ARGV[8 + 5(i-3) + 1]`: the node's own
+/// total (canonical decimal u64; `0` only reads), the unix second at which the key expires, and for
+/// a strict window the limit, the node's durable grant and the grant it wants (`''`, `0`, `0`
+/// otherwise). Grants: see `docs/strict-budgets.md` (the reply per key gains `grant, granted,
+/// holders, frozen`).
 ///
 /// 1. Lease: held by another instance -> `refused`; unreadable -> `broken`; else ours,
 ///    set at the end when absent or `ARGV[8]` is `1` (or released).
