@@ -619,17 +619,7 @@ impl Worker {
                     budget,
                     window,
                     total,
-                } => {
-                    // Not an addition: the increments before it apply first.
-                    self.apply_pending(mono);
-                    let key = (budget, window.start_secs());
-                    let entry = self.entry(budget, window, mono);
-                    entry.touched = mono;
-                    if total > entry.total {
-                        entry.total = total;
-                        self.dirty.insert(key);
-                    }
-                }
+                } => self.adopt(budget, window, total, mono),
                 Event::Reserve { id, value, ack } => {
                     self.reservations.insert(id, Some(value));
                     acks.push(ack);
@@ -670,6 +660,19 @@ impl Worker {
         }
         if records > 0 {
             metrics::counter!("provider_budgets_records_total").increment(records);
+        }
+    }
+
+    /// Raises a window's own total to what Redis held of it (the data dir lost it).
+    fn adopt(&mut self, budget: u32, window: Window, total: u64, mono: Duration) {
+        // Not an addition: the increments before it apply first.
+        self.apply_pending(mono);
+        let key = (budget, window.start_secs());
+        let entry = self.entry(budget, window, mono);
+        entry.touched = mono;
+        if total > entry.total {
+            entry.total = total;
+            self.dirty.insert(key);
         }
     }
 
@@ -760,7 +763,9 @@ impl Worker {
         result
     }
 
-    fn try_write(&mut self, removed: &[(u32, i64)], removed_orphans: &[WindowKey]) -> AckResult {
+    /// After a storage fault, once its backoff has passed: a fresh sled handle and every
+    /// total marked dirty again; `Err` (the fault) while backing off.
+    fn recover(&mut self) -> AckResult {
         if let Some(fault) = &self.fault {
             if Instant::now() < self.reopen_at {
                 return Err(fault.clone());
@@ -774,6 +779,11 @@ impl Worker {
             self.seq = self.seq.max(self.store.seq()?);
             self.dirty.extend(self.own.keys().copied());
         }
+        Ok(())
+    }
+
+    fn try_write(&mut self, removed: &[(u32, i64)], removed_orphans: &[WindowKey]) -> AckResult {
+        self.recover()?;
         let started = Instant::now();
         let seq = self.seq + 1;
         let items: Vec<(WindowKey, OwnValue)> = self
