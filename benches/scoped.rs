@@ -159,10 +159,7 @@ fn plain_50(g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTi
     let mut sampled = false;
     g.bench_function(BenchmarkId::new("filter/plain", 50), |b| {
         let fx = fx.get_or_insert_with(|| Fixture::with(50));
-        let n = fx
-            .limiter
-            .filter_tagged(&fx.deployments, &TAGS)
-            .map(|v| v.len());
+        let n = fx.limiter.filter(&fx.deployments, &TAGS).map(|v| v.len());
         assert_eq!(n.expect("filter"), 50);
         common::once(&mut sampled, || {
             common::latency(
@@ -170,14 +167,14 @@ fn plain_50(g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTi
                 200_000,
                 || {
                     fx.limiter
-                        .filter_tagged(black_box(&fx.deployments), black_box(&TAGS))
+                        .filter(black_box(&fx.deployments), black_box(&TAGS))
                         .map(|v| v.len())
                 },
             )
         });
         b.iter(|| {
             fx.limiter
-                .filter_tagged(black_box(&fx.deployments), black_box(&TAGS))
+                .filter(black_box(&fx.deployments), black_box(&TAGS))
                 .map(|v| v.len())
         });
     });

@@ -1,4 +1,9 @@
-//! Errors: one enum per layer, plus [`Error`] for everything `Limiter::open` and friends return.
+//! Errors: each layer keeps its own enum in its folder ([`ConfigError`](crate::ConfigError) in
+//! `config/error.rs`, [`StoreError`](crate::StoreError) in `durable/error.rs`, the wire's in
+//! `replicate/wire`, [`MoneyError`](crate::MoneyError) and [`PeriodError`](crate::PeriodError)
+//! in `model`); this file holds [`Error`] for everything `Limiter::open` and friends return,
+//! [`RecordError`], and [`ReplicationError`] (here because it exists without the `redis`
+//! feature too).
 //!
 //! "Your input is wrong" ([`ConfigError`](crate::ConfigError), [`MoneyError`](crate::MoneyError),
 //! [`RecordError::Expired`]) is kept apart from "storage is damaged or busy"
@@ -7,7 +12,7 @@
 //! as one line that names the culprit.
 
 use crate::config::ConfigError;
-use crate::durable::store::StoreError;
+use crate::durable::error::StoreError;
 
 /// Why a spend (`Limiter::charge`) was refused. Nothing was counted when this is returned,
 /// except for [`RecordError::Storage`] from a waited `Receipt`: the spend is counted and

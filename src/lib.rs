@@ -79,8 +79,9 @@ pub use config::{
     parse_duration, BudgetConfig, Config, ConfigError, RedisConfig, RedisTls, StorageConfig,
     UnknownProvider,
 };
+pub use durable::error::StoreError;
 pub use durable::restore::RepairReport;
-pub use durable::store::{fuzz_decode_value, StoreError};
+pub use durable::store::fuzz_decode_value;
 pub use error::{Error, RecordError, ReplicationError};
 pub use limiter::filter::{Exceeded, NoDeployments};
 pub use limiter::health::Health;
@@ -98,3 +99,15 @@ pub use model::money::{Money, MoneyError};
 pub use model::text::redact_urls;
 pub use model::window::{Period, PeriodError, Schedule, Window};
 pub use resolve::{Deployment, Target, BUILTIN_PREFIXES};
+
+/// The sync round's wire protocol, for the live-Redis tests in `tests/fleet/wire.rs` only: not part
+/// of the API (no stability promise).
+#[cfg(feature = "redis")]
+#[doc(hidden)]
+pub mod __wire {
+    pub use crate::model::key::BudgetKey;
+    pub use crate::replicate::wire::{
+        lease_key, strict_key, text, window_key, GrantAsk, GrantReply, Group, GroupReply, Identity,
+        KeyReply, Lease, Mode, SyncItem, TrackReply, Wire, WireError, SCRIPT,
+    };
+}

@@ -619,17 +619,7 @@ impl Worker {
                     budget,
                     window,
                     total,
-                } => {
-                    // Not an addition: the increments before it apply first.
-                    self.apply_pending(mono);
-                    let key = (budget, window.start_secs());
-                    let entry = self.entry(budget, window, mono);
-                    entry.touched = mono;
-                    if total > entry.total {
-                        entry.total = total;
-                        self.dirty.insert(key);
-                    }
-                }
+                } => self.adopt(budget, window, total, mono),
                 Event::Reserve { id, value, ack } => {
                     self.reservations.insert(id, Some(value));
                     acks.push(ack);
@@ -671,6 +661,19 @@ impl Worker {
         }
         for ack in acks {
             ack.send(result.clone());
+        }
+    }
+
+    /// Raises a window's own total to what Redis held of it (the data dir lost it).
+    fn adopt(&mut self, budget: u32, window: Window, total: u64, mono: Duration) {
+        // Not an addition: the increments before it apply first.
+        self.apply_pending(mono);
+        let key = (budget, window.start_secs());
+        let entry = self.entry(budget, window, mono);
+        entry.touched = mono;
+        if total > entry.total {
+            entry.total = total;
+            self.dirty.insert(key);
         }
     }
 
@@ -761,7 +764,9 @@ impl Worker {
         result
     }
 
-    fn try_write(&mut self, removed: &[(u32, i64)], removed_orphans: &[WindowKey]) -> AckResult {
+    /// After a storage fault, once its backoff has passed: a fresh sled handle and every
+    /// total marked dirty again; `Err` (the fault) while backing off.
+    fn recover(&mut self) -> AckResult {
         if let Some(fault) = &self.fault {
             if Instant::now() < self.reopen_at {
                 return Err(fault.clone());
@@ -775,6 +780,11 @@ impl Worker {
             self.seq = self.seq.max(self.store.seq()?);
             self.dirty.extend(self.own.keys().copied());
         }
+        Ok(())
+    }
+
+    fn try_write(&mut self, removed: &[(u32, i64)], removed_orphans: &[WindowKey]) -> AckResult {
+        self.recover()?;
         let started = Instant::now();
         let seq = self.seq + 1;
         let items: Vec<(WindowKey, OwnValue)> = self
@@ -844,12 +854,7 @@ impl Worker {
     }
 
     fn key(&self, budget: u32, start: i64) -> WindowKey {
-        let (provider, period) = self.settings.keys.get(budget);
-        WindowKey {
-            provider,
-            period,
-            start,
-        }
+        WindowKey::of(&self.settings.keys.get(budget), start)
     }
 
     /// Periodic work: retry failed writes, forget windows past their retention.
@@ -926,7 +931,7 @@ impl Worker {
             let spend = self.view.totals_at(b, now).total();
             let remaining = self.view.limit(b).saturating_sub(spend);
             // Labels as the sidecar's scrape sets them (serve/metrics.rs): key name and period.
-            let (provider, period) = self.settings.keys.get(b);
+            let (provider, period) = self.settings.keys.get(b).store_parts();
             metrics::gauge!("provider_budgets_spend_usd", "provider" => provider.clone(), "period" => period.clone())
                 .set(spend.as_usd());
             metrics::gauge!("provider_budgets_limit_usd", "provider" => provider.clone(), "period" => period.clone())

@@ -1,7 +1,9 @@
-//! The data dir: the value codec and the sled layout (`store`), the high-water record
-//! (`highwater`), the journal thread that makes spend durable (`journal`), and what a start
-//! reads back from disk (`restore`).
+//! The data dir: the value codec (`codec`), the sled layout (`store`) and its error
+//! (`error`), the high-water record (`highwater`), the journal thread that makes spend durable
+//! (`journal`), and what a start (or a repair) reads back from disk (`restore`).
 
+pub(crate) mod codec;
+pub(crate) mod error;
 pub(crate) mod highwater;
 pub(crate) mod journal;
 pub(crate) mod restore;

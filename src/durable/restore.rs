@@ -12,12 +12,13 @@
 //! 5. this node's grants of strict budgets (tree `grants`) set the view's grants: a grant is
 //!    durable before it is spent, so after a crash the node may spend exactly what remains.
 //!
-//! The budget table built here ([`BudgetKeys`]) is the one place that maps a budget index to its
-//! storage key parts.
+//! The slot table built here ([`slot_keys`]) maps a budget index to its [`BudgetKey`]; stored
+//! windows are mapped back by looking their key text up in it.
+//!
+//! [`BudgetKey`]: crate::model::key::BudgetKey
 
+use std::path::Path;
 use std::sync::Arc;
-
-use rustc_hash::FxHashMap;
 
 use crate::config::Config;
 use crate::durable::highwater::{Found, Mark};
@@ -26,6 +27,7 @@ use crate::durable::store::{
     summarize, window_of, GrantValue, PeersValue, Store, StoreError, WindowKey,
 };
 use crate::model::money::Money;
+use crate::model::slots::SlotKeys;
 use crate::view::View;
 
 /// Whether the high-water check may fail the open.
@@ -37,47 +39,27 @@ pub(crate) enum Verify {
     Repair,
 }
 
-/// Budget index ↔ storage key parts `(key name, period part)` (see the module `budget`).
-#[derive(Debug, Clone)]
-pub(crate) struct BudgetKeys {
-    keys: Vec<(String, String)>,
-    index: FxHashMap<(String, String), u32>,
-}
-
-impl BudgetKeys {
-    pub fn new(config: &Config) -> BudgetKeys {
-        let keys: Vec<(String, String)> = config
+/// The slot table of a config's budgets, in the config's order.
+pub(crate) fn slot_keys(config: &Config) -> SlotKeys {
+    SlotKeys::new(
+        config
             .budgets
             .iter()
-            .map(crate::config::BudgetConfig::key_parts)
-            .collect();
-        let index = keys
-            .iter()
-            .enumerate()
-            .map(|(i, k)| (k.clone(), i as u32))
-            .collect();
-        BudgetKeys { keys, index }
-    }
+            .map(crate::config::BudgetConfig::budget_key)
+            .collect(),
+    )
+}
 
-    /// The budget stored under `key`, if it is configured.
-    pub fn budget_of(&self, key: &WindowKey) -> Option<u32> {
-        // One lookup per stored window at open: the clone is not on any hot path.
-        self.index
-            .get(&(key.provider.clone(), key.period.clone()))
-            .copied()
-    }
-
-    /// `(provider, period)` per budget index.
-    pub fn to_vec(&self) -> Vec<(String, String)> {
-        self.keys.clone()
-    }
+/// The budget stored under `key`, if it is configured (a lookup, never a parse).
+fn budget_of(keys: &SlotKeys, key: &WindowKey) -> Option<u32> {
+    keys.stored(&key.provider, &key.period)
 }
 
 /// What a data dir restores to.
 #[derive(Debug)]
 pub(crate) struct Restored {
     pub node_id: String,
-    pub keys: BudgetKeys,
+    pub keys: SlotKeys,
     pub view: Arc<View>,
     pub journal: JournalStart,
     /// Other nodes' totals as stored (for the replicator).
@@ -94,7 +76,7 @@ pub(crate) fn restore(
     verify: Verify,
 ) -> Result<Restored, StoreError> {
     let node_id = store.node_id(config.node_id.as_deref(), proposed_node_id)?;
-    let keys = BudgetKeys::new(config);
+    let keys = slot_keys(config);
     let view = Arc::new(View::new(
         config
             .budgets
@@ -115,7 +97,7 @@ pub(crate) fn restore(
     let mut loaded = Vec::new();
     let mut orphans = Vec::new();
     for (key, value) in own {
-        match keys.budget_of(&key) {
+        match budget_of(&keys, &key) {
             Some(b) => loaded.push((b, window_of(&key, value.end), value.total)),
             None => orphans.push((key, value)),
         }
@@ -126,7 +108,7 @@ pub(crate) fn restore(
     let peers = store.load_peers()?;
     let mut others = Vec::new();
     for (key, value) in &peers {
-        if let Some(b) = keys.budget_of(key) {
+        if let Some(b) = budget_of(&keys, key) {
             // The cache holds the others' sum (this node is never in it).
             others.push((
                 b,
@@ -139,7 +121,7 @@ pub(crate) fn restore(
 
     let grants = store.load_grants()?;
     for (key, value) in &grants {
-        if let Some(b) = keys.budget_of(key) {
+        if let Some(b) = budget_of(&keys, key) {
             view.set_grant(b, window_of(key, value.end), Money::from_nanos(value.grant));
         }
     }
@@ -303,32 +285,49 @@ impl RepairReport {
     }
 }
 
-/// The repair procedure; `run` opens the limiter in repair mode, runs a replication round and
-/// shuts it down (the facade owns that part).
-pub(crate) fn repair(
-    config: Config,
-    clock: Arc<dyn crate::Clock>,
-    accept_loss: bool,
-    run: impl FnOnce(Config, Arc<dyn crate::Clock>) -> Result<Option<Result<(), String>>, crate::Error>,
-) -> Result<RepairReport, crate::Error> {
-    config.validate()?;
-    let dir = config
-        .storage
-        .dir
-        .clone()
-        .ok_or(crate::ConfigError::NoDataDir)?;
-    let (record, before) = {
-        let store = Store::open(&dir)?;
-        let own = store.load_own()?;
-        let before = summarize(store.seq()?, own.iter().map(|(_, v)| v.total));
-        (store.read_mark()?, before)
-    };
+/// What the repair found in the data dir before the facade re-opened it ([`repair_begin`]).
+#[derive(Debug)]
+pub(crate) struct RepairStart {
+    record: Found,
+    acknowledged: Option<Mark>,
+    before: Mark,
+}
+
+/// The repair's first step: what the data dir at `dir` holds, and what its high-water record
+/// says was acknowledged. The facade then opens the limiter in repair mode (which runs a
+/// replication round when Redis is configured, taking back this node's larger totals) and
+/// shuts it down, and calls [`repair_finish`].
+pub(crate) fn repair_begin(dir: &Path) -> Result<RepairStart, StoreError> {
+    let store = Store::open(dir)?;
+    let own = store.load_own()?;
+    let before = summarize(store.seq()?, own.iter().map(|(_, v)| v.total));
+    let record = store.read_mark()?;
     let acknowledged = match &record {
         Found::Mark(m) => Some(*m),
         _ => None,
     };
-    let redis = run(config, clock)?;
-    let store = Store::open(&dir)?;
+    Ok(RepairStart {
+        record,
+        acknowledged,
+        before,
+    })
+}
+
+/// The repair's last step: compares what the data dir holds now with what was acknowledged
+/// and writes the high-water record (keeping the claim of what is still missing unless
+/// `accept_loss`). `redis` is the replication round's outcome, reported as it is.
+pub(crate) fn repair_finish(
+    dir: &Path,
+    start: RepairStart,
+    accept_loss: bool,
+    redis: Option<Result<(), String>>,
+) -> Result<RepairReport, StoreError> {
+    let RepairStart {
+        record,
+        acknowledged,
+        before,
+    } = start;
+    let store = Store::open(dir)?;
     // A sequence past both sled's and the record's, so that the new mark is the newest slot.
     let seq = store.seq()?.max(acknowledged.map_or(0, |m| m.seq)) + 1;
     store.write_own(seq, std::iter::empty(), std::iter::empty())?;

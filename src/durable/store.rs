@@ -1,4 +1,4 @@
-//! The on-disk layout: sled trees and the versioned value encoding.
+//! The on-disk layout: sled trees and keys (the values' encoding is in `codec`).
 //!
 //! One sled database per data dir, three trees, each with a single writer thread:
 //!
@@ -18,76 +18,23 @@
 //! sign bit flipped so keys sort by time. Totals are stored absolute, never as deltas: writing
 //! one twice is harmless, which is what lets the journal retry and the replicator re-send.
 //!
-//! Values are `[VERSION, bincode(..)]`. Decoding is bounded (a length limit, trailing bytes
-//! rejected) and returns an error naming the tree and key, never panics. `bincode` is used only
-//! here, so swapping it (e.g. for `postcard`) touches this file alone.
+//! Values are versioned and decoded with bounds by `codec`; a value that does not decode is an
+//! error naming the tree and key, never a panic.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 
-use serde::{Deserialize, Serialize};
-
+use crate::durable::codec::{decode, encode};
+pub(crate) use crate::durable::codec::{
+    AckedValue, GrantValue, OwnValue, PeersValue, ReservationValue,
+};
+pub use crate::durable::error::StoreError;
 use crate::durable::highwater::{self, Found, HighWater, Mark};
 use crate::model::window::Window;
 
-/// Format of every value written by this version.
-const VERSION: u8 = 1;
-/// No value we write comes near this; anything bigger is garbage.
-const MAX_VALUE_BYTES: usize = 64 * 1024;
 /// How long `Store::open` waits for a lock that a just-dropped database still holds.
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// Storage failures: the data dir is unusable or its content damaged. Distinct from bad input.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum StoreError {
-    /// Another process (or another `Limiter` in this one) has the data dir open.
-    #[error("data dir {dir} is in use by another process (its lock is held)")]
-    Locked {
-        /// The data dir.
-        dir: PathBuf,
-    },
-    /// An I/O error (a full disk, a read-only file system, ...), or sled failed internally.
-    #[error("storage error in {dir}: {message}")]
-    Io {
-        /// The data dir.
-        dir: PathBuf,
-        /// What failed, one line.
-        message: String,
-    },
-    /// A stored key or value cannot be decoded, or the data dir lost spend that was
-    /// acknowledged as durable (`tree` is then `high-water`: sled holds less than the
-    /// high-water record says was made durable; `reason` names what is missing). Run
-    /// `provider-budgets repair`.
-    #[error("corrupt {tree} entry {key}: {reason}")]
-    Corrupt {
-        /// Which tree (`own`, `peers`, `meta`).
-        tree: &'static str,
-        /// The key, rendered readably.
-        key: String,
-        /// What is wrong with it.
-        reason: String,
-    },
-    /// The data dir belongs to another node id than the one configured.
-    #[error("data dir {dir} belongs to node id {stored:?}, but node id {configured:?} is configured; a data dir keeps its node id (use a fresh data dir for a new id, or configure {stored:?})")]
-    NodeIdChanged {
-        /// The data dir.
-        dir: PathBuf,
-        /// The id kept in the data dir.
-        stored: String,
-        /// The id in the config or on the command line.
-        configured: String,
-    },
-    /// The journal thread is gone: nothing more can be made durable.
-    #[error("the journal of {dir} stopped: {reason}")]
-    JournalStopped {
-        /// The data dir.
-        dir: PathBuf,
-        /// Why (a panic message, or "shut down").
-        reason: String,
-    },
-}
 
 /// Identifies one window of one budget in storage.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -98,6 +45,17 @@ pub(crate) struct WindowKey {
 }
 
 impl WindowKey {
+    /// The stored key of `budget`'s window starting at `start` (Unix seconds): its
+    /// [`BudgetKey::store_parts`](crate::model::key::BudgetKey::store_parts) and the start.
+    pub fn of(budget: &crate::model::key::BudgetKey, start: i64) -> WindowKey {
+        let (provider, period) = budget.store_parts();
+        WindowKey {
+            provider,
+            period,
+            start,
+        }
+    }
+
     fn encode(&self) -> Vec<u8> {
         let mut k = Vec::with_capacity(self.provider.len() + self.period.len() + 10);
         k.extend_from_slice(self.provider.as_bytes());
@@ -137,63 +95,6 @@ impl fmt::Display for WindowKey {
     }
 }
 
-/// This node's own absolute total of one window.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) struct OwnValue {
-    /// Window end, Unix seconds: lets expiry work without the config that wrote it.
-    pub end: i64,
-    /// Nano-dollars.
-    pub total: u64,
-}
-
-/// The other nodes' last known spend in one window: a cache of what the view needs, the sum of
-/// the others' totals, so its size does not grow with the fleet (format version 2).
-///
-/// Version 1 stored every other node's total (`Vec<(node, total)>`); a window hash with a few
-/// thousand node ids made that larger than the decoding bound and every open failed. A v1
-/// value still decodes (its nodes summed, under a larger bound); a damaged entry is skipped
-/// with a warning by [`Store::load_peers`]: the next sync round refreshes it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) struct PeersValue {
-    /// Window end, Unix seconds.
-    pub end: i64,
-    /// Sum of the other nodes' totals, nano-dollars (saturating).
-    pub others: u64,
-}
-
-/// What Redis acknowledged of this node's own total in one window (the `acked` tree).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct AckedValue {
-    /// Window end, Unix seconds.
-    pub end: i64,
-    /// The own total Redis holds for this node, nano-dollars.
-    pub total: u64,
-}
-
-/// Format of `acked` values: this byte, then end and total as big-endian 8 bytes each.
-const ACKED_VERSION: u8 = 0x31;
-
-/// The 17-byte layout shared by `acked` and `grants` values: a version byte, then a window end
-/// (i64) and an amount (u64), big-endian 8 bytes each.
-fn encode_end_amount(version: u8, end: i64, amount: u64) -> [u8; 17] {
-    let mut out = [0u8; 17];
-    out[0] = version;
-    out[1..9].copy_from_slice(&end.to_be_bytes());
-    out[9..].copy_from_slice(&amount.to_be_bytes());
-    out
-}
-
-/// Inverse of [`encode_end_amount`]: `None` unless `raw` is 17 bytes starting with `version`.
-fn decode_end_amount(version: u8, raw: &[u8]) -> Option<(i64, u64)> {
-    if raw.len() != 17 || raw[0] != version {
-        return None;
-    }
-    Some((
-        i64::from_be_bytes(raw[1..9].try_into().ok()?),
-        u64::from_be_bytes(raw[9..].try_into().ok()?),
-    ))
-}
-
 /// One sled batch that writes `items` (encoded values by window key) and removes `removed`.
 fn window_batch<'a>(
     items: impl IntoIterator<Item = (&'a WindowKey, [u8; 17])>,
@@ -209,117 +110,6 @@ fn window_batch<'a>(
     batch
 }
 
-impl AckedValue {
-    fn encode(&self) -> [u8; 17] {
-        encode_end_amount(ACKED_VERSION, self.end, self.total)
-    }
-
-    fn decode(raw: &[u8]) -> Option<AckedValue> {
-        let (end, total) = decode_end_amount(ACKED_VERSION, raw)?;
-        Some(AckedValue { end, total })
-    }
-}
-
-/// This node's grant of a strict budget in one window (the `grants` tree): durable before
-/// the view lets it be spent, so a crash can never forget a grant this node may have spent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct GrantValue {
-    /// Window end, Unix seconds.
-    pub end: i64,
-    /// The grant, nano-dollars.
-    pub grant: u64,
-}
-
-/// Format of `grants` values: this byte, then end and grant as big-endian 8 bytes each
-/// (numbered apart from the other trees' formats).
-const GRANT_VERSION: u8 = 0x51;
-
-impl GrantValue {
-    fn encode(&self) -> [u8; 17] {
-        encode_end_amount(GRANT_VERSION, self.end, self.grant)
-    }
-
-    fn decode(raw: &[u8]) -> Option<GrantValue> {
-        let (end, grant) = decode_end_amount(GRANT_VERSION, raw)?;
-        Some(GrantValue { end, grant })
-    }
-}
-
-/// Format of `peers` values written by this version (their v2). Numbered apart from the
-/// `own` formats (1, 2, ...) so that a bump of one never makes the other's bytes decode.
-const PEERS_VERSION: u8 = 0x22;
-/// Bound for legacy v1 `peers` values (a list of every other node): large enough for any
-/// fleet that wrote one, small enough to bound memory.
-const MAX_LEGACY_PEERS_BYTES: usize = 8 * 1024 * 1024;
-
-impl PeersValue {
-    fn encode(&self) -> Vec<u8> {
-        let mut out = vec![PEERS_VERSION];
-        // Two integers into a Vec: cannot fail.
-        if let Ok(body) = bincode::serde::encode_to_vec(self, bincode::config::standard()) {
-            out.extend_from_slice(&body);
-        }
-        out
-    }
-
-    fn decode(raw: &[u8]) -> Result<PeersValue, String> {
-        #[derive(Deserialize)]
-        struct V1 {
-            end: i64,
-            nodes: Vec<(String, u64)>,
-        }
-        match raw.first() {
-            Some(&PEERS_VERSION) => {
-                let mut v = vec![VERSION];
-                v.extend_from_slice(&raw[1..]);
-                decode::<PeersValue>(&v)
-            }
-            Some(&1) => {
-                if raw.len() > MAX_LEGACY_PEERS_BYTES {
-                    return Err(format!("legacy value of {} bytes is too large", raw.len()));
-                }
-                let config = bincode::config::standard().with_limit::<MAX_LEGACY_PEERS_BYTES>();
-                let (v, used): (V1, usize) =
-                    bincode::serde::decode_from_slice(&raw[1..], config)
-                        .map_err(|e| format!("undecodable legacy value: {e}"))?;
-                if used != raw.len() - 1 {
-                    return Err(format!("{} trailing bytes", raw.len() - 1 - used));
-                }
-                let others = v.nodes.iter().fold(0u64, |s, (_, t)| s.saturating_add(*t));
-                Ok(PeersValue { end: v.end, others })
-            }
-            Some(v) => Err(format!("unknown format version {v}")),
-            None => Err("empty value".into()),
-        }
-    }
-}
-
-fn encode<T: Serialize>(v: &T) -> Vec<u8> {
-    let mut out = vec![VERSION];
-    // Encoding plain structs of integers and strings into a Vec cannot fail.
-    if let Ok(body) = bincode::serde::encode_to_vec(v, bincode::config::standard()) {
-        out.extend_from_slice(&body);
-    }
-    out
-}
-
-fn decode<T: serde::de::DeserializeOwned>(raw: &[u8]) -> Result<T, String> {
-    let (&version, body) = raw.split_first().ok_or("empty value")?;
-    if version != VERSION {
-        return Err(format!("unknown format version {version}"));
-    }
-    if raw.len() > MAX_VALUE_BYTES {
-        return Err(format!("value of {} bytes is too large", raw.len()));
-    }
-    let config = bincode::config::standard().with_limit::<MAX_VALUE_BYTES>();
-    let (v, used) = bincode::serde::decode_from_slice(body, config)
-        .map_err(|e| format!("undecodable value: {e}"))?;
-    if used != body.len() {
-        return Err(format!("{} trailing bytes", body.len() - used));
-    }
-    Ok(v)
-}
-
 /// Decodes an `own` value; exposed (hidden) for the fuzz targets.
 #[doc(hidden)]
 pub fn fuzz_decode_value(raw: &[u8]) -> bool {
@@ -330,23 +120,6 @@ pub fn fuzz_decode_value(raw: &[u8]) -> bool {
         | ReservationValue::decode(raw).is_ok()
 }
 
-/// An open reservation as journaled (in the `own` tree under [`RESERVATION_PREFIX`], so that
-/// its end goes in the same sled batch as the spend it turns into). What a restart counts
-/// when the reservation was neither committed nor released: `estimate` in each window.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) struct ReservationValue {
-    /// Nano-dollars held in each window.
-    pub estimate: u64,
-    /// When it expires, Unix seconds (informational: a restart counts it whatever the time).
-    pub expires: i64,
-    /// Each budget window it holds money in: storage key parts (provider, period), the
-    /// window's start and end (Unix seconds).
-    pub windows: Vec<(String, String, i64, i64)>,
-}
-
-/// Format of reservation values: this byte, then bincode. Numbered apart from the other
-/// formats so that one tree's bytes never decode as another's.
-const RESERVATION_VERSION: u8 = 0x41;
 /// Key prefix of open reservations in the `own` tree (`0xff` never starts a UTF-8 provider
 /// name, and `load` skips `0xff` keys: no window key can take it).
 pub(crate) const RESERVATION_PREFIX: &[u8] = b"\xffres:";
@@ -355,29 +128,6 @@ fn reservation_key(id: &str) -> Vec<u8> {
     let mut k = RESERVATION_PREFIX.to_vec();
     k.extend_from_slice(id.as_bytes());
     k
-}
-
-impl ReservationValue {
-    pub(crate) fn encode(&self) -> Vec<u8> {
-        let mut out = vec![RESERVATION_VERSION];
-        // Integers and short strings into a Vec: cannot fail.
-        if let Ok(body) = bincode::serde::encode_to_vec(self, bincode::config::standard()) {
-            out.extend_from_slice(&body);
-        }
-        out
-    }
-
-    pub(crate) fn decode(raw: &[u8]) -> Result<ReservationValue, String> {
-        match raw.first() {
-            Some(&RESERVATION_VERSION) => {
-                let mut v = vec![VERSION];
-                v.extend_from_slice(&raw[1..]);
-                decode::<ReservationValue>(&v)
-            }
-            Some(v) => Err(format!("unknown format version {v}")),
-            None => Err("empty value".into()),
-        }
-    }
 }
 
 /// Key of the journal's batch sequence in the `own` tree. A provider name is UTF-8, which never
@@ -907,6 +657,8 @@ pub(crate) fn window_of(key: &WindowKey, end: i64) -> Window {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::durable::codec::{MAX_VALUE_BYTES, PEERS_VERSION};
+    use serde::Serialize;
 
     fn key(start: i64) -> WindowKey {
         WindowKey {

@@ -14,7 +14,7 @@ use std::fmt;
 
 use jiff::Timestamp;
 
-use crate::model::budget::{parse_key_name, Scope};
+use crate::model::budget::Scope;
 use crate::model::money::Money;
 use crate::model::slots::SlotKeys;
 use crate::resolve::{CacheMap, Deployment, Resolved, Resolver};
@@ -303,14 +303,13 @@ impl<'a> Check<'a> {
                 return;
             }
             seen.push(b);
-            let (key, period) = self.keys.get(b);
-            let (scope, name) = parse_key_name(&key);
+            let key = self.keys.get(b);
             let t = self.view.totals_at(b, self.now);
             err.exceeded.push(Exceeded {
-                provider: key.clone(),
-                scope,
-                name: name.to_owned(),
-                period,
+                provider: key.key_name(),
+                scope: key.scope,
+                name: key.name,
+                period: key.period_part,
                 spend: t.total(),
                 limit: self.view.limit(b),
                 resets_at: t.window.end(),

@@ -15,7 +15,6 @@ use crate::limiter::fleet::{Fleet, FleetParts};
 use crate::limiter::{set_policy, Inner, Limiter};
 use crate::model::budget::{Mode, SoftLimitHandler};
 use crate::model::clock::{Clock, SystemClock};
-use crate::model::slots::SlotKeys;
 use crate::resolve::Resolver;
 
 /// How to open (or repair) a limiter: [`Limiter::builder`]`(config)`, optionally
@@ -67,16 +66,29 @@ impl LimiterBuilder {
     ///
     /// Those of [`LimiterBuilder::open`] (except the high-water mismatch).
     pub fn repair(self, accept_loss: bool) -> Result<RepairReport, Error> {
-        crate::durable::restore::repair(self.config, self.clock, accept_loss, |config, clock| {
-            let limiter = open_verified(config, clock, Verify::Repair)?;
-            let synced = limiter
-                .inner
-                .fleet
-                .sync()
-                .map(|r| r.map_err(|e| e.to_string()));
-            limiter.shutdown()?;
-            Ok(synced)
-        })
+        self.config.validate()?;
+        let dir = self
+            .config
+            .storage
+            .dir
+            .clone()
+            .ok_or(ConfigError::NoDataDir)?;
+        let start = crate::durable::restore::repair_begin(&dir)?;
+        let limiter = open_verified(self.config, self.clock, Verify::Repair)?;
+        let synced = limiter
+            .inner
+            .fleet
+            .sync()
+            .map(|r| r.map_err(|e| e.to_string()));
+        limiter.shutdown()?;
+        // Releases the data dir before the last step opens it.
+        drop(limiter);
+        Ok(crate::durable::restore::repair_finish(
+            &dir,
+            start,
+            accept_loss,
+            synced,
+        )?)
     }
 }
 
@@ -104,7 +116,7 @@ fn open_verified(config: Config, clock: Arc<dyn Clock>, verify: Verify) -> Resul
         view.set_soft_limits(i as u32, b.soft_limits.clone());
     }
     let durable = Arc::new(DurableTotals::default());
-    let slot_keys = Arc::new(SlotKeys::new(keys.to_vec()));
+    let slot_keys = Arc::new(keys);
     let journal = Journal::start(
         Arc::clone(&store),
         Arc::clone(&view),

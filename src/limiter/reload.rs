@@ -104,8 +104,7 @@ impl Parts<'_> {
             .view
             .push(config.budget_schedule(b), b.limit)
             .ok_or_else(|| Error::Reload("no budget slot left".into()))?;
-        let (name, period) = b.key_parts();
-        self.keys.push(name, period);
+        self.keys.push(b.budget_key());
         self.view.raise_own_many(
             totals
                 .iter()
@@ -172,8 +171,7 @@ impl Limiter {
         let mut slots = Vec::with_capacity(config.budgets.len());
         let mut new_slots = 0;
         for b in &config.budgets {
-            let (name, period) = b.key_parts();
-            let slot = parts.keys.position(&name, &period);
+            let slot = parts.keys.position(&b.budget_key());
             new_slots += usize::from(slot.is_none());
             slots.push(slot);
         }

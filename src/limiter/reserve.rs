@@ -58,7 +58,6 @@ use crate::error::RecordError;
 use crate::limiter::filter::{Exceeded, NoDeployments};
 use crate::limiter::spend::{AckWait, Receipt};
 use crate::limiter::{charge_slots, Inner, Limiter};
-use crate::model::budget::parse_key_name;
 use crate::model::clock::floor_secs;
 use crate::model::money::Money;
 use crate::model::window::Window;
@@ -561,8 +560,8 @@ impl Limiter {
     #[cold]
     fn refusal(&self, budget: u32, why: Refused, secs: i64, estimate: Money) -> Exceeded {
         let inner = &self.inner;
-        let (key, period) = inner.keys.get(budget);
-        let (scope, name) = parse_key_name(&key);
+        let budget_key = inner.keys.get(budget);
+        let key = budget_key.key_name();
         let t = inner.view.totals_at(budget, secs);
         let (window, spend, limit) = match why {
             Refused::Limit(w) => (
@@ -579,10 +578,10 @@ impl Limiter {
             ),
         };
         Exceeded {
-            provider: key.clone(),
-            scope,
-            name: name.to_owned(),
-            period,
+            provider: key,
+            scope: budget_key.scope,
+            name: budget_key.name,
+            period: budget_key.period_part,
             spend,
             limit,
             resets_at: window.end(),
@@ -632,7 +631,7 @@ impl Limiter {
                 .items
                 .iter()
                 .map(|&(b, w)| {
-                    let (provider, period) = inner.keys.get(b);
+                    let (provider, period) = inner.keys.get(b).store_parts();
                     (provider, period, w.start_secs(), w.end_secs())
                 })
                 .collect(),

@@ -24,7 +24,7 @@ use std::sync::atomic::Ordering;
 use crate::durable::journal::{Ack, AckResult, Event, Items, Journal};
 use crate::error::RecordError;
 use crate::limiter::{charge_slots, tag_slots, Limiter};
-use crate::model::budget::{parse_key_name, SoftLimitCrossed};
+use crate::model::budget::SoftLimitCrossed;
 use crate::model::clock::floor_secs;
 use crate::model::money::Money;
 use crate::resolve::Deployment;
@@ -497,8 +497,9 @@ impl Limiter {
     /// with Redis, after this node won the fleet-wide claim (module `alerts`).
     #[cold]
     pub(crate) fn fire(&self, budget: u32, crossed: crate::view::Crossed) {
-        let (key, period) = self.inner.keys.get(budget);
-        let (scope, name) = parse_key_name(&key);
+        let budget_key = self.inner.keys.get(budget);
+        let (scope, name, period) = (budget_key.scope, &budget_key.name, &budget_key.period_part);
+        let key = budget_key.key_name();
         let soft = self.inner.view.soft_limits(budget);
         let limit = self.inner.view.limit(budget);
         for (i, s) in soft.iter().enumerate().take(8) {

@@ -264,8 +264,9 @@ impl Limiter {
             .budgets
             .iter()
             .filter_map(|b| {
-                let (key, period) = b.key_parts();
-                Some((self.inner.keys.position(&key, &period)?, b, key, period))
+                let budget_key = b.budget_key();
+                let (key, period) = budget_key.store_parts();
+                Some((self.inner.keys.position(&budget_key)?, b, key, period))
             })
             .map(|(i, b, key, period_key)| {
                 let t = self.inner.view.totals_at(i, secs);

@@ -12,21 +12,10 @@
 //!
 //! A scope name may have any number of budgets (one per period and zone).
 //!
-//! # Identity: one key per budget series
+//! # Identity
 //!
-//! The storage key (sled: `name 0x00 period 0x00 start`) and the Redis key
-//! (`{prefix}:{name:period}:{start}`) are built from two parts, [`BudgetConfig::key_parts`]:
-//!
-//! * the **key name**: the provider name as it is for provider budgets (so data dirs and Redis
-//!   keys written before scopes existed keep working, no migration), `scope:name` for the other
-//!   scopes (`tag:team-a`, `deployment:gpt4o-east`, `model:gpt-4o`). Provider names may not
-//!   contain `:`, so no provider can ever collide with a scoped key;
-//! * the **period part**: the period as written (`1d`), followed by `@Zone` when the budget has
-//!   its own `time_zone` and the period is a calendar one (`d`, `w`, `mo`): a day in Berlin is
-//!   another series than a day in New York.
-//!
-//! Every name may contain neither `{`, `}` (Redis hash-tag delimiters) nor control characters
-//! (NUL separates sled key parts); periods never contain `:`, so a key reads back unambiguously.
+//! A budget series is one [`BudgetKey`](crate::model::key::BudgetKey): see the module `key` for
+//! how its sled and Redis keys are derived.
 
 use std::fmt;
 
@@ -272,40 +261,6 @@ impl fmt::Debug for SoftLimitHandler {
 /// Most soft limits per budget (a byte of "fired" bits per window).
 pub const MAX_SOFT_LIMITS: usize = 8;
 
-/// Why a scope name is refused, if it is (provider names have their own, stricter rule).
-pub(crate) fn scoped_name_fault(name: &str) -> Option<String> {
-    if name.is_empty() {
-        return Some("it is empty".into());
-    }
-    let bad = name
-        .chars()
-        .find(|&c| matches!(c, '{' | '}') || c.is_control())?;
-    Some(match bad {
-        '{' | '}' => format!("it contains {bad:?} (a Redis key delimiter)"),
-        c => format!("it contains control character {c:?}"),
-    })
-}
-
-/// The key name of a budget: the provider name as it is, `scope:name` otherwise.
-pub(crate) fn key_name(scope: Scope, name: &str) -> String {
-    match scope {
-        Scope::Provider => name.to_owned(),
-        other => format!("{}:{name}", other.as_str()),
-    }
-}
-
-/// (scope, name) of a key name (the inverse of [`key_name`]).
-pub(crate) fn parse_key_name(key: &str) -> (Scope, &str) {
-    if let Some((scope, name)) = key.split_once(':') {
-        if let Ok(s) = scope.parse::<Scope>() {
-            if s != Scope::Provider {
-                return (s, name);
-            }
-        }
-    }
-    (Scope::Provider, key)
-}
-
 /// The model part of a model name: what follows a `provider/` prefix, else the whole name.
 pub(crate) fn model_part(model: &str) -> &str {
     match model.split_once('/') {
@@ -349,18 +304,6 @@ pub(crate) fn deliver_soft_limit(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn key_names_round_trip_and_never_collide_with_providers() {
-        for s in Scope::ALL {
-            let k = key_name(s, "a:b");
-            assert_eq!(parse_key_name(&k), (s, "a:b"));
-        }
-        assert_eq!(key_name(Scope::Provider, "openai"), "openai");
-        assert_eq!(key_name(Scope::Tag, "openai"), "tag:openai");
-        // A provider name never contains ':' (config refuses it), so "tag:x" is never one.
-        assert!(crate::config::check_provider_name("tag:x").is_err());
-    }
 
     #[test]
     fn soft_limits() {

@@ -1,9 +1,12 @@
-//! Keeping Redis passwords out of errors, `status` and logs.
+//! Keeping Redis passwords out of errors, `status` and logs, and keeping messages on one line
+//! ([`one_line`], [`flat`]).
 //!
-//! Every message that can carry the Redis URL goes through [`redact_url`] (the URL itself) or
-//! [`scrub`] (a text produced by a lower layer, e.g. the `redis` crate, that may embed it).
+//! Every message that can carry the Redis URL goes through [`redact_url`] (the URL itself),
+//! [`scrub`] (a text produced by a lower layer, e.g. the `redis` crate, that may embed it) or
+//! [`redact_urls`] (any text: every URL in it); all three mask a userinfo the same way
+//! (`mask_userinfo`).
 
-// Used by replication only.
+// Some of it is used by replication only.
 #![cfg_attr(not(feature = "redis"), allow(dead_code))]
 
 /// The URL with its password replaced by `***`: `redis://:***@host:6379/`,
@@ -27,14 +30,20 @@ pub(crate) fn redact_url(url: &str) -> String {
     let body = match before_query.rfind('@') {
         Some(at) => {
             let (userinfo, host) = before_query.split_at(at);
-            match userinfo.split_once(':') {
-                Some((user, _password)) => format!("{user}:***{host}"),
-                None => format!("***{host}"),
-            }
+            format!("{}{host}", mask_userinfo(userinfo))
         }
         None => before_query.to_owned(),
     };
     format!("{scheme}{body}{}", redact_query(query))
+}
+
+/// The one masking of a URL's userinfo, shared by [`redact_url`] and [`redact_urls`]:
+/// `user:***`, or `***` for a userinfo without `:` (a lone token is all password for Redis).
+fn mask_userinfo(userinfo: &str) -> String {
+    match userinfo.split_once(':') {
+        Some((user, _password)) => format!("{user}:***"),
+        None => "***".to_owned(),
+    }
 }
 
 /// `?a=1&password=x` -> `?a=1&password=***` (also `pass`, any case).
@@ -136,14 +145,7 @@ pub fn redact_urls(text: &str) -> String {
         let authority = &tail[..end];
         match authority.rfind('@') {
             Some(userinfo_end) => {
-                let userinfo = &authority[..userinfo_end];
-                match userinfo.split_once(':') {
-                    Some((user, _)) => {
-                        out.push_str(user);
-                        out.push_str(":***");
-                    }
-                    None => out.push_str("***"),
-                }
+                out.push_str(&mask_userinfo(&authority[..userinfo_end]));
                 out.push_str(&authority[userinfo_end..]);
             }
             None => out.push_str(authority),
@@ -152,6 +154,23 @@ pub fn redact_urls(text: &str) -> String {
     }
     out.push_str(rest);
     out
+}
+
+/// Parser messages may span lines (TOML draws the offending line); errors here are one line.
+pub(crate) fn one_line(s: &str) -> String {
+    s.split('\n')
+        .map(str::trim)
+        .filter(|l| {
+            !l.is_empty() && !l.starts_with('|') && !l.chars().all(|c| c == '^' || c == ' ')
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// `s` with every run of whitespace (line breaks included) made one space: server details
+/// (Lua tracebacks, client errors) on one line.
+pub(crate) fn flat(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 #[cfg(test)]

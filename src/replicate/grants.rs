@@ -75,6 +75,60 @@ struct Pace {
     last_used: u64,
 }
 
+impl Pace {
+    /// Records this round's spend (`own`), reservations and refused demand (`starved`) and
+    /// returns the headroom a grant should have over what is used: four sync intervals of
+    /// spend at the recent rate, at least the refused demand, the peak held reserved and a
+    /// hundredth of the limit.
+    fn headroom(
+        &mut self,
+        own: u64,
+        reserved: u64,
+        starved: u64,
+        limit: u64,
+        interval: Duration,
+    ) -> u64 {
+        let used = own.saturating_add(reserved);
+        let now = Instant::now();
+        self.samples.push_back((now, own));
+        while self.samples.len() > RATE_SAMPLES {
+            self.samples.pop_front();
+        }
+        // A new window restarts the spend series.
+        if self.samples.iter().any(|&(_, o)| o > own) {
+            self.samples.clear();
+            self.samples.push_back((now, own));
+            self.peak_reserved = 0;
+        }
+        self.peak_reserved = self.peak_reserved.max(reserved);
+        // A refused reservation is demand too: without this, a node idle before it would give
+        // back, in the very next round, the grant just raised for that reservation.
+        if used == self.last_used && reserved == 0 && starved == 0 {
+            self.idle_rounds = self.idle_rounds.saturating_add(1);
+        } else {
+            self.idle_rounds = 0;
+        }
+        self.last_used = used;
+        let rate = match (self.samples.front(), self.samples.back()) {
+            (Some(&(t0, o0)), Some(&(t1, o1))) if t1 > t0 => {
+                (o1.saturating_sub(o0)) as f64 / (t1 - t0).as_secs_f64()
+            }
+            _ => 0.0,
+        };
+        let by_rate = (rate * 4.0 * interval.as_secs_f64()).min(limit as f64) as u64;
+        by_rate
+            .max(starved)
+            .max(self.peak_reserved)
+            .max(limit / 100)
+            .max(1)
+    }
+
+    /// Whether the budget has been idle long enough to give its grant back.
+    fn idle(&self) -> bool {
+        self.idle_rounds >= IDLE_ROUNDS
+    }
+}
+
 /// The grant book of one node.
 #[derive(Debug, Default)]
 pub(crate) struct Book {
@@ -91,7 +145,7 @@ impl Book {
     pub fn load(keys: &SlotKeys, grants: Vec<(WindowKey, GrantValue)>) -> Book {
         let mut book = Book::default();
         for (key, value) in grants {
-            if let Some(b) = keys.position(&key.provider, &key.period) {
+            if let Some(b) = keys.stored(&key.provider, &key.period) {
                 book.held.insert(
                     (b, key.start),
                     Held {
@@ -148,40 +202,9 @@ impl Book {
             .map_or(0, |h| h.durable);
 
         let pace = self.pace.entry(b).or_default();
-        let now = Instant::now();
-        pace.samples.push_back((now, own));
-        while pace.samples.len() > RATE_SAMPLES {
-            pace.samples.pop_front();
-        }
-        // A new window restarts the spend series.
-        if pace.samples.iter().any(|&(_, o)| o > own) {
-            pace.samples.clear();
-            pace.samples.push_back((now, own));
-            pace.peak_reserved = 0;
-        }
-        pace.peak_reserved = pace.peak_reserved.max(reserved);
-        // A refused reservation is demand too: without this, a node idle before it would give
-        // back, in the very next round, the grant just raised for that reservation.
-        if used == pace.last_used && reserved == 0 && starved == 0 {
-            pace.idle_rounds = pace.idle_rounds.saturating_add(1);
-        } else {
-            pace.idle_rounds = 0;
-        }
-        pace.last_used = used;
-        let rate = match (pace.samples.front(), pace.samples.back()) {
-            (Some(&(t0, o0)), Some(&(t1, o1))) if t1 > t0 => {
-                (o1.saturating_sub(o0)) as f64 / (t1 - t0).as_secs_f64()
-            }
-            _ => 0.0,
-        };
-        let by_rate = (rate * 4.0 * interval.as_secs_f64()).min(limit as f64) as u64;
-        let headroom = by_rate
-            .max(starved)
-            .max(pace.peak_reserved)
-            .max(limit / 100)
-            .max(1);
+        let headroom = pace.headroom(own, reserved, starved, limit, interval);
         let left = durable.saturating_sub(used);
-        let idle = pace.idle_rounds >= IDLE_ROUNDS;
+        let idle = pace.idle();
 
         let want = if closing || idle {
             used
@@ -256,7 +279,7 @@ impl Book {
             view.set_strict(b, true);
         }
         view.set_grant(b, window, Money::from_nanos(durable));
-        let (provider, period) = keys.get(b);
+        let (provider, period) = keys.get(b).store_parts();
         metrics::gauge!("provider_budgets_grant_usd", "provider" => provider.clone(), "period" => period.clone())
             .set(Money::from_nanos(durable).as_usd());
         metrics::gauge!("provider_budgets_granted_total_usd", "provider" => provider, "period" => period)

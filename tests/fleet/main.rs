@@ -1,6 +1,7 @@
 //! The fleet through Redis: replication rounds and their faults, Redis Cluster, TLS,
-//! client-side tracking, soft limits once per fleet. Each test starts its own private
-//! `redis-server`s on free loopback ports (`provider_budgets_test_support::redis_server`).
+//! client-side tracking, soft limits once per fleet, and the wire protocol (the merge script)
+//! against a live server. Each test starts its own private `redis-server`s on free loopback
+//! ports (`provider_budgets_test_support::redis_server`).
 
 #![allow(clippy::unwrap_used)]
 
@@ -9,3 +10,4 @@ mod replication;
 mod soft_fleet;
 mod tls;
 mod tracking;
+mod wire;

@@ -1,0 +1,196 @@
+//! Our own `provider_budgets:` section: its keys (unknown ones are errors naming their path)
+//! and the budgets of its `budgets:` list.
+
+use jiff::Timestamp;
+use serde::Deserialize;
+
+use crate::model::budget::{Enforcement, Mode, Offline, Scope, SoftLimit};
+use crate::model::window::Period;
+
+use super::error::ConfigError;
+use super::schema::{BudgetConfig, UnknownProvider};
+use super::validate::check_budget;
+use super::values::{
+    parse_limit, refuse_at, Flag, HumanDuration, Parsed, RawAmount, Text, UniqueMap,
+};
+use crate::model::key::provider_name_fault;
+
+/// One entry of `provider_budgets.budgets`: exactly one of the scope keys.
+#[derive(Debug, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a map: {provider|deployment|model|tag: NAME, limit, period}"
+)]
+pub(super) struct RawGeneral {
+    pub(super) provider: Option<Text>,
+    pub(super) deployment: Option<Text>,
+    pub(super) model: Option<Text>,
+    pub(super) tag: Option<Text>,
+    pub(super) limit: RawAmount,
+    pub(super) period: Text,
+    pub(super) soft_limits: Option<Vec<f64>>,
+    pub(super) mode: Option<Parsed<Mode>>,
+    pub(super) enforcement: Option<Parsed<Enforcement>>,
+    pub(super) offline: Option<Parsed<Offline>>,
+    pub(super) time_zone: Option<Text>,
+}
+
+impl RawGeneral {
+    /// The budget of `provider_budgets.budgets[i]`.
+    pub(super) fn into_budget(self, i: usize) -> Result<BudgetConfig, ConfigError> {
+        let path = format!("provider_budgets.budgets[{i}]");
+        let scoped = [
+            (Scope::Provider, self.provider),
+            (Scope::Deployment, self.deployment),
+            (Scope::Model, self.model),
+            (Scope::Tag, self.tag),
+        ];
+        let mut given = scoped
+            .into_iter()
+            .filter_map(|(s, n)| n.map(|n| (s, n.value)));
+        let (scope, name) = match (given.next(), given.next()) {
+            (Some(one), None) => one,
+            (None, _) => {
+                return Err(refuse_at(
+                    path,
+                    "scope",
+                    "give one of provider, deployment, model or tag",
+                ))
+            }
+            (Some(a), Some(b)) => {
+                return Err(refuse_at(
+                    path,
+                    "scope",
+                    format!(
+                        "give one of provider, deployment, model or tag, not both {} and {}",
+                        a.0, b.0
+                    ),
+                ))
+            }
+        };
+        if scope == Scope::Provider {
+            if let Some(why) = provider_name_fault(&name) {
+                return Err(refuse_at(
+                    path,
+                    "provider",
+                    format!("{name:?} is not allowed: {why}"),
+                ));
+            }
+        }
+        let limit = parse_limit(self.limit).map_err(|(value, source)| {
+            refuse_at(path.clone(), "limit", format!("{value:?}: {source}"))
+        })?;
+        let period = self
+            .period
+            .value
+            .parse::<Period>()
+            .map_err(|e| refuse_at(path.clone(), "period", e))?;
+        let mut soft = Vec::new();
+        for f in self.soft_limits.unwrap_or_default() {
+            soft.push(SoftLimit::new(f).ok_or_else(|| {
+                refuse_at(
+                    path.clone(),
+                    "soft_limits",
+                    format!("{f} is not a fraction in (0, 1]"),
+                )
+            })?);
+        }
+        soft.sort_unstable();
+        soft.dedup();
+        let mut b = BudgetConfig::new(scope, name, limit, period).with_soft_limits(soft);
+        b.mode = self.mode.map(|m| m.0).unwrap_or_default();
+        b.enforcement = self.enforcement.map(|m| m.0).unwrap_or_default();
+        b.offline = self.offline.map(|m| m.0).unwrap_or_default();
+        b.time_zone = self.time_zone.map(|z| z.value);
+        check_budget(&b).map_err(|e| match e {
+            ConfigError::Budget { message, .. } => ConfigError::Budget {
+                budget: path,
+                message,
+            },
+            other => other,
+        })?;
+        Ok(b)
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a map")]
+pub(super) struct RawOwn {
+    pub(super) storage: Option<RawStorage>,
+    pub(super) redis: Option<RawRedis>,
+    pub(super) node_id: Option<Text>,
+    pub(super) window_anchor: Option<Parsed<Timestamp>>,
+    pub(super) time_zone: Option<Text>,
+    pub(super) unknown_provider: Option<Parsed<UnknownProvider>>,
+    pub(super) model_providers: Option<UniqueMap<Text>>,
+    pub(super) budgets: Option<Vec<RawGeneral>>,
+    pub(super) reservation_timeout: Option<HumanDuration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a map")]
+pub(super) struct RawStorage {
+    pub(super) dir: Option<Text>,
+    pub(super) max_delay: Option<HumanDuration>,
+    pub(super) retention: Option<HumanDuration>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a map")]
+pub(super) struct RawRedis {
+    pub(super) url: Option<RawUrls>,
+    pub(super) tls: Option<RawTls>,
+    pub(super) prefix: Option<Text>,
+    pub(super) sync_interval: Option<HumanDuration>,
+    pub(super) grace: Option<HumanDuration>,
+    pub(super) connect_timeout: Option<HumanDuration>,
+    pub(super) command_timeout: Option<HumanDuration>,
+    pub(super) grant_wait: Option<HumanDuration>,
+    pub(super) grant_lease: Option<HumanDuration>,
+}
+
+/// `redis.url`: one URL, or a list of seed URLs (Redis Cluster). Each element is a [`Text`]
+/// (so `os.environ/NAME` works and its errors name the variable).
+#[derive(Debug)]
+pub(super) enum RawUrls {
+    One(Text),
+    Many(Vec<Text>),
+}
+
+impl<'de> Deserialize<'de> for RawUrls {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<RawUrls, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = RawUrls;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a Redis URL or a list of Redis URLs")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawUrls, E> {
+                Text::from_written(v).map(RawUrls::One)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<RawUrls, A::Error> {
+                let mut out = Vec::new();
+                while let Some(t) = seq.next_element::<Text>()? {
+                    out.push(t);
+                }
+                if out.is_empty() {
+                    return Err(serde::de::Error::custom(
+                        "an empty list: give at least one Redis URL",
+                    ));
+                }
+                Ok(RawUrls::Many(out))
+            }
+        }
+        d.deserialize_any(Visit)
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a map")]
+pub(super) struct RawTls {
+    pub(super) ca_file: Option<Text>,
+    pub(super) insecure_skip_verify: Option<Flag>,
+}

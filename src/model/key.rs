@@ -1,0 +1,146 @@
+//! One budget identity: [`BudgetKey`] (scope, name, period part). The slot table
+//! ([`super::slots::SlotKeys`]) holds one per slot; the sled key parts and the Redis keys of a
+//! budget are derived here and nowhere else, and no code parses a scope back out of a string
+//! (stored data is mapped back to a budget by looking its key text up in the slot table).
+//!
+//! # Layout (unchanged since the first release; data dirs and Redis keys open as they are)
+//!
+//! * the **key name** ([`BudgetKey::key_name`]): the provider name as it is for provider
+//!   budgets (so data dirs and Redis keys written before scopes existed keep working, no
+//!   migration), `scope:name` for the other scopes (`tag:team-a`, `deployment:gpt4o-east`,
+//!   `model:gpt-4o`). Provider names may not contain `:`, so no provider can ever collide with
+//!   a scoped key;
+//! * the **period part**: the period as written (`1d`), followed by `@Zone` when the budget has
+//!   its own `time_zone` and the period is a calendar one (`d`, `w`, `mo`): a day in Berlin is
+//!   another series than a day in New York;
+//! * sled: `key name 0x00 period part 0x00 start` (module `durable::store`);
+//! * Redis: `{prefix}:{key name:period part}:…` ([`BudgetKey::redis_tag`]), the braces being
+//!   the budget's Redis Cluster hash tag.
+//!
+//! Every name may contain neither `{`, `}` (Redis hash-tag delimiters) nor control characters
+//! (NUL separates sled key parts); periods never contain `:`, so a key reads back unambiguously.
+
+use crate::model::budget::Scope;
+use crate::model::window::Period;
+
+/// The identity of one budget series: what it applies to, and its period part.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BudgetKey {
+    /// What the budget applies to.
+    pub scope: Scope,
+    /// The provider, deployment id, model or tag.
+    pub name: String,
+    /// The period as written, with `@Zone` when the budget has its own zone and the period is
+    /// a calendar one.
+    pub period_part: String,
+}
+
+impl BudgetKey {
+    pub fn new(scope: Scope, name: impl Into<String>, period_part: impl Into<String>) -> Self {
+        BudgetKey {
+            scope,
+            name: name.into(),
+            period_part: period_part.into(),
+        }
+    }
+
+    /// The key of a budget over `period`, in `zone` when it has its own.
+    pub fn of(scope: Scope, name: &str, period: Period, zone: Option<&str>) -> Self {
+        let mut period_part = period.to_string();
+        if let Some(zone) = zone {
+            if period.is_calendar() {
+                period_part.push('@');
+                period_part.push_str(zone);
+            }
+        }
+        BudgetKey::new(scope, name, period_part)
+    }
+
+    /// The key name: the provider name as it is, `scope:name` otherwise (see the module doc).
+    pub fn key_name(&self) -> String {
+        match self.scope {
+            Scope::Provider => self.name.clone(),
+            other => format!("{}:{}", other.as_str(), self.name),
+        }
+    }
+
+    /// (key name, period part): the sled key's first two parts.
+    pub fn store_parts(&self) -> (String, String) {
+        (self.key_name(), self.period_part.clone())
+    }
+
+    /// `{prefix}:{{key name:period part}}`: the one place where a budget's identity becomes
+    /// Redis key text, the braces being the budget's Redis Cluster hash tag.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub fn redis_tag(&self, prefix: &str) -> String {
+        format!("{prefix}:{{{}:{}}}", self.key_name(), self.period_part)
+    }
+}
+
+/// Why a scope name is refused, if it is: it must fit in the key layout (see the module doc;
+/// provider names have their own, stricter rule).
+pub(crate) fn scoped_name_fault(name: &str) -> Option<String> {
+    if name.is_empty() {
+        return Some("it is empty".into());
+    }
+    let bad = name
+        .chars()
+        .find(|&c| matches!(c, '{' | '}') || c.is_control())?;
+    Some(match bad {
+        '{' | '}' => format!("it contains {bad:?} (a Redis key delimiter)"),
+        c => format!("it contains control character {c:?}"),
+    })
+}
+
+/// What is wrong with a provider name, if anything.
+pub(crate) fn provider_name_fault(name: &str) -> Option<String> {
+    if name.is_empty() {
+        return Some("it is empty".into());
+    }
+    let bad = name
+        .chars()
+        .find(|&c| matches!(c, '/' | ':' | '{' | '}') || c.is_whitespace() || c.is_control())?;
+    let what = match bad {
+        '/' => "'/' (it separates provider and model in a deployment name)".to_owned(),
+        ':' | '{' | '}' => format!("{bad:?} (it is a storage and Redis key separator)"),
+        c if c.is_whitespace() => format!("whitespace {c:?}"),
+        c => format!("control character {c:?}"),
+    };
+    Some(format!("it contains {what}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_names_never_collide_with_providers() {
+        assert_eq!(
+            BudgetKey::new(Scope::Provider, "openai", "1d").key_name(),
+            "openai"
+        );
+        assert_eq!(
+            BudgetKey::new(Scope::Tag, "openai", "1d").key_name(),
+            "tag:openai"
+        );
+        for s in Scope::ALL {
+            let k = BudgetKey::new(s, "a:b", "1d");
+            if s != Scope::Provider {
+                assert_eq!(k.key_name(), format!("{s}:a:b"));
+            }
+        }
+        // A provider name never contains ':' (config refuses it), so "tag:x" is never one.
+        assert!(provider_name_fault("tag:x").is_some());
+    }
+
+    #[test]
+    fn period_parts_and_redis_tags() {
+        let day: Period = "1d".parse().unwrap();
+        let hour: Period = "1h".parse().unwrap();
+        let k = BudgetKey::of(Scope::Tag, "team-a", day, Some("Europe/Berlin"));
+        assert_eq!(k.period_part, "1d@Europe/Berlin");
+        assert_eq!(k.redis_tag("pb"), "pb:{tag:team-a:1d@Europe/Berlin}");
+        let k = BudgetKey::of(Scope::Provider, "openai", hour, Some("Europe/Berlin"));
+        assert_eq!(k.store_parts(), ("openai".into(), "1h".into()));
+    }
+}
