@@ -50,6 +50,35 @@ pub(crate) struct Parts<'a> {
 type Stored = Vec<(Window, u64, u64)>;
 
 impl Parts<'_> {
+    /// The slot of each budget of `config` (`None`: a new series), and what the new series
+    /// already have on disk, read before anything changes. Refused when the new series would
+    /// not fit in the slots one process can add.
+    fn plan(
+        &self,
+        config: &Config,
+    ) -> Result<(Vec<Option<u32>>, std::vec::IntoIter<Stored>), Error> {
+        let slots: Vec<Option<u32>> = config
+            .budgets
+            .iter()
+            .map(|b| self.keys.position(&b.budget_key()))
+            .collect();
+        let new_slots = slots.iter().filter(|s| s.is_none()).count();
+        if self.view.len() + new_slots > self.view.capacity() {
+            return Err(Error::Reload(format!(
+                "{new_slots} new budget series would exceed the {} that one process can add; restart to apply",
+                crate::view::RELOAD_SLOTS
+            )));
+        }
+        let new_series: Vec<&BudgetConfig> = config
+            .budgets
+            .iter()
+            .zip(&slots)
+            .filter(|(_, s)| s.is_none())
+            .map(|(b, _)| b)
+            .collect();
+        Ok((slots, self.stored(&new_series)?.into_iter()))
+    }
+
     /// The stored totals of each series in `series` (a budget removed before this process
     /// started, or a period used before, still has its spend on disk: a new slot resumes it).
     fn stored(&self, series: &[&BudgetConfig]) -> Result<Vec<Stored>, Error> {
@@ -73,6 +102,33 @@ impl Parts<'_> {
         }
         Ok(out)
     }
+}
+
+/// What a reload from `old` to `new` adds, changes (limit, soft limits, mode, enforcement,
+/// offline policy) and removes, by budget series.
+fn summarize(old: &Config, new: &Config) -> ReloadSummary {
+    let mut summary = ReloadSummary {
+        budgets: new.budgets.len(),
+        ..ReloadSummary::default()
+    };
+    for b in &new.budgets {
+        match old.budgets.iter().find(|o| o.key_parts() == b.key_parts()) {
+            Some(o) => {
+                if (o.limit, &o.soft_limits, o.mode, o.enforcement, o.offline)
+                    != (b.limit, &b.soft_limits, b.mode, b.enforcement, b.offline)
+                {
+                    summary.changed.push(summary_name(b));
+                }
+            }
+            None => summary.added.push(summary_name(b)),
+        }
+    }
+    for o in &old.budgets {
+        if !new.budgets.iter().any(|b| b.key_parts() == o.key_parts()) {
+            summary.removed.push(summary_name(o));
+        }
+    }
+    summary
 }
 
 /// How a reload summary names a budget: the provider for provider budgets (as before scopes),
@@ -167,35 +223,10 @@ impl Limiter {
             config.storage.dir.clone_from(&old.storage.dir);
         }
         check_fixed(&config, &old)?;
-        // Plan: the slot of each budget, existing or new.
-        let mut slots = Vec::with_capacity(config.budgets.len());
-        let mut new_slots = 0;
-        for b in &config.budgets {
-            let slot = parts.keys.position(&b.budget_key());
-            new_slots += usize::from(slot.is_none());
-            slots.push(slot);
-        }
-        if parts.view.len() + new_slots > parts.view.capacity() {
-            return Err(Error::Reload(format!(
-                "{new_slots} new budget series would exceed the {} that one process can add; restart to apply",
-                crate::view::RELOAD_SLOTS
-            )));
-        }
-        // Read what the new series already have on disk before changing anything.
-        let new_series: Vec<&BudgetConfig> = config
-            .budgets
-            .iter()
-            .zip(&slots)
-            .filter(|(_, s)| s.is_none())
-            .map(|(b, _)| b)
-            .collect();
-        let mut stored = parts.stored(&new_series)?.into_iter();
+        let (mut slots, mut stored) = parts.plan(&config)?;
+        let summary = summarize(&old, &config);
         // Apply: new slots first (view with their stored totals, journal, keys), then limits,
         // then the provider table, so that no record reaches a slot before its totals.
-        let mut summary = ReloadSummary {
-            budgets: config.budgets.len(),
-            ..ReloadSummary::default()
-        };
         for (b, slot) in config.budgets.iter().zip(slots.iter_mut()) {
             let s = match *slot {
                 Some(s) => s,
@@ -205,16 +236,6 @@ impl Limiter {
                     s
                 }
             };
-            match old.budgets.iter().find(|o| o.key_parts() == b.key_parts()) {
-                Some(o) => {
-                    if (o.limit, &o.soft_limits, o.mode, o.enforcement, o.offline)
-                        != (b.limit, &b.soft_limits, b.mode, b.enforcement, b.offline)
-                    {
-                        summary.changed.push(summary_name(b));
-                    }
-                }
-                None => summary.added.push(summary_name(b)),
-            }
             parts.view.set_limit(s, b.limit);
             parts.view.set_shadow(s, b.mode == Mode::Shadow);
             parts.view.set_soft_limits(s, b.soft_limits.clone());
@@ -222,15 +243,6 @@ impl Limiter {
             // for its first grant then; one turned shared stops asking, its grant in Redis
             // lapses with the window).
             crate::limiter::set_policy(parts.view, s, b, config.redis.is_some());
-        }
-        for o in &old.budgets {
-            if !config
-                .budgets
-                .iter()
-                .any(|b| b.key_parts() == o.key_parts())
-            {
-                summary.removed.push(summary_name(o));
-            }
         }
         let table: Vec<(Scope, String, u32)> = config
             .budgets

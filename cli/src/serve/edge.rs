@@ -210,6 +210,17 @@ fn clip(value: &str) -> String {
 
 /// Steps 1 to 4 of the module's list: `Err` is the refusal.
 fn check_head(edge: &Edge, method: &Method, headers: &HeaderMap) -> Result<(), Refusal> {
+    check_origin(edge, headers)?;
+    check_token(edge, headers)?;
+    if method == Method::POST {
+        check_body_head(headers)?;
+    }
+    Ok(())
+}
+
+/// A browser page of another site (`Origin`), or a DNS-rebinding name (`Host`) when bound to
+/// loopback, is refused.
+fn check_origin(edge: &Edge, headers: &HeaderMap) -> Result<(), Refusal> {
     if let Some(origin) = headers.get(header::ORIGIN) {
         let text = origin.to_str().unwrap_or("");
         if !loopback_origin(text) {
@@ -241,68 +252,74 @@ fn check_head(edge: &Edge, method: &Method, headers: &HeaderMap) -> Result<(), R
             }
         }
     }
-    if let Some(token) = &edge.token {
-        let presented = headers
-            .get(header::AUTHORIZATION)
-            .map(HeaderValue::as_bytes)
-            .and_then(|v| {
-                let (scheme, rest) = v.split_at_checked(7)?;
-                scheme.eq_ignore_ascii_case(b"bearer ").then_some(rest)
-            });
-        let ok = presented.is_some_and(|p| token.matches(p.trim_ascii()));
-        if !ok {
-            metrics::counter!("provider_budgets_http_refused_total", "reason" => "auth")
-                .increment(1);
-            let reason = if headers.contains_key(header::AUTHORIZATION) {
-                "wrong bearer token"
-            } else {
-                "missing Authorization: Bearer TOKEN (the sidecar runs with a token)"
-            };
-            return Err(refuse(StatusCode::UNAUTHORIZED, reason));
-        }
-    }
-    if method == Method::POST {
-        let length = headers
-            .get(header::CONTENT_LENGTH)
-            .map(|v| v.to_str().ok().and_then(|s| s.trim().parse::<u64>().ok()));
-        let length = match length {
-            None => None,
-            Some(Some(n)) => Some(n),
-            Some(None) => {
-                return Err(closing(refuse(
-                    StatusCode::BAD_REQUEST,
-                    "invalid Content-Length",
-                )))
-            }
-        };
-        if length.is_some_and(|n| n > BODY_LIMIT as u64) {
-            metrics::counter!("provider_budgets_http_refused_total", "reason" => "too_large")
-                .increment(1);
-            return Err(closing(refuse(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                &format!("request body over the limit of {BODY_LIMIT} bytes"),
-            )));
-        }
-        let has_body =
-            length.is_some_and(|n| n > 0) || headers.contains_key(header::TRANSFER_ENCODING);
-        match headers.get(header::CONTENT_TYPE) {
-            Some(ct) if is_json(ct) => {}
-            None if !has_body => {}
-            other => {
-                metrics::counter!("provider_budgets_http_refused_total", "reason" => "content_type")
-                    .increment(1);
-                let given = other.map_or_else(
-                    || "none".to_owned(),
-                    |v| format!("{:?}", clip(v.to_str().unwrap_or("?"))),
-                );
-                return Err(closing(refuse(
-                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                    &format!("Content-Type must be application/json, got {given}"),
-                )));
-            }
-        }
-    }
     Ok(())
+}
+
+/// With a token configured, `Authorization: Bearer TOKEN` (compared in constant time).
+fn check_token(edge: &Edge, headers: &HeaderMap) -> Result<(), Refusal> {
+    let Some(token) = &edge.token else {
+        return Ok(());
+    };
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .map(HeaderValue::as_bytes)
+        .and_then(|v| {
+            let (scheme, rest) = v.split_at_checked(7)?;
+            scheme.eq_ignore_ascii_case(b"bearer ").then_some(rest)
+        });
+    if presented.is_some_and(|p| token.matches(p.trim_ascii())) {
+        return Ok(());
+    }
+    metrics::counter!("provider_budgets_http_refused_total", "reason" => "auth").increment(1);
+    let reason = if headers.contains_key(header::AUTHORIZATION) {
+        "wrong bearer token"
+    } else {
+        "missing Authorization: Bearer TOKEN (the sidecar runs with a token)"
+    };
+    Err(refuse(StatusCode::UNAUTHORIZED, reason))
+}
+
+/// A POST's `Content-Length` (at most [`BODY_LIMIT`], refused at once) and its JSON
+/// `Content-Type` (a POST without a body may leave it out).
+fn check_body_head(headers: &HeaderMap) -> Result<(), Refusal> {
+    let length = headers
+        .get(header::CONTENT_LENGTH)
+        .map(|v| v.to_str().ok().and_then(|s| s.trim().parse::<u64>().ok()));
+    let length = match length {
+        None => None,
+        Some(Some(n)) => Some(n),
+        Some(None) => {
+            return Err(closing(refuse(
+                StatusCode::BAD_REQUEST,
+                "invalid Content-Length",
+            )))
+        }
+    };
+    if length.is_some_and(|n| n > BODY_LIMIT as u64) {
+        metrics::counter!("provider_budgets_http_refused_total", "reason" => "too_large")
+            .increment(1);
+        return Err(closing(refuse(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &format!("request body over the limit of {BODY_LIMIT} bytes"),
+        )));
+    }
+    let has_body = length.is_some_and(|n| n > 0) || headers.contains_key(header::TRANSFER_ENCODING);
+    match headers.get(header::CONTENT_TYPE) {
+        Some(ct) if is_json(ct) => Ok(()),
+        None if !has_body => Ok(()),
+        other => {
+            metrics::counter!("provider_budgets_http_refused_total", "reason" => "content_type")
+                .increment(1);
+            let given = other.map_or_else(
+                || "none".to_owned(),
+                |v| format!("{:?}", clip(v.to_str().unwrap_or("?"))),
+            );
+            Err(closing(refuse(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                &format!("Content-Type must be application/json, got {given}"),
+            )))
+        }
+    }
 }
 
 /// `application/json`, with or without parameters (`; charset=utf-8`).

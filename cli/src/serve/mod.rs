@@ -252,14 +252,7 @@ async fn serve(
         idle_timeout: args.idle_timeout,
     };
     let mut server = tokio::spawn(listen::serve(listener, app, probes, limits, stop_rx));
-    tracing::info!(%local, "listening");
-    // The ready line: tests and supervisors read the bound address (useful with port 0). A
-    // closed stdout is not an error: the server runs the same.
-    {
-        use std::io::Write as _;
-        let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "listening on {local}").and_then(|()| out.flush());
-    }
+    announce(local);
     loop {
         tokio::select! {
             signal = signals.next() => match signal {
@@ -290,11 +283,28 @@ async fn serve(
         }
     }
     let _ = stop_tx.send(true);
-    match tokio::time::timeout(args.drain_timeout, &mut server).await {
+    drain(server, args.drain_timeout).await
+}
+
+/// The ready line: tests and supervisors read the bound address (useful with port 0). A
+/// closed stdout is not an error: the server runs the same.
+fn announce(local: SocketAddr) {
+    use std::io::Write as _;
+    tracing::info!(%local, "listening");
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "listening on {local}").and_then(|()| out.flush());
+}
+
+/// Waits at most `timeout` for the in-flight requests after the accept loop was told to stop.
+async fn drain(
+    mut server: tokio::task::JoinHandle<()>,
+    timeout: Duration,
+) -> Result<(), ServeError> {
+    match tokio::time::timeout(timeout, &mut server).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => return Err(ServeError::Server(std::io::Error::other(e))),
         Err(_) => {
-            tracing::warn!(timeout = ?args.drain_timeout, "in-flight requests did not finish; closing");
+            tracing::warn!(timeout = ?timeout, "in-flight requests did not finish; closing");
             server.abort();
         }
     }
