@@ -6,6 +6,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+use provider_budgets_test_support::open as support;
 use provider_budgets_test_support::redis_server;
 
 use std::path::Path;
@@ -44,10 +45,7 @@ fn config(dir: &Path, urls: &[String], node: &str) -> Config {
 }
 
 fn open(dir: &Path, urls: &[String], node: &str, at: Timestamp) -> Limiter {
-    Limiter::builder(config(dir, urls, node))
-        .clock(Arc::new(FakeClock::new(at)))
-        .open()
-        .unwrap()
+    support::open(config(dir, urls, node), &FakeClock::new(at))
 }
 
 fn spend(l: &Limiter, provider: &str) -> u64 {

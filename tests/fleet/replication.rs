@@ -6,6 +6,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+use provider_budgets_test_support::open as support;
 use provider_budgets_test_support::proxy;
 use provider_budgets_test_support::redis_server;
 
@@ -56,10 +57,7 @@ fn config(dir: &Path, url: &str, node: &str, prefix: &str) -> Config {
 }
 
 fn open(dir: &Path, url: &str, node: &str, prefix: &str, clock: &Arc<FakeClock>) -> Limiter {
-    Limiter::builder(config(dir, url, node, prefix))
-        .clock(clock.clone())
-        .open()
-        .unwrap()
+    support::open(config(dir, url, node, prefix), clock)
 }
 
 fn spend(l: &Limiter, provider: &str) -> Money {

@@ -6,6 +6,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+use provider_budgets_test_support::open as support;
 use provider_budgets_test_support::redis_server;
 
 use std::path::Path;
@@ -46,8 +47,7 @@ fn config(dir: &Path, url: &str, node: &str, interval: Duration) -> Config {
 
 /// A node whose rounds run when the test says so (`sync`).
 fn open(dir: &Path, url: &str, node: &str, clock: &Arc<FakeClock>) -> Limiter {
-    let c = config(dir, url, node, Duration::from_secs(3600));
-    Limiter::builder(c).clock(clock.clone()).open().unwrap()
+    support::open(config(dir, url, node, Duration::from_secs(3600)), clock)
 }
 
 fn spend(l: &Limiter, provider: &str) -> u64 {

@@ -14,6 +14,7 @@
 //!   after `shutdown` records are refused and the rest keeps answering.
 #![allow(clippy::unwrap_used)]
 
+use provider_budgets_test_support::open as support;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -48,10 +49,7 @@ fn clock() -> FakeClock {
 }
 
 fn open(dir: &Path, clock: &FakeClock) -> Limiter {
-    Limiter::builder(config(dir))
-        .clock(Arc::new(clock.clone()))
-        .open()
-        .unwrap()
+    support::open(config(dir), clock)
 }
 
 fn spend(l: &Limiter, provider: &str) -> u64 {

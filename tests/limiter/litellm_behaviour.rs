@@ -14,7 +14,7 @@
 //! * a restart keeps every total (flaw 3: without Redis, a restart forgets all spend).
 #![allow(clippy::unwrap_used)]
 
-use std::sync::Arc;
+use provider_budgets_test_support::open as support;
 
 use jiff::{SignedDuration, Timestamp};
 use provider_budgets::{Config, FakeClock, Limiter, Money, Target};
@@ -33,10 +33,7 @@ fn config(yaml: &str, dir: &tempfile::TempDir) -> Config {
 }
 
 fn open(yaml: &str, dir: &tempfile::TempDir, clock: &FakeClock) -> Limiter {
-    Limiter::builder(config(yaml, dir))
-        .clock(Arc::new(clock.clone()))
-        .open()
-        .unwrap()
+    support::open(config(yaml, dir), clock)
 }
 
 const DAILY: &str = "\

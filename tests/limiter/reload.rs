@@ -6,6 +6,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+use provider_budgets_test_support::open as support;
 use provider_budgets_test_support::redis_server;
 
 use std::path::Path;
@@ -30,11 +31,7 @@ fn config(dir: &Path, budgets: &str) -> Config {
 }
 
 fn open(dir: &Path, budgets: &str) -> Limiter {
-    let clock = FakeClock::new(NOW.parse().unwrap());
-    Limiter::builder(config(dir, budgets))
-        .clock(Arc::new(clock))
-        .open()
-        .unwrap()
+    support::open(config(dir, budgets), &FakeClock::new(NOW.parse().unwrap()))
 }
 
 fn spend(l: &Limiter, provider: &str) -> Option<u64> {

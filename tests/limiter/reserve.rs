@@ -17,12 +17,12 @@
 #![allow(clippy::unwrap_used)]
 
 use provider_budgets_test_support::child;
+use provider_budgets_test_support::open as support;
 use provider_budgets_test_support::tmpfs;
 
 use std::io::{BufRead, Write};
 use std::path::Path;
 use std::process::Command;
-use std::sync::Arc;
 use std::time::Duration;
 
 use child::{sigkill, spawn_piped};
@@ -57,10 +57,7 @@ fn open(dir: &Path, clock: &FakeClock) -> Limiter {
         .unwrap()
         .data_dir(dir)
         .reservation_timeout(Duration::from_secs(60));
-    Limiter::builder(config)
-        .clock(Arc::new(clock.clone()))
-        .open()
-        .unwrap()
+    support::open(config, clock)
 }
 
 /// (spend, reserved) of a budget now.

@@ -4,6 +4,7 @@
 //! release open unchanged.
 #![allow(clippy::unwrap_used)]
 
+use provider_budgets_test_support::open as support;
 use std::sync::{Arc, Mutex};
 
 use jiff::{SignedDuration, Timestamp};
@@ -22,11 +23,7 @@ fn usd(s: &str) -> Money {
 }
 
 fn open(yaml: &str, dir: &tempfile::TempDir, clock: &FakeClock) -> Limiter {
-    let config = Config::from_yaml_str(yaml).unwrap().data_dir(dir.path());
-    Limiter::builder(config)
-        .clock(Arc::new(clock.clone()))
-        .open()
-        .unwrap()
+    support::open(support::yaml(yaml, dir.path()), clock)
 }
 
 /// The example, every source combined.

@@ -7,7 +7,8 @@
 //! * [`tmpfs`]: a small tmpfs for disk-full tests;
 //! * [`child`]: a child process fed on stdin and SIGKILLed;
 //! * [`cli`]: the `provider-budgets` binary with a config file and a data dir;
-//! * [`fuzz_checks`]: the checks the fuzz targets run, replayed over the committed corpus.
+//! * [`fuzz_checks`]: the checks the fuzz targets run, replayed over the committed corpus;
+//! * [`open`]: a limiter on a fake clock, a config from YAML.
 
 #![allow(
     clippy::unwrap_used,
@@ -18,6 +19,7 @@
 pub mod child;
 pub mod cli;
 pub mod fuzz_checks;
+pub mod open;
 pub mod proxy;
 pub mod redis_server;
 pub mod tmpfs;

@@ -7,12 +7,11 @@
 #![allow(clippy::unwrap_used)]
 
 use provider_budgets_test_support::cli;
-
-use std::sync::Arc;
+use provider_budgets_test_support::open as support;
 
 use cli::Cli;
 use provider_budgets::Spend;
-use provider_budgets::{Config, FakeClock, Limiter, Money, Scope, Target, NO_TAGS};
+use provider_budgets::{FakeClock, Limiter, Money, Scope, Target, NO_TAGS};
 
 const DEPLOYMENTS: &str = "\
 model_list:
@@ -37,11 +36,10 @@ litellm_settings:
 const NOW: &str = "2024-06-01T12:00:00Z";
 
 fn limiter(yaml: &str, dir: &tempfile::TempDir) -> Limiter {
-    let config = Config::from_yaml_str(yaml).unwrap().data_dir(dir.path());
-    Limiter::builder(config)
-        .clock(Arc::new(FakeClock::new(NOW.parse().unwrap())))
-        .open()
-        .unwrap()
+    support::open(
+        support::yaml(yaml, dir.path()),
+        &FakeClock::new(NOW.parse().unwrap()),
+    )
 }
 
 fn usd(s: &str) -> Money {

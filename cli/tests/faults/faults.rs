@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used)]
 
 use provider_budgets_test_support::cli;
+use provider_budgets_test_support::open as support;
 use provider_budgets_test_support::redis_server;
 use provider_budgets_test_support::tmpfs;
 
@@ -34,10 +35,7 @@ fn config(dir: &Path) -> Config {
 }
 
 fn open(dir: &Path, clock: &FakeClock) -> Limiter {
-    Limiter::builder(config(dir))
-        .clock(Arc::new(clock.clone()))
-        .open()
-        .unwrap()
+    support::open(config(dir), clock)
 }
 
 fn spend_at(l: &Limiter, provider: &str, at: Timestamp) -> u64 {

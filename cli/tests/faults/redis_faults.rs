@@ -17,11 +17,11 @@
 
 use provider_budgets_test_support::child;
 use provider_budgets_test_support::cli;
+use provider_budgets_test_support::open as support;
 use provider_budgets_test_support::redis_server;
 
 use std::io::{BufRead, Write};
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use child::{sigkill, spawn_piped};
@@ -68,10 +68,7 @@ fn config(dir: &Path, url: &str, node: &str, prefix: &str) -> Config {
 }
 
 fn open(dir: &Path, url: &str, node: &str, prefix: &str, now: Timestamp) -> Limiter {
-    Limiter::builder(config(dir, url, node, prefix))
-        .clock(Arc::new(FakeClock::new(now)))
-        .open()
-        .unwrap()
+    support::open(config(dir, url, node, prefix), &FakeClock::new(now))
 }
 
 fn spend(l: &Limiter, provider: &str) -> u64 {

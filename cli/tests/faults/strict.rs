@@ -7,6 +7,7 @@
 
 use provider_budgets_test_support::child;
 use provider_budgets_test_support::cli;
+use provider_budgets_test_support::open as support;
 use provider_budgets_test_support::proxy;
 use provider_budgets_test_support::redis_server;
 
@@ -54,10 +55,7 @@ fn config(dir: &Path, url: &str, node: &str, prefix: &str) -> Config {
 }
 
 fn open(dir: &Path, url: &str, node: &str, clock: &Arc<FakeClock>) -> Limiter {
-    Limiter::builder(config(dir, url, node, "s"))
-        .clock(clock.clone())
-        .open()
-        .unwrap()
+    support::open(config(dir, url, node, "s"), clock)
 }
 
 fn row(l: &Limiter) -> BudgetStatus {
