@@ -1,4 +1,4 @@
-//! Reservations (issue 12): `reserve` (admission in every budget + the record made durable)
+//! Reservations: `reserve` (admission in every budget + the record made durable)
 //! followed by `commit` (the spend and the end of the record, durable), i.e. two group-committed
 //! fsyncs per call. Concurrency 1 and 64 blocking threads, on the build's disk (not tmpfs).
 //! Deployments are `gpt-4o` (openai budget) with the generous limits of the common fixture.

@@ -1,4 +1,4 @@
-//! Budget model v2 on the request path (issue 10): 10 (and 50, plain only) deployments, each
+//! Budget model v2 on the request path: 10 (and 50, plain only) deployments, each
 //! under a provider, a deployment (by id) and a model budget, and a request with 2 tags that
 //! have tag budgets; plain `Limiter::filter_tagged` and prepared `Prepared::filter_tagged_into`,
 //! p50/p99.

@@ -301,7 +301,7 @@ fn main() {
             );
         }
     }
-    // The targets of issue 11.
+    // The fleet-scale targets.
     if let (Some((c1, o1)), Some((cn, on))) = (at(1, Kind::Dirty), at(n_max, Kind::Dirty)) {
         println!(
             "N={n_max} vs N=1 (B={b_max}, dirty): Redis CPU x{:.2}, reply bytes x{:.2}",

@@ -67,7 +67,7 @@ fn status_json(s: &BudgetStatus) -> serde_json::Value {
             "tracking": r.tracking,
         },
     });
-    // Strict budgets (issue 12), added apart: one `json!` of every field passes the macro's
+    // Strict budgets, added apart: one `json!` of every field passes the macro's
     // recursion limit.
     if let Some(map) = row.as_object_mut() {
         let strict = s.enforcement == Enforcement::Strict;

@@ -448,7 +448,7 @@ impl Limiter {
 
     /// Admission in the view: the first candidate whose budgets all take the estimate.
     ///
-    /// Strict budgets (issue 12): when a candidate was refused by this node's grant alone
+    /// Strict budgets: when a candidate was refused by this node's grant alone
     /// (`Refused::Grant`: the fleet may have more to give), the replicator is woken for one
     /// out-of-cycle grant round, the call waits for it up to `redis.grant_wait` and tries
     /// once more. Only that case waits: a budget spent fleet-wide is refused at once.

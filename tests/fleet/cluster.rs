@@ -343,7 +343,7 @@ fn soft_limit_claims_go_to_the_master_of_their_slot() {
     assert!(!on(seed).contains(":alert:"), "{}", on(seed));
 }
 
-/// Strict budgets (issue 12) on a cluster: the merge script also touches the budget's strict
+/// Strict budgets on a cluster: the merge script also touches the budget's strict
 /// marker key, which shares the budget's hash tag, so grants work per budget on its master;
 /// two nodes reserving until denied never pass the limit of any budget.
 #[test]

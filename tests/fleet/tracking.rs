@@ -1,4 +1,4 @@
-//! Client-side tracking of clean windows (issue 11, "make the fleet scale with what changes"),
+//! Client-side tracking of clean windows ("make the fleet scale with what changes"),
 //! through real `redis-server`s: a clean round with nothing changed reads no window key;
 //! another node's new spend is still seen at the next round (the invalidation); FLUSHALL, a
 //! killed replication connection and a server that refuses tracking all stay exact; and a

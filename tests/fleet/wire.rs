@@ -646,7 +646,7 @@ async fn keys_expire_at_the_given_time() {
     assert!((990..=1000).contains(&ttl), "ttl {ttl}");
 
     // Set when the key or our field in it is created, not by every send: a key that
-    // holds our field has its expiry (issue 11: one command less per dirty key).
+    // holds our field has its expiry (one command less per dirty key).
     let later = SyncItem {
         expire_at: now + 5000,
         own: 2,

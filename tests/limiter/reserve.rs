@@ -1,4 +1,4 @@
-//! Reservations on one node (issue 12): admission, commit, release, drop, expiry, crash.
+//! Reservations on one node: admission, commit, release, drop, expiry, crash.
 //!
 //! * concurrent reservations across several budgets at once (provider, model, tag) never
 //!   admit more than any limit, and fill each budget up to the last estimate;

@@ -1,4 +1,4 @@
-//! Budget model v2 (issue 10): budgets per provider, deployment, model and tag, several per
+//! Budget model v2: budgets per provider, deployment, model and tag, several per
 //! scope name, per-budget time zones, shadow mode, soft limits; one resolution for `filter`
 //! and `charge`; `Prepared` does not keep the limiter alive; data dirs of the previous
 //! release open unchanged.

@@ -188,7 +188,7 @@ fn config_corpus_replays() {
     let e = parse("bad-period.toml").expect_err("bad period is refused");
     assert!(e.to_string().contains("1fortnight"), "{e}");
 
-    // Configs that used to mean something else silently (issue 8, item 9).
+    // Configs that used to mean something else silently.
     for (seed, culprit) in [
         ("duplicate-provider.yaml", "\"openai\""),
         ("duplicate-prefix.yaml", "\"llama-\""),

@@ -1,5 +1,5 @@
 //! Replication under faults an operator meets in production, each injected for real against a
-//! private `redis-server` (issue 8, items 4, 5, 7, 8, 9):
+//! private `redis-server`:
 //!
 //! * a window hash with thousands of node fields (pods that come back with fresh ids): the
 //!   data dir still opens, totals exact, before and after a restart, with Redis up or down;
