@@ -451,8 +451,8 @@ impl Limiter {
                 skew: humantime::format_duration(MAX_FUTURE_SKEW).to_string(),
             });
         }
-        let cutoff = floor_secs(now)
-            .saturating_sub(i64::try_from(retention.as_secs()).unwrap_or(i64::MAX));
+        let cutoff =
+            floor_secs(now).saturating_sub(i64::try_from(retention.as_secs()).unwrap_or(i64::MAX));
         if secs >= cutoff {
             return Ok(());
         }
