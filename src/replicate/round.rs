@@ -112,7 +112,10 @@ impl Worker {
         if std::mem::take(&mut self.flushed) {
             self.on_flush();
         }
-        self.verify = false;
+        // The first rounds verify every key they touch, until a backlog left nothing out.
+        if self.deferred == 0 {
+            self.verify = false;
+        }
         applied
     }
 
