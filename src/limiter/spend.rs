@@ -442,7 +442,9 @@ impl Limiter {
         let secs = floor_secs(at);
         let now = self.now();
         let skew = i64::try_from(MAX_FUTURE_SKEW.as_secs()).unwrap_or(i64::MAX);
-        if secs > floor_secs(now).saturating_add(skew) {
+        let mut slots = slots.peekable();
+        // To the second; like an expired one, refused only when a budget would count it.
+        if secs > floor_secs(now).saturating_add(skew) && slots.peek().is_some() {
             return Err(RecordError::Future {
                 provider: what.to_owned(),
                 at,
