@@ -33,6 +33,20 @@ pub enum RecordError {
         /// The configured retention, human readable.
         retention: String,
     },
+    /// The record's timestamp is later than the clock plus [`MAX_FUTURE_SKEW`](crate::MAX_FUTURE_SKEW):
+    /// each distinct future window would be kept and replicated (issue 19). Nothing was
+    /// counted.
+    #[error("record for {provider:?} at {at} is later than the latest accepted time {limit} (now plus {skew}); not counted")]
+    Future {
+        /// The provider (or model) as given.
+        provider: String,
+        /// The record's timestamp.
+        at: jiff::Timestamp,
+        /// The latest timestamp accepted when it was refused.
+        limit: jiff::Timestamp,
+        /// The allowed skew, human readable.
+        skew: String,
+    },
     /// The limiter was shut down.
     #[error("the limiter is shut down")]
     Closed,

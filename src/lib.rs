@@ -88,7 +88,7 @@ pub use limiter::health::Health;
 pub use limiter::open::LimiterBuilder;
 pub use limiter::reload::ReloadSummary;
 pub use limiter::reserve::{Reservation, ReserveError, ReserveRequest};
-pub use limiter::spend::{Durable, Receipt, Spend};
+pub use limiter::spend::{Durable, Receipt, Spend, MAX_FUTURE_SKEW};
 pub use limiter::status::{BudgetStatus, ReplicationStatus, RoundFigures, StatusQuery};
 #[doc(hidden)]
 pub use limiter::testing;

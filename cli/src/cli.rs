@@ -327,8 +327,25 @@ fn parse_time(s: &str) -> Result<Timestamp, String> {
             .map_err(|e| format!("Unix seconds {t} out of range: {e}"));
     }
     t.parse::<Timestamp>().map_err(|e| {
-        format!("time {t:?} is neither RFC 3339 (2024-05-01T12:00:00Z) nor Unix seconds: {e}")
+        if is_rfc3339_shape(t) {
+            // Well formed, only outside what a timestamp can hold (defect 11 of issue 19).
+            format!(
+                "time {t:?} is out of range: timestamps end at {}, and a spend may be at most {} in the future",
+                Timestamp::MAX,
+                humantime::format_duration(provider_budgets::MAX_FUTURE_SKEW)
+            )
+        } else {
+            format!("time {t:?} is neither RFC 3339 (2024-05-01T12:00:00Z) nor Unix seconds: {e}")
+        }
     })
+}
+
+/// True when `t` parses as an RFC 3339 date, time and offset (calendar range), whatever the
+/// timestamp range says.
+fn is_rfc3339_shape(t: &str) -> bool {
+    jiff::fmt::temporal::DateTimeParser::new()
+        .parse_pieces(t)
+        .is_ok_and(|p| p.time().is_some() && p.offset().is_some())
 }
 
 /// COST: an exact USD decimal ([`Money`]'s parser: no NaN, infinity, negative or huge value).

@@ -59,6 +59,7 @@ fn status_json(s: &BudgetStatus) -> serde_json::Value {
                 "keys_written": r.last_round.keys_written,
                 "keys_read": r.last_round.keys_read,
                 "keys_unchanged": r.last_round.keys_unchanged,
+                "keys_deferred": r.last_round.keys_deferred,
                 "bytes_out": r.last_round.bytes_out,
                 "bytes_in": r.last_round.bytes_in,
             },

@@ -29,6 +29,13 @@ use crate::model::clock::floor_secs;
 use crate::model::money::Money;
 use crate::resolve::Deployment;
 
+/// How far past the clock a spend's `at` may lie ([`Spend::at`]); later is refused with
+/// [`RecordError::Future`] and nothing is counted (issue 19). Spend is counted in the window
+/// of its `at` and every distinct window is kept and replicated, so an unbounded future `at`
+/// would let one client pile up windows without limit. Five minutes absorb the clock skew
+/// between a router and this node; the past stays bounded by `storage.retention`.
+pub const MAX_FUTURE_SKEW: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// What a spend is counted against.
 #[derive(Debug)]
 pub(crate) enum Against<'a, D: ?Sized> {
@@ -104,7 +111,8 @@ impl<'a, D: ?Sized, T> Spend<'a, D, T> {
 
     /// Counts the spend in the windows containing `at` (e.g. when the request was made)
     /// instead of now. A window that ended more than `storage.retention` ago is refused
-    /// ([`RecordError::Expired`]).
+    /// ([`RecordError::Expired`]), and so is an `at` later than now plus
+    /// [`MAX_FUTURE_SKEW`] ([`RecordError::Future`]).
     pub fn at(self, at: Timestamp) -> Self {
         Spend {
             at: Some(at),
@@ -420,8 +428,10 @@ impl Limiter {
         self.add_slots(slots(), cost, secs)
     }
 
-    /// Refuses a timestamp whose window is already past retention: the journal would delete
-    /// it at its next pass, so counting it would only pretend.
+    /// Refuses a timestamp whose window is already past retention (the journal would delete
+    /// it at its next pass, so counting it would only pretend), or that is later than now
+    /// plus [`MAX_FUTURE_SKEW`] (issue 19: every distinct future window is kept and
+    /// replicated, so far-future spend would pile up windows without bound).
     fn check_age(
         &self,
         what: &str,
@@ -430,8 +440,21 @@ impl Limiter {
     ) -> Result<(), RecordError> {
         let retention = &self.inner.config.load().storage.retention;
         let secs = floor_secs(at);
-        let cutoff = floor_secs(self.now())
-            .saturating_sub(i64::try_from(retention.as_secs()).unwrap_or(i64::MAX));
+        let now = self.now();
+        let skew = i64::try_from(MAX_FUTURE_SKEW.as_secs()).unwrap_or(i64::MAX);
+        let mut slots = slots.peekable();
+        // To the second; like an expired one, refused only when a budget would count it.
+        if secs > floor_secs(now).saturating_add(skew) && slots.peek().is_some() {
+            return Err(RecordError::Future {
+                provider: what.to_owned(),
+                at,
+                limit: Timestamp::from_second(floor_secs(now).saturating_add(skew))
+                    .unwrap_or(Timestamp::MAX),
+                skew: humantime::format_duration(MAX_FUTURE_SKEW).to_string(),
+            });
+        }
+        let cutoff =
+            floor_secs(now).saturating_sub(i64::try_from(retention.as_secs()).unwrap_or(i64::MAX));
         if secs >= cutoff {
             return Ok(());
         }

@@ -113,6 +113,11 @@ pub struct RoundFigures {
     /// Of `keys_read`, the keys not read at all: Redis tracks our last read of them and
     /// reported no change since (client-side caching).
     pub keys_unchanged: u64,
+    /// Windows left for later rounds: one round's work is bounded (at most 128 windows of a
+    /// budget, 512 beyond the budgets' current windows in all), so a backlog (a long outage
+    /// of a short budget) drains over several rounds; `Limiter::sync` runs rounds until none
+    /// is left.
+    pub keys_deferred: u64,
     /// Request bytes sent to Redis.
     pub bytes_out: u64,
     /// Reply bytes received from Redis.

@@ -380,6 +380,11 @@ struct Worker {
     verify: bool,
     /// Keys written and read by the last exchange.
     sent: (u64, u64),
+    /// Windows the last round left for later rounds (its work is bounded, see
+    /// `round::MAX_WINDOWS_PER_CALL`).
+    deferred: u64,
+    /// Which budget takes the round's allowance first (rotates while there is a backlog).
+    turn: usize,
     /// Per budget index: whether the last reply said this instance holds the lease (then
     /// clean rounds renew it with a plain `PEXPIRE`).
     lease_ours: Vec<bool>,

@@ -46,6 +46,13 @@ impl RoundError {
     }
 }
 
+/// The most windows of one budget in one round (one script call). Measured against a local
+/// `redis-server` 7.0: see `docs/guide/failure-model.md` ("A large sync backlog").
+pub(super) const MAX_WINDOWS_PER_CALL: usize = 128;
+
+/// The most windows in one round beyond every budget's current window (which always goes).
+pub(super) const MAX_EXTRA_WINDOWS_PER_ROUND: usize = 4 * MAX_WINDOWS_PER_CALL;
+
 /// One window of one budget in a round.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Item {
@@ -105,7 +112,10 @@ impl Worker {
         if std::mem::take(&mut self.flushed) {
             self.on_flush();
         }
-        self.verify = false;
+        // The first rounds verify every key they touch, until a backlog left nothing out.
+        if self.deferred == 0 {
+            self.verify = false;
+        }
         applied
     }
 
@@ -257,16 +267,48 @@ impl Worker {
                     self.release,
                 )
                 .map(|ask| (current, ask));
-            list.sort_by_key(|x| std::cmp::Reverse(x.window.start_secs()));
-            for x in list.iter() {
-                if x.send {
-                    self.sent.0 += 1;
-                } else {
-                    self.sent.1 += 1;
-                }
+            // The current window first (always sent: enforcement is never starved by a
+            // backlog), then the oldest (nearest to expiring in Redis), writes before reads.
+            list.sort_by_key(|x| (x.window != current, !x.send, x.window.start_secs()));
+        }
+        self.deferred = self.bound_work(windows);
+        for x in windows.iter().flatten() {
+            if x.send {
+                self.sent.0 += 1;
+            } else {
+                self.sent.1 += 1;
             }
         }
         asks
+    }
+
+    /// Bounds one round's work (issue 19, invariant 6): at most [`MAX_WINDOWS_PER_CALL`]
+    /// windows per budget (one script call) and [`MAX_EXTRA_WINDOWS_PER_ROUND`] beyond the
+    /// budgets' current windows in the whole round. Each list holds its current window
+    /// first, which always stays. What is left out stays dirty (or unread) and goes in a
+    /// later round; the budgets take turns at the round's allowance. Returns how many
+    /// windows were left out.
+    fn bound_work(&mut self, windows: &mut [Vec<Item>]) -> u64 {
+        let n = windows.len();
+        let mut allowance = MAX_EXTRA_WINDOWS_PER_ROUND;
+        let mut deferred = 0u64;
+        let first = if n == 0 { 0 } else { self.turn % n };
+        for i in 0..n {
+            let list = &mut windows[(first + i) % n];
+            let keep = list.len().min(MAX_WINDOWS_PER_CALL).min(allowance + 1);
+            allowance -= keep.saturating_sub(1);
+            deferred += (list.len() - keep) as u64;
+            list.truncate(keep);
+        }
+        if deferred > 0 {
+            // The next round starts its allowance one budget further.
+            self.turn = self.turn.wrapping_add(1);
+            tracing::debug!(
+                deferred,
+                "sync backlog: windows left for the next rounds (work per round is bounded)"
+            );
+        }
+        deferred
     }
 
     /// How budget `b` is sent this round (see [`Self::groups`]); `asks`: it requests a grant.

@@ -86,6 +86,8 @@ impl Worker {
             acked_gone: Vec::new(),
             verify: true,
             sent: (0, 0),
+            deferred: 0,
+            turn: 0,
             lease_ours: Vec::new(),
             script_next: FxHashSet::default(),
             lease_set: Vec::new(),
@@ -138,7 +140,7 @@ impl Worker {
                     }
                 }
                 Some(reply) = requests.recv() => {
-                    let result = self.round().await;
+                    let result = self.drain().await;
                     let _ = reply.send(result);
                 }
                 () = self.wake.notify.notified() => {
@@ -172,6 +174,20 @@ impl Worker {
         }
     }
 
+    /// An explicit sync (`Limiter::sync`): rounds until nothing is left for later (each
+    /// round's work is bounded; Redis serves other clients between them), as long as each
+    /// round makes progress. Returns the last round's outcome.
+    pub(super) async fn drain(&mut self) -> Result<(), ReplicationError> {
+        let mut left = u64::MAX;
+        loop {
+            self.round().await?;
+            if self.deferred == 0 || self.deferred >= left {
+                return Ok(());
+            }
+            left = self.deferred;
+        }
+    }
+
     /// One sync round; records its outcome in `health`, metrics and logs.
     pub(super) async fn round(&mut self) -> Result<(), ReplicationError> {
         self.wake.started();
@@ -184,6 +200,7 @@ impl Worker {
         let started = Instant::now();
         let (out0, in0) = self.wire.traffic();
         self.sent = (0, 0);
+        self.deferred = 0;
         let result = self.exchange().await;
         let now_secs = floor_secs(self.parts.clock.now());
         if matches!(result, Err(RoundError::Failed(_))) {
@@ -203,6 +220,7 @@ impl Worker {
                 keys_written: self.sent.0,
                 keys_read: self.sent.1,
                 keys_unchanged: self.unchanged,
+                keys_deferred: self.deferred,
                 bytes_out: out1 - out0,
                 bytes_in: in1 - in0,
             };

@@ -5,6 +5,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod backlog;
 mod cluster;
 mod replication;
 mod soft_fleet;

@@ -672,3 +672,49 @@ fn records_older_than_the_retention_are_refused_not_silently_dropped() {
         .unwrap();
     assert_eq!(previous.spend, usd("0.5"));
 }
+
+/// Issue 19, defect 2: a spend's `at` may be at most `MAX_FUTURE_SKEW` past the clock. Later
+/// is refused with `RecordError::Future` (naming the time and the limit) and nothing is
+/// counted, for a provider and a deployment spend alike; within the skew it counts.
+#[test]
+fn records_later_than_now_plus_the_skew_are_refused_and_not_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = clock(); // 2024-06-01T12:00:00Z
+    let l = open(dir.path(), &clock);
+    let skew = provider_budgets::MAX_FUTURE_SKEW.as_secs();
+    assert_eq!(skew, 300);
+    let far = ts("9999-12-30T00:00:00Z");
+    for at in [far, ts("2024-06-01T12:05:01Z")] {
+        let err = l
+            .charge(Spend::provider("openai", usd("1")).at(at))
+            .unwrap_err();
+        assert!(matches!(err, RecordError::Future { .. }), "{err:?}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("openai")
+                && msg.contains(&at.to_string())
+                && msg.contains("2024-06-01T12:05:00Z"),
+            "{msg}"
+        );
+        assert!(!msg.contains('\n'), "{msg}");
+        let err = l
+            .charge(Spend::deployment("gpt-4o", usd("1")).at(at))
+            .unwrap_err();
+        assert!(matches!(err, RecordError::Future { .. }), "{err:?}");
+    }
+    l.flush().unwrap();
+    assert_eq!(spend(&l, "openai"), 0);
+    assert_eq!(
+        l.status(StatusQuery::all().at(far))
+            .iter()
+            .map(|s| s.spend.as_nanos())
+            .sum::<u64>(),
+        0
+    );
+    // Exactly at the limit: counted (in the current 1d window).
+    l.charge(Spend::provider("openai", usd("2")).at(ts("2024-06-01T12:05:00Z")))
+        .unwrap()
+        .wait()
+        .unwrap();
+    assert_eq!(spend(&l, "openai"), 2_000_000_000);
+}

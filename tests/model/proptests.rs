@@ -22,8 +22,8 @@ use jiff::tz::Offset;
 use jiff::{SignedDuration, Span, Timestamp};
 use proptest::prelude::*;
 use provider_budgets::{
-    BudgetConfig, Config, ConfigError, FakeClock, Limiter, Money, Period, Schedule, Scope, Target,
-    UnknownProvider,
+    BudgetConfig, Config, ConfigError, FakeClock, Limiter, Money, Period, RecordError, Schedule,
+    Scope, Target, UnknownProvider,
 };
 use provider_budgets::{Spend, StatusQuery, NO_TAGS};
 
@@ -322,7 +322,18 @@ impl Harness {
                         .charge(Spend::provider(name, cost_m).at(ts_ms(at_ms)))
                         .and_then(|r| r.wait()),
                 };
+                // Later than now plus the skew (to the second): refused, nothing counted.
+                let future = !matches!(at, At::Now)
+                    && at_ms.div_euclid(1000)
+                        > self.now_ms().div_euclid(1000)
+                            + i64::try_from(provider_budgets::MAX_FUTURE_SKEW.as_secs()).unwrap();
                 match BUDGETS.iter().position(|b| b.provider == name) {
+                    Some(_) if future => {
+                        prop_assert!(
+                            matches!(result, Err(RecordError::Future { .. })),
+                            "{result:?}"
+                        );
+                    }
                     Some(b) => {
                         prop_assert!(matches!(result, Ok(n) if n > 0), "{result:?}");
                         if *cost > 0 {

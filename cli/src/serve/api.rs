@@ -346,10 +346,22 @@ fn parse_at(text: &str) -> Result<Timestamp, String> {
             .map_err(|e| format!("Unix seconds {t} out of range: {e}"));
     }
     t.parse::<Timestamp>().map_err(|_| {
-        format!(
-            "{} is neither RFC 3339 (2024-05-01T12:00:00Z) nor whole Unix seconds",
-            clip(text)
-        )
+        let well_formed = jiff::fmt::temporal::DateTimeParser::new()
+            .parse_pieces(t)
+            .is_ok_and(|p| p.time().is_some() && p.offset().is_some());
+        if well_formed {
+            // RFC 3339, only outside what a timestamp can hold (defect 11 of issue 19).
+            format!(
+                "{} is out of range: a spend may be at most {} in the future",
+                clip(text),
+                humantime::format_duration(provider_budgets::MAX_FUTURE_SKEW)
+            )
+        } else {
+            format!(
+                "{} is neither RFC 3339 (2024-05-01T12:00:00Z) nor whole Unix seconds",
+                clip(text)
+            )
+        }
     })
 }
 
@@ -452,6 +464,11 @@ async fn record(state: &State, s: &Spend) -> (StatusCode, Outcome) {
             StatusCode::UNPROCESSABLE_ENTITY,
             Outcome::transient(e.to_string()),
             "expired",
+        ),
+        Err(e @ RecordError::Future { .. }) => (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Outcome::transient(format!("at: {e}")),
+            "future",
         ),
         Err(e @ RecordError::Storage(_)) => (
             // Counted in memory and retried by the journal; only durability is unconfirmed.

@@ -530,3 +530,42 @@ fn overrides_and_an_unreachable_redis() {
 fn pipe(cli: &Cli, args: &[&str], input: &str) -> std::process::Output {
     cli.pipe(args, input)
 }
+
+/// Issue 19, defects 2 and 11: `record --at` and `charge --at` refuse a time later than now
+/// plus five minutes (exit 1, one line naming it, nothing counted); an RFC 3339 time beyond
+/// what a timestamp holds is called out of range, not "neither RFC 3339".
+#[test]
+fn a_far_future_at_is_refused_and_nothing_counted() {
+    let cli = Cli::new("provider_budget_config:\n  openai: {budget_limit: 10, time_period: 1h}\n");
+    let now = "2024-05-01T12:00:00Z";
+    for at in ["9999-12-30T00:00:00Z", "2024-05-01T12:05:01Z"] {
+        cli.run(&["--now", now, "record", "openai", "1", "--at", at])
+            .assert_error(1, &[at, "2024-05-01T12:05:00Z", "not counted"]);
+        cli.run(&["--now", now, "charge", "gpt-4o", "1", "--at", at])
+            .assert_error(1, &[at, "not counted"]);
+    }
+    let run = cli.run(&[
+        "--now",
+        now,
+        "record",
+        "openai",
+        "1",
+        "--at",
+        "9999-12-31T00:00:00Z",
+    ]);
+    run.assert_error(2, &["9999-12-31T00:00:00Z", "out of range"]);
+    assert!(!run.stderr.contains("neither"), "{run:?}");
+    assert_eq!(cli.spend_nanos("2024-05-01T12:30:00Z", "openai"), 0);
+    // Within the skew: counted.
+    cli.run(&[
+        "--now",
+        now,
+        "record",
+        "openai",
+        "1",
+        "--at",
+        "2024-05-01T12:05:00Z",
+    ])
+    .assert_ok();
+    assert_eq!(cli.spend_nanos("2024-05-01T12:30:00Z", "openai"), NANOS);
+}
