@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod cluster;
+mod eviction;
 mod replication;
 mod soft_fleet;
 mod tls;
