@@ -12,9 +12,14 @@
 //!   acknowledged before (an evicted or deleted key, `FLUSHALL`, a failover to a replica that
 //!   missed writes) counts one loss (`ReplicationStatus::data_loss`, the
 //!   `provider_budgets_data_loss_total` counter) and warns; the window is then sent again
-//!   (it is dirty), so the fleet total heals at the next round.
+//!   (it is dirty), so the fleet total heals at the next round. A key within
+//!   [`EXPIRY_SKEW_SECS`] of its expiry is not counted (Redis's clock may be ahead).
 
 use super::*;
+
+/// Seconds before a window key's expiry within which a missing key is not counted as a loss
+/// (Redis's clock may run ahead of ours).
+const EXPIRY_SKEW_SECS: i64 = 10;
 
 /// Whether Redis may evict our keys under `policy` (see the module doc).
 pub(super) fn evicts(policy: &str) -> bool {
@@ -87,6 +92,13 @@ impl Worker {
     /// Our acknowledged field of budget `b`'s window is below what Redis acknowledged
     /// (`acked`): Redis lost it. Counted and logged; the window is sent again.
     pub(super) fn data_loss(&self, b: u32, window: Window, acked: u64, found: u64) {
+        // Near its expiry (`EXPIREAT` end + grace, by Redis's clock) a key may be gone for a
+        // clock skew's sake: not a loss.
+        let grace = i64::try_from(self.parts.redis.grace.as_secs()).unwrap_or(i64::MAX / 4);
+        let now = floor_secs(self.parts.clock.now());
+        if window.end_secs().saturating_add(grace).saturating_sub(now) <= EXPIRY_SKEW_SECS {
+            return;
+        }
         tracing::warn!(
             budget = %self.parts.keys.get(b).key_name(),
             window = %window.start(),
