@@ -105,5 +105,43 @@ pub fn bench(c: &mut Criterion) {
             b.iter(|| prepared.filter_into(NO_TAGS, black_box(&mut out)).is_ok());
         });
     }
+    miss_heavy(&mut g);
     g.finish();
+}
+
+/// Distinct models per call of `filter/plain/miss-heavy`.
+const MISS_HEAVY: usize = 4000;
+
+/// `filter/plain/miss-heavy`: calls of 4 000 distinct models each, cycling through five such
+/// lists (20 000 names, five times the resolution cache's cap): nearly every deployment of a
+/// call misses the cache. Before issue 19 each miss copied the whole cache (0.4–0.8 s per call).
+fn miss_heavy(g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>) {
+    let mut fx: Option<Fixture> = None;
+    let mut sampled = false;
+    let lists: Vec<Vec<String>> = (0..5)
+        .map(|l| {
+            (0..MISS_HEAVY)
+                .map(|i| format!("{}-m{l}-{i}", PATTERNS[i % PATTERNS.len()]))
+                .collect()
+        })
+        .collect();
+    let mut next = 0usize;
+    let mut call = move |limiter: &Limiter| {
+        next = (next + 1) % lists.len();
+        limiter
+            .filter(black_box(&lists[next]), NO_TAGS)
+            .map(|v| v.len())
+    };
+    g.sample_size(10);
+    g.bench_function(BenchmarkId::new("plain/miss-heavy", MISS_HEAVY), |b| {
+        let fx = fx.get_or_insert_with(|| Fixture::new(1, false));
+        common::once(&mut sampled, || {
+            common::latency(
+                &format!("filter/plain/miss-heavy/{MISS_HEAVY}"),
+                300,
+                || call(&fx.limiter),
+            );
+        });
+        b.iter(|| call(&fx.limiter));
+    });
 }

@@ -15,7 +15,8 @@
 //! `unknown_provider`.
 
 use std::hash::Hasher;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, TryLockError};
 
 use arc_swap::ArcSwap;
 use rustc_hash::FxHashMap;
@@ -229,9 +230,9 @@ impl Cached {
     }
 }
 
-/// Entries kept in the resolution cache before it is cleared (bounds memory when callers
-/// pass ever-new names).
-const CACHE_LIMIT: usize = 4096;
+/// Entries the published resolution cache holds at most (bounds memory and the cost of one
+/// publish when callers pass ever-new names); see [`Resolver::note_misses`].
+pub(crate) const CACHE_LIMIT: usize = 4096;
 
 /// One entry of the resolution cache: a deployment's model name and id, owned, their hash
 /// ([`key_hash`]) and their resolution.
@@ -316,9 +317,65 @@ pub(crate) struct Resolver {
     /// `unknown_provider: deny`.
     pub deny_unknown: bool,
     /// (Model name, deployment id) of deployments without explicit provider → resolution.
-    /// Reads are one atomic load; a miss resolves and publishes a new map (rare: deployment
-    /// lists change rarely).
+    /// Reads are one atomic load; a miss resolves without it, and the misses are published
+    /// in batches (see [`Resolver::note_misses`]).
     cache: ArcSwap<CacheMap>,
+    /// Misses waiting to be published.
+    pending: Mutex<Pending>,
+    /// Entries the published map holds at most ([`CACHE_LIMIT`]; smaller in tests).
+    cap: usize,
+    /// Maps published since the resolver was made (a figure for tests).
+    publishes: AtomicU64,
+}
+
+/// Misses noted since the last publish: how many (every occurrence counts, repeats
+/// included) and their entries (at most the cap, possibly repeated).
+#[derive(Debug, Default)]
+struct Pending {
+    misses: usize,
+    entries: Vec<Entry>,
+}
+
+/// One call's cache misses, each resolved without the cache, handed to the resolver once
+/// at the end of the call ([`Resolver::note_misses`]). Empty (nothing allocated) when every
+/// deployment hit.
+#[derive(Debug, Default)]
+pub(crate) struct Misses {
+    count: usize,
+    entries: Vec<Entry>,
+}
+
+impl Misses {
+    /// No miss noted.
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+}
+
+/// The misses of one call that end up with the resolver when it is dropped (whatever way
+/// the call returns): for the paths with several exits (`reserve`, `charge`).
+#[derive(Debug)]
+pub(crate) struct MissLog<'r> {
+    resolver: &'r Resolver,
+    pub misses: Misses,
+}
+
+impl<'r> MissLog<'r> {
+    pub fn new(resolver: &'r Resolver) -> MissLog<'r> {
+        MissLog {
+            resolver,
+            misses: Misses::default(),
+        }
+    }
+}
+
+impl Drop for MissLog<'_> {
+    fn drop(&mut self) {
+        if !self.misses.is_empty() {
+            self.resolver.note_misses(std::mem::take(&mut self.misses));
+        }
+    }
 }
 
 impl Resolver {
@@ -355,7 +412,25 @@ impl Resolver {
             overrides,
             deny_unknown: config.unknown_provider == crate::config::UnknownProvider::Deny,
             cache: ArcSwap::from_pointee(CacheMap::new()),
+            pending: Mutex::new(Pending::default()),
+            cap: CACHE_LIMIT,
+            publishes: AtomicU64::new(0),
         }
+    }
+
+    /// The same resolver with a smaller cache (tests: a working set larger than the cap).
+    #[cfg(test)]
+    pub fn with_cache_cap(mut self, cap: usize) -> Resolver {
+        self.cap = cap.max(1);
+        self
+    }
+
+    /// Maps published since the resolver was made, and the published map's size.
+    pub fn cache_figures(&self) -> (u64, usize) {
+        (
+            self.publishes.load(Ordering::Relaxed),
+            self.cache.load().len(),
+        )
     }
 
     /// The slots of a scope name (empty when it has no budget).
@@ -432,8 +507,8 @@ impl Resolver {
         lookup(cache, d.model(), d.id())
     }
 
-    /// Resolves through a cache loaded once by the caller: the request path's form (one
-    /// hash lookup of (model, id) per deployment).
+    /// Resolves through a cache loaded once by the caller, a miss without the cache (and
+    /// without noting it: the error paths, which resolve a list a second time).
     #[inline]
     pub fn resolve_in<'a>(
         &'a self,
@@ -446,35 +521,107 @@ impl Resolver {
         if let Some(c) = lookup(cache, d.model(), d.id()) {
             return c.resolved();
         }
-        self.resolve_miss(d)
+        self.resolve(d)
     }
 
-    /// A cache miss: resolves and publishes a new map with the entry (cold path).
+    /// [`Resolver::resolve_in`] that notes a miss in `misses` (to publish with
+    /// [`Resolver::note_misses`] at the end of the call).
+    #[inline]
+    pub fn resolve_noting<'a>(
+        &'a self,
+        cache: &'a CacheMap,
+        d: &(impl Deployment + ?Sized),
+        misses: &mut Misses,
+    ) -> Resolved<'a> {
+        if d.provider().is_some() {
+            return self.resolve(d);
+        }
+        if let Some(c) = lookup(cache, d.model(), d.id()) {
+            return c.resolved();
+        }
+        self.resolve_miss(d, misses)
+    }
+
+    /// A cache miss: resolves without the cache and notes the entry (cold path; O(1), the
+    /// name's resolution is a few prefix comparisons and hash lookups).
     #[cold]
     #[inline(never)]
-    fn resolve_miss<'a>(&'a self, d: &(impl Deployment + ?Sized)) -> Resolved<'a> {
+    fn resolve_miss<'a>(
+        &'a self,
+        d: &(impl Deployment + ?Sized),
+        misses: &mut Misses,
+    ) -> Resolved<'a> {
         let r = self.resolve(d);
-        let (model, id) = (d.model(), d.id());
-        let entry = Entry {
-            hash: key_hash(model, id),
-            model: model.into(),
-            id: id.map(Into::into),
-            cached: Cached::new(r.unknown, r.iter()),
-        };
-        self.cache.rcu(|old| {
-            let mut map = if old.len() >= CACHE_LIMIT {
-                CacheMap::new()
-            } else {
-                (**old).clone()
-            };
-            // Another thread may have published the same key meanwhile: one entry per key.
-            if lookup(&map, model, id).is_none() {
-                map.insert_unique(entry.hash, entry.clone(), |e| e.hash);
-            }
-            Arc::new(map)
-        });
+        misses.count += 1;
+        if misses.entries.len() < self.cap {
+            let (model, id) = (d.model(), d.id());
+            misses.entries.push(Entry {
+                hash: key_hash(model, id),
+                model: model.into(),
+                id: id.map(Into::into),
+                cached: Cached::new(r.unknown, r.iter()),
+            });
+        }
         r
     }
+
+    /// Takes one call's misses; publishes a new map once enough misses have been noted
+    /// since the last publish: at least half the published map's size. A publish copies
+    /// the map (≤ the cap) and adds the pending entries, so its cost is paid for by the
+    /// misses that led to it: O(1) amortised per miss whatever the working set, and one
+    /// call publishes at most once (≤ cap + its own misses).
+    ///
+    /// The map holds at most the cap: a publish that would pass it keeps at most half of
+    /// the old entries (any half) and then the new ones, so a working set larger than the
+    /// cap keeps most of it cached and still pays O(1) per miss. Nothing blocks: when
+    /// another thread is noting or publishing, the call's misses are dropped (a deployment
+    /// that is used again misses again and is noted then).
+    #[cold]
+    #[inline(never)]
+    pub fn note_misses(&self, misses: Misses) {
+        let mut pending = match self.pending.try_lock() {
+            Ok(p) => p,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => return,
+        };
+        pending.misses = pending.misses.saturating_add(misses.count);
+        let room = self.cap.saturating_sub(pending.entries.len());
+        pending
+            .entries
+            .extend(misses.entries.into_iter().take(room));
+        let old = self.cache.load_full();
+        if pending.misses < (old.len() / 2).max(1) {
+            return;
+        }
+        let batch = std::mem::take(&mut *pending);
+        self.cache
+            .store(Arc::new(grown(&old, batch.entries, self.cap)));
+        self.publishes.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// `old` with `new` added (one entry per key), at most `cap` entries: when both do not fit,
+/// at most half the cap of the old entries are kept, then the new ones.
+fn grown(old: &CacheMap, new: Vec<Entry>, cap: usize) -> CacheMap {
+    let mut map = if old.len() + new.len() <= cap {
+        old.clone()
+    } else {
+        let keep = cap.saturating_sub(new.len()).min(cap / 2);
+        let mut map = CacheMap::with_capacity(cap);
+        for e in old.iter().take(keep) {
+            map.insert_unique(e.hash, e.clone(), |e| e.hash);
+        }
+        map
+    };
+    for e in new {
+        if map.len() >= cap {
+            break;
+        }
+        if lookup(&map, &e.model, e.id.as_deref()).is_none() {
+            map.insert_unique(e.hash, e, |e| e.hash);
+        }
+    }
+    map
 }
 
 /// The entry of (model, id) in a loaded cache.
@@ -555,23 +702,72 @@ mod tests {
         assert_eq!(slots(r.resolve("my-fine-tune")), (true, vec![]));
         assert_eq!(slots(r.resolve("/gpt")), (true, vec![]));
         assert_eq!(r.slots(Scope::Tag, "team-a"), &[5]);
-        for m in ["gpt-4o", "azure/x", "nothing", "nothing", "gpt-4o"] {
+        let noted = |d: &dyn Deployment| {
             let cache = r.cache();
-            assert_eq!(slots(r.resolve_in(&cache, m)), slots(r.resolve(m)));
+            let mut misses = Misses::default();
+            let out = slots(r.resolve_noting(&cache, d, &mut misses));
+            assert_eq!(out, slots(r.resolve_in(&cache, d)));
+            r.note_misses(misses);
+            out
+        };
+        for m in ["gpt-4o", "azure/x", "nothing", "nothing", "gpt-4o"] {
+            assert_eq!(noted(&m), slots(r.resolve(m)));
         }
         let d = Target::with_id("east", "gpt-4o");
-        let cache = r.cache();
-        assert_eq!(slots(r.resolve_in(&cache, &d)), (false, vec![1, 3, 4]));
         // One entry per (model, id): no id, an empty id and an id are three keys.
-        let cache = r.cache();
-        assert_eq!(slots(r.resolve_in(&cache, "gpt-4o")), (false, vec![1, 4]));
         let empty = Target::with_id("", "gpt-4o");
-        assert_eq!(slots(r.resolve_in(&cache, &empty)), (false, vec![1, 4]));
+        for _ in 0..4 {
+            assert_eq!(noted(&d), (false, vec![1, 3, 4]));
+            assert_eq!(noted(&"gpt-4o"), (false, vec![1, 4]));
+            assert_eq!(noted(&empty), (false, vec![1, 4]));
+        }
         let cache = r.cache();
-        assert_eq!(slots(r.resolve_in(&cache, &d)), (false, vec![1, 3, 4]));
-        assert_eq!(slots(r.resolve_in(&cache, &empty)), (false, vec![1, 4]));
         assert!(r.cached(&cache, &d).is_some());
+        assert!(r.cached(&cache, &empty).is_some());
+        assert!(r.cached(&cache, &"gpt-4o").is_some());
         assert!(r.cached(&cache, &Target::new("gpt-4o", "azure")).is_none());
+    }
+
+    #[test]
+    fn misses_publish_in_batches_within_the_cap_and_resolve_exactly() {
+        let r = resolver().with_cache_cap(64);
+        let ids: Vec<Target> = (0..600)
+            .map(|i| {
+                Target::with_id(
+                    if i % 7 == 0 {
+                        "east".into()
+                    } else {
+                        format!("d{i}")
+                    },
+                    "gpt-4o",
+                )
+            })
+            .collect();
+        let mut missed = 0;
+        for round in 0..5 {
+            for chunk in ids.chunks(10 + round) {
+                let cache = r.cache();
+                let mut misses = Misses::default();
+                for d in chunk {
+                    let got = slots(r.resolve_noting(&cache, d, &mut misses));
+                    assert_eq!(got, slots(r.resolve(d)), "{d:?}");
+                }
+                let before = r.cache_figures().0;
+                missed += misses.count;
+                r.note_misses(misses);
+                assert!(r.cache_figures().0 - before <= 1);
+                assert!(r.cache_figures().1 <= 64);
+            }
+        }
+        // Each publish (a copy of at most 64 entries) is paid for by at least half the map's
+        // size in misses (a quarter of the cap once full): O(1) per miss.
+        let (publishes, len) = r.cache_figures();
+        let publishes = usize::try_from(publishes).unwrap();
+        assert!(
+            publishes * 16 <= missed + 64,
+            "{publishes} publishes for {missed} misses"
+        );
+        assert!(len > 16, "the cache keeps part of the working set: {len}");
     }
 
     #[test]

@@ -66,6 +66,9 @@ fn status_json(s: &BudgetStatus) -> serde_json::Value {
             "rounds": r.rounds,
             "late_rounds": r.late_rounds,
             "tracking": r.tracking,
+            "evicting": r.evicting,
+            "maxmemory_policy": r.maxmemory_policy,
+            "data_loss": r.data_loss,
         },
     });
     // Strict budgets, added apart: one `json!` of every field passes the macro's

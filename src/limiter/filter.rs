@@ -17,7 +17,7 @@ use jiff::Timestamp;
 use crate::model::budget::Scope;
 use crate::model::money::Money;
 use crate::model::slots::SlotKeys;
-use crate::resolve::{CacheMap, Deployment, Resolved, Resolver};
+use crate::resolve::{CacheMap, Deployment, Misses, Resolved, Resolver};
 use crate::view::View;
 
 /// No deployment is left: every candidate is under a spent budget (its provider's, its model's,
@@ -138,6 +138,8 @@ pub(crate) struct Check<'a> {
     pub now: i64,
     pub deny_unknown: bool,
     memo: Memo,
+    /// The call's cache misses (see [`Check::note_misses`]).
+    misses: Misses,
 }
 
 impl<'a> Check<'a> {
@@ -153,7 +155,23 @@ impl<'a> Check<'a> {
                 checked: !view.hot(),
                 blocked: 0,
             },
+            misses: Misses::default(),
         }
+    }
+
+    /// Hands the call's cache misses to the resolver, once per call (it publishes them in
+    /// batches, see `Resolver::note_misses`); nothing when every deployment hit.
+    #[inline]
+    pub fn note_misses(&mut self, resolver: &Resolver) {
+        if !self.misses.is_empty() {
+            resolver.note_misses(std::mem::take(&mut self.misses));
+        }
+    }
+
+    /// Forgets the misses noted so far (a second pass over the same list notes them again).
+    #[inline]
+    pub fn take_misses(&mut self) -> Misses {
+        std::mem::take(&mut self.misses)
     }
 
     /// Whether an enforced budget is spent (a spent shadow budget counts a would-be denial
@@ -282,7 +300,8 @@ impl<'a> Check<'a> {
         cache: &CacheMap,
         d: &(impl Deployment + ?Sized),
     ) -> bool {
-        self.passes(&resolver.resolve_in(cache, d))
+        let r = resolver.resolve_noting(cache, d, &mut self.misses);
+        self.passes(&r)
     }
 
     /// The error for an empty result (cold path): every spent enforced budget of the

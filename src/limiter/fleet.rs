@@ -183,6 +183,7 @@ mod imp {
             let stale = h
                 .last_sync
                 .is_none_or(|t| now.duration_since(t).unsigned_abs() > limit);
+            let (evicting, maxmemory_policy) = crate::replicate::eviction::summary(&h.eviction);
             let status = ReplicationStatus {
                 enabled: true,
                 last_sync: h.last_sync,
@@ -193,6 +194,9 @@ mod imp {
                 last_round: h.last_round,
                 late_rounds: h.late_rounds,
                 tracking: h.tracking,
+                evicting,
+                maxmemory_policy,
+                data_loss: h.data_loss,
             };
             (status, h.problems)
         }

@@ -177,6 +177,7 @@ impl Limiter {
         let tags_ok = check.tags_pass(&resolver, tags);
         let mut out = Vec::with_capacity(deployments.len());
         check.select_in(&resolver, &cache, tags_ok, deployments, |_, d| out.push(d));
+        check.note_misses(&resolver);
         if out.is_empty() && !deployments.is_empty() {
             return Err(check.no_deployments(
                 &resolver,
@@ -205,6 +206,7 @@ impl Limiter {
         let mut check = self.check(&resolver);
         let tags_ok = check.tags_pass(&resolver, tags);
         let kept = check.select_in(&resolver, &cache, tags_ok, deployments, |_, _| {});
+        check.note_misses(&resolver);
         if kept == 0 {
             if deployments.is_empty() {
                 return Ok(());
@@ -219,6 +221,8 @@ impl Limiter {
         }
         // Second pass answered by the memo (same decisions, no second window read).
         deployments.retain(|d| check.passes_in(&resolver, &cache, d));
+        // The second pass noted the same misses again: already handed over.
+        drop(check.take_misses());
         Ok(())
     }
 

@@ -61,7 +61,7 @@ use crate::limiter::{charge_slots, Inner, Limiter};
 use crate::model::clock::floor_secs;
 use crate::model::money::Money;
 use crate::model::window::Window;
-use crate::resolve::Deployment;
+use crate::resolve::{Deployment, MissLog};
 use crate::view::Refused;
 
 /// `Held::state`: open, then exactly one of the others (a CAS decides who ends it).
@@ -503,6 +503,7 @@ impl Limiter {
         self.reap_at(secs);
         let resolver = inner.resolver.load();
         let cache = resolver.cache();
+        let mut misses = MissLog::new(&resolver);
         let mut denied = NoDeployments {
             exceeded: Vec::new(),
             unknown: Vec::new(),
@@ -511,7 +512,7 @@ impl Limiter {
         let mut any = false;
         for (i, d) in candidates.enumerate() {
             any = true;
-            let r = resolver.resolve_in(&cache, d);
+            let r = resolver.resolve_noting(&cache, d, &mut misses.misses);
             if r.unknown {
                 metrics::counter!("provider_budgets_unknown_provider_total").increment(1);
                 if resolver.deny_unknown {

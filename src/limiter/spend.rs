@@ -27,7 +27,7 @@ use crate::limiter::{charge_slots, tag_slots, Limiter};
 use crate::model::budget::SoftLimitCrossed;
 use crate::model::clock::floor_secs;
 use crate::model::money::Money;
-use crate::resolve::Deployment;
+use crate::resolve::{Deployment, MissLog};
 
 /// How far past the clock a spend's `at` may lie ([`Spend::at`]); later is refused with
 /// [`RecordError::Future`] and nothing is counted (issue 19). Spend is counted in the window
@@ -399,7 +399,8 @@ impl Limiter {
             }
             Against::Deployment(d) => {
                 let cache = resolver.cache();
-                let r = resolver.resolve_in(&cache, d);
+                let mut misses = MissLog::new(&resolver);
+                let r = resolver.resolve_noting(&cache, d, &mut misses.misses);
                 let slots = || charge_slots(&resolver, &r, spend.tags);
                 self.add_at(d.model(), at, cost, slots)?
             }

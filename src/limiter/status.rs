@@ -98,6 +98,16 @@ pub struct ReplicationStatus {
     /// Redis tracks this node's clean reads (client-side caching: unchanged budgets cost it
     /// no read); `false` when the server refuses it (every clean budget read every round).
     pub tracking: bool,
+    /// Whether Redis may evict this library's keys: its `maxmemory-policy` is anything but
+    /// `noeviction` (every key written has a TTL, so `volatile-*` policies evict them too);
+    /// `None` until connected, or when the server refuses `CONFIG GET` (managed Redis).
+    pub evicting: Option<bool>,
+    /// The `maxmemory-policy` reported (the evicting one when servers differ).
+    pub maxmemory_policy: Option<String>,
+    /// Sync reads that found this node's acknowledged spend missing from Redis (evicted or
+    /// deleted keys, a flush, a failover that lost writes) since open; each such window is
+    /// sent again.
+    pub data_loss: u64,
 }
 
 /// Figures of one sync round (see the README's "Fleet replication").

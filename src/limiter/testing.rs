@@ -27,3 +27,9 @@ pub fn maintain(limiter: &Limiter) -> Result<(), StoreError> {
 pub fn inject_journal_panic(limiter: &Limiter) {
     let _ = limiter.inner.journal.send(Event::Panic);
 }
+
+/// The resolution cache of the current configuration: how many maps it published (one per
+/// batch of misses, see issue 19) and how many entries the published one holds.
+pub fn resolution_cache(limiter: &Limiter) -> (u64, usize) {
+    limiter.inner.resolver.load().cache_figures()
+}

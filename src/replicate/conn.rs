@@ -459,31 +459,28 @@ impl Worker {
             .set_protocol(redis::ProtocolVersion::RESP3);
         let tracked = redis::Client::open(info.set_redis_settings(resp3))
             .map_err(|e| self.protocol(&e.to_string()))?;
-        match self
+        let (mut conn, track) = match self
             .open(&tracked, self.conn_config().set_push_sender(pushes), label)
             .await
         {
-            Ok(conn) => Ok(Conn {
-                conn,
-                epoch,
-                track: true,
-                client_id: None,
-            }),
+            Ok(conn) => (conn, true),
             Err((_, Some(refusal))) => {
                 let conn = self
                     .open(client, self.conn_config(), label)
                     .await
                     .map_err(|(e, _)| e)?;
                 self.tracker.refused(label, &flat(&refusal));
-                Ok(Conn {
-                    conn,
-                    epoch,
-                    track: false,
-                    client_id: None,
-                })
+                (conn, false)
             }
-            Err((e, None)) => Err(e),
-        }
+            Err((e, None)) => return Err(e),
+        };
+        self.probe_eviction(&mut conn, label).await;
+        Ok(Conn {
+            conn,
+            epoch,
+            track,
+            client_id: None,
+        })
     }
 
     pub(super) fn conn_config(&self) -> redis::AsyncConnectionConfig {

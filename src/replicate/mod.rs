@@ -40,6 +40,7 @@
 pub(crate) mod alerts;
 pub(crate) mod cluster;
 mod conn;
+pub(crate) mod eviction;
 mod grants;
 mod round;
 mod tls;
@@ -112,6 +113,10 @@ pub(crate) struct Health {
     /// connection of the last round; `false` before the first round and on servers that
     /// refuse it.
     pub tracking: bool,
+    /// The `maxmemory-policy` of each server connected to that told it (see [`eviction`]).
+    pub eviction: eviction::Policies,
+    /// Reads that found our acknowledged field missing or lower (see [`eviction`]).
+    pub data_loss: u64,
 }
 
 /// What the replicator needs from the limiter.

@@ -538,8 +538,15 @@ impl Worker {
                 );
                 acc.acked_changed = true;
             }
-        } else if self.acked.remove(&k).is_some_and(|a| a.stored) {
-            self.acked_gone.push(store_key(&self.parts.keys, b32, k.1));
+        } else if let Some(a) = self.acked.remove(&k) {
+            // Whoever the recorded writer: Redis holds less of our node than it acknowledged.
+            let found = state.field.unwrap_or(0).max(state.mine);
+            if found < a.total {
+                self.data_loss(b32, window, a.total, found);
+            }
+            if a.stored {
+                self.acked_gone.push(store_key(&self.parts.keys, b32, k.1));
+            }
         }
     }
 

@@ -7,6 +7,7 @@
 
 mod backlog;
 mod cluster;
+mod eviction;
 mod replication;
 mod soft_fleet;
 mod tls;

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod basics;
+mod cache;
 mod litellm_behaviour;
 mod reload;
 mod reserve;

@@ -57,6 +57,12 @@ impl Exporter {
         } else {
             0.0
         });
+        // Also set by the library at each connection; here for the servers it never reached.
+        metrics::gauge!("provider_budgets_redis_evicting").set(if r.evicting == Some(true) {
+            1.0
+        } else {
+            0.0
+        });
         self.handle.run_upkeep();
         self.handle.render()
     }
@@ -137,5 +143,13 @@ fn describe() {
     describe_gauge!(
         "provider_budgets_storage_fault",
         "1 while the store cannot take writes (disk full, journal dead)"
+    );
+    describe_gauge!(
+        "provider_budgets_redis_evicting",
+        "1 when a Redis connected to may evict this library's keys (maxmemory-policy other than noeviction)"
+    );
+    describe_counter!(
+        "provider_budgets_data_loss_total",
+        "Sync reads that found this node's acknowledged spend missing from Redis (evicted, deleted, flushed, failed over)"
     );
 }
