@@ -68,88 +68,105 @@ impl Exporter {
     }
 }
 
+/// The gauges the exporter describes (`# HELP` lines), beside the library's names.
+const GAUGES: &[(&str, &str)] = &[
+    (
+        "provider_budgets_spend_usd",
+        "Spend of the fleet in the budget's current window, USD",
+    ),
+    (
+        "provider_budgets_limit_usd",
+        "Budget limit, USD",
+    ),
+    (
+        "provider_budgets_remaining_usd",
+        "Limit minus spend in the current window (0 when over), USD",
+    ),
+    (
+        "provider_budgets_sync_lag_seconds",
+        "Time since the last successful replication round",
+    ),
+    (
+        "provider_budgets_sync_stale",
+        "1 when replication is enabled and no round succeeded recently",
+    ),
+    (
+        "provider_budgets_idempotency_keys",
+        "Idempotency keys of spend requests remembered by the sidecar",
+    ),
+    (
+        "provider_budgets_http_in_flight",
+        "API requests being handled (bounded by --max-in-flight)",
+    ),
+    (
+        "provider_budgets_storage_fault",
+        "1 while the store cannot take writes (disk full, journal dead)",
+    ),
+    (
+        "provider_budgets_redis_evicting",
+        "1 when a Redis connected to may evict this library's keys (maxmemory-policy other than noeviction)",
+    ),
+];
+
+/// The counters the exporter describes.
+const COUNTERS: &[(&str, &str)] = &[
+    (
+        "provider_budgets_records_total",
+        "Spend records made durable by the journal",
+    ),
+    (
+        "provider_budgets_filter_calls_total",
+        "Filter requests answered by the sidecar",
+    ),
+    (
+        "provider_budgets_filtered_deployments_total",
+        "Deployments removed by filter requests (over budget or unknown and denied)",
+    ),
+    (
+        "provider_budgets_no_deployments_total",
+        "Filter calls that left no deployment",
+    ),
+    (
+        "provider_budgets_unknown_provider_total",
+        "Deployments whose provider could not be resolved",
+    ),
+    (
+        "provider_budgets_spend_requests_total",
+        "Spend requests answered by the sidecar, by outcome",
+    ),
+    (
+        "provider_budgets_journal_errors_total",
+        "Journal batches that could not be written (retried)",
+    ),
+    (
+        "provider_budgets_sync_rounds_total",
+        "Successful replication rounds with Redis",
+    ),
+    (
+        "provider_budgets_sync_errors_total",
+        "Failed replication rounds with Redis",
+    ),
+    (
+        "provider_budgets_http_overloaded_total",
+        "Requests refused with 503 because --max-in-flight requests were in flight",
+    ),
+    (
+        "provider_budgets_data_loss_total",
+        "Sync reads that found this node's acknowledged spend missing from Redis (evicted, deleted, flushed, failed over)",
+    ),
+];
+
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
-    describe_gauge!(
-        "provider_budgets_spend_usd",
-        "Spend of the fleet in the budget's current window, USD"
-    );
-    describe_gauge!("provider_budgets_limit_usd", "Budget limit, USD");
-    describe_gauge!(
-        "provider_budgets_remaining_usd",
-        "Limit minus spend in the current window (0 when over), USD"
-    );
-    describe_counter!(
-        "provider_budgets_records_total",
-        "Spend records made durable by the journal"
-    );
-    describe_counter!(
-        "provider_budgets_filter_calls_total",
-        "Filter requests answered by the sidecar"
-    );
-    describe_counter!(
-        "provider_budgets_filtered_deployments_total",
-        "Deployments removed by filter requests (over budget or unknown and denied)"
-    );
-    describe_counter!(
-        "provider_budgets_no_deployments_total",
-        "Filter calls that left no deployment"
-    );
-    describe_counter!(
-        "provider_budgets_unknown_provider_total",
-        "Deployments whose provider could not be resolved"
-    );
-    describe_counter!(
-        "provider_budgets_spend_requests_total",
-        "Spend requests answered by the sidecar, by outcome"
-    );
-    describe_counter!(
-        "provider_budgets_journal_errors_total",
-        "Journal batches that could not be written (retried)"
-    );
+    for &(name, help) in GAUGES {
+        describe_gauge!(name, help);
+    }
+    for &(name, help) in COUNTERS {
+        describe_counter!(name, help);
+    }
     describe_histogram!(
         "provider_budgets_journal_flush_seconds",
         Unit::Seconds,
         "Time of one journal flush (write + fsync of a batch)"
-    );
-    describe_counter!(
-        "provider_budgets_sync_rounds_total",
-        "Successful replication rounds with Redis"
-    );
-    describe_counter!(
-        "provider_budgets_sync_errors_total",
-        "Failed replication rounds with Redis"
-    );
-    describe_gauge!(
-        "provider_budgets_sync_lag_seconds",
-        "Time since the last successful replication round"
-    );
-    describe_gauge!(
-        "provider_budgets_sync_stale",
-        "1 when replication is enabled and no round succeeded recently"
-    );
-    describe_gauge!(
-        "provider_budgets_idempotency_keys",
-        "Idempotency keys of spend requests remembered by the sidecar"
-    );
-    describe_gauge!(
-        "provider_budgets_http_in_flight",
-        "API requests being handled (bounded by --max-in-flight)"
-    );
-    describe_counter!(
-        "provider_budgets_http_overloaded_total",
-        "Requests refused with 503 because --max-in-flight requests were in flight"
-    );
-    describe_gauge!(
-        "provider_budgets_storage_fault",
-        "1 while the store cannot take writes (disk full, journal dead)"
-    );
-    describe_gauge!(
-        "provider_budgets_redis_evicting",
-        "1 when a Redis connected to may evict this library's keys (maxmemory-policy other than noeviction)"
-    );
-    describe_counter!(
-        "provider_budgets_data_loss_total",
-        "Sync reads that found this node's acknowledged spend missing from Redis (evicted, deleted, flushed, failed over)"
     );
 }
