@@ -1192,6 +1192,7 @@ async fn ask(
             limit: LIMIT,
             durable,
             want,
+            known: String::new(),
         }),
         ..item(key, own)
     };
@@ -1437,6 +1438,7 @@ async fn a_data_dir_taking_a_node_id_over_gets_only_the_unused_grant() {
             limit: LIMIT,
             durable: 0,
             want: 900_000,
+            known: String::new(),
         }),
         ..item(&key, 0)
     };

@@ -145,6 +145,9 @@ fn run_loss(outage: Duration, loss: Loss, count: usize) {
         let _ = nodes[0].sync();
     }
     check(&nodes, "at the end");
+    // Nothing is awaited any more: the window is granted from again (not frozen for good).
+    let key = format!("l:{{openai:1d}}:{}", window_start(t0()));
+    assert_eq!(server.command(&["HEXISTS", &key, "~await"]), "0");
 }
 
 #[test]
