@@ -193,9 +193,9 @@ impl Worker {
                             own: if x.send { x.durable } else { 0 },
                             expire_at: x.window.end_secs().saturating_add(grace),
                             grant: asks[b]
-                            .as_ref()
-                            .filter(|(w, _)| *w == x.window)
-                            .map(|(_, ask)| ask.clone()),
+                                .as_ref()
+                                .filter(|(w, _)| *w == x.window)
+                                .map(|(_, ask)| ask.clone()),
                             skip: false,
                         })
                         .collect(),

@@ -39,7 +39,10 @@ fn open10(dir: &Path, url: &str, node: &str, clock: &Arc<FakeClock>) -> Limiter 
 
 /// Reserves `nanos` and commits exactly that; `true` when admitted.
 fn take(l: &Limiter, nanos: u64) -> bool {
-    match l.reserve(&[&"openai/gpt-4o"], Money::from_nanos(nanos)).wait() {
+    match l
+        .reserve(&[&"openai/gpt-4o"], Money::from_nanos(nanos))
+        .wait()
+    {
         Ok(r) => {
             r.commit(Money::from_nanos(nanos)).unwrap().wait().unwrap();
             true
