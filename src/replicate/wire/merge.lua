@@ -311,6 +311,7 @@ local function raise_frozen()
 end
 
 local function merge(key, own, expire_at, limit, dgrant, want, known)
+  known = known or ''
   local got = redis.call('HMGET', key, node, owner_field, retired_mine, TOTAL, '~bad', grant_field)
   local cur, owner, mine, total, had_bad = got[1], got[2], got[3], got[4], got[5]
   -- Whether our field held a canonical total when read (`cur and cur_ok` below: while `cur`
@@ -521,7 +522,8 @@ for i = 3, #KEYS do
   local b = 8 + (i - 3) * 6
   local ok, r = pcall(merge, KEYS[i], ARGV[b + 1], ARGV[b + 2], ARGV[b + 3], ARGV[b + 4], ARGV[b + 5],
     ARGV[b + 6])
-  -- The state itself (4 or 10 elements) or {'err', error}: no wrapper table per key.
+  -- The state itself (4, 10, or 11 for a strict key) or {'err', error}: no wrapper table per
+  -- key.
   if ok then out[i - 2] = r else out[i - 2] = {'err', message(r)} end
 end
 if writable then
