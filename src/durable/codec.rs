@@ -266,3 +266,35 @@ impl ReservationValue {
         }
     }
 }
+
+#[cfg(test)]
+mod holders_tests {
+    use super::*;
+
+    #[test]
+    fn holders_values_round_trip_and_refuse_what_does_not_decode() {
+        let v = HoldersValue {
+            end: 1_732_579_200,
+            ids: vec!["a".into(), "node-b.1".into()],
+        };
+        assert_eq!(HoldersValue::decode(&v.encode()), Some(v.clone()));
+        let empty = HoldersValue {
+            end: -5,
+            ids: vec![],
+        };
+        assert_eq!(HoldersValue::decode(&empty.encode()), Some(empty));
+        let mut raw = v.encode();
+        raw.pop(); // no final newline: truncated
+        assert_eq!(HoldersValue::decode(&raw), None);
+        let mut raw = v.encode();
+        raw[0] = GRANT_VERSION;
+        assert_eq!(HoldersValue::decode(&raw), None);
+        assert_eq!(HoldersValue::decode(&[HOLDERS_VERSION, 0, 0]), None);
+        let mut raw = v.encode();
+        raw.extend_from_slice(b"x,y\n");
+        assert_eq!(HoldersValue::decode(&raw), None);
+        let mut raw = v.encode();
+        raw.extend_from_slice(b"\n");
+        assert_eq!(HoldersValue::decode(&raw), None, "an empty id");
+    }
+}
