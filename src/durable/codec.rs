@@ -107,6 +107,50 @@ impl GrantValue {
     }
 }
 
+/// One `holders` entry: the node ids this node saw holding a grant field in a strict window
+/// (issue 19: what the fleet must see re-registered after Redis lost its data).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub(crate) struct HoldersValue {
+    /// Window end, Unix seconds.
+    pub end: i64,
+    /// Node ids, sorted, without duplicates.
+    pub ids: Vec<String>,
+}
+
+/// Format of `holders` values: this byte, the window end as big-endian 8 bytes, then the node
+/// ids, UTF-8, each followed by `\n` (node ids are ASCII letters, digits, `.`, `_`, `-`).
+pub(crate) const HOLDERS_VERSION: u8 = 0x61;
+/// Bound on a `holders` value (a fleet of thousands of nodes fits).
+pub(crate) const MAX_HOLDERS_BYTES: usize = 1024 * 1024;
+
+impl HoldersValue {
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let mut out = vec![HOLDERS_VERSION];
+        out.extend_from_slice(&self.end.to_be_bytes());
+        for id in &self.ids {
+            out.extend_from_slice(id.as_bytes());
+            out.push(b'\n');
+        }
+        out
+    }
+
+    pub(crate) fn decode(raw: &[u8]) -> Option<HoldersValue> {
+        if raw.len() < 9 || raw.len() > MAX_HOLDERS_BYTES || raw[0] != HOLDERS_VERSION {
+            return None;
+        }
+        let end = i64::from_be_bytes(raw[1..9].try_into().ok()?);
+        let body = std::str::from_utf8(&raw[9..]).ok()?;
+        if !(body.is_empty() || body.ends_with('\n')) {
+            return None;
+        }
+        let ids = body.lines().map(str::to_owned).collect::<Vec<_>>();
+        if ids.iter().any(|i| i.is_empty() || i.contains(',')) {
+            return None;
+        }
+        Some(HoldersValue { end, ids })
+    }
+}
+
 /// Format of `peers` values written by this version (their v2). Numbered apart from the
 /// `own` formats (1, 2, ...) so that a bump of one never makes the other's bytes decode.
 pub(crate) const PEERS_VERSION: u8 = 0x22;
@@ -220,5 +264,37 @@ impl ReservationValue {
             Some(v) => Err(format!("unknown format version {v}")),
             None => Err("empty value".into()),
         }
+    }
+}
+
+#[cfg(test)]
+mod holders_tests {
+    use super::*;
+
+    #[test]
+    fn holders_values_round_trip_and_refuse_what_does_not_decode() {
+        let v = HoldersValue {
+            end: 1_732_579_200,
+            ids: vec!["a".into(), "node-b.1".into()],
+        };
+        assert_eq!(HoldersValue::decode(&v.encode()), Some(v.clone()));
+        let empty = HoldersValue {
+            end: -5,
+            ids: vec![],
+        };
+        assert_eq!(HoldersValue::decode(&empty.encode()), Some(empty));
+        let mut raw = v.encode();
+        raw.pop(); // no final newline: truncated
+        assert_eq!(HoldersValue::decode(&raw), None);
+        let mut raw = v.encode();
+        raw[0] = GRANT_VERSION;
+        assert_eq!(HoldersValue::decode(&raw), None);
+        assert_eq!(HoldersValue::decode(&[HOLDERS_VERSION, 0, 0]), None);
+        let mut raw = v.encode();
+        raw.extend_from_slice(b"x,y\n");
+        assert_eq!(HoldersValue::decode(&raw), None);
+        let mut raw = v.encode();
+        raw.extend_from_slice(b"\n");
+        assert_eq!(HoldersValue::decode(&raw), None, "an empty id");
     }
 }

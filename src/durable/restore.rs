@@ -126,6 +126,10 @@ pub(crate) fn restore(
         }
     }
 
+    // The holder lists (issue 19) are read by the replicator; one that does not decode fails
+    // the open here, naming its key.
+    store.load_holders()?;
+
     Ok(Restored {
         node_id,
         keys,

@@ -10,6 +10,7 @@
 //! | `acked` | provider, period, window    | own total Redis acknowledged, window end | replicator |
 //! | `own`   | `0xff res:` reservation id  | an open reservation: estimate, expiry, its windows (0x41) | journal |
 //! | `grants` | provider, period, window   | this node's grant of a strict budget, window end (0x51) | replicator |
+//! | `holders` | provider, period, window  | the node ids seen holding a grant in the window, window end (0x61) | replicator |
 //!
 //! Open reservations live in the `own` tree (under `0xff`, which no provider name starts with)
 //! so that the journal ends one and counts its spend in the same atomic batch.
@@ -27,7 +28,7 @@ use std::sync::RwLock;
 
 use crate::durable::codec::{decode, encode};
 pub(crate) use crate::durable::codec::{
-    AckedValue, GrantValue, OwnValue, PeersValue, ReservationValue,
+    AckedValue, GrantValue, HoldersValue, OwnValue, PeersValue, ReservationValue,
 };
 pub use crate::durable::error::StoreError;
 use crate::durable::highwater::{self, Found, HighWater, Mark};
@@ -96,13 +97,13 @@ impl fmt::Display for WindowKey {
 }
 
 /// One sled batch that writes `items` (encoded values by window key) and removes `removed`.
-fn window_batch<'a>(
-    items: impl IntoIterator<Item = (&'a WindowKey, [u8; 17])>,
+fn window_batch<'a, V: AsRef<[u8]>>(
+    items: impl IntoIterator<Item = (&'a WindowKey, V)>,
     removed: impl IntoIterator<Item = &'a WindowKey>,
 ) -> sled::Batch {
     let mut batch = sled::Batch::default();
     for (k, v) in items {
-        batch.insert(k.encode(), v.to_vec());
+        batch.insert(k.encode(), v.as_ref().to_vec());
     }
     for k in removed {
         batch.remove(k.encode());
@@ -143,6 +144,7 @@ struct Handles {
     meta: sled::Tree,
     acked: sled::Tree,
     grants: sled::Tree,
+    holders: sled::Tree,
 }
 
 /// The data dir's database.
@@ -485,6 +487,38 @@ impl Store {
         self.flush()
     }
 
+    /// Every `holders` entry (issue 19). An entry that does not decode fails the open, naming
+    /// its key: forgetting a holder could let its grant be given twice after a Redis loss.
+    pub fn load_holders(&self) -> Result<Vec<(WindowKey, HoldersValue)>, StoreError> {
+        let guard = self.handles.read().unwrap_or_else(|p| p.into_inner());
+        let h = guard.as_ref().ok_or_else(|| self.closed())?;
+        let mut out = Vec::new();
+        for entry in h.holders.iter() {
+            let (k, v) = entry.map_err(|e| self.io(e))?;
+            let key = WindowKey::decode("holders", &k)?;
+            let value = HoldersValue::decode(&v).ok_or_else(|| StoreError::Corrupt {
+                tree: "holders",
+                key: key.to_string(),
+                reason: format!("a holders value of {} bytes that does not decode", v.len()),
+            })?;
+            out.push((key, value));
+        }
+        Ok(out)
+    }
+
+    /// Writes holder lists and removes those of ended windows in one atomic batch, then
+    /// flushes (fsync).
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub fn write_holders<'a>(
+        &self,
+        items: impl IntoIterator<Item = (&'a WindowKey, &'a HoldersValue)>,
+        removed: impl IntoIterator<Item = &'a WindowKey>,
+    ) -> Result<(), StoreError> {
+        let batch = window_batch(items.into_iter().map(|(k, v)| (k, v.encode())), removed);
+        self.with(|h| h.holders.apply_batch(batch))?;
+        self.flush()
+    }
+
     /// Makes everything written so far durable (fsync).
     pub fn flush(&self) -> Result<(), StoreError> {
         self.with(|h| h.db.flush().map(drop))
@@ -559,6 +593,7 @@ fn open_handles(dir: &Path) -> Result<Handles, StoreError> {
         meta: db.open_tree("meta").map_err(io)?,
         acked: db.open_tree("acked").map_err(io)?,
         grants: db.open_tree("grants").map_err(io)?,
+        holders: db.open_tree("holders").map_err(io)?,
         db,
     })
 }

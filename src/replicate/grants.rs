@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use rustc_hash::FxHashMap;
 
-use crate::durable::store::{GrantValue, Store, WindowKey};
+use crate::durable::store::{GrantValue, HoldersValue, Store, WindowKey};
 use crate::model::budget::{Enforcement, Offline};
 use crate::model::money::Money;
 use crate::model::slots::SlotKeys;
@@ -138,12 +138,30 @@ pub(crate) struct Book {
     gone: Vec<WindowKey>,
     /// Budgets whose offline mode is applied in the view (cleared by a successful round).
     offline: FxHashMap<u32, Offline>,
+    /// Per strict window: the node ids seen holding a grant field (sorted; durable in the
+    /// `holders` tree before it is kept here). Sent with every ask: after a Redis data loss
+    /// the script grants nothing from the window until each has re-registered (issue 19).
+    known: FxHashMap<(u32, i64), HoldersValue>,
+    /// Holder lists of ended windows to remove from the disk.
+    gone_holders: Vec<WindowKey>,
 }
 
 impl Book {
     /// The book as the data dir left it.
-    pub fn load(keys: &SlotKeys, grants: Vec<(WindowKey, GrantValue)>) -> Book {
+    pub fn load(
+        keys: &SlotKeys,
+        grants: Vec<(WindowKey, GrantValue)>,
+        holders: Vec<(WindowKey, HoldersValue)>,
+    ) -> Book {
         let mut book = Book::default();
+        for (key, value) in holders {
+            match keys.stored(&key.provider, &key.period) {
+                Some(b) => {
+                    book.known.insert((b, key.start), value);
+                }
+                None => book.gone_holders.push(key),
+            }
+        }
         for (key, value) in grants {
             if let Some(b) = keys.stored(&key.provider, &key.period) {
                 book.held.insert(
@@ -166,6 +184,14 @@ impl Book {
         let gone = &mut self.gone;
         self.held.retain(|&(b, start), h| {
             let live = h.window.end_secs() > now;
+            if !live {
+                gone.push(store_key(keys, b, start));
+            }
+            live
+        });
+        let gone = &mut self.gone_holders;
+        self.known.retain(|&(b, start), h| {
+            let live = h.end > now;
             if !live {
                 gone.push(store_key(keys, b, start));
             }
@@ -231,13 +257,51 @@ impl Book {
                 limit,
                 durable,
                 want: durable,
+                known: self.known_list(b, window),
             });
         }
         Some(GrantAsk {
             limit,
             durable,
             want,
+            known: self.known_list(b, window),
         })
+    }
+
+    /// The ask's `known`: the window's holders as this node's disk knows them.
+    fn known_list(&self, b: u32, window: Window) -> String {
+        self.known
+            .get(&(b, window.start_secs()))
+            .map(|h| h.ids.join(","))
+            .unwrap_or_default()
+    }
+
+    /// Learns the window's holders from a reply (only ever adds: a holder of a window stays
+    /// one until the window ends). Durable before it is kept; a failed write is retried at
+    /// the next round (the reply lists the holders again while the sizes differ).
+    fn learn(&mut self, store: &Store, keys: &SlotKeys, b: u32, window: Window, ids: Vec<String>) {
+        let k = (b, window.start_secs());
+        let old = self.known.get(&k).map_or(&[][..], |h| h.ids.as_slice());
+        let mut all: Vec<String> = old.iter().cloned().chain(ids).collect();
+        all.sort_unstable();
+        all.dedup();
+        if all.len() == old.len() && self.gone_holders.is_empty() {
+            return;
+        }
+        let key = store_key(keys, b, window.start_secs());
+        let value = HoldersValue {
+            end: window.end_secs(),
+            ids: all,
+        };
+        match store.write_holders([(&key, &value)], self.gone_holders.iter()) {
+            Ok(()) => {
+                self.gone_holders.clear();
+                self.known.insert(k, value);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, budget = %key, "cannot make the strict holder list durable");
+            }
+        }
     }
 
     /// Applies Redis's answer for budget `b`'s strict window: a raise is made durable, then
@@ -252,6 +316,9 @@ impl Book {
         reply: GrantReply,
     ) {
         let k = (b, window.start_secs());
+        if let Some(ids) = reply.holder_ids {
+            self.learn(store, keys, b, window, ids);
+        }
         let durable = self.held.get(&k).map_or(0, |h| h.durable);
         if reply.grant > durable && !self.persist(store, keys, b, window, reply.grant) {
             return;

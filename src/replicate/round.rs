@@ -202,7 +202,10 @@ impl Worker {
                             key: window_key(prefix, budget, x.window.start_secs()),
                             own: if x.send { x.durable } else { 0 },
                             expire_at: x.window.end_secs().saturating_add(grace),
-                            grant: asks[b].filter(|(w, _)| *w == x.window).map(|(_, ask)| ask),
+                            grant: asks[b]
+                                .as_ref()
+                                .filter(|(w, _)| *w == x.window)
+                                .map(|(_, ask)| ask.clone()),
                             skip: false,
                         })
                         .collect(),
@@ -469,7 +472,7 @@ impl Worker {
                 }
             }
         }
-        if let Some(g) = state.grant {
+        if let Some(g) = state.grant.clone() {
             self.book.apply(
                 &self.parts.view,
                 &self.parts.store,

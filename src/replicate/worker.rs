@@ -39,7 +39,12 @@ impl Worker {
         health: Arc<Mutex<Health>>,
         wake: Arc<Wake>,
     ) -> Worker {
-        let book = grants::Book::load(&parts.keys, std::mem::take(&mut parts.grants));
+        // Checked at open (restore): a list that does not decode failed it.
+        let holders = parts.store.load_holders().unwrap_or_else(|e| {
+            tracing::error!(error = %e, "cannot read the strict holder lists");
+            Vec::new()
+        });
+        let book = grants::Book::load(&parts.keys, std::mem::take(&mut parts.grants), holders);
         let mut peers = Peers::default();
         for (key, value) in std::mem::take(&mut parts.peers) {
             let Some(b) = parts.keys.stored(&key.provider, &key.period) else {

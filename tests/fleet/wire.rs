@@ -1192,6 +1192,7 @@ async fn ask(
             limit: LIMIT,
             durable,
             want,
+            known: String::new(),
         }),
         ..item(key, own)
     };
@@ -1374,6 +1375,120 @@ async fn a_flushed_redis_rebuilds_grants_and_raises_wait_for_the_holders() {
     assert_eq!(grant_sums(&server, &key).0, LIMIT);
 }
 
+/// One strict key's call with the caller's known holders `known` (issue 19).
+#[allow(clippy::too_many_arguments)]
+async fn ask_known(
+    wire: &Wire,
+    conn: &mut MultiplexedConnection,
+    id: &Identity<'_>,
+    key: &str,
+    durable: u64,
+    want: u64,
+    known: &str,
+) -> GrantReply {
+    let item = SyncItem {
+        grant: Some(GrantAsk {
+            limit: LIMIT,
+            durable,
+            want,
+            known: known.to_owned(),
+        }),
+        ..item(key, 0)
+    };
+    let g = group(id.node, vec![item]);
+    let out = wire.sync_round(conn, id, &[g]).await.unwrap();
+    let key = out[0].as_ref().unwrap().keys[0].clone().unwrap();
+    key.grant.expect("a strict key answers with its grant")
+}
+
+#[tokio::test]
+async fn after_a_loss_nothing_is_granted_until_every_known_holder_re_registered() {
+    let server = server_or_skip!();
+    let mut conn = connect(&server).await;
+    let wire = Wire::new();
+    let key = window_key("t", "openai", "1d", 0);
+    // No guard timer: only the registry holds the window.
+    let a = ask_known(&wire, &mut conn, &identity("a"), &key, 0, 600_000, "").await;
+    assert_eq!(a.grant, 500_000);
+    // The reply names the holders while the caller's list is not the same size.
+    assert_eq!(a.holder_ids, Some(vec!["a".to_owned()]));
+    let b = ask_known(&wire, &mut conn, &identity("b"), &key, 0, 100_000, "a").await;
+    assert_eq!(b.grant, 100_000);
+    assert_eq!(b.holder_ids, Some(vec!["a".to_owned(), "b".to_owned()]));
+    let same = ask_known(
+        &wire,
+        &mut conn,
+        &identity("b"),
+        &key,
+        100_000,
+        100_000,
+        "a,b",
+    )
+    .await;
+    assert_eq!(same.holder_ids, None);
+
+    server.flushall();
+    // b comes back first and knows a: its rebuild is kept, nothing is raised (no timer).
+    let r = ask_known(
+        &wire,
+        &mut conn,
+        &identity("b"),
+        &key,
+        100_000,
+        900_000,
+        "a,b",
+    )
+    .await;
+    assert_eq!((r.grant, r.frozen), (100_000, true));
+    // c, who knows nobody, is held too: `~await` names a for every caller.
+    let c = ask_known(&wire, &mut conn, &identity("c"), &key, 0, 900_000, "").await;
+    assert_eq!((c.grant, c.frozen), (0, true));
+    // a re-registers: the window is granted from again, only what is really free.
+    let r = ask_known(
+        &wire,
+        &mut conn,
+        &identity("a"),
+        &key,
+        500_000,
+        500_000,
+        "a,b",
+    )
+    .await;
+    assert_eq!(r.grant, 500_000);
+    let c = ask_known(&wire, &mut conn, &identity("c"), &key, 0, 900_000, "a,b").await;
+    assert!(!c.frozen);
+    assert_eq!(c.grant, 100_000, "a quarter of the 400k free");
+    assert_eq!(grant_sums(&server, &key).0, 700_000);
+
+    // A holder whose grant was given back to 0 still re-registers (at 0) after a loss.
+    server.flushall();
+    let r = ask_known(
+        &wire,
+        &mut conn,
+        &identity("a"),
+        &key,
+        500_000,
+        500_000,
+        "a,b,c",
+    )
+    .await;
+    assert!(r.frozen);
+    let r = ask_known(
+        &wire,
+        &mut conn,
+        &identity("c"),
+        &key,
+        100_000,
+        100_000,
+        "a,b,c",
+    )
+    .await;
+    assert!(r.frozen);
+    let r = ask_known(&wire, &mut conn, &identity("b"), &key, 0, 0, "a,b,c").await;
+    assert_eq!((r.grant, r.frozen), (0, false));
+    assert_eq!(r.holders, 3);
+}
+
 #[tokio::test]
 async fn unused_grants_of_silent_nodes_are_reclaimed_after_the_lease() {
     let server = server_or_skip!();
@@ -1437,6 +1552,7 @@ async fn a_data_dir_taking_a_node_id_over_gets_only_the_unused_grant() {
             limit: LIMIT,
             durable: 0,
             want: 900_000,
+            known: String::new(),
         }),
         ..item(&key, 0)
     };

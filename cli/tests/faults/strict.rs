@@ -23,6 +23,8 @@ use provider_budgets::{BudgetStatus, Config, Enforcement, FakeClock, Limiter, Mo
 use provider_budgets::{Spend, StatusQuery};
 use redis_server::RedisServer;
 
+mod loss;
+
 /// $100 a day, strict.
 const LIMIT: u64 = 100_000_000_000;
 

@@ -239,6 +239,50 @@ local frozen = nil
 local owner_field = '~owner:' .. node
 local retired_mine = '~retired:' .. node .. ':' .. inst
 
+-- Whether `id` is in the comma-separated list `list`.
+local function listed(list, id)
+  return list ~= '' and string.find(',' .. list .. ',', ',' .. id .. ',', 1, true) ~= nil
+end
+
+-- The holder registry after a data loss (issue 19). `known` is the caller's durable list of
+-- the nodes it saw holding a grant field in this window; `~await` the nodes some caller knew
+-- of whose field is missing. Every id of both (but the caller, registering now) without a
+-- `~grant:` field is awaited: raises stay frozen until each has re-registered (or an operator
+-- wrote its field). Cheap when nothing is missing: the check runs only when `~await` exists,
+-- the caller's list and `~holders` disagree in size, or the caller knows itself as a holder
+-- but its field was gone.
+local function awaiting(key, known, holders, mine_gone)
+  local aw = redis.call('HGET', key, '~await')
+  local n = 0
+  for _ in string.gmatch(known, '[^,]+') do n = n + 1 end
+  if not aw and n == tonumber(holders) and not mine_gone then return false end
+  local ids = {}
+  for id in string.gmatch(known .. ',' .. (aw or ''), '[^,]+') do ids[id] = true end
+  ids[node] = nil
+  local missing = {}
+  for id in pairs(ids) do
+    if redis.call('HEXISTS', key, '~grant:' .. id) == 0 then missing[#missing + 1] = id end
+  end
+  if #missing > 0 then
+    table.sort(missing)
+    redis.call('HSET', key, '~await', table.concat(missing, ','))
+    return true
+  end
+  if aw then redis.call('HDEL', key, '~await') end
+  return false
+end
+
+-- The node ids holding a grant field, comma-separated (O(fields); only when the caller's
+-- list is not the same size as `~holders`).
+local function holder_ids(key)
+  local out = {}
+  for _, f in ipairs(redis.call('HKEYS', key)) do
+    if string.sub(f, 1, 7) == '~grant:' then out[#out + 1] = string.sub(f, 8) end
+  end
+  table.sort(out)
+  return table.concat(out, ',')
+end
+
 local lease
 local read, holder = pcall(redis.call, 'GET', KEYS[1])
 if not read then
@@ -266,7 +310,8 @@ local function raise_frozen()
   return frozen
 end
 
-local function merge(key, own, expire_at, limit, dgrant, want)
+local function merge(key, own, expire_at, limit, dgrant, want, known)
+  known = known or ''
   local got = redis.call('HMGET', key, node, owner_field, retired_mine, TOTAL, '~bad', grant_field)
   local cur, owner, mine, total, had_bad = got[1], got[2], got[3], got[4], got[5]
   -- Whether our field held a canonical total when read (`cur and cur_ok` below: while `cur`
@@ -425,6 +470,9 @@ local function merge(key, own, expire_at, limit, dgrant, want)
     redis.call('SET', KEYS[2], tostring(now_ms))
     frozen, frz = true, true
   end
+  -- Our own field was lost (we know we held one): register it even at 0, others await it.
+  local mine_gone = (not g0) and listed(known, node)
+  if awaiting(key, known, holders, mine_gone) then frz = true end
   if greater(want, target) then
     if not frz then
       local free = free_after(limit, total, unspent, g, target, spent1)
@@ -448,7 +496,7 @@ local function merge(key, own, expire_at, limit, dgrant, want)
     if greater(target, floor) then target = floor end
   end
   if grant_lease_ms > 0 then redis.call('HSET', key, '~seen:' .. node, tostring(now_ms)) end
-  if target ~= g then
+  if target ~= g or mine_gone then
     redis.call('HSET', key, grant_field, target)
     if not g0 then holders = add(holders, '1'); redis.call('HSET', key, '~holders', holders) end
     local ng = shift(key, '~granted', granted, target, g)
@@ -462,14 +510,20 @@ local function merge(key, own, expire_at, limit, dgrant, want)
   redis.call('EXPIREAT', key, expire_at)
   local f = '0'
   if frz then f = '1' end
-  return {cur or '', owner or '', mine or '', total, repaired, bad, target, granted, holders, f}
+  local ids = ''
+  local n = 0
+  for _ in string.gmatch(known, '[^,]+') do n = n + 1 end
+  if n ~= tonumber(holders) then ids = holder_ids(key) end
+  return {cur or '', owner or '', mine or '', total, repaired, bad, target, granted, holders, f, ids}
 end
 
 local out = {}
 for i = 3, #KEYS do
-  local b = 8 + (i - 3) * 5
-  local ok, r = pcall(merge, KEYS[i], ARGV[b + 1], ARGV[b + 2], ARGV[b + 3], ARGV[b + 4], ARGV[b + 5])
-  -- The state itself (4 or 10 elements) or {'err', error}: no wrapper table per key.
+  local b = 8 + (i - 3) * 6
+  local ok, r = pcall(merge, KEYS[i], ARGV[b + 1], ARGV[b + 2], ARGV[b + 3], ARGV[b + 4], ARGV[b + 5],
+    ARGV[b + 6])
+  -- The state itself (4, 10, or 11 for a strict key) or {'err', error}: no wrapper table per
+  -- key.
   if ok then out[i - 2] = r else out[i - 2] = {'err', message(r)} end
 end
 if writable then

@@ -139,7 +139,7 @@ pub struct SyncItem {
 }
 
 /// What a node sends about its grant of one strict window (all nano-dollars, absolute).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct GrantAsk {
     /// The budget's limit (as this node is configured).
     pub limit: u64,
@@ -148,10 +148,14 @@ pub struct GrantAsk {
     /// The grant the node wants: more is raised within what is free, less is given back
     /// (never below the node's spend in Redis).
     pub want: u64,
+    /// The node ids this node knows held a grant field in the window (durable, comma
+    /// separated; node ids have no comma). After a data loss the script grants nothing from
+    /// the window until each of them has re-registered (see `docs/strict-budgets.md`).
+    pub known: String,
 }
 
 /// The grant part of a strict key's reply.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct GrantReply {
     /// This node's grant now.
     pub grant: u64,
@@ -159,8 +163,11 @@ pub struct GrantReply {
     pub granted: u64,
     /// `~holders`: how many nodes hold a grant field in the window.
     pub holders: u64,
-    /// Raises are frozen (the guard after a loss).
+    /// Raises are frozen (the guard after a loss, or holders not re-registered yet).
     pub frozen: bool,
+    /// Every node holding a grant field, when the ask's `known` list was not the same size
+    /// as `holders` (else `None`).
+    pub holder_ids: Option<Vec<String>>,
 }
 
 /// One budget's part of a round: its lease key and its windows.

@@ -118,13 +118,14 @@ pub(super) fn parse_group(items: &[SyncItem], value: Value) -> GroupOutcome {
     Ok(GroupReply { lease, keys })
 }
 
-/// One key's state (`{field, owner, mine, total}` or the ten of [`SCRIPT`]) or
+/// One key's state (`{field, owner, mine, total}`, ten, or the eleven of a strict key of
+/// [`SCRIPT`]) or
 /// `{'err', error}`.
 fn parse_key(key: &str, reply: Value) -> Result<KeyReply, String> {
     let Value::Array(mut parts) = reply else {
         return Err(format!("key {key}: unexpected reply {reply:?}"));
     };
-    if parts.len() == 10 || parts.len() == 4 {
+    if matches!(parts.len(), 4 | 10 | 11) {
         return parse_state(key, parts);
     }
     let body = if parts.len() == 2 { parts.pop() } else { None };
@@ -179,8 +180,13 @@ fn parse_state(key: &str, state: Vec<Value>) -> Result<KeyReply, String> {
     };
     let bad = it.next();
     let mut words = it.map(|v| text(v).unwrap_or_default());
-    let (grant, granted, holders, frozen) =
-        (words.next(), words.next(), words.next(), words.next());
+    let (grant, granted, holders, frozen, ids) = (
+        words.next(),
+        words.next(),
+        words.next(),
+        words.next(),
+        words.next(),
+    );
     if let Some(g) = grant.filter(|g| !g.is_empty()) {
         let grant = parse_total(&g)
             .ok_or_else(|| format!("key {key}: this node's grant {g:?} is not a canonical u64"))?;
@@ -189,6 +195,9 @@ fn parse_state(key: &str, state: Vec<Value>) -> Result<KeyReply, String> {
             granted: granted.as_deref().and_then(parse_sum).unwrap_or(u64::MAX),
             holders: holders.as_deref().and_then(parse_sum).unwrap_or(0),
             frozen: frozen.as_deref() == Some("1"),
+            holder_ids: ids
+                .filter(|i| !i.is_empty())
+                .map(|i| i.split(',').map(str::to_owned).collect()),
         });
     }
     if let Some(Value::Array(bad)) = bad {

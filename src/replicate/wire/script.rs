@@ -11,11 +11,12 @@ use super::{Group, Identity, Mode};
 /// (last round) or `0`, `ARGV[5]` `1` to recompute every key's total from its fields (verify) or
 /// `0`, `ARGV[6]` the guard after a strict marker's (re)creation in ms, `ARGV[7]` the grant lease
 /// in ms (`0`: never reclaim), `ARGV[8]` `1` to renew a lease we hold or `0` (then it is set only
-/// when absent); then five per window key `KEYS[i]`, from `ARGV[8 + 5(i-3) + 1]`: the node's own
+/// when absent); then six per window key `KEYS[i]`, from `ARGV[8 + 6(i-3) + 1]`: the node's own
 /// total (canonical decimal u64; `0` only reads), the unix second at which the key expires, and for
-/// a strict window the limit, the node's durable grant and the grant it wants (`''`, `0`, `0`
-/// otherwise). Grants: see `docs/strict-budgets.md` (the reply per key gains `grant, granted,
-/// holders, frozen`).
+/// a strict window the limit, the node's durable grant, the grant it wants and the node ids it
+/// knows held a grant in the window, comma-separated (`''`, `0`, `0`, `''` otherwise). Grants:
+/// see `docs/strict-budgets.md` (the reply per key gains `grant, granted, holders, frozen,
+/// holder_ids`).
 ///
 /// 1. Lease: held by another instance -> `refused`; unreadable -> `broken`; else ours,
 ///    set at the end when absent or `ARGV[8]` is `1` (or released).
@@ -31,7 +32,7 @@ use super::{Group, Identity, Mode};
 ///
 /// Returns `{lease, per_key}`: `lease` is `'held'` (a string), `{'refused', holder}` or
 /// `{'broken', error}`; `per_key[i]` is `{field, owner, mine, total, repaired, bad, grant,
-/// granted, holders, frozen}` (the last four `''` unless strict and the lease is ours; `''`
+/// granted, holders, frozen, holder_ids}` (the last five `''` unless strict and the lease is ours; `''`
 /// for an absent field; `bad` the skipped `field, value` pairs of a recomputation), only its
 /// first four when the key was neither repaired nor strict, or `{'err', error}`. Every table
 /// of the reply costs Redis to convert: the common reply has three (issue 11).
@@ -91,12 +92,13 @@ fn push_script(pipe: &mut Pipeline, sha: &str, id: &Identity<'_>, group: &Group)
         // Decimal strings, not integers: the script compares them as strings.
         cmd.arg(item.own.to_string())
             .arg(item.expire_at.to_string());
-        match item.grant {
+        match &item.grant {
             Some(ask) => cmd
                 .arg(ask.limit.to_string())
                 .arg(ask.durable.to_string())
-                .arg(ask.want.to_string()),
-            None => cmd.arg("").arg("0").arg("0"),
+                .arg(ask.want.to_string())
+                .arg(&ask.known),
+            None => cmd.arg("").arg("0").arg("0").arg(""),
         };
     }
 }
