@@ -34,7 +34,7 @@ pub enum RecordError {
         retention: String,
     },
     /// The record's timestamp is later than the clock plus [`MAX_FUTURE_SKEW`](crate::MAX_FUTURE_SKEW):
-    /// each distinct future window would be kept and replicated (issue 19). Nothing was
+    /// each distinct future window would be kept and replicated. Nothing was
     /// counted.
     #[error("record for {provider:?} at {at} is later than the latest accepted time {limit} (now plus {skew}); not counted")]
     Future {

@@ -108,7 +108,7 @@ impl GrantValue {
 }
 
 /// One `holders` entry: the node ids this node saw holding a grant field in a strict window
-/// (issue 19: what the fleet must see re-registered after Redis lost its data).
+/// (what the fleet must see re-registered after Redis lost its data).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub(crate) struct HoldersValue {
     /// Window end, Unix seconds.

@@ -126,7 +126,7 @@ pub(crate) fn restore(
         }
     }
 
-    // The holder lists (issue 19) are read by the replicator; one that does not decode fails
+    // The holder lists are read by the replicator; one that does not decode fails
     // the open here, naming its key.
     store.load_holders()?;
 

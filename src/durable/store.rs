@@ -487,7 +487,7 @@ impl Store {
         self.flush()
     }
 
-    /// Every `holders` entry (issue 19). An entry that does not decode fails the open, naming
+    /// Every `holders` entry. An entry that does not decode fails the open, naming
     /// its key: forgetting a holder could let its grant be given twice after a Redis loss.
     pub fn load_holders(&self) -> Result<Vec<(WindowKey, HoldersValue)>, StoreError> {
         let guard = self.handles.read().unwrap_or_else(|p| p.into_inner());

@@ -30,7 +30,7 @@ use crate::model::money::Money;
 use crate::resolve::{Deployment, MissLog};
 
 /// How far past the clock a spend's `at` may lie ([`Spend::at`]); later is refused with
-/// [`RecordError::Future`] and nothing is counted (issue 19). Spend is counted in the window
+/// [`RecordError::Future`] and nothing is counted. Spend is counted in the window
 /// of its `at` and every distinct window is kept and replicated, so an unbounded future `at`
 /// would let one client pile up windows without limit. Five minutes absorb the clock skew
 /// between a router and this node; the past stays bounded by `storage.retention`.

@@ -1,4 +1,4 @@
-//! Loud data loss (issue 19): the eviction policy of every Redis connected to, and our own
+//! Loud data loss: the eviction policy of every Redis connected to, and our own
 //! acknowledged fields found missing.
 //!
 //! * **Eviction policy.** Each new connection (the configured server, each cluster master)

@@ -140,7 +140,7 @@ pub(crate) struct Book {
     offline: FxHashMap<u32, Offline>,
     /// Per strict window: the node ids seen holding a grant field (sorted; durable in the
     /// `holders` tree before it is kept here). Sent with every ask: after a Redis data loss
-    /// the script grants nothing from the window until each has re-registered (issue 19).
+    /// the script grants nothing from the window until each has re-registered.
     known: FxHashMap<(u32, i64), HoldersValue>,
     /// Holder lists of ended windows to remove from the disk.
     gone_holders: Vec<WindowKey>,

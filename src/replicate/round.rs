@@ -285,7 +285,7 @@ impl Worker {
         asks
     }
 
-    /// Bounds one round's work (issue 19, invariant 6): at most [`MAX_WINDOWS_PER_CALL`]
+    /// Bounds one round's work (invariant 6): at most [`MAX_WINDOWS_PER_CALL`]
     /// windows per budget (one script call) and [`MAX_EXTRA_WINDOWS_PER_ROUND`] beyond the
     /// budgets' current windows in the whole round. Each list holds its current window
     /// first, which always stays. What is left out stays dirty (or unread) and goes in a
@@ -328,7 +328,7 @@ impl Worker {
         if script {
             self.script_next.remove(&(b as u32));
             // A dirty budget renews its lease like a clean one, once a third of it has
-            // passed (a `SET` per script call was ~1 µs of Redis CPU, issue 11); a
+            // passed (a `SET` per script call was ~1 µs of Redis CPU); a
             // lease last given the longer read lease is set back to the script's at
             // once, so a node that crashes while dirty is taken over as soon as before.
             let renew = set.is_none_or(|(at, ttl)| {

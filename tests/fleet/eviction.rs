@@ -1,4 +1,4 @@
-//! Loud data loss (issue 19): an evicting Redis shows in status (`evicting`, the policy) and
+//! Loud data loss: an evicting Redis shows in status (`evicting`, the policy) and
 //! a default one does not; a deleted window key (our acknowledged field gone) counts one
 //! data loss and heals.
 

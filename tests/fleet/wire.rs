@@ -1375,7 +1375,7 @@ async fn a_flushed_redis_rebuilds_grants_and_raises_wait_for_the_holders() {
     assert_eq!(grant_sums(&server, &key).0, LIMIT);
 }
 
-/// One strict key's call with the caller's known holders `known` (issue 19).
+/// One strict key's call with the caller's known holders `known`.
 #[allow(clippy::too_many_arguments)]
 async fn ask_known(
     wire: &Wire,

@@ -1,4 +1,4 @@
-//! The resolution cache under misses (issue 19): a call publishes at most one new map, and a
+//! The resolution cache under misses: a call publishes at most one new map, and a
 //! working set larger than the cache's cap (4 096) still filters exactly, call after call.
 
 use std::sync::Arc;

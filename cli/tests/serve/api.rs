@@ -547,7 +547,7 @@ fn bad_requests_are_4xx_with_one_line_json_and_record_nothing() {
             422,
             "retention",
         ),
-        // Later than now plus five minutes (issue 19): refused, nothing counted.
+        // Later than now plus five minutes: refused, nothing counted.
         (
             "/v1/spend",
             r#"{"provider":"openai","cost":1,"at":"9999-12-30T00:00:00Z"}"#,

@@ -77,7 +77,7 @@
 //! **Expiry** (`EXPIREAT key expire_at`, window end + grace): set by a script call that
 //! creates the field it raises (our node field, or our kept-apart field without the lease),
 //! by a repair or a verifying round (every process's first), and by every strict call; not
-//! by every write (issue 11: a command less per dirty key). Invariant: a key that holds our
+//! by every write (a command less per dirty key). Invariant: a key that holds our
 //! field has an expiry, because the call that created the field set it in the same atomic
 //! script. A `FLUSHALL`, an expired key or a failover that lost the key: the key is gone,
 //! so our next write finds our field missing and sets it again. A failover that kept the key
@@ -89,7 +89,7 @@
 //! same window (a changed `grace`) moves the expiry only at those moments, not at the next
 //! write.
 //!
-//! **Rolling upgrade of the script** (issue 11): every binary loads and calls its own script
+//! **Rolling upgrade of the script**: every binary loads and calls its own script
 //! (by its SHA), and parses only that script's replies, so old and new scripts run side by
 //! side. They keep the same data: the same fields, the same `~total` (exact in both), the
 //! same lease key and value with the same duplicate check; the new one only writes less

@@ -35,7 +35,7 @@ use super::{Group, Identity, Mode};
 /// granted, holders, frozen, holder_ids}` (the last five `''` unless strict and the lease is ours; `''`
 /// for an absent field; `bad` the skipped `field, value` pairs of a recomputation), only its
 /// first four when the key was neither repaired nor strict, or `{'err', error}`. Every table
-/// of the reply costs Redis to convert: the common reply has three (issue 11).
+/// of the reply costs Redis to convert: the common reply has three.
 pub const SCRIPT: &str = include_str!("merge.lua");
 
 /// Appends the commands of `group` to `pipe` (see [`super::commands`] for how many): the
