@@ -328,7 +328,7 @@ fn parse_time(s: &str) -> Result<Timestamp, String> {
     }
     t.parse::<Timestamp>().map_err(|e| {
         if is_rfc3339_shape(t) {
-            // Well formed, only outside what a timestamp can hold (defect 11 of issue 19).
+            // Well formed, only outside what a timestamp can hold.
             format!(
                 "time {t:?} is out of range: timestamps end at {}, and a spend may be at most {} in the future",
                 Timestamp::MAX,

@@ -431,7 +431,7 @@ impl Limiter {
 
     /// Refuses a timestamp whose window is already past retention (the journal would delete
     /// it at its next pass, so counting it would only pretend), or that is later than now
-    /// plus [`MAX_FUTURE_SKEW`] (issue 19: every distinct future window is kept and
+    /// plus [`MAX_FUTURE_SKEW`] (every distinct future window is kept and
     /// replicated, so far-future spend would pile up windows without bound).
     fn check_age(
         &self,

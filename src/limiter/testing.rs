@@ -29,7 +29,7 @@ pub fn inject_journal_panic(limiter: &Limiter) {
 }
 
 /// The resolution cache of the current configuration: how many maps it published (one per
-/// batch of misses, see issue 19) and how many entries the published one holds.
+/// batch of misses) and how many entries the published one holds.
 pub fn resolution_cache(limiter: &Limiter) -> (u64, usize) {
     limiter.inner.resolver.load().cache_figures()
 }

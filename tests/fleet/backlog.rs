@@ -1,4 +1,4 @@
-//! Issue 19, defect 2 (invariant 6, bounded work): a large backlog of windows of one budget
+//! Bounded work per sync round (invariant 6): a large backlog of windows of one budget
 //! (a `1s` budget after a 2 h outage: 7 200 dirty windows) is sent in bounded script calls,
 //! over several rounds, the current window first. A Redis whose script time limit is low
 //! (`busy-reply-threshold 50` ms) never answers `BUSY` to another client meanwhile, and

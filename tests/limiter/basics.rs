@@ -673,7 +673,7 @@ fn records_older_than_the_retention_are_refused_not_silently_dropped() {
     assert_eq!(previous.spend, usd("0.5"));
 }
 
-/// Issue 19, defect 2: a spend's `at` may be at most `MAX_FUTURE_SKEW` past the clock. Later
+/// A spend's `at` may be at most `MAX_FUTURE_SKEW` past the clock. Later
 /// is refused with `RecordError::Future` (naming the time and the limit) and nothing is
 /// counted, for a provider and a deployment spend alike; within the skew it counts.
 #[test]

@@ -350,7 +350,7 @@ fn parse_at(text: &str) -> Result<Timestamp, String> {
             .parse_pieces(t)
             .is_ok_and(|p| p.time().is_some() && p.offset().is_some());
         if well_formed {
-            // RFC 3339, only outside what a timestamp can hold (defect 11 of issue 19).
+            // RFC 3339, only outside what a timestamp can hold.
             format!(
                 "{} is out of range: a spend may be at most {} in the future",
                 clip(text),

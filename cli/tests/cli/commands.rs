@@ -531,7 +531,7 @@ fn pipe(cli: &Cli, args: &[&str], input: &str) -> std::process::Output {
     cli.pipe(args, input)
 }
 
-/// Issue 19, defects 2 and 11: `record --at` and `charge --at` refuse a time later than now
+/// `record --at` and `charge --at` refuse a time later than now
 /// plus five minutes (exit 1, one line naming it, nothing counted); an RFC 3339 time beyond
 /// what a timestamp holds is called out of range, not "neither RFC 3339".
 #[test]

@@ -554,7 +554,7 @@ fn bad_requests_are_4xx_with_one_line_json_and_record_nothing() {
             422,
             "at: record for \"openai\" at 9999-12-30T00:00:00Z is later than",
         ),
-        // RFC 3339, only beyond what a timestamp holds (defect 11): out of range.
+        // RFC 3339, only beyond what a timestamp holds: out of range.
         (
             "/v1/spend",
             r#"{"provider":"openai","cost":1,"at":"9999-12-31T00:00:00Z"}"#,

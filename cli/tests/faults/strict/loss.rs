@@ -1,4 +1,4 @@
-//! Issue 19, defect 1: the strict bound across a Redis data loss while a holder is still in
+//! The strict bound across a Redis data loss while a holder is still in
 //! its reconnection backoff. Nodes share a strict $10 budget; every commit equals its
 //! estimate, so the bound is `fleet spend ≤ limit`, checked at every step. Node `a` holds
 //! spare grant and keeps spending a little; the others spend theirs until refused. Redis is
