@@ -79,10 +79,12 @@ pub use config::{
     parse_duration, BudgetConfig, Config, ConfigError, RedisConfig, RedisTls, StorageConfig,
     UnknownProvider,
 };
+pub use durable::audit::AuditEntry;
 pub use durable::error::StoreError;
 pub use durable::restore::RepairReport;
 pub use durable::store::fuzz_decode_value;
 pub use error::{Error, RecordError, ReplicationError};
+pub use limiter::adjust::{AdjustError, Adjustment, Credited, MAX_REASON_BYTES};
 pub use limiter::filter::{Exceeded, NoDeployments};
 pub use limiter::health::Health;
 pub use limiter::open::LimiterBuilder;

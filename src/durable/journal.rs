@@ -925,6 +925,8 @@ impl Worker {
         let now = floor_secs(self.settings.clock.now());
         let mut seen = FxHashSet::default();
         for b in budgets {
+            // A credit series changes the spend of the budget it credits.
+            let b = self.view.credited_budget(b).unwrap_or(b);
             if !seen.insert(b) {
                 continue;
             }

@@ -1,7 +1,8 @@
-//! The data dir: the value codec (`codec`), the sled layout (`store`) and its error
+//! The data dir: the corrections' audit trail (`audit`), the value codec (`codec`), the sled layout (`store`) and its error
 //! (`error`), the high-water record (`highwater`), the journal thread that makes spend durable
 //! (`journal`), and what a start (or a repair) reads back from disk (`restore`).
 
+pub(crate) mod audit;
 pub(crate) mod codec;
 pub(crate) mod error;
 pub(crate) mod highwater;

@@ -39,15 +39,31 @@ pub(crate) enum Verify {
     Repair,
 }
 
-/// The slot table of a config's budgets, in the config's order.
+/// The slot table of a config's budgets, in the config's order, then their credit series
+/// in the same order (budget `i`'s series is slot `n + i`).
 pub(crate) fn slot_keys(config: &Config) -> SlotKeys {
-    SlotKeys::new(
-        config
-            .budgets
-            .iter()
-            .map(crate::config::BudgetConfig::budget_key)
-            .collect(),
-    )
+    let budgets = config
+        .budgets
+        .iter()
+        .map(crate::config::BudgetConfig::budget_key);
+    let credits = budgets.clone().map(|k| k.credit());
+    SlotKeys::new(budgets.chain(credits).collect())
+}
+
+/// The view of a config's budgets and their credit series (laid out as [`slot_keys`]), each
+/// budget linked to its series. A credit series never limits anything.
+fn view_of(config: &Config) -> View {
+    let schedules = || config.budgets.iter().map(|b| config.budget_schedule(b));
+    let view = View::new(
+        schedules()
+            .zip(config.budgets.iter().map(|b| b.limit))
+            .chain(schedules().map(|s| (s, Money::MAX))),
+    );
+    let n = config.budgets.len() as u32;
+    for i in 0..n {
+        view.link_credit(i, n + i);
+    }
+    view
 }
 
 /// The budget stored under `key`, if it is configured (a lookup, never a parse).
@@ -77,12 +93,7 @@ pub(crate) fn restore(
 ) -> Result<Restored, StoreError> {
     let node_id = store.node_id(config.node_id.as_deref(), proposed_node_id)?;
     let keys = slot_keys(config);
-    let view = Arc::new(View::new(
-        config
-            .budgets
-            .iter()
-            .map(|b| (config.budget_schedule(b), b.limit)),
-    ));
+    let view = Arc::new(view_of(config));
 
     let mut seq = store.seq()?;
     let mut own = store.load_own()?;

@@ -209,6 +209,17 @@ impl Store {
         io_error(&self.dir, e)
     }
 
+    /// [`Store::io`] for sibling modules.
+    pub(crate) fn io_error(&self, e: sled::Error) -> StoreError {
+        self.io(e)
+    }
+
+    /// The `audit` tree (module `audit`; opened on first use: a data dir without
+    /// corrections never has it).
+    pub(crate) fn audit_tree(&self) -> Result<sled::Tree, StoreError> {
+        self.with(|h| h.db.open_tree("audit"))
+    }
+
     /// The node id kept in the data dir; stores `configured` (or else `proposed`) when there
     /// is none yet. A data dir keeps its node id: a different configured id is an error
     /// ([`StoreError::NodeIdChanged`]), because running the dir's spend under a second id

@@ -56,14 +56,15 @@ impl Parts<'_> {
     fn plan(
         &self,
         config: &Config,
-    ) -> Result<(Vec<Option<u32>>, std::vec::IntoIter<Stored>), Error> {
+    ) -> Result<(Vec<Option<u32>>, std::vec::IntoIter<(Stored, Stored)>), Error> {
         let slots: Vec<Option<u32>> = config
             .budgets
             .iter()
             .map(|b| self.keys.position(&b.budget_key()))
             .collect();
         let new_slots = slots.iter().filter(|s| s.is_none()).count();
-        if self.view.len() + new_slots > self.view.capacity() {
+        // Two slots per series: the budget and its credit series.
+        if self.view.len() + 2 * new_slots > self.view.capacity() {
             return Err(Error::Reload(format!(
                 "{new_slots} new budget series would exceed the {} that one process can add; restart to apply",
                 crate::view::RELOAD_SLOTS
@@ -79,14 +80,21 @@ impl Parts<'_> {
         Ok((slots, self.stored(&new_series)?.into_iter()))
     }
 
-    /// The stored totals of each series in `series` (a budget removed before this process
-    /// started, or a period used before, still has its spend on disk: a new slot resumes it).
-    fn stored(&self, series: &[&BudgetConfig]) -> Result<Vec<Stored>, Error> {
-        let mut out: Vec<Stored> = vec![Vec::new(); series.len()];
-        if series.is_empty() {
-            return Ok(out);
+    /// The stored totals of each series in `series` and of its credit series (a budget
+    /// removed before this process started, or a period used before, still has its spend and
+    /// credits on disk: a new slot resumes them).
+    fn stored(&self, series: &[&BudgetConfig]) -> Result<Vec<(Stored, Stored)>, Error> {
+        let n = series.len();
+        if n == 0 {
+            return Ok(Vec::new());
         }
-        let parts: Vec<(String, String)> = series.iter().map(|b| b.key_parts()).collect();
+        let mut out: Vec<Stored> = vec![Vec::new(); 2 * n];
+        let keys = series.iter().map(|b| b.budget_key());
+        let parts: Vec<(String, String)> = keys
+            .clone()
+            .chain(keys.map(|k| k.credit()))
+            .map(|k| k.store_parts())
+            .collect();
         let index =
             |name: &str, period: &str| parts.iter().position(|(n, p)| n == name && p == period);
         for (key, value) in self.store.load_own()? {
@@ -100,7 +108,8 @@ impl Parts<'_> {
                 out[i].push((window_of(&key, value.end), 0, value.others));
             }
         }
-        Ok(out)
+        let credits = out.split_off(n);
+        Ok(out.into_iter().zip(credits).collect())
     }
 }
 
@@ -153,14 +162,34 @@ pub struct ReloadSummary {
 }
 
 impl Parts<'_> {
-    /// Adds the slot of a new budget series, starting from its stored `totals` (view,
-    /// journal, keys). Returns the slot.
-    fn add_series(&self, config: &Config, b: &BudgetConfig, totals: Stored) -> Result<u32, Error> {
+    /// Adds the slots of a new budget series and of its credit series, each starting from its
+    /// stored totals (view, journal, keys), and links them. Returns the budget's slot.
+    fn add_series(
+        &self,
+        config: &Config,
+        b: &BudgetConfig,
+        (totals, credits): (Stored, Stored),
+    ) -> Result<u32, Error> {
+        let schedule = config.budget_schedule(b);
+        let s = self.add_slot(schedule.clone(), b.limit, b.budget_key(), totals)?;
+        let c = self.add_slot(schedule, Money::MAX, b.budget_key().credit(), credits)?;
+        self.view.link_credit(s, c);
+        Ok(s)
+    }
+
+    /// Adds one slot (view, key), starting from its stored `totals`. Returns the slot.
+    fn add_slot(
+        &self,
+        schedule: crate::model::window::Schedule,
+        limit: Money,
+        key: crate::model::key::BudgetKey,
+        totals: Stored,
+    ) -> Result<u32, Error> {
         let s = self
             .view
-            .push(config.budget_schedule(b), b.limit)
+            .push(schedule, limit)
             .ok_or_else(|| Error::Reload("no budget slot left".into()))?;
-        self.keys.push(b.budget_key());
+        self.keys.push(key);
         self.view.raise_own_many(
             totals
                 .iter()

@@ -433,7 +433,7 @@ impl Limiter {
     /// it at its next pass, so counting it would only pretend), or that is later than now
     /// plus [`MAX_FUTURE_SKEW`] (every distinct future window is kept and
     /// replicated, so far-future spend would pile up windows without bound).
-    fn check_age(
+    pub(crate) fn check_age(
         &self,
         what: &str,
         at: Timestamp,

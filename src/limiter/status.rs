@@ -37,8 +37,12 @@ pub struct BudgetStatus {
     pub time_zone: String,
     /// The current window: `window.start()` and `window.end()` (when it resets).
     pub window: Window,
-    /// Spend of the whole fleet in the window, as known here: own + others.
+    /// Spend of the whole fleet in the window, as known here, net of credits: own + others
+    /// − credited, never below zero.
     pub spend: Money,
+    /// Credits of the whole fleet in the window, as known here (corrections,
+    /// [`Limiter::adjust`](crate::Limiter::adjust)).
+    pub credited: Money,
     /// This node's own spend in the window.
     pub own_spend: Money,
     /// Held by this node's open reservations in the window (not spend: a commit turns it
@@ -306,6 +310,7 @@ impl Limiter {
                     would_deny: self.inner.view.would_deny(i),
                     window: t.window,
                     spend,
+                    credited: t.credit,
                     own_spend: t.own,
                     reserved: t.reserved,
                     limit: b.limit,
@@ -313,7 +318,12 @@ impl Limiter {
                     exhausted: spend >= b.limit,
                     replication: replication.clone(),
                     storage_fault: storage_fault.clone(),
-                    replication_problem: problems.get(i as usize).cloned().flatten(),
+                    replication_problem: problems.get(i as usize).cloned().flatten().or_else(
+                        || {
+                            let series = self.inner.view.credit_series(i)?;
+                            problems.get(series as usize).cloned().flatten()
+                        },
+                    ),
                     enforcement: b.enforcement,
                     offline: b.offline,
                     grant: (b.enforcement == Enforcement::Strict).then_some(if fleet {

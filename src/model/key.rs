@@ -13,6 +13,8 @@
 //! * the **period part**: the period as written (`1d`), followed by `@Zone` when the budget has
 //!   its own `time_zone` and the period is a calendar one (`d`, `w`, `mo`): a day in Berlin is
 //!   another series than a day in New York;
+//! * a budget's **credit series** (corrections, [`BudgetKey::credit`]): the period part with
+//!   `#credit` appended (`1d#credit`), so its sled keys and Redis hash sit beside the budget's;
 //! * sled: `key name 0x00 period part 0x00 start` (module `durable::store`);
 //! * Redis: `{prefix}:{key name:period part}:…` ([`BudgetKey::redis_tag`]), the braces being
 //!   the budget's Redis Cluster hash tag.
@@ -74,6 +76,22 @@ impl BudgetKey {
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub fn redis_tag(&self, prefix: &str) -> String {
         format!("{prefix}:{{{}:{}}}", self.key_name(), self.period_part)
+    }
+}
+
+/// What ends the period part of a credit series: no period or zone contains `#`.
+const CREDIT: &str = "#credit";
+
+impl BudgetKey {
+    /// The key of this budget's credit series (corrections): the same scope and name, the
+    /// period part followed by `#credit`. Its per-node totals only grow, like spend's; the
+    /// budget counts spend net of them (a PN-counter of two grow-only counters).
+    pub fn credit(&self) -> BudgetKey {
+        BudgetKey::new(
+            self.scope,
+            self.name.clone(),
+            format!("{}{CREDIT}", self.period_part),
+        )
     }
 }
 

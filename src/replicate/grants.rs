@@ -227,6 +227,10 @@ impl Book {
             .get(&(b, window.start_secs()))
             .map_or(0, |h| h.durable);
 
+        // What the script may grant against: the limit plus the credits that offset spend
+        // (the window counts `max(0, spend - credits)`). Both figures as known here are at
+        // most the fleet's, and `min` only grows with them: never more room than the truth.
+        let script_limit = limit.saturating_add(t.credit.min(t.gross()).as_nanos());
         let pace = self.pace.entry(b).or_default();
         let headroom = pace.headroom(own, reserved, starved, limit, interval);
         let left = durable.saturating_sub(used);
@@ -254,14 +258,14 @@ impl Book {
                 .get(&(b, window.start_secs()))
                 .map_or(0, |h| h.durable);
             return Some(GrantAsk {
-                limit,
+                limit: script_limit,
                 durable,
                 want: durable,
                 known: self.known_list(b, window),
             });
         }
         Some(GrantAsk {
-            limit,
+            limit: script_limit,
             durable,
             want,
             known: self.known_list(b, window),

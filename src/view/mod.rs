@@ -37,6 +37,10 @@ pub(crate) struct Cell {
     /// Strict budgets: this node's grant in this window, nanos (what the fleet gave it to
     /// spend; `own + reserved` never passes it through a reservation). 0 until the first grant.
     grant: AtomicU64,
+    /// Corrections: the fleet's credit total in this window as known here, nanos (own plus
+    /// others of the budget's credit series, mirrored by [`View::mirror_credit`]). Spend is
+    /// counted net of it, never below zero. Only grows, like the series it mirrors.
+    credit: AtomicU64,
 }
 
 impl Cell {
@@ -48,14 +52,22 @@ impl Cell {
             fired: AtomicU8::new(0),
             reserved: AtomicU64::new(0),
             grant: AtomicU64::new(0),
+            credit: AtomicU64::new(0),
         }
     }
 
-    /// Spend plus what open reservations hold: what admission and `filter` compare.
+    /// Net spend plus what open reservations hold: what admission and `filter` compare.
     #[inline]
     fn committed(&self) -> u64 {
-        self.total()
+        self.net()
             .saturating_add(self.reserved.load(Ordering::Relaxed))
+    }
+
+    /// Spend net of credits, never below zero.
+    #[inline]
+    fn net(&self) -> u64 {
+        self.total()
+            .saturating_sub(self.credit.load(Ordering::Relaxed))
     }
 
     #[inline]
@@ -105,6 +117,12 @@ struct BudgetView {
     /// The view's set of budgets that may be spent, and this budget's slot in it.
     hot: Arc<Hot>,
     slot: u32,
+    /// A budget: the slot of its credit series (see [`View::link_credit`]). Set once, at open
+    /// or when a reload adds the budget.
+    credit_series: OnceLock<u32>,
+    /// A credit series: the slot of the budget it credits. Its totals are mirrored into that
+    /// budget's cells (`Cell::credit`) whenever they change.
+    credit_of: OnceLock<u32>,
 }
 
 /// The budgets (slots below 128) whose peak may have reached their limit, as one bit set:
@@ -148,15 +166,24 @@ pub(crate) struct WindowTotals {
     pub reserved: Money,
     /// Strict budgets: this node's grant (zero otherwise or before the first).
     pub grant: Money,
+    /// The fleet's credits in the window, as known here.
+    pub credit: Money,
 }
 
 impl WindowTotals {
+    /// Spend net of credits, never below zero: what the budget counts.
     pub fn total(&self) -> Money {
+        self.gross().saturating_sub(self.credit)
+    }
+
+    /// Spend before credits: own + others.
+    pub fn gross(&self) -> Money {
         self.own.saturating_add(self.others)
     }
 }
 
-/// Budget slots a reload may add to those of the opening config (`Limiter::reload`).
+/// Budget series a reload may add to those of the opening config (`Limiter::reload`); each
+/// takes two slots (the budget and its credit series).
 pub(crate) const RELOAD_SLOTS: usize = 256;
 
 /// In-memory totals of every budget slot (`Config::budgets` at open, then the slots added by
@@ -174,8 +201,9 @@ impl View {
     pub fn new(budgets: impl IntoIterator<Item = (Schedule, Money)>) -> View {
         let budgets: Vec<(Schedule, Money)> = budgets.into_iter().collect();
         let len = budgets.len();
-        let slots: Box<[OnceLock<BudgetView>]> =
-            (0..len + RELOAD_SLOTS).map(|_| OnceLock::new()).collect();
+        let slots: Box<[OnceLock<BudgetView>]> = (0..len + 2 * RELOAD_SLOTS)
+            .map(|_| OnceLock::new())
+            .collect();
         let hot = Arc::new(Hot::default());
         for (i, (slot, (schedule, limit))) in slots.iter().zip(budgets).enumerate() {
             let _ = slot.set(BudgetView::new(schedule, limit, Arc::clone(&hot), i as u32));
@@ -357,6 +385,7 @@ impl View {
                 others: Money::ZERO,
                 reserved: Money::ZERO,
                 grant: Money::ZERO,
+                credit: Money::ZERO,
             },
         }
     }
@@ -387,6 +416,7 @@ impl View {
             let want = held.saturating_add(amount);
             let fleet = own
                 .saturating_add(cell.others.load(Ordering::Relaxed))
+                .saturating_sub(cell.credit.load(Ordering::Relaxed))
                 .saturating_add(want);
             let refused = if fleet > limit {
                 Some(Refused::Limit(cell.window))
@@ -541,6 +571,7 @@ impl View {
         let cell = self.cell_for(budget, window);
         cell.own.fetch_max(own.as_nanos(), Ordering::Relaxed);
         self.budget(budget).raise_peak(cell.total());
+        self.mirror_credit(budget, &cell);
     }
 
     /// Sets the other nodes' total of a window (replication). It only grows: the replicator
@@ -550,6 +581,7 @@ impl View {
         let cell = self.cell_for(budget, window);
         cell.others.fetch_max(others.as_nanos(), Ordering::Relaxed);
         self.budget(budget).raise_peak(cell.total());
+        self.mirror_credit(budget, &cell);
     }
 
     /// Bulk [`View::raise_own`] for loading at open: one list swap per budget instead of one
@@ -576,7 +608,7 @@ impl View {
             if items.is_empty() {
                 continue;
             }
-            let _guard = b.swap.lock().unwrap_or_else(|p| p.into_inner());
+            let guard = b.swap.lock().unwrap_or_else(|p| p.into_inner());
             let mut cells: BTreeMap<(i64, i64), Arc<Cell>> = b
                 .cells
                 .load()
@@ -592,6 +624,54 @@ impl View {
             }
             // Newest first, like `cell_for` keeps it.
             b.cells.store(Arc::new(cells.into_values().rev().collect()));
+            drop(guard);
+            if b.credit_of.get().is_some() {
+                for cell in b.cells.load().iter() {
+                    self.mirror_credit(b.slot, cell);
+                }
+            }
+        }
+    }
+
+    /// Links a budget to its credit series (open, reload): the series' totals count as
+    /// credit of the budget's windows from now on.
+    pub fn link_credit(&self, budget: u32, series: u32) {
+        let _ = self.budget(budget).credit_series.set(series);
+        let _ = self.budget(series).credit_of.set(budget);
+        for cell in self.budget(series).cells.load().iter() {
+            self.mirror_credit(series, cell);
+        }
+    }
+
+    /// The budget a credit series credits (`None`: `slot` is a budget).
+    pub fn credited_budget(&self, slot: u32) -> Option<u32> {
+        self.budget(slot).credit_of.get().copied()
+    }
+
+    /// The slot of a budget's credit series.
+    pub fn credit_series(&self, budget: u32) -> Option<u32> {
+        self.budget(budget).credit_series.get().copied()
+    }
+
+    /// Adds `amount` to this node's credit total of a credit series in the window containing
+    /// `at_secs` (a correction) and returns that window.
+    pub fn add_credit(&self, series: u32, at_secs: i64, amount: Money) -> Window {
+        let cell = self.cell_at(series, at_secs);
+        saturating_add(&cell.own, amount.as_nanos());
+        self.mirror_credit(series, &cell);
+        cell.window
+    }
+
+    /// Copies a credit series' window total into the credited budget's cell of that window
+    /// (`fetch_max`: both only grow, and racing mirrors of one window keep the larger).
+    fn mirror_credit(&self, series: u32, cell: &Cell) {
+        if let Some(&budget) = self.budget(series).credit_of.get() {
+            let total = cell.total();
+            if total > 0 {
+                self.cell_for(budget, cell.window)
+                    .credit
+                    .fetch_max(total, Ordering::Relaxed);
+            }
         }
     }
 
@@ -738,6 +818,8 @@ impl BudgetView {
             peak: AtomicU64::new(0),
             hot,
             slot,
+            credit_series: OnceLock::new(),
+            credit_of: OnceLock::new(),
         }
     }
 }
@@ -778,6 +860,7 @@ fn snapshot(c: &Cell) -> WindowTotals {
         others: Money::from_nanos(c.others.load(Ordering::Relaxed)),
         reserved: Money::from_nanos(c.reserved.load(Ordering::Relaxed)),
         grant: Money::from_nanos(c.grant.load(Ordering::Relaxed)),
+        credit: Money::from_nanos(c.credit.load(Ordering::Relaxed)),
     }
 }
 

@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod adjust;
 mod basics;
 mod cache;
 mod litellm_behaviour;
