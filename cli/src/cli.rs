@@ -44,8 +44,8 @@ use std::sync::Arc;
 use jiff::Timestamp;
 
 use provider_budgets::{
-    BudgetStatus, Config, ConfigError, Error, FakeClock, Limiter, Money, RecordError, RedisConfig,
-    Spend, StatusQuery, StoreError, Target,
+    Adjustment, BudgetStatus, Config, ConfigError, Error, FakeClock, Limiter, Money, Period,
+    RecordError, RedisConfig, Spend, StatusQuery, StoreError, Target,
 };
 
 /// Exit code of `filter` when no deployment is left.
@@ -139,6 +139,25 @@ enum Cmd {
         /// Return only after the charge's own fsync (it is durable at exit either way).
         #[arg(long)]
         durable: bool,
+    },
+    /// Credit AMOUNT USD back to the budget KEY (as `status` names it: `openai`,
+    /// `tag:team-a`, `deployment:gpt4o-east`): a correction, audited; spend counts net of it.
+    Adjust {
+        /// The budget's key name.
+        #[arg(value_name = "KEY")]
+        key: String,
+        /// The credit in USD, e.g. `12.5`; at most the window's spend.
+        #[arg(value_parser = parse_cost, allow_hyphen_values = true)]
+        amount: Money,
+        /// Why (required: it goes to the audit trail and the log).
+        #[arg(long, value_name = "TEXT")]
+        reason: String,
+        /// The budget's period, when it has several (`1d`, `1mo`).
+        #[arg(long, value_name = "P")]
+        period: Option<Period>,
+        /// Credit the window of TIME instead of now (RFC 3339 or Unix seconds).
+        #[arg(long, value_name = "TIME", value_parser = parse_time)]
+        at: Option<Timestamp>,
     },
     /// Show every budget's current window.
     Status {
@@ -471,6 +490,13 @@ fn execute(cli: Cli) -> Outcome {
             at,
             durable,
         } => charge(&limiter, &deployment, cost, &tags, at, durable, replicate),
+        Cmd::Adjust {
+            key,
+            amount,
+            reason,
+            period,
+            at,
+        } => adjust(&limiter, &key, amount, &reason, period, at, replicate),
         Cmd::Status { json } => status(&limiter, json, replicate),
         Cmd::Sync => sync(&limiter),
         Cmd::Ingest { durable } => ingest(&limiter, durable, replicate),
@@ -521,6 +547,43 @@ fn record(
         )?,
         None => writeln!(out, "recorded {cost} USD for {provider}")?,
     }
+    Ok(())
+}
+
+fn adjust(
+    limiter: &Limiter,
+    key: &str,
+    amount: Money,
+    reason: &str,
+    period: Option<Period>,
+    at: Option<Timestamp>,
+    replicate: bool,
+) -> Outcome {
+    let by = std::env::var("USER").map_or_else(|_| "cli".to_owned(), |u| format!("cli:{u}"));
+    let mut a = Adjustment::credit(key, amount, reason).by(by);
+    if let Some(p) = period {
+        a = a.period(p);
+    }
+    if let Some(t) = at {
+        a = a.at(t);
+    }
+    let c = limiter
+        .adjust(a)
+        .map_err(|e| Failure::runtime(e.to_string()))?;
+    if replicate {
+        limiter.sync()?;
+    }
+    writeln!(
+        io::stdout().lock(),
+        "credited {} USD to {} ({}) in window {} .. {}: spend {} USD net of {} USD credited",
+        c.amount,
+        c.budget,
+        c.period_key,
+        c.window.start(),
+        c.window.end(),
+        c.spend,
+        c.credited
+    )?;
     Ok(())
 }
 

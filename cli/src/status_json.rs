@@ -44,6 +44,8 @@ fn status_json(s: &BudgetStatus) -> serde_json::Value {
         "limit_nanos": s.limit.as_nanos(),
         "remaining_nanos": s.remaining.as_nanos(),
         "own_spend_nanos": s.own_spend.as_nanos(),
+        "credited": s.credited.as_usd(),
+        "credited_nanos": s.credited.as_nanos(),
         "reserved": s.reserved.as_usd(),
         "reserved_nanos": s.reserved.as_nanos(),
         "exhausted": s.exhausted,

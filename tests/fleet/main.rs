@@ -7,6 +7,7 @@
 
 mod backlog;
 mod cluster;
+mod corrections;
 mod eviction;
 mod replication;
 mod soft_fleet;

@@ -334,7 +334,7 @@ impl SpendRequest<'_> {
 }
 
 /// `at`: an RFC 3339 string or whole Unix seconds (number or string).
-fn parse_at(text: &str) -> Result<Timestamp, String> {
+pub(super) fn parse_at(text: &str) -> Result<Timestamp, String> {
     let s: Cow<'_, str> = if text.starts_with('"') {
         Cow::Owned(serde_json::from_str::<String>(text).map_err(|e| e.to_string())?)
     } else {

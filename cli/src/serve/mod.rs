@@ -3,7 +3,8 @@
 //! Routes (JSON; contract in `docs/guide/sidecar.md`):
 //!
 //! * `POST /v1/filter`, `POST /v1/spend`, `GET /v1/budgets`, `GET /metrics`, `GET /healthz`,
-//!   `POST /v1/reload`, `POST /v1/reserve`, `POST /v1/commit`, `POST /v1/release`.
+//!   `POST /v1/reload`, `POST /v1/reserve`, `POST /v1/commit`, `POST /v1/release`,
+//!   `POST /v1/adjust` (corrections, module `adjust`).
 //!
 //! Design:
 //!
@@ -20,6 +21,7 @@
 //! * Reload on SIGHUP or `POST /v1/reload`: the config is read again through the caller's
 //!   loader and applied with [`Limiter::reload`]; a bad config is refused, the old one stays.
 
+mod adjust;
 mod api;
 mod edge;
 mod idempotency;
@@ -401,6 +403,7 @@ fn router(state: Arc<State>) -> axum::Router {
         .route("/v1/reserve", post(reserve::reserve))
         .route("/v1/commit", post(reserve::commit))
         .route("/v1/release", post(reserve::release))
+        .route("/v1/adjust", post(adjust::adjust))
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&state),
             api::admit,

@@ -569,3 +569,115 @@ fn a_far_future_at_is_refused_and_nothing_counted() {
     .assert_ok();
     assert_eq!(cli.spend_nanos("2024-05-01T12:30:00Z", "openai"), NANOS);
 }
+
+/// `adjust KEY AMOUNT --reason TEXT [--period P] [--at TIME]`: a credit counted net of spend,
+/// kept across runs, shown in `status --json`; refusals name the culprit and credit nothing.
+#[test]
+fn adjust_credits_back_spend_and_status_shows_it() {
+    let cli = Cli::new(
+        "provider_budget_config:\n  openai: {budget_limit: 1, time_period: 1d}\nprovider_budgets:\n  budgets:\n    - {tag: team-a, limit: 5, period: 1d}\n    - {tag: team-a, limit: 9, period: 1mo}\n",
+    );
+    cli.run(&["--now", NOW, "record", "openai", "1.2"])
+        .assert_ok();
+    let run = cli.run(&["--now", NOW, "filter", "gpt-4o"]);
+    assert_eq!(run.code, Some(3), "{run:?}");
+
+    let run = cli.run(&[
+        "--now",
+        NOW,
+        "adjust",
+        "openai",
+        "0.7",
+        "--reason",
+        "test run against production",
+    ]);
+    run.assert_ok();
+    assert!(
+        run.stdout
+            .starts_with("credited 0.7 USD to openai (1d) in window "),
+        "{run:?}"
+    );
+    assert!(
+        run.stdout.contains("spend 0.5 USD net of 0.7 USD credited"),
+        "{run:?}"
+    );
+    cli.run(&["--now", NOW, "filter", "gpt-4o"]).assert_ok();
+    let doc = cli.status_json(NOW);
+    let openai = budget(&doc, "openai");
+    assert_eq!(openai["credited_nanos"], 700_000_000);
+    assert_eq!(openai["spend_nanos"], 500_000_000);
+    assert_eq!(openai["own_spend_nanos"], 1_200_000_000);
+
+    // An earlier window through --at; a tag with two periods needs --period.
+    cli.run(&[
+        "--now",
+        NOW,
+        "charge",
+        "gpt-4o",
+        "2",
+        "--tag",
+        "team-a",
+        "--at",
+        "2024-05-01T01:00:00Z",
+    ])
+    .assert_ok();
+    cli.run(&[
+        "--now",
+        NOW,
+        "adjust",
+        "tag:team-a",
+        "1",
+        "--reason",
+        "refund",
+    ])
+    .assert_error(1, &["tag:team-a", "several periods (1d, 1mo)"]);
+    cli.run(&[
+        "--now",
+        NOW,
+        "adjust",
+        "tag:team-a",
+        "1",
+        "--reason",
+        "refund",
+        "--period",
+        "1mo",
+        "--at",
+        "2024-05-01T01:00:00Z",
+    ])
+    .assert_ok();
+    let doc = cli.status_json(NOW);
+    let monthly = doc["budgets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["scope"] == "tag" && b["name"] == "team-a" && b["period"] == "1mo")
+        .unwrap_or_else(|| panic!("{doc}"));
+    assert_eq!(monthly["credited_nanos"], 1_000_000_000);
+
+    for (args, culprits) in [
+        (
+            vec!["adjust", "openai", "2.6", "--reason", "x"],
+            vec!["more than the window's spend"],
+        ),
+        (
+            vec!["adjust", "anthropic", "0.1", "--reason", "x"],
+            vec!["\"anthropic\""],
+        ),
+        (vec!["adjust", "openai", "-1", "--reason", "x"], vec!["-1"]),
+        (
+            vec!["adjust", "openai", "0.1", "--reason", ""],
+            vec!["reason"],
+        ),
+    ] {
+        let mut full = vec!["--now", NOW];
+        full.extend(args);
+        cli.run(&full)
+            .assert_error(if culprits[0] == "-1" { 2 } else { 1 }, &culprits);
+    }
+    let run = cli.run(&["--now", NOW, "adjust", "openai", "0.1"]);
+    assert_eq!(run.code, Some(2), "--reason is required: {run:?}");
+    assert_eq!(
+        budget(&cli.status_json(NOW), "openai")["credited_nanos"],
+        700_000_000
+    );
+}

@@ -1319,3 +1319,91 @@ fn a_commit_after_expiry_is_409_and_the_estimate_is_counted() {
         "the cost was not counted"
     );
 }
+
+#[test]
+fn adjust_credits_a_budget_net_of_spend_and_refuses_clearly() {
+    let server = Server::start(CONFIG, &[]);
+    assert_eq!(
+        server
+            .spend(json!({"provider": "openai", "cost": "1.25", "durable": true}))
+            .status,
+        200
+    );
+    assert_eq!(server.filter(json!([{"model": "gpt-4o"}])).status, 429);
+
+    let r = server.post(
+        "/v1/adjust",
+        &json!({"budget": "openai", "amount": "0.75", "reason": "refunded call", "by": "ops"})
+            .to_string(),
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    let doc = r.json();
+    assert_eq!(doc["credited"], true);
+    assert_eq!(doc["amount_nanos"], 750_000_000);
+    assert_eq!(doc["spend_nanos"], 500_000_000);
+    assert_eq!(doc["period"], "1d");
+    assert_eq!(doc["window_start"], "2024-05-01T00:00:00Z");
+    assert_eq!(server.filter(json!([{"model": "gpt-4o"}])).status, 200);
+
+    let budgets = server.get("/v1/budgets").json();
+    let openai = budgets["budgets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["provider"] == "openai")
+        .unwrap()
+        .clone();
+    assert_eq!(openai["credited_nanos"], 750_000_000);
+    assert_eq!(openai["credited"], 0.75);
+    assert_eq!(openai["spend_nanos"], 500_000_000);
+
+    for (body, status, contains) in [
+        (
+            json!({"budget": "nope", "amount": 1, "reason": "x"}),
+            404,
+            "no configured budget \"nope\"",
+        ),
+        (
+            json!({"budget": "openai", "amount": "0.6", "reason": "x"}),
+            422,
+            "more than the window's spend",
+        ),
+        (
+            json!({"budget": "openai", "amount": "-1", "reason": "x"}),
+            400,
+            "amount",
+        ),
+        (
+            json!({"budget": "openai", "amount": "1e9223372036854775807", "reason": "x"}),
+            400,
+            "amount",
+        ),
+        (
+            json!({"budget": "openai", "amount": 0.1, "reason": ""}),
+            422,
+            "a reason is required",
+        ),
+        (json!({"budget": "openai", "amount": 0.1}), 400, "reason"),
+        (
+            json!({"budget": "openai", "amount": 0.1, "reason": "x", "period": "1h"}),
+            404,
+            "with period 1h",
+        ),
+        (
+            json!({"budget": "openai", "amount": 0.1, "reason": "x", "at": "2024-05-02T12:00:00Z"}),
+            422,
+            "later than the latest accepted time",
+        ),
+        (
+            json!({"budget": "openai", "amount": 0.1, "reason": "x", "extra": 1}),
+            400,
+            "extra",
+        ),
+    ] {
+        server
+            .post("/v1/adjust", &body.to_string())
+            .assert_error(status, contains);
+    }
+    // Nothing more was credited by the refusals.
+    assert_eq!(server.spend_nanos("openai"), 500_000_000);
+}

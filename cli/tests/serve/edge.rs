@@ -472,6 +472,7 @@ fn a_token_guards_every_v1_route_and_the_probes_stay_open() {
         ("POST", "/v1/reserve"),
         ("POST", "/v1/commit"),
         ("POST", "/v1/release"),
+        ("POST", "/v1/adjust"),
     ] {
         for wrong in [
             vec![],
