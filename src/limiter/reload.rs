@@ -49,6 +49,9 @@ pub(crate) struct Parts<'a> {
 /// What the store holds for a budget series that gets a new slot: (window, own, others).
 type Stored = Vec<(Window, u64, u64)>;
 
+/// Per new series: what is stored for it and for its credit series.
+type StoredPair = (Stored, Stored);
+
 impl Parts<'_> {
     /// The slot of each budget of `config` (`None`: a new series), and what the new series
     /// already have on disk, read before anything changes. Refused when the new series would
@@ -56,7 +59,7 @@ impl Parts<'_> {
     fn plan(
         &self,
         config: &Config,
-    ) -> Result<(Vec<Option<u32>>, std::vec::IntoIter<(Stored, Stored)>), Error> {
+    ) -> Result<(Vec<Option<u32>>, std::vec::IntoIter<StoredPair>), Error> {
         let slots: Vec<Option<u32>> = config
             .budgets
             .iter()
@@ -83,7 +86,7 @@ impl Parts<'_> {
     /// The stored totals of each series in `series` and of its credit series (a budget
     /// removed before this process started, or a period used before, still has its spend and
     /// credits on disk: a new slot resumes them).
-    fn stored(&self, series: &[&BudgetConfig]) -> Result<Vec<(Stored, Stored)>, Error> {
+    fn stored(&self, series: &[&BudgetConfig]) -> Result<Vec<StoredPair>, Error> {
         let n = series.len();
         if n == 0 {
             return Ok(Vec::new());
@@ -168,7 +171,7 @@ impl Parts<'_> {
         &self,
         config: &Config,
         b: &BudgetConfig,
-        (totals, credits): (Stored, Stored),
+        (totals, credits): StoredPair,
     ) -> Result<u32, Error> {
         let schedule = config.budget_schedule(b);
         let s = self.add_slot(schedule.clone(), b.limit, b.budget_key(), totals)?;
