@@ -79,7 +79,7 @@ pub use config::{
     parse_duration, BudgetConfig, Config, ConfigError, RedisConfig, RedisTls, StorageConfig,
     UnknownProvider,
 };
-pub use durable::audit::AuditEntry;
+pub use durable::audit::{AuditEntry, MAX_ENTRIES as MAX_AUDIT_ENTRIES};
 pub use durable::error::StoreError;
 pub use durable::restore::RepairReport;
 pub use durable::store::fuzz_decode_value;

@@ -126,6 +126,10 @@ pub enum AdjustError {
         /// Why it is refused.
         why: String,
     },
+    /// The audit trail holds [`MAX_AUDIT_ENTRIES`](crate::MAX_AUDIT_ENTRIES) entries recorded
+    /// within the storage retention: no more credits until older ones age out.
+    #[error("the audit trail holds {0} corrections within the storage retention; no more are accepted until older ones age out")]
+    AuditFull(usize),
     /// The reason is empty, too long, or not one line.
     #[error("reason: {0}")]
     Reason(String),
@@ -245,10 +249,17 @@ impl Limiter {
         let inner = &*self.inner;
         let retention =
             i64::try_from(inner.config.load().storage.retention.as_nanos()).unwrap_or(i64::MAX);
-        inner
+        let appended = inner
             .store
-            .append_audit(entry, entry.recorded_at_nanos.saturating_sub(retention))
+            .append_audit(
+                entry,
+                entry.recorded_at_nanos.saturating_sub(retention),
+                crate::durable::audit::MAX_ENTRIES,
+            )
             .map_err(RecordError::Storage)?;
+        if !appended {
+            return Err(AdjustError::AuditFull(crate::durable::audit::MAX_ENTRIES));
+        }
         if inner.closed.load(std::sync::atomic::Ordering::Acquire) {
             return Err(RecordError::Closed.into());
         }
