@@ -104,3 +104,81 @@ fn a_credit_on_one_node_counts_once_on_every_node() {
     converge(&[&a, &b, &c]);
     assert_eq!(row(&c), (usd("0.5"), usd("0.7"), false));
 }
+
+/// Reserves and commits $0.25 on alternating nodes until both were denied 20 times in a row;
+/// returns how many were committed.
+fn spend_until_denied(a: &Limiter, b: &Limiter) -> u64 {
+    let quarter = usd("0.25");
+    let (mut committed, mut denied_in_a_row) = (0u64, 0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while denied_in_a_row < 20 {
+        assert!(std::time::Instant::now() < deadline, "never exhausted");
+        let node = if committed.is_multiple_of(2) { a } else { b };
+        match node.reserve(&[&"strict/m"], quarter).wait() {
+            Ok(r) => {
+                r.commit(quarter).unwrap().wait().unwrap();
+                committed += 1;
+                denied_in_a_row = 0;
+            }
+            Err(_) => {
+                denied_in_a_row += 1;
+                let _ = a.sync();
+                let _ = b.sync();
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+    committed
+}
+
+/// A strict budget spent to its limit: a credit gives the fleet room to grant again, as much
+/// as the credit and no more (net spend stays within the limit).
+#[test]
+fn a_credit_frees_room_in_a_strict_budget_and_no_more() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let clock = Arc::new(FakeClock::new(Timestamp::now()));
+    let strict = |dir: &Path, node: &str| {
+        let mut c = config(dir, &server.url(), node);
+        c.budgets = Config::from_yaml_str(
+            "provider_budgets:\n  budgets:\n    - {provider: strict, limit: 10, period: 1h, enforcement: strict}\n",
+        )
+        .unwrap()
+        .budgets;
+        let r = c.redis.as_mut().unwrap();
+        r.sync_interval = Duration::from_millis(100);
+        r.prefix = "corrections-strict".to_owned();
+        support::open(c, &clock)
+    };
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, b) = (strict(da.path(), "a"), strict(db.path(), "b"));
+    let first = spend_until_denied(&a, &b);
+    assert!(
+        (36..=40).contains(&first),
+        "{first} × $0.25 before the credit"
+    );
+
+    a.adjust(Adjustment::credit("strict", usd("5"), "refund").period("1h".parse().unwrap()))
+        .unwrap();
+    let second = spend_until_denied(&a, &b);
+    assert!(
+        first + second <= 60,
+        "{first} + {second} × $0.25: more than the limit plus the credit"
+    );
+    assert!(
+        second >= 12,
+        "only {second} × $0.25 granted after a $5 credit"
+    );
+    converge(&[&a, &b]);
+    let (spend, credited, _) = {
+        let s = b
+            .status(StatusQuery::provider("strict"))
+            .into_iter()
+            .next()
+            .unwrap();
+        (s.spend, s.credited, s.exhausted)
+    };
+    assert_eq!(credited, usd("5"));
+    assert!(spend <= usd("10"), "net spend {spend} over the limit");
+}
