@@ -142,6 +142,7 @@ pub(crate) fn restore(
                 Verify::Strict => None,
                 Verify::Repair => acknowledged,
             },
+            remembered: store.count_remembered()?,
         },
         peers,
         grants,
