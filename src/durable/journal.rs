@@ -653,21 +653,8 @@ impl Worker {
                     acks.extend(ack);
                 }
                 Event::AddKeyed(keyed) => {
-                    let KeyedAdd {
-                        items,
-                        amount,
-                        key,
-                        fingerprint,
-                        ack,
-                    } = *keyed;
                     records += 1;
-                    for (budget, window) in items.iter() {
-                        self.pend(budget, window, amount);
-                    }
-                    let what = Remembered::Spend { fingerprint };
-                    self.remember
-                        .push(idempotency::entry(self.sane_now(), &key, what));
-                    acks.extend(ack);
+                    acks.extend(self.add_keyed(*keyed));
                 }
                 Event::Adopt {
                     budget,
@@ -686,22 +673,7 @@ impl Worker {
                     remember,
                 } => {
                     records += 1;
-                    if amount > 0 {
-                        for &(budget, window) in &*items {
-                            self.add(budget, window, amount, mono);
-                        }
-                    }
-                    if let Some(ended) = remember {
-                        let what = match ended {
-                            Ended::Committed => Remembered::Committed {
-                                cost: Money::from_nanos(amount),
-                            },
-                            Ended::Released => Remembered::Released,
-                        };
-                        self.remember
-                            .push(idempotency::entry(self.sane_now(), &id, what));
-                    }
-                    self.reservations.insert(id, None);
+                    self.finish(id, &items, amount, remember, mono);
                     acks.extend(ack);
                 }
                 Event::Flush(ack) | Event::Stop(ack) => acks.push(ack),
@@ -727,6 +699,53 @@ impl Worker {
         for ack in acks {
             ack.send(result.clone());
         }
+    }
+
+    /// A keyed spend: its increments, and its idempotency record for the same batch. Returns
+    /// its acknowledgement.
+    fn add_keyed(&mut self, keyed: KeyedAdd) -> Option<Ack> {
+        let KeyedAdd {
+            items,
+            amount,
+            key,
+            fingerprint,
+            ack,
+        } = keyed;
+        for (budget, window) in items.iter() {
+            self.pend(budget, window, amount);
+        }
+        let what = Remembered::Spend { fingerprint };
+        self.remember
+            .push(idempotency::entry(self.sane_now(), &key, what));
+        ack
+    }
+
+    /// The end of a reservation: its spend, the removal of its record and, when asked, the
+    /// idempotency record of how it ended, all for the same batch.
+    fn finish(
+        &mut self,
+        id: Arc<str>,
+        items: &[(u32, Window)],
+        amount: u64,
+        remember: Option<Ended>,
+        mono: Duration,
+    ) {
+        if amount > 0 {
+            for &(budget, window) in items {
+                self.add(budget, window, amount, mono);
+            }
+        }
+        if let Some(ended) = remember {
+            let what = match ended {
+                Ended::Committed => Remembered::Committed {
+                    cost: Money::from_nanos(amount),
+                },
+                Ended::Released => Remembered::Released,
+            };
+            self.remember
+                .push(idempotency::entry(self.sane_now(), &id, what));
+        }
+        self.reservations.insert(id, None);
     }
 
     /// Raises a window's own total to what Redis held of it (the data dir lost it).

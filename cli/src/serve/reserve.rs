@@ -443,7 +443,7 @@ async fn end(state: Shared, id: &str, op: Op, cost: Option<Money>) -> Response {
         Begin::Unknown => error(
             StatusCode::NOT_FOUND,
             &format!(
-                "unknown reservation {id:?}: never issued by this sidecar, ended more than {} ago, or issued before a restart",
+                "unknown reservation {id:?}: never issued by this sidecar, ended more than {} ago, or still open when the sidecar restarted (its estimate was counted)",
                 humantime::format_duration(FINISHED_TTL)
             ),
         ),
