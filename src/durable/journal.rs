@@ -361,8 +361,6 @@ pub(crate) struct JournalStart {
     /// While repairing: the acknowledged record. The marks written never claim less than it,
     /// so an interrupted repair cannot accept a loss that the operator did not accept.
     pub floor: Option<Mark>,
-    /// Idempotency records stored.
-    pub remembered: usize,
 }
 
 /// The handle the limiter keeps: the sending side and the thread.
@@ -397,7 +395,7 @@ impl Journal {
             dirty: FxHashSet::default(),
             reservations: FxHashMap::default(),
             remember: Vec::new(),
-            remembered: start.remembered,
+            remembered: None,
             pending: FxHashMap::default(),
             seq: start.seq,
             floor: start.floor,
@@ -562,9 +560,10 @@ struct Worker {
     /// Idempotency records to write with the next batch (the spend they guard is in it too);
     /// kept until a batch with them is durable, like the dirty totals.
     remember: Vec<idempotency::Entry>,
-    /// Idempotency records on disk (counted at open and after a reopen, kept by each write):
-    /// what tells a batch how many of the oldest to remove.
-    remembered: usize,
+    /// Idempotency records on disk: what tells a batch how many of the oldest to remove.
+    /// Counted (a scan) by the first batch that writes one, again after a reopen, then kept
+    /// by each write: a process that writes none (the CLI) never pays the scan.
+    remembered: Option<usize>,
     /// The current batch's increments per window, not yet in `own` (see [`Worker::pend`]).
     pending: FxHashMap<(u32, i64), (Window, u64)>,
     /// Sequence of the last durable batch.
@@ -863,7 +862,7 @@ impl Worker {
             // totals).
             self.store.reopen()?;
             self.seq = self.seq.max(self.store.seq()?);
-            self.remembered = self.store.count_remembered()?;
+            self.remembered = None;
             self.dirty.extend(self.own.keys().copied());
         }
         Ok(())
@@ -926,8 +925,9 @@ impl Worker {
             .record(started.elapsed().as_secs_f64());
         self.seq = seq;
         self.reservations.clear();
-        self.remembered =
-            (self.remembered + self.remember.len() - skipped).saturating_sub(forgotten.len());
+        if let Some(n) = &mut self.remembered {
+            *n = (*n + self.remember.len() - skipped).saturating_sub(forgotten.len());
+        }
         self.remember.clear();
         for k in removed {
             self.own.remove(k);
@@ -948,9 +948,16 @@ impl Worker {
     /// What the next batch must drop to keep at most `idempotency_capacity` records, the
     /// oldest first: records on disk (their sled keys), then, when the batch alone is over
     /// it, how many of its own oldest records are not written at all.
-    fn over_capacity(&self) -> Result<(Vec<sled::IVec>, usize), StoreError> {
-        let excess = (self.remembered + self.remember.len())
-            .saturating_sub(self.settings.idempotency_capacity);
+    fn over_capacity(&mut self) -> Result<(Vec<sled::IVec>, usize), StoreError> {
+        if self.remember.is_empty() {
+            return Ok((Vec::new(), 0));
+        }
+        let stored = match self.remembered {
+            Some(n) => n,
+            None => *self.remembered.insert(self.store.count_remembered()?),
+        };
+        let excess =
+            (stored + self.remember.len()).saturating_sub(self.settings.idempotency_capacity);
         let forgotten = match excess {
             0 => Vec::new(),
             n => self.store.oldest_remembered(n)?,
@@ -1045,7 +1052,11 @@ impl Worker {
     fn expire_remembered(&mut self, now: i64) {
         let ttl = i64::try_from(idempotency::IDEMPOTENCY_TTL.as_secs()).unwrap_or(i64::MAX);
         match self.store.remove_remembered_before(now.saturating_sub(ttl)) {
-            Ok(n) => self.remembered = self.remembered.saturating_sub(n),
+            Ok(n) => {
+                if let Some(stored) = &mut self.remembered {
+                    *stored = stored.saturating_sub(n);
+                }
+            }
             Err(e) => tracing::warn!(error = %e, "could not remove expired idempotency records"),
         }
     }

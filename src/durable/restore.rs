@@ -142,7 +142,6 @@ pub(crate) fn restore(
                 Verify::Strict => None,
                 Verify::Repair => acknowledged,
             },
-            remembered: store.count_remembered()?,
         },
         peers,
         grants,
