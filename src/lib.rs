@@ -81,6 +81,11 @@ pub use config::{
 };
 pub use durable::audit::{AuditEntry, MAX_ENTRIES as MAX_AUDIT_ENTRIES};
 pub use durable::error::StoreError;
+/// The sidecar's idempotency across restarts: not part of the stable API.
+#[doc(hidden)]
+pub use durable::idempotency::{
+    IdempotencyRecord, Remembered, IDEMPOTENCY_CAPACITY, IDEMPOTENCY_TTL,
+};
 pub use durable::restore::RepairReport;
 pub use durable::store::fuzz_decode_value;
 pub use error::{Error, RecordError, ReplicationError};

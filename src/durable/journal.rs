@@ -26,6 +26,13 @@
 //! The channel is bounded so that a stalled disk slows `record` down (backpressure) instead of
 //! growing memory without limit; with its capacity of 65 536 events that only happens when the
 //! disk cannot keep up for a long time.
+//!
+//! Idempotency records (module `idempotency`): a keyed spend ([`Event::AddKeyed`]) and a
+//! remembered reservation end ([`Event::Finish`] with `remember`) add a record that goes in the
+//! same sled batch as the totals of that batch, and stays queued like a dirty total until a
+//! batch with it is durable. Records are stamped with the sane clock (below) and removed once
+//! older than `IDEMPOTENCY_TTL` by it (so never within that much uptime); beyond
+//! `JournalSettings::idempotency_capacity` a batch also removes the oldest.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -36,8 +43,10 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::durable::highwater::Mark;
+use crate::durable::idempotency::{self, Ended, Remembered};
 use crate::durable::store::{summarize, OwnValue, ReservationValue, Store, StoreError, WindowKey};
 use crate::model::clock::{floor_secs, Clock};
+use crate::model::money::Money;
 use crate::model::window::Window;
 use crate::view::View;
 
@@ -88,6 +97,9 @@ pub(crate) enum Event {
         amount: u64,
         ack: Option<Ack>,
     },
+    /// A spend with an idempotency key: as `AddMany`, plus the key's record in the same sled
+    /// batch. Boxed: a key is rare on the request path and must not grow every event.
+    AddKeyed(Box<KeyedAdd>),
     /// Raise this node's total of a window to at least `total`: the replicator found a larger
     /// own field in Redis (this node's data dir was wiped), so the durable total adopts it.
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]
@@ -104,12 +116,14 @@ pub(crate) enum Event {
         ack: Ack,
     },
     /// The end of a reservation: `amount` more own spend in each of its windows (zero for a
-    /// release) and the removal of its record, in one sled batch.
+    /// release) and the removal of its record, in one sled batch; with `remember`, also an
+    /// idempotency record of how it ended (the id, and `amount` for a commit).
     Finish {
         id: Arc<str>,
         items: Arc<[(u32, Window)]>,
         amount: u64,
         ack: Option<Ack>,
+        remember: Option<Ended>,
     },
     /// Acknowledge once everything queued before is durable.
     Flush(Ack),
@@ -120,6 +134,17 @@ pub(crate) enum Event {
     Maintain(Ack),
     /// Fault injection for tests: the thread panics, as a bug would make it.
     Panic,
+}
+
+/// A keyed spend ([`Event::AddKeyed`]): the fields of `AddMany`, the key and the fingerprint
+/// of its request.
+#[derive(Debug)]
+pub(crate) struct KeyedAdd {
+    pub items: Items,
+    pub amount: u64,
+    pub key: Box<str>,
+    pub fingerprint: u64,
+    pub ack: Option<Ack>,
 }
 
 /// The budget windows of one charge (`Event::AddMany`): up to [`Items::INLINE`] budgets in
@@ -319,6 +344,8 @@ pub(crate) struct JournalSettings {
     pub max_delay: Duration,
     pub retention: Duration,
     pub clock: Arc<dyn Clock>,
+    /// Most idempotency records kept (`IDEMPOTENCY_CAPACITY`; smaller in tests).
+    pub idempotency_capacity: usize,
 }
 
 /// What the journal starts from: the restore step's result.
@@ -367,6 +394,8 @@ impl Journal {
             orphans: start.orphans.into_iter().collect(),
             dirty: FxHashSet::default(),
             reservations: FxHashMap::default(),
+            remember: Vec::new(),
+            remembered: None,
             pending: FxHashMap::default(),
             seq: start.seq,
             floor: start.floor,
@@ -528,6 +557,13 @@ struct Worker {
     /// Reservation records to write (`Some`: opened) or remove (`None`: ended) with the next
     /// batch; kept until a batch with them is durable (rewriting one is harmless).
     reservations: FxHashMap<Arc<str>, Option<Box<ReservationValue>>>,
+    /// Idempotency records to write with the next batch (the spend they guard is in it too);
+    /// kept until a batch with them is durable, like the dirty totals.
+    remember: Vec<idempotency::Entry>,
+    /// Idempotency records on disk: what tells a batch how many of the oldest to remove.
+    /// Counted (a scan) by the first batch that writes one, again after a reopen, then kept
+    /// by each write: a process that writes none (the CLI) never pays the scan.
+    remembered: Option<usize>,
     /// The current batch's increments per window, not yet in `own` (see [`Worker::pend`]).
     pending: FxHashMap<(u32, i64), (Window, u64)>,
     /// Sequence of the last durable batch.
@@ -615,6 +651,10 @@ impl Worker {
                     }
                     acks.extend(ack);
                 }
+                Event::AddKeyed(keyed) => {
+                    records += 1;
+                    acks.extend(self.add_keyed(*keyed));
+                }
                 Event::Adopt {
                     budget,
                     window,
@@ -629,14 +669,10 @@ impl Worker {
                     items,
                     amount,
                     ack,
+                    remember,
                 } => {
                     records += 1;
-                    if amount > 0 {
-                        for &(budget, window) in &*items {
-                            self.add(budget, window, amount, mono);
-                        }
-                    }
-                    self.reservations.insert(id, None);
+                    self.finish(id, &items, amount, remember, mono);
                     acks.extend(ack);
                 }
                 Event::Flush(ack) | Event::Stop(ack) => acks.push(ack),
@@ -662,6 +698,53 @@ impl Worker {
         for ack in acks {
             ack.send(result.clone());
         }
+    }
+
+    /// A keyed spend: its increments, and its idempotency record for the same batch. Returns
+    /// its acknowledgement.
+    fn add_keyed(&mut self, keyed: KeyedAdd) -> Option<Ack> {
+        let KeyedAdd {
+            items,
+            amount,
+            key,
+            fingerprint,
+            ack,
+        } = keyed;
+        for (budget, window) in items.iter() {
+            self.pend(budget, window, amount);
+        }
+        let what = Remembered::Spend { fingerprint };
+        self.remember
+            .push(idempotency::entry(self.sane_now(), &key, what));
+        ack
+    }
+
+    /// The end of a reservation: its spend, the removal of its record and, when asked, the
+    /// idempotency record of how it ended, all for the same batch.
+    fn finish(
+        &mut self,
+        id: Arc<str>,
+        items: &[(u32, Window)],
+        amount: u64,
+        remember: Option<Ended>,
+        mono: Duration,
+    ) {
+        if amount > 0 {
+            for &(budget, window) in items {
+                self.add(budget, window, amount, mono);
+            }
+        }
+        if let Some(ended) = remember {
+            let what = match ended {
+                Ended::Committed => Remembered::Committed {
+                    cost: Money::from_nanos(amount),
+                },
+                Ended::Released => Remembered::Released,
+            };
+            self.remember
+                .push(idempotency::entry(self.sane_now(), &id, what));
+        }
+        self.reservations.insert(id, None);
     }
 
     /// Raises a window's own total to what Redis held of it (the data dir lost it).
@@ -735,6 +818,7 @@ impl Worker {
     fn write(&mut self, removed: &[(u32, i64)], removed_orphans: &[WindowKey]) -> AckResult {
         if self.dirty.is_empty()
             && self.reservations.is_empty()
+            && self.remember.is_empty()
             && removed.is_empty()
             && removed_orphans.is_empty()
         {
@@ -778,6 +862,7 @@ impl Worker {
             // totals).
             self.store.reopen()?;
             self.seq = self.seq.max(self.store.seq()?);
+            self.remembered = None;
             self.dirty.extend(self.own.keys().copied());
         }
         Ok(())
@@ -807,13 +892,16 @@ impl Worker {
             .map(|k| self.key(k.0, k.1))
             .chain(removed_orphans.iter().cloned())
             .collect();
-        self.store.write_own_and_reservations(
+        let (forgotten, skipped) = self.over_capacity()?;
+        self.store.write_batch(
             seq,
             items.iter().map(|(k, v)| (k, *v)),
             removed_keys.iter(),
             self.reservations
                 .iter()
                 .map(|(id, v)| (&**id, v.as_deref())),
+            &self.remember[skipped..],
+            &forgotten,
         )?;
         self.store.flush()?;
         let mut mark = summarize(
@@ -837,6 +925,10 @@ impl Worker {
             .record(started.elapsed().as_secs_f64());
         self.seq = seq;
         self.reservations.clear();
+        if let Some(n) = &mut self.remembered {
+            *n = (*n + self.remember.len() - skipped).saturating_sub(forgotten.len());
+        }
+        self.remember.clear();
         for k in removed {
             self.own.remove(k);
         }
@@ -853,6 +945,27 @@ impl Worker {
         Ok(())
     }
 
+    /// What the next batch must drop to keep at most `idempotency_capacity` records, the
+    /// oldest first: records on disk (their sled keys), then, when the batch alone is over
+    /// it, how many of its own oldest records are not written at all.
+    fn over_capacity(&mut self) -> Result<(Vec<sled::IVec>, usize), StoreError> {
+        if self.remember.is_empty() {
+            return Ok((Vec::new(), 0));
+        }
+        let stored = match self.remembered {
+            Some(n) => n,
+            None => *self.remembered.insert(self.store.count_remembered()?),
+        };
+        let excess =
+            (stored + self.remember.len()).saturating_sub(self.settings.idempotency_capacity);
+        let forgotten = match excess {
+            0 => Vec::new(),
+            n => self.store.oldest_remembered(n)?,
+        };
+        let skipped = (excess - forgotten.len()).min(self.remember.len());
+        Ok((forgotten, skipped))
+    }
+
     fn key(&self, budget: u32, start: i64) -> WindowKey {
         WindowKey::of(&self.settings.keys.get(budget), start)
     }
@@ -860,7 +973,7 @@ impl Worker {
     /// Periodic work: retry failed writes, forget windows past their retention.
     fn idle(&mut self) {
         self.last_expiry = Instant::now();
-        if !self.dirty.is_empty() || !self.reservations.is_empty() {
+        if !self.dirty.is_empty() || !self.reservations.is_empty() || !self.remember.is_empty() {
             if let Err(e) = self.write(&[], &[]) {
                 tracing::debug!(error = %e, "journal retry failed");
             }
@@ -871,17 +984,31 @@ impl Worker {
         self.update_gauges(0..self.view.len() as u32);
     }
 
-    /// Deletes the windows past retention by the sane clock (see the module doc).
-    fn expire(&mut self) {
-        let retention = self.settings.retention;
-        let retention_secs = i64::try_from(retention.as_secs()).unwrap_or(i64::MAX);
+    /// The sane clock (see the module doc): `min(wall now, wall at start + monotonic time
+    /// since)`, Unix seconds.
+    fn sane_now(&self) -> i64 {
         let wall = floor_secs(self.settings.clock.now());
-        let mono = self.settings.clock.monotonic();
-        let up = mono.saturating_sub(self.mono_start);
+        let up = self
+            .settings
+            .clock
+            .monotonic()
+            .saturating_sub(self.mono_start);
         let steady = self
             .wall_start
             .saturating_add(i64::try_from(up.as_secs()).unwrap_or(i64::MAX));
-        let mut cutoff = wall.min(steady).saturating_sub(retention_secs);
+        wall.min(steady)
+    }
+
+    /// Deletes the windows past retention by the sane clock (see the module doc), and the
+    /// idempotency records older than `IDEMPOTENCY_TTL` by it.
+    fn expire(&mut self) {
+        let retention = self.settings.retention;
+        let retention_secs = i64::try_from(retention.as_secs()).unwrap_or(i64::MAX);
+        let now = self.sane_now();
+        let mono = self.settings.clock.monotonic();
+        let up = mono.saturating_sub(self.mono_start);
+        self.expire_remembered(now);
+        let mut cutoff = now.saturating_sub(retention_secs);
         // A window touched within retention (monotonic) is never deleted, whatever the clock
         // says: lower the cutoff below it, for the view and the peers as well.
         for e in self.own.values() {
@@ -921,6 +1048,19 @@ impl Worker {
         }
     }
 
+    /// Removes the idempotency records older than `IDEMPOTENCY_TTL` at the sane time `now`.
+    fn expire_remembered(&mut self, now: i64) {
+        let ttl = i64::try_from(idempotency::IDEMPOTENCY_TTL.as_secs()).unwrap_or(i64::MAX);
+        match self.store.remove_remembered_before(now.saturating_sub(ttl)) {
+            Ok(n) => {
+                if let Some(stored) = &mut self.remembered {
+                    *stored = stored.saturating_sub(n);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not remove expired idempotency records"),
+        }
+    }
+
     fn update_gauges(&self, budgets: impl IntoIterator<Item = u32>) {
         let now = floor_secs(self.settings.clock.now());
         let mut seen = FxHashSet::default();
@@ -945,12 +1085,13 @@ impl Worker {
 }
 
 fn is_urgent(ev: &Event) -> bool {
-    !matches!(
-        ev,
-        Event::Add { ack: None, .. }
-            | Event::AddMany { ack: None, .. }
-            | Event::Finish { ack: None, .. }
-    )
+    match ev {
+        Event::Add { ack, .. } | Event::AddMany { ack, .. } | Event::Finish { ack, .. } => {
+            ack.is_some()
+        }
+        Event::AddKeyed(keyed) => keyed.ack.is_some(),
+        _ => true,
+    }
 }
 
 #[cfg(test)]
@@ -990,5 +1131,69 @@ mod tests {
             "{}",
             std::mem::size_of::<Event>()
         );
+    }
+
+    #[test]
+    fn idempotency_records_stay_within_the_capacity_oldest_first() {
+        use crate::durable::restore::{restore, Verify};
+        use crate::model::clock::FakeClock;
+
+        let dir = tempfile::tempdir().unwrap();
+        let yaml = "provider_budget_config:\n  openai: {budget_limit: 100, time_period: 1d}\n";
+        let config = crate::config::Config::from_yaml_str(yaml)
+            .unwrap()
+            .data_dir(dir.path());
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let restored = restore(&store, &config, "n", Verify::Strict).unwrap();
+        let start = 1_714_521_600;
+        let clock = FakeClock::new(jiff::Timestamp::from_second(start).unwrap());
+        let settings = JournalSettings {
+            keys: Arc::new(restored.keys),
+            max_delay: Duration::from_millis(1),
+            retention: Duration::from_secs(3600),
+            clock: Arc::new(clock.clone()),
+            idempotency_capacity: 3,
+        };
+        let journal = Journal::start(
+            Arc::clone(&store),
+            restored.view,
+            Arc::default(),
+            settings,
+            restored.journal,
+        )
+        .unwrap();
+        let window = Window::from_secs(start, start + 86_400);
+        let keyed = |key: &str, fingerprint| {
+            let mut items = Items::default();
+            items.push((0, window));
+            Event::AddKeyed(Box::new(KeyedAdd {
+                items,
+                amount: 1,
+                key: key.into(),
+                fingerprint,
+                ack: None,
+            }))
+        };
+        let stored = || -> Vec<String> {
+            let records = store.load_remembered().unwrap();
+            records.into_iter().map(|r| r.key).collect()
+        };
+        // Over the capacity within batches: the oldest go (one stamp: sled's key order).
+        for i in 0..5 {
+            journal.send(keyed(&format!("a{i}"), i)).unwrap();
+        }
+        journal.flush().unwrap();
+        assert_eq!(stored(), ["a2", "a3", "a4"]);
+        // Later records push the oldest on disk out, one by one.
+        for (i, key) in ["b0", "b1"].into_iter().enumerate() {
+            clock.pass(Duration::from_secs(1));
+            journal.send(keyed(key, 10 + i as u64)).unwrap();
+            journal.flush().unwrap();
+        }
+        assert_eq!(stored(), ["a4", "b0", "b1"]);
+        // A record left out never leaves its spend out.
+        journal.stop().unwrap();
+        let own = store.load_own().unwrap();
+        assert_eq!(own.iter().map(|(_, v)| v.total).sum::<u64>(), 7);
     }
 }

@@ -1,11 +1,13 @@
 //! The data dir: the corrections' audit trail (`audit`), the value codec (`codec`), the sled layout (`store`) and its error
 //! (`error`), the high-water record (`highwater`), the journal thread that makes spend durable
-//! (`journal`), and what a start (or a repair) reads back from disk (`restore`).
+//! (`journal`), the idempotency records it writes with keyed spends (`idempotency`), and what
+//! a start (or a repair) reads back from disk (`restore`).
 
 pub(crate) mod audit;
 pub(crate) mod codec;
 pub(crate) mod error;
 pub(crate) mod highwater;
+pub(crate) mod idempotency;
 pub(crate) mod journal;
 pub(crate) mod restore;
 pub(crate) mod store;

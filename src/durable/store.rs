@@ -11,9 +11,12 @@
 //! | `own`   | `0xff res:` reservation id  | an open reservation: estimate, expiry, its windows (0x41) | journal |
 //! | `grants` | provider, period, window   | this node's grant of a strict budget, window end (0x51) | replicator |
 //! | `holders` | provider, period, window  | the node ids seen holding a grant in the window, window end (0x61) | replicator |
+//! | `own`   | `0xff idem:` stamp, class, key | an idempotency record: fingerprint, or how a reservation ended (0x71) | journal |
 //!
-//! Open reservations live in the `own` tree (under `0xff`, which no provider name starts with)
-//! so that the journal ends one and counts its spend in the same atomic batch.
+//! Open reservations and idempotency records live in the `own` tree (under `0xff`, which no
+//! provider name starts with) so that the journal writes them in the same atomic batch as the
+//! spend they belong to (sled's batches are atomic per tree): a reservation's end and its
+//! spend, a keyed spend and its key (see `idempotency`).
 //!
 //! Keys are `provider 0x00 period 0x00 start`, the window start as a big-endian `i64` with its
 //! sign bit flipped so keys sort by time. Totals are stored absolute, never as deltas: writing
@@ -32,6 +35,7 @@ pub(crate) use crate::durable::codec::{
 };
 pub use crate::durable::error::StoreError;
 use crate::durable::highwater::{self, Found, HighWater, Mark};
+use crate::durable::idempotency::{self, IdempotencyRecord};
 use crate::model::window::Window;
 
 /// How long `Store::open` waits for a lock that a just-dropped database still holds.
@@ -119,6 +123,7 @@ pub fn fuzz_decode_value(raw: &[u8]) -> bool {
         | WindowKey::decode("own", raw).is_ok()
         | matches!(highwater::decode_file(raw), Found::Mark(_))
         | ReservationValue::decode(raw).is_ok()
+        | idempotency::decode_value(raw).is_ok()
 }
 
 /// Key prefix of open reservations in the `own` tree (`0xff` never starts a UTF-8 provider
@@ -370,7 +375,26 @@ impl Store {
         removed: impl IntoIterator<Item = &'a WindowKey>,
         reservations: impl IntoIterator<Item = (&'a str, Option<&'a ReservationValue>)>,
     ) -> Result<(), StoreError> {
+        self.write_batch(seq, items, removed, reservations, &[], &[])
+    }
+
+    /// [`Store::write_own_and_reservations`] that also writes the idempotency records
+    /// `remembered` and removes the records `forgotten` (sled keys), in the same atomic batch:
+    /// a keyed spend and its record are on disk together or not at all. The removals go in
+    /// first, so a record both written and removed (a retried batch) is kept.
+    pub fn write_batch<'a>(
+        &self,
+        seq: u64,
+        items: impl IntoIterator<Item = (&'a WindowKey, OwnValue)>,
+        removed: impl IntoIterator<Item = &'a WindowKey>,
+        reservations: impl IntoIterator<Item = (&'a str, Option<&'a ReservationValue>)>,
+        remembered: &[idempotency::Entry],
+        forgotten: &[sled::IVec],
+    ) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
+        for k in forgotten {
+            batch.remove(k.clone());
+        }
         for (k, v) in items {
             batch.insert(k.encode(), encode(&v));
         }
@@ -383,8 +407,85 @@ impl Store {
                 None => batch.remove(reservation_key(id)),
             }
         }
+        for e in remembered {
+            batch.insert(e.key.as_slice(), &e.value[..]);
+        }
         batch.insert(SEQ_KEY, &seq.to_be_bytes());
         self.with(|h| h.own.apply_batch(batch))
+    }
+
+    /// Every idempotency record stored, oldest first. A record that does not decode is
+    /// skipped with one warning line (naming the first and the count): it guards one retry,
+    /// and failing the start for it would stop every budget.
+    pub fn load_remembered(&self) -> Result<Vec<IdempotencyRecord>, StoreError> {
+        let guard = self.handles.read().unwrap_or_else(|p| p.into_inner());
+        let h = guard.as_ref().ok_or_else(|| self.closed())?;
+        let mut out = Vec::new();
+        let mut damaged: Vec<String> = Vec::new();
+        for entry in h.own.scan_prefix(idempotency::PREFIX) {
+            let (k, v) = entry.map_err(|e| self.io(e))?;
+            match idempotency::decode(&k, &v) {
+                Ok(record) => out.push(record),
+                Err(reason) => damaged.push(format!(
+                    "{}: {reason}",
+                    String::from_utf8_lossy(&k).escape_debug()
+                )),
+            }
+        }
+        if let Some(first) = damaged.first() {
+            tracing::warn!(
+                dir = %self.dir.display(),
+                count = damaged.len(),
+                first = %first,
+                "skipped damaged idempotency records (a retry of their requests may count again)"
+            );
+        }
+        Ok(out)
+    }
+
+    /// Number of idempotency records stored.
+    pub fn count_remembered(&self) -> Result<usize, StoreError> {
+        self.with(|h| {
+            let mut n = 0;
+            for entry in h.own.scan_prefix(idempotency::PREFIX).keys() {
+                entry?;
+                n += 1;
+            }
+            Ok(n)
+        })
+    }
+
+    /// The sled keys of the `n` oldest idempotency records.
+    pub fn oldest_remembered(&self, n: usize) -> Result<Vec<sled::IVec>, StoreError> {
+        self.with(|h| {
+            h.own
+                .scan_prefix(idempotency::PREFIX)
+                .keys()
+                .take(n)
+                .collect()
+        })
+    }
+
+    /// Removes the idempotency records stamped before `cutoff` (Unix seconds), and any key
+    /// under their prefix that is not one, in one batch (not flushed: a removal lost in a
+    /// crash is done again, and a read filters by age anyway). Returns how many.
+    pub fn remove_remembered_before(&self, cutoff: i64) -> Result<usize, StoreError> {
+        self.with(|h| {
+            let mut batch = sled::Batch::default();
+            let mut removed = 0;
+            for k in h.own.scan_prefix(idempotency::PREFIX).keys() {
+                let k = k?;
+                if idempotency::stamp_of(&k).is_some_and(|s| s >= cutoff) {
+                    break; // sorted by stamp: the rest are younger
+                }
+                batch.remove(k);
+                removed += 1;
+            }
+            if removed > 0 {
+                h.own.apply_batch(batch)?;
+            }
+            Ok(removed)
+        })
     }
 
     /// Every open reservation stored (a crash left them): id and value.

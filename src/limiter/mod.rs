@@ -2,12 +2,14 @@
 //! (with Redis configured) the fleet replication, and stops them when the last clone is
 //! dropped. Its children add to it: `spend` (one spend call, [`Receipt`](spend::Receipt)),
 //! `reserve`, `filter`, `status`, `reload`, `open` (and repair), `fleet` (the one place that
-//! differs without the `redis` feature), `adjust` (corrections), `testing` (hooks for tests).
+//! differs without the `redis` feature), `adjust` (corrections), `idempotency` (the stored
+//! idempotency records read back), `testing` (hooks for tests).
 
 pub(crate) mod adjust;
 pub(crate) mod filter;
 pub(crate) mod fleet;
 pub(crate) mod health;
+pub(crate) mod idempotency;
 pub(crate) mod open;
 pub(crate) mod reload;
 pub(crate) mod reserve;

@@ -126,6 +126,7 @@ fn open_verified(config: Config, clock: Arc<dyn Clock>, verify: Verify) -> Resul
             max_delay: config.storage.max_delay,
             retention: config.storage.retention,
             clock: Arc::clone(&clock),
+            idempotency_capacity: crate::durable::idempotency::IDEMPOTENCY_CAPACITY,
         },
         start,
     )

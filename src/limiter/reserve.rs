@@ -52,6 +52,7 @@ use std::time::Duration;
 use jiff::Timestamp;
 use rustc_hash::FxHashMap;
 
+use crate::durable::idempotency::Ended;
 use crate::durable::journal::{Ack, Event};
 use crate::durable::store::ReservationValue;
 use crate::error::RecordError;
@@ -204,6 +205,8 @@ pub struct Reservation {
     held: Arc<Held>,
     limiter: Limiter,
     deployment: usize,
+    /// Journal an idempotency record of the end ([`Reservation::remember_end`]).
+    remember: bool,
 }
 
 impl Reservation {
@@ -225,6 +228,18 @@ impl Reservation {
     /// When it expires (counts its estimate) unless committed or released before.
     pub fn expires_at(&self) -> jiff::Timestamp {
         self.held.expires_at()
+    }
+
+    /// Makes the commit or release write an idempotency record of how it ended (the id; the
+    /// cost, or released) in the journal's sled batch of the end itself, so that
+    /// [`Limiter::idempotency_records`] returns it after a restart: a service that answers
+    /// repeated commits (the sidecar) answers a repeat after a restart the same way. A drop
+    /// or an expiry writes none, nor does a reservation in which no budget applies. Not a
+    /// stable API.
+    #[doc(hidden)]
+    pub fn remember_end(mut self) -> Reservation {
+        self.remember = true;
+        self
     }
 
     /// The call reached the provider and cost `actual`: counts it in every budget the
@@ -254,7 +269,12 @@ impl Reservation {
 
     fn end(&self, actual: Option<Money>) -> Result<Receipt<'static>, ReserveError> {
         self.begin_end(actual)?;
-        let budgets = self.limiter.settle(&self.held, actual, true)?;
+        let ended = match actual {
+            Some(_) => Ended::Committed,
+            None => Ended::Released,
+        };
+        let remember = self.remember.then_some(ended);
+        let budgets = self.limiter.settle(&self.held, actual, true, remember)?;
         Ok(Receipt::owned(self.limiter.clone(), budgets))
     }
 
@@ -315,7 +335,7 @@ impl Drop for Reservation {
                 .increment(1);
             let _ = self
                 .limiter
-                .settle(&self.held, Some(self.held.estimate), false);
+                .settle(&self.held, Some(self.held.estimate), false, None);
         }
     }
 }
@@ -618,6 +638,7 @@ impl Limiter {
             held: Arc::clone(&held),
             limiter: self.clone(),
             deployment: index,
+            remember: false,
         };
         self.start_reaper();
         inner.reservations.insert(Arc::clone(&held));
@@ -660,7 +681,7 @@ impl Limiter {
                 .compare_exchange(OPEN, DONE, Ordering::AcqRel, Ordering::Acquire)
                 .is_ok()
             {
-                let _ = self.settle(held, None, false);
+                let _ = self.settle(held, None, false, None);
             }
             return Err(e.into());
         }
@@ -670,13 +691,15 @@ impl Limiter {
 
     /// Ends a reservation whose state this caller moved from `OPEN`: counts `actual` (or frees
     /// the money for `None`) in each window, forgets it, and journals the end (and the spend)
-    /// in one event. Returns the number of budgets. Unless `report`, a journal that is gone is
-    /// not an error: the record stays on disk and the next open counts its estimate.
+    /// in one event (with `remember`, the idempotency record of the end too). Returns the
+    /// number of budgets. Unless `report`, a journal that is gone is not an error: the record
+    /// stays on disk and the next open counts its estimate.
     fn settle(
         &self,
         held: &Held,
         actual: Option<Money>,
         report: bool,
+        remember: Option<Ended>,
     ) -> Result<usize, RecordError> {
         let inner = &*self.inner;
         for &(b, w) in held.items.iter() {
@@ -699,6 +722,7 @@ impl Limiter {
             items: Arc::clone(&held.items),
             amount: actual.map_or(0, Money::as_nanos),
             ack: None,
+            remember,
         });
         match sent {
             Err(_) if report => Err(self.gone()),
@@ -716,7 +740,7 @@ impl Limiter {
             metrics::counter!("provider_budgets_reservations_ended_total", "outcome" => "expired")
                 .increment(1);
             tracing::debug!(id = %held.id, estimate = %held.estimate, "reservation expired; its estimate is counted");
-            let _ = self.settle(held, Some(held.estimate), false);
+            let _ = self.settle(held, Some(held.estimate), false, None);
         }
     }
 

@@ -21,7 +21,7 @@ use jiff::Timestamp;
 
 use std::sync::atomic::Ordering;
 
-use crate::durable::journal::{Ack, AckResult, Event, Items, Journal};
+use crate::durable::journal::{Ack, AckResult, Event, Items, Journal, KeyedAdd};
 use crate::error::RecordError;
 use crate::limiter::{charge_slots, tag_slots, Limiter};
 use crate::model::budget::SoftLimitCrossed;
@@ -70,6 +70,9 @@ pub struct Spend<'a, D: ?Sized = dyn Deployment, T = &'a str> {
     pub(crate) tags: &'a [T],
     pub(crate) cost: Money,
     pub(crate) at: Option<Timestamp>,
+    /// The idempotency key and the fingerprint of its request
+    /// ([`Spend::idempotency_key`]); `None` costs the request path nothing.
+    pub(crate) key: Option<(&'a str, u64)>,
 }
 
 impl<'a> Spend<'a> {
@@ -80,6 +83,7 @@ impl<'a> Spend<'a> {
             tags: &[],
             cost,
             at: None,
+            key: None,
         }
     }
 }
@@ -94,6 +98,7 @@ impl<'a, D: Deployment + ?Sized> Spend<'a, D> {
             tags: &[],
             cost,
             at: None,
+            key: None,
         }
     }
 }
@@ -106,6 +111,7 @@ impl<'a, D: ?Sized, T> Spend<'a, D, T> {
             tags,
             cost: self.cost,
             at: self.at,
+            key: self.key,
         }
     }
 
@@ -116,6 +122,20 @@ impl<'a, D: ?Sized, T> Spend<'a, D, T> {
     pub fn at(self, at: Timestamp) -> Self {
         Spend {
             at: Some(at),
+            ..self
+        }
+    }
+
+    /// Writes an idempotency record (`key` and the `fingerprint` of its request) with the
+    /// spend, in the journal's sled batch of the spend itself: after a crash both are on disk
+    /// or neither. [`Limiter::idempotency_records`] reads the records back after a restart,
+    /// for a service that answers retries (the sidecar); the limiter itself does not
+    /// deduplicate. A spend that counts nothing (no budget applies, a cost of zero) writes no
+    /// record. Not a stable API.
+    #[doc(hidden)]
+    pub fn idempotency_key(self, key: &'a str, fingerprint: u64) -> Self {
+        Spend {
+            key: Some((key, fingerprint)),
             ..self
         }
     }
@@ -154,6 +174,7 @@ impl<D: Deployment + ?Sized, T: AsRef<str>> fmt::Debug for Spend<'_, D, T> {
         s.field("tags", &tags)
             .field("cost", &self.cost)
             .field("at", &self.at)
+            .field("idempotency_key", &self.key.map(|k| k.0))
             .finish()
     }
 }
@@ -385,37 +406,39 @@ impl Limiter {
         spend: Spend<'_, D, T>,
     ) -> Result<Receipt<'_>, RecordError> {
         let resolver = self.inner.resolver.load();
-        let (at, cost) = (spend.at, spend.cost);
+        let (at, cost, key) = (spend.at, spend.cost, spend.key);
         let n = match spend.against {
             // The hot path of a provider spend: its slots, no resolution, no iterator chain.
             Against::Provider(p) if spend.tags.is_empty() => {
                 let own = resolver.provider_slots(p);
-                self.add_at(p, at, cost, || own.iter().copied())?
+                self.add_at(p, at, cost, key, || own.iter().copied())?
             }
             Against::Provider(p) => {
                 let own = resolver.provider_slots(p);
                 let tags = || tag_slots(&resolver, spend.tags);
-                self.add_at(p, at, cost, || own.iter().copied().chain(tags()))?
+                self.add_at(p, at, cost, key, || own.iter().copied().chain(tags()))?
             }
             Against::Deployment(d) => {
                 let cache = resolver.cache();
                 let mut misses = MissLog::new(&resolver);
                 let r = resolver.resolve_noting(&cache, d, &mut misses.misses);
                 let slots = || charge_slots(&resolver, &r, spend.tags);
-                self.add_at(d.model(), at, cost, slots)?
+                self.add_at(d.model(), at, cost, key, slots)?
             }
         };
         Ok(Receipt::new(self, n))
     }
 
     /// Adds `cost` to `slots()` in the windows of `at` (default now), after refusing an `at`
-    /// past retention (`what` names the spend in that error).
+    /// past retention (`what` names the spend in that error); `key`: the idempotency record
+    /// to journal with it.
     #[inline]
     fn add_at<I: Iterator<Item = u32>>(
         &self,
         what: &str,
         at: Option<Timestamp>,
         cost: Money,
+        key: Option<(&str, u64)>,
         slots: impl Fn() -> I,
     ) -> Result<usize, RecordError> {
         let secs = match at {
@@ -426,7 +449,7 @@ impl Limiter {
                 floor_secs(at)
             }
         };
-        self.add_slots(slots(), cost, secs)
+        self.add_slots(slots(), cost, secs, key)
     }
 
     /// Refuses a timestamp whose window is already past retention (the journal would delete
@@ -472,13 +495,15 @@ impl Limiter {
     }
 
     /// Adds `cost` to each slot (in the window of the instant `secs`) and queues one journal
-    /// event for them all. Returns the number of slots.
+    /// event for them all (with the idempotency record of `key`, when given: one event, so
+    /// the journal writes both in one batch). Returns the number of slots.
     #[inline]
     fn add_slots(
         &self,
         slots: impl Iterator<Item = u32>,
         cost: Money,
         secs: i64,
+        key: Option<(&str, u64)>,
     ) -> Result<usize, RecordError> {
         let inner = &*self.inner;
         if inner.closed.load(Ordering::Acquire) {
@@ -499,18 +524,28 @@ impl Limiter {
             }
             items.push((budget, window));
         }
-        let event = match (n, items.single()) {
+        let event = match (n, key) {
             (0, _) => return Ok(0),
-            (_, Some((budget, window))) => Event::Add {
-                budget,
-                window,
-                amount: cost.as_nanos(),
-                ack: None,
-            },
-            _ => Event::AddMany {
+            // Keyed: the only allocation, and only for a keyed spend.
+            (_, Some((key, fingerprint))) => Event::AddKeyed(Box::new(KeyedAdd {
                 items,
                 amount: cost.as_nanos(),
+                key: key.into(),
+                fingerprint,
                 ack: None,
+            })),
+            (_, None) => match items.single() {
+                Some((budget, window)) => Event::Add {
+                    budget,
+                    window,
+                    amount: cost.as_nanos(),
+                    ack: None,
+                },
+                None => Event::AddMany {
+                    items,
+                    amount: cost.as_nanos(),
+                    ack: None,
+                },
             },
         };
         inner.journal.send(event).map_err(|_| self.gone())?;

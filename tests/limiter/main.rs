@@ -1,11 +1,13 @@
 //! The limiter on one node: money and windows through the API, filter and charge, scoped
-//! budgets, live reload, reservations, litellm's documented behaviour. No Redis.
+//! budgets, live reload, reservations, idempotency records, litellm's documented behaviour.
+//! No Redis.
 
 #![allow(clippy::unwrap_used)]
 
 mod adjust;
 mod basics;
 mod cache;
+mod idempotency;
 mod litellm_behaviour;
 mod reload;
 mod reserve;

@@ -382,11 +382,16 @@ pub(super) async fn spend(
         Err(e) => return bad_request(&e),
     };
     let Some(key) = request.idempotency_key.as_deref() else {
-        let (status, outcome) = record(&state, &spend).await;
+        let (status, outcome) = record(&state, &spend, None).await;
         return spend_response(status, &outcome, false);
     };
-    // What the key stands for (not `durable`: a durable retry is the same spend).
-    let request_id = fingerprint(&format!("{:?}", (&spend.against, spend.cost, spend.at)));
+    let request_id = fingerprint(&spend.canonical());
+    keyed_spend(state, spend, key, request_id).await
+}
+
+/// A spend with an idempotency key: counted once per key (module `idempotency`), its key
+/// journaled with it.
+async fn keyed_spend(state: Shared, spend: Spend, key: &str, request_id: u64) -> Response {
     loop {
         match state.keys.begin(key, request_id) {
             Begin::Mismatch => return error(StatusCode::CONFLICT, &format!(
@@ -410,8 +415,9 @@ pub(super) async fn spend(
                 // In its own task: a client that disconnects (and retries) does not cancel
                 // a record halfway, so the key always ends with the true outcome.
                 let state = Arc::clone(&state);
+                let key = key.to_owned();
                 let task = tokio::spawn(async move {
-                    let (status, outcome) = record(&state, &spend).await;
+                    let (status, outcome) = record(&state, &spend, Some((&key, request_id))).await;
                     ticket.finish(outcome.clone());
                     (status, outcome)
                 });
@@ -428,8 +434,12 @@ pub(super) async fn spend(
 }
 
 impl Spend {
-    /// The library's spend for it (provider and deployment spends share one type).
-    fn spend(&self) -> provider_budgets::Spend<'_, dyn Deployment, String> {
+    /// The library's spend for it (provider and deployment spends share one type), with its
+    /// idempotency key and request fingerprint when it has one (journaled with the spend).
+    fn spend<'a>(
+        &'a self,
+        key: Option<(&'a str, u64)>,
+    ) -> provider_budgets::Spend<'a, dyn Deployment, String> {
         const NO_TAGS: &[String] = &[];
         let spend = match &self.against {
             Against::Provider(p) => provider_budgets::Spend::provider(p, self.cost).tags(NO_TAGS),
@@ -437,17 +447,71 @@ impl Spend {
                 provider_budgets::Spend::deployment(d as &dyn Deployment, self.cost).tags(tags)
             }
         };
-        match self.at {
+        let spend = match self.at {
             Some(at) => spend.at(at),
+            None => spend,
+        };
+        match key {
+            Some((key, fingerprint)) => spend.idempotency_key(key, fingerprint),
             None => spend,
         }
     }
+
+    /// What an idempotency key stands for, as bytes to fingerprint: target, tags, cost and
+    /// `at` (not `durable`: a durable retry is the same spend), each field tagged and
+    /// length-prefixed so that no two requests share an encoding. Stable across versions:
+    /// a fingerprint stored before an upgrade must still match.
+    fn canonical(&self) -> Vec<u8> {
+        fn field(out: &mut Vec<u8>, text: Option<&str>) {
+            match text {
+                None => out.push(0),
+                Some(t) => {
+                    out.push(1);
+                    out.extend_from_slice(&(t.len() as u64).to_be_bytes());
+                    out.extend_from_slice(t.as_bytes());
+                }
+            }
+        }
+        let mut out = Vec::with_capacity(96);
+        match &self.against {
+            Against::Provider(p) => {
+                out.push(b'p');
+                field(&mut out, Some(p));
+            }
+            Against::Deployment(d, tags) => {
+                out.push(b'd');
+                field(&mut out, Some(d.model()));
+                field(&mut out, d.provider());
+                field(&mut out, d.id());
+                out.extend_from_slice(&(tags.len() as u64).to_be_bytes());
+                for t in tags {
+                    field(&mut out, Some(t));
+                }
+            }
+        }
+        out.extend_from_slice(&self.cost.as_nanos().to_be_bytes());
+        match self.at {
+            None => out.push(0),
+            Some(at) => {
+                out.push(1);
+                out.extend_from_slice(&at.as_nanosecond().to_be_bytes());
+            }
+        }
+        out
+    }
 }
 
-/// Records one spend: the HTTP status and the outcome to remember for its key.
-async fn record(state: &State, s: &Spend) -> (StatusCode, Outcome) {
-    let result = match state.limiter.charge(s.spend()) {
-        Ok(receipt) if s.durable => receipt.await,
+/// Records one spend (with its idempotency key and request fingerprint, if any): the HTTP
+/// status and the outcome to remember for its key.
+async fn record(state: &State, s: &Spend, key: Option<(&str, u64)>) -> (StatusCode, Outcome) {
+    let result = match state.limiter.charge(s.spend(key)) {
+        Ok(receipt) if s.durable => {
+            let durable = receipt.await;
+            if let (Ok(_), Some((key, _))) = (&durable, key) {
+                state.after_fsync(key).await;
+            }
+            durable
+        }
         Ok(receipt) => Ok(receipt.budgets()),
         Err(e) => Err(e),
     };

@@ -1,10 +1,28 @@
-//! Idempotency keys of `POST /v1/spend`: a retried request is counted once.
+//! Idempotency keys of `POST /v1/spend`: a retried request is counted once, also across a
+//! restart of the sidecar (a crash or SIGKILL included).
 //!
-//! Memory only, bounded two ways: a key is remembered for [`TTL`] after its first request
-//! (a client retries within seconds or minutes, not a day), and at most [`CAPACITY`] keys are
-//! kept (beyond that the oldest is forgotten first). A key is not persisted: after a restart
-//! of the sidecar a retry of a request acknowledged before the restart counts again (see
-//! `docs/guide/sidecar.md`).
+//! Bounded two ways: a key is remembered for [`TTL`] after its first request (a client
+//! retries within seconds or minutes, not a day), and at most [`CAPACITY`] keys are kept
+//! (beyond that the oldest is forgotten first).
+//!
+//! Across a restart: a keyed spend is charged with
+//! [`Spend::idempotency_key`](provider_budgets::Spend::idempotency_key), so the library's
+//! journal writes the key and its request's [`fingerprint`] **in the sled batch of the spend
+//! itself**: after a crash both are on disk or neither. At start, before it serves, the
+//! sidecar seeds this table from the records on disk ([`Keys::seed`], each answered
+//! `duplicate: true` for what is left of its [`TTL`]). The order that makes it exact:
+//! the key is `Pending` here while its spend is in flight, the record goes to disk with the
+//! spend, and the answer is sent only after the fsync (for `durable: true`). So a kill after
+//! the fsync and before the answer leaves the key on disk, and the retry after the restart is
+//! a duplicate that counts nothing; a kill before the fsync leaves neither, and the retry
+//! counts once. A buffered spend (no `durable`) is answered before its fsync: a kill within
+//! `storage.max_delay` after the answer loses the spend and its key together (the buffered
+//! contract), and the retry counts it once. A spend that counts nothing (no budget applies, a
+//! cost of zero) writes no record.
+//!
+//! The fingerprint is XXH3-64 of a canonical encoding of the request (built by the caller),
+//! stable across processes, so that "same key, another request" is still a 409 after a
+//! restart.
 //!
 //! Concurrent requests with the same key: the first runs, the others wait for its outcome and
 //! answer with it. A first attempt that counted nothing (expired `at`, shutting down) forgets
@@ -21,10 +39,11 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-/// How long a key is remembered after its first request.
-pub(crate) const TTL: Duration = Duration::from_secs(24 * 3600);
-/// Most keys remembered at once.
-pub(crate) const CAPACITY: usize = 262_144;
+/// How long a key is remembered after its first request: as long as the library keeps its
+/// record on disk.
+pub(crate) const TTL: Duration = provider_budgets::IDEMPOTENCY_TTL;
+/// Most keys remembered at once: as many as the library keeps on disk.
+pub(crate) const CAPACITY: usize = provider_budgets::IDEMPOTENCY_CAPACITY;
 /// Longest key accepted, in bytes.
 pub(crate) const MAX_KEY_LEN: usize = 256;
 
@@ -73,12 +92,10 @@ pub(crate) enum Begin {
     Mismatch,
 }
 
-/// A fingerprint of a request's content (stable within the process).
-pub(crate) fn fingerprint(content: &str) -> u64 {
-    use std::hash::{Hash as _, Hasher as _};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    content.hash(&mut h);
-    h.finish()
+/// A fingerprint of a request's canonical encoding: XXH3-64, the same in every process and
+/// on every platform (it is stored with the key and compared after a restart).
+pub(crate) fn fingerprint(canonical: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(canonical)
 }
 
 /// The right to run the request of a fresh key.
@@ -125,6 +142,31 @@ impl Keys {
             generation,
             tx: Some(tx),
         })
+    }
+
+    /// Remembers keys answered before a restart (`(key, fingerprint, age)`, oldest first):
+    /// each is answered as counted until its [`TTL`] (from its first request) has passed.
+    /// Returns how many were taken (those older than the TTL are not).
+    pub(crate) fn seed(&self, known: impl IntoIterator<Item = (String, u64, Duration)>) -> usize {
+        let now = Instant::now();
+        let mut t = self.lock();
+        let mut taken = 0;
+        for (key, fingerprint, age) in known {
+            let Some(left) = TTL.checked_sub(age).filter(|l| !l.is_zero()) else {
+                continue;
+            };
+            let key: Arc<str> = Arc::from(key);
+            let generation = t.next_generation;
+            t.next_generation += 1;
+            let slot = Slot::Done(Outcome::counted());
+            t.slots
+                .insert(Arc::clone(&key), (generation, fingerprint, slot));
+            // Oldest first: the deadlines stay in order, as `expire` needs.
+            t.order.push_back((key, generation, now + left));
+            taken += 1;
+        }
+        t.expire(now);
+        taken
     }
 
     /// Number of keys remembered.
@@ -297,7 +339,29 @@ mod tests {
         t.finish(Outcome::counted());
         assert!(matches!(keys.begin("k", 2), Begin::Mismatch));
         assert!(matches!(keys.begin("k", 1), Begin::Done(_)));
-        assert_ne!(fingerprint("a"), fingerprint("b"));
+        assert_ne!(fingerprint(b"a"), fingerprint(b"b"));
+        // Stable across processes and versions: XXH3-64's specified value (seed 0).
+        assert_eq!(fingerprint(b""), 0x2D06_8005_38D3_94C2);
+    }
+
+    #[test]
+    fn seeded_keys_are_duplicates_until_their_ttl_and_keep_their_fingerprint() {
+        let keys = Keys::default();
+        let hour = Duration::from_secs(3600);
+        let known = [
+            ("old".to_owned(), 1, TTL + hour),
+            ("young".to_owned(), 2, hour),
+            ("new".to_owned(), 3, Duration::ZERO),
+        ];
+        assert_eq!(keys.seed(known), 2);
+        assert!(matches!(keys.begin("young", 2), Begin::Done(o) if o.counted));
+        assert!(matches!(keys.begin("young", 9), Begin::Mismatch));
+        assert!(matches!(keys.begin("new", 3), Begin::Done(_)));
+        assert_eq!(keys.len(), 2);
+        assert!(
+            matches!(keys.begin("old", 1), Begin::Fresh(_)),
+            "past its TTL"
+        );
     }
 
     #[tokio::test]

@@ -20,6 +20,9 @@
 //!   flush and last sync round). Every durable spend answered `200` was fsynced before.
 //! * Reload on SIGHUP or `POST /v1/reload`: the config is read again through the caller's
 //!   loader and applied with [`Limiter::reload`]; a bad config is refused, the old one stays.
+//! * Idempotency across a restart: before it listens, the sidecar seeds its key table and its
+//!   ended reservations from the records the library keeps on disk with the spends they
+//!   guard ([`Limiter::idempotency_records`]; module `idempotency`).
 
 mod adjust;
 mod api;
@@ -85,6 +88,11 @@ pub struct ServeArgs {
     /// half-written file would drop every budget).
     #[arg(long)]
     pub allow_empty: bool,
+    /// Test hook (hidden): after the fsync of a keyed spend or of a reservation's end, print
+    /// `fsynced KEY` on stdout and never answer, so that a crash test kills the sidecar in
+    /// the window between the fsync and the answer deterministically.
+    #[arg(long, hide = true)]
+    pub testing_pause_after_fsync: bool,
 }
 
 fn positive_duration(text: &str) -> Result<Duration, String> {
@@ -118,6 +126,9 @@ pub enum ServeError {
     /// The final flush failed.
     #[error("final flush: {0}")]
     Flush(#[from] provider_budgets::StoreError),
+    /// The idempotency records could not be read from the data dir.
+    #[error("cannot read the stored idempotency keys: {0}")]
+    Keys(provider_budgets::StoreError),
     /// The flags do not allow starting (a token file that cannot be used, no token on a
     /// non-loopback address).
     #[error("{0}")]
@@ -146,6 +157,25 @@ pub(crate) struct State {
     pub reservations: reserve::Table,
     /// Auth, content type, host and body checks in front of the admission.
     pub edge: edge::Edge,
+    /// `serve --testing-pause-after-fsync` ([`State::after_fsync`]).
+    pub pause_after_fsync: bool,
+}
+
+impl State {
+    /// Called after the fsync of a keyed spend or of a reservation's end, before the answer.
+    /// Does nothing unless the hidden test flag is set; then prints `fsynced KEY` and never
+    /// returns (pending forever, no timer): the test SIGKILLs the sidecar in that window.
+    pub(crate) async fn after_fsync(&self, key: &str) {
+        if !self.pause_after_fsync {
+            return;
+        }
+        {
+            use std::io::Write as _;
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "fsynced {key}").and_then(|()| out.flush());
+        }
+        std::future::pending::<()>().await;
+    }
 }
 
 /// What `serve` sets up before the limiter is opened: the runtime, the signal handlers
@@ -235,15 +265,17 @@ async fn serve(
         })?;
     let local = listener.local_addr().map_err(ServeError::Runtime)?;
     let (reload_tx, mut reload_rx) = mpsc::channel::<ReloadRequest>(16);
+    let (keys, reservations) = restore_keys(limiter, args)?;
     let state = Arc::new(State {
         limiter: limiter.clone(),
-        keys: idempotency::Keys::default(),
+        keys,
         metrics: exporter,
         permits: Arc::new(Semaphore::new(args.max_in_flight as usize)),
         max_in_flight: args.max_in_flight as usize,
         reload: reload_tx,
-        reservations: reserve::Table::new(args.max_open_reservations as usize),
+        reservations,
         edge,
+        pause_after_fsync: args.testing_pause_after_fsync,
     });
     let app = router(Arc::clone(&state));
     let probes = probes_only(state);
@@ -286,6 +318,39 @@ async fn serve(
     }
     let _ = stop_tx.send(true);
     drain(server, args.drain_timeout).await
+}
+
+/// The key table and the reservation table, seeded from the idempotency records on disk
+/// (keyed spends and remembered reservation ends of the runs before), before serving.
+fn restore_keys(
+    limiter: &Limiter,
+    args: &ServeArgs,
+) -> Result<(idempotency::Keys, reserve::Table), ServeError> {
+    let records = limiter.idempotency_records().map_err(ServeError::Keys)?;
+    let now = limiter.now();
+    let age =
+        |at: jiff::Timestamp| Duration::try_from(now.duration_since(at)).unwrap_or(Duration::ZERO);
+    let mut spends = Vec::new();
+    let mut ends = Vec::new();
+    for r in records {
+        match r.what {
+            provider_budgets::Remembered::Spend { fingerprint } => {
+                spends.push((r.key, fingerprint, age(r.at)));
+            }
+            what => ends.push((r.key, what, age(r.at))),
+        }
+    }
+    let keys = idempotency::Keys::default();
+    let reservations = reserve::Table::new(args.max_open_reservations as usize);
+    let (k, e) = (keys.seed(spends), reservations.seed(ends));
+    if k + e > 0 {
+        tracing::info!(
+            keys = k,
+            reservations = e,
+            "idempotency keys and ended reservations restored from the data dir"
+        );
+    }
+    Ok((keys, reservations))
 }
 
 /// The ready line: tests and supervisors read the bound address (useful with port 0). A

@@ -8,8 +8,15 @@
 //!   [`FINISHED_CAPACITY`], for [`FINISHED_TTL`]) and a repeat gets it again, with
 //!   `"duplicate": true`. A repeat that arrives while the first is still being made durable
 //!   waits for it. A release after a commit (or the reverse) is 409, naming what happened.
-//! * An id this sidecar never issued (or ended longer ago than [`FINISHED_TTL`], or before a
-//!   restart) is 404.
+//! * Also across a restart: every end is made with
+//!   [`Reservation::remember_end`](provider_budgets::Reservation::remember_end), so the
+//!   journal writes how it ended (committed and the cost, or released) in the sled batch of
+//!   the end itself; at start the table is seeded from those records ([`Table::seed`]). A kill
+//!   after the end's fsync and before its answer leaves the record: the repeat after the
+//!   restart gets the same answer, counted once.
+//! * An id this sidecar never issued (or ended longer ago than [`FINISHED_TTL`], or open at
+//!   a restart: its estimate was counted then, or one in which no budget applied that ended
+//!   before a restart) is 404.
 //! * A commit or release after expiry is 409 with `"expired": true`: the estimate was counted
 //!   instead of the cost (decision: 409 Conflict, since the request is well-formed but the
 //!   reservation's state no longer allows it; a client should not retry it).
@@ -118,6 +125,36 @@ impl Table {
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // Single-step updates only: a poisoned table is consistent.
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Remembers reservations ended before a restart (`(id, how it ended, age)`, oldest
+    /// first): a repeat gets the same answer until [`FINISHED_TTL`] after the end. Returns
+    /// how many were taken.
+    pub(crate) fn seed(
+        &self,
+        ended: impl IntoIterator<Item = (String, provider_budgets::Remembered, Duration)>,
+    ) -> usize {
+        use provider_budgets::Remembered;
+        let now = Instant::now();
+        let mut t = self.lock();
+        let mut taken = 0;
+        for (id, what, age) in ended {
+            let Some(left) = FINISHED_TTL.checked_sub(age).filter(|l| !l.is_zero()) else {
+                continue;
+            };
+            let answer = match what {
+                Remembered::Committed { cost } => answer_of(&id, Op::Commit, Some(cost), Ok(())),
+                Remembered::Released => answer_of(&id, Op::Release, None, Ok(())),
+                _ => continue,
+            };
+            let key: Arc<str> = Arc::from(id);
+            // Oldest first: `ended` stays in deadline order, as `forget_old` needs.
+            t.ended.push_back((Arc::clone(&key), now + left));
+            t.slots.insert(key, Slot::Done(answer));
+            taken += 1;
+        }
+        t.forget_old(now);
+        taken
     }
 
     fn has_room(&self) -> bool {
@@ -406,7 +443,7 @@ async fn end(state: Shared, id: &str, op: Op, cost: Option<Money>) -> Response {
         Begin::Unknown => error(
             StatusCode::NOT_FOUND,
             &format!(
-                "unknown reservation {id:?}: never issued by this sidecar, ended more than {} ago, or issued before a restart",
+                "unknown reservation {id:?}: never issued by this sidecar, ended more than {} ago, or still open when the sidecar restarted (its estimate was counted)",
                 humantime::format_duration(FINISHED_TTL)
             ),
         ),
@@ -429,6 +466,9 @@ async fn end(state: Shared, id: &str, op: Op, cost: Option<Money>) -> Response {
             // In a task of its own: a client that disconnects does not cancel it halfway.
             let id: Arc<str> = Arc::from(id);
             let task = tokio::spawn(async move {
+                // Remembered on disk with the end itself: a repeat after a restart gets this
+                // answer too.
+                let r = r.remember_end();
                 let ended = match cost {
                     Some(c) => r.commit(c),
                     None => r.release(),
@@ -437,6 +477,9 @@ async fn end(state: Shared, id: &str, op: Op, cost: Option<Money>) -> Response {
                     Ok(receipt) => receipt.await.map(drop).map_err(ReserveError::from),
                     Err(e) => Err(e),
                 };
+                if ended.is_ok() {
+                    state.after_fsync(&id).await;
+                }
                 let answer = answer_of(&id, op, cost, ended);
                 state.reservations.finish(&id, answer.clone(), &tx);
                 answer
