@@ -666,9 +666,16 @@ fn a_round_where_no_key_syncs_is_a_failed_round() {
     };
     let (url, now) = (server.url(), now());
     let day = day_start(now);
+    // Every key: each budget's and its credit series' (`1d#credit`).
     for provider in ["openai", "anthropic"] {
         for start in [day, day - 86_400] {
-            server.command(&["SET", &format!("allbad:{{{provider}:1d}}:{start}"), "x"]);
+            for period in ["1d", "1d#credit"] {
+                server.command(&[
+                    "SET",
+                    &format!("allbad:{{{provider}:{period}}}:{start}"),
+                    "x",
+                ]);
+            }
         }
     }
     let dir = tempfile::tempdir().unwrap();
