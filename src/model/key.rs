@@ -14,7 +14,8 @@
 //!   its own `time_zone` and the period is a calendar one (`d`, `w`, `mo`): a day in Berlin is
 //!   another series than a day in New York;
 //! * a budget's **credit series** (corrections, [`BudgetKey::credit`]): the period part with
-//!   `#credit` appended (`1d#credit`), so its sled keys and Redis hash sit beside the budget's;
+//!   `#credit` appended (`1d#credit`) in sled; in Redis the suffix follows the budget's hash
+//!   tag (`{prefix}:{openai:1d}#credit:…`), so both share one Cluster slot;
 //! * sled: `key name 0x00 period part 0x00 start` (module `durable::store`);
 //! * Redis: `{prefix}:{key name:period part}:…` ([`BudgetKey::redis_tag`]), the braces being
 //!   the budget's Redis Cluster hash tag.
@@ -75,7 +76,13 @@ impl BudgetKey {
     /// Redis key text, the braces being the budget's Redis Cluster hash tag.
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub fn redis_tag(&self, prefix: &str) -> String {
-        format!("{prefix}:{{{}:{}}}", self.key_name(), self.period_part)
+        // A credit series shares its budget's hash tag (the suffix goes after the braces), so
+        // both live on one Redis Cluster master and a master that is down affects a budget
+        // only through the master it was already on.
+        match self.period_part.strip_suffix(CREDIT) {
+            Some(period) => format!("{prefix}:{{{}:{period}}}{CREDIT}", self.key_name()),
+            None => format!("{prefix}:{{{}:{}}}", self.key_name(), self.period_part),
+        }
     }
 }
 
@@ -158,6 +165,10 @@ mod tests {
         let k = BudgetKey::of(Scope::Tag, "team-a", day, Some("Europe/Berlin"));
         assert_eq!(k.period_part, "1d@Europe/Berlin");
         assert_eq!(k.redis_tag("pb"), "pb:{tag:team-a:1d@Europe/Berlin}");
+        assert_eq!(
+            k.credit().redis_tag("pb"),
+            "pb:{tag:team-a:1d@Europe/Berlin}#credit"
+        );
         let k = BudgetKey::of(Scope::Provider, "openai", hour, Some("Europe/Berlin"));
         assert_eq!(k.store_parts(), ("openai".into(), "1h".into()));
     }

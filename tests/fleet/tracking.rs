@@ -131,8 +131,8 @@ fn a_clean_round_with_nothing_changed_reads_no_window_key() {
             .replication
             .round_trips;
         assert_eq!(after - trips, 1);
-        // ... covering both live windows, neither of them read.
-        assert_eq!(figures(node), (2, 2, true));
+        // ... covering both live windows and their credit series', none of them read.
+        assert_eq!(figures(node), (4, 4, true));
     }
     assert_eq!(calls(&server, "hmget"), hmget, "no HMGET in clean rounds");
     assert_eq!(calls(&server, "evalsha"), evalsha, "no script either");
@@ -162,10 +162,11 @@ fn a_clean_node_sees_another_nodes_new_spend_at_its_next_round() {
             (1..=k).filter(|i| i % 2 == 1).sum::<u64>(),
             "round {k}"
         );
-        // b read only what changed (one window), the other stayed unread.
+        // b read only what changed (one window), the others (and the credit series'
+        // windows) stayed unread.
         let (read, unchanged, tracking) = figures(&b);
         assert!(tracking);
-        assert_eq!((read, unchanged), (2, 1), "round {k}");
+        assert_eq!((read, unchanged), (4, 3), "round {k}");
     }
 }
 
@@ -216,10 +217,10 @@ fn a_killed_replication_connection_is_reopened_and_everything_read_again() {
         a.sync().unwrap();
         b.sync().unwrap();
         // b's new connection vouched for nothing: both windows read, a's spend seen.
-        assert_eq!(figures(&b), (2, 0, true), "round {round}");
+        assert_eq!(figures(&b), (4, 0, true), "round {round}");
         assert_eq!(spend(&b, "openai"), 42 + 1000 * (round + 1));
         b.sync().unwrap();
-        assert_eq!(figures(&b), (2, 2, true), "tracked again");
+        assert_eq!(figures(&b), (4, 4, true), "tracked again");
     }
 }
 
@@ -234,7 +235,7 @@ fn a_server_that_refuses_tracking_falls_back_to_reading_and_stays_exact() {
         };
         let (a, b, _dirs) = two_clean_nodes(&server.url());
         for node in [&a, &b] {
-            assert_eq!(figures(node), (2, 0, false), "{refused}");
+            assert_eq!(figures(node), (4, 0, false), "{refused}");
         }
         for k in 1..=3u64 {
             let hmget = calls(&server, "hmget");

@@ -666,13 +666,13 @@ fn a_round_where_no_key_syncs_is_a_failed_round() {
     };
     let (url, now) = (server.url(), now());
     let day = day_start(now);
-    // Every key: each budget's and its credit series' (`1d#credit`).
+    // Every key: each budget's and its credit series' (`…}#credit:…`).
     for provider in ["openai", "anthropic"] {
         for start in [day, day - 86_400] {
-            for period in ["1d", "1d#credit"] {
+            for series in ["", "#credit"] {
                 server.command(&[
                     "SET",
-                    &format!("allbad:{{{provider}:{period}}}:{start}"),
+                    &format!("allbad:{{{provider}:1d}}{series}:{start}"),
                     "x",
                 ]);
             }
