@@ -130,6 +130,11 @@ pub enum AdjustError {
     /// within the storage retention: no more credits until older ones age out.
     #[error("the audit trail holds {0} corrections within the storage retention; no more are accepted until older ones age out")]
     AuditFull(usize),
+    /// The credit is counted (in memory, audited) but its fsync failed (a full disk): the
+    /// journal retries it, so it becomes durable once the disk works. Do **not** retry it: a
+    /// retry would credit twice.
+    #[error("credited in memory, not yet durable ({0}); the journal retries it: do not retry the credit")]
+    NotDurable(crate::StoreError),
     /// The reason is empty, too long, or not one line.
     #[error("reason: {0}")]
     Reason(String),
@@ -150,6 +155,10 @@ impl Limiter {
         check_reason(&adjustment.reason)?;
         let slot = self.adjusted_slot(&adjustment)?;
         let inner = &*self.inner;
+        let _serial = inner
+            .adjust_lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let series = inner
             .view
             .credit_series(slot)
@@ -271,7 +280,15 @@ impl Limiter {
             ack: None,
         };
         inner.journal.send(event).map_err(|_| self.gone())?;
-        Receipt::new(self, 1).wait()?;
+        match Receipt::new(self, 1).wait() {
+            Ok(_) => {}
+            Err(RecordError::Storage(e)) => {
+                tracing::warn!(budget = %entry.budget, amount = %amount, by = %entry.by,
+                    reason = %entry.reason, error = %e, "credit recorded, not yet durable");
+                return Err(AdjustError::NotDurable(e));
+            }
+            Err(e) => return Err(e.into()),
+        }
         tracing::warn!(
             budget = %entry.budget,
             period = %entry.period,

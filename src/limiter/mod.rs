@@ -56,6 +56,9 @@ pub(crate) struct Inner {
     pub(crate) keys: Arc<SlotKeys>,
     /// Serialises reloads.
     pub(crate) reload_lock: Mutex<()>,
+    /// Serialises corrections: a credit's check against the window's net spend and its count
+    /// are one step, so concurrent credits on this node never credit more than was spent.
+    pub(crate) adjust_lock: Mutex<()>,
     /// Bumped by each reload: `Prepared` lists resolve again.
     pub(crate) generation: Arc<AtomicU64>,
     /// Called once per window per soft limit crossed (`Limiter::on_soft_limit`).

@@ -158,6 +158,7 @@ fn open_verified(config: Config, clock: Arc<dyn Clock>, verify: Verify) -> Resul
             config: ArcSwap::from_pointee(config),
             keys: slot_keys,
             reload_lock: Mutex::new(()),
+            adjust_lock: Mutex::new(()),
             generation: Arc::new(AtomicU64::new(0)),
             soft_handler,
             store,

@@ -238,3 +238,35 @@ fn a_removed_budget_keeps_its_credits_when_a_reload_brings_it_back() {
     let s = row(&l, "openai", "1d");
     assert_eq!((s.spend, s.credited), (usd("0.3"), usd("0.5")));
 }
+
+#[test]
+fn concurrent_credits_never_credit_more_than_was_spent() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = clock();
+    let l = open(dir.path(), &clock);
+    l.charge(Spend::provider("openai", usd("1"))).unwrap();
+    let ok = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..8)
+            .map(|i| {
+                let l = &l;
+                s.spawn(move || {
+                    l.adjust(Adjustment::credit(
+                        "openai",
+                        usd("0.2"),
+                        format!("refund {i}"),
+                    ))
+                    .is_ok()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .filter(|&ok| ok)
+            .count()
+    });
+    assert_eq!(ok, 5, "five credits of 0.2 fit in a spend of 1");
+    let s = row(&l, "openai", "1d");
+    assert_eq!((s.spend, s.credited), (Money::ZERO, usd("1")));
+    assert_eq!(l.audit().unwrap().len(), 5);
+}

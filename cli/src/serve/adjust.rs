@@ -98,6 +98,10 @@ pub(super) async fn adjust(
                 "spend_nanos": c.spend.as_nanos(),
             }),
         ),
+        Ok(Err(e @ AdjustError::NotDurable(_))) => json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &serde_json::json!({"credited": true, "error": e.to_string()}),
+        ),
         Ok(Err(e)) => error(status_of(&e), &e.to_string()),
         Err(e) => error(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -107,7 +111,8 @@ pub(super) async fn adjust(
 }
 
 /// 404 for an unknown budget, 422 for a credit that cannot apply (amount, reason, time),
-/// 503 when the disk or the limiter cannot take it.
+/// 503 when the disk or the limiter cannot take it (nothing credited; a credit counted but
+/// not yet durable is a 503 with `"credited": true`, answered above).
 fn status_of(e: &AdjustError) -> StatusCode {
     match e {
         AdjustError::UnknownBudget { .. } => StatusCode::NOT_FOUND,

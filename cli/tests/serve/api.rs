@@ -1407,3 +1407,65 @@ fn adjust_credits_a_budget_net_of_spend_and_refuses_clearly() {
     // Nothing more was credited by the refusals.
     assert_eq!(server.spend_nanos("openai"), 500_000_000);
 }
+
+/// A credit on a full disk is either refused with nothing counted, or counted and not yet
+/// durable (503 `"credited": true`, "do not retry"); either way, once space returns, exactly
+/// the one credit is there.
+#[test]
+fn adjust_on_a_full_disk_is_counted_once_and_says_do_not_retry() {
+    let Some(fs) = tmpfs::Tmpfs::mount("8m") else {
+        return;
+    };
+    let mut cli =
+        Cli::new("provider_budget_config:\n  openai: {budget_limit: 1000, time_period: 1d}\n");
+    cli.data = fs.path().join("data");
+    let server = Server::start_in(cli, &[]);
+    let r = server.spend(json!({"provider": "openai", "cost": "5", "durable": true}));
+    assert_eq!(r.status, 200, "{r:?}");
+    let filler = fs.fill();
+    // Fill what sled still had room for.
+    for i in 0..100_000 {
+        let r = server.spend(json!({"provider": "openai", "cost": "0.000000001", "durable": true, "idempotency_key": format!("k{i}")}));
+        if r.status != 200 {
+            break;
+        }
+    }
+    let r = server.post(
+        "/v1/adjust",
+        &json!({"budget": "openai", "amount": "2", "reason": "refund"}).to_string(),
+    );
+    assert_eq!(r.status, 503, "{r:?}");
+    // Either refused before anything counted (the audit entry could not be written: no
+    // `credited`), or counted and not yet durable (`"credited": true`, do not retry).
+    let counted = r.json()["credited"] == true;
+    if counted {
+        assert!(
+            r.json()["error"].as_str().unwrap().contains("do not retry"),
+            "{r:?}"
+        );
+    } else {
+        assert!(
+            r.json()["error"]
+                .as_str()
+                .unwrap()
+                .contains("no space left"),
+            "{r:?}"
+        );
+    }
+    std::fs::remove_file(filler).unwrap();
+    let deadline = Instant::now() + DEADLINE;
+    while server.get("/healthz").status != 200 {
+        assert!(Instant::now() < deadline, "healthz did not recover");
+        thread::sleep(Duration::from_millis(20));
+    }
+    if !counted {
+        let r = server.post(
+            "/v1/adjust",
+            &json!({"budget": "openai", "amount": "2", "reason": "refund"}).to_string(),
+        );
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+    let budgets = server.get("/v1/budgets").json();
+    let openai = &budgets["budgets"][0];
+    assert_eq!(openai["credited_nanos"], 2 * NANOS, "{openai}");
+}
