@@ -513,6 +513,24 @@ fn bad_requests_are_4xx_with_one_line_json_and_record_nothing() {
         ),
         (
             "/v1/spend",
+            r#"{"provider":"openai","cost":1e9223372036854775807}"#,
+            400,
+            "too large",
+        ),
+        (
+            "/v1/spend",
+            r#"{"provider":"openai","cost":-1e9223372036854775807}"#,
+            400,
+            "negative",
+        ),
+        (
+            "/v1/spend",
+            r#"{"provider":"openai","cost":"-."}"#,
+            400,
+            "not a number",
+        ),
+        (
+            "/v1/spend",
             r#"{"provider":"openai","cost":true}"#,
             400,
             "cost",
