@@ -257,11 +257,11 @@ fn a_scheme_that_does_not_match_the_server_says_so_without_the_password() {
         return;
     };
     let secret = "s3cret-pw";
-    // redis:// at the TLS port: the server resets the connection.
+    // redis:// at the TLS port: the server resets the connection (and answers a handshake).
     let url = format!("redis://:{secret}@127.0.0.1:{}/", tls.tls_port());
     let err = replication_error(&url);
     assert!(
-        err.contains("is the server TLS? the URL says redis://"),
+        err.contains("is the server TLS? it answers a TLS handshake, but the URL says redis://"),
         "{err}"
     );
     // rediss:// at a plain server: the handshake times out (the server waits for a line).
