@@ -25,7 +25,9 @@ use crate::view::View;
 /// unknown. The message is litellm's (`No deployments available - crossed budget: Exceeded
 /// budget for provider openai: 10.5 >= 10`), with the scope in place of `provider` for the
 /// other scopes (`Exceeded budget for tag team-a: 5 >= 5`); when each budget resets is in
-/// [`Exceeded::resets_at`].
+/// [`Exceeded::resets_at`]. A strict budget that refused a reservation by this node's grant
+/// alone (not spent) reads `Exceeded this node's grant for provider openai: 1 > 0 (limit 100,
+/// not spent: …)`, see [`Exceeded::grant`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct NoDeployments {
@@ -37,7 +39,8 @@ pub struct NoDeployments {
     pub unknown: Vec<String>,
 }
 
-/// One budget over its limit.
+/// One budget that refused: over its limit, or (a strict budget refusing a reservation) over
+/// this node's grant.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Exceeded {
@@ -50,12 +53,27 @@ pub struct Exceeded {
     pub name: String,
     /// The budget's period (with `@Zone` when it has its own time zone).
     pub period: String,
-    /// Its spend in the current window.
+    /// Its spend in the current window (from `filter`). A refused reservation reports what
+    /// admission would have reached against the bound that refused: the fleet's spend plus
+    /// held money plus the estimate against the limit; this node's own spend plus its held
+    /// money plus the estimate against its grant (when [`Exceeded::grant`] is set).
     pub spend: Money,
-    /// Its limit.
+    /// Its configured limit, whatever refused.
     pub limit: Money,
-    /// When its window ends: retry after this.
+    /// Set when a strict budget refused a reservation by this node's grant alone: the grant
+    /// this node holds in the window. The budget is not spent; the node may admit no more
+    /// until Redis grants it more (Redis is unreachable, or the rest of the limit is granted
+    /// to other nodes). `None` when the limit refused.
+    pub grant: Option<Money>,
+    /// When its window ends: the limit admits again after this (a grant may come sooner).
     pub resets_at: Timestamp,
+}
+
+impl Exceeded {
+    /// Whether this node's grant refused (a strict budget), not the budget's limit.
+    pub fn by_grant(&self) -> bool {
+        self.grant.is_some()
+    }
 }
 
 impl fmt::Display for NoDeployments {
@@ -63,11 +81,21 @@ impl fmt::Display for NoDeployments {
         f.write_str("No deployments available - crossed budget:")?;
         let mut sep = " ";
         for e in &self.exceeded {
-            write!(
-                f,
-                "{sep}Exceeded budget for {} {}: {} >= {}",
-                e.scope, e.name, e.spend, e.limit
-            )?;
+            match e.grant {
+                // Why spelled out: "Exceeded budget ... 1 >= 0" would read as a spent budget.
+                Some(grant) => write!(
+                    f,
+                    "{sep}Exceeded this node's grant for {} {}: {} > {grant} (limit {}, not \
+                     spent: a strict budget admits only what Redis granted this node, and no \
+                     more came: Redis is unreachable, or the rest is granted to other nodes)",
+                    e.scope, e.name, e.spend, e.limit
+                )?,
+                None => write!(
+                    f,
+                    "{sep}Exceeded budget for {} {}: {} >= {}",
+                    e.scope, e.name, e.spend, e.limit
+                )?,
+            }
             sep = ", ";
         }
         for m in &self.unknown {
@@ -331,6 +359,7 @@ impl<'a> Check<'a> {
                 period: key.period_part,
                 spend: t.total(),
                 limit: self.view.limit(b),
+                grant: None,
                 resets_at: t.window.end(),
             });
         };

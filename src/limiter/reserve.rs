@@ -40,8 +40,10 @@
 //!   what `filter` denies): a caller that cannot price a call still cannot pass a spent budget.
 //! * A denial is [`NoDeployments`], as `filter` reports it, with one [`Exceeded`] per refusing
 //!   budget: its `spend` is what admission would have reached (`spend + reserved + estimate`;
-//!   for a strict budget refused by its grant: `own + reserved + estimate`, with the grant as
-//!   `limit`), so the message `Exceeded budget for provider openai: 10.5 >= 10` is true.
+//!   for a strict budget refused by its grant: `own + reserved + estimate`, with the grant in
+//!   [`Exceeded::grant`] and the configured limit as `limit`), so the message `Exceeded budget
+//!   for provider openai: 10.5 >= 10` (or `Exceeded this node's grant for provider openai:
+//!   1 > 0 (limit 100, …)`) is true.
 
 use std::future::{Future, IntoFuture};
 use std::pin::Pin;
@@ -584,18 +586,18 @@ impl Limiter {
         let budget_key = inner.keys.get(budget);
         let key = budget_key.key_name();
         let t = inner.view.totals_at(budget, secs);
-        let (window, spend, limit) = match why {
+        let (window, spend, grant) = match why {
             Refused::Limit(w) => (
                 w,
                 t.total()
                     .saturating_add(t.reserved)
                     .saturating_add(estimate),
-                inner.view.limit(budget),
+                None,
             ),
             Refused::Grant(w) => (
                 w,
                 t.own.saturating_add(t.reserved).saturating_add(estimate),
-                t.grant,
+                Some(t.grant),
             ),
         };
         Exceeded {
@@ -604,7 +606,8 @@ impl Limiter {
             name: budget_key.name,
             period: budget_key.period_part,
             spend,
-            limit,
+            limit: inner.view.limit(budget),
+            grant,
             resets_at: window.end(),
         }
     }

@@ -512,21 +512,30 @@ impl Worker {
                     || e.is_connection_refusal()
                     || e.is_connection_dropped());
                 let message = self.protocol(&e.to_string()).to_string();
+                let hint = tls::scheme_hint(client, &message, bound).await;
                 Err((
                     ReplicationError::Unreachable {
                         url: label.to_owned(),
-                        reason: tls::explain(&message),
+                        reason: format!("{}{hint}", tls::explain(&message)),
                     },
                     answered.then_some(message),
                 ))
             }
-            Err(_) => Err((
-                ReplicationError::Timeout {
-                    url: label.to_owned(),
-                    after: humantime::format_duration(self.parts.redis.connect_timeout).to_string(),
-                },
-                None,
-            )),
+            Err(_) => {
+                let after = humantime::format_duration(self.parts.redis.connect_timeout);
+                let error = match tls::scheme_hint(client, "timed out", bound).await {
+                    "" => ReplicationError::Timeout {
+                        url: label.to_owned(),
+                        after: after.to_string(),
+                    },
+                    // With the cause known, the failure is a connection that cannot work.
+                    hint => ReplicationError::Unreachable {
+                        url: label.to_owned(),
+                        reason: format!("no answer within {after}{hint}"),
+                    },
+                };
+                Err((error, None))
+            }
         }
     }
 

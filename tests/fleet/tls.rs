@@ -1,7 +1,8 @@
 //! `rediss://` through a real TLS `redis-server` (`--tls-port`), with certificates generated
 //! by the test (`rcgen`: a CA and a server certificate for 127.0.0.1): two nodes exact over
 //! TLS with `tls.ca_file`, a wrong CA is one clear error line, an unreadable CA file fails at
-//! open, and the explicit test-only opt-out of verification works.
+//! open, the explicit test-only opt-out of verification works, and a URL whose scheme does not
+//! match the server (`redis://` at the TLS port, `rediss://` at a plain server) says so.
 
 #![allow(clippy::unwrap_used)]
 
@@ -228,4 +229,71 @@ fn skipping_verification_is_an_explicit_opt_in_for_tests() {
     node.sync().unwrap();
     node.sync().unwrap();
     assert_eq!(spend(&node), 9);
+}
+
+/// The replication error a node reports for `url` after one failed round: from `sync`, and
+/// the same text in `health()` and in every status row.
+fn replication_error(url: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let node = open(config(dir.path(), url, "a", None, false)).unwrap();
+    let err = node.sync().unwrap_err().to_string();
+    assert_eq!(
+        node.health().replication.last_error.as_deref(),
+        Some(err.as_str())
+    );
+    for row in node.status(StatusQuery::all()) {
+        assert_eq!(row.replication.last_error.as_deref(), Some(err.as_str()));
+    }
+    err
+}
+
+#[test]
+fn a_scheme_that_does_not_match_the_server_says_so_without_the_password() {
+    let files = tempfile::tempdir().unwrap();
+    let Some((tls, _ca)) = tls_server(files.path()) else {
+        return;
+    };
+    let Some(plain) = RedisServer::start() else {
+        return;
+    };
+    let secret = "s3cret-pw";
+    // redis:// at the TLS port: the server resets the connection (and answers a handshake).
+    let url = format!("redis://:{secret}@127.0.0.1:{}/", tls.tls_port());
+    let err = replication_error(&url);
+    assert!(
+        err.contains("is the server TLS? it answers a TLS handshake, but the URL says redis://"),
+        "{err}"
+    );
+    // rediss:// at a plain server: the handshake times out (the server waits for a line).
+    let url = format!("rediss://:{secret}@127.0.0.1:{}/", plain.port());
+    let err = replication_error(&url);
+    assert!(
+        err.contains("the URL says rediss:// but the server does not speak TLS"),
+        "{err}"
+    );
+    // A matching scheme that fails for another reason gets no hint: nobody listens, or a
+    // plain server refuses the password.
+    let closed = format!("rediss://:{secret}@127.0.0.1:{}/", free_port());
+    plain.command(&["CONFIG", "SET", "requirepass", "another"]);
+    let wrong_password = format!("redis://:{secret}@127.0.0.1:{}/", plain.port());
+    for url in [closed, wrong_password] {
+        let err = replication_error(&url);
+        assert!(!err.contains("the URL says"), "{err}");
+    }
+    for err in [
+        replication_error(&format!("redis://:{secret}@127.0.0.1:{}/", tls.tls_port())),
+        replication_error(&format!("rediss://:{secret}@127.0.0.1:{}/", plain.port())),
+    ] {
+        assert!(!err.contains(secret) && err.contains(":***@"), "{err}");
+        assert!(!err.contains('\n'), "{err}");
+    }
+}
+
+/// A loopback port nobody listens on (bound, then released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }

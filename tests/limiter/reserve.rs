@@ -154,6 +154,7 @@ fn a_denial_is_the_filters_error_and_reserve_any_takes_the_first_with_room() {
     assert_eq!((e.scope, e.name.as_str()), (Scope::Provider, "openai"));
     assert_eq!(e.spend, usd("10.5"), "what admission would have reached");
     assert_eq!(e.limit, usd("10"));
+    assert_eq!(e.grant, None, "the limit refused, not a grant");
     assert_eq!(
         e.resets_at,
         "2024-06-02T00:00:00Z".parse::<Timestamp>().unwrap()

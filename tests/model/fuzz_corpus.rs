@@ -4,9 +4,11 @@
 //! package, so the published crate's tests build and pass too):
 //!
 //! * the parsers fuzzed by `fuzz/` — `parse_duration`, `Period` and `Money` from text,
+//!   the sidecar's request amounts (`Money::from_decimal_exponent`,
+//!   `Money::parse_json_number`, checked against an exact decimal reading),
 //!   `Config::from_yaml_str` / `from_toml_str`, and the stored-value decoding behind
-//!   `fuzz_decode_value` — still never panic on any corpus input (seeds, and crash
-//!   reproducers once they are added to the corpus);
+//!   `fuzz_decode_value` — still never panic (nor break their properties) on any corpus
+//!   input (seeds, and crash reproducers once they are added to the corpus);
 //! * known seeds still parse or decode (or are still refused) as they should, so a broken
 //!   parser or a stale corpus fails here instead of silently fuzzing nothing useful;
 //! * the committed stored-value seed is byte for byte what the store writes today, so the
@@ -122,6 +124,67 @@ fn duration_corpus_replays() {
     assert_eq!(money("money-exponent"), Money::from_nanos(1_000_000));
     assert_eq!(money("money-max"), Money::MAX);
     assert_eq!(money("money-negative-zero"), Money::ZERO);
+}
+
+#[test]
+fn request_money_corpus_replays() {
+    use checks::Amount::{Malformed, Nanos, Negative, TooLarge};
+    let files = corpus("request_money");
+    for (name, data) in &files {
+        checks::request_money(data).unwrap_or_else(|| {
+            panic!("seed {name} is longer than MAX_AMOUNT, the fuzzer skips it")
+        });
+    }
+    let of = |name: &str| checks::request_money(seed(&files, name)).expect("within MAX_AMOUNT");
+    let max = u64::MAX;
+    for (name, amount) in [
+        ("plain-tenth", Nanos(100_000_000)),
+        ("exponent-python", Nanos(15_000)),
+        ("exponent-upper-plus", Nanos(2_000_000_000_000)),
+        ("float-printer", Nanos(300_000_000)),
+        ("round-half-up", Nanos(1)),
+        ("round-down", Nanos(0)),
+        ("max", Nanos(max)),
+        ("max-exponent", Nanos(max)),
+        ("leading-zeros", Nanos(1_500_000_000)),
+        ("long-fraction", Nanos(0)),
+        ("zero-huge-exponent", Nanos(0)),
+        ("tiny-exponent-min", Nanos(0)),
+        ("negative-zero", Nanos(0)),
+        ("negative-zero-huge-exponent", Nanos(0)),
+        ("whitespace", Nanos(12_500_000_000)),
+        ("decimal-not-json-leading-dot", Nanos(500_000_000)),
+        ("decimal-not-json-leading-plus", Nanos(1_000_000_000)),
+        ("too-large-by-one-nano", TooLarge),
+        ("too-large-by-rounding", TooLarge),
+        ("huge-exponent", TooLarge),
+        ("huge-exponent-fraction", TooLarge),
+        ("negative", Negative),
+        ("negative-tiny", Negative),
+        ("huge-exponent-negative", Negative),
+        ("exponent-beyond-i64", Malformed),
+        ("minus-dot", Malformed),
+        ("double-plus-exponent", Malformed),
+        ("nan", Malformed),
+        ("infinity", Malformed),
+    ] {
+        assert_eq!(of(name), amount, "{name}");
+    }
+    // The reference agrees with the parser on these (checked above); the sidecar's JSON
+    // numbers are a subset: a leading point or plus is a decimal string's, not a number's.
+    for (name, json) in [
+        ("exponent-python", true),
+        ("huge-exponent", true),
+        ("huge-exponent-negative", true),
+        ("decimal-not-json-leading-dot", false),
+        ("decimal-not-json-leading-plus", false),
+        ("whitespace", false),
+    ] {
+        let text = std::str::from_utf8(seed(&files, name)).expect("UTF-8");
+        assert_eq!(checks::is_json_number(text), json, "{name}");
+        let accepted = json && matches!(of(name), Nanos(_));
+        assert_eq!(Money::parse_json_number(text).is_ok(), accepted, "{name}");
+    }
 }
 
 #[test]

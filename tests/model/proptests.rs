@@ -1,4 +1,4 @@
-//! Property tests pinning three things against independent models:
+//! Property tests pinning four things against independent models:
 //!
 //! * the [`Limiter`] as a state machine: random records (buffered and durable, now or at
 //!   instants in earlier/later windows and right at boundaries, zero to saturating costs, to
@@ -11,7 +11,10 @@
 //!   start on the anchor's day (clamped to the month's length) and time, in UTC;
 //! * configuration: generated budgets rendered as YAML and TOML, at the top level and under
 //!   `router_settings`, parse back to the same budgets; bad periods, negative limits and
-//!   unknown keys in `provider_budgets` are rejected with errors naming provider/key and value.
+//!   unknown keys in `provider_budgets` are rejected with errors naming provider/key and value;
+//! * request amounts (the sidecar's exact parsers): any way of writing an amount reads as
+//!   exactly that amount, past `u64::MAX` nanos is too large and any negative is negative
+//!   however written, and near-miss texts keep the `request_money` fuzz target's properties.
 #![allow(clippy::unwrap_used)]
 
 use std::collections::{BTreeMap, HashMap};
@@ -22,10 +25,11 @@ use jiff::tz::Offset;
 use jiff::{SignedDuration, Span, Timestamp};
 use proptest::prelude::*;
 use provider_budgets::{
-    BudgetConfig, Config, ConfigError, FakeClock, Limiter, Money, Period, RecordError, Schedule,
-    Scope, Target, UnknownProvider,
+    BudgetConfig, Config, ConfigError, FakeClock, Limiter, Money, MoneyError, Period, RecordError,
+    Schedule, Scope, Target, UnknownProvider,
 };
 use provider_budgets::{Spend, StatusQuery, NO_TAGS};
+use provider_budgets_test_support::fuzz_checks as checks;
 
 // ---- independent window arithmetic ----------------------------------------------------------
 
@@ -906,4 +910,147 @@ fn unknown_provider_policy_parses() {
         msg.contains("provider_budgets.unknown_provider") && msg.contains("maybe"),
         "{msg}"
     );
+}
+
+// ---- request amounts (the sidecar's exact parsers) -------------------------------------------
+
+/// An amount of `digits × 10^-scale` USD written the way clients write it: leading and
+/// trailing zeros, the point anywhere, an exponent in `e` or `E` with or without `+`, spaces
+/// around.
+#[derive(Debug, Clone)]
+struct Written {
+    /// The amount in units of `10^-scale` USD (may be past `u64::MAX` nanos).
+    digits: String,
+    /// 9: `digits` are nanos; 10: tenths of a nano (rounded half-up when read).
+    scale: i64,
+    leading_zeros: usize,
+    trailing_zeros: usize,
+    /// Where the point goes in the zero-padded digits (from the left); none: no point.
+    point: Option<usize>,
+    upper: bool,
+    plus: bool,
+    spaces: bool,
+}
+
+impl Written {
+    /// The text, worth `digits × 10^-scale` USD, with `sign` in front.
+    fn text(&self, sign: &str) -> String {
+        let padded = format!(
+            "{}{}{}",
+            "0".repeat(self.leading_zeros),
+            self.digits,
+            "0".repeat(self.trailing_zeros)
+        );
+        let point = self.point.unwrap_or(padded.len()).min(padded.len());
+        let (int, frac) = padded.split_at(point);
+        // digits × 10^-scale = padded × 10^(-scale - trailing)
+        //                   = int.frac × 10^(len(frac) - scale - trailing)
+        let exp = frac.len() as i64 - self.scale - self.trailing_zeros as i64;
+        let mantissa = match (int.is_empty(), self.point.is_some()) {
+            (_, false) => padded.clone(),
+            (true, true) => format!(".{frac}"),
+            (false, true) => format!("{int}.{frac}"),
+        };
+        let e = if self.upper { "E" } else { "e" };
+        let plus = if self.plus && exp >= 0 { "+" } else { "" };
+        let body = format!("{sign}{mantissa}{e}{plus}{exp}");
+        if self.spaces {
+            format!(" {body}\n")
+        } else {
+            body
+        }
+    }
+}
+
+fn written(digits: impl Strategy<Value = String>) -> impl Strategy<Value = Written> {
+    (
+        digits,
+        0usize..4,
+        0usize..4,
+        proptest::option::of(0usize..30),
+        any::<bool>(),
+        any::<bool>(),
+        any::<bool>(),
+    )
+        .prop_map(
+            |(digits, leading_zeros, trailing_zeros, point, upper, plus, spaces)| Written {
+                digits,
+                scale: 9,
+                leading_zeros,
+                trailing_zeros,
+                point,
+                upper,
+                plus,
+                spaces,
+            },
+        )
+}
+
+/// Digits of an amount past `u64::MAX` nanos (21 to 40 digits, or `u64::MAX + 1` exactly).
+fn too_large_digits() -> impl Strategy<Value = String> {
+    prop_oneof![
+        Just((u128::from(u64::MAX) + 1).to_string()),
+        "[1-9][0-9]{20,39}",
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// Any way of writing an amount reads as exactly that amount (a tenth digit of a nano
+    /// rounds half-up); the sidecar's JSON numbers too.
+    #[test]
+    fn written_amounts_read_exactly(
+        nanos in any::<u64>(),
+        tenth in proptest::option::of(0u8..10),
+        w in written(Just(String::new())),
+    ) {
+        let (w, want) = match tenth {
+            None => (Written { digits: nanos.to_string(), ..w }, Some(nanos)),
+            Some(d) => (
+                Written { digits: format!("{nanos}{d}"), scale: 10, ..w },
+                nanos.checked_add(u64::from(d >= 5)),
+            ),
+        };
+        let text = w.text("");
+        let read = Money::from_decimal_exponent(&text);
+        match want {
+            Some(want) => prop_assert_eq!(read.map(Money::as_nanos), Ok(want), "{:?}", text),
+            None => prop_assert!(matches!(read, Err(MoneyError::TooLarge(_))), "{:?}", text),
+        }
+        // Money prints a plain decimal that is a JSON number of the same value.
+        let printed = Money::from_nanos(nanos).to_string();
+        prop_assert_eq!(Money::parse_json_number(&printed).map(Money::as_nanos), Ok(nanos));
+        prop_assert!(checks::request_money(text.as_bytes()).is_some());
+    }
+
+    /// Past `u64::MAX` nanos is too large, however it is written, never saturated or zero;
+    /// any nonzero negative is negative.
+    #[test]
+    fn too_large_and_negative_amounts_are_refused(
+        w in written(too_large_digits()),
+        nanos in 1u64..,
+        small in written(Just(String::new())),
+    ) {
+        let text = w.text("");
+        prop_assert!(
+            matches!(Money::from_decimal_exponent(&text), Err(MoneyError::TooLarge(_))),
+            "{:?}",
+            text
+        );
+        for negative in [w.text("-"), Written { digits: nanos.to_string(), ..small }.text("-")] {
+            prop_assert!(
+                matches!(Money::from_decimal_exponent(&negative), Err(MoneyError::Negative(_))),
+                "{:?}",
+                negative
+            );
+        }
+    }
+
+    /// Texts near the grammar (digits, points, exponents, signs, spaces, letters) keep every
+    /// property of the `request_money` fuzz target.
+    #[test]
+    fn near_miss_texts_keep_the_fuzz_properties(text in "[0-9.eE+\\- nai]{0,40}") {
+        prop_assert!(checks::request_money(text.as_bytes()).is_some());
+    }
 }

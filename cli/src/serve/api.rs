@@ -3,6 +3,7 @@
 
 use std::borrow::Cow;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
@@ -17,7 +18,9 @@ use serde_json::value::RawValue;
 use super::idempotency::{fingerprint, Begin, Outcome, MAX_KEY_LEN};
 use super::money::{clip, money_from_json};
 use super::{State, BODY_LIMIT};
-use provider_budgets::{Deployment, Money, NoDeployments, RecordError, Scope, StatusQuery, Target};
+use provider_budgets::{
+    Deployment, Exceeded, Money, NoDeployments, RecordError, Scope, StatusQuery, Target,
+};
 
 type Shared = Arc<State>;
 
@@ -207,29 +210,32 @@ pub(super) async fn filter(
     }
 }
 
-/// 429: each exceeded budget with its reset time, `Retry-After` until the earliest reset.
+/// 429: each refusing budget with its reset time, `Retry-After` until the earliest moment
+/// one may admit again: its window's reset for a spent budget, the next grant round for a
+/// strict budget refused by this node's grant (`"refused_by": "grant"`).
 pub(super) fn no_deployments(state: &State, none: &NoDeployments) -> Response {
     let now = state.limiter.now();
+    // Why not the reset for a grant refusal: the budget is not spent, a grant round (every
+    // sync interval, Redis permitting) may admit again long before the window ends.
+    let next_grant = state
+        .limiter
+        .config()
+        .redis
+        .as_ref()
+        .map_or(Duration::from_secs(1), |r| r.sync_interval);
+    let next_grant = now.checked_add(next_grant).unwrap_or(Timestamp::MAX);
     let mut earliest: Option<Timestamp> = None;
     let exceeded: Vec<serde_json::Value> = none
         .exceeded
         .iter()
         .map(|e| {
-            let resets_at = Some(e.resets_at);
-            if let Some(t) = resets_at {
-                earliest = Some(earliest.map_or(t, |x| x.min(t)));
-            }
-            serde_json::json!({
-                "provider": (e.scope == Scope::Provider).then_some(&e.name),
-                "scope": e.scope.as_str(),
-                "name": e.name,
-                "period": e.period,
-                "spend": e.spend.as_usd(),
-                "limit": e.limit.as_usd(),
-                "spend_nanos": e.spend.as_nanos(),
-                "limit_nanos": e.limit.as_nanos(),
-                "resets_at": resets_at.map(|t| t.to_string()),
-            })
+            let retry = if e.by_grant() {
+                next_grant
+            } else {
+                e.resets_at
+            };
+            earliest = Some(earliest.map_or(retry, |x| x.min(retry)));
+            exceeded_json(e)
         })
         .collect();
     let mut r = json(
@@ -249,6 +255,25 @@ pub(super) fn no_deployments(state: &State, none: &NoDeployments) -> Response {
         }
     }
     r
+}
+
+/// One refusing budget of a 429: `limit` is always the configured limit; a strict budget
+/// refused by this node's grant has `"refused_by": "grant"` and the grant in `grant`.
+fn exceeded_json(e: &Exceeded) -> serde_json::Value {
+    serde_json::json!({
+        "provider": (e.scope == Scope::Provider).then_some(&e.name),
+        "scope": e.scope.as_str(),
+        "name": e.name,
+        "period": e.period,
+        "refused_by": if e.by_grant() { "grant" } else { "limit" },
+        "spend": e.spend.as_usd(),
+        "limit": e.limit.as_usd(),
+        "grant": e.grant.map(Money::as_usd),
+        "spend_nanos": e.spend.as_nanos(),
+        "limit_nanos": e.limit.as_nanos(),
+        "grant_nanos": e.grant.map(Money::as_nanos),
+        "resets_at": e.resets_at.to_string(),
+    })
 }
 
 // ---- /v1/spend --------------------------------------------------------------------------------

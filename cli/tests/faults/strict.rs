@@ -20,7 +20,7 @@ use child::{sigkill, spawn_piped};
 use cli::Cli;
 use jiff::{SignedDuration, Timestamp};
 use provider_budgets::{BudgetStatus, Config, Enforcement, FakeClock, Limiter, Money, RedisConfig};
-use provider_budgets::{Spend, StatusQuery};
+use provider_budgets::{ReserveError, Spend, StatusQuery};
 use redis_server::RedisServer;
 
 mod loss;
@@ -474,6 +474,52 @@ fn a_reservation_refused_by_its_grant_waits_for_one_grant_round_and_a_spent_budg
     assert!(started.elapsed() < grant_wait, "{:?}", started.elapsed());
     let (sum, _) = redis_grants(&server, window_start(t0()));
     assert!(sum <= LIMIT);
+}
+
+#[test]
+fn a_refusal_by_the_grant_under_a_silent_redis_names_the_limit_and_the_grant_apart() {
+    let Some(mut server) = RedisServer::start() else {
+        return;
+    };
+    let clock = Arc::new(FakeClock::new(t0()));
+    let da = tempfile::tempdir().unwrap();
+    let a = open(da.path(), &server.url(), "a", &clock);
+    until_first_grant(&a, usd(1));
+    let r = a.reserve(&[&"openai/gpt-4o"], usd(1)).wait().unwrap();
+    r.commit(usd(1)).unwrap().wait().unwrap();
+    // Redis dies: grant_only keeps the grant, and nothing more is granted.
+    server.kill();
+    assert!(a.sync().is_err());
+    let held = grant(&a);
+    let left = held - own(&a);
+    assert!(left > 0 && held < LIMIT, "grant {held}");
+    let asked = Money::from_nanos(left + 1);
+    let err = a.reserve(&[&"openai/gpt-4o"], asked).wait().unwrap_err();
+    let ReserveError::Denied(none) = &err else {
+        panic!("{err}")
+    };
+    assert_eq!(none.exceeded.len(), 1, "{err}");
+    let e = &none.exceeded[0];
+    assert_eq!(e.limit, Money::from_nanos(LIMIT), "the configured limit");
+    assert_eq!(e.grant, Some(Money::from_nanos(held)), "this node's grant");
+    assert!(e.by_grant());
+    assert_eq!(e.spend.as_nanos(), own(&a) + asked.as_nanos());
+    let text = err.to_string();
+    assert!(
+        text.contains(&format!(
+            "Exceeded this node's grant for provider openai: {} > {} (limit 100, not spent",
+            e.spend,
+            Money::from_nanos(held)
+        )) && text.contains("Redis is unreachable"),
+        "{text}"
+    );
+    assert!(!text.contains("Exceeded budget"), "{text}");
+    // Within the grant: admitted, Redis or not.
+    let r = a
+        .reserve(&[&"openai/gpt-4o"], Money::from_nanos(left))
+        .wait()
+        .unwrap();
+    r.release().unwrap().wait().unwrap();
 }
 
 #[test]

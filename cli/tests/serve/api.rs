@@ -8,6 +8,7 @@
 #![allow(clippy::unwrap_used)]
 
 use provider_budgets_test_support::cli;
+use provider_budgets_test_support::redis_server;
 use provider_budgets_test_support::tmpfs;
 
 use std::collections::HashMap;
@@ -285,8 +286,9 @@ fn filter_keeps_order_and_fields_and_429_names_each_exhausted_budget_with_retry_
         doc["exceeded"],
         json!([{
             "provider": "openai", "scope": "provider", "name": "openai", "period": "1d",
-            "spend": 1.0, "limit": 1.0,
-            "spend_nanos": NANOS, "limit_nanos": NANOS,
+            "refused_by": "limit",
+            "spend": 1.0, "limit": 1.0, "grant": null,
+            "spend_nanos": NANOS, "limit_nanos": NANOS, "grant_nanos": null,
             "resets_at": "2024-05-02T00:00:00Z",
         }])
     );
@@ -508,6 +510,24 @@ fn bad_requests_are_4xx_with_one_line_json_and_record_nothing() {
             r#"{"provider":"openai","cost":1e300}"#,
             400,
             "too large",
+        ),
+        (
+            "/v1/spend",
+            r#"{"provider":"openai","cost":1e9223372036854775807}"#,
+            400,
+            "too large",
+        ),
+        (
+            "/v1/spend",
+            r#"{"provider":"openai","cost":-1e9223372036854775807}"#,
+            400,
+            "negative",
+        ),
+        (
+            "/v1/spend",
+            r#"{"provider":"openai","cost":"-."}"#,
+            400,
+            "not a number",
         ),
         (
             "/v1/spend",
@@ -1186,8 +1206,9 @@ fn reserve_commit_release_are_idempotent_and_a_denial_is_the_filters_429() {
         r.json()["exceeded"],
         json!([{
             "provider": "openai", "scope": "provider", "name": "openai", "period": "1d",
-            "spend": 1.1, "limit": 1.0,
-            "spend_nanos": 1_100_000_000u64, "limit_nanos": NANOS,
+            "refused_by": "limit",
+            "spend": 1.1, "limit": 1.0, "grant": null,
+            "spend_nanos": 1_100_000_000u64, "limit_nanos": NANOS, "grant_nanos": null,
             "resets_at": "2024-05-02T00:00:00Z",
         }])
     );
@@ -1468,4 +1489,87 @@ fn adjust_on_a_full_disk_is_counted_once_and_says_do_not_retry() {
     let budgets = server.get("/v1/budgets").json();
     let openai = &budgets["budgets"][0];
     assert_eq!(openai["credited_nanos"], 2 * NANOS, "{openai}");
+}
+
+// ---- strict budgets ---------------------------------------------------------------------------
+
+/// `"{usd}.{nanos:09}"`: an exact amount for a request body.
+fn usd_text(nanos: u64) -> String {
+    format!("{}.{:09}", nanos / NANOS, nanos % NANOS)
+}
+
+#[test]
+fn a_strict_429_under_a_silent_redis_names_the_configured_limit_and_the_nodes_grant() {
+    let Some(mut redis) = redis_server::RedisServer::start() else {
+        return;
+    };
+    let config = format!(
+        "provider_budgets:\n  budgets:\n    - {{provider: openai, limit: 100, period: 1d, enforcement: strict}}\n  redis: {{url: \"{}\", sync_interval: 50ms, connect_timeout: 300ms, command_timeout: 300ms}}\n",
+        redis.url()
+    );
+    // A real clock (no --now): Redis expires the grant's key by its own clock.
+    let s = Server::start_with(
+        Cli::new(&config),
+        &["--node-id", "a", "serve", "--listen", "127.0.0.1:0"],
+    );
+    // Past the first use's guard: $1 admitted by a grant, and spent.
+    let deadline = Instant::now() + DEADLINE;
+    let first = loop {
+        let r = s.reserve(json!({"provider": "openai", "estimate": "1"}));
+        if r.status == 200 {
+            break r.json()["reservation"].as_str().unwrap().to_owned();
+        }
+        assert_eq!(r.status, 429, "{r:?}");
+        assert!(Instant::now() < deadline, "no first grant: {r:?}");
+        thread::sleep(Duration::from_millis(20));
+    };
+    let commit = json!({"reservation": first, "cost": "1"}).to_string();
+    assert_eq!(s.post("/v1/commit", &commit).status, 200);
+
+    // Redis dies; once the sidecar knows, its grant stays as it is (offline: grant_only).
+    redis.kill();
+    let row = || s.get("/v1/budgets").json()["budgets"][0].clone();
+    while row()["replication"]["last_error"].is_null() {
+        assert!(
+            Instant::now() < deadline,
+            "Redis's death unnoticed: {}",
+            row()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    let before = row();
+    let grant = before["grant_nanos"].as_u64().unwrap();
+    let own = before["own_spend_nanos"].as_u64().unwrap();
+    assert!(grant > own && grant < 100 * NANOS, "{before}");
+
+    // One nano past the grant: 429 by the grant, the limit as configured.
+    let asked = grant - own + 1;
+    let r = s.reserve(json!({"provider": "openai", "estimate": usd_text(asked)}));
+    assert_eq!(r.status, 429, "{r:?}");
+    let doc = r.json();
+    let e = &doc["exceeded"][0];
+    assert_eq!(doc["exceeded"].as_array().unwrap().len(), 1, "{doc}");
+    assert_eq!(e["refused_by"], "grant", "{doc}");
+    assert_eq!(e["limit_nanos"], 100 * NANOS, "{doc}");
+    assert_eq!(e["limit"], 100.0, "{doc}");
+    assert_eq!(e["grant_nanos"], grant, "{doc}");
+    assert_eq!(e["spend_nanos"], own + asked, "{doc}");
+    let error = doc["error"].as_str().unwrap();
+    assert!(
+        error.contains("Exceeded this node's grant for provider openai")
+            && error.contains("limit 100, not spent")
+            && error.contains("Redis is unreachable"),
+        "{doc}"
+    );
+    // Retry after a grant round (1 s, rounded up), not at the window's reset.
+    assert_eq!(
+        r.headers.get("retry-after").map(String::as_str),
+        Some("1"),
+        "{r:?}"
+    );
+    assert_eq!(row()["grant_nanos"], grant, "the grant did not move");
+    // Not spent: the filter still passes it, and the grant's rest is admitted.
+    assert_eq!(s.filter(json!([{"model": "openai/gpt-4o"}])).status, 200);
+    let r = s.reserve(json!({"provider": "openai", "estimate": usd_text(asked - 1)}));
+    assert_eq!(r.status, 200, "{r:?}");
 }

@@ -660,6 +660,27 @@ def test_costs_go_over_the_wire_as_exact_plain_decimals():
         assert cost_to_decimal_str(bad) is None, bad
 
 
+def test_a_429_of_a_strict_budget_refused_by_the_nodes_grant_is_not_read_as_spent():
+    answer = json.dumps(
+        {
+            "error": "No deployments available - crossed budget: ...",
+            "exceeded": [
+                {"scope": "provider", "name": "openai", "refused_by": "grant",
+                 "spend_nanos": 1_000_000_000, "limit_nanos": 100_000_000_000,
+                 "grant_nanos": 500_000_000},
+                {"scope": "provider", "name": "anthropic", "refused_by": "limit",
+                 "spend_nanos": 2_000_000_000, "limit_nanos": 2_000_000_000, "grant_nanos": None},
+            ],
+            "unknown": [],
+        }
+    ).encode()
+    assert provider_budgets_litellm._exceeded_info(answer) == (
+        "Exceeded this node's grant for provider openai: 1 > 0.5 "
+        "(limit 100, not spent: Redis granted this node no more)\n"
+        "Exceeded budget for provider anthropic: 2 >= 2\n"
+    )
+
+
 # ---- budget model v2: deployment ids and request tags -------------------------------------------
 
 

@@ -709,6 +709,18 @@ def _clip(answer: bytes, n: int = 200) -> str:
     return answer[:n].decode("utf-8", "replace")
 
 
+def _exceeded_line(e: Dict[str, Any]) -> str:
+    """One refusing budget of a 429, in litellm's words; a strict budget refused by the
+    sidecar node's grant (``"refused_by": "grant"``) is not spent, and says so."""
+    budget = f"{e.get('scope') or 'provider'} {e.get('name') or e.get('provider')}"
+    if e.get("refused_by") == "grant":
+        return (
+            f"Exceeded this node's grant for {budget}: {_usd(e, 'spend')} > {_usd(e, 'grant')} "
+            f"(limit {_usd(e, 'limit')}, not spent: Redis granted this node no more)\n"
+        )
+    return f"Exceeded budget for {budget}: {_usd(e, 'spend')} >= {_usd(e, 'limit')}\n"
+
+
 def _exceeded_info(answer: bytes) -> str:
     """The budgets a 429 lists, in litellm's words: one line per exceeded budget
     (``Exceeded budget for provider openai: 10.5 >= 10``), each ending with a newline."""
@@ -718,12 +730,7 @@ def _exceeded_info(answer: bytes) -> str:
         return _clip(answer, 500)
     if not isinstance(data, dict) or not isinstance(data.get("exceeded"), list):
         return json.dumps(data)[:500]
-    lines = [
-        f"Exceeded budget for {e.get('scope') or 'provider'} {e.get('name') or e.get('provider')}: "
-        f"{_usd(e, 'spend')} >= {_usd(e, 'limit')}\n"
-        for e in data["exceeded"]
-        if isinstance(e, dict)
-    ]
+    lines = [_exceeded_line(e) for e in data["exceeded"] if isinstance(e, dict)]
     for model in data.get("unknown") or ():
         lines.append(f"Unknown provider for deployment {json.dumps(model)} (unknown_provider: deny)\n")
     return "".join(lines)
