@@ -163,6 +163,12 @@ fn describe() {
     }
     for &(name, help) in COUNTERS {
         describe_counter!(name, help);
+        // Exported from the start, at 0 until the first event: `rate()` and a dashboard see
+        // the series before it moves. (`increment(0)`: one the limiter already counted at
+        // open keeps its value.) A labelled counter gets its series with its first event.
+        if name != "provider_budgets_spend_requests_total" {
+            metrics::counter!(name).increment(0);
+        }
     }
     describe_histogram!(
         "provider_budgets_journal_flush_seconds",

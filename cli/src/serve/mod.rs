@@ -49,7 +49,12 @@ pub const BODY_LIMIT: usize = 64 * 1024;
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeArgs {
     /// Address to listen on (port 0: any free port; the address is printed on stdout).
-    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8787")]
+    #[arg(
+        long,
+        value_name = "ADDR",
+        default_value = "127.0.0.1:8787",
+        env = "PROVIDER_BUDGETS_LISTEN"
+    )]
     pub listen: SocketAddr,
     /// Requests handled at once; one more is answered 503 at once.
     #[arg(long, value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]

@@ -21,7 +21,7 @@ const CONFIG: &str = "provider_budget_config:
 const DEADLINE: Duration = Duration::from_secs(20);
 
 /// A running sidecar; killed on drop.
-struct Sidecar {
+pub(super) struct Sidecar {
     cli: Cli,
     child: Option<Child>,
     addr: String,
@@ -29,7 +29,7 @@ struct Sidecar {
 }
 
 /// Spawns `provider-budgets ARGS`; `ready` receives the first stdout line.
-fn spawn(
+pub(super) fn spawn(
     cli: &Cli,
     args: &[&str],
     env: &[(&str, &str)],
@@ -71,7 +71,7 @@ impl Sidecar {
         Sidecar::start_env(Cli::new(yaml), serve_args, &[])
     }
 
-    fn start_env(cli: Cli, serve_args: &[&str], env: &[(&str, &str)]) -> Sidecar {
+    pub(super) fn start_env(cli: Cli, serve_args: &[&str], env: &[(&str, &str)]) -> Sidecar {
         let mut args = vec!["--now", NOW, "serve", "--listen", "127.0.0.1:0"];
         args.extend_from_slice(serve_args);
         let (mut child, rx, stderr) = spawn(&cli, &args, env);
@@ -137,7 +137,7 @@ impl Sidecar {
         Ok(Reply::parse(&text))
     }
 
-    fn get(&self, path: &str, extra: &[&str]) -> Reply {
+    pub(super) fn get(&self, path: &str, extra: &[&str]) -> Reply {
         self.raw("GET", path, extra, "")
     }
 
@@ -154,7 +154,7 @@ impl Sidecar {
         }
     }
 
-    fn post(&self, path: &str, extra: &[&str], body: &str) -> Reply {
+    pub(super) fn post(&self, path: &str, extra: &[&str], body: &str) -> Reply {
         let mut headers = vec!["Content-Type: application/json"];
         headers.extend_from_slice(extra);
         self.raw("POST", path, &headers, body)
@@ -196,10 +196,10 @@ impl Drop for Sidecar {
 }
 
 #[derive(Debug)]
-struct Reply {
-    status: u16,
+pub(super) struct Reply {
+    pub(super) status: u16,
     headers: Vec<(String, String)>,
-    body: String,
+    pub(super) body: String,
 }
 
 impl Reply {

@@ -4,4 +4,5 @@
 #![allow(clippy::unwrap_used)]
 
 mod api;
+mod deploy;
 mod edge;
