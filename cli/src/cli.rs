@@ -230,11 +230,11 @@ type Outcome = Result<(), Failure>;
 /// Runs the command line of this process and returns its exit code.
 pub fn run() -> ExitCode {
     install_panic_hook();
-    init_logging();
     let cli = match parse_args() {
         Ok(cli) => cli,
         Err(e) => return clap_exit(&e),
     };
+    init_logging(matches!(cli.cmd, Cmd::Serve(_)));
     match execute(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
@@ -315,11 +315,23 @@ fn install_panic_hook() {
 
 /// `RUST_LOG` to stderr, `error` by default: the CLI reports what went wrong itself, in one
 /// line, so the library's warnings (e.g. "redis unreachable") would only repeat it.
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        // sled logs its own I/O errors (as Debug text) before ours: the CLI reports them in
-        // its one `error:` line, so sled stays quiet unless RUST_LOG asks for it.
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error,sled=off"));
+/// `RUST_LOG` when set (and valid); otherwise errors only for the one-shot commands (they report in their
+/// one `error:` line), and for `serve` warnings plus one info line per lifecycle event (the
+/// target `provider_budgets::lifecycle`: listening, a reload, Redis lost and back, shutdown).
+fn init_logging(serve: bool) {
+    let default = if serve {
+        "warn,sled=off,provider_budgets::lifecycle=info"
+    } else {
+        "error,sled=off"
+    };
+    // An empty RUST_LOG counts as unset, as every other variable of the CLI does. sled logs
+    // its own I/O errors (as Debug text) before ours: the CLI reports them in its one
+    // `error:` line, so sled stays quiet unless RUST_LOG asks for it.
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+        .and_then(|v| tracing_subscriber::EnvFilter::try_new(v).ok())
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(io::stderr)
@@ -475,6 +487,7 @@ fn execute(cli: Cli) -> Outcome {
     };
     let limiter = open(&cli, config)?;
     let replicate = cli.redis.is_some();
+    let serving = matches!(cli.cmd, Cmd::Serve(_));
     let result = match cli.cmd {
         Cmd::Record {
             provider,
@@ -512,6 +525,12 @@ fn execute(cli: Cli) -> Outcome {
     // Whatever happened, commit what was recorded before the process exits. The command's
     // own error is the more useful one to report when both fail.
     let closed = limiter.shutdown();
+    if serving && closed.is_ok() && result.is_ok() {
+        let last = limiter.health().replication.last_error;
+        tracing::info!(target: "provider_budgets::lifecycle",
+            last_sync_error = last.as_deref().unwrap_or("none"),
+            "stopped: every counted spend is on disk");
+    }
     result?;
     closed?;
     Ok(())

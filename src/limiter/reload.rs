@@ -284,6 +284,7 @@ impl Limiter {
             .collect();
         self.install(config, table);
         tracing::info!(
+            target: "provider_budgets::lifecycle",
             budgets = summary.budgets,
             added = ?summary.added,
             changed = ?summary.changed,

@@ -252,7 +252,7 @@ impl Worker {
                 health.last_error = None;
                 metrics::counter!("provider_budgets_sync_rounds_total").increment(1);
                 if self.down {
-                    tracing::info!(url = %self.url(), "redis reachable again; replication resumed");
+                    tracing::info!(target: "provider_budgets::lifecycle", url = %self.url(), "redis reachable again; replication resumed");
                 }
                 if let Some(holder) = self.refused.take() {
                     tracing::info!(
@@ -288,7 +288,7 @@ impl Worker {
                 if self.down {
                     tracing::debug!(error = %e, "redis still unreachable");
                 } else {
-                    tracing::warn!(error = %e, "redis sync failed; enforcing own spend plus the last known spend of the others");
+                    tracing::warn!(target: "provider_budgets::lifecycle", error = %e, "redis sync failed; enforcing own spend plus the last known spend of the others");
                 }
                 self.down = true;
                 self.retry_at = Some(Instant::now() + self.backoff);

@@ -623,9 +623,17 @@ pub(super) async fn metrics(Extract(state): Extract<Shared>) -> Response {
 pub(super) async fn healthz(Extract(state): Extract<Shared>) -> Response {
     let h = state.limiter.health();
     let r = &h.replication;
+    // Seconds since the last successful sync round (null before the first, and without
+    // Redis): what an alert on replication lag compares (`docs/guide/deploy.md`).
+    let staleness = r
+        .enabled
+        .then_some(r.last_sync)
+        .flatten()
+        .map(|t| state.limiter.now().duration_since(t).as_secs_f64().max(0.0));
     let replication = serde_json::json!({
         "enabled": r.enabled,
         "last_sync": r.last_sync.map(|t| t.to_string()),
+        "staleness_seconds": staleness,
         "stale": r.stale,
         "last_error": r.last_error,
     });

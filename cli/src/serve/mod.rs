@@ -296,7 +296,7 @@ async fn serve(
         tokio::select! {
             signal = signals.next() => match signal {
                 Signal::Stop(name) => {
-                    tracing::info!(signal = name, "shutting down");
+                    tracing::info!(target: "provider_budgets::lifecycle", signal = name, "shutting down: draining in-flight requests, then flushing");
                     break;
                 }
                 Signal::Reload => {
@@ -350,6 +350,7 @@ fn restore_keys(
     let (k, e) = (keys.seed(spends), reservations.seed(ends));
     if k + e > 0 {
         tracing::info!(
+            target: "provider_budgets::lifecycle",
             keys = k,
             reservations = e,
             "idempotency keys and ended reservations restored from the data dir"
@@ -362,7 +363,7 @@ fn restore_keys(
 /// closed stdout is not an error: the server runs the same.
 fn announce(local: SocketAddr) {
     use std::io::Write as _;
-    tracing::info!(%local, "listening");
+    tracing::info!(target: "provider_budgets::lifecycle", %local, "listening");
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "listening on {local}").and_then(|()| out.flush());
 }

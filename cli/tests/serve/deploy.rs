@@ -180,4 +180,11 @@ fn every_metric_the_dashboard_queries_is_exported() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    // /healthz says how stale replication is (seconds since the last round that reached Redis).
+    let health: Value = serde_json::from_str(&s.get("/healthz", &[]).body).unwrap();
+    let staleness = health["replication"]["staleness_seconds"].as_f64();
+    assert!(
+        staleness.is_some_and(|x| (0.0..5.0).contains(&x)),
+        "{health}"
+    );
 }

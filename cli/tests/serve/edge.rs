@@ -171,7 +171,7 @@ impl Sidecar {
             .unwrap_or_else(|| panic!("no budget {provider}: {doc}"))
     }
 
-    fn signal(&self, sig: &str) {
+    pub(super) fn signal(&self, sig: &str) {
         let pid = self.child.as_ref().unwrap().id();
         let ok = std::process::Command::new("kill")
             .arg(format!("-{sig}"))
@@ -181,7 +181,7 @@ impl Sidecar {
         assert!(ok.success());
     }
 
-    fn stderr(&self) -> String {
+    pub(super) fn stderr(&self) -> String {
         self.stderr.lock().unwrap().clone()
     }
 }

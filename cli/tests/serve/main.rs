@@ -6,3 +6,4 @@
 mod api;
 mod deploy;
 mod edge;
+mod logs;
