@@ -25,16 +25,18 @@
 //! * `--redis` (or its variable) supplies `provider_budgets.redis.url`, which the file may then
 //!   leave out; a `redis` section without either is an error naming the key.
 //! * Every command makes what it recorded durable before the process exits.
-//! * With `--redis`, `record`, `filter` and `status` run one sync round before answering
-//!   (`record` after its spend is durable). When it fails, `record` and `sync` exit 1 (the
-//!   local spend stays recorded); `filter` and `status` print one
+//! * With `--redis`, `record`, `charge`, `adjust`, `filter` and `status` run one sync round
+//!   before answering (`record`, `charge` and `adjust` after what they recorded is durable).
+//!   When it fails, `record`, `charge`, `adjust` and `ingest` print their answer and exit 4
+//!   with `error: recorded locally; do not retry (…)` (the record stays counted; a retry would
+//!   count it twice), `sync` exits 1; `filter` and `status` print one
 //!   `warning: ... (answering from local data)` line and answer from local data.
 //! * `ingest --durable` prints `ok N` after record N is durable (one fsync per record).
 //!   `ingest` without `--durable` records as it reads and makes the records durable whenever
 //!   it has consumed everything stdin has delivered so far (and at end of input), then prints
 //!   one `ok N` for the last record of that batch: a pipe of many lines costs few fsyncs.
 //!   With `--redis`, `ingest` runs one sync round once all input is durable; when it fails,
-//!   `ingest` exits 1 like `record` (everything acknowledged stays recorded locally).
+//!   `ingest` exits 4 like `record` (everything acknowledged stays recorded locally).
 
 use std::io::{self, BufRead, BufReader, IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -50,6 +52,9 @@ use provider_budgets::{
 
 /// Exit code of `filter` when no deployment is left.
 const EXIT_NO_DEPLOYMENTS: u8 = 3;
+/// Exit code of `record`, `charge`, `adjust` and `ingest` with `--redis` when what they
+/// recorded is durable but the sync round failed: a retry would count it twice.
+const EXIT_RECORDED_LOCALLY: u8 = 4;
 
 /// Command line arguments.
 #[derive(Debug, clap::Parser)]
@@ -546,10 +551,8 @@ fn record(
 ) -> Outcome {
     let at = at.unwrap_or_else(|| limiter.now());
     record_spend(limiter, provider, cost, at, durable).map_err(Failure::runtime)?;
-    if replicate {
-        // `sync` flushes first, so only durable spend is shipped.
-        limiter.sync()?;
-    }
+    // `sync` flushes first, so only durable spend is shipped.
+    let synced = sync_after_record(limiter, replicate);
     let mut out = io::stdout().lock();
     match limiter
         .status(StatusQuery::all().at(at))
@@ -566,7 +569,24 @@ fn record(
         )?,
         None => writeln!(out, "recorded {cost} USD for {provider}")?,
     }
-    Ok(())
+    synced
+}
+
+/// With `--redis`, one sync round after a record. What was recorded is durable whatever the
+/// round does, so a failed round is [`EXIT_RECORDED_LOCALLY`] and says not to retry; a failed
+/// flush (the record may not be on disk) stays an ordinary error.
+fn sync_after_record(limiter: &Limiter, replicate: bool) -> Outcome {
+    if !replicate {
+        return Ok(());
+    }
+    match limiter.sync() {
+        Ok(()) => Ok(()),
+        Err(Error::Replication(e)) => Err(Failure {
+            code: EXIT_RECORDED_LOCALLY,
+            message: format!("recorded locally; do not retry (the sync with Redis failed: {e})"),
+        }),
+        Err(e) => Err(e.into()),
+    }
 }
 
 fn adjust(
@@ -589,9 +609,7 @@ fn adjust(
     let c = limiter
         .adjust(a)
         .map_err(|e| Failure::runtime(e.to_string()))?;
-    if replicate {
-        limiter.sync()?;
-    }
+    let synced = sync_after_record(limiter, replicate);
     writeln!(
         io::stdout().lock(),
         "credited {} USD to {} ({}) in window {} .. {}: spend {} USD net of {} USD credited",
@@ -603,7 +621,7 @@ fn adjust(
         c.spend,
         c.credited
     )?;
-    Ok(())
+    synced
 }
 
 /// Counts `cost` against `provider`'s budgets (durably: waits for the fsync). On the command
@@ -644,9 +662,7 @@ fn charge(
     } else {
         receipt.budgets()
     };
-    if replicate {
-        limiter.sync()?;
-    }
+    let synced = sync_after_record(limiter, replicate);
     let mut out = io::stdout().lock();
     writeln!(out, "charged {cost} USD to {n} budgets")?;
     for s in limiter.status(StatusQuery::deployment(&target).tags(tags).at(at)) {
@@ -662,7 +678,7 @@ fn charge(
             s.limit
         )?;
     }
-    Ok(())
+    synced
 }
 
 /// One sync round before answering from local data; a failure only warns.
@@ -889,9 +905,6 @@ fn ingest(limiter: &Limiter, durable: bool, replicate: bool) -> Outcome {
             acked = count;
         }
     }
-    if replicate {
-        // `sync` flushes first: only durable spend is shipped.
-        limiter.sync()?;
-    }
-    Ok(())
+    // `sync` flushes first: only durable spend is shipped.
+    sync_after_record(limiter, replicate)
 }

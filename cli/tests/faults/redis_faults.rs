@@ -573,8 +573,27 @@ fn redis_passwords_never_appear_in_errors_status_or_logs() {
             &cli,
             &["--redis", url, "--node-id", "n", "record", "openai", "1"],
         );
-        assert_eq!(run.code, Some(1), "{run:?}");
+        // Recorded durably, the sync failed: its own exit code, and no retry.
+        assert_eq!(run.code, Some(4), "{run:?}");
+        assert!(
+            run.stderr.contains("error: recorded locally; do not retry"),
+            "{run:?}"
+        );
+        assert!(
+            run.stdout.starts_with("recorded 1 USD for openai"),
+            "{run:?}"
+        );
         check(&run, "record, wrong password");
+        let run = run_debug(
+            &cli,
+            &["--redis", url, "--node-id", "n", "charge", "gpt-4o", "1"],
+        );
+        assert_eq!(run.code, Some(4), "{run:?}");
+        assert!(
+            run.stderr.contains("error: recorded locally; do not retry"),
+            "{run:?}"
+        );
+        check(&run, "charge, wrong password");
     }
     // No password at all: every command is refused, so the round fails as a whole
     // instead of reporting a "problem" per budget and pretending to be in sync.
