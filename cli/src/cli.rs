@@ -325,7 +325,8 @@ fn install_panic_hook() {
 /// target `provider_budgets::lifecycle`: listening, a reload, Redis lost and back, shutdown).
 fn init_logging(serve: bool) {
     let default = if serve {
-        "warn,sled=off,provider_budgets::lifecycle=info"
+        // The config's warnings are printed by `load_config` (naming the file), not twice.
+        "warn,sled=off,provider_budgets::config=error,provider_budgets::lifecycle=info"
     } else {
         "error,sled=off"
     };
@@ -389,10 +390,16 @@ fn parse_cost(s: &str) -> Result<Money, String> {
     s.parse::<Money>().map_err(|e| format!("cost: {e}"))
 }
 
-/// Reads the config file and applies the command line overrides.
+/// Reads the config file and applies the command line overrides. Prints its warnings, one
+/// `warning: FILE: …` line each: for `serve` (at start and at every reload) all of
+/// [`Config::warnings`], for the one-shot commands the litellm keys it ignores.
 fn load_config(cli: &Cli) -> Result<Config, Failure> {
     let mut config = Config::from_path(&cli.config).map_err(|e| config_failure(&cli.config, e))?;
-    if let Some(w) = config.warning() {
+    let warnings = match cli.cmd {
+        Cmd::Serve(_) => config.warnings(),
+        _ => config.warning().into_iter().collect(),
+    };
+    for w in warnings {
         eprintln!(
             "warning: {}: {}",
             cli.config.display(),

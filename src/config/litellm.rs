@@ -27,6 +27,9 @@ pub(super) struct RawDocument {
     /// reads it) is ours.
     pub(super) litellm_settings: Option<RawRouterSettings>,
     pub(super) provider_budgets: Option<RawOwn>,
+    /// Keys this crate does not read whose name says "budget" (`general_settings.max_budget`):
+    /// reported, so that budgets in a section we do not read are not silently unenforced.
+    pub(super) unread: Vec<String>,
 }
 
 /// litellm's `router_settings`: only its `provider_budget_config` and `tag_budget_config`
@@ -35,6 +38,8 @@ pub(super) struct RawDocument {
 pub(super) struct RawRouterSettings {
     pub(super) provider_budget_config: Option<UniqueMap<RawBudget>>,
     pub(super) tag_budget_config: Option<UniqueMap<RawBudget>>,
+    /// As [`RawDocument::unread`], relative to this section.
+    pub(super) unread: Vec<String>,
 }
 
 /// One entry of litellm's `model_list`: only the budget of its `litellm_params` and its
@@ -64,11 +69,14 @@ pub(super) struct RawModelInfo {
 
 /// Reads the keys of a litellm-level map: `read` takes ours (and returns false for others),
 /// other keys are skipped unless they nearly spell one of `ours`; ours may appear once.
+/// Returns the skipped keys (and their direct sub-keys, `key.sub`) whose name contains
+/// "budget".
 pub(super) fn visit_litellm_map<'de, A: serde::de::MapAccess<'de>>(
     mut map: A,
     ours: &[&str],
     mut read: impl FnMut(&str, &mut A) -> Result<bool, A::Error>,
-) -> Result<(), A::Error> {
+) -> Result<Vec<String>, A::Error> {
+    let mut unread = Vec::new();
     use serde::de::Error;
     let mut seen: Vec<String> = Vec::new();
     while let Some(key) = map.next_key::<String>()? {
@@ -88,9 +96,105 @@ pub(super) fn visit_litellm_map<'de, A: serde::de::MapAccess<'de>>(
                 "unknown key {key:?}: did you mean {meant:?}? (other keys are ignored as litellm's)"
             )));
         }
-        map.next_value::<serde::de::IgnoredAny>()?;
+        let BudgetKeys(inner) = map.next_value()?;
+        if says_budget(&key) {
+            unread.push(key.clone());
+        }
+        unread.extend(inner.into_iter().map(|k| format!("{key}.{k}")));
     }
-    Ok(())
+    Ok(unread)
+}
+
+fn says_budget(key: &str) -> bool {
+    key.to_ascii_lowercase().contains("budget")
+}
+
+/// Any value, skipped; when it is a map, the names of its keys that contain "budget".
+struct BudgetKeys(Vec<String>);
+
+/// A map key: its text when it is a string, `None` for any other scalar.
+struct KeyName(Option<String>);
+
+/// The scalar visits of a visitor that keeps nothing of a scalar (`$out`).
+macro_rules! skip_scalars {
+    ($out:expr) => {
+        fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Self::Value, E> {
+            Ok($out)
+        }
+        fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<Self::Value, E> {
+            Ok($out)
+        }
+        fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<Self::Value, E> {
+            Ok($out)
+        }
+        fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Self::Value, E> {
+            Ok($out)
+        }
+        fn visit_bytes<E: serde::de::Error>(self, _: &[u8]) -> Result<Self::Value, E> {
+            Ok($out)
+        }
+        fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok($out)
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok($out)
+        }
+    };
+}
+
+impl<'de> Deserialize<'de> for KeyName {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<KeyName, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = KeyName;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a map key")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<KeyName, E> {
+                Ok(KeyName(Some(v.to_owned())))
+            }
+            skip_scalars!(KeyName(None));
+        }
+        d.deserialize_any(Visit)
+    }
+}
+
+impl<'de> Deserialize<'de> for BudgetKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<BudgetKeys, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = BudgetKeys;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("any value")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<BudgetKeys, A::Error> {
+                let mut out = Vec::new();
+                while let Some(KeyName(key)) = map.next_key()? {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                    out.extend(key.filter(|k| says_budget(k)));
+                }
+                Ok(BudgetKeys(out))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<BudgetKeys, A::Error> {
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(BudgetKeys(Vec::new()))
+            }
+            fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<BudgetKeys, E> {
+                Ok(BudgetKeys(Vec::new()))
+            }
+            fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<BudgetKeys, D::Error> {
+                BudgetKeys::deserialize(d)
+            }
+            skip_scalars!(BudgetKeys(Vec::new()));
+        }
+        d.deserialize_any(Visit)
+    }
 }
 
 impl<'de> Deserialize<'de> for RawDocument {
@@ -114,7 +218,7 @@ impl<'de> Deserialize<'de> for RawDocument {
                     "litellm_settings",
                     "provider_budgets",
                 ];
-                visit_litellm_map(map, &ours, |key, map| {
+                doc.unread = visit_litellm_map(map, &ours, |key, map| {
                     match key {
                         "provider_budget_config" => {
                             doc.provider_budget_config = map.next_value()?
@@ -149,7 +253,7 @@ impl<'de> Deserialize<'de> for RawRouterSettings {
             ) -> Result<RawRouterSettings, A::Error> {
                 let mut out = RawRouterSettings::default();
                 let ours = ["provider_budget_config", "tag_budget_config"];
-                visit_litellm_map(map, &ours, |key, map| {
+                out.unread = visit_litellm_map(map, &ours, |key, map| {
                     match key {
                         "provider_budget_config" => {
                             out.provider_budget_config = map.next_value()?

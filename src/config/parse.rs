@@ -99,6 +99,7 @@ impl Config {
 
     fn from_raw(raw: RawDocument) -> Result<Config, ConfigError> {
         let mut own = raw.provider_budgets.unwrap_or_default();
+        let router_settings_unread = raw.router_settings.as_ref().map(|r| r.unread.clone());
         let (nested, nested_tags) = raw.router_settings.map_or((None, None), |r| {
             (r.provider_budget_config, r.tag_budget_config)
         });
@@ -107,7 +108,20 @@ impl Config {
             (Some(b), None) | (None, Some(b)) => b.0,
             (None, None) => BTreeMap::new(),
         };
-        let mut ignored = Vec::new();
+        let mut ignored = raw.unread;
+        for (section, s) in [
+            ("router_settings", router_settings_unread),
+            (
+                "litellm_settings",
+                raw.litellm_settings.as_ref().map(|s| s.unread.clone()),
+            ),
+        ] {
+            ignored.extend(
+                s.unwrap_or_default()
+                    .into_iter()
+                    .map(|k| format!("{section}.{k}")),
+            );
+        }
         let settings_tags = raw.litellm_settings.and_then(|s| {
             if s.provider_budget_config.is_some() {
                 // litellm reads provider budgets from router_settings only: say so.
@@ -168,7 +182,7 @@ impl Config {
         };
         sort_budgets(&mut config.budgets);
         config.validate()?;
-        if let Some(w) = config.warning() {
+        for w in config.warnings() {
             tracing::warn!("{w}");
         }
         Ok(config)

@@ -337,6 +337,39 @@ impl Config {
             .find(|b| b.scope == Scope::Provider && b.name == provider)
     }
 
+    /// What a config that parses may still get wrong, one line each (logged at warn level
+    /// when a file is read, so at start and at every reload): litellm keys this crate does not
+    /// implement or sections it does not read that name a budget ([`Config::warning`]), no
+    /// budget at all (everything is allowed), a provider budget whose name matches a known
+    /// provider only in another case (`OpenAI`: it applies to nothing).
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out: Vec<String> = self.warning().into_iter().collect();
+        if self.budgets.is_empty() {
+            out.push(
+                "config: no budget is configured: every deployment is allowed and nothing is limited"
+                    .to_owned(),
+            );
+        }
+        let known = crate::model::prefixes::KNOWN_PROVIDERS
+            .iter()
+            .copied()
+            .chain(crate::model::prefixes::BUILTIN_PREFIXES.iter().map(|p| p.1))
+            .chain(self.model_providers.iter().map(|p| p.1.as_str()));
+        let known: Vec<&str> = known.collect();
+        for b in self.budgets.iter().filter(|b| b.scope == Scope::Provider) {
+            let same_but_case = known
+                .iter()
+                .find(|k| k.eq_ignore_ascii_case(&b.name) && **k != b.name);
+            if let (false, Some(k)) = (known.contains(&b.name.as_str()), same_but_case) {
+                out.push(format!(
+                    "config: provider budget {:?} matches no provider (names are case-sensitive); did you mean {k:?}?",
+                    b.name
+                ));
+            }
+        }
+        out
+    }
+
     /// One line listing the litellm keys this crate does not implement, if the file set any.
     pub fn warning(&self) -> Option<String> {
         (!self.ignored_litellm_keys.is_empty()).then(|| {

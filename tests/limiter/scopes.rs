@@ -759,3 +759,38 @@ fn provider_budgets_under_litellm_settings_are_not_silently_dropped() {
         c.warning()
     );
 }
+
+/// What parses but would enforce less than the file seems to say is warned about, one line
+/// each: budgets in sections this crate does not read, no budget at all, and a provider budget
+/// whose name matches a known provider only in another case.
+#[test]
+fn configs_that_enforce_less_than_they_seem_are_warned_about() {
+    let c = Config::from_yaml_str(
+        "provider_budget_config:\n  OpenAI: {budget_limit: 1, time_period: 1d}\n  openrouter: {budget_limit: 1, time_period: 1d}\nlitellm_settings:\n  max_budget: 100\n  budget_duration: 30d\n  success_callback: [langfuse]\ngeneral_settings:\n  master_key: sk-1\n  max_budget_per_key: 5\nrouter_settings:\n  routing_strategy: simple-shuffle\n",
+    )
+    .unwrap();
+    let w = c.warnings();
+    assert_eq!(w.len(), 2, "{w:#?}");
+    assert_eq!(
+        w[0],
+        "config: litellm keys not implemented by provider-budgets (ignored): \
+         general_settings.max_budget_per_key, litellm_settings.max_budget, \
+         litellm_settings.budget_duration"
+    );
+    assert_eq!(
+        w[1],
+        "config: provider budget \"OpenAI\" matches no provider (names are case-sensitive); did you mean \"openai\"?"
+    );
+
+    let empty = Config::from_yaml_str("model_list: []\n").unwrap();
+    assert_eq!(
+        empty.warnings(),
+        ["config: no budget is configured: every deployment is allowed and nothing is limited"]
+    );
+    // A provider the config maps models to is known in its own spelling.
+    let own = Config::from_yaml_str(
+        "provider_budget_config:\n  MyCorp: {budget_limit: 1, time_period: 1d}\nprovider_budgets:\n  model_providers: {corp-: MyCorp}\n",
+    )
+    .unwrap();
+    assert!(own.warnings().is_empty(), "{:?}", own.warnings());
+}

@@ -502,8 +502,9 @@ fn overrides_and_an_unreachable_redis() {
         run
     };
     let run = quiet(&["record", "openai", "0.5"]);
-    run.assert_error(1, &["redis"]);
-    assert_eq!(run.stdout, "");
+    // Durable locally, the sync failed: exit 4, do not retry (a retry would count it twice).
+    run.assert_error(4, &["recorded locally; do not retry", "redis"]);
+    assert!(run.stdout.starts_with("recorded 0.5 USD for openai"), "{run:?}");
     let run = quiet(&["status", "--json"]);
     assert_eq!(run.code, Some(0), "{run:?}");
     assert_eq!(run.stderr.lines().count(), 1, "{run:?}");

@@ -550,7 +550,7 @@ fn ingest_with_redis_fails_when_its_sync_fails_and_keeps_the_spend() {
     let cli = Cli::new(ONE_DOLLAR_A_DAY);
     let input = format!("openai 0.25 {NOW}\nopenai 0.5 {NOW}\n");
     let r = ingest(&cli, &["--redis", DEAD_REDIS, "--now", NOW], &input);
-    r.assert_error(1, &["redis"]);
+    r.assert_error(4, &["recorded locally; do not retry", "redis"]);
     assert_eq!(r.stdout, "ok 2\n", "acknowledged before the sync: {r:?}");
     assert_eq!(cli.spend_nanos(NOW, "openai"), 750_000_000);
 }
@@ -587,10 +587,10 @@ fn ingest_with_redis_ships_its_spend_and_reports_a_dead_server() {
     };
     assert_eq!(status(&b), 1_750_000_000);
 
-    // Redis dies: ingest still records and acknowledges, then says so and exits 1.
+    // Redis dies: ingest still records and acknowledges, then says so and exits 4.
     server.kill();
     let r = ingest(&a, &args, "openai 2\n");
-    r.assert_error(1, &["redis"]);
+    r.assert_error(4, &["recorded locally; do not retry", "redis"]);
     assert_eq!(r.stdout, "ok 1\n");
     assert_eq!(a.spend_nanos(now, "openai"), 3_750_000_000);
     // Back up (empty: persistence is off): A's next sync restores its whole total.

@@ -72,3 +72,24 @@ fn serve_logs_each_lifecycle_event_once_and_no_other_info() {
     }
     assert_eq!(log.matches("listening").count(), 1, "{log}");
 }
+
+#[test]
+fn serve_warns_at_start_and_at_reload_about_configs_that_enforce_less_than_they_seem() {
+    let cli = Cli::new(
+        "provider_budget_config:\n  OpenAI: {budget_limit: 1, time_period: 1d}\ngeneral_settings:\n  max_budget: 10\n",
+    );
+    let config_path = cli.config.clone();
+    let s = Sidecar::start_env(cli, &[], &[("RUST_LOG", "")]);
+    line_with(&s, &["warning: ", "did you mean \"openai\""]);
+    line_with(&s, &["warning: ", "general_settings.max_budget"]);
+    std::fs::write(&config_path, "model_list: []\n").unwrap();
+    s.signal("HUP");
+    line_with(&s, &["warning: ", "no budget is configured"]);
+    // Each once: not also through the library's log.
+    let log = s.stderr();
+    assert_eq!(
+        log.matches("general_settings.max_budget").count(),
+        1,
+        "{log}"
+    );
+}
