@@ -3,7 +3,8 @@
 //!
 //! * `cli`: the flags (clap) and one function per subcommand;
 //! * `serve`: `provider-budgets serve`, the HTTP sidecar (axum on hyper, Prometheus metrics);
-//! * `status_json`: the JSON document of `status --json` and `GET /v1/budgets`.
+//! * `status_json`: the JSON document of `status --json` and `GET /v1/budgets`;
+//! * `status_table`: the table of `status` and of `GET /` for `Accept: text/plain`.
 
 // Unit tests may unwrap: a panic there is a test failure with a message.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
@@ -11,6 +12,7 @@
 mod cli;
 mod serve;
 mod status_json;
+mod status_table;
 
 fn main() -> std::process::ExitCode {
     cli::run()

@@ -94,7 +94,7 @@ fn status_json(s: &BudgetStatus) -> serde_json::Value {
 }
 
 /// An instant in a time zone, RFC 3339 with the offset and the zone name.
-fn local(at: Timestamp, zone: &str) -> String {
+pub(crate) fn local(at: Timestamp, zone: &str) -> String {
     match jiff::tz::TimeZone::get(zone) {
         Ok(tz) => at.to_zoned_datetime(tz).to_string(),
         Err(_) => at.to_string(),

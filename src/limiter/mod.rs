@@ -2,13 +2,14 @@
 //! (with Redis configured) the fleet replication, and stops them when the last clone is
 //! dropped. Its children add to it: `spend` (one spend call, [`Receipt`](spend::Receipt)),
 //! `reserve`, `filter`, `status`, `reload`, `open` (and repair), `fleet` (the one place that
-//! differs without the `redis` feature), `adjust` (corrections), `idempotency` (the stored
+//! differs without the `redis` feature), `adjust` (corrections), `history` (a budget's windows), `idempotency` (the stored
 //! idempotency records read back), `testing` (hooks for tests).
 
 pub(crate) mod adjust;
 pub(crate) mod filter;
 pub(crate) mod fleet;
 pub(crate) mod health;
+pub(crate) mod history;
 pub(crate) mod idempotency;
 pub(crate) mod open;
 pub(crate) mod reload;

@@ -4,7 +4,8 @@
 //!
 //! * `POST /v1/filter`, `POST /v1/spend`, `GET /v1/budgets`, `GET /metrics`, `GET /healthz`,
 //!   `POST /v1/reload`, `POST /v1/reserve`, `POST /v1/commit`, `POST /v1/release`,
-//!   `POST /v1/adjust` (corrections, module `adjust`).
+//!   `POST /v1/adjust` (corrections, module `adjust`), `GET /` (the status page, module
+//!   `page`).
 //!
 //! Design:
 //!
@@ -31,6 +32,7 @@ mod idempotency;
 mod listen;
 mod metrics;
 mod money;
+mod page;
 mod reserve;
 
 use std::net::SocketAddr;
@@ -475,6 +477,7 @@ fn router(state: Arc<State>) -> axum::Router {
         .route("/v1/commit", post(reserve::commit))
         .route("/v1/release", post(reserve::release))
         .route("/v1/adjust", post(adjust::adjust))
+        .route("/", get(page::index))
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&state),
             api::admit,

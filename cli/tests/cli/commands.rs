@@ -504,7 +504,10 @@ fn overrides_and_an_unreachable_redis() {
     let run = quiet(&["record", "openai", "0.5"]);
     // Durable locally, the sync failed: exit 4, do not retry (a retry would count it twice).
     run.assert_error(4, &["recorded locally; do not retry", "redis"]);
-    assert!(run.stdout.starts_with("recorded 0.5 USD for openai"), "{run:?}");
+    assert!(
+        run.stdout.starts_with("recorded 0.5 USD for openai"),
+        "{run:?}"
+    );
     let run = quiet(&["status", "--json"]);
     assert_eq!(run.code, Some(0), "{run:?}");
     assert_eq!(run.stderr.lines().count(), 1, "{run:?}");

@@ -181,6 +181,11 @@ impl Sidecar {
         assert!(ok.success());
     }
 
+    /// The address it listens on.
+    pub(super) fn addr(&self) -> &str {
+        &self.addr
+    }
+
     pub(super) fn stderr(&self) -> String {
         self.stderr.lock().unwrap().clone()
     }

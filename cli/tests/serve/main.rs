@@ -7,3 +7,4 @@ mod api;
 mod deploy;
 mod edge;
 mod logs;
+mod page;
