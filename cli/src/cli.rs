@@ -169,6 +169,11 @@ enum Cmd {
         /// One JSON object instead of a table.
         #[arg(long)]
         json: bool,
+        /// Ask the sidecar at URL (`http://127.0.0.1:8787/`) instead of opening the data dir;
+        /// without it, a data dir held by a running sidecar is asked through the address that
+        /// sidecar left in it.
+        #[arg(long, value_name = "URL")]
+        url: Option<String>,
     },
     /// Run one replication round with Redis now.
     Sync,
@@ -497,7 +502,25 @@ fn execute(cli: Cli) -> Outcome {
         }
         _ => None,
     };
-    let limiter = open(&cli, config)?;
+    if let Cmd::Status {
+        json,
+        url: Some(url),
+    } = &cli.cmd
+    {
+        return print_remote_status(url, *json);
+    }
+    let data_dir = config.storage.dir.clone();
+    let limiter = match (open(&cli, config), &cli.cmd, data_dir) {
+        (Ok(l), ..) => l,
+        // The data dir is held (by a running sidecar, which said where it listens): ask it.
+        (Err(f), Cmd::Status { json, .. }, Some(dir)) => {
+            return match crate::remote::found_url(&dir) {
+                Some(url) => print_remote_status(&url, *json),
+                None => Err(f),
+            };
+        }
+        (Err(f), ..) => return Err(f),
+    };
     let replicate = cli.redis.is_some();
     let serving = matches!(cli.cmd, Cmd::Serve(_));
     let result = match cli.cmd {
@@ -522,7 +545,7 @@ fn execute(cli: Cli) -> Outcome {
             period,
             at,
         } => adjust(&limiter, &key, amount, &reason, period, at, replicate),
-        Cmd::Status { json } => status(&limiter, json, replicate),
+        Cmd::Status { json, .. } => status(&limiter, json, replicate),
         Cmd::Sync => sync(&limiter),
         Cmd::Ingest { durable } => ingest(&limiter, durable, replicate),
         Cmd::Repair { .. } => Ok(()), // handled above, before the data dir is opened
@@ -722,6 +745,16 @@ fn filter(limiter: &Limiter, models: &[String], tags: &[String], replicate: bool
             message: none.to_string(),
         }),
     }
+}
+
+fn print_remote_status(url: &str, json: bool) -> Outcome {
+    let text = crate::remote::status(url, json).map_err(Failure::runtime)?;
+    let mut out = io::stdout().lock();
+    write!(out, "{text}")?;
+    if !text.ends_with('\n') {
+        writeln!(out)?;
+    }
+    Ok(())
 }
 
 fn status(limiter: &Limiter, json: bool, replicate: bool) -> Outcome {

@@ -2,6 +2,7 @@
 //! See `provider-budgets --help`.
 //!
 //! * `cli`: the flags (clap) and one function per subcommand;
+//! * `remote`: `status` asked of a running sidecar;
 //! * `serve`: `provider-budgets serve`, the HTTP sidecar (axum on hyper, Prometheus metrics);
 //! * `status_json`: the JSON document of `status --json` and `GET /v1/budgets`;
 //! * `status_table`: the table of `status` and of `GET /` for `Accept: text/plain`.
@@ -10,6 +11,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 mod cli;
+mod remote;
 mod serve;
 mod status_json;
 mod status_table;

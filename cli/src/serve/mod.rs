@@ -294,6 +294,8 @@ async fn serve(
     };
     let mut server = tokio::spawn(listen::serve(listener, app, probes, limits, stop_rx));
     announce(local);
+    // Where `status` finds us while we hold the data dir; gone when we stop.
+    let _url_file = UrlFile::write(limiter, local);
     loop {
         tokio::select! {
             signal = signals.next() => match signal {
@@ -359,6 +361,46 @@ fn restore_keys(
         );
     }
     Ok((keys, reservations))
+}
+
+/// The sidecar's base URL in the data dir ([`crate::remote::URL_FILE`]) for as long as it
+/// serves: `status` on the same data dir asks it instead of failing on the lock. Removed on
+/// drop (a SIGKILL leaves it; it is overwritten by the next start, and a `status` that finds
+/// nobody there reports the lock as before).
+struct UrlFile(Option<std::path::PathBuf>);
+
+impl UrlFile {
+    fn write(limiter: &Limiter, local: SocketAddr) -> UrlFile {
+        let Some(dir) = limiter.config().storage.dir.clone() else {
+            return UrlFile(None);
+        };
+        let path = crate::remote::url_file(&dir);
+        // An unspecified address (0.0.0.0) is reached through loopback from this host.
+        let addr = match local {
+            SocketAddr::V4(a) if a.ip().is_unspecified() => {
+                SocketAddr::from(([127, 0, 0, 1], a.port()))
+            }
+            SocketAddr::V6(a) if a.ip().is_unspecified() => {
+                SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, a.port()))
+            }
+            other => other,
+        };
+        match std::fs::write(&path, format!("http://{addr}/\n")) {
+            Ok(()) => UrlFile(Some(path)),
+            Err(e) => {
+                tracing::warn!(error = %e, path = %path.display(), "cannot write the sidecar's address for `status`");
+                UrlFile(None)
+            }
+        }
+    }
+}
+
+impl Drop for UrlFile {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
 }
 
 /// The ready line: tests and supervisors read the bound address (useful with port 0). A

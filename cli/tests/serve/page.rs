@@ -3,7 +3,7 @@
 //! works with every host but the sidecar's unreachable (no request off the host), and
 //! `Accept: text/plain` answers the `status` table.
 
-use provider_budgets_test_support::cli::Cli;
+use provider_budgets_test_support::cli::{bare_cmd, budget, Cli, Run};
 
 use std::fmt::Write as _;
 use std::process::Command;
@@ -119,4 +119,51 @@ fn the_status_page_renders_every_budget_in_a_real_browser_without_leaving_the_ho
         .body
         .lines()
         .any(|l| l.starts_with("openai ") && l.contains(" 0.6 ")));
+}
+
+/// While the sidecar holds the data dir, `status` asks it (the address it left in the data
+/// dir, or `--url`), with the token from the environment; the answer is the command's own.
+#[test]
+fn status_asks_the_sidecar_that_holds_the_data_dir() {
+    const TOKEN: &str = "status-page-token-0123456789";
+    let cli = Cli::new("provider_budget_config:\n  openai: {budget_limit: 1, time_period: 1d}\n");
+    let (config, data) = (cli.config.clone(), cli.data.clone());
+    let s = Sidecar::start_env(cli, &[], &[("PROVIDER_BUDGETS_AUTH_TOKEN", TOKEN)]);
+    let spend = r#"{"provider": "openai", "cost": "0.25"}"#;
+    let auth = format!("Authorization: Bearer {TOKEN}");
+    let headers = ["Content-Type: application/json", auth.as_str()];
+    assert_eq!(s.post("/v1/spend", &headers, spend).status, 200);
+    let status = |args: &[&str], token: Option<&str>| {
+        let mut cmd = bare_cmd();
+        cmd.arg("--config")
+            .arg(&config)
+            .arg("--data-dir")
+            .arg(&data)
+            .args(args);
+        cmd.env_remove("PROVIDER_BUDGETS_AUTH_TOKEN");
+        if let Some(t) = token {
+            cmd.env("PROVIDER_BUDGETS_AUTH_TOKEN", t);
+        }
+        Run::of(cmd.output().unwrap())
+    };
+    let run = status(&["status"], Some(TOKEN));
+    run.assert_ok();
+    assert!(run.stdout.starts_with("PROVIDER"), "{run:?}");
+    assert!(
+        run.stdout
+            .lines()
+            .any(|l| l.starts_with("openai ") && l.contains(" 0.25 ")),
+        "{run:?}"
+    );
+    let run = status(&["status", "--json"], Some(TOKEN));
+    run.assert_ok();
+    let doc: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(budget(&doc, "openai")["spend_nanos"], 250_000_000);
+    let url = format!("http://{}/", s.addr());
+    let run = status(&["status", "--url", &url], Some(TOKEN));
+    run.assert_ok();
+    assert!(run.stdout.contains(" 0.25 "), "{run:?}");
+    // Without the token: one error line naming the sidecar, the token never printed.
+    let run = status(&["status"], None);
+    run.assert_error(1, &["the sidecar at http://127.0.0.1:", "401"]);
 }
