@@ -31,7 +31,7 @@ use crate::model::window::Period;
 pub struct BudgetKey {
     /// What the budget applies to.
     pub scope: Scope,
-    /// The provider, deployment id, model or tag.
+    /// The provider, deployment id, model, tag or identity name (key, user, team, org, customer).
     pub name: String,
     /// The period as written, with `@Zone` when the budget has its own zone and the period is
     /// a calendar one.
