@@ -3,12 +3,14 @@
 //! have tag budgets; plain `Limiter::filter_tagged` and prepared `Prepared::filter_tagged_into`,
 //! p50/p99.
 //! And `charge` hitting 4 budgets (provider, deployment, model, tag) per call, buffered.
+//! And the prepared filter of a request naming an identity (key, team, org) whose three
+//! budgets are checked besides the tags'.
 
 use std::hint::black_box;
 
 use criterion::{BenchmarkId, Criterion, Throughput};
 use provider_budgets::Spend;
-use provider_budgets::{BudgetConfig, Limiter, Money, Period, Scope, Target};
+use provider_budgets::{BudgetConfig, Identity, Limiter, Money, Period, Scope, Target};
 
 use crate::common;
 
@@ -35,6 +37,11 @@ impl Fixture {
 
     /// `n` deployments (each with its own deployment budget).
     fn with(n: usize) -> Fixture {
+        Fixture::with_identities(n, &[])
+    }
+
+    /// `n` deployments, plus a budget for each identity scope and name of `identities`.
+    fn with_identities(n: usize, identities: &[(Scope, &str)]) -> Fixture {
         let dir = common::tempdir();
         let limit: Money = "1000000".parse().expect("limit");
         let period: Period = "1d".parse().expect("period");
@@ -55,6 +62,9 @@ impl Fixture {
         }
         for t in TAGS {
             config = config.with_budget(BudgetConfig::new(Scope::Tag, t, limit, period));
+        }
+        for (scope, name) in identities {
+            config = config.with_budget(BudgetConfig::new(*scope, *name, limit, period));
         }
         let limiter = Limiter::open(config).expect("open");
         Fixture {
@@ -120,6 +130,7 @@ pub fn bench(c: &mut Criterion) {
                 .is_ok()
         });
     });
+    prepared_identity(&mut g);
     g.throughput(Throughput::Elements(1));
     let mut sampled = false;
     g.bench_function(BenchmarkId::new("charge/4_budgets", 1), |b| {
@@ -151,6 +162,53 @@ pub fn bench(c: &mut Criterion) {
         fx.limiter.flush().expect("flush");
     });
     g.finish();
+}
+
+/// The identity of `scoped/filter/prepared_identity/10`: a key, its team and its org, each
+/// with a budget.
+const IDENTITY: [(Scope, &str); 3] = [
+    (
+        Scope::Key,
+        "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+    ),
+    (Scope::Team, "research"),
+    (Scope::Org, "acme"),
+];
+
+/// `scoped/filter/prepared_identity/10`: `scoped/filter/prepared/10` for a request that names
+/// a key, a team and an org (three more budgets, checked once per call).
+fn prepared_identity(g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>) {
+    let mut fx: Option<Fixture> = None;
+    let mut sampled = false;
+    g.bench_function(BenchmarkId::new("filter/prepared_identity", 10), |b| {
+        let fx = fx.get_or_insert_with(|| Fixture::with_identities(10, &IDENTITY));
+        let id = Identity::new()
+            .key(IDENTITY[0].1)
+            .team(IDENTITY[1].1)
+            .org(IDENTITY[2].1);
+        let prepared = fx.limiter.prepare(&fx.deployments);
+        let mut out = Vec::with_capacity(10);
+        prepared
+            .filter_into_for(&TAGS, &id, &mut out)
+            .expect("filter");
+        assert_eq!(out.len(), 10);
+        common::once(&mut sampled, || {
+            common::latency(
+                "scoped/filter/prepared_identity/10 (3 budgets each + 2 tags + 3 identities)",
+                200_000,
+                || {
+                    prepared
+                        .filter_into_for(black_box(&TAGS), black_box(&id), black_box(&mut out))
+                        .is_ok()
+                },
+            )
+        });
+        b.iter(|| {
+            prepared
+                .filter_into_for(black_box(&TAGS), black_box(&id), black_box(&mut out))
+                .is_ok()
+        });
+    });
 }
 
 /// `scoped/filter/plain/50`: the plain filter over 50 such deployments (61 budgets).

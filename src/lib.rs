@@ -102,6 +102,7 @@ pub use limiter::testing;
 pub use limiter::{Limiter, Prepared, NO_TAGS};
 pub use model::budget::{Enforcement, Mode, Offline, Scope, SoftLimit, SoftLimitCrossed};
 pub use model::clock::{Clock, FakeClock, SystemClock};
+pub use model::identity::Identity;
 pub use model::money::{Money, MoneyError};
 pub use model::text::redact_urls;
 pub use model::window::{Period, PeriodError, Schedule, Window};

@@ -306,7 +306,7 @@ pub(crate) type CacheMap = hashbrown::HashTable<Entry>;
 pub(crate) type CacheGuard = arc_swap::Guard<Arc<CacheMap>>;
 
 /// Scope name → budget slots, one map per scope.
-pub(crate) type ScopeTables = [FxHashMap<Box<str>, Box<[u32]>>; 4];
+pub(crate) type ScopeTables = [FxHashMap<Box<str>, Box<[u32]>>; Scope::COUNT];
 
 /// Maps deployments and tags to budget slots. Immutable tables plus a copy-on-write cache of
 /// model names.
@@ -393,7 +393,8 @@ impl Resolver {
         config: &Config,
         slots: impl IntoIterator<Item = (Scope, String, u32)>,
     ) -> Resolver {
-        let mut grouped: [FxHashMap<Box<str>, Vec<u32>>; 4] = Default::default();
+        let mut grouped: [FxHashMap<Box<str>, Vec<u32>>; Scope::COUNT] =
+            std::array::from_fn(|_| FxHashMap::default());
         for (scope, name, slot) in slots {
             grouped[scope.index()]
                 .entry(name.into_boxed_str())

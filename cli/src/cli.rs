@@ -7,9 +7,10 @@
 //! Behaviour that scripts and tests rely on:
 //!
 //! * Deployments are written `MODEL` or `ID=MODEL` (`gpt4o-east=openai/gpt-4o`); `filter` and
-//!   `charge` take the request's tags as repeated `--tag TAG`. `charge` counts the cost against
-//!   every budget that applies (as `filter` resolves them) and prints them; `record PROVIDER
-//!   COST` counts against the provider's budgets only.
+//!   `charge` take the request's tags as repeated `--tag TAG` and its identities as `--key K
+//!   --user U --team T --org O --customer C`. `charge` counts the cost against every budget
+//!   that applies (as `filter` resolves them) and prints them; `record PROVIDER COST` counts
+//!   against the provider's budgets only.
 //! * litellm keys the file sets that are not implemented print one `warning:` line.
 //! * Exit codes: `0` success, `1` runtime error (storage, replication, a refused record, a bad
 //!   config file, a malformed `ingest` line), `2` usage error (bad flag or argument value:
@@ -46,8 +47,8 @@ use std::sync::Arc;
 use jiff::Timestamp;
 
 use provider_budgets::{
-    Adjustment, Config, ConfigError, Error, FakeClock, Limiter, Money, Period, RecordError,
-    RedisConfig, Spend, StatusQuery, StoreError, Target,
+    Adjustment, Config, ConfigError, Error, FakeClock, Identity, Limiter, Money, Period,
+    RecordError, RedisConfig, Scope, Spend, StatusQuery, StoreError, Target,
 };
 
 /// Exit code of `filter` when no deployment is left.
@@ -93,6 +94,44 @@ struct Cli {
     from_env: FromEnv,
 }
 
+/// The identities of a request (`filter`, `charge`): each one's budgets apply.
+#[derive(Debug, Default, clap::Args)]
+struct IdentityArgs {
+    /// The request's API key (litellm's hashed key): its key budgets apply.
+    #[arg(long, value_name = "K")]
+    key: Option<String>,
+    /// The request's user: its user budgets apply.
+    #[arg(long, value_name = "U")]
+    user: Option<String>,
+    /// The request's team: its team budgets apply.
+    #[arg(long, value_name = "T")]
+    team: Option<String>,
+    /// The request's organisation: its org budgets apply.
+    #[arg(long, value_name = "O")]
+    org: Option<String>,
+    /// The request's customer (end user): its customer budgets apply.
+    #[arg(long, value_name = "C")]
+    customer: Option<String>,
+}
+
+impl IdentityArgs {
+    /// The library's identity, borrowing the flags' values.
+    fn identity(&self) -> Identity<'_> {
+        let flags = [
+            (Scope::Key, &self.key),
+            (Scope::User, &self.user),
+            (Scope::Team, &self.team),
+            (Scope::Org, &self.org),
+            (Scope::Customer, &self.customer),
+        ];
+        flags
+            .into_iter()
+            .fold(Identity::new(), |id, (scope, name)| {
+                id.with(scope, name.as_deref())
+            })
+    }
+}
+
 /// Global flags whose value came from the environment.
 #[derive(Debug, Default)]
 struct FromEnv {
@@ -125,9 +164,11 @@ enum Cmd {
         /// A tag of the request (repeatable): its tag budgets must have room too.
         #[arg(long = "tag", value_name = "TAG")]
         tags: Vec<String>,
+        #[command(flatten)]
+        identity: IdentityArgs,
     },
     /// Count COST against every budget that applies to DEPLOYMENT (`MODEL` or `ID=MODEL`):
-    /// its provider's, its model's, its own and each tag's.
+    /// its provider's, its model's, its own, each tag's and each identity's.
     Charge {
         /// The deployment, `MODEL` or `ID=MODEL`.
         #[arg(value_name = "DEPLOYMENT")]
@@ -138,6 +179,8 @@ enum Cmd {
         /// A tag of the request (repeatable).
         #[arg(long = "tag", value_name = "TAG")]
         tags: Vec<String>,
+        #[command(flatten)]
+        identity: IdentityArgs,
         /// Count it in the window of TIME instead of now (RFC 3339 or Unix seconds).
         #[arg(long, value_name = "TIME", value_parser = parse_time)]
         at: Option<Timestamp>,
@@ -530,14 +573,22 @@ fn execute(cli: Cli) -> Outcome {
             at,
             durable,
         } => record(&limiter, &provider, cost, at, durable, replicate),
-        Cmd::Filter { models, tags } => filter(&limiter, &models, &tags, replicate),
+        Cmd::Filter {
+            models,
+            tags,
+            identity,
+        } => filter(&limiter, &models, (&tags, &identity.identity()), replicate),
         Cmd::Charge {
             deployment,
             cost,
             tags,
+            identity,
             at,
             durable,
-        } => charge(&limiter, &deployment, cost, &tags, at, durable, replicate),
+        } => {
+            let request = (&tags[..], &identity.identity());
+            charge(&limiter, &deployment, cost, request, at, durable, replicate)
+        }
         Cmd::Adjust {
             key,
             amount,
@@ -675,18 +726,24 @@ fn record_spend(
     Ok(())
 }
 
+/// What a request adds to its deployment: its tags and its identities.
+type Request<'a> = (&'a [String], &'a Identity<'a>);
+
 fn charge(
     limiter: &Limiter,
     deployment: &str,
     cost: Money,
-    tags: &[String],
+    (tags, identity): Request<'_>,
     at: Option<Timestamp>,
     durable: bool,
     replicate: bool,
 ) -> Outcome {
     let target = Target::parse(deployment);
     let at = at.unwrap_or_else(|| limiter.now());
-    let receipt = limiter.charge(Spend::deployment(&target, cost).tags(tags).at(at))?;
+    let spend = Spend::deployment(&target, cost)
+        .tags(tags)
+        .identity(identity);
+    let receipt = limiter.charge(spend.at(at))?;
     let n = if durable {
         receipt.wait()?
     } else {
@@ -695,7 +752,10 @@ fn charge(
     let synced = sync_after_record(limiter, replicate);
     let mut out = io::stdout().lock();
     writeln!(out, "charged {cost} USD to {n} budgets")?;
-    for s in limiter.status(StatusQuery::deployment(&target).tags(tags).at(at)) {
+    let query = StatusQuery::deployment(&target)
+        .tags(tags)
+        .identity(identity);
+    for s in limiter.status(query.at(at)) {
         writeln!(
             out,
             "  {} {} {} in window {} .. {}: spend {} of {} USD",
@@ -721,13 +781,18 @@ fn sync_or_warn(limiter: &Limiter) {
     }
 }
 
-fn filter(limiter: &Limiter, models: &[String], tags: &[String], replicate: bool) -> Outcome {
+fn filter(
+    limiter: &Limiter,
+    models: &[String],
+    (tags, identity): Request<'_>,
+    replicate: bool,
+) -> Outcome {
     if replicate {
         sync_or_warn(limiter);
     }
     let targets: Vec<(Target, &String)> = models.iter().map(|m| (Target::parse(m), m)).collect();
     let deployments: Vec<&Target> = targets.iter().map(|t| &t.0).collect();
-    match limiter.filter(&deployments, tags) {
+    match limiter.filter_for(&deployments, tags, identity) {
         Ok(allowed) => {
             let mut out = io::stdout().lock();
             // Printed as given (`ID=MODEL` stays so).

@@ -9,7 +9,7 @@ use crate::model::window::Period;
 
 use super::error::ConfigError;
 use super::schema::{BudgetConfig, UnknownProvider};
-use super::validate::check_budget;
+use super::validate::{check_budget, template_fault};
 use super::values::{
     parse_limit, refuse_at, Flag, HumanDuration, Parsed, RawAmount, Text, UniqueMap,
 };
@@ -19,13 +19,18 @@ use crate::model::key::provider_name_fault;
 #[derive(Debug, Deserialize)]
 #[serde(
     deny_unknown_fields,
-    expecting = "a map: {provider|deployment|model|tag: NAME, limit, period}"
+    expecting = "a map: {provider|deployment|model|tag|key|user|team|org|customer: NAME, limit, period}"
 )]
 pub(super) struct RawGeneral {
     pub(super) provider: Option<Text>,
     pub(super) deployment: Option<Text>,
     pub(super) model: Option<Text>,
     pub(super) tag: Option<Text>,
+    pub(super) key: Option<Text>,
+    pub(super) user: Option<Text>,
+    pub(super) team: Option<Text>,
+    pub(super) org: Option<Text>,
+    pub(super) customer: Option<Text>,
     pub(super) limit: RawAmount,
     pub(super) period: Text,
     pub(super) soft_limits: Option<Vec<f64>>,
@@ -44,6 +49,11 @@ impl RawGeneral {
             (Scope::Deployment, self.deployment),
             (Scope::Model, self.model),
             (Scope::Tag, self.tag),
+            (Scope::Key, self.key),
+            (Scope::User, self.user),
+            (Scope::Team, self.team),
+            (Scope::Org, self.org),
+            (Scope::Customer, self.customer),
         ];
         let mut given = scoped
             .into_iter()
@@ -54,17 +64,14 @@ impl RawGeneral {
                 return Err(refuse_at(
                     path,
                     "scope",
-                    "give one of provider, deployment, model or tag",
+                    format!("give one of {}", Scope::LIST),
                 ))
             }
             (Some(a), Some(b)) => {
                 return Err(refuse_at(
                     path,
                     "scope",
-                    format!(
-                        "give one of provider, deployment, model or tag, not both {} and {}",
-                        a.0, b.0
-                    ),
+                    format!("give one of {}, not both {} and {}", Scope::LIST, a.0, b.0),
                 ))
             }
         };
@@ -76,6 +83,9 @@ impl RawGeneral {
                     format!("{name:?} is not allowed: {why}"),
                 ));
             }
+        }
+        if let Some(why) = template_fault(scope, &name) {
+            return Err(refuse_at(path, scope.as_str(), why));
         }
         let limit = parse_limit(self.limit).map_err(|(value, source)| {
             refuse_at(path.clone(), "limit", format!("{value:?}: {source}"))

@@ -22,7 +22,8 @@ use super::error::ConfigError;
 pub struct BudgetConfig {
     /// What the budget applies to.
     pub scope: Scope,
-    /// The provider, deployment id, model name or tag.
+    /// The provider, deployment id, model name, tag or identity name (key, user, team, org,
+    /// customer).
     pub name: String,
     /// Spend at or above which the budget's deployments (or requests) are filtered out.
     pub limit: Money,

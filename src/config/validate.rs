@@ -102,6 +102,9 @@ pub(super) fn check_budget(b: &BudgetConfig) -> Result<(), ConfigError> {
             }
         }
     }
+    if let Some(why) = template_fault(b.scope, &b.name) {
+        return Err(refuse(format!("the name {why}")));
+    }
     if let Some(zone) = &b.time_zone {
         if jiff::tz::TimeZone::get(zone).is_err() {
             return Err(refuse(format!(
@@ -120,6 +123,20 @@ pub(super) fn check_budget(b: &BudgetConfig) -> Result<(), ConfigError> {
         ));
     }
     Ok(())
+}
+
+/// The name of a template (a series per distinct name), reserved in the identity scopes.
+const TEMPLATE_NAME: &str = "*";
+
+/// Why an identity budget's name is refused as a template, if it is one: `"*"` is kept for
+/// templates (a budget per distinct key, user, …), which this version does not implement;
+/// taken as a plain name it would silently budget only a key literally named `*`.
+pub(super) fn template_fault(scope: Scope, name: &str) -> Option<String> {
+    (scope.is_identity() && name == TEMPLATE_NAME).then(|| {
+        format!(
+            "{TEMPLATE_NAME:?} is reserved for templates (one budget per distinct {scope}), which are not supported yet; name each {scope} instead"
+        )
+    })
 }
 
 /// Why a `model_providers` prefix can never take effect, if so: resolution tries a

@@ -14,15 +14,17 @@ use std::fmt;
 
 use jiff::Timestamp;
 
+use crate::limiter::identity_slots;
 use crate::model::budget::Scope;
+use crate::model::identity::Identity;
 use crate::model::money::Money;
 use crate::model::slots::SlotKeys;
 use crate::resolve::{CacheMap, Deployment, Misses, Resolved, Resolver};
 use crate::view::View;
 
 /// No deployment is left: every candidate is under a spent budget (its provider's, its model's,
-/// its own), a tag of the request has spent its budget, or candidates were denied as
-/// unknown. The message is litellm's (`No deployments available - crossed budget: Exceeded
+/// its own), a tag or an identity of the request has spent its budget, or candidates were
+/// denied as unknown. The message is litellm's (`No deployments available - crossed budget: Exceeded
 /// budget for provider openai: 10.5 >= 10`), with the scope in place of `provider` for the
 /// other scopes (`Exceeded budget for tag team-a: 5 >= 5`); when each budget resets is in
 /// [`Exceeded::resets_at`]. A strict budget that refused a reservation by this node's grant
@@ -31,8 +33,8 @@ use crate::view::View;
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct NoDeployments {
-    /// Each exceeded (enforced) budget among the candidates and the request's tags, once,
-    /// with its spend, limit and reset time.
+    /// Each exceeded (enforced) budget among the candidates and the request's tags and
+    /// identities, once, with its spend, limit and reset time.
     pub exceeded: Vec<Exceeded>,
     /// Candidates dropped because their provider could not be resolved and
     /// `unknown_provider` is `deny`.
@@ -49,7 +51,7 @@ pub struct Exceeded {
     pub provider: String,
     /// The budget's scope.
     pub scope: Scope,
-    /// The provider, deployment id, model or tag.
+    /// The provider, deployment id, model, tag, key, user, team, org or customer.
     pub name: String,
     /// The budget's period (with `@Zone` when it has its own time zone).
     pub period: String,
@@ -210,15 +212,36 @@ impl<'a> Check<'a> {
         self.memo.blocked(budget, || view.blocks(budget, now))
     }
 
-    /// Whether every budget of the request's tags has room.
+    /// Whether every budget of the request has room: each of its tags' and each of its
+    /// identities'.
     #[inline]
-    pub fn tags_pass<T: AsRef<str>>(&mut self, resolver: &Resolver, tags: &[T]) -> bool {
+    pub fn request_passes<T: AsRef<str>>(
+        &mut self,
+        resolver: &Resolver,
+        tags: &[T],
+        identity: &Identity<'_>,
+    ) -> bool {
         let mut ok = true;
         for t in tags {
             for &b in resolver.slots(Scope::Tag, t.as_ref()) {
                 // No short cut: shadow tag budgets count their would-be denials.
                 ok &= !self.blocked(b);
             }
+        }
+        // Out of line: a request without identity pays five `None` checks, nothing more.
+        if !identity.is_empty() {
+            ok &= self.identity_passes(resolver, identity);
+        }
+        ok
+    }
+
+    /// Whether every budget of the request's identities has room (each read, so shadow
+    /// budgets count their would-be denials).
+    #[inline(never)]
+    fn identity_passes(&mut self, resolver: &Resolver, identity: &Identity<'_>) -> bool {
+        let mut ok = true;
+        for b in identity_slots(resolver, identity) {
+            ok &= !self.blocked(b);
         }
         ok
     }
@@ -246,8 +269,8 @@ impl<'a> Check<'a> {
         true
     }
 
-    /// The loop: `keep(i)` for each candidate that passes (none when a tag blocks); returns
-    /// how many passed.
+    /// The loop: `keep(i)` for each candidate that passes (none when a budget of the request
+    /// blocks); returns how many passed.
     #[inline]
     pub fn select<'r>(
         &mut self,
@@ -269,7 +292,8 @@ impl<'a> Check<'a> {
     }
 
     /// The plain filter's loop (`Limiter::filter_tagged`, `Limiter::filter_in_place_tagged`):
-    /// `keep(i, d)` for each deployment that passes (none when a tag blocks), each resolved
+    /// `keep(i, d)` for each deployment that passes (none when a budget of the request
+    /// blocks), each resolved
     /// through the cache loaded once by the caller; returns how many passed.
     #[inline]
     pub fn select_in<'d, D: Deployment>(
@@ -333,11 +357,12 @@ impl<'a> Check<'a> {
     }
 
     /// The error for an empty result (cold path): every spent enforced budget of the
-    /// candidates and the tags, once, and the denied unknown ones.
+    /// request (tags, then identities) and the candidates, once, and the denied unknown ones.
     pub fn no_deployments<'r, T: AsRef<str>>(
         &self,
         resolver: &Resolver,
         tags: &[T],
+        identity: &Identity<'_>,
         candidates: impl Iterator<Item = (Resolved<'r>, &'r str)>,
     ) -> NoDeployments {
         let mut err = NoDeployments {
@@ -367,6 +392,9 @@ impl<'a> Check<'a> {
             for &b in resolver.slots(Scope::Tag, t.as_ref()) {
                 note(b, &mut err);
             }
+        }
+        for b in identity_slots(resolver, identity) {
+            note(b, &mut err);
         }
         for (r, model) in candidates {
             if r.unknown && self.deny_unknown {

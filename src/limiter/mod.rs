@@ -34,6 +34,7 @@ use crate::limiter::health::Health;
 use crate::limiter::open::LimiterBuilder;
 use crate::model::budget::{Scope, SoftLimitCrossed, SoftLimitHandler};
 use crate::model::clock::Clock;
+use crate::model::identity::Identity;
 use crate::model::money::Money;
 use crate::model::slots::SlotKeys;
 use crate::resolve::{Deployment, Resolved, Resolver, Target};
@@ -167,28 +168,66 @@ impl Limiter {
     /// room (its provider's, its model's, its own by id) and every budget of the request's
     /// tags has room (a spent tag budget leaves nothing). Deployments without any budget
     /// pass; unresolvable ones follow `unknown_provider`. An empty input gives an empty
-    /// result; a non-empty input with nothing left gives [`NoDeployments`].
+    /// result; a non-empty input with nothing left gives [`NoDeployments`]. For a request
+    /// with identities (key, user, team, org, customer), see [`Limiter::filter_for`].
     ///
     /// # Errors
     ///
     /// [`NoDeployments`] when the input is not empty and no deployment is left (each
     /// exceeded budget and unresolvable deployment listed).
+    #[inline]
     pub fn filter<'a, D: Deployment, T: AsRef<str>>(
         &self,
         deployments: &'a [D],
         tags: &[T],
     ) -> Result<Vec<&'a D>, NoDeployments> {
+        self.filter_for(deployments, tags, &Identity::NONE)
+    }
+
+    /// [`Limiter::filter`] for a request made for `identity`: every budget of every name it
+    /// gives (its key's, user's, team's, org's, customer's) must have room too, as its tags'
+    /// must (a spent identity budget leaves nothing). Names without budget are ignored.
+    ///
+    /// ```
+    /// use provider_budgets::{Config, Identity, Limiter, Spend, NO_TAGS};
+    ///
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let dir = tempfile::tempdir()?;
+    /// let yaml = "provider_budgets:\n  budgets:\n    - {team: research, limit: 1, period: 1mo}\n";
+    /// let limiter = Limiter::open(Config::from_yaml_str(yaml)?.data_dir(dir.path()))?;
+    /// let alice = Identity::new().key("key-of-alice").team("research");
+    /// let bob = Identity::new().key("key-of-bob").team("research");
+    ///
+    /// limiter.charge(Spend::deployment("gpt-4o", "1".parse()?).identity(&alice))?;
+    /// // The team's budget is spent: bob's key, in the same team, gets nothing either.
+    /// assert!(limiter.filter_for(&["gpt-4o"], NO_TAGS, &bob).is_err());
+    /// assert_eq!(limiter.filter_for(&["gpt-4o"], NO_TAGS, &Identity::new().key("key-of-bob"))?.len(), 1);
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`Limiter::filter`].
+    pub fn filter_for<'a, D: Deployment, T: AsRef<str>>(
+        &self,
+        deployments: &'a [D],
+        tags: &[T],
+        identity: &Identity<'_>,
+    ) -> Result<Vec<&'a D>, NoDeployments> {
         let resolver = self.inner.resolver.load();
         let cache = resolver.cache();
         let mut check = self.check(&resolver);
-        let tags_ok = check.tags_pass(&resolver, tags);
+        let request_ok = check.request_passes(&resolver, tags, identity);
         let mut out = Vec::with_capacity(deployments.len());
-        check.select_in(&resolver, &cache, tags_ok, deployments, |_, d| out.push(d));
+        check.select_in(&resolver, &cache, request_ok, deployments, |_, d| {
+            out.push(d)
+        });
         check.note_misses(&resolver);
         if out.is_empty() && !deployments.is_empty() {
             return Err(check.no_deployments(
                 &resolver,
                 tags,
+                identity,
                 deployments
                     .iter()
                     .map(|d| (resolver.resolve_in(&cache, d), d.model())),
@@ -203,16 +242,32 @@ impl Limiter {
     /// # Errors
     ///
     /// As [`Limiter::filter`].
+    #[inline]
     pub fn filter_in_place<D: Deployment, T: AsRef<str>>(
         &self,
         deployments: &mut Vec<D>,
         tags: &[T],
     ) -> Result<(), NoDeployments> {
+        self.filter_in_place_for(deployments, tags, &Identity::NONE)
+    }
+
+    /// [`Limiter::filter_in_place`] for a request made for `identity` (see
+    /// [`Limiter::filter_for`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`Limiter::filter`].
+    pub fn filter_in_place_for<D: Deployment, T: AsRef<str>>(
+        &self,
+        deployments: &mut Vec<D>,
+        tags: &[T],
+        identity: &Identity<'_>,
+    ) -> Result<(), NoDeployments> {
         let resolver = self.inner.resolver.load();
         let cache = resolver.cache();
         let mut check = self.check(&resolver);
-        let tags_ok = check.tags_pass(&resolver, tags);
-        let kept = check.select_in(&resolver, &cache, tags_ok, deployments, |_, _| {});
+        let request_ok = check.request_passes(&resolver, tags, identity);
+        let kept = check.select_in(&resolver, &cache, request_ok, deployments, |_, _| {});
         check.note_misses(&resolver);
         if kept == 0 {
             if deployments.is_empty() {
@@ -221,6 +276,7 @@ impl Limiter {
             return Err(check.no_deployments(
                 &resolver,
                 tags,
+                identity,
                 deployments
                     .iter()
                     .map(|d| (resolver.resolve_in(&cache, d), d.model())),
@@ -373,16 +429,28 @@ impl Limiter {
 /// No request tags (`limiter.filter(&deployments, NO_TAGS)`).
 pub const NO_TAGS: &[&str] = &[];
 
-/// The slots a charge adds to: the deployment's and those of each distinct tag.
+/// The slots a charge adds to: the deployment's, those of each distinct tag and those of
+/// each identity.
 pub(crate) fn charge_slots<'a, T: AsRef<str>>(
     resolver: &'a Resolver,
     r: &Resolved<'a>,
     tags: &'a [T],
+    identity: &'a Identity<'a>,
 ) -> impl Iterator<Item = u32> + 'a {
     let r = *r;
     (0..3)
         .flat_map(move |k| r.slots[k].iter().copied())
-        .chain(tag_slots(resolver, tags))
+        .chain(request_slots(resolver, tags, identity))
+}
+
+/// The slots of the request itself, whatever the deployment: each distinct tag's, then each
+/// identity's.
+pub(crate) fn request_slots<'a, T: AsRef<str>>(
+    resolver: &'a Resolver,
+    tags: &'a [T],
+    identity: &'a Identity<'a>,
+) -> impl Iterator<Item = u32> + 'a {
+    tag_slots(resolver, tags).chain(identity_slots(resolver, identity))
 }
 
 /// The slots of each distinct tag (a tag given twice is charged once).
@@ -401,6 +469,16 @@ pub(crate) fn tag_slots<'a, T: AsRef<str>>(
         .iter()
         .copied()
     })
+}
+
+/// The slots of each name of `identity` (one name per identity scope: each is distinct).
+pub(crate) fn identity_slots<'a>(
+    resolver: &'a Resolver,
+    identity: &'a Identity<'a>,
+) -> impl Iterator<Item = u32> + 'a {
+    identity
+        .iter()
+        .flat_map(move |(scope, name)| resolver.slots(scope, name).iter().copied())
 }
 
 /// A deployment list resolved once by [`Limiter::prepare`]. It holds the limiter's in-memory
@@ -482,6 +560,22 @@ impl Prepared {
         tags: &[T],
         out: &mut Vec<usize>,
     ) -> Result<(), NoDeployments> {
+        self.filter_into_for(tags, &Identity::NONE, out)
+    }
+
+    /// [`Prepared::filter_into`] for a request made for `identity`: every budget of every
+    /// name it gives must have room too (see [`Limiter::filter_for`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`Prepared::filter_into`].
+    #[inline]
+    pub fn filter_into_for<T: AsRef<str>>(
+        &self,
+        tags: &[T],
+        identity: &Identity<'_>,
+        out: &mut Vec<usize>,
+    ) -> Result<(), NoDeployments> {
         out.clear();
         let now = self.clock.now_secs();
         if self.generation != self.generation_now.load(Ordering::Acquire) {
@@ -491,15 +585,16 @@ impl Prepared {
             again.generation = self.generation_now.load(Ordering::Acquire);
             again.snapshot = self.resolver.load_full();
             again.fill(&again.snapshot.clone());
-            return again.filter_into(tags, out);
+            return again.filter_into_for(tags, identity, out);
         }
         // `ranges` carry `unknown && deny_unknown` as resolved at `prepare` (a reload bumps the
         // generation): no resolver load on the request path.
         let mut check = Check::new(&self.view, &self.keys, now, true);
-        let tags_ok = tags.is_empty() || check.tags_pass(&self.snapshot, tags);
+        let request_ok = (tags.is_empty() && identity.is_empty())
+            || check.request_passes(&self.snapshot, tags, identity);
         match &self.masks {
             // Each distinct budget read once into a bit set, then one AND per deployment.
-            Some(masks) if tags_ok => {
+            Some(masks) if request_ok => {
                 let mut blocked = 0u128;
                 for (i, &b) in self.distinct.iter().enumerate() {
                     // Through the memo: budgets that cannot be spent are not read.
@@ -516,13 +611,18 @@ impl Prepared {
                 }
             }
             _ => {
-                check.select(tags_ok, self.resolved(), |i| out.push(i));
+                check.select(request_ok, self.resolved(), |i| out.push(i));
             }
         }
         if out.is_empty() && !self.ranges.is_empty() {
             let resolver = self.resolver.load();
             let models = self.targets.iter().map(|t| t.model.as_str());
-            return Err(check.no_deployments(&resolver, tags, self.resolved().zip(models)));
+            return Err(check.no_deployments(
+                &resolver,
+                tags,
+                identity,
+                self.resolved().zip(models),
+            ));
         }
         Ok(())
     }
@@ -547,8 +647,22 @@ impl Prepared {
     ///
     /// As [`Prepared::filter_into`].
     pub fn filter<T: AsRef<str>>(&self, tags: &[T]) -> Result<Vec<usize>, NoDeployments> {
+        self.filter_for(tags, &Identity::NONE)
+    }
+
+    /// The indices of the usable deployments for a request carrying `tags`, made for
+    /// `identity` (see [`Limiter::filter_for`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`Prepared::filter_into`].
+    pub fn filter_for<T: AsRef<str>>(
+        &self,
+        tags: &[T],
+        identity: &Identity<'_>,
+    ) -> Result<Vec<usize>, NoDeployments> {
         let mut out = Vec::with_capacity(self.len());
-        self.filter_into(tags, &mut out)?;
+        self.filter_into_for(tags, identity, &mut out)?;
         Ok(out)
     }
 

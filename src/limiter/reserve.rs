@@ -62,6 +62,7 @@ use crate::limiter::filter::{Exceeded, NoDeployments};
 use crate::limiter::spend::{AckWait, Receipt};
 use crate::limiter::{charge_slots, Inner, Limiter};
 use crate::model::clock::floor_secs;
+use crate::model::identity::Identity;
 use crate::model::money::Money;
 use crate::model::window::Window;
 use crate::resolve::{Deployment, MissLog};
@@ -75,6 +76,9 @@ const EXPIRED: u8 = 2;
 /// An admission: the candidate's index, each budget and window holding the estimate, and
 /// the instant (Unix seconds).
 type Admitted = (usize, Vec<(u32, Window)>, i64);
+
+/// What a reservation's request adds to its deployment's budgets: its tags and identities.
+type Request<'a, T> = (&'a [T], &'a Identity<'a>);
 
 /// How often the reaper thread looks for expired reservations.
 const REAP_TICK: Duration = Duration::from_secs(1);
@@ -343,13 +347,15 @@ impl Drop for Reservation {
 }
 
 /// A reservation being made: [`Limiter::reserve`]`(&candidates, estimate)`, optionally
-/// [`.tags(&tags)`](ReserveRequest::tags), then [`.wait()`](ReserveRequest::wait) (blocking)
+/// [`.tags(&tags)`](ReserveRequest::tags) and [`.identity(&id)`](ReserveRequest::identity),
+/// then [`.wait()`](ReserveRequest::wait) (blocking)
 /// or `.await` (async: the grant wait and the fsync are awaited, never blocking a worker).
 #[must_use = "nothing is reserved until .wait() or .await"]
 pub struct ReserveRequest<'a, D, T = &'a str> {
     limiter: &'a Limiter,
     candidates: &'a [D],
     tags: &'a [T],
+    identity: &'a Identity<'a>,
     estimate: Money,
 }
 
@@ -360,6 +366,7 @@ impl<D: Deployment, T: AsRef<str>> std::fmt::Debug for ReserveRequest<'_, D, T> 
         f.debug_struct("ReserveRequest")
             .field("candidates", &models)
             .field("tags", &tags)
+            .field("identity", self.identity)
             .field("estimate", &self.estimate)
             .finish()
     }
@@ -372,8 +379,15 @@ impl<'a, D: Deployment, T: AsRef<str>> ReserveRequest<'a, D, T> {
             limiter: self.limiter,
             candidates: self.candidates,
             tags,
+            identity: self.identity,
             estimate: self.estimate,
         }
+    }
+
+    /// The request's identities: the budgets of each name hold the estimate too (a commit
+    /// counts there).
+    pub fn identity(self, identity: &'a Identity<'a>) -> Self {
+        ReserveRequest { identity, ..self }
     }
 
     /// Makes the reservation, blocking until its record is durable (and, for a strict
@@ -387,7 +401,11 @@ impl<'a, D: Deployment, T: AsRef<str>> ReserveRequest<'a, D, T> {
     /// [`ReserveError::Record`] when the limiter is shut down or the journal failed.
     pub fn wait(self) -> Result<Reservation, ReserveError> {
         let l = self.limiter;
-        let (index, items, now) = l.hold(self.candidates.iter(), self.tags, self.estimate)?;
+        let (index, items, now) = l.hold(
+            self.candidates.iter(),
+            (self.tags, self.identity),
+            self.estimate,
+        )?;
         let (reservation, record) = l.register(index, items, now, self.estimate);
         let result = match record {
             None => Ok(()),
@@ -408,7 +426,11 @@ impl<'a, D: Deployment + Sync, T: AsRef<str> + Sync> IntoFuture for ReserveReque
         Box::pin(async move {
             let l = self.limiter;
             let (index, items, now) = l
-                .hold_async(self.candidates.iter(), self.tags, self.estimate)
+                .hold_async(
+                    self.candidates.iter(),
+                    (self.tags, self.identity),
+                    self.estimate,
+                )
                 .await?;
             let (reservation, record) = l.register(index, items, now, self.estimate);
             let result = match record {
@@ -464,6 +486,7 @@ impl Limiter {
             limiter: self,
             candidates,
             tags: &[],
+            identity: &Identity::NONE,
             estimate,
         }
     }
@@ -477,14 +500,14 @@ impl Limiter {
     fn hold<'d, D: Deployment + ?Sized + 'd, T: AsRef<str>>(
         &self,
         candidates: impl Iterator<Item = &'d D> + Clone,
-        tags: &[T],
+        request: Request<'_, T>,
         estimate: Money,
     ) -> Result<Admitted, ReserveError> {
         let mut starved = None;
-        let held = self.hold_once(candidates.clone(), tags, estimate, &mut starved);
+        let held = self.hold_once(candidates.clone(), request, estimate, &mut starved);
         let held = match starved_by_grant(&held, starved) {
             Some(b) if self.wait_for_grant(b, estimate) => {
-                self.hold_once(candidates, tags, estimate, &mut None)
+                self.hold_once(candidates, request, estimate, &mut None)
             }
             _ => held,
         };
@@ -495,14 +518,14 @@ impl Limiter {
     async fn hold_async<'d, D: Deployment + ?Sized + 'd, T: AsRef<str>>(
         &self,
         candidates: impl Iterator<Item = &'d D> + Clone,
-        tags: &[T],
+        request: Request<'_, T>,
         estimate: Money,
     ) -> Result<Admitted, ReserveError> {
         let mut starved = None;
-        let held = self.hold_once(candidates.clone(), tags, estimate, &mut starved);
+        let held = self.hold_once(candidates.clone(), request, estimate, &mut starved);
         let held = match starved_by_grant(&held, starved) {
             Some(b) if self.wait_for_grant_async(b, estimate).await => {
-                self.hold_once(candidates, tags, estimate, &mut None)
+                self.hold_once(candidates, request, estimate, &mut None)
             }
             _ => held,
         };
@@ -513,7 +536,7 @@ impl Limiter {
     fn hold_once<'d, D: Deployment + ?Sized + 'd, T: AsRef<str>>(
         &self,
         candidates: impl Iterator<Item = &'d D>,
-        tags: &[T],
+        (tags, identity): Request<'_, T>,
         estimate: Money,
         starved: &mut Option<u32>,
     ) -> Result<Admitted, ReserveError> {
@@ -544,7 +567,7 @@ impl Limiter {
             }
             let mut taken: Vec<(u32, Window)> = Vec::new();
             let mut refused = None;
-            for b in charge_slots(&resolver, &r, tags) {
+            for b in charge_slots(&resolver, &r, tags, identity) {
                 if inner.view.blocks_quietly(b, secs) {
                     // Spent (as `filter` sees it): even a zero estimate is refused.
                     let window = inner.view.schedule(b).window_at_secs(secs);

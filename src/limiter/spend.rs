@@ -23,9 +23,10 @@ use std::sync::atomic::Ordering;
 
 use crate::durable::journal::{Ack, AckResult, Event, Items, Journal, KeyedAdd};
 use crate::error::RecordError;
-use crate::limiter::{charge_slots, tag_slots, Limiter};
+use crate::limiter::{charge_slots, request_slots, Limiter};
 use crate::model::budget::SoftLimitCrossed;
 use crate::model::clock::floor_secs;
+use crate::model::identity::Identity;
 use crate::model::money::Money;
 use crate::resolve::{Deployment, MissLog};
 
@@ -47,27 +48,32 @@ pub(crate) enum Against<'a, D: ?Sized> {
 
 /// One spend to count with [`Limiter::charge`]: a cost against a provider
 /// ([`Spend::provider`]) or a deployment ([`Spend::deployment`]), plus the request's tags
-/// ([`Spend::tags`]: each tag's budgets count it too) and the instant it happened
-/// ([`Spend::at`]; default: now).
+/// ([`Spend::tags`]: each tag's budgets count it too), its identities ([`Spend::identity`]:
+/// each identity's budgets count it too) and the instant it happened ([`Spend::at`];
+/// default: now).
 ///
 /// Built with methods only (its fields are private), so later versions can add what a spend
-/// carries (token usage, a key, a user, a team) without breaking callers. `D` is the
+/// carries (token usage) without breaking callers. `D` is the
 /// deployment type; a provider spend has `D = dyn Deployment`, so code that builds either
 /// kind in one place can name one type (`Spend::deployment(&d as &dyn Deployment, cost)`).
 ///
 /// ```
-/// use provider_budgets::{Spend, Money, Target};
+/// use provider_budgets::{Identity, Spend, Money, Target};
 ///
 /// let cost: Money = "0.25".parse().unwrap();
 /// let by_provider = Spend::provider("openai", cost);
 /// let d = Target::parse("azure/gpt-4o");
 /// let by_deployment = Spend::deployment(&d, cost).tags(&["team-a"]);
-/// # let _ = (by_provider, by_deployment);
+/// let id = Identity::new().key("9f86d0…").team("research");
+/// let for_a_team = Spend::deployment(&d, cost).identity(&id);
+/// # let _ = (by_provider, by_deployment, for_a_team);
 /// ```
 #[must_use = "a Spend counts nothing until it is passed to Limiter::charge"]
 pub struct Spend<'a, D: ?Sized = dyn Deployment, T = &'a str> {
     pub(crate) against: Against<'a, D>,
     pub(crate) tags: &'a [T],
+    /// The request's identities; [`Identity::NONE`] when none is given.
+    pub(crate) identity: &'a Identity<'a>,
     pub(crate) cost: Money,
     pub(crate) at: Option<Timestamp>,
     /// The idempotency key and the fingerprint of its request
@@ -81,6 +87,7 @@ impl<'a> Spend<'a> {
         Spend {
             against: Against::Provider(provider),
             tags: &[],
+            identity: &Identity::NONE,
             cost,
             at: None,
             key: None,
@@ -96,6 +103,7 @@ impl<'a, D: Deployment + ?Sized> Spend<'a, D> {
         Spend {
             against: Against::Deployment(deployment),
             tags: &[],
+            identity: &Identity::NONE,
             cost,
             at: None,
             key: None,
@@ -109,10 +117,18 @@ impl<'a, D: ?Sized, T> Spend<'a, D, T> {
         Spend {
             against: self.against,
             tags,
+            identity: self.identity,
             cost: self.cost,
             at: self.at,
             key: self.key,
         }
+    }
+
+    /// The request's identities (API key, user, team, org, customer): each name's budgets
+    /// count the spend too. Name every identity whose budgets the spend belongs to (a key's
+    /// spend counts toward its team only when the team is named as well).
+    pub fn identity(self, identity: &'a Identity<'a>) -> Self {
+        Spend { identity, ..self }
     }
 
     /// Counts the spend in the windows containing `at` (e.g. when the request was made)
@@ -172,6 +188,7 @@ impl<D: Deployment + ?Sized, T: AsRef<str>> fmt::Debug for Spend<'_, D, T> {
         };
         let tags: Vec<&str> = self.tags.iter().map(AsRef::as_ref).collect();
         s.field("tags", &tags)
+            .field("identity", self.identity)
             .field("cost", &self.cost)
             .field("at", &self.at)
             .field("idempotency_key", &self.key.map(|k| k.0))
@@ -370,7 +387,7 @@ impl AckWait {
 
 impl Limiter {
     /// Counts a [`Spend`]: adds its cost to every budget that applies (see
-    /// [`Spend::provider`], [`Spend::deployment`], [`Spend::tags`]) in the windows of its
+    /// [`Spend::provider`], [`Spend::deployment`], [`Spend::tags`], [`Spend::identity`]) in the windows of its
     /// instant, and returns at once with a [`Receipt`]: drop it (buffered: durable within
     /// `storage.max_delay`), or [`Receipt::wait`] / `.await` it for an fsync.
     ///
@@ -409,20 +426,20 @@ impl Limiter {
         let (at, cost, key) = (spend.at, spend.cost, spend.key);
         let n = match spend.against {
             // The hot path of a provider spend: its slots, no resolution, no iterator chain.
-            Against::Provider(p) if spend.tags.is_empty() => {
+            Against::Provider(p) if spend.tags.is_empty() && spend.identity.is_empty() => {
                 let own = resolver.provider_slots(p);
                 self.add_at(p, at, cost, key, || own.iter().copied())?
             }
             Against::Provider(p) => {
                 let own = resolver.provider_slots(p);
-                let tags = || tag_slots(&resolver, spend.tags);
-                self.add_at(p, at, cost, key, || own.iter().copied().chain(tags()))?
+                let request = || request_slots(&resolver, spend.tags, spend.identity);
+                self.add_at(p, at, cost, key, || own.iter().copied().chain(request()))?
             }
             Against::Deployment(d) => {
                 let cache = resolver.cache();
                 let mut misses = MissLog::new(&resolver);
                 let r = resolver.resolve_noting(&cache, d, &mut misses.misses);
-                let slots = || charge_slots(&resolver, &r, spend.tags);
+                let slots = || charge_slots(&resolver, &r, spend.tags, spend.identity);
                 self.add_at(d.model(), at, cost, key, slots)?
             }
         };

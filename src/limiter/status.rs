@@ -5,6 +5,7 @@ use jiff::Timestamp;
 use crate::limiter::{charge_slots, Limiter};
 use crate::model::budget::{Enforcement, Mode, Offline, Scope, SoftLimit};
 use crate::model::clock::floor_secs;
+use crate::model::identity::Identity;
 use crate::model::money::Money;
 use crate::model::window::{Period, Window};
 use crate::resolve::Deployment;
@@ -17,7 +18,7 @@ pub struct BudgetStatus {
     pub provider: String,
     /// What the budget applies to.
     pub scope: Scope,
-    /// Its provider, deployment id, model or tag.
+    /// Its provider, deployment id, model, tag or identity name (key, user, team, org, customer).
     pub name: String,
     /// Enforce or shadow.
     pub mode: Mode,
@@ -139,7 +140,8 @@ pub struct RoundFigures {
 }
 
 /// Which budgets [`Limiter::status`] reports, and when: [`StatusQuery::all`],
-/// [`StatusQuery::provider`] or [`StatusQuery::deployment`] (with [`StatusQuery::tags`]),
+/// [`StatusQuery::provider`] or [`StatusQuery::deployment`] (with [`StatusQuery::tags`] and
+/// [`StatusQuery::identity`]),
 /// each now or [`StatusQuery::at`] an instant.
 ///
 /// ```
@@ -158,6 +160,7 @@ pub struct RoundFigures {
 pub struct StatusQuery<'a, D: ?Sized = dyn Deployment, T = &'a str> {
     select: Select<'a, D>,
     tags: &'a [T],
+    identity: &'a Identity<'a>,
     at: Option<Timestamp>,
 }
 
@@ -176,7 +179,10 @@ impl<D: Deployment + ?Sized, T: AsRef<str>> std::fmt::Debug for StatusQuery<'_, 
             Select::Provider(p) => s.field("provider", p),
             Select::Deployment(d) => s.field("deployment", &d.model()),
         };
-        s.field("tags", &tags).field("at", &self.at).finish()
+        s.field("tags", &tags)
+            .field("identity", self.identity)
+            .field("at", &self.at)
+            .finish()
     }
 }
 
@@ -186,6 +192,7 @@ impl<'a> StatusQuery<'a> {
         StatusQuery {
             select: Select::All,
             tags: &[],
+            identity: &Identity::NONE,
             at: None,
         }
     }
@@ -195,17 +202,20 @@ impl<'a> StatusQuery<'a> {
         StatusQuery {
             select: Select::Provider(provider),
             tags: &[],
+            identity: &Identity::NONE,
             at: None,
         }
     }
 }
 
 impl<'a, D: Deployment + ?Sized> StatusQuery<'a, D> {
-    /// The budgets a spend on `deployment` counts against (see [`StatusQuery::tags`]).
+    /// The budgets a spend on `deployment` counts against (see [`StatusQuery::tags`] and
+    /// [`StatusQuery::identity`]).
     pub fn deployment(deployment: &'a D) -> StatusQuery<'a, D> {
         StatusQuery {
             select: Select::Deployment(deployment),
             tags: &[],
+            identity: &Identity::NONE,
             at: None,
         }
     }
@@ -217,8 +227,15 @@ impl<'a, D: ?Sized, T> StatusQuery<'a, D, T> {
         StatusQuery {
             select: self.select,
             tags,
+            identity: self.identity,
             at: self.at,
         }
+    }
+
+    /// With [`StatusQuery::deployment`]: the budgets of the request's identities too
+    /// (ignored otherwise).
+    pub fn identity(self, identity: &'a Identity<'a>) -> Self {
+        StatusQuery { identity, ..self }
     }
 
     /// The windows containing `at` instead of now (windows past their retention read as
@@ -249,7 +266,8 @@ impl Limiter {
             Select::Deployment(d) => {
                 let resolver = self.inner.resolver.load();
                 let r = resolver.resolve(d);
-                let slots: Vec<u32> = charge_slots(&resolver, &r, query.tags).collect();
+                let slots: Vec<u32> =
+                    charge_slots(&resolver, &r, query.tags, query.identity).collect();
                 rows.filter(|(slot, _)| slots.contains(slot))
                     .map(|(_, s)| s)
                     .collect()

@@ -9,6 +9,10 @@
 //! * [`Scope::Model`]: the model name after the provider prefix (`gpt-4o` for
 //!   `openai/gpt-4o`, `azure/gpt-4o` and bare `gpt-4o`).
 //! * [`Scope::Tag`]: every request carrying the tag, whatever the deployment.
+//! * The identity scopes [`Scope::Key`], [`Scope::User`], [`Scope::Team`], [`Scope::Org`] and
+//!   [`Scope::Customer`]: every request made for that API key, user, team, organisation or
+//!   customer (end user), whatever the deployment, as the request's
+//!   [`Identity`](crate::Identity) names them.
 //!
 //! A scope name may have any number of budgets (one per period and zone).
 //!
@@ -31,25 +35,80 @@ pub enum Scope {
     Model,
     /// Every request carrying the tag.
     Tag,
+    /// Every request made with the API key (litellm's hashed virtual key).
+    Key,
+    /// Every request of the user.
+    User,
+    /// Every request of the team.
+    Team,
+    /// Every request of the organisation.
+    Org,
+    /// Every request made for the customer (litellm's end user).
+    Customer,
 }
 
 impl Scope {
     /// All scopes, in the order budgets are listed.
-    pub const ALL: [Scope; 4] = [Scope::Provider, Scope::Deployment, Scope::Model, Scope::Tag];
+    pub const ALL: [Scope; 9] = [
+        Scope::Provider,
+        Scope::Deployment,
+        Scope::Model,
+        Scope::Tag,
+        Scope::Key,
+        Scope::User,
+        Scope::Team,
+        Scope::Org,
+        Scope::Customer,
+    ];
 
-    /// `provider`, `deployment`, `model` or `tag`: the config key and the JSON value.
+    /// The identity scopes, in the order of [`Scope::ALL`]: what an
+    /// [`Identity`](crate::Identity) names.
+    pub const IDENTITY: [Scope; 5] = [
+        Scope::Key,
+        Scope::User,
+        Scope::Team,
+        Scope::Org,
+        Scope::Customer,
+    ];
+
+    /// The number of scopes (the resolver keeps one table per scope).
+    pub(crate) const COUNT: usize = Scope::ALL.len();
+
+    /// `provider`, `deployment`, `model`, `tag`, `key`, `user`, `team`, `org` or `customer`:
+    /// the config key and the JSON value.
     pub fn as_str(self) -> &'static str {
         match self {
             Scope::Provider => "provider",
             Scope::Deployment => "deployment",
             Scope::Model => "model",
             Scope::Tag => "tag",
+            Scope::Key => "key",
+            Scope::User => "user",
+            Scope::Team => "team",
+            Scope::Org => "org",
+            Scope::Customer => "customer",
         }
+    }
+
+    /// Whether it is one of the identity scopes ([`Scope::IDENTITY`]).
+    pub fn is_identity(self) -> bool {
+        self.identity_index().is_some()
+    }
+
+    /// The position in [`Scope::IDENTITY`], for the identity scopes.
+    pub(crate) fn identity_index(self) -> Option<usize> {
+        (self as usize).checked_sub(Scope::Key as usize)
     }
 
     pub(crate) fn index(self) -> usize {
         self as usize
     }
+}
+
+impl Scope {
+    /// Every scope's name, for messages: `provider, deployment, …, org or customer`.
+    pub(crate) const LIST: &'static str =
+        "provider, deployment, model, tag, key, user, team, org or customer";
 }
 
 impl fmt::Display for Scope {
@@ -64,7 +123,7 @@ impl std::str::FromStr for Scope {
         Scope::ALL
             .into_iter()
             .find(|x| x.as_str() == s)
-            .ok_or_else(|| format!("unknown scope {s:?} (provider, deployment, model or tag)"))
+            .ok_or_else(|| format!("unknown scope {s:?} ({})", Scope::LIST))
     }
 }
 
@@ -234,7 +293,7 @@ impl fmt::Display for SoftLimit {
 pub struct SoftLimitCrossed {
     /// The budget's scope.
     pub scope: Scope,
-    /// Its provider, deployment id, model or tag.
+    /// Its provider, deployment id, model, tag or identity name (key, user, team, org, customer).
     pub name: String,
     /// Its period part (with `@Zone` when it has its own zone).
     pub period: String,
@@ -316,6 +375,21 @@ mod tests {
             SoftLimit::new(0.25).map(|s| s.to_string()),
             Some("0.25".into())
         );
+    }
+
+    #[test]
+    fn scopes_read_back_and_identity_positions_follow_all() {
+        for s in Scope::ALL {
+            assert_eq!(s.as_str().parse::<Scope>(), Ok(s));
+            assert_eq!(s.index(), Scope::ALL.iter().position(|x| *x == s).unwrap());
+            assert_eq!(
+                s.identity_index(),
+                Scope::IDENTITY.iter().position(|x| *x == s),
+                "{s}"
+            );
+        }
+        assert!(Scope::Team.is_identity() && !Scope::Tag.is_identity());
+        assert!("teams".parse::<Scope>().unwrap_err().contains(Scope::LIST));
     }
 
     #[test]

@@ -8,8 +8,8 @@
 //! * the **key name** ([`BudgetKey::key_name`]): the provider name as it is for provider
 //!   budgets (so data dirs and Redis keys written before scopes existed keep working, no
 //!   migration), `scope:name` for the other scopes (`tag:team-a`, `deployment:gpt4o-east`,
-//!   `model:gpt-4o`). Provider names may not contain `:`, so no provider can ever collide with
-//!   a scoped key;
+//!   `model:gpt-4o`, `team:research`, `key:9f86d0…`). Provider names may not contain `:`, so
+//!   no provider can ever collide with a scoped key;
 //! * the **period part**: the period as written (`1d`), followed by `@Zone` when the budget has
 //!   its own `time_zone` and the period is a calendar one (`d`, `w`, `mo`): a day in Berlin is
 //!   another series than a day in New York;
@@ -31,7 +31,7 @@ use crate::model::window::Period;
 pub struct BudgetKey {
     /// What the budget applies to.
     pub scope: Scope,
-    /// The provider, deployment id, model or tag.
+    /// The provider, deployment id, model, tag or identity name (key, user, team, org, customer).
     pub name: String,
     /// The period as written, with `@Zone` when the budget has its own zone and the period is
     /// a calendar one.
@@ -156,6 +156,17 @@ mod tests {
         }
         // A provider name never contains ':' (config refuses it), so "tag:x" is never one.
         assert!(provider_name_fault("tag:x").is_some());
+    }
+
+    #[test]
+    fn identity_scopes_key_like_the_other_scopes() {
+        let k = BudgetKey::new(Scope::Team, "research", "1mo");
+        assert_eq!(k.key_name(), "team:research");
+        assert_eq!(k.redis_tag("pb"), "pb:{team:research:1mo}");
+        assert_eq!(
+            BudgetKey::new(Scope::Customer, "cust:42", "1h").key_name(),
+            "customer:cust:42"
+        );
     }
 
     #[test]

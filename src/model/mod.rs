@@ -3,6 +3,7 @@
 
 pub(crate) mod budget;
 pub(crate) mod clock;
+pub(crate) mod identity;
 pub(crate) mod key;
 pub(crate) mod money;
 pub(crate) mod prefixes;

@@ -1,5 +1,6 @@
 //! The limiter on one node: money and windows through the API, filter and charge, scoped
-//! budgets, live reload, reservations, idempotency records, litellm's documented behaviour.
+//! budgets, identity budgets, live reload, reservations, idempotency records, litellm's
+//! documented behaviour.
 //! No Redis.
 
 #![allow(clippy::unwrap_used)]
@@ -8,6 +9,7 @@ mod adjust;
 mod basics;
 mod cache;
 mod idempotency;
+mod identity;
 mod litellm_behaviour;
 mod reload;
 mod reserve;

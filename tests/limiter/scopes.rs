@@ -132,7 +132,7 @@ fn bad_budgets_are_one_line_naming_the_culprit() {
         ),
         (
             "provider_budgets:\n  budgets:\n    - {tag: a, model: b, limit: 1, period: 1d}\n",
-            "provider_budgets.budgets[0]: scope: give one of provider, deployment, model or tag, not both model and tag",
+            "provider_budgets.budgets[0]: scope: give one of provider, deployment, model, tag, key, user, team, org or customer, not both model and tag",
         ),
         (
             "provider_budgets:\n  budgets:\n    - {tag: a, limit: 1, period: 1d, soft_limits: [1.5]}\n",

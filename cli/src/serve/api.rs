@@ -16,10 +16,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use super::idempotency::{fingerprint, Begin, Outcome, MAX_KEY_LEN};
+use super::identity::IdentityIn;
 use super::money::{clip, money_from_json};
 use super::{State, BODY_LIMIT};
 use provider_budgets::{
-    Deployment, Exceeded, Money, NoDeployments, RecordError, Scope, StatusQuery, Target,
+    Deployment, Exceeded, Identity, Money, NoDeployments, RecordError, Scope, StatusQuery, Target,
 };
 
 type Shared = Arc<State>;
@@ -135,6 +136,9 @@ struct FilterRequest<'a> {
     /// The request's tags (litellm's `metadata.tags`): their tag budgets must have room.
     #[serde(borrow, default)]
     tags: Vec<Cow<'a, str>>,
+    /// The request's identities: their budgets must have room.
+    #[serde(borrow, default)]
+    identity: Option<IdentityIn<'a>>,
 }
 
 /// One candidate, echoed back as given when it may be used.
@@ -187,8 +191,16 @@ pub(super) async fn filter(
         Ok(r) => r,
         Err(r) => return r.into_response(),
     };
+    let identity = request.identity.unwrap_or_default();
+    if let Err(e) = identity.check() {
+        return bad_request(&e);
+    }
     metrics::counter!("provider_budgets_filter_calls_total").increment(1);
-    match state.limiter.filter(&request.deployments, &request.tags) {
+    let allowed =
+        state
+            .limiter
+            .filter_for(&request.deployments, &request.tags, &identity.identity());
+    match allowed {
         Ok(allowed) => {
             let dropped = request.deployments.len() - allowed.len();
             if dropped > 0 {
@@ -289,6 +301,9 @@ struct SpendRequest<'a> {
     deployment: Option<DeploymentIn<'a>>,
     #[serde(borrow, default)]
     tags: Vec<Cow<'a, str>>,
+    /// The request's identities: each one's budgets count the spend too.
+    #[serde(borrow, default)]
+    identity: Option<IdentityIn<'a>>,
     #[serde(borrow)]
     cost: &'a RawValue,
     #[serde(borrow, default)]
@@ -310,6 +325,7 @@ enum Against {
 #[derive(Debug, Clone)]
 struct Spend {
     against: Against,
+    identity: IdentityIn<'static>,
     cost: Money,
     at: Option<Timestamp>,
     durable: bool,
@@ -324,6 +340,11 @@ impl SpendRequest<'_> {
                     "tags: only with \"deployment\" (\"provider\" {p:?} charges the provider's budgets only)"
                 ))
             }
+            (Some(p), None) if self.identity.as_ref().is_some_and(|i| !i.is_empty()) => {
+                return Err(format!(
+                    "identity: only with \"deployment\" (\"provider\" {p:?} charges the provider's budgets only)"
+                ))
+            }
             (Some(p), None) => Against::Provider(p.clone().into_owned()),
             (None, Some(d)) if d.model.is_empty() => return Err("deployment.model: empty".into()),
             (None, Some(d)) => Against::Deployment(
@@ -335,6 +356,8 @@ impl SpendRequest<'_> {
             }
             (None, None) => return Err("missing \"deployment\" (or \"provider\")".into()),
         };
+        let identity = self.identity.clone().unwrap_or_default();
+        identity.check()?;
         let cost = money_from_json(self.cost).map_err(|e| format!("cost: {e}"))?;
         let at = match self.at {
             None => None,
@@ -351,6 +374,7 @@ impl SpendRequest<'_> {
         }
         Ok(Spend {
             against,
+            identity: identity.into_owned(),
             cost,
             at,
             durable: self.durable.unwrap_or(false),
@@ -459,10 +483,12 @@ async fn keyed_spend(state: Shared, spend: Spend, key: &str, request_id: u64) ->
 }
 
 impl Spend {
-    /// The library's spend for it (provider and deployment spends share one type), with its
-    /// idempotency key and request fingerprint when it has one (journaled with the spend).
+    /// The library's spend for it (provider and deployment spends share one type), for the
+    /// request's `identity` (borrowed from `self.identity`), with its idempotency key and
+    /// request fingerprint when it has one (journaled with the spend).
     fn spend<'a>(
         &'a self,
+        identity: &'a Identity<'a>,
         key: Option<(&'a str, u64)>,
     ) -> provider_budgets::Spend<'a, dyn Deployment, String> {
         const NO_TAGS: &[String] = &[];
@@ -472,6 +498,7 @@ impl Spend {
                 provider_budgets::Spend::deployment(d as &dyn Deployment, self.cost).tags(tags)
             }
         };
+        let spend = spend.identity(identity);
         let spend = match self.at {
             Some(at) => spend.at(at),
             None => spend,
@@ -482,10 +509,13 @@ impl Spend {
         }
     }
 
-    /// What an idempotency key stands for, as bytes to fingerprint: target, tags, cost and
-    /// `at` (not `durable`: a durable retry is the same spend), each field tagged and
-    /// length-prefixed so that no two requests share an encoding. Stable across versions:
-    /// a fingerprint stored before an upgrade must still match.
+    /// What an idempotency key stands for, as bytes to fingerprint: target, tags, cost, `at`
+    /// (not `durable`: a durable retry is the same spend) and the identity, each field tagged
+    /// and length-prefixed so that no two requests share an encoding. Stable across versions:
+    /// a fingerprint stored before an upgrade must still match, so the identity is appended
+    /// only when one is given (`i`, then its names: see `IdentityIn::encode`). The encoding
+    /// without it ends where its own fields end, so no request without identity encodes as
+    /// one with.
     fn canonical(&self) -> Vec<u8> {
         fn field(out: &mut Vec<u8>, text: Option<&str>) {
             match text {
@@ -522,6 +552,10 @@ impl Spend {
                 out.extend_from_slice(&at.as_nanosecond().to_be_bytes());
             }
         }
+        if !self.identity.is_empty() {
+            out.push(b'i');
+            self.identity.encode(&mut out);
+        }
         out
     }
 }
@@ -529,7 +563,8 @@ impl Spend {
 /// Records one spend (with its idempotency key and request fingerprint, if any): the HTTP
 /// status and the outcome to remember for its key.
 async fn record(state: &State, s: &Spend, key: Option<(&str, u64)>) -> (StatusCode, Outcome) {
-    let result = match state.limiter.charge(s.spend(key)) {
+    let identity = s.identity.identity();
+    let result = match state.limiter.charge(s.spend(&identity, key)) {
         Ok(receipt) if s.durable => {
             let durable = receipt.await;
             if let (Ok(_), Some((key, _))) = (&durable, key) {
@@ -544,7 +579,9 @@ async fn record(state: &State, s: &Spend, key: Option<(&str, u64)>) -> (StatusCo
         Ok(0) => {
             let reason = match &s.against {
                 Against::Provider(p) => format!("provider {p:?} has no budget configured"),
-                Against::Deployment(..) => "no budget applies to the deployment and tags".into(),
+                Against::Deployment(..) => {
+                    "no budget applies to the deployment, tags and identity".into()
+                }
             };
             (StatusCode::OK, Outcome::refused(reason), "no_budget")
         }
@@ -704,5 +741,66 @@ pub(super) async fn reload(
         ),
         Ok(Err(e)) => error(StatusCode::UNPROCESSABLE_ENTITY, &e),
         Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "shutting down"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spend(json: &str) -> Spend {
+        parse::<SpendRequest<'_>>(json.as_bytes())
+            .unwrap()
+            .validate()
+            .unwrap()
+    }
+
+    #[test]
+    fn the_fingerprint_of_a_spend_without_identity_is_what_earlier_versions_stored() {
+        // Pinned: a key stored by an earlier version must still match its retry.
+        let plain = r#"{"deployment": {"model": "gpt-4o", "id": "east"}, "tags": ["a"], "cost": "0.5", "at": 1714564800}"#;
+        let mut layout = b"d".to_vec();
+        for field in [
+            &b"\x01\0\0\0\0\0\0\0\x06gpt-4o"[..],
+            b"\0",
+            b"\x01\0\0\0\0\0\0\0\x04east",
+        ] {
+            layout.extend_from_slice(field);
+        }
+        layout.extend_from_slice(&1u64.to_be_bytes());
+        layout.extend_from_slice(b"\x01\0\0\0\0\0\0\0\x01a");
+        layout.extend_from_slice(&500_000_000u64.to_be_bytes());
+        layout.push(1);
+        layout.extend_from_slice(&(1_714_564_800i128 * 1_000_000_000).to_be_bytes());
+        assert_eq!(spend(plain).canonical(), layout);
+        assert_eq!(fingerprint(&layout), 0xB016_A830_036C_5214);
+        let with_null = r#"{"deployment": {"model": "gpt-4o", "id": "east"}, "tags": ["a"], "cost": "0.5", "at": 1714564800, "identity": {"team": null}}"#;
+        assert_eq!(spend(with_null).canonical(), spend(plain).canonical());
+        // Each identity is part of the request.
+        let team = |t: &str| {
+            spend(&plain.replace(
+                "\"at\"",
+                &format!("\"identity\": {{\"team\": \"{t}\"}}, \"at\""),
+            ))
+            .canonical()
+        };
+        let key =
+            spend(&plain.replace("\"at\"", "\"identity\": {\"key\": \"a\"}, \"at\"")).canonical();
+        assert_ne!(team("a"), spend(plain).canonical());
+        assert_ne!(team("a"), team("b"));
+        assert_ne!(team("a"), key);
+    }
+
+    #[test]
+    fn a_provider_spend_takes_no_identity() {
+        let r = parse::<SpendRequest<'_>>(
+            br#"{"provider": "openai", "cost": 1, "identity": {"key": "k"}}"#,
+        )
+        .unwrap()
+        .validate()
+        .unwrap_err();
+        assert!(r.starts_with("identity: only with \"deployment\""), "{r}");
+        let ok = r#"{"provider": "openai", "cost": 1, "identity": {}}"#;
+        assert!(matches!(spend(ok).against, Against::Provider(_)));
     }
 }

@@ -29,6 +29,7 @@ mod adjust;
 mod api;
 mod edge;
 mod idempotency;
+mod identity;
 mod listen;
 mod metrics;
 mod money;

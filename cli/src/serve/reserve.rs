@@ -42,6 +42,7 @@ use serde_json::value::RawValue;
 use tokio::sync::watch;
 
 use super::api::{bad_request, body, error, json, no_deployments, parse, DeploymentIn};
+use super::identity::IdentityIn;
 use super::money::money_from_json;
 use super::State;
 use provider_budgets::{Money, RecordError, Reservation, ReserveError, Target};
@@ -294,6 +295,9 @@ struct ReserveRequest<'a> {
     estimate: &'a RawValue,
     #[serde(borrow, default)]
     tags: Vec<Cow<'a, str>>,
+    /// The request's identities: their budgets hold the estimate too.
+    #[serde(borrow, default)]
+    identity: Option<IdentityIn<'a>>,
 }
 
 pub(super) async fn reserve(
@@ -308,6 +312,10 @@ pub(super) async fn reserve(
         Ok(r) => r,
         Err(r) => return r.into_response(),
     };
+    let identity = request.identity.clone().unwrap_or_default();
+    if let Err(e) = identity.check() {
+        return bad_request(&e);
+    }
     let targets: Vec<Target> = match (&request.deployments, &request.provider) {
         (Some(_), Some(_)) => {
             return bad_request("give either \"deployments\" or \"provider\", not both")
@@ -325,6 +333,11 @@ pub(super) async fn reserve(
         (None, Some(p)) if !request.tags.is_empty() => {
             return bad_request(&format!(
                 "tags: only with \"deployments\" (\"provider\" {p:?} reserves in the provider's budgets only)"
+            ))
+        }
+        (None, Some(p)) if !identity.is_empty() => {
+            return bad_request(&format!(
+                "identity: only with \"deployments\" (\"provider\" {p:?} reserves in the provider's budgets only)"
             ))
         }
         (None, Some(p)) => vec![Target::from_parts(String::new(), Some(p.clone().into_owned()), None)],
@@ -346,6 +359,7 @@ pub(super) async fn reserve(
         .limiter
         .reserve(&targets, estimate)
         .tags(&request.tags)
+        .identity(&identity.identity())
         .await
     {
         Ok(r) => r,

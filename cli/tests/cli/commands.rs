@@ -685,3 +685,66 @@ fn adjust_credits_back_spend_and_status_shows_it() {
         700_000_000
     );
 }
+
+#[test]
+fn charge_and_filter_take_the_requests_identities() {
+    let cli = Cli::new(
+        "provider_budget_config:\n  openai: {budget_limit: 100, time_period: 1d}\nprovider_budgets:\n  budgets:\n    - {key: k1, limit: 1, period: 1d}\n    - {team: research, limit: 2, period: 1d}\n    - {org: acme, limit: 50, period: 1mo}\n",
+    );
+    let charge = |args: &[&str]| {
+        let mut full = vec!["--now", NOW, "charge", "gpt-4o"];
+        full.extend_from_slice(args);
+        cli.run(&full)
+    };
+    let run = charge(&[
+        "1", "--key", "k1", "--team", "research", "--org", "acme", "--user", "u",
+    ]);
+    run.assert_ok();
+    assert!(
+        run.stdout.starts_with("charged 1 USD to 4 budgets\n"),
+        "{run:?}"
+    );
+    for line in ["  key k1 1d", "  team research 1d", "  org acme 1mo"] {
+        assert!(run.stdout.contains(line), "{line:?} in {run:?}");
+    }
+    let filter = |args: &[&str]| {
+        let mut full = vec!["--now", NOW, "filter", "gpt-4o", "claude-3-5-sonnet"];
+        full.extend_from_slice(args);
+        cli.run(&full)
+    };
+    // k1's key budget is spent: exit 3 naming it; another key of the team passes.
+    filter(&["--key", "k1"]).assert_error(3, &["Exceeded budget for key k1: 1 >= 1"]);
+    let run = filter(&["--key", "k2", "--team", "research", "--customer", "c"]);
+    run.assert_ok();
+    assert_eq!(run.stdout, "gpt-4o\nclaude-3-5-sonnet\n");
+    // The team's second dollar through k2 closes the team for every key named with it.
+    charge(&["1", "--key", "k2", "--team", "research"]).assert_ok();
+    filter(&["--key", "k3", "--team", "research"])
+        .assert_error(3, &["Exceeded budget for team research: 2 >= 2"]);
+    filter(&["--key", "k3"]).assert_ok();
+    let doc = cli.status_json(NOW);
+    let spend: Vec<(String, u64)> = doc["budgets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            (
+                format!(
+                    "{}:{}",
+                    b["scope"].as_str().unwrap(),
+                    b["name"].as_str().unwrap()
+                ),
+                b["spend_nanos"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        spend,
+        [
+            ("provider:openai".to_string(), 2 * NANOS),
+            ("key:k1".into(), NANOS),
+            ("team:research".into(), 2 * NANOS),
+            ("org:acme".into(), NANOS),
+        ]
+    );
+}

@@ -31,7 +31,7 @@ const CONFIG: &str = "provider_budget_config:
 const DEADLINE: Duration = Duration::from_secs(20);
 
 /// A running `provider-budgets serve` child; killed on drop.
-struct Server {
+pub(super) struct Server {
     cli: Cli,
     child: Option<Child>,
     base: String,
@@ -41,19 +41,19 @@ struct Server {
 
 /// One answer.
 #[derive(Debug)]
-struct Reply {
-    status: u16,
-    headers: HashMap<String, String>,
-    body: String,
+pub(super) struct Reply {
+    pub(super) status: u16,
+    pub(super) headers: HashMap<String, String>,
+    pub(super) body: String,
 }
 
 impl Reply {
-    fn json(&self) -> Value {
+    pub(super) fn json(&self) -> Value {
         serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("JSON body: {e}: {self:?}"))
     }
 
     /// A 4xx/5xx error body: exactly `{"error": "<one line>"}` (plus `counted` for spends).
-    fn assert_error(&self, status: u16, contains: &str) {
+    pub(super) fn assert_error(&self, status: u16, contains: &str) {
         assert_eq!(self.status, status, "{self:?}");
         assert_eq!(
             self.headers.get("content-type").map(String::as_str),
@@ -77,7 +77,7 @@ fn agent() -> ureq::Agent {
 }
 
 impl Server {
-    fn start(yaml: &str, serve_args: &[&str]) -> Server {
+    pub(super) fn start(yaml: &str, serve_args: &[&str]) -> Server {
         Server::start_in(Cli::new(yaml), serve_args)
     }
 
@@ -151,7 +151,7 @@ impl Server {
         }
     }
 
-    fn post(&self, path: &str, body: &str) -> Reply {
+    pub(super) fn post(&self, path: &str, body: &str) -> Reply {
         Server::reply(
             self.agent
                 .post(format!("{}{path}", self.base))
@@ -160,11 +160,11 @@ impl Server {
         )
     }
 
-    fn get(&self, path: &str) -> Reply {
+    pub(super) fn get(&self, path: &str) -> Reply {
         Server::reply(self.agent.get(format!("{}{path}", self.base)).call())
     }
 
-    fn spend(&self, body: Value) -> Reply {
+    pub(super) fn spend(&self, body: Value) -> Reply {
         self.post("/v1/spend", &body.to_string())
     }
 
@@ -1141,7 +1141,7 @@ impl Server {
         std::mem::replace(&mut self.cli, Cli::new(CONFIG))
     }
 
-    fn reserve(&self, body: Value) -> Reply {
+    pub(super) fn reserve(&self, body: Value) -> Reply {
         self.post("/v1/reserve", &body.to_string())
     }
 

@@ -4,6 +4,7 @@ a real `provider-budgets serve` process."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import math
@@ -736,6 +737,139 @@ def test_deployment_and_tag_budgets_through_the_router(sidecars, call_cost):
         # Other requests still route to the deployment with room.
         resp = await router.acompletion(model="m", messages=PROMPT, **team_a)
         assert resp._hidden_params["model_id"] == "an"
+        await plugin.aclose()
+
+    asyncio.run(main())
+
+
+# ---- identities: key, user, team, org and customer budgets -------------------------------------
+
+
+def _proxy_metadata(key: str, team: str, **more: str) -> Dict[str, Dict[str, str]]:
+    """The request metadata litellm's proxy writes for a virtual key
+    (``LiteLLMProxyRequestSetup.add_user_api_key_auth_to_request_metadata``)."""
+    return {"metadata": {"user_api_key_hash": key, "user_api_key_team_id": team, **more}}
+
+
+def _key_hash(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def test_team_and_key_budgets_through_the_router(sidecars, call_cost):
+    """The plugin sends the identities litellm's proxy puts in the request metadata: a team's
+    budget spent by one key blocks another key of the team; a key's budget blocks only that
+    key; each of key, user, team, org and customer counts litellm's response_cost."""
+    c_o = nanos(call_cost[OPENAI])
+    key_a, key_b, key_c, key_d = (_key_hash(k) for k in ("sk-a", "sk-b", "sk-c", "sk-d"))
+    side = sidecars(
+        {},
+        config_text=(
+            "provider_budgets:\n  budgets:\n"
+            f'    - {{team: research, limit: "{usd(2 * c_o)}", period: 1d}}\n'
+            f'    - {{key: {key_c}, limit: "{usd(c_o)}", period: 1d}}\n'
+            "    - {org: acme, limit: 100, period: 1mo}\n"
+            "    - {user: alice, limit: 100, period: 1d}\n"
+            "    - {customer: cust-1, limit: 100, period: 1d}\n"
+        ),
+    )
+
+    async def main():
+        plugin = ProviderBudgets(url=side.url, fail_open=False)
+        litellm.callbacks = [plugin]
+        router = Router(num_retries=0, model_list=deployments(OPENAI))
+        a = _proxy_metadata(
+            key_a,
+            "research",
+            user_api_key_org_id="acme",
+            user_api_key_user_id="alice",
+            user_api_key_end_user_id="cust-1",
+        )
+        for i in range(2):
+            await router.acompletion(model="m", messages=PROMPT, **a)
+            await await_condition(
+                lambda: _budgets_by_name(side)["team:research"] == (i + 1) * c_o, f"the team after call {i}"
+            )
+        # The team is spent: key b of the same team gets litellm's error, naming the team.
+        with pytest.raises(ValueError) as info:
+            await router.acompletion(model="m", messages=PROMPT, **_proxy_metadata(key_b, "research"))
+        assert "Exceeded budget for team research: " in str(info.value), str(info.value)
+
+        # Key c (another team) may spend one call: its second is refused, naming the key; key d
+        # of the same team still passes.
+        def physics(key: str) -> Dict[str, Dict[str, str]]:
+            return _proxy_metadata(key, "physics", user_api_key_org_id="acme")
+
+        await router.acompletion(model="m", messages=PROMPT, **physics(key_c))
+        await await_condition(lambda: _budgets_by_name(side)[f"key:{key_c}"] == c_o, "key c's spend")
+        with pytest.raises(ValueError) as info:
+            await router.acompletion(model="m", messages=PROMPT, **physics(key_c))
+        assert f"Exceeded budget for key {key_c}: " in str(info.value), str(info.value)
+        await router.acompletion(model="m", messages=PROMPT, **physics(key_d))
+        await await_condition(lambda: _budgets_by_name(side)["org:acme"] == 4 * c_o, "the org's spend")
+        assert await plugin.flush(5)
+        assert _budgets_by_name(side) == {
+            "key:" + key_c: c_o,
+            "user:alice": 2 * c_o,
+            "team:research": 2 * c_o,
+            "org:acme": 4 * c_o,
+            "customer:cust-1": 2 * c_o,
+        }
+        await plugin.aclose()
+
+    asyncio.run(main())
+
+
+def test_identity_of_a_request_and_of_a_success_event():
+    """What the plugin reads: litellm's field names, non-empty strings only, ``metadata`` over
+    ``litellm_metadata``; the success event's from the standard logging object."""
+    from provider_budgets_litellm import _logged_identity, _request_identity
+
+    md = {
+        "user_api_key_hash": "h",
+        "user_api_key_user_id": "u",
+        "user_api_key_team_id": "t",
+        "user_api_key_org_id": None,
+        "user_api_key_end_user_id": "",
+        "user_api_key_alias": "not an identity",
+    }
+    assert _request_identity({"metadata": md}) == {"key": "h", "user": "u", "team": "t"}
+    assert _request_identity({"litellm_metadata": {"user_api_key_org_id": "o"}, "metadata": md}) == {
+        "key": "h",
+        "user": "u",
+        "team": "t",
+        "org": "o",
+    }
+    assert _request_identity(None) == {} and _request_identity({"metadata": "x"}) == {}
+    assert _logged_identity({"standard_logging_object": {"metadata": {"user_api_key_end_user_id": "c"}}}) == {
+        "customer": "c"
+    }
+    assert _logged_identity({"litellm_params": {"metadata": {"user_api_key_team_id": 7}}}) == {"team": "7"}
+    assert _request_identity({"metadata": {"user_api_key_team_id": "x" * 257}}) == {}
+
+
+def test_strict_reservations_carry_the_identity(sidecars, call_cost):
+    """With ``strict=True`` the reservation holds the estimate in the team's budget too: once the
+    team's spend leaves less than an estimate, the team's next call is refused naming the
+    team, and another team's call passes."""
+    probe = ProviderBudgets(url="http://127.0.0.1:9", strict=True)
+    kwargs = {"max_tokens": 21}
+    est = nanos(float(probe.estimate(deployments(OPENAI)[0], PROMPT, kwargs)))
+    c_o = nanos(call_cost[OPENAI])
+    limit = est + c_o - 1  # room for one estimate; after its commit, less than another
+    side = sidecars({}, config_text=f'provider_budgets:\n  budgets:\n    - {{team: ops, limit: "{usd(limit)}", period: 1d}}\n')
+
+    async def main():
+        plugin = ProviderBudgets(url=side.url, fail_open=False, strict=True)
+        litellm.callbacks = [plugin]
+        router = Router(num_retries=0, model_list=deployments(OPENAI))
+        ops = _proxy_metadata(_key_hash("sk-e"), "ops")
+        await router.acompletion(model="m", messages=PROMPT, **ops, **kwargs)
+        await await_condition(lambda: plugin.stats.posted == 1, "the commit acknowledged")
+        assert _budgets_by_name(side) == {"team:ops": c_o}
+        with pytest.raises(ValueError) as info:
+            await router.acompletion(model="m", messages=PROMPT, **ops, **kwargs)
+        assert "Exceeded budget for team ops: " in str(info.value), str(info.value)
+        await router.acompletion(model="m", messages=PROMPT, **_proxy_metadata(_key_hash("sk-f"), "dev"), **kwargs)
         await plugin.aclose()
 
     asyncio.run(main())

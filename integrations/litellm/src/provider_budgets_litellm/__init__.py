@@ -49,6 +49,15 @@ Decisions:
   deployment's ``model_info.id`` (a retry or fallback of the same request is a new
   reservation). When the sidecar is unusable and ``fail_open`` lets the call pass, the call is
   recorded afterwards with a spend post, as without ``strict``.
+* Identities: the filter, the reservation and the spend post carry the request's
+  ``identity`` for the sidecar's key, user, team, org and customer budgets, read from what
+  litellm's proxy writes into every request's metadata (``user_api_key_hash`` → ``key``,
+  ``user_api_key_user_id`` → ``user``, ``user_api_key_team_id`` → ``team``,
+  ``user_api_key_org_id`` → ``org``, ``user_api_key_end_user_id`` → ``customer``; the spend
+  post reads them from the standard logging object's ``metadata``, where litellm copies
+  them). Absent or empty ones are left out; a name longer than the sidecar accepts (256
+  bytes) is left out with one warning per field, rather than making the sidecar refuse the
+  whole request.
 * Only the async paths are hooked (``Router.acompletion`` & co, the litellm proxy), like
   litellm's own provider budget filter.
 * HTTP goes through aiohttp (a dependency of litellm), not httpx: on the 2-core machine this was
@@ -96,6 +105,21 @@ logger = logging.getLogger("provider_budgets_litellm")
 T = TypeVar("T")
 
 _JSON = {"content-type": "application/json"}
+
+# The request's identities: (the sidecar's field, the metadata key litellm's proxy sets;
+# `LiteLLMProxyRequestSetup.get_sanitized_user_information_from_key`, typed by litellm's
+# `StandardLoggingUserAPIKeyMetadata`).
+IDENTITY_FIELDS = (
+    ("key", "user_api_key_hash"),
+    ("user", "user_api_key_user_id"),
+    ("team", "user_api_key_team_id"),
+    ("org", "user_api_key_org_id"),
+    ("customer", "user_api_key_end_user_id"),
+)
+# The longest identity name the sidecar accepts, in bytes.
+MAX_IDENTITY_LEN = 256
+# Fields whose overlong value was warned about (once per process).
+_warned_identity: "set[str]" = set()
 
 
 class NoDeploymentsAvailable(ValueError):
@@ -366,13 +390,17 @@ class ProviderBudgets(CustomLogger):
         request_kwargs: Optional[Dict[str, Any]],
         read: Callable[[bytes], T],
     ) -> Optional[T]:
-        """Posts ``request`` (plus the request's tags) to ``/v1/{what}`` and returns ``read`` of
-        the answer. A 429 raises ``NoDeploymentsAvailable`` (budget crossed); an unusable sidecar
-        (no answer, another status, an answer ``read`` cannot read) gives ``None`` with
-        ``fail_open`` (the caller lets every deployment through), else raises."""
+        """Posts ``request`` (plus the request's tags and identities) to ``/v1/{what}`` and
+        returns ``read`` of the answer. A 429 raises ``NoDeploymentsAvailable`` (budget
+        crossed); an unusable sidecar (no answer, another status, an answer ``read`` cannot
+        read) gives ``None`` with ``fail_open`` (the caller lets every deployment through),
+        else raises."""
         tags = _request_tags(request_kwargs)
         if tags:
             request["tags"] = tags
+        identity = _request_identity(request_kwargs)
+        if identity:
+            request["identity"] = identity
         body = json.dumps(request, separators=(",", ":")).encode()
         try:
             status, answer = await self._post(url, body)
@@ -598,7 +626,8 @@ class ProviderBudgets(CustomLogger):
         payload: Dict[str, Any] = {"cost": cost}
         model = slo.get("model")
         if model:
-            # Every budget that applies: provider, model, deployment (model_info.id) and tags.
+            # Every budget that applies: provider, model, deployment (model_info.id), tags and
+            # identities.
             deployment: Dict[str, Any] = {"model": str(model), "provider": str(provider)}
             if slo.get("model_id"):
                 deployment["id"] = str(slo["model_id"])
@@ -606,6 +635,9 @@ class ProviderBudgets(CustomLogger):
             tags = [str(t) for t in (slo.get("request_tags") or []) if isinstance(t, str) and t]
             if tags:
                 payload["tags"] = tags
+            identity = _logged_identity(kwargs)
+            if identity:
+                payload["identity"] = identity
         else:
             payload["provider"] = str(provider)
         call_id = kwargs.get("litellm_call_id") or slo.get("id")
@@ -673,12 +705,15 @@ def _usd(entry: Dict[str, Any], field: str) -> Any:
 
 
 def _target(payload: Dict[str, Any]) -> str:
-    """What a spend post charges, for log lines: the provider, or the deployment and tags."""
+    """What a spend post charges, for log lines: the provider, or the deployment, tags and
+    identities."""
     d = payload.get("deployment")
     if not isinstance(d, dict):
         return str(payload.get("provider"))
     tags = payload.get("tags")
-    return f"{d.get('provider')} ({d.get('model')}, id {d.get('id')}{', tags ' + ','.join(tags) if tags else ''})"
+    identity = payload.get("identity") or {}
+    who = "".join(f", {k} {v}" for k, v in identity.items())
+    return f"{d.get('provider')} ({d.get('model')}, id {d.get('id')}{', tags ' + ','.join(tags) if tags else ''}{who})"
 
 
 def _model_id(deployment: Dict[str, Any]) -> Optional[str]:
@@ -703,6 +738,53 @@ def _request_tags(request_kwargs: Optional[Dict[str, Any]]) -> List[str]:
         metadata = request_kwargs.get("metadata") or request_kwargs.get("litellm_metadata") or {}
         tags = metadata.get("tags") if isinstance(metadata, dict) else None
     return [t for t in (tags or []) if isinstance(t, str) and t]
+
+
+def _identity_from(metadata: Any) -> Dict[str, str]:
+    """The identities in one litellm metadata dict (see ``IDENTITY_FIELDS``)."""
+    if not isinstance(metadata, dict):
+        return {}
+    out: Dict[str, str] = {}
+    for field, source in IDENTITY_FIELDS:
+        value = metadata.get(source)
+        if isinstance(value, bool) or value is None:
+            continue
+        if isinstance(value, int):
+            value = str(value)
+        if not isinstance(value, str) or not value:
+            continue
+        if len(value.encode("utf-8", "replace")) > MAX_IDENTITY_LEN:
+            if source not in _warned_identity:
+                _warned_identity.add(source)
+                logger.warning(
+                    "provider-budgets: metadata %s is longer than %d bytes: left out of the identity (its budgets do not apply)",
+                    source,
+                    MAX_IDENTITY_LEN,
+                )
+            continue
+        out[field] = value
+    return out
+
+
+def _request_identity(request_kwargs: Optional[Dict[str, Any]]) -> Dict[str, str]:
+    """The request's identities from the metadata litellm's proxy filled (``metadata``, or
+    ``litellm_metadata`` for the routes that use that name)."""
+    if not request_kwargs:
+        return {}
+    identity = _identity_from(request_kwargs.get("litellm_metadata"))
+    identity.update(_identity_from(request_kwargs.get("metadata")))
+    return identity
+
+
+def _logged_identity(kwargs: Dict[str, Any]) -> Dict[str, str]:
+    """A success event's identities: the standard logging object's ``metadata`` (litellm
+    copies the proxy's fields there), else the call's ``litellm_params.metadata``."""
+    slo = kwargs.get("standard_logging_object") or {}
+    identity = _identity_from(slo.get("metadata"))
+    if identity:
+        return identity
+    params = kwargs.get("litellm_params") or {}
+    return _identity_from(params.get("metadata") if isinstance(params, dict) else None)
 
 
 def _clip(answer: bytes, n: int = 200) -> str:
