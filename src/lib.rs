@@ -76,8 +76,8 @@ mod resolve;
 mod view;
 
 pub use config::{
-    parse_duration, BudgetConfig, Config, ConfigError, RedisConfig, RedisTls, StorageConfig,
-    UnknownProvider,
+    parse_duration, BudgetConfig, BudgetFields, Config, ConfigError, RedisConfig, RedisTls,
+    StorageConfig, UnknownProvider,
 };
 pub use durable::audit::{AuditEntry, MAX_ENTRIES as MAX_AUDIT_ENTRIES};
 pub use durable::error::StoreError;
@@ -95,6 +95,7 @@ pub use limiter::health::Health;
 pub use limiter::open::LimiterBuilder;
 pub use limiter::reload::ReloadSummary;
 pub use limiter::reserve::{Reservation, ReserveError, ReserveRequest};
+pub use limiter::runtime::{BudgetChange, BudgetError, RuntimeBudget};
 pub use limiter::spend::{Durable, Receipt, Spend, MAX_FUTURE_SKEW};
 pub use limiter::status::{BudgetStatus, ReplicationStatus, RoundFigures, StatusQuery};
 #[doc(hidden)]
@@ -106,6 +107,7 @@ pub use model::money::{Money, MoneyError};
 pub use model::text::redact_urls;
 pub use model::window::{Period, PeriodError, Schedule, Window};
 pub use resolve::{Deployment, Target, BUILTIN_PREFIXES};
+pub use view::RELOAD_SLOTS;
 
 /// The sync round's wire protocol, for the live-Redis tests in `tests/fleet/wire.rs` only: not part
 /// of the API (no stability promise).

@@ -3,7 +3,7 @@
 //! dropped. Its children add to it: `spend` (one spend call, [`Receipt`](spend::Receipt)),
 //! `reserve`, `filter`, `status`, `reload`, `open` (and repair), `fleet` (the one place that
 //! differs without the `redis` feature), `adjust` (corrections), `idempotency` (the stored
-//! idempotency records read back), `testing` (hooks for tests).
+//! idempotency records read back), `runtime` (runtime budgets), `testing` (hooks for tests).
 
 pub(crate) mod adjust;
 pub(crate) mod filter;
@@ -13,6 +13,7 @@ pub(crate) mod idempotency;
 pub(crate) mod open;
 pub(crate) mod reload;
 pub(crate) mod reserve;
+pub(crate) mod runtime;
 pub(crate) mod spend;
 pub(crate) mod status;
 pub mod testing;
@@ -47,14 +48,25 @@ pub struct Limiter {
 
 #[derive(Debug)]
 pub(crate) struct Inner {
-    /// Swapped by `reload`.
+    /// What is applied: the base config with the runtime budgets merged in (module
+    /// `runtime`). Swapped by `reload` and by runtime budget changes.
     pub(crate) config: ArcSwap<Config>,
+    /// The config as opened or last reloaded, without runtime budgets.
+    pub(crate) base: ArcSwap<Config>,
+    /// The runtime budget definitions (the data dir's `definitions` tree, in memory).
+    pub(crate) definitions: Arc<crate::durable::definitions::Definitions>,
+    /// Their exchange with Redis (empty without Redis).
+    pub(crate) runtime_link: crate::limiter::fleet::DefinitionLink,
+    /// Warnings about runtime budgets already logged (each once per process).
+    pub(crate) notes: crate::limiter::runtime::Notes,
     pub(crate) clock: Arc<dyn Clock>,
     /// Scope name → budget slots; swapped by `reload`. Shared with `Prepared` lists.
     pub(crate) resolver: Arc<ArcSwap<Resolver>>,
     /// (provider, period) per budget slot, shared with the journal and the replicator.
     pub(crate) keys: Arc<SlotKeys>,
-    /// Serialises reloads.
+    /// Serialises reloads and runtime budget changes (each computes the config to apply from
+    /// the base and the definitions, then installs it: two at once could install an older
+    /// one last).
     pub(crate) reload_lock: Mutex<()>,
     /// Serialises corrections: a credit's check against the window's net spend and its count
     /// are one step, so concurrent credits on this node never credit more than was spent.
@@ -81,6 +93,8 @@ impl Inner {
     /// Stops the background work in dependency order: make everything durable, ship it in a
     /// last sync round, then stop the journal. Idempotent.
     fn stop(&self) -> Result<(), StoreError> {
+        // First: no runtime definition is applied while the rest stops.
+        self.runtime_link.stop();
         self.fleet.stop(|| drop(self.journal.flush()));
         self.journal.stop()
     }
@@ -118,7 +132,8 @@ impl Limiter {
         &self.inner.node_id
     }
 
-    /// The configuration in use (a snapshot: [`Limiter::reload`] may replace it).
+    /// The configuration in use, runtime budgets included (a snapshot: [`Limiter::reload`]
+    /// and runtime budget changes replace it).
     pub fn config(&self) -> Arc<Config> {
         self.inner.config.load_full()
     }
@@ -126,7 +141,6 @@ impl Limiter {
     /// What `reload` (module `reload`) changes.
     pub(crate) fn reload_parts(&self) -> crate::limiter::reload::Parts<'_> {
         crate::limiter::reload::Parts {
-            lock: &self.inner.reload_lock,
             config: &self.inner.config,
             keys: &self.inner.keys,
             view: &self.inner.view,
@@ -135,10 +149,12 @@ impl Limiter {
         }
     }
 
-    /// Installs a reloaded config and its (scope, name, slot) table.
-    pub(crate) fn install(&self, config: Config, slots: Vec<(Scope, String, u32)>) {
+    /// Installs a reloaded config (the base, and what is applied) and its (scope, name,
+    /// slot) table.
+    pub(crate) fn install(&self, base: Config, config: Config, slots: Vec<(Scope, String, u32)>) {
         let resolver = Resolver::with_budgets(&config, slots);
         self.inner.resolver.store(Arc::new(resolver));
+        self.inner.base.store(Arc::new(base));
         self.inner.config.store(Arc::new(config));
         self.inner.generation.fetch_add(1, Ordering::Release);
     }
@@ -276,7 +292,7 @@ impl Limiter {
     // ---- sync, flush, shutdown, health ---------------------------------------------------------
 
     /// One replication round now: ships this node's durable totals to Redis and reads the
-    /// others' (the CLI's `sync`). Fails when no Redis is configured or it cannot be reached.
+    /// others', then exchanges the runtime budgets (the CLI's `sync`). Fails when no Redis is configured or it cannot be reached.
     ///
     /// # Errors
     ///
@@ -288,10 +304,14 @@ impl Limiter {
         }
         // Only durable totals are shipped: make everything recorded so far durable first.
         self.flush()?;
-        match self.inner.fleet.sync() {
-            Some(r) => Ok(r?),
-            None => Err(crate::error::ReplicationError::NotConfigured.into()),
-        }
+        let spend = match self.inner.fleet.sync() {
+            Some(r) => r,
+            None => return Err(crate::error::ReplicationError::NotConfigured.into()),
+        };
+        // Then the runtime budgets (their round applies what it takes).
+        let definitions = self.inner.runtime_link.sync().unwrap_or(Ok(()));
+        spend?;
+        Ok(definitions?)
     }
 
     /// Returns once everything recorded before is durable on disk.
