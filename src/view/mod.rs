@@ -603,14 +603,17 @@ impl View {
         items: impl IntoIterator<Item = (u32, Window, Money)>,
         field: fn(&Cell) -> &AtomicU64,
     ) {
-        let mut by_budget: Vec<Vec<(Window, u64)>> = vec![Vec::new(); self.len()];
+        // Grouped by budget in a map, not a vector of every slot: a reload that adds
+        // thousands of series calls this per series, mostly with nothing to raise.
+        let mut by_budget: BTreeMap<u32, Vec<(Window, u64)>> = BTreeMap::new();
         for (budget, window, amount) in items {
-            by_budget[budget as usize].push((window, amount.as_nanos()));
+            by_budget
+                .entry(budget)
+                .or_default()
+                .push((window, amount.as_nanos()));
         }
-        for (b, items) in self.slots().zip(by_budget) {
-            if items.is_empty() {
-                continue;
-            }
+        for (budget, items) in by_budget {
+            let b = self.budget(budget);
             let guard = b.swap.lock().unwrap_or_else(|p| p.into_inner());
             let mut cells: BTreeMap<(i64, i64), Arc<Cell>> = b
                 .cells

@@ -1,5 +1,5 @@
 //! The limiter on one node: money and windows through the API, filter and charge, scoped
-//! budgets, live reload, reservations, idempotency records, litellm's documented behaviour.
+//! budgets, live reload, runtime budgets, reservations, idempotency records, litellm's documented behaviour.
 //! No Redis.
 
 #![allow(clippy::unwrap_used)]
@@ -11,4 +11,5 @@ mod idempotency;
 mod litellm_behaviour;
 mod reload;
 mod reserve;
+mod runtime;
 mod scopes;
