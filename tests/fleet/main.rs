@@ -1,6 +1,6 @@
 //! The fleet through Redis: replication rounds and their faults, Redis Cluster, TLS,
-//! client-side tracking, soft limits once per fleet, and the wire protocol (the merge script)
-//! against a live server. Each test starts its own private `redis-server`s on free loopback
+//! client-side tracking, soft limits once per fleet, runtime budgets, and the wire protocol
+//! (the merge script) against a live server. Each test starts its own private `redis-server`s on free loopback
 //! ports (`provider_budgets_test_support::redis_server`).
 
 #![allow(clippy::unwrap_used)]
@@ -10,6 +10,7 @@ mod cluster;
 mod corrections;
 mod eviction;
 mod replication;
+mod runtime;
 mod soft_fleet;
 mod tls;
 mod tracking;
