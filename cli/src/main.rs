@@ -2,12 +2,14 @@
 //! See `provider-budgets --help`.
 //!
 //! * `cli`: the flags (clap) and one function per subcommand;
+//! * `budget`: `provider-budgets budget put|delete|get` (runtime budgets);
 //! * `serve`: `provider-budgets serve`, the HTTP sidecar (axum on hyper, Prometheus metrics);
 //! * `status_json`: the JSON document of `status --json` and `GET /v1/budgets`.
 
 // Unit tests may unwrap: a panic there is a test failure with a message.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+mod budget;
 mod cli;
 mod serve;
 mod status_json;

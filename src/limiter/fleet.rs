@@ -262,6 +262,14 @@ mod imp {
             handle.is_some_and(|h| h.push(field))
         }
 
+        /// Waits (boundedly) for the first definitions round of this process.
+        pub(crate) fn first_round(&self) {
+            let handle = self.get().as_ref().map(DefinitionSync::handle);
+            if let Some(h) = handle {
+                h.first_round();
+            }
+        }
+
         /// One definitions round now; `None` without Redis.
         pub(crate) fn sync(&self) -> Option<Result<(), ReplicationError>> {
             let handle = self.get().as_ref().map(DefinitionSync::handle);
@@ -320,6 +328,8 @@ mod imp {
         pub(crate) fn push(&self, _field: &str) -> bool {
             false
         }
+
+        pub(crate) fn first_round(&self) {}
 
         pub(crate) fn sync(&self) -> Option<Result<(), ReplicationError>> {
             None

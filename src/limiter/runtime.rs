@@ -261,6 +261,8 @@ impl Limiter {
         if self.inner.closed.load(std::sync::atomic::Ordering::Acquire) {
             return Err(BudgetError::Closed);
         }
+        // The version must count what Redis held when this process started.
+        self.inner.runtime_link.first_round();
         let field = key.definition_field();
         let record = {
             let _serial = self

@@ -22,7 +22,7 @@
 //! of; and applying a definition runs the limiter's reload, which must not stall spend
 //! replication. The cost is one connection per node and one `HGET` per interval.
 
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::{JoinHandle, ThreadId};
 use std::time::{Duration, Instant};
 
@@ -74,6 +74,9 @@ pub(crate) struct DefinitionSync {
 #[derive(Clone)]
 pub(crate) struct Handle {
     tx: Sender<Request>,
+    /// Set once the first round ended (either way): a change waits for it, so that its
+    /// version counts what Redis held when the process started.
+    first: Arc<(Mutex<bool>, Condvar)>,
     /// How long a caller waits for a push or a round: the thread may be inside a round that
     /// waits out the timeouts, then runs the request under them.
     wait: Duration,
@@ -95,7 +98,9 @@ impl DefinitionSync {
         let r = &parts.redis;
         let wait = (r.connect_timeout + r.command_timeout.saturating_mul(2)).saturating_mul(2);
         let (tx, rx) = crossbeam_channel::unbounded();
+        let first: Arc<(Mutex<bool>, Condvar)> = Arc::default();
         let worker = Worker {
+            first: Arc::clone(&first),
             key: definitions_key(&parts.redis.prefix),
             script: redis::Script::new(DEFINITIONS_SCRIPT),
             conn: Routed::new(&parts.redis),
@@ -112,7 +117,7 @@ impl DefinitionSync {
             .spawn(move || worker.run(&rx))?;
         Ok(DefinitionSync {
             thread_id: thread.thread().id(),
-            handle: Handle { tx, wait },
+            handle: Handle { tx, first, wait },
             thread: Some(thread),
         })
     }
@@ -147,6 +152,15 @@ impl Drop for DefinitionSync {
 }
 
 impl Handle {
+    /// Waits (within the wait of a request) until the first round ended.
+    pub(crate) fn first_round(&self) {
+        let (done, ended) = &*self.first;
+        let guard = done.lock().unwrap_or_else(PoisonError::into_inner);
+        let _ = ended
+            .wait_timeout_while(guard, self.wait, |done| !*done)
+            .unwrap_or_else(PoisonError::into_inner);
+    }
+
     /// Writes `field`'s record to Redis now; `true` once it reached Redis within the wait.
     pub(crate) fn push(&self, field: &str) -> bool {
         let (reply, answer) = crossbeam_channel::bounded(1);
@@ -168,6 +182,8 @@ impl Handle {
 
 struct Worker {
     parts: DefinitionParts,
+    /// Set after the first round (see [`Handle::first_round`]).
+    first: Arc<(Mutex<bool>, Condvar)>,
     key: String,
     script: redis::Script,
     conn: Routed,
@@ -200,6 +216,9 @@ impl Worker {
                 Err(RecvTimeoutError::Timeout) => {
                     let _ = self.round();
                     next = Instant::now() + interval;
+                    let (done, ended) = &*self.first;
+                    *done.lock().unwrap_or_else(PoisonError::into_inner) = true;
+                    ended.notify_all();
                 }
                 Err(RecvTimeoutError::Disconnected) => break,
             }
