@@ -223,6 +223,11 @@ mod imp {
     pub(crate) struct DefinitionLink(std::sync::Mutex<Option<DefinitionSync>>);
 
     impl DefinitionLink {
+        /// Not started.
+        pub(crate) fn none() -> DefinitionLink {
+            DefinitionLink::default()
+        }
+
         fn get(&self) -> std::sync::MutexGuard<'_, Option<DefinitionSync>> {
             self.0
                 .lock()
@@ -312,10 +317,14 @@ mod imp {
     pub(crate) struct Fleet;
 
     /// Without the `redis` feature runtime definitions stay local.
-    #[derive(Debug, Default)]
+    #[derive(Debug)]
     pub(crate) struct DefinitionLink;
 
     impl DefinitionLink {
+        pub(crate) fn none() -> DefinitionLink {
+            DefinitionLink
+        }
+
         pub(crate) fn start(
             &self,
             parts: DefinitionLinkParts<'_>,

@@ -168,7 +168,7 @@ fn open_verified(config: Config, clock: Arc<dyn Clock>, verify: Verify) -> Resul
             config: ArcSwap::from_pointee(config),
             base: ArcSwap::from_pointee(base),
             definitions,
-            runtime_link: DefinitionLink::default(),
+            runtime_link: DefinitionLink::none(),
             notes,
             keys: slot_keys,
             reload_lock: Mutex::new(()),

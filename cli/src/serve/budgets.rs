@@ -87,7 +87,7 @@ fn encode_cursor(scope: Scope, name: &str, period: &str) -> String {
 }
 
 fn decode_cursor(text: &str) -> Option<(Scope, String, String)> {
-    if text.len() % 2 != 0 {
+    if !text.len().is_multiple_of(2) {
         return None;
     }
     let bytes: Option<Vec<u8>> = (0..text.len())
