@@ -125,23 +125,7 @@ fn open_verified(config: Config, clock: Arc<dyn Clock>, verify: Verify) -> Resul
     }
     let durable = Arc::new(DurableTotals::default());
     let slot_keys = Arc::new(keys);
-    let journal = Journal::start(
-        Arc::clone(&store),
-        Arc::clone(&view),
-        Arc::clone(&durable),
-        JournalSettings {
-            keys: Arc::clone(&slot_keys),
-            max_delay: config.storage.max_delay,
-            retention: config.storage.retention,
-            clock: Arc::clone(&clock),
-            idempotency_capacity: crate::durable::idempotency::IDEMPOTENCY_CAPACITY,
-        },
-        start,
-    )
-    .map_err(|source| Error::Thread {
-        what: "journal",
-        source,
-    })?;
+    let journal = start_journal(&store, &view, &durable, &slot_keys, &config, &clock, start)?;
     let soft_handler: Arc<Mutex<Option<SoftLimitHandler>>> = Arc::default();
     let fleet = match &config.redis {
         Some(redis) => Fleet::start(FleetParts {
@@ -159,8 +143,6 @@ fn open_verified(config: Config, clock: Arc<dyn Clock>, verify: Verify) -> Resul
         })?,
         None => Fleet::none(),
     };
-    let redis = config.redis.clone();
-    let retention = config.storage.retention;
     let limiter = Limiter {
         inner: Arc::new(Inner {
             fleet,
@@ -184,20 +166,47 @@ fn open_verified(config: Config, clock: Arc<dyn Clock>, verify: Verify) -> Resul
             closed: AtomicBool::new(false),
         }),
     };
-    if let Some(redis) = &redis {
-        start_runtime_link(&limiter, redis, retention)?;
-    }
+    start_runtime_link(&limiter)?;
     Ok(limiter)
 }
 
-/// Starts the exchange of runtime budgets with Redis; a change it takes is applied through
-/// the limiter, which it does not keep alive (a weak reference: dropping every `Limiter`
-/// still stops everything).
-fn start_runtime_link(
-    limiter: &Limiter,
-    redis: &crate::config::RedisConfig,
-    retention: std::time::Duration,
-) -> Result<(), crate::error::Error> {
+/// Starts the journal thread on the restored totals.
+fn start_journal(
+    store: &Arc<Store>,
+    view: &Arc<crate::view::View>,
+    durable: &Arc<DurableTotals>,
+    keys: &Arc<crate::model::slots::SlotKeys>,
+    config: &Config,
+    clock: &Arc<dyn Clock>,
+    start: crate::durable::journal::JournalStart,
+) -> Result<Journal, Error> {
+    Journal::start(
+        Arc::clone(store),
+        Arc::clone(view),
+        Arc::clone(durable),
+        JournalSettings {
+            keys: Arc::clone(keys),
+            max_delay: config.storage.max_delay,
+            retention: config.storage.retention,
+            clock: Arc::clone(clock),
+            idempotency_capacity: crate::durable::idempotency::IDEMPOTENCY_CAPACITY,
+        },
+        start,
+    )
+    .map_err(|source| Error::Thread {
+        what: "journal",
+        source,
+    })
+}
+
+/// Starts the exchange of runtime budgets with Redis (when configured); a change it takes is
+/// applied through the limiter, which it does not keep alive (a weak reference: dropping
+/// every `Limiter` still stops everything).
+fn start_runtime_link(limiter: &Limiter) -> Result<(), Error> {
+    let config = limiter.config();
+    let Some(redis) = &config.redis else {
+        return Ok(());
+    };
     let inner = &limiter.inner;
     let weak = Arc::downgrade(inner);
     let applier: crate::limiter::fleet::Applier = Arc::new(move || {
@@ -211,7 +220,7 @@ fn start_runtime_link(
             table: &inner.definitions,
             store: &inner.store,
             clock: &inner.clock,
-            retention,
+            retention: config.storage.retention,
         },
         applier,
     )

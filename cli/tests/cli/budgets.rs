@@ -15,7 +15,7 @@ fn budget(cli: &Cli, args: &[&str]) -> provider_budgets_test_support::cli::Run {
 }
 
 #[test]
-fn budget_put_and_delete_change_runtime_budgets_and_refuse_clearly() {
+fn budget_put_get_and_delete_change_runtime_budgets_and_keep_spend() {
     let cli = Cli::new(CONFIG);
     let put = budget(
         &cli,
@@ -57,41 +57,6 @@ fn budget_put_and_delete_change_runtime_budgets_and_refuse_clearly() {
     let file = budget(&cli, &["get", "provider", "openai"]);
     assert!(file.stdout.contains("(config file)"), "{file:?}");
 
-    // Refusals: a budget of the config file (naming the file), a bad field, a bad scope.
-    let config = cli.config.display().to_string();
-    budget(
-        &cli,
-        &[
-            "put", "provider", "openai", "--limit", "1", "--period", "1d",
-        ],
-    )
-    .assert_error(
-        1,
-        &[
-            "provider \"openai\" (1d) is defined by the config file",
-            &config,
-        ],
-    );
-    budget(&cli, &["delete", "provider", "openai"])
-        .assert_error(1, &["defined by the config file", &config]);
-    budget(
-        &cli,
-        &["put", "tag", "x", "--limit", "abc", "--period", "1d"],
-    )
-    .assert_error(1, &["tag \"x\"", "limit: \"abc\""]);
-    budget(
-        &cli,
-        &[
-            "put", "tag", "x", "--limit", "1", "--period", "1d", "--mode", "loud",
-        ],
-    )
-    .assert_error(1, &["mode: invalid value \"loud\""]);
-    budget(
-        &cli,
-        &["put", "galaxy", "x", "--limit", "1", "--period", "1d"],
-    )
-    .assert_error(2, &["galaxy"]);
-
     // Delete keeps the spend: a put resumes the series.
     let gone = budget(&cli, &["delete", "tag", "team-a"]);
     gone.assert_ok();
@@ -130,6 +95,52 @@ fn budget_put_and_delete_change_runtime_budgets_and_refuse_clearly() {
     assert_eq!(
         (row["spend_nanos"].as_u64(), row["limit_nanos"].as_u64()),
         (Some(2_000_000_000), Some(5_000_000_000))
+    );
+}
+
+#[test]
+fn budget_refuses_a_budget_of_the_config_file_and_bad_fields_clearly() {
+    let cli = Cli::new(CONFIG);
+    // Refusals: a budget of the config file (naming the file), a bad field, a bad scope.
+    let config = cli.config.display().to_string();
+    budget(
+        &cli,
+        &[
+            "put", "provider", "openai", "--limit", "1", "--period", "1d",
+        ],
+    )
+    .assert_error(
+        1,
+        &[
+            "provider \"openai\" (1d) is defined by the config file",
+            &config,
+        ],
+    );
+    budget(&cli, &["delete", "provider", "openai"])
+        .assert_error(1, &["defined by the config file", &config]);
+    budget(
+        &cli,
+        &["put", "tag", "x", "--limit", "abc", "--period", "1d"],
+    )
+    .assert_error(1, &["tag \"x\"", "limit: \"abc\""]);
+    budget(
+        &cli,
+        &[
+            "put", "tag", "x", "--limit", "1", "--period", "1d", "--mode", "loud",
+        ],
+    )
+    .assert_error(1, &["mode: invalid value \"loud\""]);
+    budget(
+        &cli,
+        &["put", "galaxy", "x", "--limit", "1", "--period", "1d"],
+    )
+    .assert_error(2, &["galaxy"]);
+
+    let doc = cli.status_json(NOW);
+    assert_eq!(
+        doc["budgets"].as_array().map(Vec::len),
+        Some(1),
+        "nothing changed: {doc}"
     );
 }
 

@@ -55,7 +55,7 @@ fn rows(doc: &Value) -> Vec<(String, String, String, u64)> {
 }
 
 #[test]
-fn put_get_delete_a_runtime_budget_and_refuse_clearly() {
+fn put_get_delete_a_runtime_budget_and_it_survives_a_restart() {
     let mut s = Server::start(CONFIG, &[]);
     let r = s.put_budget(
         "/v1/budgets/tag/team-a",
@@ -124,6 +124,35 @@ fn put_get_delete_a_runtime_budget_and_refuse_clearly() {
         s.get("/v1/budgets/model/meta%2Fllama-3").json()["name"],
         "meta/llama-3"
     );
+    // Delete: 200, then 404; the spend of a deleted budget is kept for a put to resume.
+    let gone = s.call(
+        "DELETE",
+        "/v1/budgets/tag/team-a?period=1d@Europe/Berlin",
+        &[],
+        None,
+    );
+    assert_eq!(
+        (gone.status, &gone.json()["deleted"]),
+        (200, &json!(true)),
+        "{gone:?}"
+    );
+    assert_eq!(gone.json()["budgets"], json!([]));
+    s.call("DELETE", "/v1/budgets/tag/team-a", &[], None)
+        .assert_error(404, "no runtime budget");
+    s.call("DELETE", "/v1/budgets/tag/team-b?colour=red", &[], None)
+        .assert_error(400, "unknown query parameter \"colour\"");
+
+    // Runtime budgets survive a restart of the sidecar.
+    s.signal("TERM");
+    assert!(s.wait_exit(DEADLINE).success(), "{}", s.stderr());
+    let cli = s.cli.status_json(NOW);
+    let names: Vec<String> = rows(&cli).into_iter().map(|r| r.1).collect();
+    assert_eq!(names, ["anthropic", "openai", "meta/llama-3", "team-b"]);
+}
+
+#[test]
+fn changes_the_file_defines_or_bad_requests_are_refused_and_change_nothing() {
+    let s = Server::start(CONFIG, &[]);
     // The file's budgets show too, and refuse changes naming the file.
     assert_eq!(
         s.get("/v1/budgets/provider/openai").json()["runtime"],
@@ -220,31 +249,9 @@ fn put_get_delete_a_runtime_budget_and_refuse_clearly() {
     )
     .assert_error(415, "Content-Type must be application/json");
     s.get("/v1/budgets/tag/x").assert_error(404, "no budget");
-
-    // Delete: 200, then 404; the spend of a deleted budget is kept for a put to resume.
-    let gone = s.call(
-        "DELETE",
-        "/v1/budgets/tag/team-a?period=1d@Europe/Berlin",
-        &[],
-        None,
-    );
-    assert_eq!(
-        (gone.status, &gone.json()["deleted"]),
-        (200, &json!(true)),
-        "{gone:?}"
-    );
-    assert_eq!(gone.json()["budgets"], json!([]));
-    s.call("DELETE", "/v1/budgets/tag/team-a", &[], None)
-        .assert_error(404, "no runtime budget");
-    s.call("DELETE", "/v1/budgets/tag/team-b?colour=red", &[], None)
-        .assert_error(400, "unknown query parameter \"colour\"");
-
-    // Runtime budgets survive a restart of the sidecar.
-    s.signal("TERM");
-    assert!(s.wait_exit(DEADLINE).success(), "{}", s.stderr());
-    let cli = s.cli.status_json(NOW);
-    let names: Vec<String> = rows(&cli).into_iter().map(|r| r.1).collect();
-    assert_eq!(names, ["anthropic", "openai", "meta/llama-3", "team-b"]);
+    let left = rows(&s.get("/v1/budgets").json());
+    assert_eq!(left.len(), 2, "only the file's: {left:?}");
+    assert_eq!(left[1].3, 1_000_000_000, "openai's limit as in the file");
 }
 
 #[test]
