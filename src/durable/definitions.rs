@@ -13,8 +13,9 @@
 //!
 //! **A delete is a tombstone**: a record with `deleted: true` and a version like any change,
 //! so a late put with an older version loses to it instead of resurrecting the budget.
-//! Tombstones are removed once older than the storage retention (by the clock of the node
-//! that looks; module `replicate::definitions` removes them from Redis too).
+//! Tombstones are removed once older than [`tombstone_retention`] (by the clock of the node
+//! that looks; module `replicate::definitions` removes them from Redis too): a node must see
+//! a delete within that time, or it brings the deleted budget back when it returns.
 //!
 //! Values are a version byte then the record's JSON (the Redis value's text, see
 //! `replicate::wire::definitions`). The budget is kept as raw JSON and read by the config
@@ -31,6 +32,18 @@ use crate::config::runtime::Definition;
 use crate::durable::codec::MAX_VALUE_BYTES;
 use crate::durable::error::StoreError;
 use crate::durable::store::Store;
+
+/// The shortest time a tombstone is kept.
+const TOMBSTONE_FLOOR: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
+
+/// How long a tombstone is kept: the storage retention, at least 30 days. Decision: a
+/// tombstone is about 200 bytes, and a node that was cut off from Redis for longer than this
+/// when it comes back pushes its live copy of a budget deleted meanwhile (nothing newer is
+/// left to beat it); the storage retention alone (1 h by default) is shorter than ordinary
+/// outages and maintenance windows.
+pub(crate) fn tombstone_retention(storage_retention: std::time::Duration) -> std::time::Duration {
+    storage_retention.max(TOMBSTONE_FLOOR)
+}
 
 /// Format byte of a `definitions` value (then the record's JSON).
 const FORMAT: u8 = 0x81;

@@ -220,7 +220,7 @@ fn start_runtime_link(limiter: &Limiter) -> Result<(), Error> {
             table: &inner.definitions,
             store: &inner.store,
             clock: &inner.clock,
-            retention: config.storage.retention,
+            retention: crate::durable::definitions::tombstone_retention(config.storage.retention),
         },
         applier,
     )

@@ -264,6 +264,7 @@ impl Limiter {
         // The version must count what Redis held when this process started.
         self.inner.runtime_link.first_round();
         let field = key.definition_field();
+        let mut applied = Ok(());
         let record = {
             let _serial = self
                 .inner
@@ -292,14 +293,15 @@ impl Limiter {
                                 at,
                                 budget,
                             })?;
-                    self.apply_locked((*base).clone())
-                        .map_err(BudgetError::Apply)?;
+                    applied = self.apply_locked((*base).clone()).map(drop);
                     tracing::info!(budget = %field, version = record.version, deleted, "runtime budget changed");
                     record
                 }
             }
         };
+        // Stored: it goes to the fleet even when this node could not apply it.
         let replicated = self.inner.runtime_link.push(&field);
+        applied.map_err(BudgetError::Apply)?;
         Ok(BudgetChange {
             scope: key.scope,
             name: key.name.clone(),

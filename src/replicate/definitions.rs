@@ -8,8 +8,8 @@
 //! (`Definitions::reconcile`): records that win are taken (stored, then the limiter applies
 //! them through its reload machinery, the callback given to [`DefinitionSync::start`]);
 //! records of ours that Redis lacks or holds older are written with the script (which keeps
-//! the winner of the two: the same rule as the table's), and tombstones older than the storage
-//! retention are removed on both sides.
+//! the winner of the two: the same rule as the table's), and tombstones older than their
+//! retention (the storage retention, at least 30 days) are removed on both sides.
 //!
 //! A local change (`Limiter::put_budget`, `delete_budget`) asks this thread to write it at
 //! once ([`Handle::push`]) and waits for the answer, boundedly: `true` once the record
@@ -51,7 +51,7 @@ pub(crate) struct DefinitionParts {
     pub table: Arc<Definitions>,
     pub store: Arc<Store>,
     pub clock: Arc<dyn Clock>,
-    /// Tombstones older than this are removed.
+    /// Tombstones older than this are removed (`tombstone_retention`).
     pub retention: Duration,
 }
 
@@ -168,7 +168,7 @@ impl Handle {
             && answer.recv_timeout(self.wait).unwrap_or(false)
     }
 
-    /// One round now.
+    /// One round now, reading the whole hash.
     pub(crate) fn sync(&self) -> Result<(), ReplicationError> {
         let (reply, answer) = crossbeam_channel::bounded(1);
         if self.tx.send(Request::Round(reply)).is_err() {
@@ -211,10 +211,10 @@ impl Worker {
                     let _ = reply.send(reached);
                 }
                 Ok(Request::Round(reply)) => {
-                    let _ = reply.send(self.round());
+                    let _ = reply.send(self.round(true));
                 }
                 Err(RecvTimeoutError::Timeout) => {
-                    let _ = self.round();
+                    let _ = self.round(false);
                     next = Instant::now() + interval;
                     let (done, ended) = &*self.first;
                     *done.lock().unwrap_or_else(PoisonError::into_inner) = true;
@@ -324,9 +324,10 @@ impl Worker {
         }
     }
 
-    /// One round; see the module doc.
-    fn round(&mut self) -> Result<(), ReplicationError> {
-        let result = self.round_inner();
+    /// One round; see the module doc. `full`: read the whole hash whatever its counter says
+    /// (an explicit sync).
+    fn round(&mut self, full: bool) -> Result<(), ReplicationError> {
+        let result = self.round_inner(full);
         match &result {
             Ok(()) => self.up(),
             Err(e) => self.failed(e),
@@ -334,7 +335,7 @@ impl Worker {
         result
     }
 
-    fn round_inner(&mut self) -> Result<(), ReplicationError> {
+    fn round_inner(&mut self, full: bool) -> Result<(), ReplicationError> {
         let key = self.key.clone();
         let changes: Option<i64> = self
             .conn
@@ -343,7 +344,10 @@ impl Worker {
             })
             .map_err(|e| self.error(&e))?;
         self.since_full += 1;
-        let due = self.pending || self.last != Some(changes) || self.since_full >= FULL_READ_EVERY;
+        let due = full
+            || self.pending
+            || self.last != Some(changes)
+            || self.since_full >= FULL_READ_EVERY;
         if !due {
             return Ok(());
         }

@@ -107,6 +107,9 @@ fn concurrent_puts_on_two_nodes_converge_to_one_winner_on_both() {
     let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let a = node(&server.url(), "a", da.path(), interval);
     let b = node(&server.url(), "b", db.path(), interval);
+    // Both have read the (empty) hash: neither can see the other's put before making its own.
+    a.sync().unwrap();
+    b.sync().unwrap();
     std::thread::scope(|s| {
         s.spawn(|| assert!(a.put_budget(team("1")).unwrap().replicated));
         s.spawn(|| assert!(b.put_budget(team("2")).unwrap().replicated));
@@ -172,4 +175,54 @@ fn with_redis_down_a_put_stays_local_and_reaches_the_other_node_once_redis_is_ba
                 .contains("\"node\":\"a\"")
         },
     );
+}
+
+#[test]
+fn a_node_that_was_down_during_a_delete_does_not_bring_the_budget_back() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let interval = Duration::from_millis(300);
+    let clock = FakeClock::new(jiff::Timestamp::now());
+    let open = |id: &str, dir: &Path| {
+        let mut config = Config::from_yaml_str(FILE).unwrap().data_dir(dir);
+        config.node_id = Some(id.to_owned());
+        let mut r = RedisConfig::new(server.url());
+        r.sync_interval = interval;
+        config.redis = Some(r);
+        Limiter::builder(config)
+            .clock(Arc::new(clock.clone()))
+            .open()
+            .unwrap()
+    };
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = open("a", da.path());
+    let b = open("b", db.path());
+    a.put_budget(team("0")).unwrap();
+    within(Duration::from_secs(5), "b gets the put", || {
+        b.filter(&["gpt-4o"], TEAM).is_err()
+    });
+    drop(b);
+    let gone = a.delete_budget(Scope::Tag, "team-a", None).unwrap();
+    assert_eq!((gone.version, gone.replicated), (2, true));
+
+    // b comes back with version 1 on disk: the tombstone (version 2) wins over it.
+    let b = open("b", db.path());
+    within(Duration::from_secs(5), "b drops the deleted budget", || {
+        b.filter(&["gpt-4o"], TEAM).is_ok()
+    });
+    let held = server.command(&["HGET", "provider_budgets:budgets", "tag:team-a:1d"]);
+    assert!(
+        held.contains("\"version\":2") && held.contains("\"deleted\":true"),
+        "{held}"
+    );
+
+    // Once older than the tombstone retention (30 days here), the tombstone goes everywhere.
+    clock.advance(jiff::SignedDuration::from_hours(31 * 24));
+    a.sync().unwrap();
+    b.sync().unwrap();
+    let held = server.command(&["HGETALL", "provider_budgets:budgets"]);
+    assert!(!held.contains("tag:team-a:1d"), "{held}");
+    // The version goes on from the largest seen.
+    assert_eq!(a.put_budget(team("1")).unwrap().version, 3);
 }
