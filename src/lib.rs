@@ -58,6 +58,10 @@
 //! [`Reservation::release`] nothing, a drop or an expiry the estimate (so does a crash, at the
 //! next open: module `restore`).
 //!
+//! Runtime budgets ([`Limiter::put_budget`], module `limiter::runtime`) are budgets defined
+//! while the limiter runs: stored in the data dir (`durable::definitions`), replicated through
+//! Redis (`replicate::definitions`), merged into the configuration the limiter applies.
+//!
 //! Windows (`window`) are aligned to an anchor, so every node computes the same window from
 //! its clock alone ([`Clock`], faked in tests). Money (`money`) is integer nano-dollars.
 //! Configuration (`config`) reads litellm's `provider_budget_config` as it is.
