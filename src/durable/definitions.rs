@@ -224,6 +224,15 @@ impl Definitions {
     }
 
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    /// Whether a tombstone was written before `cutoff` (Unix seconds): past its retention.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn has_tombstones_before(&self, cutoff: i64) -> bool {
+        self.lock()
+            .records
+            .values()
+            .any(|r| r.deleted && r.at < cutoff)
+    }
+
     /// Takes one record read from Redis (the winner that refused our write): `true` when it
     /// replaced ours.
     pub(crate) fn take(

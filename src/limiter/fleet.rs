@@ -275,10 +275,20 @@ mod imp {
             }
         }
 
-        /// One definitions round now; `None` without Redis.
-        pub(crate) fn sync(&self) -> Option<Result<(), ReplicationError>> {
+        /// One definitions round now, alongside `other` (see `Handle::sync`); its outcome is
+        /// `None` without Redis.
+        pub(crate) fn sync<R>(
+            &self,
+            other: impl FnOnce() -> R,
+        ) -> (R, Option<Result<(), ReplicationError>>) {
             let handle = self.get().as_ref().map(DefinitionSync::handle);
-            handle.map(|h| h.sync())
+            match handle {
+                Some(h) => {
+                    let (r, round) = h.sync(other);
+                    (r, Some(round))
+                }
+                None => (other(), None),
+            }
         }
 
         /// Stops the thread (idempotent).
@@ -340,8 +350,11 @@ mod imp {
 
         pub(crate) fn first_round(&self) {}
 
-        pub(crate) fn sync(&self) -> Option<Result<(), ReplicationError>> {
-            None
+        pub(crate) fn sync<R>(
+            &self,
+            other: impl FnOnce() -> R,
+        ) -> (R, Option<Result<(), ReplicationError>>) {
+            (other(), None)
         }
 
         pub(crate) fn stop(&self) {}

@@ -292,7 +292,8 @@ impl Limiter {
     // ---- sync, flush, shutdown, health ---------------------------------------------------------
 
     /// One replication round now: ships this node's durable totals to Redis and reads the
-    /// others', then exchanges the runtime budgets (the CLI's `sync`). Fails when no Redis is configured or it cannot be reached.
+    /// others', then exchanges the runtime budgets (the CLI's `sync`; a failure of that
+    /// exchange alone is logged, not returned). Fails when no Redis is configured or it cannot be reached.
     ///
     /// # Errors
     ///
@@ -304,14 +305,17 @@ impl Limiter {
         }
         // Only durable totals are shipped: make everything recorded so far durable first.
         self.flush()?;
-        let spend = match self.inner.fleet.sync() {
-            Some(r) => r,
-            None => return Err(crate::error::ReplicationError::NotConfigured.into()),
+        // The runtime budgets' round runs alongside the spend round (it applies what it
+        // takes). Its failure is not the sync's: a cluster master that is down fails only
+        // what it serves, and the definitions thread reports its own outage.
+        let (spend, definitions) = self.inner.runtime_link.sync(|| self.inner.fleet.sync());
+        if let Some(Err(e)) = definitions {
+            tracing::debug!(error = %e, "runtime budgets not exchanged in this sync");
+        }
+        let Some(spend) = spend else {
+            return Err(crate::error::ReplicationError::NotConfigured.into());
         };
-        // Then the runtime budgets (their round applies what it takes).
-        let definitions = self.inner.runtime_link.sync().unwrap_or(Ok(()));
-        spend?;
-        Ok(definitions?)
+        Ok(spend?)
     }
 
     /// Returns once everything recorded before is durable on disk.

@@ -4,7 +4,8 @@
 //! At start and every `sync_interval`, a **round**: `HGET {prefix}:budgets ~changes` (one command while
 //! nothing changed); when the counter moved (or this process has not read the hash yet, a
 //! write of ours is pending, or 60 rounds passed without a full read: a safety net for a
-//! counter that came back to a value we saw), `HGETALL` and reconcile it with the table
+//! counter that came back to a value we saw, or a tombstone of ours is past its retention),
+//! `HGETALL` and reconcile it with the table
 //! (`Definitions::reconcile`): records that win are taken (stored, then the limiter applies
 //! them through its reload machinery, the callback given to [`DefinitionSync::start`]);
 //! records of ours that Redis lacks or holds older are written with the script (which keeps
@@ -168,15 +169,24 @@ impl Handle {
             && answer.recv_timeout(self.wait).unwrap_or(false)
     }
 
-    /// One round now, reading the whole hash.
-    pub(crate) fn sync(&self) -> Result<(), ReplicationError> {
+    /// One round now, run while `alongside` runs on the caller's thread (a sync's spend
+    /// round: the two take the longer of their times, not the sum). Returns `alongside`'s
+    /// result and the round's.
+    pub(crate) fn sync<R>(
+        &self,
+        alongside: impl FnOnce() -> R,
+    ) -> (R, Result<(), ReplicationError>) {
         let (reply, answer) = crossbeam_channel::bounded(1);
-        if self.tx.send(Request::Round(reply)).is_err() {
-            return Err(ReplicationError::Stopped);
-        }
-        answer
-            .recv_timeout(self.wait)
-            .unwrap_or(Err(ReplicationError::Stopped))
+        let sent = self.tx.send(Request::Round(reply)).is_ok();
+        let other = alongside();
+        let round = if sent {
+            answer
+                .recv_timeout(self.wait)
+                .unwrap_or(Err(ReplicationError::Stopped))
+        } else {
+            Err(ReplicationError::Stopped)
+        };
+        (other, round)
     }
 }
 
@@ -211,18 +221,25 @@ impl Worker {
                     let _ = reply.send(reached);
                 }
                 Ok(Request::Round(reply)) => {
-                    let _ = reply.send(self.round(true));
+                    let _ = reply.send(self.round());
+                    next = Instant::now() + interval;
+                    self.first_done();
                 }
                 Err(RecvTimeoutError::Timeout) => {
-                    let _ = self.round(false);
+                    let _ = self.round();
                     next = Instant::now() + interval;
-                    let (done, ended) = &*self.first;
-                    *done.lock().unwrap_or_else(PoisonError::into_inner) = true;
-                    ended.notify_all();
+                    self.first_done();
                 }
                 Err(RecvTimeoutError::Disconnected) => break,
             }
         }
+    }
+
+    /// Notes that a round ended (see [`Handle::first_round`]).
+    fn first_done(&self) {
+        let (done, ended) = &*self.first;
+        *done.lock().unwrap_or_else(PoisonError::into_inner) = true;
+        ended.notify_all();
     }
 
     /// Runs the limiter's apply step.
@@ -241,6 +258,7 @@ impl Worker {
     fn failed(&mut self, e: &ReplicationError) {
         self.conn.reset();
         self.last = None;
+        metrics::counter!("provider_budgets_runtime_budget_sync_errors_total").increment(1);
         if !self.down {
             self.down = true;
             tracing::warn!(error = %e, "runtime budgets cannot be exchanged with redis; changes stay local until it answers");
@@ -258,7 +276,15 @@ impl Worker {
         let Some(record) = self.parts.table.get(field) else {
             return false;
         };
-        match self.put(field, &record) {
+        // A connection kept from an earlier round may have died (Redis restarted): one
+        // fresh connection gets a second chance.
+        let retry = self.conn.connected();
+        let mut result = self.put(field, &record);
+        if result.is_err() && retry {
+            self.conn.reset();
+            result = self.put(field, &record);
+        }
+        match result {
             Ok(changed) => {
                 self.up();
                 if changed {
@@ -324,10 +350,22 @@ impl Worker {
         }
     }
 
-    /// One round; see the module doc. `full`: read the whole hash whatever its counter says
-    /// (an explicit sync).
-    fn round(&mut self, full: bool) -> Result<(), ReplicationError> {
-        let result = self.round_inner(full);
+    /// Tombstones written before this (Unix seconds) are past their retention.
+    fn cutoff(&self) -> i64 {
+        let now = floor_secs(self.parts.clock.now());
+        let retention = i64::try_from(self.parts.retention.as_secs()).unwrap_or(i64::MAX / 4);
+        now.saturating_sub(retention)
+    }
+
+    /// One round; see the module doc. A connection kept from an earlier round may have died
+    /// meanwhile (Redis restarted): then a fresh one gets a second chance in the same round.
+    fn round(&mut self) -> Result<(), ReplicationError> {
+        let retry = self.conn.connected();
+        let mut result = self.round_inner();
+        if result.is_err() && retry {
+            self.conn.reset();
+            result = self.round_inner();
+        }
         match &result {
             Ok(()) => self.up(),
             Err(e) => self.failed(e),
@@ -335,7 +373,7 @@ impl Worker {
         result
     }
 
-    fn round_inner(&mut self, full: bool) -> Result<(), ReplicationError> {
+    fn round_inner(&mut self) -> Result<(), ReplicationError> {
         let key = self.key.clone();
         let changes: Option<i64> = self
             .conn
@@ -344,10 +382,12 @@ impl Worker {
             })
             .map_err(|e| self.error(&e))?;
         self.since_full += 1;
-        let due = full
-            || self.pending
+        let cutoff = self.cutoff();
+        // Tombstones of ours past their retention: the full read removes them on both sides.
+        let due = self.pending
             || self.last != Some(changes)
-            || self.since_full >= FULL_READ_EVERY;
+            || self.since_full >= FULL_READ_EVERY
+            || self.parts.table.has_tombstones_before(cutoff);
         if !due {
             return Ok(());
         }
@@ -361,9 +401,6 @@ impl Worker {
         for (field, why) in &hash.bad {
             self.log_bad(field, why);
         }
-        let now = floor_secs(self.parts.clock.now());
-        let retention = i64::try_from(self.parts.retention.as_secs()).unwrap_or(i64::MAX / 4);
-        let cutoff = now.saturating_sub(retention);
         let found = self
             .parts
             .table

@@ -1,7 +1,8 @@
 //! A plain (blocking) Redis connection for the side tasks of replication — soft-limit claims
 //! (`alerts`), runtime budget definitions (`definitions`) — that follows Redis Cluster
 //! redirects: a command is sent to the node that served its key's slot last, or to the first
-//! URL; a `MOVED` reply names the slot's master (the command is sent there, with the first
+//! reachable URL (`redis.url`, then the seeds of a cluster); a `MOVED` reply names the slot's
+//! master (the command is sent there, with the first
 //! URL's settings, and later commands of that slot go there directly), an `ASK` reply is
 //! followed once with `ASKING`. Connects within `redis.connect_timeout`; every command is
 //! bounded by `redis.command_timeout`.
@@ -16,6 +17,8 @@ use crate::config::RedisConfig;
 /// Connections to the first URL and to the masters that redirects named.
 pub(crate) struct Routed {
     url: String,
+    /// Further seed URLs of a cluster, tried in turn when `url` cannot be reached.
+    seeds: Vec<String>,
     /// The replicator's TLS settings (private CA, test-only skip-verify) for `rediss://`.
     tls: crate::config::RedisTls,
     connect_timeout: Duration,
@@ -40,6 +43,7 @@ impl Routed {
     pub(crate) fn new(redis: &RedisConfig) -> Routed {
         Routed {
             url: redis.url.clone(),
+            seeds: redis.seeds.clone(),
             tls: redis.tls.clone(),
             connect_timeout: redis.connect_timeout,
             command_timeout: redis.command_timeout,
@@ -47,6 +51,12 @@ impl Routed {
             redirected: FxHashMap::default(),
             routes: FxHashMap::default(),
         }
+    }
+
+    /// Whether a connection is open (a command may then fail on a connection that died
+    /// since: worth one retry on a fresh one).
+    pub(crate) fn connected(&self) -> bool {
+        self.conn.is_some() || !self.redirected.is_empty()
     }
 
     /// Drops every connection and route (after an error: the next command connects again).
@@ -101,8 +111,21 @@ impl Routed {
         match target {
             None => {
                 if self.conn.is_none() {
-                    let client = crate::replicate::client(&self.url, &self.tls)?;
-                    self.conn = Some(open_with(&client, connect, command)?);
+                    let mut last = None;
+                    for url in std::iter::once(&self.url).chain(&self.seeds) {
+                        let opened = crate::replicate::client(url, &self.tls)
+                            .and_then(|client| open_with(&client, connect, command));
+                        match opened {
+                            Ok(conn) => {
+                                self.conn = Some(conn);
+                                break;
+                            }
+                            Err(e) => last = Some(e),
+                        }
+                    }
+                    if let (None, Some(e)) = (&self.conn, last) {
+                        return Err(e);
+                    }
                 }
                 self.conn.as_mut().ok_or_else(missing)
             }
