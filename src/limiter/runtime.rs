@@ -130,7 +130,8 @@ impl Limiter {
     /// # Errors
     ///
     /// [`BudgetError`]: an invalid field, a series the base configuration defines, no room
-    /// for another series, a storage fault. Nothing changed then.
+    /// for another series, a storage fault: nothing changed then. [`BudgetError::Apply`]:
+    /// stored and sent, not applied here.
     pub fn put_budget(&self, budget: BudgetConfig) -> Result<BudgetChange, BudgetError> {
         budget.validate().map_err(BudgetError::Invalid)?;
         let key = budget.budget_key();
@@ -157,7 +158,8 @@ impl Limiter {
     }
 
     /// Deletes the runtime budget of `scope` `name`; `period` (the period, `1d`, or the
-    /// period part, `1d@Europe/Berlin`) is needed when it has several. Its spend is kept:
+    /// period part, `1d@Europe/Berlin`, which wins when it is exact) is needed when it has
+    /// several. Its spend is kept:
     /// putting it back resumes the same series.
     ///
     /// # Errors
@@ -181,11 +183,16 @@ impl Limiter {
                     k.period_part == p || k.period_part.split('@').next() == Some(p)
                 })
         };
-        let live: Vec<(BudgetKey, Record)> = self
+        let mut live: Vec<(BudgetKey, Record)> = self
             .runtime_records()
             .into_iter()
             .filter(|(k, r)| !r.deleted && matches(k))
             .collect();
+        // A period part given exactly names one series, even when the period alone names more.
+        let exact = |k: &BudgetKey| Some(k.period_part.as_str()) == period;
+        if live.len() > 1 && live.iter().any(|(k, _)| exact(k)) {
+            live.retain(|(k, _)| exact(k));
+        }
         let key = match live.as_slice() {
             [(k, _)] => k.clone(),
             [] => {
@@ -214,6 +221,8 @@ impl Limiter {
     /// left out), in series order.
     pub fn runtime_budgets(&self) -> Vec<RuntimeBudget> {
         let base = self.base_config();
+        let defined: rustc_hash::FxHashSet<BudgetKey> =
+            base.budgets.iter().map(BudgetConfig::budget_key).collect();
         let mut out: Vec<RuntimeBudget> = self
             .inner
             .definitions
@@ -224,7 +233,7 @@ impl Limiter {
                 let budget = r.definition().ok()?.budget().ok()?;
                 let key = budget.budget_key();
                 Some(RuntimeBudget {
-                    shadowed: base.budgets.iter().any(|b| b.budget_key() == key),
+                    shadowed: defined.contains(&key),
                     period_key: key.period_part,
                     budget,
                     version: r.version,
