@@ -15,7 +15,7 @@ pub(crate) enum BudgetCmd {
     /// Create or change the runtime budget SCOPE NAME (its period, with --time-zone its own
     /// zone, names the series; a series the config file defines is refused).
     Put {
-        /// `provider`, `deployment`, `model`, `tag` (`provider-budgets status` names them).
+        /// The scope, as `status --json` names it (`provider`, `tag`, …).
         #[arg(value_name = "SCOPE", value_parser = parse_scope)]
         scope: Scope,
         /// The provider, deployment id, model or tag.

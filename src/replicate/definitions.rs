@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{RecvTimeoutError, Sender};
 
 use crate::config::RedisConfig;
-use crate::durable::definitions::{Definitions, Record};
+use crate::durable::definitions::{Definitions, Reconciled, Record};
 use crate::durable::store::Store;
 use crate::error::ReplicationError;
 use crate::model::clock::{floor_secs, Clock};
@@ -401,47 +401,58 @@ impl Worker {
         for (field, why) in &hash.bad {
             self.log_bad(field, why);
         }
-        let found = self
+        let found = match self
             .parts
             .table
             .reconcile(&self.parts.store, &hash.records, cutoff)
-            .map_err(|e| ReplicationError::Protocol {
-                message: format!("runtime budgets: {e}"),
-            })?;
+        {
+            Ok(found) => found,
+            Err(e) => {
+                // Records taken before the fault are stored: apply them (a later round would
+                // find nothing new to apply).
+                self.apply();
+                return Err(ReplicationError::Protocol {
+                    message: format!("runtime budgets: {e}"),
+                });
+            }
+        };
         self.last = Some(hash.changes);
         self.since_full = 0;
         self.pending = false;
-        let mut changed = found.changed;
-        let mut failed = None;
+        let mut taken = false;
+        let written = self.write_back(&found, &mut taken);
+        // Applied whatever the writes did: what was taken is stored here already.
+        if found.changed || taken {
+            self.apply();
+        }
+        written
+    }
+
+    /// Writes what a full read found Redis lacking (our records; a write refused by a winner
+    /// takes the winner, noted in `taken`) and removes the tombstones past their retention.
+    fn write_back(&mut self, found: &Reconciled, taken: &mut bool) -> Result<(), ReplicationError> {
         for (field, record) in &found.push {
             match self.put(field, record) {
-                Ok(c) => changed |= c,
+                Ok(t) => *taken |= t,
                 Err(e) => {
                     self.pending = true;
-                    failed = Some(e);
-                    break;
+                    return Err(e);
                 }
             }
         }
+        let (key, script) = (&self.key, &self.script);
         for (field, text) in &found.forget {
-            let script = &self.script;
-            let forgot: redis::RedisResult<i64> =
-                self.conn.run(&key, "runtime budget forget", |c| {
+            self.conn
+                .run(key, "runtime budget forget", |c| {
                     script
-                        .key(&key)
+                        .key(key)
                         .arg("forget")
                         .arg(field)
                         .arg(text)
-                        .invoke(c)
-                });
-            if let Err(e) = forgot {
-                failed = Some(self.error(&e));
-                break;
-            }
+                        .invoke::<i64>(c)
+                })
+                .map_err(|e| self.error(&e))?;
         }
-        if changed {
-            self.apply();
-        }
-        failed.map_or(Ok(()), Err)
+        Ok(())
     }
 }
