@@ -223,7 +223,6 @@ impl Definitions {
         Ok(record)
     }
 
-    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     /// Whether a tombstone was written before `cutoff` (Unix seconds): past its retention.
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub(crate) fn has_tombstones_before(&self, cutoff: i64) -> bool {
@@ -235,6 +234,7 @@ impl Definitions {
 
     /// Takes one record read from Redis (the winner that refused our write): `true` when it
     /// replaced ours.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub(crate) fn take(
         &self,
         store: &Store,
