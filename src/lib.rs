@@ -58,6 +58,10 @@
 //! [`Reservation::release`] nothing, a drop or an expiry the estimate (so does a crash, at the
 //! next open: module `restore`).
 //!
+//! Runtime budgets ([`Limiter::put_budget`], module `limiter::runtime`) are budgets defined
+//! while the limiter runs: stored in the data dir (`durable::definitions`), replicated through
+//! Redis (`replicate::definitions`), merged into the configuration the limiter applies.
+//!
 //! Windows (`window`) are aligned to an anchor, so every node computes the same window from
 //! its clock alone ([`Clock`], faked in tests). Money (`money`) is integer nano-dollars.
 //! Configuration (`config`) reads litellm's `provider_budget_config` as it is.
@@ -76,8 +80,8 @@ mod resolve;
 mod view;
 
 pub use config::{
-    parse_duration, BudgetConfig, Config, ConfigError, RedisConfig, RedisTls, StorageConfig,
-    UnknownProvider,
+    parse_duration, BudgetConfig, BudgetFields, Config, ConfigError, RedisConfig, RedisTls,
+    StorageConfig, UnknownProvider,
 };
 pub use durable::audit::{AuditEntry, MAX_ENTRIES as MAX_AUDIT_ENTRIES};
 pub use durable::error::StoreError;
@@ -95,6 +99,7 @@ pub use limiter::health::Health;
 pub use limiter::open::LimiterBuilder;
 pub use limiter::reload::ReloadSummary;
 pub use limiter::reserve::{Reservation, ReserveError, ReserveRequest};
+pub use limiter::runtime::{BudgetChange, BudgetError, RuntimeBudget};
 pub use limiter::spend::{Durable, Receipt, Spend, MAX_FUTURE_SKEW};
 pub use limiter::status::{BudgetStatus, ReplicationStatus, RoundFigures, StatusQuery};
 #[doc(hidden)]
@@ -107,6 +112,7 @@ pub use model::money::{Money, MoneyError};
 pub use model::text::redact_urls;
 pub use model::window::{Period, PeriodError, Schedule, Window};
 pub use resolve::{Deployment, Target, BUILTIN_PREFIXES};
+pub use view::RELOAD_SLOTS;
 
 /// The sync round's wire protocol, for the live-Redis tests in `tests/fleet/wire.rs` only: not part
 /// of the API (no stability promise).

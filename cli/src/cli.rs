@@ -32,6 +32,9 @@
 //!   with `error: recorded locally; do not retry (…)` (the record stays counted; a retry would
 //!   count it twice), `sync` exits 1; `filter` and `status` print one
 //!   `warning: ... (answering from local data)` line and answer from local data.
+//! * `budget put|delete|get SCOPE NAME` changes runtime budgets in the data dir (and, with
+//!   `--redis`, in the fleet before it returns); a budget the config file defines is refused
+//!   naming the file.
 //! * `ingest --durable` prints `ok N` after record N is durable (one fsync per record).
 //!   `ingest` without `--durable` records as it reads and makes the records durable whenever
 //!   it has consumed everything stdin has delivered so far (and at end of input), then prints
@@ -236,6 +239,11 @@ enum Cmd {
     },
     /// Run the HTTP sidecar until SIGTERM/SIGINT (SIGHUP reloads the config).
     Serve(crate::serve::ServeArgs),
+    /// Runtime budgets: put, delete or show a budget without editing the config file.
+    Budget {
+        #[command(subcommand)]
+        cmd: crate::budget::BudgetCmd,
+    },
 }
 
 /// A failure of one invocation: the message (one line) and the exit code.
@@ -598,12 +606,21 @@ fn execute(cli: Cli) -> Outcome {
         } => adjust(&limiter, &key, amount, &reason, period, at, replicate),
         Cmd::Status { json, .. } => status(&limiter, json, replicate),
         Cmd::Sync => sync(&limiter),
+        Cmd::Budget { cmd } => {
+            crate::budget::run(&limiter, cmd, &cli.config).map_err(Failure::runtime)
+        }
         Cmd::Ingest { durable } => ingest(&limiter, durable, replicate),
         Cmd::Repair { .. } => Ok(()), // handled above, before the data dir is opened
         Cmd::Serve(ref args) => match prepared.take() {
-            Some(p) => crate::serve::run(p, &limiter, args, &|| {
-                load_config(&cli).map_err(|f| f.message)
-            })
+            Some(p) => crate::serve::run(
+                p,
+                &limiter,
+                args,
+                crate::serve::Source {
+                    path: &cli.config,
+                    loader: &|| load_config(&cli).map_err(|f| f.message),
+                },
+            )
             .map_err(|e| Failure::runtime(e.to_string())),
             None => Ok(()), // prepared above
         },

@@ -2,6 +2,7 @@
 //! See `provider-budgets --help`.
 //!
 //! * `cli`: the flags (clap) and one function per subcommand;
+//! * `budget`: `provider-budgets budget put|delete|get` (runtime budgets);
 //! * `remote`: `status` asked of a running sidecar;
 //! * `serve`: `provider-budgets serve`, the HTTP sidecar (axum on hyper, Prometheus metrics);
 //! * `status_json`: the JSON document of `status --json` and `GET /v1/budgets`;
@@ -10,6 +11,7 @@
 // Unit tests may unwrap: a panic there is a test failure with a message.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+mod budget;
 mod cli;
 mod remote;
 mod serve;

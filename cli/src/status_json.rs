@@ -14,8 +14,13 @@ pub(crate) fn status_document(limiter: &Limiter, budgets: &[BudgetStatus]) -> se
             "ok": health.storage_ok(),
             "fault": health.storage_fault,
         },
-        "budgets": budgets.iter().map(status_json).collect::<Vec<_>>(),
+        "budgets": budget_rows(budgets),
     })
+}
+
+/// The rows of `budgets`, as the document's `budgets` list has them.
+pub(crate) fn budget_rows(budgets: &[BudgetStatus]) -> Vec<serde_json::Value> {
+    budgets.iter().map(status_json).collect()
 }
 
 /// One budget in the JSON contract. Money is USD as JSON numbers; the `*_nanos` fields carry

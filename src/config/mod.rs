@@ -52,14 +52,17 @@
 
 mod env;
 mod error;
+mod fields;
 mod litellm;
 mod own;
 mod parse;
+pub(crate) mod runtime;
 mod schema;
 mod validate;
 mod values;
 
 pub use error::ConfigError;
+pub use fields::BudgetFields;
 pub use schema::{BudgetConfig, Config, RedisConfig, RedisTls, StorageConfig, UnknownProvider};
 pub use values::parse_duration;
 

@@ -1,10 +1,12 @@
-//! The data dir: the corrections' audit trail (`audit`), the value codec (`codec`), the sled layout (`store`) and its error
+//! The data dir: the corrections' audit trail (`audit`), the runtime budget definitions
+//! (`definitions`), the value codec (`codec`), the sled layout (`store`) and its error
 //! (`error`), the high-water record (`highwater`), the journal thread that makes spend durable
 //! (`journal`), the idempotency records it writes with keyed spends (`idempotency`), and what
 //! a start (or a repair) reads back from disk (`restore`).
 
 pub(crate) mod audit;
 pub(crate) mod codec;
+pub(crate) mod definitions;
 pub(crate) mod error;
 pub(crate) mod highwater;
 pub(crate) mod idempotency;

@@ -225,6 +225,11 @@ impl Store {
         self.with(|h| h.db.open_tree("audit"))
     }
 
+    /// The `definitions` tree (runtime budgets, module `definitions`).
+    pub(crate) fn definitions_tree(&self) -> Result<sled::Tree, StoreError> {
+        self.with(|h| h.db.open_tree("definitions"))
+    }
+
     /// The node id kept in the data dir; stores `configured` (or else `proposed`) when there
     /// is none yet. A data dir keeps its node id: a different configured id is an error
     /// ([`StoreError::NodeIdChanged`]), because running the dir's spend under a second id

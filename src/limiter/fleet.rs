@@ -16,7 +16,21 @@ use crate::model::clock::Clock;
 use crate::model::slots::SlotKeys;
 use crate::view::View;
 
-pub(crate) use imp::Fleet;
+pub(crate) use imp::{DefinitionLink, Fleet};
+
+/// Applies the runtime definitions (the limiter's reload machinery), called by the
+/// definitions thread after it took a change from Redis.
+pub(crate) type Applier = Arc<dyn Fn() + Send + Sync>;
+
+/// What [`DefinitionLink::start`] needs (unread without the feature).
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+pub(crate) struct DefinitionLinkParts<'a> {
+    pub redis: &'a RedisConfig,
+    pub table: &'a Arc<crate::durable::definitions::Definitions>,
+    pub store: &'a Arc<Store>,
+    pub clock: &'a Arc<dyn Clock>,
+    pub retention: std::time::Duration,
+}
 
 /// What [`Fleet::start`] needs from the opening limiter (unread without the feature).
 #[cfg_attr(not(feature = "redis"), allow(dead_code))]
@@ -41,7 +55,7 @@ mod imp {
 
     use jiff::Timestamp;
 
-    use super::FleetParts;
+    use super::{DefinitionLinkParts, FleetParts};
     use crate::config::{Config, RedisConfig};
     use crate::error::{Error, ReplicationError};
     use crate::limiter::status::ReplicationStatus;
@@ -49,6 +63,7 @@ mod imp {
     use crate::model::money::Money;
     use crate::model::window::Window;
     use crate::replicate::alerts::FleetAlerts;
+    use crate::replicate::definitions::{DefinitionParts, DefinitionSync};
     use crate::replicate::{Replicator, ReplicatorParts};
 
     /// The replicator and the fleet alerts, when Redis is configured (else empty).
@@ -202,6 +217,89 @@ mod imp {
         }
     }
 
+    /// The runtime definitions' exchange with Redis (module `replicate::definitions`): empty
+    /// until started, and without Redis.
+    #[derive(Debug, Default)]
+    pub(crate) struct DefinitionLink(std::sync::Mutex<Option<DefinitionSync>>);
+
+    impl DefinitionLink {
+        /// Not started.
+        pub(crate) fn none() -> DefinitionLink {
+            DefinitionLink::default()
+        }
+
+        fn get(&self) -> std::sync::MutexGuard<'_, Option<DefinitionSync>> {
+            self.0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        }
+
+        /// Starts the definitions thread (its first round runs at once, applying through
+        /// `applier`).
+        pub(crate) fn start(
+            &self,
+            parts: DefinitionLinkParts<'_>,
+            applier: super::Applier,
+        ) -> Result<(), Error> {
+            let sync = DefinitionSync::start(
+                DefinitionParts {
+                    redis: parts.redis.clone(),
+                    table: Arc::clone(parts.table),
+                    store: Arc::clone(parts.store),
+                    clock: Arc::clone(parts.clock),
+                    retention: parts.retention,
+                },
+                applier,
+            )
+            .map_err(|source| Error::Thread {
+                what: "definitions",
+                source,
+            })?;
+            *self.get() = Some(sync);
+            Ok(())
+        }
+
+        /// Writes a runtime definition to Redis now: `true` once it reached Redis (false
+        /// without Redis, or when it could not be reached).
+        pub(crate) fn push(&self, field: &str) -> bool {
+            // The handle is taken out of the lock for the wait: a stop must not wait for it.
+            let handle = self.get().as_ref().map(DefinitionSync::handle);
+            handle.is_some_and(|h| h.push(field))
+        }
+
+        /// Waits (boundedly) for the first definitions round of this process.
+        pub(crate) fn first_round(&self) {
+            let handle = self.get().as_ref().map(DefinitionSync::handle);
+            if let Some(h) = handle {
+                h.first_round();
+            }
+        }
+
+        /// One definitions round now, alongside `other` (see `Handle::sync`); its outcome is
+        /// `None` without Redis.
+        pub(crate) fn sync<R>(
+            &self,
+            other: impl FnOnce() -> R,
+        ) -> (R, Option<Result<(), ReplicationError>>) {
+            let handle = self.get().as_ref().map(DefinitionSync::handle);
+            match handle {
+                Some(h) => {
+                    let (r, round) = h.sync(other);
+                    (r, Some(round))
+                }
+                None => (other(), None),
+            }
+        }
+
+        /// Stops the thread (idempotent).
+        pub(crate) fn stop(&self) {
+            let sync = self.get().take();
+            if let Some(s) = sync {
+                s.stop();
+            }
+        }
+    }
+
     /// How long a reservation refused by its grant alone waits for a grant round
     /// (`redis.grant_wait`; zero without Redis).
     fn grant_wait(config: &Config) -> Duration {
@@ -216,7 +314,7 @@ mod imp {
 mod imp {
     use jiff::Timestamp;
 
-    use super::FleetParts;
+    use super::{DefinitionLinkParts, FleetParts};
     use crate::config::{Config, RedisConfig};
     use crate::error::{Error, ReplicationError};
     use crate::limiter::status::ReplicationStatus;
@@ -227,6 +325,40 @@ mod imp {
     /// Without the `redis` feature there is no fleet: every answer is "none".
     #[derive(Debug)]
     pub(crate) struct Fleet;
+
+    /// Without the `redis` feature runtime definitions stay local.
+    #[derive(Debug)]
+    pub(crate) struct DefinitionLink;
+
+    impl DefinitionLink {
+        pub(crate) fn none() -> DefinitionLink {
+            DefinitionLink
+        }
+
+        pub(crate) fn start(
+            &self,
+            parts: DefinitionLinkParts<'_>,
+            applier: super::Applier,
+        ) -> Result<(), Error> {
+            drop((parts, applier));
+            Err(ReplicationError::NotBuilt.into())
+        }
+
+        pub(crate) fn push(&self, _field: &str) -> bool {
+            false
+        }
+
+        pub(crate) fn first_round(&self) {}
+
+        pub(crate) fn sync<R>(
+            &self,
+            other: impl FnOnce() -> R,
+        ) -> (R, Option<Result<(), ReplicationError>>) {
+            (other(), None)
+        }
+
+        pub(crate) fn stop(&self) {}
+    }
 
     impl Fleet {
         pub(crate) fn none() -> Fleet {

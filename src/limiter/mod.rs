@@ -2,8 +2,9 @@
 //! (with Redis configured) the fleet replication, and stops them when the last clone is
 //! dropped. Its children add to it: `spend` (one spend call, [`Receipt`](spend::Receipt)),
 //! `reserve`, `filter`, `status`, `reload`, `open` (and repair), `fleet` (the one place that
-//! differs without the `redis` feature), `adjust` (corrections), `history` (a budget's windows), `idempotency` (the stored
-//! idempotency records read back), `testing` (hooks for tests).
+//! differs without the `redis` feature), `adjust` (corrections), `history` (a budget's
+//! windows), `idempotency` (the stored idempotency records read back), `runtime` (runtime
+//! budgets), `testing` (hooks for tests).
 
 pub(crate) mod adjust;
 pub(crate) mod filter;
@@ -14,6 +15,7 @@ pub(crate) mod idempotency;
 pub(crate) mod open;
 pub(crate) mod reload;
 pub(crate) mod reserve;
+pub(crate) mod runtime;
 pub(crate) mod spend;
 pub(crate) mod status;
 pub mod testing;
@@ -49,14 +51,25 @@ pub struct Limiter {
 
 #[derive(Debug)]
 pub(crate) struct Inner {
-    /// Swapped by `reload`.
+    /// What is applied: the base config with the runtime budgets merged in (module
+    /// `runtime`). Swapped by `reload` and by runtime budget changes.
     pub(crate) config: ArcSwap<Config>,
+    /// The config as opened or last reloaded, without runtime budgets.
+    pub(crate) base: ArcSwap<Config>,
+    /// The runtime budget definitions (the data dir's `definitions` tree, in memory).
+    pub(crate) definitions: Arc<crate::durable::definitions::Definitions>,
+    /// Their exchange with Redis (empty without Redis).
+    pub(crate) runtime_link: crate::limiter::fleet::DefinitionLink,
+    /// Warnings about runtime budgets already logged (each once per process).
+    pub(crate) notes: crate::limiter::runtime::Notes,
     pub(crate) clock: Arc<dyn Clock>,
     /// Scope name → budget slots; swapped by `reload`. Shared with `Prepared` lists.
     pub(crate) resolver: Arc<ArcSwap<Resolver>>,
     /// (provider, period) per budget slot, shared with the journal and the replicator.
     pub(crate) keys: Arc<SlotKeys>,
-    /// Serialises reloads.
+    /// Serialises reloads and runtime budget changes (each computes the config to apply from
+    /// the base and the definitions, then installs it: two at once could install an older
+    /// one last).
     pub(crate) reload_lock: Mutex<()>,
     /// Serialises corrections: a credit's check against the window's net spend and its count
     /// are one step, so concurrent credits on this node never credit more than was spent.
@@ -83,6 +96,8 @@ impl Inner {
     /// Stops the background work in dependency order: make everything durable, ship it in a
     /// last sync round, then stop the journal. Idempotent.
     fn stop(&self) -> Result<(), StoreError> {
+        // First: no runtime definition is applied while the rest stops.
+        self.runtime_link.stop();
         self.fleet.stop(|| drop(self.journal.flush()));
         self.journal.stop()
     }
@@ -120,7 +135,8 @@ impl Limiter {
         &self.inner.node_id
     }
 
-    /// The configuration in use (a snapshot: [`Limiter::reload`] may replace it).
+    /// The configuration in use, runtime budgets included (a snapshot: [`Limiter::reload`]
+    /// and runtime budget changes replace it).
     pub fn config(&self) -> Arc<Config> {
         self.inner.config.load_full()
     }
@@ -128,7 +144,6 @@ impl Limiter {
     /// What `reload` (module `reload`) changes.
     pub(crate) fn reload_parts(&self) -> crate::limiter::reload::Parts<'_> {
         crate::limiter::reload::Parts {
-            lock: &self.inner.reload_lock,
             config: &self.inner.config,
             keys: &self.inner.keys,
             view: &self.inner.view,
@@ -137,10 +152,12 @@ impl Limiter {
         }
     }
 
-    /// Installs a reloaded config and its (scope, name, slot) table.
-    pub(crate) fn install(&self, config: Config, slots: Vec<(Scope, String, u32)>) {
+    /// Installs a reloaded config (the base, and what is applied) and its (scope, name,
+    /// slot) table.
+    pub(crate) fn install(&self, base: Config, config: Config, slots: Vec<(Scope, String, u32)>) {
         let resolver = Resolver::with_budgets(&config, slots);
         self.inner.resolver.store(Arc::new(resolver));
+        self.inner.base.store(Arc::new(base));
         self.inner.config.store(Arc::new(config));
         self.inner.generation.fetch_add(1, Ordering::Release);
     }
@@ -333,7 +350,8 @@ impl Limiter {
     // ---- sync, flush, shutdown, health ---------------------------------------------------------
 
     /// One replication round now: ships this node's durable totals to Redis and reads the
-    /// others' (the CLI's `sync`). Fails when no Redis is configured or it cannot be reached.
+    /// others', then exchanges the runtime budgets (the CLI's `sync`; a failure of that
+    /// exchange alone is logged, not returned). Fails when no Redis is configured or it cannot be reached.
     ///
     /// # Errors
     ///
@@ -345,10 +363,17 @@ impl Limiter {
         }
         // Only durable totals are shipped: make everything recorded so far durable first.
         self.flush()?;
-        match self.inner.fleet.sync() {
-            Some(r) => Ok(r?),
-            None => Err(crate::error::ReplicationError::NotConfigured.into()),
+        // The runtime budgets' round runs alongside the spend round (it applies what it
+        // takes). Its failure is not the sync's: a cluster master that is down fails only
+        // what it serves, and the definitions thread reports its own outage.
+        let (spend, definitions) = self.inner.runtime_link.sync(|| self.inner.fleet.sync());
+        if let Some(Err(e)) = definitions {
+            tracing::debug!(error = %e, "runtime budgets not exchanged in this sync");
         }
+        let Some(spend) = spend else {
+            return Err(crate::error::ReplicationError::NotConfigured.into());
+        };
+        Ok(spend?)
     }
 
     /// Returns once everything recorded before is durable on disk.

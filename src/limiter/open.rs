@@ -7,11 +7,13 @@ use std::sync::{Arc, Mutex};
 use arc_swap::ArcSwap;
 
 use crate::config::{Config, ConfigError};
+use crate::durable::definitions::Definitions;
 use crate::durable::journal::{DurableTotals, Journal, JournalSettings};
 use crate::durable::restore::{restore, RepairReport, Restored, Verify};
 use crate::durable::store::Store;
 use crate::error::Error;
-use crate::limiter::fleet::{Fleet, FleetParts};
+use crate::limiter::fleet::{DefinitionLink, DefinitionLinkParts, Fleet, FleetParts};
+use crate::limiter::runtime::{runtime_config, Notes};
 use crate::limiter::{set_policy, Inner, Limiter};
 use crate::model::budget::{Mode, SoftLimitHandler};
 use crate::model::clock::{Clock, SystemClock};
@@ -100,6 +102,12 @@ fn open_verified(config: Config, clock: Arc<dyn Clock>, verify: Verify) -> Resul
     }
     Fleet::check(config.redis.as_ref())?;
     let store = Arc::new(Store::open(&dir)?);
+    // The runtime budgets stored here are part of the config from the start (each gets its
+    // slot at open, like the file's budgets).
+    let definitions = Arc::new(Definitions::load(&store)?);
+    let notes = Notes::default();
+    let base = config;
+    let config = runtime_config(&base, &definitions, &notes, |_, _| true);
     let restored = restore(&store, &config, &generate_node_id(), verify)?;
     let Restored {
         node_id,
@@ -117,23 +125,7 @@ fn open_verified(config: Config, clock: Arc<dyn Clock>, verify: Verify) -> Resul
     }
     let durable = Arc::new(DurableTotals::default());
     let slot_keys = Arc::new(keys);
-    let journal = Journal::start(
-        Arc::clone(&store),
-        Arc::clone(&view),
-        Arc::clone(&durable),
-        JournalSettings {
-            keys: Arc::clone(&slot_keys),
-            max_delay: config.storage.max_delay,
-            retention: config.storage.retention,
-            clock: Arc::clone(&clock),
-            idempotency_capacity: crate::durable::idempotency::IDEMPOTENCY_CAPACITY,
-        },
-        start,
-    )
-    .map_err(|source| Error::Thread {
-        what: "journal",
-        source,
-    })?;
+    let journal = start_journal(&store, &view, &durable, &slot_keys, &config, &clock, start)?;
     let soft_handler: Arc<Mutex<Option<SoftLimitHandler>>> = Arc::default();
     let fleet = match &config.redis {
         Some(redis) => Fleet::start(FleetParts {
@@ -151,11 +143,15 @@ fn open_verified(config: Config, clock: Arc<dyn Clock>, verify: Verify) -> Resul
         })?,
         None => Fleet::none(),
     };
-    Ok(Limiter {
+    let limiter = Limiter {
         inner: Arc::new(Inner {
             fleet,
             resolver: Arc::new(ArcSwap::from_pointee(Resolver::new(&config))),
             config: ArcSwap::from_pointee(config),
+            base: ArcSwap::from_pointee(base),
+            definitions,
+            runtime_link: DefinitionLink::none(),
+            notes,
             keys: slot_keys,
             reload_lock: Mutex::new(()),
             adjust_lock: Mutex::new(()),
@@ -169,7 +165,65 @@ fn open_verified(config: Config, clock: Arc<dyn Clock>, verify: Verify) -> Resul
             reservations: crate::limiter::reserve::Registry::new(),
             closed: AtomicBool::new(false),
         }),
+    };
+    start_runtime_link(&limiter)?;
+    Ok(limiter)
+}
+
+/// Starts the journal thread on the restored totals.
+fn start_journal(
+    store: &Arc<Store>,
+    view: &Arc<crate::view::View>,
+    durable: &Arc<DurableTotals>,
+    keys: &Arc<crate::model::slots::SlotKeys>,
+    config: &Config,
+    clock: &Arc<dyn Clock>,
+    start: crate::durable::journal::JournalStart,
+) -> Result<Journal, Error> {
+    Journal::start(
+        Arc::clone(store),
+        Arc::clone(view),
+        Arc::clone(durable),
+        JournalSettings {
+            keys: Arc::clone(keys),
+            max_delay: config.storage.max_delay,
+            retention: config.storage.retention,
+            clock: Arc::clone(clock),
+            idempotency_capacity: crate::durable::idempotency::IDEMPOTENCY_CAPACITY,
+        },
+        start,
+    )
+    .map_err(|source| Error::Thread {
+        what: "journal",
+        source,
     })
+}
+
+/// Starts the exchange of runtime budgets with Redis (when configured); a change it takes is
+/// applied through the limiter, which it does not keep alive (a weak reference: dropping
+/// every `Limiter` still stops everything).
+fn start_runtime_link(limiter: &Limiter) -> Result<(), Error> {
+    let config = limiter.config();
+    let Some(redis) = &config.redis else {
+        return Ok(());
+    };
+    let inner = &limiter.inner;
+    let weak = Arc::downgrade(inner);
+    let applier: crate::limiter::fleet::Applier = Arc::new(move || {
+        if let Some(inner) = weak.upgrade() {
+            Limiter { inner }.apply_runtime();
+        }
+    });
+    inner.runtime_link.start(
+        DefinitionLinkParts {
+            redis,
+            table: &inner.definitions,
+            store: &inner.store,
+            clock: &inner.clock,
+            retention: crate::durable::definitions::tombstone_retention(config.storage.retention),
+        },
+        applier,
+    )
 }
 
 /// A node id unlikely to collide: time, process and the std hasher's random keys.

@@ -16,11 +16,14 @@
 //!   apply (storage, Redis, node id, window anchor), is refused and the old config keeps
 //!   running.
 //!
+//! The configuration given (the base) is applied with the runtime budgets merged in (module
+//! `runtime`); a runtime budget change applies through the same steps.
+//!
 //! Records that race with a reload land in the slot their provider resolved to when they were
 //! made: spend is never dropped. `Prepared` lists notice a reload (a generation counter) and
 //! resolve again on their next call.
 
-use std::sync::{Mutex, PoisonError};
+use std::sync::PoisonError;
 
 use arc_swap::ArcSwap;
 
@@ -38,7 +41,6 @@ use crate::view::View;
 /// The limiter state a reload changes (lent by `Limiter::reload_parts`).
 #[derive(Debug)]
 pub(crate) struct Parts<'a> {
-    pub lock: &'a Mutex<()>,
     pub config: &'a ArcSwap<Config>,
     pub keys: &'a SlotKeys,
     pub view: &'a View,
@@ -117,14 +119,19 @@ impl Parts<'_> {
 }
 
 /// What a reload from `old` to `new` adds, changes (limit, soft limits, mode, enforcement,
-/// offline policy) and removes, by budget series.
+/// offline policy) and removes, by budget series (a hash lookup each: a config may hold
+/// thousands of budgets, and every runtime budget change applies through here).
 fn summarize(old: &Config, new: &Config) -> ReloadSummary {
     let mut summary = ReloadSummary {
         budgets: new.budgets.len(),
         ..ReloadSummary::default()
     };
+    let before: rustc_hash::FxHashMap<(String, String), &BudgetConfig> =
+        old.budgets.iter().map(|o| (o.key_parts(), o)).collect();
+    let after: rustc_hash::FxHashSet<(String, String)> =
+        new.budgets.iter().map(BudgetConfig::key_parts).collect();
     for b in &new.budgets {
-        match old.budgets.iter().find(|o| o.key_parts() == b.key_parts()) {
+        match before.get(&b.key_parts()) {
             Some(o) => {
                 if (o.limit, &o.soft_limits, o.mode, o.enforcement, o.offline)
                     != (b.limit, &b.soft_limits, b.mode, b.enforcement, b.offline)
@@ -136,7 +143,7 @@ fn summarize(old: &Config, new: &Config) -> ReloadSummary {
         }
     }
     for o in &old.budgets {
-        if !new.budgets.iter().any(|b| b.key_parts() == o.key_parts()) {
+        if !after.contains(&o.key_parts()) {
             summary.removed.push(summary_name(o));
         }
     }
@@ -238,25 +245,48 @@ impl Limiter {
     /// Applies a new configuration to the running limiter: changed limits apply at once, new
     /// budgets (and budgets with a changed period: a new series) start from what is stored
     /// for them (zero when new), removed budgets stop filtering, and recorded spend is never
-    /// lost. `unknown_provider` and `model_providers` change too. Reloads are serialised.
+    /// lost. `unknown_provider` and `model_providers` change too. The runtime budgets
+    /// ([`Limiter::put_budget`]) are kept: merged into `config`, which shadows those whose
+    /// series it defines. Reloads are serialised.
     ///
     /// # Errors
     ///
     /// [`Error::Config`] when `config` is invalid, and [`Error::Reload`] when it changes what
     /// only a restart can apply (`storage`, `redis`, `node_id`, `window_anchor`, `time_zone`; `storage.dir`
     /// may be left out, then the running one is kept) or needs more new budget slots than are
-    /// left (256 per process). Nothing changes on error.
+    /// left ([`RELOAD_SLOTS`](crate::view::RELOAD_SLOTS) series per process). Nothing changes
+    /// on error.
     pub fn reload(&self, mut config: Config) -> Result<ReloadSummary, Error> {
         config.validate()?;
-        let parts = self.reload_parts();
-        let _serial = parts.lock.lock().unwrap_or_else(PoisonError::into_inner);
-        let old = parts.config.load_full();
+        let _serial = self
+            .inner
+            .reload_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let old = self.inner.base.load_full();
         if config.storage.dir.is_none() {
             config.storage.dir.clone_from(&old.storage.dir);
         }
         check_fixed(&config, &old)?;
+        let summary = self.apply_locked(config)?;
+        tracing::info!(
+            target: "provider_budgets::lifecycle",
+            budgets = summary.budgets,
+            added = ?summary.added,
+            changed = ?summary.changed,
+            removed = ?summary.removed,
+            "config reloaded"
+        );
+        Ok(summary)
+    }
+
+    /// Applies `base` with the runtime budgets merged in ([`Limiter::effective`]); the caller
+    /// holds the reload lock.
+    pub(crate) fn apply_locked(&self, base: Config) -> Result<ReloadSummary, Error> {
+        let config = self.effective(&base);
+        let parts = self.reload_parts();
         let (mut slots, mut stored) = parts.plan(&config)?;
-        let summary = summarize(&old, &config);
+        let summary = summarize(&parts.config.load(), &config);
         // Apply: new slots first (view with their stored totals, journal, keys), then limits,
         // then the provider table, so that no record reaches a slot before its totals.
         for (b, slot) in config.budgets.iter().zip(slots.iter_mut()) {
@@ -282,15 +312,7 @@ impl Limiter {
             .zip(&slots)
             .filter_map(|(b, s)| s.map(|s| (b.scope, b.name.clone(), s)))
             .collect();
-        self.install(config, table);
-        tracing::info!(
-            target: "provider_budgets::lifecycle",
-            budgets = summary.budgets,
-            added = ?summary.added,
-            changed = ?summary.changed,
-            removed = ?summary.removed,
-            "config reloaded"
-        );
+        self.install(base, config, table);
         Ok(summary)
     }
 }

@@ -162,6 +162,17 @@ pub struct StatusQuery<'a, D: ?Sized = dyn Deployment, T = &'a str> {
     tags: &'a [T],
     identity: &'a Identity<'a>,
     at: Option<Timestamp>,
+    page: Page<'a>,
+}
+
+/// Filters and paging of a [`StatusQuery`] (status order: scope, name, period part).
+#[derive(Debug, Clone, Copy, Default)]
+struct Page<'a> {
+    scope: Option<Scope>,
+    name: Option<&'a str>,
+    /// Only budgets after this one (scope, name, period part).
+    after: Option<(Scope, &'a str, &'a str)>,
+    limit: Option<usize>,
 }
 
 enum Select<'a, D: ?Sized> {
@@ -182,6 +193,7 @@ impl<D: Deployment + ?Sized, T: AsRef<str>> std::fmt::Debug for StatusQuery<'_, 
         s.field("tags", &tags)
             .field("identity", self.identity)
             .field("at", &self.at)
+            .field("page", &self.page)
             .finish()
     }
 }
@@ -194,6 +206,7 @@ impl<'a> StatusQuery<'a> {
             tags: &[],
             identity: &Identity::NONE,
             at: None,
+            page: Page::default(),
         }
     }
 
@@ -204,6 +217,7 @@ impl<'a> StatusQuery<'a> {
             tags: &[],
             identity: &Identity::NONE,
             at: None,
+            page: Page::default(),
         }
     }
 }
@@ -217,6 +231,7 @@ impl<'a, D: Deployment + ?Sized> StatusQuery<'a, D> {
             tags: &[],
             identity: &Identity::NONE,
             at: None,
+            page: Page::default(),
         }
     }
 }
@@ -229,6 +244,7 @@ impl<'a, D: ?Sized, T> StatusQuery<'a, D, T> {
             tags,
             identity: self.identity,
             at: self.at,
+            page: self.page,
         }
     }
 
@@ -246,6 +262,31 @@ impl<'a, D: ?Sized, T> StatusQuery<'a, D, T> {
             ..self
         }
     }
+
+    /// Only budgets of `scope`.
+    pub fn scope(mut self, scope: Scope) -> Self {
+        self.page.scope = Some(scope);
+        self
+    }
+
+    /// Only budgets named `name` (a provider, deployment id, model, tag…).
+    pub fn name(mut self, name: &'a str) -> Self {
+        self.page.name = Some(name);
+        self
+    }
+
+    /// Only budgets after the one of `scope`, `name` and `period_key` (a row's
+    /// [`BudgetStatus::period_key`]) in status order: the next page after that row.
+    pub fn after(mut self, scope: Scope, name: &'a str, period_key: &'a str) -> Self {
+        self.page.after = Some((scope, name, period_key));
+        self
+    }
+
+    /// At most `n` budgets (the first in status order).
+    pub fn limit(mut self, n: usize) -> Self {
+        self.page.limit = Some(n);
+        self
+    }
 }
 
 impl Limiter {
@@ -256,12 +297,19 @@ impl Limiter {
         query: StatusQuery<'_, D, T>,
     ) -> Vec<BudgetStatus> {
         let at = query.at.unwrap_or_else(|| self.now());
-        let rows = self.status_rows(at).into_iter();
+        let limit = query.page.limit.unwrap_or(usize::MAX);
+        // Without a selection the page's limit bounds the rows computed, not only those shown.
+        let mut page = query.page;
+        if !matches!(query.select, Select::All) {
+            page.limit = None;
+        }
+        let rows = self.status_rows(at, &page).into_iter();
         match query.select {
             Select::All => rows.map(|(_, s)| s).collect(),
             Select::Provider(p) => rows
                 .map(|(_, s)| s)
                 .filter(|s| s.scope == Scope::Provider && s.name == p)
+                .take(limit)
                 .collect(),
             Select::Deployment(d) => {
                 let resolver = self.inner.resolver.load();
@@ -270,6 +318,7 @@ impl Limiter {
                     charge_slots(&resolver, &r, query.tags, query.identity).collect();
                 rows.filter(|(slot, _)| slots.contains(slot))
                     .map(|(_, s)| s)
+                    .take(limit)
                     .collect()
             }
         }
@@ -290,16 +339,14 @@ impl Limiter {
         }
     }
 
-    /// Every budget's row with its slot, in the windows containing `at`.
-    fn status_rows(&self, at: Timestamp) -> Vec<(u32, BudgetStatus)> {
+    /// The row (with its slot) of every budget `page` selects, in the windows containing `at`.
+    fn status_rows(&self, at: Timestamp, page: &Page<'_>) -> Vec<(u32, BudgetStatus)> {
         let secs = floor_secs(at);
         let config = self.inner.config.load();
         let (replication, problems) = self.inner.fleet.status(&config, self.now());
         let grants = self.inner.fleet.grants();
         let storage_fault = self.health().storage_fault;
-        config
-            .budgets
-            .iter()
+        paged(&config.budgets, page)
             .filter_map(|b| {
                 let budget_key = b.budget_key();
                 let (key, period) = budget_key.store_parts();
@@ -364,4 +411,29 @@ impl Limiter {
             })
             .collect()
     }
+}
+
+/// The budgets `page` selects, in status order (budgets are sorted by scope, name and period
+/// part: the start is found by binary search, not by a scan).
+fn paged<'c>(
+    budgets: &'c [crate::config::BudgetConfig],
+    page: &Page<'_>,
+) -> impl Iterator<Item = &'c crate::config::BudgetConfig> + 'c {
+    let after = page.after.map_or(0, |(scope, name, period)| {
+        budgets.partition_point(|b| {
+            let k = b.budget_key();
+            (k.scope, k.name.as_str(), k.period_part.as_str()) <= (scope, name, period)
+        })
+    });
+    let first = match (page.scope, page.name) {
+        (Some(s), Some(n)) => budgets.partition_point(|b| (b.scope, b.name.as_str()) < (s, n)),
+        (Some(s), None) => budgets.partition_point(|b| b.scope < s),
+        _ => 0,
+    };
+    let (scope, name) = (page.scope, page.name.map(str::to_owned));
+    budgets[after.max(first).min(budgets.len())..]
+        .iter()
+        .take_while(move |b| scope.is_none_or(|s| b.scope == s))
+        .filter(move |b| name.as_deref().is_none_or(|n| b.name == n))
+        .take(page.limit.unwrap_or(usize::MAX))
 }

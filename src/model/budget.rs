@@ -273,6 +273,16 @@ impl SoftLimit {
         f64::from(self.0) / PPM as f64
     }
 
+    /// The fraction in millionths (exact: what runtime budgets store and replicate).
+    pub(crate) fn millionths(self) -> u32 {
+        self.0
+    }
+
+    /// A soft limit of `ppm` millionths; `None` outside (0, 1 000 000].
+    pub(crate) fn from_millionths(ppm: u32) -> Option<SoftLimit> {
+        (ppm > 0 && u64::from(ppm) <= PPM).then_some(SoftLimit(ppm))
+    }
+
     /// The spend (nanos) at which it is crossed for `limit` nanos (rounded up).
     pub(crate) fn threshold(self, limit: u64) -> u64 {
         let t = (u128::from(limit) * u128::from(self.0)).div_ceil(u128::from(PPM));

@@ -86,6 +86,17 @@ impl BudgetKey {
     }
 }
 
+impl BudgetKey {
+    /// The budget's field in the runtime definitions (`{scope}:{name}:{period part}`, e.g.
+    /// `tag:team-a:1d`): the sled key of the `definitions` tree and the field of the Redis
+    /// definitions hash. Every scope is written out (providers too), so it reads back
+    /// unambiguously: the scope ends at the first `:` (no scope has one), the period part
+    /// starts after the last (no period part has one).
+    pub fn definition_field(&self) -> String {
+        format!("{}:{}:{}", self.scope.as_str(), self.name, self.period_part)
+    }
+}
+
 /// What ends the period part of a credit series: no period or zone contains `#`.
 const CREDIT: &str = "#credit";
 
@@ -182,5 +193,8 @@ mod tests {
         );
         let k = BudgetKey::of(Scope::Provider, "openai", hour, Some("Europe/Berlin"));
         assert_eq!(k.store_parts(), ("openai".into(), "1h".into()));
+        assert_eq!(k.definition_field(), "provider:openai:1h");
+        let k = BudgetKey::of(Scope::Tag, "product:chat", day, Some("Europe/Berlin"));
+        assert_eq!(k.definition_field(), "tag:product:chat:1d@Europe/Berlin");
     }
 }

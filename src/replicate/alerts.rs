@@ -12,21 +12,19 @@
 //! Key: `{prefix}:{key name:period part}:alert:{window start}:{threshold in millionths}`: the
 //! budget's Redis Cluster hash tag, next to its window and lease keys, never equal to one.
 //!
-//! On a Redis Cluster the claim goes to the master of its slot: a `MOVED` reply names it (the
-//! claim is sent there, with the first URL's settings, and later claims of that slot go there
-//! directly), an `ASK` reply is followed once with `ASKING`. Without this every claim would
-//! fail with `MOVED` on the first URL's node and fire locally on every node.
+//! On a Redis Cluster the claim goes to the master of its slot (module `routed` follows the
+//! `MOVED` and `ASK` replies). Without this every claim would fail with `MOVED` on the first
+//! URL's node and fire locally on every node.
 
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
-use redis::{ErrorKind, RedisError, ServerErrorKind};
-use rustc_hash::FxHashMap;
 
 use crate::config::RedisConfig;
 use crate::model::budget::{SoftLimitCrossed, SoftLimitHandler};
+use crate::replicate::routed::Routed;
 
 /// Claims waiting for the alert thread before new ones fire locally instead.
 const QUEUE: usize = 4096;
@@ -80,15 +78,9 @@ impl FleetAlerts {
     ) -> std::io::Result<FleetAlerts> {
         let (tx, rx) = crossbeam_channel::bounded(QUEUE);
         let worker = Worker {
-            url: redis.url.clone(),
-            tls: redis.tls.clone(),
-            connect_timeout: redis.connect_timeout,
-            command_timeout: redis.command_timeout,
             node_id,
             handler: Arc::clone(&handler),
-            conn: None,
-            redirected: FxHashMap::default(),
-            routes: FxHashMap::default(),
+            redis: Routed::new(redis),
             down: false,
         };
         let thread = std::thread::Builder::new()
@@ -143,18 +135,10 @@ impl Drop for FleetAlerts {
 }
 
 struct Worker {
-    url: String,
-    /// The replicator's TLS settings (private CA, test-only skip-verify) for `rediss://`.
-    tls: crate::config::RedisTls,
-    connect_timeout: Duration,
-    command_timeout: Duration,
     node_id: String,
     handler: SharedHandler,
-    conn: Option<redis::Connection>,
-    /// Redis Cluster: connections to the masters that redirects named (`host:port`).
-    redirected: FxHashMap<String, redis::Connection>,
-    /// Redis Cluster: slot → the master a `MOVED` reply named for it.
-    routes: FxHashMap<u16, String>,
+    /// Its own connection (following cluster redirects), not the replicator's.
+    redis: Routed,
     /// Logged once per outage.
     down: bool,
 }
@@ -173,9 +157,7 @@ impl Worker {
                         .increment(1);
                 }
                 Err(e) => {
-                    self.conn = None;
-                    self.redirected.clear();
-                    self.routes.clear();
+                    self.redis.reset();
                     if !self.down {
                         self.down = true;
                         tracing::warn!(
@@ -198,91 +180,16 @@ impl Worker {
 
     /// `SET key node NX PXAT …` on the node serving the key (following cluster redirects).
     fn set_nx(&mut self, claim: &Claim) -> redis::RedisResult<bool> {
-        let slot = crate::replicate::cluster::key_slot(&claim.key);
-        let mut target = self.routes.get(&slot).cloned();
-        let mut asking = false;
-        // The routed (or first) node, then at most two redirects (a resharding in between).
-        for _ in 0..3 {
-            let node_id = self.node_id.clone();
-            let conn = self.connection(target.as_deref())?;
-            if asking {
-                redis::cmd("ASKING").query::<()>(conn)?;
-            }
-            let reply: redis::RedisResult<Option<String>> = redis::cmd("SET")
+        let node_id = &self.node_id;
+        self.redis.run(&claim.key, "soft-limit claim", |conn| {
+            redis::cmd("SET")
                 .arg(&claim.key)
-                .arg(&node_id)
+                .arg(node_id)
                 .arg("NX")
                 .arg("PXAT")
                 .arg(claim.expire_at_ms.max(1))
-                .query(conn);
-            let e = match reply {
-                Ok(reply) => return Ok(reply.is_some()),
-                Err(e) => e,
-            };
-            let Some((addr, _)) = e.redirect_node() else {
-                return Err(e);
-            };
-            let addr = addr.to_owned();
-            asking = e.kind() == ErrorKind::Server(ServerErrorKind::Ask);
-            if !asking {
-                self.routes.insert(slot, addr.clone());
-            }
-            target = Some(addr);
-        }
-        Err(RedisError::from((
-            ErrorKind::Server(ServerErrorKind::Moved),
-            "too many cluster redirects for a soft-limit claim",
-            claim.key.clone(),
-        )))
+                .query::<Option<String>>(conn)
+                .map(|reply| reply.is_some())
+        })
     }
-
-    /// The connection to `target` (`host:port` named by a redirect), or to the first URL.
-    fn connection(&mut self, target: Option<&str>) -> redis::RedisResult<&mut redis::Connection> {
-        let (connect, command) = (self.connect_timeout, self.command_timeout);
-        let missing = || RedisError::from((ErrorKind::InvalidClientConfig, "no redis connection"));
-        match target {
-            None => {
-                if self.conn.is_none() {
-                    let client = crate::replicate::client(&self.url, &self.tls)?;
-                    self.conn = Some(open_with(&client, connect, command)?);
-                }
-                self.conn.as_mut().ok_or_else(missing)
-            }
-            Some(addr) => {
-                if !self.redirected.contains_key(addr) {
-                    let conn = open_with(&self.client_at(addr)?, connect, command)?;
-                    self.redirected.insert(addr.to_owned(), conn);
-                }
-                self.redirected.get_mut(addr).ok_or_else(missing)
-            }
-        }
-    }
-
-    /// A client for a cluster master: the first URL's settings (password, database, TLS),
-    /// another address.
-    fn client_at(&self, addr: &str) -> redis::RedisResult<redis::Client> {
-        let bad = || {
-            RedisError::from((
-                ErrorKind::InvalidClientConfig,
-                "unusable redirect address",
-                addr.to_owned(),
-            ))
-        };
-        let (host, port) = addr.rsplit_once(':').ok_or_else(bad)?;
-        let port: u16 = port.parse().map_err(|_| bad())?;
-        let seed = crate::replicate::client(&self.url, &self.tls)?;
-        crate::replicate::client_moved(&seed, host, port)
-    }
-}
-
-/// A connection whose connect, reads and writes are bounded by the configured timeouts.
-fn open_with(
-    client: &redis::Client,
-    connect_timeout: Duration,
-    command_timeout: Duration,
-) -> redis::RedisResult<redis::Connection> {
-    let conn = client.get_connection_with_timeout(connect_timeout)?;
-    conn.set_read_timeout(Some(command_timeout))?;
-    conn.set_write_timeout(Some(command_timeout))?;
-    Ok(conn)
 }

@@ -40,9 +40,11 @@
 pub(crate) mod alerts;
 pub(crate) mod cluster;
 mod conn;
+pub(crate) mod definitions;
 pub(crate) mod eviction;
 mod grants;
 mod round;
+mod routed;
 mod tls;
 mod tracking;
 pub(crate) mod wire;

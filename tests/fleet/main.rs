@@ -1,5 +1,5 @@
 //! The fleet through Redis: replication rounds and their faults, Redis Cluster, TLS,
-//! client-side tracking, soft limits once per fleet, identity budgets, and the wire protocol
+//! client-side tracking, soft limits once per fleet, identity budgets, runtime budgets, and the wire protocol
 //! (the merge script) against a live server. Each test starts its own private `redis-server`s on free loopback
 //! ports (`provider_budgets_test_support::redis_server`).
 
@@ -11,6 +11,7 @@ mod corrections;
 mod eviction;
 mod identity;
 mod replication;
+mod runtime;
 mod soft_fleet;
 mod tls;
 mod tracking;

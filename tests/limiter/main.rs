@@ -1,6 +1,6 @@
 //! The limiter on one node: money and windows through the API, filter and charge, scoped
-//! budgets, identity budgets, live reload, reservations, idempotency records, litellm's
-//! documented behaviour.
+//! budgets, identity budgets, live reload, runtime budgets, reservations, idempotency records,
+//! litellm's documented behaviour.
 //! No Redis.
 
 #![allow(clippy::unwrap_used)]
@@ -13,4 +13,5 @@ mod identity;
 mod litellm_behaviour;
 mod reload;
 mod reserve;
+mod runtime;
 mod scopes;

@@ -315,7 +315,7 @@ fn reloads_racing_with_records_lose_nothing() {
             .limit,
         usd("1199")
     );
-    // 100 distinct p{i} budgets were added and removed: 100 slots used, 156 left.
+    // 100 distinct p{i} budgets were added and removed: their 100 series keep their slots.
     drop(l);
     let l = open(
         dir.path(),
@@ -328,7 +328,7 @@ fn reloads_racing_with_records_lose_nothing() {
 fn more_new_series_than_spare_slots_is_refused_whole() {
     let dir = tempfile::tempdir().unwrap();
     let l = open(dir.path(), OPENAI_1);
-    let many: String = (0..300)
+    let many: String = (0..=provider_budgets::RELOAD_SLOTS)
         .map(|i| format!("  p{i}: {{budget_limit: 1, time_period: 1d}}\n"))
         .collect();
     let e = l.reload(config(dir.path(), &many)).unwrap_err();

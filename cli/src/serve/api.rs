@@ -20,7 +20,7 @@ use super::identity::IdentityIn;
 use super::money::{clip, money_from_json};
 use super::{State, BODY_LIMIT};
 use provider_budgets::{
-    Deployment, Exceeded, Identity, Money, NoDeployments, RecordError, Scope, StatusQuery, Target,
+    Deployment, Exceeded, Identity, Money, NoDeployments, RecordError, Scope, Target,
 };
 
 type Shared = Arc<State>;
@@ -633,14 +633,6 @@ fn spend_response(status: StatusCode, outcome: &Outcome, duplicate: bool) -> Res
 }
 
 // ---- the rest ---------------------------------------------------------------------------------
-
-pub(super) async fn budgets(Extract(state): Extract<Shared>) -> Response {
-    let doc = crate::status_json::status_document(
-        &state.limiter,
-        &state.limiter.status(StatusQuery::all()),
-    );
-    json(StatusCode::OK, &doc)
-}
 
 pub(super) async fn metrics(Extract(state): Extract<Shared>) -> Response {
     metrics::gauge!("provider_budgets_idempotency_keys").set(state.keys.len() as f64);

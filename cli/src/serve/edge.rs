@@ -9,8 +9,8 @@
 //!    `localhost`; anything else is DNS rebinding: `403`.
 //! 3. The bearer token, when one is configured: `Authorization: Bearer TOKEN`, compared in
 //!    constant time; missing or wrong: `401`. The token is never logged nor echoed.
-//! 4. A `POST` with a body must say `Content-Type: application/json` (`415`); a body-less
-//!    `POST` (`/v1/reload`) may omit it. A `Content-Length` over [`BODY_LIMIT`] is `413` at
+//! 4. A `POST` or `PUT` with a body must say `Content-Type: application/json` (`415`); a
+//!    body-less `POST` (`/v1/reload`) may omit it. A `Content-Length` over [`BODY_LIMIT`] is `413` at
 //!    once, before a byte of the body is read.
 //! 5. The body is read whole under `--body-timeout` (`408` when it does not arrive in time,
 //!    `413` when a chunked body grows over the limit). Only then does the request take an
@@ -212,7 +212,7 @@ fn clip(value: &str) -> String {
 fn check_head(edge: &Edge, method: &Method, headers: &HeaderMap) -> Result<(), Refusal> {
     check_origin(edge, headers)?;
     check_token(edge, headers)?;
-    if method == Method::POST {
+    if method == Method::POST || method == Method::PUT {
         check_body_head(headers)?;
     }
     Ok(())
@@ -279,8 +279,8 @@ fn check_token(edge: &Edge, headers: &HeaderMap) -> Result<(), Refusal> {
     Err(refuse(StatusCode::UNAUTHORIZED, reason))
 }
 
-/// A POST's `Content-Length` (at most [`BODY_LIMIT`], refused at once) and its JSON
-/// `Content-Type` (a POST without a body may leave it out).
+/// A POST or PUT's `Content-Length` (at most [`BODY_LIMIT`], refused at once) and its JSON
+/// `Content-Type` (one without a body may leave it out).
 fn check_body_head(headers: &HeaderMap) -> Result<(), Refusal> {
     let length = headers
         .get(header::CONTENT_LENGTH)

@@ -2,10 +2,11 @@
 //!
 //! Routes (JSON; contract in `docs/guide/sidecar.md`):
 //!
-//! * `POST /v1/filter`, `POST /v1/spend`, `GET /v1/budgets`, `GET /metrics`, `GET /healthz`,
+//! * `POST /v1/filter`, `POST /v1/spend`, `GET /metrics`, `GET /healthz`,
 //!   `POST /v1/reload`, `POST /v1/reserve`, `POST /v1/commit`, `POST /v1/release`,
-//!   `POST /v1/adjust` (corrections, module `adjust`), `GET /` (the status page, module
-//!   `page`).
+//!   `POST /v1/adjust` (corrections, module `adjust`), `GET /v1/budgets` and the runtime
+//!   budgets `PUT`/`GET`/`DELETE /v1/budgets/{scope}/{name}` (module `budgets`), `GET /` (the
+//!   status page, module `page`).
 //!
 //! Design:
 //!
@@ -27,6 +28,7 @@
 
 mod adjust;
 mod api;
+mod budgets;
 mod edge;
 mod idempotency;
 mod identity;
@@ -146,6 +148,15 @@ pub enum ServeError {
 /// Reads the config again (the CLI's loader: file plus command-line overrides).
 pub type Loader<'a> = &'a (dyn Fn() -> Result<Config, String> + Sync);
 
+/// Where the config comes from: the `--config` file and its loader.
+#[derive(Clone, Copy)]
+pub struct Source<'a> {
+    /// The file (named by a refused change of a budget it defines).
+    pub path: &'a std::path::Path,
+    /// Reads it again (reloads).
+    pub loader: Loader<'a>,
+}
+
 /// A reload request from `POST /v1/reload` (`allow_empty`), answered by the main loop.
 type ReloadRequest = (
     bool,
@@ -167,6 +178,8 @@ pub(crate) struct State {
     pub edge: edge::Edge,
     /// `serve --testing-pause-after-fsync` ([`State::after_fsync`]).
     pub pause_after_fsync: bool,
+    /// The `--config` file: a refused change of a budget it defines names it.
+    pub config_path: PathBuf,
 }
 
 impl State {
@@ -242,7 +255,7 @@ pub fn run(
     prepared: Prepared,
     limiter: &Limiter,
     args: &ServeArgs,
-    loader: Loader<'_>,
+    config: Source<'_>,
 ) -> Result<(), ServeError> {
     let exporter = metrics::Exporter::install().map_err(ServeError::Metrics)?;
     let Prepared {
@@ -250,7 +263,7 @@ pub fn run(
         signals,
         edge,
     } = prepared;
-    runtime.block_on(serve(limiter, args, loader, exporter, signals, edge))?;
+    runtime.block_on(serve(limiter, args, config, exporter, signals, edge))?;
     // In-flight work that outlived the drain timeout is dropped with the runtime.
     runtime.shutdown_timeout(Duration::from_secs(1));
     limiter.flush()?;
@@ -260,7 +273,7 @@ pub fn run(
 async fn serve(
     limiter: &Limiter,
     args: &ServeArgs,
-    loader: Loader<'_>,
+    config: Source<'_>,
     exporter: metrics::Exporter,
     mut signals: Signals,
     edge: edge::Edge,
@@ -284,7 +297,9 @@ async fn serve(
         reservations,
         edge,
         pause_after_fsync: args.testing_pause_after_fsync,
+        config_path: config.path.to_path_buf(),
     });
+    let loader = config.loader;
     let app = router(Arc::clone(&state));
     let probes = probes_only(state);
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -430,8 +445,8 @@ async fn drain(
 }
 
 /// Reads the config and applies it. A config without any budget (an empty file, or one a
-/// writer has truncated and not yet written) is refused unless `allow_empty`; removed
-/// budgets are logged at warn level.
+/// writer has truncated and not yet written) that would remove the file's budgets is refused
+/// unless `allow_empty`; removed budgets are logged at warn level.
 fn reload(
     limiter: &Limiter,
     loader: Loader<'_>,
@@ -441,12 +456,13 @@ fn reload(
         format!("config reload refused, the running config is unchanged: {e}")
     };
     let config = loader().map_err(|e| refused(&e))?;
-    if config.budgets.is_empty() && !allow_empty {
-        let running = limiter.status(provider_budgets::StatusQuery::all()).len();
+    // The file's budgets only: runtime budgets are kept by every reload.
+    let running = limiter.base_config().budgets.len();
+    if config.budgets.is_empty() && running > 0 && !allow_empty {
         return Err(refused(&format!(
             "the new config has no budget (empty or half-written file?) and would remove all \
-             {running} budgets; to apply it anyway run `serve --allow-empty` or post \
-             {{\"allow_empty\": true}} to /v1/reload"
+             {running} budgets of the config file; to apply it anyway run `serve --allow-empty` \
+             or post {{\"allow_empty\": true}} to /v1/reload"
         )));
     }
     let summary = limiter.reload(config).map_err(|e| refused(&e))?;
@@ -508,13 +524,17 @@ impl Signals {
 fn router(state: Arc<State>) -> axum::Router {
     use axum::extract::DefaultBodyLimit;
     use axum::middleware;
-    use axum::routing::{get, post};
+    use axum::routing::{get, post, put};
     use axum::Router;
 
     let api = Router::new()
         .route("/v1/filter", post(api::filter))
         .route("/v1/spend", post(api::spend))
-        .route("/v1/budgets", get(api::budgets))
+        .route("/v1/budgets", get(budgets::list))
+        .route(
+            "/v1/budgets/{scope}/{*name}",
+            put(budgets::put).get(budgets::get).delete(budgets::delete),
+        )
         .route("/v1/reload", post(api::reload))
         .route("/v1/reserve", post(reserve::reserve))
         .route("/v1/commit", post(reserve::commit))

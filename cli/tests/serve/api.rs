@@ -22,20 +22,20 @@ use std::time::{Duration, Instant};
 use cli::Cli;
 use serde_json::{json, Value};
 
-const NOW: &str = "2024-05-01T12:00:00Z";
+pub(super) const NOW: &str = "2024-05-01T12:00:00Z";
 const NANOS: u64 = 1_000_000_000;
-const CONFIG: &str = "provider_budget_config:
+pub(super) const CONFIG: &str = "provider_budget_config:
   openai: {budget_limit: 1, time_period: 1d}
   anthropic: {budget_limit: 10, time_period: 1h}
 ";
-const DEADLINE: Duration = Duration::from_secs(20);
+pub(super) const DEADLINE: Duration = Duration::from_secs(20);
 
 /// A running `provider-budgets serve` child; killed on drop.
 pub(super) struct Server {
-    cli: Cli,
+    pub(super) cli: Cli,
     child: Option<Child>,
-    base: String,
-    agent: ureq::Agent,
+    pub(super) base: String,
+    pub(super) agent: ureq::Agent,
     stderr: Arc<std::sync::Mutex<String>>,
 }
 
@@ -81,7 +81,7 @@ impl Server {
         Server::start_in(Cli::new(yaml), serve_args)
     }
 
-    fn start_in(cli: Cli, serve_args: &[&str]) -> Server {
+    pub(super) fn start_in(cli: Cli, serve_args: &[&str]) -> Server {
         let mut args = vec!["--now", NOW, "serve", "--listen", "127.0.0.1:0"];
         args.extend_from_slice(serve_args);
         Server::start_with(cli, &args)
@@ -137,7 +137,7 @@ impl Server {
         self.base.strip_prefix("http://").unwrap()
     }
 
-    fn reply(r: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Reply {
+    pub(super) fn reply(r: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Reply {
         let mut r = r.unwrap_or_else(|e| panic!("HTTP request failed: {e}"));
         let headers = r
             .headers()
@@ -168,7 +168,7 @@ impl Server {
         self.post("/v1/spend", &body.to_string())
     }
 
-    fn filter(&self, deployments: Value) -> Reply {
+    pub(super) fn filter(&self, deployments: Value) -> Reply {
         self.post(
             "/v1/filter",
             &json!({ "deployments": deployments }).to_string(),
@@ -192,7 +192,7 @@ impl Server {
     }
 
     /// Sends `sig` (`TERM`, `INT`, `HUP`) with kill(1): the crate forbids `unsafe`.
-    fn signal(&self, sig: &str) {
+    pub(super) fn signal(&self, sig: &str) {
         let status = std::process::Command::new("kill")
             .arg(format!("-{sig}"))
             .arg(self.pid().to_string())
@@ -202,7 +202,7 @@ impl Server {
     }
 
     /// Waits for the child to exit (bounded).
-    fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+    pub(super) fn wait_exit(&mut self, within: Duration) -> ExitStatus {
         let child = self.child.as_mut().unwrap();
         let start = Instant::now();
         loop {
@@ -219,7 +219,7 @@ impl Server {
         }
     }
 
-    fn stderr(&self) -> String {
+    pub(super) fn stderr(&self) -> String {
         self.stderr.lock().unwrap().clone()
     }
 }

@@ -1,9 +1,10 @@
 //! The HTTP sidecar (`provider-budgets serve`) as a child process: routes, errors,
-//! idempotency, reservations, identities, limits, signals.
+//! idempotency, reservations, identities, runtime budgets and paging, limits, signals.
 
 #![allow(clippy::unwrap_used)]
 
 mod api;
+mod budgets;
 mod deploy;
 mod edge;
 mod identity;

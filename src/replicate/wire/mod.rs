@@ -107,6 +107,7 @@
 //! (recomputes server side) the total of every key it touches, so the restart that upgrades
 //! the last old node repairs every live window: upgrade all nodes within a short time.
 
+pub(crate) mod definitions;
 mod keys;
 mod replies;
 mod script;
