@@ -449,18 +449,29 @@ impl Limiter {
 /// No request tags (`limiter.filter(&deployments, NO_TAGS)`).
 pub const NO_TAGS: &[&str] = &[];
 
-/// The slots a charge adds to: the deployment's, those of each distinct tag and those of
-/// each identity.
+/// The slots a charge adds to: the deployment's and those of each distinct tag (see
+/// [`charge_slots_for`] for a request with identities).
 pub(crate) fn charge_slots<'a, T: AsRef<str>>(
+    resolver: &'a Resolver,
+    r: &Resolved<'a>,
+    tags: &'a [T],
+) -> impl Iterator<Item = u32> + 'a {
+    let r = *r;
+    (0..3)
+        .flat_map(move |k| r.slots[k].iter().copied())
+        .chain(tag_slots(resolver, tags))
+}
+
+/// The slots a charge adds to: the deployment's, those of each distinct tag and those of
+/// each identity. A separate iterator from [`charge_slots`] rather than one with an empty
+/// identity: the longer chain made a charge without identity a quarter slower.
+pub(crate) fn charge_slots_for<'a, T: AsRef<str>>(
     resolver: &'a Resolver,
     r: &Resolved<'a>,
     tags: &'a [T],
     identity: &'a Identity<'a>,
 ) -> impl Iterator<Item = u32> + 'a {
-    let r = *r;
-    (0..3)
-        .flat_map(move |k| r.slots[k].iter().copied())
-        .chain(request_slots(resolver, tags, identity))
+    charge_slots(resolver, r, tags).chain(identity_slots(resolver, identity))
 }
 
 /// The slots of the request itself, whatever the deployment: each distinct tag's, then each
