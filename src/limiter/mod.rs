@@ -198,7 +198,7 @@ impl Limiter {
         deployments: &'a [D],
         tags: &[T],
     ) -> Result<Vec<&'a D>, NoDeployments> {
-        self.filter_for(deployments, tags, &Identity::NONE)
+        self.filter_with::<D, T, false>(deployments, tags, &Identity::NONE)
     }
 
     /// [`Limiter::filter`] for a request made for `identity`: every budget of every name it
@@ -225,7 +225,19 @@ impl Limiter {
     /// # Errors
     ///
     /// As [`Limiter::filter`].
+    #[inline]
     pub fn filter_for<'a, D: Deployment, T: AsRef<str>>(
+        &self,
+        deployments: &'a [D],
+        tags: &[T],
+        identity: &Identity<'_>,
+    ) -> Result<Vec<&'a D>, NoDeployments> {
+        self.filter_with::<D, T, true>(deployments, tags, identity)
+    }
+
+    /// The filter of [`Limiter::filter`] and [`Limiter::filter_for`]; `WITH_IDENTITY: false`
+    /// compiles the identity check out (see `Check::request_passes`).
+    fn filter_with<'a, D: Deployment, T: AsRef<str>, const WITH_IDENTITY: bool>(
         &self,
         deployments: &'a [D],
         tags: &[T],
@@ -234,7 +246,7 @@ impl Limiter {
         let resolver = self.inner.resolver.load();
         let cache = resolver.cache();
         let mut check = self.check(&resolver);
-        let request_ok = check.request_passes(&resolver, tags, identity);
+        let request_ok = check.request_passes::<T, WITH_IDENTITY>(&resolver, tags, identity);
         let mut out = Vec::with_capacity(deployments.len());
         check.select_in(&resolver, &cache, request_ok, deployments, |_, d| {
             out.push(d)
@@ -265,7 +277,7 @@ impl Limiter {
         deployments: &mut Vec<D>,
         tags: &[T],
     ) -> Result<(), NoDeployments> {
-        self.filter_in_place_for(deployments, tags, &Identity::NONE)
+        self.filter_in_place_with::<D, T, false>(deployments, tags, &Identity::NONE)
     }
 
     /// [`Limiter::filter_in_place`] for a request made for `identity` (see
@@ -274,7 +286,19 @@ impl Limiter {
     /// # Errors
     ///
     /// As [`Limiter::filter`].
+    #[inline]
     pub fn filter_in_place_for<D: Deployment, T: AsRef<str>>(
+        &self,
+        deployments: &mut Vec<D>,
+        tags: &[T],
+        identity: &Identity<'_>,
+    ) -> Result<(), NoDeployments> {
+        self.filter_in_place_with::<D, T, true>(deployments, tags, identity)
+    }
+
+    /// The filter of [`Limiter::filter_in_place`] and [`Limiter::filter_in_place_for`] (see
+    /// [`Limiter::filter_with`]).
+    fn filter_in_place_with<D: Deployment, T: AsRef<str>, const WITH_IDENTITY: bool>(
         &self,
         deployments: &mut Vec<D>,
         tags: &[T],
@@ -283,7 +307,7 @@ impl Limiter {
         let resolver = self.inner.resolver.load();
         let cache = resolver.cache();
         let mut check = self.check(&resolver);
-        let request_ok = check.request_passes(&resolver, tags, identity);
+        let request_ok = check.request_passes::<T, WITH_IDENTITY>(&resolver, tags, identity);
         let kept = check.select_in(&resolver, &cache, request_ok, deployments, |_, _| {});
         check.note_misses(&resolver);
         if kept == 0 {
@@ -454,18 +478,29 @@ impl Limiter {
 /// No request tags (`limiter.filter(&deployments, NO_TAGS)`).
 pub const NO_TAGS: &[&str] = &[];
 
-/// The slots a charge adds to: the deployment's, those of each distinct tag and those of
-/// each identity.
+/// The slots a charge adds to: the deployment's and those of each distinct tag (see
+/// [`charge_slots_for`] for a request with identities).
 pub(crate) fn charge_slots<'a, T: AsRef<str>>(
+    resolver: &'a Resolver,
+    r: &Resolved<'a>,
+    tags: &'a [T],
+) -> impl Iterator<Item = u32> + 'a {
+    let r = *r;
+    (0..3)
+        .flat_map(move |k| r.slots[k].iter().copied())
+        .chain(tag_slots(resolver, tags))
+}
+
+/// The slots a charge adds to: the deployment's, those of each distinct tag and those of
+/// each identity. A separate iterator from [`charge_slots`] rather than one with an empty
+/// identity: the longer chain made a charge without identity a quarter slower.
+pub(crate) fn charge_slots_for<'a, T: AsRef<str>>(
     resolver: &'a Resolver,
     r: &Resolved<'a>,
     tags: &'a [T],
     identity: &'a Identity<'a>,
 ) -> impl Iterator<Item = u32> + 'a {
-    let r = *r;
-    (0..3)
-        .flat_map(move |k| r.slots[k].iter().copied())
-        .chain(request_slots(resolver, tags, identity))
+    charge_slots(resolver, r, tags).chain(identity_slots(resolver, identity))
 }
 
 /// The slots of the request itself, whatever the deployment: each distinct tag's, then each
@@ -585,7 +620,7 @@ impl Prepared {
         tags: &[T],
         out: &mut Vec<usize>,
     ) -> Result<(), NoDeployments> {
-        self.filter_into_for(tags, &Identity::NONE, out)
+        self.select_into::<T, false>(tags, &Identity::NONE, out)
     }
 
     /// [`Prepared::filter_into`] for a request made for `identity`: every budget of every
@@ -601,6 +636,18 @@ impl Prepared {
         identity: &Identity<'_>,
         out: &mut Vec<usize>,
     ) -> Result<(), NoDeployments> {
+        self.select_into::<T, true>(tags, identity, out)
+    }
+
+    /// The filter of [`Prepared::filter_into`] and [`Prepared::filter_into_for`];
+    /// `WITH_IDENTITY: false` compiles the identity check out (see `Check::request_passes`).
+    #[inline]
+    fn select_into<T: AsRef<str>, const WITH_IDENTITY: bool>(
+        &self,
+        tags: &[T],
+        identity: &Identity<'_>,
+        out: &mut Vec<usize>,
+    ) -> Result<(), NoDeployments> {
         out.clear();
         let now = self.clock.now_secs();
         if self.generation != self.generation_now.load(Ordering::Acquire) {
@@ -610,13 +657,13 @@ impl Prepared {
             again.generation = self.generation_now.load(Ordering::Acquire);
             again.snapshot = self.resolver.load_full();
             again.fill(&again.snapshot.clone());
-            return again.filter_into_for(tags, identity, out);
+            return again.select_into::<T, WITH_IDENTITY>(tags, identity, out);
         }
         // `ranges` carry `unknown && deny_unknown` as resolved at `prepare` (a reload bumps the
         // generation): no resolver load on the request path.
         let mut check = Check::new(&self.view, &self.keys, now, true);
-        let request_ok = (tags.is_empty() && identity.is_empty())
-            || check.request_passes(&self.snapshot, tags, identity);
+        let request_ok = (tags.is_empty() && (!WITH_IDENTITY || identity.is_empty()))
+            || check.request_passes::<T, WITH_IDENTITY>(&self.snapshot, tags, identity);
         match &self.masks {
             // Each distinct budget read once into a bit set, then one AND per deployment.
             Some(masks) if request_ok => {

@@ -60,7 +60,7 @@ use crate::durable::store::ReservationValue;
 use crate::error::RecordError;
 use crate::limiter::filter::{Exceeded, NoDeployments};
 use crate::limiter::spend::{AckWait, Receipt};
-use crate::limiter::{charge_slots, Inner, Limiter};
+use crate::limiter::{charge_slots_for, Inner, Limiter};
 use crate::model::clock::floor_secs;
 use crate::model::identity::Identity;
 use crate::model::money::Money;
@@ -567,7 +567,7 @@ impl Limiter {
             }
             let mut taken: Vec<(u32, Window)> = Vec::new();
             let mut refused = None;
-            for b in charge_slots(&resolver, &r, tags, identity) {
+            for b in charge_slots_for(&resolver, &r, tags, identity) {
                 if inner.view.blocks_quietly(b, secs) {
                     // Spent (as `filter` sees it): even a zero estimate is refused.
                     let window = inner.view.schedule(b).window_at_secs(secs);

@@ -23,7 +23,7 @@ use std::sync::atomic::Ordering;
 
 use crate::durable::journal::{Ack, AckResult, Event, Items, Journal, KeyedAdd};
 use crate::error::RecordError;
-use crate::limiter::{charge_slots, request_slots, Limiter};
+use crate::limiter::{charge_slots, charge_slots_for, request_slots, Limiter};
 use crate::model::budget::SoftLimitCrossed;
 use crate::model::clock::floor_secs;
 use crate::model::identity::Identity;
@@ -439,8 +439,15 @@ impl Limiter {
                 let cache = resolver.cache();
                 let mut misses = MissLog::new(&resolver);
                 let r = resolver.resolve_noting(&cache, d, &mut misses.misses);
-                let slots = || charge_slots(&resolver, &r, spend.tags, spend.identity);
-                self.add_at(d.model(), at, cost, key, slots)?
+                // Two instances: a spend without identity runs the loop it had before
+                // identities existed (see `charge_slots_for`).
+                if spend.identity.is_empty() {
+                    let slots = || charge_slots(&resolver, &r, spend.tags);
+                    self.add_at(d.model(), at, cost, key, slots)?
+                } else {
+                    let slots = || charge_slots_for(&resolver, &r, spend.tags, spend.identity);
+                    self.add_at(d.model(), at, cost, key, slots)?
+                }
             }
         };
         Ok(Receipt::new(self, n))

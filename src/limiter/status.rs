@@ -2,7 +2,7 @@
 
 use jiff::Timestamp;
 
-use crate::limiter::{charge_slots, Limiter};
+use crate::limiter::{charge_slots_for, Limiter};
 use crate::model::budget::{Enforcement, Mode, Offline, Scope, SoftLimit};
 use crate::model::clock::floor_secs;
 use crate::model::identity::Identity;
@@ -315,7 +315,7 @@ impl Limiter {
                 let resolver = self.inner.resolver.load();
                 let r = resolver.resolve(d);
                 let slots: Vec<u32> =
-                    charge_slots(&resolver, &r, query.tags, query.identity).collect();
+                    charge_slots_for(&resolver, &r, query.tags, query.identity).collect();
                 rows.filter(|(slot, _)| slots.contains(slot))
                     .map(|(_, s)| s)
                     .take(limit)
