@@ -493,7 +493,7 @@ pub(crate) fn charge_slots<'a, T: AsRef<str>>(
 
 /// The slots a charge adds to: the deployment's, those of each distinct tag and those of
 /// each identity. A separate iterator from [`charge_slots`] rather than one with an empty
-/// identity: the longer chain made a charge without identity a quarter slower.
+/// identity: the longer chain cost a charge without identity a quarter more instructions.
 pub(crate) fn charge_slots_for<'a, T: AsRef<str>>(
     resolver: &'a Resolver,
     r: &Resolved<'a>,
