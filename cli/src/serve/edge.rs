@@ -362,6 +362,14 @@ pub(super) async fn guard(
 ) -> Response {
     let edge = &state.edge;
     if let Err(r) = check_head(edge, request.method(), request.headers()) {
+        // Refused before its body was read: the body may still be on its way, so the
+        // connection closes (a keep-alive client would otherwise reuse a connection the
+        // server drops under it).
+        let r = if has_body(request.headers()) {
+            closing(r)
+        } else {
+            r
+        };
         return r.response();
     }
     let (parts, body) = request.into_parts();
@@ -383,6 +391,15 @@ pub(super) async fn guard(
     };
     next.run(Request::from_parts(parts, Body::from(bytes)))
         .await
+}
+
+/// Whether a request announces a body (a non-zero `Content-Length`, or chunked).
+fn has_body(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::TRANSFER_ENCODING)
+        || headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim() != "0")
 }
 
 /// `message` with the value of every environment variable it contains (6 characters or

@@ -498,6 +498,22 @@ fn a_token_guards_every_v1_route_and_the_probes_stay_open() {
             assert!(!r.body.contains(TOKEN), "{r:?}");
         }
     }
+    // A keep-alive POST refused before its body was read: the connection closes (the body
+    // may still be on its way; a client reusing the connection would lose its next request).
+    let mut c = s.connect();
+    write!(
+        c,
+        "POST /v1/spend HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{spend}",
+        s.addr,
+        spend.len()
+    )
+    .unwrap();
+    let (head, _) = read_until_closed(&mut c);
+    assert!(head.starts_with("HTTP/1.1 401"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("connection: close"),
+        "{head}"
+    );
     assert_eq!(s.spend_nanos("openai", &[&auth]), 0, "nothing counted");
     assert_eq!(s.post("/v1/spend", &[&auth], spend).status, 200);
     assert_eq!(
