@@ -77,11 +77,12 @@ mod model;
 #[cfg(feature = "redis")]
 mod replicate;
 mod resolve;
+mod template;
 mod view;
 
 pub use config::{
     parse_duration, BudgetConfig, BudgetFields, Config, ConfigError, RedisConfig, RedisTls,
-    StorageConfig, UnknownProvider,
+    StorageConfig, UnknownProvider, DEFAULT_MAX_SERIES, MAX_MAX_SERIES, TEMPLATE_NAME,
 };
 pub use durable::audit::{AuditEntry, MAX_ENTRIES as MAX_AUDIT_ENTRIES};
 pub use durable::error::StoreError;
@@ -112,7 +113,8 @@ pub use model::money::{Money, MoneyError};
 pub use model::text::redact_urls;
 pub use model::window::{Period, PeriodError, Schedule, Window};
 pub use resolve::{Deployment, Target, BUILTIN_PREFIXES};
-pub use view::RELOAD_SLOTS;
+pub use template::MAX_TEMPLATED_NAME;
+pub use view::{RELOAD_SLOTS, TEMPLATE_SLOTS};
 
 /// The sync round's wire protocol, for the live-Redis tests in `tests/fleet/wire.rs` only: not part
 /// of the API (no stability promise).

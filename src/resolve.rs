@@ -21,7 +21,8 @@ use std::sync::{Arc, Mutex, TryLockError};
 use arc_swap::ArcSwap;
 use rustc_hash::FxHashMap;
 
-use crate::config::Config;
+use crate::config::{Config, TEMPLATE_NAME};
+use crate::template::{Rule, Template};
 use crate::model::budget::{model_part, Scope};
 pub use crate::model::prefixes::BUILTIN_PREFIXES;
 
@@ -313,6 +314,9 @@ pub(crate) type ScopeTables = [FxHashMap<Box<str>, Box<[u32]>>; Scope::COUNT];
 #[derive(Debug)]
 pub(crate) struct Resolver {
     tables: ScopeTables,
+    /// Per identity scope (in the order of [`Scope::IDENTITY`]), its templates and the names
+    /// that have series: a reload starts them empty (module `template`).
+    templates: [Option<Box<Template>>; 5],
     overrides: Vec<(String, String)>,
     /// `unknown_provider: deny`.
     pub deny_unknown: bool,
@@ -395,7 +399,18 @@ impl Resolver {
     ) -> Resolver {
         let mut grouped: [FxHashMap<Box<str>, Vec<u32>>; Scope::COUNT] =
             std::array::from_fn(|_| FxHashMap::default());
+        let mut rules: [Vec<Rule>; 5] = Default::default();
+        // The templates in the config's order, as `slots` lists them.
+        let mut templates = config.budgets.iter().filter(|b| b.is_template());
         for (scope, name, slot) in slots {
+            if let (Some(i), true) = (scope.identity_index(), name == TEMPLATE_NAME) {
+                if let Some(budget) = templates.next() {
+                    rules[i].push(Rule {
+                        budget: budget.clone(),
+                    });
+                }
+                continue;
+            }
             grouped[scope.index()]
                 .entry(name.into_boxed_str())
                 .or_default()
@@ -410,6 +425,7 @@ impl Resolver {
         overrides.sort_by_key(|o| std::cmp::Reverse(o.0.len()));
         Resolver {
             tables,
+            templates: rules.map(|r| (!r.is_empty()).then(|| Box::new(Template::new(r)))),
             overrides,
             deny_unknown: config.unknown_provider == crate::config::UnknownProvider::Deny,
             cache: ArcSwap::from_pointee(CacheMap::new()),
@@ -442,6 +458,17 @@ impl Resolver {
             return &[];
         }
         t.get(name).map_or(&[], |s| s)
+    }
+
+    /// The templates of an identity scope, if it has any.
+    #[inline]
+    pub fn template(&self, scope: Scope) -> Option<&Template> {
+        self.templates[scope.identity_index()?].as_deref()
+    }
+
+    /// Whether any identity scope has a template.
+    pub fn has_templates(&self) -> bool {
+        self.templates.iter().any(Option::is_some)
     }
 
     /// The slots of a provider's budgets.

@@ -33,6 +33,8 @@ pub struct BudgetFields {
     pub offline: Option<String>,
     /// The budget's own IANA time zone.
     pub time_zone: Option<String>,
+    /// A template's bound on its live series (`max_series`).
+    pub max_series: Option<u32>,
 }
 
 impl BudgetFields {
@@ -109,6 +111,7 @@ impl BudgetConfig {
         b.enforcement = word::<Enforcement>(&at, "enforcement", fields.enforcement.as_ref())?;
         b.offline = word::<Offline>(&at, "offline", fields.offline.as_ref())?;
         b.time_zone = fields.time_zone.clone();
+        b.max_series = fields.max_series;
         b.validate()?;
         Ok(b)
     }

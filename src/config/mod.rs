@@ -63,7 +63,10 @@ mod values;
 
 pub use error::ConfigError;
 pub use fields::BudgetFields;
-pub use schema::{BudgetConfig, Config, RedisConfig, RedisTls, StorageConfig, UnknownProvider};
+pub use schema::{
+    BudgetConfig, Config, RedisConfig, RedisTls, StorageConfig, UnknownProvider, DEFAULT_MAX_SERIES,
+    MAX_MAX_SERIES, TEMPLATE_NAME,
+};
 pub use values::parse_duration;
 
 #[cfg(test)]

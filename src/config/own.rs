@@ -9,7 +9,7 @@ use crate::model::window::Period;
 
 use super::error::ConfigError;
 use super::schema::{BudgetConfig, UnknownProvider};
-use super::validate::{check_budget, template_fault};
+use super::validate::check_budget;
 use super::values::{
     parse_limit, refuse_at, Flag, HumanDuration, Parsed, RawAmount, Text, UniqueMap,
 };
@@ -38,6 +38,7 @@ pub(super) struct RawGeneral {
     pub(super) enforcement: Option<Parsed<Enforcement>>,
     pub(super) offline: Option<Parsed<Offline>>,
     pub(super) time_zone: Option<Text>,
+    pub(super) max_series: Option<u32>,
 }
 
 impl RawGeneral {
@@ -84,9 +85,6 @@ impl RawGeneral {
                 ));
             }
         }
-        if let Some(why) = template_fault(scope, &name) {
-            return Err(refuse_at(path, scope.as_str(), why));
-        }
         let limit = parse_limit(self.limit).map_err(|(value, source)| {
             refuse_at(path.clone(), "limit", format!("{value:?}: {source}"))
         })?;
@@ -112,6 +110,7 @@ impl RawGeneral {
         b.enforcement = self.enforcement.map(|m| m.0).unwrap_or_default();
         b.offline = self.offline.map(|m| m.0).unwrap_or_default();
         b.time_zone = self.time_zone.map(|z| z.value);
+        b.max_series = self.max_series;
         check_budget(&b).map_err(|e| match e {
             ConfigError::Budget { message, .. } => ConfigError::Budget {
                 budget: path,

@@ -36,6 +36,9 @@ pub(crate) struct Definition {
     pub mode: String,
     pub enforcement: String,
     pub offline: String,
+    /// A template's `max_series` (absent in definitions written before templates).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_series: Option<u32>,
 }
 
 impl Definition {
@@ -51,6 +54,7 @@ impl Definition {
             mode: b.mode.as_str().to_owned(),
             enforcement: b.enforcement.as_str().to_owned(),
             offline: b.offline.as_str().to_owned(),
+            max_series: b.max_series,
         }
     }
 
@@ -92,6 +96,7 @@ impl Definition {
             .offline
             .parse::<Offline>()
             .map_err(|e| refuse(format!("offline: {e}")))?;
+        b.max_series = self.max_series;
         b.validate()?;
         Ok(b)
     }

@@ -42,7 +42,21 @@ pub struct BudgetConfig {
     /// Strict budgets without Redis: `grant_only` (default), `local_share` or `open`.
     /// Ignored by shared budgets.
     pub offline: Offline,
+    /// A template (name `"*"`, identity scopes only): the most distinct names with a live
+    /// series at once on this node; `None` is [`DEFAULT_MAX_SERIES`]. Refused on a budget
+    /// that is not a template.
+    pub max_series: Option<u32>,
 }
+
+/// The name of a template: one series per distinct name of its identity scope.
+pub const TEMPLATE_NAME: &str = "*";
+
+/// A template's bound on its live series when it sets none (`max_series`).
+pub const DEFAULT_MAX_SERIES: u32 = 100_000;
+
+/// The largest `max_series` a template may set: the live series of one process, all
+/// templates together, are bounded by [`crate::view::TEMPLATE_SLOTS`] too.
+pub const MAX_MAX_SERIES: u32 = 1 << 20;
 
 impl BudgetConfig {
     /// A budget of `scope` `name`, enforced, in the config's time zone, without soft limits.
@@ -62,6 +76,27 @@ impl BudgetConfig {
             mode: Mode::Enforce,
             enforcement: Enforcement::Shared,
             offline: Offline::GrantOnly,
+            max_series: None,
+        }
+    }
+
+    /// Whether it is a template: an identity budget named `"*"`, which gives each distinct
+    /// name of its scope a series of its own (see the module `limiter::templates`).
+    pub fn is_template(&self) -> bool {
+        self.scope.is_identity() && self.name == TEMPLATE_NAME
+    }
+
+    /// A template's bound on its live series (`max_series` or [`DEFAULT_MAX_SERIES`]).
+    pub fn series_bound(&self) -> u32 {
+        self.max_series.unwrap_or(DEFAULT_MAX_SERIES)
+    }
+
+    /// The budget a template gives `name`: the template with its name.
+    pub(crate) fn instance(&self, name: &str) -> BudgetConfig {
+        BudgetConfig {
+            name: name.to_owned(),
+            max_series: None,
+            ..self.clone()
         }
     }
 

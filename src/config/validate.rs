@@ -4,7 +4,7 @@
 use crate::model::budget::{Scope, MAX_SOFT_LIMITS};
 
 use super::error::{provider_name_problem, ConfigError};
-use super::schema::{BudgetConfig, Config};
+use super::schema::{BudgetConfig, Config, MAX_MAX_SERIES, TEMPLATE_NAME};
 use crate::model::key::provider_name_fault;
 
 impl Config {
@@ -102,8 +102,8 @@ pub(super) fn check_budget(b: &BudgetConfig) -> Result<(), ConfigError> {
             }
         }
     }
-    if let Some(why) = template_fault(b.scope, &b.name) {
-        return Err(refuse(format!("the name {why}")));
+    if let Some(why) = max_series_fault(b) {
+        return Err(refuse(why));
     }
     if let Some(zone) = &b.time_zone {
         if jiff::tz::TimeZone::get(zone).is_err() {
@@ -125,18 +125,17 @@ pub(super) fn check_budget(b: &BudgetConfig) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// The name of a template (a series per distinct name), reserved in the identity scopes.
-const TEMPLATE_NAME: &str = "*";
-
-/// Why an identity budget's name is refused as a template, if it is one: `"*"` is kept for
-/// templates (a budget per distinct key, user, …), which this version does not implement;
-/// taken as a plain name it would silently budget only a key literally named `*`.
-pub(super) fn template_fault(scope: Scope, name: &str) -> Option<String> {
-    (scope.is_identity() && name == TEMPLATE_NAME).then(|| {
-        format!(
-            "{TEMPLATE_NAME:?} is reserved for templates (one budget per distinct {scope}), which are not supported yet; name each {scope} instead"
-        )
-    })
+/// Why a budget's `max_series` is refused, if it is: only a template has live series to
+/// bound, and the bound must be at least 1 and at most [`MAX_MAX_SERIES`].
+fn max_series_fault(b: &BudgetConfig) -> Option<String> {
+    let n = b.max_series?;
+    if !b.is_template() {
+        return Some(format!(
+            "max_series: only a template (name {TEMPLATE_NAME:?}) has series to bound"
+        ));
+    }
+    (n == 0 || n > MAX_MAX_SERIES)
+        .then(|| format!("max_series: {n} is not in 1..={MAX_MAX_SERIES}"))
 }
 
 /// Why a `model_providers` prefix can never take effect, if so: resolution tries a

@@ -100,6 +100,16 @@ impl fmt::Display for WindowKey {
     }
 }
 
+/// The sled key prefix of every window of one series: `name 0x00 period 0x00`.
+fn series_prefix(name: &str, period: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(name.len() + period.len() + 2);
+    k.extend_from_slice(name.as_bytes());
+    k.push(0);
+    k.extend_from_slice(period.as_bytes());
+    k.push(0);
+    k
+}
+
 /// One sled batch that writes `items` (encoded values by window key) and removes `removed`.
 fn window_batch<'a, V: AsRef<[u8]>>(
     items: impl IntoIterator<Item = (&'a WindowKey, V)>,
@@ -292,6 +302,47 @@ impl Store {
         let guard = self.handles.read().unwrap_or_else(|p| p.into_inner());
         let h = guard.as_ref().ok_or_else(|| self.closed())?;
         load(&h.own, "own", |e| self.io(e))
+    }
+
+    /// The own totals stored for one series (key name, period part), by key prefix.
+    pub fn load_own_series(
+        &self,
+        name: &str,
+        period: &str,
+    ) -> Result<Vec<(WindowKey, OwnValue)>, StoreError> {
+        let guard = self.handles.read().unwrap_or_else(|p| p.into_inner());
+        let h = guard.as_ref().ok_or_else(|| self.closed())?;
+        let mut out = Vec::new();
+        for entry in h.own.scan_prefix(series_prefix(name, period)) {
+            let (k, v) = entry.map_err(|e| self.io(e))?;
+            let key = WindowKey::decode("own", &k)?;
+            let value = decode::<OwnValue>(&v).map_err(|reason| StoreError::Corrupt {
+                tree: "own",
+                key: key.to_string(),
+                reason,
+            })?;
+            out.push((key, value));
+        }
+        Ok(out)
+    }
+
+    /// The peers entries stored for one series (a damaged one is skipped: the next sync
+    /// round refreshes it, as [`Store::load_peers`] does).
+    pub fn load_peers_series(
+        &self,
+        name: &str,
+        period: &str,
+    ) -> Result<Vec<(WindowKey, PeersValue)>, StoreError> {
+        let guard = self.handles.read().unwrap_or_else(|p| p.into_inner());
+        let h = guard.as_ref().ok_or_else(|| self.closed())?;
+        let mut out = Vec::new();
+        for entry in h.peers.scan_prefix(series_prefix(name, period)) {
+            let (k, v) = entry.map_err(|e| self.io(e))?;
+            if let (Ok(key), Ok(value)) = (WindowKey::decode("peers", &k), PeersValue::decode(&v)) {
+                out.push((key, value));
+            }
+        }
+        Ok(out)
     }
 
     /// Every peers entry stored. The tree is a cache of what Redis holds: an entry that does

@@ -14,7 +14,7 @@ use std::fmt;
 
 use jiff::Timestamp;
 
-use crate::limiter::identity_slots;
+use crate::limiter::{identity_slots, refused_new};
 use crate::model::budget::Scope;
 use crate::model::identity::Identity;
 use crate::model::money::Money;
@@ -39,6 +39,10 @@ pub struct NoDeployments {
     /// Candidates dropped because their provider could not be resolved and
     /// `unknown_provider` is `deny`.
     pub unknown: Vec<String>,
+    /// The request names an identity that its scope's template refuses before its first use
+    /// (the template is full: `max_series`; its limit is zero; the name cannot be a series):
+    /// why, in one line.
+    pub template_refused: Option<String>,
 }
 
 /// One budget that refused: over its limit, or (a strict budget refusing a reservation) over
@@ -106,6 +110,9 @@ impl fmt::Display for NoDeployments {
                 "{sep}Unknown provider for deployment {m:?} (unknown_provider: deny)"
             )?;
             sep = ", ";
+        }
+        if let Some(why) = &self.template_refused {
+            write!(f, "{sep}Refused by a template: {why}")?;
         }
         Ok(())
     }
@@ -248,6 +255,9 @@ impl<'a> Check<'a> {
         for b in identity_slots(resolver, identity) {
             ok &= !self.blocked(b);
         }
+        if ok && resolver.has_templates() {
+            ok = refused_new(resolver, identity).is_none();
+        }
         ok
     }
 
@@ -373,6 +383,7 @@ impl<'a> Check<'a> {
         let mut err = NoDeployments {
             exceeded: Vec::new(),
             unknown: Vec::new(),
+            template_refused: refused_new(resolver, identity),
         };
         let mut seen = Vec::new();
         let mut note = |b: u32, err: &mut NoDeployments| {

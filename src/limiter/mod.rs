@@ -12,6 +12,7 @@ pub(crate) mod fleet;
 pub(crate) mod health;
 pub(crate) mod history;
 pub(crate) mod idempotency;
+pub(crate) mod materialize;
 pub(crate) mod open;
 pub(crate) mod reload;
 pub(crate) mod reserve;
@@ -40,6 +41,7 @@ use crate::model::identity::Identity;
 use crate::model::money::Money;
 use crate::model::slots::SlotKeys;
 use crate::resolve::{Deployment, Resolved, Resolver, Target};
+use crate::template::Template;
 use crate::view::View;
 
 /// Enforces the configured budgets. Cheap to clone (one `Arc`); share it across threads and
@@ -531,14 +533,91 @@ pub(crate) fn tag_slots<'a, T: AsRef<str>>(
     })
 }
 
-/// The slots of each name of `identity` (one name per identity scope: each is distinct).
-pub(crate) fn identity_slots<'a>(
-    resolver: &'a Resolver,
-    identity: &'a Identity<'a>,
-) -> impl Iterator<Item = u32> + 'a {
-    identity
-        .iter()
-        .flat_map(move |(scope, name)| resolver.slots(scope, name).iter().copied())
+/// The slots of each name of `identity` (one name per identity scope: each is distinct): its
+/// explicit budgets' and its templated series' (a name without series yet adds none: see
+/// [`refused_new`] and `materialize`).
+pub(crate) fn identity_slots(resolver: &Resolver, identity: &Identity<'_>) -> SlotBuf {
+    let mut out = SlotBuf::default();
+    for (scope, name) in identity.iter() {
+        out.extend(resolver.slots(scope, name));
+        if let Some(t) = resolver.template(scope) {
+            t.lookup(name, |s| out.push(s));
+        }
+    }
+    out
+}
+
+/// The first name of `identity` that a template refuses before it has series: the template
+/// is full, or would count nothing for it (see [`Template::refuses_new`]), or the name cannot
+/// be a series (`template::name_fault`). `filter` refuses such a request, as a charge could
+/// not count it. With why, in one line.
+pub(crate) fn refused_new(resolver: &Resolver, identity: &Identity<'_>) -> Option<String> {
+    identity.iter().find_map(|(scope, name)| {
+        let t = resolver.template(scope)?;
+        if let Some(why) = crate::template::name_fault(name) {
+            return Some(format!("{scope} {name:?} cannot have a templated budget: {why}"));
+        }
+        (!t.contains(name) && t.refuses_new()).then(|| template_refusal(t, scope, name))
+    })
+}
+
+/// Why template `t` refuses the new name `name` of `scope`.
+pub(crate) fn template_refusal(t: &Template, scope: Scope, name: &str) -> String {
+    if t.is_full() {
+        format!(
+            "{scope} {name:?}: the template {scope}:* has {} live series, its max_series",
+            t.bound
+        )
+    } else {
+        format!("{scope} {name:?}: the template {scope}:* has a zero limit")
+    }
+}
+
+/// Budget slots, the first [`SlotBuf::INLINE`] without allocating: the request path collects
+/// an identity's slots here (templated series are read under a lock, so they cannot be
+/// borrowed out as the resolver's tables are).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct SlotBuf {
+    inline: [u32; SlotBuf::INLINE],
+    len: usize,
+    spill: Vec<u32>,
+}
+
+impl SlotBuf {
+    /// Five identities with two budgets each, and room to spare.
+    const INLINE: usize = 12;
+
+    #[inline]
+    pub fn push(&mut self, slot: u32) {
+        match self.inline.get_mut(self.len) {
+            Some(s) => {
+                *s = slot;
+                self.len += 1;
+            }
+            None => self.spill.push(slot),
+        }
+    }
+
+    #[inline]
+    pub fn extend(&mut self, slots: &[u32]) {
+        slots.iter().for_each(|&s| self.push(s));
+    }
+
+}
+
+impl IntoIterator for SlotBuf {
+    type Item = u32;
+    type IntoIter = std::iter::Chain<
+        std::iter::Take<std::array::IntoIter<u32, { SlotBuf::INLINE }>>,
+        std::vec::IntoIter<u32>,
+    >;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.inline
+            .into_iter()
+            .take(self.len)
+            .chain(self.spill)
+    }
 }
 
 /// A deployment list resolved once by [`Limiter::prepare`]. It holds the limiter's in-memory

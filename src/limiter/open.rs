@@ -166,6 +166,7 @@ fn open_verified(config: Config, clock: Arc<dyn Clock>, verify: Verify) -> Resul
             closed: AtomicBool::new(false),
         }),
     };
+    limiter.restore_templated()?;
     start_runtime_link(&limiter)?;
     Ok(limiter)
 }

@@ -69,7 +69,8 @@ impl Parts<'_> {
             .collect();
         let new_slots = slots.iter().filter(|s| s.is_none()).count();
         // Two slots per series: the budget and its credit series.
-        if self.view.len() + 2 * new_slots > self.view.capacity() {
+        let (used, room) = self.view.reload_room();
+        if used + 2 * new_slots > room || self.view.len() + 2 * new_slots > self.view.capacity() {
             return Err(Error::Reload(format!(
                 "{new_slots} new budget series would exceed the {} that one process can add; restart to apply",
                 crate::view::RELOAD_SLOTS
@@ -180,9 +181,49 @@ impl Parts<'_> {
         b: &BudgetConfig,
         (totals, credits): StoredPair,
     ) -> Result<u32, Error> {
+        self.add_pair(config, b, (totals, credits), false)
+    }
+
+    /// [`Parts::add_series`] for a template's series of one name (`b`: the template's
+    /// instance), from what the store holds for it (read by key prefix: a template may have
+    /// a hundred thousand series, and each first use reads only its own).
+    pub(crate) fn add_templated_series(
+        &self,
+        config: &Config,
+        b: &BudgetConfig,
+    ) -> Result<u32, Error> {
+        let key = b.budget_key();
+        let stored = (
+            self.stored_series(&key.store_parts())?,
+            self.stored_series(&key.credit().store_parts())?,
+        );
+        self.add_pair(config, b, stored, true)
+    }
+
+    /// What the store holds for one series (key name, period part).
+    fn stored_series(&self, (name, period): &(String, String)) -> Result<Stored, Error> {
+        let mut out: Stored = Vec::new();
+        for (key, value) in self.store.load_own_series(name, period)? {
+            out.push((window_of(&key, value.end), value.total, 0));
+        }
+        for (key, value) in self.store.load_peers_series(name, period)? {
+            out.push((window_of(&key, value.end), 0, value.others));
+        }
+        Ok(out)
+    }
+
+    /// Adds the slots of a budget series and of its credit series and links them; template
+    /// series take the template room of the view, not the reloads'.
+    fn add_pair(
+        &self,
+        config: &Config,
+        b: &BudgetConfig,
+        (totals, credits): StoredPair,
+        templated: bool,
+    ) -> Result<u32, Error> {
         let schedule = config.budget_schedule(b);
-        let s = self.add_slot(schedule.clone(), b.limit, b.budget_key(), totals)?;
-        let c = self.add_slot(schedule, Money::MAX, b.budget_key().credit(), credits)?;
+        let s = self.add_slot(schedule.clone(), b.limit, b.budget_key(), totals, templated)?;
+        let c = self.add_slot(schedule, Money::MAX, b.budget_key().credit(), credits, templated)?;
         self.view.link_credit(s, c);
         Ok(s)
     }
@@ -194,11 +235,14 @@ impl Parts<'_> {
         limit: Money,
         key: crate::model::key::BudgetKey,
         totals: Stored,
+        templated: bool,
     ) -> Result<u32, Error> {
-        let s = self
-            .view
-            .push(schedule, limit)
-            .ok_or_else(|| Error::Reload("no budget slot left".into()))?;
+        let pushed = if templated {
+            self.view.push_templated(schedule, limit)
+        } else {
+            self.view.push(schedule, limit)
+        };
+        let s = pushed.ok_or_else(|| Error::Reload("no budget slot left".into()))?;
         self.keys.push(key);
         self.view.raise_own_many(
             totals
@@ -222,6 +266,18 @@ impl Parts<'_> {
         }
         Ok(s)
     }
+}
+
+/// Stores a budget's limit, mode, soft limits and policy in its slot (in place: the next
+/// `filter` sees them).
+pub(crate) fn apply_settings(view: &View, slot: u32, b: &BudgetConfig, redis: bool) {
+    view.set_limit(slot, b.limit);
+    view.set_shadow(slot, b.mode == Mode::Shadow);
+    view.set_soft_limits(slot, b.soft_limits.clone());
+    // Live: the replicator reads the policy every round (a budget turned strict asks for its
+    // first grant then; one turned shared stops asking, its grant in Redis lapses with the
+    // window).
+    crate::limiter::set_policy(view, slot, b, redis);
 }
 
 /// Refuses a config that changes what only a restart can apply.
@@ -298,13 +354,7 @@ impl Limiter {
                     s
                 }
             };
-            parts.view.set_limit(s, b.limit);
-            parts.view.set_shadow(s, b.mode == Mode::Shadow);
-            parts.view.set_soft_limits(s, b.soft_limits.clone());
-            // Live: the replicator reads the policy every round (a budget turned strict asks
-            // for its first grant then; one turned shared stops asking, its grant in Redis
-            // lapses with the window).
-            crate::limiter::set_policy(parts.view, s, b, config.redis.is_some());
+            apply_settings(parts.view, s, b, config.redis.is_some());
         }
         let table: Vec<(Scope, String, u32)> = config
             .budgets

@@ -552,7 +552,14 @@ impl Limiter {
         let mut denied = NoDeployments {
             exceeded: Vec::new(),
             unknown: Vec::new(),
+            template_refused: None,
         };
+        if resolver.has_templates() {
+            if let Err(why) = self.materialize(&resolver, identity) {
+                denied.template_refused = Some(why);
+                return Err(ReserveError::Denied(denied));
+            }
+        }
         let mut seen: Vec<u32> = Vec::new();
         let mut any = false;
         for (i, d) in candidates.enumerate() {

@@ -142,9 +142,8 @@ impl Limiter {
             if same {
                 return Ok(None);
             }
-            if self.inner.keys.position(&key).is_none()
-                && self.inner.view.len() + 2 > self.inner.view.capacity()
-            {
+            let (used, room) = self.inner.view.reload_room();
+            if self.inner.keys.position(&key).is_none() && used + 2 > room {
                 return Err(BudgetError::NoRoom {
                     budget: budget.label(),
                     bound: crate::view::RELOAD_SLOTS,
@@ -353,7 +352,8 @@ impl Limiter {
             .iter()
             .filter(|b| keys.position(&b.budget_key()).is_none())
             .count();
-        let mut room = (view.capacity() - view.len()) / 2;
+        let (used, room) = view.reload_room();
+        let mut room = room.saturating_sub(used) / 2;
         room = room.saturating_sub(base_new);
         runtime_config(
             base,

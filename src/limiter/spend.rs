@@ -431,6 +431,7 @@ impl Limiter {
                 self.add_at(p, at, cost, key, || own.iter().copied())?
             }
             Against::Provider(p) => {
+                self.materialize_for_charge(&resolver, spend.identity);
                 let own = resolver.provider_slots(p);
                 let request = || request_slots(&resolver, spend.tags, spend.identity);
                 self.add_at(p, at, cost, key, || own.iter().copied().chain(request()))?
@@ -445,12 +446,31 @@ impl Limiter {
                     let slots = || charge_slots(&resolver, &r, spend.tags);
                     self.add_at(d.model(), at, cost, key, slots)?
                 } else {
+                    self.materialize_for_charge(&resolver, spend.identity);
                     let slots = || charge_slots_for(&resolver, &r, spend.tags, spend.identity);
                     self.add_at(d.model(), at, cost, key, slots)?
                 }
             }
         };
         Ok(Receipt::new(self, n))
+    }
+
+    /// Gives the request's templated names their series before a charge. A name a template
+    /// refuses (full, see `materialize`) is not counted in that template, and only there:
+    /// the spend happened, so every other budget counts it; the refusal is counted
+    /// (`provider_budgets_template_refused_total`) and logged, at most once a second.
+    #[inline]
+    fn materialize_for_charge(&self, resolver: &crate::resolve::Resolver, identity: &Identity<'_>) {
+        if !resolver.has_templates() {
+            return;
+        }
+        if let Err(why) = self.materialize(resolver, identity) {
+            static LOGGED: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+            let now = self.inner.clock.now_secs();
+            if LOGGED.swap(now, std::sync::atomic::Ordering::Relaxed) != now {
+                tracing::warn!("spend not counted in a template (the other budgets count it): {why}");
+            }
+        }
     }
 
     /// Adds `cost` to `slots()` in the windows of `at` (default now), after refusing an `at`

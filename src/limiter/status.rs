@@ -2,6 +2,7 @@
 
 use jiff::Timestamp;
 
+use crate::config::BudgetConfig;
 use crate::limiter::{charge_slots_for, Limiter};
 use crate::model::budget::{Enforcement, Mode, Offline, Scope, SoftLimit};
 use crate::model::clock::floor_secs;
@@ -346,7 +347,16 @@ impl Limiter {
         let (replication, problems) = self.inner.fleet.status(&config, self.now());
         let grants = self.inner.fleet.grants();
         let storage_fault = self.health().storage_fault;
-        paged(&config.budgets, page)
+        let templated = self.templated_budgets(page);
+        let budgets: std::borrow::Cow<'_, [BudgetConfig]> = if templated.is_empty() {
+            std::borrow::Cow::Borrowed(&config.budgets)
+        } else {
+            let mut all = config.budgets.clone();
+            all.extend(templated);
+            all.sort_by_cached_key(BudgetConfig::budget_key);
+            std::borrow::Cow::Owned(all)
+        };
+        paged(&budgets, page)
             .filter_map(|b| {
                 let budget_key = b.budget_key();
                 let (key, period) = budget_key.store_parts();
@@ -410,6 +420,41 @@ impl Limiter {
                 (i, row)
             })
             .collect()
+    }
+}
+
+impl Limiter {
+    /// The budgets of the templates' series that `page` may select (one per name and series:
+    /// the template with the name), unsorted. Only the named one when `page` names one.
+    fn templated_budgets(&self, page: &Page<'_>) -> Vec<BudgetConfig> {
+        let resolver = self.inner.resolver.load();
+        let keys = &self.inner.keys;
+        let mut out = Vec::new();
+        for scope in Scope::IDENTITY {
+            let Some(t) = resolver.template(scope) else {
+                continue;
+            };
+            if page.scope.is_some_and(|s| s != scope) {
+                continue;
+            }
+            let mut add = |name: &str, slots: &[u32]| {
+                for rule in &t.rules {
+                    let b = rule.budget.instance(name);
+                    if keys.position(&b.budget_key()).is_some_and(|s| slots.contains(&s)) {
+                        out.push(b);
+                    }
+                }
+            };
+            match page.name {
+                Some(name) => {
+                    let mut slots = Vec::new();
+                    t.lookup(name, |s| slots.push(s));
+                    add(name, &slots);
+                }
+                None => t.each(add),
+            }
+        }
+        out
     }
 }
 

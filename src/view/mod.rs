@@ -189,13 +189,32 @@ impl WindowTotals {
 /// `tests::preallocated_slots_stay_small`); a slot in use adds its windows.
 pub const RELOAD_SLOTS: usize = 4096;
 
+/// Slots a running process may add past [`RELOAD_SLOTS`] for the series of templates (two
+/// per series, as reloads take), in segments of [`SEGMENT`] allocated when first needed: a
+/// process that uses no template pays 24 bytes per segment (12 KB) for the room.
+pub const TEMPLATE_SLOTS: usize = 2 * (1 << 20);
+
+/// Slots per segment of the template room.
+const SEGMENT: usize = 4096;
+
+/// One segment of template slots.
+type Segment = Box<[OnceLock<BudgetView>]>;
+
 /// In-memory totals of every budget slot (`Config::budgets` at open, then the slots added by
-/// reloads: slots are never removed while the limiter runs, so indices stay valid).
+/// reloads and templates: slots are never removed while the limiter runs, so indices stay
+/// valid).
 #[derive(Debug)]
 pub(crate) struct View {
     /// Preallocated: a slot is set once; the first `len` are set.
     budgets: Box<[OnceLock<BudgetView>]>,
+    /// Slots past `budgets`, by segment (set when the first of its slots is pushed). Why
+    /// segments: template series come and go by the hundred thousand, and a flat array
+    /// preallocated for them would cost 340 MB before the first one.
+    more: Box<[OnceLock<Segment>]>,
     len: AtomicUsize,
+    /// Slots pushed for template series ([`View::push_templated`]): the room of reloads
+    /// ([`View::reload_room`]) does not count them.
+    templated: AtomicUsize,
     /// Shared with every slot.
     hot: Arc<Hot>,
 }
@@ -213,7 +232,9 @@ impl View {
         }
         View {
             budgets: slots,
+            more: (0..TEMPLATE_SLOTS / SEGMENT).map(|_| OnceLock::new()).collect(),
             len: AtomicUsize::new(len),
+            templated: AtomicUsize::new(0),
             hot,
         }
     }
@@ -231,22 +252,63 @@ impl View {
 
     /// Slots in use plus spare ones.
     pub fn capacity(&self) -> usize {
-        self.budgets.len()
+        self.budgets.len() + self.more.len() * SEGMENT
+    }
+
+    /// (Slots used by configured, reloaded and runtime budgets, the most they may use): what
+    /// reloads check their new series against ([`RELOAD_SLOTS`] per process, whatever the
+    /// templates took).
+    pub fn reload_room(&self) -> (usize, usize) {
+        let used = self.len() - self.templated.load(Ordering::Relaxed);
+        (used, self.budgets.len())
+    }
+
+    /// [`View::push`] for a template's series (not counted against the reload room).
+    pub fn push_templated(&self, schedule: Schedule, limit: Money) -> Option<u32> {
+        let slot = self.push(schedule, limit)?;
+        self.templated.fetch_add(1, Ordering::Relaxed);
+        Some(slot)
     }
 
     /// The slot of a budget index handed out by `new` or `push`.
     #[inline]
     fn budget(&self, budget: u32) -> &BudgetView {
-        self.budgets[budget as usize]
-            .get()
-            .expect("budget index of a slot in use")
+        let i = budget as usize;
+        // The configured budgets and reload slots first: the request path's common case is
+        // one bounds check and one load, as before templates.
+        let slot = match self.budgets.get(i) {
+            Some(slot) => slot,
+            None => self.template_slot(i - self.budgets.len()),
+        };
+        slot.get().expect("budget index of a slot in use")
     }
 
-    /// Adds a budget slot (reload); `None` when every spare slot is used. Callers serialise.
+    /// Slot `i` of the template room (allocated: `i` was handed out by `push`).
+    #[inline(never)]
+    fn template_slot(&self, i: usize) -> &OnceLock<BudgetView> {
+        &self.more[i / SEGMENT]
+            .get()
+            .expect("segment of a slot in use")[i % SEGMENT]
+    }
+
+    /// The empty slot `i` (the next one `push` fills), allocating its segment if need be.
+    fn free_slot(&self, i: usize) -> Option<&OnceLock<BudgetView>> {
+        if let Some(slot) = self.budgets.get(i) {
+            return Some(slot);
+        }
+        let i = i - self.budgets.len();
+        let segment = self
+            .more
+            .get(i / SEGMENT)?
+            .get_or_init(|| (0..SEGMENT).map(|_| OnceLock::new()).collect());
+        segment.get(i % SEGMENT)
+    }
+
+    /// Adds a budget slot (reload, template); `None` when every spare slot is used. Callers
+    /// serialise.
     pub fn push(&self, schedule: Schedule, limit: Money) -> Option<u32> {
         let i = self.len();
-        self.budgets
-            .get(i)?
+        self.free_slot(i)?
             .set(BudgetView::new(
                 schedule,
                 limit,
@@ -704,6 +766,14 @@ impl View {
         }
     }
 
+    /// Whether a budget is idle at `now_secs`: every window it has ended, and no reservation
+    /// holds anything in it (a template's series may then leave the template's table).
+    pub fn is_idle(&self, budget: u32, now_secs: i64) -> bool {
+        self.budget(budget).cells.load().iter().all(|c| {
+            c.window.end_secs() <= now_secs && c.reserved.load(Ordering::Relaxed) == 0
+        })
+    }
+
     /// The cell of the window containing `at_secs`, created on first use.
     #[inline]
     fn cell_at(&self, budget: u32, at_secs: i64) -> Arc<Cell> {
@@ -746,7 +816,7 @@ impl View {
 impl View {
     /// The slots in use.
     fn slots(&self) -> impl Iterator<Item = &BudgetView> {
-        self.budgets[..self.len()].iter().filter_map(OnceLock::get)
+        (0..self.len()).map(|i| self.budget(i as u32))
     }
 }
 
@@ -908,8 +978,10 @@ mod tests {
         let each = std::mem::size_of::<OnceLock<BudgetView>>();
         assert!(each <= SLOT_BYTES, "{each} bytes per slot");
         let view = View::new(std::iter::empty());
-        assert_eq!(view.capacity(), 2 * RELOAD_SLOTS);
-        assert!(view.capacity() * each <= 2 * RELOAD_SLOTS * SLOT_BYTES);
+        assert_eq!(view.reload_room(), (0, 2 * RELOAD_SLOTS));
+        assert_eq!(view.capacity(), 2 * RELOAD_SLOTS + TEMPLATE_SLOTS);
+        // The template room is segments allocated on first use: 24 bytes each until then.
+        assert!(std::mem::size_of::<OnceLock<Segment>>() <= 24);
     }
 
     use super::*;

@@ -98,8 +98,12 @@ fn bad_identity_budgets_are_one_line_naming_the_culprit() {
     for scope in ["key", "user", "team", "org", "customer"] {
         let cases = [
             (
-                format!("{{{scope}: \"*\", limit: 10, period: 1mo}}"),
-                format!("provider_budgets.budgets[0]: {scope}: \"*\" is reserved for templates (one budget per distinct {scope}), which are not supported yet"),
+                format!("{{{scope}: a, limit: 10, period: 1mo, max_series: 5}}"),
+                "provider_budgets.budgets[0]: max_series: only a template (name \"*\") has series to bound".into(),
+            ),
+            (
+                format!("{{{scope}: \"*\", limit: 10, period: 1mo, max_series: 0}}"),
+                "provider_budgets.budgets[0]: max_series: 0 is not in 1..=1048576".into(),
             ),
             (
                 format!("{{{scope}: \"a{{b}}\", limit: 1, period: 1d}}"),
@@ -151,16 +155,17 @@ fn bad_identity_budgets_are_one_line_naming_the_culprit() {
         )))
         .unwrap();
     }
-    // A template name is refused from code too; `*` stays a plain name in the older scopes.
+    // A template from code validates as from the file; `*` stays a plain name in the older
+    // scopes, where `max_series` is refused.
     let day = "1d".parse().unwrap();
     let code = Config::new().with_budget(BudgetConfig::new(Scope::Team, "*", usd("1"), day));
-    match code.validate() {
+    code.validate().unwrap();
+    let mut tag = BudgetConfig::new(Scope::Tag, "*", usd("1"), day);
+    tag.max_series = Some(3);
+    match Config::new().with_budget(tag).validate() {
         Err(e @ ConfigError::Budget { .. }) => {
             let e = e.to_string();
-            assert!(
-                e.contains("team \"*\" (1d): the name \"*\" is reserved for templates"),
-                "{e}"
-            );
+            assert!(e.contains("tag \"*\" (1d): max_series: only a template"), "{e}");
         }
         other => panic!("{other:?}"),
     }

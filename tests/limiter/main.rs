@@ -15,3 +15,4 @@ mod reload;
 mod reserve;
 mod runtime;
 mod scopes;
+mod templates;

@@ -1,0 +1,179 @@
+//! The series of templates, made on first use (module `template` for the table).
+//!
+//! A charge or a reservation naming an identity that its scope's template covers gives the
+//! name its series before anything is counted: one per template period that no explicit
+//! budget of the name defines (an explicit budget wins for its name and period: it *is* that
+//! series, the same key). A series starts from what is stored for it (a name seen before, on
+//! this node or, through replication, on another), takes two slots (budget and credit
+//! series, as every budget does), and from then on is journaled, replicated and reported as
+//! any budget is.
+//!
+//! Made under the reload lock: slots are pushed one writer at a time, and a reload cannot
+//! install a config between a name's slots and their settings.
+//!
+//! Bounds: a template refuses a new name once `max_series` names have series (a clear error
+//! and `provider_budgets_template_refused_total`), and every template of the process together
+//! at most [`TEMPLATE_SLOTS`](crate::view::TEMPLATE_SLOTS) / 2 series since it started. Idle
+//! names leave the table ([`Limiter::evict_idle_series`]); their slots stay (an index a racing
+//! request holds stays valid) and are found again by key when the name comes back.
+
+use std::sync::PoisonError;
+
+use crate::limiter::reload::apply_settings;
+use crate::limiter::{template_refusal, Limiter};
+use crate::model::budget::Scope;
+use crate::model::identity::Identity;
+use crate::resolve::Resolver;
+use crate::template::{name_fault, Template};
+
+impl Limiter {
+    /// Gives each name of `identity` that a template covers its series, if it has none yet.
+    ///
+    /// # Errors
+    ///
+    /// Why a template refuses a name (full, zero limit, a name that cannot be a series), in
+    /// one line. Names before it may have been given their series.
+    pub(crate) fn materialize(
+        &self,
+        resolver: &Resolver,
+        identity: &Identity<'_>,
+    ) -> Result<(), String> {
+        for (scope, name) in identity.iter() {
+            let Some(t) = resolver.template(scope) else {
+                continue;
+            };
+            if t.contains(name) {
+                continue;
+            }
+            if let Some(why) = name_fault(name) {
+                refused(scope);
+                return Err(format!(
+                    "{scope} {name:?} cannot have a templated budget: {why}"
+                ));
+            }
+            self.add_templated(resolver, t, scope, name)?;
+        }
+        Ok(())
+    }
+
+    /// Makes the series of `name` in template `t` (of `scope`), serialised with reloads.
+    fn add_templated(
+        &self,
+        resolver: &Resolver,
+        t: &Template,
+        scope: Scope,
+        name: &str,
+    ) -> Result<(), String> {
+        let _serial = self
+            .inner
+            .reload_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if t.contains(name) {
+            return Ok(()); // made by a racing call
+        }
+        if t.is_full() {
+            let now = crate::model::clock::floor_secs(self.inner.clock.now());
+            if t.sweep_due(now) {
+                let view = &self.inner.view;
+                t.evict(|slots| slots.iter().all(|&b| view.is_idle(b, now)));
+            }
+        }
+        if t.is_full() {
+            refused(scope);
+            return Err(template_refusal(t, scope, name));
+        }
+        let config = self.inner.config.load();
+        let redis = config.redis.is_some();
+        let parts = self.reload_parts();
+        let explicit = resolver.slots(scope, name);
+        let mut slots = Vec::with_capacity(t.rules.len());
+        for rule in &t.rules {
+            let b = rule.budget.instance(name);
+            let slot = match self.inner.keys.position(&b.budget_key()) {
+                // An explicit budget of the name with this period: it is the series.
+                Some(s) if explicit.contains(&s) => continue,
+                // Made before (an earlier use, before a reload or an eviction; or a removed
+                // explicit budget): the same series, its spend kept.
+                Some(s) => s,
+                None => parts
+                    .add_templated_series(&config, &b)
+                    .map_err(|e| format!("{scope} {name:?}: {e}"))?,
+            };
+            apply_settings(parts.view, slot, &b, redis);
+            slots.push(slot);
+        }
+        t.insert(name, slots.into_boxed_slice());
+        metrics::counter!("provider_budgets_template_series_made_total", "scope" => scope.as_str())
+            .increment(1);
+        Ok(())
+    }
+
+    /// Gives their series again, at open, to the templated names that have a live window
+    /// stored (own or others' spend): a restart resumes them; names idle since their last
+    /// window do not come back until used. A name a template refuses now (a smaller
+    /// `max_series`) is logged and left on disk.
+    pub(crate) fn restore_templated(&self) -> Result<(), crate::error::Error> {
+        let resolver = self.inner.resolver.load();
+        if !resolver.has_templates() {
+            return Ok(());
+        }
+        let now = crate::model::clock::floor_secs(self.inner.clock.now());
+        let store = &self.inner.store;
+        let own = store.load_own()?.into_iter().map(|(k, v)| (k, v.end));
+        let peers = store.load_peers()?.into_iter().map(|(k, v)| (k, v.end));
+        let mut names = std::collections::BTreeSet::new();
+        for (key, _) in own.chain(peers).filter(|(_, end)| *end > now) {
+            names.extend(templated_name(&resolver, &key.provider, &key.period));
+        }
+        let mut refused = 0usize;
+        for (scope, name) in &names {
+            let identity = Identity::new().with(*scope, Some(name));
+            if let Err(why) = self.materialize(&resolver, &identity) {
+                refused += 1;
+                if refused == 1 {
+                    tracing::warn!("templated series not restored: {why}");
+                }
+            }
+        }
+        if refused > 1 {
+            tracing::warn!("{refused} templated series not restored (see the first above)");
+        }
+        Ok(())
+    }
+
+    /// Removes from the templates' tables the names whose every series is idle: no live
+    /// window at `now_secs` (the windows ended and nothing was spent since) and nothing held
+    /// by a reservation. They no longer count toward `max_series`; their slots and stored
+    /// totals stay, and a later use of the name finds them again. Returns how many left.
+    pub fn evict_idle_series(&self) -> usize {
+        let now = crate::model::clock::floor_secs(self.inner.clock.now());
+        let resolver = self.inner.resolver.load();
+        let view = &self.inner.view;
+        Scope::IDENTITY
+            .iter()
+            .filter_map(|&s| resolver.template(s))
+            .map(|t| t.evict(|slots| slots.iter().all(|&b| view.is_idle(b, now))))
+            .sum()
+    }
+}
+
+/// The (scope, name) of a stored series (key name, period part) that a template of
+/// `resolver` covers: the key name is `scope:name` (module `key`) and the period part one of
+/// the template's (credit series and other periods are not its).
+fn templated_name(resolver: &Resolver, key_name: &str, period: &str) -> Option<(Scope, String)> {
+    Scope::IDENTITY.iter().find_map(|&scope| {
+        let t = resolver.template(scope)?;
+        let name = key_name.strip_prefix(scope.as_str())?.strip_prefix(':')?;
+        t.rules
+            .iter()
+            .any(|r| r.budget.budget_key().period_part == period)
+            .then(|| (scope, name.to_owned()))
+    })
+}
+
+/// Counts a name refused by a template.
+fn refused(scope: Scope) {
+    metrics::counter!("provider_budgets_template_refused_total", "scope" => scope.as_str())
+        .increment(1);
+}

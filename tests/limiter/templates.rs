@@ -1,0 +1,293 @@
+//! Templates: an identity budget named `"*"` gives each distinct name its own series, made on
+//! first charge or reservation, counted, stored, reported and bounded (`max_series`) like any
+//! budget; an explicit budget of a name wins for its period. No Redis (the fleet side is in
+//! `tests/fleet/templates.rs`).
+#![allow(clippy::unwrap_used)]
+
+use provider_budgets_test_support::open as support;
+
+use jiff::{SignedDuration, Timestamp};
+use provider_budgets::{
+    BudgetConfig, Config, FakeClock, Identity, Limiter, Money, Period, ReserveError, Scope, Spend,
+    StatusQuery, NO_TAGS,
+};
+
+fn usd(s: &str) -> Money {
+    s.parse().unwrap()
+}
+
+fn clock() -> FakeClock {
+    FakeClock::new("2026-03-10T12:00:00Z".parse::<Timestamp>().unwrap())
+}
+
+fn open(yaml: &str, dir: &tempfile::TempDir, clock: &FakeClock) -> Limiter {
+    support::open(support::yaml(yaml, dir.path()), clock)
+}
+
+const D: [&str; 1] = ["openai/gpt-4o"];
+
+fn key(name: &str) -> Identity<'_> {
+    Identity::new().key(name)
+}
+
+fn passes(l: &Limiter, id: &Identity<'_>) -> bool {
+    l.filter_for(&D, NO_TAGS, id).is_ok()
+}
+
+fn charge(l: &Limiter, id: &Identity<'_>, cost: &str) {
+    l.charge(Spend::provider("openai", usd(cost)).identity(id))
+        .unwrap()
+        .wait()
+        .unwrap();
+}
+
+/// (name, period, spend, limit) of every row of `scope`.
+fn rows(l: &Limiter, scope: Scope) -> Vec<(String, String, Money, Money)> {
+    l.status(StatusQuery::all().scope(scope))
+        .into_iter()
+        .map(|s| (s.name, s.period_key, s.spend, s.limit))
+        .collect()
+}
+
+const TEMPLATE: &str = "\
+provider_budgets:
+  budgets:
+    - {provider: openai, limit: 1000, period: 1d}
+    - {key: \"*\", limit: 1, period: 1d}
+";
+
+#[test]
+fn each_name_gets_its_own_series_counted_and_reported() {
+    let (dir, clock) = (tempfile::tempdir().unwrap(), clock());
+    let l = open(TEMPLATE, &dir, &clock);
+    let (a, b) = (key("a"), key("b"));
+    assert!(passes(&l, &a) && passes(&l, &b), "new names pass");
+    charge(&l, &a, "0.6");
+    charge(&l, &a, "0.4");
+    assert!(!passes(&l, &a), "a spent its 1 USD");
+    assert!(passes(&l, &b), "b has a series of its own");
+    charge(&l, &b, "0.25");
+    let err = l.filter_for(&D, NO_TAGS, &a).unwrap_err();
+    assert_eq!(err.exceeded[0].name, "a");
+    assert_eq!(err.exceeded[0].scope, Scope::Key);
+    assert_eq!(
+        rows(&l, Scope::Key),
+        [
+            ("*".into(), "1d".into(), Money::ZERO, usd("1")),
+            ("a".into(), "1d".into(), usd("1"), usd("1")),
+            ("b".into(), "1d".into(), usd("0.25"), usd("1")),
+        ],
+        "the template's own row counts nothing; each name's row counts its spend"
+    );
+    // The spend counts in the provider budget too, once per charge.
+    assert_eq!(l.status(StatusQuery::provider("openai"))[0].spend, usd("1.25"));
+    // Status by name pages through the template's series as through any budget.
+    let b_rows = l.status(StatusQuery::all().scope(Scope::Key).name("b"));
+    assert_eq!(b_rows.len(), 1);
+    assert_eq!(b_rows[0].spend, usd("0.25"));
+    // A request for "a" reports its key budget among those it counts against.
+    let for_a = l.status(StatusQuery::deployment(&D[0]).identity(&a));
+    assert!(for_a.iter().any(|s| s.scope == Scope::Key && s.name == "a"));
+}
+
+#[test]
+fn a_new_window_starts_each_series_at_zero() {
+    let (dir, clock) = (tempfile::tempdir().unwrap(), clock());
+    let l = open(TEMPLATE, &dir, &clock);
+    charge(&l, &key("a"), "1");
+    assert!(!passes(&l, &key("a")));
+    clock.advance(SignedDuration::from_hours(24));
+    assert!(passes(&l, &key("a")), "the next day is a new window");
+}
+
+#[test]
+fn an_explicit_budget_wins_for_its_name_and_period_only() {
+    let yaml = "\
+provider_budgets:
+  budgets:
+    - {key: \"*\", limit: 1, period: 1d}
+    - {key: \"*\", limit: 3, period: 1mo}
+    - {key: vip, limit: 5, period: 1d}
+";
+    let (dir, clock) = (tempfile::tempdir().unwrap(), clock());
+    let l = open(yaml, &dir, &clock);
+    let vip = key("vip");
+    charge(&l, &vip, "2");
+    assert!(passes(&l, &vip), "vip's own daily 5 USD, not the template's 1");
+    charge(&l, &vip, "1.5");
+    assert!(!passes(&l, &vip), "the template's monthly 3 USD still applies to vip");
+    let vip_rows: Vec<_> = rows(&l, Scope::Key)
+        .into_iter()
+        .filter(|r| r.0 == "vip")
+        .collect();
+    assert_eq!(
+        vip_rows,
+        [
+            ("vip".into(), "1d".into(), usd("3.5"), usd("5")),
+            ("vip".into(), "1mo".into(), usd("3.5"), usd("3")),
+        ],
+        "one series per period: the explicit daily one, the templated monthly one"
+    );
+}
+
+#[test]
+fn max_series_refuses_a_new_name_clearly_and_idle_names_leave() {
+    let yaml = "\
+provider_budgets:
+  budgets:
+    - {provider: openai, limit: 1000, period: 1d}
+    - {key: \"*\", limit: 1, period: 1h, max_series: 2}
+";
+    let (dir, clock) = (tempfile::tempdir().unwrap(), clock());
+    let l = open(yaml, &dir, &clock);
+    charge(&l, &key("a"), "0.1");
+    charge(&l, &key("b"), "0.1");
+    let c = key("c");
+    let err = l.filter_for(&D, NO_TAGS, &c).unwrap_err();
+    let why = err.template_refused.clone().unwrap();
+    assert!(why.contains("key \"c\"") && why.contains("max_series"), "{why}");
+    assert!(err.to_string().contains("Refused by a template"), "{err}");
+    match l.reserve(&D, usd("0.1")).identity(&c).wait() {
+        Err(ReserveError::Denied(d)) => assert!(d.template_refused.is_some()),
+        other => panic!("reserve of a new name past max_series: {other:?}"),
+    }
+    // A charge for it still counts in every other budget, and not in the template.
+    charge(&l, &c, "0.5");
+    assert_eq!(l.status(StatusQuery::provider("openai"))[0].spend, usd("0.7"));
+    assert!(!rows(&l, Scope::Key).iter().any(|r| r.0 == "c"));
+    // Known names keep working.
+    assert!(passes(&l, &key("a")));
+    // Once a and b are idle (their hour ended, nothing held), a new name takes their room.
+    clock.advance(SignedDuration::from_hours(1));
+    charge(&l, &c, "0.3");
+    let names: Vec<String> = rows(&l, Scope::Key).into_iter().map(|r| r.0).collect();
+    assert_eq!(names, ["*", "c"], "a and b left the table");
+    // A name coming back finds its series again: the hour it spent in is still there.
+    charge(&l, &key("a"), "0.2");
+    let earlier = l.now() - SignedDuration::from_mins(30);
+    let a_then = l.status(StatusQuery::all().scope(Scope::Key).name("a").at(earlier));
+    assert_eq!(a_then[0].spend, usd("0.1"));
+    assert_eq!(rows(&l, Scope::Key)[1].2, usd("0.2"), "a's current hour");
+}
+
+#[test]
+fn a_held_reservation_keeps_its_name_live() {
+    let yaml = "\
+provider_budgets:
+  reservation_timeout: 2h
+  budgets:
+    - {key: \"*\", limit: 1, period: 1h, max_series: 1}
+";
+    let (dir, clock) = (tempfile::tempdir().unwrap(), clock());
+    let l = open(yaml, &dir, &clock);
+    let held = l.reserve(&D, usd("0.5")).identity(&key("a")).wait().unwrap();
+    clock.advance(SignedDuration::from_hours(1));
+    assert!(
+        l.filter_for(&D, NO_TAGS, &key("b")).is_err(),
+        "a's window ended but a reservation still holds money in it"
+    );
+    held.release().unwrap().wait().unwrap();
+    clock.advance(SignedDuration::from_secs(2));
+    assert!(l.reserve(&D, usd("0.5")).identity(&key("b")).wait().is_ok());
+}
+
+#[test]
+fn a_restart_resumes_every_live_series() {
+    let (dir, clock) = (tempfile::tempdir().unwrap(), clock());
+    {
+        let l = open(TEMPLATE, &dir, &clock);
+        charge(&l, &key("a"), "1");
+        charge(&l, &key("b"), "0.5");
+    }
+    let l = open(TEMPLATE, &dir, &clock);
+    assert!(!passes(&l, &key("a")), "a is still spent after the restart");
+    assert_eq!(
+        rows(&l, Scope::Key)[1..],
+        [
+            ("a".into(), "1d".into(), usd("1"), usd("1")),
+            ("b".into(), "1d".into(), usd("0.5"), usd("1")),
+        ]
+    );
+    // A name whose window ended before the restart does not come back until used.
+    drop(l);
+    clock.advance(SignedDuration::from_hours(24));
+    let l = open(TEMPLATE, &dir, &clock);
+    assert_eq!(rows(&l, Scope::Key).len(), 1, "only the template's own row");
+    charge(&l, &key("a"), "0.2");
+    assert_eq!(rows(&l, Scope::Key)[1].2, usd("0.2"));
+}
+
+#[test]
+fn a_reload_changes_every_series_and_removing_the_template_frees_them() {
+    let (dir, clock) = (tempfile::tempdir().unwrap(), clock());
+    let l = open(TEMPLATE, &dir, &clock);
+    charge(&l, &key("a"), "1");
+    assert!(!passes(&l, &key("a")));
+    let raised = TEMPLATE.replace("limit: 1, period: 1d", "limit: 3, period: 1d");
+    l.reload(support::yaml(&raised, dir.path())).unwrap();
+    assert!(passes(&l, &key("a")), "the new limit applies to a's series");
+    charge(&l, &key("a"), "1.5");
+    assert_eq!(rows(&l, Scope::Key)[1].2, usd("2.5"), "the same series");
+    let gone = "provider_budgets:\n  budgets:\n    - {provider: openai, limit: 1000, period: 1d}\n";
+    l.reload(support::yaml(gone, dir.path())).unwrap();
+    charge(&l, &key("a"), "5");
+    assert!(passes(&l, &key("a")), "no template, no key budget");
+    assert!(rows(&l, Scope::Key).is_empty());
+    // Back again: the series resumes with what it had (the charge without a template did
+    // not count in it).
+    l.reload(support::yaml(&raised, dir.path())).unwrap();
+    charge(&l, &key("a"), "0.1");
+    assert_eq!(rows(&l, Scope::Key)[1].2, usd("2.6"));
+}
+
+#[test]
+fn a_runtime_template_applies_to_new_names() {
+    let (dir, clock) = (tempfile::tempdir().unwrap(), clock());
+    let l = open(
+        "provider_budgets:\n  budgets:\n    - {provider: openai, limit: 1000, period: 1d}\n",
+        &dir,
+        &clock,
+    );
+    let mut t = BudgetConfig::new(Scope::Team, "*", usd("2"), "1d".parse::<Period>().unwrap());
+    t.max_series = Some(10);
+    l.put_budget(t).unwrap();
+    let research = Identity::new().team("research");
+    charge(&l, &research, "2");
+    assert!(!passes(&l, &research));
+    assert!(passes(&l, &Identity::new().team("sales")));
+}
+
+#[test]
+fn names_a_template_cannot_count_are_refused_not_dropped() {
+    let (dir, clock) = (tempfile::tempdir().unwrap(), clock());
+    let l = open(TEMPLATE, &dir, &clock);
+    let long = "k".repeat(provider_budgets::MAX_TEMPLATED_NAME + 1);
+    for name in [long.as_str(), "*", "a{b}"] {
+        let err = l.filter_for(&D, NO_TAGS, &key(name)).unwrap_err();
+        assert!(err.template_refused.is_some(), "{name}");
+        assert!(l.reserve(&D, usd("0.1")).identity(&key(name)).wait().is_err());
+    }
+    let zero = "provider_budgets:\n  budgets:\n    - {key: \"*\", limit: 0, period: 1d}\n";
+    let dir2 = tempfile::tempdir().unwrap();
+    let l = open(zero, &dir2, &clock);
+    assert!(!passes(&l, &key("new")), "a zero limit refuses before any spend");
+    let shadow = "provider_budgets:\n  budgets:\n    - {key: \"*\", limit: 0, period: 1d, mode: shadow}\n";
+    let dir3 = tempfile::tempdir().unwrap();
+    let l = open(shadow, &dir3, &clock);
+    assert!(passes(&l, &key("new")), "a shadow template never blocks");
+}
+
+#[test]
+fn templates_read_from_the_config_with_their_bound() {
+    let c = Config::from_yaml_str(
+        "provider_budgets:\n  budgets:\n    - {customer: \"*\", limit: 10, period: 1mo, max_series: 50000, enforcement: strict}\n",
+    )
+    .unwrap();
+    assert!(c.budgets[0].is_template());
+    assert_eq!(c.budgets[0].series_bound(), 50_000);
+    let d = Config::from_yaml_str(
+        "provider_budgets:\n  budgets:\n    - {user: \"*\", limit: 10, period: 1mo}\n",
+    )
+    .unwrap();
+    assert_eq!(d.budgets[0].series_bound(), provider_budgets::DEFAULT_MAX_SERIES);
+}
