@@ -13,6 +13,7 @@ mod identity;
 mod replication;
 mod runtime;
 mod soft_fleet;
+mod templates;
 mod tls;
 mod tracking;
 mod wire;
