@@ -103,6 +103,7 @@ pub use limiter::reserve::{Reservation, ReserveError, ReserveRequest};
 pub use limiter::runtime::{BudgetChange, BudgetError, RuntimeBudget};
 pub use limiter::spend::{Durable, Receipt, Spend, MAX_FUTURE_SKEW};
 pub use limiter::status::{BudgetStatus, ReplicationStatus, RoundFigures, StatusQuery};
+pub use limiter::template_status::TemplateStatus;
 #[doc(hidden)]
 pub use limiter::testing;
 pub use limiter::{Limiter, Prepared, NO_TAGS};

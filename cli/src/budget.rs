@@ -18,7 +18,8 @@ pub(crate) enum BudgetCmd {
         /// The scope, as `status --json` names it (`provider`, `tag`, …).
         #[arg(value_name = "SCOPE", value_parser = parse_scope)]
         scope: Scope,
-        /// The provider, deployment id, model or tag.
+        /// The provider, deployment id, model, tag or identity name; `*` for a template of
+        /// an identity scope.
         name: String,
         /// The limit in USD, e.g. `12.5`.
         #[arg(long, value_name = "USD", allow_hyphen_values = true)]
@@ -38,6 +39,10 @@ pub(crate) enum BudgetCmd {
         /// The budget's own IANA time zone for `d`, `w`, `mo` windows.
         #[arg(long, value_name = "ZONE")]
         time_zone: Option<String>,
+        /// A template's (NAME `*`: one series per distinct name) bound on its live series
+        /// (default 100000).
+        #[arg(long, value_name = "N")]
+        max_series: Option<u32>,
     },
     /// Delete the runtime budget SCOPE NAME (its spend is kept: a put resumes it).
     Delete {
@@ -79,8 +84,10 @@ pub(crate) fn run(limiter: &Limiter, cmd: BudgetCmd, config: &Path) -> Result<()
             mode,
             enforcement,
             time_zone,
+            max_series,
         } => {
             let mut fields = BudgetFields::new(limit, period);
+            fields.max_series = max_series;
             fields.soft_limits = soft_limits;
             fields.mode = mode;
             fields.enforcement = enforcement;

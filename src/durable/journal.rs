@@ -963,7 +963,9 @@ impl Worker {
         for b in budgets {
             // A credit series changes the spend of the budget it credits.
             let b = self.view.credited_budget(b).unwrap_or(b);
-            if !seen.insert(b) {
+            // A template's series: in the template's aggregates only (a gauge per series
+            // would grow with the key population).
+            if self.view.is_templated(b) || !seen.insert(b) {
                 continue;
             }
             let spend = self.view.totals_at(b, now).total();

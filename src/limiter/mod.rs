@@ -19,6 +19,7 @@ pub(crate) mod reserve;
 pub(crate) mod runtime;
 pub(crate) mod spend;
 pub(crate) mod status;
+pub(crate) mod template_status;
 pub mod testing;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

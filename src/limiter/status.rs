@@ -67,6 +67,9 @@ pub struct BudgetStatus {
     /// window is not synced), a broken lease key. The other budgets are not affected; the
     /// problem clears once the bad data is gone. `None` when there is none.
     pub replication_problem: Option<String>,
+    /// A series of a template (an identity budget named `"*"`): `/metrics` reports it only
+    /// in the template's aggregates ([`Limiter::templates`](crate::Limiter::templates)).
+    pub templated: bool,
     /// `shared` or `strict` (grants in escrow).
     pub enforcement: Enforcement,
     /// What a strict budget does without Redis.
@@ -399,6 +402,7 @@ impl Limiter {
                             problems.get(series as usize).cloned().flatten()
                         },
                     ),
+                    templated: b.scope.is_identity() && !is_configured(&config.budgets, b),
                     enforcement: b.enforcement,
                     offline: b.offline,
                     grant: (b.enforcement == Enforcement::Strict).then_some(if fleet {
@@ -456,6 +460,15 @@ impl Limiter {
         }
         out
     }
+}
+
+/// Whether `b` is one of the configured budgets (sorted in status order), not a template's
+/// series.
+fn is_configured(budgets: &[BudgetConfig], b: &BudgetConfig) -> bool {
+    let key = b.budget_key();
+    budgets
+        .binary_search_by(|c| c.budget_key().cmp(&key))
+        .is_ok()
 }
 
 /// The budgets `page` selects, in status order (budgets are sorted by scope, name and period

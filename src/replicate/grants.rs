@@ -350,6 +350,9 @@ impl Book {
             view.set_strict(b, true);
         }
         view.set_grant(b, window, Money::from_nanos(durable));
+        if view.is_templated(b) {
+            return; // no gauge per templated series (see `journal::update_gauges`)
+        }
         let (provider, period) = keys.get(b).store_parts();
         metrics::gauge!("provider_budgets_grant_usd", "provider" => provider.clone(), "period" => period.clone())
             .set(Money::from_nanos(durable).as_usd());

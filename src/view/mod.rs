@@ -123,6 +123,8 @@ struct BudgetView {
     /// A credit series: the slot of the budget it credits. Its totals are mirrored into that
     /// budget's cells (`Cell::credit`) whenever they change.
     credit_of: OnceLock<u32>,
+    /// A template's series: no gauge of its own (the template's aggregates count it).
+    templated: bool,
 }
 
 /// The budgets (slots below 128) whose peak may have reached their limit, as one bit set:
@@ -185,7 +187,7 @@ impl WindowTotals {
 /// Budget series a running process may add to those it opened with (reloads and runtime
 /// budgets, `Limiter::reload`, `Limiter::put_budget`); each takes two slots (the budget and
 /// its credit series). The slots are preallocated empty (`OnceLock`s, so an index is valid
-/// without a lock): 8 192 empty slots take 1.4 MB (168 bytes each on x86-64, checked by
+/// without a lock): 8 192 empty slots take 1.4 MB (176 bytes each on x86-64, checked by
 /// `tests::preallocated_slots_stay_small`); a slot in use adds its windows.
 pub const RELOAD_SLOTS: usize = 4096;
 
@@ -265,7 +267,7 @@ impl View {
 
     /// [`View::push`] for a template's series (not counted against the reload room).
     pub fn push_templated(&self, schedule: Schedule, limit: Money) -> Option<u32> {
-        let slot = self.push(schedule, limit)?;
+        let slot = self.push_kind(schedule, limit, true)?;
         self.templated.fetch_add(1, Ordering::Relaxed);
         Some(slot)
     }
@@ -307,17 +309,23 @@ impl View {
     /// Adds a budget slot (reload, template); `None` when every spare slot is used. Callers
     /// serialise.
     pub fn push(&self, schedule: Schedule, limit: Money) -> Option<u32> {
+        self.push_kind(schedule, limit, false)
+    }
+
+    fn push_kind(&self, schedule: Schedule, limit: Money, templated: bool) -> Option<u32> {
         let i = self.len();
+        let slot = u32::try_from(i).ok()?;
+        let hot = Arc::clone(&self.hot);
         self.free_slot(i)?
-            .set(BudgetView::new(
-                schedule,
-                limit,
-                Arc::clone(&self.hot),
-                u32::try_from(i).ok()?,
-            ))
+            .set(BudgetView::with_kind(schedule, limit, hot, slot, templated))
             .ok()?;
         self.len.store(i + 1, Ordering::Release);
-        u32::try_from(i).ok()
+        Some(slot)
+    }
+
+    /// Whether a slot is a template's series (pushed by [`View::push_templated`]).
+    pub fn is_templated(&self, budget: u32) -> bool {
+        self.budget(budget).templated
     }
 
     /// Changes a budget's limit in place (reload).
@@ -875,6 +883,16 @@ impl BudgetView {
     }
 
     fn new(schedule: Schedule, limit: Money, hot: Arc<Hot>, slot: u32) -> BudgetView {
+        BudgetView::with_kind(schedule, limit, hot, slot, false)
+    }
+
+    fn with_kind(
+        schedule: Schedule,
+        limit: Money,
+        hot: Arc<Hot>,
+        slot: u32,
+        templated: bool,
+    ) -> BudgetView {
         if limit == Money::ZERO {
             // Spent from the start (`0 >= 0`, as in the reference).
             hot.mark(slot);
@@ -896,6 +914,7 @@ impl BudgetView {
             slot,
             credit_series: OnceLock::new(),
             credit_of: OnceLock::new(),
+            templated,
         }
     }
 }
@@ -971,7 +990,7 @@ fn saturating_add(a: &AtomicU64, v: u64) {
 #[cfg(test)]
 mod tests {
     /// What one preallocated slot costs before it is used.
-    const SLOT_BYTES: usize = 168;
+    const SLOT_BYTES: usize = 176;
 
     #[test]
     fn preallocated_slots_stay_small() {

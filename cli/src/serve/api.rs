@@ -256,6 +256,7 @@ pub(super) fn no_deployments(state: &State, none: &NoDeployments) -> Response {
             "error": none.to_string(),
             "exceeded": exceeded,
             "unknown": none.unknown,
+            "template_refused": none.template_refused,
         }),
     );
     if let Some(t) = earliest {

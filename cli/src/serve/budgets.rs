@@ -144,6 +144,9 @@ struct PutRequest<'a> {
     offline: Option<String>,
     #[serde(default)]
     time_zone: Option<String>,
+    /// A template's (name `*`) bound on its live series.
+    #[serde(default)]
+    max_series: Option<u32>,
 }
 
 impl PutRequest<'_> {
@@ -167,6 +170,7 @@ impl PutRequest<'_> {
         fields.enforcement.clone_from(&self.enforcement);
         fields.offline.clone_from(&self.offline);
         fields.time_zone.clone_from(&self.time_zone);
+        fields.max_series = self.max_series;
         BudgetConfig::from_fields(scope, name, &fields).map_err(|e| {
             let msg = e.to_string();
             let msg = msg.strip_prefix("config: ").unwrap_or(&msg);

@@ -38,6 +38,9 @@ impl Exporter {
     /// The text exposition, with the gauges refreshed from `limiter`.
     pub(crate) fn render(&self, limiter: &Limiter) -> String {
         for s in limiter.status(provider_budgets::StatusQuery::all()) {
+            if s.templated {
+                continue; // in its template's aggregates below
+            }
             // `provider`: the provider, or `scope:name` for the other scopes (the key name);
             // `period`: several budgets per name are told apart.
             let (p, q) = (s.provider, s.period_key);
@@ -48,6 +51,7 @@ impl Exporter {
             metrics::gauge!("provider_budgets_remaining_usd", "provider" => p, "period" => q)
                 .set(s.remaining.as_usd());
         }
+        render_templates(limiter);
         let health = limiter.health();
         let fault = if health.storage_ok() { 0.0 } else { 1.0 };
         metrics::gauge!("provider_budgets_storage_fault").set(fault);
@@ -68,6 +72,23 @@ impl Exporter {
     }
 }
 
+/// The aggregates of each template, labelled by scope and period (bounded by the config, not
+/// by the names its series are for).
+fn render_templates(limiter: &Limiter) {
+    for t in limiter.templates() {
+        let (scope, period) = (t.scope.as_str(), t.period_key);
+        let labels = [("scope", scope.to_owned()), ("period", period)];
+        metrics::gauge!("provider_budgets_template_live_series", &labels)
+            .set(t.live_series as f64);
+        metrics::gauge!("provider_budgets_template_exhausted_series", &labels)
+            .set(t.exhausted_series as f64);
+        metrics::gauge!("provider_budgets_template_spend_usd", &labels).set(t.spend.as_usd());
+        metrics::gauge!("provider_budgets_template_limit_usd", &labels).set(t.limit.as_usd());
+        metrics::gauge!("provider_budgets_template_max_series", &labels)
+            .set(f64::from(t.max_series));
+    }
+}
+
 /// The gauges the exporter describes (`# HELP` lines), beside the library's names.
 const GAUGES: &[(&str, &str)] = &[
     (
@@ -81,6 +102,26 @@ const GAUGES: &[(&str, &str)] = &[
     (
         "provider_budgets_remaining_usd",
         "Limit minus spend in the current window (0 when over), USD",
+    ),
+    (
+        "provider_budgets_template_live_series",
+        "Names with a series of the scope's templates (bounded by max_series)",
+    ),
+    (
+        "provider_budgets_template_exhausted_series",
+        "Series of the template spent in their current window",
+    ),
+    (
+        "provider_budgets_template_spend_usd",
+        "Spend of all the template's series in their current windows, USD",
+    ),
+    (
+        "provider_budgets_template_limit_usd",
+        "Limit of each series of the template, USD",
+    ),
+    (
+        "provider_budgets_template_max_series",
+        "The template's bound on live series",
     ),
     (
         "provider_budgets_sync_lag_seconds",
@@ -149,6 +190,14 @@ const COUNTERS: &[(&str, &str)] = &[
     (
         "provider_budgets_http_overloaded_total",
         "Requests refused with 503 because --max-in-flight requests were in flight",
+    ),
+    (
+        "provider_budgets_template_refused_total",
+        "New names refused by a template (full: max_series; a name that cannot be a series)",
+    ),
+    (
+        "provider_budgets_template_series_made_total",
+        "Series made for a template's names (first use, or again after they left as idle)",
     ),
     (
         "provider_budgets_data_loss_total",

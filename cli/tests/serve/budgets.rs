@@ -32,7 +32,7 @@ impl Server {
         Server::reply(sent)
     }
 
-    fn put_budget(&self, path: &str, body: Value) -> Reply {
+    pub(super) fn put_budget(&self, path: &str, body: Value) -> Reply {
         self.call("PUT", path, &[], Some(&body.to_string()))
     }
 }

@@ -10,3 +10,4 @@ mod edge;
 mod identity;
 mod logs;
 mod page;
+mod templates;
