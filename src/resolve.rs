@@ -22,9 +22,9 @@ use arc_swap::ArcSwap;
 use rustc_hash::FxHashMap;
 
 use crate::config::{Config, TEMPLATE_NAME};
-use crate::template::{Rule, Template};
 use crate::model::budget::{model_part, Scope};
 pub use crate::model::prefixes::BUILTIN_PREFIXES;
+use crate::template::{Rule, Template};
 
 /// Something `filter` can choose among: a model name, optionally with its provider and its
 /// deployment id.

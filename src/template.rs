@@ -86,7 +86,10 @@ impl Template {
     /// Adds the slots of `name`'s series to `out`.
     #[inline]
     pub fn lookup(&self, name: &str, mut out: impl FnMut(u32)) -> Lookup {
-        let shard = self.shard(name).read().unwrap_or_else(PoisonError::into_inner);
+        let shard = self
+            .shard(name)
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
         match shard.get(name) {
             Some(slots) => {
                 slots.iter().for_each(|&s| out(s));
@@ -128,7 +131,8 @@ impl Template {
     pub fn refuses_new(&self) -> bool {
         self.is_full()
             || self.rules.iter().any(|r| {
-                r.budget.limit == crate::model::money::Money::ZERO && r.budget.mode == crate::model::budget::Mode::Enforce
+                r.budget.limit == crate::model::money::Money::ZERO
+                    && r.budget.mode == crate::model::budget::Mode::Enforce
             })
     }
 

@@ -64,8 +64,8 @@ mod values;
 pub use error::ConfigError;
 pub use fields::BudgetFields;
 pub use schema::{
-    BudgetConfig, Config, RedisConfig, RedisTls, StorageConfig, UnknownProvider, DEFAULT_MAX_SERIES,
-    MAX_MAX_SERIES, TEMPLATE_NAME,
+    BudgetConfig, Config, RedisConfig, RedisTls, StorageConfig, UnknownProvider,
+    DEFAULT_MAX_SERIES, MAX_MAX_SERIES, TEMPLATE_NAME,
 };
 pub use values::parse_duration;
 

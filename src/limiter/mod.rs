@@ -556,7 +556,9 @@ pub(crate) fn refused_new(resolver: &Resolver, identity: &Identity<'_>) -> Optio
     identity.iter().find_map(|(scope, name)| {
         let t = resolver.template(scope)?;
         if let Some(why) = crate::template::name_fault(name) {
-            return Some(format!("{scope} {name:?} cannot have a templated budget: {why}"));
+            return Some(format!(
+                "{scope} {name:?} cannot have a templated budget: {why}"
+            ));
         }
         (!t.contains(name) && t.refuses_new()).then(|| template_refusal(t, scope, name))
     })
@@ -603,7 +605,6 @@ impl SlotBuf {
     pub fn extend(&mut self, slots: &[u32]) {
         slots.iter().for_each(|&s| self.push(s));
     }
-
 }
 
 impl IntoIterator for SlotBuf {
@@ -614,10 +615,7 @@ impl IntoIterator for SlotBuf {
     >;
 
     fn into_iter(self) -> Self::IntoIter {
-        self.inline
-            .into_iter()
-            .take(self.len)
-            .chain(self.spill)
+        self.inline.into_iter().take(self.len).chain(self.spill)
     }
 }
 

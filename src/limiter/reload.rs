@@ -223,7 +223,13 @@ impl Parts<'_> {
     ) -> Result<u32, Error> {
         let schedule = config.budget_schedule(b);
         let s = self.add_slot(schedule.clone(), b.limit, b.budget_key(), totals, templated)?;
-        let c = self.add_slot(schedule, Money::MAX, b.budget_key().credit(), credits, templated)?;
+        let c = self.add_slot(
+            schedule,
+            Money::MAX,
+            b.budget_key().credit(),
+            credits,
+            templated,
+        )?;
         self.view.link_credit(s, c);
         Ok(s)
     }

@@ -468,7 +468,9 @@ impl Limiter {
             static LOGGED: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
             let now = self.inner.clock.now_secs();
             if LOGGED.swap(now, std::sync::atomic::Ordering::Relaxed) != now {
-                tracing::warn!("spend not counted in a template (the other budgets count it): {why}");
+                tracing::warn!(
+                    "spend not counted in a template (the other budgets count it): {why}"
+                );
             }
         }
     }

@@ -444,7 +444,10 @@ impl Limiter {
             let mut add = |name: &str, slots: &[u32]| {
                 for rule in &t.rules {
                     let b = rule.budget.instance(name);
-                    if keys.position(&b.budget_key()).is_some_and(|s| slots.contains(&s)) {
+                    if keys
+                        .position(&b.budget_key())
+                        .is_some_and(|s| slots.contains(&s))
+                    {
                         out.push(b);
                     }
                 }

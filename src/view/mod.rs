@@ -234,7 +234,9 @@ impl View {
         }
         View {
             budgets: slots,
-            more: (0..TEMPLATE_SLOTS / SEGMENT).map(|_| OnceLock::new()).collect(),
+            more: (0..TEMPLATE_SLOTS / SEGMENT)
+                .map(|_| OnceLock::new())
+                .collect(),
             len: AtomicUsize::new(len),
             templated: AtomicUsize::new(0),
             hot,
@@ -777,9 +779,11 @@ impl View {
     /// Whether a budget is idle at `now_secs`: every window it has ended, and no reservation
     /// holds anything in it (a template's series may then leave the template's table).
     pub fn is_idle(&self, budget: u32, now_secs: i64) -> bool {
-        self.budget(budget).cells.load().iter().all(|c| {
-            c.window.end_secs() <= now_secs && c.reserved.load(Ordering::Relaxed) == 0
-        })
+        self.budget(budget)
+            .cells
+            .load()
+            .iter()
+            .all(|c| c.window.end_secs() <= now_secs && c.reserved.load(Ordering::Relaxed) == 0)
     }
 
     /// The cell of the window containing `at_secs`, created on first use.

@@ -80,11 +80,21 @@ fn a_names_series_is_one_series_for_the_fleet() {
     let clock = mid_hour();
     let hour = Duration::from_secs(3600); // rounds when the test says so
     let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let a = support::open(config(TEMPLATE, da.path(), &server.url(), "a", hour), &clock);
-    let b = support::open(config(TEMPLATE, db.path(), &server.url(), "b", hour), &clock);
+    let a = support::open(
+        config(TEMPLATE, da.path(), &server.url(), "a", hour),
+        &clock,
+    );
+    let b = support::open(
+        config(TEMPLATE, db.path(), &server.url(), "b", hour),
+        &clock,
+    );
     charge(&a, "k1", "1.5");
     converge(&[&a, &b]);
-    assert_eq!(key_spend(&b, "k1"), None, "b has not seen k1: no series there");
+    assert_eq!(
+        key_spend(&b, "k1"),
+        None,
+        "b has not seen k1: no series there"
+    );
     // k1's first request through b makes its series there; the next round brings a's spend.
     charge(&b, "k1", "0.1");
     converge(&[&a, &b]);
@@ -94,7 +104,10 @@ fn a_names_series_is_one_series_for_the_fleet() {
     converge(&[&a, &b]);
     let k1 = Identity::new().key("k1");
     for n in [&a, &b] {
-        assert!(n.filter_for(&["gpt-4o"], NO_TAGS, &k1).is_err(), "k1 spent 2.0");
+        assert!(
+            n.filter_for(&["gpt-4o"], NO_TAGS, &k1).is_err(),
+            "k1 spent 2.0"
+        );
         assert!(n
             .filter_for(&["gpt-4o"], NO_TAGS, &Identity::new().key("k2"))
             .is_ok());
@@ -111,7 +124,10 @@ fn a_names_series_is_one_series_for_the_fleet() {
 
     // A restarted node resumes k1's series from its data dir and Redis.
     drop(b);
-    let b = support::open(config(TEMPLATE, db.path(), &server.url(), "b", hour), &clock);
+    let b = support::open(
+        config(TEMPLATE, db.path(), &server.url(), "b", hour),
+        &clock,
+    );
     converge(&[&a, &b]);
     assert_eq!(key_spend(&b, "k1"), Some(usd("2")));
 }
@@ -125,8 +141,14 @@ fn a_template_put_on_one_node_makes_series_on_the_other_within_two_intervals() {
     let plain = "provider_budget_config:\n  openai: {budget_limit: 100, time_period: 1d}\n";
     let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let clock = Arc::new(FakeClock::new(Timestamp::now()));
-    let a = support::open(config(plain, da.path(), &server.url(), "a", interval), &clock);
-    let b = support::open(config(plain, db.path(), &server.url(), "b", interval), &clock);
+    let a = support::open(
+        config(plain, da.path(), &server.url(), "a", interval),
+        &clock,
+    );
+    let b = support::open(
+        config(plain, db.path(), &server.url(), "b", interval),
+        &clock,
+    );
     let mut fields = BudgetFields::new("0", "1d");
     fields.max_series = Some(5);
     let template = BudgetConfig::from_fields(Scope::Customer, "*", &fields).unwrap();
@@ -135,7 +157,10 @@ fn a_template_put_on_one_node_makes_series_on_the_other_within_two_intervals() {
     let acme = Identity::new().customer("acme");
     let start = Instant::now();
     while b.filter_for(&["gpt-4o"], NO_TAGS, &acme).is_ok() {
-        assert!(start.elapsed() < 2 * interval, "b does not enforce a's template");
+        assert!(
+            start.elapsed() < 2 * interval,
+            "b does not enforce a's template"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     let err = b.filter_for(&["gpt-4o"], NO_TAGS, &acme).unwrap_err();

@@ -165,7 +165,10 @@ fn bad_identity_budgets_are_one_line_naming_the_culprit() {
     match Config::new().with_budget(tag).validate() {
         Err(e @ ConfigError::Budget { .. }) => {
             let e = e.to_string();
-            assert!(e.contains("tag \"*\" (1d): max_series: only a template"), "{e}");
+            assert!(
+                e.contains("tag \"*\" (1d): max_series: only a template"),
+                "{e}"
+            );
         }
         other => panic!("{other:?}"),
     }

@@ -80,7 +80,10 @@ fn each_name_gets_its_own_series_counted_and_reported() {
         "the template's own row counts nothing; each name's row counts its spend"
     );
     // The spend counts in the provider budget too, once per charge.
-    assert_eq!(l.status(StatusQuery::provider("openai"))[0].spend, usd("1.25"));
+    assert_eq!(
+        l.status(StatusQuery::provider("openai"))[0].spend,
+        usd("1.25")
+    );
     // Status by name pages through the template's series as through any budget.
     let b_rows = l.status(StatusQuery::all().scope(Scope::Key).name("b"));
     assert_eq!(b_rows.len(), 1);
@@ -113,9 +116,15 @@ provider_budgets:
     let l = open(yaml, &dir, &clock);
     let vip = key("vip");
     charge(&l, &vip, "2");
-    assert!(passes(&l, &vip), "vip's own daily 5 USD, not the template's 1");
+    assert!(
+        passes(&l, &vip),
+        "vip's own daily 5 USD, not the template's 1"
+    );
     charge(&l, &vip, "1.5");
-    assert!(!passes(&l, &vip), "the template's monthly 3 USD still applies to vip");
+    assert!(
+        !passes(&l, &vip),
+        "the template's monthly 3 USD still applies to vip"
+    );
     let vip_rows: Vec<_> = rows(&l, Scope::Key)
         .into_iter()
         .filter(|r| r.0 == "vip")
@@ -145,7 +154,10 @@ provider_budgets:
     let c = key("c");
     let err = l.filter_for(&D, NO_TAGS, &c).unwrap_err();
     let why = err.template_refused.clone().unwrap();
-    assert!(why.contains("key \"c\"") && why.contains("max_series"), "{why}");
+    assert!(
+        why.contains("key \"c\"") && why.contains("max_series"),
+        "{why}"
+    );
     assert!(err.to_string().contains("Refused by a template"), "{err}");
     match l.reserve(&D, usd("0.1")).identity(&c).wait() {
         Err(ReserveError::Denied(d)) => assert!(d.template_refused.is_some()),
@@ -153,7 +165,10 @@ provider_budgets:
     }
     // A charge for it still counts in every other budget, and not in the template.
     charge(&l, &c, "0.5");
-    assert_eq!(l.status(StatusQuery::provider("openai"))[0].spend, usd("0.7"));
+    assert_eq!(
+        l.status(StatusQuery::provider("openai"))[0].spend,
+        usd("0.7")
+    );
     assert!(!rows(&l, Scope::Key).iter().any(|r| r.0 == "c"));
     // Known names keep working.
     assert!(passes(&l, &key("a")));
@@ -180,7 +195,11 @@ provider_budgets:
 ";
     let (dir, clock) = (tempfile::tempdir().unwrap(), clock());
     let l = open(yaml, &dir, &clock);
-    let held = l.reserve(&D, usd("0.5")).identity(&key("a")).wait().unwrap();
+    let held = l
+        .reserve(&D, usd("0.5"))
+        .identity(&key("a"))
+        .wait()
+        .unwrap();
     clock.advance(SignedDuration::from_hours(1));
     assert!(
         l.filter_for(&D, NO_TAGS, &key("b")).is_err(),
@@ -265,13 +284,21 @@ fn names_a_template_cannot_count_are_refused_not_dropped() {
     for name in [long.as_str(), "*", "a{b}"] {
         let err = l.filter_for(&D, NO_TAGS, &key(name)).unwrap_err();
         assert!(err.template_refused.is_some(), "{name}");
-        assert!(l.reserve(&D, usd("0.1")).identity(&key(name)).wait().is_err());
+        assert!(l
+            .reserve(&D, usd("0.1"))
+            .identity(&key(name))
+            .wait()
+            .is_err());
     }
     let zero = "provider_budgets:\n  budgets:\n    - {key: \"*\", limit: 0, period: 1d}\n";
     let dir2 = tempfile::tempdir().unwrap();
     let l = open(zero, &dir2, &clock);
-    assert!(!passes(&l, &key("new")), "a zero limit refuses before any spend");
-    let shadow = "provider_budgets:\n  budgets:\n    - {key: \"*\", limit: 0, period: 1d, mode: shadow}\n";
+    assert!(
+        !passes(&l, &key("new")),
+        "a zero limit refuses before any spend"
+    );
+    let shadow =
+        "provider_budgets:\n  budgets:\n    - {key: \"*\", limit: 0, period: 1d, mode: shadow}\n";
     let dir3 = tempfile::tempdir().unwrap();
     let l = open(shadow, &dir3, &clock);
     assert!(passes(&l, &key("new")), "a shadow template never blocks");
@@ -289,5 +316,8 @@ fn templates_read_from_the_config_with_their_bound() {
         "provider_budgets:\n  budgets:\n    - {user: \"*\", limit: 10, period: 1mo}\n",
     )
     .unwrap();
-    assert_eq!(d.budgets[0].series_bound(), provider_budgets::DEFAULT_MAX_SERIES);
+    assert_eq!(
+        d.budgets[0].series_bound(),
+        provider_budgets::DEFAULT_MAX_SERIES
+    );
 }

@@ -78,8 +78,7 @@ fn render_templates(limiter: &Limiter) {
     for t in limiter.templates() {
         let (scope, period) = (t.scope.as_str(), t.period_key);
         let labels = [("scope", scope.to_owned()), ("period", period)];
-        metrics::gauge!("provider_budgets_template_live_series", &labels)
-            .set(t.live_series as f64);
+        metrics::gauge!("provider_budgets_template_live_series", &labels).set(t.live_series as f64);
         metrics::gauge!("provider_budgets_template_exhausted_series", &labels)
             .set(t.exhausted_series as f64);
         metrics::gauge!("provider_budgets_template_spend_usd", &labels).set(t.spend.as_usd());

@@ -212,3 +212,58 @@ fn budget_put_with_redis_reaches_another_node() {
         "{put:?}"
     );
 }
+
+#[test]
+fn budget_put_of_a_template_gives_each_key_its_series_across_invocations() {
+    let cli = Cli::new(CONFIG);
+    budget(
+        &cli,
+        &[
+            "put",
+            "key",
+            "*",
+            "--limit",
+            "1",
+            "--period",
+            "1d",
+            "--max-series",
+            "2",
+        ],
+    )
+    .assert_ok();
+    let run = |args: &[&str]| {
+        let mut all = vec!["--now", NOW];
+        all.extend_from_slice(args);
+        cli.run(&all)
+    };
+    run(&["charge", "gpt-4o", "1", "--key", "a"]).assert_ok();
+    let denied = run(&["filter", "gpt-4o", "--key", "a"]);
+    assert_eq!(denied.code, Some(3), "a spent its own 1 USD: {denied:?}");
+    run(&["filter", "gpt-4o", "--key", "b"]).assert_ok();
+    run(&["charge", "gpt-4o", "0.5", "--key", "b"]).assert_ok();
+    // Each invocation reopens the data dir: a and b's series come back, c does not fit.
+    let full = run(&["filter", "gpt-4o", "--key", "c"]);
+    assert_eq!(full.code, Some(3), "{full:?}");
+    assert!(full.stderr.contains("max_series"), "{full:?}");
+    let status = run(&["status", "--json"]);
+    status.assert_ok();
+    assert!(
+        status.stdout.contains("\"name\":\"a\"") && status.stdout.contains("\"name\":\"b\""),
+        "{status:?}"
+    );
+    budget(
+        &cli,
+        &[
+            "put",
+            "key",
+            "a",
+            "--limit",
+            "1",
+            "--period",
+            "1d",
+            "--max-series",
+            "2",
+        ],
+    )
+    .assert_error(1, &["max_series: only a template"]);
+}

@@ -23,7 +23,8 @@ fn filter(s: &Server, identity: Value) -> Reply {
 }
 
 fn spend(s: &Server, key: &str, cost: &str) {
-    let r = s.spend(json!({"deployment": {"model": "gpt-4o"}, "identity": {"key": key}, "cost": cost}));
+    let r =
+        s.spend(json!({"deployment": {"model": "gpt-4o"}, "identity": {"key": key}, "cost": cost}));
     assert_eq!(r.status, 200, "{r:?}");
 }
 
@@ -41,8 +42,13 @@ fn each_key_gets_a_series_bounded_by_max_series_and_aggregated_in_metrics() {
     let r = filter(&s, json!({"key": "c"}));
     assert_eq!(r.status, 429, "{r:?}");
     let why = r.json()["template_refused"].as_str().unwrap().to_owned();
-    assert!(why.contains("key \"c\"") && why.contains("max_series"), "{why}");
-    let r = s.reserve(json!({"deployments": [{"model": "gpt-4o"}], "estimate": "0.1", "identity": {"key": "c"}}));
+    assert!(
+        why.contains("key \"c\"") && why.contains("max_series"),
+        "{why}"
+    );
+    let r = s.reserve(
+        json!({"deployments": [{"model": "gpt-4o"}], "estimate": "0.1", "identity": {"key": "c"}}),
+    );
     assert_eq!(r.status, 429, "{r:?}");
     assert!(r.json()["template_refused"].is_string(), "{r:?}");
 
@@ -55,15 +61,22 @@ fn each_key_gets_a_series_bounded_by_max_series_and_aggregated_in_metrics() {
     let metrics = s.get("/metrics").body;
     assert!(
         metrics.contains("provider_budgets_template_live_series{scope=\"key\",period=\"1d\"} 2")
-            || metrics.contains("provider_budgets_template_live_series{period=\"1d\",scope=\"key\"} 2"),
+            || metrics
+                .contains("provider_budgets_template_live_series{period=\"1d\",scope=\"key\"} 2"),
         "{metrics}"
     );
-    assert!(metrics.contains("provider_budgets_template_exhausted_series"), "{metrics}");
+    assert!(
+        metrics.contains("provider_budgets_template_exhausted_series"),
+        "{metrics}"
+    );
     assert!(
         !metrics.contains("provider=\"key:a\""),
         "no per-series gauge for a templated series"
     );
-    assert!(metrics.contains("provider_budgets_template_refused_total"), "{metrics}");
+    assert!(
+        metrics.contains("provider_budgets_template_refused_total"),
+        "{metrics}"
+    );
 }
 
 #[test]
@@ -82,7 +95,10 @@ fn a_template_put_at_runtime_applies_to_new_names() {
             .is_some_and(|w| w.contains("zero limit")),
         "{r:?}"
     );
-    let r = s.put_budget("/v1/budgets/team/research", json!({"limit": 5, "period": "1d", "max_series": 3}));
+    let r = s.put_budget(
+        "/v1/budgets/team/research",
+        json!({"limit": 5, "period": "1d", "max_series": 3}),
+    );
     assert_eq!(r.status, 422, "max_series on a named budget: {r:?}");
     assert!(r.body.contains("max_series: only a template"), "{r:?}");
 }
