@@ -171,3 +171,68 @@ fn a_template_put_on_one_node_makes_series_on_the_other_within_two_intervals() {
         "{err}"
     );
 }
+
+#[test]
+fn a_strict_template_grants_each_new_name_and_holds_its_limit_across_nodes() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let yaml = "\
+provider_budgets:
+  budgets:
+    - {key: \"*\", limit: 1, period: 1h, enforcement: strict}
+";
+    let interval = Duration::from_millis(200);
+    let clock = mid_hour();
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = support::open(
+        config(yaml, da.path(), &server.url(), "a", interval),
+        &clock,
+    );
+    let b = support::open(
+        config(yaml, db.path(), &server.url(), "b", interval),
+        &clock,
+    );
+    let first = Instant::now();
+    let mut refused_first = 0;
+    // Each node spends on the same keys until refused: the fleet never passes a key's 1 USD.
+    for name in ["k1", "k2", "k3"] {
+        let id = Identity::new().key(name);
+        let mut admitted = [0u64; 2];
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut denials = 0;
+        while denials < 30 && Instant::now() < deadline {
+            let mut any = false;
+            for (i, n) in [&a, &b].into_iter().enumerate() {
+                match n.reserve(&["gpt-4o"], usd("0.07")).identity(&id).wait() {
+                    Ok(r) => {
+                        r.commit(usd("0.07")).unwrap().wait().unwrap();
+                        admitted[i] += 1;
+                        any = true;
+                    }
+                    Err(_) => {
+                        if admitted[i] == 0 {
+                            refused_first += 1;
+                        }
+                    }
+                }
+            }
+            if any {
+                denials = 0;
+            } else {
+                denials += 1;
+                std::thread::sleep(interval / 4);
+            }
+        }
+        let spent = 7 * (admitted[0] + admitted[1]);
+        assert!(spent <= 100, "{name}: the fleet spent {spent} cents of 100");
+        assert!(
+            spent >= 70,
+            "{name}: {spent} cents: grants reached the nodes"
+        );
+    }
+    eprintln!(
+        "first reservations refused before a grant: {refused_first} ({:?})",
+        first.elapsed()
+    );
+}

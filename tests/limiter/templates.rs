@@ -321,3 +321,96 @@ fn templates_read_from_the_config_with_their_bound() {
         provider_budgets::DEFAULT_MAX_SERIES
     );
 }
+
+#[test]
+fn concurrent_first_uses_make_one_series_per_name_and_count_exactly() {
+    let yaml = "\
+provider_budgets:
+  budgets:
+    - {key: \"*\", limit: 1000, period: 1d, max_series: 150}
+";
+    let (dir, clock) = (tempfile::tempdir().unwrap(), clock());
+    let l = open(yaml, &dir, &clock);
+    // 4 threads charge the same 120 names, each name 0.01 per thread and pass.
+    std::thread::scope(|s| {
+        for t in 0..4 {
+            let l = &l;
+            s.spawn(move || {
+                for pass in 0..3 {
+                    for i in 0..120 {
+                        let name = format!("k{}", (i * 7 + t * 13 + pass) % 120);
+                        l.charge(Spend::provider("openai", usd("0.01")).identity(&key(&name)))
+                            .unwrap();
+                    }
+                }
+            });
+        }
+    });
+    l.flush().unwrap();
+    let rows = rows(&l, Scope::Key);
+    assert_eq!(
+        rows.len(),
+        121,
+        "the template's row and one per name, no duplicate"
+    );
+    let total: u64 = rows.iter().map(|r| r.2.as_nanos()).sum();
+    assert_eq!(
+        total,
+        usd("0.01").as_nanos() * 4 * 3 * 120,
+        "every charge counted once"
+    );
+    assert_eq!(l.templates()[0].live_series, 120);
+}
+
+#[test]
+fn an_explicit_budget_added_or_removed_by_reload_takes_over_the_same_series() {
+    let (dir, clock) = (tempfile::tempdir().unwrap(), clock());
+    let l = open(TEMPLATE, &dir, &clock);
+    charge(&l, &key("a"), "0.5");
+    let explicit = format!("{TEMPLATE}    - {{key: a, limit: 5, period: 1d}}\n");
+    l.reload(support::yaml(&explicit, dir.path())).unwrap();
+    charge(&l, &key("a"), "0.75");
+    let a_rows: Vec<_> = rows(&l, Scope::Key)
+        .into_iter()
+        .filter(|r| r.0 == "a")
+        .collect();
+    assert_eq!(
+        a_rows,
+        [("a".into(), "1d".into(), usd("1.25"), usd("5"))],
+        "one series, counted once, with the explicit limit"
+    );
+    assert!(passes(&l, &key("a")));
+    l.reload(support::yaml(TEMPLATE, dir.path())).unwrap();
+    assert!(
+        passes(&l, &key("a")),
+        "not yet made again: a new name passes"
+    );
+    charge(&l, &key("a"), "0.01");
+    assert!(
+        !passes(&l, &key("a")),
+        "the template's 1 USD applies to the same 1.26"
+    );
+    assert_eq!(rows(&l, Scope::Key)[1].2, usd("1.26"));
+}
+
+#[test]
+fn a_restart_with_a_smaller_max_series_keeps_what_fits_and_loses_no_spend() {
+    let (dir, clock) = (tempfile::tempdir().unwrap(), clock());
+    {
+        let l = open(TEMPLATE, &dir, &clock);
+        for name in ["a", "b", "c"] {
+            charge(&l, &key(name), "0.5");
+        }
+    }
+    let smaller = TEMPLATE.replace(
+        "limit: 1, period: 1d}",
+        "limit: 1, period: 1d, max_series: 2}",
+    );
+    let l = open(&smaller, &dir, &clock);
+    assert_eq!(l.templates()[0].live_series, 2);
+    drop(l);
+    // Back to the larger bound: all three resume with their spend.
+    let l = open(TEMPLATE, &dir, &clock);
+    let spends: Vec<Money> = rows(&l, Scope::Key)[1..].iter().map(|r| r.2).collect();
+    assert_eq!(spends, [usd("0.5"); 3]);
+}
