@@ -24,6 +24,7 @@ mod reopen;
 mod replication;
 mod reserve;
 mod scoped;
+mod templates;
 
 use criterion::{criterion_group, criterion_main};
 
@@ -38,6 +39,7 @@ criterion_group! {
         replication::bench,
         reserve::bench,
         scoped::bench,
+        templates::bench,
 }
 criterion_group!(summary, common::print_summary);
 criterion_main!(benches, summary);
