@@ -25,11 +25,10 @@
 use provider_budgets_test_support::proxy;
 use provider_budgets_test_support::redis_server;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use provider_budgets::{Config, Limiter, Money, RedisConfig};
+use provider_budgets::{Config, Identity, Limiter, Money, RedisConfig};
 use provider_budgets::{Spend, StatusQuery, NO_TAGS};
 use proxy::Proxy;
 use redis_server::RedisServer;
@@ -37,6 +36,8 @@ use redis_server::RedisServer;
 const WORKERS: usize = 4;
 const LATENCY: Duration = Duration::from_millis(5);
 const DENIALS_TO_STOP: u32 = 3;
+const DEPLOYMENT: &str = "openai/gpt-4o";
+const NANOS_PER_USD: u64 = 1_000_000_000;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Net {
@@ -73,35 +74,35 @@ impl Rng {
     }
 }
 
-struct Outcome {
-    spend: u64,
-    calls: u64,
-    seconds: f64,
-}
-
-fn run(n: usize, strict: bool, net: Net, limit_usd: u64, run_id: usize) -> Outcome {
-    let mut server = RedisServer::start().expect("redis-server is needed for this benchmark");
+/// Redis, the proxy in front of it and the URL the nodes use (the proxy's when delayed).
+fn start_redis(net: Net) -> (RedisServer, Proxy, String) {
+    let server = RedisServer::start().expect("redis-server is needed for this benchmark");
     let proxy = Proxy::start(server.port()).unwrap();
-    if net == Net::Delay {
-        proxy.set_delay(Duration::from_millis(50));
-    }
     let url = if net == Net::Delay {
+        proxy.set_delay(Duration::from_millis(50));
         proxy.url()
     } else {
         server.url()
     };
-    let enforcement = if strict { "strict" } else { "shared" };
-    let yaml = format!(
-        "provider_budgets:\n  budgets:\n    - {{provider: openai, limit: {limit_usd}, period: 1d, enforcement: {enforcement}}}\n"
-    );
+    (server, proxy, url)
+}
+
+/// `n` limiters on one Redis, each with its own data dir and node id (`n0`, `n1`, …); the
+/// limiters are dropped (shut down) before their data dirs.
+struct Fleet {
+    nodes: Vec<Limiter>,
+    _dirs: Vec<tempfile::TempDir>,
+}
+
+fn open_fleet(n: usize, yaml: &str, url: &str, run_id: usize) -> Fleet {
     let dirs: Vec<tempfile::TempDir> = (0..n).map(|_| tempfile::tempdir().unwrap()).collect();
-    let nodes: Vec<Limiter> = dirs
+    let nodes = dirs
         .iter()
         .enumerate()
         .map(|(i, d)| {
-            let mut c = Config::from_yaml_str(&yaml).unwrap().data_dir(d.path());
+            let mut c = Config::from_yaml_str(yaml).unwrap().data_dir(d.path());
             c.node_id = Some(format!("n{i}"));
-            let mut r = RedisConfig::new(url.clone());
+            let mut r = RedisConfig::new(url);
             r.prefix = format!("o{run_id}");
             r.sync_interval = Duration::from_millis(200);
             r.connect_timeout = Duration::from_millis(300);
@@ -110,99 +111,140 @@ fn run(n: usize, strict: bool, net: Net, limit_usd: u64, run_id: usize) -> Outco
             Limiter::open(c).unwrap()
         })
         .collect();
-    let limit = Money::from_nanos(limit_usd * 1_000_000_000);
-    if strict {
-        // A strict budget's first use in Redis freezes raises for three sync intervals (Redis
-        // cannot tell it from a loss: docs/strict-budgets.md); wait it out before measuring.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        for node in &nodes {
-            while node
-                .reserve(&[&"openai/gpt-4o"], Money::from_nanos(1))
-                .wait()
-                .map(|r| r.release().unwrap().wait().unwrap())
-                .is_err()
-            {
-                assert!(Instant::now() < deadline, "no first grant");
-                std::thread::sleep(Duration::from_millis(20));
+    Fleet { nodes, _dirs: dirs }
+}
+
+/// Retries `granted` (a tiny reservation, released) until it passes. A strict budget's first
+/// use in Redis freezes raises for three sync intervals (Redis cannot tell it from a loss:
+/// docs/strict-budgets.md); this waits it out before measuring.
+fn wait_first_grant(mut granted: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !granted() {
+        assert!(Instant::now() < deadline, "no first grant");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Reserves 1 nano for `identity` and releases it: whether it was granted.
+fn tiny_reservation(node: &Limiter, identity: &Identity<'_>) -> bool {
+    node.reserve(&[DEPLOYMENT], Money::from_nanos(1))
+        .identity(identity)
+        .wait()
+        .map(|r| r.release().unwrap().wait().unwrap())
+        .is_ok()
+}
+
+/// Kills Redis once `spent()` (nanos) reaches `half`, or after 120 s; returns without killing
+/// it when all `workers` finished first.
+fn stop_redis_halfway(
+    server: &mut RedisServer,
+    finished: &AtomicU64,
+    workers: u64,
+    half: u64,
+    spent: impl Fn() -> u64,
+) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let spent = spent();
+        if finished.load(Ordering::SeqCst) == workers {
+            return;
+        }
+        if spent >= half || Instant::now() > deadline {
+            server.kill();
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// The fleet's true spend over every budget: Σ of every node's own spend (exact), nanos.
+fn fleet_spend(nodes: &[Limiter]) -> u64 {
+    nodes
+        .iter()
+        .flat_map(|l| l.status(StatusQuery::all()))
+        .map(|row| row.own_spend.as_nanos())
+        .sum()
+}
+
+// ---- One budget -------------------------------------------------------------------------
+
+struct Outcome {
+    spend: u64,
+    calls: u64,
+    seconds: f64,
+}
+
+/// One worker of the one-budget case: calls until 3 denials in a row.
+fn one_budget_worker(node: &Limiter, strict: bool, seed: u64, calls: &AtomicU64) {
+    let mut rng = Rng(seed);
+    let mut denied = 0;
+    let deployments = [DEPLOYMENT];
+    while denied < DENIALS_TO_STOP {
+        let cost = rng.cost();
+        let admitted = if strict {
+            match node.reserve(&deployments, cost).wait() {
+                Ok(r) => {
+                    std::thread::sleep(LATENCY);
+                    r.commit(cost).unwrap().wait().unwrap();
+                    true
+                }
+                Err(_) => false,
             }
+        } else if node.filter(&deployments, NO_TAGS).is_ok() {
+            std::thread::sleep(LATENCY);
+            node.charge(Spend::provider("openai", cost)).unwrap();
+            true
+        } else {
+            false
+        };
+        if admitted {
+            denied = 0;
+            calls.fetch_add(1, Ordering::Relaxed);
+        } else {
+            denied += 1;
+            // Denied: the budget may free up (a give-back, a grant round).
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
-    let calls = Arc::new(AtomicU64::new(0));
-    let finished = Arc::new(AtomicU64::new(0));
-    let stop_redis = Arc::new(AtomicBool::new(false));
+}
+
+fn run(n: usize, strict: bool, net: Net, limit_usd: u64, run_id: usize) -> Outcome {
+    let (mut server, _proxy, url) = start_redis(net);
+    let enforcement = if strict { "strict" } else { "shared" };
+    let yaml = format!(
+        "provider_budgets:\n  budgets:\n    - {{provider: openai, limit: {limit_usd}, period: 1d, enforcement: {enforcement}}}\n"
+    );
+    let fleet = open_fleet(n, &yaml, &url, run_id);
+    if strict {
+        for node in &fleet.nodes {
+            wait_first_grant(|| tiny_reservation(node, &Identity::NONE));
+        }
+    }
+    let calls = AtomicU64::new(0);
+    let finished = AtomicU64::new(0);
     let started = Instant::now();
     std::thread::scope(|s| {
-        for (i, node) in nodes.iter().enumerate() {
+        for (i, node) in fleet.nodes.iter().enumerate() {
             for w in 0..WORKERS {
-                let calls = Arc::clone(&calls);
-                let finished = Arc::clone(&finished);
+                let seed = (run_id * 1000 + i * WORKERS + w) as u64 + 1;
+                let (calls, finished) = (&calls, &finished);
                 s.spawn(move || {
-                    let mut rng = Rng((run_id * 1000 + i * WORKERS + w) as u64 + 1);
-                    let mut denied = 0;
-                    let deployments = ["openai/gpt-4o"];
-                    while denied < DENIALS_TO_STOP {
-                        let cost = rng.cost();
-                        let admitted = if strict {
-                            match node.reserve(&[&deployments[0]], cost).wait() {
-                                Ok(r) => {
-                                    std::thread::sleep(LATENCY);
-                                    r.commit(cost).unwrap().wait().unwrap();
-                                    true
-                                }
-                                Err(_) => false,
-                            }
-                        } else if node.filter(&deployments, NO_TAGS).is_ok() {
-                            std::thread::sleep(LATENCY);
-                            node.charge(Spend::provider("openai", cost)).unwrap();
-                            true
-                        } else {
-                            false
-                        };
-                        if admitted {
-                            denied = 0;
-                            calls.fetch_add(1, Ordering::Relaxed);
-                        } else {
-                            denied += 1;
-                            // Denied: the budget may free up (a give-back, a grant round).
-                            std::thread::sleep(Duration::from_millis(20));
-                        }
-                    }
+                    one_budget_worker(node, strict, seed, calls);
                     finished.fetch_add(1, Ordering::SeqCst);
                 });
             }
         }
         if net == Net::StoppedHalfway {
-            let stop = Arc::clone(&stop_redis);
-            let finished = Arc::clone(&finished);
+            let (server, finished, nodes) = (&mut server, &finished, &fleet.nodes);
+            let half = limit_usd * NANOS_PER_USD / 2;
+            let spent = move || fleet_spend(nodes);
             let workers = (n * WORKERS) as u64;
-            let nodes = &nodes;
-            let server = &mut server;
-            s.spawn(move || {
-                let deadline = Instant::now() + Duration::from_secs(120);
-                loop {
-                    let spent: u64 = nodes
-                        .iter()
-                        .map(|l| l.status(StatusQuery::all())[0].own_spend.as_nanos())
-                        .sum();
-                    if finished.load(Ordering::SeqCst) == workers {
-                        return;
-                    }
-                    if spent >= limit.as_nanos() / 2 || Instant::now() > deadline {
-                        server.kill();
-                        stop.store(true, Ordering::SeqCst);
-                        return;
-                    }
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-            });
+            s.spawn(move || stop_redis_halfway(server, finished, workers, half, spent));
         }
     });
     let seconds = started.elapsed().as_secs_f64();
-    let spend: u64 = nodes
-        .iter()
-        .map(|l| l.status(StatusQuery::all())[0].own_spend.as_nanos())
-        .sum();
-    drop(nodes);
+    let spend = fleet_spend(&fleet.nodes);
+    drop(fleet);
     Outcome {
         spend,
         calls: calls.load(Ordering::Relaxed),
@@ -210,9 +252,8 @@ fn run(n: usize, strict: bool, net: Net, limit_usd: u64, run_id: usize) -> Outco
     }
 }
 
-fn main() {
-    let quick = std::env::args().any(|a| a == "--quick");
-    let limit_usd = if quick { 20 } else { 100 };
+/// The one-budget table; whether a strict run ended above its limit.
+fn one_budget_table(limit_usd: u64, run_id: &mut usize) -> bool {
     println!(
         "overshoot: one budget of ${limit_usd}/day, calls of $0.01-$0.10, {WORKERS} workers per node, sync every 200 ms"
     );
@@ -220,15 +261,14 @@ fn main() {
         "| N | network | shared: spend / limit | strict: spend / limit | strict: stranded | calls (shared / strict) |"
     );
     println!("|---|---|---|---|---|---|");
-    let mut run_id = 0;
     let mut failed = false;
     for n in [2usize, 8] {
         for net in [Net::Up, Net::Delay, Net::StoppedHalfway] {
-            run_id += 1;
-            let shared = run(n, false, net, limit_usd, run_id);
-            run_id += 1;
-            let strict = run(n, true, net, limit_usd, run_id);
-            let limit = (limit_usd * 1_000_000_000) as f64;
+            *run_id += 1;
+            let shared = run(n, false, net, limit_usd, *run_id);
+            *run_id += 1;
+            let strict = run(n, true, net, limit_usd, *run_id);
+            let limit = (limit_usd * NANOS_PER_USD) as f64;
             let stranded = (limit - strict.spend as f64).max(0.0) / limit * 100.0;
             println!(
                 "| {n} | {} | {:.3} | {:.3} | {stranded:.2} % | {} / {} ({:.1} s / {:.1} s) |",
@@ -240,7 +280,7 @@ fn main() {
                 shared.seconds,
                 strict.seconds,
             );
-            if strict.spend as f64 > limit {
+            if strict.spend > limit_usd * NANOS_PER_USD {
                 eprintln!(
                     "strict overshot its limit with exact estimates: {}",
                     strict.spend
@@ -249,6 +289,14 @@ fn main() {
             }
         }
     }
+    failed
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let limit_usd = if quick { 20 } else { 100 };
+    let mut run_id = 0;
+    let failed = one_budget_table(limit_usd, &mut run_id);
     if failed {
         std::process::exit(1);
     }
