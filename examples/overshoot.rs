@@ -407,9 +407,8 @@ impl Hierarchy {
     fn yaml(&self) -> String {
         let strict = "period: 1d, enforcement: strict";
         let mut y = String::from("provider_budgets:\n  budgets:\n");
-        for k in &self.keys {
-            writeln!(y, "    - {{key: {k}, limit: {}, {strict}}}", self.key_usd).unwrap();
-        }
+        // The keys from a template: each key's series is made on its first reservation.
+        writeln!(y, "    - {{key: \"*\", limit: {}, {strict}}}", self.key_usd).unwrap();
         for t in &self.teams {
             writeln!(y, "    - {{team: {t}, limit: {}, {strict}}}", self.team_usd).unwrap();
         }

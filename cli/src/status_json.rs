@@ -83,6 +83,7 @@ fn status_json(s: &BudgetStatus) -> serde_json::Value {
     if let Some(map) = row.as_object_mut() {
         let strict = s.enforcement == Enforcement::Strict;
         map.insert("enforcement".into(), s.enforcement.as_str().into());
+        map.insert("templated".into(), s.templated.into());
         map.insert("offline".into(), strict.then(|| s.offline.as_str()).into());
         map.insert("grant".into(), s.grant.map(Money::as_usd).into());
         map.insert("grant_nanos".into(), s.grant.map(Money::as_nanos).into());

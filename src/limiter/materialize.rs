@@ -19,7 +19,10 @@
 
 use std::sync::PoisonError;
 
-use crate::limiter::reload::apply_settings;
+use rustc_hash::FxHashMap;
+
+use crate::limiter::reload::{apply_settings, StoredPair};
+use crate::model::key::BudgetKey;
 use crate::limiter::{template_refusal, Limiter};
 use crate::model::budget::Scope;
 use crate::model::identity::Identity;
@@ -51,18 +54,21 @@ impl Limiter {
                     "{scope} {name:?} cannot have a templated budget: {why}"
                 ));
             }
-            self.add_templated(resolver, t, scope, name)?;
+            self.add_templated(resolver, t, scope, name, &mut |_| None)?;
         }
         Ok(())
     }
 
     /// Makes the series of `name` in template `t` (of `scope`), serialised with reloads.
+    /// `known(key)`: what the store holds for a series when the caller read it already
+    /// (`None`: read it now).
     fn add_templated(
         &self,
         resolver: &Resolver,
         t: &Template,
         scope: Scope,
         name: &str,
+        known: &mut dyn FnMut(&BudgetKey) -> Option<StoredPair>,
     ) -> Result<(), String> {
         let _serial = self
             .inner
@@ -96,9 +102,12 @@ impl Limiter {
                 // Made before (an earlier use, before a reload or an eviction; or a removed
                 // explicit budget): the same series, its spend kept.
                 Some(s) => s,
-                None => parts
-                    .add_templated_series(&config, &b)
-                    .map_err(|e| format!("{scope} {name:?}: {e}"))?,
+                None => {
+                    let stored = known(&b.budget_key());
+                    parts
+                        .add_templated_series(&config, &b, stored)
+                        .map_err(|e| format!("{scope} {name:?}: {e}"))?
+                }
             };
             apply_settings(parts.view, slot, &b, redis);
             slots.push(slot);
@@ -119,17 +128,36 @@ impl Limiter {
             return Ok(());
         }
         let now = crate::model::clock::floor_secs(self.inner.clock.now());
-        let store = &self.inner.store;
-        let own = store.load_own()?.into_iter().map(|(k, v)| (k, v.end));
-        let peers = store.load_peers()?.into_iter().map(|(k, v)| (k, v.end));
+        // One pass over the store, grouped by series: a hundred thousand series must not cost
+        // a hundred thousand reads.
+        let mut stored: FxHashMap<(String, String), StoredPair> = FxHashMap::default();
         let mut names = std::collections::BTreeSet::new();
-        for (key, _) in own.chain(peers).filter(|(_, end)| *end > now) {
-            names.extend(templated_name(&resolver, &key.provider, &key.period));
+        let own = self.inner.store.load_own()?.into_iter();
+        let own = own.map(|(k, v)| (k, v.end, v.total, 0));
+        let peers = self.inner.store.load_peers()?.into_iter();
+        for (key, end, total, others) in own.chain(peers.map(|(k, v)| (k, v.end, 0, v.others))) {
+            let (period, credit) = match key.period.strip_suffix(crate::model::key::CREDIT) {
+                Some(p) => (p, true),
+                None => (key.period.as_str(), false),
+            };
+            let Some((scope, name)) = templated_name(&resolver, &key.provider, period) else {
+                continue;
+            };
+            let window = crate::durable::store::window_of(&key, end);
+            let entry = stored.entry((key.provider.clone(), period.to_owned())).or_default();
+            let series = if credit { &mut entry.1 } else { &mut entry.0 };
+            series.push((window, total, others));
+            if end > now && !credit {
+                names.insert((scope, name));
+            }
         }
+        let mut known = |key: &BudgetKey| Some(stored.remove(&key.store_parts()).unwrap_or_default());
         let mut refused = 0usize;
         for (scope, name) in &names {
-            let identity = Identity::new().with(*scope, Some(name));
-            if let Err(why) = self.materialize(&resolver, &identity) {
+            let Some(t) = resolver.template(*scope) else {
+                continue;
+            };
+            if let Err(why) = self.add_templated(&resolver, t, *scope, name, &mut known) {
                 refused += 1;
                 if refused == 1 {
                     tracing::warn!("templated series not restored: {why}");

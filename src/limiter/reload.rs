@@ -49,10 +49,10 @@ pub(crate) struct Parts<'a> {
 }
 
 /// What the store holds for a budget series that gets a new slot: (window, own, others).
-type Stored = Vec<(Window, u64, u64)>;
+pub(crate) type Stored = Vec<(Window, u64, u64)>;
 
 /// Per new series: what is stored for it and for its credit series.
-type StoredPair = (Stored, Stored);
+pub(crate) type StoredPair = (Stored, Stored);
 
 impl Parts<'_> {
     /// The slot of each budget of `config` (`None`: a new series), and what the new series
@@ -187,16 +187,23 @@ impl Parts<'_> {
     /// [`Parts::add_series`] for a template's series of one name (`b`: the template's
     /// instance), from what the store holds for it (read by key prefix: a template may have
     /// a hundred thousand series, and each first use reads only its own).
+    /// `known`: what the store holds for it when the caller read it already (open).
     pub(crate) fn add_templated_series(
         &self,
         config: &Config,
         b: &BudgetConfig,
+        known: Option<StoredPair>,
     ) -> Result<u32, Error> {
-        let key = b.budget_key();
-        let stored = (
-            self.stored_series(&key.store_parts())?,
-            self.stored_series(&key.credit().store_parts())?,
-        );
+        let stored = match known {
+            Some(pair) => pair,
+            None => {
+                let key = b.budget_key();
+                (
+                    self.stored_series(&key.store_parts())?,
+                    self.stored_series(&key.credit().store_parts())?,
+                )
+            }
+        };
         self.add_pair(config, b, stored, true)
     }
 

@@ -98,7 +98,7 @@ impl BudgetKey {
 }
 
 /// What ends the period part of a credit series: no period or zone contains `#`.
-const CREDIT: &str = "#credit";
+pub(crate) const CREDIT: &str = "#credit";
 
 impl BudgetKey {
     /// The key of this budget's credit series (corrections): the same scope and name, the

@@ -57,6 +57,7 @@ fn each_key_gets_a_series_bounded_by_max_series_and_aggregated_in_metrics() {
     let rows = doc["budgets"].as_array().unwrap();
     assert_eq!(rows.len(), 1, "{doc}");
     assert_eq!(rows[0]["spend_nanos"], 250_000_000);
+    assert_eq!(rows[0]["templated"], true);
 
     let metrics = s.get("/metrics").body;
     assert!(
