@@ -387,7 +387,11 @@ impl View {
                 .store(crossed_bits(&soft, limit, c.total()), Ordering::Relaxed);
         }
         b.has_soft.store(!soft.is_empty(), Ordering::Relaxed);
-        b.soft.store(Arc::new(soft));
+        b.soft.store(if soft.is_empty() {
+            no_soft_limits()
+        } else {
+            Arc::new(soft)
+        });
     }
 
     pub fn soft_limits(&self, budget: u32) -> Arc<Vec<SoftLimit>> {
@@ -904,14 +908,14 @@ impl BudgetView {
         BudgetView {
             schedule,
             limit: AtomicU64::new(limit.as_nanos()),
-            cells: ArcSwap::from_pointee(Vec::new()),
+            cells: ArcSwap::new(empty_cells()),
             swap: Mutex::new(()),
             shadow: AtomicBool::new(false),
             strict: AtomicBool::new(false),
             policy: AtomicU8::new(0),
             starved: AtomicU64::new(0),
             would_deny: AtomicU64::new(0),
-            soft: ArcSwap::from_pointee(Vec::new()),
+            soft: ArcSwap::new(no_soft_limits()),
             has_soft: AtomicBool::new(false),
             peak: AtomicU64::new(0),
             hot,
@@ -921,6 +925,20 @@ impl BudgetView {
             templated,
         }
     }
+}
+
+/// The empty window list every budget starts with, shared: a template may have a hundred
+/// thousand series (and as many credit series, most never credited), and an allocation of
+/// its own per list would cost each 48 bytes for nothing.
+fn empty_cells() -> Arc<Vec<Arc<Cell>>> {
+    static EMPTY: OnceLock<Arc<Vec<Arc<Cell>>>> = OnceLock::new();
+    Arc::clone(EMPTY.get_or_init(|| Arc::new(Vec::new())))
+}
+
+/// The empty soft-limit list, shared (see [`empty_cells`]).
+fn no_soft_limits() -> Arc<Vec<SoftLimit>> {
+    static NONE: OnceLock<Arc<Vec<SoftLimit>>> = OnceLock::new();
+    Arc::clone(NONE.get_or_init(|| Arc::new(Vec::new())))
 }
 
 /// The `policy` byte of a budget view: 0 shared, then strict with each offline mode.

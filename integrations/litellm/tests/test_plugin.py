@@ -819,6 +819,42 @@ def test_team_and_key_budgets_through_the_router(sidecars, call_cost):
     asyncio.run(main())
 
 
+def test_a_key_template_gives_every_key_its_budget_through_the_router(sidecars, call_cost):
+    """A template (`key: "*"`) gives each hashed key litellm's proxy names its own budget, made
+    on its first call; past `max_series` a new key gets litellm's error saying why."""
+    c_o = nanos(call_cost[OPENAI])
+    key_a, key_b, key_c = (_key_hash(k) for k in ("sk-a", "sk-b", "sk-c"))
+    side = sidecars(
+        {},
+        config_text=(
+            "provider_budgets:\n  budgets:\n"
+            f'    - {{key: "*", limit: "{usd(c_o)}", period: 1d, max_series: 2}}\n'
+        ),
+    )
+
+    async def main():
+        plugin = ProviderBudgets(url=side.url, fail_open=False)
+        litellm.callbacks = [plugin]
+        router = Router(num_retries=0, model_list=deployments(OPENAI))
+        await router.acompletion(model="m", messages=PROMPT, **_proxy_metadata(key_a, "t"))
+        await await_condition(lambda: _budgets_by_name(side).get(f"key:{key_a}") == c_o, "key a's spend")
+        with pytest.raises(ValueError) as info:
+            await router.acompletion(model="m", messages=PROMPT, **_proxy_metadata(key_a, "t"))
+        assert f"Exceeded budget for key {key_a}: " in str(info.value), str(info.value)
+        await router.acompletion(model="m", messages=PROMPT, **_proxy_metadata(key_b, "t"))
+        await await_condition(lambda: _budgets_by_name(side).get(f"key:{key_b}") == c_o, "key b's spend")
+        with pytest.raises(ValueError) as info:
+            await router.acompletion(model="m", messages=PROMPT, **_proxy_metadata(key_c, "t"))
+        assert "max_series" in str(info.value), str(info.value)
+        assert await plugin.flush(5)
+        budgets = _budgets_by_name(side)
+        assert budgets[f"key:{key_a}"] == c_o and budgets[f"key:{key_b}"] == c_o, budgets
+        assert f"key:{key_c}" not in budgets, budgets
+        await plugin.aclose()
+
+    asyncio.run(main())
+
+
 def test_identity_of_a_request_and_of_a_success_event():
     """What the plugin reads: litellm's field names, non-empty strings only, ``metadata`` over
     ``litellm_metadata``; the success event's from the standard logging object."""
