@@ -815,6 +815,10 @@ def _exceeded_info(answer: bytes) -> str:
     lines = [_exceeded_line(e) for e in data["exceeded"] if isinstance(e, dict)]
     for model in data.get("unknown") or ():
         lines.append(f"Unknown provider for deployment {json.dumps(model)} (unknown_provider: deny)\n")
+    refused = data.get("template_refused")
+    if isinstance(refused, str):
+        # A budget template refused a new key, user, … (its max_series is reached).
+        lines.append(f"Refused by a template: {refused}\n")
     return "".join(lines)
 
 
