@@ -177,6 +177,8 @@ struct Page<'a> {
     /// Only budgets after this one (scope, name, period part).
     after: Option<(Scope, &'a str, &'a str)>,
     limit: Option<usize>,
+    /// Leave out the series of templates.
+    no_templated: bool,
 }
 
 enum Select<'a, D: ?Sized> {
@@ -289,6 +291,14 @@ impl<'a, D: ?Sized, T> StatusQuery<'a, D, T> {
     /// At most `n` budgets (the first in status order).
     pub fn limit(mut self, n: usize) -> Self {
         self.page.limit = Some(n);
+        self
+    }
+
+    /// Without the series of templates (the rows with [`BudgetStatus::templated`]): the
+    /// configured and runtime budgets only, whatever the number of keys (what `/metrics`
+    /// reports per budget).
+    pub fn without_templated(mut self) -> Self {
+        self.page.no_templated = true;
         self
     }
 }
@@ -431,6 +441,9 @@ impl Limiter {
     /// The budgets of the templates' series that `page` may select (one per name and series:
     /// the template with the name), unsorted. Only the named one when `page` names one.
     fn templated_budgets(&self, page: &Page<'_>) -> Vec<BudgetConfig> {
+        if page.no_templated {
+            return Vec::new();
+        }
         let resolver = self.inner.resolver.load();
         let keys = &self.inner.keys;
         let mut out = Vec::new();

@@ -79,6 +79,17 @@ fn each_name_gets_its_own_series_counted_and_reported() {
         ],
         "the template's own row counts nothing; each name's row counts its spend"
     );
+    // Without the templates' series: the configured budgets only (the template's own row).
+    let configured: Vec<String> = l
+        .status(StatusQuery::all().without_templated())
+        .into_iter()
+        .map(|s| s.provider)
+        .collect();
+    assert_eq!(configured, ["openai", "key:*"]);
+    assert!(l
+        .status(StatusQuery::all().scope(Scope::Key))
+        .iter()
+        .all(|s| s.templated == (s.name != "*")));
     // The spend counts in the provider budget too, once per charge.
     assert_eq!(
         l.status(StatusQuery::provider("openai"))[0].spend,

@@ -37,10 +37,8 @@ impl Exporter {
 
     /// The text exposition, with the gauges refreshed from `limiter`.
     pub(crate) fn render(&self, limiter: &Limiter) -> String {
-        for s in limiter.status(provider_budgets::StatusQuery::all()) {
-            if s.templated {
-                continue; // in its template's aggregates below
-            }
+        // A template's series are in its aggregates (below), not one gauge each.
+        for s in limiter.status(provider_budgets::StatusQuery::all().without_templated()) {
             // `provider`: the provider, or `scope:name` for the other scopes (the key name);
             // `period`: several budgets per name are told apart.
             let (p, q) = (s.provider, s.period_key);
