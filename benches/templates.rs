@@ -136,7 +136,9 @@ pub fn bench(c: &mut Criterion) {
             let picks: Vec<(String, usize)> = (0..200_000).map(|_| pick(&fx)).collect();
             let mut n = 0;
             common::latency(
-                &format!("templates/filter_4_identities/{series} (key, user, team, org + provider)"),
+                &format!(
+                    "templates/filter_4_identities/{series} (key, user, team, org + provider)"
+                ),
                 picks.len(),
                 || {
                     let (key, i) = &picks[n % picks.len()];

@@ -22,10 +22,10 @@ use std::sync::PoisonError;
 use rustc_hash::FxHashMap;
 
 use crate::limiter::reload::{apply_settings, StoredPair};
-use crate::model::key::BudgetKey;
 use crate::limiter::{template_refusal, Limiter};
 use crate::model::budget::Scope;
 use crate::model::identity::Identity;
+use crate::model::key::BudgetKey;
 use crate::resolve::Resolver;
 use crate::template::{name_fault, Template};
 
@@ -144,14 +144,17 @@ impl Limiter {
                 continue;
             };
             let window = crate::durable::store::window_of(&key, end);
-            let entry = stored.entry((key.provider.clone(), period.to_owned())).or_default();
+            let entry = stored
+                .entry((key.provider.clone(), period.to_owned()))
+                .or_default();
             let series = if credit { &mut entry.1 } else { &mut entry.0 };
             series.push((window, total, others));
             if end > now && !credit {
                 names.insert((scope, name));
             }
         }
-        let mut known = |key: &BudgetKey| Some(stored.remove(&key.store_parts()).unwrap_or_default());
+        let mut known =
+            |key: &BudgetKey| Some(stored.remove(&key.store_parts()).unwrap_or_default());
         let mut refused = 0usize;
         for (scope, name) in &names {
             let Some(t) = resolver.template(*scope) else {

@@ -135,7 +135,10 @@ mod tests {
         table.push(team.clone());
         assert_eq!(table.stored("openai", "1d"), Some(0));
         assert_eq!(table.position(&team), Some(4001));
-        assert_eq!(table.stored("team:research", "1d@Europe/Berlin"), Some(4001));
+        assert_eq!(
+            table.stored("team:research", "1d@Europe/Berlin"),
+            Some(4001)
+        );
         for i in (0..2000).step_by(97) {
             let k = BudgetKey::new(Scope::Key, format!("k{i}"), "1mo");
             let slot = 2 + 2 * i as u32;
@@ -145,7 +148,10 @@ mod tests {
             assert_eq!(table.get(slot), k);
         }
         // Near misses: another scope, another period, a provider named like a key name.
-        assert_eq!(table.position(&BudgetKey::new(Scope::User, "k1", "1mo")), None);
+        assert_eq!(
+            table.position(&BudgetKey::new(Scope::User, "k1", "1mo")),
+            None
+        );
         assert_eq!(table.stored("key:k1", "1d"), None);
         assert_eq!(table.stored("k1", "1mo"), None);
         assert_eq!(table.snapshot().len(), 4002);

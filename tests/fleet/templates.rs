@@ -2,7 +2,8 @@
 //! series for every node (the same key as an explicit budget of the name would have), so a
 //! name's spend on one node is counted on another from the first round after that node
 //! makes the series; a template put at runtime on one node makes series on another within two
-//! sync intervals; a Redis restart (FLUSHALL) loses nothing of a templated series.
+//! sync intervals; a Redis restart (FLUSHALL) loses nothing of a templated series; clean
+//! templated series cost Redis no read per round (tracking, as any budget).
 
 use provider_budgets_test_support::open as support;
 use provider_budgets_test_support::redis_server;
@@ -235,4 +236,40 @@ provider_budgets:
         "first reservations refused before a grant: {refused_first} ({:?})",
         first.elapsed()
     );
+}
+
+#[test]
+fn clean_templated_series_cost_redis_no_read_per_round() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let clock = mid_hour();
+    let hour = Duration::from_secs(3600);
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = support::open(
+        config(TEMPLATE, da.path(), &server.url(), "a", hour),
+        &clock,
+    );
+    let b = support::open(
+        config(TEMPLATE, db.path(), &server.url(), "b", hour),
+        &clock,
+    );
+    for i in 0..50 {
+        charge(&a, &format!("k{i}"), "0.01");
+        charge(&b, &format!("k{i}"), "0.01");
+    }
+    for _ in 0..3 {
+        converge(&[&a, &b]);
+    }
+    a.sync().unwrap();
+    let round = a.status(StatusQuery::all()).remove(0).replication;
+    assert!(round.tracking, "tracking is on");
+    assert_eq!(round.last_round.keys_written, 0);
+    assert!(round.last_round.keys_read >= 50, "{:?}", round.last_round);
+    assert_eq!(
+        round.last_round.keys_unchanged, round.last_round.keys_read,
+        "every clean templated window is known unchanged: {:?}",
+        round.last_round
+    );
+    assert_eq!(key_spend(&a, "k49"), Some(usd("0.02")));
 }

@@ -432,12 +432,16 @@ fn prepared_lists_and_filter_in_place_see_templated_series() {
     let l = open(TEMPLATE, &dir, &clock);
     let prepared = l.prepare(&D);
     let mut out = Vec::new();
-    prepared.filter_into_for(NO_TAGS, &key("a"), &mut out).unwrap();
+    prepared
+        .filter_into_for(NO_TAGS, &key("a"), &mut out)
+        .unwrap();
     assert_eq!(out, [0]);
     charge(&l, &key("a"), "1");
     assert!(prepared.filter_for(NO_TAGS, &key("a")).is_err());
     assert!(prepared.filter_for(NO_TAGS, &key("b")).is_ok());
     let mut list = D.to_vec();
-    assert!(l.filter_in_place_for(&mut list, NO_TAGS, &key("a")).is_err());
+    assert!(l
+        .filter_in_place_for(&mut list, NO_TAGS, &key("a"))
+        .is_err());
     assert_eq!(list, D, "left unchanged on NoDeployments");
 }
