@@ -450,17 +450,22 @@ impl Limiter {
         }
     }
 
-    /// A reservation on strict budget `budget` was refused by this node's grant alone: notes
-    /// the amount (the next grant round asks for at least that much more) and waits up to
+    /// A reservation was refused by this node's grant alone on the strict budgets `budgets`
+    /// (the one that refused and the others of its candidate whose grants are short): notes
+    /// the amount on each (the next grant round asks each for at least that much more) and waits up to
     /// `grant_wait` for an out-of-cycle round. `true` when one finished (retry once then).
-    pub(crate) fn wait_for_grant(&self, budget: u32, amount: Money) -> bool {
-        self.inner.view.note_starved(budget, amount);
+    pub(crate) fn wait_for_grant(&self, budgets: &[u32], amount: Money) -> bool {
+        for &b in budgets {
+            self.inner.view.note_starved(b, amount);
+        }
         self.inner.fleet.grant_round(&self.inner.config.load())
     }
 
     /// [`Limiter::wait_for_grant`] for async code: awaits the round without blocking.
-    pub(crate) async fn wait_for_grant_async(&self, budget: u32, amount: Money) -> bool {
-        self.inner.view.note_starved(budget, amount);
+    pub(crate) async fn wait_for_grant_async(&self, budgets: &[u32], amount: Money) -> bool {
+        for &b in budgets {
+            self.inner.view.note_starved(b, amount);
+        }
         let config = self.inner.config.load_full();
         self.inner.fleet.grant_round_async(&config).await
     }

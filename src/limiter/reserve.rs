@@ -503,11 +503,11 @@ impl Limiter {
         request: Request<'_, T>,
         estimate: Money,
     ) -> Result<Admitted, ReserveError> {
-        let mut starved = None;
+        let mut starved = Vec::new();
         let held = self.hold_once(candidates.clone(), request, estimate, &mut starved);
-        let held = match starved_by_grant(&held, starved) {
+        let held = match starved_by_grant(&held, &starved) {
             Some(b) if self.wait_for_grant(b, estimate) => {
-                self.hold_once(candidates, request, estimate, &mut None)
+                self.hold_once(candidates, request, estimate, &mut Vec::new())
             }
             _ => held,
         };
@@ -521,24 +521,25 @@ impl Limiter {
         request: Request<'_, T>,
         estimate: Money,
     ) -> Result<Admitted, ReserveError> {
-        let mut starved = None;
+        let mut starved = Vec::new();
         let held = self.hold_once(candidates.clone(), request, estimate, &mut starved);
-        let held = match starved_by_grant(&held, starved) {
+        let held = match starved_by_grant(&held, &starved) {
             Some(b) if self.wait_for_grant_async(b, estimate).await => {
-                self.hold_once(candidates, request, estimate, &mut None)
+                self.hold_once(candidates, request, estimate, &mut Vec::new())
             }
             _ => held,
         };
         count_denied(held)
     }
 
-    /// One admission attempt; `starved` gets the first budget refused by its grant alone.
+    /// One admission attempt; `starved` gets the first budget refused by its grant alone and
+    /// the other budgets of that candidate whose grants are short too.
     fn hold_once<'d, D: Deployment + ?Sized + 'd, T: AsRef<str>>(
         &self,
         candidates: impl Iterator<Item = &'d D>,
         (tags, identity): Request<'_, T>,
         estimate: Money,
-        starved: &mut Option<u32>,
+        starved: &mut Vec<u32>,
     ) -> Result<Admitted, ReserveError> {
         let inner: &Inner = &self.inner;
         if inner.closed.load(Ordering::Acquire) {
@@ -595,8 +596,15 @@ impl Limiter {
             for &(b, w) in &taken {
                 inner.view.unreserve(b, w, estimate);
             }
-            if matches!(why, Refused::Grant(_)) && starved.is_none() {
-                *starved = Some(b);
+            if matches!(why, Refused::Grant(_)) && starved.is_empty() {
+                // Every budget of this candidate that its grant holds back, not only the one
+                // that refused first: one grant round then raises them all (key, team and org
+                // of one request are otherwise raised one round, and one refusal, each).
+                starved.push(b);
+                starved.extend(
+                    charge_slots_for(&resolver, &r, tags, identity)
+                        .filter(|&o| o != b && inner.view.grant_short(o, secs, estimate)),
+                );
             }
             if !seen.contains(&b) {
                 seen.push(b);
@@ -821,8 +829,11 @@ impl Limiter {
 
 /// The strict budget whose grant alone refused `held`, when that is why it was denied (then a
 /// grant round may help: one retry after it).
-fn starved_by_grant(held: &Result<Admitted, ReserveError>, starved: Option<u32>) -> Option<u32> {
-    starved.filter(|_| matches!(held, Err(ReserveError::Denied(_))))
+fn starved_by_grant<'s>(
+    held: &Result<Admitted, ReserveError>,
+    starved: &'s [u32],
+) -> Option<&'s [u32]> {
+    (!starved.is_empty() && matches!(held, Err(ReserveError::Denied(_)))).then_some(starved)
 }
 
 /// Counts a denial in the metrics; returns `held` unchanged.

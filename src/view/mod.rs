@@ -542,6 +542,25 @@ impl View {
         }
     }
 
+    /// Whether a strict budget's grant is short of `amount` more in the window containing
+    /// `at_secs` (`own + reserved + amount > grant`), whatever its limit says: a budget a
+    /// grant round should raise along with the one that refused (no cell is made).
+    pub fn grant_short(&self, budget: u32, at_secs: i64, amount: Money) -> bool {
+        let b = self.budget(budget);
+        if !b.strict.load(Ordering::Relaxed) || b.shadow.load(Ordering::Relaxed) {
+            return false;
+        }
+        let cells = b.cells.load();
+        let Some(cell) = cells.iter().find(|c| c.window.contains_secs(at_secs)) else {
+            return true; // no grant in this window yet
+        };
+        cell.own
+            .load(Ordering::Relaxed)
+            .saturating_add(cell.reserved.load(Ordering::Relaxed))
+            .saturating_add(amount.as_nanos())
+            > cell.grant.load(Ordering::Relaxed)
+    }
+
     /// Gives back a held amount without counting it (a released reservation, or the part of
     /// a multi-budget admission that another budget refused).
     pub fn unreserve(&self, budget: u32, window: Window, amount: Money) {
