@@ -61,6 +61,15 @@ impl Entry {
         self.base.input.is_some() || self.base.output.is_some()
     }
 
+    /// Prices litellm fills in for one provider before pricing: a Fireworks entry without a
+    /// cache-read price reads the cache at half the input price
+    /// (`FIREWORKS_AI_DEFAULT_CACHE_READ_RATE_RATIO`), tiers included.
+    fn provider_defaults(&mut self) {
+        if self.provider.as_deref() == Some("fireworks_ai") && self.base.cache_read.is_none() {
+            self.base.cache_read = self.base.input.map(Rate::half);
+        }
+    }
+
     /// The rates `usage` is billed at, and the tier threshold used (if any).
     ///
     /// As litellm's `_get_token_base_cost`: every tier whose threshold the prompt exceeds
@@ -212,6 +221,7 @@ impl<'de> Deserialize<'de> for Entry {
                 tiers.retain(|(_, g)| !g.is_empty());
                 tiers.sort_by_key(|(t, _)| *t);
                 entry.tiers = tiers;
+                entry.provider_defaults();
                 Ok(entry)
             }
         }

@@ -67,6 +67,11 @@ impl Rate {
         plain_decimal(self.0, PER_MTOK_SCALE)
     }
 
+    /// Half the rate, rounded up (Fireworks' default cache-read price).
+    pub(crate) const fn half(self) -> Rate {
+        Rate(self.0.div_ceil(2))
+    }
+
     /// `tokens × self` in yocto-dollars, `None` past `u128::MAX`.
     fn times(self, tokens: u64) -> Option<u128> {
         self.0.checked_mul(u128::from(tokens))
