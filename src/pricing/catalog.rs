@@ -52,13 +52,17 @@ pub(crate) struct Entry {
     pub(crate) reasoning: Option<Rate>,
     /// Context tiers: (prompt tokens above which it applies, its prices), ascending.
     pub(crate) tiers: Vec<(u64, Given)>,
+    /// The entry has a `tiered_pricing` table (prices by prompt-size range, which litellm
+    /// bills instead of the flat prices): not supported, so the entry is unpriced rather
+    /// than billed at its flat price, which may be the cheapest tier.
+    pub(crate) tier_table: bool,
 }
 
 impl Entry {
     /// Whether the entry prices tokens at all (image, audio-second or per-query models
     /// do not: those are unpriced here rather than free).
     pub(crate) fn prices_tokens(&self) -> bool {
-        self.base.input.is_some() || self.base.output.is_some()
+        (self.base.input.is_some() || self.base.output.is_some()) && !self.tier_table
     }
 
     /// Prices litellm fills in for one provider before pricing: a Fireworks entry without a
@@ -196,6 +200,10 @@ impl<'de> Deserialize<'de> for Entry {
                 while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
                     if key == "litellm_provider" {
                         entry.provider = map.next_value::<Option<String>>()?;
+                        continue;
+                    }
+                    if key == "tiered_pricing" {
+                        entry.tier_table = !map.next_value::<serde_json::Value>()?.is_null();
                         continue;
                     }
                     let Some((kind, threshold)) = price_key(&key) else {

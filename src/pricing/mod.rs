@@ -92,6 +92,13 @@ pub enum UnpricedReason {
         /// The catalog key that matched.
         key: String,
     },
+    /// Its catalog entry prices tokens by a `tiered_pricing` table, which is not supported
+    /// (its flat prices, if any, may be the cheapest tier's).
+    #[error("catalog entry {key:?} has a tiered_pricing table (not supported; give an override)")]
+    TieredTable {
+        /// The catalog key that matched.
+        key: String,
+    },
 }
 
 /// Where the prices of a [`Priced`] came from.
@@ -269,8 +276,11 @@ impl Catalog {
                 return Ok(priced(rates, usage, source, tier));
             }
             if reason == UnpricedReason::NotFound {
-                reason = UnpricedReason::NoTokenPrices {
-                    key: key.to_owned(),
+                let key = key.to_owned();
+                reason = if entry.tier_table {
+                    UnpricedReason::TieredTable { key }
+                } else {
+                    UnpricedReason::NoTokenPrices { key }
                 };
             }
         }

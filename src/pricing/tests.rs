@@ -105,6 +105,24 @@ fn entries_without_token_prices_are_unpriced() {
 }
 
 #[test]
+fn tiered_pricing_tables_are_unpriced() {
+    let c = Catalog::builtin().unwrap();
+    let e = c
+        .price("dashscope/qwen-flash", &Usage::new(1, 1))
+        .unwrap_err();
+    let key = "dashscope/qwen-flash".to_owned();
+    assert_eq!(e.reason, UnpricedReason::TieredTable { key });
+    let c = Catalog::from_json_str(
+        r#"{"m": {"input_cost_per_token": 1e-6, "tiered_pricing": [{"range": [0, 10]}]},
+            "n": {"input_cost_per_token": 1e-6, "tiered_pricing": null}}"#,
+        "t",
+    )
+    .unwrap();
+    assert!(c.price("m", &Usage::new(1, 1)).is_err());
+    assert!(c.price("n", &Usage::new(1, 1)).is_ok());
+}
+
+#[test]
 fn overrides_win_over_the_catalog() {
     let mut pricing = Pricing::default();
     let mut negotiated = ModelPrices::new(mtok("2"), mtok("8"));
