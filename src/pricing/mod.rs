@@ -135,9 +135,10 @@ pub struct Priced {
     pub tier: Option<u64>,
 }
 
-/// A price catalog with its overrides and unpriced policy. Cheap to query (hash lookups, no
-/// allocation unless a name needs rewriting); build it once (loading the builtin one parses
-/// 3.5 MB of JSON, see `docs/performance.md`).
+/// A price catalog with its overrides and unpriced policy. Cheap to query (a few hash
+/// probes; it allocates the key it reports, and a lowercase copy of a name the exact lookups
+/// miss); build it once (loading the builtin one parses 3.5 MB of JSON, see
+/// `docs/performance.md`).
 #[derive(Debug)]
 pub struct Catalog {
     table: Table,
@@ -324,17 +325,13 @@ fn priced(rates: Rates, usage: &Usage, source: PriceSource, tier: Option<u64>) -
     }
 }
 
-/// The names a model is looked up under, in order, without repeats: as given, without an
-/// OpenAI fine-tune wrapper, without a dated snapshot suffix.
-fn candidates(model: &str) -> Vec<Cow<'_, str>> {
-    let mut out = vec![Cow::Borrowed(model)];
-    if let Some(base) = strip_finetune(model) {
-        out.push(Cow::Owned(base));
-    }
-    if let Some(undated) = strip_dated(model) {
-        out.push(Cow::Borrowed(undated));
-    }
-    out
+/// The names a model is looked up under, in order: as given, without an OpenAI fine-tune
+/// wrapper, without a dated snapshot suffix (lazy but for the fine-tune check, which allocates
+/// only for `ft:` names).
+fn candidates(model: &str) -> impl Iterator<Item = Cow<'_, str>> {
+    std::iter::once(Cow::Borrowed(model))
+        .chain(strip_finetune(model).map(Cow::Owned))
+        .chain(strip_dated(model).map(Cow::Borrowed))
 }
 
 /// `ft:gpt-4o-mini:org:suffix:id` → `gpt-4o-mini` (a provider prefix is kept:

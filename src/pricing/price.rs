@@ -414,3 +414,34 @@ mod tests {
         assert_eq!(rates.cost(&Usage::new(u64::MAX, u64::MAX)), Money::MAX);
     }
 }
+
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// `digits` (no leading zeros) × 10^`exp` in scientific form with the point after `split`
+    /// digits: `123e-5` → `1.23e-3` (split 1).
+    fn scientific(digits: &str, exp: i64, split: usize) -> String {
+        let split = split.min(digits.len());
+        let (int, frac) = digits.split_at(split);
+        let shift = exp + i64::try_from(frac.len()).unwrap();
+        let int = if int.is_empty() { "0" } else { int };
+        format!("{int}.{frac}e{shift}")
+    }
+
+    proptest! {
+        /// Every yocto amount reads back exactly from its plain and its scientific forms, and
+        /// one more non-zero digit past the unit rounds it up by exactly one.
+        #[test]
+        fn decimal_texts_round_trip(y in 0u128..10u128.pow(30), split in 0usize..32, tail in 1u8..10) {
+            let plain = plain_decimal(y, RATE_SCALE);
+            prop_assert_eq!(parse_decimal(&plain, RATE_SCALE), Ok(y));
+            let digits = y.to_string();
+            let sci = scientific(&digits, -i64::from(RATE_SCALE), split);
+            prop_assert_eq!(parse_decimal(&sci, RATE_SCALE), Ok(y), "{}", sci);
+            let finer = format!("{digits}{tail}e-{}", RATE_SCALE + 1);
+            prop_assert_eq!(parse_decimal(&finer, RATE_SCALE), Ok(y + 1), "{}", finer);
+        }
+    }
+}
