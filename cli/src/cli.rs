@@ -297,7 +297,7 @@ type Outcome = Result<(), Failure>;
 pub fn run() -> ExitCode {
     install_panic_hook();
     // `price` reads no data dir: it also runs without the global flags.
-    if let Some(code) = crate::price::standalone() {
+    if let Some(code) = crate::price::standalone(clap_exit) {
         return code;
     }
     let cli = match parse_args() {
@@ -337,7 +337,7 @@ fn parse_args() -> Result<Cli, clap::Error> {
 
 /// `--help` and `--version` print as clap renders them; usage errors become one line, because
 /// clap's own form (usage block, tips) spans several.
-pub(crate) fn clap_exit(e: &clap::Error) -> ExitCode {
+fn clap_exit(e: &clap::Error) -> ExitCode {
     if !e.use_stderr() {
         // --help / --version: a failed print (closed stdout) has nothing better to report to.
         let _ = e.print();

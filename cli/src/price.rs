@@ -56,8 +56,10 @@ struct Standalone {
 }
 
 /// When this process was started as `provider-budgets price …`, runs it and returns the exit
-/// code; `None` for every other command line (the main parser takes it).
-pub(crate) fn standalone() -> Option<ExitCode> {
+/// code; `None` for every other command line (the main parser takes it). `usage_error` reports
+/// a flag clap refused as the rest of the CLI does (passed in: `cli` depends on this module,
+/// not the reverse).
+pub(crate) fn standalone(usage_error: fn(&clap::Error) -> ExitCode) -> Option<ExitCode> {
     let mut argv = std::env::args_os().skip(1);
     if argv.next()? != "price" {
         return None;
@@ -65,7 +67,7 @@ pub(crate) fn standalone() -> Option<ExitCode> {
     let name = OsString::from("provider-budgets price");
     let parsed = <Standalone as clap::Parser>::try_parse_from(std::iter::once(name).chain(argv));
     Some(match parsed {
-        Err(e) => crate::cli::clap_exit(&e),
+        Err(e) => usage_error(&e),
         Ok(s) => {
             // An empty variable counts as unset, as for the global flags.
             let from_env = std::env::var_os("PROVIDER_BUDGETS_CONFIG")
