@@ -100,9 +100,10 @@ pub enum RateError {
     TooLarge(String),
 }
 
-/// Exponents beyond this are refused (large) or read as the smallest unit (small): the
-/// digits never move further than a `u128` can hold, and no allocation grows with them.
-const MAX_EXPONENT: i64 = 64;
+/// Exponents are clamped to ±this (10^15): only a mantissa of more digits than any text can
+/// hold could bring such a value back into range, and the shift arithmetic stays far from
+/// `i64`'s bounds. (The scaling loop stops at the first overflow, within 39 steps.)
+const EXPONENT_CLAMP: i64 = 1_000_000_000_000_000;
 
 /// `text` (a decimal, optionally with an exponent: `1.5e-05`, `2E+3`, `+7`, `.5`) times
 /// 10^`scale`, as an integer, rounded **up** when digits remain past the scale.
@@ -161,8 +162,8 @@ fn parse_decimal(text: &str, scale: u32) -> Result<u128, RateError> {
     Ok(value)
 }
 
-/// An exponent's digits (`-08`, `+3`, `5`), clamped to ±[`MAX_EXPONENT`] + 64 so the shift
-/// arithmetic cannot overflow; `None` when not an integer.
+/// An exponent's digits (`-08`, `+3`, `5`), clamped to ±[`EXPONENT_CLAMP`]; `None` when not
+/// an integer.
 fn parse_exponent(s: &str) -> Option<i64> {
     let (neg, digits) = match s.as_bytes().first() {
         Some(b'-') => (true, &s[1..]),
@@ -173,10 +174,10 @@ fn parse_exponent(s: &str) -> Option<i64> {
         return None;
     }
     let digits = digits.trim_start_matches('0');
-    let magnitude = if digits.len() > 4 {
-        2 * MAX_EXPONENT
+    let magnitude = if digits.len() > 15 {
+        EXPONENT_CLAMP
     } else {
-        digits.parse::<i64>().unwrap_or(0).min(2 * MAX_EXPONENT)
+        digits.parse::<i64>().unwrap_or(0).min(EXPONENT_CLAMP)
     };
     Some(if neg { -magnitude } else { magnitude })
 }
@@ -335,6 +336,10 @@ mod tests {
         assert_eq!(per_token("1e-25"), 1);
         assert_eq!(per_token("1.0000000000000000000000001"), 10u128.pow(24) + 1);
         assert_eq!(per_token("1e-999999999999"), 1);
+        assert_eq!(per_token("1e-99999999999999999999999"), 1);
+        // A long mantissa brings a far exponent back into range, exactly.
+        let long = format!("1{}e-200", "0".repeat(200));
+        assert_eq!(per_token(&long), 10u128.pow(24));
         assert_eq!(per_token("0e-999999999999"), 0);
         // Trailing zeros past the unit are not a remainder.
         assert_eq!(per_token("1.00000000000000000000000000000"), 10u128.pow(24));
