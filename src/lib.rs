@@ -65,6 +65,8 @@
 //! Windows (`window`) are aligned to an anchor, so every node computes the same window from
 //! its clock alone ([`Clock`], faked in tests). Money (`money`) is integer nano-dollars.
 //! Configuration (`config`) reads litellm's `provider_budget_config` as it is.
+//! Pricing (`pricing`: [`Catalog`], [`Usage`], [`Priced`]) turns a call's token usage into its
+//! exact cost from litellm's price catalog; it is independent of the [`Limiter`].
 
 // Unit tests may unwrap: a panic there is a test failure with a message.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
@@ -74,6 +76,7 @@ mod durable;
 mod error;
 mod limiter;
 mod model;
+mod pricing;
 #[cfg(feature = "redis")]
 mod replicate;
 mod resolve;
@@ -113,6 +116,11 @@ pub use model::identity::Identity;
 pub use model::money::{Money, MoneyError};
 pub use model::text::redact_urls;
 pub use model::window::{Period, PeriodError, Schedule, Window};
+pub use pricing::{
+    Catalog, CatalogSource, ModelPrices, PriceSource, Priced, Pricing, PricingError, Rate,
+    RateError, Rates, Unpriced, UnpricedPolicy, UnpricedReason, Usage,
+    BUILTIN_CATALOG_LITELLM_VERSION, BUILTIN_CATALOG_SHA256,
+};
 pub use resolve::{Deployment, Target, BUILTIN_PREFIXES};
 pub use template::MAX_TEMPLATED_NAME;
 pub use view::{RELOAD_SLOTS, TEMPLATE_SLOTS};

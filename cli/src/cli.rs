@@ -19,6 +19,8 @@
 //!   (file, provider, value, key, line number). Panics print one `error: internal error: ...`
 //!   line (no backtrace). Logs go to stderr through `tracing` (`RUST_LOG`, default `error`).
 //! * `--data-dir` may be left out when the config sets `provider_budgets.storage.dir`.
+//! * `price MODEL --input-tokens N --output-tokens M …` (module `price`) reads no data dir and
+//!   also runs without the global flags.
 //! * Every global flag but `--now` may come from the environment instead:
 //!   `PROVIDER_BUDGETS_CONFIG`, `PROVIDER_BUDGETS_DATA_DIR`, `PROVIDER_BUDGETS_REDIS`,
 //!   `PROVIDER_BUDGETS_NODE_ID`; a flag wins over its variable, an empty variable counts as
@@ -239,6 +241,9 @@ enum Cmd {
     },
     /// Run the HTTP sidecar until SIGTERM/SIGINT (SIGHUP reloads the config).
     Serve(crate::serve::ServeArgs),
+    /// Print the cost of one call from its token usage and the catalog entry that priced it
+    /// (no data dir: also runs as `provider-budgets price …` without the global flags).
+    Price(crate::price::PriceArgs),
     /// Runtime budgets: put, delete or show a budget without editing the config file.
     Budget {
         #[command(subcommand)]
@@ -291,6 +296,10 @@ type Outcome = Result<(), Failure>;
 /// Runs the command line of this process and returns its exit code.
 pub fn run() -> ExitCode {
     install_panic_hook();
+    // `price` reads no data dir: it also runs without the global flags.
+    if let Some(code) = crate::price::standalone(clap_exit) {
+        return code;
+    }
     let cli = match parse_args() {
         Ok(cli) => cli,
         Err(e) => return clap_exit(&e),
@@ -541,6 +550,10 @@ fn open(cli: &Cli, config: Config) -> Result<Limiter, Failure> {
 // ---- commands ---------------------------------------------------------------------------------
 
 fn execute(cli: Cli) -> Outcome {
+    if let Cmd::Price(args) = &cli.cmd {
+        return crate::price::run(args, Some(&cli.config))
+            .map_err(|(code, message)| Failure { code, message });
+    }
     let config = load_config(&cli)?;
     if let Cmd::Repair { accept_loss } = cli.cmd {
         return repair(&cli, config, accept_loss);
@@ -611,6 +624,7 @@ fn execute(cli: Cli) -> Outcome {
         }
         Cmd::Ingest { durable } => ingest(&limiter, durable, replicate),
         Cmd::Repair { .. } => Ok(()), // handled above, before the data dir is opened
+        Cmd::Price(_) => Ok(()),      // handled above, without a data dir
         Cmd::Serve(ref args) => match prepared.take() {
             Some(p) => crate::serve::run(
                 p,

@@ -2,6 +2,7 @@
 //! See `provider-budgets --help`.
 //!
 //! * `cli`: the flags (clap) and one function per subcommand;
+//! * `price`: `provider-budgets price MODEL …`, the cost of a call from its token usage;
 //! * `budget`: `provider-budgets budget put|delete|get` (runtime budgets);
 //! * `remote`: `status` asked of a running sidecar;
 //! * `serve`: `provider-budgets serve`, the HTTP sidecar (axum on hyper, Prometheus metrics);
@@ -13,6 +14,7 @@
 
 mod budget;
 mod cli;
+mod price;
 mod remote;
 mod serve;
 mod status_json;

@@ -21,6 +21,7 @@
 //!   unknown_provider: allow               # or deny
 //!   reservation_timeout: 10m              # open reservations expire (count their estimate)
 //!   model_providers: { "llama-": together }
+//!   pricing: { catalog: builtin, unpriced: deny }   # cost from usage: docs/guide/pricing.md
 //! ```
 //!
 //! Durations are humantime strings (`2ms`, `1s`, `1h 30m`). Budget periods use litellm's
@@ -56,6 +57,7 @@ mod fields;
 mod litellm;
 mod own;
 mod parse;
+mod pricing;
 pub(crate) mod runtime;
 mod schema;
 mod validate;

@@ -134,6 +134,7 @@ pub(super) struct RawOwn {
     pub(super) model_providers: Option<UniqueMap<Text>>,
     pub(super) budgets: Option<Vec<RawGeneral>>,
     pub(super) reservation_timeout: Option<HumanDuration>,
+    pub(super) pricing: Option<super::pricing::RawPricing>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -179,6 +179,11 @@ impl Config {
             reservation_timeout: own
                 .reservation_timeout
                 .map_or(DEFAULT_RESERVATION_TIMEOUT, |d| d.0),
+            pricing: own
+                .pricing
+                .map(super::pricing::RawPricing::into_pricing)
+                .transpose()?
+                .unwrap_or_default(),
         };
         sort_budgets(&mut config.budgets);
         config.validate()?;

@@ -313,6 +313,9 @@ pub struct Config {
     /// call whose answer never came back). Long enough for the slowest streamed answer; short
     /// enough that money held by a crashed client comes back as spend, not as a hole.
     pub reservation_timeout: Duration,
+    /// `provider_budgets.pricing`: the price catalog, negotiated prices and the unpriced
+    /// policy, for [`Catalog::load`](crate::Catalog::load). Not used by the limiter yet.
+    pub pricing: crate::pricing::Pricing,
 }
 
 /// Default of [`Config::reservation_timeout`].
@@ -331,6 +334,7 @@ impl Default for Config {
             model_providers: Vec::new(),
             ignored_litellm_keys: Vec::new(),
             reservation_timeout: DEFAULT_RESERVATION_TIMEOUT,
+            pricing: crate::pricing::Pricing::default(),
         }
     }
 }

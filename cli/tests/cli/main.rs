@@ -7,4 +7,5 @@ mod budgets;
 mod commands;
 mod config_errors;
 mod litellm_scopes;
+mod price;
 mod zones;
