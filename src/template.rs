@@ -11,7 +11,7 @@
 //! `limiter::materialize`. This module only answers lookups, on the request path: a read lock
 //! of one of [`SHARDS`] maps, so that threads looking up different names rarely share a lock.
 
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::{PoisonError, RwLock};
 
@@ -48,8 +48,11 @@ pub(crate) struct Template {
     swept: AtomicI64,
     /// Name → the slots of its templated series (the rules' periods that no explicit budget
     /// of the name covers; possibly none).
-    shards: [RwLock<FxHashMap<Box<str>, Box<[u32]>>>; SHARDS],
+    shards: [RwLock<Shard>; SHARDS],
 }
+
+/// One shard of a template's names: name → the slots of its series.
+type Shard = FxHashMap<Box<str>, Box<[u32]>>;
 
 /// What a name has in a template.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,11 +79,10 @@ impl Template {
         }
     }
 
-    fn shard(&self, name: &str) -> &RwLock<FxHashMap<Box<str>, Box<[u32]>>> {
-        let mut h = rustc_hash::FxBuildHasher.build_hasher();
-        name.hash(&mut h);
+    fn shard(&self, name: &str) -> &RwLock<Shard> {
+        let h = rustc_hash::FxBuildHasher.hash_one(name);
         // The high bits: Fx mixes its last word into them.
-        &self.shards[(h.finish() >> 60) as usize & (SHARDS - 1)]
+        &self.shards[(h >> 60) as usize & (SHARDS - 1)]
     }
 
     /// Adds the slots of `name`'s series to `out`.
