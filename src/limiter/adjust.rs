@@ -224,11 +224,15 @@ impl Limiter {
     /// The configured budget slot an adjustment names.
     fn adjusted_slot(&self, a: &Adjustment) -> Result<u32, AdjustError> {
         let config = self.inner.config.load();
-        let named: Vec<_> = config
+        let mut named: Vec<crate::config::BudgetConfig> = config
             .budgets
             .iter()
             .filter(|b| b.budget_key().key_name() == a.budget)
+            .cloned()
             .collect();
+        if named.is_empty() {
+            named = self.templated_for_adjust(&a.budget);
+        }
         let chosen: Vec<_> = named
             .iter()
             .filter(|b| a.period.is_none_or(|p| b.period == p))
@@ -306,6 +310,32 @@ fn unknown(a: &Adjustment) -> AdjustError {
     AdjustError::UnknownBudget {
         budget: a.budget.clone(),
         period: a.period.map(|p| p.to_string()),
+    }
+}
+
+impl Limiter {
+    /// The budgets a template gives the key name `budget` (`key:9f86d0…`), its series made
+    /// if need be (a credit may name a key that has not spent through this node yet): none
+    /// when no template covers it or the template refuses the name.
+    fn templated_for_adjust(&self, budget: &str) -> Vec<crate::config::BudgetConfig> {
+        let resolver = self.inner.resolver.load();
+        for scope in crate::model::budget::Scope::IDENTITY {
+            let Some(t) = resolver.template(scope) else {
+                continue;
+            };
+            let Some(name) = budget
+                .strip_prefix(scope.as_str())
+                .and_then(|n| n.strip_prefix(':'))
+            else {
+                continue;
+            };
+            let identity = crate::model::identity::Identity::new().with(scope, Some(name));
+            if self.materialize(&resolver, &identity).is_err() {
+                return Vec::new();
+            }
+            return t.rules.iter().map(|r| r.budget.instance(name)).collect();
+        }
+        Vec::new()
     }
 }
 

@@ -445,3 +445,42 @@ fn prepared_lists_and_filter_in_place_see_templated_series() {
         .is_err());
     assert_eq!(list, D, "left unchanged on NoDeployments");
 }
+
+#[test]
+fn a_credit_names_a_templated_series_by_its_key_name() {
+    let (dir, clock) = (tempfile::tempdir().unwrap(), clock());
+    {
+        let l = open(TEMPLATE, &dir, &clock);
+        charge(&l, &key("a"), "1");
+    }
+    // After a restart the series is live again; before any charge of the window a credit
+    // for another key finds nothing to credit (no spend), and for `a` gives back spend.
+    let l = open(TEMPLATE, &dir, &clock);
+    assert!(!passes(&l, &key("a")));
+    let credited = l
+        .adjust(provider_budgets::Adjustment::credit(
+            "key:a",
+            usd("0.4"),
+            "refund",
+        ))
+        .unwrap();
+    assert_eq!(credited.budget, "key:a");
+    assert!(passes(&l, &key("a")), "spend net of the credit: 0.6 of 1");
+    assert_eq!(rows(&l, Scope::Key)[1].2, usd("0.6"));
+    assert!(l
+        .adjust(provider_budgets::Adjustment::credit(
+            "key:zz",
+            usd("0.1"),
+            "refund"
+        ))
+        .is_err());
+    assert!(
+        l.adjust(provider_budgets::Adjustment::credit(
+            "user:a",
+            usd("0.1"),
+            "refund"
+        ))
+        .is_err(),
+        "no user template"
+    );
+}
