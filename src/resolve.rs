@@ -317,6 +317,8 @@ pub(crate) struct Resolver {
     /// Per identity scope (in the order of [`Scope::IDENTITY`]), its templates and the names
     /// that have series: a reload starts them empty (module `template`).
     templates: [Option<Box<Template>>; 5],
+    /// Whether one of `templates` is set (read once per request with identities).
+    any_template: bool,
     overrides: Vec<(String, String)>,
     /// `unknown_provider: deny`.
     pub deny_unknown: bool,
@@ -423,9 +425,11 @@ impl Resolver {
         });
         let mut overrides = config.model_providers.clone();
         overrides.sort_by_key(|o| std::cmp::Reverse(o.0.len()));
+        let templates = rules.map(|r| (!r.is_empty()).then(|| Box::new(Template::new(r))));
         Resolver {
             tables,
-            templates: rules.map(|r| (!r.is_empty()).then(|| Box::new(Template::new(r)))),
+            any_template: templates.iter().any(Option::is_some),
+            templates,
             overrides,
             deny_unknown: config.unknown_provider == crate::config::UnknownProvider::Deny,
             cache: ArcSwap::from_pointee(CacheMap::new()),
@@ -467,8 +471,9 @@ impl Resolver {
     }
 
     /// Whether any identity scope has a template.
+    #[inline]
     pub fn has_templates(&self) -> bool {
-        self.templates.iter().any(Option::is_some)
+        self.any_template
     }
 
     /// The slots of a provider's budgets.

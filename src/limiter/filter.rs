@@ -14,12 +14,13 @@ use std::fmt;
 
 use jiff::Timestamp;
 
-use crate::limiter::{identity_slots, refused_new};
+use crate::limiter::{identity_slots, refused_new, SlotBuf};
 use crate::model::budget::Scope;
 use crate::model::identity::Identity;
 use crate::model::money::Money;
 use crate::model::slots::SlotKeys;
 use crate::resolve::{CacheMap, Deployment, Misses, Resolved, Resolver};
+use crate::template::{name_fault, Lookup};
 use crate::view::View;
 
 /// No deployment is left: every candidate is under a spent budget (its provider's, its model's,
@@ -252,11 +253,33 @@ impl<'a> Check<'a> {
     #[inline(never)]
     fn identity_passes(&mut self, resolver: &Resolver, identity: &Identity<'_>) -> bool {
         let mut ok = true;
-        for b in identity_slots(resolver, identity) {
-            ok &= !self.blocked(b);
+        if !resolver.has_templates() {
+            // The explicit budgets only, borrowed from the resolver's tables (no copy).
+            for (scope, name) in identity.iter() {
+                for &b in resolver.slots(scope, name) {
+                    ok &= !self.blocked(b);
+                }
+            }
+            return ok;
         }
-        if ok && resolver.has_templates() {
-            ok = refused_new(resolver, identity).is_none();
+        for (scope, name) in identity.iter() {
+            for &b in resolver.slots(scope, name) {
+                ok &= !self.blocked(b);
+            }
+            let Some(t) = resolver.template(scope) else {
+                continue;
+            };
+            // One read of the template's table per name: its series, or whether a name
+            // without series yet is refused (see `refused_new`).
+            let mut series = SlotBuf::default();
+            match t.lookup(name, |s| series.push(s)) {
+                Lookup::Found => {
+                    for b in series {
+                        ok &= !self.blocked(b);
+                    }
+                }
+                Lookup::Missing => ok &= !t.refuses_new() && name_fault(name).is_none(),
+            }
         }
         ok
     }
