@@ -310,20 +310,15 @@ impl Store {
         name: &str,
         period: &str,
     ) -> Result<Vec<(WindowKey, OwnValue)>, StoreError> {
-        let guard = self.handles.read().unwrap_or_else(|p| p.into_inner());
-        let h = guard.as_ref().ok_or_else(|| self.closed())?;
-        let mut out = Vec::new();
-        for entry in h.own.scan_prefix(series_prefix(name, period)) {
-            let (k, v) = entry.map_err(|e| self.io(e))?;
-            let key = WindowKey::decode("own", &k)?;
-            let value = decode::<OwnValue>(&v).map_err(|reason| StoreError::Corrupt {
-                tree: "own",
-                key: key.to_string(),
-                reason,
-            })?;
-            out.push((key, value));
-        }
-        Ok(out)
+        self.scan_series(("own", |h| &h.own), name, period, |key, raw| {
+            decode::<OwnValue>(raw)
+                .map(Some)
+                .map_err(|reason| StoreError::Corrupt {
+                    tree: "own",
+                    key: key.to_string(),
+                    reason,
+                })
+        })
     }
 
     /// The peers entries stored for one series (a damaged one is skipped: the next sync
@@ -333,13 +328,28 @@ impl Store {
         name: &str,
         period: &str,
     ) -> Result<Vec<(WindowKey, PeersValue)>, StoreError> {
+        self.scan_series(("peers", |h| &h.peers), name, period, |_, raw| {
+            Ok(PeersValue::decode(raw).ok())
+        })
+    }
+
+    /// Every window of one series in the tree `tree` (its name and how to pick it), decoded
+    /// by `value` (`None`: skipped).
+    fn scan_series<V>(
+        &self,
+        (tree_name, tree): (&'static str, impl Fn(&Handles) -> &sled::Tree),
+        name: &str,
+        period: &str,
+        value: impl Fn(&WindowKey, &[u8]) -> Result<Option<V>, StoreError>,
+    ) -> Result<Vec<(WindowKey, V)>, StoreError> {
         let guard = self.handles.read().unwrap_or_else(|p| p.into_inner());
         let h = guard.as_ref().ok_or_else(|| self.closed())?;
         let mut out = Vec::new();
-        for entry in h.peers.scan_prefix(series_prefix(name, period)) {
+        for entry in tree(h).scan_prefix(series_prefix(name, period)) {
             let (k, v) = entry.map_err(|e| self.io(e))?;
-            if let (Ok(key), Ok(value)) = (WindowKey::decode("peers", &k), PeersValue::decode(&v)) {
-                out.push((key, value));
+            let key = WindowKey::decode(tree_name, &k)?;
+            if let Some(v) = value(&key, &v)? {
+                out.push((key, v));
             }
         }
         Ok(out)

@@ -64,6 +64,21 @@ fn charge(l: &Limiter, name: &str, cost: &str) {
         .unwrap();
 }
 
+/// Nodes "a" and "b" on `yaml`, sharing `server`, each on its own data dir (returned: the
+/// dirs live as long as the test needs them).
+fn two_nodes(
+    yaml: &str,
+    server: &RedisServer,
+    interval: Duration,
+    clock: &Arc<FakeClock>,
+) -> (Limiter, Limiter, [tempfile::TempDir; 2]) {
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let open = |dir: &tempfile::TempDir, id: &str| {
+        support::open(config(yaml, dir.path(), &server.url(), id, interval), clock)
+    };
+    (open(&dirs[0], "a"), open(&dirs[1], "b"), dirs)
+}
+
 /// A fake clock mid-hour, near real time (Redis expires keys by its own clock).
 fn mid_hour() -> Arc<FakeClock> {
     let now = Timestamp::now().as_second();
@@ -80,15 +95,7 @@ fn a_names_series_is_one_series_for_the_fleet() {
     };
     let clock = mid_hour();
     let hour = Duration::from_secs(3600); // rounds when the test says so
-    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let a = support::open(
-        config(TEMPLATE, da.path(), &server.url(), "a", hour),
-        &clock,
-    );
-    let b = support::open(
-        config(TEMPLATE, db.path(), &server.url(), "b", hour),
-        &clock,
-    );
+    let (a, b, dirs) = two_nodes(TEMPLATE, &server, hour, &clock);
     charge(&a, "k1", "1.5");
     converge(&[&a, &b]);
     assert_eq!(
@@ -126,7 +133,7 @@ fn a_names_series_is_one_series_for_the_fleet() {
     // A restarted node resumes k1's series from its data dir and Redis.
     drop(b);
     let b = support::open(
-        config(TEMPLATE, db.path(), &server.url(), "b", hour),
+        config(TEMPLATE, dirs[1].path(), &server.url(), "b", hour),
         &clock,
     );
     converge(&[&a, &b]);
@@ -140,16 +147,8 @@ fn a_template_put_on_one_node_makes_series_on_the_other_within_two_intervals() {
     };
     let interval = Duration::from_secs(1);
     let plain = "provider_budget_config:\n  openai: {budget_limit: 100, time_period: 1d}\n";
-    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let clock = Arc::new(FakeClock::new(Timestamp::now()));
-    let a = support::open(
-        config(plain, da.path(), &server.url(), "a", interval),
-        &clock,
-    );
-    let b = support::open(
-        config(plain, db.path(), &server.url(), "b", interval),
-        &clock,
-    );
+    let (a, b, _dirs) = two_nodes(plain, &server, interval, &clock);
     let mut fields = BudgetFields::new("0", "1d");
     fields.max_series = Some(5);
     let template = BudgetConfig::from_fields(Scope::Customer, "*", &fields).unwrap();
@@ -185,15 +184,7 @@ provider_budgets:
 ";
     let interval = Duration::from_millis(200);
     let clock = mid_hour();
-    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let a = support::open(
-        config(yaml, da.path(), &server.url(), "a", interval),
-        &clock,
-    );
-    let b = support::open(
-        config(yaml, db.path(), &server.url(), "b", interval),
-        &clock,
-    );
+    let (a, b, _dirs) = two_nodes(yaml, &server, interval, &clock);
     let first = Instant::now();
     let mut refused_first = 0;
     // Each node spends on the same keys until refused: the fleet never passes a key's 1 USD.
@@ -245,15 +236,7 @@ fn clean_templated_series_cost_redis_no_read_per_round() {
     };
     let clock = mid_hour();
     let hour = Duration::from_secs(3600);
-    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let a = support::open(
-        config(TEMPLATE, da.path(), &server.url(), "a", hour),
-        &clock,
-    );
-    let b = support::open(
-        config(TEMPLATE, db.path(), &server.url(), "b", hour),
-        &clock,
-    );
+    let (a, b, _dirs) = two_nodes(TEMPLATE, &server, hour, &clock);
     for i in 0..50 {
         charge(&a, &format!("k{i}"), "0.01");
         charge(&b, &format!("k{i}"), "0.01");

@@ -484,3 +484,31 @@ fn a_credit_names_a_templated_series_by_its_key_name() {
         "no user template"
     );
 }
+
+#[test]
+fn a_name_back_after_a_restart_resumes_its_stored_windows() {
+    let yaml = "\
+provider_budgets:
+  storage: {retention: 1d}
+  budgets:
+    - {key: \"*\", limit: 1, period: 1h}
+";
+    let (dir, clock) = (tempfile::tempdir().unwrap(), clock());
+    let spent_at = {
+        let l = open(yaml, &dir, &clock);
+        charge(&l, &key("a"), "0.7");
+        l.now()
+    };
+    clock.advance(SignedDuration::from_hours(2));
+    let l = open(yaml, &dir, &clock);
+    assert_eq!(
+        rows(&l, Scope::Key).len(),
+        1,
+        "a's hour ended: not restored"
+    );
+    // Its first charge since reads what is stored for it (by key prefix): the earlier hour.
+    charge(&l, &key("a"), "0.1");
+    let then = l.status(StatusQuery::all().scope(Scope::Key).name("a").at(spent_at));
+    assert_eq!(then[0].spend, usd("0.7"));
+    assert_eq!(rows(&l, Scope::Key)[1].2, usd("0.1"));
+}
