@@ -108,6 +108,11 @@ pub(crate) enum Event {
         budget: u32,
         window: Window,
         total: u64,
+        /// Commit at once (the replicator's find: a loss to repair). A new slot taking over
+        /// what the store already holds is not: it joins the next group commit, so that a
+        /// hundred thousand templated series restored at open cost a few fsyncs, not one per
+        /// journal batch.
+        urgent: bool,
     },
     /// Journal an open reservation (`reserve` waits for its ack: a crash after `reserve`
     /// returned finds it on disk and counts its estimate).
@@ -555,6 +560,7 @@ impl Worker {
                     budget,
                     window,
                     total,
+                    ..
                 } => self.adopt(budget, window, total, mono),
                 Event::Reserve { id, value, ack } => {
                     self.reservations.insert(id, Some(value));
@@ -988,6 +994,7 @@ fn is_urgent(ev: &Event) -> bool {
             ack.is_some()
         }
         Event::AddKeyed(keyed) => keyed.ack.is_some(),
+        Event::Adopt { urgent, .. } => *urgent,
         _ => true,
     }
 }

@@ -275,6 +275,7 @@ impl Parts<'_> {
                 budget: s,
                 window,
                 total,
+                urgent: false,
             });
         }
         Ok(s)

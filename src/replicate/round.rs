@@ -593,6 +593,7 @@ impl Worker {
             budget,
             window,
             total,
+            urgent: true,
         });
     }
 
