@@ -89,6 +89,15 @@ impl Limiter {
             refused(scope);
             return Err(template_refusal(t, scope, name));
         }
+        let view = &self.inner.view;
+        if view.len() + 2 * t.rules.len() > view.capacity() {
+            refused(scope);
+            return Err(format!(
+                "{scope} {name:?}: this process made its most templated series ({}) since it \
+                 started; a restart frees the slots of idle names",
+                crate::view::TEMPLATE_SLOTS / 2
+            ));
+        }
         let config = self.inner.config.load();
         let redis = config.redis.is_some();
         let parts = self.reload_parts();
