@@ -42,7 +42,7 @@ use serde_json::value::RawValue;
 use tokio::sync::watch;
 
 use super::api::{
-    bad_request, body, cost_and_usage, error, json, no_deployments, parse, DeploymentIn,
+    bad_request, body, cost_and_usage, error, json, no_deployments, parse, DeploymentIn, Reject,
 };
 use super::identity::IdentityIn;
 use super::money::money_from_json;
@@ -474,7 +474,7 @@ async fn end_route(state: Shared, bytes: Result<Bytes, BytesRejection>, op: Op) 
         None => None,
         Some((cost, usage)) => match commit_cost(&state, &reservation, cost, usage.as_ref()) {
             Ok(c) => Some(c),
-            Err(r) => return r,
+            Err(r) => return r.into_response(),
         },
     };
     end(state, &reservation, op, cost).await
@@ -488,8 +488,9 @@ fn commit_cost(
     id: &str,
     cost: Option<&RawValue>,
     usage: Option<&UsageIn>,
-) -> Result<(Money, Option<Counted>), Response> {
-    let (cost, usage) = cost_and_usage(cost, usage).map_err(|e| bad_request(&e))?;
+) -> Result<(Money, Option<Counted>), Reject> {
+    let (cost, usage) =
+        cost_and_usage(cost, usage).map_err(|e| Reject(StatusCode::BAD_REQUEST, e))?;
     match (cost, usage) {
         (Some(c), None) => Ok((c, None)),
         (Some(c), Some(_)) => Ok((c, Some(Counted::given(c)))),
@@ -498,16 +499,17 @@ fn commit_cost(
             let model = match state.reservations.model_of(id) {
                 // Not open: its stored answer is replayed, the cost is not used.
                 None => return Ok((Money::ZERO, None)),
-                Some(None) => return Err(bad_request(
-                    "usage: priced only for a reservation of \"deployments\" (their model); give \"cost\"",
+                Some(None) => return Err(Reject(
+                    StatusCode::BAD_REQUEST,
+                    "usage: priced only for a reservation of \"deployments\" (their model); give \"cost\"".into(),
                 )),
                 Some(Some(m)) => m,
             };
             match state.limiter.price(&model, &usage) {
                 Ok(p) => Ok((p.cost, Some(Counted::priced(p.cost, Some(&p.source))))),
-                Err(e) => Err(error(
+                Err(e) => Err(Reject(
                     StatusCode::UNPROCESSABLE_ENTITY,
-                    &format!("usage: {e} (pricing.unpriced: deny); not committed, reservation {id:?} stays open"),
+                    format!("usage: {e} (pricing.unpriced: deny); not committed, reservation {id:?} stays open"),
                 )),
             }
         }
