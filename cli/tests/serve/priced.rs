@@ -209,3 +209,53 @@ fn priced_commit_prices_usage_on_the_reserved_model() {
     s.post("/v1/commit", &json!({"reservation": id}).to_string())
         .assert_error(400, "missing field `cost`");
 }
+
+/// A catalog of `n` models `m0`… priced at `$input` in and $0 out per million tokens.
+fn catalog(n: usize, input: &str) -> String {
+    let entries: Vec<String> = (0..n)
+        .map(|i| {
+            format!(r#""m{i}": {{"litellm_provider": "openai", "input_cost_per_token": {input}e-6, "output_cost_per_token": 0}}"#)
+        })
+        .collect();
+    format!("{{{}}}", entries.join(",\n"))
+}
+
+#[test]
+fn priced_catalog_reloads_with_the_config_and_a_bad_one_is_refused() {
+    let cli = provider_budgets_test_support::cli::Cli::new("");
+    let config = |file: &std::path::Path| {
+        format!(
+            "provider_budget_config:\n  openai: {{budget_limit: 100, time_period: 1d}}\nprovider_budgets:\n  pricing: {{catalog: {}}}\n",
+            file.display()
+        )
+    };
+    let four = cli.write_config("four.json", &catalog(4, "1"));
+    std::fs::write(&cli.config, config(&four)).unwrap();
+    let s = Server::start_in(cli, &[]);
+    let price_m0 = || {
+        let r = s.spend(json!({"deployment": {"model": "openai/m0"},
+            "usage": {"input_tokens": 1_000_000, "output_tokens": 0}}));
+        assert_eq!(r.status, 200, "{r:?}");
+        r.json()["cost"].as_str().unwrap().to_owned()
+    };
+    assert_eq!(price_m0(), "1");
+    // Shrank by more than half: refused, the running catalog keeps pricing.
+    let one = s.cli.write_config("one.json", &catalog(1, "9"));
+    std::fs::write(&s.cli.config, config(&one)).unwrap();
+    s.post("/v1/reload", "")
+        .assert_error(422, "fewer than half");
+    assert_eq!(price_m0(), "1");
+    // Malformed: refused, naming the file.
+    let bad = s
+        .cli
+        .write_config("bad.json", r#"{"m0": {"input_cost_per_token": "cheap"}}"#);
+    std::fs::write(&s.cli.config, config(&bad)).unwrap();
+    s.post("/v1/reload", "").assert_error(422, "bad.json");
+    assert_eq!(price_m0(), "1");
+    // A good one: taken.
+    let new = s.cli.write_config("new.json", &catalog(3, "2"));
+    std::fs::write(&s.cli.config, config(&new)).unwrap();
+    let r = s.post("/v1/reload", "");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(price_m0(), "2");
+}
