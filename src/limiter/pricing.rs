@@ -7,8 +7,9 @@
 //! (~15 ms): a limiter that never prices (every spend given as a cost) never pays it.
 //!
 //! A reload loads the new catalog before anything changes and refuses the reload (the old
-//! config and catalog keep running) when it cannot be loaded or has fewer than half the
-//! entries of the running one (a truncated download, the wrong file). The new catalog is
+//! config and catalog keep running) when it cannot be loaded or, read from the same source
+//! (`builtin` or the same path), has fewer than half the entries of the running one (a
+//! truncated download). Another source is a new catalog, taken whatever its size. The new catalog is
 //! swapped in with the config: a request prices with the old one or the new one, never fails
 //! for the swap.
 //!
@@ -82,7 +83,9 @@ impl Prices {
         }
         let next = Catalog::load(pricing).map_err(|e| Error::Reload(e.to_string()))?;
         if let Some(old) = running {
-            if next.len() < old.len().div_ceil(2) {
+            // Only the same source can shrink: switching from the builtin catalog to a file
+            // of one's own models (or between files) is a new catalog, not a truncated one.
+            if next.origin() == old.origin() && next.len() < old.len().div_ceil(2) {
                 return Err(Error::Reload(format!(
                     "pricing: catalog {} has {} entries, fewer than half of the running one's {} (refused as truncated; the running catalog is kept)",
                     next.origin(),

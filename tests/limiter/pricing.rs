@@ -165,23 +165,19 @@ fn the_catalog_reloads_with_the_config_and_a_bad_one_is_refused() {
     let usage = Usage::new(1_000_000, 1_000_000);
     assert_eq!(l.price("m0", &usage).unwrap().cost, usd("7"));
 
-    // Malformed: refused, the old catalog keeps pricing.
-    let bad = dir.path().join("bad.json");
-    std::fs::write(&bad, r#"{"m0": {"input_cost_per_token": "cheap"}}"#).unwrap();
+    // Malformed (the same file, rewritten): refused, the old catalog keeps pricing.
+    std::fs::write(&big, r#"{"m0": {"input_cost_per_token": "cheap"}}"#).unwrap();
     let e = l
-        .reload(config(
-            dir.path(),
-            &format!("{{catalog: {}}}", bad.display()),
-        ))
+        .reload(config(dir.path(), &format!("{{catalog: {big}}}")))
         .unwrap_err();
     assert!(
-        matches!(&e, Error::Reload(m) if m.contains("bad.json")),
+        matches!(&e, Error::Reload(m) if m.contains("big.json") && m.contains("cheap")),
         "{e}"
     );
     assert_eq!(l.price("m0", &usage).unwrap().cost, usd("7"));
 
-    // Shrank by more than half (4 + sample_spec of 11): refused.
-    let small = catalog(dir.path(), "small.json", 4);
+    // The same file shrank by more than half (4 + sample_spec of 11): refused.
+    let small = catalog(dir.path(), "big.json", 4);
     let e = l
         .reload(config(dir.path(), &format!("{{catalog: {small}}}")))
         .unwrap_err();
@@ -189,7 +185,7 @@ fn the_catalog_reloads_with_the_config_and_a_bad_one_is_refused() {
     assert!(l.price("m5", &usage).is_ok());
 
     // Half or more: taken, with the new policy.
-    let half = catalog(dir.path(), "half.json", 6);
+    let half = catalog(dir.path(), "big.json", 6);
     l.reload(config(
         dir.path(),
         &format!("{{catalog: {half}, unpriced: allow_zero}}"),
@@ -198,4 +194,25 @@ fn the_catalog_reloads_with_the_config_and_a_bad_one_is_refused() {
     let p = l.price("m7", &usage).unwrap();
     assert!(matches!(p.source, PriceSource::UnpricedZero(_)));
     assert_eq!(l.price("m1", &usage).unwrap().cost, usd("3"));
+
+    // Another source is a new catalog, whatever its size.
+    let three = catalog(dir.path(), "three.json", 2);
+    l.reload(config(dir.path(), &format!("{{catalog: {three}}}")))
+        .unwrap();
+    assert_eq!(l.price("m0", &usage).unwrap().cost, usd("7"));
+}
+
+#[test]
+fn a_catalog_loaded_lazily_may_be_replaced_by_a_small_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = open(dir.path(), "{}");
+    assert!(l.price("gpt-4o", &Usage::new(10, 10)).is_ok()); // loads the builtin one
+    let mine = catalog(dir.path(), "mine.json", 1);
+    l.reload(config(dir.path(), &format!("{{catalog: {mine}}}")))
+        .unwrap();
+    assert!(l.price("gpt-4o", &Usage::new(10, 10)).is_err());
+    assert_eq!(
+        l.price("m0", &Usage::new(1_000_000, 0)).unwrap().cost,
+        usd("3")
+    );
 }

@@ -229,8 +229,8 @@ fn priced_catalog_reloads_with_the_config_and_a_bad_one_is_refused() {
             file.display()
         )
     };
-    let four = cli.write_config("four.json", &catalog(4, "1"));
-    std::fs::write(&cli.config, config(&four)).unwrap();
+    let file = cli.write_config("prices.json", &catalog(4, "1"));
+    std::fs::write(&cli.config, config(&file)).unwrap();
     let s = Server::start_in(cli, &[]);
     let price_m0 = || {
         let r = s.spend(json!({"deployment": {"model": "openai/m0"},
@@ -239,22 +239,17 @@ fn priced_catalog_reloads_with_the_config_and_a_bad_one_is_refused() {
         r.json()["cost"].as_str().unwrap().to_owned()
     };
     assert_eq!(price_m0(), "1");
-    // Shrank by more than half: refused, the running catalog keeps pricing.
-    let one = s.cli.write_config("one.json", &catalog(1, "9"));
-    std::fs::write(&s.cli.config, config(&one)).unwrap();
+    // The file shrank by more than half: refused, the running catalog keeps pricing.
+    std::fs::write(&file, catalog(1, "9")).unwrap();
     s.post("/v1/reload", "")
         .assert_error(422, "fewer than half");
     assert_eq!(price_m0(), "1");
     // Malformed: refused, naming the file.
-    let bad = s
-        .cli
-        .write_config("bad.json", r#"{"m0": {"input_cost_per_token": "cheap"}}"#);
-    std::fs::write(&s.cli.config, config(&bad)).unwrap();
-    s.post("/v1/reload", "").assert_error(422, "bad.json");
+    std::fs::write(&file, r#"{"m0": {"input_cost_per_token": "cheap"}}"#).unwrap();
+    s.post("/v1/reload", "").assert_error(422, "prices.json");
     assert_eq!(price_m0(), "1");
     // A good one: taken.
-    let new = s.cli.write_config("new.json", &catalog(3, "2"));
-    std::fs::write(&s.cli.config, config(&new)).unwrap();
+    std::fs::write(&file, catalog(3, "2")).unwrap();
     let r = s.post("/v1/reload", "");
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(price_m0(), "2");
