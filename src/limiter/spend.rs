@@ -137,13 +137,14 @@ impl<'a, D: Deployment + ?Sized> Spend<'a, D> {
     /// let spend = Spend::deployment_usage(&d, Usage::new(1200, 300).cache_read(1000));
     /// assert_eq!(spend.given_cost(), None);
     /// ```
-    pub fn deployment_usage(deployment: &'a D, usage: Usage) -> Spend<'a, D> {
+    /// `usage` by value or by reference.
+    pub fn deployment_usage(deployment: &'a D, usage: impl Into<Usage>) -> Spend<'a, D> {
         Spend {
             against: Against::Deployment(deployment),
             tags: &[],
             identity: &Identity::NONE,
             cost: None,
-            usage: Some(usage),
+            usage: Some(usage.into()),
             at: None,
             key: None,
         }
@@ -198,9 +199,10 @@ impl<'a, D: ?Sized, T> Spend<'a, D, T> {
 
     /// The call's token usage. With a cost given, the cost wins: the usage is carried, not
     /// priced. Without one ([`Spend::deployment_usage`]), this replaces the usage priced.
-    pub fn usage(self, usage: Usage) -> Self {
+    /// `usage` by value or by reference.
+    pub fn usage(self, usage: impl Into<Usage>) -> Self {
         Spend {
-            usage: Some(usage),
+            usage: Some(usage.into()),
             ..self
         }
     }

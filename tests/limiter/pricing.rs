@@ -62,7 +62,7 @@ fn usage_is_priced_by_the_builtin_catalog_when_no_cost_is_given() {
         .unwrap()
         .cost;
     assert!(want > Money::ZERO);
-    let r = l.charge(Spend::deployment_usage(&d, usage)).unwrap();
+    let r = l.charge(Spend::deployment_usage(&d, &usage)).unwrap();
     assert_eq!((r.budgets(), r.cost(), r.priced()), (1, want, true));
     assert!(matches!(r.price_source(), Some(PriceSource::Catalog { key }) if key == "gpt-4o"));
     drop(r);
@@ -75,7 +75,7 @@ fn a_given_cost_wins_over_the_catalog() {
     let dir = tempfile::tempdir().unwrap();
     let l = open(dir.path(), "{}");
     let d = Target::parse("gpt-4o");
-    let spend = Spend::deployment(&d, usd("0.5")).usage(Usage::new(1_000_000, 0));
+    let spend = Spend::deployment(&d, usd("0.5")).usage(&Usage::new(1_000_000, 0));
     assert_eq!(spend.given_cost(), Some(usd("0.5")));
     let r = l.charge(spend).unwrap();
     assert_eq!(

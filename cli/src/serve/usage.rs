@@ -182,10 +182,9 @@ impl Counted {
         body["price_source"] = self.source.into();
     }
 
-    /// Adds `priced` and `price_source` to a commit's answer (which has its `cost`, a JSON
-    /// number as before, and `cost_nanos`).
+    /// The fields of a commit with usage: as [`Counted::write`], so `cost` is the decimal
+    /// string there too (a commit without usage keeps its JSON-number `cost`, as before).
     pub(crate) fn write_commit(&self, body: &mut serde_json::Value) {
-        body["priced"] = self.priced.into();
-        body["price_source"] = self.source.into();
+        self.write(body);
     }
 }

@@ -184,7 +184,10 @@ fn priced_commit_prices_usage_on_the_reserved_model() {
     assert_eq!(r.status, 200, "{r:?}");
     let doc = r.json();
     assert_eq!(doc["committed"], true);
-    assert_eq!(doc["cost_nanos"], 2_000_000_000u64);
+    assert_eq!(
+        (doc["cost"].clone(), doc["cost_nanos"].clone()),
+        (json!("2"), json!(2_000_000_000u64))
+    );
     assert_eq!(
         (doc["priced"].clone(), doc["price_source"].clone()),
         (json!(true), json!("override"))
