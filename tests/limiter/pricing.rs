@@ -51,6 +51,7 @@ fn catalog(dir: &Path, name: &str, n: usize) -> String {
 }
 
 #[test]
+#[allow(clippy::needless_borrows_for_generic_args)] // the by-reference form compiles too
 fn usage_is_priced_by_the_builtin_catalog_when_no_cost_is_given() {
     let dir = tempfile::tempdir().unwrap();
     let l = open(dir.path(), "{}");
@@ -71,6 +72,7 @@ fn usage_is_priced_by_the_builtin_catalog_when_no_cost_is_given() {
 }
 
 #[test]
+#[allow(clippy::needless_borrows_for_generic_args)] // the by-reference form compiles too
 fn a_given_cost_wins_over_the_catalog() {
     let dir = tempfile::tempdir().unwrap();
     let l = open(dir.path(), "{}");
