@@ -1071,3 +1071,26 @@ def test_strict_a_call_litellm_cannot_price_commits_its_usage(sidecars, caplog):
         await plugin.aclose()
 
     asyncio.run(main())
+
+
+def test_a_model_the_sidecar_counts_by_its_unpriced_policy_is_logged_once(sidecars, caplog):
+    config = 'provider_budget_config:\n  openai: { budget_limit: "100", time_period: 1d }\n'
+    config += "provider_budgets:\n  pricing: { unpriced: default, default_per_mtok: 1000 }\n"
+    side = sidecars({}, config_text=config)
+
+    async def main():
+        plugin = ProviderBudgets(url=side.url)
+        litellm.callbacks = [UnpricedByLitellm(), plugin]
+        router = Router(num_retries=0, model_list=deployments("openai/no-such-model"))
+        with caplog.at_level(logging.WARNING, logger=LOGGER):
+            await call(router)
+            await call(router)
+            await await_condition(lambda: plugin.stats.posted == 2, "two posts answered")
+            assert await plugin.flush(5)
+        # 30 tokens a call at $1000 per million.
+        assert side.spend_nanos() == {"openai": 2 * 30_000_000}
+        warnings = [r.getMessage() for r in caplog.records if r.name == LOGGER and r.levelno == logging.WARNING]
+        assert len(warnings) == 1 and "pricing.unpriced policy as 0.03 USD (unpriced_default)" in warnings[0], warnings
+        await plugin.aclose()
+
+    asyncio.run(main())

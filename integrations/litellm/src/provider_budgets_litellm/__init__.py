@@ -592,7 +592,8 @@ class ProviderBudgets(CustomLogger):
             except (TypeError, ValueError):
                 return False
             if isinstance(doc, dict) and doc.get("priced") is False and doc.get("price_source") != "given":
-                self._unpriced_once(model, f"counted by the sidecar's pricing.unpriced policy as {doc.get('cost')} USD ({doc.get('price_source')})")
+                how = f"counted by the sidecar's pricing.unpriced policy as {doc.get('cost')} USD"
+                self._unpriced_once(model, f"{how} ({doc.get('price_source')})")
         return False
 
     async def _post_end(self, url: str, payload: Dict[str, Any], model: Optional[str] = None) -> None:
