@@ -128,7 +128,7 @@ impl<'a, D: Deployment + ?Sized> Spend<'a, D> {
     /// budget that applies to the deployment (as [`Spend::deployment`]). An unpriced model
     /// follows `pricing.unpriced`: `deny` refuses the charge ([`RecordError::Unpriced`],
     /// nothing counted), `allow_zero` counts zero, `default` prices it at
-    /// `pricing.default_per_mtok`.
+    /// `pricing.default_per_mtok`. `usage` by value or by reference.
     ///
     /// ```
     /// use provider_budgets::{Spend, Target, Usage};
@@ -137,7 +137,6 @@ impl<'a, D: Deployment + ?Sized> Spend<'a, D> {
     /// let spend = Spend::deployment_usage(&d, Usage::new(1200, 300).cache_read(1000));
     /// assert_eq!(spend.given_cost(), None);
     /// ```
-    /// `usage` by value or by reference.
     pub fn deployment_usage(deployment: &'a D, usage: impl Into<Usage>) -> Spend<'a, D> {
         Spend {
             against: Against::Deployment(deployment),
