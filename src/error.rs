@@ -47,6 +47,10 @@ pub enum RecordError {
         /// The allowed skew, human readable.
         skew: String,
     },
+    /// A spend given as token usage names a model without a price, and `pricing.unpriced`
+    /// is `deny`. Nothing was counted.
+    #[error("{0} (pricing.unpriced: deny); not counted")]
+    Unpriced(#[from] crate::pricing::Unpriced),
     /// The limiter was shut down.
     #[error("the limiter is shut down")]
     Closed,

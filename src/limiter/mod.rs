@@ -14,6 +14,7 @@ pub(crate) mod history;
 pub(crate) mod idempotency;
 pub(crate) mod materialize;
 pub(crate) mod open;
+pub(crate) mod pricing;
 pub(crate) mod reload;
 pub(crate) mod reserve;
 pub(crate) mod runtime;
@@ -93,6 +94,9 @@ pub(crate) struct Inner {
     pub(crate) fleet: Fleet,
     /// Set by `shutdown`: later records are refused instead of queued to a stopped journal.
     pub(crate) closed: AtomicBool,
+    /// The price catalog (module `pricing`): loaded at open when configured, else lazily;
+    /// swapped by `reload`.
+    pub(crate) prices: crate::limiter::pricing::Prices,
 }
 
 impl Inner {

@@ -101,6 +101,8 @@ fn open_verified(config: Config, clock: Arc<dyn Clock>, verify: Verify) -> Resul
         return Err(ConfigError::NoRedisUrl.into());
     }
     Fleet::check(config.redis.as_ref())?;
+    // Before the store: a broken catalog file fails the open with nothing started.
+    let prices = crate::limiter::pricing::Prices::open(&config.pricing)?;
     let store = Arc::new(Store::open(&dir)?);
     // The runtime budgets stored here are part of the config from the start (each gets its
     // slot at open, like the file's budgets).
@@ -164,6 +166,7 @@ fn open_verified(config: Config, clock: Arc<dyn Clock>, verify: Verify) -> Resul
             node_id,
             reservations: crate::limiter::reserve::Registry::new(),
             closed: AtomicBool::new(false),
+            prices,
         }),
     };
     limiter.restore_templated()?;

@@ -324,8 +324,10 @@ impl Limiter {
     /// [`Error::Config`] when `config` is invalid, and [`Error::Reload`] when it changes what
     /// only a restart can apply (`storage`, `redis`, `node_id`, `window_anchor`, `time_zone`; `storage.dir`
     /// may be left out, then the running one is kept) or needs more new budget slots than are
-    /// left ([`RELOAD_SLOTS`](crate::view::RELOAD_SLOTS) series per process). Nothing changes
-    /// on error.
+    /// left ([`RELOAD_SLOTS`](crate::view::RELOAD_SLOTS) series per process), or when
+    /// `pricing`'s catalog cannot be loaded or has fewer than half the entries of the running
+    /// one (a truncated file). The price catalog is reloaded with the config (module
+    /// `pricing`). Nothing changes on error.
     pub fn reload(&self, mut config: Config) -> Result<ReloadSummary, Error> {
         config.validate()?;
         let _serial = self
@@ -338,7 +340,11 @@ impl Limiter {
             config.storage.dir.clone_from(&old.storage.dir);
         }
         check_fixed(&config, &old)?;
+        // The new catalog first: one that cannot be loaded, or shrank by more than half,
+        // refuses the reload before anything changed.
+        let catalog = self.inner.prices.prepare(&config.pricing)?;
         let summary = self.apply_locked(config)?;
+        self.inner.prices.install(catalog);
         tracing::info!(
             target: "provider_budgets::lifecycle",
             budgets = summary.budgets,

@@ -281,7 +281,8 @@ impl Reservation {
         };
         let remember = self.remember.then_some(ended);
         let budgets = self.limiter.settle(&self.held, actual, true, remember)?;
-        Ok(Receipt::owned(self.limiter.clone(), budgets))
+        Ok(Receipt::owned(self.limiter.clone(), budgets)
+            .with_cost(actual.unwrap_or(Money::ZERO), None))
     }
 
     /// Takes the right to end the reservation (it may have expired first).

@@ -28,6 +28,7 @@ use crate::model::budget::SoftLimitCrossed;
 use crate::model::clock::floor_secs;
 use crate::model::identity::Identity;
 use crate::model::money::Money;
+use crate::pricing::{PriceSource, Usage};
 use crate::resolve::{Deployment, MissLog};
 
 /// How far past the clock a spend's `at` may lie ([`Spend::at`]); later is refused with
@@ -52,8 +53,15 @@ pub(crate) enum Against<'a, D: ?Sized> {
 /// each identity's budgets count it too) and the instant it happened ([`Spend::at`];
 /// default: now).
 ///
+/// Token usage instead of a cost ([`Spend::deployment_usage`]): the limiter prices it at
+/// [`Limiter::charge`] by its catalog ([`Limiter::price`], the deployment's model), and the
+/// [`Receipt`] says what was counted ([`Receipt::cost`], [`Receipt::priced`]). Decision: a
+/// constructor rather than a `usage` builder taking effect "when the cost is absent", since
+/// every other constructor has a cost; [`Spend::usage`] attaches the usage to a spend with a
+/// cost, where the given cost wins (the usage is not priced).
+///
 /// Built with methods only (its fields are private), so later versions can add what a spend
-/// carries (token usage) without breaking callers. `D` is the
+/// carries without breaking callers. `D` is the
 /// deployment type; a provider spend has `D = dyn Deployment`, so code that builds either
 /// kind in one place can name one type (`Spend::deployment(&d as &dyn Deployment, cost)`).
 ///
@@ -74,7 +82,10 @@ pub struct Spend<'a, D: ?Sized = dyn Deployment, T = &'a str> {
     pub(crate) tags: &'a [T],
     /// The request's identities; [`Identity::NONE`] when none is given.
     pub(crate) identity: &'a Identity<'a>,
-    pub(crate) cost: Money,
+    /// `None`: price `usage` ([`Spend::deployment_usage`]).
+    pub(crate) cost: Option<Money>,
+    /// The call's token usage, if given.
+    pub(crate) usage: Option<Usage>,
     pub(crate) at: Option<Timestamp>,
     /// The idempotency key and the fingerprint of its request
     /// ([`Spend::idempotency_key`]); `None` costs the request path nothing.
@@ -88,7 +99,8 @@ impl<'a> Spend<'a> {
             against: Against::Provider(provider),
             tags: &[],
             identity: &Identity::NONE,
-            cost,
+            cost: Some(cost),
+            usage: None,
             at: None,
             key: None,
         }
@@ -104,7 +116,34 @@ impl<'a, D: Deployment + ?Sized> Spend<'a, D> {
             against: Against::Deployment(deployment),
             tags: &[],
             identity: &Identity::NONE,
-            cost,
+            cost: Some(cost),
+            usage: None,
+            at: None,
+            key: None,
+        }
+    }
+
+    /// The cost of `usage` on the deployment's model ([`Deployment::model`]), priced at
+    /// [`Limiter::charge`] by the limiter's catalog ([`Limiter::price`]), against every
+    /// budget that applies to the deployment (as [`Spend::deployment`]). An unpriced model
+    /// follows `pricing.unpriced`: `deny` refuses the charge ([`RecordError::Unpriced`],
+    /// nothing counted), `allow_zero` counts zero, `default` prices it at
+    /// `pricing.default_per_mtok`. `usage` by value or by reference.
+    ///
+    /// ```
+    /// use provider_budgets::{Spend, Target, Usage};
+    ///
+    /// let d = Target::parse("gpt-4o");
+    /// let spend = Spend::deployment_usage(&d, Usage::new(1200, 300).cache_read(1000));
+    /// assert_eq!(spend.given_cost(), None);
+    /// ```
+    pub fn deployment_usage(deployment: &'a D, usage: impl Into<Usage>) -> Spend<'a, D> {
+        Spend {
+            against: Against::Deployment(deployment),
+            tags: &[],
+            identity: &Identity::NONE,
+            cost: None,
+            usage: Some(usage.into()),
             at: None,
             key: None,
         }
@@ -119,6 +158,7 @@ impl<'a, D: ?Sized, T> Spend<'a, D, T> {
             tags,
             identity: self.identity,
             cost: self.cost,
+            usage: self.usage,
             at: self.at,
             key: self.key,
         }
@@ -156,9 +196,30 @@ impl<'a, D: ?Sized, T> Spend<'a, D, T> {
         }
     }
 
-    /// The cost.
+    /// The call's token usage. With a cost given, the cost wins: the usage is carried, not
+    /// priced. Without one ([`Spend::deployment_usage`]), this replaces the usage priced.
+    /// `usage` by value or by reference.
+    pub fn usage(self, usage: impl Into<Usage>) -> Self {
+        Spend {
+            usage: Some(usage.into()),
+            ..self
+        }
+    }
+
+    /// The cost given; zero for a spend priced from its usage ([`Spend::given_cost`] tells
+    /// them apart, [`Receipt::cost`] says what was counted).
     pub fn cost(&self) -> Money {
+        self.cost.unwrap_or(Money::ZERO)
+    }
+
+    /// The cost given, `None` for a spend priced from its usage.
+    pub fn given_cost(&self) -> Option<Money> {
         self.cost
+    }
+
+    /// The token usage given, if any.
+    pub fn given_usage(&self) -> Option<Usage> {
+        self.usage
     }
 }
 
@@ -190,6 +251,7 @@ impl<D: Deployment + ?Sized, T: AsRef<str>> fmt::Debug for Spend<'_, D, T> {
         s.field("tags", &tags)
             .field("identity", self.identity)
             .field("cost", &self.cost)
+            .field("usage", &self.usage)
             .field("at", &self.at)
             .field("idempotency_key", &self.key.map(|k| k.0))
             .finish()
@@ -222,6 +284,10 @@ impl Handle<'_> {
 pub struct Receipt<'l> {
     budgets: usize,
     limiter: Handle<'l>,
+    /// What was counted (or would have been, with no budget applying).
+    cost: Money,
+    /// How the cost was priced; `None`: given.
+    source: Option<PriceSource>,
 }
 
 impl fmt::Debug for Receipt<'_> {
@@ -229,6 +295,8 @@ impl fmt::Debug for Receipt<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Receipt")
             .field("budgets", &self.budgets)
+            .field("cost", &self.cost)
+            .field("source", &self.source)
             .finish_non_exhaustive()
     }
 }
@@ -238,6 +306,8 @@ impl<'l> Receipt<'l> {
         Receipt {
             budgets,
             limiter: Handle::Borrowed(limiter),
+            cost: Money::ZERO,
+            source: None,
         }
     }
 }
@@ -247,6 +317,8 @@ impl Receipt<'static> {
         Receipt {
             budgets,
             limiter: Handle::Owned(limiter),
+            cost: Money::ZERO,
+            source: None,
         }
     }
 }
@@ -255,6 +327,33 @@ impl Receipt<'_> {
     /// The number of budgets the spend was counted against (0: no budget applies).
     pub fn budgets(&self) -> usize {
         self.budgets
+    }
+
+    /// The receipt of `cost`, priced as `source` (`None`: given).
+    pub(crate) fn with_cost(mut self, cost: Money, source: Option<PriceSource>) -> Self {
+        self.cost = cost;
+        self.source = source;
+        self
+    }
+
+    /// The cost counted in each budget: the one given, or the usage's price.
+    pub fn cost(&self) -> Money {
+        self.cost
+    }
+
+    /// Whether the cost was priced from the usage by a catalog entry or an override. `false`
+    /// for a given cost, and for an unpriced model counted under `pricing.unpriced:
+    /// allow_zero` or `default` ([`Receipt::price_source`] says which).
+    pub fn priced(&self) -> bool {
+        matches!(
+            self.source,
+            Some(PriceSource::Catalog { .. } | PriceSource::Override { .. })
+        )
+    }
+
+    /// How the cost was priced; `None` when it was given.
+    pub fn price_source(&self) -> Option<&PriceSource> {
+        self.source.as_ref()
     }
 
     /// Blocks until the spend (and everything counted before it) is durable on disk: one
@@ -415,15 +514,18 @@ impl Limiter {
     /// # Errors
     ///
     /// [`RecordError::Expired`] when a budget's window of [`Spend::at`] ended more than
-    /// `storage.retention` ago (nothing is counted then), [`RecordError::Closed`] after
+    /// `storage.retention` ago (nothing is counted then), [`RecordError::Unpriced`] for a
+    /// spend given as usage ([`Spend::deployment_usage`]) whose model has no price under
+    /// `pricing.unpriced: deny` (nothing counted), [`RecordError::Closed`] after
     /// shutdown, [`RecordError::Storage`] when the journal died.
     #[inline]
     pub fn charge<D: Deployment + ?Sized, T: AsRef<str>>(
         &self,
         spend: Spend<'_, D, T>,
     ) -> Result<Receipt<'_>, RecordError> {
+        let (cost, source) = self.spend_cost(&spend)?;
         let resolver = self.inner.resolver.load();
-        let (at, cost, key) = (spend.at, spend.cost, spend.key);
+        let (at, key) = (spend.at, spend.key);
         let n = match spend.against {
             // The hot path of a provider spend: its slots, no resolution, no iterator chain.
             Against::Provider(p) if spend.tags.is_empty() && spend.identity.is_empty() => {
@@ -452,7 +554,24 @@ impl Limiter {
                 }
             }
         };
-        Ok(Receipt::new(self, n))
+        Ok(Receipt::new(self, n).with_cost(cost, source))
+    }
+
+    /// The cost of a spend: the one given, or its usage priced on its deployment's model.
+    #[inline]
+    fn spend_cost<D: Deployment + ?Sized, T>(
+        &self,
+        spend: &Spend<'_, D, T>,
+    ) -> Result<(Money, Option<PriceSource>), RecordError> {
+        match (spend.cost, &spend.against, &spend.usage) {
+            (Some(cost), _, _) => Ok((cost, None)),
+            (None, Against::Deployment(d), Some(usage)) => {
+                let priced = self.price(d.model(), usage)?;
+                Ok((priced.cost, Some(priced.source)))
+            }
+            // Not built by any constructor: a cost is given, or a deployment's usage.
+            (None, _, _) => Ok((Money::ZERO, None)),
+        }
     }
 
     /// Gives the request's templated names their series before a charge. A name a template

@@ -216,6 +216,13 @@ pub struct Usage {
     pub reasoning_tokens: u64,
 }
 
+/// A borrowed usage where one is taken by value (`Spend::deployment_usage(&d, &usage)`).
+impl From<&Usage> for Usage {
+    fn from(u: &Usage) -> Usage {
+        *u
+    }
+}
+
 impl Usage {
     /// `input` prompt tokens and `output` completion tokens, nothing cached, no reasoning.
     pub const fn new(input: u64, output: u64) -> Usage {

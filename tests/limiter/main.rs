@@ -11,6 +11,7 @@ mod cache;
 mod idempotency;
 mod identity;
 mod litellm_behaviour;
+mod pricing;
 mod reload;
 mod reserve;
 mod runtime;

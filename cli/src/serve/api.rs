@@ -18,9 +18,10 @@ use serde_json::value::RawValue;
 use super::idempotency::{fingerprint, Begin, Outcome, MAX_KEY_LEN};
 use super::identity::IdentityIn;
 use super::money::{clip, money_from_json};
+use super::usage::{self, Counted, UsageIn};
 use super::{State, BODY_LIMIT};
 use provider_budgets::{
-    Deployment, Exceeded, Identity, Money, NoDeployments, RecordError, Scope, Target,
+    Deployment, Exceeded, Identity, Money, NoDeployments, RecordError, Scope, Target, Usage,
 };
 
 type Shared = Arc<State>;
@@ -305,8 +306,11 @@ struct SpendRequest<'a> {
     /// The request's identities: each one's budgets count the spend too.
     #[serde(borrow, default)]
     identity: Option<IdentityIn<'a>>,
-    #[serde(borrow)]
-    cost: &'a RawValue,
+    /// The cost; absent: `usage` priced by the catalog.
+    #[serde(borrow, default)]
+    cost: Option<&'a RawValue>,
+    #[serde(default)]
+    usage: Option<UsageIn>,
     #[serde(borrow, default)]
     at: Option<&'a RawValue>,
     #[serde(default)]
@@ -327,7 +331,9 @@ enum Against {
 struct Spend {
     against: Against,
     identity: IdentityIn<'static>,
-    cost: Money,
+    /// `None`: price `usage`.
+    cost: Option<Money>,
+    usage: Option<Usage>,
     at: Option<Timestamp>,
     durable: bool,
 }
@@ -359,7 +365,12 @@ impl SpendRequest<'_> {
         };
         let identity = self.identity.clone().unwrap_or_default();
         identity.check()?;
-        let cost = money_from_json(self.cost).map_err(|e| format!("cost: {e}"))?;
+        let (cost, usage) = cost_and_usage(self.cost, self.usage.as_ref())?;
+        if let (Against::Provider(p), None) = (&against, cost) {
+            return Err(format!(
+                "usage: priced only with \"deployment\" (its model); give \"cost\" for \"provider\" {p:?}"
+            ));
+        }
         let at = match self.at {
             None => None,
             Some(raw) if raw.get() == "null" => None,
@@ -377,10 +388,27 @@ impl SpendRequest<'_> {
             against,
             identity: identity.into_owned(),
             cost,
+            usage,
             at,
             durable: self.durable.unwrap_or(false),
         })
     }
+}
+
+/// A body's `cost` and `usage`: at least one (a given cost wins; the usage is still checked).
+pub(super) fn cost_and_usage(
+    cost: Option<&RawValue>,
+    usage: Option<&UsageIn>,
+) -> Result<(Option<Money>, Option<Usage>), String> {
+    let usage = usage.map(UsageIn::usage).transpose()?;
+    let cost = match cost {
+        Some(raw) if raw.get() != "null" => {
+            Some(money_from_json(raw).map_err(|e| format!("cost: {e}"))?)
+        }
+        _ if usage.is_some() => None,
+        _ => return Err("missing field `cost` (or `usage`, priced by the catalog)".into()),
+    };
+    Ok((cost, usage))
 }
 
 /// `at`: an RFC 3339 string or whole Unix seconds (number or string).
@@ -445,7 +473,7 @@ async fn keyed_spend(state: Shared, spend: Spend, key: &str, request_id: u64) ->
     loop {
         match state.keys.begin(key, request_id) {
             Begin::Mismatch => return error(StatusCode::CONFLICT, &format!(
-                "idempotency_key {key:?} was used before with another request (target, cost or at differ); a new request needs a new key"
+                "idempotency_key {key:?} was used before with another request (target, cost, usage or at differ); a new request needs a new key"
             )),
             Begin::Done(outcome) => return spend_response(StatusCode::OK, &outcome, true),
             Begin::Wait(mut rx) => {
@@ -493,11 +521,23 @@ impl Spend {
         key: Option<(&'a str, u64)>,
     ) -> provider_budgets::Spend<'a, dyn Deployment, String> {
         const NO_TAGS: &[String] = &[];
-        let spend = match &self.against {
-            Against::Provider(p) => provider_budgets::Spend::provider(p, self.cost).tags(NO_TAGS),
-            Against::Deployment(d, tags) => {
-                provider_budgets::Spend::deployment(d as &dyn Deployment, self.cost).tags(tags)
+        let d = |d| d as &dyn Deployment;
+        let spend = match (&self.against, self.cost, self.usage) {
+            (Against::Provider(p), cost, _) => {
+                // `validate` refuses a provider spend without a cost.
+                provider_budgets::Spend::provider(p, cost.unwrap_or(Money::ZERO)).tags(NO_TAGS)
             }
+            (Against::Deployment(t, tags), Some(cost), _) => {
+                provider_budgets::Spend::deployment(d(t), cost).tags(tags)
+            }
+            (Against::Deployment(t, tags), None, usage) => {
+                provider_budgets::Spend::deployment_usage(d(t), usage.unwrap_or_default())
+                    .tags(tags)
+            }
+        };
+        let spend = match (self.cost, self.usage) {
+            (Some(_), Some(usage)) => spend.usage(usage),
+            _ => spend,
         };
         let spend = spend.identity(identity);
         let spend = match self.at {
@@ -545,7 +585,7 @@ impl Spend {
                 }
             }
         }
-        out.extend_from_slice(&self.cost.as_nanos().to_be_bytes());
+        out.extend_from_slice(&self.cost.unwrap_or(Money::ZERO).as_nanos().to_be_bytes());
         match self.at {
             None => out.push(0),
             Some(at) => {
@@ -557,6 +597,8 @@ impl Spend {
             out.push(b'i');
             self.identity.encode(&mut out);
         }
+        // Last, and only when given: a retry with another usage is another request.
+        usage::encode(&mut out, self.usage.as_ref(), self.cost.is_some());
         out
     }
 }
@@ -565,15 +607,21 @@ impl Spend {
 /// status and the outcome to remember for its key.
 async fn record(state: &State, s: &Spend, key: Option<(&str, u64)>) -> (StatusCode, Outcome) {
     let identity = s.identity.identity();
+    // What the receipt counted: only a charge that went through has a cost to report.
+    let mut counted = None;
     let result = match state.limiter.charge(s.spend(&identity, key)) {
         Ok(receipt) if s.durable => {
+            counted = Some(Counted::of(&receipt));
             let durable = receipt.await;
             if let (Ok(_), Some((key, _))) = (&durable, key) {
                 state.after_fsync(key).await;
             }
             durable
         }
-        Ok(receipt) => Ok(receipt.budgets()),
+        Ok(receipt) => {
+            counted = Some(Counted::of(&receipt));
+            Ok(receipt.budgets())
+        }
         Err(e) => Err(e),
     };
     let (status, outcome, label) = match result {
@@ -592,6 +640,12 @@ async fn record(state: &State, s: &Spend, key: Option<(&str, u64)>) -> (StatusCo
             Outcome::transient(e.to_string()),
             "expired",
         ),
+        Err(e @ RecordError::Unpriced(_)) => (
+            // Not settled: a reload of the catalog may price it.
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Outcome::transient(format!("usage: {e}")),
+            "unpriced",
+        ),
         Err(e @ RecordError::Future { .. }) => (
             StatusCode::UNPROCESSABLE_ENTITY,
             Outcome::transient(format!("at: {e}")),
@@ -604,6 +658,7 @@ async fn record(state: &State, s: &Spend, key: Option<(&str, u64)>) -> (StatusCo
                 counted: true,
                 reason: Some(format!("counted, but not durable yet: {e}")),
                 settled: true,
+                cost: None,
             },
             "not_durable",
         ),
@@ -614,6 +669,11 @@ async fn record(state: &State, s: &Spend, key: Option<(&str, u64)>) -> (StatusCo
         ),
     };
     metrics::counter!("provider_budgets_spend_requests_total", "outcome" => label).increment(1);
+    // Reported for a request with usage only: the answer of a plain cost is what it was.
+    let outcome = match counted {
+        Some(c) if s.usage.is_some() => outcome.with_cost(c),
+        _ => outcome,
+    };
     (status, outcome)
 }
 
@@ -629,6 +689,9 @@ fn spend_response(status: StatusCode, outcome: &Outcome, duplicate: bool) -> Res
     }
     if duplicate {
         body["duplicate"] = true.into();
+    }
+    if let Some(c) = &outcome.cost {
+        c.write(&mut body);
     }
     json(status, &body)
 }

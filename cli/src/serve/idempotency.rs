@@ -56,6 +56,9 @@ pub(crate) struct Outcome {
     pub reason: Option<String>,
     /// Whether a retry would meet the same answer (remember it) or may count (forget the key).
     pub settled: bool,
+    /// What was counted (`None` for an answer seeded from disk after a restart, which keeps
+    /// only the key).
+    pub cost: Option<super::usage::Counted>,
 }
 
 #[derive(Debug)]
@@ -257,6 +260,15 @@ impl Outcome {
             counted: true,
             reason: None,
             settled: true,
+            cost: None,
+        }
+    }
+
+    /// This outcome with what was counted.
+    pub(crate) fn with_cost(self, cost: super::usage::Counted) -> Outcome {
+        Outcome {
+            cost: Some(cost),
+            ..self
         }
     }
 
@@ -266,6 +278,7 @@ impl Outcome {
             counted: false,
             reason: Some(reason),
             settled: true,
+            cost: None,
         }
     }
 
@@ -275,6 +288,7 @@ impl Outcome {
             counted: false,
             reason: Some(reason),
             settled: false,
+            cost: None,
         }
     }
 }

@@ -189,6 +189,10 @@ const COUNTERS: &[(&str, &str)] = &[
         "Requests refused with 503 because --max-in-flight requests were in flight",
     ),
     (
+        "provider_budgets_unpriced_total",
+        "Spend given as usage whose model has no price, by model and pricing.unpriced policy",
+    ),
+    (
         "provider_budgets_template_refused_total",
         "New names refused by a template (full: max_series; a name that cannot be a series)",
     ),

@@ -37,6 +37,7 @@ mod metrics;
 mod money;
 mod page;
 mod reserve;
+mod usage;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -41,11 +41,14 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio::sync::watch;
 
-use super::api::{bad_request, body, error, json, no_deployments, parse, DeploymentIn};
+use super::api::{
+    bad_request, body, cost_and_usage, error, json, no_deployments, parse, DeploymentIn, Reject,
+};
 use super::identity::IdentityIn;
 use super::money::money_from_json;
+use super::usage::{Counted, UsageIn};
 use super::State;
-use provider_budgets::{Money, RecordError, Reservation, ReserveError, Target};
+use provider_budgets::{Deployment, Money, RecordError, Reservation, ReserveError, Target};
 
 type Shared = Arc<State>;
 
@@ -85,7 +88,9 @@ struct Answer {
 
 #[derive(Debug)]
 enum Slot {
-    Open(Reservation),
+    /// With the model of the reserved deployment (`None` for a provider reservation), which
+    /// prices a commit given as usage.
+    Open(Reservation, Option<Arc<str>>),
     /// A commit or release is being made durable; repeats wait for its answer.
     Ending(Op, watch::Receiver<Option<Answer>>),
     Done(Answer),
@@ -162,10 +167,19 @@ impl Table {
         self.lock().open < self.max_open
     }
 
-    fn insert(&self, r: Reservation) {
+    fn insert(&self, r: Reservation, model: Option<Arc<str>>) {
         let mut t = self.lock();
         t.open += 1;
-        t.slots.insert(Arc::from(r.id()), Slot::Open(r));
+        t.slots.insert(Arc::from(r.id()), Slot::Open(r, model));
+    }
+
+    /// The model of an open reservation: `None` when it is not open (ended, unknown),
+    /// `Some(None)` for a provider reservation.
+    fn model_of(&self, id: &str) -> Option<Option<Arc<str>>> {
+        match self.lock().slots.get(id) {
+            Some(Slot::Open(_, model)) => Some(model.clone()),
+            _ => None,
+        }
     }
 
     fn begin(&self, id: &str, op: Op) -> Begin {
@@ -175,7 +189,7 @@ impl Table {
             return Begin::Unknown;
         };
         let (put_back, begin) = match slot {
-            Slot::Open(r) => {
+            Slot::Open(r, _) => {
                 let (tx, rx) = watch::channel(None);
                 t.open -= 1;
                 (Slot::Ending(op, rx), Begin::Run(r, tx))
@@ -214,12 +228,12 @@ impl Table {
         let due: Vec<Arc<str>> = t
             .slots
             .iter()
-            .filter(|(_, s)| matches!(s, Slot::Open(r) if r.expires_at() <= now))
+            .filter(|(_, s)| matches!(s, Slot::Open(r, _) if r.expires_at() <= now))
             .map(|(k, _)| Arc::clone(k))
             .collect();
         let mut out = Vec::with_capacity(due.len());
         for key in due {
-            if let Some(Slot::Open(r)) = t.slots.remove(&key) {
+            if let Some(Slot::Open(r, _)) = t.slots.remove(&key) {
                 let answer = expired_answer(&ReserveError::Expired {
                     id: r.id().to_owned(),
                     expired_at: r.expires_at(),
@@ -381,7 +395,13 @@ pub(super) async fn reserve(
         "estimate_nanos": r.estimate().as_nanos(),
         "expires_at": r.expires_at().to_string(),
     });
-    state.reservations.insert(r);
+    // The model that prices a commit given as usage (none for a provider reservation).
+    let model = targets
+        .get(index)
+        .map(Deployment::model)
+        .filter(|m| !m.is_empty())
+        .map(Arc::from);
+    state.reservations.insert(r, model);
     json(StatusCode::OK, &body)
 }
 
@@ -392,8 +412,11 @@ pub(super) async fn reserve(
 struct CommitRequest<'a> {
     #[serde(borrow)]
     reservation: Cow<'a, str>,
-    #[serde(borrow)]
-    cost: &'a RawValue,
+    /// The actual cost; absent: `usage` priced on the reserved deployment's model.
+    #[serde(borrow, default)]
+    cost: Option<&'a RawValue>,
+    #[serde(default)]
+    usage: Option<UsageIn>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -434,25 +457,70 @@ async fn end_route(state: Shared, bytes: Result<Bytes, BytesRejection>, op: Op) 
         Ok(b) => b,
         Err(r) => return r.into_response(),
     };
-    let parsed = match op {
-        Op::Commit => parse::<CommitRequest<'_>>(&bytes).map(|r| (r.reservation, Some(r.cost))),
-        Op::Release => parse::<ReleaseRequest<'_>>(&bytes).map(|r| (r.reservation, None)),
-    };
-    let (reservation, cost) = match parsed {
-        Ok(p) => p,
-        Err(r) => return r.into_response(),
+    let (reservation, commit) = match op {
+        Op::Commit => match parse::<CommitRequest<'_>>(&bytes) {
+            Ok(r) => (r.reservation, Some((r.cost, r.usage))),
+            Err(r) => return r.into_response(),
+        },
+        Op::Release => match parse::<ReleaseRequest<'_>>(&bytes) {
+            Ok(r) => (r.reservation, None),
+            Err(r) => return r.into_response(),
+        },
     };
     if let Some(r) = bad_id(&reservation) {
         return r;
     }
-    let cost = match cost.map(money_from_json).transpose() {
-        Ok(c) => c,
-        Err(e) => return bad_request(&format!("cost: {e}")),
+    let cost = match commit {
+        None => None,
+        Some((cost, usage)) => match commit_cost(&state, &reservation, cost, usage.as_ref()) {
+            Ok(c) => Some(c),
+            Err(r) => return r.into_response(),
+        },
     };
     end(state, &reservation, op, cost).await
 }
 
-async fn end(state: Shared, id: &str, op: Op, cost: Option<Money>) -> Response {
+/// A commit's cost: the one given, or its usage priced on the reserved deployment's model
+/// (before the reservation is taken: an unpriced model leaves it open, answered 422), and
+/// what to report of it (for a commit with usage).
+fn commit_cost(
+    state: &State,
+    id: &str,
+    cost: Option<&RawValue>,
+    usage: Option<&UsageIn>,
+) -> Result<(Money, Option<Counted>), Reject> {
+    let (cost, usage) =
+        cost_and_usage(cost, usage).map_err(|e| Reject(StatusCode::BAD_REQUEST, e))?;
+    match (cost, usage) {
+        (Some(c), None) => Ok((c, None)),
+        (Some(c), Some(_)) => Ok((c, Some(Counted::given(c)))),
+        (None, usage) => {
+            let usage = usage.unwrap_or_default();
+            let model = match state.reservations.model_of(id) {
+                // Not open: its stored answer is replayed, the cost is not used.
+                None => return Ok((Money::ZERO, None)),
+                Some(None) => return Err(Reject(
+                    StatusCode::BAD_REQUEST,
+                    "usage: priced only for a reservation of \"deployments\" (their model); give \"cost\"".into(),
+                )),
+                Some(Some(m)) => m,
+            };
+            match state.limiter.price(&model, &usage) {
+                Ok(p) => Ok((p.cost, Some(Counted::priced(p.cost, Some(&p.source))))),
+                Err(e) => Err(Reject(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    format!("usage: {e} (pricing.unpriced: deny); not committed, reservation {id:?} stays open"),
+                )),
+            }
+        }
+    }
+}
+
+async fn end(state: Shared, id: &str, op: Op, cost: Option<(Money, Option<Counted>)>) -> Response {
+    let (cost, counted) = match cost {
+        Some((c, counted)) => (Some(c), counted),
+        None => (None, None),
+    };
     match state.reservations.begin(id, op) {
         Begin::Unknown => error(
             StatusCode::NOT_FOUND,
@@ -494,7 +562,10 @@ async fn end(state: Shared, id: &str, op: Op, cost: Option<Money>) -> Response {
                 if ended.is_ok() {
                     state.after_fsync(&id).await;
                 }
-                let answer = answer_of(&id, op, cost, ended);
+                let mut answer = answer_of(&id, op, cost, ended);
+                if let (Some(c), true) = (counted, answer.status.is_success()) {
+                    c.write_commit(&mut answer.body);
+                }
                 state.reservations.finish(&id, answer.clone(), &tx);
                 answer
             });

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod budgets;
+mod charge;
 mod commands;
 mod config_errors;
 mod litellm_scopes;

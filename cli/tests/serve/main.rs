@@ -10,4 +10,5 @@ mod edge;
 mod identity;
 mod logs;
 mod page;
+mod priced;
 mod templates;

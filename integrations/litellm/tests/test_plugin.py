@@ -1004,3 +1004,93 @@ def test_strict_without_a_sidecar_fails_open_and_still_records_the_spend(sidecar
         await plugin.aclose()
 
     asyncio.run(main())
+
+
+# ---- usage priced by the sidecar ----------------------------------------------------------------
+
+PRICED_CONFIG = """provider_budget_config:
+  openai: { budget_limit: "100", time_period: 1d }
+provider_budgets:
+  pricing:
+    overrides:
+      my-model: { input_per_mtok: 1, output_per_mtok: 2 }
+"""
+
+
+class UnpricedByLitellm(CustomLogger):
+    """Runs before the plugin (litellm awaits success callbacks in order) and makes the call's
+    ``response_cost`` ``None``, as litellm reports a model it cannot price (seen with
+    ``claude-3-5-sonnet``; litellm 1.110.2 with ``mock_response`` reports 0.0 instead)."""
+
+    async def async_log_success_event(self, kwargs, response_obj, start_time, end_time):
+        kwargs["standard_logging_object"]["response_cost"] = None
+
+
+def test_a_call_litellm_cannot_price_is_priced_by_the_sidecar_from_its_usage(sidecars, caplog):
+    side = sidecars({}, config_text=PRICED_CONFIG)
+    # mock usage: 10 prompt, 20 completion tokens = 10 * $1 + 20 * $2 per million.
+    one_call = 10 * 1_000 + 20 * 2_000
+
+    async def main():
+        plugin = ProviderBudgets(url=side.url)
+        litellm.callbacks = [UnpricedByLitellm(), plugin]
+        priced = Router(num_retries=0, model_list=deployments("openai/my-model"))
+        unpriced = Router(num_retries=0, model_list=deployments("openai/no-such-model"))
+        with caplog.at_level(logging.WARNING, logger=LOGGER):
+            for router in (priced, priced, unpriced, unpriced):
+                await call(router)
+            await await_condition(lambda: plugin.stats.posted + plugin.stats.rejected == 4, "four posts answered")
+            assert await plugin.flush(5)
+        assert side.spend_nanos() == {"openai": 2 * one_call}
+        warnings = [r.getMessage() for r in caplog.records if r.name == LOGGER and r.levelno == logging.WARNING]
+        assert len(warnings) == 1, warnings
+        assert "neither litellm nor the sidecar can price model 'openai/no-such-model'" in warnings[0]
+        assert not [r for r in caplog.records if r.name == LOGGER and r.levelno >= logging.ERROR]
+        await plugin.aclose()
+
+    asyncio.run(main())
+
+
+def test_strict_a_call_litellm_cannot_price_commits_its_usage(sidecars, caplog):
+    side = sidecars({}, config_text=PRICED_CONFIG)
+    one_call = 10 * 1_000 + 20 * 2_000
+
+    async def main():
+        plugin = ProviderBudgets(url=side.url, strict=True, default_estimate="0.01")
+        litellm.callbacks = [UnpricedByLitellm(), plugin]
+        router = Router(num_retries=0, model_list=deployments("openai/my-model"))
+        await call(router)
+        await call(router)
+        # litellm's success events run in tasks of their own: each takes its reservation.
+        await await_condition(lambda: not any(plugin._reservations.values()), "both success events")
+        assert await plugin.flush(5)
+        status, body = side.request("GET", "/v1/budgets")
+        openai = next(b for b in body["budgets"] if b["provider"] == "openai")
+        assert (int(openai["spend_nanos"]), int(openai["reserved_nanos"])) == (2 * one_call, 0), openai
+        assert not [r for r in caplog.records if r.name == LOGGER and r.levelno >= logging.ERROR]
+        await plugin.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_model_the_sidecar_counts_by_its_unpriced_policy_is_logged_once(sidecars, caplog):
+    config = 'provider_budget_config:\n  openai: { budget_limit: "100", time_period: 1d }\n'
+    config += "provider_budgets:\n  pricing: { unpriced: default, default_per_mtok: 1000 }\n"
+    side = sidecars({}, config_text=config)
+
+    async def main():
+        plugin = ProviderBudgets(url=side.url)
+        litellm.callbacks = [UnpricedByLitellm(), plugin]
+        router = Router(num_retries=0, model_list=deployments("openai/no-such-model"))
+        with caplog.at_level(logging.WARNING, logger=LOGGER):
+            await call(router)
+            await call(router)
+            await await_condition(lambda: plugin.stats.posted == 2, "two posts answered")
+            assert await plugin.flush(5)
+        # 30 tokens a call at $1000 per million.
+        assert side.spend_nanos() == {"openai": 2 * 30_000_000}
+        warnings = [r.getMessage() for r in caplog.records if r.name == LOGGER and r.levelno == logging.WARNING]
+        assert len(warnings) == 1 and "pricing.unpriced policy as 0.03 USD (unpriced_default)" in warnings[0], warnings
+        await plugin.aclose()
+
+    asyncio.run(main())

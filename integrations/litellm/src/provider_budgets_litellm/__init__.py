@@ -12,6 +12,13 @@
   response is never held up), with an idempotency key derived from the litellm call id so that a
   retried post is counted once. The post carries ``at``, the call's end time, so that a post
   retried across a window boundary is charged to the window the call ended in.
+* When litellm cannot price a call (``response_cost`` is ``None``), the post carries the call's
+  token ``usage`` (from the response's ``usage``: prompt, completion, cached and reasoning
+  tokens) instead of a cost, and the sidecar prices it with its catalog
+  (``provider_budgets.pricing``); a commit does the same. A model neither can price is
+  logged once per model (WARNING): under the sidecar's ``pricing.unpriced: deny`` it is not
+  recorded (a reservation then expires and counts its estimate); under ``allow_zero`` or
+  ``default`` the sidecar counts it as its policy says.
 
 Decisions:
 
@@ -277,6 +284,8 @@ class ProviderBudgets(CustomLogger):
         )
         self._pending: "set[asyncio.Task[None]]" = set()
         self._providers: Dict[Tuple[str, Optional[str], Optional[str]], Optional[str]] = {}
+        # Models neither litellm nor the sidecar could price, each logged once.
+        self._unpriced: "set[str]" = set()
 
     def __repr__(self) -> str:
         return f"ProviderBudgets(url={self.url!r}, fail_open={self.fail_open!r}, timeout={self.timeout!r})"
@@ -505,7 +514,9 @@ class ProviderBudgets(CustomLogger):
             return metadata.pop("provider_budgets_reservation", None)
         return None
 
-    def _end_in_background(self, url: str, payload: Dict[str, Any]) -> Optional["asyncio.Task[None]"]:
+    def _end_in_background(
+        self, url: str, payload: Dict[str, Any], model: Optional[str] = None
+    ) -> Optional["asyncio.Task[None]"]:
         if len(self._pending) >= self.max_pending:
             self.stats.dropped += 1
             logger.error(
@@ -514,7 +525,7 @@ class ProviderBudgets(CustomLogger):
                 payload["reservation"],
             )
             return None
-        return self._track(self._post_end(url, payload))
+        return self._track(self._post_end(url, payload, model))
 
     def _track(self, coro: Any) -> "asyncio.Task[None]":
         """Run ``coro`` as a task kept in ``_pending`` until it is done (for ``flush``)."""
@@ -556,10 +567,41 @@ class ProviderBudgets(CustomLogger):
         self.stats.dropped += 1
         return None, last
 
-    async def _post_end(self, url: str, payload: Dict[str, Any]) -> None:
+    def _unpriced_once(self, model: str, how: str) -> None:
+        """Logs once per model that litellm had no ``response_cost`` and the sidecar could
+        not price the usage either (``how``: what happened to the call's cost)."""
+        if model in self._unpriced or len(self._unpriced) >= 10_000:
+            return
+        self._unpriced.add(model)
+        logger.warning(
+            "provider-budgets: neither litellm nor the sidecar can price model %r: %s "
+            "(give it a price in the sidecar's provider_budgets.pricing.overrides); logged once per model",
+            model,
+            how,
+        )
+
+    def _check_priced(self, model: str, status: Optional[int], answer: Any) -> bool:
+        """After a post of usage: logs an unpriced model once. ``True`` when the answer was
+        about pricing (nothing else to log)."""
+        if status == 422 and b"is unpriced" in (answer or b""):
+            self._unpriced_once(model, f"not recorded ({_clip(answer)})")
+            return True
+        if status == 200:
+            try:
+                doc = json.loads(answer)
+            except (TypeError, ValueError):
+                return False
+            if isinstance(doc, dict) and doc.get("priced") is False and doc.get("price_source") != "given":
+                how = f"counted by the sidecar's pricing.unpriced policy as {doc.get('cost')} USD"
+                self._unpriced_once(model, f"{how} ({doc.get('price_source')})")
+        return False
+
+    async def _post_end(self, url: str, payload: Dict[str, Any], model: Optional[str] = None) -> None:
         """A commit or release, retried while the sidecar is unusable."""
-        what = "commit" if "cost" in payload else "release"
+        what = "commit" if ("cost" in payload or "usage" in payload) else "release"
         status, answer = await self._post_retried(url, payload, what)
+        if "usage" in payload and self._check_priced(model or "?", status, answer):
+            return  # an unpriced commit: the reservation stays open, expires, counts its estimate
         if status is None:
             logger.error(
                 "provider-budgets: gave up the %s of reservation %s after %d attempts (%s); it expires and counts its estimate",
@@ -594,6 +636,12 @@ class ProviderBudgets(CustomLogger):
             if reservation:
                 slo = kwargs.get("standard_logging_object") or {}
                 cost = cost_to_decimal_str(slo.get("response_cost"))
+                usage = _usage_of(response_obj, slo) if slo.get("response_cost") is None else None
+                if usage is not None:
+                    # litellm could not price it: the sidecar prices the usage.
+                    payload = {"reservation": reservation, "usage": usage}
+                    self._end_in_background(self._commit_url, payload, str(slo.get("model") or "?"))
+                    return
                 if cost is None or cost.startswith("-"):
                     logger.error(
                         "provider-budgets: unusable response_cost %r: reservation %s left to expire (it counts its estimate)",
@@ -603,27 +651,34 @@ class ProviderBudgets(CustomLogger):
                     return  # it expires and counts its estimate
                 self._end_in_background(self._commit_url, {"reservation": reservation, "cost": cost})
                 return
-        self.post_spend_in_background(kwargs)
+        self.post_spend_in_background(kwargs, response_obj)
 
-    def post_spend_in_background(self, kwargs: Dict[str, Any]) -> Optional["asyncio.Task[None]"]:
+    def post_spend_in_background(
+        self, kwargs: Dict[str, Any], response_obj: Any = None
+    ) -> Optional["asyncio.Task[None]"]:
         """Schedule the spend post of one litellm success event; ``None`` when there is nothing
-        to post (no cost, zero cost, no provider) or too many posts are pending."""
+        to post (no cost nor usage, zero cost, no provider) or too many posts are pending.
+        Without litellm's ``response_cost``, the call's usage is posted for the sidecar to
+        price (it needs the model: ``standard_logging_object["model"]``)."""
         slo = kwargs.get("standard_logging_object") or {}
         provider = slo.get("custom_llm_provider") or kwargs.get("custom_llm_provider")
         raw_cost = slo.get("response_cost")
         cost = cost_to_decimal_str(raw_cost)
-        if not provider or cost is None or cost == "0":
+        usage = _usage_of(response_obj, slo) if raw_cost is None and slo.get("model") else None
+        if provider and usage is not None:
+            cost = None
+        elif not provider or cost is None or cost == "0":
             self.stats.skipped += 1
             if raw_cost not in (None, 0, 0.0) and cost is None:
                 logger.error(
                     "provider-budgets: unusable response_cost %r for provider %r: not recorded", raw_cost, provider
                 )
             return None
-        if cost.startswith("-"):
+        if cost is not None and cost.startswith("-"):
             self.stats.rejected += 1
             logger.error("provider-budgets: negative response_cost %s for provider %s: not recorded", cost, provider)
             return None
-        payload: Dict[str, Any] = {"cost": cost}
+        payload: Dict[str, Any] = {"cost": cost} if cost is not None else {"usage": usage}
         model = slo.get("model")
         if model:
             # Every budget that applies: provider, model, deployment (model_info.id), tags and
@@ -653,7 +708,7 @@ class ProviderBudgets(CustomLogger):
             logger.error(
                 "provider-budgets: %d spend posts pending; dropping cost %s for provider %s",
                 len(self._pending),
-                cost,
+                cost if cost is not None else "(usage)",
                 provider,
             )
             return None
@@ -661,10 +716,15 @@ class ProviderBudgets(CustomLogger):
 
     async def _post_spend(self, payload: Dict[str, Any]) -> None:
         status, answer = await self._post_retried(self._spend_url, payload, "spend")
+        if "usage" in payload:
+            model = (payload.get("deployment") or {}).get("model") or "?"
+            if self._check_priced(str(model), status, answer):
+                return
+        what = payload.get("cost", "(usage)")
         if status is None:
             logger.error(
                 "provider-budgets: gave up recording spend %s for provider %s after %d attempts (%s)",
-                payload["cost"],
+                what,
                 _target(payload),
                 self.spend_attempts,
                 answer,
@@ -672,7 +732,7 @@ class ProviderBudgets(CustomLogger):
         elif status != 200:
             logger.error(
                 "provider-budgets sidecar rejected spend %s for provider %s (HTTP %d: %s): not recorded",
-                payload["cost"],
+                what,
                 _target(payload),
                 status,
                 _clip(answer),
@@ -693,6 +753,54 @@ class ProviderBudgets(CustomLogger):
         session = self._sessions.pop(asyncio.get_running_loop(), None)
         if session is not None:
             await session.close()
+
+
+def _count(value: Any) -> Optional[int]:
+    """A token count: a non-negative int (``None`` for anything else)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return None
+    return value
+
+
+def _field(obj: Any, name: str) -> Any:
+    """``obj.name`` or ``obj[name]`` (litellm's usage is an object; logged copies are dicts)."""
+    if obj is None:
+        return None
+    if isinstance(obj, dict):
+        return obj.get(name)
+    return getattr(obj, name, None)
+
+
+def _usage_of(response_obj: Any, slo: Dict[str, Any]) -> Optional[Dict[str, int]]:
+    """The call's token usage in the sidecar's names, from the response's ``usage`` (else the
+    standard logging object's ``prompt_tokens`` / ``completion_tokens``); ``None`` without
+    a prompt or completion count. ``input_tokens`` counts the cached tokens (OpenAI's and
+    litellm's ``prompt_tokens``); Anthropic's cache counts come from litellm's
+    ``cache_read_input_tokens`` / ``cache_creation_input_tokens``, else
+    ``prompt_tokens_details``."""
+    u = _field(response_obj, "usage")
+    source = u if u is not None else slo
+    out: Dict[str, int] = {}
+    for ours, theirs in (("input_tokens", "prompt_tokens"), ("output_tokens", "completion_tokens")):
+        n = _count(_field(source, theirs))
+        if n is not None:
+            out[ours] = n
+    if not out:
+        return None
+    if u is None:
+        return out
+    prompt = _field(u, "prompt_tokens_details")
+    completion = _field(u, "completion_tokens_details")
+    parts = (
+        ("cache_read_tokens", (_field(u, "cache_read_input_tokens"), _field(prompt, "cached_tokens"))),
+        ("cache_creation_tokens", (_field(u, "cache_creation_input_tokens"), _field(prompt, "cache_creation_tokens"))),
+        ("reasoning_tokens", (_field(completion, "reasoning_tokens"),)),
+    )
+    for ours, candidates in parts:
+        n = next((c for c in map(_count, candidates) if c), None)
+        if n:
+            out[ours] = n
+    return out
 
 
 def _usd(entry: Dict[str, Any], field: str) -> Any:
