@@ -108,10 +108,8 @@ pub(crate) enum Event {
         budget: u32,
         window: Window,
         total: u64,
-        /// Commit at once (the replicator's find: a loss to repair). A new slot taking over
-        /// what the store already holds is not: it joins the next group commit, so that a
-        /// hundred thousand templated series restored at open cost a few fsyncs, not one per
-        /// journal batch.
+        /// Commit at once (the replicator's find: a loss to repair); a new slot taking over
+        /// stored totals joins the next group commit (a restore: a few fsyncs, not thousands).
         urgent: bool,
     },
     /// Journal an open reservation (`reserve` waits for its ack: a crash after `reserve`

@@ -20,6 +20,11 @@ use crate::model::budget::{Enforcement, Offline, SoftLimit};
 use crate::model::money::Money;
 use crate::model::window::{Schedule, Window};
 
+mod hot;
+mod totals;
+pub(crate) use hot::Hot;
+pub(crate) use totals::WindowTotals;
+
 /// Spend of one budget in one window.
 #[derive(Debug)]
 pub(crate) struct Cell {
@@ -125,63 +130,6 @@ struct BudgetView {
     credit_of: OnceLock<u32>,
     /// A template's series: no gauge of its own (the template's aggregates count it).
     templated: bool,
-}
-
-/// The budgets (slots below 128) whose peak may have reached their limit, as one bit set:
-/// bit `b` is set once budget `b`'s `peak >= limit` could hold, and never cleared while the
-/// view lives (like the peak itself). A clear bit means the budget cannot be spent.
-///
-/// Why: the request path reads this once per call (two loads) and then skips every budget
-/// whose bit is clear, instead of three loads per budget (its slot, peak and limit); the
-/// filter's memo starts from it (`filter::Check::new`). Slots from 128 up have no bit and are
-/// always read.
-#[derive(Debug, Default)]
-pub(crate) struct Hot([AtomicU64; 2]);
-
-impl Hot {
-    #[inline]
-    fn mark(&self, slot: u32) {
-        if let Some(word) = self.0.get(slot as usize / 64) {
-            let bit = 1u64 << (slot % 64);
-            // A load first: once set, later charges of a spent budget do not write the
-            // shared word again.
-            if word.load(Ordering::Relaxed) & bit == 0 {
-                word.fetch_or(bit, Ordering::Relaxed);
-            }
-        }
-    }
-
-    #[inline]
-    fn load(&self) -> u128 {
-        u128::from(self.0[0].load(Ordering::Relaxed))
-            | u128::from(self.0[1].load(Ordering::Relaxed)) << 64
-    }
-}
-
-/// A snapshot of one window's totals.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct WindowTotals {
-    pub window: Window,
-    pub own: Money,
-    pub others: Money,
-    /// Held by this node's open reservations (not spend).
-    pub reserved: Money,
-    /// Strict budgets: this node's grant (zero otherwise or before the first).
-    pub grant: Money,
-    /// The fleet's credits in the window, as known here.
-    pub credit: Money,
-}
-
-impl WindowTotals {
-    /// Spend net of credits, never below zero: what the budget counts.
-    pub fn total(&self) -> Money {
-        self.gross().saturating_sub(self.credit)
-    }
-
-    /// Spend before credits: own + others.
-    pub fn gross(&self) -> Money {
-        self.own.saturating_add(self.others)
-    }
 }
 
 /// Budget series a running process may add to those it opened with (reloads and runtime
