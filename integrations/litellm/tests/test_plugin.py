@@ -8,6 +8,9 @@ import hashlib
 import json
 import logging
 import math
+import os
+import subprocess
+import sys
 import time
 from collections import Counter
 from typing import Dict, List, Tuple
@@ -1094,3 +1097,36 @@ def test_a_model_the_sidecar_counts_by_its_unpriced_policy_is_logged_once(sideca
         await plugin.aclose()
 
     asyncio.run(main())
+
+
+# ---- short scripts ------------------------------------------------------------------------------
+
+SHORT_SCRIPT = """
+import asyncio, sys, litellm
+from provider_budgets_litellm import ProviderBudgets
+litellm.callbacks = [ProviderBudgets(url=sys.argv[1])]
+async def main():
+    r = await litellm.acompletion(model="openai/gpt-4o", mock_response="hi", messages=[{"role": "user", "content": "hello"}])
+    print(r._hidden_params["response_cost"])
+asyncio.run(main())
+"""
+
+
+def test_a_short_async_script_counts_its_spend_and_exits_cleanly(sidecars):
+    """A script that ends right after its call (no flush, no aclose): litellm runs the success
+    callback at exit, on an event loop of its own; the plugin posts inline there, so the spend
+    is counted, and nothing is left open (no unclosed session, no destroyed task)."""
+    side = sidecars({"openai": "100"})
+    done = subprocess.run(
+        [sys.executable, "-c", SHORT_SCRIPT, side.url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"},
+    )
+    assert done.returncode == 0, done.stderr
+    for noise in ("Unclosed", "Task was destroyed", "Traceback", "Error"):
+        assert noise not in done.stderr, done.stderr
+    cost = float(done.stdout.strip().splitlines()[-1])
+    assert cost > 0
+    assert _budgets_by_name(side)["provider:openai"] == nanos(cost), done.stderr

@@ -76,6 +76,7 @@ Decisions:
 from __future__ import annotations
 
 import asyncio
+import atexit
 import json
 import logging
 import math
@@ -286,6 +287,10 @@ class ProviderBudgets(CustomLogger):
         self._providers: Dict[Tuple[str, Optional[str], Optional[str]], Optional[str]] = {}
         # Models neither litellm nor the sidecar could price, each logged once.
         self._unpriced: "set[str]" = set()
+        # Set at interpreter exit (`_at_exit`); spend posts cancelled by a closing loop.
+        self._exiting = False
+        self._unsent: List[Dict[str, Any]] = []
+        atexit.register(self._at_exit)
 
     def __repr__(self) -> str:
         return f"ProviderBudgets(url={self.url!r}, fail_open={self.fail_open!r}, timeout={self.timeout!r})"
@@ -631,6 +636,33 @@ class ProviderBudgets(CustomLogger):
     # ---- spend -----------------------------------------------------------------------------
 
     async def async_log_success_event(self, kwargs, response_obj, start_time, end_time):  # type: ignore[override]
+        self._log_success(kwargs, response_obj)
+        if self._exiting:
+            # litellm's exit flush (its atexit handler, after a short script's event loop
+            # ended) runs this on a loop of its own that ends with this call: finish the post
+            # here and close that loop's HTTP session, or the spend is lost with the loop.
+            await self.aclose(self.timeout * self.spend_attempts)
+
+    def _at_exit(self) -> None:
+        """At interpreter exit (registered after litellm's own handler, so it runs first):
+        from now on success events post inline (see ``async_log_success_event``), and the
+        posts a closing event loop cancelled are sent again, on a loop of their own."""
+        self._exiting = True
+        unsent, self._unsent = self._unsent, []
+        if not unsent:
+            return
+        loop = asyncio.new_event_loop()
+        try:
+            loop.run_until_complete(self._post_unsent(unsent))
+        finally:
+            loop.close()
+
+    async def _post_unsent(self, unsent: List[Dict[str, Any]]) -> None:
+        for payload in unsent:
+            await self._post_spend(payload)
+        await self.aclose()
+
+    def _log_success(self, kwargs: Dict[str, Any], response_obj: Any) -> None:
         if self.strict:
             reservation = self._take_reservation(kwargs)
             if reservation:
@@ -715,7 +747,17 @@ class ProviderBudgets(CustomLogger):
         return self._track(self._post_spend(payload))
 
     async def _post_spend(self, payload: Dict[str, Any]) -> None:
-        status, answer = await self._post_retried(self._spend_url, payload, "spend")
+        try:
+            status, answer = await self._post_retried(self._spend_url, payload, "spend")
+        except asyncio.CancelledError:
+            # The event loop is closing (a short script's `asyncio.run` returned): sent again
+            # at exit. Only with an idempotency key, so that a post that did arrive is not
+            # counted twice; without one it is reported lost.
+            if "idempotency_key" in payload:
+                self._unsent.append(payload)
+            else:
+                logger.error("provider-budgets: spend %s cancelled with its event loop: not recorded", payload.get("cost"))
+            raise
         if "usage" in payload:
             model = (payload.get("deployment") or {}).get("model") or "?"
             if self._check_priced(str(model), status, answer):
