@@ -3,9 +3,10 @@
 //!
 //! A [`Template`] holds, for one identity scope, its template budgets (one per period) and
 //! the names that have series: name → the slots of their templated series. The resolver owns
-//! one per identity scope with a template, so a reload starts an empty table (names find
-//! their slots again on their next use: a series keeps its slot, keyed by its
-//! [`BudgetKey`](crate::model::key::BudgetKey), for the life of the process).
+//! one per identity scope with a template; a reload carries the live names into the new
+//! resolver's table with the new settings (`Limiter::carry_templates`). A series keeps its
+//! slot, keyed by its [`BudgetKey`](crate::model::key::BudgetKey), for the life of the
+//! process.
 //!
 //! Creating a series needs the limiter (slots, stored totals, journal): that is
 //! `limiter::materialize`. This module only answers lookups, on the request path: a read lock

@@ -182,6 +182,41 @@ impl Limiter {
         Ok(())
     }
 
+    /// Carries the names with series from the resolver in force into `next` (a reload's,
+    /// not yet installed; the caller holds the reload lock): a name whose every series under
+    /// `next`'s templates exists keeps them, with `next`'s settings. So a reload (or a runtime
+    /// budget change) changes every live series at once, status keeps listing them, and a
+    /// spent name is refused by `filter` without waiting for its next charge. A name that a
+    /// new template period would give a new series is left out: its next use makes them all.
+    pub(crate) fn carry_templates(&self, next: &Resolver, redis: bool) {
+        let current = self.inner.resolver.load();
+        let (keys, view) = (&self.inner.keys, &self.inner.view);
+        for scope in Scope::IDENTITY {
+            let (Some(from), Some(to)) = (current.template(scope), next.template(scope)) else {
+                continue;
+            };
+            let explicit = |name: &str| next.slots(scope, name);
+            from.each(|name, _| {
+                if to.is_full() {
+                    return;
+                }
+                let mut slots = Vec::with_capacity(to.rules.len());
+                for rule in &to.rules {
+                    let b = rule.budget.instance(name);
+                    match keys.position(&b.budget_key()) {
+                        Some(s) if explicit(name).contains(&s) => {}
+                        Some(s) => {
+                            apply_settings(view, s, &b, redis);
+                            slots.push(s);
+                        }
+                        None => return, // a new period: made on the name's next use
+                    }
+                }
+                to.insert(name, slots.into_boxed_slice());
+            });
+        }
+    }
+
     /// Removes from the templates' tables the names whose every series is idle: no live
     /// window at `now_secs` (the windows ended and nothing was spent since) and nothing held
     /// by a reservation. They no longer count toward `max_series`; their slots and stored

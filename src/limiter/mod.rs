@@ -160,9 +160,11 @@ impl Limiter {
     }
 
     /// Installs a reloaded config (the base, and what is applied) and its (scope, name,
-    /// slot) table.
+    /// slot) table, with the templates' live names carried over. The caller holds the reload
+    /// lock.
     pub(crate) fn install(&self, base: Config, config: Config, slots: Vec<(Scope, String, u32)>) {
         let resolver = Resolver::with_budgets(&config, slots);
+        self.carry_templates(&resolver, config.redis.is_some());
         self.inner.resolver.store(Arc::new(resolver));
         self.inner.base.store(Arc::new(base));
         self.inner.config.store(Arc::new(config));

@@ -253,9 +253,21 @@ fn a_reload_changes_every_series_and_removing_the_template_frees_them() {
     let l = open(TEMPLATE, &dir, &clock);
     charge(&l, &key("a"), "1");
     assert!(!passes(&l, &key("a")));
+    // A reload of anything (here a runtime budget of another scope) keeps the live series:
+    // listed, counted toward max_series, and still spent.
+    let tag = BudgetConfig::new(Scope::Tag, "t", usd("5"), "1d".parse::<Period>().unwrap());
+    l.put_budget(tag).unwrap();
+    assert_eq!(rows(&l, Scope::Key)[1].2, usd("1"));
+    assert_eq!(l.templates()[0].live_series, 1);
+    assert!(!passes(&l, &key("a")), "still spent, before any new charge");
     let raised = TEMPLATE.replace("limit: 1, period: 1d", "limit: 3, period: 1d");
     l.reload(support::yaml(&raised, dir.path())).unwrap();
     assert!(passes(&l, &key("a")), "the new limit applies to a's series");
+    assert_eq!(
+        rows(&l, Scope::Key)[1].3,
+        usd("3"),
+        "at once, in status too"
+    );
     charge(&l, &key("a"), "1.5");
     assert_eq!(rows(&l, Scope::Key)[1].2, usd("2.5"), "the same series");
     let gone = "provider_budgets:\n  budgets:\n    - {provider: openai, limit: 1000, period: 1d}\n";
@@ -393,14 +405,10 @@ fn an_explicit_budget_added_or_removed_by_reload_takes_over_the_same_series() {
     assert!(passes(&l, &key("a")));
     l.reload(support::yaml(TEMPLATE, dir.path())).unwrap();
     assert!(
-        passes(&l, &key("a")),
-        "not yet made again: a new name passes"
+        !passes(&l, &key("a")),
+        "the template's 1 USD applies at once to the same 1.25, before any new charge"
     );
     charge(&l, &key("a"), "0.01");
-    assert!(
-        !passes(&l, &key("a")),
-        "the template's 1 USD applies to the same 1.26"
-    );
     assert_eq!(rows(&l, Scope::Key)[1].2, usd("1.26"));
 }
 
