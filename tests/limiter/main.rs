@@ -17,3 +17,4 @@ mod reserve;
 mod runtime;
 mod scopes;
 mod templates;
+mod units;
