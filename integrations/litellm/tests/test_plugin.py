@@ -1130,3 +1130,44 @@ def test_a_short_async_script_counts_its_spend_and_exits_cleanly(sidecars):
     cost = float(done.stdout.strip().splitlines()[-1])
     assert cost > 0
     assert _budgets_by_name(side)["provider:openai"] == nanos(cost), done.stderr
+
+
+# ---- units: token and request budgets counted from the usage litellm reports ------------------
+
+
+def _unit_rows(side) -> Dict[str, int]:
+    status, body = side.request("GET", "/v1/budgets")
+    assert status == 200, body
+    return {f"{b['name']}:{b['unit']}": b["spend"] for b in body["budgets"] if b["unit"] != "usd"}
+
+
+def test_token_and_request_budgets_count_the_usage_of_each_call(sidecars):
+    """litellm's mock usage is 10 prompt and 20 completion tokens a call: the plugin posts it
+    with the cost, so a 60-token budget is spent by two calls and refuses the third with
+    litellm's error, while the request budget counts each call."""
+    side = sidecars(
+        {},
+        config_text=(
+            "provider_budget_config:\n  openai: {budget_limit: 100, time_period: 1d}\n"
+            "provider_budgets:\n  budgets:\n"
+            "    - {deployment: oa, unit: tokens, limit: 60, period: 1d}\n"
+            "    - {deployment: oa, unit: output_tokens, limit: 1000, period: 1d}\n"
+            "    - {deployment: oa, unit: requests, limit: 10, period: 1d}\n"
+        ),
+    )
+    model_list = [{"model_name": "m", "litellm_params": {"model": OPENAI, "mock_response": "hi"}, "model_info": {"id": "oa"}}]
+
+    async def main():
+        plugin = ProviderBudgets(url=side.url, fail_open=False)
+        litellm.callbacks = [plugin]
+        router = Router(num_retries=0, model_list=model_list)
+        for i in range(2):
+            await router.acompletion(model="m", messages=PROMPT)
+            await await_condition(lambda: _unit_rows(side)["oa:requests"] == i + 1, f"call {i} counted")
+        assert _unit_rows(side) == {"oa:tokens": 60, "oa:output_tokens": 40, "oa:requests": 2}
+        with pytest.raises(ValueError) as info:
+            await router.acompletion(model="m", messages=PROMPT)
+        assert "Exceeded budget for deployment oa: 60 >= 60 tokens" in str(info.value), str(info.value)
+        await plugin.aclose()
+
+    asyncio.run(main())

@@ -955,12 +955,15 @@ def _exceeded_line(e: Dict[str, Any]) -> str:
     """One refusing budget of a 429, in litellm's words; a strict budget refused by the
     sidecar node's grant (``"refused_by": "grant"``) is not spent, and says so."""
     budget = f"{e.get('scope') or 'provider'} {e.get('name') or e.get('provider')}"
+    # A budget of tokens, requests or slots says its unit (as the sidecar's message does).
+    unit = e.get("unit") or "usd"
+    of = "" if unit == "usd" else " concurrent requests" if unit == "concurrent" else f" {unit}"
     if e.get("refused_by") == "grant":
         return (
-            f"Exceeded this node's grant for {budget}: {_usd(e, 'spend')} > {_usd(e, 'grant')} "
+            f"Exceeded this node's grant for {budget}: {_usd(e, 'spend')} > {_usd(e, 'grant')}{of} "
             f"(limit {_usd(e, 'limit')}, not spent: Redis granted this node no more)\n"
         )
-    return f"Exceeded budget for {budget}: {_usd(e, 'spend')} >= {_usd(e, 'limit')}\n"
+    return f"Exceeded budget for {budget}: {_usd(e, 'spend')} >= {_usd(e, 'limit')}{of}\n"
 
 
 def _exceeded_info(answer: bytes) -> str:
