@@ -369,3 +369,85 @@ model_list:
         "{msg}"
     );
 }
+
+#[test]
+fn the_largest_counts_saturate_and_never_wrap() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = open(UNITS, dir.path(), &clock());
+    spend_usage(&l, "0", u64::MAX, u64::MAX).wait().unwrap();
+    spend_usage(&l, "0", 1, 1).wait().unwrap();
+    let counted: Vec<_> = rows(&l).into_iter().map(|r| (r.0, r.2)).collect();
+    assert_eq!(
+        counted,
+        vec![
+            (Unit::Usd, 0),
+            (Unit::Tokens, u64::MAX),
+            (Unit::InputTokens, u64::MAX),
+            (Unit::OutputTokens, u64::MAX),
+            (Unit::Requests, 2),
+        ]
+    );
+    assert!(l.filter(&D, NO_TAGS).is_err());
+    let est = Estimate::new(Money::ZERO, Some(u64::MAX)).split(Some(u64::MAX), Some(u64::MAX));
+    assert!(l.reserve(&D, Money::ZERO).estimate(est).wait().is_err());
+}
+
+#[test]
+fn a_template_of_concurrent_slots_gives_each_key_its_own() {
+    let yaml = "\
+provider_budgets:
+  budgets:
+    - {key: \"*\", unit: concurrent, limit: 1}
+    - {key: \"*\", unit: tokens, limit: 100, period: 1h}
+";
+    let dir = tempfile::tempdir().unwrap();
+    let l = open(yaml, dir.path(), &clock());
+    let a = provider_budgets::Identity::new().key("a");
+    let b = provider_budgets::Identity::new().key("b");
+    let held = l.reserve(&D, Money::ZERO).identity(&a).wait().unwrap();
+    assert!(
+        l.filter_for(&D, NO_TAGS, &a).is_err(),
+        "a's one slot is held"
+    );
+    assert!(l.filter_for(&D, NO_TAGS, &b).is_ok(), "b has its own");
+    let d = Target::parse(D[0]);
+    let r = l
+        .charge(
+            Spend::deployment(&d, Money::ZERO)
+                .usage(Usage::new(150, 0))
+                .identity(&b),
+        )
+        .unwrap();
+    assert!(r.uncounted().is_empty());
+    r.wait().unwrap();
+    assert!(
+        l.filter_for(&D, NO_TAGS, &b).is_err(),
+        "b's tokens are spent"
+    );
+    held.release().unwrap().wait().unwrap();
+    assert!(l.filter_for(&D, NO_TAGS, &a).is_ok());
+}
+
+#[test]
+fn a_reload_that_changes_a_unit_starts_a_new_series_and_keeps_the_old_one_apart() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = |unit: &str| {
+        let yaml = format!(
+            "provider_budgets:\n  budgets:\n    - {{model: gpt-4o, unit: {unit}, limit: 100, period: 1h}}\n"
+        );
+        support::yaml(&yaml, dir.path())
+    };
+    let l = support::open(config("tokens"), &clock());
+    spend_usage(&l, "1", 60, 0).wait().unwrap();
+    l.reload(config("requests")).unwrap();
+    spend_usage(&l, "1", 60, 0).wait().unwrap();
+    let counted: Vec<_> = rows(&l).into_iter().map(|r| (r.0, r.2)).collect();
+    assert_eq!(counted, vec![(Unit::Requests, 1)], "a new series");
+    l.reload(config("tokens")).unwrap();
+    let counted: Vec<_> = rows(&l).into_iter().map(|r| (r.0, r.2)).collect();
+    assert_eq!(
+        counted,
+        vec![(Unit::Tokens, 60)],
+        "the tokens series, as it was"
+    );
+}

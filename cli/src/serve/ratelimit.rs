@@ -15,7 +15,8 @@
 //! * `qu`: `tokens`, `input_tokens`, `output_tokens`, `requests` (the draft's own unit),
 //!   `concurrent-requests` (the draft's own unit), `usd-nanos`;
 //! * `w`: the window's length in seconds (absent for a concurrent budget, which has none);
-//! * `t`: seconds until the budget may admit again (as `Retry-After` for that budget).
+//! * `t`: seconds until the budget may admit again (as `Retry-After` for that budget);
+//! * at most 8 budgets, the first of the body's `exceeded` (which lists them all).
 
 use axum::http::{HeaderMap, HeaderValue};
 use jiff::Timestamp;
@@ -23,6 +24,10 @@ use provider_budgets::{Exceeded, Unit};
 
 /// The largest Structured Field integer.
 const SF_MAX: u64 = 999_999_999_999_999;
+
+/// Most budgets named in the headers (the body's `exceeded` lists them all): a request with
+/// hundreds of spent tag budgets must not make a header larger than proxies accept.
+const MAX_ITEMS: usize = 8;
 
 /// The draft's quota unit of a budget unit.
 fn quota_unit(unit: Unit) -> &'static str {
@@ -69,7 +74,7 @@ pub(super) fn insert(
     }
     let mut policy = Vec::with_capacity(exceeded.len());
     let mut state = Vec::with_capacity(exceeded.len());
-    for e in exceeded {
+    for e in exceeded.iter().take(MAX_ITEMS) {
         let name = sf_name(e);
         let q = e.limit.as_nanos().min(SF_MAX);
         let mut item = format!("{name};q={q};qu=\"{}\"", quota_unit(e.unit));

@@ -267,3 +267,67 @@ fn budget_put_of_a_template_gives_each_key_its_series_across_invocations() {
     )
     .assert_error(1, &["max_series: only a template"]);
 }
+
+#[test]
+fn budget_put_takes_a_unit_a_whole_limit_and_no_period_for_concurrent() {
+    let cli = Cli::new(CONFIG);
+    let put = budget(
+        &cli,
+        &[
+            "put", "tag", "batch", "--limit", "3", "--period", "1m", "--unit", "requests",
+        ],
+    );
+    put.assert_ok();
+    assert!(
+        put.stdout
+            .starts_with("put tag \"batch\" (1m~requests): limit 3 requests;"),
+        "{put:?}"
+    );
+    let bad = budget(
+        &cli,
+        &[
+            "put", "tag", "batch", "--limit", "2.5", "--period", "1m", "--unit", "tokens",
+        ],
+    );
+    bad.assert_error(1, &["limit", "whole number"]);
+    let bad = budget(
+        &cli,
+        &[
+            "put",
+            "tag",
+            "x",
+            "--limit",
+            "2",
+            "--period",
+            "1m",
+            "--unit",
+            "concurrent",
+        ],
+    );
+    bad.assert_error(1, &["period", "concurrent budget has no period"]);
+    budget(
+        &cli,
+        &["put", "tag", "x", "--limit", "2", "--unit", "concurrent"],
+    )
+    .assert_ok();
+    let doc = cli.status_json(NOW);
+    let units: Vec<(String, String)> = doc["budgets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["name"].as_str().unwrap().to_owned(),
+                r["unit"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert!(
+        units.contains(&("batch".into(), "requests".into())),
+        "{units:?}"
+    );
+    assert!(
+        units.contains(&("x".into(), "concurrent".into())),
+        "{units:?}"
+    );
+}

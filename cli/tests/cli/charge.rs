@@ -148,3 +148,59 @@ fn charge_of_an_unpriced_model_follows_the_policy() {
     );
     assert!(run.stdout.contains("pricing.default_per_mtok"), "{run:?}");
 }
+
+const UNITS: &str = "provider_budgets:
+  budgets:
+    - {model: gpt-4o, limit: 10, period: 1d}
+    - {model: gpt-4o, unit: tokens, limit: 1000, period: 1m}
+    - {model: gpt-4o, unit: requests, limit: 2, period: 1m}
+";
+
+#[test]
+fn charge_counts_tokens_and_requests_and_names_what_it_could_not_count() {
+    let cli = Cli::new(UNITS);
+    let run = cli.run(&[
+        "--now",
+        NOW,
+        "charge",
+        "openai/gpt-4o",
+        "0.5",
+        "--input-tokens",
+        "300",
+        "--output-tokens",
+        "200",
+    ]);
+    run.assert_ok();
+    assert!(run.stdout.contains("spend 500 of 1000 tokens"), "{run:?}");
+    assert!(run.stdout.contains("spend 1 of 2 requests"), "{run:?}");
+    let run = cli.run(&["--now", NOW, "charge", "openai/gpt-4o", "0.5"]);
+    run.assert_ok();
+    assert!(
+        run.stdout
+            .contains("not counted in model gpt-4o 1m (tokens): no token usage given"),
+        "{run:?}"
+    );
+    let doc = cli.status_json(NOW);
+    let rows: Vec<(String, serde_json::Value)> = doc["budgets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["unit"].as_str().unwrap().to_owned(), r["spend"].clone()))
+        .collect();
+    assert!(
+        rows.contains(&("tokens".into(), serde_json::json!(500))),
+        "{rows:?}"
+    );
+    assert!(
+        rows.contains(&("requests".into(), serde_json::json!(2))),
+        "{rows:?}"
+    );
+    assert!(
+        rows.contains(&("usd".into(), serde_json::json!(1.0))),
+        "{rows:?}"
+    );
+    // Requests are spent: the table shows whole counts and the unit.
+    let run = cli.run(&["--now", NOW, "status"]);
+    run.assert_ok();
+    assert!(run.stdout.contains("1m requests"), "{run:?}");
+}
