@@ -18,3 +18,4 @@ mod runtime;
 mod scopes;
 mod templates;
 mod units;
+mod units_model;

@@ -451,3 +451,36 @@ fn a_reload_that_changes_a_unit_starts_a_new_series_and_keeps_the_old_one_apart(
         "the tokens series, as it was"
     );
 }
+
+#[test]
+fn shadow_and_soft_limits_work_in_tokens() {
+    let yaml = "\
+provider_budgets:
+  budgets:
+    - {model: gpt-4o, unit: tokens, limit: 100, period: 1h, soft_limits: [0.5], mode: shadow}
+";
+    let dir = tempfile::tempdir().unwrap();
+    let l = open(yaml, dir.path(), &clock());
+    let crossed = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = std::sync::Arc::clone(&crossed);
+    l.on_soft_limit(move |e| {
+        seen.lock()
+            .unwrap()
+            .push((e.spend.as_nanos(), e.limit.as_nanos()))
+    });
+    spend_usage(&l, "0", 40, 0).wait().unwrap();
+    assert!(crossed.lock().unwrap().is_empty());
+    spend_usage(&l, "0", 30, 0).wait().unwrap();
+    assert_eq!(
+        *crossed.lock().unwrap(),
+        vec![(70, 100)],
+        "crossed at 50 tokens, once"
+    );
+    spend_usage(&l, "0", 60, 0).wait().unwrap();
+    assert!(
+        l.filter(&D, NO_TAGS).is_ok(),
+        "a shadow budget never refuses"
+    );
+    let s = &l.status(StatusQuery::all())[0];
+    assert_eq!((s.spend.as_nanos(), s.would_deny), (130, 1));
+}
