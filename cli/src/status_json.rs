@@ -83,6 +83,15 @@ fn status_json(s: &BudgetStatus) -> serde_json::Value {
     if let Some(map) = row.as_object_mut() {
         let strict = s.enforcement == Enforcement::Strict;
         map.insert("enforcement".into(), s.enforcement.as_str().into());
+        map.insert("window".into(), s.window_shape.as_str().into());
+        map.insert(
+            "sliding_spend".into(),
+            s.sliding_spend.map(Money::as_usd).into(),
+        );
+        map.insert(
+            "sliding_spend_nanos".into(),
+            s.sliding_spend.map(Money::as_nanos).into(),
+        );
         map.insert("templated".into(), s.templated.into());
         map.insert("offline".into(), strict.then(|| s.offline.as_str()).into());
         map.insert("grant".into(), s.grant.map(Money::as_usd).into());

@@ -11,7 +11,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::budget::{Enforcement, Mode, Offline, Scope, SoftLimit};
+use crate::model::budget::{Enforcement, Mode, Offline, Scope, SoftLimit, WindowShape};
 use crate::model::key::BudgetKey;
 use crate::model::money::Money;
 use crate::model::window::Period;
@@ -36,6 +36,10 @@ pub(crate) struct Definition {
     pub mode: String,
     pub enforcement: String,
     pub offline: String,
+    /// `sliding`, or absent for `fixed` (definitions written before window shapes have
+    /// none; a fixed budget writes none, so older nodes still read it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<String>,
     /// A template's `max_series` (absent in definitions written before templates).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_series: Option<u32>,
@@ -54,6 +58,7 @@ impl Definition {
             mode: b.mode.as_str().to_owned(),
             enforcement: b.enforcement.as_str().to_owned(),
             offline: b.offline.as_str().to_owned(),
+            window: (b.window != WindowShape::Fixed).then(|| b.window.as_str().to_owned()),
             max_series: b.max_series,
         }
     }
@@ -96,6 +101,11 @@ impl Definition {
             .offline
             .parse::<Offline>()
             .map_err(|e| refuse(format!("offline: {e}")))?;
+        if let Some(window) = &self.window {
+            b.window = window
+                .parse::<WindowShape>()
+                .map_err(|e| refuse(format!("window: invalid value {window:?}: {e}")))?;
+        }
         b.max_series = self.max_series;
         b.validate()?;
         Ok(b)

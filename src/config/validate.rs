@@ -1,7 +1,7 @@
 //! What the type system cannot check: names that can never match, duplicates, node ids, time
 //! zones, prefixes and ranges ([`Config::validate`]).
 
-use crate::model::budget::{Scope, MAX_SOFT_LIMITS};
+use crate::model::budget::{Enforcement, Scope, WindowShape, MAX_SOFT_LIMITS};
 
 use super::error::{provider_name_problem, ConfigError};
 use super::schema::{BudgetConfig, Config, MAX_MAX_SERIES, TEMPLATE_NAME};
@@ -111,6 +111,13 @@ pub(super) fn check_budget(b: &BudgetConfig) -> Result<(), ConfigError> {
                 "time_zone: unknown time zone {zone:?} (an IANA name such as America/New_York or Europe/Berlin)"
             )));
         }
+    }
+    // Why refused: a strict grant covers one window, and no grant can yet leave room for
+    // the weighted previous window (see docs/strict-budgets.md).
+    if b.window == WindowShape::Sliding && b.enforcement == Enforcement::Strict {
+        return Err(refuse(
+            "window: sliding is not supported with enforcement: strict".into(),
+        ));
     }
     if b.soft_limits.len() > MAX_SOFT_LIMITS {
         return Err(refuse(format!(

@@ -916,10 +916,13 @@ impl Worker {
                 cutoff = e.window.end_secs() - 1;
             }
         }
+        let view = &self.view;
         let removed: Vec<(u32, i64)> = self
             .own
             .iter()
-            .filter(|(k, e)| e.window.end_secs() <= cutoff && !self.dirty.contains(k))
+            .filter(|(k, e)| {
+                e.window.end_secs() <= view.keep_cutoff(k.0, cutoff, now) && !self.dirty.contains(k)
+            })
             .map(|(k, _)| *k)
             .collect();
         // Orphans were loaded at open: never deleted before `retention` of uptime.
@@ -939,10 +942,15 @@ impl Worker {
             }
             self.durable.remove(&removed);
         }
-        self.view.prune(cutoff);
+        self.view.prune(cutoff, now);
         if self.last_sweep.elapsed() >= SWEEP && up >= retention {
             self.last_sweep = Instant::now();
-            if let Err(e) = self.store.remove_peers_ended(cutoff) {
+            // The others' totals are kept by budget key, not slot: keep every window a
+            // sliding budget still counts (the lowest of their cutoffs).
+            let view = &self.view;
+            let peers_cutoff =
+                (0..view.len() as u32).fold(cutoff, |c, s| view.keep_cutoff(s, c, now));
+            if let Err(e) = self.store.remove_peers_ended(peers_cutoff) {
                 tracing::warn!(error = %e, "could not remove expired peers entries");
             }
         }

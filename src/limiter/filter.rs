@@ -421,7 +421,11 @@ impl<'a> Check<'a> {
                 scope: key.scope,
                 name: key.name,
                 period: key.period_part,
-                spend: t.total(),
+                // A sliding budget: with the weighted part of the previous window.
+                spend: self
+                    .view
+                    .sliding_spend(b, self.now)
+                    .map_or(t.total(), |s| s.spend),
                 limit: self.view.limit(b),
                 grant: None,
                 resets_at: t.window.end(),

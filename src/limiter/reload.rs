@@ -32,7 +32,7 @@ use crate::durable::journal::{Event, Journal};
 use crate::durable::store::{window_of, Store};
 use crate::error::Error;
 use crate::limiter::Limiter;
-use crate::model::budget::{Mode, Scope};
+use crate::model::budget::{Mode, Scope, WindowShape};
 use crate::model::money::Money;
 use crate::model::slots::SlotKeys;
 use crate::model::window::Window;
@@ -288,6 +288,7 @@ pub(crate) fn apply_settings(view: &View, slot: u32, b: &BudgetConfig, redis: bo
     view.set_limit(slot, b.limit);
     view.set_shadow(slot, b.mode == Mode::Shadow);
     view.set_soft_limits(slot, b.soft_limits.clone());
+    view.set_sliding(slot, b.window == WindowShape::Sliding);
     // Live: the replicator reads the policy every round (a budget turned strict asks for its
     // first grant then; one turned shared stops asking, its grant in Redis lapses with the
     // window).

@@ -628,7 +628,11 @@ impl Limiter {
         let (window, spend, grant) = match why {
             Refused::Limit(w) => (
                 w,
-                t.total()
+                // A sliding budget: with the weighted part of the previous window.
+                inner
+                    .view
+                    .sliding_spend(budget, secs)
+                    .map_or(t.total(), |s| s.spend)
                     .saturating_add(t.reserved)
                     .saturating_add(estimate),
                 None,
@@ -744,10 +748,11 @@ impl Limiter {
         remember: Option<Ended>,
     ) -> Result<usize, RecordError> {
         let inner = &*self.inner;
+        let now = floor_secs(inner.clock.now());
         for &(b, w) in held.items.iter() {
             match actual {
                 Some(actual) => {
-                    if let Some(c) = inner.view.settle(b, w, held.estimate, actual) {
+                    if let Some(c) = inner.view.settle(b, w, held.estimate, actual, now) {
                         self.fire(b, c);
                     }
                 }
