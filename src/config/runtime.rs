@@ -166,6 +166,32 @@ mod tests {
     }
 
     #[test]
+    fn a_window_shape_round_trips_and_an_old_definition_is_fixed() {
+        let mut f = BudgetFields::new("2.5", "1h");
+        f.window = Some("sliding".into());
+        let b = BudgetConfig::from_fields(Scope::Tag, "team-a", &f).unwrap();
+        assert_eq!(b.window, WindowShape::Sliding);
+        let json = serde_json::to_string(&Definition::of(&b)).unwrap();
+        assert!(json.contains("\"window\":\"sliding\""), "{json}");
+        let back: Definition = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.budget().unwrap(), b);
+        // A fixed budget writes no `window` (older nodes read it); absent reads as fixed.
+        let fixed =
+            BudgetConfig::from_fields(Scope::Tag, "t", &BudgetFields::new("1", "1h")).unwrap();
+        let json = serde_json::to_string(&Definition::of(&fixed)).unwrap();
+        assert!(!json.contains("window"), "{json}");
+        let back: Definition = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.budget().unwrap().window, WindowShape::Fixed);
+        let bad = json.replace("\"offline\"", "\"window\":\"rolling\",\"offline\"");
+        let d: Definition = serde_json::from_str(&bad).unwrap();
+        let msg = d.budget().unwrap_err().to_string();
+        assert!(
+            msg.contains("runtime budget tag:t") && msg.contains("rolling"),
+            "{msg}"
+        );
+    }
+
+    #[test]
     fn the_base_config_shadows_a_runtime_budget_of_its_series() {
         let day: Period = "1d".parse().unwrap();
         let base = Config::new().budget("openai", Money::from_nanos(5), day);

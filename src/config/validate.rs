@@ -215,6 +215,39 @@ mod tests {
     }
 
     #[test]
+    fn the_window_key_is_read_in_every_block_and_a_bad_value_names_its_budget() {
+        let c = Config::from_yaml_str(
+            "provider_budget_config:\n  openai: {budget_limit: 1, time_period: 1d, window: sliding}\n  azure: {budget_limit: 1, time_period: 1d}\nprovider_budgets:\n  budgets:\n    - {tag: a, limit: 1, period: 1h, window: sliding}\n    - {tag: b, limit: 1, period: 1h, window: fixed}\n",
+        )
+        .unwrap();
+        let shape = |name: &str| c.budgets.iter().find(|b| b.name == name).unwrap().window;
+        assert_eq!(shape("openai"), WindowShape::Sliding);
+        assert_eq!(shape("azure"), WindowShape::Fixed);
+        assert_eq!(shape("a"), WindowShape::Sliding);
+        assert_eq!(shape("b"), WindowShape::Fixed);
+        for (doc, words) in [
+            (
+                "provider_budget_config:\n  openai: {budget_limit: 1, time_period: 1d, window: rolling}\n",
+                ["provider_budget_config.openai", "window", "\"rolling\""],
+            ),
+            (
+                "provider_budgets:\n  budgets:\n    - {tag: a, limit: 1, period: 1h, window: rolling}\n",
+                ["budgets[0]", "window", "\"rolling\""],
+            ),
+            (
+                "provider_budgets:\n  budgets:\n    - {tag: a, limit: 1, period: 1h, window: sliding, enforcement: strict}\n",
+                ["budgets[0]", "window: sliding", "enforcement: strict"],
+            ),
+        ] {
+            let msg = yaml_err(doc);
+            assert!(
+                !msg.contains('\n') && words.iter().all(|w| msg.contains(w)),
+                "{msg}"
+            );
+        }
+    }
+
+    #[test]
     fn provider_names_that_cannot_match_are_refused() {
         for bad in [
             "", "a/b", "a b", "a\tb", "a\nb", "a\u{7}", "a\u{85}b", "a:b", "{a}", "a\0",

@@ -136,6 +136,7 @@ fn summarize(old: &Config, new: &Config) -> ReloadSummary {
             Some(o) => {
                 if (o.limit, &o.soft_limits, o.mode, o.enforcement, o.offline)
                     != (b.limit, &b.soft_limits, b.mode, b.enforcement, b.offline)
+                    || o.window != b.window
                 {
                     summary.changed.push(summary_name(b));
                 }

@@ -16,4 +16,5 @@ mod reload;
 mod reserve;
 mod runtime;
 mod scopes;
+mod sliding;
 mod templates;

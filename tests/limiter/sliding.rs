@@ -1,0 +1,231 @@
+//! `window: sliding`: the previous window counts, weighted by how much of it still lies in the
+//! trailing period. A burst at a boundary is refused (and admitted by a fixed window); a
+//! reload switches the shape in place; `filter`, `reserve` and `status` agree with a naive
+//! model over random spend, including clock steps backwards and forwards.
+
+#![allow(clippy::unwrap_used)]
+
+use provider_budgets_test_support::open as support;
+
+use std::path::Path;
+
+use jiff::{SignedDuration, Timestamp};
+use provider_budgets::{
+    Config, FakeClock, Limiter, Money, Spend, StatusQuery, WindowShape, NO_TAGS,
+};
+
+/// A window boundary (10 s windows and 1 h windows both start here).
+const START: &str = "2024-06-01T12:00:00Z";
+
+fn usd(s: &str) -> Money {
+    s.parse().unwrap()
+}
+
+fn config(dir: &Path, openai: &str) -> Config {
+    Config::from_yaml_str(&format!("provider_budget_config:\n  openai: {openai}\n"))
+        .unwrap()
+        .data_dir(dir)
+}
+
+fn at(clock: &FakeClock, secs: i64) {
+    clock.set(
+        START
+            .parse::<Timestamp>()
+            .unwrap()
+            .checked_add(SignedDuration::from_secs(secs))
+            .unwrap(),
+    );
+}
+
+fn admits(l: &Limiter, estimate: Money) -> bool {
+    match l.reserve(&["gpt-4o"], estimate).wait() {
+        Ok(r) => {
+            r.release().unwrap();
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+fn row(l: &Limiter) -> provider_budgets::BudgetStatus {
+    l.status(StatusQuery::provider("openai")).pop().unwrap()
+}
+
+#[test]
+fn a_burst_at_the_boundary_is_refused_by_a_sliding_window_and_admitted_by_a_fixed_one() {
+    for (shape, admitted) in [("fixed", true), ("sliding", false)] {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = FakeClock::new(START.parse().unwrap());
+        let l = support::open(
+            config(
+                dir.path(),
+                &format!("{{budget_limit: 1, time_period: 1h, window: {shape}}}"),
+            ),
+            &clock,
+        );
+        at(&clock, 3599);
+        l.charge(Spend::provider("openai", usd("0.99"))).unwrap();
+        at(&clock, 3600);
+        assert_eq!(admits(&l, usd("0.99")), admitted, "{shape}");
+        assert!(l.filter(&["gpt-4o"], NO_TAGS).is_ok(), "{shape}: 0.99 < 1");
+        let s = row(&l);
+        assert_eq!(
+            s.spend,
+            Money::ZERO,
+            "{shape}: the current window's own spend"
+        );
+        match shape {
+            "fixed" => assert_eq!(
+                (s.window_shape, s.sliding_spend),
+                (WindowShape::Fixed, None)
+            ),
+            _ => assert_eq!(
+                (s.window_shape, s.sliding_spend),
+                (WindowShape::Sliding, Some(usd("0.99")))
+            ),
+        }
+        // Half-way through the window, half of the previous one counts.
+        at(&clock, 5400);
+        assert!(admits(&l, usd("0.5")), "{shape}");
+        assert_eq!(admits(&l, usd("0.51")), admitted, "{shape}");
+        l.charge(Spend::provider("openai", usd("0.51"))).unwrap();
+        let blocked = l.filter(&["gpt-4o"], NO_TAGS).is_err();
+        assert_eq!(
+            blocked, !admitted,
+            "{shape}: 0.51 + 0.495 >= 1 only when sliding"
+        );
+        if !admitted {
+            assert!(row(&l).exhausted);
+            assert_eq!(row(&l).sliding_spend, Some(usd("1.005")));
+        }
+    }
+}
+
+#[test]
+fn a_reload_switches_fixed_sliding_fixed_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = FakeClock::new(START.parse().unwrap());
+    let fixed = "{budget_limit: 1, time_period: 10s}";
+    let sliding = "{budget_limit: 1, time_period: 10s, window: sliding}";
+    let l = support::open(config(dir.path(), fixed), &clock);
+    at(&clock, 5);
+    l.charge(Spend::provider("openai", usd("0.8"))).unwrap();
+    at(&clock, 11); // 0.9 of the previous window still counts: 0.72
+    assert!(admits(&l, usd("0.5")));
+    let r = l.reload(config(dir.path(), sliding)).unwrap();
+    assert_eq!(r.changed, ["openai"], "{r:?}");
+    assert!(r.added.is_empty() && r.removed.is_empty(), "{r:?}");
+    assert!(!admits(&l, usd("0.5")), "0.72 + 0.5 > 1");
+    assert!(admits(&l, usd("0.28")));
+    let s = row(&l);
+    assert_eq!(s.sliding_spend, Some(usd("0.72")));
+    l.charge(Spend::provider("openai", usd("0.28"))).unwrap();
+    assert!(l.filter(&["gpt-4o"], NO_TAGS).is_err(), "1.0 >= 1");
+    l.reload(config(dir.path(), fixed)).unwrap();
+    assert!(l.filter(&["gpt-4o"], NO_TAGS).is_ok(), "0.28 < 1");
+    let s = row(&l);
+    assert_eq!((s.spend, s.sliding_spend), (usd("0.28"), None));
+    // Back to sliding: the same series, the spend kept (also across a reopen).
+    l.reload(config(dir.path(), sliding)).unwrap();
+    assert!(l.filter(&["gpt-4o"], NO_TAGS).is_err());
+    l.flush().unwrap();
+    drop(l);
+    let l = support::open(config(dir.path(), sliding), &clock);
+    assert_eq!(row(&l).sliding_spend, Some(usd("1")));
+    assert!(l.filter(&["gpt-4o"], NO_TAGS).is_err());
+}
+
+mod model {
+    use super::*;
+    use proptest::prelude::*;
+
+    const LIMIT: u64 = 100;
+    const LEN: i64 = 10;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// Sets the clock (seconds after START): steps forwards and backwards.
+        Step(i64),
+        Charge(u64),
+        /// Reserve, then commit the estimate (when admitted).
+        Reserve(u64),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (-12i64..=25).prop_map(Op::Step),
+            (1u64..=40).prop_map(Op::Charge),
+            (1u64..=60).prop_map(Op::Reserve),
+        ]
+    }
+
+    /// Spend events (second, nanos), and the sliding spend of the naive definition.
+    #[derive(Default)]
+    struct Model(Vec<(i64, u64)>);
+
+    impl Model {
+        fn sliding(&self, t: i64) -> u64 {
+            let k = t.div_euclid(LEN);
+            let total = |w: i64| -> u64 {
+                self.0
+                    .iter()
+                    .filter(|(s, _)| s.div_euclid(LEN) == w)
+                    .map(|(_, n)| n)
+                    .sum()
+            };
+            // Seconds of the previous window inside [t - LEN, t).
+            let overlap = (k * LEN) - (t - LEN);
+            let prev = total(k - 1);
+            let weighted = (prev * overlap as u64).div_ceil(LEN as u64);
+            total(k) + weighted
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+        #[test]
+        fn filter_reserve_and_status_follow_the_naive_sliding_model(
+            ops in proptest::collection::vec(op(), 1..60)
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let clock = FakeClock::new(START.parse().unwrap());
+            let l = support::open(
+                config(dir.path(), "{budget_limit: 0.0000001, time_period: 10s, window: sliding}"),
+                &clock,
+            );
+            let mut model = Model::default();
+            let mut t: i64 = 100;
+            at(&clock, t);
+            for op in ops {
+                match op {
+                    Op::Step(d) => {
+                        t = (t + d).max(0);
+                        at(&clock, t);
+                    }
+                    Op::Charge(n) => {
+                        l.charge(Spend::provider("openai", Money::from_nanos(n))).unwrap();
+                        model.0.push((t, n));
+                    }
+                    Op::Reserve(n) => {
+                        let room = model.sliding(t) + n <= LIMIT;
+                        let r = l.reserve(&["gpt-4o"], Money::from_nanos(n)).wait();
+                        prop_assert_eq!(r.is_ok(), room, "reserve {} at {}", n, t);
+                        if let Ok(r) = r {
+                            r.commit(Money::from_nanos(n)).unwrap();
+                            model.0.push((t, n));
+                        }
+                    }
+                }
+                let want = model.sliding(t);
+                let s = row(&l);
+                prop_assert_eq!(s.sliding_spend, Some(Money::from_nanos(want)), "at {}", t);
+                prop_assert_eq!(
+                    l.filter(&["gpt-4o"], NO_TAGS).is_ok(),
+                    want < LIMIT,
+                    "filter at {} (sliding spend {})", t, want
+                );
+            }
+        }
+    }
+}
