@@ -267,3 +267,64 @@ fn budget_put_of_a_template_gives_each_key_its_series_across_invocations() {
     )
     .assert_error(1, &["max_series: only a template"]);
 }
+
+#[test]
+fn budget_put_window_sliding_counts_the_previous_window_in_status_json() {
+    let cli = Cli::new(CONFIG);
+    let args = ["put", "tag", "team-s", "--limit", "1", "--period", "1h"];
+    budget(&cli, &[&args[..], &["--window", "sliding"]].concat()).assert_ok();
+    // Spent late in the previous hour: at the boundary all of it still counts.
+    cli.run(&[
+        "--now",
+        "2024-05-01T11:59:00Z",
+        "charge",
+        "gpt-4o",
+        "0.8",
+        "--tag",
+        "team-s",
+    ])
+    .assert_ok();
+    let doc = cli.status_json(NOW);
+    let row = doc["budgets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["name"] == "team-s")
+        .unwrap_or_else(|| panic!("{doc}"));
+    assert_eq!(row["window"], "sliding", "{row}");
+    assert_eq!(row["spend_nanos"], 0, "{row}");
+    assert_eq!(row["sliding_spend_nanos"], 800_000_000u64, "{row}");
+    assert_eq!(row["sliding_spend"], 0.8, "{row}");
+    let openai = provider_budgets_test_support::cli::budget(&doc, "openai");
+    assert_eq!(
+        (&openai["window"], &openai["sliding_spend"]),
+        (&serde_json::json!("fixed"), &serde_json::Value::Null)
+    );
+    let got = budget(&cli, &["get", "tag", "team-s"]);
+    assert!(
+        got.stdout.contains("spend 0 (sliding 0.8) of 1 USD"),
+        "{got:?}"
+    );
+    // 0.8 < 1: the filter passes; a charge of 0.2 more spends it (sliding), not when fixed.
+    let filter = || cli.run(&["--now", NOW, "filter", "gpt-4o", "--tag", "team-s"]);
+    filter().assert_ok();
+    cli.run(&["--now", NOW, "charge", "gpt-4o", "0.2", "--tag", "team-s"])
+        .assert_ok();
+    assert_eq!(filter().code, Some(3));
+    budget(&cli, &[&args[..], &["--window", "fixed"]].concat()).assert_ok();
+    let doc = cli.status_json(NOW);
+    let row = doc["budgets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["name"] == "team-s")
+        .unwrap();
+    assert_eq!(
+        (&row["window"], &row["sliding_spend_nanos"]),
+        (&serde_json::json!("fixed"), &serde_json::Value::Null)
+    );
+    filter().assert_ok();
+    // An unknown value: one line naming the budget and the value.
+    let bad = budget(&cli, &[&args[..], &["--window", "rolling"]].concat());
+    bad.assert_error(1, &["tag \"team-s\"", "window", "\"rolling\""]);
+}
