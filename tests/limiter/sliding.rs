@@ -229,3 +229,44 @@ mod model {
         }
     }
 }
+
+#[test]
+fn retention_keeps_the_previous_window_of_a_sliding_budget_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = FakeClock::new(START.parse().unwrap());
+    let yaml = "provider_budget_config:
+  openai: {budget_limit: 1, time_period: 1h, window: sliding}
+  anthropic: {budget_limit: 1, time_period: 1h}
+provider_budgets:
+  storage: {retention: 10m}
+";
+    let open = || {
+        support::open(
+            Config::from_yaml_str(yaml).unwrap().data_dir(dir.path()),
+            &clock,
+        )
+    };
+    at(&clock, 3540); // 12:59 (a step: before the open, whose time retention starts from)
+    let l = open();
+    for p in ["openai", "anthropic"] {
+        l.charge(Spend::provider(p, usd("0.8"))).unwrap();
+    }
+    l.flush().unwrap(); // journaled (touched) before the time passes
+                        // 13:30 by time that really passes (a clock step would not let retention delete).
+    clock.pass(std::time::Duration::from_secs(31 * 60));
+    provider_budgets::testing::maintain(&l).unwrap();
+    assert!(l.windows("anthropic").is_empty(), "past its retention");
+    assert_eq!(
+        l.windows("openai").len(),
+        1,
+        "still counted by the sliding window"
+    );
+    assert_eq!(row(&l).sliding_spend, Some(usd("0.4")));
+    drop(l);
+    let l = open();
+    assert_eq!(row(&l).sliding_spend, Some(usd("0.4")), "kept on disk too");
+    // Once the next window starts, the old one is no longer needed.
+    clock.pass(std::time::Duration::from_secs(3600));
+    provider_budgets::testing::maintain(&l).unwrap();
+    assert!(l.windows("openai").is_empty());
+}
