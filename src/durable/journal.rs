@@ -981,7 +981,9 @@ impl Worker {
                 continue;
             }
             let spend = self.view.totals_at(b, now).total();
-            let remaining = self.view.limit(b).saturating_sub(spend);
+            // A sliding budget's room: what the weighted previous window leaves.
+            let counted = self.view.sliding_spend(b, now).map_or(spend, |s| s.spend);
+            let remaining = self.view.limit(b).saturating_sub(counted);
             // Labels as the sidecar's scrape sets them (serve/metrics.rs): key name and period.
             let (provider, period) = self.settings.keys.get(b).store_parts();
             metrics::gauge!("provider_budgets_spend_usd", "provider" => provider.clone(), "period" => period.clone())

@@ -150,6 +150,43 @@ impl View {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::window::Schedule;
+    use jiff::Timestamp;
+
+    #[test]
+    fn a_sliding_budget_is_hot_once_a_window_reaches_half_its_limit() {
+        let s = Schedule::new("10s".parse().unwrap(), Timestamp::UNIX_EPOCH);
+        let n = Money::from_nanos;
+        let v = View::new([(s.clone(), n(100)), (s, n(100))]);
+        v.init_sliding(0, true);
+        v.add_own(0, 5, n(49));
+        assert_eq!(v.hot(), 0, "49 + 49 < 100: the fast path holds");
+        v.add_own(0, 10, n(50));
+        assert_eq!(v.hot(), 0b01, "50 + 50 may reach 100");
+        assert!(!v.exhausted(0, 10), "50 + 49");
+        v.add_own(0, 10, n(1));
+        assert!(v.exhausted(0, 10), "51 + 49");
+        assert!(!v.exhausted(0, 11), "51 + ceil(49 × 0.9) = 96");
+        assert!(!v.exhausted(0, 9), "49, and nothing before it");
+        // Turned sliding while live: the totals below the new gate were not in the peak.
+        v.add_own(1, 5, n(60));
+        v.add_own(1, 10, n(40));
+        assert_eq!(v.hot() & 0b10, 0);
+        assert!(!v.exhausted(1, 10));
+        v.set_sliding(1, true);
+        assert_eq!(v.hot() & 0b10, 0b10);
+        assert!(v.exhausted(1, 10), "40 + 60");
+        assert!(matches!(
+            v.try_reserve(1, 15, n(31)),
+            Err(crate::view::Refused::Limit(_))
+        ));
+        assert!(
+            v.try_reserve(1, 15, n(30)).is_ok(),
+            "40 + ceil(60 × 0.5) + 30"
+        );
+        v.set_sliding(1, false);
+        assert!(!v.exhausted(1, 10));
+    }
 
     #[test]
     fn the_weight_is_the_overlap_of_the_trailing_period_rounded_up() {

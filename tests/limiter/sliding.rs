@@ -270,3 +270,32 @@ provider_budgets:
     provider_budgets::testing::maintain(&l).unwrap();
     assert!(l.windows("openai").is_empty());
 }
+
+#[test]
+fn a_soft_limit_fires_on_the_sliding_spend() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = FakeClock::new(START.parse().unwrap());
+    let l = support::open(
+        Config::from_yaml_str(
+            "provider_budgets:\n  budgets:\n    - {provider: openai, limit: 1, period: 1h, window: sliding, soft_limits: [0.5]}\n",
+        )
+        .unwrap()
+        .data_dir(dir.path()),
+        &clock,
+    );
+    let fired = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = std::sync::Arc::clone(&fired);
+    l.on_soft_limit(move |e: &provider_budgets::SoftLimitCrossed| {
+        sink.lock().unwrap().push((e.window.start(), e.spend));
+    });
+    at(&clock, 3599);
+    l.charge(Spend::provider("openai", usd("0.45"))).unwrap();
+    at(&clock, 3600 + 1800); // half of the previous window counts: 0.225
+    l.charge(Spend::provider("openai", usd("0.25"))).unwrap();
+    assert!(fired.lock().unwrap().is_empty(), "0.475 < 0.5");
+    l.charge(Spend::provider("openai", usd("0.03"))).unwrap();
+    drop(l); // waits for the alert thread
+    let fired = fired.lock().unwrap();
+    assert_eq!(fired.len(), 1, "{fired:?}");
+    assert_eq!(fired[0].1, usd("0.505"), "0.28 + 0.225");
+}
