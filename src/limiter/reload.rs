@@ -5,7 +5,7 @@
 //! index held by a racing `record` or `filter` stays valid. A reload:
 //!
 //! * keeps the slot of every budget whose series (key name, period part: see the module
-//!   `budget`) is unchanged and stores its new limit, mode and soft limits in place: the next
+//!   `budget`) is unchanged and stores its new limit, mode, soft limits and window shape in place: the next
 //!   `filter` sees them;
 //! * adds a slot for a new budget, or for a changed period (the period is part of the storage
 //!   and Redis keys, so it is a new series starting at its stored total, zero when new), or
@@ -167,7 +167,8 @@ pub struct ReloadSummary {
     /// Budgets that are new (or have a new period or own zone): the provider name for
     /// provider budgets, `scope:name` for the others (`tag:team-a`).
     pub added: Vec<String>,
-    /// Budgets whose limit, soft limits or mode changed (same series), named as `added`.
+    /// Budgets whose limit, soft limits, mode, enforcement or window shape changed (same
+    /// series), named as `added`.
     pub changed: Vec<String>,
     /// Budgets removed (or replaced by one with a new period), named as `added`.
     pub removed: Vec<String>,
