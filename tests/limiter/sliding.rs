@@ -97,6 +97,8 @@ fn a_burst_at_the_boundary_is_refused_by_a_sliding_window_and_admitted_by_a_fixe
         if !admitted {
             assert!(row(&l).exhausted);
             assert_eq!(row(&l).sliding_spend, Some(usd("1.005")));
+            let e = l.filter(&["gpt-4o"], NO_TAGS).unwrap_err();
+            assert_eq!(e.exceeded[0].spend, usd("1.005"), "{e}");
         }
     }
 }
