@@ -760,14 +760,16 @@ impl View {
         }
     }
 
-    /// Whether a budget is idle at `now_secs`: every window it has ended, and no reservation
-    /// holds anything in it (a template's series may then leave the template's table).
+    /// Whether a budget is idle at `now_secs`: every window it has ended (a sliding budget:
+    /// also the window before the current one, which still counts), and no reservation holds
+    /// anything in it (a template's series may then leave the template's table).
     pub fn is_idle(&self, budget: u32, now_secs: i64) -> bool {
-        self.budget(budget)
-            .cells
+        let b = self.budget(budget);
+        let horizon = b.keep_cutoff(now_secs, now_secs);
+        b.cells
             .load()
             .iter()
-            .all(|c| c.window.end_secs() <= now_secs && c.reserved.load(Ordering::Relaxed) == 0)
+            .all(|c| c.window.end_secs() <= horizon && c.reserved.load(Ordering::Relaxed) == 0)
     }
 
     /// The cell of the window containing `at_secs`, created on first use.

@@ -301,3 +301,45 @@ fn a_soft_limit_fires_on_the_sliding_spend() {
     assert_eq!(fired.len(), 1, "{fired:?}");
     assert_eq!(fired[0].1, usd("0.505"), "0.28 + 0.225");
 }
+
+#[test]
+fn a_templated_name_stays_while_its_previous_window_still_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = FakeClock::new(START.parse().unwrap());
+    let l = support::open(
+        Config::from_yaml_str(
+            "provider_budgets:\n  budgets:\n    - {key: \"*\", limit: 1, period: 1h, window: sliding, max_series: 1}\n",
+        )
+        .unwrap()
+        .data_dir(dir.path()),
+        &clock,
+    );
+    let (a, b) = (
+        provider_budgets::Identity::new().key("a"),
+        provider_budgets::Identity::new().key("b"),
+    );
+    let names = |l: &Limiter| -> Vec<String> {
+        l.status(StatusQuery::all().scope(provider_budgets::Scope::Key))
+            .into_iter()
+            .map(|s| s.name)
+            .collect()
+    };
+    at(&clock, 3599);
+    l.charge(Spend::provider("openai", usd("1")).identity(&a))
+        .unwrap();
+    at(&clock, 3600);
+    assert!(
+        l.filter_for(&["gpt-4o"], NO_TAGS, &a).is_err(),
+        "1 × 1 >= 1"
+    );
+    // a's hour ended but still counts: b finds no room, a keeps its series.
+    assert!(l.filter_for(&["gpt-4o"], NO_TAGS, &b).is_err());
+    l.charge(Spend::provider("openai", usd("0.1")).identity(&b))
+        .unwrap();
+    assert_eq!(names(&l), ["*", "a"]);
+    // An hour later a's spend no longer counts: b takes the room.
+    at(&clock, 7200);
+    l.charge(Spend::provider("openai", usd("0.1")).identity(&b))
+        .unwrap();
+    assert_eq!(names(&l), ["*", "b"]);
+}
