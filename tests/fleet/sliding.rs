@@ -64,6 +64,16 @@ fn a_peers_spend_in_the_previous_window_refuses_a_node_under_sliding() {
     b.charge(Spend::deployment("gpt-4o", usd("0.9")).tags(&["s", "f"]))
         .unwrap();
     b.sync().unwrap();
+    // The sliding budget's key lives one window longer (the next window still counts it).
+    let ttl = |tag: &str| -> i64 {
+        let key = format!("provider_budgets:{{tag:{tag}:1h}}:{}", boundary - 3600);
+        server.command(&["TTL", &key]).parse().unwrap()
+    };
+    let (sliding, fixed) = (ttl("s"), ttl("f"));
+    assert!(
+        fixed > 0 && (3590..=3610).contains(&(sliding - fixed)),
+        "{sliding} {fixed}"
+    );
 
     // One second into the new window: 3599/3600 of B's 0.9 still counts for `s`.
     clock.set(Timestamp::from_second(boundary + 1).unwrap());
