@@ -982,7 +982,7 @@ impl Worker {
             }
             let spend = self.view.totals_at(b, now).total();
             // A sliding budget's room: what the weighted previous window leaves.
-            let counted = self.view.sliding_spend(b, now).map_or(spend, |s| s.spend);
+            let counted = self.view.sliding_spend(b, now).unwrap_or(spend);
             let remaining = self.view.limit(b).saturating_sub(counted);
             // Labels as the sidecar's scrape sets them (serve/metrics.rs): key name and period.
             let (provider, period) = self.settings.keys.get(b).store_parts();

@@ -423,10 +423,7 @@ impl<'a> Check<'a> {
                 name: key.name,
                 period: key.period_part,
                 // A sliding budget: with the weighted part of the previous window.
-                spend: self
-                    .view
-                    .sliding_spend(b, self.now)
-                    .map_or(t.total(), |s| s.spend),
+                spend: self.view.sliding_spend(b, self.now).unwrap_or(t.total()),
                 limit: self.view.limit(b),
                 grant: None,
                 resets_at: t.window.end(),

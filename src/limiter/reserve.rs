@@ -632,7 +632,7 @@ impl Limiter {
                 inner
                     .view
                     .sliding_spend(budget, secs)
-                    .map_or(t.total(), |s| s.spend)
+                    .unwrap_or(t.total())
                     .saturating_add(t.reserved)
                     .saturating_add(estimate),
                 None,

@@ -385,7 +385,7 @@ impl Limiter {
             .map(|(i, b, key, period_key)| {
                 let t = self.inner.view.totals_at(i, secs);
                 let spend = t.total();
-                let sliding = self.inner.view.sliding_spend(i, secs).map(|s| s.spend);
+                let sliding = self.inner.view.sliding_spend(i, secs);
                 let counted = sliding.unwrap_or(spend);
                 let crossed = b
                     .soft_limits

@@ -56,7 +56,7 @@ impl Limiter {
                         }
                         let spend = view.totals_at(s, secs).total();
                         row.spend = row.spend.saturating_add(spend);
-                        let counted = view.sliding_spend(s, secs).map_or(spend, |x| x.spend);
+                        let counted = view.sliding_spend(s, secs).unwrap_or(spend);
                         row.exhausted_series += u64::from(counted >= view.limit(s));
                     }
                 });

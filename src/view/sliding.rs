@@ -36,15 +36,6 @@ pub(crate) fn weighted(total: u64, previous: Window, current: Window, t: i64) ->
     u64::try_from(num.div_ceil(den)).unwrap_or(u64::MAX)
 }
 
-/// A sliding budget's spend at one instant (`status`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct SlidingSpend {
-    /// The current window's net spend plus the weighted part of the previous window's.
-    pub spend: Money,
-    /// The weighted part of the previous window's net spend alone.
-    pub previous: Money,
-}
-
 impl BudgetView {
     /// The weighted part of the previous window's `amount` at `t` (0 when it has no cell).
     /// `current` is the window holding `t` when the caller has its cell.
@@ -129,9 +120,10 @@ impl View {
         self.budget(owner).keep_cutoff(cutoff, now)
     }
 
-    /// A sliding budget's spend at `t` (net of credits, without reservations, as `status`
+    /// A sliding budget's spend at `t`: the current window's net spend plus the weighted
+    /// part of the previous window's (net of credits, without reservations, as `status`
     /// shows spend); `None` for a fixed budget.
-    pub fn sliding_spend(&self, budget: u32, t: i64) -> Option<SlidingSpend> {
+    pub fn sliding_spend(&self, budget: u32, t: i64) -> Option<Money> {
         let b = self.budget(budget);
         if !b.sliding.load(Ordering::Relaxed) {
             return None;
@@ -140,10 +132,7 @@ impl View {
         let current = cells.iter().find(|c| c.window.contains_secs(t));
         let previous = b.previous_part(&cells, current.map(|c| c.window), t, Cell::net);
         let spend = current.map_or(0, |c| c.net()).saturating_add(previous);
-        Some(SlidingSpend {
-            spend: Money::from_nanos(spend),
-            previous: Money::from_nanos(previous),
-        })
+        Some(Money::from_nanos(spend))
     }
 }
 
