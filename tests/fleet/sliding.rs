@@ -102,3 +102,30 @@ fn a_peers_spend_in_the_previous_window_refuses_a_node_under_sliding() {
     assert!(a.filter(&["gpt-4o"], &["s"]).is_ok());
     assert_eq!(row("s").sliding_spend, Some(usd("0.56")));
 }
+
+#[test]
+fn a_runtime_sliding_budget_replicates_with_its_window() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let clock = FakeClock::new(Timestamp::now());
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let url = server.url();
+    let a = node(da.path(), &url, "node-a", &clock);
+    let b = node(db.path(), &url, "node-b", &clock);
+    let mut fields = provider_budgets::BudgetFields::new("2", "1d");
+    fields.window = Some("sliding".into());
+    let budget =
+        provider_budgets::BudgetConfig::from_fields(provider_budgets::Scope::Team, "t", &fields)
+            .unwrap();
+    assert!(a.put_budget(budget).unwrap().replicated);
+    let stored = server.command(&["HGET", "provider_budgets:budgets", "team:t:1d"]);
+    assert!(stored.contains("\"window\":\"sliding\""), "{stored}");
+    b.sync().unwrap();
+    let row = b
+        .status(StatusQuery::all().scope(provider_budgets::Scope::Team))
+        .pop()
+        .unwrap_or_else(|| panic!("not applied on b: {:?}", b.runtime_budgets()));
+    assert_eq!(row.window_shape, provider_budgets::WindowShape::Sliding);
+    assert_eq!(row.sliding_spend, Some(Money::ZERO));
+}
