@@ -85,7 +85,8 @@ mod view;
 
 pub use config::{
     parse_duration, BudgetConfig, BudgetFields, Config, ConfigError, RedisConfig, RedisTls,
-    StorageConfig, UnknownProvider, DEFAULT_MAX_SERIES, MAX_MAX_SERIES, TEMPLATE_NAME,
+    StorageConfig, UnknownProvider, CONCURRENT_PERIOD, DEFAULT_MAX_SERIES, MAX_MAX_SERIES,
+    TEMPLATE_NAME,
 };
 pub use durable::audit::{AuditEntry, MAX_ENTRIES as MAX_AUDIT_ENTRIES};
 pub use durable::error::StoreError;
@@ -104,7 +105,7 @@ pub use limiter::open::LimiterBuilder;
 pub use limiter::reload::ReloadSummary;
 pub use limiter::reserve::{Reservation, ReserveError, ReserveRequest};
 pub use limiter::runtime::{BudgetChange, BudgetError, RuntimeBudget};
-pub use limiter::spend::{Durable, Receipt, Spend, MAX_FUTURE_SKEW};
+pub use limiter::spend::{Durable, Receipt, Spend, Uncounted, MAX_FUTURE_SKEW};
 pub use limiter::status::{BudgetStatus, ReplicationStatus, RoundFigures, StatusQuery};
 pub use limiter::template_status::TemplateStatus;
 #[doc(hidden)]
@@ -116,6 +117,7 @@ pub use model::clock::{Clock, FakeClock, SystemClock};
 pub use model::identity::Identity;
 pub use model::money::{Money, MoneyError};
 pub use model::text::redact_urls;
+pub use model::unit::{Estimate, Unit};
 pub use model::window::{Period, PeriodError, Schedule, Window};
 pub use pricing::{
     Catalog, CatalogSource, ModelPrices, PriceSource, Priced, Pricing, PricingError, Rate,

@@ -21,12 +21,17 @@ pub(crate) enum BudgetCmd {
         /// The provider, deployment id, model, tag or identity name; `*` for a template of
         /// an identity scope.
         name: String,
-        /// The limit in USD, e.g. `12.5`.
-        #[arg(long, value_name = "USD", allow_hyphen_values = true)]
+        /// The limit in USD, e.g. `12.5` (a whole number of tokens, requests or slots with
+        /// `--unit`).
+        #[arg(long, value_name = "AMOUNT", allow_hyphen_values = true)]
         limit: String,
-        /// The period: `30s`, `1h`, `1d`, `7d`, `1w`, `1mo`…
-        #[arg(long, value_name = "P")]
+        /// The period: `30s`, `1h`, `1d`, `7d`, `1w`, `1mo`… (none for `--unit concurrent`).
+        #[arg(long, value_name = "P", default_value = "")]
         period: String,
+        /// What it counts: `usd` (default), `tokens`, `input_tokens`, `output_tokens`,
+        /// `requests` or `concurrent`.
+        #[arg(long, value_name = "UNIT")]
+        unit: Option<String>,
         /// A soft limit, a fraction of the limit in (0, 1] (repeatable).
         #[arg(long = "soft-limit", value_name = "F")]
         soft_limits: Vec<f64>,
@@ -89,9 +94,11 @@ pub(crate) fn run(limiter: &Limiter, cmd: BudgetCmd, config: &Path) -> Result<()
             window,
             time_zone,
             max_series,
+            unit,
         } => {
             let mut fields = BudgetFields::new(limit, period);
             fields.max_series = max_series;
+            fields.unit = unit;
             fields.soft_limits = soft_limits;
             fields.mode = mode;
             fields.enforcement = enforcement;
@@ -101,9 +108,12 @@ pub(crate) fn run(limiter: &Limiter, cmd: BudgetCmd, config: &Path) -> Result<()
                 let msg = e.to_string();
                 msg.strip_prefix("config: ").unwrap_or(&msg).to_owned()
             })?;
-            let limit = budget.limit;
+            let limit = match budget.unit {
+                provider_budgets::Unit::Usd => format!("limit {} USD", budget.limit),
+                unit => format!("limit {} {unit}", budget.limit.as_nanos()),
+            };
             let c = limiter.put_budget(budget).map_err(refused)?;
-            print_change(&c, &format!("limit {limit} USD")).map_err(|e| e.to_string())
+            print_change(&c, &limit).map_err(|e| e.to_string())
         }
         BudgetCmd::Delete {
             scope,

@@ -2,7 +2,7 @@
 //! both stay the same). The field names are the contract of both.
 
 use jiff::Timestamp;
-use provider_budgets::{BudgetStatus, Enforcement, Limiter, Money, Scope};
+use provider_budgets::{BudgetStatus, Enforcement, Limiter, Money, Scope, Unit};
 
 /// The JSON document of `status --json` and the sidecar's `GET /v1/budgets` (one builder, so
 /// both stay the same): `{"node_id": …, "budgets": [one object per budget]}`.
@@ -35,24 +35,24 @@ fn status_json(s: &BudgetStatus) -> serde_json::Value {
         "soft_limits": s.soft_limits.iter().map(|x| x.fraction()).collect::<Vec<_>>(),
         "thresholds_crossed": s.thresholds_crossed.iter().map(|x| x.fraction()).collect::<Vec<_>>(),
         "would_deny": s.would_deny,
-        "period": s.period.to_string(),
+        "period": (s.unit != Unit::Concurrent).then(|| s.period.to_string()),
         "window_start": s.window.start().to_string(),
         "resets_at": s.window.end().to_string(),
         "time_zone": s.time_zone,
         "window_start_local": local(s.window.start(), &s.time_zone),
         "resets_at_local": local(s.window.end(), &s.time_zone),
-        "spend": s.spend.as_usd(),
-        "limit": s.limit.as_usd(),
-        "remaining": s.remaining.as_usd(),
-        "own_spend": s.own_spend.as_usd(),
-        "spend_nanos": s.spend.as_nanos(),
-        "limit_nanos": s.limit.as_nanos(),
-        "remaining_nanos": s.remaining.as_nanos(),
-        "own_spend_nanos": s.own_spend.as_nanos(),
-        "credited": s.credited.as_usd(),
-        "credited_nanos": s.credited.as_nanos(),
-        "reserved": s.reserved.as_usd(),
-        "reserved_nanos": s.reserved.as_nanos(),
+        "spend": amount(s.unit, s.spend),
+        "limit": amount(s.unit, s.limit),
+        "remaining": amount(s.unit, s.remaining),
+        "own_spend": amount(s.unit, s.own_spend),
+        "spend_nanos": nanos(s.unit, s.spend),
+        "limit_nanos": nanos(s.unit, s.limit),
+        "remaining_nanos": nanos(s.unit, s.remaining),
+        "own_spend_nanos": nanos(s.unit, s.own_spend),
+        "credited": amount(s.unit, s.credited),
+        "credited_nanos": nanos(s.unit, s.credited),
+        "reserved": amount(s.unit, s.reserved),
+        "reserved_nanos": nanos(s.unit, s.reserved),
         "exhausted": s.exhausted,
         "storage_fault": s.storage_fault,
         "replication": {
@@ -82,6 +82,7 @@ fn status_json(s: &BudgetStatus) -> serde_json::Value {
     // recursion limit.
     if let Some(map) = row.as_object_mut() {
         let strict = s.enforcement == Enforcement::Strict;
+        map.insert("unit".into(), s.unit.as_str().into());
         map.insert("enforcement".into(), s.enforcement.as_str().into());
         map.insert("window".into(), s.window_shape.as_str().into());
         map.insert(
@@ -94,18 +95,37 @@ fn status_json(s: &BudgetStatus) -> serde_json::Value {
         );
         map.insert("templated".into(), s.templated.into());
         map.insert("offline".into(), strict.then(|| s.offline.as_str()).into());
-        map.insert("grant".into(), s.grant.map(Money::as_usd).into());
-        map.insert("grant_nanos".into(), s.grant.map(Money::as_nanos).into());
+        let unit = s.unit;
+        map.insert("grant".into(), s.grant.map(|g| amount(unit, g)).into());
+        map.insert("grant_nanos".into(), s.grant.map(|g| nanos(unit, g)).into());
         map.insert(
             "granted_total".into(),
-            s.granted_total.map(Money::as_usd).into(),
+            s.granted_total.map(|g| amount(unit, g)).into(),
         );
         map.insert(
             "granted_total_nanos".into(),
-            s.granted_total.map(Money::as_nanos).into(),
+            s.granted_total.map(|g| nanos(unit, g)).into(),
         );
     }
     row
+}
+
+/// An amount as the JSON contract shows it: USD as a number of dollars, any other unit as
+/// its whole count (tokens, requests, slots), never dollars.
+pub(crate) fn amount(unit: Unit, m: Money) -> serde_json::Value {
+    match unit {
+        Unit::Usd => m.as_usd().into(),
+        _ => m.as_nanos().into(),
+    }
+}
+
+/// The exact nano-dollars of a USD amount (`*_nanos`); `null` for the other units, whose
+/// amounts are exact integers already.
+pub(crate) fn nanos(unit: Unit, m: Money) -> serde_json::Value {
+    match unit {
+        Unit::Usd => m.as_nanos().into(),
+        _ => serde_json::Value::Null,
+    }
 }
 
 /// An instant in a time zone, RFC 3339 with the offset and the zone name.

@@ -31,16 +31,19 @@ pub(crate) fn write_table(out: &mut impl Write, budgets: &[BudgetStatus]) -> io:
         .map(|s| {
             let mut row = vec![
                 s.provider.clone(),
-                s.period.to_string(),
+                period_cell(s),
                 s.window.start().to_string(),
                 s.window.end().to_string(),
-                s.spend.to_string(),
-                s.limit.to_string(),
-                s.remaining.to_string(),
+                s.unit.format_amount(s.spend.as_nanos()),
+                s.unit.format_amount(s.limit.as_nanos()),
+                s.unit.format_amount(s.remaining.as_nanos()),
             ];
             if strict {
-                row.push(s.reserved.to_string());
-                row.push(s.grant.map_or_else(|| "-".to_owned(), |g| g.to_string()));
+                row.push(s.unit.format_amount(s.reserved.as_nanos()));
+                row.push(
+                    s.grant
+                        .map_or_else(|| "-".to_owned(), |g| s.unit.format_amount(g.as_nanos())),
+                );
             }
             row
         })
@@ -61,4 +64,14 @@ pub(crate) fn write_table(out: &mut impl Write, budgets: &[BudgetStatus]) -> io:
         writeln!(out, "{}", cells.join("  ").trim_end())?;
     }
     Ok(())
+}
+
+/// The PERIOD cell: the period, followed by the unit for budgets that do not count dollars
+/// (`1m tokens`); `concurrent` for a concurrent budget, which has no period.
+fn period_cell(s: &provider_budgets::BudgetStatus) -> String {
+    match s.unit {
+        provider_budgets::Unit::Usd => s.period.to_string(),
+        provider_budgets::Unit::Concurrent => "concurrent".to_owned(),
+        unit => format!("{} {unit}", s.period),
+    }
 }

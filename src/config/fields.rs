@@ -6,12 +6,12 @@
 
 use crate::model::budget::{Enforcement, Mode, Offline, Scope, SoftLimit, WindowShape};
 use crate::model::key::provider_name_fault;
-use crate::model::window::Period;
+use crate::model::unit::Unit;
 
 use super::error::ConfigError;
 use super::schema::BudgetConfig;
 use super::validate::check_budget;
-use super::values::{parse_limit, refuse_at, RawAmount, Text};
+use super::values::{parse_limit, refuse_at, unit_limit, unit_period, RawAmount, Text};
 
 /// The fields of one budget as text, as a request or a command line gives them. Build it
 /// with [`BudgetFields::new`] and set the optional fields; [`BudgetConfig::from_fields`]
@@ -37,6 +37,9 @@ pub struct BudgetFields {
     pub time_zone: Option<String>,
     /// A template's bound on its live series (`max_series`).
     pub max_series: Option<u32>,
+    /// What it counts: `usd` (default), `tokens`, `input_tokens`, `output_tokens`,
+    /// `requests` or `concurrent` (which takes no period: leave `period` empty).
+    pub unit: Option<String>,
 }
 
 impl BudgetFields {
@@ -88,14 +91,13 @@ impl BudgetConfig {
                 ));
             }
         }
-        let limit = parse_limit(RawAmount::Text(Text::plain(fields.limit.clone()))).map_err(
-            |(value, source)| refuse_at(at.clone(), "limit", format!("{value:?}: {source}")),
-        )?;
-        let period = fields
-            .period
-            .trim()
-            .parse::<Period>()
-            .map_err(|e| refuse_at(at.clone(), "period", e))?;
+        let unit = word::<Unit>(&at, "unit", fields.unit.as_ref())?;
+        let limit = parse_limit(RawAmount::Text(Text::plain(fields.limit.clone())))
+            .map_err(|(value, source)| format!("{value:?}: {source}"))
+            .and_then(|l| unit_limit(l, unit))
+            .map_err(|e| refuse_at(at.clone(), "limit", e))?;
+        let given = Some(fields.period.trim()).filter(|p| !p.is_empty());
+        let period = unit_period(given, unit).map_err(|e| refuse_at(at.clone(), "period", e))?;
         let mut soft = Vec::with_capacity(fields.soft_limits.len());
         for &f in &fields.soft_limits {
             soft.push(SoftLimit::new(f).ok_or_else(|| {
@@ -109,6 +111,7 @@ impl BudgetConfig {
         soft.sort_unstable();
         soft.dedup();
         let mut b = BudgetConfig::new(scope, name, limit, period).with_soft_limits(soft);
+        b.unit = unit;
         b.mode = word::<Mode>(&at, "mode", fields.mode.as_ref())?;
         b.enforcement = word::<Enforcement>(&at, "enforcement", fields.enforcement.as_ref())?;
         b.offline = word::<Offline>(&at, "offline", fields.offline.as_ref())?;

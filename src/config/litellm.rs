@@ -6,13 +6,14 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 
 use crate::model::budget::{Scope, WindowShape};
+use crate::model::unit::Unit;
 use crate::model::window::Period;
 
 use super::error::ConfigError;
 use super::own::RawOwn;
 use super::schema::BudgetConfig;
 use super::validate::check_provider_name;
-use super::values::{near_miss, parse_limit, refuse_at, RawAmount, Text, UniqueMap};
+use super::values::{near_miss, parse_limit, refuse_at, unit_limit, RawAmount, Text, UniqueMap};
 
 /// The top level of a file. Other keys are ignored: it may be a whole litellm config. But a
 /// key that is nearly one of ours (`provider_budget_confg`, `provider-budgets`) is an error:
@@ -59,6 +60,12 @@ pub(super) struct RawParams {
     pub(super) max_budget: Option<RawAmount>,
     #[serde(alias = "time_period")]
     pub(super) budget_duration: Option<Text>,
+    /// Tokens per minute: a deployment budget of `tokens` per `1m`.
+    pub(super) tpm: Option<RawAmount>,
+    /// Requests per minute: a deployment budget of `requests` per `1m`.
+    pub(super) rpm: Option<RawAmount>,
+    /// Requests in flight: a deployment budget of `concurrent` slots.
+    pub(super) max_parallel_requests: Option<RawAmount>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -345,15 +352,17 @@ impl RawBudget {
 }
 
 impl RawDeployment {
-    /// The deployment budget of `model_list[i]`, if it has one.
-    pub(super) fn into_budget(self, i: usize) -> Result<Option<BudgetConfig>, ConfigError> {
+    /// The deployment budgets of `model_list[i]`: `max_budget` per `budget_duration` (USD),
+    /// and litellm's `tpm`, `rpm` and `max_parallel_requests` as `tokens`/1m, `requests`/1m
+    /// and `concurrent` budgets.
+    pub(super) fn into_budgets(self, i: usize) -> Result<Vec<BudgetConfig>, ConfigError> {
         let path = format!("model_list[{i}]");
         let Some(params) = self.litellm_params else {
-            return Ok(None);
+            return Ok(Vec::new());
         };
-        let (amount, duration) = match (params.max_budget, params.budget_duration) {
-            (None, None) => return Ok(None),
-            (Some(a), Some(d)) => (a, d),
+        let money = match (params.max_budget, params.budget_duration) {
+            (None, None) => None,
+            (Some(a), Some(d)) => Some((a, d)),
             (Some(_), None) => {
                 return Err(refuse_at(
                     path,
@@ -369,39 +378,80 @@ impl RawDeployment {
                 ))
             }
         };
+        let counts = [
+            ("tpm", Unit::Tokens, params.tpm),
+            ("rpm", Unit::Requests, params.rpm),
+            (
+                "max_parallel_requests",
+                Unit::Concurrent,
+                params.max_parallel_requests,
+            ),
+        ];
+        if money.is_none() && counts.iter().all(|c| c.2.is_none()) {
+            return Ok(Vec::new());
+        }
         let model = params.model.map(|m| m.value).unwrap_or_default();
-        let Some(id) = self.model_info.and_then(|m| m.id).map(|t| t.value) else {
-            return Err(refuse_at(
-                path,
-                "model_info.id",
-                format!("missing: the budget of deployment {model:?} needs a fixed id (litellm generates one per start otherwise)"),
-            ));
-        };
-        if let Some(why) = crate::model::key::scoped_name_fault(&id) {
-            return Err(refuse_at(
-                path,
-                "model_info.id",
-                format!("{id:?} is not allowed: {why}"),
+        let id = deployment_id(&path, &model, self.model_info)?;
+        let mut out = Vec::new();
+        if let Some((amount, duration)) = money {
+            let limit = parse_limit(amount).map_err(|(value, source)| {
+                refuse_at(
+                    path.clone(),
+                    "litellm_params.max_budget",
+                    format!("{value:?}: {source}"),
+                )
+            })?;
+            let period = duration
+                .value
+                .parse::<Period>()
+                .map_err(|e| refuse_at(path.clone(), "litellm_params.budget_duration", e))?;
+            out.push(BudgetConfig::new(
+                Scope::Deployment,
+                id.clone(),
+                limit,
+                period,
             ));
         }
-        let limit = parse_limit(amount).map_err(|(value, source)| {
-            refuse_at(
-                path.clone(),
-                "litellm_params.max_budget",
-                format!("{value:?}: {source}"),
-            )
-        })?;
-        let period = duration
-            .value
-            .parse::<Period>()
-            .map_err(|e| refuse_at(path.clone(), "litellm_params.budget_duration", e))?;
-        Ok(Some(BudgetConfig::new(
-            Scope::Deployment,
-            id,
-            limit,
-            period,
-        )))
+        for (key, unit, amount) in counts {
+            let Some(amount) = amount else { continue };
+            let at = format!("litellm_params.{key}");
+            let limit = parse_limit(amount)
+                .map_err(|(value, source)| format!("{value:?}: {source}"))
+                .and_then(|l| unit_limit(l, unit))
+                .map_err(|e| refuse_at(path.clone(), &at, e))?;
+            out.push(BudgetConfig::counting(
+                Scope::Deployment,
+                id.clone(),
+                unit,
+                limit.as_nanos(),
+                Period::MINUTE,
+            ));
+        }
+        Ok(out)
     }
+}
+
+/// The fixed id a deployment budget needs (`model_info.id`).
+fn deployment_id(
+    path: &str,
+    model: &str,
+    info: Option<RawModelInfo>,
+) -> Result<String, ConfigError> {
+    let Some(id) = info.and_then(|m| m.id).map(|t| t.value) else {
+        return Err(refuse_at(
+            path.to_owned(),
+            "model_info.id",
+            format!("missing: the budget of deployment {model:?} needs a fixed id (litellm generates one per start otherwise)"),
+        ));
+    };
+    if let Some(why) = crate::model::key::scoped_name_fault(&id) {
+        return Err(refuse_at(
+            path.to_owned(),
+            "model_info.id",
+            format!("{id:?} is not allowed: {why}"),
+        ));
+    }
+    Ok(id)
 }
 
 #[cfg(test)]

@@ -66,7 +66,7 @@ mod values;
 pub use error::ConfigError;
 pub use fields::BudgetFields;
 pub use schema::{
-    BudgetConfig, Config, RedisConfig, RedisTls, StorageConfig, UnknownProvider,
+    BudgetConfig, Config, RedisConfig, RedisTls, StorageConfig, UnknownProvider, CONCURRENT_PERIOD,
     DEFAULT_MAX_SERIES, MAX_MAX_SERIES, TEMPLATE_NAME,
 };
 pub use values::parse_duration;

@@ -5,13 +5,14 @@ use jiff::Timestamp;
 use serde::Deserialize;
 
 use crate::model::budget::{Enforcement, Mode, Offline, Scope, SoftLimit, WindowShape};
-use crate::model::window::Period;
+use crate::model::unit::Unit;
 
 use super::error::ConfigError;
 use super::schema::{BudgetConfig, UnknownProvider};
 use super::validate::check_budget;
 use super::values::{
-    parse_limit, refuse_at, Flag, HumanDuration, Parsed, RawAmount, Text, UniqueMap,
+    parse_limit, refuse_at, unit_limit, unit_period, Flag, HumanDuration, Parsed, RawAmount, Text,
+    UniqueMap,
 };
 use crate::model::key::provider_name_fault;
 
@@ -32,7 +33,8 @@ pub(super) struct RawGeneral {
     pub(super) org: Option<Text>,
     pub(super) customer: Option<Text>,
     pub(super) limit: RawAmount,
-    pub(super) period: Text,
+    pub(super) period: Option<Text>,
+    pub(super) unit: Option<Parsed<Unit>>,
     pub(super) soft_limits: Option<Vec<f64>>,
     pub(super) mode: Option<Parsed<Mode>>,
     pub(super) enforcement: Option<Parsed<Enforcement>>,
@@ -86,13 +88,12 @@ impl RawGeneral {
                 ));
             }
         }
-        let limit = parse_limit(self.limit).map_err(|(value, source)| {
-            refuse_at(path.clone(), "limit", format!("{value:?}: {source}"))
-        })?;
-        let period = self
-            .period
-            .value
-            .parse::<Period>()
+        let unit = self.unit.map(|u| u.0).unwrap_or_default();
+        let limit = parse_limit(self.limit)
+            .map_err(|(value, source)| format!("{value:?}: {source}"))
+            .and_then(|l| unit_limit(l, unit))
+            .map_err(|e| refuse_at(path.clone(), "limit", e))?;
+        let period = unit_period(self.period.as_ref().map(|p| p.value.as_str()), unit)
             .map_err(|e| refuse_at(path.clone(), "period", e))?;
         let mut soft = Vec::new();
         for f in self.soft_limits.unwrap_or_default() {
@@ -107,6 +108,7 @@ impl RawGeneral {
         soft.sort_unstable();
         soft.dedup();
         let mut b = BudgetConfig::new(scope, name, limit, period).with_soft_limits(soft);
+        b.unit = unit;
         b.mode = self.mode.map(|m| m.0).unwrap_or_default();
         b.enforcement = self.enforcement.map(|m| m.0).unwrap_or_default();
         b.offline = self.offline.map(|m| m.0).unwrap_or_default();

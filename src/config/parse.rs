@@ -217,7 +217,7 @@ fn collect_budgets(
         budgets.push(raw.into_budget(Scope::Tag, tag, tag_block, ignored)?);
     }
     for (i, d) in model_list.unwrap_or_default().into_iter().enumerate() {
-        budgets.extend(d.into_budget(i)?);
+        budgets.extend(d.into_budgets(i)?);
     }
     for (i, g) in own
         .budgets

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::model::budget::{Enforcement, Mode, Offline, Scope, SoftLimit, WindowShape};
 use crate::model::key::BudgetKey;
 use crate::model::money::Money;
+use crate::model::unit::Unit;
 use crate::model::window::Period;
 
 use super::error::ConfigError;
@@ -43,6 +44,10 @@ pub(crate) struct Definition {
     /// A template's `max_series` (absent in definitions written before templates).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_series: Option<u32>,
+    /// What it counts (`Unit::as_str`); absent for USD, as in definitions written before
+    /// units (a node that does not know units refuses a definition that has one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unit: Option<String>,
 }
 
 impl Definition {
@@ -60,6 +65,7 @@ impl Definition {
             offline: b.offline.as_str().to_owned(),
             window: (b.window != WindowShape::Fixed).then(|| b.window.as_str().to_owned()),
             max_series: b.max_series,
+            unit: b.unit.is_count().then(|| b.unit.as_str().to_owned()),
         }
     }
 
@@ -107,6 +113,11 @@ impl Definition {
                 .map_err(|e| refuse(format!("window: invalid value {window:?}: {e}")))?;
         }
         b.max_series = self.max_series;
+        if let Some(unit) = &self.unit {
+            b.unit = unit
+                .parse::<Unit>()
+                .map_err(|e| refuse(format!("unit: {e}")))?;
+        }
         b.validate()?;
         Ok(b)
     }
@@ -161,8 +172,18 @@ mod tests {
         let later = json.replace("\"tag\"", "\"galaxy\"");
         let d: Definition = serde_json::from_str(&later).unwrap();
         assert!(d.budget().unwrap_err().to_string().contains("galaxy"));
-        let later = json.replace("\"offline\"", "\"unit\":\"tokens\",\"offline\"");
+        let later = json.replace("\"offline\"", "\"galaxy\":\"far\",\"offline\"");
         assert!(serde_json::from_str::<Definition>(&later).is_err());
+        // A unit reads back; an unknown one is refused naming it.
+        let mut f = BudgetFields::new("60", "1m");
+        f.unit = Some("requests".into());
+        let b = BudgetConfig::from_fields(Scope::Deployment, "d", &f).unwrap();
+        let json = serde_json::to_string(&Definition::of(&b)).unwrap();
+        assert!(json.contains("\"unit\":\"requests\""), "{json}");
+        let back: Definition = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.budget().unwrap(), b);
+        let later: Definition = serde_json::from_str(&json.replace("requests", "joules")).unwrap();
+        assert!(later.budget().unwrap_err().to_string().contains("unit"));
     }
 
     #[test]

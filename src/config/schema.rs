@@ -10,6 +10,7 @@ use serde::Deserialize;
 use crate::model::budget::{Enforcement, Mode, Offline, Scope, SoftLimit, WindowShape};
 use crate::model::money::Money;
 use crate::model::text::redact_urls;
+use crate::model::unit::Unit;
 use crate::model::window::{Period, Schedule};
 
 use super::error::ConfigError;
@@ -25,8 +26,12 @@ pub struct BudgetConfig {
     /// The provider, deployment id, model name, tag or identity name (key, user, team, org,
     /// customer).
     pub name: String,
-    /// Spend at or above which the budget's deployments (or requests) are filtered out.
+    /// Spend at or above which the budget's deployments (or requests) are filtered out. For a
+    /// budget counting another [`Unit`] than USD, the whole count as `Money::from_nanos(count)`
+    /// (see [`BudgetConfig::counting`]): every amount is a `u64` in the budget's unit.
     pub limit: Money,
+    /// What it counts: USD (the default), tokens, requests or concurrent requests.
+    pub unit: Unit,
     /// Length of a window.
     pub period: Period,
     /// The budget's own IANA time zone for `d`, `w` and `mo` windows; `None` follows
@@ -52,6 +57,14 @@ pub struct BudgetConfig {
     pub max_series: Option<u32>,
 }
 
+/// The period of a [`Unit::Concurrent`] budget, which has none: one window of 100 years
+/// ([`Period::LONGEST`]); its slots are held by reservations, never by a window's spend.
+pub const CONCURRENT_PERIOD: Period = Period::LONGEST;
+
+fn concurrent_period() -> Period {
+    CONCURRENT_PERIOD
+}
+
 /// The name of a template: one series per distinct name of its identity scope.
 pub const TEMPLATE_NAME: &str = "*";
 
@@ -74,6 +87,7 @@ impl BudgetConfig {
             scope,
             name: name.into(),
             limit,
+            unit: Unit::Usd,
             period,
             time_zone: None,
             soft_limits: Vec::new(),
@@ -83,6 +97,30 @@ impl BudgetConfig {
             window: WindowShape::Fixed,
             max_series: None,
         }
+    }
+
+    /// A budget of `limit` `unit`s (tokens, requests, …) per `period` (builder style; for
+    /// [`Unit::Concurrent`] the period is ignored: see [`CONCURRENT_PERIOD`]).
+    pub fn counting(
+        scope: Scope,
+        name: impl Into<String>,
+        unit: Unit,
+        limit: u64,
+        period: Period,
+    ) -> BudgetConfig {
+        let period = if unit == Unit::Concurrent {
+            concurrent_period()
+        } else {
+            period
+        };
+        let mut b = BudgetConfig::new(scope, name, Money::from_nanos(limit), period);
+        b.unit = unit;
+        b
+    }
+
+    /// The limit as the `u64` amount of its unit (nanos for USD).
+    pub fn limit_amount(&self) -> u64 {
+        self.limit.as_nanos()
     }
 
     /// Whether it is a template: an identity budget named `"*"`, which gives each distinct
@@ -149,6 +187,7 @@ impl BudgetConfig {
             self.period,
             self.time_zone.as_deref(),
         )
+        .in_unit(self.unit)
     }
 
     /// The storage and Redis key parts (key name, period part): see the module `key`.

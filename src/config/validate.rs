@@ -119,6 +119,11 @@ pub(super) fn check_budget(b: &BudgetConfig) -> Result<(), ConfigError> {
             "window: sliding is not supported with enforcement: strict".into(),
         ));
     }
+    if b.window == WindowShape::Sliding && b.unit == crate::model::unit::Unit::Concurrent {
+        return Err(refuse(
+            "window: sliding does not apply to unit: concurrent (it has no period)".into(),
+        ));
+    }
     if b.soft_limits.len() > MAX_SOFT_LIMITS {
         return Err(refuse(format!(
             "soft_limits: at most {MAX_SOFT_LIMITS} per budget"
@@ -237,6 +242,10 @@ mod tests {
             (
                 "provider_budgets:\n  budgets:\n    - {tag: a, limit: 1, period: 1h, window: sliding, enforcement: strict}\n",
                 ["budgets[0]", "window: sliding", "enforcement: strict"],
+            ),
+            (
+                "provider_budgets:\n  budgets:\n    - {tag: a, limit: 1, unit: concurrent, window: sliding}\n",
+                ["budgets[0]", "window: sliding", "unit: concurrent"],
             ),
         ] {
             let msg = yaml_err(doc);

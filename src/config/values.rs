@@ -341,3 +341,40 @@ impl<'de> Deserialize<'de> for HumanDuration {
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s.trim()).map_err(|e| format!("invalid duration {s:?}: {e}"))
 }
+
+/// The limit of a budget counting `unit`, from the amount its text parsed to: USD as it is; a
+/// count (tokens, requests, slots) must be a whole number, kept as `Money::from_nanos(count)`
+/// (every amount is a `u64` in its budget's unit).
+pub(super) fn unit_limit(
+    limit: crate::model::money::Money,
+    unit: crate::model::unit::Unit,
+) -> Result<crate::model::money::Money, String> {
+    const NANOS: u64 = 1_000_000_000;
+    if !unit.is_count() {
+        return Ok(limit);
+    }
+    let nanos = limit.as_nanos();
+    if !nanos.is_multiple_of(NANOS) {
+        return Err(format!(
+            "{limit}: a {unit} limit is a whole number of {unit}"
+        ));
+    }
+    Ok(crate::model::money::Money::from_nanos(nanos / NANOS))
+}
+
+/// The period of a budget counting `unit`: required, except for `concurrent`, which has
+/// none (and refuses one: it would read as a rate).
+pub(super) fn unit_period(
+    period: Option<&str>,
+    unit: crate::model::unit::Unit,
+) -> Result<crate::model::window::Period, String> {
+    use crate::model::unit::Unit;
+    match (period, unit) {
+        (None, Unit::Concurrent) => Ok(crate::model::window::Period::LONGEST),
+        (Some(p), Unit::Concurrent) => Err(format!(
+            "{p:?}: a concurrent budget has no period (its slots are held until commit, release or expiry)"
+        )),
+        (None, _) => Err("missing (e.g. 1d, 1mo)".into()),
+        (Some(p), _) => p.trim().parse().map_err(|e: crate::model::window::PeriodError| e.to_string()),
+    }
+}

@@ -228,42 +228,128 @@ pub(crate) fn decode<T: serde::de::DeserializeOwned>(raw: &[u8]) -> Result<T, St
 
 /// An open reservation as journaled (in the `own` tree under `store::RESERVATION_PREFIX`, so that
 /// its end goes in the same sled batch as the spend it turns into). What a restart counts
-/// when the reservation was neither committed nor released: `estimate` in each window.
+/// when the reservation was neither committed nor released: `counts[i]` in window `i`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct ReservationValue {
-    /// Nano-dollars held in each window.
+    /// Nano-dollars held in each USD window.
     pub estimate: u64,
     /// When it expires, Unix seconds (informational: a restart counts it whatever the time).
     pub expires: i64,
     /// Each budget window it holds money in: storage key parts (provider, period), the
     /// window's start and end (Unix seconds).
     pub windows: Vec<(String, String, i64, i64)>,
+    /// What a restart counts in each of `windows`, in its budget's unit (the amount held;
+    /// nothing for a concurrent slot). Format 0x41 has none: `estimate` in each.
+    pub counts: Vec<u64>,
+}
+
+/// Format 0x41: a reservation of USD budgets only (what every release before units wrote).
+#[derive(Serialize, Deserialize)]
+struct ReservationV1 {
+    estimate: u64,
+    expires: i64,
+    windows: Vec<(String, String, i64, i64)>,
 }
 
 /// Format of reservation values: this byte, then bincode. Numbered apart from the other
-/// formats so that one tree's bytes never decode as another's.
+/// formats so that one tree's bytes never decode as another's. A reservation that counts
+/// `estimate` in every window is written in it (readable by the releases before units).
 pub(crate) const RESERVATION_VERSION: u8 = 0x41;
+/// Format of reservation values with their own count per window (units).
+pub(crate) const RESERVATION_VERSION_COUNTS: u8 = 0x42;
 
 impl ReservationValue {
     pub(crate) fn encode(&self) -> Vec<u8> {
-        let mut out = vec![RESERVATION_VERSION];
+        let config = bincode::config::standard();
         // Integers and short strings into a Vec: cannot fail.
-        if let Ok(body) = bincode::serde::encode_to_vec(self, bincode::config::standard()) {
+        let (version, body) = if self.counts.iter().all(|&c| c == self.estimate) {
+            let v1 = ReservationV1 {
+                estimate: self.estimate,
+                expires: self.expires,
+                windows: self.windows.clone(),
+            };
+            (
+                RESERVATION_VERSION,
+                bincode::serde::encode_to_vec(&v1, config),
+            )
+        } else {
+            (
+                RESERVATION_VERSION_COUNTS,
+                bincode::serde::encode_to_vec(self, config),
+            )
+        };
+        let mut out = vec![version];
+        if let Ok(body) = body {
             out.extend_from_slice(&body);
         }
         out
     }
 
     pub(crate) fn decode(raw: &[u8]) -> Result<ReservationValue, String> {
+        let body = || {
+            let mut v = vec![VERSION];
+            v.extend_from_slice(&raw[1..]);
+            v
+        };
         match raw.first() {
             Some(&RESERVATION_VERSION) => {
-                let mut v = vec![VERSION];
-                v.extend_from_slice(&raw[1..]);
-                decode::<ReservationValue>(&v)
+                let v1 = decode::<ReservationV1>(&body())?;
+                Ok(ReservationValue {
+                    counts: vec![v1.estimate; v1.windows.len()],
+                    estimate: v1.estimate,
+                    expires: v1.expires,
+                    windows: v1.windows,
+                })
+            }
+            Some(&RESERVATION_VERSION_COUNTS) => {
+                let v = decode::<ReservationValue>(&body())?;
+                if v.counts.len() != v.windows.len() {
+                    return Err(format!(
+                        "{} counts for {} windows",
+                        v.counts.len(),
+                        v.windows.len()
+                    ));
+                }
+                Ok(v)
             }
             Some(v) => Err(format!("unknown format version {v}")),
             None => Err("empty value".into()),
         }
+    }
+}
+
+#[cfg(test)]
+mod reservation_tests {
+    use super::*;
+
+    #[test]
+    fn reservations_keep_their_counts_and_usd_ones_keep_the_old_format() {
+        let usd = ReservationValue {
+            estimate: 7,
+            expires: 600,
+            windows: vec![("openai".into(), "1d".into(), 0, 86_400)],
+            counts: vec![7],
+        };
+        let raw = usd.encode();
+        assert_eq!(raw[0], RESERVATION_VERSION, "readable by older releases");
+        assert_eq!(ReservationValue::decode(&raw), Ok(usd.clone()));
+        let mixed = ReservationValue {
+            windows: vec![
+                ("openai".into(), "1d".into(), 0, 86_400),
+                ("deployment:x".into(), "1200mo~concurrent".into(), 0, 1),
+            ],
+            counts: vec![7, 0],
+            ..usd
+        };
+        let raw = mixed.encode();
+        assert_eq!(raw[0], RESERVATION_VERSION_COUNTS);
+        assert_eq!(ReservationValue::decode(&raw), Ok(mixed.clone()));
+        let mut short = mixed;
+        short.counts.pop();
+        short.counts.push(1);
+        short.counts.push(2);
+        let e = ReservationValue::decode(&short.encode()).unwrap_err();
+        assert!(e.contains("3 counts for 2 windows"), "{e}");
     }
 }
 

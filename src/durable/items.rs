@@ -99,6 +99,15 @@ impl Items {
             .chain(heap.into_iter().flatten())
     }
 
+    /// Whether it holds nothing.
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        match self {
+            Items::Inline { len, .. } => *len == 0,
+            Items::Heap(heap) => heap.is_empty(),
+        }
+    }
+
     /// The only pair, when there is exactly one.
     #[inline]
     pub fn single(&self) -> Option<(u32, Window)> {

@@ -125,6 +125,9 @@ pub(crate) enum Event {
     Finish {
         id: Arc<str>,
         items: Arc<[(u32, Window)]>,
+        /// What each of `items` counts (in its budget's unit).
+        spent: Box<[u64]>,
+        /// The dollars committed (for the idempotency record).
         amount: u64,
         ack: Option<Ack>,
         remember: Option<Ended>,
@@ -146,6 +149,8 @@ pub(crate) enum Event {
 pub(crate) struct KeyedAdd {
     pub items: Items,
     pub amount: u64,
+    /// Budgets of other units than USD, each with its own amount.
+    pub others: Vec<(u32, Window, u64)>,
     pub key: Box<str>,
     pub fingerprint: u64,
     pub ack: Option<Ack>,
@@ -567,12 +572,13 @@ impl Worker {
                 Event::Finish {
                     id,
                     items,
+                    spent,
                     amount,
                     ack,
                     remember,
                 } => {
                     records += 1;
-                    self.finish(id, &items, amount, remember, mono);
+                    self.finish(id, (&items, &spent), amount, remember, mono);
                     acks.extend(ack);
                 }
                 Event::Flush(ack) | Event::Stop(ack) => acks.push(ack),
@@ -606,11 +612,15 @@ impl Worker {
         let KeyedAdd {
             items,
             amount,
+            others,
             key,
             fingerprint,
             ack,
         } = keyed;
         for (budget, window) in items.iter() {
+            self.pend(budget, window, amount);
+        }
+        for (budget, window, amount) in others {
             self.pend(budget, window, amount);
         }
         let what = Remembered::Spend { fingerprint };
@@ -624,14 +634,14 @@ impl Worker {
     fn finish(
         &mut self,
         id: Arc<str>,
-        items: &[(u32, Window)],
+        (items, spent): (&[(u32, Window)], &[u64]),
         amount: u64,
         remember: Option<Ended>,
         mono: Duration,
     ) {
-        if amount > 0 {
-            for &(budget, window) in items {
-                self.add(budget, window, amount, mono);
+        for (&(budget, window), &spent) in items.iter().zip(spent) {
+            if spent > 0 {
+                self.add(budget, window, spent, mono);
             }
         }
         if let Some(ended) = remember {
@@ -977,7 +987,8 @@ impl Worker {
             let b = self.view.credited_budget(b).unwrap_or(b);
             // A template's series: in the template's aggregates only (a gauge per series
             // would grow with the key population).
-            if self.view.is_templated(b) || !seen.insert(b) {
+            // Other units: in the unit's gauges, set by the sidecar's scrape (never dollars).
+            if self.view.is_templated(b) || self.view.unit(b).is_count() || !seen.insert(b) {
                 continue;
             }
             let spend = self.view.totals_at(b, now).total();
@@ -1057,6 +1068,7 @@ mod tests {
             Event::AddKeyed(Box::new(KeyedAdd {
                 items,
                 amount: 1,
+                others: Vec::new(),
                 key: key.into(),
                 fingerprint,
                 ack: None,

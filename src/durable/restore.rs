@@ -180,7 +180,7 @@ fn count_open_reservations(
     let mut changed = std::collections::BTreeSet::new();
     let mut counted = 0u64;
     for (_, r) in &open {
-        for (provider, period, start, end) in &r.windows {
+        for ((provider, period, start, end), &count) in r.windows.iter().zip(&r.counts) {
             let key = WindowKey {
                 provider: provider.clone(),
                 period: period.clone(),
@@ -192,8 +192,8 @@ fn count_open_reservations(
                     end: *end,
                     total: 0,
                 });
-            v.total = v.total.saturating_add(r.estimate);
-            counted = counted.saturating_add(r.estimate);
+            v.total = v.total.saturating_add(count);
+            counted = counted.saturating_add(count);
             changed.insert(key);
         }
     }

@@ -937,6 +937,7 @@ mod tests {
             estimate: 7,
             expires: 600,
             windows: vec![("openai".into(), "1d".into(), 0, 86_400)],
+            counts: vec![7],
         };
         let k = key(0);
         store

@@ -26,6 +26,7 @@ use crate::limiter::spend::Receipt;
 use crate::limiter::Limiter;
 use crate::model::clock::floor_secs;
 use crate::model::money::Money;
+use crate::model::unit::Unit;
 use crate::model::window::{Period, Window};
 
 /// Longest `reason` accepted, in bytes.
@@ -38,6 +39,7 @@ pub struct Adjustment {
     amount: Money,
     reason: String,
     period: Option<Period>,
+    unit: Option<Unit>,
     at: Option<Timestamp>,
     by: String,
 }
@@ -51,9 +53,19 @@ impl Adjustment {
             amount,
             reason: reason.into(),
             period: None,
+            unit: None,
             at: None,
             by: String::new(),
         }
+    }
+
+    /// The budget's unit, needed when it has budgets of several units of one period. The
+    /// amount of a budget that counts tokens, requests or slots is that whole count, given
+    /// as a `Money` of that many units (`"500".parse()` credits 500 tokens).
+    #[must_use]
+    pub fn unit(mut self, unit: Unit) -> Self {
+        self.unit = Some(unit);
+        self
     }
 
     /// The budget's period, needed when it has several.
@@ -151,9 +163,10 @@ impl Limiter {
     /// # Errors
     ///
     /// [`AdjustError`]: nothing is credited on error.
-    pub fn adjust(&self, adjustment: Adjustment) -> Result<Credited, AdjustError> {
+    pub fn adjust(&self, mut adjustment: Adjustment) -> Result<Credited, AdjustError> {
         check_reason(&adjustment.reason)?;
         let slot = self.adjusted_slot(&adjustment)?;
+        adjustment.amount = self.amount_in_unit(slot, &adjustment)?;
         let inner = &*self.inner;
         let _serial = inner
             .adjust_lock
@@ -236,6 +249,7 @@ impl Limiter {
         let chosen: Vec<_> = named
             .iter()
             .filter(|b| a.period.is_none_or(|p| b.period == p))
+            .filter(|b| a.unit.is_none_or(|u| b.unit == u))
             .collect();
         match chosen.as_slice() {
             [b] => self
@@ -246,9 +260,30 @@ impl Limiter {
             [] => Err(unknown(a)),
             _ => Err(AdjustError::AmbiguousPeriod {
                 budget: a.budget.clone(),
-                periods: chosen.iter().map(|b| b.period.to_string()).collect(),
+                periods: chosen.iter().map(|b| b.budget_key().period_part).collect(),
             }),
         }
+    }
+
+    /// The amount of `a` in the unit of the budget `slot`: as given for USD; a whole count
+    /// for the other units (see [`Adjustment::unit`]).
+    fn amount_in_unit(&self, slot: u32, a: &Adjustment) -> Result<Money, AdjustError> {
+        const NANOS: u64 = 1_000_000_000;
+        if !self.inner.view.unit(slot).is_count() {
+            return Ok(a.amount);
+        }
+        let nanos = a.amount.as_nanos();
+        if !nanos.is_multiple_of(NANOS) {
+            return Err(AdjustError::Amount {
+                budget: a.budget.clone(),
+                amount: a.amount,
+                why: format!(
+                    "a {} budget is credited a whole number",
+                    self.inner.view.unit(slot)
+                ),
+            });
+        }
+        Ok(Money::from_nanos(nanos / NANOS))
     }
 
     /// Audits, counts and journals a credit, then waits for its fsync; logs it.

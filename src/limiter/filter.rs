@@ -19,6 +19,7 @@ use crate::model::budget::Scope;
 use crate::model::identity::Identity;
 use crate::model::money::Money;
 use crate::model::slots::SlotKeys;
+use crate::model::unit::Unit;
 use crate::resolve::{CacheMap, Deployment, Misses, Resolved, Resolver};
 use crate::template::{name_fault, Lookup};
 use crate::view::View;
@@ -74,10 +75,30 @@ pub struct Exceeded {
     /// to other nodes). `None` when the limit refused.
     pub grant: Option<Money>,
     /// When its window ends: the limit admits again after this (a grant may come sooner).
+    /// A concurrent budget's window never ends: a slot frees at a commit, release or expiry.
     pub resets_at: Timestamp,
+    /// When its window started.
+    pub window_start: Timestamp,
+    /// What it counts: `spend`, `limit` and `grant` are in this unit (nano-dollars for USD,
+    /// the whole count otherwise; held slots for a concurrent budget).
+    pub unit: Unit,
 }
 
 impl Exceeded {
+    /// An amount of its unit as text (`0.25`, `1500`).
+    fn amount(&self, m: Money) -> String {
+        self.unit.format_amount(m.as_nanos())
+    }
+
+    /// ` tokens`, ` requests`, … after the amounts of a budget that does not count dollars.
+    fn unit_suffix(&self) -> String {
+        match self.unit {
+            Unit::Usd => String::new(),
+            Unit::Concurrent => " concurrent requests".into(),
+            u => format!(" {u}"),
+        }
+    }
+
     /// Whether this node's grant refused (a strict budget), not the budget's limit.
     pub fn by_grant(&self) -> bool {
         self.grant.is_some()
@@ -93,15 +114,24 @@ impl fmt::Display for NoDeployments {
                 // Why spelled out: "Exceeded budget ... 1 >= 0" would read as a spent budget.
                 Some(grant) => write!(
                     f,
-                    "{sep}Exceeded this node's grant for {} {}: {} > {grant} (limit {}, not \
+                    "{sep}Exceeded this node's grant for {} {}: {} > {}{} (limit {}, not \
                      spent: a strict budget admits only what Redis granted this node, and no \
                      more came: Redis is unreachable, or the rest is granted to other nodes)",
-                    e.scope, e.name, e.spend, e.limit
+                    e.scope,
+                    e.name,
+                    e.amount(e.spend),
+                    e.amount(grant),
+                    e.unit_suffix(),
+                    e.amount(e.limit)
                 )?,
                 None => write!(
                     f,
-                    "{sep}Exceeded budget for {} {}: {} >= {}",
-                    e.scope, e.name, e.spend, e.limit
+                    "{sep}Exceeded budget for {} {}: {} >= {}{}",
+                    e.scope,
+                    e.name,
+                    e.amount(e.spend),
+                    e.amount(e.limit),
+                    e.unit_suffix()
                 )?,
             }
             sep = ", ";
@@ -417,16 +447,24 @@ impl<'a> Check<'a> {
             seen.push(b);
             let key = self.keys.get(b);
             let t = self.view.totals_at(b, self.now);
+            let unit = key.unit();
+            // A concurrent budget is full of held slots, not of spend.
+            let spend = match unit {
+                Unit::Concurrent => t.total().saturating_add(t.reserved),
+                // A sliding budget: with the weighted part of the previous window.
+                _ => self.view.sliding_spend(b, self.now).unwrap_or(t.total()),
+            };
             err.exceeded.push(Exceeded {
                 provider: key.key_name(),
                 scope: key.scope,
+                period: key.period_shown().to_owned(),
                 name: key.name,
-                period: key.period_part,
-                // A sliding budget: with the weighted part of the previous window.
-                spend: self.view.sliding_spend(b, self.now).unwrap_or(t.total()),
+                spend,
                 limit: self.view.limit(b),
                 grant: None,
                 resets_at: t.window.end(),
+                window_start: t.window.start(),
+                unit,
             });
         };
         for t in tags {

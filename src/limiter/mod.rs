@@ -42,6 +42,7 @@ use crate::model::clock::Clock;
 use crate::model::identity::Identity;
 use crate::model::money::Money;
 use crate::model::slots::SlotKeys;
+use crate::model::unit::Estimate;
 use crate::resolve::{Deployment, Resolved, Resolver, Target};
 use crate::template::Template;
 use crate::view::View;
@@ -460,20 +461,24 @@ impl Limiter {
     /// (the one that refused and the others of its candidate whose grants are short): notes
     /// the amount on each (the next grant round asks each for at least that much more) and waits up to
     /// `grant_wait` for an out-of-cycle round. `true` when one finished (retry once then).
-    pub(crate) fn wait_for_grant(&self, budgets: &[u32], amount: Money) -> bool {
-        for &b in budgets {
-            self.inner.view.note_starved(b, amount);
-        }
+    pub(crate) fn wait_for_grant(&self, budgets: &[u32], estimate: &Estimate) -> bool {
+        self.note_starved(budgets, estimate);
         self.inner.fleet.grant_round(&self.inner.config.load())
     }
 
     /// [`Limiter::wait_for_grant`] for async code: awaits the round without blocking.
-    pub(crate) async fn wait_for_grant_async(&self, budgets: &[u32], amount: Money) -> bool {
-        for &b in budgets {
-            self.inner.view.note_starved(b, amount);
-        }
+    pub(crate) async fn wait_for_grant_async(&self, budgets: &[u32], estimate: &Estimate) -> bool {
+        self.note_starved(budgets, estimate);
         let config = self.inner.config.load_full();
         self.inner.fleet.grant_round_async(&config).await
+    }
+
+    /// Remembers what each budget's grant lacked (its unit's part of `estimate`).
+    fn note_starved(&self, budgets: &[u32], estimate: &Estimate) {
+        for &b in budgets {
+            let amount = estimate.held(self.inner.view.unit(b));
+            self.inner.view.note_starved(b, Money::from_nanos(amount));
+        }
     }
 
     /// The error for a record that could not be queued.
@@ -839,6 +844,7 @@ impl Prepared {
 /// effect, the whole limit.
 pub(crate) fn set_policy(view: &View, slot: u32, b: &crate::config::BudgetConfig, fleet: bool) {
     view.set_policy(slot, b.enforcement, b.offline);
+    view.set_unit(slot, b.unit);
     if !fleet {
         view.set_strict(slot, false);
     }

@@ -59,11 +59,12 @@ use crate::durable::journal::{Ack, Event};
 use crate::durable::store::ReservationValue;
 use crate::error::RecordError;
 use crate::limiter::filter::{Exceeded, NoDeployments};
-use crate::limiter::spend::{AckWait, Receipt};
+use crate::limiter::spend::{AckWait, Counted, Receipt};
 use crate::limiter::{charge_slots_for, Inner, Limiter};
 use crate::model::clock::floor_secs;
 use crate::model::identity::Identity;
 use crate::model::money::Money;
+use crate::model::unit::{Estimate, Unit, Usage};
 use crate::model::window::Window;
 use crate::resolve::{Deployment, MissLog};
 use crate::view::Refused;
@@ -75,7 +76,40 @@ const EXPIRED: u8 = 2;
 
 /// An admission: the candidate's index, each budget and window holding the estimate, and
 /// the instant (Unix seconds).
-type Admitted = (usize, Vec<(u32, Window)>, i64);
+type Admitted = (usize, Vec<(u32, Window, u64)>, i64);
+
+/// How a reservation ends.
+#[derive(Debug, Clone, Copy)]
+enum End {
+    /// The call cost this (and used this many tokens, when known).
+    Commit(Money, Option<Usage>),
+    /// The call never went out: nothing counted.
+    Release,
+    /// Dropped or expired: the call may have gone out, so the amount held counts.
+    Expire,
+}
+
+impl End {
+    /// What a budget of `unit` that held `held` counts: `None` when the commit lacks what
+    /// the unit needs (a token budget and no usage: counted nowhere, reported). Concurrent
+    /// slots count nothing: ending frees them.
+    fn counts(&self, unit: Unit, held: u64) -> Option<u64> {
+        match (self, unit) {
+            (_, Unit::Concurrent) | (End::Release, _) => Some(0),
+            (End::Expire, _) => Some(held),
+            (End::Commit(cost, usage), unit) => unit.amount(*cost, usage.as_ref()),
+        }
+    }
+
+    /// The dollars counted in USD budgets.
+    fn cost(&self) -> Money {
+        match self {
+            End::Commit(cost, _) => *cost,
+            End::Release => Money::ZERO,
+            End::Expire => Money::ZERO,
+        }
+    }
+}
 
 /// What a reservation's request adds to its deployment's budgets: its tags and identities.
 type Request<'a, T> = (&'a [T], &'a Identity<'a>);
@@ -119,7 +153,9 @@ pub(crate) struct Held {
     id: Arc<str>,
     /// Each budget and the window the estimate is held in.
     items: Arc<[(u32, Window)]>,
-    estimate: Money,
+    /// The amount held in each budget of `items` (in its unit: [`Estimate::held`]).
+    amounts: Box<[u64]>,
+    estimate: Estimate,
     /// Unix seconds (whole: see the module doc).
     expires_secs: i64,
     /// [`OPEN`], [`DONE`] or [`EXPIRED`]: whoever moves it from `OPEN` settles the money, once.
@@ -226,8 +262,13 @@ impl Reservation {
         self.deployment
     }
 
-    /// The amount held in each budget.
+    /// The dollars held in each USD budget.
     pub fn estimate(&self) -> Money {
+        self.held.estimate.usd
+    }
+
+    /// The estimate, every unit's part.
+    pub fn estimates(&self) -> Estimate {
         self.held.estimate
     }
 
@@ -260,7 +301,22 @@ impl Reservation {
     /// `actual`); [`ReserveError::Record`] when the limiter is shut down or its journal is
     /// gone (see there).
     pub fn commit(self, actual: Money) -> Result<Receipt<'static>, ReserveError> {
-        self.end(Some(actual))
+        self.end(End::Commit(actual, None))
+    }
+
+    /// [`Reservation::commit`] with the call's usage: token budgets count their tokens of it,
+    /// USD budgets `actual`. Without usage ([`Reservation::commit`]) a token budget counts
+    /// nothing and is listed in [`Receipt::uncounted`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Reservation::commit`].
+    pub fn commit_usage(
+        self,
+        actual: Money,
+        usage: Usage,
+    ) -> Result<Receipt<'static>, ReserveError> {
+        self.end(End::Commit(actual, Some(usage)))
     }
 
     /// The call never reached the provider: frees the estimate and counts nothing. Wait on
@@ -270,23 +326,24 @@ impl Reservation {
     ///
     /// As [`Reservation::commit`].
     pub fn release(self) -> Result<Receipt<'static>, ReserveError> {
-        self.end(None)
+        self.end(End::Release)
     }
 
-    fn end(&self, actual: Option<Money>) -> Result<Receipt<'static>, ReserveError> {
-        self.begin_end(actual)?;
-        let ended = match actual {
-            Some(_) => Ended::Committed,
-            None => Ended::Released,
+    fn end(&self, end: End) -> Result<Receipt<'static>, ReserveError> {
+        self.begin_end(&end)?;
+        let (ended, cost) = match end {
+            End::Commit(cost, _) => (Ended::Committed, cost),
+            _ => (Ended::Released, Money::ZERO),
         };
         let remember = self.remember.then_some(ended);
-        let budgets = self.limiter.settle(&self.held, actual, true, remember)?;
-        Ok(Receipt::owned(self.limiter.clone(), budgets)
-            .with_cost(actual.unwrap_or(Money::ZERO), None))
+        let counted = self.limiter.settle(&self.held, end, true, remember)?;
+        Ok(Receipt::owned(self.limiter.clone(), counted.budgets)
+            .with_cost(cost, None)
+            .with_uncounted(counted.uncounted))
     }
 
     /// Takes the right to end the reservation (it may have expired first).
-    fn begin_end(&self, actual: Option<Money>) -> Result<(), ReserveError> {
+    fn begin_end(&self, end: &End) -> Result<(), ReserveError> {
         let now = floor_secs(self.limiter.now());
         if now >= self.held.expires_secs {
             self.limiter.expire(&self.held);
@@ -300,10 +357,10 @@ impl Reservation {
             return Err(ReserveError::Expired {
                 id: self.held.id.to_string(),
                 expired_at: self.held.expires_at(),
-                estimate: self.held.estimate,
+                estimate: self.held.estimate.usd,
             });
         }
-        let outcome = if actual.is_some() {
+        let outcome = if matches!(end, End::Commit(..)) {
             "committed"
         } else {
             "released"
@@ -340,9 +397,7 @@ impl Drop for Reservation {
         {
             metrics::counter!("provider_budgets_reservations_ended_total", "outcome" => "dropped")
                 .increment(1);
-            let _ = self
-                .limiter
-                .settle(&self.held, Some(self.held.estimate), false, None);
+            let _ = self.limiter.settle(&self.held, End::Expire, false, None);
         }
     }
 }
@@ -357,7 +412,7 @@ pub struct ReserveRequest<'a, D, T = &'a str> {
     candidates: &'a [D],
     tags: &'a [T],
     identity: &'a Identity<'a>,
-    estimate: Money,
+    estimate: Estimate,
 }
 
 impl<D: Deployment, T: AsRef<str>> std::fmt::Debug for ReserveRequest<'_, D, T> {
@@ -391,6 +446,12 @@ impl<'a, D: Deployment, T: AsRef<str>> ReserveRequest<'a, D, T> {
         ReserveRequest { identity, ..self }
     }
 
+    /// The estimate of every unit (replaces the dollars given to [`Limiter::reserve`]):
+    /// token budgets hold their part of it, USD budgets `estimate.usd`.
+    pub fn estimate(self, estimate: Estimate) -> Self {
+        ReserveRequest { estimate, ..self }
+    }
+
     /// Makes the reservation, blocking until its record is durable (and, for a strict
     /// budget refused by this node's grant alone, up to `redis.grant_wait` for a grant
     /// round). From async code, `.await` the request instead.
@@ -405,7 +466,7 @@ impl<'a, D: Deployment, T: AsRef<str>> ReserveRequest<'a, D, T> {
         let (index, items, now) = l.hold(
             self.candidates.iter(),
             (self.tags, self.identity),
-            self.estimate,
+            &self.estimate,
         )?;
         let (reservation, record) = l.register(index, items, now, self.estimate);
         let result = match record {
@@ -430,7 +491,7 @@ impl<'a, D: Deployment + Sync, T: AsRef<str> + Sync> IntoFuture for ReserveReque
                 .hold_async(
                     self.candidates.iter(),
                     (self.tags, self.identity),
-                    self.estimate,
+                    &self.estimate,
                 )
                 .await?;
             let (reservation, record) = l.register(index, items, now, self.estimate);
@@ -488,7 +549,7 @@ impl Limiter {
             candidates,
             tags: &[],
             identity: &Identity::NONE,
-            estimate,
+            estimate: Estimate::from(estimate),
         }
     }
 
@@ -502,7 +563,7 @@ impl Limiter {
         &self,
         candidates: impl Iterator<Item = &'d D> + Clone,
         request: Request<'_, T>,
-        estimate: Money,
+        estimate: &Estimate,
     ) -> Result<Admitted, ReserveError> {
         let mut starved = Vec::new();
         let held = self.hold_once(candidates.clone(), request, estimate, &mut starved);
@@ -520,7 +581,7 @@ impl Limiter {
         &self,
         candidates: impl Iterator<Item = &'d D> + Clone,
         request: Request<'_, T>,
-        estimate: Money,
+        estimate: &Estimate,
     ) -> Result<Admitted, ReserveError> {
         let mut starved = Vec::new();
         let held = self.hold_once(candidates.clone(), request, estimate, &mut starved);
@@ -539,7 +600,7 @@ impl Limiter {
         &self,
         candidates: impl Iterator<Item = &'d D>,
         (tags, identity): Request<'_, T>,
-        estimate: Money,
+        estimate: &Estimate,
         starved: &mut Vec<u32>,
     ) -> Result<Admitted, ReserveError> {
         let inner: &Inner = &self.inner;
@@ -574,28 +635,29 @@ impl Limiter {
                     continue;
                 }
             }
-            let mut taken: Vec<(u32, Window)> = Vec::new();
+            let mut taken: Vec<(u32, Window, u64)> = Vec::new();
             let mut refused = None;
             for b in charge_slots_for(&resolver, &r, tags, identity) {
+                let amount = estimate.held(inner.view.unit(b));
                 if inner.view.blocks_quietly(b, secs) {
                     // Spent (as `filter` sees it): even a zero estimate is refused.
                     let window = inner.view.schedule(b).window_at_secs(secs);
-                    refused = Some((b, Refused::Limit(window)));
+                    refused = Some((b, Refused::Limit(window), amount));
                     break;
                 }
-                match inner.view.try_reserve(b, secs, estimate) {
-                    Ok(w) => taken.push((b, w)),
+                match inner.view.try_reserve(b, secs, Money::from_nanos(amount)) {
+                    Ok(w) => taken.push((b, w, amount)),
                     Err(why) => {
-                        refused = Some((b, why));
+                        refused = Some((b, why, amount));
                         break;
                     }
                 }
             }
-            let Some((b, why)) = refused else {
+            let Some((b, why, amount)) = refused else {
                 return Ok((i, taken, secs));
             };
-            for &(b, w) in &taken {
-                inner.view.unreserve(b, w, estimate);
+            for &(b, w, held) in &taken {
+                inner.view.unreserve(b, w, Money::from_nanos(held));
             }
             if matches!(why, Refused::Grant(_)) && starved.is_empty() {
                 // Every budget of this candidate that its grant holds back, not only the one
@@ -603,13 +665,16 @@ impl Limiter {
                 // of one request are otherwise raised one round, and one refusal, each).
                 starved.push(b);
                 starved.extend(
-                    charge_slots_for(&resolver, &r, tags, identity)
-                        .filter(|&o| o != b && inner.view.grant_short(o, secs, estimate)),
+                    charge_slots_for(&resolver, &r, tags, identity).filter(|&o| {
+                        let amount = Money::from_nanos(estimate.held(inner.view.unit(o)));
+                        o != b && inner.view.grant_short(o, secs, amount)
+                    }),
                 );
             }
             if !seen.contains(&b) {
                 seen.push(b);
-                denied.exceeded.push(self.refusal(b, why, secs, estimate));
+                let amount = Money::from_nanos(amount);
+                denied.exceeded.push(self.refusal(b, why, secs, amount));
             }
         }
         if !any {
@@ -646,12 +711,14 @@ impl Limiter {
         Exceeded {
             provider: key,
             scope: budget_key.scope,
+            period: budget_key.period_shown().to_owned(),
+            unit: budget_key.unit(),
             name: budget_key.name,
-            period: budget_key.period_part,
             spend,
             limit: inner.view.limit(budget),
             grant,
             resets_at: window.end(),
+            window_start: window.start(),
         }
     }
 
@@ -661,9 +728,9 @@ impl Limiter {
     fn register(
         &self,
         index: usize,
-        items: Vec<(u32, Window)>,
+        taken: Vec<(u32, Window, u64)>,
         now_secs: i64,
-        estimate: Money,
+        estimate: Estimate,
     ) -> (Reservation, Option<impl FnOnce(Ack) -> Event>) {
         let inner = &*self.inner;
         let timeout = inner.config.load().reservation_timeout;
@@ -673,9 +740,21 @@ impl Limiter {
             .saturating_add(i64::try_from(lifetime).unwrap_or(i64::MAX));
         let n = inner.reservations.counter.fetch_add(1, Ordering::Relaxed);
         let id: Arc<str> = format!("{}-{n:x}", inner.reservations.prefix).into();
+        let items: Arc<[(u32, Window)]> = taken.iter().map(|&(b, w, _)| (b, w)).collect();
+        let amounts: Box<[u64]> = taken.iter().map(|&(_, _, a)| a).collect();
+        // What a restart counts in each window (a crash may have let the call out): the
+        // amount held, except concurrent slots, which a dead process no longer holds.
+        let counts = taken
+            .iter()
+            .map(|&(b, _, a)| match inner.view.unit(b) {
+                Unit::Concurrent => 0,
+                _ => a,
+            })
+            .collect();
         let held = Arc::new(Held {
             id: Arc::clone(&id),
-            items: items.into(),
+            items,
+            amounts,
             estimate,
             expires_secs,
             state: AtomicU8::new(OPEN),
@@ -693,7 +772,8 @@ impl Limiter {
             return (reservation, None);
         }
         let value = ReservationValue {
-            estimate: estimate.as_nanos(),
+            estimate: estimate.usd.as_nanos(),
+            counts,
             expires: expires_secs,
             windows: held
                 .items
@@ -727,7 +807,7 @@ impl Limiter {
                 .compare_exchange(OPEN, DONE, Ordering::AcqRel, Ordering::Acquire)
                 .is_ok()
             {
-                let _ = self.settle(held, None, false, None);
+                let _ = self.settle(held, End::Release, false, None);
             }
             return Err(e.into());
         }
@@ -735,45 +815,59 @@ impl Limiter {
         Ok(reservation)
     }
 
-    /// Ends a reservation whose state this caller moved from `OPEN`: counts `actual` (or frees
-    /// the money for `None`) in each window, forgets it, and journals the end (and the spend)
-    /// in one event (with `remember`, the idempotency record of the end too). Returns the
-    /// number of budgets. Unless `report`, a journal that is gone is not an error: the record
-    /// stays on disk and the next open counts its estimate.
+    /// Ends a reservation whose state this caller moved from `OPEN`: counts what `end` counts
+    /// in each budget (see [`End::counts`]) and frees what it held, forgets it, and journals
+    /// the end (and the spend) in one event (with `remember`, the idempotency record of the
+    /// end too). Returns the number of budgets and those left uncounted. Unless `report`, a
+    /// journal that is gone is not an error: the record stays on disk and the next open
+    /// counts its estimate.
     fn settle(
         &self,
         held: &Held,
-        actual: Option<Money>,
+        end: End,
         report: bool,
         remember: Option<Ended>,
-    ) -> Result<usize, RecordError> {
+    ) -> Result<Counted, RecordError> {
         let inner = &*self.inner;
         let now = floor_secs(inner.clock.now());
-        for &(b, w) in held.items.iter() {
-            match actual {
-                Some(actual) => {
-                    if let Some(c) = inner.view.settle(b, w, held.estimate, actual, now) {
+        let mut counted = Counted::default();
+        let mut spent = Vec::with_capacity(held.items.len());
+        for (&(b, w), &amount) in held.items.iter().zip(held.amounts.iter()) {
+            let hold = Money::from_nanos(amount);
+            let actual = end.counts(inner.view.unit(b), amount);
+            match (&end, actual) {
+                (End::Release, _) => inner.view.unreserve(b, w, hold),
+                (_, None) => {
+                    counted.uncounted.push(b);
+                    inner.view.unreserve(b, w, hold);
+                }
+                (_, Some(actual)) => {
+                    if let Some(c) = inner
+                        .view
+                        .settle(b, w, hold, Money::from_nanos(actual), now)
+                    {
                         self.fire(b, c);
                     }
                 }
-                None => inner.view.unreserve(b, w, held.estimate),
             }
+            spent.push(actual.unwrap_or(0));
         }
         inner.reservations.remove(&held.id);
-        let budgets = held.items.len();
-        if budgets == 0 {
-            return Ok(0);
+        counted.budgets = held.items.len();
+        if counted.budgets == 0 {
+            return Ok(counted);
         }
         let sent = inner.journal.send(Event::Finish {
             id: Arc::clone(&held.id),
             items: Arc::clone(&held.items),
-            amount: actual.map_or(0, Money::as_nanos),
+            spent: spent.into(),
+            amount: end.cost().as_nanos(),
             ack: None,
             remember,
         });
         match sent {
             Err(_) if report => Err(self.gone()),
-            _ => Ok(budgets),
+            _ => Ok(counted),
         }
     }
 
@@ -786,8 +880,8 @@ impl Limiter {
         {
             metrics::counter!("provider_budgets_reservations_ended_total", "outcome" => "expired")
                 .increment(1);
-            tracing::debug!(id = %held.id, estimate = %held.estimate, "reservation expired; its estimate is counted");
-            let _ = self.settle(held, Some(held.estimate), false, None);
+            tracing::debug!(id = %held.id, estimate = %held.estimate.usd, "reservation expired; its estimate is counted");
+            let _ = self.settle(held, End::Expire, false, None);
         }
     }
 

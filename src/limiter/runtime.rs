@@ -179,7 +179,8 @@ impl Limiter {
             k.scope == scope
                 && k.name == name
                 && period.is_none_or(|p| {
-                    k.period_part == p || k.period_part.split('@').next() == Some(p)
+                    let shown = k.period_shown();
+                    k.period_part == p || shown == p || shown.split('@').next() == Some(p)
                 })
         };
         let mut live: Vec<(BudgetKey, Record)> = self

@@ -28,6 +28,8 @@ use crate::model::budget::SoftLimitCrossed;
 use crate::model::clock::floor_secs;
 use crate::model::identity::Identity;
 use crate::model::money::Money;
+use crate::model::unit::Unit;
+use crate::model::window::Window;
 use crate::pricing::{PriceSource, Usage};
 use crate::resolve::{Deployment, MissLog};
 
@@ -274,6 +276,56 @@ impl Handle<'_> {
     }
 }
 
+/// A budget that applied to a spend and could not count it ([`Receipt::uncounted`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Uncounted {
+    /// Its scope.
+    pub scope: crate::model::budget::Scope,
+    /// Its name.
+    pub name: String,
+    /// Its period, as status shows it.
+    pub period: String,
+    /// Its unit: what the spend lacked.
+    pub unit: Unit,
+}
+
+impl Uncounted {
+    pub(crate) fn of(key: &crate::model::key::BudgetKey) -> Uncounted {
+        Uncounted {
+            scope: key.scope,
+            name: key.name.clone(),
+            period: key.period_shown().to_owned(),
+            unit: key.unit(),
+        }
+    }
+}
+
+/// What one charge counted: the budgets that apply, and those that could not count it.
+#[derive(Debug, Default)]
+pub(crate) struct Counted {
+    pub budgets: usize,
+    pub uncounted: Vec<u32>,
+}
+
+/// Counts and logs (at most once a second) spends a budget could not count.
+#[cold]
+fn note_uncounted(inner: &crate::limiter::Inner, slots: &[u32]) {
+    static LOGGED: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+    for &b in slots {
+        let unit = inner.view.unit(b);
+        metrics::counter!("provider_budgets_uncounted_total", "unit" => unit.as_str()).increment(1);
+    }
+    let now = inner.clock.now_secs();
+    if LOGGED.swap(now, Ordering::Relaxed) != now {
+        let key = inner.keys.get(slots[0]).key_name();
+        tracing::warn!(
+            budget = %key,
+            "a spend without usage was not counted in a token budget (every other budget counted it)"
+        );
+    }
+}
+
 /// What [`Limiter::charge`] (and a reservation's commit or release) counted: the number of
 /// budgets ([`Receipt::budgets`]; **0 means no budget applies**: nothing was counted, which
 /// is not an error).
@@ -288,6 +340,9 @@ pub struct Receipt<'l> {
     cost: Money,
     /// How the cost was priced; `None`: given.
     source: Option<PriceSource>,
+    /// Budgets that applied but could not count the spend (a token budget and no usage):
+    /// slots, named on demand ([`Receipt::uncounted`]). Empty: no allocation.
+    uncounted: Vec<u32>,
 }
 
 impl fmt::Debug for Receipt<'_> {
@@ -308,6 +363,7 @@ impl<'l> Receipt<'l> {
             limiter: Handle::Borrowed(limiter),
             cost: Money::ZERO,
             source: None,
+            uncounted: Vec::new(),
         }
     }
 }
@@ -319,6 +375,7 @@ impl Receipt<'static> {
             limiter: Handle::Owned(limiter),
             cost: Money::ZERO,
             source: None,
+            uncounted: Vec::new(),
         }
     }
 }
@@ -334,6 +391,23 @@ impl Receipt<'_> {
         self.cost = cost;
         self.source = source;
         self
+    }
+
+    /// With the slots left uncounted.
+    pub(crate) fn with_uncounted(mut self, uncounted: Vec<u32>) -> Self {
+        self.uncounted = uncounted;
+        self
+    }
+
+    /// The budgets that apply to the spend but could not count it, because it lacks what
+    /// their unit needs (a `tokens` budget and a spend without usage): every other budget
+    /// counted it; these were left as they were, never guessed. Empty for most spends.
+    pub fn uncounted(&self) -> Vec<Uncounted> {
+        let inner = &self.limiter.get().inner;
+        self.uncounted
+            .iter()
+            .map(|&b| Uncounted::of(&inner.keys.get(b)))
+            .collect()
     }
 
     /// The cost counted in each budget: the one given, or the usage's price.
@@ -526,7 +600,8 @@ impl Limiter {
         let (cost, source) = self.spend_cost(&spend)?;
         let resolver = self.inner.resolver.load();
         let (at, key) = (spend.at, spend.key);
-        let n = match spend.against {
+        let cost = (cost, spend.usage.as_ref());
+        let counted = match spend.against {
             // The hot path of a provider spend: its slots, no resolution, no iterator chain.
             Against::Provider(p) if spend.tags.is_empty() && spend.identity.is_empty() => {
                 let own = resolver.provider_slots(p);
@@ -554,7 +629,9 @@ impl Limiter {
                 }
             }
         };
-        Ok(Receipt::new(self, n).with_cost(cost, source))
+        Ok(Receipt::new(self, counted.budgets)
+            .with_cost(cost.0, source)
+            .with_uncounted(counted.uncounted))
     }
 
     /// The cost of a spend: the one given, or its usage priced on its deployment's model.
@@ -594,7 +671,7 @@ impl Limiter {
         }
     }
 
-    /// Adds `cost` to `slots()` in the windows of `at` (default now), after refusing an `at`
+    /// Adds the spend to `slots()` in the windows of `at` (default now), after refusing an `at`
     /// past retention (`what` names the spend in that error); `key`: the idempotency record
     /// to journal with it.
     #[inline]
@@ -602,10 +679,10 @@ impl Limiter {
         &self,
         what: &str,
         at: Option<Timestamp>,
-        cost: Money,
+        cost: (Money, Option<&Usage>),
         key: Option<(&str, u64)>,
         slots: impl Fn() -> I,
-    ) -> Result<usize, RecordError> {
+    ) -> Result<Counted, RecordError> {
         let secs = match at {
             // "Now" is never past retention: no age check (a second clock read).
             None => self.inner.clock.now_secs(),
@@ -659,62 +736,111 @@ impl Limiter {
         Ok(())
     }
 
-    /// Adds `cost` to each slot (in the window of the instant `secs`) and queues one journal
-    /// event for them all (with the idempotency record of `key`, when given: one event, so
-    /// the journal writes both in one batch). Returns the number of slots.
+    /// Adds each slot's amount of the spend (`cost` for USD budgets, its unit's count of
+    /// `usage` for the others: [`Unit::amount`]) in the window of the instant `secs`, and
+    /// queues the journal events (with the idempotency record of `key`, when given: one
+    /// event, so the journal writes both in one batch). Returns the number of slots and the
+    /// slots left uncounted (a token budget and no usage).
     #[inline]
     fn add_slots(
         &self,
         slots: impl Iterator<Item = u32>,
-        cost: Money,
+        (cost, usage): (Money, Option<&Usage>),
         secs: i64,
         key: Option<(&str, u64)>,
-    ) -> Result<usize, RecordError> {
+    ) -> Result<Counted, RecordError> {
         let inner = &*self.inner;
         if inner.closed.load(Ordering::Acquire) {
             return Err(RecordError::Closed);
         }
-        if cost == Money::ZERO {
-            return Ok(slots.count());
-        }
-        // One journal event per call: a single window goes as `Add`, several as `AddMany`
-        // (up to four windows inline: no allocation).
-        let mut n = 0;
+        // USD budgets share one amount: one journal event for them all (`Add` for a single
+        // window, `AddMany` for several, up to four inline: no allocation). Budgets of other
+        // units each have their own amount: an event each (`others`), allocated only when
+        // such a budget applies.
+        let mut counted = Counted::default();
         let mut items = Items::default();
+        let mut others: Vec<(u32, Window, u64)> = Vec::new();
         for budget in slots {
-            n += 1;
-            let (window, crossed) = inner.view.add_own_checked(budget, secs, cost);
+            counted.budgets += 1;
+            let unit = inner.view.unit(budget);
+            let Some(amount) = unit.amount(cost, usage) else {
+                counted.uncounted.push(budget);
+                continue;
+            };
+            if amount == 0 {
+                continue;
+            }
+            let (window, crossed) =
+                inner
+                    .view
+                    .add_own_checked(budget, secs, Money::from_nanos(amount));
             if let Some(c) = crossed {
                 self.fire(budget, c);
             }
-            items.push((budget, window));
+            match unit {
+                Unit::Usd => items.push((budget, window)),
+                _ => others.push((budget, window, amount)),
+            }
         }
-        let event = match (n, key) {
-            (0, _) => return Ok(0),
-            // Keyed: the only allocation, and only for a keyed spend.
-            (_, Some((key, fingerprint))) => Event::AddKeyed(Box::new(KeyedAdd {
+        if !counted.uncounted.is_empty() {
+            note_uncounted(inner, &counted.uncounted);
+        }
+        self.journal_adds(items, cost.as_nanos(), others, key)?;
+        Ok(counted)
+    }
+
+    /// Queues the journal events of one charge (see [`Limiter::add_slots`]).
+    #[inline]
+    fn journal_adds(
+        &self,
+        items: Items,
+        amount: u64,
+        others: Vec<(u32, Window, u64)>,
+        key: Option<(&str, u64)>,
+    ) -> Result<(), RecordError> {
+        let journal = &self.inner.journal;
+        if let Some((key, fingerprint)) = key {
+            // Keyed: the only allocation, and only for a keyed spend; the record is written
+            // even when nothing is counted (a retry must still find it).
+            if items.is_empty() && others.is_empty() {
+                return Ok(());
+            }
+            let event = Event::AddKeyed(Box::new(KeyedAdd {
                 items,
-                amount: cost.as_nanos(),
+                amount,
+                others,
                 key: key.into(),
                 fingerprint,
                 ack: None,
-            })),
-            (_, None) => match items.single() {
+            }));
+            return journal.send(event).map_err(|_| self.gone());
+        }
+        if !items.is_empty() {
+            let event = match items.single() {
                 Some((budget, window)) => Event::Add {
                     budget,
                     window,
-                    amount: cost.as_nanos(),
+                    amount,
                     ack: None,
                 },
                 None => Event::AddMany {
                     items,
-                    amount: cost.as_nanos(),
+                    amount,
                     ack: None,
                 },
-            },
-        };
-        inner.journal.send(event).map_err(|_| self.gone())?;
-        Ok(n)
+            };
+            journal.send(event).map_err(|_| self.gone())?;
+        }
+        for (budget, window, amount) in others {
+            let event = Event::Add {
+                budget,
+                window,
+                amount,
+                ack: None,
+            };
+            journal.send(event).map_err(|_| self.gone())?;
+        }
+        Ok(())
     }
 
     /// Reports newly crossed soft limits: callback, metric, `tracing` event (cold path);

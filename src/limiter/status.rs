@@ -8,6 +8,7 @@ use crate::model::budget::{Enforcement, Mode, Offline, Scope, SoftLimit, WindowS
 use crate::model::clock::floor_secs;
 use crate::model::identity::Identity;
 use crate::model::money::Money;
+use crate::model::unit::Unit;
 use crate::model::window::{Period, Window};
 use crate::resolve::Deployment;
 
@@ -29,8 +30,12 @@ pub struct BudgetStatus {
     pub thresholds_crossed: Vec<SoftLimit>,
     /// Filter calls since open that this budget, in shadow mode, would have denied.
     pub would_deny: u64,
-    /// The budget's period.
+    /// The budget's period ([`crate::CONCURRENT_PERIOD`] for a concurrent budget, which has
+    /// none).
     pub period: Period,
+    /// What it counts. The amounts (`spend`, `limit`, …) are in this unit: nano-dollars for
+    /// USD, the whole count (`Money::as_nanos`) for tokens, requests and slots.
+    pub unit: Unit,
     /// The period part of its storage and Redis keys: the period, with `@Zone` when the budget
     /// has its own time zone (`1d@Europe/Berlin`). The `period` label of its metrics.
     pub period_key: String,
@@ -399,6 +404,7 @@ impl Limiter {
                     scope: b.scope,
                     name: b.name.clone(),
                     period: b.period,
+                    unit: b.unit,
                     period_key,
                     time_zone: config.budget_zone_name(b),
                     mode: b.mode,

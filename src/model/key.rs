@@ -59,6 +59,34 @@ impl BudgetKey {
         BudgetKey::new(scope, name, period_part)
     }
 
+    /// The same key for a budget counting `unit`: the period part gains `~unit` (`1m~tokens`),
+    /// except for USD, whose keys are those written before units existed.
+    pub fn in_unit(mut self, unit: crate::model::unit::Unit) -> Self {
+        self.period_part.push_str(unit.key_suffix());
+        self
+    }
+
+    /// The unit a period part names (USD without a suffix).
+    pub fn unit(&self) -> crate::model::unit::Unit {
+        let part = self
+            .period_part
+            .strip_suffix(CREDIT)
+            .unwrap_or(&self.period_part);
+        crate::model::unit::Unit::ALL
+            .into_iter()
+            .rev()
+            .find(|u| !u.key_suffix().is_empty() && part.ends_with(u.key_suffix()))
+            .unwrap_or_default()
+    }
+
+    /// The period part without its unit suffix (what status shows as `period`).
+    pub fn period_shown(&self) -> &str {
+        let suffix = self.unit().key_suffix();
+        self.period_part
+            .strip_suffix(suffix)
+            .unwrap_or(&self.period_part)
+    }
+
     /// The key name: the provider name as it is, `scope:name` otherwise (see the module doc).
     pub fn key_name(&self) -> String {
         match self.scope {

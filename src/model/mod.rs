@@ -9,4 +9,5 @@ pub(crate) mod money;
 pub(crate) mod prefixes;
 pub(crate) mod slots;
 pub(crate) mod text;
+pub(crate) mod unit;
 pub(crate) mod window;

@@ -126,6 +126,21 @@ impl FromStr for Period {
 }
 
 impl Period {
+    /// The longest period (`1200mo`, 100 years): the one window of a budget that has no
+    /// period (`unit: concurrent`).
+    pub const LONGEST: Period = Period {
+        kind: PeriodKind::Months(MAX_PERIOD_MONTHS as i64),
+        count: MAX_PERIOD_MONTHS,
+        unit: Unit::Month,
+    };
+
+    /// One minute (`1m`): the period of litellm's `tpm` and `rpm`.
+    pub const MINUTE: Period = Period {
+        kind: PeriodKind::Seconds(60),
+        count: 1,
+        unit: Unit::Minute,
+    };
+
     /// Whether windows follow the calendar (`d`, `w`, `mo`: local midnight in a time zone)
     /// rather than a fixed length (`s`, `m`, `h`).
     pub fn is_calendar(self) -> bool {

@@ -18,6 +18,7 @@
 use std::fmt;
 
 use crate::model::money::Money;
+pub use crate::model::unit::Usage;
 
 /// Decimal places of a [`Rate`] in USD per token.
 pub(crate) const RATE_SCALE: u32 = 24;
@@ -192,66 +193,6 @@ pub(crate) fn plain_decimal(value: u128, scale: u32) -> String {
     let width = usize::try_from(scale).unwrap_or(0);
     let frac = format!("{frac:0width$}");
     format!("{int}.{}", frac.trim_end_matches('0'))
-}
-
-/// Token counts of one call, as litellm's `Usage` counts them.
-///
-/// `input_tokens` is the whole prompt **including** the cached tokens (`cache_read_tokens`,
-/// `cache_creation_tokens`), as OpenAI's `prompt_tokens` and litellm's `Usage.prompt_tokens`
-/// count it; `output_tokens` is the whole completion **including** `reasoning_tokens`. The
-/// parts are billed at their own rates and the rest at the input (output) rate. Parts larger
-/// than their whole leave nothing at the plain rate (litellm clamps the same way); they are
-/// still billed in full at their own rate.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct Usage {
-    /// Prompt tokens, cached ones included.
-    pub input_tokens: u64,
-    /// Completion tokens, reasoning ones included.
-    pub output_tokens: u64,
-    /// Prompt tokens read from the provider's cache.
-    pub cache_read_tokens: u64,
-    /// Prompt tokens written to the provider's cache.
-    pub cache_creation_tokens: u64,
-    /// Completion tokens spent on reasoning.
-    pub reasoning_tokens: u64,
-}
-
-/// A borrowed usage where one is taken by value (`Spend::deployment_usage(&d, &usage)`).
-impl From<&Usage> for Usage {
-    fn from(u: &Usage) -> Usage {
-        *u
-    }
-}
-
-impl Usage {
-    /// `input` prompt tokens and `output` completion tokens, nothing cached, no reasoning.
-    pub const fn new(input: u64, output: u64) -> Usage {
-        Usage {
-            input_tokens: input,
-            output_tokens: output,
-            cache_read_tokens: 0,
-            cache_creation_tokens: 0,
-            reasoning_tokens: 0,
-        }
-    }
-
-    /// With `tokens` read from the cache (builder style; part of `input_tokens`).
-    pub const fn cache_read(mut self, tokens: u64) -> Usage {
-        self.cache_read_tokens = tokens;
-        self
-    }
-
-    /// With `tokens` written to the cache (builder style; part of `input_tokens`).
-    pub const fn cache_creation(mut self, tokens: u64) -> Usage {
-        self.cache_creation_tokens = tokens;
-        self
-    }
-
-    /// With `tokens` of reasoning (builder style; part of `output_tokens`).
-    pub const fn reasoning(mut self, tokens: u64) -> Usage {
-        self.reasoning_tokens = tokens;
-        self
-    }
 }
 
 /// The per-token rates one call is billed at (after the context tier is chosen).

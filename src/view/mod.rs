@@ -18,6 +18,7 @@ use arc_swap::ArcSwap;
 
 use crate::model::budget::{Enforcement, Offline, SoftLimit};
 use crate::model::money::Money;
+use crate::model::unit::Unit;
 use crate::model::window::{Schedule, Window};
 
 mod hot;
@@ -117,6 +118,10 @@ struct BudgetView {
     /// The configured `enforcement`/`offline` pair (see `policy_code`), which `strict`
     /// follows while Redis answers; set at open and by a reload.
     policy: AtomicU8,
+    /// What it counts ([`Unit::code`]): the charge path takes each budget's own amount of a
+    /// spend by it. Part of the budget's identity, so set once (open, reload, a template's
+    /// first use); an atomic only because it is set after the slot is shared.
+    unit: AtomicU8,
     /// The largest reservation refused by this node's grant alone since the replicator last
     /// looked: the next (out-of-cycle) grant round asks for at least that much more.
     starved: AtomicU64,
@@ -557,6 +562,19 @@ impl View {
             .store(enforcement == Enforcement::Strict, Ordering::Relaxed);
     }
 
+    /// Sets what a budget counts (open, reload, a template's first use).
+    pub fn set_unit(&self, budget: u32, unit: Unit) {
+        self.budget(budget)
+            .unit
+            .store(unit.code(), Ordering::Relaxed);
+    }
+
+    /// What a budget counts.
+    #[inline]
+    pub fn unit(&self, budget: u32) -> Unit {
+        Unit::from_code(self.budget(budget).unit.load(Ordering::Relaxed))
+    }
+
     /// The configured `(enforcement, offline)` of a budget.
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub fn policy(&self, budget: u32) -> (Enforcement, Offline) {
@@ -911,6 +929,7 @@ impl BudgetView {
             shadow: AtomicBool::new(false),
             strict: AtomicBool::new(false),
             policy: AtomicU8::new(0),
+            unit: AtomicU8::new(0),
             starved: AtomicU64::new(0),
             would_deny: AtomicU64::new(0),
             soft: ArcSwap::new(no_soft_limits()),

@@ -18,3 +18,4 @@ mod runtime;
 mod scopes;
 mod sliding;
 mod templates;
+mod units;

@@ -343,3 +343,32 @@ fn a_templated_name_stays_while_its_previous_window_still_counts() {
         .unwrap();
     assert_eq!(names(&l), ["*", "b"]);
 }
+
+#[test]
+fn a_sliding_tokens_per_minute_budget_refuses_the_boundary_burst() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = FakeClock::new(START.parse().unwrap());
+    let l = support::open(
+        Config::from_yaml_str(
+            "provider_budgets:\n  budgets:\n    - {model: gpt-4o, unit: tokens, limit: 1000, period: 1m, window: sliding}\n",
+        )
+        .unwrap()
+        .data_dir(dir.path()),
+        &clock,
+    );
+    let d = provider_budgets::Target::parse("openai/gpt-4o");
+    at(&clock, 59);
+    l.charge(Spend::deployment(&d, usd("0.01")).usage(provider_budgets::Usage::new(600, 300)))
+        .unwrap();
+    at(&clock, 60); // all 900 tokens of the last minute still count
+    let row = l.status(StatusQuery::all()).pop().unwrap();
+    assert_eq!(row.sliding_spend.map(Money::as_nanos), Some(900));
+    l.charge(Spend::deployment(&d, usd("0.01")).usage(provider_budgets::Usage::new(60, 40)))
+        .unwrap();
+    assert!(
+        l.filter(&["openai/gpt-4o"], NO_TAGS).is_err(),
+        "900 + 100 >= 1000"
+    );
+    at(&clock, 90); // half: 450 + 100
+    assert!(l.filter(&["openai/gpt-4o"], NO_TAGS).is_ok());
+}

@@ -5,7 +5,7 @@ use std::io::{self, Write};
 
 use jiff::Timestamp;
 
-use provider_budgets::{Limiter, Money, PriceSource, Spend, StatusQuery, Target, Usage};
+use provider_budgets::{Limiter, Money, PriceSource, Spend, StatusQuery, Target, Unit, Usage};
 
 use super::{sync_after_record, usage_failure, Failure, Outcome, Request};
 
@@ -110,6 +110,7 @@ pub(super) fn charge(
         (Some(_), None) => " (given; the tokens are not priced)".to_owned(),
         (Some(_), Some(source)) => format!(" (priced: {}, {})", receipt.priced(), describe(source)),
     };
+    let uncounted = receipt.uncounted();
     let n = if durable {
         receipt.wait()?
     } else {
@@ -118,20 +119,31 @@ pub(super) fn charge(
     let synced = sync_after_record(limiter, replicate);
     let mut out = io::stdout().lock();
     writeln!(out, "charged {cost} USD to {n} budgets{how}")?;
+    for u in &uncounted {
+        writeln!(
+            out,
+            "  not counted in {} {} {} ({}): no token usage given (--input-tokens/--output-tokens)",
+            u.scope, u.name, u.period, u.unit
+        )?;
+    }
     let query = StatusQuery::deployment(&target)
         .tags(tags)
         .identity(identity);
     for s in limiter.status(query.at(at)) {
+        let unit = match s.unit {
+            Unit::Usd => "USD".to_owned(),
+            u => u.to_string(),
+        };
         writeln!(
             out,
-            "  {} {} {} in window {} .. {}: spend {} of {} USD",
+            "  {} {} {} in window {} .. {}: spend {} of {} {unit}",
             s.scope,
             s.name,
             s.period,
             s.window.start(),
             s.window.end(),
-            s.spend,
-            s.limit
+            s.unit.format_amount(s.spend.as_nanos()),
+            s.unit.format_amount(s.limit.as_nanos()),
         )?;
     }
     synced

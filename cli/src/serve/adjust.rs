@@ -29,6 +29,10 @@ struct AdjustRequest<'a> {
     /// Its period, when it has several.
     #[serde(borrow, default)]
     period: Option<Cow<'a, str>>,
+    /// Its unit, when it has budgets of several units of one period.
+    #[serde(borrow, default)]
+    unit: Option<Cow<'a, str>>,
+    /// USD, or the whole count of a budget of another unit.
     #[serde(borrow)]
     amount: &'a RawValue,
     #[serde(borrow, default)]
@@ -51,6 +55,9 @@ impl AdjustRequest<'_> {
         if let Some(p) = &self.period {
             let p: Period = p.parse().map_err(|e| format!("period: {e}"))?;
             a = a.period(p);
+        }
+        if let Some(u) = &self.unit {
+            a = a.unit(u.parse().map_err(|e| format!("unit: {e}"))?);
         }
         match self.at {
             Some(raw) if raw.get() != "null" => {

@@ -20,8 +20,9 @@ use super::identity::IdentityIn;
 use super::money::{clip, money_from_json};
 use super::usage::{self, Counted, UsageIn};
 use super::{State, BODY_LIMIT};
+use crate::status_json::{amount, nanos};
 use provider_budgets::{
-    Deployment, Exceeded, Identity, Money, NoDeployments, RecordError, Scope, Target, Usage,
+    Deployment, Exceeded, Identity, Money, NoDeployments, RecordError, Scope, Target, Unit, Usage,
 };
 
 type Shared = Arc<State>;
@@ -237,20 +238,21 @@ pub(super) fn no_deployments(state: &State, none: &NoDeployments) -> Response {
         .as_ref()
         .map_or(Duration::from_secs(1), |r| r.sync_interval);
     let next_grant = now.checked_add(next_grant).unwrap_or(Timestamp::MAX);
-    let mut earliest: Option<Timestamp> = None;
-    let exceeded: Vec<serde_json::Value> = none
-        .exceeded
-        .iter()
-        .map(|e| {
-            let retry = if e.by_grant() {
-                next_grant
-            } else {
-                e.resets_at
-            };
-            earliest = Some(earliest.map_or(retry, |x| x.min(retry)));
-            exceeded_json(e)
-        })
-        .collect();
+    // A concurrent budget frees a slot at any commit, release or expiry: worth a retry soon.
+    let next_slot = now
+        .checked_add(Duration::from_secs(1))
+        .unwrap_or(Timestamp::MAX);
+    let retry_at = |e: &Exceeded| {
+        if e.by_grant() {
+            next_grant
+        } else if e.unit == Unit::Concurrent {
+            next_slot
+        } else {
+            e.resets_at
+        }
+    };
+    let earliest = none.exceeded.iter().map(retry_at).min();
+    let exceeded: Vec<serde_json::Value> = none.exceeded.iter().map(exceeded_json).collect();
     let mut r = json(
         StatusCode::TOO_MANY_REQUESTS,
         &serde_json::json!({
@@ -268,6 +270,7 @@ pub(super) fn no_deployments(state: &State, none: &NoDeployments) -> Response {
             r.headers_mut().insert(header::RETRY_AFTER, v);
         }
     }
+    super::ratelimit::insert(r.headers_mut(), &none.exceeded, now, retry_at);
     r
 }
 
@@ -278,14 +281,15 @@ fn exceeded_json(e: &Exceeded) -> serde_json::Value {
         "provider": (e.scope == Scope::Provider).then_some(&e.name),
         "scope": e.scope.as_str(),
         "name": e.name,
-        "period": e.period,
+        "period": (e.unit != Unit::Concurrent).then_some(&e.period),
+        "unit": e.unit.as_str(),
         "refused_by": if e.by_grant() { "grant" } else { "limit" },
-        "spend": e.spend.as_usd(),
-        "limit": e.limit.as_usd(),
-        "grant": e.grant.map(Money::as_usd),
-        "spend_nanos": e.spend.as_nanos(),
-        "limit_nanos": e.limit.as_nanos(),
-        "grant_nanos": e.grant.map(Money::as_nanos),
+        "spend": amount(e.unit, e.spend),
+        "limit": amount(e.unit, e.limit),
+        "grant": e.grant.map(|g| amount(e.unit, g)),
+        "spend_nanos": nanos(e.unit, e.spend),
+        "limit_nanos": nanos(e.unit, e.limit),
+        "grant_nanos": e.grant.map(|g| nanos(e.unit, g)),
         "resets_at": e.resets_at.to_string(),
     })
 }
@@ -609,9 +613,11 @@ async fn record(state: &State, s: &Spend, key: Option<(&str, u64)>) -> (StatusCo
     let identity = s.identity.identity();
     // What the receipt counted: only a charge that went through has a cost to report.
     let mut counted = None;
+    let mut uncounted = Vec::new();
     let result = match state.limiter.charge(s.spend(&identity, key)) {
         Ok(receipt) if s.durable => {
             counted = Some(Counted::of(&receipt));
+            uncounted = usage::uncounted_json(&receipt);
             let durable = receipt.await;
             if let (Ok(_), Some((key, _))) = (&durable, key) {
                 state.after_fsync(key).await;
@@ -620,6 +626,7 @@ async fn record(state: &State, s: &Spend, key: Option<(&str, u64)>) -> (StatusCo
         }
         Ok(receipt) => {
             counted = Some(Counted::of(&receipt));
+            uncounted = usage::uncounted_json(&receipt);
             Ok(receipt.budgets())
         }
         Err(e) => Err(e),
@@ -659,6 +666,7 @@ async fn record(state: &State, s: &Spend, key: Option<(&str, u64)>) -> (StatusCo
                 reason: Some(format!("counted, but not durable yet: {e}")),
                 settled: true,
                 cost: None,
+                uncounted: Vec::new(),
             },
             "not_durable",
         ),
@@ -673,6 +681,10 @@ async fn record(state: &State, s: &Spend, key: Option<(&str, u64)>) -> (StatusCo
     let outcome = match counted {
         Some(c) if s.usage.is_some() => outcome.with_cost(c),
         _ => outcome,
+    };
+    let outcome = match outcome.counted {
+        true => outcome.with_uncounted(uncounted),
+        false => outcome,
     };
     (status, outcome)
 }
@@ -692,6 +704,9 @@ fn spend_response(status: StatusCode, outcome: &Outcome, duplicate: bool) -> Res
     }
     if let Some(c) = &outcome.cost {
         c.write(&mut body);
+    }
+    if !outcome.uncounted.is_empty() {
+        body["uncounted"] = outcome.uncounted.clone().into();
     }
     json(status, &body)
 }

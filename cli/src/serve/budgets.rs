@@ -133,6 +133,8 @@ pub(super) async fn list(Extract(state): Extract<Shared>, RawQuery(raw): RawQuer
 struct PutRequest<'a> {
     #[serde(borrow)]
     limit: &'a RawValue,
+    /// Absent for a concurrent budget, which has none.
+    #[serde(default)]
     period: String,
     #[serde(default)]
     soft_limits: Vec<f64>,
@@ -150,6 +152,10 @@ struct PutRequest<'a> {
     /// A template's (name `*`) bound on its live series.
     #[serde(default)]
     max_series: Option<u32>,
+    /// What it counts: `usd` (default), `tokens`, `input_tokens`, `output_tokens`,
+    /// `requests` or `concurrent`.
+    #[serde(default)]
+    unit: Option<String>,
 }
 
 impl PutRequest<'_> {
@@ -175,6 +181,7 @@ impl PutRequest<'_> {
         fields.window.clone_from(&self.window);
         fields.time_zone.clone_from(&self.time_zone);
         fields.max_series = self.max_series;
+        fields.unit.clone_from(&self.unit);
         BudgetConfig::from_fields(scope, name, &fields).map_err(|e| {
             let msg = e.to_string();
             let msg = msg.strip_prefix("config: ").unwrap_or(&msg);

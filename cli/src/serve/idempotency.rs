@@ -59,6 +59,9 @@ pub(crate) struct Outcome {
     /// What was counted (`None` for an answer seeded from disk after a restart, which keeps
     /// only the key).
     pub cost: Option<super::usage::Counted>,
+    /// The budgets that applied and could not count the spend (`"uncounted"`: a token
+    /// budget and no usage), as JSON objects; empty for most spends.
+    pub uncounted: Vec<serde_json::Value>,
 }
 
 #[derive(Debug)]
@@ -261,6 +264,7 @@ impl Outcome {
             reason: None,
             settled: true,
             cost: None,
+            uncounted: Vec::new(),
         }
     }
 
@@ -272,6 +276,11 @@ impl Outcome {
         }
     }
 
+    /// This outcome with the budgets left uncounted.
+    pub(crate) fn with_uncounted(self, uncounted: Vec<serde_json::Value>) -> Outcome {
+        Outcome { uncounted, ..self }
+    }
+
     /// Not counted, for a reason that a retry would meet again (no budget).
     pub(crate) fn refused(reason: String) -> Outcome {
         Outcome {
@@ -279,6 +288,7 @@ impl Outcome {
             reason: Some(reason),
             settled: true,
             cost: None,
+            uncounted: Vec::new(),
         }
     }
 
@@ -289,6 +299,7 @@ impl Outcome {
             reason: Some(reason),
             settled: false,
             cost: None,
+            uncounted: Vec::new(),
         }
     }
 }

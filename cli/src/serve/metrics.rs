@@ -7,7 +7,7 @@
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use provider_budgets::Limiter;
+use provider_budgets::{Limiter, Money, Unit};
 
 /// Journal flush latency buckets, seconds (an fsync takes 0.1-50 ms on most disks).
 const FLUSH_BUCKETS: &[f64] = &[
@@ -41,7 +41,24 @@ impl Exporter {
         for s in limiter.status(provider_budgets::StatusQuery::all().without_templated()) {
             // `provider`: the provider, or `scope:name` for the other scopes (the key name);
             // `period`: several budgets per name are told apart.
-            let (p, q) = (s.provider, s.period_key);
+            // `unit`: the gauges without `_usd` carry every budget in its unit (dollars,
+            // tokens, requests, slots); the `_usd` ones only USD budgets.
+            let (p, q, unit) = (s.provider, s.period_key, s.unit);
+            let value = |m: Money| match unit {
+                Unit::Usd => m.as_usd(),
+                _ => m.as_nanos() as f64,
+            };
+            let labels = [
+                ("provider", p.clone()),
+                ("period", q.clone()),
+                ("unit", unit.as_str().to_owned()),
+            ];
+            metrics::gauge!("provider_budgets_spend", &labels).set(value(s.spend));
+            metrics::gauge!("provider_budgets_limit", &labels).set(value(s.limit));
+            metrics::gauge!("provider_budgets_remaining", &labels).set(value(s.remaining));
+            if unit != Unit::Usd {
+                continue;
+            }
             metrics::gauge!("provider_budgets_spend_usd", "provider" => p.clone(), "period" => q.clone())
                 .set(s.spend.as_usd());
             metrics::gauge!("provider_budgets_limit_usd", "provider" => p.clone(), "period" => q.clone())
@@ -88,6 +105,18 @@ fn render_templates(limiter: &Limiter) {
 
 /// The gauges the exporter describes (`# HELP` lines), beside the library's names.
 const GAUGES: &[(&str, &str)] = &[
+    (
+        "provider_budgets_spend",
+        "Spend of the fleet in the budget's current window, in its unit (USD, tokens, requests, slots held)",
+    ),
+    (
+        "provider_budgets_limit",
+        "Budget limit, in its unit",
+    ),
+    (
+        "provider_budgets_remaining",
+        "Limit minus spend in the current window (0 when over), in its unit",
+    ),
     (
         "provider_budgets_spend_usd",
         "Spend of the fleet in the budget's current window, USD",
@@ -149,6 +178,10 @@ const GAUGES: &[(&str, &str)] = &[
 /// The counters the exporter describes.
 const COUNTERS: &[(&str, &str)] = &[
     (
+        "provider_budgets_uncounted_total",
+        "Spends a budget could not count because they lacked what its unit needs (no usage for a token budget)",
+    ),
+    (
         "provider_budgets_records_total",
         "Spend records made durable by the journal",
     ),
@@ -207,7 +240,7 @@ const COUNTERS: &[(&str, &str)] = &[
 ];
 
 fn describe() {
-    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit as MetricUnit};
     for &(name, help) in GAUGES {
         describe_gauge!(name, help);
     }
@@ -222,7 +255,7 @@ fn describe() {
     }
     describe_histogram!(
         "provider_budgets_journal_flush_seconds",
-        Unit::Seconds,
+        MetricUnit::Seconds,
         "Time of one journal flush (write + fsync of a batch)"
     );
 }

@@ -36,6 +36,7 @@ mod listen;
 mod metrics;
 mod money;
 mod page;
+mod ratelimit;
 mod reserve;
 mod usage;
 

@@ -26,6 +26,32 @@ pub(crate) fn money_from_json(raw: &RawValue) -> Result<Money, String> {
     parsed.map_err(|e| e.to_string())
 }
 
+/// A reservation's `estimate`: dollars (a number or a decimal string, as before), or an
+/// object of the units it holds (`{"usd": 0.02, "tokens": 6000, "input_tokens": …,
+/// "output_tokens": …}`; every key optional, others refused). Requests and concurrent slots
+/// are held as 1 whatever it says.
+pub(crate) fn estimate_from_json(raw: &RawValue) -> Result<provider_budgets::Estimate, String> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Parts<'a> {
+        #[serde(borrow, default)]
+        usd: Option<&'a RawValue>,
+        tokens: Option<u64>,
+        input_tokens: Option<u64>,
+        output_tokens: Option<u64>,
+    }
+    if !raw.get().trim_start().starts_with('{') {
+        return money_from_json(raw).map(provider_budgets::Estimate::from);
+    }
+    let parts: Parts<'_> = serde_json::from_str(raw.get()).map_err(|e| e.to_string())?;
+    let usd = match parts.usd {
+        Some(u) => money_from_json(u).map_err(|e| format!("usd: {e}"))?,
+        None => Money::ZERO,
+    };
+    Ok(provider_budgets::Estimate::new(usd, parts.tokens)
+        .split(parts.input_tokens, parts.output_tokens))
+}
+
 /// At most 40 characters of a value, for error messages.
 pub(crate) fn clip(s: &str) -> String {
     let mut out: String = s.chars().take(40).collect();

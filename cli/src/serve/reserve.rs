@@ -45,10 +45,10 @@ use super::api::{
     bad_request, body, cost_and_usage, error, json, no_deployments, parse, DeploymentIn, Reject,
 };
 use super::identity::IdentityIn;
-use super::money::money_from_json;
+use super::money::estimate_from_json;
 use super::usage::{Counted, UsageIn};
 use super::State;
-use provider_budgets::{Deployment, Money, RecordError, Reservation, ReserveError, Target};
+use provider_budgets::{Deployment, Money, RecordError, Reservation, ReserveError, Target, Usage};
 
 type Shared = Arc<State>;
 
@@ -356,7 +356,7 @@ pub(super) async fn reserve(
         }
         (None, Some(p)) => vec![Target::from_parts(String::new(), Some(p.clone().into_owned()), None)],
     };
-    let estimate = match money_from_json(request.estimate) {
+    let estimate = match estimate_from_json(request.estimate) {
         Ok(m) => m,
         Err(e) => return bad_request(&format!("estimate: {e}")),
     };
@@ -371,7 +371,8 @@ pub(super) async fn reserve(
     }
     let r = match state
         .limiter
-        .reserve(&targets, estimate)
+        .reserve(&targets, estimate.usd)
+        .estimate(estimate)
         .tags(&request.tags)
         .identity(&identity.identity())
         .await
@@ -480,6 +481,9 @@ async fn end_route(state: Shared, bytes: Result<Bytes, BytesRejection>, op: Op) 
     end(state, &reservation, op, cost).await
 }
 
+/// A commit's cost, what to report of it, and its usage (token budgets count it).
+type CommitCost = (Money, Option<Counted>, Option<Usage>);
+
 /// A commit's cost: the one given, or its usage priced on the reserved deployment's model
 /// (before the reservation is taken: an unpriced model leaves it open, answered 422), and
 /// what to report of it (for a commit with usage).
@@ -488,17 +492,17 @@ fn commit_cost(
     id: &str,
     cost: Option<&RawValue>,
     usage: Option<&UsageIn>,
-) -> Result<(Money, Option<Counted>), Reject> {
+) -> Result<(Money, Option<Counted>, Option<Usage>), Reject> {
     let (cost, usage) =
         cost_and_usage(cost, usage).map_err(|e| Reject(StatusCode::BAD_REQUEST, e))?;
     match (cost, usage) {
-        (Some(c), None) => Ok((c, None)),
-        (Some(c), Some(_)) => Ok((c, Some(Counted::given(c)))),
+        (Some(c), None) => Ok((c, None, None)),
+        (Some(c), Some(u)) => Ok((c, Some(Counted::given(c)), Some(u))),
         (None, usage) => {
             let usage = usage.unwrap_or_default();
             let model = match state.reservations.model_of(id) {
                 // Not open: its stored answer is replayed, the cost is not used.
-                None => return Ok((Money::ZERO, None)),
+                None => return Ok((Money::ZERO, None, None)),
                 Some(None) => return Err(Reject(
                     StatusCode::BAD_REQUEST,
                     "usage: priced only for a reservation of \"deployments\" (their model); give \"cost\"".into(),
@@ -506,7 +510,11 @@ fn commit_cost(
                 Some(Some(m)) => m,
             };
             match state.limiter.price(&model, &usage) {
-                Ok(p) => Ok((p.cost, Some(Counted::priced(p.cost, Some(&p.source))))),
+                Ok(p) => Ok((
+                    p.cost,
+                    Some(Counted::priced(p.cost, Some(&p.source))),
+                    Some(usage),
+                )),
                 Err(e) => Err(Reject(
                     StatusCode::UNPROCESSABLE_ENTITY,
                     format!("usage: {e} (pricing.unpriced: deny); not committed, reservation {id:?} stays open"),
@@ -516,10 +524,10 @@ fn commit_cost(
     }
 }
 
-async fn end(state: Shared, id: &str, op: Op, cost: Option<(Money, Option<Counted>)>) -> Response {
-    let (cost, counted) = match cost {
-        Some((c, counted)) => (Some(c), counted),
-        None => (None, None),
+async fn end(state: Shared, id: &str, op: Op, cost: Option<CommitCost>) -> Response {
+    let (cost, counted, usage) = match cost {
+        Some((c, counted, usage)) => (Some(c), counted, usage),
+        None => (None, None, None),
     };
     match state.reservations.begin(id, op) {
         Begin::Unknown => error(
@@ -551,12 +559,17 @@ async fn end(state: Shared, id: &str, op: Op, cost: Option<(Money, Option<Counte
                 // Remembered on disk with the end itself: a repeat after a restart gets this
                 // answer too.
                 let r = r.remember_end();
-                let ended = match cost {
-                    Some(c) => r.commit(c),
-                    None => r.release(),
+                let ended = match (cost, usage) {
+                    (Some(c), Some(u)) => r.commit_usage(c, u),
+                    (Some(c), None) => r.commit(c),
+                    (None, _) => r.release(),
                 };
+                let mut uncounted = Vec::new();
                 let ended = match ended {
-                    Ok(receipt) => receipt.await.map(drop).map_err(ReserveError::from),
+                    Ok(receipt) => {
+                        uncounted = super::usage::uncounted_json(&receipt);
+                        receipt.await.map(drop).map_err(ReserveError::from)
+                    }
                     Err(e) => Err(e),
                 };
                 if ended.is_ok() {
@@ -565,6 +578,9 @@ async fn end(state: Shared, id: &str, op: Op, cost: Option<(Money, Option<Counte
                 let mut answer = answer_of(&id, op, cost, ended);
                 if let (Some(c), true) = (counted, answer.status.is_success()) {
                     c.write_commit(&mut answer.body);
+                }
+                if !uncounted.is_empty() && answer.status.is_success() {
+                    answer.body["uncounted"] = uncounted.into();
                 }
                 state.reservations.finish(&id, answer.clone(), &tx);
                 answer

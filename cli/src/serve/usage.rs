@@ -188,3 +188,20 @@ impl Counted {
         self.write(body);
     }
 }
+
+/// The `"uncounted"` entries of an answer: each budget that applied and could not count the
+/// spend (`scope`, `name`, `period`, `unit`).
+pub(crate) fn uncounted_json(receipt: &Receipt<'_>) -> Vec<serde_json::Value> {
+    receipt
+        .uncounted()
+        .into_iter()
+        .map(|u| {
+            serde_json::json!({
+                "scope": u.scope.as_str(),
+                "name": u.name,
+                "period": u.period,
+                "unit": u.unit.as_str(),
+            })
+        })
+        .collect()
+}

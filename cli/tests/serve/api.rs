@@ -288,7 +288,7 @@ fn filter_keeps_order_and_fields_and_429_names_each_exhausted_budget_with_retry_
             "provider": "openai", "scope": "provider", "name": "openai", "period": "1d",
             "refused_by": "limit",
             "spend": 1.0, "limit": 1.0, "grant": null,
-            "spend_nanos": NANOS, "limit_nanos": NANOS, "grant_nanos": null,
+            "spend_nanos": NANOS, "limit_nanos": NANOS, "grant_nanos": null, "unit": "usd",
             "resets_at": "2024-05-02T00:00:00Z",
         }])
     );
@@ -1208,7 +1208,7 @@ fn reserve_commit_release_are_idempotent_and_a_denial_is_the_filters_429() {
             "provider": "openai", "scope": "provider", "name": "openai", "period": "1d",
             "refused_by": "limit",
             "spend": 1.1, "limit": 1.0, "grant": null,
-            "spend_nanos": 1_100_000_000u64, "limit_nanos": NANOS, "grant_nanos": null,
+            "spend_nanos": 1_100_000_000u64, "limit_nanos": NANOS, "grant_nanos": null, "unit": "usd",
             "resets_at": "2024-05-02T00:00:00Z",
         }])
     );

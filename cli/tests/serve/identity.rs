@@ -66,7 +66,7 @@ fn identities_filter_charge_reserve_and_commit_over_http() {
             "provider": null, "scope": "key", "name": "k1", "period": "1d",
             "spend": 1.0, "limit": 1.0, "spend_nanos": 1_000_000_000u64,
             "limit_nanos": 1_000_000_000u64, "resets_at": "2024-05-02T00:00:00Z",
-            "refused_by": "limit", "grant": null, "grant_nanos": null,
+            "refused_by": "limit", "grant": null, "grant_nanos": null, "unit": "usd",
         }])
     );
     assert!(

@@ -12,3 +12,4 @@ mod logs;
 mod page;
 mod priced;
 mod templates;
+mod units;

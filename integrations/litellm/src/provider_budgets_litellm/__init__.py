@@ -681,7 +681,12 @@ class ProviderBudgets(CustomLogger):
                         reservation,
                     )
                     return  # it expires and counts its estimate
-                self._end_in_background(self._commit_url, {"reservation": reservation, "cost": cost})
+                payload = {"reservation": reservation, "cost": cost}
+                usage = _usage_of(response_obj, slo)
+                if usage is not None:
+                    # Token budgets count the call's tokens; USD budgets count the cost.
+                    payload["usage"] = usage
+                self._end_in_background(self._commit_url, payload)
                 return
         self.post_spend_in_background(kwargs, response_obj)
 
@@ -696,10 +701,13 @@ class ProviderBudgets(CustomLogger):
         provider = slo.get("custom_llm_provider") or kwargs.get("custom_llm_provider")
         raw_cost = slo.get("response_cost")
         cost = cost_to_decimal_str(raw_cost)
-        usage = _usage_of(response_obj, slo) if raw_cost is None and slo.get("model") else None
-        if provider and usage is not None:
+        # Sent with every spend that has it: token budgets count it (and, without litellm's
+        # cost, the sidecar prices it). A zero cost is posted too: request and token budgets
+        # count the call.
+        usage = _usage_of(response_obj, slo) if slo.get("model") else None
+        if provider and usage is not None and raw_cost is None:
             cost = None
-        elif not provider or cost is None or cost == "0":
+        elif not provider or cost is None:
             self.stats.skipped += 1
             if raw_cost not in (None, 0, 0.0) and cost is None:
                 logger.error(
@@ -710,7 +718,9 @@ class ProviderBudgets(CustomLogger):
             self.stats.rejected += 1
             logger.error("provider-budgets: negative response_cost %s for provider %s: not recorded", cost, provider)
             return None
-        payload: Dict[str, Any] = {"cost": cost} if cost is not None else {"usage": usage}
+        payload: Dict[str, Any] = {"cost": cost} if cost is not None else {}
+        if usage is not None:
+            payload["usage"] = usage
         model = slo.get("model")
         if model:
             # Every budget that applies: provider, model, deployment (model_info.id), tags and
