@@ -328,3 +328,48 @@ fn budget_put_window_sliding_counts_the_previous_window_in_status_json() {
     let bad = budget(&cli, &[&args[..], &["--window", "rolling"]].concat());
     bad.assert_error(1, &["tag \"team-s\"", "window", "\"rolling\""]);
 }
+
+#[test]
+fn a_sliding_token_budget_shows_its_sliding_spend_as_a_whole_count() {
+    let cli = Cli::new(CONFIG);
+    budget(
+        &cli,
+        &[
+            "put", "model", "gpt-4o", "--unit", "tokens", "--limit", "1000", "--period", "1m",
+            "--window", "sliding",
+        ],
+    )
+    .assert_ok();
+    cli.run(&[
+        "--now",
+        "2024-05-01T11:59:30Z",
+        "charge",
+        "gpt-4o",
+        "0.01",
+        "--input-tokens",
+        "600",
+        "--output-tokens",
+        "300",
+    ])
+    .assert_ok();
+    let doc = cli.status_json(NOW);
+    let row = doc["budgets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["scope"] == "model")
+        .unwrap_or_else(|| panic!("{doc}"));
+    assert_eq!(
+        (
+            &row["window"],
+            &row["sliding_spend"],
+            &row["sliding_spend_nanos"]
+        ),
+        (
+            &serde_json::json!("sliding"),
+            &serde_json::json!(900),
+            &serde_json::Value::Null
+        ),
+        "{row}"
+    );
+}
