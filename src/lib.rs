@@ -111,6 +111,7 @@ pub use limiter::template_status::TemplateStatus;
 #[doc(hidden)]
 pub use limiter::testing;
 pub use limiter::{Limiter, Prepared, NO_TAGS};
+pub use model::budget::WindowShape;
 pub use model::budget::{Enforcement, Mode, Offline, Scope, SoftLimit, SoftLimitCrossed};
 pub use model::clock::{Clock, FakeClock, SystemClock};
 pub use model::identity::Identity;

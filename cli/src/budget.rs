@@ -41,6 +41,9 @@ pub(crate) enum BudgetCmd {
         /// `shared` (default) or `strict`.
         #[arg(long, value_name = "E")]
         enforcement: Option<String>,
+        /// `fixed` (default) or `sliding` (the previous window counts, weighted by overlap).
+        #[arg(long, value_name = "W")]
+        window: Option<String>,
         /// The budget's own IANA time zone for `d`, `w`, `mo` windows.
         #[arg(long, value_name = "ZONE")]
         time_zone: Option<String>,
@@ -88,6 +91,7 @@ pub(crate) fn run(limiter: &Limiter, cmd: BudgetCmd, config: &Path) -> Result<()
             soft_limits,
             mode,
             enforcement,
+            window,
             time_zone,
             max_series,
             unit,
@@ -98,6 +102,7 @@ pub(crate) fn run(limiter: &Limiter, cmd: BudgetCmd, config: &Path) -> Result<()
             fields.soft_limits = soft_limits;
             fields.mode = mode;
             fields.enforcement = enforcement;
+            fields.window = window;
             fields.time_zone = time_zone;
             let budget = BudgetConfig::from_fields(scope, &name, &fields).map_err(|e| {
                 let msg = e.to_string();
@@ -158,9 +163,12 @@ fn get(limiter: &Limiter, scope: Scope, name: &str) -> Result<(), String> {
                 || "config file".to_owned(),
                 |r| format!("runtime, version {} by {}", r.version, r.node),
             );
+        let sliding = s
+            .sliding_spend
+            .map_or_else(String::new, |m| format!(" (sliding {m})"));
         writeln!(
             out,
-            "{} {} {} in window {} .. {}: spend {} of {} USD ({source})",
+            "{} {} {} in window {} .. {}: spend {}{sliding} of {} USD ({source})",
             s.scope,
             s.name,
             s.period_key,

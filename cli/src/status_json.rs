@@ -84,6 +84,15 @@ fn status_json(s: &BudgetStatus) -> serde_json::Value {
         let strict = s.enforcement == Enforcement::Strict;
         map.insert("unit".into(), s.unit.as_str().into());
         map.insert("enforcement".into(), s.enforcement.as_str().into());
+        map.insert("window".into(), s.window_shape.as_str().into());
+        map.insert(
+            "sliding_spend".into(),
+            s.sliding_spend.map(|m| amount(s.unit, m)).into(),
+        );
+        map.insert(
+            "sliding_spend_nanos".into(),
+            s.sliding_spend.map(|m| nanos(s.unit, m)).into(),
+        );
         map.insert("templated".into(), s.templated.into());
         map.insert("offline".into(), strict.then(|| s.offline.as_str()).into());
         let unit = s.unit;

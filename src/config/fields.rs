@@ -4,7 +4,7 @@
 //! are taken as they are (no `os.environ/` expansion: they do not come from the operator's
 //! file).
 
-use crate::model::budget::{Enforcement, Mode, Offline, Scope, SoftLimit};
+use crate::model::budget::{Enforcement, Mode, Offline, Scope, SoftLimit, WindowShape};
 use crate::model::key::provider_name_fault;
 use crate::model::unit::Unit;
 
@@ -31,6 +31,8 @@ pub struct BudgetFields {
     pub enforcement: Option<String>,
     /// Strict budgets without Redis: `grant_only` (default), `local_share` or `open`.
     pub offline: Option<String>,
+    /// `fixed` (default) or `sliding`.
+    pub window: Option<String>,
     /// The budget's own IANA time zone.
     pub time_zone: Option<String>,
     /// A template's bound on its live series (`max_series`).
@@ -51,7 +53,7 @@ impl BudgetFields {
     }
 }
 
-/// A word field (`mode`, `enforcement`, `offline`) or its default.
+/// A word field (`mode`, `enforcement`, `offline`, `window`) or its default.
 fn word<T: std::str::FromStr<Err = String> + Default>(
     at: &str,
     key: &str,
@@ -113,6 +115,7 @@ impl BudgetConfig {
         b.mode = word::<Mode>(&at, "mode", fields.mode.as_ref())?;
         b.enforcement = word::<Enforcement>(&at, "enforcement", fields.enforcement.as_ref())?;
         b.offline = word::<Offline>(&at, "offline", fields.offline.as_ref())?;
+        b.window = word::<WindowShape>(&at, "window", fields.window.as_ref())?;
         b.time_zone = fields.time_zone.clone();
         b.max_series = fields.max_series;
         b.validate()?;
@@ -183,6 +186,10 @@ mod tests {
             (
                 with(&|f| f.offline = Some("x".into())),
                 "offline: invalid value",
+            ),
+            (
+                with(&|f| f.window = Some("rolling".into())),
+                "window: invalid value \"rolling\"",
             ),
             (
                 with(&|f| f.time_zone = Some("Mars/Base".into())),

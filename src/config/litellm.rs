@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
-use crate::model::budget::Scope;
+use crate::model::budget::{Scope, WindowShape};
 use crate::model::unit::Unit;
 use crate::model::window::Period;
 
@@ -287,6 +287,8 @@ pub(super) struct RawBudget {
     pub(super) budget_limit: RawAmount,
     #[serde(alias = "budget_duration")]
     pub(super) time_period: Text,
+    /// Ours, not litellm's: `fixed` (default) or `sliding`.
+    pub(super) window: Option<Text>,
     #[serde(flatten)]
     pub(super) other: BTreeMap<String, serde::de::IgnoredAny>,
 }
@@ -339,7 +341,13 @@ impl RawBudget {
             }
             Err(source) => return Err(refuse_at(path, "budget_duration", source)),
         };
-        Ok(BudgetConfig::new(scope, name, limit, period))
+        let window = match self.window {
+            None => WindowShape::Fixed,
+            Some(w) => w.value.trim().parse::<WindowShape>().map_err(|e| {
+                refuse_at(path, "window", format!("invalid value {}: {e}", w.quoted()))
+            })?,
+        };
+        Ok(BudgetConfig::new(scope, name, limit, period).with_window(window))
     }
 }
 

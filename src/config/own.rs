@@ -4,7 +4,7 @@
 use jiff::Timestamp;
 use serde::Deserialize;
 
-use crate::model::budget::{Enforcement, Mode, Offline, Scope, SoftLimit};
+use crate::model::budget::{Enforcement, Mode, Offline, Scope, SoftLimit, WindowShape};
 use crate::model::unit::Unit;
 
 use super::error::ConfigError;
@@ -39,6 +39,7 @@ pub(super) struct RawGeneral {
     pub(super) mode: Option<Parsed<Mode>>,
     pub(super) enforcement: Option<Parsed<Enforcement>>,
     pub(super) offline: Option<Parsed<Offline>>,
+    pub(super) window: Option<Parsed<WindowShape>>,
     pub(super) time_zone: Option<Text>,
     pub(super) max_series: Option<u32>,
 }
@@ -111,6 +112,7 @@ impl RawGeneral {
         b.mode = self.mode.map(|m| m.0).unwrap_or_default();
         b.enforcement = self.enforcement.map(|m| m.0).unwrap_or_default();
         b.offline = self.offline.map(|m| m.0).unwrap_or_default();
+        b.window = self.window.map(|m| m.0).unwrap_or_default();
         b.time_zone = self.time_zone.map(|z| z.value);
         b.max_series = self.max_series;
         check_budget(&b).map_err(|e| match e {

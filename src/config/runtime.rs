@@ -11,7 +11,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::budget::{Enforcement, Mode, Offline, Scope, SoftLimit};
+use crate::model::budget::{Enforcement, Mode, Offline, Scope, SoftLimit, WindowShape};
 use crate::model::key::BudgetKey;
 use crate::model::money::Money;
 use crate::model::unit::Unit;
@@ -37,6 +37,10 @@ pub(crate) struct Definition {
     pub mode: String,
     pub enforcement: String,
     pub offline: String,
+    /// `sliding`, or absent for `fixed` (definitions written before window shapes have
+    /// none; a fixed budget writes none, so older nodes still read it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<String>,
     /// A template's `max_series` (absent in definitions written before templates).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_series: Option<u32>,
@@ -59,6 +63,7 @@ impl Definition {
             mode: b.mode.as_str().to_owned(),
             enforcement: b.enforcement.as_str().to_owned(),
             offline: b.offline.as_str().to_owned(),
+            window: (b.window != WindowShape::Fixed).then(|| b.window.as_str().to_owned()),
             max_series: b.max_series,
             unit: b.unit.is_count().then(|| b.unit.as_str().to_owned()),
         }
@@ -102,6 +107,11 @@ impl Definition {
             .offline
             .parse::<Offline>()
             .map_err(|e| refuse(format!("offline: {e}")))?;
+        if let Some(window) = &self.window {
+            b.window = window
+                .parse::<WindowShape>()
+                .map_err(|e| refuse(format!("window: invalid value {window:?}: {e}")))?;
+        }
         b.max_series = self.max_series;
         if let Some(unit) = &self.unit {
             b.unit = unit
@@ -174,6 +184,32 @@ mod tests {
         assert_eq!(back.budget().unwrap(), b);
         let later: Definition = serde_json::from_str(&json.replace("requests", "joules")).unwrap();
         assert!(later.budget().unwrap_err().to_string().contains("unit"));
+    }
+
+    #[test]
+    fn a_window_shape_round_trips_and_an_old_definition_is_fixed() {
+        let mut f = BudgetFields::new("2.5", "1h");
+        f.window = Some("sliding".into());
+        let b = BudgetConfig::from_fields(Scope::Tag, "team-a", &f).unwrap();
+        assert_eq!(b.window, WindowShape::Sliding);
+        let json = serde_json::to_string(&Definition::of(&b)).unwrap();
+        assert!(json.contains("\"window\":\"sliding\""), "{json}");
+        let back: Definition = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.budget().unwrap(), b);
+        // A fixed budget writes no `window` (older nodes read it); absent reads as fixed.
+        let fixed =
+            BudgetConfig::from_fields(Scope::Tag, "t", &BudgetFields::new("1", "1h")).unwrap();
+        let json = serde_json::to_string(&Definition::of(&fixed)).unwrap();
+        assert!(!json.contains("window"), "{json}");
+        let back: Definition = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.budget().unwrap().window, WindowShape::Fixed);
+        let bad = json.replace("\"offline\"", "\"window\":\"rolling\",\"offline\"");
+        let d: Definition = serde_json::from_str(&bad).unwrap();
+        let msg = d.budget().unwrap_err().to_string();
+        assert!(
+            msg.contains("runtime budget tag:t") && msg.contains("rolling"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::time::Duration;
 use jiff::Timestamp;
 use serde::Deserialize;
 
-use crate::model::budget::{Enforcement, Mode, Offline, Scope, SoftLimit};
+use crate::model::budget::{Enforcement, Mode, Offline, Scope, SoftLimit, WindowShape};
 use crate::model::money::Money;
 use crate::model::text::redact_urls;
 use crate::model::unit::Unit;
@@ -47,6 +47,10 @@ pub struct BudgetConfig {
     /// Strict budgets without Redis: `grant_only` (default), `local_share` or `open`.
     /// Ignored by shared budgets.
     pub offline: Offline,
+    /// `fixed` (default) or `sliding`: how the windows count toward the limit. Not part of
+    /// the budget's identity (key, storage, Redis): a reload that changes it keeps the
+    /// series and changes only the admission rule.
+    pub window: WindowShape,
     /// A template (name `"*"`, identity scopes only): the most distinct names with a live
     /// series at once on this node; `None` is [`DEFAULT_MAX_SERIES`]. Refused on a budget
     /// that is not a template.
@@ -90,6 +94,7 @@ impl BudgetConfig {
             mode: Mode::Enforce,
             enforcement: Enforcement::Shared,
             offline: Offline::GrantOnly,
+            window: WindowShape::Fixed,
             max_series: None,
         }
     }
@@ -160,6 +165,12 @@ impl BudgetConfig {
     pub fn with_enforcement(mut self, enforcement: Enforcement, offline: Offline) -> BudgetConfig {
         self.enforcement = enforcement;
         self.offline = offline;
+        self
+    }
+
+    /// With the window shape (builder style).
+    pub fn with_window(mut self, window: WindowShape) -> BudgetConfig {
+        self.window = window;
         self
     }
 

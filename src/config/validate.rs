@@ -1,7 +1,7 @@
 //! What the type system cannot check: names that can never match, duplicates, node ids, time
 //! zones, prefixes and ranges ([`Config::validate`]).
 
-use crate::model::budget::{Scope, MAX_SOFT_LIMITS};
+use crate::model::budget::{Enforcement, Scope, WindowShape, MAX_SOFT_LIMITS};
 
 use super::error::{provider_name_problem, ConfigError};
 use super::schema::{BudgetConfig, Config, MAX_MAX_SERIES, TEMPLATE_NAME};
@@ -112,6 +112,18 @@ pub(super) fn check_budget(b: &BudgetConfig) -> Result<(), ConfigError> {
             )));
         }
     }
+    // Why refused: a strict grant covers one window, and no grant can yet leave room for
+    // the weighted previous window (see docs/strict-budgets.md).
+    if b.window == WindowShape::Sliding && b.enforcement == Enforcement::Strict {
+        return Err(refuse(
+            "window: sliding is not supported with enforcement: strict".into(),
+        ));
+    }
+    if b.window == WindowShape::Sliding && b.unit == crate::model::unit::Unit::Concurrent {
+        return Err(refuse(
+            "window: sliding does not apply to unit: concurrent (it has no period)".into(),
+        ));
+    }
     if b.soft_limits.len() > MAX_SOFT_LIMITS {
         return Err(refuse(format!(
             "soft_limits: at most {MAX_SOFT_LIMITS} per budget"
@@ -205,6 +217,43 @@ mod tests {
             Config::from_yaml_str("[1, 2"),
             Err(ConfigError::Syntax { .. })
         ));
+    }
+
+    #[test]
+    fn the_window_key_is_read_in_every_block_and_a_bad_value_names_its_budget() {
+        let c = Config::from_yaml_str(
+            "provider_budget_config:\n  openai: {budget_limit: 1, time_period: 1d, window: sliding}\n  azure: {budget_limit: 1, time_period: 1d}\nprovider_budgets:\n  budgets:\n    - {tag: a, limit: 1, period: 1h, window: sliding}\n    - {tag: b, limit: 1, period: 1h, window: fixed}\n",
+        )
+        .unwrap();
+        let shape = |name: &str| c.budgets.iter().find(|b| b.name == name).unwrap().window;
+        assert_eq!(shape("openai"), WindowShape::Sliding);
+        assert_eq!(shape("azure"), WindowShape::Fixed);
+        assert_eq!(shape("a"), WindowShape::Sliding);
+        assert_eq!(shape("b"), WindowShape::Fixed);
+        for (doc, words) in [
+            (
+                "provider_budget_config:\n  openai: {budget_limit: 1, time_period: 1d, window: rolling}\n",
+                ["provider_budget_config.openai", "window", "\"rolling\""],
+            ),
+            (
+                "provider_budgets:\n  budgets:\n    - {tag: a, limit: 1, period: 1h, window: rolling}\n",
+                ["budgets[0]", "window", "\"rolling\""],
+            ),
+            (
+                "provider_budgets:\n  budgets:\n    - {tag: a, limit: 1, period: 1h, window: sliding, enforcement: strict}\n",
+                ["budgets[0]", "window: sliding", "enforcement: strict"],
+            ),
+            (
+                "provider_budgets:\n  budgets:\n    - {tag: a, limit: 1, unit: concurrent, window: sliding}\n",
+                ["budgets[0]", "window: sliding", "unit: concurrent"],
+            ),
+        ] {
+            let msg = yaml_err(doc);
+            assert!(
+                !msg.contains('\n') && words.iter().all(|w| msg.contains(w)),
+                "{msg}"
+            );
+        }
     }
 
     #[test]

@@ -926,10 +926,13 @@ impl Worker {
                 cutoff = e.window.end_secs() - 1;
             }
         }
+        let view = &self.view;
         let removed: Vec<(u32, i64)> = self
             .own
             .iter()
-            .filter(|(k, e)| e.window.end_secs() <= cutoff && !self.dirty.contains(k))
+            .filter(|(k, e)| {
+                e.window.end_secs() <= view.keep_cutoff(k.0, cutoff, now) && !self.dirty.contains(k)
+            })
             .map(|(k, _)| *k)
             .collect();
         // Orphans were loaded at open: never deleted before `retention` of uptime.
@@ -949,10 +952,15 @@ impl Worker {
             }
             self.durable.remove(&removed);
         }
-        self.view.prune(cutoff);
+        self.view.prune(cutoff, now);
         if self.last_sweep.elapsed() >= SWEEP && up >= retention {
             self.last_sweep = Instant::now();
-            if let Err(e) = self.store.remove_peers_ended(cutoff) {
+            // The others' totals are kept by budget key, not slot: keep every window a
+            // sliding budget still counts (the lowest of their cutoffs).
+            let view = &self.view;
+            let peers_cutoff =
+                (0..view.len() as u32).fold(cutoff, |c, s| view.keep_cutoff(s, c, now));
+            if let Err(e) = self.store.remove_peers_ended(peers_cutoff) {
                 tracing::warn!(error = %e, "could not remove expired peers entries");
             }
         }
@@ -984,7 +992,9 @@ impl Worker {
                 continue;
             }
             let spend = self.view.totals_at(b, now).total();
-            let remaining = self.view.limit(b).saturating_sub(spend);
+            // A sliding budget's room: what the weighted previous window leaves.
+            let counted = self.view.sliding_spend(b, now).unwrap_or(spend);
+            let remaining = self.view.limit(b).saturating_sub(counted);
             // Labels as the sidecar's scrape sets them (serve/metrics.rs): key name and period.
             let (provider, period) = self.settings.keys.get(b).store_parts();
             metrics::gauge!("provider_budgets_spend_usd", "provider" => provider.clone(), "period" => period.clone())

@@ -61,7 +61,8 @@ pub struct Exceeded {
     pub name: String,
     /// The budget's period (with `@Zone` when it has its own time zone).
     pub period: String,
-    /// Its spend in the current window (from `filter`). A refused reservation reports what
+    /// Its spend in the current window (from `filter`; for a sliding budget with the weighted
+    /// part of the previous window, as its limit is compared). A refused reservation reports what
     /// admission would have reached against the bound that refused: the fleet's spend plus
     /// held money plus the estimate against the limit; this node's own spend plus its held
     /// money plus the estimate against its grant (when [`Exceeded::grant`] is set).
@@ -450,7 +451,8 @@ impl<'a> Check<'a> {
             // A concurrent budget is full of held slots, not of spend.
             let spend = match unit {
                 Unit::Concurrent => t.total().saturating_add(t.reserved),
-                _ => t.total(),
+                // A sliding budget: with the weighted part of the previous window.
+                _ => self.view.sliding_spend(b, self.now).unwrap_or(t.total()),
             };
             err.exceeded.push(Exceeded {
                 provider: key.key_name(),

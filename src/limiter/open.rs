@@ -15,7 +15,7 @@ use crate::error::Error;
 use crate::limiter::fleet::{DefinitionLink, DefinitionLinkParts, Fleet, FleetParts};
 use crate::limiter::runtime::{runtime_config, Notes};
 use crate::limiter::{set_policy, Inner, Limiter};
-use crate::model::budget::{Mode, SoftLimitHandler};
+use crate::model::budget::{Mode, SoftLimitHandler, WindowShape};
 use crate::model::clock::{Clock, SystemClock};
 use crate::resolve::Resolver;
 
@@ -121,6 +121,7 @@ fn open_verified(config: Config, clock: Arc<dyn Clock>, verify: Verify) -> Resul
     } = restored;
     for (i, b) in config.budgets.iter().enumerate() {
         view.set_shadow(i as u32, b.mode == Mode::Shadow);
+        view.init_sliding(i as u32, b.window == WindowShape::Sliding);
         set_policy(&view, i as u32, b, config.redis.is_some());
         // Crossed before this start: marked fired, not fired again.
         view.set_soft_limits(i as u32, b.soft_limits.clone());

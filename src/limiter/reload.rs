@@ -5,7 +5,7 @@
 //! index held by a racing `record` or `filter` stays valid. A reload:
 //!
 //! * keeps the slot of every budget whose series (key name, period part: see the module
-//!   `budget`) is unchanged and stores its new limit, mode and soft limits in place: the next
+//!   `budget`) is unchanged and stores its new limit, mode, soft limits and window shape in place: the next
 //!   `filter` sees them;
 //! * adds a slot for a new budget, or for a changed period (the period is part of the storage
 //!   and Redis keys, so it is a new series starting at its stored total, zero when new), or
@@ -32,7 +32,7 @@ use crate::durable::journal::{Event, Journal};
 use crate::durable::store::{window_of, Store};
 use crate::error::Error;
 use crate::limiter::Limiter;
-use crate::model::budget::{Mode, Scope};
+use crate::model::budget::{Mode, Scope, WindowShape};
 use crate::model::money::Money;
 use crate::model::slots::SlotKeys;
 use crate::model::window::Window;
@@ -136,6 +136,7 @@ fn summarize(old: &Config, new: &Config) -> ReloadSummary {
             Some(o) => {
                 if (o.limit, &o.soft_limits, o.mode, o.enforcement, o.offline)
                     != (b.limit, &b.soft_limits, b.mode, b.enforcement, b.offline)
+                    || o.window != b.window
                 {
                     summary.changed.push(summary_name(b));
                 }
@@ -166,7 +167,8 @@ pub struct ReloadSummary {
     /// Budgets that are new (or have a new period or own zone): the provider name for
     /// provider budgets, `scope:name` for the others (`tag:team-a`).
     pub added: Vec<String>,
-    /// Budgets whose limit, soft limits or mode changed (same series), named as `added`.
+    /// Budgets whose limit, soft limits, mode, enforcement or window shape changed (same
+    /// series), named as `added`.
     pub changed: Vec<String>,
     /// Budgets removed (or replaced by one with a new period), named as `added`.
     pub removed: Vec<String>,
@@ -288,6 +290,7 @@ pub(crate) fn apply_settings(view: &View, slot: u32, b: &BudgetConfig, redis: bo
     view.set_limit(slot, b.limit);
     view.set_shadow(slot, b.mode == Mode::Shadow);
     view.set_soft_limits(slot, b.soft_limits.clone());
+    view.set_sliding(slot, b.window == WindowShape::Sliding);
     // Live: the replicator reads the policy every round (a budget turned strict asks for its
     // first grant then; one turned shared stops asking, its grant in Redis lapses with the
     // window).

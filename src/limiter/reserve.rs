@@ -693,7 +693,11 @@ impl Limiter {
         let (window, spend, grant) = match why {
             Refused::Limit(w) => (
                 w,
-                t.total()
+                // A sliding budget: with the weighted part of the previous window.
+                inner
+                    .view
+                    .sliding_spend(budget, secs)
+                    .unwrap_or(t.total())
                     .saturating_add(t.reserved)
                     .saturating_add(estimate),
                 None,
@@ -825,6 +829,7 @@ impl Limiter {
         remember: Option<Ended>,
     ) -> Result<Counted, RecordError> {
         let inner = &*self.inner;
+        let now = floor_secs(inner.clock.now());
         let mut counted = Counted::default();
         let mut spent = Vec::with_capacity(held.items.len());
         for (&(b, w), &amount) in held.items.iter().zip(held.amounts.iter()) {
@@ -837,7 +842,10 @@ impl Limiter {
                     inner.view.unreserve(b, w, hold);
                 }
                 (_, Some(actual)) => {
-                    if let Some(c) = inner.view.settle(b, w, hold, Money::from_nanos(actual)) {
+                    if let Some(c) = inner
+                        .view
+                        .settle(b, w, hold, Money::from_nanos(actual), now)
+                    {
                         self.fire(b, c);
                     }
                 }

@@ -4,7 +4,7 @@ use jiff::Timestamp;
 
 use crate::config::BudgetConfig;
 use crate::limiter::{charge_slots_for, Limiter};
-use crate::model::budget::{Enforcement, Mode, Offline, Scope, SoftLimit};
+use crate::model::budget::{Enforcement, Mode, Offline, Scope, SoftLimit, WindowShape};
 use crate::model::clock::floor_secs;
 use crate::model::identity::Identity;
 use crate::model::money::Money;
@@ -58,10 +58,17 @@ pub struct BudgetStatus {
     pub reserved: Money,
     /// The budget limit.
     pub limit: Money,
-    /// `limit - spend`, zero when over.
+    /// `limit - spend` (`limit - sliding_spend` for a sliding budget), zero when over.
     pub remaining: Money,
-    /// `spend >= limit`: the provider's deployments are filtered out.
+    /// `spend >= limit` (`sliding_spend >= limit` for a sliding budget): the provider's
+    /// deployments are filtered out.
     pub exhausted: bool,
+    /// `fixed` or `sliding` (config key `window`).
+    pub window_shape: WindowShape,
+    /// A sliding budget: `spend` plus the previous window's spend (net of credits) weighted
+    /// by how much of it still lies in the trailing period ending now, rounded up: what the
+    /// limit is compared with. `None` for a fixed budget.
+    pub sliding_spend: Option<Money>,
     /// Replication state (the same for every budget of a limiter).
     pub replication: ReplicationStatus,
     /// The storage fault (a full disk, a dead journal) while spend is counted in memory but
@@ -383,11 +390,13 @@ impl Limiter {
             .map(|(i, b, key, period_key)| {
                 let t = self.inner.view.totals_at(i, secs);
                 let spend = t.total();
+                let sliding = self.inner.view.sliding_spend(i, secs);
+                let counted = sliding.unwrap_or(spend);
                 let crossed = b
                     .soft_limits
                     .iter()
                     .copied()
-                    .filter(|s| spend.as_nanos() >= s.threshold(b.limit.as_nanos()))
+                    .filter(|s| counted.as_nanos() >= s.threshold(b.limit.as_nanos()))
                     .collect();
                 let fleet = config.redis.is_some();
                 let row = BudgetStatus {
@@ -408,8 +417,10 @@ impl Limiter {
                     own_spend: t.own,
                     reserved: t.reserved,
                     limit: b.limit,
-                    remaining: b.limit.saturating_sub(spend),
-                    exhausted: spend >= b.limit,
+                    remaining: b.limit.saturating_sub(counted),
+                    exhausted: counted >= b.limit,
+                    window_shape: b.window,
+                    sliding_spend: sliding,
                     replication: replication.clone(),
                     storage_fault: storage_fault.clone(),
                     replication_problem: problems.get(i as usize).cloned().flatten().or_else(

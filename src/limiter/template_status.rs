@@ -56,7 +56,8 @@ impl Limiter {
                         }
                         let spend = view.totals_at(s, secs).total();
                         row.spend = row.spend.saturating_add(spend);
-                        row.exhausted_series += u64::from(spend >= view.limit(s));
+                        let counted = view.sliding_spend(s, secs).unwrap_or(spend);
+                        row.exhausted_series += u64::from(counted >= view.limit(s));
                     }
                 });
                 out.push(row);

@@ -251,6 +251,46 @@ impl std::str::FromStr for Offline {
     }
 }
 
+/// How a budget's windows count (`window`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum WindowShape {
+    /// Aligned windows: each window starts from zero. The default.
+    #[default]
+    Fixed,
+    /// The current window plus the previous window weighted by how much of it still lies in
+    /// the trailing period ending now (see `docs/budget-model.md`, "Sliding windows"): no
+    /// burst of twice the limit across a boundary.
+    Sliding,
+}
+
+impl WindowShape {
+    /// `fixed` or `sliding`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WindowShape::Fixed => "fixed",
+            WindowShape::Sliding => "sliding",
+        }
+    }
+}
+
+impl fmt::Display for WindowShape {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for WindowShape {
+    type Err = String;
+    fn from_str(s: &str) -> Result<WindowShape, String> {
+        match s {
+            "fixed" => Ok(WindowShape::Fixed),
+            "sliding" => Ok(WindowShape::Sliding),
+            _ => Err("expected `fixed` or `sliding`".into()),
+        }
+    }
+}
+
 /// A soft limit: a fraction of the limit, exact to a millionth (`0.5`, `0.9`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SoftLimit(u32);

@@ -80,8 +80,9 @@ impl Worker {
         let now = floor_secs(self.parts.clock.now());
         let grace = i64::try_from(self.parts.redis.grace.as_secs()).unwrap_or(i64::MAX / 4);
         // Forget others' windows once their keys have expired in Redis too.
+        let view = &self.parts.view;
         self.peers
-            .retain(|_, p| p.window.end_secs().saturating_add(grace) > now);
+            .retain(|k, p| expire_at(view, k.0, p.window, grace) > now);
         self.forget_acked(now, grace);
         self.book.prune(&self.parts.keys, now);
         let mut groups = self.groups(now, grace);
@@ -137,8 +138,9 @@ impl Worker {
     pub(super) fn forget_acked(&mut self, now: i64, grace: i64) {
         let keys = &self.parts.keys;
         let gone = &mut self.acked_gone;
+        let view = &self.parts.view;
         self.acked.retain(|&(b, start), a| {
-            let live = a.window.end_secs().saturating_add(grace) > now;
+            let live = expire_at(view, b, a.window, grace) > now;
             if !live && a.stored {
                 gone.push(store_key(keys, b, start));
             }
@@ -201,7 +203,7 @@ impl Worker {
                         .map(|x| SyncItem {
                             key: window_key(prefix, budget, x.window.start_secs()),
                             own: if x.send { x.durable } else { 0 },
-                            expire_at: x.window.end_secs().saturating_add(grace),
+                            expire_at: self.expire_at(b as u32, x.window, grace),
                             grant: asks[b]
                                 .as_ref()
                                 .filter(|(w, _)| *w == x.window)
@@ -215,6 +217,12 @@ impl Worker {
         Groups { windows, wire }
     }
 
+    /// When a window's key may expire in Redis: `grace` after its end, and for a sliding
+    /// budget `grace` after the end of the next window (which still counts it).
+    fn expire_at(&self, budget: u32, window: Window, grace: i64) -> i64 {
+        expire_at(&self.parts.view, budget, window, grace)
+    }
+
     /// Per budget (of `n`), the durable windows that are dirty or live (see [`Self::groups`]).
     fn windows_to_sync(&self, n: usize, now: i64, grace: i64) -> Vec<Vec<Item>> {
         let mut windows: Vec<Vec<Item>> = vec![Vec::new(); n];
@@ -223,7 +231,7 @@ impl Worker {
             let Some(list) = windows.get_mut(b as usize) else {
                 continue;
             };
-            if w.end_secs().saturating_add(grace) <= now {
+            if self.expire_at(b, w, grace) <= now {
                 continue;
             }
             let acked = self.acked.get(&(b, w.start_secs())).map(|a| a.total);
@@ -256,6 +264,21 @@ impl Worker {
                     durable: 0,
                     send: false,
                 });
+            }
+            // A sliding budget still counts the previous window: read it too, so that what
+            // the others spent in it late (after our last read) is learnt.
+            let view = &self.parts.view;
+            if view.is_sliding(b as u32) {
+                let previous = view
+                    .schedule(b as u32)
+                    .window_at_secs(current.start_secs() - 1);
+                if !list.iter().any(|x| x.window == previous) {
+                    list.push(Item {
+                        window: previous,
+                        durable: 0,
+                        send: false,
+                    });
+                }
             }
             asks[b] = self
                 .book
@@ -681,4 +704,17 @@ impl Applied {
             ..Applied::default()
         }
     }
+}
+
+/// When a window's key may expire in Redis: `grace` after its end, and for a sliding budget
+/// `grace` after the end of the next window (which still counts it).
+fn expire_at(view: &crate::view::View, budget: u32, window: Window, grace: i64) -> i64 {
+    let end = if view.is_sliding(budget) {
+        view.schedule(budget)
+            .window_at_secs(window.end_secs())
+            .end_secs()
+    } else {
+        window.end_secs()
+    };
+    end.saturating_add(grace)
 }

@@ -22,6 +22,7 @@ use crate::model::unit::Unit;
 use crate::model::window::{Schedule, Window};
 
 mod hot;
+mod sliding;
 mod totals;
 pub(crate) use hot::Hot;
 pub(crate) use totals::WindowTotals;
@@ -90,6 +91,17 @@ struct BudgetView {
     schedule: Schedule,
     /// Nanos; changed in place by a reload.
     limit: AtomicU64,
+    /// The window total at which the budget's bit in [`Hot`] is set and `peak` is raised:
+    /// the limit for a fixed budget, half of it (rounded up) for a sliding one.
+    ///
+    /// Why half: a sliding budget counts two windows (the current one and a weighted part of
+    /// the previous one, at most all of it), so it can be spent while each window is below
+    /// the limit; while every window total stays below `ceil(limit / 2)`, two of them sum
+    /// to at most `limit - 1`, so the fast path (`peak < gate`) stays exact. A fixed budget
+    /// compares with this field instead of `limit`: it costs nothing more.
+    gate: AtomicU64,
+    /// `window: sliding` (changed in place by a reload, see [`View::set_sliding`]).
+    sliding: AtomicBool,
     /// Live windows, newest first: the current window is at or near the front, so the request
     /// path finds it in one or two steps even when many older windows are kept for `status`.
     cells: ArcSwap<Vec<Arc<Cell>>>,
@@ -140,7 +152,7 @@ struct BudgetView {
 /// Budget series a running process may add to those it opened with (reloads and runtime
 /// budgets, `Limiter::reload`, `Limiter::put_budget`); each takes two slots (the budget and
 /// its credit series). The slots are preallocated empty (`OnceLock`s, so an index is valid
-/// without a lock): 8 192 empty slots take 1.4 MB (176 bytes each on x86-64, checked by
+/// without a lock): 8 192 empty slots take 1.5 MB (184 bytes each on x86-64, checked by
 /// `tests::preallocated_slots_stay_small`); a slot in use adds its windows.
 pub const RELOAD_SLOTS: usize = 4096;
 
@@ -286,16 +298,8 @@ impl View {
     /// Changes a budget's limit in place (reload).
     pub fn set_limit(&self, budget: u32, limit: Money) {
         let b = self.budget(budget);
-        let old = b.limit.swap(limit.as_nanos(), Ordering::Relaxed);
-        if limit.as_nanos() < old {
-            // Totals under the old limit may be at or over the new one, and a charge racing
-            // with this store may still compare with the old limit: give up the fast path of
-            // this budget (until the next start) rather than miss one.
-            b.peak.store(u64::MAX, Ordering::Relaxed);
-        }
-        if b.peak.load(Ordering::Relaxed) >= limit.as_nanos() {
-            b.hot.mark(b.slot);
-        }
+        b.limit.store(limit.as_nanos(), Ordering::Relaxed);
+        b.set_gate();
     }
 
     pub fn schedule(&self, budget: u32) -> &Schedule {
@@ -364,7 +368,7 @@ impl View {
         let charge = |cell: &Cell| {
             saturating_add(&cell.own, amount.as_nanos());
             b.note_total(cell.committed());
-            (cell.window, b.fire_bits(cell))
+            (cell.window, b.fire_bits(cell, at_secs))
         };
         // The current window through the loaded list (no `Arc` count traffic on the charge
         // path); a new window through `cell_at`.
@@ -441,6 +445,11 @@ impl View {
         let b = self.budget(budget);
         let cell = self.cell_at(budget, at_secs);
         let amount = amount.as_nanos();
+        let previous = if b.sliding.load(Ordering::Relaxed) {
+            b.previous_part(&b.cells.load(), Some(cell.window), at_secs, Cell::committed)
+        } else {
+            0
+        };
         let mut held = cell.reserved.load(Ordering::Relaxed);
         loop {
             let limit = b.limit.load(Ordering::Relaxed);
@@ -449,7 +458,8 @@ impl View {
             let fleet = own
                 .saturating_add(cell.others.load(Ordering::Relaxed))
                 .saturating_sub(cell.credit.load(Ordering::Relaxed))
-                .saturating_add(want);
+                .saturating_add(want)
+                .saturating_add(previous);
             let refused = if fleet > limit {
                 Some(Refused::Limit(cell.window))
             } else if b.strict.load(Ordering::Relaxed)
@@ -530,13 +540,14 @@ impl View {
         window: Window,
         amount: Money,
         actual: Money,
+        now_secs: i64,
     ) -> Option<Crossed> {
         let cell = self.cell_for(budget, window);
         saturating_add(&cell.own, actual.as_nanos());
         saturating_sub(&cell.reserved, amount.as_nanos());
         let b = self.budget(budget);
         b.note_total(cell.committed());
-        b.fire_bits(&cell)
+        b.fire_bits(&cell, now_secs)
     }
 
     /// Sets whether a budget is strict (open, reload, offline modes).
@@ -743,8 +754,10 @@ impl View {
     }
 
     /// Drops every window that ended at or before `cutoff_secs`.
-    pub fn prune(&self, cutoff_secs: i64) {
+    pub fn prune(&self, cutoff_secs: i64, now_secs: i64) {
         for b in self.slots() {
+            // A sliding budget keeps the window before the current one (it still counts).
+            let cutoff_secs = b.keep_cutoff(cutoff_secs, now_secs);
             if !b
                 .cells
                 .load()
@@ -765,14 +778,16 @@ impl View {
         }
     }
 
-    /// Whether a budget is idle at `now_secs`: every window it has ended, and no reservation
-    /// holds anything in it (a template's series may then leave the template's table).
+    /// Whether a budget is idle at `now_secs`: every window it has ended (a sliding budget:
+    /// also the window before the current one, which still counts), and no reservation holds
+    /// anything in it (a template's series may then leave the template's table).
     pub fn is_idle(&self, budget: u32, now_secs: i64) -> bool {
-        self.budget(budget)
-            .cells
+        let b = self.budget(budget);
+        let horizon = b.keep_cutoff(now_secs, now_secs);
+        b.cells
             .load()
             .iter()
-            .all(|c| c.window.end_secs() <= now_secs && c.reserved.load(Ordering::Relaxed) == 0)
+            .all(|c| c.window.end_secs() <= horizon && c.reserved.load(Ordering::Relaxed) == 0)
     }
 
     /// The cell of the window containing `at_secs`, created on first use.
@@ -825,12 +840,23 @@ impl BudgetView {
     /// The soft limits of the budget that the cell's spend has crossed and that were not yet
     /// handed out in this window on this node (each bit once).
     #[inline]
-    fn fire_bits(&self, cell: &Cell) -> Option<Crossed> {
+    fn fire_bits(&self, cell: &Cell, at_secs: i64) -> Option<Crossed> {
         if !self.has_soft.load(Ordering::Relaxed) {
             return None;
         }
         let soft = self.soft.load();
-        let spend = cell.total();
+        let mut spend = cell.total();
+        if self.sliding.load(Ordering::Relaxed) {
+            // The instant within the cell's window (a settle may come after it ended).
+            let at = at_secs.clamp(cell.window.start_secs(), cell.window.end_secs() - 1);
+            let cells = self.cells.load();
+            spend = spend.saturating_add(self.previous_part(
+                &cells,
+                Some(cell.window),
+                at,
+                Cell::total,
+            ));
+        }
         let bits = crossed_bits(&soft, self.limit.load(Ordering::Relaxed), spend);
         let already = cell.fired.load(Ordering::Relaxed);
         if bits & !already == 0 {
@@ -847,7 +873,7 @@ impl BudgetView {
     /// Keeps `peak` above every total that reaches the limit (one load when it does not).
     #[inline]
     fn note_total(&self, total: u64) {
-        if total >= self.limit.load(Ordering::Relaxed) {
+        if total >= self.gate.load(Ordering::Relaxed) {
             self.peak.fetch_max(total, Ordering::Relaxed);
             self.hot.mark(self.slot);
         }
@@ -857,21 +883,24 @@ impl BudgetView {
     #[inline]
     fn raise_peak(&self, total: u64) {
         let peak = self.peak.fetch_max(total, Ordering::Relaxed).max(total);
-        if peak >= self.limit.load(Ordering::Relaxed) {
+        if peak >= self.gate.load(Ordering::Relaxed) {
             self.hot.mark(self.slot);
         }
     }
 
     #[inline]
     fn exhausted(&self, now_secs: i64) -> bool {
-        if self.peak.load(Ordering::Relaxed) < self.limit.load(Ordering::Relaxed) {
+        if self.peak.load(Ordering::Relaxed) < self.gate.load(Ordering::Relaxed) {
             return false;
         }
         let cells = self.cells.load();
-        let spend = cells
-            .iter()
-            .find(|c| c.window.contains_secs(now_secs))
-            .map_or(0, |c| c.committed());
+        let current = cells.iter().find(|c| c.window.contains_secs(now_secs));
+        let mut spend = current.map_or(0, |c| c.committed());
+        if self.sliding.load(Ordering::Relaxed) {
+            let window = current.map(|c| c.window);
+            spend =
+                spend.saturating_add(self.previous_part(&cells, window, now_secs, Cell::committed));
+        }
         spend >= self.limit.load(Ordering::Relaxed)
     }
 
@@ -893,6 +922,8 @@ impl BudgetView {
         BudgetView {
             schedule,
             limit: AtomicU64::new(limit.as_nanos()),
+            gate: AtomicU64::new(limit.as_nanos()),
+            sliding: AtomicBool::new(false),
             cells: ArcSwap::new(empty_cells()),
             swap: Mutex::new(()),
             shadow: AtomicBool::new(false),
@@ -998,7 +1029,7 @@ fn saturating_add(a: &AtomicU64, v: u64) {
 #[cfg(test)]
 mod tests {
     /// What one preallocated slot costs before it is used.
-    const SLOT_BYTES: usize = 176;
+    const SLOT_BYTES: usize = 184;
 
     #[test]
     fn preallocated_slots_stay_small() {
@@ -1037,7 +1068,7 @@ mod tests {
         assert_eq!(v.totals_at(0, 12).own, Money::from_nanos(100));
         let starts: Vec<i64> = v.windows(0).iter().map(|w| w.window.start_secs()).collect();
         assert_eq!(starts, vec![10, 0]);
-        v.prune(10);
+        v.prune(10, 25);
         assert_eq!(v.windows(0).len(), 1);
     }
 
@@ -1101,7 +1132,7 @@ mod tests {
             }),
             ("settle", |v| {
                 let w = v.try_reserve(1, 15, Money::from_nanos(10)).expect("room");
-                let _ = v.settle(1, w, Money::from_nanos(10), Money::from_nanos(100));
+                let _ = v.settle(1, w, Money::from_nanos(10), Money::from_nanos(100), 15);
             }),
         ];
         for (what, spend) in cases {
@@ -1224,7 +1255,7 @@ mod tests {
         let v = view();
         let w = v.try_reserve(0, 5, Money::from_nanos(60)).unwrap();
         assert!(v.try_reserve(0, 5, Money::from_nanos(50)).is_err());
-        v.settle(0, w, Money::from_nanos(60), Money::from_nanos(20));
+        v.settle(0, w, Money::from_nanos(60), Money::from_nanos(20), 5);
         let t = v.totals_at(0, 5);
         assert_eq!((t.own.as_nanos(), t.reserved.as_nanos()), (20, 0));
         let w2 = v.try_reserve(0, 5, Money::from_nanos(80)).unwrap();

@@ -12,6 +12,7 @@ mod eviction;
 mod identity;
 mod replication;
 mod runtime;
+mod sliding;
 mod soft_fleet;
 mod templates;
 mod tls;

@@ -16,6 +16,7 @@ mod reload;
 mod reserve;
 mod runtime;
 mod scopes;
+mod sliding;
 mod templates;
 mod units;
 mod units_model;

@@ -144,6 +144,9 @@ struct PutRequest<'a> {
     enforcement: Option<String>,
     #[serde(default)]
     offline: Option<String>,
+    /// `fixed` (default) or `sliding`.
+    #[serde(default)]
+    window: Option<String>,
     #[serde(default)]
     time_zone: Option<String>,
     /// A template's (name `*`) bound on its live series.
@@ -175,6 +178,7 @@ impl PutRequest<'_> {
         fields.mode.clone_from(&self.mode);
         fields.enforcement.clone_from(&self.enforcement);
         fields.offline.clone_from(&self.offline);
+        fields.window.clone_from(&self.window);
         fields.time_zone.clone_from(&self.time_zone);
         fields.max_series = self.max_series;
         fields.unit.clone_from(&self.unit);

@@ -329,5 +329,108 @@ fn budget_put_takes_a_unit_a_whole_limit_and_no_period_for_concurrent() {
     assert!(
         units.contains(&("x".into(), "concurrent".into())),
         "{units:?}"
+
+fn budget_put_window_sliding_counts_the_previous_window_in_status_json() {
+    let cli = Cli::new(CONFIG);
+    let args = ["put", "tag", "team-s", "--limit", "1", "--period", "1h"];
+    budget(&cli, &[&args[..], &["--window", "sliding"]].concat()).assert_ok();
+    // Spent late in the previous hour: at the boundary all of it still counts.
+    cli.run(&[
+        "--now",
+        "2024-05-01T11:59:00Z",
+        "charge",
+        "gpt-4o",
+        "0.8",
+        "--tag",
+        "team-s",
+    ])
+    .assert_ok();
+    let doc = cli.status_json(NOW);
+    let row = doc["budgets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["name"] == "team-s")
+        .unwrap_or_else(|| panic!("{doc}"));
+    assert_eq!(row["window"], "sliding", "{row}");
+    assert_eq!(row["spend_nanos"], 0, "{row}");
+    assert_eq!(row["sliding_spend_nanos"], 800_000_000u64, "{row}");
+    assert_eq!(row["sliding_spend"], 0.8, "{row}");
+    let openai = provider_budgets_test_support::cli::budget(&doc, "openai");
+    assert_eq!(
+        (&openai["window"], &openai["sliding_spend"]),
+        (&serde_json::json!("fixed"), &serde_json::Value::Null)
+    );
+    let got = budget(&cli, &["get", "tag", "team-s"]);
+    assert!(
+        got.stdout.contains("spend 0 (sliding 0.8) of 1 USD"),
+        "{got:?}"
+    );
+    // 0.8 < 1: the filter passes; a charge of 0.2 more spends it (sliding), not when fixed.
+    let filter = || cli.run(&["--now", NOW, "filter", "gpt-4o", "--tag", "team-s"]);
+    filter().assert_ok();
+    cli.run(&["--now", NOW, "charge", "gpt-4o", "0.2", "--tag", "team-s"])
+        .assert_ok();
+    assert_eq!(filter().code, Some(3));
+    budget(&cli, &[&args[..], &["--window", "fixed"]].concat()).assert_ok();
+    let doc = cli.status_json(NOW);
+    let row = doc["budgets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["name"] == "team-s")
+        .unwrap();
+    assert_eq!(
+        (&row["window"], &row["sliding_spend_nanos"]),
+        (&serde_json::json!("fixed"), &serde_json::Value::Null)
+    );
+    filter().assert_ok();
+    // An unknown value: one line naming the budget and the value.
+    let bad = budget(&cli, &[&args[..], &["--window", "rolling"]].concat());
+    bad.assert_error(1, &["tag \"team-s\"", "window", "\"rolling\""]);
+}
+
+#[test]
+fn a_sliding_token_budget_shows_its_sliding_spend_as_a_whole_count() {
+    let cli = Cli::new(CONFIG);
+    budget(
+        &cli,
+        &[
+            "put", "model", "gpt-4o", "--unit", "tokens", "--limit", "1000", "--period", "1m",
+            "--window", "sliding",
+        ],
+    )
+    .assert_ok();
+    cli.run(&[
+        "--now",
+        "2024-05-01T11:59:30Z",
+        "charge",
+        "gpt-4o",
+        "0.01",
+        "--input-tokens",
+        "600",
+        "--output-tokens",
+        "300",
+    ])
+    .assert_ok();
+    let doc = cli.status_json(NOW);
+    let row = doc["budgets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["scope"] == "model")
+        .unwrap_or_else(|| panic!("{doc}"));
+    assert_eq!(
+        (
+            &row["window"],
+            &row["sliding_spend"],
+            &row["sliding_spend_nanos"]
+        ),
+        (
+            &serde_json::json!("sliding"),
+            &serde_json::json!(900),
+            &serde_json::Value::Null
+        ),
+        "{row}"
     );
 }

@@ -346,3 +346,68 @@ tag_budget_config:
             .assert_error(400, words);
     }
 }
+
+#[test]
+fn put_window_sliding_round_trips_through_the_status_json() {
+    let s = Server::start(CONFIG, &[]);
+    let r = s.put_budget(
+        "/v1/budgets/tag/team-s",
+        json!({"limit": 1, "period": "1h", "window": "sliding"}),
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json()["budgets"][0]["window"], "sliding", "{r:?}");
+    // Spent in the previous hour, a quarter of an hour before the boundary (NOW).
+    let spent = s.post(
+        "/v1/spend",
+        &json!({"deployment": {"model": "gpt-4o"}, "tags": ["team-s"], "cost": 0.6, "at": "2024-05-01T11:45:00Z"})
+            .to_string(),
+    );
+    assert_eq!(spent.status, 200, "{spent:?}");
+    let got = s.get("/v1/budgets/tag/team-s").json();
+    let row = &got["budgets"][0];
+    assert_eq!(
+        (
+            &row["window"],
+            &row["spend_nanos"],
+            &row["sliding_spend_nanos"]
+        ),
+        (&json!("sliding"), &json!(0), &json!(600_000_000u64)),
+        "{got}"
+    );
+    let all = s.get("/v1/budgets").json();
+    assert!(all["budgets"].as_array().unwrap().contains(row), "{all}");
+    let openai = all["budgets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["name"] == "openai")
+        .unwrap();
+    assert_eq!(
+        (&openai["window"], &openai["sliding_spend"]),
+        (&json!("fixed"), &Value::Null)
+    );
+    // 0.6 + 0.5 > 1: refused; 0.4 fits.
+    let reserve = |estimate: f64| {
+        s.post(
+            "/v1/reserve",
+            &json!({"deployments": [{"model": "gpt-4o"}], "tags": ["team-s"], "estimate": estimate})
+                .to_string(),
+        )
+        .status
+    };
+    assert_eq!(reserve(0.5), 429);
+    assert_eq!(reserve(0.4), 200);
+    s.put_budget(
+        "/v1/budgets/tag/team-x",
+        json!({"limit": 1, "period": "1h", "window": "rolling"}),
+    )
+    .assert_error(422, "tag \"team-x\": window: invalid value \"rolling\"");
+    s.put_budget(
+        "/v1/budgets/tag/team-x",
+        json!({"limit": 1, "period": "1h", "window": "sliding", "enforcement": "strict"}),
+    )
+    .assert_error(
+        422,
+        "window: sliding is not supported with enforcement: strict",
+    );
+}
