@@ -329,7 +329,10 @@ fn budget_put_takes_a_unit_a_whole_limit_and_no_period_for_concurrent() {
     assert!(
         units.contains(&("x".into(), "concurrent".into())),
         "{units:?}"
+    );
+}
 
+#[test]
 fn budget_put_window_sliding_counts_the_previous_window_in_status_json() {
     let cli = Cli::new(CONFIG);
     let args = ["put", "tag", "team-s", "--limit", "1", "--period", "1h"];
