@@ -120,9 +120,10 @@ pub use model::text::redact_urls;
 pub use model::unit::{Estimate, Unit};
 pub use model::window::{Period, PeriodError, Schedule, Window};
 pub use pricing::{
-    Catalog, CatalogSource, ModelPrices, PriceSource, Priced, Pricing, PricingError, Rate,
-    RateError, Rates, Unpriced, UnpricedPolicy, UnpricedReason, Usage,
-    BUILTIN_CATALOG_LITELLM_VERSION, BUILTIN_CATALOG_SHA256,
+    Catalog, CatalogSource, Counting, EstimateInput, Estimated, Message, ModelPrices, PriceSource,
+    Priced, Pricing, PricingError, Prompt, Rate, RateError, Rates, Unpriced, UnpricedPolicy,
+    UnpricedReason, Usage, BUILTIN_CATALOG_LITELLM_VERSION, BUILTIN_CATALOG_SHA256,
+    DEFAULT_MAX_OUTPUT_TOKENS, NON_TEXT_PART_TOKENS,
 };
 pub use resolve::{Deployment, Target, BUILTIN_PREFIXES};
 pub use template::MAX_TEMPLATED_NAME;

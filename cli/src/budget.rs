@@ -32,6 +32,9 @@ pub(crate) enum BudgetCmd {
         /// `requests` or `concurrent`.
         #[arg(long, value_name = "UNIT")]
         unit: Option<String>,
+        /// The most a reservation holds in it, in its unit (a larger estimate holds this).
+        #[arg(long, value_name = "AMOUNT")]
+        max_estimate: Option<String>,
         /// A soft limit, a fraction of the limit in (0, 1] (repeatable).
         #[arg(long = "soft-limit", value_name = "F")]
         soft_limits: Vec<f64>,
@@ -95,10 +98,12 @@ pub(crate) fn run(limiter: &Limiter, cmd: BudgetCmd, config: &Path) -> Result<()
             time_zone,
             max_series,
             unit,
+            max_estimate,
         } => {
             let mut fields = BudgetFields::new(limit, period);
             fields.max_series = max_series;
             fields.unit = unit;
+            fields.max_estimate = max_estimate;
             fields.soft_limits = soft_limits;
             fields.mode = mode;
             fields.enforcement = enforcement;

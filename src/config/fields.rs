@@ -40,6 +40,8 @@ pub struct BudgetFields {
     /// What it counts: `usd` (default), `tokens`, `input_tokens`, `output_tokens`,
     /// `requests` or `concurrent` (which takes no period: leave `period` empty).
     pub unit: Option<String>,
+    /// The most a reservation holds in the budget, in its unit (`max_estimate`).
+    pub max_estimate: Option<String>,
 }
 
 impl BudgetFields {
@@ -118,6 +120,15 @@ impl BudgetConfig {
         b.window = word::<WindowShape>(&at, "window", fields.window.as_ref())?;
         b.time_zone = fields.time_zone.clone();
         b.max_series = fields.max_series;
+        b.max_estimate = match &fields.max_estimate {
+            None => None,
+            Some(text) => Some(
+                parse_limit(RawAmount::Text(Text::plain(text.clone())))
+                    .map_err(|(value, source)| format!("{value:?}: {source}"))
+                    .and_then(|l| unit_limit(l, unit))
+                    .map_err(|e| refuse_at(at.clone(), "max_estimate", e))?,
+            ),
+        };
         b.validate()?;
         Ok(b)
     }

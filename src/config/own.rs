@@ -42,6 +42,7 @@ pub(super) struct RawGeneral {
     pub(super) window: Option<Parsed<WindowShape>>,
     pub(super) time_zone: Option<Text>,
     pub(super) max_series: Option<u32>,
+    pub(super) max_estimate: Option<RawAmount>,
 }
 
 impl RawGeneral {
@@ -115,6 +116,15 @@ impl RawGeneral {
         b.window = self.window.map(|m| m.0).unwrap_or_default();
         b.time_zone = self.time_zone.map(|z| z.value);
         b.max_series = self.max_series;
+        b.max_estimate = self
+            .max_estimate
+            .map(|m| {
+                parse_limit(m)
+                    .map_err(|(value, source)| format!("{value:?}: {source}"))
+                    .and_then(|l| unit_limit(l, unit))
+            })
+            .transpose()
+            .map_err(|e| refuse_at(path.clone(), "max_estimate", e))?;
         check_budget(&b).map_err(|e| match e {
             ConfigError::Budget { message, .. } => ConfigError::Budget {
                 budget: path,

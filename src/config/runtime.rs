@@ -48,6 +48,9 @@ pub(crate) struct Definition {
     /// units (a node that does not know units refuses a definition that has one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unit: Option<String>,
+    /// `max_estimate` in the budget's unit (nanos for USD); absent when none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_estimate: Option<u64>,
 }
 
 impl Definition {
@@ -66,6 +69,7 @@ impl Definition {
             window: (b.window != WindowShape::Fixed).then(|| b.window.as_str().to_owned()),
             max_series: b.max_series,
             unit: b.unit.is_count().then(|| b.unit.as_str().to_owned()),
+            max_estimate: b.max_estimate.map(Money::as_nanos),
         }
     }
 
@@ -113,6 +117,7 @@ impl Definition {
                 .map_err(|e| refuse(format!("window: invalid value {window:?}: {e}")))?;
         }
         b.max_series = self.max_series;
+        b.max_estimate = self.max_estimate.map(Money::from_nanos);
         if let Some(unit) = &self.unit {
             b.unit = unit
                 .parse::<Unit>()

@@ -55,6 +55,10 @@ pub struct BudgetConfig {
     /// series at once on this node; `None` is [`DEFAULT_MAX_SERIES`]. Refused on a budget
     /// that is not a template.
     pub max_series: Option<u32>,
+    /// The most a reservation holds in this budget, in its unit (`max_estimate`): a larger
+    /// estimate (given, or made from the request by the catalog) holds this much here. A
+    /// commit still counts the actual amount. `None`: no cap.
+    pub max_estimate: Option<Money>,
 }
 
 /// The period of a [`Unit::Concurrent`] budget, which has none: one window of 100 years
@@ -96,6 +100,7 @@ impl BudgetConfig {
             offline: Offline::GrantOnly,
             window: WindowShape::Fixed,
             max_series: None,
+            max_estimate: None,
         }
     }
 

@@ -8,6 +8,7 @@ pub(crate) mod audit;
 pub(crate) mod codec;
 pub(crate) mod definitions;
 pub(crate) mod error;
+pub(crate) mod event;
 pub(crate) mod highwater;
 pub(crate) mod idempotency;
 pub(crate) mod items;

@@ -10,6 +10,7 @@ pub(crate) mod adjust;
 pub(crate) mod filter;
 pub(crate) mod fleet;
 pub(crate) mod health;
+pub(crate) mod held;
 pub(crate) mod history;
 pub(crate) mod idempotency;
 pub(crate) mod materialize;
@@ -42,7 +43,6 @@ use crate::model::clock::Clock;
 use crate::model::identity::Identity;
 use crate::model::money::Money;
 use crate::model::slots::SlotKeys;
-use crate::model::unit::Estimate;
 use crate::resolve::{Deployment, Resolved, Resolver, Target};
 use crate::template::Template;
 use crate::view::View;
@@ -461,22 +461,21 @@ impl Limiter {
     /// (the one that refused and the others of its candidate whose grants are short): notes
     /// the amount on each (the next grant round asks each for at least that much more) and waits up to
     /// `grant_wait` for an out-of-cycle round. `true` when one finished (retry once then).
-    pub(crate) fn wait_for_grant(&self, budgets: &[u32], estimate: &Estimate) -> bool {
-        self.note_starved(budgets, estimate);
+    pub(crate) fn wait_for_grant(&self, budgets: &[(u32, u64)]) -> bool {
+        self.note_starved(budgets);
         self.inner.fleet.grant_round(&self.inner.config.load())
     }
 
     /// [`Limiter::wait_for_grant`] for async code: awaits the round without blocking.
-    pub(crate) async fn wait_for_grant_async(&self, budgets: &[u32], estimate: &Estimate) -> bool {
-        self.note_starved(budgets, estimate);
+    pub(crate) async fn wait_for_grant_async(&self, budgets: &[(u32, u64)]) -> bool {
+        self.note_starved(budgets);
         let config = self.inner.config.load_full();
         self.inner.fleet.grant_round_async(&config).await
     }
 
-    /// Remembers what each budget's grant lacked (its unit's part of `estimate`).
-    fn note_starved(&self, budgets: &[u32], estimate: &Estimate) {
-        for &b in budgets {
-            let amount = estimate.held(self.inner.view.unit(b));
+    /// Remembers what each budget's grant lacked (its part of the estimate, in its unit).
+    fn note_starved(&self, budgets: &[(u32, u64)]) {
+        for &(b, amount) in budgets {
             self.inner.view.note_starved(b, Money::from_nanos(amount));
         }
     }
@@ -845,6 +844,7 @@ impl Prepared {
 pub(crate) fn set_policy(view: &View, slot: u32, b: &crate::config::BudgetConfig, fleet: bool) {
     view.set_policy(slot, b.enforcement, b.offline);
     view.set_unit(slot, b.unit);
+    view.set_cap(slot, b.max_estimate);
     if !fleet {
         view.set_strict(slot, false);
     }

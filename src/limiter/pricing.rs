@@ -23,6 +23,7 @@ use arc_swap::ArcSwapOption;
 use rustc_hash::FxHashSet;
 
 use crate::error::Error;
+use crate::pricing::estimate::{self, EstimateInput, Estimated};
 use crate::pricing::{Catalog, PriceSource, Priced, Pricing, Unpriced, Usage};
 use crate::Limiter;
 
@@ -167,5 +168,29 @@ impl Limiter {
             Ok(_) => {}
         }
         result
+    }
+
+    /// The estimate of a call to `model` made from its request (prompt and `max_tokens`:
+    /// see the module `pricing::estimate` for how tokens are counted), priced as
+    /// [`Limiter::price`] prices a usage (overrides and `pricing.unpriced` included).
+    ///
+    /// # Errors
+    ///
+    /// [`Unpriced`] when the model has no price and `pricing.unpriced` is `deny`.
+    pub fn estimate(&self, model: &str, input: &EstimateInput) -> Result<Estimated, Unpriced> {
+        let (prompt, counting) = estimate::prompt_tokens(model, &input.prompt);
+        let config = self.inner.config.load();
+        let catalog_max = self
+            .inner
+            .prices
+            .get(&config.pricing)
+            .and_then(|c| c.max_output_tokens(model));
+        let output = estimate::output_tokens(input.max_tokens, catalog_max);
+        let priced = self.price(model, &Usage::new(prompt, output))?;
+        Ok(Estimated {
+            estimate: estimate::estimate(priced.cost, prompt, output),
+            counting,
+            source: priced.source,
+        })
     }
 }

@@ -47,12 +47,11 @@
 
 use std::future::{Future, IntoFuture};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use jiff::Timestamp;
-use rustc_hash::FxHashMap;
 
 use crate::durable::idempotency::Ended;
 use crate::durable::journal::{Ack, Event};
@@ -66,49 +65,23 @@ use crate::model::identity::Identity;
 use crate::model::money::Money;
 use crate::model::unit::{Estimate, Unit, Usage};
 use crate::model::window::Window;
+use crate::pricing::EstimateInput;
 use crate::resolve::{Deployment, MissLog};
 use crate::view::Refused;
 
-/// `Held::state`: open, then exactly one of the others (a CAS decides who ends it).
-const OPEN: u8 = 0;
-const DONE: u8 = 1;
-const EXPIRED: u8 = 2;
+pub(crate) use super::held::Registry;
+use super::held::{End, Held, DONE, EXPIRED, OPEN};
 
 /// An admission: the candidate's index, each budget and window holding the estimate, and
 /// the instant (Unix seconds).
-type Admitted = (usize, Vec<(u32, Window, u64)>, i64);
+type Admitted = (usize, Vec<(u32, Window, u64)>, i64, Estimate);
 
-/// How a reservation ends.
+/// What a reservation holds: one estimate for every candidate, or one per candidate made
+/// from the request ([`ReserveRequest::estimate_from`]).
 #[derive(Debug, Clone, Copy)]
-enum End {
-    /// The call cost this (and used this many tokens, when known).
-    Commit(Money, Option<Usage>),
-    /// The call never went out: nothing counted.
-    Release,
-    /// Dropped or expired: the call may have gone out, so the amount held counts.
-    Expire,
-}
-
-impl End {
-    /// What a budget of `unit` that held `held` counts: `None` when the commit lacks what
-    /// the unit needs (a token budget and no usage: counted nowhere, reported). Concurrent
-    /// slots count nothing: ending frees them.
-    fn counts(&self, unit: Unit, held: u64) -> Option<u64> {
-        match (self, unit) {
-            (_, Unit::Concurrent) | (End::Release, _) => Some(0),
-            (End::Expire, _) => Some(held),
-            (End::Commit(cost, usage), unit) => unit.amount(*cost, usage.as_ref()),
-        }
-    }
-
-    /// The dollars counted in USD budgets.
-    fn cost(&self) -> Money {
-        match self {
-            End::Commit(cost, _) => *cost,
-            End::Release => Money::ZERO,
-            End::Expire => Money::ZERO,
-        }
-    }
+pub(crate) enum Estimating<'a> {
+    Fixed(Estimate),
+    Request(&'a EstimateInput),
 }
 
 /// What a reservation's request adds to its deployment's budgets: its tags and identities.
@@ -145,98 +118,6 @@ pub enum ReserveError {
     /// [`RecordError::Closed`] the journaled reservation counts its estimate at the next open.
     #[error(transparent)]
     Record(#[from] RecordError),
-}
-
-/// One open reservation, shared by its [`Reservation`] handle and the registry (the reaper).
-#[derive(Debug)]
-pub(crate) struct Held {
-    id: Arc<str>,
-    /// Each budget and the window the estimate is held in.
-    items: Arc<[(u32, Window)]>,
-    /// The amount held in each budget of `items` (in its unit: [`Estimate::held`]).
-    amounts: Box<[u64]>,
-    estimate: Estimate,
-    /// Unix seconds (whole: see the module doc).
-    expires_secs: i64,
-    /// [`OPEN`], [`DONE`] or [`EXPIRED`]: whoever moves it from `OPEN` settles the money, once.
-    state: AtomicU8,
-}
-
-impl Held {
-    fn expires_at(&self) -> Timestamp {
-        Timestamp::from_second(self.expires_secs).unwrap_or(Timestamp::MAX)
-    }
-}
-
-/// The open reservations of a limiter, for expiry. A mutex around a map: taken once per
-/// reserve and once per end, never on the filter or record path.
-#[derive(Debug)]
-pub(crate) struct Registry {
-    open: Mutex<FxHashMap<Arc<str>, Arc<Held>>>,
-    /// The earliest expiry in `open` (`i64::MAX` when empty), written under the lock: a sweep
-    /// that finds nothing due costs one atomic load.
-    next_expiry: AtomicI64,
-    /// Random per open: ids stay unique across restarts of the same data dir.
-    prefix: String,
-    counter: AtomicU64,
-    /// Dropping it (with the limiter) stops the reaper thread.
-    reaper: OnceLock<Option<crossbeam_channel::Sender<()>>>,
-}
-
-impl Registry {
-    pub(crate) fn new() -> Registry {
-        let mut prefix = crate::durable::store::random_id();
-        prefix.truncate(16);
-        Registry {
-            open: Mutex::new(FxHashMap::default()),
-            next_expiry: AtomicI64::new(i64::MAX),
-            prefix,
-            counter: AtomicU64::new(0),
-            reaper: OnceLock::new(),
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, FxHashMap<Arc<str>, Arc<Held>>> {
-        // No multi-step updates under the lock: a poisoned map is still consistent.
-        self.open.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn insert(&self, held: Arc<Held>) {
-        let mut open = self.lock();
-        self.next_expiry
-            .fetch_min(held.expires_secs, Ordering::Relaxed);
-        open.insert(Arc::clone(&held.id), held);
-    }
-
-    fn remove(&self, id: &str) {
-        self.lock().remove(id);
-    }
-
-    /// Takes out every reservation due at `now_secs`.
-    fn due(&self, now_secs: i64) -> Vec<Arc<Held>> {
-        if self.next_expiry.load(Ordering::Relaxed) > now_secs {
-            return Vec::new();
-        }
-        let mut open = self.lock();
-        let mut out = Vec::new();
-        let mut next = i64::MAX;
-        open.retain(|_, h| {
-            if h.expires_secs <= now_secs {
-                out.push(Arc::clone(h));
-                false
-            } else {
-                next = next.min(h.expires_secs);
-                true
-            }
-        });
-        self.next_expiry.store(next, Ordering::Relaxed);
-        out
-    }
-
-    /// Number of open reservations.
-    pub(crate) fn len(&self) -> usize {
-        self.lock().len()
-    }
 }
 
 /// Money held for one call by [`Limiter::reserve`]: end it with [`Reservation::commit`] (the
@@ -413,6 +294,8 @@ pub struct ReserveRequest<'a, D, T = &'a str> {
     tags: &'a [T],
     identity: &'a Identity<'a>,
     estimate: Estimate,
+    /// Set by [`ReserveRequest::estimate_from`]: each candidate's estimate is made from it.
+    from_request: Option<&'a EstimateInput>,
 }
 
 impl<D: Deployment, T: AsRef<str>> std::fmt::Debug for ReserveRequest<'_, D, T> {
@@ -437,6 +320,7 @@ impl<'a, D: Deployment, T: AsRef<str>> ReserveRequest<'a, D, T> {
             tags,
             identity: self.identity,
             estimate: self.estimate,
+            from_request: self.from_request,
         }
     }
 
@@ -452,6 +336,26 @@ impl<'a, D: Deployment, T: AsRef<str>> ReserveRequest<'a, D, T> {
         ReserveRequest { estimate, ..self }
     }
 
+    /// Estimates each candidate's call from the request (its prompt and `max_tokens`) by the
+    /// catalog ([`Limiter::estimate`]) instead of a given estimate: each candidate holds the
+    /// price of its own model. [`Reservation::estimates`] says what the admitted one holds.
+    /// Under `pricing.unpriced: deny`, a candidate whose model has no price fails the
+    /// reservation with [`RecordError::Unpriced`].
+    pub fn estimate_from(self, request: &'a EstimateInput) -> Self {
+        ReserveRequest {
+            from_request: Some(request),
+            ..self
+        }
+    }
+
+    /// How the admission estimates.
+    fn estimating(&self) -> Estimating<'a> {
+        match self.from_request {
+            Some(input) => Estimating::Request(input),
+            None => Estimating::Fixed(self.estimate),
+        }
+    }
+
     /// Makes the reservation, blocking until its record is durable (and, for a strict
     /// budget refused by this node's grant alone, up to `redis.grant_wait` for a grant
     /// round). From async code, `.await` the request instead.
@@ -463,12 +367,12 @@ impl<'a, D: Deployment, T: AsRef<str>> ReserveRequest<'a, D, T> {
     /// [`ReserveError::Record`] when the limiter is shut down or the journal failed.
     pub fn wait(self) -> Result<Reservation, ReserveError> {
         let l = self.limiter;
-        let (index, items, now) = l.hold(
+        let (index, items, now, estimate) = l.hold(
             self.candidates.iter(),
             (self.tags, self.identity),
-            &self.estimate,
+            &self.estimating(),
         )?;
-        let (reservation, record) = l.register(index, items, now, self.estimate);
+        let (reservation, record) = l.register(index, items, now, estimate);
         let result = match record {
             None => Ok(()),
             Some(record) => {
@@ -487,14 +391,15 @@ impl<'a, D: Deployment + Sync, T: AsRef<str> + Sync> IntoFuture for ReserveReque
     fn into_future(self) -> Self::IntoFuture {
         Box::pin(async move {
             let l = self.limiter;
-            let (index, items, now) = l
+            let estimating = self.estimating();
+            let (index, items, now, estimate) = l
                 .hold_async(
                     self.candidates.iter(),
                     (self.tags, self.identity),
-                    &self.estimate,
+                    &estimating,
                 )
                 .await?;
-            let (reservation, record) = l.register(index, items, now, self.estimate);
+            let (reservation, record) = l.register(index, items, now, estimate);
             let result = match record {
                 None => Ok(()),
                 Some(record) => match AckWait::request(&l.inner.journal, true, record) {
@@ -550,6 +455,7 @@ impl Limiter {
             tags: &[],
             identity: &Identity::NONE,
             estimate: Estimate::from(estimate),
+            from_request: None,
         }
     }
 
@@ -563,12 +469,12 @@ impl Limiter {
         &self,
         candidates: impl Iterator<Item = &'d D> + Clone,
         request: Request<'_, T>,
-        estimate: &Estimate,
+        estimate: &Estimating<'_>,
     ) -> Result<Admitted, ReserveError> {
         let mut starved = Vec::new();
         let held = self.hold_once(candidates.clone(), request, estimate, &mut starved);
         let held = match starved_by_grant(&held, &starved) {
-            Some(b) if self.wait_for_grant(b, estimate) => {
+            Some(b) if self.wait_for_grant(b) => {
                 self.hold_once(candidates, request, estimate, &mut Vec::new())
             }
             _ => held,
@@ -581,12 +487,12 @@ impl Limiter {
         &self,
         candidates: impl Iterator<Item = &'d D> + Clone,
         request: Request<'_, T>,
-        estimate: &Estimate,
+        estimate: &Estimating<'_>,
     ) -> Result<Admitted, ReserveError> {
         let mut starved = Vec::new();
         let held = self.hold_once(candidates.clone(), request, estimate, &mut starved);
         let held = match starved_by_grant(&held, &starved) {
-            Some(b) if self.wait_for_grant_async(b, estimate).await => {
+            Some(b) if self.wait_for_grant_async(b).await => {
                 self.hold_once(candidates, request, estimate, &mut Vec::new())
             }
             _ => held,
@@ -600,8 +506,8 @@ impl Limiter {
         &self,
         candidates: impl Iterator<Item = &'d D>,
         (tags, identity): Request<'_, T>,
-        estimate: &Estimate,
-        starved: &mut Vec<u32>,
+        estimating: &Estimating<'_>,
+        starved: &mut Vec<(u32, u64)>,
     ) -> Result<Admitted, ReserveError> {
         let inner: &Inner = &self.inner;
         if inner.closed.load(Ordering::Acquire) {
@@ -627,6 +533,7 @@ impl Limiter {
         let mut any = false;
         for (i, d) in candidates.enumerate() {
             any = true;
+            let estimate = &self.candidate_estimate(estimating, d.model())?;
             let r = resolver.resolve_noting(&cache, d, &mut misses.misses);
             if r.unknown {
                 metrics::counter!("provider_budgets_unknown_provider_total").increment(1);
@@ -638,7 +545,7 @@ impl Limiter {
             let mut taken: Vec<(u32, Window, u64)> = Vec::new();
             let mut refused = None;
             for b in charge_slots_for(&resolver, &r, tags, identity) {
-                let amount = estimate.held(inner.view.unit(b));
+                let amount = inner.view.capped(b, estimate.held(inner.view.unit(b)));
                 if inner.view.blocks_quietly(b, secs) {
                     // Spent (as `filter` sees it): even a zero estimate is refused.
                     let window = inner.view.schedule(b).window_at_secs(secs);
@@ -654,7 +561,7 @@ impl Limiter {
                 }
             }
             let Some((b, why, amount)) = refused else {
-                return Ok((i, taken, secs));
+                return Ok((i, taken, secs, *estimate));
             };
             for &(b, w, held) in &taken {
                 inner.view.unreserve(b, w, Money::from_nanos(held));
@@ -663,11 +570,13 @@ impl Limiter {
                 // Every budget of this candidate that its grant holds back, not only the one
                 // that refused first: one grant round then raises them all (key, team and org
                 // of one request are otherwise raised one round, and one refusal, each).
-                starved.push(b);
+                starved.push((b, amount));
                 starved.extend(
-                    charge_slots_for(&resolver, &r, tags, identity).filter(|&o| {
-                        let amount = Money::from_nanos(estimate.held(inner.view.unit(o)));
-                        o != b && inner.view.grant_short(o, secs, amount)
+                    charge_slots_for(&resolver, &r, tags, identity).filter_map(|o| {
+                        let held = inner.view.capped(o, estimate.held(inner.view.unit(o)));
+                        let short =
+                            o != b && inner.view.grant_short(o, secs, Money::from_nanos(held));
+                        short.then_some((o, held))
                     }),
                 );
             }
@@ -681,6 +590,21 @@ impl Limiter {
             return Err(ReserveError::NoCandidates);
         }
         Err(ReserveError::Denied(denied))
+    }
+
+    /// A candidate's estimate: the one given, or made from the request on its model.
+    fn candidate_estimate(
+        &self,
+        estimating: &Estimating<'_>,
+        model: &str,
+    ) -> Result<Estimate, ReserveError> {
+        match estimating {
+            Estimating::Fixed(e) => Ok(*e),
+            Estimating::Request(input) => self
+                .estimate(model, input)
+                .map(|e| e.estimate)
+                .map_err(|u| ReserveError::Record(RecordError::Unpriced(u))),
+        }
     }
 
     /// The [`Exceeded`] entry of a refusing budget (see the module doc for `spend`).
@@ -931,8 +855,8 @@ impl Limiter {
 /// grant round may help: one retry after it).
 fn starved_by_grant<'s>(
     held: &Result<Admitted, ReserveError>,
-    starved: &'s [u32],
-) -> Option<&'s [u32]> {
+    starved: &'s [(u32, u64)],
+) -> Option<&'s [(u32, u64)]> {
     (!starved.is_empty() && matches!(held, Err(ReserveError::Denied(_)))).then_some(starved)
 }
 

@@ -52,6 +52,9 @@ pub(crate) struct Entry {
     pub(crate) reasoning: Option<Rate>,
     /// Context tiers: (prompt tokens above which it applies, its prices), ascending.
     pub(crate) tiers: Vec<(u64, Given)>,
+    /// The most output tokens of one call (`max_output_tokens`, else `max_tokens`): what a
+    /// reservation estimate assumes when the request sets no `max_tokens`.
+    pub(crate) max_output: Option<u64>,
     /// The entry has a `tiered_pricing` table (prices by prompt-size range, which litellm
     /// bills instead of the flat prices): not supported, so the entry is unpriced rather
     /// than billed at its flat price, which may be the cheapest tier.
@@ -204,6 +207,15 @@ impl<'de> Deserialize<'de> for Entry {
                     }
                     if key == "tiered_pricing" {
                         entry.tier_table = !map.next_value::<serde_json::Value>()?.is_null();
+                        continue;
+                    }
+                    if key == "max_output_tokens" || key == "max_tokens" {
+                        // A count, or anything else (litellm has strings and nulls here):
+                        // only a whole number is kept; `max_output_tokens` wins.
+                        let n = map.next_value::<serde_json::Value>()?.as_u64();
+                        if key == "max_output_tokens" || entry.max_output.is_none() {
+                            entry.max_output = n.or(entry.max_output);
+                        }
                         continue;
                     }
                     let Some((kind, threshold)) = price_key(&key) else {

@@ -21,6 +21,7 @@
 
 mod catalog;
 mod config;
+pub(crate) mod estimate;
 mod price;
 
 use std::borrow::Cow;
@@ -32,6 +33,10 @@ use crate::model::money::Money;
 use catalog::Table;
 
 pub use config::{CatalogSource, ModelPrices, Pricing, UnpricedPolicy};
+pub use estimate::{
+    Counting, EstimateInput, Estimated, Message, Prompt, DEFAULT_MAX_OUTPUT_TOKENS,
+    NON_TEXT_PART_TOKENS,
+};
 pub use price::{Rate, RateError, Rates, Usage};
 
 /// The litellm release the builtin catalog was copied from (`scripts/refresh_catalog.py`).
@@ -301,6 +306,12 @@ impl Catalog {
             }
             _ => Err(unpriced),
         }
+    }
+
+    /// The most output tokens of one call of `model`, as its catalog entry says (looked up
+    /// as [`Catalog::price`] looks it up); `None` when the catalog does not say.
+    pub fn max_output_tokens(&self, model: &str) -> Option<u64> {
+        candidates(model).find_map(|name| self.table.find(&name).and_then(|(_, e)| e.max_output))
     }
 
     /// The override of `name`, or of its bare model when it is `provider/model`.

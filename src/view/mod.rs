@@ -122,6 +122,9 @@ struct BudgetView {
     /// spend by it. Part of the budget's identity, so set once (open, reload, a template's
     /// first use); an atomic only because it is set after the slot is shared.
     unit: AtomicU8,
+    /// `max_estimate`: the most a reservation holds here (`u64::MAX`: no cap). Set with the
+    /// policy (open, reload).
+    cap: AtomicU64,
     /// The largest reservation refused by this node's grant alone since the replicator last
     /// looked: the next (out-of-cycle) grant round asks for at least that much more.
     starved: AtomicU64,
@@ -569,6 +572,19 @@ impl View {
             .store(unit.code(), Ordering::Relaxed);
     }
 
+    /// Sets the most a reservation holds in a budget (`None`: no cap).
+    pub fn set_cap(&self, budget: u32, cap: Option<Money>) {
+        self.budget(budget)
+            .cap
+            .store(cap.map_or(u64::MAX, Money::as_nanos), Ordering::Relaxed);
+    }
+
+    /// `amount` capped by the budget's `max_estimate`.
+    #[inline]
+    pub fn capped(&self, budget: u32, amount: u64) -> u64 {
+        amount.min(self.budget(budget).cap.load(Ordering::Relaxed))
+    }
+
     /// What a budget counts.
     #[inline]
     pub fn unit(&self, budget: u32) -> Unit {
@@ -930,6 +946,7 @@ impl BudgetView {
             strict: AtomicBool::new(false),
             policy: AtomicU8::new(0),
             unit: AtomicU8::new(0),
+            cap: AtomicU64::new(u64::MAX),
             starved: AtomicU64::new(0),
             would_deny: AtomicU64::new(0),
             soft: ArcSwap::new(no_soft_limits()),

@@ -8,6 +8,7 @@
 mod adjust;
 mod basics;
 mod cache;
+mod estimates;
 mod idempotency;
 mod identity;
 mod litellm_behaviour;

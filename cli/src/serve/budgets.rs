@@ -156,6 +156,9 @@ struct PutRequest<'a> {
     /// `requests` or `concurrent`.
     #[serde(default)]
     unit: Option<String>,
+    /// The most a reservation holds in it, in its unit.
+    #[serde(default)]
+    max_estimate: Option<serde_json::Value>,
 }
 
 impl PutRequest<'_> {
@@ -182,6 +185,17 @@ impl PutRequest<'_> {
         fields.time_zone.clone_from(&self.time_zone);
         fields.max_series = self.max_series;
         fields.unit.clone_from(&self.unit);
+        fields.max_estimate = match &self.max_estimate {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::String(s)) => Some(s.clone()),
+            Some(serde_json::Value::Number(n)) => Some(n.to_string()),
+            Some(other) => {
+                return Err(Reject(
+                    StatusCode::BAD_REQUEST,
+                    format!("max_estimate: expected a number or a decimal string, got {other}"),
+                ))
+            }
+        };
         BudgetConfig::from_fields(scope, name, &fields).map_err(|e| {
             let msg = e.to_string();
             let msg = msg.strip_prefix("config: ").unwrap_or(&msg);

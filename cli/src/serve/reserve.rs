@@ -48,7 +48,10 @@ use super::identity::IdentityIn;
 use super::money::estimate_from_json;
 use super::usage::{Counted, UsageIn};
 use super::State;
-use provider_budgets::{Deployment, Money, RecordError, Reservation, ReserveError, Target, Usage};
+use provider_budgets::{
+    Deployment, Estimate, EstimateInput, Message, Money, Prompt, RecordError, Reservation,
+    ReserveError, Target, Usage,
+};
 
 type Shared = Arc<State>;
 
@@ -305,8 +308,19 @@ struct ReserveRequest<'a> {
     /// Or a provider: its budgets only (as `/v1/spend`).
     #[serde(borrow, default)]
     provider: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    estimate: &'a RawValue,
+    /// Dollars, or an object of units; absent when the sidecar estimates from the request
+    /// (`messages` or `prompt_tokens`, and `max_tokens`).
+    #[serde(borrow, default)]
+    estimate: Option<&'a RawValue>,
+    /// The request's chat messages (OpenAI's shape): the sidecar counts their tokens.
+    #[serde(default)]
+    messages: Option<Vec<serde_json::Value>>,
+    /// The prompt's token count, as the client knows it.
+    #[serde(default)]
+    prompt_tokens: Option<u64>,
+    /// The most output tokens of the call (`max_completion_tokens` is read too).
+    #[serde(default, alias = "max_completion_tokens")]
+    max_tokens: Option<u64>,
     #[serde(borrow, default)]
     tags: Vec<Cow<'a, str>>,
     /// The request's identities: their budgets hold the estimate too.
@@ -356,9 +370,9 @@ pub(super) async fn reserve(
         }
         (None, Some(p)) => vec![Target::from_parts(String::new(), Some(p.clone().into_owned()), None)],
     };
-    let estimate = match estimate_from_json(request.estimate) {
-        Ok(m) => m,
-        Err(e) => return bad_request(&format!("estimate: {e}")),
+    let (estimate, from_request) = match reserve_estimate(&request) {
+        Ok(e) => e,
+        Err(e) => return bad_request(&e),
     };
     for r in state.reservations.sweep(state.limiter.now()) {
         drop(r);
@@ -369,16 +383,23 @@ pub(super) async fn reserve(
             "too many open reservations (--max-open-reservations); commit or release some, or retry",
         );
     }
-    let r = match state
+    let r = state
         .limiter
         .reserve(&targets, estimate.usd)
-        .estimate(estimate)
-        .tags(&request.tags)
-        .identity(&identity.identity())
-        .await
-    {
+        .estimate(estimate);
+    let r = match from_request.as_ref() {
+        Some(input) => r.estimate_from(input),
+        None => r,
+    };
+    let r = match r.tags(&request.tags).identity(&identity.identity()).await {
         Ok(r) => r,
         Err(ReserveError::Denied(none)) => return no_deployments(&state, &none),
+        Err(ReserveError::Record(e @ RecordError::Unpriced(_))) => {
+            return error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                &format!("estimate: {e}; nothing reserved"),
+            )
+        }
         Err(ReserveError::NoCandidates) => return bad_request("deployments: empty list"),
         Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
     };
@@ -394,6 +415,8 @@ pub(super) async fn reserve(
         "index": index,
         "estimate": r.estimate().as_usd(),
         "estimate_nanos": r.estimate().as_nanos(),
+        "estimate_input_tokens": r.estimates().input_tokens,
+        "estimate_output_tokens": r.estimates().output_tokens,
         "expires_at": r.expires_at().to_string(),
     });
     // The model that prices a commit given as usage (none for a provider reservation).
@@ -404,6 +427,73 @@ pub(super) async fn reserve(
         .map(Arc::from);
     state.reservations.insert(r, model);
     json(StatusCode::OK, &body)
+}
+
+/// A reservation's estimate: the one given (`estimate`), or none and the request to make
+/// each candidate's from (`messages` or `prompt_tokens`, with `max_tokens`).
+fn reserve_estimate(
+    request: &ReserveRequest<'_>,
+) -> Result<(Estimate, Option<EstimateInput>), String> {
+    let prompt = match (&request.messages, request.prompt_tokens) {
+        (Some(_), Some(_)) => return Err("give \"messages\" or \"prompt_tokens\", not both".into()),
+        (Some(m), None) => Some(Prompt::Messages(messages(m)?)),
+        (None, Some(n)) => Some(Prompt::Tokens(n)),
+        (None, None) => None,
+    };
+    match (request.estimate, prompt) {
+        (Some(_), Some(_)) => Err(
+            "give \"estimate\" or the request to estimate (\"messages\" or \"prompt_tokens\"), not both"
+                .into(),
+        ),
+        (Some(raw), None) => {
+            let e = estimate_from_json(raw).map_err(|e| format!("estimate: {e}"))?;
+            Ok((e, None))
+        }
+        (None, Some(p)) => Ok((
+            Estimate::default(),
+            Some(EstimateInput::new(p, request.max_tokens)),
+        )),
+        (None, None) => Err(
+            "missing \"estimate\" (or \"messages\" / \"prompt_tokens\" with \"max_tokens\", estimated by the catalog)"
+                .into(),
+        ),
+    }
+}
+
+/// OpenAI's chat messages, as far as their tokens go: `role`, `content` (a string, or a
+/// list of parts: `text` parts are counted as text, others as non-text parts), `name`.
+fn messages(list: &[serde_json::Value]) -> Result<Vec<Message>, String> {
+    use serde_json::Value;
+    let text = |v: Option<&Value>, what: &str, i: usize| match v {
+        None | Some(Value::Null) => Ok(String::new()),
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(_) => Err(format!("messages[{i}].{what}: expected a string")),
+    };
+    list.iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let Value::Object(m) = m else {
+                return Err(format!("messages[{i}]: expected an object"));
+            };
+            let mut out = Message::new(text(m.get("role"), "role", i)?, String::new());
+            out.name = m
+                .get("name")
+                .map(|n| text(Some(n), "name", i))
+                .transpose()?;
+            match m.get("content") {
+                Some(Value::Array(parts)) => {
+                    for part in parts {
+                        match part.get("text").and_then(Value::as_str) {
+                            Some(t) => out.content.push_str(t),
+                            None => out.other_parts += 1,
+                        }
+                    }
+                }
+                other => out.content = text(other, "content", i)?,
+            }
+            Ok(out)
+        })
+        .collect()
 }
 
 // ---- /v1/commit, /v1/release ------------------------------------------------------------------

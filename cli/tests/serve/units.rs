@@ -215,3 +215,40 @@ fn a_runtime_budget_takes_a_unit_and_refuses_a_fractional_count() {
     );
     assert_eq!(r.status, 200, "{r:?}");
 }
+
+#[test]
+fn reserve_estimates_from_messages_and_max_tokens_per_candidate() {
+    let config = "provider_budgets:
+  budgets:
+    - {provider: openai, limit: 100, period: 1d, max_estimate: 50}
+";
+    let s = Server::start(config, &[]);
+    let body = json!({
+        "deployments": [{"model": "openai/gpt-4o"}],
+        "messages": [
+            {"role": "system", "content": "You are helpful."},
+            {"role": "user", "content": [{"type": "text", "text": "Hello, world!"}]},
+        ],
+        "max_tokens": 500,
+    });
+    let r = s.reserve(body.clone());
+    assert_eq!(r.status, 200, "{r:?}");
+    let doc = r.json();
+    assert_eq!(doc["estimate_input_tokens"], 19, "{doc}");
+    assert_eq!(doc["estimate_output_tokens"], 500);
+    assert!(doc["estimate_nanos"].as_u64().unwrap() > 0, "{doc}");
+    let mut both = body.clone();
+    both["estimate"] = json!(1);
+    let r = s.reserve(both);
+    assert_eq!(r.status, 400, "{r:?}");
+    assert!(r.body.contains("not both"), "{r:?}");
+    let r = s.reserve(json!({"deployments": [{"model": "gpt-4o"}], "messages": [7]}));
+    assert_eq!(r.status, 400, "{r:?}");
+    assert!(r.body.contains("messages[0]"), "{r:?}");
+    let r = s.reserve(json!({"deployments": [{"model": "gpt-4o"}]}));
+    assert_eq!(r.status, 400, "{r:?}");
+    assert!(r.body.contains("missing \\\"estimate\\\""), "{r:?}");
+    let r = s.reserve(json!({"deployments": [{"model": "gpt-4o"}], "prompt_tokens": 10, "max_completion_tokens": 5}));
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json()["estimate_input_tokens"], 10);
+}

@@ -1171,3 +1171,52 @@ def test_token_and_request_budgets_count_the_usage_of_each_call(sidecars):
         await plugin.aclose()
 
     asyncio.run(main())
+
+
+def test_strict_reservations_are_estimated_by_the_sidecar_and_fall_back_for_unpriced_models(sidecars):
+    """With ``strict=True`` the plugin sends the messages and ``max_tokens``: the sidecar counts
+    the prompt (8 tokens for PROMPT on gpt-4o, as litellm's token_counter counts it) and holds
+    8 + 50 tokens in a token budget. A model the sidecar cannot price (``unpriced: deny``) is reserved
+    with the plugin's own estimate instead of being let through unreserved."""
+    side = sidecars(
+        {},
+        config_text=(
+            "provider_budgets:\n  budgets:\n"
+            "    - {provider: openai, limit: 100, period: 1d}\n"
+            "    - {provider: openai, unit: tokens, limit: 1000000, period: 1d}\n"
+        ),
+    )
+
+    def held() -> Dict[str, int]:
+        status, body = side.request("GET", "/v1/budgets")
+        assert status == 200, body
+        return {b["unit"]: b["reserved"] for b in body["budgets"]}
+
+    class Hold(CustomLogger):
+        """Keeps the call's reservation open while the test looks at it."""
+
+        def __init__(self) -> None:
+            self.release = asyncio.Event()
+            self.seen: List[Dict[str, int]] = []
+
+        async def async_log_success_event(self, kwargs, response_obj, start_time, end_time):
+            self.seen.append(held())
+
+    async def main():
+        hold = Hold()
+        plugin = ProviderBudgets(url=side.url, fail_open=False, strict=True)
+        litellm.callbacks = [hold, plugin]
+        router = Router(num_retries=0, model_list=deployments(OPENAI))
+        await router.acompletion(model="m", messages=PROMPT, max_tokens=50)
+        await await_condition(lambda: len(hold.seen) == 1, "the success event")
+        assert hold.seen[0]["tokens"] == litellm.token_counter(model=OPENAI, messages=PROMPT) + 50, hold.seen
+        assert hold.seen[0]["usd"] > 0, hold.seen
+        # An unpriced model: the sidecar answers 422, the plugin reserves its own estimate.
+        unpriced = Router(num_retries=0, model_list=deployments("openai/no-such-model"))
+        await unpriced.acompletion(model="m", messages=PROMPT, max_tokens=50)
+        await await_condition(lambda: len(hold.seen) == 2, "the second success event")
+        assert hold.seen[1]["tokens"] == 0, "the plugin's estimate is dollars only"
+        await await_condition(lambda: plugin.stats.posted == 2, "both commits")
+        await plugin.aclose()
+
+    asyncio.run(main())

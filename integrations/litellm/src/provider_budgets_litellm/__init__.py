@@ -47,7 +47,11 @@ Decisions:
   (the process died) expires in the sidecar after ``reservation_timeout`` and counts its
   estimate.
 
-  The estimate is litellm's own price of the prompt's tokens (``litellm.token_counter``) plus
+  The estimate is the sidecar's (``sidecar_estimate=True``, the default): the request's
+  messages and ``max_tokens`` are sent, and the sidecar prices each candidate on its own model
+  by its catalog (token budgets hold the tokens). When the sidecar cannot price a model
+  (``pricing.unpriced: deny``, 422) the plugin's own estimate is sent instead: litellm's own
+  price of the prompt's tokens (``litellm.token_counter``) plus
   ``max_tokens`` (or ``max_completion_tokens``; else the model's ``max_output_tokens`` from
   litellm's cost map; else ``default_max_tokens``) output tokens (``litellm.cost_per_token``),
   the largest over the candidates (one estimate per reservation). A model litellm cannot price
@@ -219,6 +223,10 @@ class ProviderBudgets(CustomLogger):
         durable: ask the sidecar to fsync each spend before answering.
         strict: reserve before each call and commit (or release) after it, instead of
             filtering before and posting the spend after (see the module doc).
+        sidecar_estimate: strict reservations send the request's messages and ``max_tokens``
+            for the sidecar to estimate each candidate by its catalog (default); ``False``
+            sends the plugin's own estimate (below), which is also the fallback when the
+            sidecar cannot price the models.
         default_max_tokens: output tokens of the estimate when neither the request
             (``max_tokens``) nor litellm's cost map (``max_output_tokens``) says.
         default_estimate: estimate (USD) of a call litellm cannot price.
@@ -240,6 +248,7 @@ class ProviderBudgets(CustomLogger):
         durable: bool = False,
         strict: bool = False,
         default_max_tokens: int = 4096,
+        sidecar_estimate: bool = True,
         default_estimate: Any = 0,
         token: Optional[str] = None,
         **kwargs: Any,
@@ -260,6 +269,7 @@ class ProviderBudgets(CustomLogger):
         self.durable = bool(durable)
         self.strict = bool(strict)
         self.default_max_tokens = int(default_max_tokens)
+        self.sidecar_estimate = bool(sidecar_estimate)
         token = token or os.environ.get("PROVIDER_BUDGETS_AUTH_TOKEN") or None
         if token is not None and (not token.strip() or any(c.isspace() for c in token.strip())):
             raise ValueError("ProviderBudgets: token must be one word (no spaces)")
@@ -403,6 +413,7 @@ class ProviderBudgets(CustomLogger):
         request: Dict[str, Any],
         request_kwargs: Optional[Dict[str, Any]],
         read: Callable[[bytes], T],
+        fallback: Optional[Dict[str, Any]] = None,
     ) -> Optional[T]:
         """Posts ``request`` (plus the request's tags and identities) to ``/v1/{what}`` and
         returns ``read`` of the answer. A 429 raises ``NoDeploymentsAvailable`` (budget
@@ -418,6 +429,12 @@ class ProviderBudgets(CustomLogger):
         body = json.dumps(request, separators=(",", ":")).encode()
         try:
             status, answer = await self._post(url, body)
+            if status == 422 and fallback is not None:
+                # The sidecar cannot price the request's models (pricing.unpriced: deny):
+                # the reservation is made with the plugin's own estimate instead.
+                fallback.update({k: request[k] for k in ("tags", "identity") if k in request})
+                body = json.dumps(fallback, separators=(",", ":")).encode()
+                status, answer = await self._post(url, body)
             if status == 429:
                 self._reachable()
                 raise NoDeploymentsAvailable(f"{CROSSED_BUDGET}: {_exceeded_info(answer)}")
@@ -474,13 +491,25 @@ class ProviderBudgets(CustomLogger):
         estimate = Decimal(0)
         for deployment in healthy_deployments:
             estimate = max(estimate, self.estimate(deployment, messages, request_kwargs))
-        request: Dict[str, Any] = {"deployments": self._wire(healthy_deployments), "estimate": format(estimate, "f")}
+        wire = self._wire(healthy_deployments)
+        own: Dict[str, Any] = {"deployments": wire, "estimate": format(estimate, "f")}
+        request, fallback = own, None
+        chat = _chat_for_estimate(messages)
+        if self.sidecar_estimate and chat is not None:
+            # The sidecar estimates each candidate on its own model (and holds tokens in token
+            # budgets); the plugin's estimate is the fallback for models it cannot price.
+            request = {"deployments": wire, "messages": chat}
+            kw = request_kwargs or {}
+            max_tokens = kw.get("max_tokens") or kw.get("max_completion_tokens")
+            if isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and max_tokens >= 0:
+                request["max_tokens"] = max_tokens
+            fallback = own
 
         def reserved(answer: bytes) -> Tuple[Dict[str, Any], str]:
             doc = json.loads(answer)
             return healthy_deployments[int(doc["deployment"]["ref"])], str(doc["reservation"])
 
-        got = await self._ask("reserve", self._reserve_url, request, request_kwargs, reserved)
+        got = await self._ask("reserve", self._reserve_url, request, request_kwargs, reserved, fallback)
         if got is None:
             return healthy_deployments
         chosen, reservation = got
@@ -945,6 +974,32 @@ def _logged_identity(kwargs: Dict[str, Any]) -> Dict[str, str]:
         return identity
     params = kwargs.get("litellm_params") or {}
     return _identity_from(params.get("metadata") if isinstance(params, dict) else None)
+
+
+def _chat_for_estimate(messages: Any) -> Optional[List[Dict[str, Any]]]:
+    """The request's messages as the sidecar counts them (role, name, and text content or
+    content parts); ``None`` when there are none to send."""
+    if not isinstance(messages, list) or not messages:
+        return None
+    out: List[Dict[str, Any]] = []
+    for m in messages:
+        role = _field(m, "role")
+        content = _field(m, "content")
+        item: Dict[str, Any] = {"role": role if isinstance(role, str) else "user"}
+        if isinstance(content, str):
+            item["content"] = content
+        elif isinstance(content, list):
+            item["content"] = [
+                {"type": "text", "text": p["text"]}
+                if isinstance(p, dict) and isinstance(p.get("text"), str)
+                else {"type": "other"}
+                for p in content
+            ]
+        name = _field(m, "name")
+        if isinstance(name, str):
+            item["name"] = name
+        out.append(item)
+    return out
 
 
 def _clip(answer: bytes, n: int = 200) -> str:
