@@ -106,7 +106,11 @@ fn row(limiter: &Limiter, s: &BudgetStatus) -> serde_json::Value {
         .history(s.scope, &s.name, &s.period_key, HISTORY + 1)
         .into_iter()
         .map(|(w, spend)| {
-            serde_json::json!({"start": w.start().to_string(), "spend": spend.as_usd(), "limit": s.limit.as_usd()})
+            let (spend, limit) = (
+                crate::status_json::amount(s.unit, spend),
+                crate::status_json::amount(s.unit, s.limit),
+            );
+            serde_json::json!({"start": w.start().to_string(), "spend": spend, "limit": limit})
         })
         .collect();
     let r = &s.replication;
@@ -124,12 +128,13 @@ fn row(limiter: &Limiter, s: &BudgetStatus) -> serde_json::Value {
     serde_json::json!({
         "scope": s.scope.as_str(),
         "name": s.name,
-        "period": s.period_key,
-        "unit": "usd",
+        // The period part without its `~unit` (the unit has its own column).
+        "period": s.period_key.split('~').next().unwrap_or_default(),
+        "unit": s.unit.as_str(),
         "pct": pct,
-        "spend": s.spend.as_usd(),
-        "spend_text": s.spend.to_string(),
-        "limit_text": s.limit.to_string(),
+        "spend": crate::status_json::amount(s.unit, s.spend),
+        "spend_text": s.unit.format_amount(s.spend.as_nanos()),
+        "limit_text": s.unit.format_amount(s.limit.as_nanos()),
         "resets": crate::status_json::local(s.window.end(), &s.time_zone),
         "soft": soft.join(", "),
         "mode": format!("{} {}", s.mode.as_str(), s.enforcement.as_str()),
