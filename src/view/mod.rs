@@ -12,7 +12,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use arc_swap::ArcSwap;
 
@@ -122,9 +122,6 @@ struct BudgetView {
     /// spend by it. Part of the budget's identity, so set once (open, reload, a template's
     /// first use); an atomic only because it is set after the slot is shared.
     unit: AtomicU8,
-    /// `max_estimate`: the most a reservation holds here (`u64::MAX`: no cap). Set with the
-    /// policy (open, reload).
-    cap: AtomicU64,
     /// The largest reservation refused by this node's grant alone since the replicator last
     /// looked: the next (out-of-cycle) grant round asks for at least that much more.
     starved: AtomicU64,
@@ -187,6 +184,12 @@ pub(crate) struct View {
     templated: AtomicUsize,
     /// Shared with every slot.
     hot: Arc<Hot>,
+    /// `max_estimate` of the budgets that set one (slot → cap), read by admission only. Why
+    /// not a field of each slot: few budgets cap, and 8 more bytes per slot would cost every
+    /// template series; a lock is fine beside the reservation's own registry lock.
+    caps: Mutex<rustc_hash::FxHashMap<u32, u64>>,
+    /// Whether `caps` has any: admission skips the lock otherwise.
+    any_caps: AtomicBool,
 }
 
 impl View {
@@ -208,6 +211,8 @@ impl View {
             len: AtomicUsize::new(len),
             templated: AtomicUsize::new(0),
             hot,
+            caps: Mutex::new(rustc_hash::FxHashMap::default()),
+            any_caps: AtomicBool::new(false),
         }
     }
 
@@ -574,15 +579,22 @@ impl View {
 
     /// Sets the most a reservation holds in a budget (`None`: no cap).
     pub fn set_cap(&self, budget: u32, cap: Option<Money>) {
-        self.budget(budget)
-            .cap
-            .store(cap.map_or(u64::MAX, Money::as_nanos), Ordering::Relaxed);
+        let mut caps = self.caps.lock().unwrap_or_else(PoisonError::into_inner);
+        match cap {
+            Some(c) => caps.insert(budget, c.as_nanos()),
+            None => caps.remove(&budget),
+        };
+        self.any_caps.store(!caps.is_empty(), Ordering::Release);
     }
 
     /// `amount` capped by the budget's `max_estimate`.
     #[inline]
     pub fn capped(&self, budget: u32, amount: u64) -> u64 {
-        amount.min(self.budget(budget).cap.load(Ordering::Relaxed))
+        if !self.any_caps.load(Ordering::Acquire) {
+            return amount;
+        }
+        let caps = self.caps.lock().unwrap_or_else(PoisonError::into_inner);
+        caps.get(&budget).map_or(amount, |&c| amount.min(c))
     }
 
     /// What a budget counts.
@@ -946,7 +958,6 @@ impl BudgetView {
             strict: AtomicBool::new(false),
             policy: AtomicU8::new(0),
             unit: AtomicU8::new(0),
-            cap: AtomicU64::new(u64::MAX),
             starved: AtomicU64::new(0),
             would_deny: AtomicU64::new(0),
             soft: ArcSwap::new(no_soft_limits()),
