@@ -350,8 +350,10 @@ impl Book {
             view.set_strict(b, true);
         }
         view.set_grant(b, window, Money::from_nanos(durable));
-        if view.is_templated(b) {
-            return; // no gauge per templated series (see `journal::update_gauges`)
+        // No gauge per templated series (see `journal::update_gauges`), and none in dollars
+        // for a budget of another unit (its grant counts tokens, requests or slots).
+        if view.is_templated(b) || view.unit(b).is_count() {
+            return;
         }
         let (provider, period) = keys.get(b).store_parts();
         metrics::gauge!("provider_budgets_grant_usd", "provider" => provider.clone(), "period" => period.clone())

@@ -180,15 +180,17 @@ end
 
 -- What one raise may take of `free` (a decimal) for a budget of `limit`: 1/2 of it while more
 -- than half the limit is free, then 1/max(4, holders + 1), never less than 5 % of the limit,
--- and all of it once it is at most 5 % of the limit (the last dollars are not stranded). Sized
--- in doubles; the caller clamps it to `free` exactly.
+-- and all of it once it is at most 5 % of the limit (the last dollars are not stranded), and
+-- never less than 1: amounts are integers of the budget's unit, and a count budget's slice of
+-- a small limit (10 concurrent slots over 4 holders: 3 / 4) would round down to a raise of 0
+-- that starves the asker forever. Sized in doubles; the caller clamps it to `free` exactly.
 local function step(free, limit, holders)
   local f, l = tonumber(free), tonumber(limit)
   local floor = 0.05 * l
   if f <= floor then return free end
   local k = 2
   if f <= 0.5 * l then k = math.max(4, (tonumber(holders) or 0) + 1) end
-  local x = math.max(f / k, floor)
+  local x = math.max(f / k, floor, 1)
   local s = string.format('%.0f', math.floor(x))
   if not decimal(s) or greater(s, free) then return free end
   return s

@@ -1,0 +1,251 @@
+//! Units across the fleet, through a real `redis-server`: shared `tokens` and `requests`
+//! budgets count every node's spend exactly once (node restarts, a Redis restart and a
+//! FLUSHALL heal), and a strict `tokens` budget is granted in whole tokens and never admits
+//! more than its limit across nodes. Fleet-wide `concurrent` slots are in `units_concurrent.rs`.
+
+use provider_budgets_test_support::open as support;
+use provider_budgets_test_support::redis_server;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use jiff::Timestamp;
+use provider_budgets::{
+    Config, Estimate, FakeClock, Limiter, Money, RedisConfig, Spend, StatusQuery, Unit, Usage,
+};
+use redis_server::RedisServer;
+
+/// 30 s into the current minute of the real clock: windows under the test's control, near
+/// real time (Redis expires keys by its own clock).
+fn clock() -> Arc<FakeClock> {
+    let now = Timestamp::now().as_second();
+    Arc::new(FakeClock::new(
+        Timestamp::from_second(now - now.rem_euclid(60) + 30).unwrap(),
+    ))
+}
+
+fn config(yaml: &str, dir: &Path, url: &str, node: &str, interval: Duration) -> Config {
+    let mut c = support::yaml(yaml, dir);
+    c.node_id = Some(node.to_owned());
+    let mut r = RedisConfig::new(url);
+    r.prefix = "units".to_owned();
+    r.sync_interval = interval;
+    r.connect_timeout = Duration::from_millis(500);
+    r.command_timeout = Duration::from_millis(500);
+    c.redis = Some(r);
+    c
+}
+
+fn converge(nodes: &[&Limiter]) {
+    for _ in 0..2 {
+        for n in nodes {
+            n.sync().unwrap();
+        }
+    }
+}
+
+/// (fleet spend, own spend) of `l`'s openai budget counting `unit`, as raw integers.
+fn counted(l: &Limiter, unit: Unit) -> (u64, u64) {
+    let s = l
+        .status(StatusQuery::provider("openai"))
+        .into_iter()
+        .find(|s| s.unit == unit)
+        .unwrap();
+    (s.spend.as_nanos(), s.own_spend.as_nanos())
+}
+
+/// The Redis hash of the openai budget counting `unit` (its only window).
+fn window_key(server: &RedisServer, unit: Unit) -> String {
+    let keys = server.command(&["KEYS", &format!("units:{{openai:*~{unit}}}:*")]);
+    let windows: Vec<&str> = keys
+        .trim_matches(['[', ']'])
+        .split(", ")
+        .filter(|k| {
+            k.rsplit(':')
+                .next()
+                .is_some_and(|s| s.parse::<i64>().is_ok())
+        })
+        .collect();
+    assert_eq!(windows.len(), 1, "{keys}");
+    windows[0].to_owned()
+}
+
+const SHARED: &str = "\
+provider_budgets:
+  budgets:
+    - {provider: openai, unit: tokens, limit: 100000000, period: 1h}
+    - {provider: openai, unit: requests, limit: 100000000, period: 1h}
+";
+
+#[test]
+fn shared_token_and_request_budgets_count_each_node_once_across_restarts_and_redis_losses() {
+    let Some(mut server) = RedisServer::start() else {
+        return;
+    };
+    let clock = clock();
+    let hour = Duration::from_secs(3600); // rounds when the test says so
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let open = |i: usize| {
+        let id = ["a", "b", "c"][i];
+        support::open(
+            config(SHARED, dirs[i].path(), &server.url(), id, hour),
+            &clock,
+        )
+    };
+    let mut nodes: Vec<Limiter> = (0..3).map(open).collect();
+    let (mut tokens, mut requests) = (0u64, 0u64);
+    let mut spend = |nodes: &[Limiter], k: u64| {
+        for (i, n) in nodes.iter().enumerate() {
+            for j in 0..20u64 {
+                let (input, output) = (100 + 7 * j + k, 13 * i as u64 + j);
+                n.charge(Spend::provider("openai", Money::ZERO).usage(Usage::new(input, output)))
+                    .unwrap()
+                    .wait()
+                    .unwrap();
+                tokens += input + output;
+                requests += 1;
+            }
+        }
+        (tokens, requests)
+    };
+    let check = |nodes: &[Limiter], (t, r): (u64, u64)| {
+        let refs: Vec<&Limiter> = nodes.iter().collect();
+        converge(&refs);
+        for n in nodes {
+            assert_eq!(counted(n, Unit::Tokens).0, t, "tokens, fleet-wide");
+            assert_eq!(counted(n, Unit::Requests).0, r, "requests, fleet-wide");
+        }
+    };
+    let want = spend(&nodes, 1);
+    check(&nodes, want);
+    // The wire carries whole tokens: each node field is its own count, no USD scaling.
+    let key = window_key(&server, Unit::Tokens);
+    let own_a = counted(&nodes[0], Unit::Tokens).1;
+    assert_eq!(server.command(&["HGET", &key, "a"]), own_a.to_string());
+    assert_eq!(
+        server.command(&["HGET", &key, "~total"]),
+        want.0.to_string()
+    );
+
+    // A node restarts: it neither recounts nor loses its spend.
+    drop(nodes.remove(1));
+    nodes.insert(1, open(1));
+    let want = spend(&nodes, 2);
+    check(&nodes, want);
+
+    // FLUSHALL mid-stream, then a Redis restart without persistence: the nodes heal it.
+    spend(&nodes, 3);
+    server.flushall();
+    let want = spend(&nodes, 4);
+    check(&nodes, want);
+    server.restart();
+    let want = spend(&nodes, 5);
+    check(&nodes, want);
+    assert_eq!(
+        server.command(&["HGET", &window_key(&server, Unit::Requests), "~total"]),
+        want.1.to_string()
+    );
+}
+
+const STRICT: &str = "\
+provider_budgets:
+  budgets:
+    - {provider: openai, unit: tokens, limit: 20000, period: 1m, enforcement: strict}
+";
+
+/// A small deterministic generator (no dependency).
+fn next(seed: &mut u64) -> u64 {
+    *seed = seed
+        .wrapping_mul(6_364_136_223_846_793_005)
+        .wrapping_add(1_442_695_040_888_963_407);
+    *seed >> 33
+}
+
+/// One node's demand: reservations of random token estimates, committed with usage at most
+/// the estimate, until 30 refusals in a row (or the deadline). Returns the tokens committed.
+fn demand(node: &Limiter, seed: u64, deadline: Instant) -> u64 {
+    let d = ["openai/gpt-4o"];
+    let mut seed = seed;
+    let (mut committed, mut refusals) = (0, 0);
+    while refusals < 30 && Instant::now() < deadline {
+        let est = 100 + next(&mut seed) % 500;
+        match node
+            .reserve(&d, Money::ZERO)
+            .estimate(Estimate::new(Money::ZERO, Some(est)))
+            .wait()
+        {
+            Ok(r) => {
+                refusals = 0;
+                let used = est - next(&mut seed) % (est / 2);
+                let input = used / 3;
+                r.commit_usage(Money::ZERO, Usage::new(input, used - input))
+                    .unwrap()
+                    .wait()
+                    .unwrap();
+                committed += used;
+            }
+            Err(_) => {
+                refusals += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+    committed
+}
+
+#[test]
+fn a_strict_token_budget_grants_whole_tokens_and_never_admits_more_than_its_limit() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let clock = clock();
+    let interval = Duration::from_millis(100);
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let nodes: Vec<Limiter> = (0..3)
+        .map(|i| {
+            let id = ["a", "b", "c"][i];
+            let c = config(STRICT, dirs[i].path(), &server.url(), id, interval);
+            support::open(c, &clock)
+        })
+        .collect();
+    let total = AtomicU64::new(0);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    std::thread::scope(|s| {
+        for (i, n) in nodes.iter().enumerate() {
+            let total = &total;
+            s.spawn(move || {
+                total.fetch_add(demand(n, 7 + i as u64, deadline), Ordering::Relaxed);
+            });
+        }
+    });
+    let admitted = total.load(Ordering::Relaxed);
+    eprintln!("strict tokens: {admitted} of 20000 committed across 3 nodes");
+    assert!(admitted <= 20_000, "{admitted} tokens admitted on 20000");
+    assert!(
+        admitted >= 15_000,
+        "{admitted}: the grants reached the nodes"
+    );
+    let refs: Vec<&Limiter> = nodes.iter().collect();
+    converge(&refs);
+    assert_eq!(counted(&nodes[0], Unit::Tokens).0, admitted);
+
+    // Grants are whole tokens in Redis and in status: Σ grants ≤ the limit.
+    let key = window_key(&server, Unit::Tokens);
+    let mut sum = 0u64;
+    for id in ["a", "b", "c"] {
+        let g = server.command(&["HGET", &key, &format!("~grant:{id}")]);
+        if g != "(nil)" {
+            sum += g.parse::<u64>().unwrap_or_else(|_| panic!("grant {g:?}"));
+        }
+    }
+    assert!(sum <= 20_000, "Σ grants {sum}");
+    let granted = server.command(&["HGET", &key, "~granted"]);
+    assert_eq!(granted, sum.to_string());
+    for n in &nodes {
+        let s = n.status(StatusQuery::provider("openai")).remove(0);
+        let grant = s.grant.unwrap().as_nanos();
+        assert!(grant <= 20_000, "a node's grant counts tokens: {grant}");
+    }
+}
