@@ -31,6 +31,7 @@ use crate::durable::store::{GrantValue, HoldersValue, Store, WindowKey};
 use crate::model::budget::{Enforcement, Offline};
 use crate::model::money::Money;
 use crate::model::slots::SlotKeys;
+use crate::model::unit::Unit;
 use crate::model::window::Window;
 use crate::view::View;
 
@@ -126,6 +127,28 @@ impl Pace {
     /// Whether the budget has been idle long enough to give its grant back.
     fn idle(&self) -> bool {
         self.idle_rounds >= IDLE_ROUNDS
+    }
+}
+
+/// What a node wants of a strict `concurrent` budget's grant, `used` being the slots it
+/// holds. Slots are taken and given back at every reservation, never spent, so a margin a busy
+/// node keeps would strand the limit's last slots for as long as it stays busy (it never goes
+/// idle): it asks only when a reservation was refused by the grant (`starved`, for twice
+/// that), keeps at most that margin, and keeps none while the whole limit is granted
+/// (`full`: another node may be waiting for a slot).
+fn slots_want(used: u64, durable: u64, starved: u64, full: bool, release: bool) -> u64 {
+    let margin = starved.max(1).saturating_mul(2);
+    let left = durable.saturating_sub(used);
+    if release {
+        used
+    } else if starved > left {
+        used.saturating_add(margin)
+    } else if full {
+        used
+    } else if left > margin {
+        used.saturating_add(margin)
+    } else {
+        durable
     }
 }
 
@@ -236,7 +259,13 @@ impl Book {
         let left = durable.saturating_sub(used);
         let idle = pace.idle();
 
-        let want = if closing || idle {
+        let want = if view.unit(b) == Unit::Concurrent {
+            let granted = self
+                .held
+                .get(&(b, window.start_secs()))
+                .map_or(0, |h| h.granted);
+            slots_want(used, durable, starved, limit <= granted, closing || idle)
+        } else if closing || idle {
             used
         } else if left < headroom || starved > left {
             used.saturating_add(headroom.saturating_mul(2))

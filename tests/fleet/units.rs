@@ -249,3 +249,75 @@ fn a_strict_token_budget_grants_whole_tokens_and_never_admits_more_than_its_limi
         assert!(grant <= 20_000, "a node's grant counts tokens: {grant}");
     }
 }
+
+/// What the merge script raises a strict key of a 10-unit budget to, for `node` holding
+/// `durable` and wanting far more.
+async fn ask_ten(
+    wire: &provider_budgets::__wire::Wire,
+    conn: &mut redis::aio::MultiplexedConnection,
+    node: &str,
+    key: &str,
+    durable: u64,
+) -> u64 {
+    use provider_budgets::__wire::{GrantAsk, Group, Identity, Mode, SyncItem};
+    let id = Identity {
+        node,
+        instance: "i0",
+        lease_ms: 60_000,
+        read_lease_ms: 60_000,
+        release: false,
+        verify: false,
+        guard_ms: 0,
+        grant_lease_ms: 0,
+    };
+    let item = SyncItem {
+        key: key.to_owned(),
+        own: 0,
+        expire_at: 4_000_000_000,
+        grant: Some(GrantAsk {
+            limit: 10,
+            durable,
+            want: 1000,
+            known: String::new(),
+        }),
+        skip: false,
+    };
+    let g = Group {
+        lease: format!("{key}:lease:{node}"),
+        marker: format!("{key}:strict"),
+        items: vec![item],
+        mode: Mode::Script { renew: true },
+    };
+    let out = wire.sync_round(conn, &id, &[g]).await.unwrap();
+    let reply = out[0].as_ref().unwrap().keys[0].clone().unwrap();
+    reply.grant.unwrap().grant
+}
+
+/// A count budget's small limit is given out to its last unit however many nodes hold a
+/// grant: a slice of `free / (holders + 1)` below 1 is raised to 1 (it rounded down to a
+/// raise of 0: 3 slots of 10 free, a fourth holder was granted nothing, ever).
+#[tokio::test]
+async fn a_small_count_limit_is_granted_to_its_last_unit_among_many_holders() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let mut conn = redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let wire = provider_budgets::__wire::Wire::new();
+    let key = "units:{openai:1200mo~concurrent}:0";
+    let mut grants = [0u64; 5];
+    for _ in 0..4 {
+        for (i, node) in ["a", "b", "c", "d", "e"].into_iter().enumerate() {
+            grants[i] = ask_ten(&wire, &mut conn, node, key, grants[i]).await;
+        }
+    }
+    assert_eq!(
+        grants,
+        [6, 1, 1, 1, 1],
+        "every unit given out, in whole units"
+    );
+    assert_eq!(server.command(&["HGET", key, "~granted"]), "10");
+}

@@ -316,6 +316,26 @@ fn a_strict_concurrent_limit_holds_across_four_processes_and_sigkills() {
     send(&mut nodes[1], "free");
     assert!(fleet.pump(long, |f| f.held[0] == LIMIT), "{:?}", fleet.held);
     granted(&server);
+
+    // Everyone churns again and b is SIGKILLed while it holds slots: the bound holds, and once
+    // the others stop, c alone gets all 10 back (b's by the lease, the others' as they idle).
+    send(&mut nodes[0], "free");
+    fleet.done = [false; NODES];
+    for n in &mut nodes {
+        send(n, "churn 2000");
+    }
+    assert!(fleet.pump(long, |f| f.held[1] > 0), "{:?}", fleet.held);
+    sigkill(&mut nodes[1].child);
+    fleet.held[1] = 0;
+    assert!(fleet.pump(long, |f| [0, 2, 3].iter().all(|&i| f.done[i])));
+    let started = Instant::now();
+    send(&mut nodes[2], "hold 10");
+    assert!(fleet.pump(long, |f| f.held[2] == LIMIT), "{:?}", fleet.held);
+    eprintln!(
+        "after a SIGKILL mid-churn, one node holds all 10 slots {:?} after the churn",
+        started.elapsed()
+    );
+    granted(&server);
     for n in &mut nodes {
         sigkill(&mut n.child);
     }
