@@ -258,6 +258,7 @@ async fn ask_ten(
     node: &str,
     key: &str,
     durable: u64,
+    grant_lease_ms: u64,
 ) -> u64 {
     use provider_budgets::__wire::{GrantAsk, Group, Identity, Mode, SyncItem};
     let id = Identity {
@@ -268,7 +269,7 @@ async fn ask_ten(
         release: false,
         verify: false,
         guard_ms: 0,
-        grant_lease_ms: 0,
+        grant_lease_ms,
     };
     let item = SyncItem {
         key: key.to_owned(),
@@ -311,7 +312,7 @@ async fn a_small_count_limit_is_granted_to_its_last_unit_among_many_holders() {
     let mut grants = [0u64; 5];
     for _ in 0..4 {
         for (i, node) in ["a", "b", "c", "d", "e"].into_iter().enumerate() {
-            grants[i] = ask_ten(&wire, &mut conn, node, key, grants[i]).await;
+            grants[i] = ask_ten(&wire, &mut conn, node, key, grants[i], 0).await;
         }
     }
     assert_eq!(
@@ -319,5 +320,51 @@ async fn a_small_count_limit_is_granted_to_its_last_unit_among_many_holders() {
         [6, 1, 1, 1, 1],
         "every unit given out, in whole units"
     );
+    assert_eq!(server.command(&["HGET", key, "~granted"]), "10");
+}
+
+/// `grant_lease` counts a node's silence from when the key's callers were last heard without a
+/// gap: after a silence of every node (Redis away, with its data), the first node back does
+/// not reclaim the others' grants (slots they still hold) before a full lease; a node silent
+/// while the others call is reclaimed after the lease.
+#[tokio::test]
+async fn a_fleet_wide_silence_restarts_the_grant_lease() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let mut conn = redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let wire = provider_budgets::__wire::Wire::new();
+    let key = "units:{openai:1200mo~concurrent}:0";
+    let lease = 300;
+    let a = ask_ten(&wire, &mut conn, "a", key, 0, lease).await;
+    let mut b = 0;
+    for _ in 0..6 {
+        b = ask_ten(&wire, &mut conn, "b", key, b, lease).await;
+    }
+    assert_eq!((a, b), (5, 5));
+    // Nobody calls for longer than the lease (Redis was unreachable): b, back first, takes
+    // nothing of a's.
+    tokio::time::sleep(std::time::Duration::from_millis(2 * lease)).await;
+    assert_eq!(ask_ten(&wire, &mut conn, "b", key, b, lease).await, 5);
+    // b keeps calling, a stays silent: reclaimed a lease after the fleet was heard again.
+    let back = Instant::now();
+    while b == 5 {
+        assert!(back.elapsed() < Duration::from_secs(5), "never reclaimed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        b = ask_ten(&wire, &mut conn, "b", key, b, lease).await;
+    }
+    assert!(
+        back.elapsed() >= Duration::from_millis(lease),
+        "{:?}",
+        back.elapsed()
+    );
+    for _ in 0..10 {
+        b = ask_ten(&wire, &mut conn, "b", key, b, lease).await;
+    }
+    assert_eq!(b, 10, "all of a's grant came back");
     assert_eq!(server.command(&["HGET", key, "~granted"]), "10");
 }

@@ -205,9 +205,27 @@ local function free_after(limit, total, unspent, g, target, spent)
   return over(limit, sub(used, ours))
 end
 
+-- Since when the key's strict callers were heard without a gap (with `grant_lease` only):
+-- `~last` is the Redis time of the last strict call by any node, `~since` the start of the
+-- current run of calls. Every live node calls at every sync interval and the lease is at
+-- least three, so a silence longer than half the lease means Redis (or the whole fleet) was
+-- away: the run restarts, and nobody is thought dead before a full lease after it (else the
+-- first node back after any outage longer than the lease would reclaim every live node's
+-- grant, slots it still holds included).
+local function heard(key, now_ms, lease_ms)
+  local v = redis.call('HMGET', key, '~last', '~since')
+  local last, since = tonumber(v[1]), tonumber(v[2])
+  if not last or not since or now_ms - last > lease_ms / 2 then
+    since = now_ms
+    redis.call('HSET', key, '~since', tostring(since))
+  end
+  redis.call('HSET', key, '~last', tostring(now_ms))
+  return since
+end
+
 -- Reclaims the unused grant of every other node not seen for `lease_ms` (grant lowered to
--- its spend). Returns the amount reclaimed.
-local function reclaim(key, now_ms, lease_ms)
+-- its spend), counting from `since` at the earliest (`heard`). Returns the amount reclaimed.
+local function reclaim(key, now_ms, lease_ms, since)
   local all = redis.call('HGETALL', key)
   local values = {}
   for i = 1, #all, 2 do values[all[i]] = all[i + 1] end
@@ -217,7 +235,7 @@ local function reclaim(key, now_ms, lease_ms)
       local n = string.sub(f, 7)
       local seen = tonumber(v) or 0
       local g = values['~grant:' .. n]
-      if now_ms - seen > lease_ms and g and canonical(g) then
+      if now_ms - math.max(seen, since) > lease_ms and g and canonical(g) then
         local spent = values[n]
         if not (spent and canonical(spent)) then spent = '0' end
         local unused = over(g, spent)
@@ -456,6 +474,8 @@ local function merge(key, own, expire_at, limit, dgrant, want, known)
     return {cur or '', owner or '', mine or '', total, repaired, bad, '', '', '', ''}
   end
   local frz = raise_frozen()
+  local since = 0
+  if grant_lease_ms > 0 then since = heard(key, now_ms, grant_lease_ms) end
   local run = redis.call('HMGET', key, '~granted', '~unspent', '~holders')
   local granted, unspent, holders = run[1], run[2], run[3]
   if grants_damaged or not (granted and decimal(granted)) or not (unspent and decimal(unspent))
@@ -479,7 +499,7 @@ local function merge(key, own, expire_at, limit, dgrant, want, known)
     if not frz then
       local free = free_after(limit, total, unspent, g, target, spent1)
       if free == '0' and grant_lease_ms > 0 then
-        local back = reclaim(key, now_ms, grant_lease_ms)
+        local back = reclaim(key, now_ms, grant_lease_ms, since)
         if back ~= '0' then
           granted, unspent, holders = recompute_grants(key)
           free = free_after(limit, total, unspent, g, target, spent1)
