@@ -259,6 +259,7 @@ async fn ask_ten(
     key: &str,
     durable: u64,
     grant_lease_ms: u64,
+    known: &str,
 ) -> u64 {
     use provider_budgets::__wire::{GrantAsk, Group, Identity, Mode, SyncItem};
     let id = Identity {
@@ -279,7 +280,7 @@ async fn ask_ten(
             limit: 10,
             durable,
             want: 1000,
-            known: String::new(),
+            known: known.to_owned(),
         }),
         skip: false,
     };
@@ -312,7 +313,7 @@ async fn a_small_count_limit_is_granted_to_its_last_unit_among_many_holders() {
     let mut grants = [0u64; 5];
     for _ in 0..4 {
         for (i, node) in ["a", "b", "c", "d", "e"].into_iter().enumerate() {
-            grants[i] = ask_ten(&wire, &mut conn, node, key, grants[i], 0).await;
+            grants[i] = ask_ten(&wire, &mut conn, node, key, grants[i], 0, "").await;
         }
     }
     assert_eq!(
@@ -340,22 +341,22 @@ async fn a_fleet_wide_silence_restarts_the_grant_lease() {
     let wire = provider_budgets::__wire::Wire::new();
     let key = "units:{openai:1200mo~concurrent}:0";
     let lease = 300;
-    let a = ask_ten(&wire, &mut conn, "a", key, 0, lease).await;
+    let a = ask_ten(&wire, &mut conn, "a", key, 0, lease, "").await;
     let mut b = 0;
     for _ in 0..6 {
-        b = ask_ten(&wire, &mut conn, "b", key, b, lease).await;
+        b = ask_ten(&wire, &mut conn, "b", key, b, lease, "").await;
     }
     assert_eq!((a, b), (5, 5));
     // Nobody calls for longer than the lease (Redis was unreachable): b, back first, takes
     // nothing of a's.
     tokio::time::sleep(std::time::Duration::from_millis(2 * lease)).await;
-    assert_eq!(ask_ten(&wire, &mut conn, "b", key, b, lease).await, 5);
+    assert_eq!(ask_ten(&wire, &mut conn, "b", key, b, lease, "").await, 5);
     // b keeps calling, a stays silent: reclaimed a lease after the fleet was heard again.
     let back = Instant::now();
     while b == 5 {
         assert!(back.elapsed() < Duration::from_secs(5), "never reclaimed");
         tokio::time::sleep(Duration::from_millis(50)).await;
-        b = ask_ten(&wire, &mut conn, "b", key, b, lease).await;
+        b = ask_ten(&wire, &mut conn, "b", key, b, lease, "").await;
     }
     assert!(
         back.elapsed() >= Duration::from_millis(lease),
@@ -363,8 +364,54 @@ async fn a_fleet_wide_silence_restarts_the_grant_lease() {
         back.elapsed()
     );
     for _ in 0..10 {
-        b = ask_ten(&wire, &mut conn, "b", key, b, lease).await;
+        b = ask_ten(&wire, &mut conn, "b", key, b, lease, "").await;
     }
     assert_eq!(b, 10, "all of a's grant came back");
     assert_eq!(server.command(&["HGET", key, "~granted"]), "10");
+}
+
+/// After Redis lost its data, a holder that never comes back (SIGKILLed for good) is awaited
+/// only for the grant lease: its field is then written at 0 and the window is granted from
+/// again (a `concurrent` budget's window lasts 100 years).
+#[tokio::test]
+async fn a_holder_lost_with_the_data_is_awaited_only_for_the_grant_lease() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let mut conn = redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let wire = provider_budgets::__wire::Wire::new();
+    let key = "units:{openai:1200mo~concurrent}:0";
+    let lease = 300;
+    let a = ask_ten(&wire, &mut conn, "a", key, 0, lease, "a").await;
+    let b = ask_ten(&wire, &mut conn, "b", key, 0, lease, "a,b").await;
+    assert_eq!((a, b), (5, 1));
+    server.flushall();
+    // b re-registers its grant; a, which it knows held one, is awaited: nothing is raised.
+    let lost = Instant::now();
+    let mut b = ask_ten(&wire, &mut conn, "b", key, b, lease, "a,b").await;
+    assert_eq!(b, 1);
+    assert_eq!(server.command(&["HGET", key, "~await"]), "a");
+    while b == 1 {
+        assert!(
+            lost.elapsed() < Duration::from_secs(5),
+            "a awaited for ever"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        b = ask_ten(&wire, &mut conn, "b", key, b, lease, "a,b").await;
+    }
+    assert!(
+        lost.elapsed() >= Duration::from_millis(lease),
+        "{:?}",
+        lost.elapsed()
+    );
+    for _ in 0..10 {
+        b = ask_ten(&wire, &mut conn, "b", key, b, lease, "a,b").await;
+    }
+    assert_eq!(b, 10, "the whole limit is granted again");
+    assert_eq!(server.command(&["HGET", key, "~grant:a"]), "0");
+    assert_eq!(server.command(&["HGET", key, "~await"]), "(nil)");
 }

@@ -264,6 +264,27 @@ local function listed(list, id)
   return list ~= '' and string.find(',' .. list .. ',', ',' .. id .. ',', 1, true) ~= nil
 end
 
+-- With `grant_lease`: holders still awaited a lease after they were first awaited are taken
+-- for dead, as the lease takes a silent node everywhere else: their grant field is written at
+-- 0 (their spend was lost with the data: a holder that does come back re-registers its durable
+-- grant by max, the lease's documented cost) and raises resume. Without it a dead holder would
+-- freeze the window until it ends: 100 years for a `concurrent` budget. Returns whether it
+-- released them (the caller recomputes the running fields).
+local function release_awaited(key, missing)
+  if grant_lease_ms <= 0 then return false end
+  local t0 = tonumber(redis.call('HGET', key, '~await_since') or '')
+  if not t0 then
+    redis.call('HSET', key, '~await_since', tostring(now_ms))
+    return false
+  end
+  if now_ms - t0 <= grant_lease_ms then return false end
+  for _, id in ipairs(missing) do
+    redis.call('HSET', key, '~grant:' .. id, '0', '~seen:' .. id, tostring(t0))
+  end
+  redis.call('HDEL', key, '~await', '~await_since')
+  return true
+end
+
 -- The holder registry after a data loss (issue 19). `known` is the caller's durable list of
 -- the nodes it saw holding a grant field in this window; `~await` the nodes some caller knew
 -- of whose field is missing. Every id of both (but the caller, registering now) without a
@@ -275,7 +296,7 @@ local function awaiting(key, known, holders, mine_gone)
   local aw = redis.call('HGET', key, '~await')
   local n = 0
   for _ in string.gmatch(known, '[^,]+') do n = n + 1 end
-  if not aw and n == tonumber(holders) and not mine_gone then return false end
+  if not aw and n == tonumber(holders) and not mine_gone then return false, false end
   local ids = {}
   for id in string.gmatch(known .. ',' .. (aw or ''), '[^,]+') do ids[id] = true end
   ids[node] = nil
@@ -284,12 +305,13 @@ local function awaiting(key, known, holders, mine_gone)
     if redis.call('HEXISTS', key, '~grant:' .. id) == 0 then missing[#missing + 1] = id end
   end
   if #missing > 0 then
+    if release_awaited(key, missing) then return false, true end
     table.sort(missing)
     redis.call('HSET', key, '~await', table.concat(missing, ','))
-    return true
+    return true, false
   end
-  if aw then redis.call('HDEL', key, '~await') end
-  return false
+  if aw then redis.call('HDEL', key, '~await', '~await_since') end
+  return false, false
 end
 
 -- The node ids holding a grant field, comma-separated (O(fields); only when the caller's
@@ -494,7 +516,9 @@ local function merge(key, own, expire_at, limit, dgrant, want, known)
   end
   -- Our own field was lost (we know we held one): register it even at 0, others await it.
   local mine_gone = (not g0) and listed(known, node)
-  if awaiting(key, known, holders, mine_gone) then frz = true end
+  local held_back, released = awaiting(key, known, holders, mine_gone)
+  if released then granted, unspent, holders = recompute_grants(key) end
+  if held_back then frz = true end
   if greater(want, target) then
     if not frz then
       local free = free_after(limit, total, unspent, g, target, spent1)
