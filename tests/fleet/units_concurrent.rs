@@ -340,3 +340,63 @@ fn a_strict_concurrent_limit_holds_across_four_processes_and_sigkills() {
         sigkill(&mut n.child);
     }
 }
+
+/// Redis away (paused with its data, then killed and restarted empty) while two nodes hold
+/// every slot and a third waits for one: the waiting node never takes the holders' slots (the
+/// first node back does not take the others for dead: the lease restarts after a silence of
+/// the whole fleet, and holders in backoff call again within a third of it); once the holders
+/// free their slots, it gets all of them.
+#[test]
+fn a_strict_concurrent_limit_holds_through_redis_outages() {
+    let Some(mut server) = RedisServer::start() else {
+        return;
+    };
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (tx, rx) = channel();
+    let mut nodes: Vec<Node> = (0..3)
+        .map(|i| spawn(i, dirs[i].path(), &server.url(), &tx))
+        .collect();
+    let mut fleet = Fleet {
+        events: rx,
+        held: [0; NODES],
+        ready: [false; NODES],
+        done: [false; NODES],
+        peak: 0,
+    };
+    let long = Duration::from_secs(30);
+    assert!(fleet.pump(long, |f| f.ready[..3].iter().all(|&r| r)));
+    send(&mut nodes[0], "hold 5");
+    assert!(fleet.pump(long, |f| f.held[0] == 5));
+    send(&mut nodes[1], "hold 5");
+    assert!(fleet.pump(long, |f| f.held[1] == 5));
+    send(&mut nodes[2], "hold 10");
+
+    // Paused 2 s (5 leases) with its data: every `~seen` is old when it answers again.
+    server.command(&["CLIENT", "PAUSE", "2000", "ALL"]);
+    std::thread::sleep(Duration::from_millis(2000)); // the outage itself
+    assert!(
+        !fleet.pump(LEASE * 3, |f| f.held[2] > 0),
+        "c took a live holder's slot after the pause: {:?}",
+        fleet.held
+    );
+    assert_eq!(granted(&server), LIMIT);
+
+    // Killed for 1.5 s and restarted empty: the holders re-register their grants.
+    server.kill();
+    std::thread::sleep(Duration::from_millis(1500)); // the outage itself
+    server.restart();
+    assert!(
+        !fleet.pump(LEASE * 3, |f| f.held[2] > 0),
+        "c took a live holder's slot after the loss: {:?}",
+        fleet.held
+    );
+    assert_eq!(granted(&server), LIMIT);
+
+    send(&mut nodes[0], "free");
+    send(&mut nodes[1], "free");
+    assert!(fleet.pump(long, |f| f.held[2] == LIMIT), "{:?}", fleet.held);
+    granted(&server);
+    for n in &mut nodes {
+        sigkill(&mut n.child);
+    }
+}
