@@ -415,3 +415,43 @@ async fn a_holder_lost_with_the_data_is_awaited_only_for_the_grant_lease() {
     assert_eq!(server.command(&["HGET", key, "~grant:a"]), "0");
     assert_eq!(server.command(&["HGET", key, "~await"]), "(nil)");
 }
+
+/// A strict concurrent budget needs `redis.grant_lease` (its one window lasts 100 years: a
+/// dead node's grant would never come back), in the file and as a runtime budget.
+#[test]
+fn a_strict_concurrent_budget_needs_a_grant_lease() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = "\
+provider_budgets:
+  budgets:
+    - {provider: openai, unit: concurrent, limit: 4, enforcement: strict}
+";
+    let c = config(yaml, dir.path(), &server.url(), "a", Duration::from_secs(1));
+    let err = c.validate().unwrap_err().to_string();
+    assert!(err.contains("provider_budgets.redis.grant_lease"), "{err}");
+    let mut c = config(yaml, dir.path(), &server.url(), "a", Duration::from_secs(1));
+    c.redis.as_mut().unwrap().grant_lease = Some(Duration::from_secs(3));
+    c.validate().unwrap();
+
+    let c = config(
+        SHARED,
+        dir.path(),
+        &server.url(),
+        "a",
+        Duration::from_secs(1),
+    );
+    let l = support::open(c, &clock());
+    let mut fields = provider_budgets::BudgetFields::new("4", "");
+    fields.unit = Some("concurrent".into());
+    fields.enforcement = Some("strict".into());
+    let runtime = provider_budgets::BudgetConfig::from_fields(
+        provider_budgets::Scope::Provider,
+        "anthropic",
+        &fields,
+    );
+    let err = l.put_budget(runtime.unwrap()).unwrap_err().to_string();
+    assert!(err.contains("provider_budgets.redis.grant_lease"), "{err}");
+}
