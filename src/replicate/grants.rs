@@ -460,3 +460,24 @@ impl Book {
             })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::slots_want;
+
+    #[test]
+    fn a_slot_grant_is_asked_on_refusal_and_keeps_no_margin_a_full_fleet_needs() {
+        // (used, durable, starved, full, release) -> want
+        // Refused with nothing left: ask for twice the refusal.
+        assert_eq!(slots_want(3, 3, 1, false, false), 5);
+        assert_eq!(slots_want(3, 3, 1, true, false), 5);
+        // Nothing refused: keep a margin of 2 at most, none while the limit is all granted.
+        assert_eq!(slots_want(3, 4, 0, false, false), 4);
+        assert_eq!(slots_want(3, 9, 0, false, false), 5);
+        assert_eq!(slots_want(3, 4, 0, true, false), 3);
+        // Idle or closing: everything not held goes back.
+        assert_eq!(slots_want(2, 6, 0, false, true), 2);
+        // No slot held and nothing asked: nothing kept past the margin.
+        assert_eq!(slots_want(0, 0, 0, false, false), 0);
+    }
+}
