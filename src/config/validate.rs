@@ -87,7 +87,7 @@ impl Config {
                     return Err(ConfigError::Invalid {
                         key: "provider_budgets.redis.grant_lease",
                         message: format!(
-                            "required by the strict concurrent budget {}: a dead node's slots come back only when its grant is reclaimed",
+                            "required by the strict concurrent budget {}: a dead node's slots come back only when its grant is reclaimed (e.g. 3 sync intervals plus connect_timeout and command_timeout: 7s with the defaults)",
                             b.label()
                         ),
                     });
