@@ -210,23 +210,8 @@ fn a_strict_token_budget_grants_whole_tokens_and_never_admits_more_than_its_limi
             support::open(c, &clock)
         })
         .collect();
-    let total = AtomicU64::new(0);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    std::thread::scope(|s| {
-        for (i, n) in nodes.iter().enumerate() {
-            let total = &total;
-            s.spawn(move || {
-                total.fetch_add(demand(n, 7 + i as u64, deadline), Ordering::Relaxed);
-            });
-        }
-    });
-    let admitted = total.load(Ordering::Relaxed);
+    let admitted = demand_window(&nodes);
     eprintln!("strict tokens: {admitted} of 20000 committed across 3 nodes");
-    assert!(admitted <= 20_000, "{admitted} tokens admitted on 20000");
-    assert!(
-        admitted >= 15_000,
-        "{admitted}: the grants reached the nodes"
-    );
     let refs: Vec<&Limiter> = nodes.iter().collect();
     converge(&refs);
     assert_eq!(counted(&nodes[0], Unit::Tokens).0, admitted);
@@ -248,6 +233,35 @@ fn a_strict_token_budget_grants_whole_tokens_and_never_admits_more_than_its_limi
         let grant = s.grant.unwrap().as_nanos();
         assert!(grant <= 20_000, "a node's grant counts tokens: {grant}");
     }
+
+    // The next minute: grants start again from nothing, the last window's count nothing.
+    clock.advance(jiff::SignedDuration::from_secs(60));
+    let next = demand_window(&nodes);
+    eprintln!("strict tokens, next minute: {next} of 20000");
+    converge(&refs);
+    assert_eq!(counted(&nodes[1], Unit::Tokens).0, next);
+}
+
+/// Every node's demand at once, until each is refused 30 times in a row; checks and returns
+/// the tokens committed fleet-wide.
+fn demand_window(nodes: &[Limiter]) -> u64 {
+    let total = AtomicU64::new(0);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    std::thread::scope(|s| {
+        for (i, n) in nodes.iter().enumerate() {
+            let total = &total;
+            s.spawn(move || {
+                total.fetch_add(demand(n, 7 + i as u64, deadline), Ordering::Relaxed);
+            });
+        }
+    });
+    let admitted = total.load(Ordering::Relaxed);
+    assert!(admitted <= 20_000, "{admitted} tokens admitted on 20000");
+    assert!(
+        admitted >= 15_000,
+        "{admitted}: the grants reached the nodes"
+    );
+    admitted
 }
 
 /// What the merge script raises a strict key of a 10-unit budget to, for `node` holding
