@@ -235,9 +235,33 @@ fn a_strict_token_budget_grants_whole_tokens_and_never_admits_more_than_its_limi
     }
 
     // The next minute: grants start again from nothing, the last window's count nothing.
+    // What the renewal costs: the first reservation of each node in the new window waits for
+    // a grant round; the window's Redis round trips are counted.
+    let trips = |nodes: &[Limiter]| -> u64 {
+        let all = nodes.iter().map(|n| n.status(StatusQuery::all()).remove(0));
+        all.map(|s| s.replication.round_trips).sum()
+    };
     clock.advance(jiff::SignedDuration::from_secs(60));
+    let before = trips(&nodes);
+    let started = Instant::now();
+    let mut first = Vec::new();
+    for n in &nodes {
+        let t = Instant::now();
+        let est = Estimate::new(Money::ZERO, Some(100));
+        let r = n
+            .reserve(&["openai/gpt-4o"], Money::ZERO)
+            .estimate(est)
+            .wait();
+        first.push(t.elapsed());
+        r.unwrap().release().unwrap().wait().unwrap();
+    }
     let next = demand_window(&nodes);
-    eprintln!("strict tokens, next minute: {next} of 20000");
+    eprintln!(
+        "strict tokens, next minute: {next} of 20000; first reservation per node {first:?}; \
+         {} Redis round trips (3 nodes, 100 ms rounds) in {:?}",
+        trips(&nodes) - before,
+        started.elapsed()
+    );
     converge(&refs);
     assert_eq!(counted(&nodes[1], Unit::Tokens).0, next);
 }
