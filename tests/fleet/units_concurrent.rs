@@ -258,14 +258,21 @@ fn granted(server: &RedisServer) -> u64 {
     g
 }
 
-#[test]
-fn a_strict_concurrent_limit_holds_across_four_processes_and_sigkills() {
-    let Some(server) = RedisServer::start() else {
-        return;
-    };
-    let dirs: Vec<_> = (0..NODES).map(|_| tempfile::tempdir().unwrap()).collect();
+/// The data dirs (they outlive the processes), the nodes, what the test knows of them, and
+/// the sender their readers report on (for a restarted node).
+type Started = (
+    Vec<tempfile::TempDir>,
+    Vec<Node>,
+    Fleet,
+    Sender<(usize, Event)>,
+);
+
+/// `n` node processes on data dirs of their own (returned: they outlive the processes),
+/// started and ready, and the sender their readers report on (for a restarted one).
+fn start(n: usize, server: &RedisServer) -> Started {
+    let dirs: Vec<_> = (0..n).map(|_| tempfile::tempdir().unwrap()).collect();
     let (tx, rx) = channel();
-    let mut nodes: Vec<Node> = (0..NODES)
+    let nodes: Vec<Node> = (0..n)
         .map(|i| spawn(i, dirs[i].path(), &server.url(), &tx))
         .collect();
     let mut fleet = Fleet {
@@ -276,7 +283,17 @@ fn a_strict_concurrent_limit_holds_across_four_processes_and_sigkills() {
         peak: 0,
     };
     let long = Duration::from_secs(30);
-    assert!(fleet.pump(long, |f| f.ready.iter().all(|&r| r)));
+    assert!(fleet.pump(long, |f| f.ready[..n].iter().all(|&r| r)));
+    (dirs, nodes, fleet, tx)
+}
+
+#[test]
+fn a_strict_concurrent_limit_holds_across_four_processes_and_sigkills() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let (dirs, mut nodes, mut fleet, tx) = start(NODES, &server);
+    let long = Duration::from_secs(30);
 
     // Churn: 12 threads over 4 nodes want slots, 10 exist.
     for n in &mut nodes {
@@ -356,20 +373,8 @@ fn a_strict_concurrent_limit_holds_through_redis_outages() {
     let Some(mut server) = RedisServer::start() else {
         return;
     };
-    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let (tx, rx) = channel();
-    let mut nodes: Vec<Node> = (0..3)
-        .map(|i| spawn(i, dirs[i].path(), &server.url(), &tx))
-        .collect();
-    let mut fleet = Fleet {
-        events: rx,
-        held: [0; NODES],
-        ready: [false; NODES],
-        done: [false; NODES],
-        peak: 0,
-    };
+    let (_dirs, mut nodes, mut fleet, _tx) = start(3, &server);
     let long = Duration::from_secs(30);
-    assert!(fleet.pump(long, |f| f.ready[..3].iter().all(|&r| r)));
     send(&mut nodes[0], "hold 5");
     assert!(fleet.pump(long, |f| f.held[0] == 5));
     send(&mut nodes[1], "hold 5");
