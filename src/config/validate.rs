@@ -77,6 +77,22 @@ impl Config {
                     });
                 }
             }
+            if r.grant_lease.is_none() {
+                if let Some(b) = self.budgets.iter().find(|b| {
+                    b.unit == crate::model::unit::Unit::Concurrent
+                        && b.enforcement == crate::model::budget::Enforcement::Strict
+                }) {
+                    // A concurrent budget has one window of 100 years: without the lease, a
+                    // dead node's grant (its slots) would be stranded for all of it.
+                    return Err(ConfigError::Invalid {
+                        key: "provider_budgets.redis.grant_lease",
+                        message: format!(
+                            "required by the strict concurrent budget {}: a dead node's slots come back only when its grant is reclaimed (e.g. 3 sync intervals plus connect_timeout and command_timeout: 7s with the defaults)",
+                            b.label()
+                        ),
+                    });
+                }
+            }
             if r.prefix.contains(['{', '}']) {
                 return Err(ConfigError::Invalid {
                     key: "provider_budgets.redis.prefix",

@@ -130,9 +130,16 @@ pub(crate) fn restore(
     }
     view.raise_others_many(others);
 
-    let grants = store.load_grants()?;
-    for (key, value) in &grants {
+    let mut grants = store.load_grants()?;
+    for (key, value) in &mut grants {
         if let Some(b) = budget_of(&keys, key) {
+            // A concurrent budget's grant covers slots, and a restart frees every slot this
+            // data dir held (a dead process holds none): the grant restarts at 0. Restoring
+            // it would re-register it by max after the fleet reclaimed it (`grant_lease`),
+            // and the fleet could then hold more slots than the limit.
+            if keys.get(b).unit() == crate::model::unit::Unit::Concurrent {
+                value.grant = 0;
+            }
             view.set_grant(b, window_of(key, value.end), Money::from_nanos(value.grant));
         }
     }

@@ -26,9 +26,10 @@ use crate::durable::definitions::{Definitions, Record};
 use crate::durable::store::StoreError;
 use crate::error::Error;
 use crate::limiter::Limiter;
-use crate::model::budget::Scope;
+use crate::model::budget::{Enforcement, Scope};
 use crate::model::clock::floor_secs;
 use crate::model::key::BudgetKey;
+use crate::model::unit::Unit;
 
 /// A runtime budget as this node holds it.
 #[derive(Debug, Clone, PartialEq)]
@@ -134,6 +135,21 @@ impl Limiter {
     /// stored and sent, not applied here.
     pub fn put_budget(&self, budget: BudgetConfig) -> Result<BudgetChange, BudgetError> {
         budget.validate().map_err(BudgetError::Invalid)?;
+        // As `Config::validate` for the file's budgets: a strict concurrent budget's dead
+        // nodes give their slots back only by the grant lease.
+        let base = self.inner.base.load();
+        if budget.unit == Unit::Concurrent
+            && budget.enforcement == Enforcement::Strict
+            && base.redis.as_ref().is_some_and(|r| r.grant_lease.is_none())
+        {
+            return Err(BudgetError::Invalid(ConfigError::Invalid {
+                key: "provider_budgets.redis.grant_lease",
+                message: format!(
+                    "required by the strict concurrent budget {}: a dead node's slots come back only when its grant is reclaimed (e.g. 3 sync intervals plus connect_timeout and command_timeout: 7s with the defaults)",
+                    budget.label()
+                ),
+            }));
+        }
         let key = budget.budget_key();
         let definition = Definition::of(&budget);
         self.change(&key, |current| {

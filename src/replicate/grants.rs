@@ -31,6 +31,7 @@ use crate::durable::store::{GrantValue, HoldersValue, Store, WindowKey};
 use crate::model::budget::{Enforcement, Offline};
 use crate::model::money::Money;
 use crate::model::slots::SlotKeys;
+use crate::model::unit::Unit;
 use crate::model::window::Window;
 use crate::view::View;
 
@@ -126,6 +127,28 @@ impl Pace {
     /// Whether the budget has been idle long enough to give its grant back.
     fn idle(&self) -> bool {
         self.idle_rounds >= IDLE_ROUNDS
+    }
+}
+
+/// What a node wants of a strict `concurrent` budget's grant, `used` being the slots it
+/// holds. Slots are taken and given back at every reservation, never spent, so a margin a busy
+/// node keeps would strand the limit's last slots for as long as it stays busy (it never goes
+/// idle): it asks only when a reservation was refused by the grant (`starved`, for twice
+/// that), keeps at most that margin, and keeps none while the whole limit is granted
+/// (`full`: another node may be waiting for a slot).
+fn slots_want(used: u64, durable: u64, starved: u64, full: bool, release: bool) -> u64 {
+    let margin = starved.max(1).saturating_mul(2);
+    let left = durable.saturating_sub(used);
+    if release {
+        used
+    } else if starved > left {
+        used.saturating_add(margin)
+    } else if full {
+        used
+    } else if left > margin {
+        used.saturating_add(margin)
+    } else {
+        durable
     }
 }
 
@@ -236,7 +259,13 @@ impl Book {
         let left = durable.saturating_sub(used);
         let idle = pace.idle();
 
-        let want = if closing || idle {
+        let want = if view.unit(b) == Unit::Concurrent {
+            let granted = self
+                .held
+                .get(&(b, window.start_secs()))
+                .map_or(0, |h| h.granted);
+            slots_want(used, durable, starved, limit <= granted, closing || idle)
+        } else if closing || idle {
             used
         } else if left < headroom || starved > left {
             used.saturating_add(headroom.saturating_mul(2))
@@ -350,8 +379,10 @@ impl Book {
             view.set_strict(b, true);
         }
         view.set_grant(b, window, Money::from_nanos(durable));
-        if view.is_templated(b) {
-            return; // no gauge per templated series (see `journal::update_gauges`)
+        // No gauge per templated series (see `journal::update_gauges`), and none in dollars
+        // for a budget of another unit (its grant counts tokens, requests or slots).
+        if view.is_templated(b) || view.unit(b).is_count() {
+            return;
         }
         let (provider, period) = keys.get(b).store_parts();
         metrics::gauge!("provider_budgets_grant_usd", "provider" => provider.clone(), "period" => period.clone())
@@ -427,5 +458,26 @@ impl Book {
                 grant: Money::from_nanos(h.durable),
                 granted_total: Money::from_nanos(h.granted),
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::slots_want;
+
+    #[test]
+    fn a_slot_grant_is_asked_on_refusal_and_keeps_no_margin_a_full_fleet_needs() {
+        // (used, durable, starved, full, release) -> want
+        // Refused with nothing left: ask for twice the refusal.
+        assert_eq!(slots_want(3, 3, 1, false, false), 5);
+        assert_eq!(slots_want(3, 3, 1, true, false), 5);
+        // Nothing refused: keep a margin of 2 at most, none while the limit is all granted.
+        assert_eq!(slots_want(3, 4, 0, false, false), 4);
+        assert_eq!(slots_want(3, 9, 0, false, false), 5);
+        assert_eq!(slots_want(3, 4, 0, true, false), 3);
+        // Idle or closing: everything not held goes back.
+        assert_eq!(slots_want(2, 6, 0, false, true), 2);
+        // No slot held and nothing asked: nothing kept past the margin.
+        assert_eq!(slots_want(0, 0, 0, false, false), 0);
     }
 }

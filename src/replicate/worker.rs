@@ -292,7 +292,15 @@ impl Worker {
                 }
                 self.down = true;
                 self.retry_at = Some(Instant::now() + self.backoff);
-                self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+                // With `grant_lease`, never longer than a third of it: once Redis is back, a
+                // live node must call within the lease of the first node back, or that node
+                // reclaims its grant (slots it still holds) as a dead node's.
+                let cap = self
+                    .parts
+                    .redis
+                    .grant_lease
+                    .map_or(MAX_BACKOFF, |l| (l / 3).min(MAX_BACKOFF));
+                self.backoff = (self.backoff * 2).min(cap);
             }
         }
     }

@@ -17,4 +17,6 @@ mod soft_fleet;
 mod templates;
 mod tls;
 mod tracking;
+mod units;
+mod units_concurrent;
 mod wire;

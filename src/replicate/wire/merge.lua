@@ -180,15 +180,17 @@ end
 
 -- What one raise may take of `free` (a decimal) for a budget of `limit`: 1/2 of it while more
 -- than half the limit is free, then 1/max(4, holders + 1), never less than 5 % of the limit,
--- and all of it once it is at most 5 % of the limit (the last dollars are not stranded). Sized
--- in doubles; the caller clamps it to `free` exactly.
+-- and all of it once it is at most 5 % of the limit (the last dollars are not stranded), and
+-- never less than 1: amounts are integers of the budget's unit, and a count budget's slice of
+-- a small limit (10 concurrent slots over 4 holders: 3 / 4) would round down to a raise of 0
+-- that starves the asker forever. Sized in doubles; the caller clamps it to `free` exactly.
 local function step(free, limit, holders)
   local f, l = tonumber(free), tonumber(limit)
   local floor = 0.05 * l
   if f <= floor then return free end
   local k = 2
   if f <= 0.5 * l then k = math.max(4, (tonumber(holders) or 0) + 1) end
-  local x = math.max(f / k, floor)
+  local x = math.max(f / k, floor, 1)
   local s = string.format('%.0f', math.floor(x))
   if not decimal(s) or greater(s, free) then return free end
   return s
@@ -203,9 +205,27 @@ local function free_after(limit, total, unspent, g, target, spent)
   return over(limit, sub(used, ours))
 end
 
+-- Since when the key's strict callers were heard without a gap (with `grant_lease` only):
+-- `~last` is the Redis time of the last strict call by any node, `~since` the start of the
+-- current run of calls. Every live node calls at every sync interval and the lease is at
+-- least three, so a silence longer than half the lease means Redis (or the whole fleet) was
+-- away: the run restarts, and nobody is thought dead before a full lease after it (else the
+-- first node back after any outage longer than the lease would reclaim every live node's
+-- grant, slots it still holds included).
+local function heard(key, now_ms, lease_ms)
+  local v = redis.call('HMGET', key, '~last', '~since')
+  local last, since = tonumber(v[1]), tonumber(v[2])
+  if not last or not since or now_ms - last > lease_ms / 2 then
+    since = now_ms
+    redis.call('HSET', key, '~since', tostring(since))
+  end
+  redis.call('HSET', key, '~last', tostring(now_ms))
+  return since
+end
+
 -- Reclaims the unused grant of every other node not seen for `lease_ms` (grant lowered to
--- its spend). Returns the amount reclaimed.
-local function reclaim(key, now_ms, lease_ms)
+-- its spend), counting from `since` at the earliest (`heard`). Returns the amount reclaimed.
+local function reclaim(key, now_ms, lease_ms, since)
   local all = redis.call('HGETALL', key)
   local values = {}
   for i = 1, #all, 2 do values[all[i]] = all[i + 1] end
@@ -215,7 +235,7 @@ local function reclaim(key, now_ms, lease_ms)
       local n = string.sub(f, 7)
       local seen = tonumber(v) or 0
       local g = values['~grant:' .. n]
-      if now_ms - seen > lease_ms and g and canonical(g) then
+      if now_ms - math.max(seen, since) > lease_ms and g and canonical(g) then
         local spent = values[n]
         if not (spent and canonical(spent)) then spent = '0' end
         local unused = over(g, spent)
@@ -244,6 +264,27 @@ local function listed(list, id)
   return list ~= '' and string.find(',' .. list .. ',', ',' .. id .. ',', 1, true) ~= nil
 end
 
+-- With `grant_lease`: holders still awaited a lease after they were first awaited are taken
+-- for dead, as the lease takes a silent node everywhere else: their grant field is written at
+-- 0 (their spend was lost with the data: a holder that does come back re-registers its durable
+-- grant by max, the lease's documented cost) and raises resume. Without it a dead holder would
+-- freeze the window until it ends: 100 years for a `concurrent` budget. Returns whether it
+-- released them (the caller recomputes the running fields).
+local function release_awaited(key, missing)
+  if grant_lease_ms <= 0 then return false end
+  local t0 = tonumber(redis.call('HGET', key, '~await_since') or '')
+  if not t0 then
+    redis.call('HSET', key, '~await_since', tostring(now_ms))
+    return false
+  end
+  if now_ms - t0 <= grant_lease_ms then return false end
+  for _, id in ipairs(missing) do
+    redis.call('HSET', key, '~grant:' .. id, '0', '~seen:' .. id, tostring(t0))
+  end
+  redis.call('HDEL', key, '~await', '~await_since')
+  return true
+end
+
 -- The holder registry after a data loss (issue 19). `known` is the caller's durable list of
 -- the nodes it saw holding a grant field in this window; `~await` the nodes some caller knew
 -- of whose field is missing. Every id of both (but the caller, registering now) without a
@@ -255,7 +296,7 @@ local function awaiting(key, known, holders, mine_gone)
   local aw = redis.call('HGET', key, '~await')
   local n = 0
   for _ in string.gmatch(known, '[^,]+') do n = n + 1 end
-  if not aw and n == tonumber(holders) and not mine_gone then return false end
+  if not aw and n == tonumber(holders) and not mine_gone then return false, false end
   local ids = {}
   for id in string.gmatch(known .. ',' .. (aw or ''), '[^,]+') do ids[id] = true end
   ids[node] = nil
@@ -264,12 +305,13 @@ local function awaiting(key, known, holders, mine_gone)
     if redis.call('HEXISTS', key, '~grant:' .. id) == 0 then missing[#missing + 1] = id end
   end
   if #missing > 0 then
+    if release_awaited(key, missing) then return false, true end
     table.sort(missing)
     redis.call('HSET', key, '~await', table.concat(missing, ','))
-    return true
+    return true, false
   end
-  if aw then redis.call('HDEL', key, '~await') end
-  return false
+  if aw then redis.call('HDEL', key, '~await', '~await_since') end
+  return false, false
 end
 
 -- The node ids holding a grant field, comma-separated (O(fields); only when the caller's
@@ -454,6 +496,8 @@ local function merge(key, own, expire_at, limit, dgrant, want, known)
     return {cur or '', owner or '', mine or '', total, repaired, bad, '', '', '', ''}
   end
   local frz = raise_frozen()
+  local since = 0
+  if grant_lease_ms > 0 then since = heard(key, now_ms, grant_lease_ms) end
   local run = redis.call('HMGET', key, '~granted', '~unspent', '~holders')
   local granted, unspent, holders = run[1], run[2], run[3]
   if grants_damaged or not (granted and decimal(granted)) or not (unspent and decimal(unspent))
@@ -472,12 +516,14 @@ local function merge(key, own, expire_at, limit, dgrant, want, known)
   end
   -- Our own field was lost (we know we held one): register it even at 0, others await it.
   local mine_gone = (not g0) and listed(known, node)
-  if awaiting(key, known, holders, mine_gone) then frz = true end
+  local held_back, released = awaiting(key, known, holders, mine_gone)
+  if released then granted, unspent, holders = recompute_grants(key) end
+  if held_back then frz = true end
   if greater(want, target) then
     if not frz then
       local free = free_after(limit, total, unspent, g, target, spent1)
       if free == '0' and grant_lease_ms > 0 then
-        local back = reclaim(key, now_ms, grant_lease_ms)
+        local back = reclaim(key, now_ms, grant_lease_ms, since)
         if back ~= '0' then
           granted, unspent, holders = recompute_grants(key)
           free = free_after(limit, total, unspent, g, target, spent1)
