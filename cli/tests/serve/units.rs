@@ -252,3 +252,25 @@ fn reserve_estimates_from_messages_and_max_tokens_per_candidate() {
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(r.json()["estimate_input_tokens"], 10);
 }
+
+#[test]
+fn a_runtime_max_estimate_caps_what_a_reservation_holds() {
+    let s = Server::start(CONFIG, &[]);
+    let r = s.put_budget(
+        "/v1/budgets/tag/capped",
+        json!({"limit": 10, "period": "1d", "max_estimate": "2"}),
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    let r = s.reserve(json!({"deployments": [gpt4o()], "tags": ["capped"], "estimate": 5}));
+    assert_eq!(r.status, 200, "{r:?}");
+    let doc = s.get("/v1/budgets?scope=tag&name=capped").json();
+    assert_eq!(
+        doc["budgets"][0]["reserved_nanos"], 2_000_000_000u64,
+        "{doc}"
+    );
+    let r = s.put_budget(
+        "/v1/budgets/tag/capped",
+        json!({"limit": 10, "period": "1d", "max_estimate": true}),
+    );
+    assert_eq!(r.status, 400, "{r:?}");
+}
