@@ -188,8 +188,11 @@ mod exact {
 
 #[cfg(not(feature = "tokenizer"))]
 mod exact {
+    /// A token counter.
+    type Count = fn(&str) -> u64;
+
     /// Without the `tokenizer` feature no model is counted exactly.
-    pub(super) fn encoding(_model: &str) -> Option<(&'static str, fn(&str) -> u64)> {
+    pub(super) fn encoding(_model: &str) -> Option<(&'static str, Count)> {
         None
     }
 }

@@ -109,6 +109,7 @@ impl View {
         }
     }
 
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))] // the replicator's
     pub fn is_sliding(&self, budget: u32) -> bool {
         self.budget(budget).sliding.load(Ordering::Relaxed)
     }
