@@ -1,6 +1,7 @@
 //! `units`: what a unit budget adds to the request path (issue 21's target: ≤ 50 ns p50).
-//! The same deployments under the same USD provider budgets (`usd`), and with one more
-//! `tokens` budget per provider (`usd+tokens`): the prepared filter
+//! The same deployments under the same USD provider budgets (`usd`), with one more USD
+//! budget per provider (`usd+usd`: what any extra budget costs) and with one more `tokens`
+//! budget per provider instead (`usd+tokens`): the prepared filter
 //! (`Prepared::filter_into`) of 1 and 10 deployments, and `charge` of one deployment with
 //! its usage (buffered).
 //!
@@ -28,56 +29,78 @@ struct Fixture {
     limiter: Limiter,
 }
 
-/// A USD budget per provider of [`common::PROVIDERS`] ($1 000 000/day) and, with `tokens`,
-/// a `tokens` budget per provider (10^12 tokens/minute: never spent here).
-fn yaml(tokens: bool) -> String {
+/// What each provider has besides its USD budget ($1 000 000/day).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Extra {
+    /// Nothing.
+    None,
+    /// A second USD budget ($1 000 000/minute): what any extra budget costs, before units
+    /// too.
+    Usd,
+    /// A `tokens` budget (1.8 × 10^10 tokens/minute, near the largest limit the config
+    /// takes: never spent here).
+    Tokens,
+}
+
+impl Extra {
+    fn name(self) -> &'static str {
+        match self {
+            Extra::None => "usd",
+            Extra::Usd => "usd+usd",
+            Extra::Tokens => "usd+tokens",
+        }
+    }
+
+    /// The budgets a charge of a deployment counts in.
+    fn budgets(self) -> usize {
+        1 + usize::from(self != Extra::None)
+    }
+}
+
+fn yaml(extra: Extra) -> String {
     let mut y = String::from("provider_budgets:\n  budgets:\n");
     for p in common::PROVIDERS {
         y.push_str(&format!(
             "    - {{provider: {p}, limit: 1000000, period: 1d}}\n"
         ));
-        if tokens {
-            y.push_str(&format!(
-                "    - {{provider: {p}, unit: tokens, limit: 1000000000000, period: 1m}}\n"
-            ));
+        match extra {
+            Extra::None => {}
+            Extra::Usd => y.push_str(&format!(
+                "    - {{provider: {p}, limit: 1000000, period: 1m}}\n"
+            )),
+            Extra::Tokens => y.push_str(&format!(
+                "    - {{provider: {p}, unit: tokens, limit: 18000000000, period: 1m}}\n"
+            )),
         }
     }
     y
 }
 
 impl Fixture {
-    /// `None` when this version's config has no units (the code before them).
-    fn new(tokens: bool) -> Option<Fixture> {
+    /// An error when this version's config has no units (the code before them).
+    fn new(extra: Extra) -> Result<Fixture, String> {
         let dir = common::tempdir();
-        let config = Config::from_yaml_str(&yaml(tokens))
-            .ok()?
+        let config = Config::from_yaml_str(&yaml(extra))
+            .map_err(|e| e.to_string())?
             .data_dir(dir.path());
         let limiter = Limiter::open(config).expect("open");
-        Some(Fixture { _dir: dir, limiter })
-    }
-}
-
-fn variant(tokens: bool) -> &'static str {
-    if tokens {
-        "usd+tokens"
-    } else {
-        "usd"
+        Ok(Fixture { _dir: dir, limiter })
     }
 }
 
 pub fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("units");
-    for tokens in [false, true] {
-        let v = variant(tokens);
-        if Fixture::new(tokens).is_none() {
-            eprintln!("units/*/{v}: skipped (this version's config has no unit)");
+    for extra in [Extra::None, Extra::Usd, Extra::Tokens] {
+        let v = extra.name();
+        if let Err(e) = Fixture::new(extra) {
+            eprintln!("units/*/{v}: skipped (this version's config has no unit?): {e}");
             continue;
         }
         for n in [1usize, 10] {
             let mut fx: Option<Fixture> = None;
             let mut sampled = false;
             g.bench_function(BenchmarkId::new(format!("filter/prepared/{v}"), n), |b| {
-                let fx = fx.get_or_insert_with(|| Fixture::new(tokens).expect("config"));
+                let fx = fx.get_or_insert_with(|| Fixture::new(extra).expect("config"));
                 let names = deployments(n);
                 let prepared = fx.limiter.prepare(&names);
                 let mut out = Vec::with_capacity(n);
@@ -94,16 +117,13 @@ pub fn bench(c: &mut Criterion) {
         let mut fx: Option<Fixture> = None;
         let mut sampled = false;
         g.bench_function(BenchmarkId::new(format!("charge/{v}"), 1), |b| {
-            let fx = fx.get_or_insert_with(|| Fixture::new(tokens).expect("config"));
+            let fx = fx.get_or_insert_with(|| Fixture::new(extra).expect("config"));
             let cost = common::cost();
             let charge = |l: &Limiter| {
                 l.charge(Spend::deployment(black_box(CHARGED), black_box(cost)).usage(USAGE))
                     .map(|r| r.budgets())
             };
-            assert_eq!(
-                charge(&fx.limiter).expect("charge"),
-                1 + usize::from(tokens)
-            );
+            assert_eq!(charge(&fx.limiter).expect("charge"), extra.budgets());
             common::once(&mut sampled, || {
                 common::latency(&format!("units/charge/{v}"), 200_000, || {
                     charge(&fx.limiter)
