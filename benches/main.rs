@@ -25,6 +25,7 @@ mod replication;
 mod reserve;
 mod scoped;
 mod templates;
+mod units;
 
 use criterion::{criterion_group, criterion_main};
 
@@ -40,6 +41,7 @@ criterion_group! {
         reserve::bench,
         scoped::bench,
         templates::bench,
+        units::bench,
 }
 criterion_group!(summary, common::print_summary);
 criterion_main!(benches, summary);
