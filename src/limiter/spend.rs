@@ -760,9 +760,16 @@ impl Limiter {
         let mut counted = Counted::default();
         let mut items = Items::default();
         let mut others: Vec<(u32, Window, u64)> = Vec::new();
+        // Why the flag: a limiter without budgets of other units (most) skips the unit of
+        // each budget, one more slot lookup per budget on the request path.
+        let units = inner.view.has_units();
         for budget in slots {
             counted.budgets += 1;
-            let unit = inner.view.unit(budget);
+            let unit = if units {
+                inner.view.unit(budget)
+            } else {
+                Unit::Usd
+            };
             let Some(amount) = unit.amount(cost, usage) else {
                 counted.uncounted.push(budget);
                 continue;

@@ -190,6 +190,8 @@ pub(crate) struct View {
     caps: Mutex<rustc_hash::FxHashMap<u32, u64>>,
     /// Whether `caps` has any: admission skips the lock otherwise.
     any_caps: AtomicBool,
+    /// Whether any slot counts another unit than USD ([`View::has_units`]).
+    any_units: AtomicBool,
 }
 
 impl View {
@@ -213,6 +215,7 @@ impl View {
             hot,
             caps: Mutex::new(rustc_hash::FxHashMap::default()),
             any_caps: AtomicBool::new(false),
+            any_units: AtomicBool::new(false),
         }
     }
 
@@ -572,9 +575,20 @@ impl View {
 
     /// Sets what a budget counts (open, reload, a template's first use).
     pub fn set_unit(&self, budget: u32, unit: Unit) {
+        if unit != Unit::Usd {
+            // Before the slot's unit: a charge that sees the unit also sees the flag.
+            self.any_units.store(true, Ordering::Release);
+        }
         self.budget(budget)
             .unit
-            .store(unit.code(), Ordering::Relaxed);
+            .store(unit.code(), Ordering::Release);
+    }
+
+    /// Whether any budget ever counted another unit than USD (never cleared: a slot keeps
+    /// its unit for the life of the view).
+    #[inline]
+    pub fn has_units(&self) -> bool {
+        self.any_units.load(Ordering::Acquire)
     }
 
     /// Sets the most a reservation holds in a budget (`None`: no cap).
@@ -600,7 +614,7 @@ impl View {
     /// What a budget counts.
     #[inline]
     pub fn unit(&self, budget: u32) -> Unit {
-        Unit::from_code(self.budget(budget).unit.load(Ordering::Relaxed))
+        Unit::from_code(self.budget(budget).unit.load(Ordering::Acquire))
     }
 
     /// The configured `(enforcement, offline)` of a budget.
