@@ -11,7 +11,7 @@ use crate::model::unit::Unit;
 use super::error::ConfigError;
 use super::schema::BudgetConfig;
 use super::validate::check_budget;
-use super::values::{parse_limit, refuse_at, unit_limit, unit_period, RawAmount, Text};
+use super::values::{parse_amount, refuse_at, unit_period, RawAmount, Text};
 
 /// The fields of one budget as text, as a request or a command line gives them. Build it
 /// with [`BudgetFields::new`] and set the optional fields; [`BudgetConfig::from_fields`]
@@ -94,9 +94,7 @@ impl BudgetConfig {
             }
         }
         let unit = word::<Unit>(&at, "unit", fields.unit.as_ref())?;
-        let limit = parse_limit(RawAmount::Text(Text::plain(fields.limit.clone())))
-            .map_err(|(value, source)| format!("{value:?}: {source}"))
-            .and_then(|l| unit_limit(l, unit))
+        let limit = parse_amount(RawAmount::Text(Text::plain(fields.limit.clone())), unit)
             .map_err(|e| refuse_at(at.clone(), "limit", e))?;
         let given = Some(fields.period.trim()).filter(|p| !p.is_empty());
         let period = unit_period(given, unit).map_err(|e| refuse_at(at.clone(), "period", e))?;
@@ -123,9 +121,7 @@ impl BudgetConfig {
         b.max_estimate = match &fields.max_estimate {
             None => None,
             Some(text) => Some(
-                parse_limit(RawAmount::Text(Text::plain(text.clone())))
-                    .map_err(|(value, source)| format!("{value:?}: {source}"))
-                    .and_then(|l| unit_limit(l, unit))
+                parse_amount(RawAmount::Text(Text::plain(text.clone())), unit)
                     .map_err(|e| refuse_at(at.clone(), "max_estimate", e))?,
             ),
         };

@@ -13,7 +13,7 @@ use super::error::ConfigError;
 use super::own::RawOwn;
 use super::schema::BudgetConfig;
 use super::validate::check_provider_name;
-use super::values::{near_miss, parse_limit, refuse_at, unit_limit, RawAmount, Text, UniqueMap};
+use super::values::{near_miss, parse_amount, parse_limit, refuse_at, RawAmount, Text, UniqueMap};
 
 /// The top level of a file. Other keys are ignored: it may be a whole litellm config. But a
 /// key that is nearly one of ours (`provider_budget_confg`, `provider-budgets`) is an error:
@@ -415,10 +415,7 @@ impl RawDeployment {
         for (key, unit, amount) in counts {
             let Some(amount) = amount else { continue };
             let at = format!("litellm_params.{key}");
-            let limit = parse_limit(amount)
-                .map_err(|(value, source)| format!("{value:?}: {source}"))
-                .and_then(|l| unit_limit(l, unit))
-                .map_err(|e| refuse_at(path.clone(), &at, e))?;
+            let limit = parse_amount(amount, unit).map_err(|e| refuse_at(path.clone(), &at, e))?;
             out.push(BudgetConfig::counting(
                 Scope::Deployment,
                 id.clone(),

@@ -11,8 +11,7 @@ use super::error::ConfigError;
 use super::schema::{BudgetConfig, UnknownProvider};
 use super::validate::check_budget;
 use super::values::{
-    parse_limit, refuse_at, unit_limit, unit_period, Flag, HumanDuration, Parsed, RawAmount, Text,
-    UniqueMap,
+    parse_amount, refuse_at, unit_period, Flag, HumanDuration, Parsed, RawAmount, Text, UniqueMap,
 };
 use crate::model::key::provider_name_fault;
 
@@ -90,10 +89,8 @@ impl RawGeneral {
             }
         }
         let unit = self.unit.map(|u| u.0).unwrap_or_default();
-        let limit = parse_limit(self.limit)
-            .map_err(|(value, source)| format!("{value:?}: {source}"))
-            .and_then(|l| unit_limit(l, unit))
-            .map_err(|e| refuse_at(path.clone(), "limit", e))?;
+        let limit =
+            parse_amount(self.limit, unit).map_err(|e| refuse_at(path.clone(), "limit", e))?;
         let period = unit_period(self.period.as_ref().map(|p| p.value.as_str()), unit)
             .map_err(|e| refuse_at(path.clone(), "period", e))?;
         let mut soft = Vec::new();
@@ -118,11 +115,7 @@ impl RawGeneral {
         b.max_series = self.max_series;
         b.max_estimate = self
             .max_estimate
-            .map(|m| {
-                parse_limit(m)
-                    .map_err(|(value, source)| format!("{value:?}: {source}"))
-                    .and_then(|l| unit_limit(l, unit))
-            })
+            .map(|m| parse_amount(m, unit))
             .transpose()
             .map_err(|e| refuse_at(path.clone(), "max_estimate", e))?;
         check_budget(&b).map_err(|e| match e {

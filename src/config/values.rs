@@ -342,24 +342,38 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s.trim()).map_err(|e| format!("invalid duration {s:?}: {e}"))
 }
 
-/// The limit of a budget counting `unit`, from the amount its text parsed to: USD as it is; a
-/// count (tokens, requests, slots) must be a whole number, kept as `Money::from_nanos(count)`
-/// (every amount is a `u64` in its budget's unit).
-pub(super) fn unit_limit(
-    limit: crate::model::money::Money,
+/// An amount of a budget counting `unit` (its limit, its `max_estimate`), as written: USD
+/// parsed as money (see [`parse_limit`]); any other unit a whole count up to `u64::MAX`
+/// (tokens, requests, slots), kept as `Money::from_nanos(count)` (every amount is a `u64`
+/// in its budget's unit). The error is the value as written and why.
+pub(super) fn parse_amount(
+    amount: RawAmount,
     unit: crate::model::unit::Unit,
 ) -> Result<crate::model::money::Money, String> {
-    const NANOS: u64 = 1_000_000_000;
+    use crate::model::money::Money;
     if !unit.is_count() {
-        return Ok(limit);
+        return parse_limit(amount).map_err(|(value, source)| format!("{value:?}: {source}"));
     }
-    let nanos = limit.as_nanos();
-    if !nanos.is_multiple_of(NANOS) {
-        return Err(format!(
-            "{limit}: a {unit} limit is a whole number of {unit}"
-        ));
+    let whole = |written: String| {
+        format!(
+            "{written:?}: a {unit} limit is a whole number of {unit}, at most {}",
+            u64::MAX
+        )
+    };
+    match amount {
+        RawAmount::Int(n) => Ok(Money::from_nanos(n)),
+        // A float is whole only below 2^53 here, where it is exact.
+        RawAmount::Float(f) if f >= 0.0 && f.fract() == 0.0 && f < 9_007_199_254_740_992.0 => {
+            Ok(Money::from_nanos(f as u64))
+        }
+        RawAmount::Float(f) => Err(whole(f.to_string())),
+        RawAmount::Text(t) => t
+            .value
+            .trim()
+            .parse::<u64>()
+            .map(Money::from_nanos)
+            .map_err(|_| whole(t.written)),
     }
-    Ok(crate::model::money::Money::from_nanos(nanos / NANOS))
 }
 
 /// The period of a budget counting `unit`: required, except for `concurrent`, which has

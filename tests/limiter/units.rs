@@ -156,7 +156,7 @@ fn limits_of_counting_units_are_whole_and_concurrent_has_no_period() {
     let cases = [
         (
             "{model: m, unit: tokens, limit: 10.5, period: 1m}",
-            "limit: 10.5: a tokens limit is a whole number of tokens",
+            "limit: \"10.5\": a tokens limit is a whole number of tokens",
         ),
         (
             "{model: m, unit: concurrent, limit: 4, period: 1m}",
@@ -483,4 +483,24 @@ provider_budgets:
     );
     let s = &l.status(StatusQuery::all())[0];
     assert_eq!((s.spend.as_nanos(), s.would_deny), (130, 1));
+}
+
+#[test]
+fn a_count_limit_may_be_any_u64() {
+    let yaml = "provider_budgets:\n  budgets:\n    - {model: gpt-4o, unit: tokens, limit: 18446744073709551615, period: 1d}\n    - {model: gpt-4o, unit: requests, limit: \"1000000000000\", period: 1d}\n";
+    let dir = tempfile::tempdir().unwrap();
+    let l = open(yaml, dir.path(), &clock());
+    let mut limits: Vec<u64> = l
+        .status(StatusQuery::all())
+        .iter()
+        .map(|s| s.limit.as_nanos())
+        .collect();
+    limits.sort_unstable();
+    assert_eq!(limits, vec![1_000_000_000_000, u64::MAX]);
+    let msg = Config::from_yaml_str(
+        "provider_budgets:\n  budgets:\n    - {model: m, unit: tokens, limit: 18446744073709551616, period: 1d}\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(msg.contains("limit"), "{msg}");
 }
