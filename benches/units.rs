@@ -3,7 +3,8 @@
 //! budget per provider (`usd+usd`: what any extra budget costs) and with one more `tokens`
 //! budget per provider instead (`usd+tokens`): the prepared filter
 //! (`Prepared::filter_into`) of 1 and 10 deployments, and `charge` of one deployment with
-//! its usage (buffered).
+//! its usage (buffered); and `charge/priced`: that charge with its usage priced by the
+//! catalog instead of a given cost.
 //!
 //! The configs are YAML and the calls exist before units too, so this file builds unchanged
 //! against the code before them (`d20e0b8`: copy it into that tree's `benches/` and declare
@@ -133,5 +134,28 @@ pub fn bench(c: &mut Criterion) {
             fx.limiter.flush().expect("flush");
         });
     }
+    priced(&mut g);
     g.finish();
+}
+
+/// `charge/priced`: the `usd` charge with its usage priced by the catalog instead of a given
+/// cost (issue 22's target: pricing adds ≤ 100 ns p50). Skipped where the code has no pricing.
+fn priced(g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>) {
+    let Ok(fx) = Fixture::new(Extra::None) else {
+        return;
+    };
+    let charge = |l: &Limiter| {
+        l.charge(Spend::deployment_usage(black_box(CHARGED), black_box(USAGE)))
+            .map(|r| r.budgets())
+    };
+    // The catalog loads on the first price (not measured).
+    assert_eq!(charge(&fx.limiter).expect("charge"), 1);
+    let mut sampled = false;
+    g.bench_function(BenchmarkId::new("charge/priced", 1), |b| {
+        common::once(&mut sampled, || {
+            common::latency("units/charge/priced", 200_000, || charge(&fx.limiter))
+        });
+        b.iter(|| charge(&fx.limiter));
+    });
+    fx.limiter.flush().expect("flush");
 }
