@@ -145,8 +145,11 @@ fn priced(g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime
         return;
     };
     let charge = |l: &Limiter| {
-        l.charge(Spend::deployment_usage(black_box(CHARGED), black_box(USAGE)))
-            .map(|r| r.budgets())
+        l.charge(Spend::deployment_usage(
+            black_box(CHARGED),
+            black_box(USAGE),
+        ))
+        .map(|r| r.budgets())
     };
     // The catalog loads on the first price (not measured).
     assert_eq!(charge(&fx.limiter).expect("charge"), 1);

@@ -755,8 +755,8 @@ impl Limiter {
         }
         // USD budgets share one amount: one journal event for them all (`Add` for a single
         // window, `AddMany` for several, up to four inline: no allocation). Budgets of other
-        // units each have their own amount: an event each (`others`), allocated only when
-        // such a budget applies.
+        // units each have their own amount: an `Add` each, sent as it is counted (a keyed
+        // spend collects them in `others`, for its one event).
         let mut counted = Counted::default();
         let mut items = Items::default();
         let mut others: Vec<(u32, Window, u64)> = Vec::new();
@@ -784,9 +784,12 @@ impl Limiter {
             if let Some(c) = crossed {
                 self.fire(budget, c);
             }
-            match unit {
-                Unit::Usd => items.push((budget, window)),
-                _ => others.push((budget, window, amount)),
+            match (unit, key) {
+                (Unit::Usd, _) => items.push((budget, window)),
+                // Sent at once: no buffer to allocate on the request path.
+                (_, None) => self.journal_add(budget, window, amount)?,
+                // A keyed spend: in its one event, with its idempotency record.
+                (_, Some(_)) => others.push((budget, window, amount)),
             }
         }
         if !counted.uncounted.is_empty() {
@@ -796,7 +799,8 @@ impl Limiter {
         Ok(counted)
     }
 
-    /// Queues the journal events of one charge (see [`Limiter::add_slots`]).
+    /// Queues the USD event of one charge, or its one keyed event (see
+    /// [`Limiter::add_slots`]).
     #[inline]
     fn journal_adds(
         &self,
@@ -807,8 +811,8 @@ impl Limiter {
     ) -> Result<(), RecordError> {
         let journal = &self.inner.journal;
         if let Some((key, fingerprint)) = key {
-            // Keyed: the only allocation, and only for a keyed spend; the record is written
-            // even when nothing is counted (a retry must still find it).
+            // Keyed: the only allocation, and only for a keyed spend. Nothing counted (a zero
+            // cost and no other unit): no event and no record, as a zero cost always had.
             if items.is_empty() && others.is_empty() {
                 return Ok(());
             }
@@ -838,16 +842,19 @@ impl Limiter {
             };
             journal.send(event).map_err(|_| self.gone())?;
         }
-        for (budget, window, amount) in others {
-            let event = Event::Add {
-                budget,
-                window,
-                amount,
-                ack: None,
-            };
-            journal.send(event).map_err(|_| self.gone())?;
-        }
         Ok(())
+    }
+
+    /// Queues one budget window's own amount (a budget of another unit than USD).
+    #[inline]
+    fn journal_add(&self, budget: u32, window: Window, amount: u64) -> Result<(), RecordError> {
+        let event = Event::Add {
+            budget,
+            window,
+            amount,
+            ack: None,
+        };
+        self.inner.journal.send(event).map_err(|_| self.gone())
     }
 
     /// Reports newly crossed soft limits: callback, metric, `tracing` event (cold path);
