@@ -1133,7 +1133,7 @@ fn healthz_is_503_while_the_disk_is_full_and_200_once_it_is_freed() {
 
 impl Server {
     /// Stops the child (SIGKILL if still running) and hands back its data dir.
-    fn take_cli(mut self) -> Cli {
+    pub(super) fn take_cli(mut self) -> Cli {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
