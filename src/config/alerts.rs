@@ -243,6 +243,50 @@ mod tests {
     }
 
     #[test]
+    fn parses_and_refuses_with_one_line_naming_the_key() {
+        use crate::config::testing::{env, yaml_err};
+        use crate::Config;
+        let ok = Config::from_yaml_str_with_env(
+            "provider_budgets:\n  alerts:\n    lead_time: 30m\n    outbox_cap: 5\n    webhooks:\n      - {url: \"http://h:1/x\", format: slack, headers: {X-Token: os.environ/T}}\n      - {url: \"https://h/y\"}\n",
+            env(&[("T", "tok")]),
+        )
+        .unwrap();
+        let a = &ok.alerts;
+        assert_eq!((a.lead_time, a.outbox_cap), (Duration::from_secs(1800), 5));
+        assert_eq!(a.webhooks[0].format, WebhookFormat::Slack);
+        assert_eq!(
+            a.webhooks[0].headers,
+            vec![("X-Token".into(), "tok".into())]
+        );
+        assert_eq!(a.webhooks[1].format, WebhookFormat::Json);
+        let no = |body: &str, key: &str| {
+            let msg = yaml_err(&format!("provider_budgets:\n  alerts:\n    {body}\n"));
+            assert!(msg.contains(key), "{key} not in {msg}");
+            assert!(!msg.contains("s3cret"), "{msg}");
+        };
+        no("webhooks: [{url: \"ftp://h/\"}]", "webhooks[0].url");
+        no(
+            "webhooks: [{url: \"http://u:s3cret@/\"}]",
+            "webhooks[0].url",
+        );
+        no(
+            "webhooks: [{url: \"http://h/\", format: xml}]",
+            "webhooks[0].format",
+        );
+        no(
+            "webhooks: [{url: \"http://h/\", headers: {\"a b\": s3cret}}]",
+            "webhooks[0].headers",
+        );
+        no(
+            "webhooks: [{url: \"http://h/\", headers: {Idempotency-Key: s3cret}}]",
+            "webhooks[0].headers",
+        );
+        no("webhooks: [{url: \"http://h/\", method: PUT}]", "method");
+        no("lead_tme: 1h", "lead_tme");
+        no("outbox_cap: 0", "alerts.outbox_cap");
+    }
+
+    #[test]
     fn debug_hides_secrets() {
         let w = Webhook {
             url: "http://user:pw@example.com/x".into(),
