@@ -2,8 +2,8 @@
 //! burn rate of its current window (spend so far over the time since the window started) gives
 //! `provider_budgets_exhaustion_eta_seconds` (0 when spent; `+Inf` with no spend yet). A budget
 //! projected to run out before its window ends, and within `alerts.lead_time`, gets one
-//! `forecast` alert per window from this node; its `Idempotency-Key` is the same on every node,
-//! so a fleet's receiver can keep one.
+//! `forecast` alert per window: once per fleet where Redis is configured (claimed through
+//! [`Limiter::once_per_fleet`], like a soft limit), once per node otherwise.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -67,8 +67,8 @@ fn check(
         if fired.insert(id.clone(), s.window.end_secs()).is_some() {
             continue;
         }
-        alerts.send(Alert {
-            id,
+        let alert = Alert {
+            id: id.clone(),
             kind: "forecast".to_owned(),
             scope,
             name: s.name.clone(),
@@ -79,6 +79,9 @@ fn check(
             window_start: s.window.start().to_string(),
             window_end: s.window.end().to_string(),
             eta_seconds: Some(eta.round()),
-        });
+        };
+        let a = alerts.clone();
+        // Once per fleet where Redis is configured (a claim like a soft limit's).
+        limiter.once_per_fleet(&id, s.window, move || a.send(alert));
     }
 }

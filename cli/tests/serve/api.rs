@@ -88,7 +88,7 @@ impl Server {
     }
 
     /// Starts `provider-budgets ARGS` (which must run `serve`).
-    fn start_with(cli: Cli, args: &[&str]) -> Server {
+    pub(super) fn start_with(cli: Cli, args: &[&str]) -> Server {
         let mut child = cli
             .cmd(args)
             .stdout(Stdio::piped())

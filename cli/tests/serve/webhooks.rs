@@ -407,3 +407,50 @@ fn a_budget_burning_fast_gets_an_eta_and_one_forecast_alert() {
     wait_delivered(&s, 1.0);
     assert_eq!(r.got().len(), 1, "{:?}", r.got());
 }
+
+/// Replication needs the real clock (with `--now` the window's keys in Redis would expire at
+/// once): any time of day works, as 99.99 of 100 spent runs out long before the day ends.
+#[test]
+fn two_sidecars_sharing_redis_send_a_forecast_once_for_the_fleet() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let r = Receiver::start();
+    let yaml = format!(
+        "provider_budgets:
+  redis: {{url: \"{}\", sync_interval: 50ms}}
+  budgets:
+    - {{provider: openai, limit: 100, period: 1d}}
+  alerts:
+    lead_time: 1d
+    webhooks: [{{url: \"{}\"}}]
+",
+        redis.url(),
+        r.url()
+    );
+    let serve = ["serve", "--listen", "127.0.0.1:0"];
+    let a = Server::start_with(Cli::new(&yaml), &serve);
+    let b = Server::start_with(Cli::new(&yaml), &serve);
+    assert_eq!(
+        a.spend(json!({"provider": "openai", "cost": "99.99"}))
+            .status,
+        200
+    );
+    let g = &r.wait_for(1)[0];
+    assert_eq!(g.body["kind"], "forecast");
+    // Both nodes forecast the fleet's spend: one wins the claim, the other loses it.
+    let lost = "provider_budgets_once_claimed_elsewhere_total";
+    let deadline = Instant::now() + DEADLINE;
+    while metric(&a, lost, "") + metric(&b, lost, "") < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "{}\n{}",
+            a.get("/metrics").body,
+            b.get("/metrics").body
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    wait_delivered(&a, 0.0);
+    wait_delivered(&b, 0.0);
+    assert_eq!(r.got().len(), 1, "{:?}", r.got());
+}
