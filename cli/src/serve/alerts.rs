@@ -321,10 +321,7 @@ impl Outbox {
             if outcome == "failed" {
                 if let Some(p) = self.pending.get_mut(&name) {
                     p.attempts = p.attempts.saturating_add(1);
-                    let backoff = FIRST_RETRY
-                        .saturating_mul(1u32 << p.attempts.saturating_sub(1).min(16))
-                        .min(MAX_RETRY);
-                    p.due = Instant::now() + backoff;
+                    p.due = Instant::now() + backoff(p.attempts);
                 }
             } else {
                 self.pending.remove(&name);
@@ -388,6 +385,14 @@ impl Outbox {
     }
 }
 
+/// The wait after the `attempts`-th failure: doubling from [`FIRST_RETRY`], at most
+/// [`MAX_RETRY`].
+fn backoff(attempts: u32) -> Duration {
+    FIRST_RETRY
+        .saturating_mul(1u32 << attempts.saturating_sub(1).min(16))
+        .min(MAX_RETRY)
+}
+
 /// Writes `value` as `dir/name`: a temporary file, fsynced, renamed, the dir fsynced.
 fn write_atomic(dir: &Path, name: &str, value: &Stored) -> std::io::Result<()> {
     let tmp = dir.join(format!(".tmp-{name}"));
@@ -397,4 +402,97 @@ fn write_atomic(dir: &Path, name: &str, value: &Stored) -> std::io::Result<()> {
     drop(f);
     std::fs::rename(&tmp, dir.join(name))?;
     std::fs::File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_its_cap() {
+        assert_eq!(backoff(1), FIRST_RETRY);
+        assert_eq!(backoff(2), FIRST_RETRY * 2);
+        assert_eq!(backoff(5), FIRST_RETRY * 16);
+        assert_eq!(backoff(40), MAX_RETRY);
+    }
+
+    #[test]
+    fn keys_are_stable_and_differ_per_alert() {
+        // Pinned: a key must not change between versions (a pending alert keeps its key).
+        let k = Alert::key_of(
+            "soft_limit",
+            "provider",
+            "openai",
+            "1d",
+            1_714_521_600,
+            500_000,
+        );
+        assert_eq!(
+            k,
+            Alert::key_of(
+                "soft_limit",
+                "provider",
+                "openai",
+                "1d",
+                1_714_521_600,
+                500_000
+            )
+        );
+        assert_eq!(k, "pb-fc82551d4c531ce970862f573e551c3d");
+        assert_ne!(
+            k,
+            Alert::key_of(
+                "soft_limit",
+                "provider",
+                "openai",
+                "1d",
+                1_714_521_600,
+                900_000
+            )
+        );
+        assert_ne!(
+            k,
+            Alert::key_of(
+                "soft_limit",
+                "provider",
+                "openai",
+                "1d",
+                1_714_608_000,
+                500_000
+            )
+        );
+        assert_ne!(
+            k,
+            Alert::key_of(
+                "exhausted",
+                "provider",
+                "openai",
+                "1d",
+                1_714_521_600,
+                500_000
+            )
+        );
+    }
+
+    #[test]
+    fn slack_text_says_what_happened() {
+        let a = Alert {
+            id: "pb-x".into(),
+            kind: "forecast".into(),
+            scope: "team".into(),
+            name: "research".into(),
+            period: "1mo".into(),
+            threshold: None,
+            spend: "60".into(),
+            limit: "100".into(),
+            window_start: "2024-05-01T00:00:00Z".into(),
+            window_end: "2024-06-01T00:00:00Z".into(),
+            eta_seconds: Some(7200.0),
+        };
+        let t = a.text();
+        assert!(
+            t.contains("team research (1mo)") && t.contains("2h") && t.contains("60 of 100"),
+            "{t}"
+        );
+    }
 }

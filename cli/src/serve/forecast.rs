@@ -28,11 +28,22 @@ pub(crate) async fn run(limiter: Limiter, alerts: Alerts, lead_time: Duration) {
 
 /// Seconds until `s` runs out at its window's average burn rate so far.
 pub(crate) fn eta_seconds(s: &BudgetStatus, now_secs: f64) -> f64 {
-    let (spend, limit) = (s.spend.as_nanos() as f64, s.limit.as_nanos() as f64);
-    if s.exhausted || spend >= limit {
+    if s.exhausted {
         return 0.0;
     }
     let elapsed = now_secs - s.window.start_secs() as f64;
+    eta(
+        s.spend.as_nanos() as f64,
+        s.limit.as_nanos() as f64,
+        elapsed,
+    )
+}
+
+/// What is left over the burn rate `spend / elapsed`: 0 when spent, +Inf with no burn yet.
+fn eta(spend: f64, limit: f64, elapsed: f64) -> f64 {
+    if spend >= limit {
+        return 0.0;
+    }
     if spend <= 0.0 || elapsed <= 0.0 {
         return f64::INFINITY;
     }
@@ -83,5 +94,19 @@ fn check(
         let a = alerts.clone();
         // Once per fleet where Redis is configured (a claim like a soft limit's).
         limiter.once_per_fleet(&id, s.window, move || a.send(alert));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::eta;
+
+    #[test]
+    fn eta_is_what_is_left_over_the_burn_rate() {
+        // 60 of 100 in 12 h: 40 left at 5 per hour.
+        assert!((eta(60.0, 100.0, 43_200.0) - 28_800.0).abs() < 1e-6);
+        assert_eq!(eta(100.0, 100.0, 10.0), 0.0);
+        assert_eq!(eta(0.0, 100.0, 10.0), f64::INFINITY);
+        assert_eq!(eta(1.0, 100.0, 0.0), f64::INFINITY);
     }
 }
