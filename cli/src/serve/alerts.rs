@@ -135,14 +135,6 @@ impl Alerts {
             );
             return Alerts { tx: None };
         };
-        for w in &config.webhooks {
-            if w.url
-                .get(..8)
-                .is_some_and(|s| s.eq_ignore_ascii_case("https://"))
-            {
-                tracing::warn!(url = %provider_budgets::redact_urls(&w.url), "this build posts webhooks over plain HTTP only; deliveries to an https:// URL fail (use an http relay on the host)");
-            }
-        }
         let outbox = match Outbox::open(dir.join("outbox"), config) {
             Ok(o) => o,
             Err(e) => {
@@ -211,11 +203,13 @@ fn webhook_id(w: &Webhook) -> String {
 impl Outbox {
     fn open(dir: PathBuf, config: &AlertsConfig) -> std::io::Result<Outbox> {
         std::fs::create_dir_all(&dir)?;
-        let agent = ureq::Agent::config_builder()
+        let mut agent = ureq::Agent::config_builder()
             .timeout_global(Some(REQUEST_TIMEOUT))
-            .http_status_as_error(false)
-            .build()
-            .new_agent();
+            .http_status_as_error(false);
+        if config.webhooks.iter().any(|w| is_https(&w.url)) {
+            agent = agent.tls_config(tls());
+        }
+        let agent = agent.build().new_agent();
         let mut pending = HashMap::new();
         for entry in std::fs::read_dir(&dir)? {
             let name = entry?.file_name().to_string_lossy().into_owned();
@@ -383,6 +377,38 @@ impl Outbox {
             }
         }
     }
+}
+
+fn is_https(url: &str) -> bool {
+    url.get(..8)
+        .is_some_and(|s| s.eq_ignore_ascii_case("https://"))
+}
+
+/// TLS for `https://` webhooks: rustls with ring (as the library's `rediss://`), trusting the
+/// system's root certificates (`SSL_CERT_FILE` / `SSL_CERT_DIR` when set).
+fn tls() -> ureq::tls::TlsConfig {
+    use ureq::tls::{Certificate, RootCerts, TlsConfig, TlsProvider};
+    let found = rustls_native_certs::load_native_certs();
+    if let Some(e) = found.errors.first() {
+        tracing::warn!(error = %e, "some system root certificates could not be read (https webhooks)");
+    }
+    let roots: Vec<Certificate<'static>> = found
+        .certs
+        .iter()
+        .map(|c| Certificate::from_der(c.as_ref()).to_owned())
+        .collect();
+    if roots.is_empty() {
+        tracing::warn!(
+            "no system root certificate found: https webhooks will fail (set SSL_CERT_FILE)"
+        );
+    }
+    TlsConfig::builder()
+        .provider(TlsProvider::Rustls)
+        .root_certs(RootCerts::new_with_certs(&roots))
+        .unversioned_rustls_crypto_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .build()
 }
 
 /// The wait after the `attempts`-th failure: doubling from [`FIRST_RETRY`], at most

@@ -89,8 +89,14 @@ impl Server {
 
     /// Starts `provider-budgets ARGS` (which must run `serve`).
     pub(super) fn start_with(cli: Cli, args: &[&str]) -> Server {
-        let mut child = cli
-            .cmd(args)
+        Server::start_env(cli, args, &[])
+    }
+
+    /// [`Server::start_with`] with environment variables set.
+    pub(super) fn start_env(cli: Cli, args: &[&str], env: &[(&str, &str)]) -> Server {
+        let mut cmd = cli.cmd(args);
+        cmd.envs(env.iter().copied());
+        let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .stdin(Stdio::null())

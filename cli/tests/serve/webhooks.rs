@@ -51,6 +51,15 @@ impl Receiver {
     }
 
     fn on(listener: TcpListener) -> Receiver {
+        Receiver::serving(listener, None)
+    }
+
+    /// Over TLS with `tls` (the server's certificate and key).
+    fn tls(tls: Arc<rustls::ServerConfig>) -> Receiver {
+        Receiver::serving(TcpListener::bind("127.0.0.1:0").unwrap(), Some(tls))
+    }
+
+    fn serving(listener: TcpListener, tls: Option<Arc<rustls::ServerConfig>>) -> Receiver {
         let port = listener.local_addr().unwrap().port();
         let got = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
@@ -60,10 +69,16 @@ impl Receiver {
                 if halt.load(Ordering::SeqCst) {
                     return;
                 }
-                if let Ok(c) = conn {
-                    if let Some(g) = serve_one(c) {
-                        sink.lock().unwrap().push(g);
-                    }
+                let Ok(c) = conn else { continue };
+                let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
+                let got = match &tls {
+                    None => serve_one(c),
+                    Some(cfg) => rustls::ServerConnection::new(Arc::clone(cfg))
+                        .ok()
+                        .and_then(|s| serve_one(rustls::StreamOwned::new(s, c))),
+                };
+                if let Some(g) = got {
+                    sink.lock().unwrap().push(g);
                 }
             }
         });
@@ -72,6 +87,10 @@ impl Receiver {
 
     fn url(&self) -> String {
         format!("http://127.0.0.1:{}/hook", self.port)
+    }
+
+    fn https_url(&self) -> String {
+        format!("https://127.0.0.1:{}/hook", self.port)
     }
 
     fn got(&self) -> Vec<Got> {
@@ -104,9 +123,8 @@ impl Drop for Receiver {
 }
 
 /// Reads one request (head and `Content-Length` body) and answers 200.
-fn serve_one(mut c: TcpStream) -> Option<Got> {
-    c.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    let mut reader = BufReader::new(c.try_clone().ok()?);
+fn serve_one<S: Read + Write>(mut c: S) -> Option<Got> {
+    let mut reader = BufReader::new(&mut c);
     let mut line = String::new();
     reader.read_line(&mut line).ok()?;
     let path = line.split(' ').nth(1)?.to_owned();
@@ -124,8 +142,10 @@ fn serve_one(mut c: TcpStream) -> Option<Got> {
     let len: usize = headers.get("content-length")?.parse().ok()?;
     let mut body = vec![0; len];
     reader.read_exact(&mut body).ok()?;
+    drop(reader);
     c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
         .ok()?;
+    c.flush().ok()?;
     Some(Got {
         path,
         headers,
@@ -453,4 +473,52 @@ fn two_sidecars_sharing_redis_send_a_forecast_once_for_the_fleet() {
     wait_delivered(&a, 0.0);
     wait_delivered(&b, 0.0);
     assert_eq!(r.got().len(), 1, "{:?}", r.got());
+}
+
+/// A CA (its PEM) and a server configuration with a certificate it signed for 127.0.0.1.
+fn pki() -> (String, Arc<rustls::ServerConfig>) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "webhook test CA");
+    let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![CertificateDer::from(cert.der().to_vec())],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        )
+        .unwrap();
+    (ca_pem, Arc::new(config))
+}
+
+#[test]
+fn an_https_webhook_is_delivered_over_tls_trusting_the_system_roots() {
+    let (ca, tls) = pki();
+    let r = Receiver::tls(tls);
+    let cli = Cli::new(&config(&r.https_url(), ""));
+    let ca_file = cli.write_config("ca.pem", &ca);
+    let args = ["--now", super::api::NOW, "serve", "--listen", "127.0.0.1:0"];
+    let env = [("SSL_CERT_FILE", ca_file.to_str().unwrap())];
+    let s = Server::start_env(cli, &args, &env);
+    assert_eq!(
+        s.spend(json!({"provider": "openai", "cost": "0.6"})).status,
+        200
+    );
+    let g = &r.wait_for(1)[0];
+    key_ok(g);
+    assert_eq!(g.body["kind"], "soft_limit");
+    wait_delivered(&s, 1.0);
 }
