@@ -1,6 +1,6 @@
-//! The exhaustion forecast: every [`EVERY`], per budget (templated series excepted), the
-//! burn rate of its current window (spend so far over the time since the window started) gives
-//! `provider_budgets_exhaustion_eta_seconds` (0 when spent; `+Inf` with no spend yet). A budget
+//! The exhaustion forecast: every [`EVERY`], per budget (templated series and `concurrent`
+//! budgets excepted), the burn rate of its current window (spend so far over the time since the
+//! window started) gives `provider_budgets_exhaustion_eta_seconds` (0 when spent; `+Inf` with no spend yet). A budget
 //! projected to run out before its window ends, and within `alerts.lead_time`, gets one
 //! `forecast` alert per window: once per fleet where Redis is configured (claimed through
 //! [`Limiter::once_per_fleet`], like a soft limit), once per node otherwise.
@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use provider_budgets::{BudgetStatus, Limiter, StatusQuery};
+use provider_budgets::{BudgetStatus, Limiter, StatusQuery, Unit};
 
 use super::alerts::{Alert, Alerts};
 
@@ -60,6 +60,10 @@ fn check(
     let now_secs = now.as_millisecond() as f64 / 1000.0;
     fired.retain(|_, end| (*end as f64) > now_secs);
     for s in limiter.status(StatusQuery::all().without_templated()) {
+        // Slots held have no burn rate (and no window to run out in).
+        if s.unit == Unit::Concurrent {
+            continue;
+        }
         let eta = eta_seconds(&s, now_secs);
         let labels = [
             ("provider", s.provider.clone()),

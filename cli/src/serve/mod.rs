@@ -495,7 +495,12 @@ fn reload(
              or post {{\"allow_empty\": true}} to /v1/reload"
         )));
     }
+    // The webhook thread and the forecast took their settings at start.
+    let alerts_changed = config.alerts != limiter.config().alerts;
     let summary = limiter.reload(config).map_err(|e| refused(&e))?;
+    if alerts_changed {
+        tracing::warn!("provider_budgets.alerts changed: it applies at the next start of serve");
+    }
     if !summary.removed.is_empty() {
         tracing::warn!(removed = ?summary.removed, "config reload removed budgets");
     }
