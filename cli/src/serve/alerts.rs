@@ -194,6 +194,8 @@ struct Outbox {
     agent: ureq::Agent,
     /// File name → retry state; the files on disk are the truth.
     pending: HashMap<String, Pending>,
+    /// Webhooks (by id) whose last delivery failed: a failure is logged once per outage.
+    down: std::collections::HashSet<String>,
 }
 
 fn webhook_id(w: &Webhook) -> String {
@@ -235,6 +237,7 @@ impl Outbox {
             cap: config.outbox_cap,
             agent,
             pending,
+            down: std::collections::HashSet::new(),
         })
     }
 
@@ -326,7 +329,7 @@ impl Outbox {
     }
 
     /// One attempt: `delivered`, `rejected` (a 4xx but 408/429: not retried) or `failed`.
-    fn attempt(&self, name: &str) -> &'static str {
+    fn attempt(&mut self, name: &str) -> &'static str {
         let stored: Stored = match std::fs::read(self.dir.join(name))
             .map_err(|e| e.to_string())
             .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
@@ -361,20 +364,33 @@ impl Outbox {
             req = req.header(k, v);
         }
         let url = provider_budgets::redact_urls(&w.url);
+        let id = stored.webhook;
         match req.send(body.as_bytes()) {
-            Ok(r) if r.status().is_success() => "delivered",
+            Ok(r) if r.status().is_success() => {
+                if self.down.remove(&id) {
+                    tracing::info!(target: "provider_budgets::lifecycle", %url, "webhook reachable again");
+                }
+                "delivered"
+            }
             Ok(r) if r.status().is_client_error() && ![408, 429].contains(&r.status().as_u16()) => {
                 tracing::error!(%url, status = r.status().as_u16(), key = %stored.alert.id, "webhook refused the alert; not retried");
                 "rejected"
             }
             Ok(r) => {
-                tracing::warn!(%url, status = r.status().as_u16(), "webhook delivery failed; retrying");
+                self.failed(id, &url, &format!("status {}", r.status().as_u16()));
                 "failed"
             }
             Err(e) => {
-                tracing::warn!(%url, error = %provider_budgets::redact_urls(&e.to_string()), "webhook delivery failed; retrying");
+                self.failed(id, &url, &provider_budgets::redact_urls(&e.to_string()));
                 "failed"
             }
+        }
+    }
+
+    /// Logs a failed delivery once per outage of its webhook (retries are counted, not logged).
+    fn failed(&mut self, webhook: String, url: &str, error: &str) {
+        if self.down.insert(webhook) {
+            tracing::warn!(%url, %error, "webhook delivery failed; retrying with backoff (logged once until it answers)");
         }
     }
 }

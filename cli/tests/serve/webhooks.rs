@@ -262,7 +262,8 @@ fn soft_limit_and_exhaustion_are_each_delivered_once_as_json_with_an_idempotency
     );
     wait_delivered(&s, 2.0);
     assert_eq!(r.got().len(), 2, "{:?}", r.got());
-    assert!(!s.stderr().contains("hook-secret"), "{}", s.stderr());
+    let log = stopped_log(s, "soft limit crossed");
+    assert!(!log.contains("hook-secret"), "{log}");
 }
 
 #[test]
@@ -313,6 +314,9 @@ fn a_receiver_down_for_a_while_gets_the_alert_when_it_is_back() {
     key_ok(g);
     wait_delivered(&s, 1.0);
     assert_eq!(r.got().len(), 1);
+    // One warning for the outage (not one per retry), one line when it is over.
+    let log = stopped_log(s, "webhook reachable again");
+    assert_eq!(log.matches("webhook delivery failed").count(), 1, "{log}");
 }
 
 #[test]
@@ -521,4 +525,46 @@ fn an_https_webhook_is_delivered_over_tls_trusting_the_system_roots() {
     key_ok(g);
     assert_eq!(g.body["kind"], "soft_limit");
     wait_delivered(&s, 1.0);
+}
+
+#[test]
+fn a_full_outbox_drops_new_alerts_with_a_count_and_a_warning() {
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}/hook");
+    let yaml = config(&url, "").replace("  alerts:\n", "  alerts:\n    outbox_cap: 1\n");
+    let s = Server::start(&yaml, &[]);
+    // Two crossings (0.5 and 1) while the receiver is down: the second finds the outbox full.
+    assert_eq!(
+        s.spend(json!({"provider": "openai", "cost": "1"})).status,
+        200
+    );
+    let dropped = "outcome=\"dropped\"";
+    wait_metric(
+        &s,
+        "provider_budgets_webhook_deliveries_total",
+        dropped,
+        1.0,
+    );
+    assert_eq!(metric(&s, "provider_budgets_webhook_outbox", ""), 1.0);
+    let r = Receiver::at(port);
+    assert_eq!(r.wait_for(1)[0].body["kind"], "soft_limit");
+    wait_delivered(&s, 1.0);
+    assert_eq!(r.got().len(), 1);
+    let log = stopped_log(s, "alert dropped");
+    assert!(log.contains("outbox is full"), "{log}");
+}
+
+/// Stops the sidecar (SIGTERM) and waits for its stderr (read to its end) to hold `line`.
+fn stopped_log(mut s: Server, line: &str) -> String {
+    s.signal("TERM");
+    s.wait_exit(DEADLINE);
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let log = s.stderr();
+        if log.contains(line) {
+            return log;
+        }
+        assert!(Instant::now() < deadline, "no {line:?} in: {log}");
+        thread::sleep(Duration::from_millis(20));
+    }
 }
