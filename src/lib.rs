@@ -84,9 +84,9 @@ mod template;
 mod view;
 
 pub use config::{
-    parse_duration, BudgetConfig, BudgetFields, Config, ConfigError, RedisConfig, RedisTls,
-    StorageConfig, UnknownProvider, CONCURRENT_PERIOD, DEFAULT_MAX_SERIES, MAX_MAX_SERIES,
-    TEMPLATE_NAME,
+    parse_duration, AlertsConfig, BudgetConfig, BudgetFields, Config, ConfigError, RedisConfig,
+    RedisTls, StorageConfig, UnknownProvider, Webhook, WebhookFormat, CONCURRENT_PERIOD,
+    DEFAULT_MAX_SERIES, MAX_MAX_SERIES, TEMPLATE_NAME,
 };
 pub use durable::audit::{AuditEntry, MAX_ENTRIES as MAX_AUDIT_ENTRIES};
 pub use durable::error::StoreError;

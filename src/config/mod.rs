@@ -22,6 +22,7 @@
 //!   reservation_timeout: 10m              # open reservations expire (count their estimate)
 //!   model_providers: { "llama-": together }
 //!   pricing: { catalog: builtin, unpriced: deny }   # cost from usage: docs/guide/pricing.md
+//!   alerts: { webhooks: [{url: "http://127.0.0.1:9000/hook", format: json}], lead_time: 1h }
 //! ```
 //!
 //! Durations are humantime strings (`2ms`, `1s`, `1h 30m`). Budget periods use litellm's
@@ -51,6 +52,7 @@
 //! * Every error is one line naming the key path once; URLs in it (and in `RedisConfig`'s
 //!   `Debug`) have their password replaced by `***`.
 
+mod alerts;
 mod env;
 mod error;
 mod fields;
@@ -63,6 +65,7 @@ mod schema;
 mod validate;
 mod values;
 
+pub use alerts::{AlertsConfig, Webhook, WebhookFormat};
 pub use error::ConfigError;
 pub use fields::BudgetFields;
 pub use schema::{

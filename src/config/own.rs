@@ -142,6 +142,7 @@ pub(super) struct RawOwn {
     pub(super) budgets: Option<Vec<RawGeneral>>,
     pub(super) reservation_timeout: Option<HumanDuration>,
     pub(super) pricing: Option<super::pricing::RawPricing>,
+    pub(super) alerts: Option<super::alerts::RawAlerts>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -184,6 +184,11 @@ impl Config {
                 .map(super::pricing::RawPricing::into_pricing)
                 .transpose()?
                 .unwrap_or_default(),
+            alerts: own
+                .alerts
+                .map(super::alerts::RawAlerts::into_alerts)
+                .transpose()?
+                .unwrap_or_default(),
         };
         sort_budgets(&mut config.budgets);
         config.validate()?;

@@ -371,6 +371,9 @@ pub struct Config {
     /// `provider_budgets.pricing`: the price catalog, negotiated prices and the unpriced
     /// policy, for [`Catalog::load`](crate::Catalog::load). Not used by the limiter yet.
     pub pricing: crate::pricing::Pricing,
+    /// `provider_budgets.alerts`: webhooks and the forecast's lead time, read by the sidecar
+    /// (the library fires soft limits through [`Limiter::on_soft_limit`](crate::Limiter::on_soft_limit)).
+    pub alerts: super::alerts::AlertsConfig,
 }
 
 /// Default of [`Config::reservation_timeout`].
@@ -390,6 +393,7 @@ impl Default for Config {
             ignored_litellm_keys: Vec::new(),
             reservation_timeout: DEFAULT_RESERVATION_TIMEOUT,
             pricing: crate::pricing::Pricing::default(),
+            alerts: super::alerts::AlertsConfig::default(),
         }
     }
 }

@@ -156,6 +156,23 @@ mod imp {
             }
         }
 
+        /// Claims `name` fleet-wide and runs `action` if this node wins; gives the action
+        /// back when there is no fleet (it runs locally then).
+        pub(crate) fn claim_once(
+            &self,
+            name: &str,
+            window: Window,
+            action: Box<dyn FnOnce() + Send>,
+        ) -> Option<Box<dyn FnOnce() + Send>> {
+            match &self.alerts {
+                Some(alerts) => {
+                    alerts.claim_once(name, window, action);
+                    None
+                }
+                None => Some(action),
+            }
+        }
+
         /// Waits up to `redis.grant_wait` for an out-of-cycle grant round.
         pub(crate) fn grant_round(&self, config: &Config) -> bool {
             match &self.replicator {
@@ -394,6 +411,15 @@ mod imp {
             event: SoftLimitCrossed,
         ) -> Option<SoftLimitCrossed> {
             Some(event)
+        }
+
+        pub(crate) fn claim_once(
+            &self,
+            _name: &str,
+            _window: Window,
+            action: Box<dyn FnOnce() + Send>,
+        ) -> Option<Box<dyn FnOnce() + Send>> {
+            Some(action)
         }
 
         pub(crate) fn grant_round(&self, _config: &Config) -> bool {

@@ -43,6 +43,7 @@ use crate::model::clock::Clock;
 use crate::model::identity::Identity;
 use crate::model::money::Money;
 use crate::model::slots::SlotKeys;
+use crate::model::window::Window;
 use crate::resolve::{Deployment, Resolved, Resolver, Target};
 use crate::template::Template;
 use crate::view::View;
@@ -186,6 +187,22 @@ impl Limiter {
             .soft_handler
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = Some(SoftLimitHandler(Arc::new(handler)));
+    }
+
+    /// Runs `action` once per fleet for `name` in `window` (put what identifies the event and
+    /// the window in `name`): with Redis configured, on the node whose claim of
+    /// `{prefix}:{name}:once` succeeds, in the background like soft limits (and on this node
+    /// when Redis cannot answer); without Redis, here and now. The sidecar's forecast alerts
+    /// use it.
+    pub fn once_per_fleet(
+        &self,
+        name: &str,
+        window: Window,
+        action: impl FnOnce() + Send + 'static,
+    ) {
+        if let Some(action) = self.inner.fleet.claim_once(name, window, Box::new(action)) {
+            action();
+        }
     }
 
     // ---- filter ------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 
 use crate::config::RedisConfig;
 use crate::model::budget::{SoftLimitCrossed, SoftLimitHandler};
+use crate::model::window::Window;
 use crate::replicate::routed::Routed;
 
 /// Claims waiting for the alert thread before new ones fire locally instead.
@@ -49,9 +50,28 @@ pub(crate) fn alert_key(prefix: &str, key: &str, e: &SoftLimitCrossed) -> String
 
 struct Claim {
     key: String,
-    budget_key: String,
     expire_at_ms: i64,
-    event: SoftLimitCrossed,
+    then: Then,
+}
+
+/// What a won claim (or one Redis could not answer) does.
+enum Then {
+    /// Delivers a crossed soft limit of the budget `budget_key`.
+    Soft {
+        budget_key: String,
+        event: SoftLimitCrossed,
+    },
+    /// Runs a caller's action ([`crate::Limiter::once_per_fleet`]).
+    Run(Box<dyn FnOnce() + Send>),
+}
+
+impl Then {
+    fn fire(self, handler: &SharedHandler) {
+        match self {
+            Then::Soft { budget_key, event } => deliver(handler, &budget_key, &event),
+            Then::Run(action) => action(),
+        }
+    }
 }
 
 /// The fleet-wide claimer (one thread).
@@ -97,29 +117,48 @@ impl FleetAlerts {
 
     /// Claims the crossing for this node (in the background) and fires it if the claim wins.
     pub fn claim(&self, budget_key: &str, event: SoftLimitCrossed) {
-        // The window's end (or now, for a charge in a past window) plus grace: a claim must
-        // outlive the moment other nodes may still see the same crossing.
+        let claim = Claim {
+            key: alert_key(&self.prefix, budget_key, &event),
+            expire_at_ms: self.expire_at_ms(event.window),
+            then: Then::Soft {
+                budget_key: budget_key.to_owned(),
+                event,
+            },
+        };
+        self.send(claim);
+    }
+
+    /// Claims `name` (unique per window: the caller puts the window in it) for this node and
+    /// runs `action` if the claim wins. Key `{prefix}:{name}:once`: its own hash tag.
+    pub fn claim_once(&self, name: &str, window: Window, action: Box<dyn FnOnce() + Send>) {
+        let claim = Claim {
+            key: format!("{}:{{{name}}}:once", self.prefix),
+            expire_at_ms: self.expire_at_ms(window),
+            then: Then::Run(action),
+        };
+        self.send(claim);
+    }
+
+    /// The window's end (or now, for a past window) plus grace: a claim must outlive the
+    /// moment other nodes may still see the same event.
+    fn expire_at_ms(&self, window: Window) -> i64 {
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 2));
-        let expire_at_ms = event
-            .window
+        window
             .end_secs()
             .saturating_mul(1000)
             .max(now_ms)
-            .saturating_add(i64::try_from(self.grace.as_millis()).unwrap_or(i64::MAX / 2));
-        let claim = Claim {
-            key: alert_key(&self.prefix, budget_key, &event),
-            budget_key: budget_key.to_owned(),
-            expire_at_ms,
-            event,
-        };
+            .saturating_add(i64::try_from(self.grace.as_millis()).unwrap_or(i64::MAX / 2))
+    }
+
+    fn send(&self, claim: Claim) {
         let Some(tx) = &self.tx else { return };
         match tx.try_send(claim) {
             Ok(()) => {}
             Err(TrySendError::Full(c) | TrySendError::Disconnected(c)) => {
                 // Never lose an alert: fire here rather than drop it.
-                deliver(&self.handler, &c.budget_key, &c.event);
+                c.then.fire(&self.handler);
             }
         }
     }
@@ -149,12 +188,15 @@ impl Worker {
             match self.set_nx(&claim) {
                 Ok(true) => {
                     self.up();
-                    deliver(&self.handler, &claim.budget_key, &claim.event);
+                    claim.then.fire(&self.handler);
                 }
                 Ok(false) => {
                     self.up();
-                    metrics::counter!("provider_budgets_soft_limit_claimed_elsewhere_total")
-                        .increment(1);
+                    let name = match claim.then {
+                        Then::Soft { .. } => "provider_budgets_soft_limit_claimed_elsewhere_total",
+                        Then::Run(_) => "provider_budgets_once_claimed_elsewhere_total",
+                    };
+                    metrics::counter!(name).increment(1);
                 }
                 Err(e) => {
                     self.redis.reset();
@@ -162,10 +204,10 @@ impl Worker {
                         self.down = true;
                         tracing::warn!(
                             error = %crate::model::text::redact_urls(&e.to_string()),
-                            "soft-limit claim in Redis failed; firing on this node (an alert may come from several nodes until Redis answers)"
+                            "alert claim in Redis failed; firing on this node (an alert may come from several nodes until Redis answers)"
                         );
                     }
-                    deliver(&self.handler, &claim.budget_key, &claim.event);
+                    claim.then.fire(&self.handler);
                 }
             }
         }
@@ -174,7 +216,7 @@ impl Worker {
     fn up(&mut self) {
         if self.down {
             self.down = false;
-            tracing::info!("soft-limit claims in Redis work again");
+            tracing::info!("alert claims in Redis work again");
         }
     }
 

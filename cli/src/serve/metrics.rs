@@ -130,6 +130,14 @@ const GAUGES: &[(&str, &str)] = &[
         "Limit minus spend in the current window (0 when over), USD",
     ),
     (
+        "provider_budgets_exhaustion_eta_seconds",
+        "Seconds until the budget runs out at its current window's burn rate (0 when spent, +Inf with no spend)",
+    ),
+    (
+        "provider_budgets_webhook_outbox",
+        "Alert deliveries pending in the outbox (alerts.webhooks)",
+    ),
+    (
         "provider_budgets_template_live_series",
         "Names with a series of the scope's templates (bounded by max_series)",
     ),
@@ -234,9 +242,19 @@ const COUNTERS: &[(&str, &str)] = &[
         "Series made for a template's names (first use, or again after they left as idle)",
     ),
     (
+        "provider_budgets_webhook_deliveries_total",
+        "Webhook delivery attempts by outcome: delivered, failed (retried), rejected (4xx, not retried), dropped (outbox full)",
+    ),
+    (
         "provider_budgets_data_loss_total",
         "Sync reads that found this node's acknowledged spend missing from Redis (evicted, deleted, flushed, failed over)",
     ),
+];
+
+/// Counters with labels: their series appear with their first event.
+const LABELLED: &[&str] = &[
+    "provider_budgets_spend_requests_total",
+    "provider_budgets_webhook_deliveries_total",
 ];
 
 fn describe() {
@@ -249,7 +267,7 @@ fn describe() {
         // Exported from the start, at 0 until the first event: `rate()` and a dashboard see
         // the series before it moves. (`increment(0)`: one the limiter already counted at
         // open keeps its value.) A labelled counter gets its series with its first event.
-        if name != "provider_budgets_spend_requests_total" {
+        if !LABELLED.contains(&name) {
             metrics::counter!(name).increment(0);
         }
     }

@@ -27,9 +27,11 @@
 //!   guard ([`Limiter::idempotency_records`]; module `idempotency`).
 
 mod adjust;
+mod alerts;
 mod api;
 mod budgets;
 mod edge;
+mod forecast;
 mod idempotency;
 mod identity;
 mod listen;
@@ -301,6 +303,7 @@ async fn serve(
         pause_after_fsync: args.testing_pause_after_fsync,
         config_path: config.path.to_path_buf(),
     });
+    let _forecast = start_alerts(limiter);
     let loader = config.loader;
     let app = router(Arc::clone(&state));
     let probes = probes_only(state);
@@ -345,6 +348,31 @@ async fn serve(
     }
     let _ = stop_tx.send(true);
     drain(server, args.drain_timeout).await
+}
+
+/// Webhook delivery (the soft-limit callback feeds the outbox) and the forecast task. The
+/// alerts section is read at start; a reload keeps it.
+fn start_alerts(limiter: &Limiter) -> AbortOnDrop {
+    let config = limiter.config();
+    let alerts = alerts::Alerts::start(&config.alerts, config.storage.dir.as_deref());
+    if alerts.enabled() {
+        let a = alerts.clone();
+        limiter.on_soft_limit(move |e| a.send(alerts::Alert::soft_limit(e)));
+    }
+    AbortOnDrop(tokio::spawn(forecast::run(
+        limiter.clone(),
+        alerts,
+        config.alerts.lead_time,
+    )))
+}
+
+/// A background task stopped when the server stops.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// The key table and the reservation table, seeded from the idempotency records on disk
@@ -467,7 +495,12 @@ fn reload(
              or post {{\"allow_empty\": true}} to /v1/reload"
         )));
     }
+    // The webhook thread and the forecast took their settings at start.
+    let alerts_changed = config.alerts != limiter.config().alerts;
     let summary = limiter.reload(config).map_err(|e| refused(&e))?;
+    if alerts_changed {
+        tracing::warn!("provider_budgets.alerts changed: it applies at the next start of serve");
+    }
     if !summary.removed.is_empty() {
         tracing::warn!(removed = ?summary.removed, "config reload removed budgets");
     }

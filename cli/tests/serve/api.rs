@@ -88,9 +88,15 @@ impl Server {
     }
 
     /// Starts `provider-budgets ARGS` (which must run `serve`).
-    fn start_with(cli: Cli, args: &[&str]) -> Server {
-        let mut child = cli
-            .cmd(args)
+    pub(super) fn start_with(cli: Cli, args: &[&str]) -> Server {
+        Server::start_env(cli, args, &[])
+    }
+
+    /// [`Server::start_with`] with environment variables set.
+    pub(super) fn start_env(cli: Cli, args: &[&str], env: &[(&str, &str)]) -> Server {
+        let mut cmd = cli.cmd(args);
+        cmd.envs(env.iter().copied());
+        let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .stdin(Stdio::null())
@@ -1133,7 +1139,7 @@ fn healthz_is_503_while_the_disk_is_full_and_200_once_it_is_freed() {
 
 impl Server {
     /// Stops the child (SIGKILL if still running) and hands back its data dir.
-    fn take_cli(mut self) -> Cli {
+    pub(super) fn take_cli(mut self) -> Cli {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();

@@ -13,3 +13,4 @@ mod page;
 mod priced;
 mod templates;
 mod units;
+mod webhooks;
