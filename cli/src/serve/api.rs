@@ -47,8 +47,13 @@ pub(super) fn json(status: StatusCode, value: &impl Serialize) -> Response {
 
 /// `{"error": "<one line>"}`.
 pub(super) fn error(status: StatusCode, reason: &str) -> Response {
+    json(status, &error_value(reason))
+}
+
+/// The body of [`error`].
+pub(super) fn error_value(reason: &str) -> serde_json::Value {
     let line = reason.lines().map(str::trim).collect::<Vec<_>>().join("; ");
-    json(status, &serde_json::json!({ "error": line }))
+    serde_json::json!({ "error": line })
 }
 
 pub(super) fn bad_request(reason: &str) -> Response {
@@ -455,31 +460,45 @@ pub(super) async fn spend(
         Ok(b) => b,
         Err(r) => return r.into_response(),
     };
-    let request: SpendRequest<'_> = match parse(&bytes) {
+    let (status, answer) = spend_answer(&state, &bytes).await;
+    json(status, &answer)
+}
+
+/// The answer to one spend request's JSON: its status and body (`/v1/spend`, and each item
+/// of `/v1/spend/batch`).
+pub(super) async fn spend_answer(state: &Shared, bytes: &[u8]) -> (StatusCode, serde_json::Value) {
+    let request: SpendRequest<'_> = match parse(bytes) {
         Ok(r) => r,
-        Err(r) => return r.into_response(),
+        Err(Reject(status, reason)) => return (status, error_value(&reason)),
     };
     let spend = match request.validate() {
         Ok(s) => s,
-        Err(e) => return bad_request(&e),
+        Err(e) => return (StatusCode::BAD_REQUEST, error_value(&e)),
     };
     let Some(key) = request.idempotency_key.as_deref() else {
-        let (status, outcome) = record(&state, &spend, None).await;
-        return spend_response(status, &outcome, false);
+        let (status, outcome) = record(state, &spend, None).await;
+        return (status, spend_value(status, &outcome, false));
     };
     let request_id = fingerprint(&spend.canonical());
-    keyed_spend(state, spend, key, request_id).await
+    keyed_spend(Arc::clone(state), spend, key, request_id).await
 }
 
 /// A spend with an idempotency key: counted once per key (module `idempotency`), its key
 /// journaled with it.
-async fn keyed_spend(state: Shared, spend: Spend, key: &str, request_id: u64) -> Response {
+async fn keyed_spend(
+    state: Shared,
+    spend: Spend,
+    key: &str,
+    request_id: u64,
+) -> (StatusCode, serde_json::Value) {
     loop {
         match state.keys.begin(key, request_id) {
-            Begin::Mismatch => return error(StatusCode::CONFLICT, &format!(
+            Begin::Mismatch => return (StatusCode::CONFLICT, error_value(&format!(
                 "idempotency_key {key:?} was used before with another request (target, cost, usage or at differ); a new request needs a new key"
-            )),
-            Begin::Done(outcome) => return spend_response(StatusCode::OK, &outcome, true),
+            ))),
+            Begin::Done(outcome) => {
+                return (StatusCode::OK, spend_value(StatusCode::OK, &outcome, true))
+            }
             Begin::Wait(mut rx) => {
                 let first = rx
                     .wait_for(Option::is_some)
@@ -488,7 +507,7 @@ async fn keyed_spend(state: Shared, spend: Spend, key: &str, request_id: u64) ->
                     .and_then(|o| o.clone());
                 match first {
                     Some(outcome) if outcome.settled => {
-                        return spend_response(StatusCode::OK, &outcome, true)
+                        return (StatusCode::OK, spend_value(StatusCode::OK, &outcome, true))
                     }
                     _ => continue, // the first attempt counted nothing: run again
                 }
@@ -504,10 +523,10 @@ async fn keyed_spend(state: Shared, spend: Spend, key: &str, request_id: u64) ->
                     (status, outcome)
                 });
                 return match task.await {
-                    Ok((status, outcome)) => spend_response(status, &outcome, false),
-                    Err(e) => error(
+                    Ok((status, outcome)) => (status, spend_value(status, &outcome, false)),
+                    Err(e) => (
                         StatusCode::INTERNAL_SERVER_ERROR,
-                        &format!("spend task: {e}"),
+                        error_value(&format!("spend task: {e}")),
                     ),
                 };
             }
@@ -689,7 +708,7 @@ async fn record(state: &State, s: &Spend, key: Option<(&str, u64)>) -> (StatusCo
     (status, outcome)
 }
 
-fn spend_response(status: StatusCode, outcome: &Outcome, duplicate: bool) -> Response {
+fn spend_value(status: StatusCode, outcome: &Outcome, duplicate: bool) -> serde_json::Value {
     let mut body = serde_json::json!({ "counted": outcome.counted });
     if let Some(reason) = &outcome.reason {
         let key = if status.is_success() {
@@ -708,7 +727,7 @@ fn spend_response(status: StatusCode, outcome: &Outcome, duplicate: bool) -> Res
     if !outcome.uncounted.is_empty() {
         body["uncounted"] = outcome.uncounted.clone().into();
     }
-    json(status, &body)
+    body
 }
 
 // ---- the rest ---------------------------------------------------------------------------------

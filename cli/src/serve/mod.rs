@@ -2,7 +2,7 @@
 //!
 //! Routes (JSON; contract in `docs/guide/sidecar.md`):
 //!
-//! * `POST /v1/filter`, `POST /v1/spend`, `GET /metrics`, `GET /healthz`,
+//! * `POST /v1/filter`, `POST /v1/spend` (and `/v1/spend/batch`, module `batch`), `GET /metrics`, `GET /healthz`,
 //!   `POST /v1/reload`, `POST /v1/reserve`, `POST /v1/commit`, `POST /v1/release`,
 //!   `POST /v1/adjust` (corrections, module `adjust`), `GET /v1/budgets` and the runtime
 //!   budgets `PUT`/`GET`/`DELETE /v1/budgets/{scope}/{name}` (module `budgets`), `GET /` (the
@@ -29,6 +29,7 @@
 mod adjust;
 mod alerts;
 mod api;
+mod batch;
 mod budgets;
 mod edge;
 mod forecast;
@@ -565,6 +566,7 @@ fn router(state: Arc<State>) -> axum::Router {
     let api = Router::new()
         .route("/v1/filter", post(api::filter))
         .route("/v1/spend", post(api::spend))
+        .route("/v1/spend/batch", post(batch::spend_batch))
         .route("/v1/budgets", get(budgets::list))
         .route(
             "/v1/budgets/{scope}/{*name}",

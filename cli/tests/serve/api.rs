@@ -182,7 +182,7 @@ impl Server {
     }
 
     /// Exact spend of `provider` from `GET /v1/budgets`.
-    fn spend_nanos(&self, provider: &str) -> u64 {
+    pub(super) fn spend_nanos(&self, provider: &str) -> u64 {
         let doc = self.get("/v1/budgets").json();
         doc["budgets"]
             .as_array()

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod api;
+mod batch;
 mod budgets;
 mod deploy;
 mod edge;

@@ -320,7 +320,8 @@ def test_a_keep_alive_connection_closed_under_the_request_is_not_an_outage(sidec
 
     async def main():
         relay = await IdleCloser(side.port).start()
-        plugin = ProviderBudgets(url=f"http://127.0.0.1:{relay.port}", fail_open=False)
+        # Every filter asks the sidecar (no cache): each finds its connection closed.
+        plugin = ProviderBudgets(url=f"http://127.0.0.1:{relay.port}", fail_open=False, filter_cache_ttl=0)
         deps = deployments(OPENAI, ANTHROPIC)
         for _ in range(4):
             assert await plugin.async_filter_deployments("m", deps, PROMPT) == deps

@@ -4,12 +4,15 @@
 
 * ``async_filter_deployments`` (run by litellm's Router as a routing filter before every pick)
   asks the sidecar's ``POST /v1/filter`` which deployments are within budget and returns those,
-  in the Router's order. When none is left it raises the error litellm's own provider budget
+  in the Router's order. The answer is reused for ``filter_cache_ttl`` for the same
+  candidates, tags and identity, and forgotten at every acknowledged spend post (so this
+  process's own spend is seen at its next filter after the post lands). When none is left it raises the error litellm's own provider budget
   filter (``RouterBudgetLimiting``) raises: a ``ValueError`` whose message is
   ``"No deployments available - crossed budget: Exceeded budget for provider P: S >= L\\n..."``.
 * ``async_log_success_event`` posts the call's ``standard_logging_object["response_cost"]`` to
   ``POST /v1/spend`` for the provider litellm resolved for the call, from a background task (the
-  response is never held up), with an idempotency key derived from the litellm call id so that a
+  response is never held up), batched (``spend_linger``: the posts that queue up go as one
+  ``POST /v1/spend/batch``), with an idempotency key derived from the litellm call id so that a
   retried post is counted once. The post carries ``at``, the call's end time, so that a post
   retried across a window boundary is charged to the window the call ended in.
 * When litellm cannot price a call (``response_cost`` is ``None``), the post carries the call's
@@ -81,6 +84,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import collections
 import json
 import logging
 import math
@@ -230,6 +234,11 @@ class ProviderBudgets(CustomLogger):
         default_max_tokens: output tokens of the estimate when neither the request
             (``max_tokens``) nor litellm's cost map (``max_output_tokens``) says.
         default_estimate: estimate (USD) of a call litellm cannot price.
+        filter_cache_ttl: seconds a ``/v1/filter`` answer is reused for the same candidates,
+            tags and identity (0: ask the sidecar every time). Cleared at every acknowledged
+            spend post. Not used with ``strict``.
+        spend_linger: seconds a spend post waits for others to join its batch (0: post at
+            once; posts that queue up meanwhile still go as one batch).
         token: the sidecar's bearer token (``serve --auth-token-file``); default
             ``$PROVIDER_BUDGETS_AUTH_TOKEN``; none: no ``Authorization`` header. Never shown
             by ``repr`` nor logged.
@@ -251,6 +260,8 @@ class ProviderBudgets(CustomLogger):
         sidecar_estimate: bool = True,
         default_estimate: Any = 0,
         token: Optional[str] = None,
+        filter_cache_ttl: float = 0.25,
+        spend_linger: float = 0.1,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -258,6 +269,17 @@ class ProviderBudgets(CustomLogger):
             raise ValueError(f"ProviderBudgets: timeout must be positive, got {timeout!r}")
         if spend_attempts < 1:
             raise ValueError(f"ProviderBudgets: spend_attempts must be >= 1, got {spend_attempts!r}")
+        if not 0 <= filter_cache_ttl <= 60:
+            raise ValueError(f"ProviderBudgets: filter_cache_ttl must be 0 to 60 seconds, got {filter_cache_ttl!r}")
+        if not 0 <= spend_linger <= 5:
+            raise ValueError(f"ProviderBudgets: spend_linger must be 0 to 5 seconds, got {spend_linger!r}")
+        self.filter_cache_ttl = float(filter_cache_ttl)
+        self.spend_linger = float(spend_linger)
+        # The sidecar's recent /v1/filter answers: (deployments, tags, identity) -> (expires at
+        # on the monotonic clock, indices allowed). Cleared whenever the sidecar acknowledges a
+        # post (its spend changed), so it only serves answers no later than this process's
+        # own last acknowledged spend.
+        self._filter_cache: Dict[Any, Tuple[float, List[int]]] = {}
         base = url or os.environ.get("PROVIDER_BUDGETS_URL") or DEFAULT_URL
         self.url = base.rstrip("/")
         self.fail_open = bool(fail_open)
@@ -294,6 +316,13 @@ class ProviderBudgets(CustomLogger):
             weakref.WeakKeyDictionary()
         )
         self._pending: "set[asyncio.Task[None]]" = set()
+        # Spend posts waiting for the batch sender of their event loop (see ``_enqueue``).
+        self._queues: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Queue]" = weakref.WeakKeyDictionary()
+        self._batch_url = self.url + "/v1/spend/batch"
+        # False once the sidecar answered 404 to a batch (a release before batches): each
+        # spend is then posted alone.
+        self._batches = True
+        self._queued_count = 0  # spends in every loop's queue
         self._providers: Dict[Tuple[str, Optional[str], Optional[str]], Optional[str]] = {}
         # Models neither litellm nor the sidecar could price, each logged once.
         self._unpriced: "set[str]" = set()
@@ -385,12 +414,42 @@ class ProviderBudgets(CustomLogger):
         if self.strict:
             return await self._reserve(healthy_deployments, messages, request_kwargs)
         request: Dict[str, Any] = {"deployments": self._wire(healthy_deployments)}
+        key = self._filter_key(request, request_kwargs) if self.filter_cache_ttl > 0 else None
+        if key is not None:
+            hit = self._filter_cache.get(key)
+            if hit is not None and hit[0] > time.monotonic():
+                return [healthy_deployments[i] for i in hit[1]]
 
-        def allowed(answer: bytes) -> List[Dict[str, Any]]:
-            return [healthy_deployments[int(d["ref"])] for d in json.loads(answer)["deployments"]]
+        def allowed(answer: bytes) -> List[int]:
+            refs = [int(d["ref"]) for d in json.loads(answer)["deployments"]]
+            if any(not 0 <= i < len(healthy_deployments) for i in refs):
+                raise IndexError(f"ref out of range in {refs}")
+            return refs
 
         chosen = await self._ask("filter", self._filter_url, request, request_kwargs, allowed)
-        return healthy_deployments if chosen is None else chosen
+        if chosen is None:
+            return healthy_deployments
+        picked = [healthy_deployments[i] for i in chosen]
+        if key is not None:
+            if len(self._filter_cache) >= 10_000:
+                self._filter_cache.clear()  # many identities: bounded, not an LRU
+            self._filter_cache[key] = (time.monotonic() + self.filter_cache_ttl, chosen)
+        return picked
+
+    def _filter_key(self, request: Dict[str, Any], request_kwargs: Optional[Dict[str, Any]]) -> Any:
+        """What a filter answer depends on: the candidates in order, the tags and the
+        identity (set into ``request`` here, so that ``_ask`` sends them)."""
+        tags = _request_tags(request_kwargs)
+        if tags:
+            request["tags"] = tags
+        identity = _request_identity(request_kwargs)
+        if identity:
+            request["identity"] = identity
+        return (
+            tuple((d["model"], d.get("provider"), d.get("id")) for d in request["deployments"]),
+            tuple(tags),
+            tuple(sorted(identity.items())),
+        )
 
     def _wire(self, healthy_deployments: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         """The deployments as the sidecar reads them, each with its index as ``ref``."""
@@ -420,12 +479,13 @@ class ProviderBudgets(CustomLogger):
         crossed); an unusable sidecar (no answer, another status, an answer ``read`` cannot
         read) gives ``None`` with ``fail_open`` (the caller lets every deployment through),
         else raises."""
-        tags = _request_tags(request_kwargs)
-        if tags:
-            request["tags"] = tags
-        identity = _request_identity(request_kwargs)
-        if identity:
-            request["identity"] = identity
+        if "tags" not in request and "identity" not in request:
+            tags = _request_tags(request_kwargs)
+            if tags:
+                request["tags"] = tags
+            identity = _request_identity(request_kwargs)
+            if identity:
+                request["identity"] = identity
         body = json.dumps(request, separators=(",", ":")).encode()
         try:
             status, answer = await self._post(url, body)
@@ -568,12 +628,17 @@ class ProviderBudgets(CustomLogger):
         task.add_done_callback(self._pending.discard)
         return task
 
-    async def _post_retried(self, url: str, payload: Dict[str, Any], what: str) -> Tuple[Optional[int], Any]:
+    async def _post_retried(
+        self, url: str, payload: Dict[str, Any], what: str, count: int = 1, body: Optional[bytes] = None
+    ) -> Tuple[Optional[int], Any]:
         """Post ``payload``, retried with backoff while the sidecar is unusable (the same answer
         comes back for a repeat, so a retry never counts twice). Counts the outcome in ``stats``
-        and returns ``(200, answer)`` when posted, ``(status, answer)`` when refused for good, or
-        ``(None, last_error)`` after ``spend_attempts``; the caller logs the last two."""
-        body = json.dumps(payload, separators=(",", ":")).encode()
+        (``count`` posts: a batch counts its spends) and returns ``(200, answer)`` when posted,
+        ``(status, answer)`` when refused for good, or ``(None, last_error)`` after
+        ``spend_attempts``; the caller logs the last two. ``body``: ``payload`` already
+        encoded."""
+        if body is None:
+            body = json.dumps(payload, separators=(",", ":")).encode()
         delay = self.retry_backoff
         last: object = None
         for attempt in range(1, self.spend_attempts + 1):
@@ -586,19 +651,20 @@ class ProviderBudgets(CustomLogger):
             else:
                 if status == 200:
                     self._reachable()
-                    self.stats.posted += 1
+                    self.stats.posted += count
+                    self._filter_cache.clear()  # the sidecar's spend changed
                     return status, answer
                 if status in (408, 429) or status >= 500:
                     last = f"HTTP {status}: {_clip(answer)}"
                 else:
                     self._reachable()
-                    self.stats.rejected += 1
+                    self.stats.rejected += count
                     return status, answer
             self._unreachable(what, last)
             if attempt < self.spend_attempts:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.max_backoff)
-        self.stats.dropped += 1
+        self.stats.dropped += count
         return None, last
 
     def _unpriced_once(self, model: str, how: str) -> None:
@@ -617,12 +683,13 @@ class ProviderBudgets(CustomLogger):
     def _check_priced(self, model: str, status: Optional[int], answer: Any) -> bool:
         """After a post of usage: logs an unpriced model once. ``True`` when the answer was
         about pricing (nothing else to log)."""
-        if status == 422 and b"is unpriced" in (answer or b""):
+        text = answer.get("error", "") if isinstance(answer, dict) else answer or b""
+        if status == 422 and ("is unpriced" if isinstance(text, str) else b"is unpriced") in text:
             self._unpriced_once(model, f"not recorded ({_clip(answer)})")
             return True
         if status == 200:
             try:
-                doc = json.loads(answer)
+                doc = answer if isinstance(answer, dict) else json.loads(answer)
             except (TypeError, ValueError):
                 return False
             if isinstance(doc, dict) and doc.get("priced") is False and doc.get("price_source") != "given":
@@ -774,16 +841,100 @@ class ProviderBudgets(CustomLogger):
             payload["at"] = at
         if self.durable:
             payload["durable"] = True
-        if len(self._pending) >= self.max_pending:
+        queued = self._queued()
+        if queued + len(self._pending) >= self.max_pending:
             self.stats.dropped += 1
             logger.error(
                 "provider-budgets: %d spend posts pending; dropping cost %s for provider %s",
-                len(self._pending),
+                queued + len(self._pending),
                 cost if cost is not None else "(usage)",
                 provider,
             )
             return None
-        return self._track(self._post_spend(payload))
+        return self._enqueue(payload)
+
+    # ---- spend batches -----------------------------------------------------------------------
+
+    def _queued(self) -> int:
+        return self._queued_count
+
+    def _enqueue(self, payload: Dict[str, Any]) -> "asyncio.Task[None]":
+        """Queue one spend post for this loop's sender, started when none runs. The sender
+        posts what has queued up as one ``/v1/spend/batch`` while the previous batch is in
+        flight, so an idle plugin posts each spend at once and a busy one pays one HTTP
+        exchange per batch instead of one per call. Returns the sender's task (awaiting it
+        waits for this post too)."""
+        loop = asyncio.get_running_loop()
+        queue = self._queues.get(loop)
+        if queue is None:
+            queue = self._queues[loop] = _Queue()
+        queue.items.append((payload, json.dumps(payload, separators=(",", ":")).encode()))
+        self._queued_count += 1
+        if queue.sender is None or queue.sender.done():
+            queue.sender = self._track(self._send_queued(queue))
+        return queue.sender
+
+    async def _send_queued(self, queue: "_Queue") -> None:
+        while queue.items:
+            batch = []
+            try:
+                if self.spend_linger > 0 and not self._exiting and len(queue.items) < BATCH_SPENDS:
+                    await asyncio.sleep(self.spend_linger)
+                batch = _take_batch(queue.items)
+                self._queued_count -= len(batch)
+                if self._batches and len(batch) > 1:
+                    await self._post_batch(batch)
+                else:
+                    for payload, _ in batch:
+                        await self._post_spend(payload)
+            except asyncio.CancelledError:
+                # The event loop is closing: what is left is sent at exit (see _post_spend).
+                for payload, _ in [*batch, *queue.items]:
+                    if "idempotency_key" in payload:
+                        self._unsent.append(payload)
+                self._queued_count -= len(queue.items)
+                queue.items.clear()
+                raise
+
+    async def _post_batch(self, encoded: List[Tuple[Dict[str, Any], bytes]]) -> None:
+        """Posts ``batch`` as one ``/v1/spend/batch``, retried like a single post; each
+        spend's answer is then handled as ``_post_spend`` handles its own. Spends answered
+        with a transient status (408, 429, 5xx) are posted again, alone."""
+        batch = [payload for payload, _ in encoded]
+        body = b'{"spends":[' + b",".join(e for _, e in encoded) + b"]}"
+        status, answer = await self._post_retried(self._batch_url, {}, "spend", count=len(batch), body=body)
+        if status == 404:
+            self.stats.rejected -= len(batch)
+            self._batches = False  # a sidecar without batches: one post per spend from now on
+            for payload in batch:
+                await self._post_spend(payload)
+            return
+        if status != 200:
+            for payload in batch:
+                if status is None:
+                    self._spend_failed(payload, status, answer)
+                else:
+                    self._spend_answered(payload, status, answer)
+            return
+        try:
+            results = json.loads(answer)["results"]
+            assert isinstance(results, list) and len(results) == len(batch)
+        except (ValueError, KeyError, TypeError, AssertionError):
+            self.stats.posted -= len(batch)
+            for payload in batch:  # an answer we cannot read: each alone (keys make it safe)
+                await self._post_spend(payload)
+            return
+        for payload, result in zip(batch, results):
+            code = result.get("status") if isinstance(result, dict) else None
+            if code == 200:
+                self._spend_answered(payload, 200, result)
+            elif code in (408, 429) or not isinstance(code, int) or code >= 500:
+                self.stats.posted -= 1
+                await self._post_spend(payload)
+            else:
+                self.stats.posted -= 1
+                self.stats.rejected += 1
+                self._spend_answered(payload, code, result)
 
     async def _post_spend(self, payload: Dict[str, Any]) -> None:
         try:
@@ -797,10 +948,22 @@ class ProviderBudgets(CustomLogger):
             else:
                 logger.error("provider-budgets: spend %s cancelled with its event loop: not recorded", payload.get("cost"))
             raise
+        if status is None:
+            self._spend_failed(payload, status, answer)
+        else:
+            self._spend_answered(payload, status, answer)
+
+    def _spend_answered(self, payload: Dict[str, Any], status: int, answer: Any) -> None:
+        """A spend's answer (``answer``: its body, as bytes or as the parsed document)."""
         if "usage" in payload:
             model = (payload.get("deployment") or {}).get("model") or "?"
             if self._check_priced(str(model), status, answer):
                 return
+        if status != 200:
+            self._spend_failed(payload, status, answer)
+
+    def _spend_failed(self, payload: Dict[str, Any], status: Optional[int], answer: Any) -> None:
+        """Logs a spend given up (``status`` None) or refused for good."""
         what = payload.get("cost", "(usage)")
         if status is None:
             logger.error(
@@ -834,6 +997,36 @@ class ProviderBudgets(CustomLogger):
         session = self._sessions.pop(asyncio.get_running_loop(), None)
         if session is not None:
             await session.close()
+
+
+class _Queue:
+    """The spend posts of one event loop waiting for its sender task."""
+
+    __slots__ = ("items", "sender")
+
+    def __init__(self) -> None:
+        # Each post with its JSON (encoded once, when queued).
+        self.items: "collections.deque[Tuple[Dict[str, Any], bytes]]" = collections.deque()
+        self.sender: Optional["asyncio.Task[None]"] = None
+
+
+# A batch: at most this many spends, and this many bytes of JSON (the sidecar refuses bodies
+# over 64 KiB with 413; the rest is room for the envelope).
+BATCH_SPENDS = 256
+BATCH_BYTES = 48 * 1024
+
+
+def _take_batch(items: "collections.deque[Tuple[Dict[str, Any], bytes]]") -> List[Tuple[Dict[str, Any], bytes]]:
+    """The next batch off the front of ``items`` (at least one spend)."""
+    batch = [items.popleft()]
+    size = len(batch[0][1])
+    while items and len(batch) < BATCH_SPENDS:
+        more = len(items[0][1]) + 1
+        if size + more > BATCH_BYTES:
+            break
+        size += more
+        batch.append(items.popleft())
+    return batch
 
 
 def _count(value: Any) -> Optional[int]:
@@ -1002,7 +1195,10 @@ def _chat_for_estimate(messages: Any) -> Optional[List[Dict[str, Any]]]:
     return out
 
 
-def _clip(answer: bytes, n: int = 200) -> str:
+def _clip(answer: Any, n: int = 200) -> str:
+    """The start of an answer's body (bytes, or a batch item's parsed document)."""
+    if isinstance(answer, dict):
+        return json.dumps(answer, separators=(",", ":"))[:n]
     return answer[:n].decode("utf-8", "replace")
 
 

@@ -1,0 +1,80 @@
+//! `POST /v1/spend/batch`: each spend answered as `/v1/spend` answers it, in order, counted
+//! once (idempotency keys hold across a batch and single posts), one bad spend failing alone,
+//! and the batch itself refused only when malformed or too long.
+
+use serde_json::{json, Value};
+
+use super::api::{Server, CONFIG};
+
+const NANOS: u64 = 1_000_000_000;
+
+fn batch(s: &Server, spends: Value) -> (u16, Value) {
+    let r = s.post("/v1/spend/batch", &json!({ "spends": spends }).to_string());
+    let doc = if r.status == 200 {
+        r.json()
+    } else {
+        json!(r.body)
+    };
+    (r.status, doc)
+}
+
+#[test]
+fn each_spend_of_a_batch_is_answered_and_counted_as_if_posted_alone() {
+    let s = Server::start(CONFIG, &[]);
+    let (status, doc) = batch(
+        &s,
+        json!([
+            {"provider": "anthropic", "cost": 1, "idempotency_key": "a"},
+            {"provider": "anthropic", "cost": "0.5"},
+            {"provider": "anthropic", "cost": -1},
+            {"provider": "nobody", "cost": 1},
+            {"provider": "anthropic", "cost": 1, "idempotency_key": "a"},
+            {"provider": "anthropic", "cost": 2, "idempotency_key": "a"},
+            7,
+        ]),
+    );
+    assert_eq!(status, 200, "{doc}");
+    let r = doc["results"].as_array().unwrap();
+    assert_eq!(r.len(), 7, "{doc}");
+    assert_eq!(r[0], json!({"status": 200, "counted": true}));
+    assert_eq!(r[1], json!({"status": 200, "counted": true}));
+    assert_eq!(r[2]["status"], 400, "{doc}");
+    assert!(r[2]["error"].as_str().unwrap().contains("cost"), "{doc}");
+    assert_eq!(r[3]["status"], 200, "{doc}");
+    assert_eq!(r[3]["counted"], false, "{doc}");
+    // The same key within the batch: counted once (the repeat may run concurrently with the
+    // first: it waits for it), and a different request under that key is a conflict.
+    assert_eq!(r[4]["counted"], true, "{doc}");
+    assert_eq!(r[4]["duplicate"], true, "{doc}");
+    assert_eq!(r[5]["status"], 409, "{doc}");
+    assert_eq!(r[6]["status"], 400, "{doc}");
+    assert_eq!(s.spend_nanos("anthropic"), NANOS + NANOS / 2);
+    // A key first used in a batch is a duplicate when posted alone.
+    let again = s.spend(json!({"provider": "anthropic", "cost": 1, "idempotency_key": "a"}));
+    assert_eq!(again.json(), json!({"counted": true, "duplicate": true}));
+    assert_eq!(s.spend_nanos("anthropic"), NANOS + NANOS / 2);
+}
+
+#[test]
+fn a_malformed_or_oversized_batch_is_refused_whole_and_counts_nothing() {
+    let s = Server::start(CONFIG, &[]);
+    for body in [
+        "[]".to_string(),
+        r#"{"spends": {}}"#.to_string(),
+        r#"{"spends": [], "extra": 1}"#.to_string(),
+        "{\"spends\": [".to_string(),
+    ] {
+        s.post("/v1/spend/batch", &body).assert_error(400, "");
+    }
+    let many: Vec<Value> = (0..1001).map(|_| json!(1)).collect();
+    let r = s.post("/v1/spend/batch", &json!({ "spends": many }).to_string());
+    r.assert_error(400, "at most 1000");
+    let big: Vec<Value> = (0..400)
+        .map(|i| json!({"provider": "anthropic", "cost": 1, "idempotency_key": format!("k-{i:0>150}")}))
+        .collect();
+    let r = s.post("/v1/spend/batch", &json!({ "spends": big }).to_string());
+    r.assert_error(413, "body");
+    assert_eq!(s.spend_nanos("anthropic"), 0);
+    let (status, doc) = batch(&s, json!([]));
+    assert_eq!((status, doc), (200, json!({"results": []})));
+}
