@@ -13,6 +13,12 @@
 //!   batch is refused (400) only when it is not `{"spends": [...]}` or is too long.
 //! * Each spend is recorded as if posted alone: idempotency keys, pricing, durability and
 //!   metrics are the same. They run concurrently, so durable ones share a group commit.
+//! * `"admission": true` adds `"admitted": false` to the answer when, after the batch, a
+//!   `/v1/filter` would refuse the deployment (with its tags and identity) of one of its
+//!   spends, else `"admitted": true`. A spend counts only in budgets that a filter of its own
+//!   deployment checks, so while it is true no filter answer a client holds was changed by
+//!   this batch to a refusal: the litellm plugin keeps its cached filter answers then. A
+//!   spend given by `"provider"` alone makes it false (no deployment to check).
 
 use std::sync::Arc;
 
@@ -24,7 +30,8 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::api::{bad_request, body, json, parse, spend_answer};
+use super::api::{bad_request, body, json, parse, spend_answer, DeploymentIn};
+use super::identity::IdentityIn;
 use super::State;
 
 /// Most spends in one batch. Why 1 000: the body limit (64 KiB) allows fewer real spends
@@ -36,6 +43,42 @@ pub const MAX_BATCH: usize = 1000;
 struct Batch<'a> {
     #[serde(borrow)]
     spends: Vec<&'a RawValue>,
+    /// Answer `"admitted"` (see the module docs).
+    #[serde(default)]
+    admission: bool,
+}
+
+/// What a filter of a spend's target reads (the rest of its body is ignored here).
+#[derive(Deserialize)]
+struct Target<'a> {
+    #[serde(borrow, default)]
+    deployment: Option<DeploymentIn<'a>>,
+    #[serde(borrow, default)]
+    tags: Vec<std::borrow::Cow<'a, str>>,
+    #[serde(borrow, default)]
+    identity: Option<IdentityIn<'a>>,
+}
+
+/// Whether a filter still admits the deployment of every spend in `spends` (see the module
+/// docs). A spend that is not a deployment spend (or not readable: it was refused) is
+/// skipped when it was refused (`counted` false), else makes it false.
+fn admitted(state: &State, spends: &[&RawValue], results: &[serde_json::Value]) -> bool {
+    spends.iter().zip(results).all(|(raw, result)| {
+        if result["counted"] != true {
+            return true; // counted nowhere: changed no budget
+        }
+        let Ok(target) = serde_json::from_str::<Target<'_>>(raw.get()) else {
+            return false;
+        };
+        let Some(deployment) = target.deployment else {
+            return false;
+        };
+        let identity = target.identity.unwrap_or_default();
+        state
+            .limiter
+            .filter_for(&[deployment], &target.tags, &identity.identity())
+            .is_ok()
+    })
 }
 
 pub(super) async fn spend_batch(
@@ -68,5 +111,12 @@ pub(super) async fn spend_batch(
             answer
         })
         .collect();
-    json(StatusCode::OK, &serde_json::json!({ "results": results }))
+    let admission = batch
+        .admission
+        .then(|| admitted(&state, &batch.spends, &results));
+    let mut answer = serde_json::json!({ "results": results });
+    if let Some(admitted) = admission {
+        answer["admitted"] = admitted.into();
+    }
+    json(StatusCode::OK, &answer)
 }

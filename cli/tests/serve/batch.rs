@@ -78,3 +78,42 @@ fn a_malformed_or_oversized_batch_is_refused_whole_and_counts_nothing() {
     let (status, doc) = batch(&s, json!([]));
     assert_eq!((status, doc), (200, json!({"results": []})));
 }
+
+#[test]
+fn admission_says_whether_a_filter_still_admits_every_spent_deployment() {
+    let config = "provider_budgets:
+  budgets:
+    - {provider: openai, limit: 1, period: 1d}
+    - {tag: team-a, limit: 10, period: 1d}
+    - {team: research, limit: 2, period: 1d}
+";
+    let s = Server::start(config, &[]);
+    let post = |spends: Value| {
+        let body = json!({ "spends": spends, "admission": true });
+        let r = s.post("/v1/spend/batch", &body.to_string());
+        assert_eq!(r.status, 200, "{r:?}");
+        r.json()
+    };
+    let gpt = |cost: &str| json!({"deployment": {"model": "openai/gpt-4o"}, "tags": ["team-a"], "cost": cost});
+    // Room left in every budget the spends counted in.
+    let doc = post(json!([gpt("0.25"), gpt("0.25")]));
+    assert_eq!(doc["admitted"], true, "{doc}");
+    // Without "admission" the answer has no such field.
+    let r = s.post(
+        "/v1/spend/batch",
+        &json!({"spends": [gpt("0")]}).to_string(),
+    );
+    assert!(r.json().get("admitted").is_none(), "{r:?}");
+    // The provider's budget is spent: a filter of that deployment now refuses.
+    let doc = post(json!([gpt("0.5")]));
+    assert_eq!(doc["admitted"], false, "{doc}");
+    // An identity's budget counts too: the team is spent on another provider's model.
+    let claude = json!({"deployment": {"model": "anthropic/claude-haiku-4-5"}, "identity": {"team": "research"}, "cost": 2});
+    let doc = post(json!([claude]));
+    assert_eq!(doc["admitted"], false, "{doc}");
+    // A spend counted nowhere (refused) changes nothing; a provider spend cannot be checked.
+    let doc = post(json!([{"deployment": {"model": "mistral/large"}, "cost": -1}]));
+    assert_eq!(doc["admitted"], true, "{doc}");
+    let doc = post(json!([{"provider": "openai", "cost": 0}]));
+    assert_eq!(doc["admitted"], false, "{doc}");
+}

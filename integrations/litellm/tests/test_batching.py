@@ -4,8 +4,9 @@
   also when the batch's answer is lost and the batch is posted again;
 * a sidecar without batches (404) gets one post per spend, and nothing is lost;
 * a ``/v1/filter`` answer is reused for ``filter_cache_ttl`` for the same candidates, tags
-  and identity, is cleared by every acknowledged spend post (a budget this process exhausted
-  refuses at its next filter), and expires (a budget another process exhausted refuses after
+  and identity, is kept by a spend that leaves room, cleared by one after which the spent
+  deployment is refused (a budget this process exhausted refuses at its next filter), and
+  expires (a budget another process exhausted refuses after
   at most ``filter_cache_ttl``).
 """
 
@@ -84,6 +85,13 @@ def test_a_cached_filter_answer_is_cleared_by_this_process_s_own_spend(sidecars)
         kwargs = {"metadata": {"tags": ["t"], "user_api_key_hash": "k1"}}
         assert await plugin.async_filter_deployments("m", deps, PROMPT, kwargs) == deps
         asked_with_identity = posts(proxy, b"/v1/filter")
+        # A spend that leaves room in every budget it counts in keeps the cached answers.
+        some = success_kwargs("anthropic", 0.1, "spend-some")
+        some["standard_logging_object"]["model"] = ANTHROPIC  # a deployment spend: checkable
+        plugin.post_spend_in_background(some)
+        assert await plugin.flush(10)
+        assert await plugin.async_filter_deployments("m", deps, PROMPT) == deps
+        assert posts(proxy, b"/v1/filter") == asked_with_identity
         # This process spends openai's whole budget: its next filter is not served from cache.
         plugin.post_spend_in_background(success_kwargs("openai", 1.0, "spend-all"))
         assert await plugin.flush(10)
@@ -119,6 +127,67 @@ def test_a_budget_exhausted_by_another_process_refuses_once_the_cache_expires(si
         await plugin.aclose()
 
     asyncio.run(main())
+
+
+class HoldingProxy(DroppingProxy):
+    """A relay that holds the sidecar's answers to spend batches until `release` is set."""
+
+    def __init__(self, upstream_port: int):
+        super().__init__(upstream_port, drops=0)
+        self.release = asyncio.Event()
+
+    async def _handle(self, reader, writer):
+        up_r, up_w = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        held = False
+
+        async def to_server():
+            nonlocal held
+            while data := await reader.read(65536):
+                self.requests.append(data)
+                held = held or b"/v1/spend/batch" in data
+                up_w.write(data)
+                await up_w.drain()
+            up_w.close()
+
+        async def to_client():
+            while data := await up_r.read(65536):
+                if held:
+                    await self.release.wait()
+                writer.write(data)
+                await writer.drain()
+            writer.close()
+
+        await asyncio.gather(to_server(), to_client(), return_exceptions=True)
+
+
+def test_a_filter_during_a_spend_post_asks_the_sidecar_and_fail_closed_never_caches(sidecars):
+    side = sidecars({"openai": "1"})
+
+    async def main():
+        proxy = await HoldingProxy(side.port).start()
+        url = f"http://127.0.0.1:{proxy.port}"
+        plugin = ProviderBudgets(url=url, filter_cache_ttl=30, spend_linger=0)
+        deps = deployments(OPENAI)
+        assert await plugin.async_filter_deployments("m", deps, PROMPT) == deps
+        # The sidecar counted the spend, its answer is held: a filter now asks, and is refused.
+        plugin.post_spend_in_background(success_kwargs("openai", 1.0, "in-flight"))
+        await await_condition(lambda: side.spend_nanos() == {"openai": 1_000_000_000}, "the sidecar counting it")
+        assert plugin._posting == 1
+        with pytest.raises(NoDeploymentsAvailable):
+            await plugin.async_filter_deployments("m", deps, PROMPT)
+        proxy.release.set()
+        assert await plugin.flush(10)
+        await plugin.aclose()
+        closed = ProviderBudgets(url=url, filter_cache_ttl=30, fail_open=False)
+        for _ in range(3):
+            with pytest.raises(NoDeploymentsAvailable):
+                await closed.async_filter_deployments("m", deps, PROMPT)
+        await closed.aclose()
+        await proxy.close()
+        return proxy
+
+    proxy = asyncio.run(main())
+    assert posts(proxy, b"/v1/filter") == 5
 
 
 def test_bad_cache_and_linger_settings_are_refused():

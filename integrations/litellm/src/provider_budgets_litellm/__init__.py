@@ -5,8 +5,10 @@
 * ``async_filter_deployments`` (run by litellm's Router as a routing filter before every pick)
   asks the sidecar's ``POST /v1/filter`` which deployments are within budget and returns those,
   in the Router's order. The answer is reused for ``filter_cache_ttl`` for the same
-  candidates, tags and identity, and forgotten at every acknowledged spend post (so this
-  process's own spend is seen at its next filter after the post lands). When none is left it raises the error litellm's own provider budget
+  candidates, tags and identity, and forgotten when a spend post lands that may have changed
+  it (the sidecar answers a batch with ``"admitted": false`` when a filter of one of its
+  spends' deployments would now refuse), so this process's own spend is seen at its next
+  filter after the post lands. When none is left it raises the error litellm's own provider budget
   filter (``RouterBudgetLimiting``) raises: a ``ValueError`` whose message is
   ``"No deployments available - crossed budget: Exceeded budget for provider P: S >= L\\n..."``.
 * ``async_log_success_event`` posts the call's ``standard_logging_object["response_cost"]`` to
@@ -235,8 +237,9 @@ class ProviderBudgets(CustomLogger):
             (``max_tokens``) nor litellm's cost map (``max_output_tokens``) says.
         default_estimate: estimate (USD) of a call litellm cannot price.
         filter_cache_ttl: seconds a ``/v1/filter`` answer is reused for the same candidates,
-            tags and identity (0: ask the sidecar every time). Cleared at every acknowledged
-            spend post. Not used with ``strict``.
+            tags and identity (0: ask the sidecar every time). Cleared when a spend post
+            lands after which a filter of its deployment refuses, and not read while a post
+            is on its way. Not used with ``strict`` nor with ``fail_open=False``.
         spend_linger: seconds a spend post waits for others to join its batch (0: post at
             once; posts that queue up meanwhile still go as one batch).
         token: the sidecar's bearer token (``serve --auth-token-file``); default
@@ -276,10 +279,17 @@ class ProviderBudgets(CustomLogger):
         self.filter_cache_ttl = float(filter_cache_ttl)
         self.spend_linger = float(spend_linger)
         # The sidecar's recent /v1/filter answers: (deployments, tags, identity) -> (expires at
-        # on the monotonic clock, indices allowed). Cleared whenever the sidecar acknowledges a
-        # post (its spend changed), so it only serves answers no later than this process's
-        # own last acknowledged spend.
+        # on the monotonic clock, indices allowed). Cleared when a post lands that may have
+        # turned one into a refusal (a batch the sidecar answers "admitted": false, or any
+        # other acknowledged post), so no answer outlives this process's own spend.
         self._filter_cache: Dict[Any, Tuple[float, List[int]]] = {}
+        # Why not with fail_open=False: failing closed means every request is confirmed by
+        # the sidecar, so an outage refuses at once rather than after filter_cache_ttl.
+        self._caching = self.filter_cache_ttl > 0 and bool(fail_open)
+        # Posts sent and not answered yet. While one is, the cache is not read: the sidecar
+        # may already count a spend whose answer (and so whether it cleared the cache) is
+        # still on its way, and a filter then must see what the sidecar sees.
+        self._posting = 0
         base = url or os.environ.get("PROVIDER_BUDGETS_URL") or DEFAULT_URL
         self.url = base.rstrip("/")
         self.fail_open = bool(fail_open)
@@ -414,8 +424,8 @@ class ProviderBudgets(CustomLogger):
         if self.strict:
             return await self._reserve(healthy_deployments, messages, request_kwargs)
         request: Dict[str, Any] = {"deployments": self._wire(healthy_deployments)}
-        key = self._filter_key(request, request_kwargs) if self.filter_cache_ttl > 0 else None
-        if key is not None:
+        key = self._filter_key(request, request_kwargs) if self._caching else None
+        if key is not None and not self._posting:
             hit = self._filter_cache.get(key)
             if hit is not None and hit[0] > time.monotonic():
                 return [healthy_deployments[i] for i in hit[1]]
@@ -629,16 +639,32 @@ class ProviderBudgets(CustomLogger):
         return task
 
     async def _post_retried(
-        self, url: str, payload: Dict[str, Any], what: str, count: int = 1, body: Optional[bytes] = None
+        self,
+        url: str,
+        payload: Dict[str, Any],
+        what: str,
+        count: int = 1,
+        body: Optional[bytes] = None,
+        clears: bool = True,
     ) -> Tuple[Optional[int], Any]:
         """Post ``payload``, retried with backoff while the sidecar is unusable (the same answer
         comes back for a repeat, so a retry never counts twice). Counts the outcome in ``stats``
         (``count`` posts: a batch counts its spends) and returns ``(200, answer)`` when posted,
         ``(status, answer)`` when refused for good, or ``(None, last_error)`` after
         ``spend_attempts``; the caller logs the last two. ``body``: ``payload`` already
-        encoded."""
+        encoded. ``clears``: a 200 clears the filter cache (a batch decides by its answer)."""
         if body is None:
             body = json.dumps(payload, separators=(",", ":")).encode()
+        self._posting += 1
+        try:
+            return await self._post_attempts(url, body, what, count, clears)
+        finally:
+            self._posting -= 1
+
+    async def _post_attempts(
+        self, url: str, body: bytes, what: str, count: int, clears: bool
+    ) -> Tuple[Optional[int], Any]:
+        """The attempts of ``_post_retried``."""
         delay = self.retry_backoff
         last: object = None
         for attempt in range(1, self.spend_attempts + 1):
@@ -652,7 +678,8 @@ class ProviderBudgets(CustomLogger):
                 if status == 200:
                     self._reachable()
                     self.stats.posted += count
-                    self._filter_cache.clear()  # the sidecar's spend changed
+                    if clears:
+                        self._filter_cache.clear()  # the sidecar's spend changed
                     return status, answer
                 if status in (408, 429) or status >= 500:
                     last = f"HTTP {status}: {_clip(answer)}"
@@ -882,7 +909,7 @@ class ProviderBudgets(CustomLogger):
                     await asyncio.sleep(self.spend_linger)
                 batch = _take_batch(queue.items)
                 self._queued_count -= len(batch)
-                if self._batches and len(batch) > 1:
+                if self._batches:
                     await self._post_batch(batch)
                 else:
                     for payload, _ in batch:
@@ -901,8 +928,10 @@ class ProviderBudgets(CustomLogger):
         spend's answer is then handled as ``_post_spend`` handles its own. Spends answered
         with a transient status (408, 429, 5xx) are posted again, alone."""
         batch = [payload for payload, _ in encoded]
-        body = b'{"spends":[' + b",".join(e for _, e in encoded) + b"]}"
-        status, answer = await self._post_retried(self._batch_url, {}, "spend", count=len(batch), body=body)
+        body = b'{"admission":true,"spends":[' + b",".join(e for _, e in encoded) + b"]}"
+        status, answer = await self._post_retried(
+            self._batch_url, {}, "spend", count=len(batch), body=body, clears=False
+        )
         if status == 404:
             self.stats.rejected -= len(batch)
             self._batches = False  # a sidecar without batches: one post per spend from now on
@@ -917,13 +946,18 @@ class ProviderBudgets(CustomLogger):
                     self._spend_answered(payload, status, answer)
             return
         try:
-            results = json.loads(answer)["results"]
+            doc = json.loads(answer)
+            results = doc["results"]
             assert isinstance(results, list) and len(results) == len(batch)
         except (ValueError, KeyError, TypeError, AssertionError):
+            self._filter_cache.clear()
             self.stats.posted -= len(batch)
             for payload in batch:  # an answer we cannot read: each alone (keys make it safe)
                 await self._post_spend(payload)
             return
+        if doc.get("admitted") is not True:
+            # A budget these spends counted in may refuse now: ask the sidecar again.
+            self._filter_cache.clear()
         for payload, result in zip(batch, results):
             code = result.get("status") if isinstance(result, dict) else None
             if code == 200:
