@@ -18,7 +18,9 @@ POST /v1/spend for the plugin). Requests are sequential; each one's wall time in
 background work of the previous ones that runs meanwhile. Printed: median and p99 wall time per
 request and the difference to `none`; this Python process's CPU time per request (background
 work included; the sidecar's own CPU is not), which a loaded machine disturbs much less than
-wall time; and the filter hook alone (`async_filter_deployments`).
+wall time; the filter hook alone (`async_filter_deployments`); and the success hook alone
+(`async_log_success_event` on one real call's event; the plugin's background post is not in
+it).
 
 The sidecar binary: `$PROVIDER_BUDGETS_BIN`, else `target/release/provider-budgets`, else
 `target/debug/provider-budgets` (the figures of a debug build are not representative).
@@ -52,6 +54,17 @@ from provider_budgets_litellm import ProviderBudgets  # noqa: E402
 
 MODELS = ["openai/gpt-4o", "anthropic/claude-haiku-4-5", "openai/gpt-4o-mini", "anthropic/claude-sonnet-4-5"]
 MESSAGES = [{"role": "user", "content": "hello"}]
+
+
+class Capture(CustomLogger):
+    """Keeps the last success event's arguments (to time each success hook alone)."""
+
+    def __init__(self):
+        super().__init__()
+        self.event = None
+
+    async def async_log_success_event(self, kwargs, response_obj, start_time, end_time):
+        self.event = (kwargs, response_obj, start_time, end_time)
 
 
 class NullFilter(CustomLogger):
@@ -139,6 +152,7 @@ async def run(args, side, providers, binary) -> None:
                     dt = time.perf_counter_ns() - t0
                     if rnd:
                         filter_samples[name].append(dt)
+    success = await time_success_hooks(routers["none"], hooks, per_round * args.rounds)
     await plugin.aclose(30)
     litellm.logging_callback_manager._reset_all_callbacks()
 
@@ -164,6 +178,32 @@ async def run(args, side, providers, binary) -> None:
     print(f"{'filter hook alone':<20} {'median µs':>10} {'p99 µs':>10}")
     for name, s in filter_samples.items():
         print(f"{name:<20} {statistics.median(s) / 1e3:>10.1f} {pct(s, 0.99) / 1e3:>10.1f}")
+    print(f"{'success hook alone':<20} {'median µs':>10} {'p99 µs':>10}  (background work it starts: not included)")
+    for name, s in success.items():
+        print(f"{name:<20} {statistics.median(s) / 1e3:>10.1f} {pct(s, 0.99) / 1e3:>10.1f}")
+
+
+async def time_success_hooks(router, hooks, n: int):
+    """Each filter's `async_log_success_event` alone, on one real call's event (the plugin's
+    repeats carry the call's idempotency key: the sidecar counts them once)."""
+    capture = Capture()
+    litellm.logging_callback_manager._reset_all_callbacks()
+    litellm.callbacks = [capture]
+    await router.acompletion(model="m", messages=MESSAGES)
+    for _ in range(200):
+        if capture.event is not None:
+            break
+        await asyncio.sleep(0.01)
+    out = {name: [] for name in hooks}
+    for _ in range(2):  # interleaved halves
+        for name, hook in hooks.items():
+            for _ in range(n // 2):
+                t0 = time.perf_counter_ns()
+                await hook.async_log_success_event(*capture.event)
+                out[name].append(time.perf_counter_ns() - t0)
+            if hasattr(hook, "flush"):
+                await hook.flush(30)
+    return out
 
 
 def litellm_version() -> str:

@@ -263,8 +263,8 @@ class ProviderBudgets(CustomLogger):
         sidecar_estimate: bool = True,
         default_estimate: Any = 0,
         token: Optional[str] = None,
-        filter_cache_ttl: float = 0.25,
-        spend_linger: float = 0.1,
+        filter_cache_ttl: float = 1.0,
+        spend_linger: float = 0.25,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
