@@ -15,7 +15,7 @@ use jiff::Timestamp;
 use provider_budgets::{
     Config, Estimate, FakeClock, Limiter, Money, RedisConfig, Spend, StatusQuery, Unit, Usage,
 };
-use redis_server::RedisServer;
+use redis_server::{RedisServer, Reply};
 
 /// 30 s into the current minute of the real clock: windows under the test's control, near
 /// real time (Redis expires keys by its own clock).
@@ -218,16 +218,22 @@ fn a_strict_token_budget_grants_whole_tokens_and_never_admits_more_than_its_limi
 
     // Grants are whole tokens in Redis and in status: Σ grants ≤ the limit.
     let key = window_key(&server, Unit::Tokens);
-    let mut sum = 0u64;
-    for id in ["a", "b", "c"] {
-        let g = server.command(&["HGET", &key, &format!("~grant:{id}")]);
-        if g != "(nil)" {
-            sum += g.parse::<u64>().unwrap_or_else(|_| panic!("grant {g:?}"));
-        }
-    }
+    // One atomic read: the nodes keep renewing their grants meanwhile.
+    let fields = ["~grant:a", "~grant:b", "~grant:c", "~granted"];
+    let reply = server.command_reply(&[&["HMGET", key.as_str()][..], &fields[..]].concat());
+    let Reply::Array(items) = reply else {
+        panic!("HMGET: {reply}")
+    };
+    let whole = |r: &Reply| match r {
+        Reply::Nil => 0,
+        r => r
+            .to_string()
+            .parse::<u64>()
+            .unwrap_or_else(|_| panic!("grant {r}")),
+    };
+    let sum: u64 = items[..3].iter().map(whole).sum();
     assert!(sum <= 20_000, "Σ grants {sum}");
-    let granted = server.command(&["HGET", &key, "~granted"]);
-    assert_eq!(granted, sum.to_string());
+    assert_eq!(whole(&items[3]), sum, "~granted is the sum of the grants");
     for n in &nodes {
         let s = n.status(StatusQuery::provider("openai")).remove(0);
         let grant = s.grant.unwrap().as_nanos();

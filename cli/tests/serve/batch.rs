@@ -77,6 +77,18 @@ fn a_malformed_or_oversized_batch_is_refused_whole_and_counts_nothing() {
     assert_eq!(s.spend_nanos("anthropic"), 0);
     let (status, doc) = batch(&s, json!([]));
     assert_eq!((status, doc), (200, json!({"results": []})));
+    // The largest batch the limits allow: 1 000 spends, each answered and counted once.
+    let most: Vec<Value> = (0..1000)
+        .map(|_| json!({"provider": "anthropic", "cost": "0.001"}))
+        .collect();
+    let (status, doc) = batch(&s, json!(most));
+    assert_eq!(status, 200, "{doc}");
+    let results = doc["results"].as_array().unwrap();
+    assert_eq!(results.len(), 1000);
+    assert!(results
+        .iter()
+        .all(|r| r == &json!({"status": 200, "counted": true})));
+    assert_eq!(s.spend_nanos("anthropic"), NANOS);
 }
 
 #[test]
