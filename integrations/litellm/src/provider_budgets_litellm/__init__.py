@@ -424,7 +424,8 @@ class ProviderBudgets(CustomLogger):
         if self.strict:
             return await self._reserve(healthy_deployments, messages, request_kwargs)
         request: Dict[str, Any] = {"deployments": self._wire(healthy_deployments)}
-        key = self._filter_key(request, request_kwargs) if self._caching else None
+        tags, identity = _label(request, request_kwargs)
+        key = self._filter_key(request, tags, identity) if self._caching else None
         if key is not None and not self._posting:
             hit = self._filter_cache.get(key)
             if hit is not None and hit[0] > time.monotonic():
@@ -436,7 +437,7 @@ class ProviderBudgets(CustomLogger):
                 raise IndexError(f"ref out of range in {refs}")
             return refs
 
-        chosen = await self._ask("filter", self._filter_url, request, request_kwargs, allowed)
+        chosen = await self._ask("filter", self._filter_url, request, None, allowed)
         if chosen is None:
             return healthy_deployments
         picked = [healthy_deployments[i] for i in chosen]
@@ -446,15 +447,9 @@ class ProviderBudgets(CustomLogger):
             self._filter_cache[key] = (time.monotonic() + self.filter_cache_ttl, chosen)
         return picked
 
-    def _filter_key(self, request: Dict[str, Any], request_kwargs: Optional[Dict[str, Any]]) -> Any:
+    def _filter_key(self, request: Dict[str, Any], tags: List[str], identity: Dict[str, str]) -> Any:
         """What a filter answer depends on: the candidates in order, the tags and the
-        identity (set into ``request`` here, so that ``_ask`` sends them)."""
-        tags = _request_tags(request_kwargs)
-        if tags:
-            request["tags"] = tags
-        identity = _request_identity(request_kwargs)
-        if identity:
-            request["identity"] = identity
+        identity."""
         return (
             tuple((d["model"], d.get("provider"), d.get("id")) for d in request["deployments"]),
             tuple(tags),
@@ -489,13 +484,7 @@ class ProviderBudgets(CustomLogger):
         crossed); an unusable sidecar (no answer, another status, an answer ``read`` cannot
         read) gives ``None`` with ``fail_open`` (the caller lets every deployment through),
         else raises."""
-        if "tags" not in request and "identity" not in request:
-            tags = _request_tags(request_kwargs)
-            if tags:
-                request["tags"] = tags
-            identity = _request_identity(request_kwargs)
-            if identity:
-                request["identity"] = identity
+        _label(request, request_kwargs)
         body = json.dumps(request, separators=(",", ":")).encode()
         try:
             status, answer = await self._post(url, body)
@@ -1139,6 +1128,18 @@ def _model_id(deployment: Dict[str, Any]) -> Optional[str]:
         info = getattr(info, "model_dump", lambda: {})() or {}
     model_id = info.get("id")
     return str(model_id) if model_id not in (None, "") else None
+
+
+def _label(request: Dict[str, Any], request_kwargs: Optional[Dict[str, Any]]) -> Tuple[List[str], Dict[str, str]]:
+    """Sets the request's tags and identity (when it has any) into a sidecar ``request``;
+    returns them."""
+    tags = _request_tags(request_kwargs)
+    if tags:
+        request["tags"] = tags
+    identity = _request_identity(request_kwargs)
+    if identity:
+        request["identity"] = identity
+    return tags, identity
 
 
 def _request_tags(request_kwargs: Optional[Dict[str, Any]]) -> List[str]:
