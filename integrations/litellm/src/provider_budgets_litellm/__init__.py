@@ -876,10 +876,9 @@ class ProviderBudgets(CustomLogger):
 
     def _enqueue(self, payload: Dict[str, Any]) -> "asyncio.Task[None]":
         """Queue one spend post for this loop's sender, started when none runs. The sender
-        posts what has queued up as one ``/v1/spend/batch`` while the previous batch is in
-        flight, so an idle plugin posts each spend at once and a busy one pays one HTTP
-        exchange per batch instead of one per call. Returns the sender's task (awaiting it
-        waits for this post too)."""
+        waits ``spend_linger`` (not at interpreter exit, nor with 256 spends queued) and posts
+        what has queued up as one ``/v1/spend/batch``: one HTTP exchange per batch instead of
+        one per call. Returns the sender's task (awaiting it waits for this post too)."""
         loop = asyncio.get_running_loop()
         queue = self._queues.get(loop)
         if queue is None:
